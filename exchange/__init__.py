@@ -1,0 +1,3 @@
+"""exchange: signed, encrypted Parquet bundles between a head office and its stores."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,701 @@
+"""Write, read and verify bundles and acks (docs/FORMAT.md, version 1).
+
+Writing streams: tables go to Parquet files in a scratch folder, the inner tar
+streams through the age encryptor into a scratch ciphertext file, and the outer
+tar copies it in; memory stays at a few chunks whatever the size. Reading is
+one sequential pass: structure and limits from the tar headers first, then the
+signature, then decryption with every hash checked, and only then are tables
+handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import __version__, tarfmt
+from .crypto import age, sshsig
+from .errors import (
+    AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
+    VersionError,
+)
+from .formats import (
+    ACK_FORMAT, ACK_MEMBERS, BUNDLE_FORMAT, BUNDLE_MEMBERS, FORMAT_VERSION, INNER_MANIFEST,
+    MAX_INNER_MANIFEST_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES,
+    MAX_SIG_BYTES, MAX_TABLES, PAYLOAD_FORMAT, SIG_NAMESPACE, SUPPORTED_VERSIONS, app_major,
+    check_node_id,
+)
+
+COPY_CHUNK = 1 << 20
+HEX64 = frozenset("0123456789abcdef")
+
+
+class HeldError(VersionError):
+    """Authentic, but written by another major version: keep it, apply after upgrade."""
+
+    hint = "Upgrade exchange on the older side; the bundle is kept and applied after the upgrade."
+
+
+# ---------------------------------------------------------------- helpers
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: Any, what: str) -> datetime:
+    try:
+        return datetime.strptime(str(s), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise FormatError(f"{what}: bad time {s!r} (expected YYYY-MM-DDTHH:MM:SSZ)") from exc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(part: Path, final: Path) -> None:
+    """Rename a complete, fsynced ``.part`` file into place, durably."""
+    os.replace(part, final)
+    fsync_dir(final.parent)
+
+
+class _HashingWriter:
+    """Counts and hashes what passes through to ``dst``."""
+
+    def __init__(self, dst: BinaryIO) -> None:
+        self.dst, self.h, self.size = dst, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        self.size += len(data)
+        return self.dst.write(data)
+
+    def flush(self) -> None:
+        self.dst.flush()
+
+
+class _HashingReader:
+    """Reads at most ``limit`` bytes from ``src``, hashing them."""
+
+    def __init__(self, src: BinaryIO, limit: int | None = None) -> None:
+        self.src, self.h, self.left = src, hashlib.sha256(), limit
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left is not None:
+            n = self.left if n < 0 else min(n, self.left)
+        data = self.src.read(n) if n != 0 else b""
+        self.h.update(data)
+        if self.left is not None:
+            self.left -= len(data)
+        return data
+
+    def drain(self) -> int:
+        total = 0
+        while chunk := self.read(COPY_CHUNK):
+            total += len(chunk)
+        return total
+
+
+def _depth(obj: Any) -> int:
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return depth
+
+
+def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise FormatError(f"duplicate JSON key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_json(raw: bytes, what: str) -> dict[str, Any]:
+    """Strict JSON object: UTF-8, no duplicate keys, bounded depth."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes)
+    except FormatError as exc:
+        raise FormatError(f"{what}: {exc}") from exc
+    except RecursionError as exc:
+        raise LimitError(f"{what}: JSON nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{what}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what}: expected a JSON object")
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise LimitError(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return obj
+
+
+def dump_json(obj: Mapping[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=True) + "\n").encode()
+
+
+def _field(obj: Mapping[str, Any], name: str, typ: type | tuple[type, ...], what: str) -> Any:
+    if name not in obj:
+        raise FormatError(f"{what}: missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
+        raise FormatError(f"{what}: field {name!r} has the wrong type")
+    return value
+
+
+def _sha(value: Any, what: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= HEX64:
+        raise FormatError(f"{what}: not a lowercase hex SHA-256: {value!r}")
+    return value
+
+
+def _check_format(obj: Mapping[str, Any], expected: str, what: str) -> None:
+    fmt = obj.get("format")
+    if fmt != expected:
+        raise FormatError(f"{what}: format is {fmt!r}, expected {expected!r}")
+    version = obj.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise VersionError(
+            f"{what}: format version {version!r} is not supported by this exchange "
+            f"(supports {sorted(SUPPORTED_VERSIONS)})",
+            hint="Upgrade exchange to read files written by a newer version.")
+
+
+# ---------------------------------------------------------------- manifests
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    size: int
+    sha256: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def parse(cls, obj: Any, what: str) -> Entry:
+        if not isinstance(obj, dict):
+            raise FormatError(f"{what}: file entry is not an object")
+        name = _field(obj, "name", str, what)
+        size = _field(obj, "size", int, what)
+        if size < 0:
+            raise FormatError(f"{what}: negative size for {name!r}")
+        return cls(name, size, _sha(obj.get("sha256"), what))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The signed outer manifest; ``raw`` is the exact bytes that were signed."""
+
+    sender: str
+    recipient: str
+    seq: int
+    prev: str | None
+    created: datetime
+    app_version: str
+    payload: Entry
+    inner: tuple[Entry, ...]
+    raw: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+    @classmethod
+    def parse(cls, raw: bytes, what: str = "manifest.json") -> Manifest:
+        obj = parse_json(raw, what)
+        _check_format(obj, BUNDLE_FORMAT, what)
+        prev = obj.get("prev")
+        inner = _field(obj, "inner", list, what)
+        if not 1 <= len(inner) <= MAX_TABLES + 1:
+            raise LimitError(f"{what}: {len(inner)} inner files (1 to {MAX_TABLES + 1} allowed)")
+        m = cls(
+            sender=_node(_field(obj, "sender", str, what), what),
+            recipient=_node(_field(obj, "recipient", str, what), what),
+            seq=_field(obj, "seq", int, what),
+            prev=None if prev is None else _sha(prev, what),
+            created=parse_time(_field(obj, "created", str, what), what),
+            app_version=_field(obj, "app_version", str, what),
+            payload=Entry.parse(_field(obj, "payload", dict, what), what),
+            inner=tuple(Entry.parse(e, what) for e in inner),
+            raw=raw,
+        )
+        app_major(m.app_version)
+        if m.seq < 1:
+            raise FormatError(f"{what}: seq must be >= 1")
+        if m.payload.name != BUNDLE_MEMBERS[2] or m.payload.size > MAX_PAYLOAD_BYTES:
+            raise FormatError(f"{what}: bad payload entry")
+        names = [e.name for e in m.inner]
+        if names[0] != INNER_MANIFEST or len(set(names)) != len(names) or not all(
+                n == f"t{i:04d}.parquet" for i, n in enumerate(names[1:], 1)):
+            raise FormatError(f"{what}: inner file list is not inner.json, t0001.parquet, ...")
+        return m
+
+
+def _node(value: str, what: str) -> str:
+    try:
+        return check_node_id(value)
+    except FormatError as exc:
+        raise FormatError(f"{what}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- writing
+
+@dataclass(frozen=True)
+class Sealed:
+    path: Path
+    size: int
+    sha256: str
+    manifest: Manifest
+
+
+TableSource = Any  # pa.Table | pa.RecordBatchReader (pyarrow is imported lazily)
+
+
+def _write_parquet(path: Path, source: TableSource) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reader = source.to_reader() if isinstance(source, pa.Table) else source
+    rows = 0
+    with pq.ParquetWriter(path, reader.schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def seal_bundle(
+    path: Path, *, key: Any, sender: str, recipient: str, seq: int, prev: str | None,
+    recipients: Sequence[str], tables: Mapping[str, TableSource],
+    summary: Mapping[str, Any] | None = None, created: datetime | None = None,
+    app_version: str = __version__,
+) -> Sealed:
+    """Write a complete, fsynced bundle to ``path`` (the caller renames it into place)."""
+    if len(tables) > MAX_TABLES:
+        raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
+    created = created or utc_now()
+    mtime = int(created.timestamp())
+    with tempfile.TemporaryDirectory(prefix=".seal-", dir=path.parent) as tmp:
+        work = Path(tmp)
+        files: list[tuple[str, Path]] = []
+        listing = []
+        for i, (name, source) in enumerate(tables.items(), 1):
+            fname = f"t{i:04d}.parquet"
+            rows = _write_parquet(work / fname, source)
+            files.append((fname, work / fname))
+            listing.append({"file": fname, "table": name, "rows": rows})
+        inner_raw = dump_json({
+            "format": PAYLOAD_FORMAT, "version": FORMAT_VERSION, "sender": sender,
+            "recipient": recipient, "seq": seq, "tables": listing, "summary": dict(summary or {}),
+        })
+        if len(inner_raw) > MAX_INNER_MANIFEST_BYTES:
+            raise LimitError(f"inner manifest of {len(inner_raw)} bytes is over the limit")
+        (work / INNER_MANIFEST).write_bytes(inner_raw)
+        files.insert(0, (INNER_MANIFEST, work / INNER_MANIFEST))
+        entries = []
+        payload_path = work / "payload.tar.age"
+        with open(payload_path, "wb") as raw_out:
+            hashed = _HashingWriter(raw_out)
+            with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
+                for fname, fpath in files:
+                    size = fpath.stat().st_size
+                    enc.write(tarfmt.header(fname, size, mtime))
+                    h = hashlib.sha256()
+                    with open(fpath, "rb") as src:
+                        while chunk := src.read(COPY_CHUNK):
+                            h.update(chunk)
+                            enc.write(chunk)
+                    enc.write(tarfmt.padding(size))
+                    entries.append(Entry(fname, size, h.hexdigest()))
+                enc.write(tarfmt.END)
+        payload = Entry(BUNDLE_MEMBERS[2], hashed.size, hashed.h.hexdigest())
+        manifest_raw = dump_json({
+            "format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "app_version": app_version,
+            "sender": sender, "recipient": recipient, "seq": seq, "prev": prev,
+            "created": format_time(created), "payload": payload.as_json(),
+            "inner": [e.as_json() for e in entries],
+        })
+        if len(manifest_raw) > MAX_MANIFEST_BYTES:
+            raise LimitError(f"manifest of {len(manifest_raw)} bytes is over the limit")
+        sig = sshsig.sign(key, manifest_raw, SIG_NAMESPACE)
+        with open(path, "wb") as out:
+            hashed_out = _HashingWriter(out)
+            tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[0], manifest_raw, mtime)  # type: ignore[arg-type]
+            tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[1], sig, mtime)  # type: ignore[arg-type]
+            hashed_out.write(tarfmt.header(BUNDLE_MEMBERS[2], payload.size, mtime))
+            with open(payload_path, "rb") as src:
+                while chunk := src.read(COPY_CHUNK):
+                    hashed_out.write(chunk)
+            hashed_out.write(tarfmt.padding(payload.size))
+            hashed_out.write(tarfmt.END)
+            out.flush()
+            os.fsync(out.fileno())
+    manifest = Manifest.parse(manifest_raw)
+    return Sealed(path, hashed_out.size, hashed_out.h.hexdigest(), manifest)
+
+
+# ---------------------------------------------------------------- reading
+
+def _read_small(src: BinaryIO, expected: str, limit: int, what: str) -> bytes:
+    m = tarfmt.read_header(src)
+    if m is None:
+        raise FormatError(f"{what}: member {expected!r} missing")
+    if m.name != expected:
+        raise FormatError(f"{what}: member {m.name!r} where {expected!r} was expected")
+    if m.size > limit:
+        raise LimitError(f"{what}: {expected} is {m.size} bytes (limit {limit})")
+    data = tarfmt._read_exact(src, m.size, expected)
+    tarfmt.skip_padding(src, m.size)
+    return data
+
+
+def _wrap(path: Path, exc: ExchangeError) -> ExchangeError:
+    """Name the file in an error message, keeping the error's class and hint."""
+    if str(exc).startswith(f"{path.name}:"):
+        return exc
+    new = type(exc)(f"{path.name}: {exc.message}", hint=exc.hint)
+    return new
+
+
+@dataclass
+class Opened:
+    """A verified, decrypted bundle; tables live in ``workdir`` until closed."""
+
+    manifest: Manifest
+    inner: dict[str, Any]
+    signer: sshsig.AllowedSigner
+    file_sha256: str
+    tables: dict[str, Path]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        s = self.inner.get("summary", {})
+        return s if isinstance(s, dict) else {}
+
+    def table(self, name: str) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.tables[name])
+
+
+class BundleReader:
+    """One sequential pass over a bundle file: structure, signature, payload."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")
+        except OSError as exc:
+            raise FormatError(f"{self.path.name}: cannot open: {exc.strerror}") from exc
+        self._src = _HashingReader(self._f)  # type: ignore[arg-type]
+        try:
+            if os.fstat(self._f.fileno()).st_size == 0:
+                raise FormatError("empty file")
+            what = "bundle"
+            raw = _read_small(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
+            self.signature = _read_small(self._src, BUNDLE_MEMBERS[1], MAX_SIG_BYTES, what)  # type: ignore[arg-type]
+            m = tarfmt.read_header(self._src)  # type: ignore[arg-type]
+            if m is None or m.name != BUNDLE_MEMBERS[2]:
+                raise FormatError(f"member {BUNDLE_MEMBERS[2]!r} missing or out of order")
+            if m.size > MAX_PAYLOAD_BYTES:
+                raise LimitError(f"payload of {m.size} bytes is over the limit")
+            self.payload_size = m.size
+            self.manifest = Manifest.parse(raw)
+            if m.size != self.manifest.payload.size:
+                raise AuthenticityError("payload size differs from the signed manifest")
+        except ExchangeError as exc:
+            self.close()
+            raise _wrap(self.path, exc) from exc
+        self.signer: sshsig.AllowedSigner | None = None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def verify_signature(self, trust: sshsig.AllowedSigners) -> sshsig.AllowedSigner:
+        try:
+            self.signer = sshsig.verify_with_trust(
+                self.signature, self.manifest.raw, self.manifest.sender, trust,
+                SIG_NAMESPACE, at=self.manifest.created)
+        except ExchangeError as exc:
+            if not isinstance(exc, BundleError):
+                exc = AuthenticityError(f"signature: {exc.message}")
+            raise _wrap(self.path, exc) from exc
+        return self.signer
+
+    def check_recipient(self, me: str) -> None:
+        if self.manifest.recipient != me:
+            raise NotForUsError(
+                f"{self.path.name}: addressed to {self.manifest.recipient!r}, this node is {me!r}")
+
+    def check_major(self) -> None:
+        ours, theirs = app_major(__version__), app_major(self.manifest.app_version)
+        if ours != theirs:
+            raise HeldError(
+                f"{self.path.name}: written by exchange {self.manifest.app_version} "
+                f"(major {theirs}); this node runs {__version__} (major {ours})")
+
+    def _finish(self) -> str:
+        """After the payload: end of archive, then the whole-file hash."""
+        tarfmt.skip_padding(self._src, self.payload_size)  # type: ignore[arg-type]
+        tarfmt.expect_end(self._src)  # type: ignore[arg-type]
+        if self._f.read(1):
+            raise FormatError("unexpected data after the end of the tar archive")
+        return self._src.h.hexdigest()
+
+    def check_payload_hash(self) -> str:
+        """Without decrypting: the ciphertext is the one signed. Returns the file hash."""
+        try:
+            sub = _HashingReader(self._src, self.payload_size)  # type: ignore[arg-type]
+            if sub.drain() != self.payload_size:
+                raise FormatError("truncated payload")
+            if sub.h.hexdigest() != self.manifest.payload.sha256:
+                raise AuthenticityError("payload SHA-256 differs from the signed manifest")
+            return self._finish()
+        except ExchangeError as exc:
+            raise _wrap(self.path, exc) from exc
+
+    def decrypt(self, identities: Sequence[str], workdir: Path) -> Opened:
+        """Decrypt into ``workdir``, checking every hash; then the inner manifest."""
+        if self.signer is None:
+            raise AuthenticityError(f"{self.path.name}: signature not verified before decryption")
+        try:
+            sub = _HashingReader(self._src, self.payload_size)  # type: ignore[arg-type]
+            dec = age.Decryptor(sub, list(identities))  # type: ignore[arg-type]
+            paths: dict[str, Path] = {}
+            for entry in self.manifest.inner:
+                m = tarfmt.read_header(dec)  # type: ignore[arg-type]
+                if m is None or m.name != entry.name:
+                    raise AuthenticityError(f"payload member {getattr(m, 'name', None)!r} "
+                                            f"where {entry.name!r} was signed")
+                if m.size != entry.size:
+                    raise AuthenticityError(f"payload member {entry.name} size differs from the signed manifest")
+                h = hashlib.sha256()
+                target = workdir / entry.name
+                with open(target, "wb") as out:
+                    left = m.size
+                    while left:
+                        chunk = dec.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise FormatError(f"payload member {entry.name} truncated")
+                        h.update(chunk)
+                        out.write(chunk)
+                        left -= len(chunk)
+                if h.hexdigest() != entry.sha256:
+                    raise AuthenticityError(f"payload member {entry.name} differs from the signed hash")
+                tarfmt.skip_padding(dec, m.size)  # type: ignore[arg-type]
+                paths[entry.name] = target
+            tarfmt.expect_end(dec)  # type: ignore[arg-type]
+            if dec.read(1):
+                raise FormatError("data after the end of the inner tar")
+            if sub.drain():
+                raise FormatError("data after the end of the age payload")
+            if sub.h.hexdigest() != self.manifest.payload.sha256:
+                raise AuthenticityError("payload SHA-256 differs from the signed manifest")
+            file_sha = self._finish()
+            inner = self._check_inner(paths)
+        except ExchangeError as exc:
+            raise _wrap(self.path, exc) from exc
+        tables = {t["table"]: paths[t["file"]] for t in inner["tables"]}
+        return Opened(self.manifest, inner, self.signer, file_sha, tables)
+
+    def _check_inner(self, paths: dict[str, Path]) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        inner = parse_json(paths[INNER_MANIFEST].read_bytes(), INNER_MANIFEST)
+        _check_format(inner, PAYLOAD_FORMAT, INNER_MANIFEST)
+        m = self.manifest
+        for name in ("sender", "recipient", "seq"):
+            if inner.get(name) != getattr(m, name):
+                raise AuthenticityError(
+                    f"inner manifest {name} {inner.get(name)!r} differs from the signed "
+                    f"outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
+        tables = _field(inner, "tables", list, INNER_MANIFEST)
+        files = [e.name for e in m.inner[1:]]
+        seen = set()
+        for t, fname in zip(tables, files, strict=False):
+            if not isinstance(t, dict) or t.get("file") != fname or not isinstance(t.get("table"), str) \
+                    or not isinstance(t.get("rows"), int) or t["table"] in seen:
+                raise FormatError(f"{INNER_MANIFEST}: table list does not match the payload files")
+            seen.add(t["table"])
+            try:
+                rows = pq.read_metadata(paths[fname]).num_rows
+            except Exception as exc:  # pyarrow raises several types for a bad footer
+                raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
+            if rows != t["rows"]:
+                raise FormatError(f"{fname}: {rows} rows, inner manifest says {t['rows']}")
+        if len(tables) != len(files):
+            raise FormatError(f"{INNER_MANIFEST}: {len(tables)} tables listed, {len(files)} files in payload")
+        return inner
+
+
+@contextmanager
+def open_bundle(
+    path: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str], me: str | None,
+    check_major: bool = True, workdir: Path | None = None,
+) -> Iterator[Opened]:
+    """Verify and decrypt a bundle; yields the tables, removes the scratch files after."""
+    with BundleReader(path) as reader:
+        reader.verify_signature(trust)
+        if me is not None:
+            reader.check_recipient(me)
+        if check_major:
+            reader.check_major()
+        tmp = tempfile.mkdtemp(prefix=".open-", dir=workdir)
+        try:
+            yield reader.decrypt(identities, Path(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- acks
+
+@dataclass(frozen=True)
+class Ack:
+    acker: str
+    sender: str
+    seq: int
+    bundle_sha256: str
+    manifest_sha256: str | None
+    result: str
+    reason: str | None
+    created: datetime
+    app_version: str
+    applied: dict[str, Any]
+    parked: list[Any]
+    raw: bytes = field(repr=False)
+    file_sha256: str = ""
+
+    @classmethod
+    def parse(cls, raw: bytes, file_sha256: str = "") -> Ack:
+        what = "ack.json"
+        obj = parse_json(raw, what)
+        _check_format(obj, ACK_FORMAT, what)
+        result = _field(obj, "result", str, what)
+        if result not in ("APPLIED", "REJECTED"):
+            raise FormatError(f"{what}: result {result!r} is not APPLIED or REJECTED")
+        msha = obj.get("manifest_sha256")
+        reason = obj.get("reason")
+        ack = cls(
+            acker=_node(_field(obj, "acker", str, what), what),
+            sender=_node(_field(obj, "sender", str, what), what),
+            seq=_field(obj, "seq", int, what),
+            bundle_sha256=_sha(obj.get("bundle_sha256"), what),
+            manifest_sha256=None if msha is None else _sha(msha, what),
+            result=result,
+            reason=reason if isinstance(reason, str) else None,
+            created=parse_time(_field(obj, "created", str, what), what),
+            app_version=_field(obj, "app_version", str, what),
+            applied=_field(obj, "applied", dict, what),
+            parked=_field(obj, "parked", list, what),
+            raw=raw, file_sha256=file_sha256,
+        )
+        if ack.seq < 1:
+            raise FormatError(f"{what}: seq must be >= 1")
+        return ack
+
+
+def build_ack(
+    *, key: Any, acker: str, sender: str, seq: int, bundle_sha256: str,
+    manifest_sha256: str | None, result: str, reason: str | None = None,
+    applied: Mapping[str, Any] | None = None, parked: Sequence[Any] = (),
+    created: datetime | None = None,
+) -> bytes:
+    """The bytes of a signed ack file (kept in the database, then written out)."""
+    created = created or utc_now()
+    raw = dump_json({
+        "format": ACK_FORMAT, "version": FORMAT_VERSION, "app_version": __version__,
+        "acker": acker, "sender": sender, "seq": seq, "bundle_sha256": bundle_sha256,
+        "manifest_sha256": manifest_sha256, "result": result, "reason": reason,
+        "created": format_time(created), "applied": dict(applied or {}), "parked": list(parked),
+    })
+    if len(raw) > MAX_MANIFEST_BYTES:  # too many parked documents listed: keep the first ones
+        raw = dump_json({**parse_json(raw, "ack"), "parked": list(parked)[:1000],
+                         "applied": {"truncated": True}})
+    sig = sshsig.sign(key, raw, SIG_NAMESPACE)
+    mtime = int(created.timestamp())
+    import io
+    buf = io.BytesIO()
+    tarfmt.write_member(buf, ACK_MEMBERS[0], raw, mtime)
+    tarfmt.write_member(buf, ACK_MEMBERS[1], sig, mtime)
+    buf.write(tarfmt.END)
+    return buf.getvalue()
+
+
+def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None) -> Ack:
+    """Parse and verify an ack file: structure, signature by the acker, addressed to ``me``."""
+    try:
+        try:
+            data = path.read_bytes() if path.stat().st_size <= 2 * MAX_MANIFEST_BYTES else b""
+        except OSError as exc:
+            raise FormatError(f"cannot read: {exc.strerror}") from exc
+        if not data:
+            raise LimitError("empty or oversized ack file")
+        import io
+        src = io.BytesIO(data)
+        raw = _read_small(src, ACK_MEMBERS[0], MAX_MANIFEST_BYTES, "ack")
+        sig = _read_small(src, ACK_MEMBERS[1], MAX_SIG_BYTES, "ack")
+        tarfmt.expect_end(src)
+        ack = Ack.parse(raw, hashlib.sha256(data).hexdigest())
+        try:
+            sshsig.verify_with_trust(sig, raw, ack.acker, trust, SIG_NAMESPACE, at=ack.created)
+        except ExchangeError as exc:
+            if not isinstance(exc, BundleError):
+                raise AuthenticityError(f"signature: {exc.message}") from exc
+            raise
+        if me is not None and ack.sender != me:
+            raise NotForUsError(f"ack for a bundle sent by {ack.sender!r}, this node is {me!r}")
+        return ack
+    except ExchangeError as exc:
+        raise _wrap(path, exc) from exc
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` via ``path.part``, fsync, rename: never a partial visible file."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    publish(part, path)

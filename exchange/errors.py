@@ -1,0 +1,116 @@
+"""The exceptions `exchange` raises, each with an exit code and a hint.
+
+Every error an operator can meet derives from :class:`ExchangeError`. The CLI
+prints ``message`` and ``hint`` and exits with ``exit_code``; no traceback for
+an expected problem. Third-party errors (paramiko, pyarrow, cryptography) are
+translated at the boundary with ``raise ... from exc``.
+
+    ExchangeError (1)
+    ├── ConfigError (3)            exchange.toml, node home, peers
+    │   └── KeyPermissionError (3) private key readable by others
+    ├── BundleError (10)           anything wrong with a bundle or ack file
+    │   ├── FormatError (11)       malformed: not a tar, bad JSON, bad member
+    │   ├── LimitError (12)        a size/count limit exceeded before crypto
+    │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
+    │   ├── NotForUsError (14)     addressed to another node
+    │   └── VersionError (15)      unknown or incompatible format/app version
+    ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
+    ├── StreamError (20)           stream order: replay, gap, fork
+    ├── ApplyError (21)            a document or bundle could not be applied
+    ├── TransportError (30)        moving files failed
+    │   └── TransientTransportError (31)  worth retrying (timeout, reset)
+    ├── DatabaseError (40)         the node database is unreachable or wrong
+    └── BusyError (50)             another exchange process holds the lock
+"""
+
+from __future__ import annotations
+
+
+class ExchangeError(Exception):
+    """Base of every error `exchange` raises on purpose."""
+
+    exit_code = 1
+    hint = ""
+    transient = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ExchangeError):
+    exit_code = 3
+    hint = "Check exchange.toml in the node home (see `exchange init --help`)."
+
+
+class KeyPermissionError(ConfigError):
+    hint = "Restrict the file to its owner: chmod 600 <file>."
+
+
+class BundleError(ExchangeError):
+    exit_code = 10
+    hint = "The file was set aside in quarantine/; ask the sender to resend it."
+
+
+class FormatError(BundleError):
+    exit_code = 11
+
+
+class LimitError(BundleError):
+    exit_code = 12
+
+
+class AuthenticityError(BundleError):
+    exit_code = 13
+    hint = ("The file is not what its sender signed, or the sender is not trusted. "
+            "Do not apply it; check the peer's key with `exchange peer list`.")
+
+
+class NotForUsError(BundleError):
+    exit_code = 14
+    hint = "The file is addressed to another node; deliver it there instead."
+
+
+class VersionError(BundleError):
+    exit_code = 15
+    hint = "Both sides must run the same major version of exchange: upgrade the older one."
+
+
+class CryptoError(ExchangeError):
+    exit_code = 16
+    hint = "Check that the right identity (key) file is used."
+
+
+class StreamError(ExchangeError):
+    exit_code = 20
+
+
+class ApplyError(ExchangeError):
+    exit_code = 21
+    hint = "Fix the cause, then run `exchange retry`."
+
+
+class TransportError(ExchangeError):
+    exit_code = 30
+    hint = "Check the peer's address and credentials with `exchange doctor`."
+
+
+class TransientTransportError(TransportError):
+    exit_code = 31
+    transient = True
+    hint = "The link failed; the next sync retries automatically."
+
+
+class DatabaseError(ExchangeError):
+    exit_code = 40
+    hint = "Check the database URL in exchange.toml and that the database is running."
+
+
+class BusyError(ExchangeError):
+    exit_code = 50
+    hint = "Another exchange process is running on this home; wait for it or stop it."

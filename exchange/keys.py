@@ -1,0 +1,113 @@
+"""Node keys: generation, loading with permission checks, and the trust store.
+
+A node has an Ed25519 signing key in OpenSSH format (``keys/node_ed25519``)
+and an age X25519 identity (``keys/node.age``); peers' signing keys are pinned
+in ``keys/allowed_signers``, the OpenSSH format ``ssh-keygen -Y verify`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import NodeConfig
+from .crypto import age, sshsig
+from .errors import ConfigError, KeyPermissionError
+
+SIGNING_KEY = "node_ed25519"
+AGE_KEY = "node.age"
+TRUST_FILE = "allowed_signers"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create a file readable by its owner only (0600), refusing to overwrite."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a private key others can read, as OpenSSH does (POSIX only)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"key file {path} is missing",
+                          hint="Restore it from backup, or re-create the node with `exchange init`.") from None
+    if sys.platform != "win32" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyPermissionError(
+            f"permissions {stat.S_IMODE(mode):04o} for {path} are too open: "
+            "a private key must not be accessible by group or others",
+            hint=f"Run: chmod 600 {path}")
+
+
+def generate(cfg: NodeConfig) -> None:
+    """Create the signing key, the age identity and a trust store naming this node."""
+    kd = cfg.keys_dir
+    kd.mkdir(parents=True, exist_ok=True)
+    if (kd / SIGNING_KEY).exists() or (kd / AGE_KEY).exists():
+        raise ConfigError(f"{kd} already holds keys; refusing to overwrite them")
+    pem, pub = sshsig.generate_key(comment=f"exchange:{cfg.id}")
+    write_private(kd / SIGNING_KEY, pem)
+    (kd / f"{SIGNING_KEY}.pub").write_text(pub + "\n")
+    identity, recipient = age.generate_identity()
+    write_private(kd / AGE_KEY, f"# exchange node {cfg.id}\n# public key: {recipient}\n{identity}\n".encode())
+    (kd / f"{AGE_KEY}.pub").write_text(recipient + "\n")
+    add_signer(cfg, cfg.id, pub)
+
+
+def load_signing_key(cfg: NodeConfig) -> Any:
+    path = cfg.keys_dir / SIGNING_KEY
+    check_private(path)
+    return sshsig.load_private_key(path.read_bytes(), path=str(path))
+
+
+def load_identities(cfg: NodeConfig, extra: Path | None = None) -> list[str]:
+    path = extra or cfg.keys_dir / AGE_KEY
+    return load_identity_file(path)
+
+
+def load_identity_file(path: Path) -> list[str]:
+    check_private(path)
+    ids = age.parse_identity_file(path.read_text())
+    if not ids:
+        raise ConfigError(f"{path}: no AGE-SECRET-KEY-1 identity in the file")
+    return ids
+
+
+def public_signing_line(cfg: NodeConfig) -> str:
+    return (cfg.keys_dir / f"{SIGNING_KEY}.pub").read_text().strip()
+
+
+def recipient(cfg: NodeConfig) -> str:
+    return (cfg.keys_dir / f"{AGE_KEY}.pub").read_text().strip()
+
+
+def trust_path(cfg: NodeConfig) -> Path:
+    return cfg.keys_dir / TRUST_FILE
+
+
+def load_trust(cfg: NodeConfig) -> sshsig.AllowedSigners:
+    path = trust_path(cfg)
+    if not path.exists():
+        raise ConfigError(f"{path} is missing: no peer is trusted",
+                          hint="Add peers with `exchange peer add`.")
+    return sshsig.AllowedSigners.load(path)
+
+
+def add_signer(cfg: NodeConfig, principal: str, key_line: str,
+               valid_after: datetime | None = None, valid_before: datetime | None = None) -> str:
+    """Append a principal's key to ``allowed_signers`` (after checking it parses)."""
+    sshsig.parse_public_line(key_line)
+    line = sshsig.format_signer_line(principal, " ".join(key_line.split()[:2]),
+                                     valid_after=valid_after, valid_before=valid_before)
+    path = trust_path(cfg)
+    existing = path.read_text() if path.exists() else ""
+    if line not in existing.splitlines():
+        tmp = path.with_name(TRUST_FILE + ".part")
+        tmp.write_text(existing + line + "\n")
+        os.replace(tmp, path)
+    return line
