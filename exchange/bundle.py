@@ -423,7 +423,7 @@ class BundleReader:
             self._f = open(self.path, "rb")
         except OSError as exc:
             raise FormatError(f"{self.path.name}: cannot open: {exc.strerror}") from exc
-        self._src = _HashingReader(self._f)  # type: ignore[arg-type]
+        self._src = _HashingReader(self._f)
         try:
             if os.fstat(self._f.fileno()).st_size == 0:
                 raise FormatError("empty file")

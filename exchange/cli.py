@@ -1,0 +1,395 @@
+"""The ``exchange`` command: click commands only, each calling one library function.
+
+Expected errors (:class:`~exchange.errors.ExchangeError`) print a message and a
+hint and exit with the error's code; no traceback. Heavy modules are imported
+inside the commands so ``exchange --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from .errors import ExchangeError
+
+HOME = click.option("--home", envvar="EXCHANGE_HOME", type=click.Path(file_okay=False, path_type=Path),
+                    help="Node home folder (default: $EXCHANGE_HOME).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable, see docs/).")
+
+
+def _fail(exc: ExchangeError) -> NoReturn:
+    click.secho(f"error: {exc.message}", fg="red", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class Group(click.Group):
+    """Maps ExchangeError to its exit code at the edge."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ExchangeError as exc:
+            _fail(exc)
+
+
+def _node(home: Path | None) -> Any:
+    from .node import Node
+
+    return Node.open(home)
+
+
+def _reporter(quiet: bool) -> Any:
+    from .progress import NullReporter
+
+    if quiet or not sys.stderr.isatty():
+        return NullReporter()
+    from .ui_console import RichReporter
+
+    return RichReporter()
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="exchange")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--log-json", is_flag=True, help="Log JSON lines (for services).")
+def main(verbose: int, log_json: bool) -> None:
+    """Move business data between a head office and its stores as signed, encrypted bundles."""
+    from .logs import setup_logging
+
+    setup_logging(verbose, log_json)
+
+
+# ---------------------------------------------------------------- node and keys
+
+@main.command()
+@HOME
+@click.option("--node", "node_id", required=True, help="This node's id, e.g. ho or s001.")
+@click.option("--role", type=click.Choice(["ho", "store"]), required=True)
+@click.option("--database", help="SQLAlchemy URL (default: SQLite in the home).")
+def init(home: Path | None, node_id: str, role: str, database: str | None) -> None:
+    """Create a node home with keys, trust store, database and spool folders."""
+    from .config import resolve_home
+    from .node import init_home
+
+    cfg = init_home(resolve_home(home), node_id, "ho" if role == "ho" else "store", database)
+    click.echo(f"created node {cfg.id} ({cfg.role}) in {cfg.home}")
+    click.echo("give your peers the output of: exchange identity --home " + str(cfg.home))
+
+
+@main.command()
+@HOME
+@JSON
+def identity(home: Path | None, as_json: bool) -> None:
+    """Print this node's public identity, for a peer to paste into `peer add`."""
+    from . import keys
+
+    cfg = _node(home).cfg
+    ident = {"id": cfg.id, "role": cfg.role, "signing_key": keys.public_signing_line(cfg),
+             "recipient": keys.recipient(cfg)}
+    if as_json:
+        _echo_json(ident)
+        return
+    click.echo(f"node:        {cfg.id} ({cfg.role})")
+    click.echo(f"signing key: {ident['signing_key']}")
+    click.echo(f"recipient:   {ident['recipient']}")
+    click.echo("\non the peer, run:\n  exchange peer add --id {} --role {} --signing-key \"{}\" --recipient {}".format(
+        cfg.id, cfg.role, ident["signing_key"], ident["recipient"]))
+
+
+@main.group()
+def peer() -> None:
+    """Peers this node exchanges with."""
+
+
+@peer.command("add")
+@HOME
+@click.option("--id", "peer_id", required=True)
+@click.option("--role", type=click.Choice(["ho", "store"]), help="Default: the opposite of ours.")
+@click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
+@click.option("--recipient", required=True, help="age1... from the peer's `exchange identity`.")
+@click.option("--transport", help="dir:/path or sftp://user@host:port/root")
+@click.option("--group", "groups", multiple=True, help="Store group (repeatable).")
+@click.option("--valid-after", help="Key valid from (YYYYMMDD[HHMM[SS]]Z), for key rotation.")
+@click.option("--valid-before", help="Key valid until, for key rotation.")
+def peer_add(home: Path | None, peer_id: str, role: str | None, signing_key: str, recipient: str,
+             transport: str | None, groups: tuple[str, ...], valid_after: str | None,
+             valid_before: str | None) -> None:
+    """Pin a peer's signing key and age recipient."""
+    from .peers import add_peer
+
+    node = _node(home)
+    line = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
+                    valid_after, valid_before)
+    click.echo(f"peer {peer_id} added; trusted: {line}")
+
+
+@peer.command("list")
+@HOME
+@JSON
+def peer_list(home: Path | None, as_json: bool) -> None:
+    """List peers with their pinned keys."""
+    from .peers import list_peers
+
+    rows = list_peers(_node(home).cfg)
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['id']:<12} {r['role']:<6} {r['transport'] or '-':<40} {r['fingerprints']}")
+
+
+# ---------------------------------------------------------------- files
+
+def _trust_for(home: Path | None, trust: Path | None) -> Any:
+    from .crypto import sshsig
+
+    if trust:
+        return sshsig.AllowedSigners.load(trust)
+    if home is not None:
+        return _node(home).trust
+    return None
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@HOME
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="allowed_signers file (default: the node home's).")
+@click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="age identity to decrypt with and print a sample of rows.")
+@JSON
+def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None, as_json: bool) -> None:
+    """Show a bundle's or ack's manifest, signature, stream position and tables."""
+    from .inspect import describe
+    from .keys import load_identity_file
+
+    ids = load_identity_file(identity_file) if identity_file else []
+    info = describe(file, trust=_trust_for(home, trust), identities=ids)
+    if as_json:
+        _echo_json(info)
+        return
+    from .ui_console import print_inspect
+
+    print_inspect(info)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@HOME
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None) -> None:
+    """Exit 0 only for an authentic, intact file; otherwise name the first problem."""
+    from .inspect import describe
+    from .keys import load_identity_file
+
+    t = _trust_for(home, trust)
+    if t is None:
+        raise ExchangeError("no trust store", hint="Pass --home or --trust allowed_signers.")
+    ids = load_identity_file(identity_file) if identity_file else (
+        _node(home).identities if home is not None and trust is None else [])
+    info = describe(file, trust=t, identities=ids)
+    click.echo(f"OK {file.name}: {info['signature']}; {info.get('payload', info.get('result', ''))}")
+
+
+# ---------------------------------------------------------------- engine
+
+@main.command("import")
+@HOME
+@click.option("--dry-run", "dry_run", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run every check on FILE and report what would change, changing nothing.")
+@JSON
+def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
+    """Apply the bundles and acks waiting in the inbox, in stream order."""
+    from dataclasses import asdict
+
+    from .importer import import_file, import_inbox
+    from .lock import work_lock
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        if dry_run:
+            outs = [import_file(node, dry_run, dry_run=True)]
+        else:
+            outs = import_inbox(node, reporter=_reporter(as_json))
+    if as_json:
+        _echo_json([asdict(o) for o in outs])
+        return
+    for o in outs:
+        click.echo(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}")
+        for t, a in o.applied.items():
+            click.echo(f"    {t}: {a}")
+    if not outs:
+        click.echo("inbox is empty")
+
+
+@main.command()
+@HOME
+@JSON
+def export(home: Path | None, as_json: bool) -> None:
+    """Seal pending documents into bundles in the outbox."""
+    from dataclasses import asdict
+
+    from .export import export_all
+    from .lock import work_lock
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        out = export_all(node, reporter=_reporter(as_json))
+    if as_json:
+        _echo_json([asdict(e) for e in out])
+        return
+    for e in out:
+        click.echo(f"{e.file}: {e.documents} documents")
+    if not out:
+        click.echo("nothing pending")
+
+
+@main.command()
+@HOME
+@click.option("--to", "target", required=True, help="Folder (USB stick, share) to deliver to.")
+def push(home: Path | None, target: str) -> None:
+    """Copy outbox files to a folder, one sub-folder per recipient."""
+    from .lock import work_lock
+    from .sync import SyncReport, push as do_push
+
+    node = _node(home)
+    rep = SyncReport()
+    with work_lock(node.cfg.home):
+        do_push(node, target=target if "://" in target or target.startswith("dir:") else f"dir:{target}",
+                report=rep)
+    click.echo(f"pushed {len(rep.pushed)} files" + (f"; errors: {rep.errors}" if rep.errors else ""))
+    if rep.errors:
+        sys.exit(30)
+
+
+@main.command()
+@HOME
+@click.option("--from", "source", required=True, help="Folder (USB stick, share) to take files from.")
+def pull(home: Path | None, source: str) -> None:
+    """Take the files addressed to this node from a folder into the inbox."""
+    from .lock import work_lock
+    from .sync import SyncReport, pull as do_pull
+
+    node = _node(home)
+    rep = SyncReport()
+    with work_lock(node.cfg.home):
+        do_pull(node, source=source if "://" in source or source.startswith("dir:") else f"dir:{source}",
+                report=rep)
+    click.echo(f"pulled {len(rep.pulled)} files" + (f"; errors: {rep.errors}" if rep.errors else ""))
+    if rep.errors:
+        sys.exit(30)
+
+
+@main.command()
+@HOME
+@click.option("--via", help="Use this folder/address for every peer instead of the configured ones.")
+@JSON
+def sync(home: Path | None, via: str | None, as_json: bool) -> None:
+    """One sync cycle: pull, import, export, push (receive first, then send)."""
+    from .sync import sync as do_sync
+
+    node = _node(home)
+    rep = do_sync(node, via=via if via is None or "://" in via or via.startswith("dir:") else f"dir:{via}",
+                  reporter=_reporter(as_json))
+    if as_json:
+        _echo_json({"pulled": rep.pulled, "imported": [o.__dict__ for o in rep.imported],
+                    "exported": [e.__dict__ for e in rep.exported], "pushed": rep.pushed,
+                    "resent": rep.resent, "errors": rep.errors})
+    else:
+        click.echo(f"sync {node.id}: {rep.line()}")
+        for e in rep.errors:
+            click.secho(f"  {e}", fg="yellow")
+    if rep.errors:
+        sys.exit(30)
+
+
+@main.command()
+@HOME
+def retry(home: Path | None) -> None:
+    """Retry FAILED bundles and parked documents."""
+    from .importer import import_inbox, retry_parked
+    from .lock import work_lock
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        outs = import_inbox(node, retry=True)
+        ok, still = retry_parked(node)
+    for o in outs:
+        click.echo(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}")
+    click.echo(f"parked documents: {ok} applied, {still} still parked")
+
+
+@main.command()
+@HOME
+@click.option("--peer", "peer_id", required=True)
+@click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
+def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
+    """Queue the full current state of document types for a peer (new or repaired store)."""
+    from .export import reload as do_reload
+
+    n = do_reload(_node(home), peer_id, docs)
+    click.echo(f"{n} documents queued for {peer_id}; they go with the next export or sync")
+
+
+@main.command()
+@click.argument("view", type=click.Choice(["sent", "received", "parked"]))
+@HOME
+@JSON
+def status(view: str, home: Path | None, as_json: bool) -> None:
+    """The Sent or Received view (and parked documents)."""
+    from . import status as st
+
+    node = _node(home)
+    rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
+    parked = st.parked(node) if view in ("received", "parked") else None
+    if as_json:
+        _echo_json(st.as_json(rows, parked))
+        return
+    from .ui_console import print_status
+
+    print_status(node.id, view, rows, parked)
+
+
+@main.group()
+def triggers() -> None:
+    """Database triggers that capture changes of an existing POS."""
+
+
+@triggers.command("install")
+@HOME
+def triggers_install(home: Path | None) -> None:
+    """Install capture triggers on the tables of the document types this node owns."""
+    from .capture import install_triggers
+
+    node = _node(home)
+    names = install_triggers(node.engine, node.catalog, node.cfg.role)
+    click.echo(f"installed {len(names)} triggers")
+
+
+@main.command()
+@click.option("--home", "home", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Folder for the demo's HO and stores.")
+@click.option("--items", default=200, show_default=True)
+@click.option("--sales", default=50, show_default=True, help="Sales bills per store.")
+@click.option("--fresh/--keep", default=True, help="Start from an empty folder.")
+def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
+    """Run an HO and two stores through a full exchange via a folder."""
+    from .demo import run_demo
+
+    run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo)
+
+
+def entry() -> None:  # pragma: no cover - python -m exchange
+    main()

@@ -1,0 +1,184 @@
+"""Database engines and exchange's own ``xchg_*`` tables, with migrations.
+
+SQLAlchemy holds the schema, migrations and transactions; bulk rows take the
+driver's own paths (see ``exchange.rows``). Migrations are a short ordered list
+of functions recorded in ``xchg_meta``: simpler than Alembic for a dozen
+tables that ship with the package, and they run on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger, Column, Connection, DateTime, Engine, Integer, LargeBinary, MetaData,
+    String, Table, Text, create_engine, event, func, inspect, select, text,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+XCHG = MetaData()
+
+#: Capture log: one row per change of a document, written in the changer's transaction.
+#: ``doc_key`` is a JSON array of the key values as text, as the database renders it
+#: (SQLite ``json_array``, PostgreSQL ``jsonb_build_array(...)::text``).
+xchg_event = Table(
+    "xchg_event", XCHG,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("doc_type", String(64), nullable=False),
+    Column("doc_key", String(512), nullable=False),
+    Column("op", String(1), nullable=False),  # U upsert, D delete
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.current_timestamp()),
+    Column("routed", Integer, nullable=False, server_default=text("0"), index=True),
+)
+
+#: Per peer and document: what still has to go, and in which bundle it went.
+xchg_delivery = Table(
+    "xchg_delivery", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("op", String(1), nullable=False),
+    Column("version", BigInteger, nullable=False),  # highest event id seen for the document
+    Column("status", String(16), nullable=False, index=True),  # PENDING EXPORTED UPLOADED PROCESSED REJECTED
+    Column("seq", BigInteger, nullable=True),
+)
+
+#: Bundles and acks this node sealed, per peer stream.
+xchg_sent = Table(
+    "xchg_sent", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("file_name", String(128), nullable=False),
+    Column("file_sha256", String(64), nullable=False),
+    Column("manifest_sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("summary", Text, nullable=False),  # JSON: document types and counts
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("uploaded_at", DateTime(timezone=True)),
+    Column("processed_at", DateTime(timezone=True)),
+    Column("reason", Text),
+)
+
+#: Per peer: the next seq to seal and the hash of the last sealed manifest.
+xchg_stream_out = Table(
+    "xchg_stream_out", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("next_seq", BigInteger, nullable=False),
+    Column("last_manifest_sha256", String(64)),
+)
+
+#: Per peer: the last seq applied and its manifest hash (replay/rollback guard).
+xchg_stream_in = Table(
+    "xchg_stream_in", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_manifest_sha256", String(64)),
+)
+
+#: Bundles received, with their status and the ack we answered.
+xchg_received = Table(
+    "xchg_received", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("file_name", String(128), nullable=False),
+    Column("file_sha256", String(64), nullable=False),
+    Column("manifest_sha256", String(64)),
+    Column("status", String(16), nullable=False, index=True),
+    Column("summary", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("applied_at", DateTime(timezone=True)),
+    Column("reason", Text),
+    Column("ack", LargeBinary),  # the signed ack file, kept so it can be rewritten
+)
+
+#: Documents that failed to apply, with their rows, retried after later imports.
+xchg_parked = Table(
+    "xchg_parked", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("peer", String(32), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("op", String(1), nullable=False),
+    Column("data", LargeBinary, nullable=False),  # Arrow IPC stream of the document's rows
+    Column("error", Text, nullable=False),
+    Column("parked_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("1")),
+)
+
+#: Per-document version guard: the version last applied from the owning side.
+xchg_doc_version = Table(
+    "xchg_doc_version", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
+xchg_meta = Table(
+    "xchg_meta", XCHG,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+def _m1_initial(conn: Connection) -> None:
+    XCHG.create_all(conn)
+
+
+#: Ordered migrations; the schema version is the length of the list applied.
+MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, full sync and foreign keys."""
+    try:
+        engine = create_engine(url, future=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise DatabaseError(f"cannot use database URL {url!r}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def schema_version(conn: Connection) -> int:
+    if not inspect(conn).has_table("xchg_meta"):
+        return 0
+    row = conn.execute(select(xchg_meta.c.value).where(xchg_meta.c.key == "schema_version")).first()
+    return int(row[0]) if row else 0
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the xchg tables to ``SCHEMA_VERSION``; returns the number of steps run."""
+    try:
+        with engine.begin() as conn:
+            current = schema_version(conn)
+            if current > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"database schema version {current} is newer than this exchange ({SCHEMA_VERSION})",
+                    hint="Upgrade exchange on this node; do not downgrade a node's software.")
+            for step in MIGRATIONS[current:]:
+                log.info("migrating xchg schema: %s", step.__name__)
+                step(conn)
+            if current != SCHEMA_VERSION:
+                conn.execute(xchg_meta.delete().where(xchg_meta.c.key == "schema_version"))
+                conn.execute(xchg_meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            return SCHEMA_VERSION - current
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"database migration failed: {exc}") from exc

@@ -1,0 +1,264 @@
+"""Pending events -> sealed bundles in the outbox, per peer, all or nothing.
+
+Crash safety: a bundle is sealed to ``NAME.part`` and fsynced, then one database
+transaction allocates its seq, records it as EXPORTED and marks its documents,
+and only then is the file renamed into place. A kill before the commit leaves a
+stray ``.part`` (removed at the next run) and pending events; after it, the
+recorded ``.part`` is published by :func:`recover_outbox`. A seq is never
+reused for a different file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import Connection, and_, func, select, update
+
+from . import rows
+from .bundle import Sealed, publish, seal_bundle, sha256_file, utc_now
+from .catalog import Catalog, DocType, PeerInfo
+from .db import xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
+from .errors import ConfigError
+from .formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
+from .node import Node
+from .faults import crashpoint
+from .progress import NullReporter, Reporter
+
+log = logging.getLogger(__name__)
+
+EVENTS_SCHEMA = pa.schema([
+    pa.field("doc_type", pa.string(), nullable=False),
+    pa.field("doc_key", pa.string(), nullable=False),
+    pa.field("op", pa.string(), nullable=False),
+    pa.field("version", pa.int64(), nullable=False),
+])
+
+
+@dataclass(frozen=True)
+class Exported:
+    peer: str
+    seq: int
+    file: str
+    documents: int
+
+
+def peer_infos(node: Node) -> list[PeerInfo]:
+    return [PeerInfo(id=p.id, role=p.role, groups=p.groups) for p in node.cfg.peers.values()]
+
+
+def _header_rows(conn: Connection, catalog: Catalog, dt: DocType, keys: list[str]) -> dict[str, dict[str, Any]]:
+    table = catalog.table(dt.header)
+    data = rows.read_docs(conn, table, dt.key, keys)
+    out = {}
+    for k, row in zip(rows.row_keys(data, dt.key), data.to_pylist(), strict=True):
+        out[k] = row
+    return out
+
+
+def route_events(conn: Connection, node: Node) -> int:
+    """Turn new capture events into per-peer deliveries (coalesced per document)."""
+    catalog, peers = node.catalog, peer_infos(node)
+    max_id = conn.execute(select(func.max(xchg_event.c.id)).where(xchg_event.c.routed == 0)).scalar()
+    if max_id is None:
+        return 0
+    latest: dict[tuple[str, str], tuple[str, int]] = {}
+    for doc_type, doc_key, op, eid in conn.execute(
+            select(xchg_event.c.doc_type, xchg_event.c.doc_key, xchg_event.c.op, xchg_event.c.id)
+            .where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id)).order_by(xchg_event.c.id)):
+        latest[(doc_type, rows.canonicalize(doc_key))] = (op, eid)
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key in latest:
+        by_type[doc_type].append(key)
+    n = 0
+    for doc_type, keys in by_type.items():
+        dt = catalog.get(doc_type)
+        if dt.owner != node.cfg.role:
+            log.warning("ignoring %d events for %s: owned by the %s side", len(keys), doc_type, dt.owner)
+            continue
+        headers = _header_rows(conn, catalog, dt, keys)
+        prior: dict[str, set[str]] = defaultdict(set)
+        for i in range(0, len(keys), rows.CHUNK):
+            chunk = keys[i:i + rows.CHUNK]
+            for peer, k in conn.execute(select(xchg_delivery.c.peer, xchg_delivery.c.doc_key).where(and_(
+                    xchg_delivery.c.doc_type == doc_type, xchg_delivery.c.doc_key.in_(chunk)))):
+                prior[k].add(peer)
+        for key in keys:
+            op, version = latest[(doc_type, key)]
+            header = headers.get(key)
+            if header is None:  # deleted (or never committed): tell whoever had it
+                op, targets = "D", sorted(prior[key])
+            else:
+                targets = sorted(set(dt.route.targets(header, peers)) | prior[key]) \
+                    if op == "D" else dt.route.targets(header, peers)
+            for peer in targets:
+                n += _upsert_delivery(conn, peer, doc_type, key, op, version)
+    conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
+                 .values(routed=1))
+    return n
+
+
+def _upsert_delivery(conn: Connection, peer: str, doc_type: str, key: str, op: str, version: int) -> int:
+    cond = and_(xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc_type,
+                xchg_delivery.c.doc_key == key)
+    res = conn.execute(update(xchg_delivery).where(cond).values(
+        op=op, version=version, status="PENDING", seq=None))
+    if not res.rowcount:
+        conn.execute(xchg_delivery.insert().values(
+            peer=peer, doc_type=doc_type, doc_key=key, op=op, version=version, status="PENDING"))
+    return 1
+
+
+def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> dict[str, Any]:
+    """Document count, rows per table and sums of the amount/quantity columns."""
+    totals: dict[str, str] = {}
+    for ref in dt.totals:
+        tname, col = ref.split(".", 1)
+        t = tables.get(tname)
+        value = pc.sum(t.column(col)).as_py() if t is not None and t.num_rows else None
+        totals[ref] = str(value if value is not None else Decimal(0))
+    return {"count": upserts, "rows": {t: tables[t].num_rows for t in dt.tables() if t in tables},
+            "totals": totals}
+
+
+def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, str, str, int]]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Arrow tables (``_events`` first) and the per-type summary for a batch of documents."""
+    events = pa.Table.from_pydict({
+        "doc_type": [d[0] for d in docs], "doc_key": [d[1] for d in docs],
+        "op": [d[2] for d in docs], "version": [d[3] for d in docs]}, schema=EVENTS_SCHEMA)
+    tables: dict[str, Any] = {EVENTS_TABLE: events}
+    documents: dict[str, Any] = {}
+    by_type: dict[str, list[str]] = defaultdict(list)
+    deletes: dict[str, int] = defaultdict(int)
+    for doc_type, key, op, _v in docs:
+        if op == "U":
+            by_type[doc_type].append(key)
+        else:
+            deletes[doc_type] += 1
+    for doc_type in [n for n in catalog.names if n in by_type or n in deletes]:
+        dt = catalog.get(doc_type)
+        per: dict[str, pa.Table] = {}
+        for tname in dt.tables():
+            per[tname] = rows.read_docs(conn, catalog.table(tname), dt.key, by_type.get(doc_type, []))
+            tables[tname] = per[tname]
+        documents[doc_type] = control_totals(dt, per, len(by_type.get(doc_type, [])))
+        documents[doc_type]["deletes"] = deletes.get(doc_type, 0)
+    return tables, {"documents": documents}
+
+
+def recover_outbox(node: Node) -> int:
+    """Publish sealed-and-recorded ``.part`` files; remove unrecorded ones."""
+    outbox = node.cfg.outbox
+    recorded = {}
+    with node.engine.connect() as conn:
+        for name, sha in conn.execute(select(xchg_sent.c.file_name, xchg_sent.c.file_sha256)
+                                      .where(xchg_sent.c.status == "EXPORTED")):
+            recorded[name] = sha
+    fixed = 0
+    for part in outbox.glob("*" + PART_SUFFIX):
+        final = part.with_name(part.name[: -len(PART_SUFFIX)])
+        if final.name in recorded and not final.exists() and sha256_file(part) == recorded[final.name]:
+            publish(part, final)
+            log.info("recovered %s after an interrupted export", final.name)
+            fixed += 1
+        elif final.suffix == ".bundle":
+            part.unlink()
+    return fixed
+
+
+def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
+                max_docs: int | None = None) -> list[Exported]:
+    """Seal every pending document for ``peer`` into as many bundles as needed."""
+    rep = reporter or NullReporter()
+    limit = max_docs or node.cfg.max_bundle_rows
+    out: list[Exported] = []
+    while True:
+        with node.engine.connect() as conn:
+            pending = conn.execute(
+                select(xchg_delivery.c.doc_type, xchg_delivery.c.doc_key, xchg_delivery.c.op,
+                       xchg_delivery.c.version)
+                .where(and_(xchg_delivery.c.peer == peer, xchg_delivery.c.status == "PENDING"))
+                .order_by(xchg_delivery.c.version).limit(limit)).all()
+        if not pending:
+            return out
+        docs = [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in pending]
+        exp = _seal_batch(node, peer, docs, rep)
+        out.append(exp)
+
+
+def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter) -> Exported:
+    with node.engine.begin() as conn:
+        stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
+                              .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
+        if stream is None:
+            conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=1, last_manifest_sha256=None))
+            seq, prev = 1, None
+        else:
+            seq, prev = int(stream[0]), stream[1]
+        rep.start(f"export to {peer} #{seq}", len(docs))
+        tables, summary = build_tables(conn, node.catalog, docs)
+        name = bundle_name(node.id, peer, seq)
+        part = node.cfg.outbox / (name + PART_SUFFIX)
+        sealed: Sealed = seal_bundle(
+            part, key=node.signing_key, sender=node.id, recipient=peer, seq=seq, prev=prev,
+            recipients=node.recipients_for(peer), tables=tables, summary=summary)
+        crashpoint("export.sealed")
+        now = utc_now()
+        conn.execute(xchg_sent.insert().values(
+            peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
+            manifest_sha256=sealed.manifest.sha256, size=sealed.size, status="EXPORTED",
+            summary=json.dumps(_counts(summary)), created_at=now))
+        conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
+                     .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
+        for doc_type, key, _op, version in docs:
+            conn.execute(update(xchg_delivery).where(and_(
+                xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc_type,
+                xchg_delivery.c.doc_key == key, xchg_delivery.c.version == version,
+                xchg_delivery.c.status == "PENDING")).values(status="EXPORTED", seq=seq))
+        rep.advance(len(docs))
+    crashpoint("export.committed")
+    publish(part, node.cfg.outbox / name)
+    rep.finish()
+    rep.state(name, "EXPORTED", f"{len(docs)} documents")
+    return Exported(peer, seq, name, len(docs))
+
+
+def _counts(summary: dict[str, Any]) -> dict[str, int]:
+    return {t: int(v.get("count", 0)) + int(v.get("deletes", 0))
+            for t, v in summary.get("documents", {}).items()}
+
+
+def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported]:
+    """Route new events, then seal bundles for every peer with pending documents."""
+    recover_outbox(node)
+    with node.engine.begin() as conn:
+        route_events(conn, node)
+    out: list[Exported] = []
+    for peer in sorted(node.cfg.peers):
+        out.extend(export_peer(node, peer, reporter=reporter))
+    return out
+
+
+def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
+    """Queue the full current state of ``doc_types`` for ``peer`` (a new or repaired store)."""
+    node.cfg.peer(peer)
+    n = 0
+    with node.engine.begin() as conn:
+        version = int(conn.execute(select(func.coalesce(func.max(xchg_event.c.id), 0))).scalar() or 0)
+        for doc_type in doc_types:
+            dt = node.catalog.get(doc_type)
+            if dt.owner != node.cfg.role:
+                raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
+            table = node.catalog.table(dt.header)
+            keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
+            for key in keys:
+                n += _upsert_delivery(conn, peer, doc_type, key, "U", version)
+    return n

@@ -1,0 +1,503 @@
+"""Bundles in the inbox -> the database, strictly in stream order; then the ack.
+
+``import_file`` is the core (the watcher only debounces and calls it). Per
+bundle: verify the outer layer, place it in its stream (duplicate, waiting,
+held, next), decrypt and check every hash, then apply in one transaction that
+also moves the stream position and stores the signed ack. The ack file is
+written after the commit and the bundle archived after that, so a crash at any
+point is repaired by the next run (a bundle already applied is re-acked, never
+re-applied).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from sqlalchemy import Connection, and_, delete, select, update
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from . import rows
+from .bundle import (
+    BundleReader, HeldError, Opened, build_ack, read_ack, sha256_file, utc_now,
+    write_file_atomic,
+)
+from .capture import suppress_capture
+from .catalog import DocType
+from .db import (
+    xchg_delivery, xchg_doc_version, xchg_parked, xchg_received, xchg_sent, xchg_stream_in,
+)
+from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError
+from .export import control_totals
+from .formats import EVENTS_TABLE, ack_name, is_exchange_file, parse_name
+from .node import Node
+from .faults import crashpoint
+from .progress import NullReporter, Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    file: str
+    status: str  # APPLIED WAITING HELD FAILED QUARANTINED DUPLICATE PROCESSED REJECTED
+    reason: str = ""
+    peer: str = ""
+    seq: int = 0
+    parked: int = 0
+    applied: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- quarantine
+
+def quarantine(node: Node, path: Path, exc: ExchangeError | str) -> Path:
+    """Move a file aside with a reason file beside it; never delete it."""
+    q = node.cfg.quarantine
+    q.mkdir(parents=True, exist_ok=True)
+    target = q / path.name
+    n = 1
+    while target.exists():
+        target = q / f"{path.name}.{n}"
+        n += 1
+    reason = {"file": path.name, "time": utc_now().isoformat(),
+              "error": type(exc).__name__ if isinstance(exc, ExchangeError) else "Rejected",
+              "reason": str(exc), "hint": getattr(exc, "hint", "")}
+    write_file_atomic(target.with_name(target.name + ".reason"),
+                      (json.dumps(reason, indent=1) + "\n").encode())
+    shutil.move(str(path), str(target))
+    log.warning("%s QUARANTINED: %s", path.name, exc, extra={"file": path.name, "status": "QUARANTINED"})
+    return target
+
+
+def _archive(node: Node, path: Path, sub: str = "") -> None:
+    dest = node.cfg.archive_received / sub if sub else node.cfg.archive_received
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / path.name
+    if target.exists():
+        target = dest / f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
+    shutil.move(str(path), str(target))
+
+
+# ---------------------------------------------------------------- received rows
+
+def _set_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
+    cond = and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq)
+    if not conn.execute(update(xchg_received).where(cond).values(**values)).rowcount:
+        values.setdefault("summary", "{}")
+        values.setdefault("received_at", utc_now())
+        conn.execute(xchg_received.insert().values(peer=peer, seq=seq, **values))
+
+
+def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, str | None]:
+    q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+        xchg_stream_in.c.peer == peer)
+    row = conn.execute(q.with_for_update() if lock else q).first()
+    return (int(row[0]), row[1]) if row else (0, None)
+
+
+def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
+    write_file_atomic(node.cfg.outbox / ack_name(node.id, peer, seq), ack)
+
+
+# ---------------------------------------------------------------- import
+
+def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None) -> list[Outcome]:
+    """Process every complete file in the inbox: acks, then bundles in stream order."""
+    rep = reporter or NullReporter()
+    files = [p for p in node.cfg.inbox.iterdir() if p.is_file() and is_exchange_file(p.name)]
+    acks = sorted(p for p in files if p.name.endswith(".ack"))
+    bundles = sorted((p for p in files if p.name.endswith(".bundle")),
+                     key=lambda p: (parse_name(p.name).a, parse_name(p.name).seq))
+    out = [handle_ack(node, p, reporter=rep) for p in acks]
+    if bundles:
+        rep.start("import", len(bundles))
+        for p in bundles:
+            if p.exists():
+                out.append(import_file(node, p, retry=retry, reporter=rep))
+            rep.advance()
+        rep.finish()
+    if any(o.status == "APPLIED" for o in out) or retry:
+        retry_parked(node)
+    return out
+
+
+def import_file(node: Node, path: Path, *, retry: bool = False, dry_run: bool = False,
+                reporter: Reporter | None = None) -> Outcome:
+    """Verify, place and (if next in its stream) apply one bundle."""
+    rep = reporter or NullReporter()
+    try:
+        fn = parse_name(path.name)
+        if fn.kind != "bundle":
+            raise FormatError(f"{path.name}: not a bundle")
+        reader = BundleReader(path)
+    except BundleError as exc:
+        if dry_run:
+            return Outcome(path.name, "QUARANTINED", str(exc))
+        quarantine(node, path, exc)
+        rep.state(path.name, "QUARANTINED", str(exc))
+        return Outcome(path.name, "QUARANTINED", str(exc))
+    with reader:
+        try:
+            reader.verify_signature(node.trust)
+            reader.check_recipient(node.id)
+            m = reader.manifest
+            if (fn.a, fn.b, fn.seq) != (m.sender, m.recipient, m.seq):
+                raise FormatError(f"{path.name}: file name disagrees with the signed manifest "
+                                  f"({m.sender}.{m.recipient}.{m.seq:010d})")
+            if m.sender not in node.cfg.peers:
+                raise FormatError(f"{path.name}: sender {m.sender!r} is not a peer of this node")
+        except BundleError as exc:
+            if not dry_run:
+                quarantine(node, path, exc)
+                rep.state(path.name, "QUARANTINED", str(exc))
+            return Outcome(path.name, "QUARANTINED", str(exc))
+        return _place(node, path, reader, retry=retry, dry_run=dry_run, rep=rep)
+
+
+def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run: bool,
+           rep: Reporter) -> Outcome:
+    m = reader.manifest
+    peer, seq = m.sender, m.seq
+    file_sha = sha256_file(path)
+    with node.engine.begin() as conn:
+        last_seq, last_manifest = _stream_pos(conn, peer)
+        known = conn.execute(select(xchg_received).where(and_(
+            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).mappings().first()
+    if seq <= last_seq:
+        if known and known["file_sha256"] == file_sha and known["status"] == "APPLIED":
+            if not dry_run:
+                if known["ack"]:
+                    _write_ack(node, known["ack"], peer, seq)
+                _archive(node, path, "duplicates")
+                rep.state(path.name, "DUPLICATE", "already applied; re-acknowledged")
+            return Outcome(path.name, "DUPLICATE", "already applied; re-acknowledged", peer, seq)
+        reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
+                  f"(replay, rollback or fork); last applied seq is {last_seq}")
+        if not dry_run:
+            quarantine(node, path, reason)
+        return Outcome(path.name, "QUARANTINED", reason, peer, seq)
+    summary = "{}"
+    try:
+        reader.check_major()
+    except HeldError as exc:
+        if not dry_run:
+            _record(node, peer, seq, path.name, file_sha, m.sha256, "HELD", str(exc), rep)
+        return Outcome(path.name, "HELD", str(exc), peer, seq)
+    if seq > last_seq + 1:
+        reason = f"waiting for seq {last_seq + 1} of stream {peer}->{node.id}"
+        if not dry_run:
+            _record(node, peer, seq, path.name, file_sha, m.sha256, "WAITING", reason, rep)
+        return Outcome(path.name, "WAITING", reason, peer, seq)
+    if known and known["status"] == "FAILED" and not retry and not dry_run:
+        return Outcome(path.name, "FAILED", known["reason"] or "", peer, seq)
+    if m.prev != last_manifest:
+        reason = (f"hash chain broken: bundle's previous-manifest hash {m.prev} is not the last "
+                  f"applied manifest {last_manifest} of stream {peer}->{node.id}")
+        if not dry_run:
+            quarantine(node, path, reason)
+        return Outcome(path.name, "QUARANTINED", reason, peer, seq)
+    node.cfg.work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".open-", dir=node.cfg.work))
+    try:
+        try:
+            opened = reader.decrypt(node.identities, tmp)
+            crashpoint("import.decrypted")
+        except ExchangeError as exc:
+            if not dry_run:
+                quarantine(node, path, exc)
+                rep.state(path.name, "QUARANTINED", str(exc))
+            return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
+        summary = json.dumps({t: v.get("count", 0) + v.get("deletes", 0)
+                              for t, v in opened.summary.get("documents", {}).items()})
+        return _apply_bundle(node, path, opened, summary, dry_run=dry_run, rep=rep)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_sha: str,
+            status: str, reason: str, rep: Reporter, summary: str | None = None,
+            ack: bytes | None = None) -> None:
+    values: dict[str, Any] = dict(file_name=name, file_sha256=file_sha, manifest_sha256=manifest_sha,
+                                  status=status, reason=reason)
+    if summary is not None:
+        values["summary"] = summary
+    if ack is not None:
+        values["ack"] = ack
+    with node.engine.begin() as conn:
+        old = conn.execute(select(xchg_received.c.status, xchg_received.c.reason).where(and_(
+            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).first()
+        _set_received(conn, peer, seq, **values)
+    if old is None or tuple(old) != (status, reason):
+        rep.state(name, status, reason)
+
+
+def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_run: bool,
+                  rep: Reporter) -> Outcome:
+    m = opened.manifest
+    peer, seq = m.sender, m.seq
+    try:
+        with node.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
+            last_seq, _ = _stream_pos(conn, peer, lock=True)
+            if last_seq >= seq:  # applied meanwhile by another worker
+                return Outcome(path.name, "DUPLICATE", "applied by another worker", peer, seq)
+            with suppress_capture(conn):
+                applied, parked = apply_documents(conn, node, peer, seq, opened)
+            crashpoint("import.applied")
+            if dry_run:
+                conn.rollback()
+                return Outcome(path.name, "APPLIED", "dry run: nothing changed", peer, seq,
+                               len(parked), applied)
+            now = utc_now()
+            ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+                            bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
+                            result="APPLIED", applied=applied, parked=parked, created=now)
+            if last_seq == 0 and not conn.execute(select(xchg_stream_in.c.peer).where(
+                    xchg_stream_in.c.peer == peer)).first():
+                conn.execute(xchg_stream_in.insert().values(peer=peer, last_seq=seq,
+                                                            last_manifest_sha256=m.sha256))
+            else:
+                conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
+                             .values(last_seq=seq, last_manifest_sha256=m.sha256))
+            reason = f"{len(parked)} documents parked" if parked else None
+            _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
+                          manifest_sha256=m.sha256, status="APPLIED", summary=summary,
+                          applied_at=now, reason=reason, ack=ack)
+    except (ApplyError, SQLAlchemyError) as exc:
+        reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
+        if dry_run:
+            return Outcome(path.name, "FAILED", reason, peer, seq)
+        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+                        bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
+                        result="REJECTED", reason=reason)
+        try:
+            _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, "FAILED", reason,
+                    rep, summary, ack)
+        except SQLAlchemyError as db_exc:
+            raise DatabaseError(f"cannot record failure of {path.name}: {db_exc}") from db_exc
+        _write_ack(node, ack, peer, seq)
+        return Outcome(path.name, "FAILED", reason, peer, seq)
+    crashpoint("import.committed")
+    _write_ack(node, ack, peer, seq)
+    crashpoint("import.acked")
+    _archive(node, path)
+    rep.state(path.name, "APPLIED", reason or "")
+    return Outcome(path.name, "APPLIED", reason or "", peer, seq, len(parked), applied)
+
+
+# ---------------------------------------------------------------- apply
+
+def _index(data: pa.Table, key_cols: tuple[str, ...]) -> dict[str, list[int]]:
+    idx: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(rows.row_keys(data, key_cols)):
+        idx[k].append(i)
+    return idx
+
+
+def _stored_versions(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in range(0, len(keys), rows.CHUNK):
+        chunk = keys[i:i + rows.CHUNK]
+        for k, v in conn.execute(select(xchg_doc_version.c.doc_key, xchg_doc_version.c.version).where(
+                and_(xchg_doc_version.c.doc_type == doc_type, xchg_doc_version.c.doc_key.in_(chunk)))):
+            out[k] = int(v)
+    return out
+
+
+def _set_versions(conn: Connection, doc_type: str, versions: dict[str, int]) -> None:
+    keys = list(versions)
+    for i in range(0, len(keys), rows.CHUNK):
+        chunk = keys[i:i + rows.CHUNK]
+        conn.execute(delete(xchg_doc_version).where(and_(
+            xchg_doc_version.c.doc_type == doc_type, xchg_doc_version.c.doc_key.in_(chunk))))
+    if versions:
+        conn.execute(xchg_doc_version.insert(), [
+            {"doc_type": doc_type, "doc_key": k, "version": v} for k, v in versions.items()])
+
+
+def _write_docs(conn: Connection, node: Node, dt: DocType, keys: list[str],
+                data: dict[str, pa.Table]) -> None:
+    """Replace documents as units: delete children and header, insert the new rows."""
+    cat = node.catalog
+    for tname in reversed(dt.tables()):
+        rows.delete_docs(conn, cat.table(tname), dt.key, keys)
+    for tname in dt.tables():
+        if tname in data:
+            rows.insert_rows(conn, cat.table(tname), data[tname])
+
+
+def _pack(data: dict[str, pa.Table]) -> bytes:
+    import base64
+
+    out = {}
+    for name, t in data.items():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        out[name] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
+    return json.dumps(out).encode()
+
+
+def _unpack(blob: bytes) -> dict[str, pa.Table]:
+    import base64
+
+    return {name: pa.ipc.open_stream(base64.b64decode(b)).read_all()
+            for name, b in json.loads(blob).items()}
+
+
+def _error_text(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}".splitlines()[0][:500]
+
+
+def _park(conn: Connection, dt: DocType, key: str, peer: str, seq: int, version: int, op: str,
+          data: dict[str, pa.Table], error: str) -> None:
+    cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
+    conn.execute(delete(xchg_parked).where(cond))
+    conn.execute(xchg_parked.insert().values(
+        doc_type=dt.name, doc_key=key, peer=peer, seq=seq, version=version, op=op,
+        data=_pack(data), error=error, parked_at=utc_now()))
+
+
+def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
+                    ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
+    cat = node.catalog
+    sender_role = node.cfg.peer(peer).role
+    events = opened.table(EVENTS_TABLE).to_pydict()
+    docs: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for t, k, op, v in zip(events["doc_type"], events["doc_key"], events["op"], events["version"], strict=True):
+        docs[t].append((k, op, v))
+    expected = opened.summary.get("documents", {})
+    unknown = [t for t in docs if t not in cat]
+    if unknown:
+        raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
+    applied: dict[str, Any] = {}
+    parked: list[dict[str, str]] = []
+    for doc_type in [n for n in cat.names if n in docs]:
+        dt = cat.get(doc_type)
+        if dt.owner != sender_role:
+            raise ApplyError(f"{doc_type} documents are owned by the {dt.owner} side; "
+                             f"{peer} ({sender_role}) may not send them")
+        data = {t: opened.table(t) for t in dt.tables() if t in opened.tables}
+        upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
+        got = control_totals(dt, data, upserts)
+        want = expected.get(doc_type, {})
+        if {k: got[k] for k in ("count", "rows", "totals")} != {k: want.get(k) for k in ("count", "rows", "totals")}:
+            raise ApplyError(f"control totals of {doc_type} do not match the manifest: "
+                             f"received {got}, manifest says {want}")
+        stored = _stored_versions(conn, doc_type, [k for k, _o, _v in docs[doc_type]])
+        fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
+        stale = len(docs[doc_type]) - len(fresh)
+        keys = [k for k, _o, _v in fresh]
+        index = {t: _index(tab, dt.key) for t, tab in data.items()}
+        n_parked = 0
+        try:
+            with conn.begin_nested():
+                wanted = set(keys)
+                sub = {t: tab.take([i for k, ids in index[t].items() if k in wanted for i in ids])
+                       for t, tab in data.items()}
+                _write_docs(conn, node, dt, keys, sub)
+                _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
+        except DBAPIError:
+            for k, op, v in fresh:  # one by one: park what fails, apply the rest
+                one = {t: tab.take(index[t].get(k, [])) for t, tab in data.items()}
+                try:
+                    with conn.begin_nested():
+                        _write_docs(conn, node, dt, [k], one)
+                        _set_versions(conn, doc_type, {k: v})
+                except DBAPIError as exc:
+                    err = _error_text(exc)
+                    _park(conn, dt, k, peer, seq, v, op, one, err)
+                    parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
+                    n_parked += 1
+        applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
+                             "totals": got["totals"]}
+    return applied, parked
+
+
+def retry_parked(node: Node) -> tuple[int, int]:
+    """Try every parked document again; returns (applied, still parked)."""
+    ok = still = 0
+    with node.engine.begin() as conn, suppress_capture(conn):
+        for r in conn.execute(select(xchg_parked)).mappings().all():
+            dt = node.catalog.get(r["doc_type"])
+            key = r["doc_key"]
+            cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
+            stored = _stored_versions(conn, dt.name, [key]).get(key, -1)
+            if stored > r["version"]:
+                conn.execute(delete(xchg_parked).where(cond))
+                continue
+            try:
+                with conn.begin_nested():
+                    _write_docs(conn, node, dt, [key], _unpack(r["data"]))
+                    _set_versions(conn, dt.name, {key: r["version"]})
+                    conn.execute(delete(xchg_parked).where(cond))
+                ok += 1
+                log.info("parked %s %s applied on retry", dt.name, key)
+            except DBAPIError as exc:
+                conn.execute(update(xchg_parked).where(cond).values(
+                    attempts=xchg_parked.c.attempts + 1, error=_error_text(exc)))
+                still += 1
+    return ok, still
+
+
+# ---------------------------------------------------------------- acks (sender side)
+
+def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> Outcome:
+    """Move a sent bundle to PROCESSED or REJECTED from a verified ack."""
+    rep = reporter or NullReporter()
+    try:
+        ack = read_ack(path, node.trust, me=node.id)
+        fn = parse_name(path.name)
+        if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
+            raise FormatError(f"{path.name}: file name disagrees with the signed ack")
+    except BundleError as exc:
+        quarantine(node, path, exc)
+        return Outcome(path.name, "QUARANTINED", str(exc))
+    with node.engine.begin() as conn:
+        sent = conn.execute(select(xchg_sent).where(and_(
+            xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq))).mappings().first()
+        if sent is None:
+            reason = f"ack for bundle {ack.seq} to {ack.acker}, which this node never sent"
+        elif sent["file_sha256"] != ack.bundle_sha256:
+            reason = (f"ack names file SHA-256 {ack.bundle_sha256[:16]}..., but the bundle sent was "
+                      f"{sent['file_sha256'][:16]}...: the peer received a different file")
+        else:
+            reason = ""
+        if reason:
+            if sent is not None:
+                conn.execute(update(xchg_sent).where(and_(
+                    xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
+        else:
+            status = "PROCESSED" if ack.result == "APPLIED" else "REJECTED"
+            note = ack.reason or (f"{len(ack.parked)} documents parked at {ack.acker}" if ack.parked else None)
+            assert sent is not None
+            if sent["status"] != "PROCESSED":
+                conn.execute(update(xchg_sent).where(and_(
+                    xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(
+                        status=status, processed_at=utc_now(), reason=note))
+                conn.execute(update(xchg_delivery).where(and_(
+                    xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
+                    xchg_delivery.c.status.in_(("EXPORTED", "UPLOADED", "REJECTED")))).values(status=status))
+    if reason:
+        quarantine(node, path, reason)
+        return Outcome(path.name, "QUARANTINED", reason, ack.acker, ack.seq)
+    crashpoint("ack.committed")
+    _archive(node, path)
+    name = sent["file_name"] if sent else path.name
+    rep.state(name, status, note or "")
+    return Outcome(name, status, note or "", ack.acker, ack.seq)
+
+
+def pending_files(node: Node) -> Iterable[Path]:
+    return (p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name))

@@ -1,0 +1,94 @@
+"""A node: its configuration, keys, trust store and database, opened together.
+
+Creating a home (``init_home``) and opening one (``Node.open``) live here so
+every command and the service see a node the same way.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import config, keys
+from .config import NodeConfig, Role
+from .errors import ConfigError
+from .formats import check_node_id
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from .catalog import Catalog
+    from .crypto.sshsig import AllowedSigners
+
+
+def init_home(home: Path, node_id: str, role: Role, database: str | None = None) -> NodeConfig:
+    """Create a node home: folders, exchange.toml, keys (0600), trust store, database."""
+    home = Path(home).expanduser().resolve()
+    if (home / config.CONFIG_NAME).exists():
+        raise ConfigError(f"{home} is already a node home", hint="Use a new folder, or keep this one.")
+    check_node_id(node_id)
+    cfg = NodeConfig(home=home, id=node_id, role=role,
+                     database=database or config.default_database(home))
+    for folder in cfg.folders():
+        folder.mkdir(parents=True, exist_ok=True)
+    keys.generate(cfg)
+    cfg.save()
+    Node(cfg).migrate()
+    return cfg
+
+
+class Node:
+    """An opened node home; heavy parts (database, keys) load on first use."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def open(cls, home: str | Path | None) -> Node:
+        return cls(config.load(home))
+
+    @property
+    def id(self) -> str:
+        return self.cfg.id
+
+    @cached_property
+    def engine(self) -> Engine:
+        from .db import make_engine
+
+        return make_engine(self.cfg.database)
+
+    def migrate(self) -> int:
+        from .db import migrate
+        from .schema import RETAIL
+
+        steps = migrate(self.engine)
+        if not self.cfg.catalog or self.cfg.catalog.get("schema", "reference") == "reference":
+            RETAIL.create_all(self.engine)
+        return steps
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        from .catalog import catalog_from_config
+
+        return catalog_from_config(self.cfg.catalog, reflect_from=self.engine)
+
+    @cached_property
+    def signing_key(self) -> Any:
+        return keys.load_signing_key(self.cfg)
+
+    @cached_property
+    def identities(self) -> list[str]:
+        return keys.load_identities(self.cfg)
+
+    @cached_property
+    def trust(self) -> AllowedSigners:
+        return keys.load_trust(self.cfg)
+
+    def recipients_for(self, peer_id: str) -> list[str]:
+        """The peer's age recipient plus every auditor this node names."""
+        return [self.cfg.peer(peer_id).recipient, *self.cfg.auditors]
+
+    def ensure_folders(self) -> None:
+        for folder in self.cfg.folders():
+            folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,356 @@
+"""The reference retail schema (``RETAIL``) used by the demo, the tests and sites
+that adopt it as is.
+
+Every document is a header table plus child tables. A child carries the
+header's key columns under the same names plus ``line_no``, and a foreign key
+to the header with ``ON DELETE CASCADE``: deleting a header deletes the whole
+document, and the exporter can read a document with one key filter per table.
+
+Money and quantities are exact. On PostgreSQL they are ``NUMERIC``; on SQLite,
+which has no decimal type and would silently keep floats, they are stored as
+INTEGER minor units (cents, thousandths). The :class:`ScaledDecimal` types do
+the conversion for SQLAlchemy; bulk code that bypasses SQLAlchemy types asks
+:func:`scale_of` and converts Arrow ``decimal128`` itself.
+
+On SQLite, SQL arithmetic on these columns works in minor units: comparisons
+and ``SUM`` are typed and converted back, other arithmetic (``price * qty``)
+is best done in Python.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger, Boolean, Column, Date, DateTime, Dialect, ForeignKey, ForeignKeyConstraint,
+    Index, Integer, MetaData, Numeric, PrimaryKeyConstraint, String, Table, Text, true,
+)
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+__all__ = [
+    "RETAIL", "ScaledDecimal", "Money", "Qty", "Rate", "scale_of", "to_minor", "to_decimal", "from_minor",
+]
+
+#: Deterministic constraint names, so PostgreSQL errors and migrations name the same thing everywhere.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(referred_table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+RETAIL = MetaData(naming_convention=NAMING)
+
+KEY = 32  # every business key is String(32)
+
+
+def to_minor(value: Any, scale: int, precision: int | None = None) -> int:
+    """``value`` as an integer count of minor units (``Decimal('1.25'), 2 -> 125``).
+
+    Rounds half away from zero, as PostgreSQL ``NUMERIC(p, s)`` does, so both
+    databases store the same number. Floats go through ``repr`` (``0.1`` means
+    ``Decimal('0.1')``, not its binary expansion). Raises ``ValueError`` for
+    non-numbers, NaN/infinity and values too large for ``precision`` digits.
+    """
+    dec = to_decimal(value, scale, precision)
+    return int(dec.scaleb(scale))
+
+
+def to_decimal(value: Any, scale: int, precision: int | None = None) -> Decimal:
+    """``value`` as a Decimal with exactly ``scale`` places (see :func:`to_minor`)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    try:
+        if isinstance(value, float):
+            dec = Decimal(repr(value))
+        elif isinstance(value, (Decimal, int, str)):
+            dec = Decimal(value)
+        else:
+            raise ValueError(f"not a number: {value!r}")
+        if not dec.is_finite():
+            raise ValueError(f"not a finite number: {value!r}")
+        dec = dec.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+    except InvalidOperation as exc:
+        raise ValueError(f"not a number: {value!r}") from exc
+    if precision is not None and dec.adjusted() >= precision - scale:
+        raise ValueError(f"{value!r} does not fit NUMERIC({precision}, {scale})")
+    return dec
+
+
+def from_minor(units: int, scale: int) -> Decimal:
+    """The Decimal for ``units`` minor units, with exactly ``scale`` places (``125, 2 -> 1.25``)."""
+    return Decimal(int(units)).scaleb(-scale)
+
+
+class ScaledDecimal(TypeDecorator[Decimal]):
+    """An exact decimal: ``NUMERIC(precision, scale)``, INTEGER minor units on SQLite.
+
+    Values bound to it are rounded to ``scale`` places (half away from zero,
+    like PostgreSQL) on every database, so a value reads back the same
+    whichever database holds it.
+    """
+
+    impl = Numeric
+    cache_ok = True
+
+    def __init__(self, precision: int, scale: int) -> None:
+        super().__init__(precision=precision, scale=scale, asdecimal=True)
+        self.precision = precision
+        self.scale = scale
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(self.precision, self.scale, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return to_minor(value, self.scale, self.precision)
+        return to_decimal(value, self.scale, self.precision)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            if isinstance(value, int):
+                return from_minor(value, self.scale)
+            # Not written through this type (e.g. a float from raw SQL): normalise, don't guess.
+            return to_decimal(value, self.scale)
+        if isinstance(value, Decimal):
+            return value
+        return to_decimal(value, self.scale)
+
+    def __repr__(self) -> str:
+        if type(self) is ScaledDecimal:
+            return f"ScaledDecimal({self.precision}, {self.scale})"
+        return f"{type(self).__name__}()"
+
+    @property
+    def python_type(self) -> type[Decimal]:
+        return Decimal
+
+
+class Money(ScaledDecimal):
+    """An amount of money: ``NUMERIC(14, 2)``; cents on SQLite."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(14, 2)
+
+
+class Qty(ScaledDecimal):
+    """A quantity (pieces or weighed): ``NUMERIC(14, 3)``; thousandths on SQLite."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(14, 3)
+
+
+class Rate(ScaledDecimal):
+    """A percentage such as a tax rate or discount: ``NUMERIC(5, 2)``; hundredths on SQLite."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(5, 2)
+
+
+def scale_of(column: Any) -> int | None:
+    """The decimal scale of a :class:`ScaledDecimal` column (2 for Money and Rate, 3 for Qty),
+    else ``None``.
+
+    Bulk code that reads or writes SQLite with the driver directly uses it to
+    convert between Arrow ``decimal128`` and the integer minor units stored there.
+    """
+    col_type = getattr(column, "type", None)
+    if isinstance(col_type, ScaledDecimal):
+        return col_type.scale
+    return None
+
+
+#: Header table -> its key columns, filled as the tables below are declared.
+_HEADER_KEYS: dict[str, tuple[str, ...]] = {}
+
+
+def _header(name: str, key: tuple[str, ...], *columns: Any) -> Table:
+    """A document header: string key columns first, then ``columns``."""
+    _HEADER_KEYS[name] = key
+    return Table(
+        name, RETAIL,
+        *(Column(k, String(KEY), nullable=False) for k in key),
+        *columns,
+        PrimaryKeyConstraint(*key),
+    )
+
+
+def _child(name: str, header: Table, *columns: Any) -> Table:
+    """A document child: the header's key columns, ``line_no``, ``columns``, cascading FK.
+
+    The FK cascades deletes (deleting the header deletes the document) and key
+    updates (renaming a document carries its lines).
+    """
+    key = _HEADER_KEYS[header.name]
+    return Table(
+        name, RETAIL,
+        *(Column(k, String(KEY), nullable=False) for k in key),
+        Column("line_no", Integer, nullable=False),
+        *columns,
+        PrimaryKeyConstraint(*key, "line_no"),
+        ForeignKeyConstraint(list(key), [header.c[k] for k in key], ondelete="CASCADE", onupdate="CASCADE"),
+    )
+
+
+def _item_fk() -> Column[str]:
+    return Column("item_id", String(KEY), ForeignKey("item.item_id"), nullable=False, index=True)
+
+
+# --- HO-owned documents -------------------------------------------------------
+
+item = _header(
+    "item", ("item_id",),
+    Column("name", String(120), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("uom", String(8), nullable=False),  # EA, KG, L ...
+    Column("price", Money(), nullable=False),
+    Column("tax_rate", Rate(), nullable=False),
+    Column("active", Boolean(), nullable=False, server_default=true()),
+    Column("updated_at", DateTime(), nullable=False),
+)
+item_barcode = _child(
+    "item_barcode", item,
+    Column("barcode", String(32), nullable=False, unique=True),
+)
+
+promotion = _header(
+    "promotion", ("promo_id",),
+    Column("name", String(120), nullable=False),
+    Column("store_group", String(KEY), nullable=True),  # NULL: every store
+    Column("starts_on", Date(), nullable=False),
+    Column("ends_on", Date(), nullable=False),
+    Column("discount_pct", Rate(), nullable=False),
+)
+promotion_item = _child(
+    "promotion_item", promotion,
+    _item_fk(),
+    Column("promo_price", Money(), nullable=False),
+)
+
+transfer_order = _header(
+    "transfer_order", ("to_id",),
+    Column("dest_store", String(KEY), nullable=False, index=True),
+    Column("order_date", Date(), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("total_value", Money(), nullable=False),
+)
+transfer_order_line = _child(
+    "transfer_order_line", transfer_order,
+    _item_fk(),
+    Column("qty", Qty(), nullable=False),
+    Column("unit_cost", Money(), nullable=False),
+)
+
+sales_order = _header(
+    "sales_order", ("so_id",),
+    Column("store_id", String(KEY), nullable=False, index=True),
+    Column("order_date", Date(), nullable=False),
+    Column("total", Money(), nullable=False),
+)
+sales_order_line = _child(
+    "sales_order_line", sales_order,
+    _item_fk(),
+    Column("qty", Qty(), nullable=False),
+    Column("price", Money(), nullable=False),
+    Column("amount", Money(), nullable=False),
+)
+
+sales_invoice = _header(
+    "sales_invoice", ("invoice_id",),
+    Column("store_id", String(KEY), nullable=False, index=True),
+    Column("so_id", String(KEY), nullable=True),  # no FK: the order may travel in another bundle
+    Column("invoice_date", Date(), nullable=False),
+    Column("total", Money(), nullable=False),
+    Column("tax", Money(), nullable=False),
+)
+sales_invoice_line = _child(
+    "sales_invoice_line", sales_invoice,
+    _item_fk(),
+    Column("qty", Qty(), nullable=False),
+    Column("price", Money(), nullable=False),
+    Column("amount", Money(), nullable=False),
+    Column("tax", Money(), nullable=False),
+)
+
+audit_plan = _header(
+    "audit_plan", ("plan_id",),
+    Column("store_id", String(KEY), nullable=False, index=True),
+    Column("planned_on", Date(), nullable=False),
+    Column("notes", Text(), nullable=True),
+)
+audit_plan_line = _child(
+    "audit_plan_line", audit_plan,
+    _item_fk(),
+)
+
+# --- Store-owned documents: keys start with store_id, so the HO keeps every store's rows in one table.
+
+customer = _header(
+    "customer", ("store_id", "customer_id"),
+    Column("name", String(120), nullable=False),
+    Column("phone", String(32), nullable=True),
+    Column("email", String(254), nullable=True),
+    Column("created_at", DateTime(), nullable=False),
+)
+
+sales_bill = _header(
+    "sales_bill", ("store_id", "bill_no"),
+    Column("bill_date", DateTime(), nullable=False),
+    Column("customer_id", String(KEY), nullable=True),  # no FK: the customer may travel separately
+    Column("total", Money(), nullable=False),
+    Column("tax", Money(), nullable=False),
+)
+Index("ix_sales_bill_bill_date", sales_bill.c.bill_date)
+sales_bill_line = _child(
+    "sales_bill_line", sales_bill,
+    # This FK is how "a sale naming an item the node does not know yet" fails to apply:
+    # the importer parks that one document and retries it after later imports.
+    _item_fk(),
+    Column("qty", Qty(), nullable=False),
+    Column("price", Money(), nullable=False),
+    Column("amount", Money(), nullable=False),
+    Column("tax", Money(), nullable=False),
+)
+sales_bill_payment = _child(
+    "sales_bill_payment", sales_bill,
+    Column("method", String(16), nullable=False),  # CASH, CARD, UPI, VOUCHER ...
+    Column("amount", Money(), nullable=False),
+)
+
+grc = _header(
+    "grc", ("store_id", "grc_no"),
+    Column("to_id", String(KEY), nullable=True),  # the transfer order received, if any
+    Column("received_on", Date(), nullable=False),
+)
+grc_line = _child(
+    "grc_line", grc,
+    _item_fk(),
+    Column("qty", Qty(), nullable=False),
+    Column("unit_cost", Money(), nullable=False),
+)
+
+grt = _header(
+    "grt", ("store_id", "grt_no"),
+    Column("returned_on", Date(), nullable=False),
+    Column("reason", String(120), nullable=False),
+)
+grt_line = _child(
+    "grt_line", grt,
+    _item_fk(),
+    Column("qty", Qty(), nullable=False),
+    Column("amount", Money(), nullable=False),
+)

@@ -1,0 +1,87 @@
+"""The Sent and Received views an operator reads, and parked documents.
+
+The ``--json`` form of these records is a stable contract (docs/STATUS_JSON.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from .db import xchg_parked, xchg_received, xchg_sent
+from .node import Node
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+@dataclass(frozen=True)
+class Row:
+    file: str
+    peer: str
+    seq: int
+    documents: dict[str, int]
+    status: str
+    created: str | None
+    updated: str | None
+    reason: str | None
+
+
+def sent(node: Node) -> list[Row]:
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(xchg_sent).order_by(xchg_sent.c.peer, xchg_sent.c.seq)).mappings().all()
+    return [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
+                _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
+            for r in rows]
+
+
+def received(node: Node) -> list[Row]:
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(xchg_received).order_by(
+            xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
+    out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
+               _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
+    q = node.cfg.quarantine
+    if q.is_dir():
+        for reason_file in sorted(q.glob("*.reason")):
+            try:
+                info = json.loads(reason_file.read_text())
+            except (OSError, ValueError):
+                info = {}
+            name = reason_file.name[: -len(".reason")]
+            parts = name.split(".")
+            peer = parts[0] if len(parts) >= 4 else ""
+            seq = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else 0
+            out.append(Row(name, peer, seq, {}, "QUARANTINED", info.get("time"), None,
+                           info.get("reason")))
+    return out
+
+
+@dataclass(frozen=True)
+class Parked:
+    doc_type: str
+    doc_key: str
+    peer: str
+    seq: int
+    error: str
+    attempts: int
+    parked_at: str | None
+
+
+def parked(node: Node) -> list[Parked]:
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
+    return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
+                   int(r["attempts"]), _iso(r["parked_at"])) for r in rows]
+
+
+def as_json(rows: list[Row], parked_docs: list[Parked] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"version": 1, "bundles": [asdict(r) for r in rows]}
+    if parked_docs is not None:
+        out["parked"] = [asdict(p) for p in parked_docs]
+    return out

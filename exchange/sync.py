@@ -1,0 +1,177 @@
+"""The sync cycle: pull, import, export, push. Receive first, then send.
+
+Every step is safe to interrupt: files move by durable copy and rename, states
+change in database transactions, and the next cycle picks up where this one
+stopped. Bundles that stay UPLOADED without an ack for ``resend_after``
+seconds are pushed again (the receiver re-acks a duplicate, never re-applies).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, select, update
+
+from .bundle import utc_now
+from .db import xchg_delivery, xchg_sent
+from .errors import ExchangeError
+from .export import Exported, export_all
+from .formats import is_exchange_file, parse_name
+from .importer import Outcome, import_inbox
+from .lock import work_lock
+from .node import Node
+from .faults import crashpoint
+from .progress import NullReporter, Reporter
+from .transport import Transport, open_transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncReport:
+    pulled: list[str] = field(default_factory=list)
+    imported: list[Outcome] = field(default_factory=list)
+    exported: list[Exported] = field(default_factory=list)
+    pushed: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        applied = sum(1 for o in self.imported if o.status == "APPLIED")
+        acked = sum(1 for o in self.imported if o.status in ("PROCESSED", "REJECTED"))
+        text = (f"pulled {len(self.pulled)}, applied {applied}, acks {acked}, "
+                f"exported {len(self.exported)}, pushed {len(self.pushed)}")
+        if self.resent:
+            text += f", resent {len(self.resent)}"
+        if self.errors:
+            text += f", {len(self.errors)} errors"
+        return text
+
+
+def _transports(node: Node, override: str | None) -> dict[str, str]:
+    """Peer id -> transport address (``override`` replaces every peer's address)."""
+    out = {}
+    for p in node.cfg.peers.values():
+        addr = override or p.transport
+        if addr:
+            out[p.id] = addr
+    return out
+
+
+def _open(node: Node, address: str, peer: str) -> Transport:
+    return open_transport(address, home=node.cfg.home, me=node.id, peer=peer)
+
+
+def pull(node: Node, *, source: str | None = None, reporter: Reporter | None = None,
+         report: SyncReport | None = None) -> list[str]:
+    """Fetch files addressed to this node from every peer's transport into the inbox."""
+    rep = report or SyncReport()
+    node.cfg.inbox.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    for peer, address in sorted(_transports(node, source).items()):
+        key = address if address.startswith("dir:") or "://" not in address else f"{address}#{peer}"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            t = _open(node, address, peer)
+            try:
+                got = t.pull(node.id, node.cfg.inbox)
+            finally:
+                t.close()
+            rep.pulled.extend(p.name for p in got)
+        except ExchangeError as exc:
+            rep.errors.append(f"pull from {peer}: {exc}")
+            log.warning("pull from %s failed: %s", peer, exc)
+    return rep.pulled
+
+
+def push(node: Node, *, target: str | None = None, reporter: Reporter | None = None,
+         report: SyncReport | None = None) -> list[str]:
+    """Deliver outbox files to their peers; bundles become UPLOADED and are archived."""
+    rep = report or SyncReport()
+    r = reporter or NullReporter()
+    addresses = _transports(node, target)
+    by_peer: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted(node.cfg.outbox.iterdir()):
+        if is_exchange_file(f.name):
+            by_peer[parse_name(f.name).b].append(f)
+    resend = _due_for_resend(node)
+    for peer, names in resend.items():
+        for name in names:
+            src = node.cfg.archive_sent / name
+            if src.exists():
+                by_peer[peer].append(src)
+    node.cfg.archive_sent.mkdir(parents=True, exist_ok=True)
+    for peer, files in sorted(by_peer.items()):
+        address = addresses.get(peer)
+        if address is None:
+            continue  # no transport for this peer: files wait for `exchange push --to`
+        try:
+            t = _open(node, address, peer)
+            try:
+                delivered = t.push(files, peer)
+            finally:
+                t.close()
+        except ExchangeError as exc:
+            rep.errors.append(f"push to {peer}: {exc}")
+            log.warning("push to %s failed: %s", peer, exc)
+            continue
+        crashpoint("push.copied")
+        _mark_delivered(node, delivered, rep, r)
+    return rep.pushed
+
+
+def _due_for_resend(node: Node) -> dict[str, list[str]]:
+    cutoff = utc_now() - timedelta(seconds=node.cfg.resend_after)
+    out: dict[str, list[str]] = defaultdict(list)
+    with node.engine.connect() as conn:
+        for peer, name, at in conn.execute(select(xchg_sent.c.peer, xchg_sent.c.file_name,
+                                                  xchg_sent.c.uploaded_at)
+                                           .where(xchg_sent.c.status == "UPLOADED")):
+            if at is not None and (at if at.tzinfo else at.replace(tzinfo=cutoff.tzinfo)) < cutoff:
+                out[peer].append(name)
+    return out
+
+
+def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter) -> None:
+    now = utc_now()
+    for f in files:
+        fn = parse_name(f.name)
+        if fn.kind == "bundle":
+            with node.engine.begin() as conn:
+                cond = and_(xchg_sent.c.peer == fn.b, xchg_sent.c.seq == fn.seq)
+                status = conn.execute(select(xchg_sent.c.status).where(cond)).scalar()
+                conn.execute(update(xchg_sent).where(and_(cond, xchg_sent.c.status.in_(
+                    ("EXPORTED", "UPLOADED")))).values(status="UPLOADED", uploaded_at=now))
+                conn.execute(update(xchg_delivery).where(and_(
+                    xchg_delivery.c.peer == fn.b, xchg_delivery.c.seq == fn.seq,
+                    xchg_delivery.c.status == "EXPORTED")).values(status="UPLOADED"))
+            if f.parent == node.cfg.archive_sent:
+                rep.resent.append(f.name)
+                r.state(f.name, "UPLOADED", "resent: no ack yet")
+                continue
+            if status == "EXPORTED":
+                r.state(f.name, "UPLOADED")
+        if f.parent == node.cfg.outbox:
+            shutil.move(str(f), str(node.cfg.archive_sent / f.name))
+            rep.pushed.append(f.name)
+
+
+def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None) -> SyncReport:
+    """One full cycle under the home's work lock: pull, import, export, push."""
+    rep = SyncReport()
+    r = reporter or NullReporter()
+    node.ensure_folders()
+    with work_lock(node.cfg.home):
+        pull(node, source=via, reporter=r, report=rep)
+        rep.imported = import_inbox(node, reporter=r)
+        rep.exported = export_all(node, reporter=r)
+        push(node, target=via, reporter=r, report=rep)
+    log.info("sync: %s", rep.line())
+    return rep

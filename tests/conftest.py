@@ -1,0 +1,58 @@
+"""Shared pytest fixtures.
+
+``db_url`` runs a test once on SQLite and once on PostgreSQL. PostgreSQL needs
+EXCHANGE_TEST_PG, a base URL such as
+``postgresql+psycopg://root@/postgres?host=/var/run/postgresql`` (tools/test.sh
+sets it); each test gets a throwaway database created from it and dropped
+afterwards. Without it the PostgreSQL half is skipped, except under CI=true,
+where a silently skipped database would hide failures, so it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+PG_ENV = "EXCHANGE_TEST_PG"
+
+
+def _pg_base_url() -> str:
+    base = os.environ.get(PG_ENV)
+    if not base:
+        reason = f"PostgreSQL not configured (set {PG_ENV}; tools/test.sh does)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + " and CI=true: PostgreSQL tests must run in CI")
+        pytest.skip(reason)
+    return base
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh PostgreSQL database, dropped after the test."""
+    base = make_url(_pg_base_url())
+    name = f"xchg_test_{secrets.token_hex(6)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": name})
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for a fresh, empty database: SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
