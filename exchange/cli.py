@@ -63,11 +63,14 @@ def _echo_json(obj: Any) -> None:
 @click.version_option(__version__, prog_name="exchange")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--log-json", is_flag=True, help="Log JSON lines (for services).")
-def main(verbose: int, log_json: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
     """Move business data between a head office and its stores as signed, encrypted bundles."""
     from .logs import setup_logging
 
-    setup_logging(verbose, log_json)
+    ctx.obj = {"verbose": verbose, "log_json": log_json}
+    if ctx.invoked_subcommand != "run":
+        setup_logging(verbose, log_json)
 
 
 # ---------------------------------------------------------------- node and keys
@@ -389,6 +392,65 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
     from .demo import run_demo
 
     run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo)
+
+
+# ---------------------------------------------------------------- service and checks
+
+@main.command()
+@HOME
+@click.option("--interval", type=float, help="Seconds between sync cycles (default: sync_interval, 900).")
+@click.pass_obj
+def run(obj: dict[str, Any], home: Path | None, interval: float | None) -> None:
+    """Run the service: apply files as they land, sync on a schedule."""
+    from .daemon import Service, install_signal_handlers
+    from .logs import setup_logging
+
+    setup_logging(max(1, obj["verbose"]), obj["log_json"])  # every state change is a log line
+    node = _node(home)
+    service = Service(node, interval=interval)
+    install_signal_handlers(service)
+    service.run()
+
+
+@main.command()
+@HOME
+@JSON
+def doctor(home: Path | None, as_json: bool) -> None:
+    """Check the node's prerequisites; exit 0 only when all pass."""
+    from .doctor import as_json as checks_json, run_checks
+
+    checks = run_checks(_node(home))
+    if as_json:
+        click.echo(checks_json(checks))
+    else:
+        for c in checks:
+            mark = click.style("OK  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+            click.echo(f"{mark} {c.name:<18} {c.detail}")
+            if not c.ok and c.fix:
+                click.echo(f"     fix: {c.fix}")
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+@main.command()
+@HOME
+def migrate(home: Path | None) -> None:
+    """Create or upgrade exchange's tables in the node database."""
+    n = _node(home).migrate()
+    click.echo(f"database up to date ({n} migration steps run)")
+
+
+@peer.command("trust-host")
+@HOME
+@click.option("--address", required=True, help="sftp://user@host:port/path")
+@click.option("--fingerprint", help="Expected SHA256:... fingerprint (refuse if different).")
+def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) -> None:
+    """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint)."""
+    from .transport.sftp import trust_host
+
+    node = _node(home)
+    fp = trust_host(node.cfg.home, address, expected=fingerprint)
+    click.echo(f"trusted host key {fp} for {address}")
 
 
 def entry() -> None:  # pragma: no cover - python -m exchange

@@ -326,11 +326,23 @@ def _set_versions(conn: Connection, doc_type: str, versions: dict[str, int]) -> 
 
 def _write_docs(conn: Connection, node: Node, dt: DocType, keys: list[str],
                 data: dict[str, pa.Table]) -> None:
-    """Replace documents as units: delete children and header, insert the new rows."""
+    """Replace documents as units: children are replaced, the header is upserted.
+
+    The header is updated in place rather than deleted, so rows of other
+    documents that reference it (a sale naming an item) stay valid. A document
+    absent from ``data``'s header table (a delete) loses its header too.
+    """
     cat = node.catalog
-    for tname in reversed(dt.tables()):
+    for tname in reversed(dt.children):
         rows.delete_docs(conn, cat.table(tname), dt.key, keys)
-    for tname in dt.tables():
+    header = data.get(dt.header)
+    present = set(rows.row_keys(header, dt.key)) if header is not None else set()
+    gone = [k for k in keys if k not in present]
+    if gone:
+        rows.delete_docs(conn, cat.table(dt.header), dt.key, gone)
+    if header is not None:
+        rows.upsert_rows(conn, cat.table(dt.header), header)
+    for tname in dt.children:
         if tname in data:
             rows.insert_rows(conn, cat.table(tname), data[tname])
 

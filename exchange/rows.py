@@ -114,6 +114,29 @@ def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     return len(rows)
 
 
+def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
+    """Insert or update rows by primary key, so rows other tables reference keep existing."""
+    if data.num_rows == 0:
+        return 0
+    name = conn.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
+    else:  # portable fallback: delete then insert
+        pk = [c.name for c in table.primary_key.columns]
+        delete_docs(conn, table, pk, row_keys(data, pk))
+        return insert_rows(conn, table, data)
+    rows = data.to_pylist()
+    stmt = dialect_insert(table)
+    pk_names = [c.name for c in table.primary_key.columns]
+    update = {c: stmt.excluded[c] for c in data.column_names if c not in pk_names}
+    stmt = stmt.on_conflict_do_update(index_elements=pk_names, set_=update) if update \
+        else stmt.on_conflict_do_nothing(index_elements=pk_names)
+    conn.execute(stmt, rows)
+    return len(rows)
+
+
 def row_keys(data: pa.Table, key_cols: Sequence[str]) -> list[str]:
     """The canonical document key of every row."""
     cols = [data.column(c).to_pylist() for c in key_cols]

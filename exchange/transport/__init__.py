@@ -43,4 +43,4 @@ def open_transport(address: str, *, home: Path | None = None, me: str | None = N
                           hint="Use dir:/path/to/folder or sftp://user@host:port/root.")
     from .dir import DirTransport
 
-    return DirTransport(Path(path).expanduser())
+    return DirTransport(Path(path).expanduser(), me=me)

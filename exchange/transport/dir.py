@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
+import json
+from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,8 +35,9 @@ def durable_copy(src: Path, dst: Path) -> None:
 
 
 class DirTransport:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, me: str | None = None) -> None:
         self.root = root
+        self.me = me
         self.address = f"dir:{root}"
 
     def _box(self, node: str) -> Path:
@@ -47,6 +51,7 @@ class DirTransport:
 
     def push(self, files: Sequence[Path], peer: str) -> list[Path]:
         box = self._box(peer)
+        self.publish_info_default(peer)
         done = []
         for f in files:
             target = box / f.name
@@ -60,6 +65,32 @@ class DirTransport:
                                      hint="Free space on the stick or share, then sync again.") from exc
             done.append(f)
         return done
+
+    def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
+        """Leave ``node-<me>.json`` (version, time) where ``peer`` looks, for its doctor."""
+        target = self._box(peer) / f"node-{me}.json"
+        tmp = target.with_name(target.name + PART_SUFFIX)
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, target)
+
+    def probe(self, me: str, peer: str) -> dict[str, Any]:
+        """Both folders writable; the folder's clock; the peer's published info."""
+        out: dict[str, Any] = {}
+        for box in (self._box(me), self._box(peer)):
+            test = box / f".probe-{me}{PART_SUFFIX}"
+            try:
+                test.write_bytes(b"probe")
+                out["server_time"] = test.stat().st_mtime
+                test.unlink()
+            except OSError as exc:
+                raise TransportError(f"folder {box} is not writable: {exc.strerror}") from exc
+        info = self.root / me / f"node-{peer}.json"
+        if info.exists():
+            try:
+                out["peer_info"] = json.loads(info.read_text())
+            except (OSError, ValueError):
+                pass
+        return out
 
     def pull(self, me: str, dest: Path) -> list[Path]:
         box = self.root / me
@@ -85,6 +116,14 @@ class DirTransport:
                 raise TransportError(f"taking {src.name} from {box} failed: {exc.strerror or exc}") from exc
             got.append(target)
         return got
+
+    me: str | None = None
+
+    def publish_info_default(self, peer: str) -> None:
+        if self.me:
+            from .. import __version__
+
+            self.publish_info(self.me, peer, {"node": self.me, "version": __version__, "time": time.time()})
 
     def close(self) -> None:
         pass
