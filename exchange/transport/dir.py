@@ -93,6 +93,9 @@ class DirTransport:
         return out
 
     def pull(self, me: str, dest: Path) -> list[Path]:
+        if not self.root.is_dir():
+            raise TransportError(f"transfer folder {self.root} is not available",
+                                 hint="Mount the stick or share, or fix the transport address in exchange.toml.")
         box = self.root / me
         if not box.is_dir():
             return []
