@@ -399,8 +399,13 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @main.command()
 @HOME
 @click.option("--interval", type=float, help="Seconds between sync cycles (default: sync_interval, 900).")
+@click.option("--ui-port", type=int, help="Serve the Data Exchange page on this port (default: [ui] port; off).")
+@click.option("--ui-host", default=None, help="Address for the page (default 127.0.0.1; elsewhere needs a token).")
+@click.option("--usb/--no-usb", "watch_usb", default=None,
+              help="Watch mount roots for a transfer stick (default: on when [usb] is configured or no transport).")
 @click.pass_obj
-def run(obj: dict[str, Any], home: Path | None, interval: float | None) -> None:
+def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port: int | None,
+        ui_host: str | None, watch_usb: bool | None) -> None:
     """Run the service: apply files as they land, sync on a schedule."""
     from .daemon import Service, install_signal_handlers
     from .logs import setup_logging
@@ -408,6 +413,17 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None) -> None:
     setup_logging(max(1, obj["verbose"]), obj["log_json"])  # every state change is a log line
     node = _node(home)
     service = Service(node, interval=interval)
+    ui_cfg = node.cfg.extra.get("ui", {})
+    port = ui_port if ui_port is not None else ui_cfg.get("port")
+    if port:
+        from .ui.server import UiAddon
+
+        service.addons.append(UiAddon(host=ui_host or ui_cfg.get("host", "127.0.0.1"), port=int(port)))
+    usb_cfg = node.cfg.extra.get("usb", {})
+    if watch_usb or (watch_usb is None and (usb_cfg or not any(p.transport for p in node.cfg.peers.values()))):
+        from .usb import UsbAddon
+
+        service.addons.append(UsbAddon(roots=usb_cfg.get("roots")))
     install_signal_handlers(service)
     service.run()
 
@@ -451,6 +467,21 @@ def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) ->
     node = _node(home)
     fp = trust_host(node.cfg.home, address, expected=fingerprint)
     click.echo(f"trusted host key {fp} for {address}")
+
+
+def _load_command_modules() -> None:
+    """Commands that live in their own modules (audit, usb, ui) register on ``main``."""
+    import importlib
+
+    for mod in ("cli_audit", "cli_usb", "cli_ui"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise
+
+
+_load_command_modules()
 
 
 def entry() -> None:  # pragma: no cover - python -m exchange

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ExchangeError
 from .formats import is_exchange_file
@@ -61,6 +61,13 @@ class _InboxHandler:
             self.wake.put(name)
 
 
+class Addon(Protocol):
+    """Something that runs beside the service (the web page, the USB watcher)."""
+
+    def start(self, service: Service) -> None: ...
+    def stop(self) -> None: ...
+
+
 class Service:
     def __init__(self, node: Node, *, interval: float | None = None, reporter: Reporter | None = None,
                  on_cycle: Callable[[ServiceState], None] | None = None) -> None:
@@ -71,6 +78,7 @@ class Service:
         self.stop_event = threading.Event()
         self.wake: queue.Queue[str] = queue.Queue()
         self.on_cycle = on_cycle
+        self.addons: list[Addon] = []
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -125,11 +133,18 @@ class Service:
             observer = Observer()
             observer.schedule(_InboxHandler(self.wake), str(self.node.cfg.inbox), recursive=False)  # type: ignore[arg-type]
             observer.start()
+            for addon in self.addons:
+                addon.start(self)
             log.info("exchange run: node %s, inbox %s, sync every %.0fs", self.node.id,
                      self.node.cfg.inbox, self.interval)
             try:
                 self._loop()
             finally:
+                for addon in reversed(self.addons):
+                    try:
+                        addon.stop()
+                    except Exception:
+                        log.exception("stopping %s failed", type(addon).__name__)
                 observer.stop()
                 observer.join(timeout=5)
                 log.info("exchange run: stopped")
