@@ -189,7 +189,7 @@ def _check_format(obj: Mapping[str, Any], expected: str, what: str) -> None:
     if fmt != expected:
         raise FormatError(f"{what}: format is {fmt!r}, expected {expected!r}")
     version = obj.get("version")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # not True, 1.0 or [1]
         raise VersionError(
             f"{what}: format version {version!r} is not supported by this exchange "
             f"(supports {sorted(SUPPORTED_VERSIONS)})",
@@ -425,7 +425,8 @@ class BundleReader:
             raise FormatError(f"{self.path.name}: cannot open: {exc.strerror}") from exc
         self._src = _HashingReader(self._f)
         try:
-            if os.fstat(self._f.fileno()).st_size == 0:
+            file_size = os.fstat(self._f.fileno()).st_size
+            if file_size == 0:
                 raise FormatError("empty file")
             what = "bundle"
             raw = _read_small(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
@@ -435,6 +436,10 @@ class BundleReader:
                 raise FormatError(f"member {BUNDLE_MEMBERS[2]!r} missing or out of order")
             if m.size > MAX_PAYLOAD_BYTES:
                 raise LimitError(f"payload of {m.size} bytes is over the limit")
+            need = sum(tarfmt.BLOCK + n + -n % tarfmt.BLOCK for n in (len(raw), len(self.signature), m.size))
+            need += len(tarfmt.END)
+            if file_size < need:
+                raise FormatError(f"truncated: the file has {file_size} bytes, its tar headers need {need}")
             self.payload_size = m.size
             self.manifest = Manifest.parse(raw)
             if m.size != self.manifest.payload.size:

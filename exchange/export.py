@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, delete, func, select, update
 
 from . import rows
 from .bundle import Sealed, publish, seal_bundle, sha256_file, utc_now
@@ -77,43 +77,60 @@ def route_events(conn: Connection, node: Node) -> int:
     by_type: dict[str, list[str]] = defaultdict(list)
     for doc_type, key in latest:
         by_type[doc_type].append(key)
-    n = 0
+    deliveries: list[tuple[str, str, str, str, int]] = []
     for doc_type, keys in by_type.items():
         dt = catalog.get(doc_type)
         if dt.owner != node.cfg.role:
             log.warning("ignoring %d events for %s: owned by the %s side", len(keys), doc_type, dt.owner)
             continue
+        prior = _prior_peers(conn, doc_type, keys)
+        if dt.route.kind in ("all", "ho"):  # no column to read: the event's op says whether it exists
+            fixed = dt.route.targets({}, peers)
+            for key in keys:
+                op, version = latest[(doc_type, key)]
+                targets = sorted(set(fixed) | prior.get(key, set())) if op == "D" else fixed
+                deliveries.extend((p, doc_type, key, op, version) for p in targets)
+            continue
         headers = _header_rows(conn, catalog, dt, keys)
-        prior: dict[str, set[str]] = defaultdict(set)
-        for i in range(0, len(keys), rows.CHUNK):
-            chunk = keys[i:i + rows.CHUNK]
-            for peer, k in conn.execute(select(xchg_delivery.c.peer, xchg_delivery.c.doc_key).where(and_(
-                    xchg_delivery.c.doc_type == doc_type, xchg_delivery.c.doc_key.in_(chunk)))):
-                prior[k].add(peer)
         for key in keys:
             op, version = latest[(doc_type, key)]
             header = headers.get(key)
             if header is None:  # deleted (or never committed): tell whoever had it
-                op, targets = "D", sorted(prior[key])
-            else:
-                targets = sorted(set(dt.route.targets(header, peers)) | prior[key]) \
-                    if op == "D" else dt.route.targets(header, peers)
-            for peer in targets:
-                n += _upsert_delivery(conn, peer, doc_type, key, op, version)
+                op, targets = "D", sorted(prior.get(key, set()))
+            else:  # a document that moved (new destination) is deleted where it was
+                targets = dt.route.targets(header, peers)
+                for gone in sorted(prior.get(key, set()) - set(targets)):
+                    deliveries.append((gone, doc_type, key, "D", version))
+            deliveries.extend((p, doc_type, key, op, version) for p in targets)
+    _replace_deliveries(conn, deliveries)
     conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
                  .values(routed=1))
-    return n
+    return len(deliveries)
 
 
-def _upsert_delivery(conn: Connection, peer: str, doc_type: str, key: str, op: str, version: int) -> int:
-    cond = and_(xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc_type,
-                xchg_delivery.c.doc_key == key)
-    res = conn.execute(update(xchg_delivery).where(cond).values(
-        op=op, version=version, status="PENDING", seq=None))
-    if not res.rowcount:
-        conn.execute(xchg_delivery.insert().values(
-            peer=peer, doc_type=doc_type, doc_key=key, op=op, version=version, status="PENDING"))
-    return 1
+def _prior_peers(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, set[str]]:
+    """Peers that were sent each document before (a delete must reach them)."""
+    prior: dict[str, set[str]] = defaultdict(set)
+    for i in range(0, len(keys), rows.CHUNK):
+        chunk = keys[i:i + rows.CHUNK]
+        for peer, k in conn.execute(select(xchg_delivery.c.peer, xchg_delivery.c.doc_key).where(and_(
+                xchg_delivery.c.doc_type == doc_type, xchg_delivery.c.doc_key.in_(chunk)))):
+            prior[k].add(peer)
+    return prior
+
+
+def _replace_deliveries(conn: Connection, deliveries: list[tuple[str, str, str, str, int]]) -> None:
+    """Set each (peer, document) to PENDING with its new op and version, in bulk."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for peer, doc_type, key, _op, _v in deliveries:
+        groups[(peer, doc_type)].append(key)
+    for (peer, doc_type), keys in groups.items():
+        for i in range(0, len(keys), rows.CHUNK):
+            conn.execute(delete(xchg_delivery).where(and_(
+                xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc_type,
+                xchg_delivery.c.doc_key.in_(keys[i:i + rows.CHUNK]))))
+    rows.executemany(conn, "INSERT INTO xchg_delivery (peer, doc_type, doc_key, op, version, status) "
+                           "VALUES (?, ?, ?, ?, ?, 'PENDING')", deliveries)
 
 
 def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> dict[str, Any]:
@@ -218,11 +235,9 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             summary=json.dumps(_counts(summary)), created_at=now))
         conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
                      .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
-        for doc_type, key, _op, version in docs:
-            conn.execute(update(xchg_delivery).where(and_(
-                xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc_type,
-                xchg_delivery.c.doc_key == key, xchg_delivery.c.version == version,
-                xchg_delivery.c.status == "PENDING")).values(status="EXPORTED", seq=seq))
+        rows.executemany(conn, "UPDATE xchg_delivery SET status = 'EXPORTED', seq = ? WHERE peer = ? "
+                               "AND doc_type = ? AND doc_key = ? AND version = ? AND status = 'PENDING'",
+                         [(seq, peer, doc_type, key, version) for doc_type, key, _op, version in docs])
         rep.advance(len(docs))
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
@@ -259,6 +274,6 @@ def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
                 raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
             table = node.catalog.table(dt.header)
             keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
-            for key in keys:
-                n += _upsert_delivery(conn, peer, doc_type, key, "U", version)
+            _replace_deliveries(conn, [(peer, doc_type, key, "U", version) for key in keys])
+            n += len(keys)
     return n

@@ -64,7 +64,7 @@ def ack_name(acker: str, sender: str, seq: int) -> str:
 
 def parse_name(name: str) -> FileName:
     """Parse a bundle/ack file name; FormatError if it does not follow the grammar."""
-    m = _NAME_RE.match(name)
+    m = _NAME_RE.fullmatch(name)
     if not m or not 1 <= int(m.group(3)) <= MAX_SEQ:
         raise FormatError(f"{name}: not a bundle or ack file name "
                           "(expected <sender>.<recipient>.<seq:010d>.bundle or .ack)")
@@ -74,11 +74,11 @@ def parse_name(name: str) -> FileName:
 
 def is_exchange_file(name: str) -> bool:
     """True for complete bundle/ack names; ``.part`` and temporary names are not."""
-    return _NAME_RE.match(name) is not None
+    return _NAME_RE.fullmatch(name) is not None
 
 
 def check_node_id(node: str) -> str:
-    if not NODE_ID_RE.match(node):
+    if not NODE_ID_RE.fullmatch(node):
         raise FormatError(f"invalid node id {node!r}: use 1-32 of a-z, 0-9 and '-', starting with a letter or digit")
     return node
 

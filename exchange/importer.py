@@ -96,6 +96,22 @@ def _set_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
         conn.execute(xchg_received.insert().values(peer=peer, seq=seq, **values))
 
 
+def _begin_write(conn: Connection) -> None:
+    """SQLite: open the write transaction now, before the first statement.
+
+    Python's sqlite3 begins a transaction only before INSERT/UPDATE/DELETE, so
+    without this the stream position is read outside the transaction, a
+    ``CREATE TABLE`` commits on its own, and a SAVEPOINT issued first would
+    start (and its RELEASE commit) the transaction: a bundle would no longer
+    apply all or nothing, and a dry run would not roll back.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is not None and getattr(dbapi, "in_transaction", True) is False:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, str | None]:
     q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
         xchg_stream_in.c.peer == peer)
@@ -245,6 +261,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
     peer, seq = m.sender, m.seq
     try:
         with node.engine.begin() as conn:
+            _begin_write(conn)
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
             last_seq, _ = _stream_pos(conn, peer, lock=True)
@@ -301,6 +318,11 @@ def _index(data: pa.Table, key_cols: tuple[str, ...]) -> dict[str, list[int]]:
     for i, k in enumerate(rows.row_keys(data, key_cols)):
         idx[k].append(i)
     return idx
+
+
+def _take(data: pa.Table, indices: list[int]) -> pa.Table:
+    """Rows by position; typed indices, so an empty selection (deletes only, all stale) works."""
+    return data.take(pa.array(indices, type=pa.int64()))
 
 
 def _stored_versions(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, int]:
@@ -411,18 +433,22 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
         fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
         stale = len(docs[doc_type]) - len(fresh)
         keys = [k for k, _o, _v in fresh]
-        index = {t: _index(tab, dt.key) for t, tab in data.items()}
+        index: dict[str, dict[str, list[int]]] = {}
         n_parked = 0
         try:
             with conn.begin_nested():
-                wanted = set(keys)
-                sub = {t: tab.take([i for k, ids in index[t].items() if k in wanted for i in ids])
-                       for t, tab in data.items()}
+                sub = data
+                if stale:  # leave out the rows of documents we already hold newer
+                    index = {t: _index(tab, dt.key) for t, tab in data.items()}
+                    wanted = set(keys)
+                    sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
+                           for t, tab in data.items()}
                 _write_docs(conn, node, dt, keys, sub)
                 _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
         except DBAPIError:
+            index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
             for k, op, v in fresh:  # one by one: park what fails, apply the rest
-                one = {t: tab.take(index[t].get(k, [])) for t, tab in data.items()}
+                one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
                 try:
                     with conn.begin_nested():
                         _write_docs(conn, node, dt, [k], one)

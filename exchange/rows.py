@@ -8,10 +8,12 @@ strings (``["s001","B00042"]``), the same on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import (
     Boolean, Connection, Date, DateTime, Float, Integer, Numeric, Table, delete, select, tuple_,
 )
@@ -80,15 +82,139 @@ def _where(table: Table, key_cols: Sequence[str], chunk: list[tuple[Any, ...]]) 
     return tuple_(*[table.c[c] for c in key_cols]).in_(chunk)
 
 
+def _q(conn: Connection, name: str) -> str:
+    return str(conn.dialect.identifier_preparer.quote(name))
+
+
+def executemany(conn: Connection, sql: str, params: Sequence[tuple[Any, ...]]) -> None:
+    """Run ``sql`` (written with ``?`` placeholders) once per tuple, on the driver's fast path."""
+    if not params:
+        return
+    if conn.dialect.paramstyle != "qmark":
+        sql = sql.replace("?", "%s")
+    conn.exec_driver_sql(sql, list(params))
+
+
+def _pg_cursor(conn: Connection) -> Any:
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def _scale(column: Any) -> int | None:
+    from .schema import scale_of
+
+    return scale_of(column)
+
+
+def _from_minor(values: list[Any], field: pa.Field) -> pa.Array:
+    """Integer minor units (SQLite) -> decimal128, without a Python object per value."""
+    ints = pc.cast(pa.array(values, pa.int64()), pa.decimal128(19, 0))
+    return pa.Array.from_buffers(field.type, len(ints), ints.buffers())
+
+
+def _to_minor(arr: pa.Array) -> pa.Array:
+    """decimal128(p, s) -> int64 minor units (reinterpret the 128-bit integers)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    raw = pa.Array.from_buffers(pa.decimal128(38, 0), len(arr), arr.buffers(), offset=arr.offset)
+    return pc.cast(raw, pa.int64())
+
+
+def _sqlite_column(column: Any, field: pa.Field, values: list[Any]) -> pa.Array:
+    t = field.type
+    if pa.types.is_decimal(t) and _scale(column) is not None:
+        return _from_minor(values, field)
+    if pa.types.is_date32(t) or pa.types.is_timestamp(t):
+        return pa.array(values, pa.string()).cast(t)
+    if pa.types.is_boolean(t):
+        return pa.array(values, pa.int64()).cast(t)
+    return pa.array(values, type=t)
+
+
+def _sqlite_values(column: Any, arr: Any) -> list[Any]:
+    """An Arrow column as the Python values SQLAlchemy would store on SQLite."""
+    t = arr.type
+    if pa.types.is_decimal(t) and _scale(column) is not None:
+        arr = _to_minor(arr)
+    elif pa.types.is_date32(t) or pa.types.is_timestamp(t):
+        arr = arr.cast(pa.string())
+    elif pa.types.is_boolean(t):
+        arr = arr.cast(pa.int8())
+    elif pa.types.is_decimal(t):
+        return [None if v is None else str(v) for v in arr.to_pylist()]
+    values: list[Any] = arr.to_pylist()
+    return values
+
+
+@contextmanager
+def _key_table(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> Iterator[str]:
+    """A temporary table holding ``keys``, typed like ``table``'s key columns, to join on."""
+    name = f"xchg_keys_{table.name}"[:60]
+    qn, cols = _q(conn, name), ", ".join(_q(conn, c) for c in key_cols)
+    typed = [_typed_key(table, key_cols, parse_key(k)) for k in keys]
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {qn} AS SELECT {cols} FROM {_q(conn, table.name)} WITH NO DATA")
+        conn.exec_driver_sql(f"DELETE FROM {qn}")
+        with _pg_cursor(conn).copy(f"COPY {qn} ({cols}) FROM STDIN") as copy:
+            for k in typed:
+                copy.write_row(k)
+    else:
+        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {qn} AS SELECT {cols} FROM {_q(conn, table.name)} WHERE 0")
+        conn.exec_driver_sql(f"DELETE FROM {qn}")
+        executemany(conn, f"INSERT INTO {qn} ({cols}) VALUES ({', '.join('?' for _ in key_cols)})", typed)
+    try:
+        yield qn
+    finally:
+        conn.exec_driver_sql(f"DELETE FROM {qn}")
+
+
 def read_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> pa.Table:
-    """The current rows of the documents ``keys`` in ``table``, as one Arrow table."""
+    """The current rows of the documents ``keys`` in ``table``, as one Arrow table.
+
+    One join against a temporary key table, fetched on the driver's bulk path
+    (PostgreSQL: COPY to CSV parsed by Arrow; SQLite: tuples turned into Arrow
+    column by column), never one object per row through the ORM.
+    """
     schema = arrow_schema(table)
+    if not keys:
+        return schema.empty_table()
+    if conn.dialect.name not in ("sqlite", "postgresql"):
+        return _read_docs_portable(conn, table, key_cols, keys, schema)
+    order = [f"t.{_q(conn, c)}" for c in key_cols] + (["t.line_no"] if "line_no" in table.c else [])
+    cols = ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
+    with _key_table(conn, table, key_cols, keys) as kt:
+        on = " AND ".join(f"t.{_q(conn, c)} = k.{_q(conn, c)}" for c in key_cols)
+        sql = f"SELECT {cols} FROM {_q(conn, table.name)} t JOIN {kt} k ON {on} ORDER BY {', '.join(order)}"
+        if conn.dialect.name == "postgresql":
+            return _pg_copy_out(conn, sql, schema)
+        rows = conn.exec_driver_sql(sql).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in table.columns]
+    arrays = [_sqlite_column(c, f, list(v)) for c, f, v in zip(table.columns, schema, columns, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _pg_copy_out(conn: Connection, sql: str, schema: pa.Schema) -> pa.Table:
+    import io
+
+    import pyarrow.csv as pacsv
+
+    buf = io.BytesIO()
+    with _pg_cursor(conn).copy(f"COPY ({sql}) TO STDOUT (FORMAT csv, HEADER true)") as copy:
+        for chunk in copy:
+            buf.write(chunk)
+    if buf.tell() == 0:
+        return schema.empty_table()
+    buf.seek(0)
+    table = pacsv.read_csv(buf, convert_options=pacsv.ConvertOptions(
+        column_types={f.name: f.type for f in schema}, strings_can_be_null=True,
+        quoted_strings_can_be_null=False, true_values=["t", "true"], false_values=["f", "false"]))
+    return table.cast(schema)
+
+
+def _read_docs_portable(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str],
+                        schema: pa.Schema) -> pa.Table:
     columns: list[list[Any]] = [[] for _ in table.columns]
-    order = [table.c[c] for c in key_cols]
-    if "line_no" in table.c:
-        order.append(table.c.line_no)
     for chunk in _key_chunks(table, key_cols, keys):
-        for row in conn.execute(select(table).where(_where(table, key_cols, chunk)).order_by(*order)):
+        for row in conn.execute(select(table).where(_where(table, key_cols, chunk))):
             for i, v in enumerate(row):
                 columns[i].append(v)
     return pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, schema, strict=True)],
@@ -96,45 +222,80 @@ def read_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Seq
 
 
 def delete_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> int:
+    if not keys:
+        return 0
+    if conn.dialect.name in ("sqlite", "postgresql") and len(keys) > CHUNK:
+        cols = ", ".join(_q(conn, c) for c in key_cols)
+        with _key_table(conn, table, key_cols, keys) as kt:
+            res = conn.exec_driver_sql(
+                f"DELETE FROM {_q(conn, table.name)} WHERE ({cols}) IN (SELECT {cols} FROM {kt})")
+            return int(res.rowcount or 0)
     n = 0
     for chunk in _key_chunks(table, key_cols, keys):
         n += conn.execute(delete(table).where(_where(table, key_cols, chunk))).rowcount or 0
     return n
 
 
+def _check_columns(table: Table, data: pa.Table) -> list[str]:
+    unknown = set(data.column_names) - set(table.c.keys())
+    if unknown:
+        raise ValueError(f"table {table.name}: unknown columns {sorted(unknown)}")
+    return list(data.column_names)
+
+
+def _pg_copy_in(conn: Connection, target: str, cols: list[str], data: pa.Table) -> None:
+    import pyarrow.csv as pacsv
+
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(data, sink, pacsv.WriteOptions(include_header=False))
+    collist = ", ".join(_q(conn, c) for c in cols)
+    with _pg_cursor(conn).copy(f"COPY {target} ({collist}) FROM STDIN (FORMAT csv)") as copy:
+        copy.write(sink.getvalue().to_pybytes())
+
+
+def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> list[tuple[Any, ...]]:
+    return list(zip(*[_sqlite_values(table.c[c], data.column(c)) for c in cols], strict=True))
+
+
 def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     """Insert an Arrow table's rows (columns matched by name; extra columns refused)."""
     if data.num_rows == 0:
         return 0
-    unknown = set(data.column_names) - set(table.c.keys())
-    if unknown:
-        raise ValueError(f"table {table.name}: unknown columns {sorted(unknown)}")
-    rows = data.to_pylist()
-    conn.execute(table.insert(), rows)
-    return len(rows)
+    cols = _check_columns(table, data)
+    qt = _q(conn, table.name)
+    if conn.dialect.name == "postgresql":
+        _pg_copy_in(conn, qt, cols, data)
+    elif conn.dialect.name == "sqlite":
+        executemany(conn, f"INSERT INTO {qt} ({', '.join(_q(conn, c) for c in cols)}) "
+                          f"VALUES ({', '.join('?' for _ in cols)})", _sqlite_rows(table, data, cols))
+    else:
+        conn.execute(table.insert(), data.to_pylist())
+    return int(data.num_rows)
 
 
 def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     """Insert or update rows by primary key, so rows other tables reference keep existing."""
     if data.num_rows == 0:
         return 0
-    name = conn.dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
-    else:  # portable fallback: delete then insert
-        pk = [c.name for c in table.primary_key.columns]
+    cols = _check_columns(table, data)
+    pk = [c.name for c in table.primary_key.columns]
+    qt, collist = _q(conn, table.name), ", ".join(_q(conn, c) for c in cols)
+    sets = ", ".join(f"{_q(conn, c)} = excluded.{_q(conn, c)}" for c in cols if c not in pk)
+    conflict = f"ON CONFLICT ({', '.join(_q(conn, c) for c in pk)}) " + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING")
+    if conn.dialect.name == "postgresql":
+        stg = _q(conn, f"xchg_stg_{table.name}"[:60])
+        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stg} (LIKE {qt}) ON COMMIT DROP")
+        conn.exec_driver_sql(f"DELETE FROM {stg}")
+        _pg_copy_in(conn, stg, cols, data)
+        conn.exec_driver_sql(f"INSERT INTO {qt} ({collist}) SELECT {collist} FROM {stg} {conflict}")
+        conn.exec_driver_sql(f"DELETE FROM {stg}")
+    elif conn.dialect.name == "sqlite":
+        executemany(conn, f"INSERT INTO {qt} ({collist}) VALUES ({', '.join('?' for _ in cols)}) {conflict}",
+                    _sqlite_rows(table, data, cols))
+    else:
         delete_docs(conn, table, pk, row_keys(data, pk))
-        return insert_rows(conn, table, data)
-    rows = data.to_pylist()
-    stmt = dialect_insert(table)
-    pk_names = [c.name for c in table.primary_key.columns]
-    update = {c: stmt.excluded[c] for c in data.column_names if c not in pk_names}
-    stmt = stmt.on_conflict_do_update(index_elements=pk_names, set_=update) if update \
-        else stmt.on_conflict_do_nothing(index_elements=pk_names)
-    conn.execute(stmt, rows)
-    return len(rows)
+        insert_rows(conn, table, data)
+    return int(data.num_rows)
 
 
 def row_keys(data: pa.Table, key_cols: Sequence[str]) -> list[str]:

@@ -111,6 +111,8 @@ def expect_end(src: BinaryIO, max_trailing: int = 20 * BLOCK) -> None:
     """After the last member: an end marker, then only zero bytes up to EOF."""
     if read_header(src) is not None:
         raise FormatError("unexpected extra member in tar")
+    if _read_exact(src, BLOCK, "end-of-archive marker").strip(b"\0"):
+        raise FormatError("unexpected data after the end of the tar archive")
     rest = src.read(max_trailing + 1)
     if len(rest) > max_trailing or rest.strip(b"\0"):
         raise FormatError("unexpected data after the end of the tar archive")
