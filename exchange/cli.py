@@ -403,9 +403,11 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @click.option("--ui-host", default=None, help="Address for the page (default 127.0.0.1; elsewhere needs a token).")
 @click.option("--usb/--no-usb", "watch_usb", default=None,
               help="Watch mount roots for a transfer stick (default: on when [usb] is configured or no transport).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Importer processes: streams apply in parallel, each stream in order.")
 @click.pass_obj
 def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port: int | None,
-        ui_host: str | None, watch_usb: bool | None) -> None:
+        ui_host: str | None, watch_usb: bool | None, workers: int) -> None:
     """Run the service: apply files as they land, sync on a schedule."""
     from .daemon import Service, install_signal_handlers
     from .logs import setup_logging
@@ -424,8 +426,32 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port:
         from .usb import UsbAddon
 
         service.addons.append(UsbAddon(roots=usb_cfg.get("roots")))
+    if workers > 1:
+        from .workers import WorkersAddon
+
+        service.addons.append(WorkersAddon(workers - 1))
     install_signal_handlers(service)
     service.run()
+
+
+@main.command()
+@HOME
+@click.option("--poll", type=float, default=0.2, show_default=True, help="Seconds between inbox scans.")
+@click.pass_obj
+def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
+    """An import-only worker (extra process or host sharing the database and the drop)."""
+    import signal
+    import threading
+
+    from .logs import setup_logging
+    from .workers import worker_loop
+
+    setup_logging(max(1, obj["verbose"]), obj["log_json"])
+    node = _node(home)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker_loop(node.cfg.home, stop, poll)
 
 
 @main.command()

@@ -125,23 +125,45 @@ def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
 
 # ---------------------------------------------------------------- import
 
-def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None) -> list[Outcome]:
-    """Process every complete file in the inbox: acks, then bundles in stream order."""
+def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None,
+                 rotate: int = 0) -> list[Outcome]:
+    """Process every complete file in the inbox: acks, then bundles in stream order.
+
+    Each stream is taken under its lock (``exchange.workers.try_lock``); a
+    stream another worker holds is skipped, so several workers can run this
+    at once. ``rotate`` staggers where each worker starts.
+    """
+    from .workers import try_lock
+
     rep = reporter or NullReporter()
-    files = [p for p in node.cfg.inbox.iterdir() if p.is_file() and is_exchange_file(p.name)]
-    acks = sorted(p for p in files if p.name.endswith(".ack"))
-    bundles = sorted((p for p in files if p.name.endswith(".bundle")),
-                     key=lambda p: (parse_name(p.name).a, parse_name(p.name).seq))
-    out = [handle_ack(node, p, reporter=rep) for p in acks]
-    if bundles:
-        rep.start("import", len(bundles))
-        for p in bundles:
-            if p.exists():
-                out.append(import_file(node, p, retry=retry, reporter=rep))
-            rep.advance()
+    files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)]
+    streams: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for p in files:
+        fn = parse_name(p.name)
+        streams[(fn.kind, fn.a)].append(p)
+    order = sorted(streams)
+    if order and rotate:
+        k = rotate % len(order)
+        order = order[k:] + order[:k]
+    out: list[Outcome] = []
+    total = sum(len(v) for v in streams.values())
+    if total:
+        rep.start("import", total)
+    for kind, peer in sorted(order, key=lambda s: s[0] != "ack"):  # acks first, then bundles
+        with try_lock(node, f"{kind}-{peer}") as got:
+            if not got:
+                continue
+            for p in sorted(streams[(kind, peer)], key=lambda p: parse_name(p.name).seq):
+                if p.exists():
+                    out.append(handle_ack(node, p, reporter=rep) if kind == "ack"
+                               else import_file(node, p, retry=retry, reporter=rep))
+                rep.advance()
+    if total:
         rep.finish()
     if any(o.status == "APPLIED" for o in out) or retry:
-        retry_parked(node)
+        with try_lock(node, "parked") as got:
+            if got:
+                retry_parked(node)
     return out
 
 
