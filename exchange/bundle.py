@@ -300,11 +300,41 @@ def _write_parquet(path: Path, source: TableSource) -> int:
     return rows
 
 
+class ParquetCache:
+    """Parquet files written once and shared by several bundles (one change to many stores).
+
+    Keyed by the identity of the Arrow table object: the exporter hands the
+    same table to every store whose batch is identical, so the rows are read
+    and encoded once and only the per-store layers (inner manifest, age
+    encryption to that store, signature) are redone.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=".parquet-", dir=folder)
+        self.dir = Path(self._tmp.name)
+        self._files: dict[int, tuple[Path, int, Any]] = {}
+
+    def get(self, source: TableSource) -> tuple[Path, int] | None:
+        hit = self._files.get(id(source))
+        return (hit[0], hit[1]) if hit and hit[2] is source else None
+
+    def put(self, source: TableSource, path: Path, rows: int) -> None:
+        self._files[id(source)] = (path, rows, source)
+
+    def drop(self, source: TableSource) -> None:
+        hit = self._files.pop(id(source), None)
+        if hit is not None:
+            hit[0].unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
 def seal_bundle(
     path: Path, *, key: Any, sender: str, recipient: str, seq: int, prev: str | None,
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None = None, created: datetime | None = None,
-    app_version: str = __version__,
+    app_version: str = __version__, parquet_cache: ParquetCache | None = None,
 ) -> Sealed:
     """Write a complete, fsynced bundle to ``path`` (the caller renames it into place)."""
     if len(tables) > MAX_TABLES:
@@ -317,8 +347,17 @@ def seal_bundle(
         listing = []
         for i, (name, source) in enumerate(tables.items(), 1):
             fname = f"t{i:04d}.parquet"
-            rows = _write_parquet(work / fname, source)
-            files.append((fname, work / fname))
+            hit = parquet_cache.get(source) if parquet_cache is not None else None
+            if hit is not None:
+                fpath, rows = hit
+            elif parquet_cache is not None:
+                fpath = parquet_cache.dir / f"{id(source):x}.parquet"
+                rows = _write_parquet(fpath, source)
+                parquet_cache.put(source, fpath, rows)
+            else:
+                fpath = work / fname
+                rows = _write_parquet(fpath, source)
+            files.append((fname, fpath))
             listing.append({"file": fname, "table": name, "rows": rows})
         inner_raw = dump_json({
             "format": PAYLOAD_FORMAT, "version": FORMAT_VERSION, "sender": sender,

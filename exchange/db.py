@@ -72,6 +72,10 @@ xchg_stream_out = Table(
     Column("peer", String(32), primary_key=True),
     Column("next_seq", BigInteger, nullable=False),
     Column("last_manifest_sha256", String(64)),
+    # cursor over xchg_broadcast: (version, doc_type, doc_key) of the last document sealed
+    Column("bc_version", BigInteger, nullable=False, server_default=text("0")),
+    Column("bc_type", String(64), nullable=False, server_default=text("''")),
+    Column("bc_key", String(512), nullable=False, server_default=text("''")),
 )
 
 #: Per peer: the last seq applied and its manifest hash (replay/rollback guard).
@@ -128,12 +132,37 @@ xchg_meta = Table(
 )
 
 
+#: Documents routed to every store: one row per document, not one per store.
+#: Each peer's stream keeps a cursor (``xchg_stream_out.bc_*``) over this table,
+#: so an item master change to a thousand stores costs a thousand cursors, not
+#: a hundred million delivery rows.
+xchg_broadcast = Table(
+    "xchg_broadcast", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("op", String(1), nullable=False),
+    Column("version", BigInteger, nullable=False, index=True),
+)
+
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name != "xchg_broadcast"]
+
+
 def _m1_initial(conn: Connection) -> None:
-    XCHG.create_all(conn)
+    XCHG.create_all(conn, tables=_M1_TABLES)
+
+
+def _m2_broadcast(conn: Connection) -> None:
+    XCHG.create_all(conn, tables=[xchg_broadcast])
+    have = {c["name"] for c in inspect(conn).get_columns("xchg_stream_out")}
+    for col, typ, default in (("bc_version", "BIGINT", "0"), ("bc_type", "VARCHAR(64)", "''"),
+                              ("bc_key", "VARCHAR(512)", "''")):
+        if col not in have:  # databases made by migration 1 before these columns existed
+            conn.exec_driver_sql(
+                f"ALTER TABLE xchg_stream_out ADD COLUMN {col} {typ} NOT NULL DEFAULT {default}")
 
 
 #: Ordered migrations; the schema version is the length of the list applied.
-MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial]
+MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 
 from . import keys, rows, status
-from .db import xchg_delivery
+from .db import xchg_broadcast, xchg_delivery
 from .export import control_totals
 from .capture import record_event  # noqa: F401  (the API applications use; demo data calls it)
 from .demo_data import seed_masters, seed_store_activity
@@ -47,6 +47,10 @@ def reconcile(ho: Node, stores: list[Node]) -> list[dict[str, Any]]:
                 keys_sent = [k for (k,) in conn.execute(select(xchg_delivery.c.doc_key).where(
                     xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc.name,
                     xchg_delivery.c.op == "U"))]
+                if doc.route.kind == "all":  # broadcast to every store
+                    keys_sent = sorted(set(keys_sent) | {k for (k,) in conn.execute(
+                        select(xchg_broadcast.c.doc_key).where(
+                            xchg_broadcast.c.doc_type == doc.name, xchg_broadcast.c.op == "U"))})
             side = []
             for node in (sender, receiver):
                 with node.engine.connect() as conn:

@@ -20,12 +20,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, and_, delete, func, select, update
+from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
 from . import rows
-from .bundle import Sealed, publish, seal_bundle, sha256_file, utc_now
+from .bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from .catalog import Catalog, DocType, PeerInfo
-from .db import xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
+from .db import xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
 from .errors import ConfigError
 from .formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
 from .node import Node
@@ -78,13 +78,17 @@ def route_events(conn: Connection, node: Node) -> int:
     for doc_type, key in latest:
         by_type[doc_type].append(key)
     deliveries: list[tuple[str, str, str, str, int]] = []
+    broadcast: list[tuple[str, str, str, int]] = []
     for doc_type, keys in by_type.items():
         dt = catalog.get(doc_type)
         if dt.owner != node.cfg.role:
             log.warning("ignoring %d events for %s: owned by the %s side", len(keys), doc_type, dt.owner)
             continue
+        if dt.route.kind == "all":  # every store: one broadcast row, each stream's cursor follows
+            broadcast.extend((doc_type, key, *latest[(doc_type, key)]) for key in keys)
+            continue
         prior = _prior_peers(conn, doc_type, keys)
-        if dt.route.kind in ("all", "ho"):  # no column to read: the event's op says whether it exists
+        if dt.route.kind == "ho":  # no column to read: the event's op says whether it exists
             fixed = dt.route.targets({}, peers)
             for key in keys:
                 op, version = latest[(doc_type, key)]
@@ -103,9 +107,23 @@ def route_events(conn: Connection, node: Node) -> int:
                     deliveries.append((gone, doc_type, key, "D", version))
             deliveries.extend((p, doc_type, key, op, version) for p in targets)
     _replace_deliveries(conn, deliveries)
+    _replace_broadcast(conn, broadcast)
     conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
                  .values(routed=1))
-    return len(deliveries)
+    return len(deliveries) + len(broadcast)
+
+
+def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
+    """Record the latest op and version of documents that go to every store."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key, _op, _v in docs:
+        groups[doc_type].append(key)
+    for doc_type, keys in groups.items():
+        for i in range(0, len(keys), rows.CHUNK):
+            conn.execute(delete(xchg_broadcast).where(and_(
+                xchg_broadcast.c.doc_type == doc_type, xchg_broadcast.c.doc_key.in_(keys[i:i + rows.CHUNK]))))
+    rows.executemany(conn, "INSERT INTO xchg_broadcast (doc_type, doc_key, op, version) VALUES (?, ?, ?, ?)",
+                     docs)
 
 
 def _prior_peers(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, set[str]]:
@@ -191,12 +209,68 @@ def recover_outbox(node: Node) -> int:
     return fixed
 
 
+def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None
+                       ) -> list[tuple[str, str, str, int]]:
+    """Broadcast documents after ``peer``'s cursor, in cursor order (shared by peers at one cursor)."""
+    cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
+                              xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
+    cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+    if shared is not None:
+        memo = shared.broadcast.get((cursor, limit))
+        if memo is None:
+            memo = shared.broadcast[(cursor, limit)] = _fetch_broadcast(conn, cursor, limit)
+        return memo
+    return _fetch_broadcast(conn, cursor, limit)
+
+
+def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int) -> list[tuple[str, str, str, int]]:
+    b = xchg_broadcast.c
+    found = conn.execute(select(b.doc_type, b.doc_key, b.op, b.version)
+                         .where(tuple_(b.version, b.doc_type, b.doc_key) > tuple_(*cursor))
+                         .order_by(b.version, b.doc_type, b.doc_key).limit(limit)).all()
+    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
+
+
+def _merge(direct: list[tuple[str, str, str, int]], broadcast: list[tuple[str, str, str, int]]
+           ) -> list[tuple[str, str, str, int]]:
+    """Direct deliveries plus broadcast documents, one entry per document (newest wins)."""
+    best: dict[tuple[str, str], tuple[str, str, str, int]] = {}
+    for d in [*direct, *broadcast]:
+        old = best.get((d[0], d[1]))
+        if old is None or old[3] < d[3]:
+            best[(d[0], d[1])] = d
+    return list(best.values())
+
+
+class _Shared:
+    """Per export run: batches already built, so identical batches to many peers share tables."""
+
+    def __init__(self, node: Node) -> None:
+        self.tables: dict[tuple[tuple[str, str, str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.parquet = ParquetCache(node.cfg.work)
+        self.broadcast: dict[tuple[tuple[int, str, str], int], list[tuple[str, str, str, int]]] = {}
+
+    KEEP = 2  # distinct batches kept: memory stays bounded on an HO with many different streams
+
+    def build(self, conn: Connection, catalog: Catalog, docs: list[tuple[str, str, str, int]]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        key = tuple(docs)
+        if key not in self.tables:
+            while len(self.tables) >= self.KEEP:
+                old = self.tables.pop(next(iter(self.tables)))
+                for source in old[0].values():
+                    self.parquet.drop(source)
+            self.tables[key] = build_tables(conn, catalog, docs)
+        return self.tables[key]
+
+
 def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
-                max_docs: int | None = None) -> list[Exported]:
+                max_docs: int | None = None, shared: _Shared | None = None) -> list[Exported]:
     """Seal every pending document for ``peer`` into as many bundles as needed."""
     rep = reporter or NullReporter()
     limit = max_docs or node.cfg.max_bundle_rows
     out: list[Exported] = []
+    broadcast_to = node.cfg.peer(peer).role == "store"
     while True:
         with node.engine.connect() as conn:
             pending = conn.execute(
@@ -204,14 +278,19 @@ def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
                        xchg_delivery.c.version)
                 .where(and_(xchg_delivery.c.peer == peer, xchg_delivery.c.status == "PENDING"))
                 .order_by(xchg_delivery.c.version).limit(limit)).all()
-        if not pending:
+            direct = [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in pending]
+            bc = (_pending_broadcast(conn, peer, limit - len(direct), shared)
+                  if broadcast_to and len(direct) < limit else [])
+            docs = _merge(direct, bc) if direct and bc else (direct or bc)
+        if not docs:
             return out
-        docs = [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in pending]
-        exp = _seal_batch(node, peer, docs, rep)
+        exp = _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct)
         out.append(exp)
 
 
-def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter) -> Exported:
+def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
+                shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
+                direct: list[tuple[str, str, str, int]] | None = None) -> Exported:
     with node.engine.begin() as conn:
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
                               .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
@@ -221,12 +300,14 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         else:
             seq, prev = int(stream[0]), stream[1]
         rep.start(f"export to {peer} #{seq}", len(docs))
-        tables, summary = build_tables(conn, node.catalog, docs)
+        tables, summary = (shared.build(conn, node.catalog, docs) if shared is not None
+                           else build_tables(conn, node.catalog, docs))
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
         sealed: Sealed = seal_bundle(
             part, key=node.signing_key, sender=node.id, recipient=peer, seq=seq, prev=prev,
-            recipients=node.recipients_for(peer), tables=tables, summary=summary)
+            recipients=node.recipients_for(peer), tables=tables, summary=summary,
+            parquet_cache=shared.parquet if shared is not None else None)
         crashpoint("export.sealed")
         now = utc_now()
         conn.execute(xchg_sent.insert().values(
@@ -235,9 +316,13 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             summary=json.dumps(_counts(summary)), created_at=now))
         conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
                      .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
+        if cursor is not None:  # the stream's broadcast cursor moves with the bundle, atomically
+            conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
+                bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
         rows.executemany(conn, "UPDATE xchg_delivery SET status = 'EXPORTED', seq = ? WHERE peer = ? "
                                "AND doc_type = ? AND doc_key = ? AND version = ? AND status = 'PENDING'",
-                         [(seq, peer, doc_type, key, version) for doc_type, key, _op, version in docs])
+                         [(seq, peer, doc_type, key, version)
+                          for doc_type, key, _op, version in (docs if direct is None else direct)])
         rep.advance(len(docs))
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
@@ -257,8 +342,13 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     with node.engine.begin() as conn:
         route_events(conn, node)
     out: list[Exported] = []
-    for peer in sorted(node.cfg.peers):
-        out.extend(export_peer(node, peer, reporter=reporter))
+    node.cfg.work.mkdir(parents=True, exist_ok=True)
+    shared = _Shared(node)
+    try:
+        for peer in sorted(node.cfg.peers):
+            out.extend(export_peer(node, peer, reporter=reporter, shared=shared))
+    finally:
+        shared.parquet.close()
     return out
 
 
