@@ -31,7 +31,7 @@ from .errors import (
 from .formats import (
     ACK_FORMAT, ACK_MEMBERS, BUNDLE_FORMAT, BUNDLE_MEMBERS, FORMAT_VERSION, INNER_MANIFEST,
     MAX_INNER_MANIFEST_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES,
-    MAX_SIG_BYTES, MAX_TABLES, PAYLOAD_FORMAT, SIG_NAMESPACE, SUPPORTED_VERSIONS, app_major,
+    MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, SIG_NAMESPACE, SUPPORTED_VERSIONS, app_major,
     check_node_id,
 )
 
@@ -598,15 +598,21 @@ class BundleReader:
         tables = _field(inner, "tables", list, INNER_MANIFEST)
         files = [e.name for e in m.inner[1:]]
         seen = set()
+        expanded = 0
         for t, fname in zip(tables, files, strict=False):
             if not isinstance(t, dict) or t.get("file") != fname or not isinstance(t.get("table"), str) \
                     or not isinstance(t.get("rows"), int) or t["table"] in seen:
                 raise FormatError(f"{INNER_MANIFEST}: table list does not match the payload files")
             seen.add(t["table"])
             try:
-                rows = pq.read_metadata(paths[fname]).num_rows
+                meta = pq.read_metadata(paths[fname])
+                rows = meta.num_rows
+                expanded += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
+            if expanded > MAX_TABLE_BYTES:  # a decompression bomb: refuse before reading any rows
+                raise LimitError(f"{fname}: tables expand to more than {MAX_TABLE_BYTES >> 20} MiB "
+                                 "uncompressed (limit per bundle)")
             if rows != t["rows"]:
                 raise FormatError(f"{fname}: {rows} rows, inner manifest says {t['rows']}")
         if len(tables) != len(files):

@@ -37,7 +37,7 @@ class NodeConfig:
     database: str
     sync_interval: int = 900
     resend_after: int = 3600
-    max_bundle_rows: int = 200_000
+    max_bundle_rows: int = 20_000
     auditors: tuple[str, ...] = ()
     peers: dict[str, Peer] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
@@ -161,7 +161,7 @@ def load(home: str | Path | None) -> NodeConfig:
             database=str(node.get("database") or default_database(root)),
             sync_interval=int(node.get("sync_interval", 900)),
             resend_after=int(node.get("resend_after", 3600)),
-            max_bundle_rows=int(node.get("max_bundle_rows", 200_000)),
+            max_bundle_rows=int(node.get("max_bundle_rows", 20_000)),
             auditors=tuple(str(a) for a in node.get("auditors", ())),
             catalog=dict(data.get("catalog", {})),
             extra={k: v for k, v in data.items() if k not in ("node", "peers", "catalog")},

@@ -30,6 +30,7 @@ MAX_SIG_BYTES = 8 << 10
 MAX_PAYLOAD_BYTES = (8 << 30) - 1
 MAX_INNER_MANIFEST_BYTES = 4 << 20
 MAX_TABLES = 1000
+MAX_TABLE_BYTES = 4 << 30  # uncompressed size of all tables of one bundle (Parquet metadata)
 MAX_JSON_DEPTH = 32
 MAX_SEQ = 9_999_999_999
 
