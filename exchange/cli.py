@@ -391,7 +391,8 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
     """Run an HO and two stores through a full exchange via a folder."""
     from .demo import run_demo
 
-    run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo)
+    if not run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo):
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- service and checks
