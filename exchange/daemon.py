@@ -133,14 +133,16 @@ class Service:
             observer = Observer()
             observer.schedule(_InboxHandler(self.wake), str(self.node.cfg.inbox), recursive=False)  # type: ignore[arg-type]
             observer.start()
-            for addon in self.addons:
-                addon.start(self)
-            log.info("exchange run: node %s, inbox %s, sync every %.0fs", self.node.id,
-                     self.node.cfg.inbox, self.interval)
+            started: list[Addon] = []
             try:
+                for addon in self.addons:
+                    addon.start(self)
+                    started.append(addon)
+                log.info("exchange run: node %s, inbox %s, sync every %.0fs", self.node.id,
+                         self.node.cfg.inbox, self.interval)
                 self._loop()
             finally:
-                for addon in reversed(self.addons):
+                for addon in reversed(started):
                     try:
                         addon.stop()
                     except Exception:

@@ -353,8 +353,13 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
 
 
 def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
-    """Queue the full current state of ``doc_types`` for ``peer`` (a new or repaired store)."""
+    """Queue the full current state of ``doc_types`` for ``peer`` (a new or repaired store).
+
+    Routing still applies: a store gets the documents addressed to it (its own
+    transfer orders, its group's promotions), never every store's.
+    """
     node.cfg.peer(peer)
+    peers = peer_infos(node)
     n = 0
     with node.engine.begin() as conn:
         version = int(conn.execute(select(func.coalesce(func.max(xchg_event.c.id), 0))).scalar() or 0)
@@ -364,6 +369,9 @@ def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
                 raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
             table = node.catalog.table(dt.header)
             keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
+            if dt.route.kind in ("group", "column"):
+                headers = _header_rows(conn, node.catalog, dt, keys)
+                keys = [k for k in keys if peer in dt.route.targets(headers[k], peers)]
             _replace_deliveries(conn, [(peer, doc_type, key, "U", version) for key in keys])
             n += len(keys)
     return n

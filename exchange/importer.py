@@ -82,7 +82,10 @@ def _archive(node: Node, path: Path, sub: str = "") -> None:
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / path.name
     if target.exists():
-        target = dest / f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
+        stamped = f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
+        target, n = dest / stamped, 1
+        while target.exists():  # never overwrite an archived copy, even within one second
+            target, n = dest / f"{stamped}.{n}", n + 1
     shutil.move(str(path), str(target))
 
 
