@@ -363,6 +363,12 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
     from .ui_console import print_status
 
     print_status(node.id, view, rows, parked)
+    from .usb import last_usb_result
+
+    last = last_usb_result(node)
+    if last:
+        click.echo(f"last stick visit {last.get('finished')}: "
+                   f"{'ok' if last.get('ok') else 'NOT FINISHED'} - {last.get('summary')}")
 
 
 @main.group()

@@ -41,9 +41,12 @@ class DirTransport:
         self.address = f"dir:{root}"
 
     def _box(self, node: str) -> Path:
+        if not self.root.is_dir():  # never re-create a pulled-out stick's folders on the local disk
+            raise TransportError(f"transfer folder {self.root} is not available",
+                                 hint="Mount the stick or share, or create the folder first.")
         box = self.root / node
         try:
-            box.mkdir(parents=True, exist_ok=True)
+            box.mkdir(exist_ok=True)
         except OSError as exc:
             raise TransportError(f"cannot use folder {box}: {exc.strerror}",
                                  hint="Check that the stick or share is mounted and writable.") from exc
@@ -70,8 +73,12 @@ class DirTransport:
         """Leave ``node-<me>.json`` (version, time) where ``peer`` looks, for its doctor."""
         target = self._box(peer) / f"node-{me}.json"
         tmp = target.with_name(target.name + PART_SUFFIX)
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, target)
+        try:
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, target)
+        except OSError as exc:  # informative only: never worth failing a delivery for
+            tmp.unlink(missing_ok=True)
+            log.warning("could not publish node info in %s: %s", target.parent, exc)
 
     def probe(self, me: str, peer: str) -> dict[str, Any]:
         """Both folders writable; the folder's clock; the peer's published info."""
