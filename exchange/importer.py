@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, select, update
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError, StatementError
 
 from . import rows
 from .bundle import (
@@ -470,7 +470,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                            for t, tab in data.items()}
                 _write_docs(conn, node, dt, keys, sub)
                 _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
-        except DBAPIError:
+        except StatementError:
             index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
             for k, op, v in fresh:  # one by one: park what fails, apply the rest
                 one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
@@ -478,7 +478,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                     with conn.begin_nested():
                         _write_docs(conn, node, dt, [k], one)
                         _set_versions(conn, doc_type, {k: v})
-                except DBAPIError as exc:
+                except StatementError as exc:
                     err = _error_text(exc)
                     _park(conn, dt, k, peer, seq, v, op, one, err)
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
@@ -507,7 +507,7 @@ def retry_parked(node: Node) -> tuple[int, int]:
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
                 log.info("parked %s %s applied on retry", dt.name, key)
-            except DBAPIError as exc:
+            except StatementError as exc:
                 conn.execute(update(xchg_parked).where(cond).values(
                     attempts=xchg_parked.c.attempts + 1, error=_error_text(exc)))
                 still += 1

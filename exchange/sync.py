@@ -170,8 +170,17 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
     node.ensure_folders()
     with work_lock(node.cfg.home):
         pull(node, source=via, reporter=r, report=rep)
-        rep.imported = import_inbox(node, reporter=r)
-        rep.exported = export_all(node, reporter=r)
+        # each step on its own: a failing import must not stop the store's sales going out
+        try:
+            rep.imported = import_inbox(node, reporter=r)
+        except ExchangeError as exc:
+            rep.errors.append(f"import: {exc}")
+            log.warning("import failed: %s", exc)
+        try:
+            rep.exported = export_all(node, reporter=r)
+        except ExchangeError as exc:
+            rep.errors.append(f"export: {exc}")
+            log.warning("export failed: %s", exc)
         push(node, target=via, reporter=r, report=rep)
     log.info("sync: %s", rep.line())
     return rep
