@@ -11,6 +11,7 @@ handed out.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -686,6 +687,46 @@ class Ack:
         return ack
 
 
+def pack_signed(members: tuple[str, str], raw: bytes, key: Any, created: datetime) -> bytes:
+    """The bytes of a signed JSON file (ack, checkpoint, receipt): ustar of JSON then its SSHSIG."""
+    sig = sshsig.sign(key, raw, SIG_NAMESPACE)
+    mtime = int(created.timestamp())
+    buf = io.BytesIO()
+    tarfmt.write_member(buf, members[0], raw, mtime)
+    tarfmt.write_member(buf, members[1], sig, mtime)
+    buf.write(tarfmt.END)
+    return buf.getvalue()
+
+
+def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -> tuple[bytes, bytes, str]:
+    """Read a signed JSON file strictly: (JSON bytes, signature, SHA-256 of the whole file).
+
+    Size limits are checked from the file size and tar headers before anything is parsed.
+    """
+    try:
+        data = path.read_bytes() if 0 < path.stat().st_size <= limit + MAX_SIG_BYTES + 4096 else b""
+    except OSError as exc:
+        raise FormatError(f"cannot read: {exc.strerror}") from exc
+    if not data:
+        raise LimitError(f"empty or oversized {what} file")
+    src = io.BytesIO(data)
+    raw = _read_small(src, members[0], limit, what)
+    sig = _read_small(src, members[1], MAX_SIG_BYTES, what)
+    tarfmt.expect_end(src)
+    return raw, sig, hashlib.sha256(data).hexdigest()
+
+
+def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedSigners,
+                  at: datetime) -> None:
+    """The signature is by ``principal``'s key trusted at ``at``; AuthenticityError otherwise."""
+    try:
+        sshsig.verify_with_trust(sig, raw, principal, trust, SIG_NAMESPACE, at=at)
+    except ExchangeError as exc:
+        if not isinstance(exc, BundleError):
+            raise AuthenticityError(f"signature: {exc.message}") from exc
+        raise
+
+
 def build_ack(
     *, key: Any, acker: str, sender: str, seq: int, bundle_sha256: str,
     manifest_sha256: str | None, result: str, reason: str | None = None,
@@ -703,37 +744,15 @@ def build_ack(
     if len(raw) > MAX_MANIFEST_BYTES:  # too many parked documents listed: keep the first ones
         raw = dump_json({**parse_json(raw, "ack"), "parked": list(parked)[:1000],
                          "applied": {"truncated": True}})
-    sig = sshsig.sign(key, raw, SIG_NAMESPACE)
-    mtime = int(created.timestamp())
-    import io
-    buf = io.BytesIO()
-    tarfmt.write_member(buf, ACK_MEMBERS[0], raw, mtime)
-    tarfmt.write_member(buf, ACK_MEMBERS[1], sig, mtime)
-    buf.write(tarfmt.END)
-    return buf.getvalue()
+    return pack_signed(ACK_MEMBERS, raw, key, created)
 
 
 def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None) -> Ack:
     """Parse and verify an ack file: structure, signature by the acker, addressed to ``me``."""
     try:
-        try:
-            data = path.read_bytes() if path.stat().st_size <= 2 * MAX_MANIFEST_BYTES else b""
-        except OSError as exc:
-            raise FormatError(f"cannot read: {exc.strerror}") from exc
-        if not data:
-            raise LimitError("empty or oversized ack file")
-        import io
-        src = io.BytesIO(data)
-        raw = _read_small(src, ACK_MEMBERS[0], MAX_MANIFEST_BYTES, "ack")
-        sig = _read_small(src, ACK_MEMBERS[1], MAX_SIG_BYTES, "ack")
-        tarfmt.expect_end(src)
-        ack = Ack.parse(raw, hashlib.sha256(data).hexdigest())
-        try:
-            sshsig.verify_with_trust(sig, raw, ack.acker, trust, SIG_NAMESPACE, at=ack.created)
-        except ExchangeError as exc:
-            if not isinstance(exc, BundleError):
-                raise AuthenticityError(f"signature: {exc.message}") from exc
-            raise
+        raw, sig, file_sha = unpack_signed(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack")
+        ack = Ack.parse(raw, file_sha)
+        verify_signed(sig, raw, ack.acker, trust, ack.created)
         if me is not None and ack.sender != me:
             raise NotForUsError(f"ack for a bundle sent by {ack.sender!r}, this node is {me!r}")
         return ack

@@ -23,7 +23,6 @@ reads checkpoints with :func:`read_checkpoint`.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import re
@@ -34,14 +33,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__, tarfmt
+from . import __version__
 from .bundle import (
-    Ack, BundleReader, _check_format, _field, _node, _read_small, _sha, _wrap, dump_json, format_time,
+    Ack, BundleReader, _check_format, _field, _node, _sha, _wrap, dump_json, format_time, pack_signed,
+    unpack_signed, verify_signed,
     fsync_dir, parse_json, parse_time, read_ack, utc_now, write_file_atomic,
 )
 from .crypto import sshsig
-from .errors import AuthenticityError, BundleError, ExchangeError, FormatError, LimitError
-from .formats import MAX_SEQ, MAX_SIG_BYTES, NODE_ID, SIG_NAMESPACE, parse_name
+from .errors import ExchangeError, FormatError, LimitError
+from .formats import MAX_SEQ, NODE_ID, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -266,37 +266,16 @@ def build_checkpoint(*, key: Any, node: str, sender: str, recipient: str, cutoff
     if len(raw) > MAX_CHECKPOINT_BYTES:
         raise LimitError(f"checkpoint of {len(raw)} bytes is over the limit")
     Checkpoint.parse(raw)  # never write what we would refuse to read
-    sig = sshsig.sign(key, raw, SIG_NAMESPACE)
-    mtime = int(created.timestamp())
-    buf = io.BytesIO()
-    tarfmt.write_member(buf, CHECKPOINT_MEMBERS[0], raw, mtime)
-    tarfmt.write_member(buf, CHECKPOINT_MEMBERS[1], sig, mtime)
-    buf.write(tarfmt.END)
-    return buf.getvalue()
+    return pack_signed(CHECKPOINT_MEMBERS, raw, key, created)
 
 
 def read_checkpoint(path: Path, trust: sshsig.AllowedSigners) -> Checkpoint:
     """Parse and verify a checkpoint: structure, name, signature by ``node`` at ``created``."""
     path = Path(path)
     try:
-        try:
-            size = path.stat().st_size
-            data = path.read_bytes() if 0 < size <= MAX_CHECKPOINT_BYTES + MAX_SIG_BYTES + 4096 else b""
-        except OSError as exc:
-            raise FormatError(f"cannot read: {exc.strerror}") from exc
-        if not data:
-            raise LimitError("empty or oversized checkpoint file")
-        src = io.BytesIO(data)
-        raw = _read_small(src, CHECKPOINT_MEMBERS[0], MAX_CHECKPOINT_BYTES, "checkpoint")
-        sig = _read_small(src, CHECKPOINT_MEMBERS[1], MAX_SIG_BYTES, "checkpoint")
-        tarfmt.expect_end(src)
-        cp = Checkpoint.parse(raw, hashlib.sha256(data).hexdigest())
-        try:
-            sshsig.verify_with_trust(sig, raw, cp.node, trust, SIG_NAMESPACE, at=cp.created)
-        except ExchangeError as exc:
-            if not isinstance(exc, BundleError):
-                raise AuthenticityError(f"signature: {exc.message}") from exc
-            raise
+        raw, sig, file_sha = unpack_signed(path, CHECKPOINT_MEMBERS, MAX_CHECKPOINT_BYTES, "checkpoint")
+        cp = Checkpoint.parse(raw, file_sha)
+        verify_signed(sig, raw, cp.node, trust, cp.created)
         if parse_checkpoint_name(path.name) != (cp.node, cp.sender, cp.recipient, cp.last_seq):
             raise FormatError(f"file name disagrees with the signed checkpoint ({cp.name})")
         return cp

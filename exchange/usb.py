@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -37,15 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import __version__, tarfmt
-from .bundle import dump_json, format_time, parse_json, parse_time, sha256_file, utc_now, write_file_atomic
+from . import __version__
+from .bundle import (
+    dump_json, format_time, pack_signed, parse_json, parse_time, sha256_file, unpack_signed, utc_now,
+    verify_signed, write_file_atomic,
+)
 from .crypto import sshsig
 from .errors import (
-    AuthenticityError, BundleError, BusyError, ExchangeError, FormatError, LimitError,
-    TransportError, VersionError,
+    BundleError, BusyError, ExchangeError, FormatError, TransportError, VersionError,
 )
 from .formats import (
-    MAX_MANIFEST_BYTES, MAX_SIG_BYTES, PART_SUFFIX, SIG_NAMESPACE, SUPPORTED_VERSIONS, FORMAT_VERSION,
+    MAX_MANIFEST_BYTES, PART_SUFFIX, SIG_NAMESPACE, SUPPORTED_VERSIONS, FORMAT_VERSION,
     is_exchange_file, parse_name,
 )
 from .lock import work_lock
@@ -293,13 +294,7 @@ def _receipt_bytes(node: Node, body: dict[str, Any]) -> bytes:
         body = {**body, "left": [], "taken": body["taken"][:2000], "put": body["put"][:2000],
                 "truncated": True, "counts": {k: len(body[k]) for k in ("taken", "put", "left")}}
         raw = dump_json(body)
-    sig = sshsig.sign(node.signing_key, raw, SIG_NAMESPACE)
-    mtime = int(parse_time(body["created"], "receipt").timestamp())
-    buf = io.BytesIO()
-    tarfmt.write_member(buf, RECEIPT_MEMBERS[0], raw, mtime)
-    tarfmt.write_member(buf, RECEIPT_MEMBERS[1], sig, mtime)
-    buf.write(tarfmt.END)
-    return buf.getvalue()
+    return pack_signed(RECEIPT_MEMBERS, raw, node.signing_key, parse_time(body["created"], "receipt"))
 
 
 def _write_receipt(node: Node, transfer: Path, rec: UsbReceipt) -> Path:
@@ -318,19 +313,6 @@ def _write_receipt(node: Node, transfer: Path, rec: UsbReceipt) -> Path:
     return folder / name
 
 
-def _read_member(src: io.BytesIO, expected: str, limit: int) -> bytes:
-    m = tarfmt.read_header(src)
-    if m is None or m.name != expected:
-        raise FormatError(f"receipt: member {expected!r} missing")
-    if m.size > limit:
-        raise LimitError(f"receipt: {expected} is {m.size} bytes (limit {limit})")
-    data = src.read(m.size)
-    if len(data) != m.size:
-        raise FormatError(f"receipt: {expected} is truncated")
-    tarfmt.skip_padding(src, m.size)
-    return data
-
-
 def read_receipt(path: Path, trust: sshsig.AllowedSigners | None) -> dict[str, Any]:
     """Parse a receipt file; with ``trust``, verify its signature by the node it names.
 
@@ -338,15 +320,7 @@ def read_receipt(path: Path, trust: sshsig.AllowedSigners | None) -> dict[str, A
     unknown-version or (with ``trust``) unauthentic receipt.
     """
     try:
-        if path.stat().st_size > 2 * MAX_MANIFEST_BYTES:
-            raise LimitError("receipt file is too large")
-        src = io.BytesIO(path.read_bytes())
-    except OSError as exc:
-        raise FormatError(f"{path.name}: cannot read: {exc.strerror}") from exc
-    try:
-        raw = _read_member(src, RECEIPT_MEMBERS[0], MAX_MANIFEST_BYTES)
-        sig = _read_member(src, RECEIPT_MEMBERS[1], MAX_SIG_BYTES)
-        tarfmt.expect_end(src)
+        raw, sig, _sha = unpack_signed(path, RECEIPT_MEMBERS, MAX_MANIFEST_BYTES, "receipt")
         body = parse_json(raw, RECEIPT_MEMBERS[0])
         if body.get("format") != RECEIPT_FORMAT:
             raise FormatError(f"format is {body.get('format')!r}, expected {RECEIPT_FORMAT!r}")
@@ -357,12 +331,7 @@ def read_receipt(path: Path, trust: sshsig.AllowedSigners | None) -> dict[str, A
             raise FormatError("receipt names no node")
         created = parse_time(body.get("created"), "receipt")
         if trust is not None:
-            try:
-                sshsig.verify_with_trust(sig, raw, node, trust, SIG_NAMESPACE, at=created)
-            except BundleError:
-                raise
-            except ExchangeError as exc:
-                raise AuthenticityError(f"signature: {exc.message}") from exc
+            verify_signed(sig, raw, node, trust, created)
     except BundleError as exc:
         raise type(exc)(f"{path.name}: {exc.message}", hint=exc.hint) from exc
     return body
