@@ -55,6 +55,11 @@ def _reporter(quiet: bool) -> Any:
     return RichReporter()
 
 
+def _address(text: str) -> str:
+    """A transport address; a plain folder path means the folder transport."""
+    return text if "://" in text or text.split(":", 1)[0] in ("dir", "drop") else f"dir:{text}"
+
+
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
 
@@ -270,8 +275,7 @@ def push(home: Path | None, target: str) -> None:
     node = _node(home)
     rep = SyncReport()
     with work_lock(node.cfg.home):
-        do_push(node, target=target if "://" in target or target.startswith("dir:") else f"dir:{target}",
-                report=rep)
+        do_push(node, target=_address(target), report=rep)
     click.echo(f"pushed {len(rep.pushed)} files" + (f"; errors: {rep.errors}" if rep.errors else ""))
     if rep.errors:
         sys.exit(30)
@@ -288,8 +292,7 @@ def pull(home: Path | None, source: str) -> None:
     node = _node(home)
     rep = SyncReport()
     with work_lock(node.cfg.home):
-        do_pull(node, source=source if "://" in source or source.startswith("dir:") else f"dir:{source}",
-                report=rep)
+        do_pull(node, source=_address(source), report=rep)
     click.echo(f"pulled {len(rep.pulled)} files" + (f"; errors: {rep.errors}" if rep.errors else ""))
     if rep.errors:
         sys.exit(30)
@@ -304,8 +307,7 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
     from .sync import sync as do_sync
 
     node = _node(home)
-    rep = do_sync(node, via=via if via is None or "://" in via or via.startswith("dir:") else f"dir:{via}",
-                  reporter=_reporter(as_json))
+    rep = do_sync(node, via=_address(via) if via else None, reporter=_reporter(as_json))
     if as_json:
         _echo_json({"pulled": rep.pulled, "imported": [o.__dict__ for o in rep.imported],
                     "exported": [e.__dict__ for e in rep.exported], "pushed": rep.pushed,
