@@ -56,3 +56,4 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'node.db'}"
     else:
         yield request.getfixturevalue("pg_url")
+pytest_plugins = ["sshd"]  # tests/sshd.py: the private OpenSSH server fixtures (sshd, sshd_server)

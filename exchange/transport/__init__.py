@@ -31,12 +31,17 @@ class Transport(Protocol):
 
 def open_transport(address: str, *, home: Path | None = None, me: str | None = None,
                    peer: str | None = None) -> Transport:
-    """A transport for a peer's address: ``dir:PATH`` (or a plain path) or ``sftp://...``."""
+    """A transport for a peer's address: ``dir:PATH`` (or a plain path), ``sftp://...``,
+    or ``drop:PATH`` (a store's up/ and down/ read directly on the SFTP server's machine)."""
     if address.startswith("sftp://"):
         from .sftp import SftpTransport
 
         transport: Transport = SftpTransport.from_address(address, home=home, me=me, peer=peer)
         return transport
+    if address.startswith("drop:"):
+        from .drop import DropTransport
+
+        return DropTransport.from_address(address, home=home, me=me, peer=peer)
     path = address[4:] if address.startswith("dir:") else address
     if not path or "://" in path:
         raise ConfigError(f"unsupported transport address {address!r}",

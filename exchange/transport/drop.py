@@ -1,0 +1,170 @@
+"""The drop transport: one store's ``up/`` and ``down/`` folders on a local disk.
+
+The HO's SFTP server keeps, per store, a folder holding ``up/`` (store to HO)
+and ``down/`` (HO to store). An HO running on that same machine reads and
+writes those folders directly (``drop:/srv/xchg/s001``) instead of logging in
+to its own server. Same promises as the folder transport: copy to ``.part``,
+fsync, rename; a source is removed only after its copy is durable.
+
+Which folder is whose follows the node's role, so one address works for both
+ends: a store pushes to ``up/`` and pulls from ``down/``; the HO the reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..bundle import fsync_dir, sha256_file
+from ..config import Role
+from ..errors import ConfigError, TransportError
+from ..faults import crashpoint
+from ..formats import PART_SUFFIX, is_exchange_file, parse_name
+from .dir import durable_copy
+
+log = logging.getLogger(__name__)
+
+UP = "up"      # store -> HO
+DOWN = "down"  # HO -> store
+INFO_PREFIX = "node-"  # node-<id>.json: version and time, read by the peer's `exchange doctor`
+
+
+def resolve_side(home: Path | None, side: str | None) -> Role:
+    """The node's role (``ho`` or ``store``): decides which of up/down it writes."""
+    if side is None:
+        if home is None:
+            raise ConfigError("cannot tell whether this node is the HO or a store",
+                              hint="Open the transport with the node's home (its exchange.toml names the role).")
+        from ..config import load
+
+        side = load(home).role
+    if side not in ("ho", "store"):
+        raise ConfigError(f"side must be 'ho' or 'store', not {side!r}")
+    return "ho" if side == "ho" else "store"
+
+
+def outgoing(side: Role) -> str:
+    return DOWN if side == "ho" else UP
+
+
+def incoming(side: Role) -> str:
+    return UP if side == "ho" else DOWN
+
+
+def addressed_to(name: str, me: str) -> bool:
+    """A complete bundle or ack for ``me`` (``.part`` and foreign files are left alone)."""
+    return is_exchange_file(name) and parse_name(name).b == me
+
+
+class DropTransport:
+    """A store's folder pair on this machine; see the module docstring."""
+
+    def __init__(self, root: Path, *, side: Role, me: str | None = None) -> None:
+        self.root = root
+        self.side = side
+        self.me = me
+        self.address = f"drop:{root}"
+
+    @classmethod
+    def from_address(cls, address: str, *, home: Path | None = None, me: str | None = None,
+                     peer: str | None = None, side: str | None = None) -> DropTransport:
+        path = address[len("drop:"):] if address.startswith("drop:") else address
+        if not path:
+            raise ConfigError(f"drop address {address!r} names no folder",
+                              hint="Use drop:/srv/xchg/<store> (the folder holding up/ and down/).")
+        return cls(Path(path).expanduser(), side=resolve_side(home, side), me=me)
+
+    def _folder(self, sub: str) -> Path:
+        folder = self.root / sub
+        if not folder.is_dir():
+            raise TransportError(f"folder {folder} does not exist",
+                                 hint="Create up/ and down/ in the store's folder, owned by the store's "
+                                      "account (docs/SFTP.md).")
+        return folder
+
+    def push(self, files: Sequence[Path], peer: str) -> list[Path]:
+        box = self._folder(outgoing(self.side))
+        done = []
+        for f in files:
+            target = box / f.name
+            try:
+                if target.exists() and sha256_file(target) == sha256_file(f):
+                    done.append(f)  # already delivered (a re-push after a crash)
+                    continue
+                durable_copy(f, target)
+            except OSError as exc:
+                raise TransportError(f"copying {f.name} to {box} failed: {exc.strerror or exc}",
+                                     hint="Check free space and the folder's owner and mode (docs/SFTP.md).") from exc
+            done.append(f)
+        if self.me and done:
+            self.publish_info(self.me, peer, node_info(self.me))
+        return done
+
+    def pull(self, me: str, dest: Path) -> list[Path]:
+        box = self._folder(incoming(self.side))
+        got = []
+        for src in sorted(box.iterdir()):
+            if not addressed_to(src.name, me):
+                continue
+            target = dest / src.name
+            try:
+                if target.exists():
+                    if sha256_file(target) != sha256_file(src):
+                        log.warning("%s: a different file of that name waits in %s; left in %s",
+                                    src.name, dest, box)
+                        continue
+                else:
+                    durable_copy(src, target)
+                crashpoint("pull.copied")
+                src.unlink()
+                fsync_dir(box)
+            except FileNotFoundError:
+                continue  # taken meanwhile by another puller of the same folder
+            except OSError as exc:
+                raise TransportError(f"taking {src.name} from {box} failed: {exc.strerror or exc}") from exc
+            got.append(target)
+        return got
+
+    def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
+        """Leave ``node-<me>.json`` where ``peer`` pulls from, for its doctor (best effort)."""
+        target = self.root / outgoing(self.side) / f"{INFO_PREFIX}{me}.json"
+        tmp = target.with_name(target.name + PART_SUFFIX)
+        try:
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.debug("could not publish %s: %s", target, exc)
+
+    def probe(self, me: str, peer: str) -> dict[str, Any]:
+        """Both folders writable; the folder's clock; the peer's published info."""
+        out: dict[str, Any] = {}
+        for sub in (outgoing(self.side), incoming(self.side)):
+            box = self._folder(sub)
+            test = box / f".probe-{me}{PART_SUFFIX}"
+            try:
+                test.write_bytes(b"probe")
+                out["server_time"] = test.stat().st_mtime
+                test.unlink()
+            except OSError as exc:
+                raise TransportError(f"folder {box} is not writable: {exc.strerror}") from exc
+        info = self.root / incoming(self.side) / f"{INFO_PREFIX}{peer}.json"
+        try:
+            out["peer_info"] = json.loads(info.read_text())
+        except (OSError, ValueError):
+            pass
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def node_info(me: str) -> dict[str, Any]:
+    """What a node publishes for its peer's doctor: id, version, clock."""
+    from .. import __version__
+
+    return {"node": me, "version": __version__, "time": time.time()}
