@@ -186,6 +186,22 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def begin_write(conn: Connection) -> None:
+    """SQLite: open the write transaction now, before the first statement.
+
+    Python's sqlite3 begins a transaction only before INSERT/UPDATE/DELETE, so
+    without this the stream position is read outside the transaction, a
+    ``CREATE TABLE`` commits on its own, and a SAVEPOINT issued first would
+    start (and its RELEASE commit) the transaction: a bundle would no longer
+    apply all or nothing, and a dry run would not roll back.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is not None and getattr(dbapi, "in_transaction", True) is False:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def schema_version(conn: Connection) -> int:
     if not inspect(conn).has_table("xchg_meta"):
         return 0

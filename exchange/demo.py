@@ -54,8 +54,8 @@ def reconcile(ho: Node, stores: list[Node]) -> list[dict[str, Any]]:
             side = []
             for node in (sender, receiver):
                 with node.engine.connect() as conn:
-                    tables = {t: rows.read_docs(conn, node.catalog.table(t), doc.key, keys_sent)
-                              for t in doc.tables()}
+                    tables = rows.read_doc_tables(conn, [node.catalog.table(t) for t in doc.tables()],
+                                                  doc.key, keys_sent)
                 n = len(set(rows.row_keys(tables[doc.header], doc.key)))
                 side.append((n, control_totals(doc, tables, n)["totals"]))
             out.append({"store": st.id, "doc_type": doc.name, "sent_docs": side[0][0],

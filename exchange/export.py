@@ -25,7 +25,7 @@ from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 from . import rows
 from .bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from .catalog import Catalog, DocType, PeerInfo
-from .db import xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
+from .db import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
 from .errors import ConfigError
 from .formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
 from .node import Node
@@ -180,10 +180,9 @@ def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, s
             deletes[doc_type] += 1
     for doc_type in [n for n in catalog.names if n in by_type or n in deletes]:
         dt = catalog.get(doc_type)
-        per: dict[str, pa.Table] = {}
-        for tname in dt.tables():
-            per[tname] = rows.read_docs(conn, catalog.table(tname), dt.key, by_type.get(doc_type, []))
-            tables[tname] = per[tname]
+        per = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key,
+                                   by_type.get(doc_type, []))
+        tables.update(per)
         documents[doc_type] = control_totals(dt, per, len(by_type.get(doc_type, [])))
         documents[doc_type]["deletes"] = deletes.get(doc_type, 0)
     return tables, {"documents": documents}
@@ -292,6 +291,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None) -> Exported:
     with node.engine.begin() as conn:
+        begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
                               .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
         if stream is None:
@@ -340,6 +340,7 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     """Route new events, then seal bundles for every peer with pending documents."""
     recover_outbox(node)
     with node.engine.begin() as conn:
+        begin_write(conn)
         route_events(conn, node)
     out: list[Exported] = []
     node.cfg.work.mkdir(parents=True, exist_ok=True)

@@ -168,28 +168,38 @@ def _key_table(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
 
 
 def read_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> pa.Table:
-    """The current rows of the documents ``keys`` in ``table``, as one Arrow table.
+    """The current rows of the documents ``keys`` in ``table``, as one Arrow table."""
+    return read_doc_tables(conn, [table], key_cols, keys)[table.name]
 
-    One join against a temporary key table, fetched on the driver's bulk path
-    (PostgreSQL: COPY to CSV parsed by Arrow; SQLite: tuples turned into Arrow
-    column by column), never one object per row through the ORM.
+
+def read_doc_tables(conn: Connection, tables: Sequence[Table], key_cols: Sequence[str],
+                    keys: Sequence[str]) -> dict[str, pa.Table]:
+    """The rows of the documents ``keys`` in each of ``tables`` (a header and its children).
+
+    The keys go into one temporary table, joined once per table and fetched on
+    the driver's bulk path (PostgreSQL: COPY to CSV parsed by Arrow; SQLite:
+    tuples turned into Arrow column by column), never one object per row.
     """
-    schema = arrow_schema(table)
     if not keys:
-        return schema.empty_table()
+        return {t.name: arrow_schema(t).empty_table() for t in tables}
     if conn.dialect.name not in ("sqlite", "postgresql"):
-        return _read_docs_portable(conn, table, key_cols, keys, schema)
-    order = [f"t.{_q(conn, c)}" for c in key_cols] + (["t.line_no"] if "line_no" in table.c else [])
-    cols = ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
-    with _key_table(conn, table, key_cols, keys) as kt:
-        on = " AND ".join(f"t.{_q(conn, c)} = k.{_q(conn, c)}" for c in key_cols)
-        sql = f"SELECT {cols} FROM {_q(conn, table.name)} t JOIN {kt} k ON {on} ORDER BY {', '.join(order)}"
-        if conn.dialect.name == "postgresql":
-            return _pg_copy_out(conn, sql, schema)
-        rows = conn.exec_driver_sql(sql).fetchall()
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in table.columns]
-    arrays = [_sqlite_column(c, f, list(v)) for c, f, v in zip(table.columns, schema, columns, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=schema)
+        return {t.name: _read_docs_portable(conn, t, key_cols, keys, arrow_schema(t)) for t in tables}
+    out: dict[str, pa.Table] = {}
+    with _key_table(conn, tables[0], key_cols, keys) as kt:
+        for table in tables:
+            schema = arrow_schema(table)
+            order = [f"t.{_q(conn, c)}" for c in key_cols] + (["t.line_no"] if "line_no" in table.c else [])
+            cols = ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
+            on = " AND ".join(f"t.{_q(conn, c)} = k.{_q(conn, c)}" for c in key_cols)
+            sql = f"SELECT {cols} FROM {_q(conn, table.name)} t JOIN {kt} k ON {on} ORDER BY {', '.join(order)}"
+            if conn.dialect.name == "postgresql":
+                out[table.name] = _pg_copy_out(conn, sql, schema)
+                continue
+            rows = conn.exec_driver_sql(sql).fetchall()
+            columns = list(zip(*rows, strict=True)) if rows else [() for _ in table.columns]
+            arrays = [_sqlite_column(c, f, list(v)) for c, f, v in zip(table.columns, schema, columns, strict=True)]
+            out[table.name] = pa.Table.from_arrays(arrays, schema=schema)
+    return out
 
 
 def _pg_copy_out(conn: Connection, sql: str, schema: pa.Schema) -> pa.Table:
