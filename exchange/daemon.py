@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,16 +50,20 @@ class ServiceState:
 class _InboxHandler:
     """watchdog handler: any complete exchange file created or renamed into the inbox."""
 
-    def __init__(self, wake: queue.Queue[str]) -> None:
+    def __init__(self, wake: queue.Queue[str], inbox: Path) -> None:
         self.wake = wake
+        self.inbox = inbox
 
     def dispatch(self, event: Any) -> None:
         path = getattr(event, "dest_path", "") or getattr(event, "src_path", "")
-        if event.is_directory or not path:
+        # a rename into place, or the close after a direct write; "created" alone may be half written
+        # (Linux reports closes; elsewhere creation is all there is, and the debounce has to do)
+        wanted = ("moved", "closed") if sys.platform == "linux" else ("moved", "closed", "created", "modified")
+        if event.is_directory or not path or event.event_type not in wanted:
             return
-        name = Path(str(path)).name
-        if is_exchange_file(name):
-            self.wake.put(name)
+        p = Path(str(path))
+        if p.parent == self.inbox and is_exchange_file(p.name) and p.exists():
+            self.wake.put(p.name)  # a file that landed, not one the importer just moved away
 
 
 class Addon(Protocol):
@@ -131,7 +136,7 @@ class Service:
         with home_lock(self.node.cfg.home, "run", timeout=0.5):
             self.node.migrate()
             observer = Observer()
-            observer.schedule(_InboxHandler(self.wake), str(self.node.cfg.inbox), recursive=False)  # type: ignore[arg-type]
+            observer.schedule(_InboxHandler(self.wake, self.node.cfg.inbox), str(self.node.cfg.inbox), recursive=False)  # type: ignore[arg-type]
             observer.start()
             started: list[Addon] = []
             try:

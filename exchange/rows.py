@@ -153,7 +153,7 @@ def _key_table(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
     typed = [_typed_key(table, key_cols, parse_key(k)) for k in keys]
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {qn} AS SELECT {cols} FROM {_q(conn, table.name)} WITH NO DATA")
-        conn.exec_driver_sql(f"DELETE FROM {qn}")
+        conn.exec_driver_sql(f"TRUNCATE {qn}")  # temporary tables are never vacuumed: no dead rows
         with _pg_cursor(conn).copy(f"COPY {qn} ({cols}) FROM STDIN") as copy:
             for k in typed:
                 copy.write_row(k)
@@ -164,7 +164,27 @@ def _key_table(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
     try:
         yield qn
     finally:
-        conn.exec_driver_sql(f"DELETE FROM {qn}")
+        conn.exec_driver_sql(f"{'TRUNCATE' if conn.dialect.name == 'postgresql' else 'DELETE FROM'} {qn}")
+
+
+@contextmanager
+def text_key_table(conn: Connection, keys: Sequence[str]) -> Iterator[str]:
+    """A temporary one-column table ``k`` of text keys (canonical document keys), to join on."""
+    name = _q(conn, "xchg_text_keys")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {name} (k text)")
+        conn.exec_driver_sql(f"TRUNCATE {name}")
+        with _pg_cursor(conn).copy(f"COPY {name} (k) FROM STDIN") as copy:
+            for k in keys:
+                copy.write_row((k,))
+    else:
+        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {name} (k TEXT)")
+        conn.exec_driver_sql(f"DELETE FROM {name}")
+        executemany(conn, f"INSERT INTO {name} (k) VALUES (?)", [(k,) for k in keys])
+    try:
+        yield name
+    finally:
+        conn.exec_driver_sql(f"{'TRUNCATE' if conn.dialect.name == 'postgresql' else 'DELETE FROM'} {name}")
 
 
 def read_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> pa.Table:
@@ -295,10 +315,10 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     if conn.dialect.name == "postgresql":
         stg = _q(conn, f"xchg_stg_{table.name}"[:60])
         conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stg} (LIKE {qt}) ON COMMIT DROP")
-        conn.exec_driver_sql(f"DELETE FROM {stg}")
+        conn.exec_driver_sql(f"TRUNCATE {stg}")
         _pg_copy_in(conn, stg, cols, data)
         conn.exec_driver_sql(f"INSERT INTO {qt} ({collist}) SELECT {collist} FROM {stg} {conflict}")
-        conn.exec_driver_sql(f"DELETE FROM {stg}")
+        conn.exec_driver_sql(f"TRUNCATE {stg}")
     elif conn.dialect.name == "sqlite":
         executemany(conn, f"INSERT INTO {qt} ({collist}) VALUES ({', '.join('?' for _ in cols)}) {conflict}",
                     _sqlite_rows(table, data, cols))
