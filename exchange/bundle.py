@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import __version__, tarfmt
+from .files import (  # re-exported: older callers import these from here
+    fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
+    write_file_atomic as write_file_atomic,
+)
 from .crypto import age, sshsig
 from .errors import (
     AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
@@ -37,6 +41,10 @@ from .formats import (
 )
 
 COPY_CHUNK = 1 << 20
+TRAILING_BYTES = 20 * tarfmt.BLOCK  # zero blocks tolerated after the end marker (tar record padding)
+#: bytes per value once decoded, by Parquet physical type (BYTE_ARRAY: its offset; the data is
+#: counted in the uncompressed size); FIXED_LEN_BYTE_ARRAY uses its length, at least a decimal128's 16
+_PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
 HEX64 = frozenset("0123456789abcdef")
 
 
@@ -48,10 +56,6 @@ class HeldError(VersionError):
 
 # ---------------------------------------------------------------- helpers
 
-def utc_now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
 def format_time(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -62,33 +66,6 @@ def parse_time(s: Any, what: str) -> datetime:
     except ValueError as exc:
         raise FormatError(f"{what}: bad time {s!r} (expected YYYY-MM-DDTHH:MM:SSZ)") from exc
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def publish(part: Path, final: Path) -> None:
-    """Rename a complete, fsynced ``.part`` file into place, durably."""
-    os.replace(part, final)
-    fsync_dir(final.parent)
 
 
 class _HashingWriter:
@@ -197,6 +174,25 @@ def _check_format(obj: Mapping[str, Any], expected: str, what: str) -> None:
             hint="Upgrade exchange to read files written by a newer version.")
 
 
+def parquet_expanded_size(meta: Any) -> int:
+    """What a Parquet file's tables take once decoded, from its footer alone (no row is read).
+
+    Per column chunk the larger of its uncompressed size and its value count times the
+    decoded width of its type: RLE and dictionary encodings let a chunk of a few bytes
+    stand for hundreds of millions of values, which the uncompressed sizes do not show.
+    """
+    total = 0
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        size = 0
+        for j in range(rg.num_columns):
+            c = rg.column(j)
+            width = _PARQUET_WIDTH.get(c.physical_type) or max(16, meta.schema.column(j).length or 0)
+            size += max(c.total_uncompressed_size, max(c.num_values, rg.num_rows) * width)
+        total += max(size, rg.total_byte_size, rg.num_rows)
+    return total
+
+
 # ---------------------------------------------------------------- manifests
 
 @dataclass(frozen=True)
@@ -265,6 +261,9 @@ class Manifest:
         if names[0] != INNER_MANIFEST or len(set(names)) != len(names) or not all(
                 n == f"t{i:04d}.parquet" for i, n in enumerate(names[1:], 1)):
             raise FormatError(f"{what}: inner file list is not inner.json, t0001.parquet, ...")
+        if m.inner[0].size > MAX_INNER_MANIFEST_BYTES:
+            raise LimitError(f"{what}: {INNER_MANIFEST} of {m.inner[0].size} bytes "
+                             f"(limit {MAX_INNER_MANIFEST_BYTES})")
         return m
 
 
@@ -337,7 +336,30 @@ def seal_bundle(
     summary: Mapping[str, Any] | None = None, created: datetime | None = None,
     app_version: str = __version__, parquet_cache: ParquetCache | None = None,
 ) -> Sealed:
-    """Write a complete, fsynced bundle to ``path`` (the caller renames it into place)."""
+    """Write a complete, fsynced bundle to ``path`` (the caller renames it into place).
+
+    A write that fails (a full disk) removes the partial ``path`` at once, so it holds
+    no space and is never taken for a bundle, and raises an ExchangeError saying so.
+    """
+    try:
+        return _seal_bundle(path, key=key, sender=sender, recipient=recipient, seq=seq, prev=prev,
+                            recipients=recipients, tables=tables, summary=summary, created=created,
+                            app_version=app_version, parquet_cache=parquet_cache)
+    except OSError as exc:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ExchangeError(f"cannot write bundle {path.name} in {path.parent}: {exc.strerror or exc}",
+                            hint="Free disk space there, then sync again: the documents stay pending.") from exc
+
+
+def _seal_bundle(
+    path: Path, *, key: Any, sender: str, recipient: str, seq: int, prev: str | None,
+    recipients: Sequence[str], tables: Mapping[str, TableSource],
+    summary: Mapping[str, Any] | None, created: datetime | None,
+    app_version: str, parquet_cache: ParquetCache | None,
+) -> Sealed:
     if len(tables) > MAX_TABLES:
         raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
     created = created or utc_now()
@@ -449,9 +471,20 @@ class Opened:
         return s if isinstance(s, dict) else {}
 
     def table(self, name: str) -> Any:
+        """Read one table; Parquet data that cannot be decoded is a FormatError (malformed bundle)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.tables[name])
+        path = self.tables[name]
+        try:
+            table = pq.read_table(path)
+            table.validate(full=True)  # e.g. invalid UTF-8 in a string column, which Parquet readers let through
+            return table
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # the local disk, not the data (pyarrow's decoding errors carry no errno)
+            raise FormatError(f"{path.name}: Parquet data of table {name!r} cannot be read "
+                              f"({str(exc).splitlines()[0][:200]})") from exc
 
 
 class BundleReader:
@@ -480,6 +513,10 @@ class BundleReader:
             need += len(tarfmt.END)
             if file_size < need:
                 raise FormatError(f"truncated: the file has {file_size} bytes, its tar headers need {need}")
+            if file_size > need + TRAILING_BYTES:  # a member flood or junk after the archive: refuse now,
+                raise FormatError(  # before the whole file is hashed or any cryptography runs
+                    "unexpected extra member in tar, or unexpected data after the end of the tar archive "
+                    f"(the file has {file_size} bytes, its three members need {need})")
             self.payload_size = m.size
             self.manifest = Manifest.parse(raw)
             if m.size != self.manifest.payload.size:
@@ -608,7 +645,7 @@ class BundleReader:
             try:
                 meta = pq.read_metadata(paths[fname])
                 rows = meta.num_rows
-                expanded += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+                expanded += parquet_expanded_size(meta)
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
             if expanded > MAX_TABLE_BYTES:  # a decompression bomb: refuse before reading any rows
@@ -758,13 +795,3 @@ def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None) -> Ack
         return ack
     except ExchangeError as exc:
         raise _wrap(path, exc) from exc
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` via ``path.part``, fsync, rename: never a partial visible file."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(part, path)

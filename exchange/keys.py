@@ -12,11 +12,13 @@ import stat
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import NodeConfig
-from .crypto import age, sshsig
 from .errors import ConfigError, KeyPermissionError
+
+if TYPE_CHECKING:
+    from .crypto import sshsig
 
 SIGNING_KEY = "node_ed25519"
 AGE_KEY = "node.age"
@@ -46,6 +48,8 @@ def check_private(path: Path) -> None:
 
 def generate(cfg: NodeConfig) -> None:
     """Create the signing key, the age identity and a trust store naming this node."""
+    from .crypto import age, sshsig
+
     kd = cfg.keys_dir
     kd.mkdir(parents=True, exist_ok=True)
     if (kd / SIGNING_KEY).exists() or (kd / AGE_KEY).exists():
@@ -60,6 +64,8 @@ def generate(cfg: NodeConfig) -> None:
 
 
 def load_signing_key(cfg: NodeConfig) -> Any:
+    from .crypto import sshsig
+
     path = cfg.keys_dir / SIGNING_KEY
     check_private(path)
     return sshsig.load_private_key(path.read_bytes(), path=str(path))
@@ -71,6 +77,8 @@ def load_identities(cfg: NodeConfig, extra: Path | None = None) -> list[str]:
 
 
 def load_identity_file(path: Path) -> list[str]:
+    from .crypto import age
+
     check_private(path)
     ids = age.parse_identity_file(path.read_text())
     if not ids:
@@ -91,6 +99,8 @@ def trust_path(cfg: NodeConfig) -> Path:
 
 
 def load_trust(cfg: NodeConfig) -> sshsig.AllowedSigners:
+    from .crypto import sshsig
+
     path = trust_path(cfg)
     if not path.exists():
         raise ConfigError(f"{path} is missing: no peer is trusted",
@@ -101,6 +111,8 @@ def load_trust(cfg: NodeConfig) -> sshsig.AllowedSigners:
 def add_signer(cfg: NodeConfig, principal: str, key_line: str,
                valid_after: datetime | None = None, valid_before: datetime | None = None) -> str:
     """Append a principal's key to ``allowed_signers`` (after checking it parses)."""
+    from .crypto import sshsig
+
     sshsig.parse_public_line(key_line)
     line = sshsig.format_signer_line(principal, " ".join(key_line.split()[:2]),
                                      valid_after=valid_after, valid_before=valid_before)

@@ -14,20 +14,23 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 
-from .bundle import utc_now
-from .db import xchg_delivery, xchg_sent
+from .files import utc_now
+from .db import xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
 from .errors import ExchangeError
-from .export import Exported, export_all
 from .formats import is_exchange_file, parse_name
-from .importer import Outcome, import_inbox
 from .lock import work_lock
 from .node import Node
 from .faults import crashpoint
 from .progress import NullReporter, Reporter
 from .transport import Transport, open_transport
+
+if TYPE_CHECKING:
+    from .export import Exported
+    from .importer import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,23 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
             rep.pushed.append(f.name)
 
 
+def export_needed(node: Node) -> bool:
+    """Cheap check (no Arrow, no crypto): is there anything export would do?"""
+    if any(p.name.endswith(".part") for p in node.cfg.outbox.iterdir()):
+        return True  # an interrupted export to recover
+    with node.engine.connect() as conn:
+        if conn.execute(select(xchg_event.c.id).where(xchg_event.c.routed == 0).limit(1)).first():
+            return True
+        if conn.execute(select(xchg_delivery.c.peer).where(xchg_delivery.c.status == "PENDING").limit(1)).first():
+            return True
+        newest = conn.execute(select(func.max(xchg_broadcast.c.version))).scalar()
+        if newest is None:
+            return False
+        stores = [p.id for p in node.cfg.peers.values() if p.role == "store"]
+        cursors = dict(conn.execute(select(xchg_stream_out.c.peer, xchg_stream_out.c.bc_version)).all())
+    return any(cursors.get(s, -1) < newest for s in stores)
+
+
 def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None) -> SyncReport:
     """One full cycle under the home's work lock: pull, import, export, push."""
     rep = SyncReport()
@@ -170,14 +190,21 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
     node.ensure_folders()
     with work_lock(node.cfg.home):
         pull(node, source=via, reporter=r, report=rep)
-        # each step on its own: a failing import must not stop the store's sales going out
+        # each step on its own: a failing import must not stop the store's sales going out;
+        # the heavy modules (Arrow, the crypto stack) load only when there is work for them
         try:
-            rep.imported = import_inbox(node, reporter=r)
+            if any(is_exchange_file(p.name) for p in node.cfg.inbox.iterdir()):
+                from .importer import import_inbox
+
+                rep.imported = import_inbox(node, reporter=r)
         except ExchangeError as exc:
             rep.errors.append(f"import: {exc}")
             log.warning("import failed: %s", exc)
         try:
-            rep.exported = export_all(node, reporter=r)
+            if export_needed(node):
+                from .export import export_all
+
+                rep.exported = export_all(node, reporter=r)
         except ExchangeError as exc:
             rep.errors.append(f"export: {exc}")
             log.warning("export failed: %s", exc)

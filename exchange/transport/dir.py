@@ -15,7 +15,7 @@ from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..bundle import fsync_dir, sha256_file
+from ..files import fsync_dir, sha256_file
 from ..errors import TransportError
 from ..faults import crashpoint
 from ..formats import PART_SUFFIX, is_exchange_file, parse_name

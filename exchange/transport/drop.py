@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..bundle import fsync_dir, sha256_file
+from ..files import fsync_dir, sha256_file
 from ..config import Role
 from ..errors import ConfigError, TransportError
 from ..faults import crashpoint

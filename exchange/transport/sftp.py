@@ -62,7 +62,7 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from ..bundle import fsync_dir
+from ..files import fsync_dir
 from ..config import Role
 from ..errors import ConfigError, ExchangeError, TransientTransportError, TransportError
 from ..faults import crashpoint
