@@ -3,7 +3,10 @@
 ``crashpoint("export.sealed")`` kills the process with SIGKILL when the
 environment variable ``EXCHANGE_CRASH_AT`` names that point (optionally
 ``name:N`` to die on the N-th time it is reached). It costs one dict lookup
-otherwise. The list of points is ``POINTS``; tests iterate over it.
+otherwise. The points a sync cycle reaches are ``POINTS`` (tests/test_crash.py
+iterates over them with ``exchange sync``); ``PRUNE_POINTS`` are reached by
+``exchange archive prune`` (tests/test_diskfull.py, tools/campaign.py);
+``ALL_POINTS`` is both.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ POINTS = (
     "push.copied",           # file durable at the peer, not yet marked UPLOADED
     "pull.copied",           # file durable in the inbox, source not yet removed
 )
+
+PRUNE_POINTS = (
+    "prune.checkpointed",    # checkpoint durable in archive/checkpoints, the files it records not yet deleted
+)
+
+ALL_POINTS = POINTS + PRUNE_POINTS
 
 _counts: dict[str, int] = {}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -23,23 +24,42 @@ from typing import Any
 
 import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, select, update
-from sqlalchemy.exc import SQLAlchemyError, StatementError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
 from . import rows
 from .bundle import (
-    BundleReader, HeldError, Opened, build_ack, read_ack, sha256_file, utc_now,
+    BundleReader,
+    HeldError,
+    Opened,
+    build_ack,
+    read_ack,
+    sha256_file,
+    utc_now,
     write_file_atomic,
 )
 from .capture import suppress_capture
 from .catalog import DocType
 from .db import (
-    xchg_delivery, xchg_doc_version, xchg_parked, xchg_received, xchg_sent, xchg_stream_in,
+    begin_write,
+    xchg_delivery,
+    xchg_doc_version,
+    xchg_parked,
+    xchg_received,
+    xchg_sent,
+    xchg_stream_in,
 )
 from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError
-from .export import control_totals
-from .formats import EVENTS_TABLE, ack_name, is_exchange_file, parse_name
-from .node import Node
+from .export import EVENTS_SCHEMA, control_totals
 from .faults import crashpoint
+from .files import fsync_dir
+from .formats import (
+    EVENTS_TABLE,
+    INNER_MANIFEST,
+    ack_name,
+    is_exchange_file,
+    parse_name,
+)
+from .node import Node
 from .progress import NullReporter, Reporter
 
 log = logging.getLogger(__name__)
@@ -72,9 +92,26 @@ def quarantine(node: Node, path: Path, exc: ExchangeError | str) -> Path:
               "reason": str(exc), "hint": getattr(exc, "hint", "")}
     write_file_atomic(target.with_name(target.name + ".reason"),
                       (json.dumps(reason, indent=1) + "\n").encode())
-    shutil.move(str(path), str(target))
+    _move_out(path, target)
     log.warning("%s QUARANTINED: %s", path.name, exc, extra={"file": path.name, "status": "QUARANTINED"})
     return target
+
+
+def _move_out(path: Path, target: Path) -> None:
+    """Move a file out of the inbox as link + unlink where possible.
+
+    A rename out of a watched folder makes watchdog hold every later event of
+    that folder for half a second (it waits for the other half of the move);
+    a link and an unlink are seen at once. The file exists in the archive
+    before it leaves the inbox either way.
+    """
+    try:
+        os.link(path, target)
+    except OSError:  # another filesystem, or no hard links: an ordinary move
+        shutil.move(str(path), str(target))
+        return
+    fsync_dir(target.parent)
+    path.unlink()
 
 
 def _archive(node: Node, path: Path, sub: str = "") -> None:
@@ -86,7 +123,7 @@ def _archive(node: Node, path: Path, sub: str = "") -> None:
         target, n = dest / stamped, 1
         while target.exists():  # never overwrite an archived copy, even within one second
             target, n = dest / f"{stamped}.{n}", n + 1
-    shutil.move(str(path), str(target))
+    _move_out(path, target)
 
 
 # ---------------------------------------------------------------- received rows
@@ -99,22 +136,6 @@ def _set_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
         conn.execute(xchg_received.insert().values(peer=peer, seq=seq, **values))
 
 
-def _begin_write(conn: Connection) -> None:
-    """SQLite: open the write transaction now, before the first statement.
-
-    Python's sqlite3 begins a transaction only before INSERT/UPDATE/DELETE, so
-    without this the stream position is read outside the transaction, a
-    ``CREATE TABLE`` commits on its own, and a SAVEPOINT issued first would
-    start (and its RELEASE commit) the transaction: a bundle would no longer
-    apply all or nothing, and a dry run would not roll back.
-    """
-    if conn.dialect.name != "sqlite":
-        return
-    dbapi = conn.connection.dbapi_connection
-    if dbapi is not None and getattr(dbapi, "in_transaction", True) is False:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, str | None]:
     q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
         xchg_stream_in.c.peer == peer)
@@ -123,7 +144,13 @@ def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, s
 
 
 def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
-    write_file_atomic(node.cfg.outbox / ack_name(node.id, peer, seq), ack)
+    name = ack_name(node.id, peer, seq)
+    try:
+        write_file_atomic(node.cfg.outbox / name, ack)
+    except OSError as exc:  # a full disk: the ack is in the database, the next run writes it again
+        raise ExchangeError(f"cannot write ack {name} in {node.cfg.outbox}: {exc.strerror or exc}",
+                            hint="Free disk space there, then sync again: the bundle stays in the inbox "
+                                 "and is acknowledged then (it is not applied twice).") from exc
 
 
 # ---------------------------------------------------------------- import
@@ -134,8 +161,19 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 
     Each stream is taken under its lock (``exchange.workers.try_lock``); a
     stream another worker holds is skipped, so several workers can run this
-    at once. ``rotate`` staggers where each worker starts.
+    at once. ``rotate`` staggers where each worker starts. A database that
+    cannot be used (full disk, unreachable) stops the run with a DatabaseError;
+    the files stay in the inbox for the next run.
     """
+    try:
+        return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"import stopped: {_error_text(exc)}",
+                            hint="Free disk space for the database (or restore its connection), then sync "
+                                 "again; the files wait in the inbox.") from exc
+
+
+def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int) -> list[Outcome]:
     from .workers import try_lock
 
     rep = reporter or NullReporter()
@@ -251,13 +289,16 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         try:
             opened = reader.decrypt(node.identities, tmp)
             crashpoint("import.decrypted")
+            documents = _documents(opened)
+        except OSError as exc:  # the local disk (full, unwritable): not the bundle's fault; next run retries
+            raise ExchangeError(f"{path.name}: cannot decrypt into {node.cfg.work}: {exc.strerror or exc}",
+                                hint="Free disk space on the node, then sync again.") from exc
         except ExchangeError as exc:
             if not dry_run:
                 quarantine(node, path, exc)
                 rep.state(path.name, "QUARANTINED", str(exc))
             return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
-        summary = json.dumps({t: v.get("count", 0) + v.get("deletes", 0)
-                              for t, v in opened.summary.get("documents", {}).items()})
+        summary = json.dumps({t: v.get("count", 0) + v.get("deletes", 0) for t, v in documents.items()})
         return _apply_bundle(node, path, opened, summary, dry_run=dry_run, rep=rep)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -286,7 +327,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
     peer, seq = m.sender, m.seq
     try:
         with node.engine.begin() as conn:
-            _begin_write(conn)
+            begin_write(conn)
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
             last_seq, _ = _stream_pos(conn, peer, lock=True)
@@ -314,6 +355,16 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
                           manifest_sha256=m.sha256, status="APPLIED", summary=summary,
                           applied_at=now, reason=reason, ack=ack)
+    except BundleError as exc:  # malformed content found while applying (rolled back): set aside
+        if not dry_run:
+            quarantine(node, path, exc)
+            rep.state(path.name, "QUARANTINED", str(exc))
+        return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
+    except OperationalError as exc:  # the database itself (disk full, I/O error, connection lost), not the
+        # bundle: no FAILED, no REJECTED ack; the transaction rolled back and the next run applies it
+        raise DatabaseError(f"{path.name} not applied: {_error_text(exc)}",
+                            hint="Free disk space for the database (or restore its connection), then sync "
+                                 "again; the bundle waits in the inbox.") from exc
     except (ApplyError, SQLAlchemyError) as exc:
         reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
         if dry_run:
@@ -352,6 +403,13 @@ def _take(data: pa.Table, indices: list[int]) -> pa.Table:
 
 def _stored_versions(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
+    if len(keys) > rows.CHUNK and conn.dialect.name in ("sqlite", "postgresql"):
+        with rows.text_key_table(conn, keys) as kt:
+            for k, v in conn.exec_driver_sql(
+                    f"SELECT v.doc_key, v.version FROM xchg_doc_version v JOIN {kt} t ON v.doc_key = t.k "
+                    f"WHERE v.doc_type = {'?' if conn.dialect.paramstyle == 'qmark' else '%s'}", (doc_type,)):
+                out[k] = int(v)
+        return out
     for i in range(0, len(keys), rows.CHUNK):
         chunk = keys[i:i + rows.CHUNK]
         for k, v in conn.execute(select(xchg_doc_version.c.doc_key, xchg_doc_version.c.version).where(
@@ -361,14 +419,12 @@ def _stored_versions(conn: Connection, doc_type: str, keys: list[str]) -> dict[s
 
 
 def _set_versions(conn: Connection, doc_type: str, versions: dict[str, int]) -> None:
-    keys = list(versions)
-    for i in range(0, len(keys), rows.CHUNK):
-        chunk = keys[i:i + rows.CHUNK]
-        conn.execute(delete(xchg_doc_version).where(and_(
-            xchg_doc_version.c.doc_type == doc_type, xchg_doc_version.c.doc_key.in_(chunk))))
+    """Record the versions applied, in bulk (one upsert; COPY on PostgreSQL)."""
     if versions:
-        conn.execute(xchg_doc_version.insert(), [
-            {"doc_type": doc_type, "doc_key": k, "version": v} for k, v in versions.items()])
+        rows.upsert_rows(conn, xchg_doc_version, pa.table({
+            "doc_type": pa.array([doc_type] * len(versions), pa.string()),
+            "doc_key": pa.array(list(versions), pa.string()),
+            "version": pa.array(list(versions.values()), pa.int64())}))
 
 
 def _write_docs(conn: Connection, node: Node, dt: DocType, keys: list[str],
@@ -427,16 +483,75 @@ def _park(conn: Connection, dt: DocType, key: str, peer: str, seq: int, version:
         data=_pack(data), error=error, parked_at=utc_now()))
 
 
+def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
+    """The inner manifest's ``summary.documents``; a malformed one is a FormatError."""
+    docs = opened.summary.get("documents", {})
+    if not isinstance(docs, dict) or not all(
+            isinstance(v, dict) and all(type(v.get(k, 0)) is int for k in ("count", "deletes"))
+            for v in docs.values()):
+        raise FormatError(f"{INNER_MANIFEST}: summary.documents is not an object of "
+                          "{{doc_type: {{count, deletes, rows, totals}}}}")
+    return docs
+
+
+def _events(opened: Opened) -> dict[str, list[Any]]:
+    """The ``_events`` table, checked against docs/FORMAT.md (columns, types, no nulls, ops)."""
+    if EVENTS_TABLE not in opened.tables:
+        raise FormatError(f"the bundle has no {EVENTS_TABLE} table")
+    table = opened.table(EVENTS_TABLE)
+    want = {f.name: f.type for f in EVENTS_SCHEMA}
+    if len(table.schema) != len(want) or {f.name: f.type for f in table.schema} != want \
+            or any(table.column(c).null_count for c in want):
+        raise FormatError(f"{EVENTS_TABLE} table: columns {table.schema.names} do not match "
+                          f"{list(want)} ({', '.join(str(t) for t in want.values())}, no nulls)")
+    events: dict[str, list[Any]] = table.to_pydict()
+    if not set(events["op"]) <= {"U", "D"}:
+        raise FormatError(f"{EVENTS_TABLE} table: op must be U or D")
+    return events
+
+
+def _check_keys(node: Node, dt: DocType, keys: list[str]) -> None:
+    """Every document key is canonical text of the document type's key columns."""
+    header = node.catalog.table(dt.header)
+    for k in keys:
+        try:
+            values = rows.parse_key(k)
+            rows._typed_key(header, dt.key, values)
+            ok = rows.canonical_key(values) == k
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise FormatError(f"{EVENTS_TABLE} table: {dt.name} key {k[:80]!r} is not a key of "
+                              f"{dt.header} ({', '.join(dt.key)})")
+
+
+def _check_table(node: Node, dt: DocType, name: str, data: pa.Table) -> pa.Table:
+    """A document table carries the key columns and only known columns of the expected types."""
+    expected = rows.arrow_schema(node.catalog.table(name))
+    problems = [f"{c}: missing" for c in dt.key if c not in data.column_names]
+    if len(set(data.column_names)) != len(data.column_names):
+        problems.append("duplicate column names")
+    for f in data.schema:
+        if f.name not in expected.names:
+            problems.append(f"{f.name}: unknown column")
+        elif f.type != expected.field(f.name).type:
+            problems.append(f"{f.name}: {f.type}, expected {expected.field(f.name).type}")
+    if problems:
+        raise ApplyError(f"table {name} does not match this node's catalog ({'; '.join(problems[:5])}): "
+                         "the two sides' catalogs differ")
+    return data
+
+
 def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
                     ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
     cat = node.catalog
     sender_role = node.cfg.peer(peer).role
-    events = opened.table(EVENTS_TABLE).to_pydict()
+    events = _events(opened)
     docs: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
     for t, k, op, v in zip(events["doc_type"], events["doc_key"], events["op"], events["version"], strict=True):
         docs[t].append((k, op, v))
-    expected = opened.summary.get("documents", {})
+    expected = _documents(opened)
     unknown = [t for t in docs if t not in cat]
     if unknown:
         raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
@@ -447,7 +562,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
         if dt.owner != sender_role:
             raise ApplyError(f"{doc_type} documents are owned by the {dt.owner} side; "
                              f"{peer} ({sender_role}) may not send them")
-        data = {t: opened.table(t) for t in dt.tables() if t in opened.tables}
+        _check_keys(node, dt, [k for k, _o, _v in docs[doc_type]])
+        data = {t: _check_table(node, dt, t, opened.table(t)) for t in dt.tables() if t in opened.tables}
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
         got = control_totals(dt, data, upserts)
         want = expected.get(doc_type, {})
@@ -470,7 +586,9 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                            for t, tab in data.items()}
                 _write_docs(conn, node, dt, keys, sub)
                 _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
-        except StatementError:
+        except StatementError as exc:
+            if isinstance(exc, OperationalError):
+                raise  # the database's problem (disk full), not this document's: nothing to park
             index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
             for k, op, v in fresh:  # one by one: park what fails, apply the rest
                 one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
@@ -479,6 +597,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                         _write_docs(conn, node, dt, [k], one)
                         _set_versions(conn, doc_type, {k: v})
                 except StatementError as exc:
+                    if isinstance(exc, OperationalError):
+                        raise
                     err = _error_text(exc)
                     _park(conn, dt, k, peer, seq, v, op, one, err)
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})

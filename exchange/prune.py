@@ -41,6 +41,7 @@ from .bundle import (
 )
 from .crypto import sshsig
 from .errors import ExchangeError, FormatError, LimitError
+from .faults import crashpoint
 from .formats import MAX_SEQ, NODE_ID, parse_name
 
 log = logging.getLogger(__name__)
@@ -437,22 +438,26 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                   acks: Mapping[int, list[_AckCopy]], covered: Mapping[int, PrunedBundle],
                   report: PruneReport, *, node_id: str, key: Any, cutoff: datetime, now: datetime) -> None:
     present = sorted(bundles)
-    if not present:
-        sp.stopped = "no bundles left in the archive"
-        return
-    newest = present[-1]
-    # 1. Finish an interrupted prune: files a checkpoint already records.
+    newest = present[-1] if present else None
+    # 1. Finish an interrupted prune: files a checkpoint already records. A kill during the
+    # deletions can leave acks whose bundles are already gone, so look at acks' seqs too.
     leftovers: list[Path] = []
-    for seq in present:
-        if seq in covered:
-            for c in bundles[seq]:
-                if c.manifest_sha256 == covered[seq].manifest_sha256 and seq != newest:
+    for seq in sorted(set(present) | set(acks)):
+        if seq in covered and seq != newest:
+            for c in bundles.get(seq, []):
+                if c.manifest_sha256 == covered[seq].manifest_sha256:
                     leftovers.append(c.f.path)
                     sp.finished.append(c.f.rel)
             for a in acks.get(seq, []):
-                if a.ack.bundle_sha256 == covered[seq].sha256 and seq != newest:
+                if a.ack.bundle_sha256 == covered[seq].sha256:
                     leftovers.append(a.f.path)
                     sp.finished.append(a.f.rel)
+    if not present:
+        sp.stopped = "no bundles left in the archive"
+        if leftovers and not report.dry_run:
+            _delete(leftovers)
+        return
+    newest = present[-1]
     # 2. The contiguous run of prunable bundles from the oldest not yet covered.
     batch: list[tuple[PrunedBundle, list[_BundleCopy], list[_AckCopy]]] = []
     prev_manifest: str | None = None
@@ -504,6 +509,7 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
             raise ExchangeError(f"{target} already exists; refusing to overwrite a checkpoint")
         write_file_atomic(target, data)
         sp.checkpoints.append(target.relative_to(report.archive).as_posix())
+        crashpoint("prune.checkpointed")
         _delete([c.f.path for _b, copies, _a in chunk for c in copies] +
                 [a.f.path for _b, _c, ackl in chunk for a in ackl])
         log.info("prune %s: removed seq %d..%d, checkpoint %s", sp.stream, chunk[0][0].seq,

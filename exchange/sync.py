@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from .files import utc_now
 from .db import xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
-from .errors import ExchangeError
+from .errors import DatabaseError, ExchangeError
 from .formats import is_exchange_file, parse_name
 from .lock import work_lock
 from .node import Node
@@ -166,6 +167,14 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
             rep.pushed.append(f.name)
 
 
+def _db_error(exc: Exception) -> ExchangeError:
+    """A database failure (full disk, connection lost) as the operator sees it."""
+    if isinstance(exc, ExchangeError):
+        return exc
+    orig = getattr(exc, "orig", None) or exc
+    return DatabaseError(f"database error: {type(orig).__name__}: {str(orig).splitlines()[0][:300]}")
+
+
 def export_needed(node: Node) -> bool:
     """Cheap check (no Arrow, no crypto): is there anything export would do?"""
     if any(p.name.endswith(".part") for p in node.cfg.outbox.iterdir()):
@@ -197,17 +206,21 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
                 from .importer import import_inbox
 
                 rep.imported = import_inbox(node, reporter=r)
-        except ExchangeError as exc:
-            rep.errors.append(f"import: {exc}")
-            log.warning("import failed: %s", exc)
+        except (ExchangeError, SQLAlchemyError) as exc:
+            rep.errors.append(f"import: {_db_error(exc)}")
+            log.warning("import failed: %s", _db_error(exc))
         try:
             if export_needed(node):
                 from .export import export_all
 
                 rep.exported = export_all(node, reporter=r)
-        except ExchangeError as exc:
-            rep.errors.append(f"export: {exc}")
-            log.warning("export failed: %s", exc)
-        push(node, target=via, reporter=r, report=rep)
+        except (ExchangeError, SQLAlchemyError) as exc:
+            rep.errors.append(f"export: {_db_error(exc)}")
+            log.warning("export failed: %s", _db_error(exc))
+        try:
+            push(node, target=via, reporter=r, report=rep)
+        except SQLAlchemyError as exc:
+            rep.errors.append(f"push: {_db_error(exc)}")
+            log.warning("push failed: %s", _db_error(exc))
     log.info("sync: %s", rep.line())
     return rep
