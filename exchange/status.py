@@ -46,19 +46,38 @@ def received(node: Node) -> list[Row]:
             xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
                _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
+    for q in quarantined(node):
+        out.append(Row(q.file, q.peer, q.seq, {}, "QUARANTINED", q.time, None, q.reason))
+    return out
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    file: str
+    peer: str  # the sender the file name claims (not verified: that is why it is here)
+    seq: int
+    time: str | None
+    reason: str | None
+    mtime: float
+
+
+def quarantined(node: Node) -> list[Quarantined]:
+    """Files set aside in quarantine/, from the reason file written beside each."""
+    out: list[Quarantined] = []
     q = node.cfg.quarantine
-    if q.is_dir():
-        for reason_file in sorted(q.glob("*.reason")):
-            try:
-                info = json.loads(reason_file.read_text())
-            except (OSError, ValueError):
-                info = {}
-            name = reason_file.name[: -len(".reason")]
-            parts = name.split(".")
-            peer = parts[0] if len(parts) >= 4 else ""
-            seq = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else 0
-            out.append(Row(name, peer, seq, {}, "QUARANTINED", info.get("time"), None,
-                           info.get("reason")))
+    if not q.is_dir():
+        return out
+    for reason_file in sorted(q.glob("*.reason")):
+        try:
+            info = json.loads(reason_file.read_text())
+            mtime = reason_file.stat().st_mtime
+        except (OSError, ValueError):
+            info, mtime = {}, 0.0
+        name = reason_file.name[: -len(".reason")]
+        parts = name.split(".")
+        peer = parts[0] if len(parts) >= 4 else ""
+        seq = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else 0
+        out.append(Quarantined(name, peer, seq, info.get("time"), info.get("reason"), mtime))
     return out
 
 

@@ -57,3 +57,26 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         yield request.getfixturevalue("pg_url")
 pytest_plugins = ["sshd"]  # tests/sshd.py: the private OpenSSH server fixtures (sshd, sshd_server)
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HO and two stores after a full demo exchange (built once per test module)."""
+    from exchange.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo") / "d"
+    assert run_demo(root, items=8, sales=3, echo=lambda _s: None)
+    return root
+
+
+@pytest.fixture
+def homes(demo_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo's homes (paths inside exchange.toml are rewritten)."""
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(demo_template, root)
+    for toml in root.glob("*/exchange.toml"):
+        toml.write_text(toml.read_text().replace(str(demo_template), str(root)))
+    return root
+

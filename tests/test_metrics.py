@@ -3,7 +3,6 @@ against the node databases built by the demo."""
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from sqlalchemy import func, insert, select
 from exchange import schema
 from exchange.capture import record_event
 from exchange.db import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
-from exchange.demo import run_demo
 from exchange.export import export_all, reload
 from exchange.metrics import make_registry, render
 from exchange.node import Node
@@ -28,20 +26,6 @@ from exchange.ui.server import UiServer, UiSettings, create_app
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("metricsdemo") / "d"
-    assert run_demo(root, items=8, sales=3, echo=lambda _s: None)
-    return root
-
-
-@pytest.fixture
-def homes(demo_template: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "d"
-    shutil.copytree(demo_template, root)
-    for toml in root.glob("*/exchange.toml"):
-        toml.write_text(toml.read_text().replace(str(demo_template), str(root)))
-    return root
 
 
 @contextmanager

@@ -20,7 +20,6 @@ import pytest
 from sqlalchemy import select
 
 from exchange.db import xchg_received
-from exchange.demo import run_demo
 from exchange.export import export_all, reload
 from exchange.node import Node
 from exchange.sync import sync
@@ -28,21 +27,6 @@ from exchange.sync import sync
 EXE = [sys.executable, "-m", "exchange"]
 
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "d"
-    assert run_demo(root, items=8, sales=3, echo=lambda _s: None)
-    return root
-
-
-@pytest.fixture
-def homes(demo_template: Path, tmp_path: Path) -> Path:
-    """A private copy of the demo's homes (paths inside exchange.toml are rewritten)."""
-    root = tmp_path / "d"
-    shutil.copytree(demo_template, root)
-    for toml in root.glob("*/exchange.toml"):
-        toml.write_text(toml.read_text().replace(str(demo_template), str(root)))
-    return root
 
 
 def wait_for(cond: object, timeout: float, step: float = 0.02) -> bool:

@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +32,6 @@ from sqlalchemy import func, insert, select
 from exchange import keys, schema
 from exchange.capture import record_event
 from exchange.db import xchg_parked, xchg_received, xchg_sent
-from exchange.demo import run_demo
 from exchange.errors import ConfigError
 from exchange.export import export_all, reload
 from exchange.lock import work_lock
@@ -53,21 +51,6 @@ WAIT_MS = 30_000
 
 # ---------------------------------------------------------------- node homes
 
-@pytest.fixture(scope="module")
-def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("uidemo") / "d"
-    assert run_demo(root, items=8, sales=3, echo=lambda _s: None)
-    return root
-
-
-@pytest.fixture
-def homes(demo_template: Path, tmp_path: Path) -> Path:
-    """A private copy of the demo's homes (paths inside exchange.toml are rewritten)."""
-    root = tmp_path / "d"
-    shutil.copytree(demo_template, root)
-    for toml in root.glob("*/exchange.toml"):
-        toml.write_text(toml.read_text().replace(str(demo_template), str(root)))
-    return root
 
 
 def ho_sends_items(ho: Node, store: str = "s001") -> str:

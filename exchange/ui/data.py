@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from ..db import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
+from .. import status
 from ..node import Node
 
 #: Sender statuses of a bundle that has not been acknowledged yet.
@@ -80,25 +81,14 @@ def sent_bundles(node: Node, peer: str | None = None, limit: int = 200) -> tuple
 def quarantined(node: Node, peer: str | None = None) -> list[Bundle]:
     """Files set aside in quarantine/, read from their reason files (as ``exchange status`` does)."""
     out: list[Bundle] = []
-    q = node.cfg.quarantine
-    if not q.is_dir():
-        return out
-    for reason_file in q.glob("*.reason"):
-        try:
-            info = json.loads(reason_file.read_text())
-        except (OSError, ValueError):
-            info = {}
-        name = reason_file.name[: -len(".reason")]
-        parts = name.split(".")
-        who = parts[0] if len(parts) >= 4 else ""
-        if peer and who != peer:
+    for q in status.quarantined(node):
+        if peer and q.peer != peer:
             continue
-        seq = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else 0
         try:
-            when = aware(datetime.fromisoformat(str(info.get("time"))))
+            when = aware(datetime.fromisoformat(str(q.time)))
         except ValueError:
-            when = aware(datetime.fromtimestamp(reason_file.stat().st_mtime, UTC))
-        out.append(Bundle(name, who, seq, {}, "QUARANTINED", when, None, info.get("reason")))
+            when = aware(datetime.fromtimestamp(q.mtime, UTC))
+        out.append(Bundle(q.file, q.peer, q.seq, {}, "QUARANTINED", when, None, q.reason))
     return out
 
 
