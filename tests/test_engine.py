@@ -347,7 +347,7 @@ def test_failed_bundle_applies_on_retry_once_the_cause_is_fixed(net: Net) -> Non
     net.settle()
     ids = item_ids(net)
     before = prices(st, ids)
-    with st.engine.begin() as conn:  # the store's database refuses to move the stream (a full disk, say)
+    with st.engine.begin() as conn:  # the store refuses the bundle as a whole (an integrity error; a full disk instead retries by itself)
         conn.exec_driver_sql("CREATE TRIGGER no_space BEFORE UPDATE ON xchg_stream_in "
                              "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
     reprice(ho, ids[:2])
