@@ -34,6 +34,24 @@ def durable_copy(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def probe_folders(boxes: Sequence[Path], me: str, info: Path) -> dict[str, Any]:
+    """For `exchange doctor`: each folder writable, its clock, and the peer's ``node-*.json``."""
+    out: dict[str, Any] = {}
+    for box in boxes:
+        test = box / f".probe-{me}{PART_SUFFIX}"
+        try:
+            test.write_bytes(b"probe")
+            out["server_time"] = test.stat().st_mtime
+            test.unlink()
+        except OSError as exc:
+            raise TransportError(f"folder {box} is not writable: {exc.strerror}") from exc
+    try:
+        out["peer_info"] = json.loads(info.read_text())
+    except (OSError, ValueError):
+        pass  # not published yet: the doctor reports the version as unknown
+    return out
+
+
 class DirTransport:
     def __init__(self, root: Path, me: str | None = None) -> None:
         self.root = root
@@ -82,22 +100,7 @@ class DirTransport:
 
     def probe(self, me: str, peer: str) -> dict[str, Any]:
         """Both folders writable; the folder's clock; the peer's published info."""
-        out: dict[str, Any] = {}
-        for box in (self._box(me), self._box(peer)):
-            test = box / f".probe-{me}{PART_SUFFIX}"
-            try:
-                test.write_bytes(b"probe")
-                out["server_time"] = test.stat().st_mtime
-                test.unlink()
-            except OSError as exc:
-                raise TransportError(f"folder {box} is not writable: {exc.strerror}") from exc
-        info = self.root / me / f"node-{peer}.json"
-        if info.exists():
-            try:
-                out["peer_info"] = json.loads(info.read_text())
-            except (OSError, ValueError):
-                pass
-        return out
+        return probe_folders([self._box(me), self._box(peer)], me, self.root / me / f"node-{peer}.json")
 
     def pull(self, me: str, dest: Path) -> list[Path]:
         if not self.root.is_dir():

@@ -25,7 +25,7 @@ from ..config import Role
 from ..errors import ConfigError, TransportError
 from ..faults import crashpoint
 from ..formats import PART_SUFFIX, is_exchange_file, parse_name
-from .dir import durable_copy
+from .dir import durable_copy, probe_folders
 
 log = logging.getLogger(__name__)
 
@@ -142,22 +142,8 @@ class DropTransport:
 
     def probe(self, me: str, peer: str) -> dict[str, Any]:
         """Both folders writable; the folder's clock; the peer's published info."""
-        out: dict[str, Any] = {}
-        for sub in (outgoing(self.side), incoming(self.side)):
-            box = self._folder(sub)
-            test = box / f".probe-{me}{PART_SUFFIX}"
-            try:
-                test.write_bytes(b"probe")
-                out["server_time"] = test.stat().st_mtime
-                test.unlink()
-            except OSError as exc:
-                raise TransportError(f"folder {box} is not writable: {exc.strerror}") from exc
-        info = self.root / incoming(self.side) / f"{INFO_PREFIX}{peer}.json"
-        try:
-            out["peer_info"] = json.loads(info.read_text())
-        except (OSError, ValueError):
-            pass
-        return out
+        boxes = [self._folder(sub) for sub in (outgoing(self.side), incoming(self.side))]
+        return probe_folders(boxes, me, self.root / incoming(self.side) / f"{INFO_PREFIX}{peer}.json")
 
     def close(self) -> None:
         pass
