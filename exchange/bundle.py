@@ -291,10 +291,13 @@ def _write_parquet(path: Path, source: TableSource) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    reader = source.to_reader() if isinstance(source, pa.Table) else source
+    if isinstance(source, pa.Table):  # whole row groups, however finely the table is chunked
+        with pq.ParquetWriter(path, source.schema, compression="zstd") as writer:
+            writer.write_table(source)
+        return int(source.num_rows)
     rows = 0
-    with pq.ParquetWriter(path, reader.schema, compression="zstd") as writer:
-        for batch in reader:
+    with pq.ParquetWriter(path, source.schema, compression="zstd") as writer:
+        for batch in source:  # a stream (a big table): one row group per batch, bounded memory
             writer.write_batch(batch)
             rows += batch.num_rows
     return rows

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
-from . import rows
+from . import rows, sqlite_arrow
 from .bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from .catalog import Catalog, DocType, PeerInfo
 from .db import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
@@ -31,6 +31,7 @@ from .formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
 from .node import Node
 from .faults import crashpoint
 from .progress import NullReporter, Reporter
+from .sqlite_arrow import SqliteArrowReader
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,16 @@ def route_events(conn: Connection, node: Node) -> int:
     if max_id is None:
         return 0
     latest: dict[tuple[str, str], tuple[str, int]] = {}
-    for doc_type, doc_key, op, eid in conn.execute(
-            select(xchg_event.c.doc_type, xchg_event.c.doc_key, xchg_event.c.op, xchg_event.c.id)
-            .where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id)).order_by(xchg_event.c.id)):
-        latest[(doc_type, rows.canonicalize(doc_key))] = (op, eid)
+    canon = rows.canonicalize
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # tuples, not Rows
+    try:
+        cur.execute(_driver_sql(conn, "SELECT doc_type, doc_key, op, id FROM xchg_event "
+                                      "WHERE routed = 0 AND id <= ? ORDER BY id"), (max_id,))
+        while batch := cur.fetchmany(10_000):
+            for doc_type, doc_key, op, eid in batch:
+                latest[(doc_type, canon(doc_key))] = (op, eid)
+    finally:
+        cur.close()
     by_type: dict[str, list[str]] = defaultdict(list)
     for doc_type, key in latest:
         by_type[doc_type].append(key)
@@ -87,14 +94,16 @@ def route_events(conn: Connection, node: Node) -> int:
         if dt.route.kind == "all":  # every store: one broadcast row, each stream's cursor follows
             broadcast.extend((doc_type, key, *latest[(doc_type, key)]) for key in keys)
             continue
-        prior = _prior_peers(conn, doc_type, keys)
         if dt.route.kind == "ho":  # no column to read: the event's op says whether it exists
             fixed = dt.route.targets({}, peers)
+            # only a delete must also reach peers that had the document before
+            prior = _prior_peers(conn, doc_type, [k for k in keys if latest[(doc_type, k)][0] == "D"])
             for key in keys:
                 op, version = latest[(doc_type, key)]
                 targets = sorted(set(fixed) | prior.get(key, set())) if op == "D" else fixed
                 deliveries.extend((p, doc_type, key, op, version) for p in targets)
             continue
+        prior = _prior_peers(conn, doc_type, keys)
         headers = _header_rows(conn, catalog, dt, keys)
         for key in keys:
             op, version = latest[(doc_type, key)]
@@ -111,6 +120,11 @@ def route_events(conn: Connection, node: Node) -> int:
     conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
                  .values(routed=1))
     return len(deliveries) + len(broadcast)
+
+
+def _driver_sql(conn: Connection, sql: str) -> str:
+    """``sql`` written with ``?`` placeholders, in the driver's paramstyle."""
+    return sql if conn.dialect.paramstyle == "qmark" else sql.replace("?", "%s")
 
 
 def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
@@ -138,17 +152,11 @@ def _prior_peers(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, 
 
 
 def _replace_deliveries(conn: Connection, deliveries: list[tuple[str, str, str, str, int]]) -> None:
-    """Set each (peer, document) to PENDING with its new op and version, in bulk."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for peer, doc_type, key, _op, _v in deliveries:
-        groups[(peer, doc_type)].append(key)
-    for (peer, doc_type), keys in groups.items():
-        for i in range(0, len(keys), rows.CHUNK):
-            conn.execute(delete(xchg_delivery).where(and_(
-                xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc_type,
-                xchg_delivery.c.doc_key.in_(keys[i:i + rows.CHUNK]))))
+    """Set each (peer, document) to PENDING with its new op and version: one upsert per row, in bulk."""
     rows.executemany(conn, "INSERT INTO xchg_delivery (peer, doc_type, doc_key, op, version, status) "
-                           "VALUES (?, ?, ?, ?, ?, 'PENDING')", deliveries)
+                           "VALUES (?, ?, ?, ?, ?, 'PENDING') ON CONFLICT (peer, doc_type, doc_key) "
+                           "DO UPDATE SET op = excluded.op, version = excluded.version, status = 'PENDING', "
+                           "seq = NULL", deliveries)
 
 
 def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> dict[str, Any]:
@@ -163,25 +171,37 @@ def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> di
             "totals": totals}
 
 
-def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, str, str, int]]
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Arrow tables (``_events`` first) and the per-type summary for a batch of documents."""
+def _upserts_by_type(catalog: Catalog, docs: Sequence[tuple[str, str, str, int]]) -> dict[str, list[str]]:
+    """The keys of the upserted documents of a batch, per type, in catalog order."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key, op, _v in docs:
+        if op == "U":
+            by_type[doc_type].append(key)
+    return {n: by_type[n] for n in catalog.names if n in by_type}
+
+
+def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, str, str, int]],
+                 reader: SqliteArrowReader | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Arrow tables (``_events`` first) and the per-type summary for a batch of documents.
+
+    ``reader``: an ADBC helper for a SQLite database, used for batches big
+    enough to pay for starting it (see :mod:`exchange.sqlite_arrow`).
+    """
     events = pa.Table.from_pydict({
         "doc_type": [d[0] for d in docs], "doc_key": [d[1] for d in docs],
         "op": [d[2] for d in docs], "version": [d[3] for d in docs]}, schema=EVENTS_SCHEMA)
     tables: dict[str, Any] = {EVENTS_TABLE: events}
     documents: dict[str, Any] = {}
-    by_type: dict[str, list[str]] = defaultdict(list)
+    by_type = _upserts_by_type(catalog, docs)
     deletes: dict[str, int] = defaultdict(int)
-    for doc_type, key, op, _v in docs:
-        if op == "U":
-            by_type[doc_type].append(key)
-        else:
+    for doc_type, _key, op, _v in docs:
+        if op != "U":
             deletes[doc_type] += 1
     for doc_type in [n for n in catalog.names if n in by_type or n in deletes]:
         dt = catalog.get(doc_type)
-        per = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key,
-                                   by_type.get(doc_type, []))
+        keys = by_type.get(doc_type, [])
+        per = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys,
+                                   reader=reader if reader is not None and sqlite_arrow.wanted(len(keys)) else None)
         tables.update(per)
         documents[doc_type] = control_totals(dt, per, len(by_type.get(doc_type, [])))
         documents[doc_type]["deletes"] = deletes.get(doc_type, 0)
@@ -248,6 +268,25 @@ class _Shared:
         self.tables: dict[tuple[tuple[str, str, str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self.parquet = ParquetCache(node.cfg.work)
         self.broadcast: dict[tuple[tuple[int, str, str], int], list[tuple[str, str, str, int]]] = {}
+        url = node.engine.url
+        self.reader = (sqlite_arrow.SqliteArrowReader(url.database)
+                       if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+                       and sqlite_arrow.mode() != "off" and sqlite_arrow.available() else None)
+
+    def prefetch(self, conn: Connection, catalog: Catalog, docs: list[tuple[str, str, str, int]]) -> None:
+        """Have the helper read ahead the first big document type of a coming batch."""
+        if self.reader is None:
+            return
+        for doc_type, keys in _upserts_by_type(catalog, docs).items():
+            if sqlite_arrow.wanted(len(keys)):
+                dt = catalog.get(doc_type)
+                rows.prefetch_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys, self.reader)
+                return
+
+    def close(self) -> None:
+        self.parquet.close()
+        if self.reader is not None:
+            self.reader.close()
 
     KEEP = 2  # distinct batches kept: memory stays bounded on an HO with many different streams
 
@@ -259,8 +298,20 @@ class _Shared:
                 old = self.tables.pop(next(iter(self.tables)))
                 for source in old[0].values():
                     self.parquet.drop(source)
-            self.tables[key] = build_tables(conn, catalog, docs)
+            self.tables[key] = build_tables(conn, catalog, docs, self.reader)
         return self.tables[key]
+
+
+def _pending_direct(conn: Connection, peer: str, limit: int,
+                    after: tuple[str, str, str, int] | None = None) -> list[tuple[str, str, str, int]]:
+    """``peer``'s next pending deliveries in (version, type, key) order, after ``after`` if given."""
+    d = xchg_delivery.c
+    q = select(d.doc_type, d.doc_key, d.op, d.version).where(and_(d.peer == peer, d.status == "PENDING"))
+    # ties in version (a reload gives every document one) are ordered by type and key: few, and sorted
+    if after is not None:
+        q = q.where(tuple_(d.version, d.doc_type, d.doc_key) > tuple_(after[3], after[0], after[1]))
+    found = conn.execute(q.order_by(d.version, d.doc_type, d.doc_key).limit(limit)).all()
+    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
 
 
 def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
@@ -272,24 +323,24 @@ def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
     broadcast_to = node.cfg.peer(peer).role == "store"
     while True:
         with node.engine.connect() as conn:
-            pending = conn.execute(
-                select(xchg_delivery.c.doc_type, xchg_delivery.c.doc_key, xchg_delivery.c.op,
-                       xchg_delivery.c.version)
-                .where(and_(xchg_delivery.c.peer == peer, xchg_delivery.c.status == "PENDING"))
-                .order_by(xchg_delivery.c.version).limit(limit)).all()
-            direct = [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in pending]
+            direct = _pending_direct(conn, peer, limit)
             bc = (_pending_broadcast(conn, peer, limit - len(direct), shared)
                   if broadcast_to and len(direct) < limit else [])
             docs = _merge(direct, bc) if direct and bc else (direct or bc)
+            # a full batch of direct deliveries: the next batch is known now, and its rows can be
+            # read by the helper process while this one is sealed (it is checked again after the commit)
+            ahead = (_pending_direct(conn, peer, limit, after=direct[-1])
+                     if shared is not None and shared.reader is not None and len(direct) == limit else None)
         if not docs:
             return out
-        exp = _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct)
+        exp = _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, ahead)
         out.append(exp)
 
 
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
-                direct: list[tuple[str, str, str, int]] | None = None) -> Exported:
+                direct: list[tuple[str, str, str, int]] | None = None,
+                ahead: list[tuple[str, str, str, int]] | None = None) -> Exported:
     with node.engine.begin() as conn:
         begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
@@ -302,6 +353,8 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         rep.start(f"export to {peer} #{seq}", len(docs))
         tables, summary = (shared.build(conn, node.catalog, docs) if shared is not None
                            else build_tables(conn, node.catalog, docs))
+        if ahead and shared is not None:
+            shared.prefetch(conn, node.catalog, ahead)
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
         sealed: Sealed = seal_bundle(
@@ -341,15 +394,17 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     recover_outbox(node)
     with node.engine.begin() as conn:
         begin_write(conn)
-        route_events(conn, node)
+        routed = route_events(conn, node)
     out: list[Exported] = []
     node.cfg.work.mkdir(parents=True, exist_ok=True)
     shared = _Shared(node)
+    if shared.reader is not None and sqlite_arrow.wanted(routed):
+        shared.reader.start()  # its start-up (about 0.3 s) overlaps the first pending query
     try:
         for peer in sorted(node.cfg.peers):
             out.extend(export_peer(node, peer, reporter=reporter, shared=shared))
     finally:
-        shared.parquet.close()
+        shared.close()
     return out
 
 
