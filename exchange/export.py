@@ -64,23 +64,42 @@ def _header_rows(conn: Connection, catalog: Catalog, dt: DocType, keys: list[str
     return out
 
 
+#: Events routed per step: the work of a big backlog (a day of sales) stays in bounded memory.
+ROUTE_CHUNK = 20_000
+
+
 def route_events(conn: Connection, node: Node) -> int:
-    """Turn new capture events into per-peer deliveries (coalesced per document)."""
-    catalog, peers = node.catalog, peer_infos(node)
+    """Turn new capture events into per-peer deliveries (coalesced per document).
+
+    The backlog is read in chunks in event order; a document in several chunks
+    is upserted again by the later one, so the newest version wins as if the
+    backlog had been read at once.
+    """
     max_id = conn.execute(select(func.max(xchg_event.c.id)).where(xchg_event.c.routed == 0)).scalar()
     if max_id is None:
         return 0
-    latest: dict[tuple[str, str], tuple[str, int]] = {}
-    canon = rows.canonicalize
+    catalog, peers = node.catalog, peer_infos(node)
+    sql = _driver_sql(conn, "SELECT doc_type, doc_key, op, id FROM xchg_event WHERE routed = 0 AND id > ? "
+                            f"AND id <= ? ORDER BY id LIMIT {ROUTE_CHUNK}")
     cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # tuples, not Rows
+    n, after = 0, 0
     try:
-        cur.execute(_driver_sql(conn, "SELECT doc_type, doc_key, op, id FROM xchg_event "
-                                      "WHERE routed = 0 AND id <= ? ORDER BY id"), (max_id,))
-        while batch := cur.fetchmany(10_000):
-            for doc_type, doc_key, op, eid in batch:
-                latest[(doc_type, canon(doc_key))] = (op, eid)
+        while events := cur.execute(sql, (after, max_id)).fetchall():
+            n += _route_chunk(conn, node, catalog, peers, events)
+            after = int(events[-1][3])
     finally:
         cur.close()
+    conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
+                 .values(routed=1))
+    return n
+
+
+def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[PeerInfo],
+                 events: Sequence[tuple[str, str, str, int]]) -> int:
+    latest: dict[tuple[str, str], tuple[str, int]] = {}
+    canon = rows.canonicalize
+    for doc_type, doc_key, op, eid in events:
+        latest[(doc_type, canon(doc_key))] = (op, eid)
     by_type: dict[str, list[str]] = defaultdict(list)
     for doc_type, key in latest:
         by_type[doc_type].append(key)
@@ -117,8 +136,6 @@ def route_events(conn: Connection, node: Node) -> int:
             deliveries.extend((p, doc_type, key, op, version) for p in targets)
     _replace_deliveries(conn, deliveries)
     _replace_broadcast(conn, broadcast)
-    conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
-                 .values(routed=1))
     return len(deliveries) + len(broadcast)
 
 
@@ -317,24 +334,30 @@ def _pending_direct(conn: Connection, peer: str, limit: int,
 def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
                 max_docs: int | None = None, shared: _Shared | None = None) -> list[Exported]:
     """Seal every pending document for ``peer`` into as many bundles as needed."""
-    rep = reporter or NullReporter()
-    limit = max_docs or node.cfg.max_bundle_rows
     out: list[Exported] = []
-    broadcast_to = node.cfg.peer(peer).role == "store"
-    while True:
-        with node.engine.connect() as conn:
-            direct = _pending_direct(conn, peer, limit)
-            bc = (_pending_broadcast(conn, peer, limit - len(direct), shared)
-                  if broadcast_to and len(direct) < limit else [])
-            docs = _merge(direct, bc) if direct and bc else (direct or bc)
-            # a full batch of direct deliveries: the next batch is known now, and its rows can be
-            # read by the helper process while this one is sealed (it is checked again after the commit)
-            ahead = (_pending_direct(conn, peer, limit, after=direct[-1])
-                     if shared is not None and shared.reader is not None and len(direct) == limit else None)
-        if not docs:
-            return out
-        exp = _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, ahead)
+    while (exp := _export_next(node, peer, reporter or NullReporter(), max_docs, shared, look_ahead=True)):
         out.append(exp)
+    return out
+
+
+def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, shared: _Shared | None,
+                 look_ahead: bool) -> Exported | None:
+    """Seal ``peer``'s next bundle, or return None when nothing is pending for it."""
+    limit = max_docs or node.cfg.max_bundle_rows
+    broadcast_to = node.cfg.peer(peer).role == "store"
+    with node.engine.connect() as conn:
+        direct = _pending_direct(conn, peer, limit)
+        bc = (_pending_broadcast(conn, peer, limit - len(direct), shared)
+              if broadcast_to and len(direct) < limit else [])
+        docs = _merge(direct, bc) if direct and bc else (direct or bc)
+        # a full batch of direct deliveries: the next batch is known now, and its rows can be
+        # read by the helper process while this one is sealed (it is checked again after the commit)
+        ahead = (_pending_direct(conn, peer, limit, after=direct[-1])
+                 if look_ahead and shared is not None and shared.reader is not None and len(direct) == limit
+                 else None)
+    if not docs:
+        return None
+    return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, ahead)
 
 
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
@@ -400,9 +423,20 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     shared = _Shared(node)
     if shared.reader is not None and sqlite_arrow.wanted(routed):
         shared.reader.start()  # its start-up (about 0.3 s) overlaps the first pending query
+    # One bundle per peer in turn, not every bundle of one peer first: stores at the same broadcast
+    # cursor then ask for the same batch one after the other, and it is read and encoded once
+    # (the cache keeps two batches; peer by peer, a change of five batches was re-read per store).
+    rep = reporter or NullReporter()
+    active = sorted(node.cfg.peers)
     try:
-        for peer in sorted(node.cfg.peers):
-            out.extend(export_peer(node, peer, reporter=reporter, shared=shared))
+        while active:
+            still = []
+            for peer in active:
+                exp = _export_next(node, peer, rep, None, shared, look_ahead=len(active) == 1)
+                if exp is not None:
+                    out.append(exp)
+                    still.append(peer)
+            active = still
     finally:
         shared.close()
     return out
