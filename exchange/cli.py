@@ -30,13 +30,27 @@ def _fail(exc: ExchangeError) -> NoReturn:
 
 
 class Group(click.Group):
-    """Maps ExchangeError to its exit code at the edge."""
+    """Maps ExchangeError to its exit code at the edge; loads the command modules only when asked.
+
+    ``exchange sync`` (run by cron every few minutes) needs none of the audit,
+    usb and ui commands, so their modules are imported only for a name this
+    module does not define, or for the command list (``--help``, completion).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ExchangeError as exc:
             _fail(exc)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            _load_command_modules()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_command_modules()
+        return super().list_commands(ctx)
 
 
 def _node(home: Path | None) -> Any:
@@ -505,7 +519,7 @@ def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) ->
 
 
 def _load_command_modules() -> None:
-    """Commands that live in their own modules (audit, usb, ui) register on ``main``."""
+    """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
     for mod in ("cli_audit", "cli_usb", "cli_ui"):
@@ -514,9 +528,6 @@ def _load_command_modules() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.{mod}":
                 raise
-
-
-_load_command_modules()
 
 
 def entry() -> None:  # pragma: no cover - python -m exchange

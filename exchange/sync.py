@@ -12,20 +12,16 @@ import logging
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, func, select, update
-from sqlalchemy.exc import SQLAlchemyError
-
 from .files import utc_now
-from .db import xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
 from .errors import DatabaseError, ExchangeError
 from .formats import is_exchange_file, parse_name
 from .lock import work_lock
 from .node import Node
 from .faults import crashpoint
+from .pending import export_work, idle, resend_cutoff, resend_due
 from .progress import NullReporter, Reporter
 from .transport import Transport, open_transport
 
@@ -132,18 +128,26 @@ def push(node: Node, *, target: str | None = None, reporter: Reporter | None = N
 
 
 def _due_for_resend(node: Node) -> dict[str, list[str]]:
-    cutoff = utc_now() - timedelta(seconds=node.cfg.resend_after)
+    from sqlalchemy import select
+
+    from .db import xchg_sent
+
+    cutoff = resend_cutoff(node.cfg)
     out: dict[str, list[str]] = defaultdict(list)
     with node.engine.connect() as conn:
         for peer, name, at in conn.execute(select(xchg_sent.c.peer, xchg_sent.c.file_name,
                                                   xchg_sent.c.uploaded_at)
                                            .where(xchg_sent.c.status == "UPLOADED")):
-            if at is not None and (at if at.tzinfo else at.replace(tzinfo=cutoff.tzinfo)) < cutoff:
+            if resend_due(at, cutoff):
                 out[peer].append(name)
     return out
 
 
 def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter) -> None:
+    from sqlalchemy import and_, select, update
+
+    from .db import xchg_delivery, xchg_sent
+
     now = utc_now()
     for f in files:
         fn = parse_name(f.name)
@@ -176,20 +180,16 @@ def _db_error(exc: Exception) -> ExchangeError:
 
 
 def export_needed(node: Node) -> bool:
-    """Cheap check (no Arrow, no crypto): is there anything export would do?"""
+    """Cheap check (no Arrow, no crypto): is there anything export would do?
+
+    The database questions are :func:`exchange.pending.export_work`'s, the ones
+    :func:`exchange.pending.idle` asks before SQLAlchemy is loaded.
+    """
     if any(p.name.endswith(".part") for p in node.cfg.outbox.iterdir()):
         return True  # an interrupted export to recover
+    stores = [p.id for p in node.cfg.peers.values() if p.role == "store"]
     with node.engine.connect() as conn:
-        if conn.execute(select(xchg_event.c.id).where(xchg_event.c.routed == 0).limit(1)).first():
-            return True
-        if conn.execute(select(xchg_delivery.c.peer).where(xchg_delivery.c.status == "PENDING").limit(1)).first():
-            return True
-        newest = conn.execute(select(func.max(xchg_broadcast.c.version))).scalar()
-        if newest is None:
-            return False
-        stores = [p.id for p in node.cfg.peers.values() if p.role == "store"]
-        cursors = dict(conn.execute(select(xchg_stream_out.c.peer, xchg_stream_out.c.bc_version)).all())
-    return any(cursors.get(s, -1) < newest for s in stores)
+        return export_work(lambda sql: conn.exec_driver_sql(sql).all(), stores)
 
 
 def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None) -> SyncReport:
@@ -199,6 +199,11 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
     node.ensure_folders()
     with work_lock(node.cfg.home):
         pull(node, source=via, reporter=r, report=rep)
+        if idle(node):  # nothing to import, export or push: done without loading SQLAlchemy
+            log.info("sync: %s", rep.line())
+            return rep
+        from sqlalchemy.exc import SQLAlchemyError
+
         # each step on its own: a failing import must not stop the store's sales going out;
         # the heavy modules (Arrow, the crypto stack) load only when there is work for them
         try:
