@@ -321,14 +321,34 @@ class _Shared:
 
 def _pending_direct(conn: Connection, peer: str, limit: int,
                     after: tuple[str, str, str, int] | None = None) -> list[tuple[str, str, str, int]]:
-    """``peer``'s next pending deliveries in (version, type, key) order, after ``after`` if given."""
-    d = xchg_delivery.c
-    q = select(d.doc_type, d.doc_key, d.op, d.version).where(and_(d.peer == peer, d.status == "PENDING"))
-    # ties in version (a reload gives every document one) are ordered by type and key: few, and sorted
+    """``peer``'s next pending deliveries in (version, type, key) order, after ``after`` if given.
+
+    Ties in version (a reload gives every document one) are ordered by type and
+    key. Read as plain tuples: a batch is 20,000 rows, twice per bundle.
+    """
+    sql = "SELECT doc_type, doc_key, op, version FROM xchg_delivery WHERE peer = ? AND status = 'PENDING'"
+    params: tuple[Any, ...] = (peer,)
     if after is not None:
-        q = q.where(tuple_(d.version, d.doc_type, d.doc_key) > tuple_(after[3], after[0], after[1]))
-    found = conn.execute(q.order_by(d.version, d.doc_type, d.doc_key).limit(limit)).all()
-    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
+        sql += " AND (version, doc_type, doc_key) > (?, ?, ?)"
+        params += (after[3], after[0], after[1])
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cur.execute(_driver_sql(conn, sql + f" ORDER BY version, doc_type, doc_key LIMIT {int(limit)}"), params)
+        return [(str(t), str(k), str(o), int(v)) for t, k, o, v in cur.fetchall()]
+    finally:
+        cur.close()
+
+
+def _mark_exported(conn: Connection, peer: str, seq: int, docs: Sequence[tuple[str, str, str, int]]) -> None:
+    """The batch's deliveries (at the version sealed) are EXPORTED in bundle ``seq``.
+
+    One UPDATE per row on the driver's executemany path: a single statement
+    joining the batch as a JSON parameter measured the same here (1.3-1.7 s
+    either way for 222,000 rows); the b-tree work per row is the cost.
+    """
+    rows.executemany(conn, "UPDATE xchg_delivery SET status = 'EXPORTED', seq = ? WHERE peer = ? "
+                           "AND doc_type = ? AND doc_key = ? AND version = ? AND status = 'PENDING'",
+                     [(seq, peer, t, k, v) for t, k, _op, v in docs])
 
 
 def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
@@ -395,10 +415,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         if cursor is not None:  # the stream's broadcast cursor moves with the bundle, atomically
             conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
                 bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
-        rows.executemany(conn, "UPDATE xchg_delivery SET status = 'EXPORTED', seq = ? WHERE peer = ? "
-                               "AND doc_type = ? AND doc_key = ? AND version = ? AND status = 'PENDING'",
-                         [(seq, peer, doc_type, key, version)
-                          for doc_type, key, _op, version in (docs if direct is None else direct)])
+        _mark_exported(conn, peer, seq, docs if direct is None else direct)
         rep.advance(len(docs))
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
