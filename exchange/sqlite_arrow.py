@@ -30,9 +30,10 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import IO, Any
-from urllib.parse import quote
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -101,8 +102,9 @@ class SqliteArrowReader:
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)  # the child runs elsewhere
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
         self._in_flight: tuple[bytes, int] | None = None  # (request line, number of queries)
         self.broken: str | None = None  # set once it failed: never retried in this run
 
@@ -111,9 +113,10 @@ class SqliteArrowReader:
         if self._proc is None and not self.broken:
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             try:
+                self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: the child never blocks on it
                 self._proc = subprocess.Popen(  # cwd: the child imports this very package, not a namesake
                     [sys.executable, "-m", "exchange.sqlite_arrow", self.path], cwd=root,
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
             except OSError as exc:
                 self._fail(f"cannot start the Arrow reader: {exc}")
 
@@ -167,27 +170,33 @@ class SqliteArrowReader:
 
     def _fail(self, why: str) -> None:
         err = b""
-        if self._proc is not None and self._proc.poll() is not None and self._proc.stderr is not None:
-            err = self._proc.stderr.read()[-500:]
-        self.broken = why + (f" ({err.decode(errors='replace').strip()})" if err else "")
+        if self._proc is not None and self._stderr is not None:
+            try:
+                self._proc.wait(timeout=2)  # it is exiting: its last words are in the file
+            except subprocess.TimeoutExpired:
+                pass
+            self._stderr.seek(0)
+            err = self._stderr.read()[-500:]
+        self.broken = why + (f" ({err.decode(errors='replace').strip()})" if err.strip() else "")
         log.warning("Arrow reader for %s unavailable, reading through sqlite3: %s", self.path, self.broken)
         self.close()
 
     def close(self) -> None:
         proc, self._proc, self._in_flight = self._proc, None, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-        finally:
-            for f in (proc.stdout, proc.stderr):
-                if f is not None:
-                    f.close()
+        stderr, self._stderr = self._stderr, None
+        if proc is not None:
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+                proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+            finally:
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        if stderr is not None:
+            stderr.close()
 
     def __enter__(self) -> SqliteArrowReader:
         return self
@@ -200,7 +209,7 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
     """The child: answer requests until stdin closes."""
     import adbc_driver_sqlite.dbapi as adbc
 
-    conn = adbc.connect(f"file:{quote(path)}?mode=ro")
+    conn = adbc.connect(Path(path).as_uri() + "?mode=ro")  # percent-encoded; file:///C:/... on Windows
     try:
         for line in inp:
             try:

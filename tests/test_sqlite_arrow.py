@@ -197,3 +197,16 @@ def test_the_driver_is_installed() -> None:
     """A dependency, not an option: without it every export reads through sqlite3 (slowly)."""
     assert sqlite_arrow.available()
     assert pa.__version__
+
+
+def test_odd_and_relative_paths_open_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "a b%#c?"
+    folder.mkdir()
+    con = sqlite3.connect(folder / "x.db")
+    con.execute("CREATE TABLE t (v TEXT)")
+    con.execute("INSERT INTO t VALUES ('here')")
+    con.commit()
+    con.close()
+    monkeypatch.chdir(folder)
+    with SqliteArrowReader("x.db") as reader:  # relative to the caller, though the child runs elsewhere
+        assert reader.query([("SELECT v FROM t", [])])[0].column("v").to_pylist() == ["here"]
