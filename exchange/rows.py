@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 500  # keys per IN (...) list
+WRITE_BATCH = 8192  # rows per executemany or COPY write: bounds the Python objects alive at once
 
 
 def canonical_key(values: Iterable[Any]) -> str:
@@ -420,18 +421,29 @@ def _check_columns(table: Table, data: pa.Table) -> list[str]:
     return list(data.column_names)
 
 
+def _slices(data: pa.Table) -> Iterator[pa.Table]:
+    """``data`` in zero-copy slices of WRITE_BATCH rows."""
+    for i in range(0, data.num_rows, WRITE_BATCH):
+        yield data.slice(i, WRITE_BATCH)
+
+
 def _pg_copy_in(conn: Connection, target: str, cols: list[str], data: pa.Table) -> None:
+    """COPY as CSV, a slice at a time: the whole table as one CSV text (and its bytes copy) is not held."""
     import pyarrow.csv as pacsv
 
-    sink = pa.BufferOutputStream()
-    pacsv.write_csv(data, sink, pacsv.WriteOptions(include_header=False))
     collist = ", ".join(_q(conn, c) for c in cols)
+    options = pacsv.WriteOptions(include_header=False)
     with _pg_cursor(conn).copy(f"COPY {target} ({collist}) FROM STDIN (FORMAT csv)") as copy:
-        copy.write(sink.getvalue().to_pybytes())
+        for part in _slices(data):
+            sink = pa.BufferOutputStream()
+            pacsv.write_csv(part, sink, options)
+            copy.write(sink.getvalue().to_pybytes())
 
 
-def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> list[tuple[Any, ...]]:
-    return list(zip(*[_sqlite_values(table.c[c], data.column(c)) for c in cols], strict=True))
+def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> Iterator[list[tuple[Any, ...]]]:
+    """Parameter tuples a slice at a time: a Python tuple per row of the whole table is the import's peak."""
+    for part in _slices(data):
+        yield list(zip(*[_sqlite_values(table.c[c], part.column(c)) for c in cols], strict=True))
 
 
 def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
@@ -443,8 +455,9 @@ def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     if conn.dialect.name == "postgresql":
         _pg_copy_in(conn, qt, cols, data)
     elif conn.dialect.name == "sqlite":
-        executemany(conn, f"INSERT INTO {qt} ({', '.join(_q(conn, c) for c in cols)}) "
-                          f"VALUES ({', '.join('?' for _ in cols)})", _sqlite_rows(table, data, cols))
+        sql = f"INSERT INTO {qt} ({', '.join(_q(conn, c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        for params in _sqlite_rows(table, data, cols):
+            executemany(conn, sql, params)
     else:
         conn.execute(table.insert(), data.to_pylist())
     return int(data.num_rows)
@@ -467,8 +480,9 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
         conn.exec_driver_sql(f"INSERT INTO {qt} ({collist}) SELECT {collist} FROM {stg} {conflict}")
         conn.exec_driver_sql(f"TRUNCATE {stg}")
     elif conn.dialect.name == "sqlite":
-        executemany(conn, f"INSERT INTO {qt} ({collist}) VALUES ({', '.join('?' for _ in cols)}) {conflict}",
-                    _sqlite_rows(table, data, cols))
+        sql = f"INSERT INTO {qt} ({collist}) VALUES ({', '.join('?' for _ in cols)}) {conflict}"
+        for params in _sqlite_rows(table, data, cols):
+            executemany(conn, sql, params)
     else:
         delete_docs(conn, table, pk, row_keys(data, pk))
         insert_rows(conn, table, data)
