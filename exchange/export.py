@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
 from . import rows, sqlite_arrow
+from .arrow_memory import system_pool, trim
 from .bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from .catalog import Catalog, DocType, PeerInfo
 from .db import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
@@ -446,17 +447,24 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     rep = reporter or NullReporter()
     active = sorted(node.cfg.peers)
     try:
-        while active:
-            still = []
-            for peer in active:
-                exp = _export_next(node, peer, rep, None, shared, look_ahead=len(active) == 1)
-                if exp is not None:
-                    out.append(exp)
-                    still.append(peer)
-            active = still
+        with system_pool():
+            _export_round_robin(node, active, rep, shared, out)
     finally:
         shared.close()
     return out
+
+
+def _export_round_robin(node: Node, active: list[str], rep: Reporter, shared: _Shared, out: list[Exported]) -> None:
+    """One bundle per peer in turn until no peer has anything pending."""
+    while active:
+        still = []
+        for peer in active:
+            exp = _export_next(node, peer, rep, None, shared, look_ahead=len(active) == 1)
+            trim()
+            if exp is not None:
+                out.append(exp)
+                still.append(peer)
+        active = still
 
 
 def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:

@@ -17,8 +17,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
+from .arrow_memory import system_pool
 from . import rows
 from .bundle import (
     BundleReader,
@@ -167,7 +167,7 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
     the files stay in the inbox for the next run.
     """
     try:
-        with _arrow_memory():
+        with system_pool():
             return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"import stopped: {_error_text(exc)}",
@@ -210,29 +210,10 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     return out
 
 
-@contextmanager
-def _arrow_memory() -> Iterator[None]:
-    """Arrow memory from malloc while importing, and handed back to the OS after each bundle.
-
-    pyarrow's default pool (mimalloc) keeps the pages it frees, per thread:
-    reading one bundle's 12 MiB of tables grew the process by 80 MiB with
-    it, by 28 MiB with malloc (docs/PERFORMANCE.md). Buffers remember their
-    pool, so restoring the previous default afterwards is safe.
-    """
-    previous = pa.default_memory_pool()
-    pool = pa.system_memory_pool()
-    pa.set_memory_pool(pool)
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(previous)
-        pool.release_unused()  # malloc_trim: the next bundle starts from the same footprint
-
-
 def import_file(node: Node, path: Path, *, retry: bool = False, dry_run: bool = False,
                 reporter: Reporter | None = None) -> Outcome:
     """Verify, place and (if next in its stream) apply one bundle."""
-    with _arrow_memory():
+    with system_pool():
         return _import_file(node, path, retry=retry, dry_run=dry_run, reporter=reporter)
 
 
