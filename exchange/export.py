@@ -80,7 +80,7 @@ def route_events(conn: Connection, node: Node) -> int:
     if max_id is None:
         return 0
     catalog, peers = node.catalog, peer_infos(node)
-    sql = _driver_sql(conn, "SELECT doc_type, doc_key, op, id FROM xchg_event WHERE routed = 0 AND id > ? "
+    sql = rows.driver_sql(conn, "SELECT doc_type, doc_key, op, id FROM xchg_event WHERE routed = 0 AND id > ? "
                             f"AND id <= ? ORDER BY id LIMIT {ROUTE_CHUNK}")
     cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # tuples, not Rows
     n, after = 0, 0
@@ -138,11 +138,6 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
     _replace_deliveries(conn, deliveries)
     _replace_broadcast(conn, broadcast)
     return len(deliveries) + len(broadcast)
-
-
-def _driver_sql(conn: Connection, sql: str) -> str:
-    """``sql`` written with ``?`` placeholders, in the driver's paramstyle."""
-    return sql if conn.dialect.paramstyle == "qmark" else sql.replace("?", "%s")
 
 
 def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
@@ -334,7 +329,7 @@ def _pending_direct(conn: Connection, peer: str, limit: int,
         params += (after[3], after[0], after[1])
     cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cur.execute(_driver_sql(conn, sql + f" ORDER BY version, doc_type, doc_key LIMIT {int(limit)}"), params)
+        cur.execute(rows.driver_sql(conn, sql + f" ORDER BY version, doc_type, doc_key LIMIT {int(limit)}"), params)
         return [(str(t), str(k), str(o), int(v)) for t, k, o, v in cur.fetchall()]
     finally:
         cur.close()

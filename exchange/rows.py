@@ -63,8 +63,6 @@ def arrow_type(column: Any) -> pa.DataType:
     if isinstance(t, Float) or isinstance(impl, Float):  # not a Numeric in SQLAlchemy 2.1
         return pa.float64()
     if isinstance(t, Numeric) or isinstance(impl, Numeric) or scale is not None:
-        if isinstance(t, Float) or isinstance(impl, Float):
-            return pa.float64()
         precision = getattr(t, "precision", None) or 18
         return pa.decimal128(precision, scale if scale is not None else 0)
     if isinstance(impl, Boolean):
@@ -106,13 +104,16 @@ def _q(conn: Connection, name: str) -> str:
     return str(conn.dialect.identifier_preparer.quote(name))
 
 
+def driver_sql(conn: Connection, sql: str) -> str:
+    """``sql`` written with ``?`` placeholders, in the driver's paramstyle."""
+    return sql if conn.dialect.paramstyle == "qmark" else sql.replace("?", "%s")
+
+
 def executemany(conn: Connection, sql: str, params: Sequence[tuple[Any, ...]]) -> None:
     """Run ``sql`` (written with ``?`` placeholders) once per tuple, on the driver's fast path."""
     if not params:
         return
-    if conn.dialect.paramstyle != "qmark":
-        sql = sql.replace("?", "%s")
-    conn.exec_driver_sql(sql, list(params))
+    conn.exec_driver_sql(driver_sql(conn, sql), list(params))
 
 
 def _pg_cursor(conn: Connection) -> Any:
@@ -125,12 +126,6 @@ def _scale(column: Any) -> int | None:
     return scale_of(column)
 
 
-def _from_minor(values: list[Any], field: pa.Field) -> pa.Array:
-    """Integer minor units (SQLite) -> decimal128, without a Python object per value."""
-    ints = pc.cast(pa.array(values, pa.int64()), pa.decimal128(19, 0))
-    return pa.Array.from_buffers(field.type, len(ints), ints.buffers())
-
-
 def _to_minor(arr: pa.Array) -> pa.Array:
     """decimal128(p, s) -> int64 minor units (reinterpret the 128-bit integers)."""
     if isinstance(arr, pa.ChunkedArray):
@@ -139,15 +134,12 @@ def _to_minor(arr: pa.Array) -> pa.Array:
     return pc.cast(raw, pa.int64())
 
 
-def _sqlite_column(column: Any, field: pa.Field, values: list[Any]) -> pa.Array:
-    t = field.type
-    if pa.types.is_decimal(t) and _scale(column) is not None:
-        return _from_minor(values, field)
-    if pa.types.is_date32(t) or pa.types.is_timestamp(t):
-        return pa.array(values, pa.string()).cast(t)
-    if pa.types.is_boolean(t):
-        return pa.array(values, pa.int64()).cast(t)
-    return pa.array(values, type=t)
+def _sqlite_column(column: Any, field: pa.Field, values: list[Any]) -> pa.Array | pa.ChunkedArray:
+    """One column of Python values as sqlite3 returned them -> the column's Arrow type."""
+    phys = _physical(column, field)
+    if pa.types.is_decimal(field.type) and _scale(column) is None:
+        phys = field.type  # an unscaled decimal: whatever sqlite3 gave, converted by Arrow
+    return _from_physical(column, field, pa.array(values, phys))
 
 
 def _sqlite_values(column: Any, arr: Any) -> list[Any]:

@@ -24,6 +24,7 @@ slower, never wrong.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -32,8 +33,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import IO, Any
 from pathlib import Path
+from typing import IO, Any
 
 import pyarrow as pa
 
@@ -64,11 +65,8 @@ def wanted(n_docs: int) -> bool:
 
 
 def available() -> bool:
-    try:
-        import adbc_driver_sqlite  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """The driver is installed (looked up, not imported: only the child imports it)."""
+    return importlib.util.find_spec("adbc_driver_sqlite") is not None
 
 
 def _write_frame(out: IO[bytes], data: bytes | pa.Buffer) -> None:
@@ -132,14 +130,15 @@ class SqliteArrowReader:
         self._proc.stdin.flush()
         self._in_flight = (request, n)
 
-    def _answer(self) -> tuple[bytes, list[pa.Table] | str]:
+    def _answer(self) -> list[pa.Table] | str:
+        """The in-flight request's tables, or the child's error text for it."""
         assert self._in_flight is not None and self._proc is not None and self._proc.stdout is not None
-        request, n = self._in_flight
+        n = self._in_flight[1]
         self._in_flight = None
         head = json.loads(_read_frame(self._proc.stdout))
         if not head.get("ok"):
-            return request, str(head.get("error", "unknown error"))
-        return request, [pa.ipc.open_stream(_read_frame(self._proc.stdout)).read_all() for _ in range(n)]
+            return str(head.get("error", "unknown error"))
+        return [pa.ipc.open_stream(_read_frame(self._proc.stdout)).read_all() for _ in range(n)]
 
     def send(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Ask ahead; a later :meth:`query` with the same queries gets the answer."""
@@ -160,7 +159,7 @@ class SqliteArrowReader:
                 self._answer()  # asked ahead for something else: drop it
             if self._in_flight is None:
                 self._send(request, len(queries))
-            _req, got = self._answer()
+            got = self._answer()
         except (OSError, ValueError, ReaderUnavailable) as exc:  # the process is gone or garbled
             self._fail(f"{type(exc).__name__}: {exc}")
             raise ReaderUnavailable(self.broken or str(exc)) from exc
