@@ -35,6 +35,8 @@ xchg_event = Table(
     Column("op", String(1), nullable=False),  # U upsert, D delete
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.current_timestamp()),
     Column("routed", Integer, nullable=False, server_default=text("0")),
+    # the bundle that carried the event, when it went straight from the log (exchange.streams)
+    Column("seq", BigInteger, nullable=True),
 )
 
 #: Per peer and document: what still has to go, and in which bundle it went.
@@ -184,8 +186,13 @@ def _m3_indexes(conn: Connection) -> None:
         ix.create(conn, checkfirst=True)
 
 
+def _m4_event_seq(conn: Connection) -> None:
+    if "seq" not in {c["name"] for c in inspect(conn).get_columns("xchg_event")}:  # made before it existed
+        conn.exec_driver_sql("ALTER TABLE xchg_event ADD COLUMN seq BIGINT")
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
-MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes]
+MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

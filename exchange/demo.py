@@ -11,10 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from . import keys, rows, status
-from .db import xchg_broadcast, xchg_delivery
 from .export import control_totals
 from .capture import record_event  # noqa: F401  (the API applications use; demo data calls it)
 from .demo_data import seed_masters, seed_store_activity
@@ -36,21 +33,17 @@ def _pair(ho: Node, store: Node, transfer: Path, group: str) -> None:
 def reconcile(ho: Node, stores: list[Node]) -> list[dict[str, Any]]:
     """Per store and document type: documents and control totals on both sides.
 
-    The documents compared are the ones the owning side delivered to the other
-    (``xchg_delivery``), read back from each database and totalled alike.
+    The documents compared are the ones the owning side sent the other
+    (:func:`exchange.status.documents`), read back from each database and totalled alike.
     """
     out = []
+    sent: dict[tuple[str, str], dict[tuple[str, str], status.DocState]] = {}
     for st in stores:
         for doc in ho.catalog:
             sender, receiver, peer = (ho, st, st.id) if doc.owner == "ho" else (st, ho, ho.id)
-            with sender.engine.connect() as conn:
-                keys_sent = [k for (k,) in conn.execute(select(xchg_delivery.c.doc_key).where(
-                    xchg_delivery.c.peer == peer, xchg_delivery.c.doc_type == doc.name,
-                    xchg_delivery.c.op == "U"))]
-                if doc.route.kind == "all":  # broadcast to every store
-                    keys_sent = sorted(set(keys_sent) | {k for (k,) in conn.execute(
-                        select(xchg_broadcast.c.doc_key).where(
-                            xchg_broadcast.c.doc_type == doc.name, xchg_broadcast.c.op == "U"))})
+            if (sender.id, peer) not in sent:
+                sent[(sender.id, peer)] = status.documents(sender, peer)
+            keys_sent = sorted(k for (t, k), d in sent[(sender.id, peer)].items() if t == doc.name and d.op == "U")
             side = []
             for node in (sender, receiver):
                 with node.engine.connect() as conn:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
-from . import rows, sqlite_arrow
+from . import rows, sqlite_arrow, streams
 from .arrow_memory import system_pool, trim
 from .bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from .catalog import Catalog, DocType, PeerInfo
@@ -33,6 +33,7 @@ from .node import Node
 from .faults import crashpoint
 from .progress import NullReporter, Reporter
 from .sqlite_arrow import SqliteArrowReader
+from .streams import EventBatch
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,11 @@ def route_events(conn: Connection, node: Node) -> int:
 
     The backlog is read in chunks in event order; a document in several chunks
     is upserted again by the later one, so the newest version wins as if the
-    backlog had been read at once.
+    backlog had been read at once. A store with one HO routes nothing: its
+    events are sent straight from the log (:mod:`exchange.streams`).
     """
+    if streams.direct_peer(node) is not None:
+        return 0
     max_id = conn.execute(select(func.max(xchg_event.c.id)).where(xchg_event.c.routed == 0)).scalar()
     if max_id is None:
         return 0
@@ -140,8 +144,23 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
     return len(deliveries) + len(broadcast)
 
 
+def _broadcast_high(conn: Connection) -> int:
+    return int(conn.execute(select(func.coalesce(func.max(xchg_broadcast.c.version), 0))).scalar() or 0)
+
+
 def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
-    """Record the latest op and version of documents that go to every store."""
+    """Record the latest op and version of documents that go to every store.
+
+    Stores follow this table with a cursor, so a document must land after every
+    cursor: its version is its event id, or one more than the highest version
+    recorded when that is higher. On PostgreSQL an event id is taken at insert
+    and a transaction can commit after one with a higher id; with the event id
+    alone, its document would sort before cursors that had already passed.
+    """
+    if not docs:
+        return
+    floor = _broadcast_high(conn) + 1
+    docs = [(t, k, op, max(v, floor)) for t, k, op, v in docs]
     groups: dict[str, list[str]] = defaultdict(list)
     for doc_type, key, _op, _v in docs:
         groups[doc_type].append(key)
@@ -263,11 +282,13 @@ def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int)
     return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
 
 
-def _merge(direct: list[tuple[str, str, str, int]], broadcast: list[tuple[str, str, str, int]]
-           ) -> list[tuple[str, str, str, int]]:
-    """Direct deliveries plus broadcast documents, one entry per document (newest wins)."""
+def _merge(*sources: list[tuple[str, str, str, int]]) -> list[tuple[str, str, str, int]]:
+    """Deliveries, documents from the log and broadcast documents, one entry per document (newest wins)."""
+    given = [s for s in sources if s]
+    if len(given) <= 1:
+        return given[0] if given else []
     best: dict[tuple[str, str], tuple[str, str, str, int]] = {}
-    for d in [*direct, *broadcast]:
+    for d in [x for s in given for x in s]:
         old = best.get((d[0], d[1]))
         if old is None or old[3] < d[3]:
             best[(d[0], d[1])] = d
@@ -281,6 +302,7 @@ class _Shared:
         self.tables: dict[tuple[tuple[str, str, str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self.parquet = ParquetCache(node.cfg.work)
         self.broadcast: dict[tuple[tuple[int, str, str], int], list[tuple[str, str, str, int]]] = {}
+        self.ahead_events: EventBatch | None = None  # the store's next events, read while one was sealed
         url = node.engine.url
         self.reader = (sqlite_arrow.SqliteArrowReader(url.database)
                        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
@@ -361,25 +383,43 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
     """Seal ``peer``'s next bundle, or return None when nothing is pending for it."""
     limit = max_docs or node.cfg.max_bundle_rows
     broadcast_to = node.cfg.peer(peer).role == "store"
-    with node.engine.connect() as conn:
-        direct = _pending_direct(conn, peer, limit)
-        bc = (_pending_broadcast(conn, peer, limit - len(direct), shared)
-              if broadcast_to and len(direct) < limit else [])
-        docs = _merge(direct, bc) if direct and bc else (direct or bc)
-        # a full batch of direct deliveries: the next batch is known now, and its rows can be
-        # read by the helper process while this one is sealed (it is checked again after the commit)
-        ahead = (_pending_direct(conn, peer, limit, after=direct[-1])
-                 if look_ahead and shared is not None and shared.reader is not None and len(direct) == limit
-                 else None)
-    if not docs:
-        return None
-    return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, ahead)
+    from_log = peer == streams.direct_peer(node)
+    while True:
+        with node.engine.connect() as conn:
+            direct = _pending_direct(conn, peer, limit)
+            events = (streams.pending(conn, node, limit - len(direct),
+                                      known=shared.ahead_events if shared is not None else None)
+                      if from_log and len(direct) < limit else EventBatch([], []))
+            room = limit - len(direct) - len(events.ids)
+            bc = _pending_broadcast(conn, peer, room, shared) if broadcast_to and room > 0 else []
+            docs = _merge(direct, events.docs, bc)
+            # a full batch: the next one is known now, and its rows can be read by the helper
+            # process while this one is sealed (it is checked again after the commit)
+            ahead = (_look_ahead(conn, node, peer, limit, direct, events, shared)
+                     if look_ahead and shared is not None and shared.reader is not None and room <= 0 else None)
+        if docs:
+            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, ahead, events.ids)
+        if not events.ids:
+            return None
+        with node.engine.begin() as conn:  # only events of types this node does not send
+            begin_write(conn)
+            streams.mark_sealed(conn, None, events.ids)
+
+
+def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: list[tuple[str, str, str, int]],
+                events: EventBatch, shared: _Shared) -> list[tuple[str, str, str, int]]:
+    """The batch after a full one, as far as it can be known before this one commits."""
+    if len(direct) == limit:
+        return _pending_direct(conn, peer, limit, after=direct[-1])
+    shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id)
+    return shared.ahead_events.docs
 
 
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
-                ahead: list[tuple[str, str, str, int]] | None = None) -> Exported:
+                ahead: list[tuple[str, str, str, int]] | None = None,
+                event_ids: Sequence[int] = ()) -> Exported:
     with node.engine.begin() as conn:
         begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
@@ -412,6 +452,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
                 bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
+        streams.mark_sealed(conn, seq, event_ids)
         rep.advance(len(docs))
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
@@ -434,7 +475,7 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     out: list[Exported] = []
     node.cfg.work.mkdir(parents=True, exist_ok=True)
     shared = _Shared(node)
-    if shared.reader is not None and sqlite_arrow.wanted(routed):
+    if shared.reader is not None and sqlite_arrow.wanted(routed or _backlog(node)):
         shared.reader.start()  # its start-up (about 0.3 s) overlaps the first pending query
     # One bundle per peer in turn, not every bundle of one peer first: stores at the same broadcast
     # cursor then ask for the same batch one after the other, and it is read and encoded once
@@ -447,6 +488,16 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     finally:
         shared.close()
     return out
+
+
+def _backlog(node: Node) -> int:
+    """Unrouted events, counted up to what starting the reader needs (a store sends from its log)."""
+    if streams.direct_peer(node) is None:
+        return 0
+    with node.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(
+            select(xchg_event.c.id).where(xchg_event.c.routed == 0).limit(sqlite_arrow.MIN_DOCS).subquery())
+        ).scalar() or 0)
 
 
 def _export_round_robin(node: Node, active: list[str], rep: Reporter, shared: _Shared, out: list[Exported]) -> None:
@@ -472,7 +523,9 @@ def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
     peers = peer_infos(node)
     n = 0
     with node.engine.begin() as conn:
-        version = int(conn.execute(select(func.coalesce(func.max(xchg_event.c.id), 0))).scalar() or 0)
+        # newer than anything sent before, broadcast versions included (see _replace_broadcast)
+        version = max(int(conn.execute(select(func.coalesce(func.max(xchg_event.c.id), 0))).scalar() or 0),
+                      _broadcast_high(conn))
         for doc_type in doc_types:
             dt = node.catalog.get(doc_type)
             if dt.owner != node.cfg.role:

@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .db import xchg_parked, xchg_received, xchg_sent
+from . import streams
+from .db import xchg_broadcast, xchg_delivery, xchg_parked, xchg_received, xchg_sent, xchg_stream_out
 from .node import Node
 
 
@@ -48,6 +49,48 @@ def received(node: Node) -> list[Row]:
                _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
     for q in quarantined(node):
         out.append(Row(q.file, q.peer, q.seq, {}, "QUARANTINED", q.time, None, q.reason))
+    return out
+
+
+@dataclass(frozen=True)
+class DocState:
+    """Where one document stands on its way to a peer."""
+
+    op: str  # U or D
+    version: int
+    status: str  # PENDING, or the status of the bundle that carried it
+    seq: int | None  # that bundle, when known
+
+
+def documents(node: Node, peer: str) -> dict[tuple[str, str], DocState]:
+    """(doc_type, doc_key) -> state of every document this node sends ``peer``, three ways:
+
+    - a delivery row (routed to some stores, or a reload), with its own status;
+    - a broadcast row (every store), PROCESSED once the peer's cursor is past it;
+    - an event in a store's capture log (:mod:`exchange.streams`), with the status
+      of the bundle that carried it.
+
+    Where a document is in more than one (a reload), the newest version wins.
+    """
+    out: dict[tuple[str, str], DocState] = {}
+
+    def newer(doc: tuple[str, str], state: DocState) -> None:
+        if doc not in out or out[doc].version < state.version:
+            out[doc] = state
+
+    with node.engine.connect() as conn:
+        for r in conn.execute(select(xchg_delivery).where(xchg_delivery.c.peer == peer)):
+            out[(r.doc_type, r.doc_key)] = DocState(r.op, int(r.version), r.status, r.seq)
+        if node.cfg.peer(peer).role != "store":
+            for doc, (op, version, state, seq) in streams.document_states(conn, peer).items():
+                newer(doc, DocState(op, version, state, seq))
+            return out
+        cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
+                                  xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
+        cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+        for r in conn.execute(select(xchg_broadcast)):
+            passed = (int(r.version), r.doc_type, r.doc_key) <= cursor
+            newer((r.doc_type, r.doc_key), DocState(r.op, int(r.version), "PROCESSED" if passed else "PENDING", None))
     return out
 
 

@@ -24,13 +24,13 @@ from typing import Any
 
 from sqlalchemy import func, inspect, select, text, update
 
-from exchange import bundle, keys, rows, status
+from exchange import bundle, keys, rows, status, streams
 from exchange import schema as s
 from exchange.bundle import BundleReader, open_bundle
 from exchange.catalog import DocType
 from exchange.capture import record_events
 from exchange.db import (
-    XCHG, xchg_broadcast, xchg_delivery, xchg_doc_version, xchg_received, xchg_sent, xchg_stream_in, xchg_stream_out,
+    XCHG, xchg_doc_version, xchg_received, xchg_sent, xchg_stream_in, xchg_stream_out,
 )
 from exchange.demo import reconcile
 from exchange.demo_data import seed_masters, seed_store_activity
@@ -125,13 +125,13 @@ def _spool(folder: Path) -> list[str]:
 
 
 def make_net(root: Path, *, ho_db: str | None = None, stores: Sequence[str] = ("s001", "s002"),
-             max_rows: dict[str, int] | None = None) -> Net:
-    """An HO and ``stores`` paired through ``root/transfer`` (no data yet)."""
+             max_rows: dict[str, int] | None = None, store_dbs: dict[str, str] | None = None) -> Net:
+    """An HO and ``stores`` paired through ``root/transfer`` (no data yet); SQLite unless a URL is given."""
     root.mkdir(parents=True, exist_ok=True)
     transfer = root / "transfer"
     transfer.mkdir(exist_ok=True)
     ho_cfg = init_home(root / "ho", "ho", "ho", database=ho_db)
-    st_cfgs = [init_home(root / sid, sid, "store") for sid in stores]
+    st_cfgs = [init_home(root / sid, sid, "store", database=(store_dbs or {}).get(sid)) for sid in stores]
     for cfg in st_cfgs:
         add_peer(ho_cfg, cfg.id, "store", keys.public_signing_line(cfg), keys.recipient(cfg),
                  f"dir:{transfer}", (GROUPS.get(cfg.id, "north"),))
@@ -234,27 +234,8 @@ def doc_versions(node: Node) -> dict[tuple[str, str], int]:
 
 
 def deliveries(sender: Node, peer: str) -> dict[tuple[str, str], tuple[str, int, str, int | None]]:
-    """(doc_type, doc_key) -> (op, version, status, seq) of what ``sender`` routes to ``peer``.
-
-    Documents routed to every store travel as broadcast rows (one per document, each
-    stream following with a cursor): they count as PROCESSED once the peer's cursor
-    is past them, else PENDING. Where a document is both (a reload), the newest wins.
-    """
-    out: dict[tuple[str, str], tuple[str, int, str, int | None]] = {}
-    with sender.engine.connect() as conn:
-        for r in conn.execute(select(xchg_delivery).where(xchg_delivery.c.peer == peer)):
-            out[(r.doc_type, r.doc_key)] = (r.op, int(r.version), r.status, r.seq)
-        if sender.cfg.peer(peer).role != "store":
-            return out
-        cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
-                                  xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
-        cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
-        for r in conn.execute(select(xchg_broadcast)):
-            old = out.get((r.doc_type, r.doc_key))
-            if old is None or old[1] < int(r.version):
-                passed = (int(r.version), r.doc_type, r.doc_key) <= cursor
-                out[(r.doc_type, r.doc_key)] = (r.op, int(r.version), "PROCESSED" if passed else "PENDING", None)
-    return out
+    """(doc_type, doc_key) -> (op, version, status, seq) of what ``sender`` sends ``peer``."""
+    return {doc: (d.op, d.version, d.status, d.seq) for doc, d in status.documents(sender, peer).items()}
 
 
 # ---------------------------------------------------------------- files

@@ -1,0 +1,136 @@
+"""A store's documents straight from its capture log to its one HO.
+
+Every store-owned document goes to the HO, and a store has one. Routing those
+documents through ``xchg_delivery`` wrote each of them three times (delivery
+inserted PENDING, updated EXPORTED, event marked routed), and that bookkeeping
+was most of a store's export time. So on a store with one HO peer the unrouted
+events *are* the queue:
+
+- a batch is the next unrouted events in id order, coalesced per document (the
+  latest event gives the op and the version);
+- the bundle's own transaction marks those events routed and records the
+  bundle's seq on them (``xchg_event.seq``), so which bundle carried a document
+  stays answerable, and its status is that bundle's (:func:`document_states`);
+- events are selected by the ``routed`` flag, never by a cursor over ids: on
+  PostgreSQL an event can commit after one with a higher id, and it is simply in
+  a later batch.
+
+A store with no HO peer or with several keeps routing into deliveries, as the
+HO does for the documents it sends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from . import rows
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+Doc = tuple[str, str, str, int]  # (doc_type, canonical doc_key, op, version)
+
+
+def direct_peer(node: Node) -> str | None:
+    """The peer that takes every document this node sends from its log, or None (route them)."""
+    if node.cfg.role != "store":
+        return None
+    hos = [p.id for p in node.cfg.peers.values() if p.role == "ho"]
+    return hos[0] if len(hos) == 1 else None
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """The next unrouted events: the documents they name, and every event id to mark."""
+
+    docs: list[Doc]
+    ids: list[int]
+
+    @property
+    def last_id(self) -> int:
+        return self.ids[-1]
+
+
+def _fetch(conn: Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # tuples, not Rows
+    try:
+        cur.execute(rows.driver_sql(conn, sql), params)
+        return list(cur.fetchall())
+    finally:
+        cur.close()
+
+
+def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
+            known: EventBatch | None = None) -> EventBatch:
+    """Up to ``limit`` unrouted events in id order (after id ``after`` if given), coalesced.
+
+    ``known``: a batch read ahead earlier; it is returned as it is if the same
+    events are still the next ones (checked on ids alone, from the index).
+    Events of a type this node does not own are listed in ``ids`` only: they are
+    marked routed and never sent, as routing does with them.
+    """
+    order = f" ORDER BY id LIMIT {int(limit)}"
+    if known is not None and after is None:
+        ids = [int(i) for (i,) in _fetch(conn, "SELECT id FROM xchg_event WHERE routed = 0" + order, ())]
+        if ids == known.ids:
+            return known
+    sql = "SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0"
+    events = _fetch(conn, sql + (" AND id > ?" if after is not None else "") + order,
+                    () if after is None else (after,))
+    latest: dict[tuple[str, str], tuple[str, int]] = {}
+    canon, catalog, role = rows.canonicalize, node.catalog, node.cfg.role
+    owned: dict[str, bool] = {}
+    foreign = 0
+    for eid, doc_type, doc_key, op in events:
+        mine = owned.get(doc_type)
+        if mine is None:
+            mine = owned[doc_type] = catalog.get(doc_type).owner == role
+        if not mine:
+            foreign += 1
+            continue
+        key = (doc_type, canon(doc_key))
+        latest.pop(key, None)  # re-inserted: the dict stays in order of each document's latest event
+        latest[key] = (op, int(eid))
+    if foreign:
+        log.warning("ignoring %d events of document types owned by the other side", foreign)
+    return EventBatch([(t, k, op, v) for (t, k), (op, v) in latest.items()], [int(e[0]) for e in events])
+
+
+def mark_sealed(conn: Connection, seq: int | None, ids: Sequence[int]) -> None:
+    """The batch's events are routed, carried by bundle ``seq`` (None: not sent at all)."""
+    if not ids:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1, seq = %s WHERE id = ANY(%s)", (seq, list(ids)))
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1, seq = ? WHERE id IN (SELECT value FROM json_each(?))",
+                             (seq, json.dumps(list(ids))))
+    else:
+        rows.executemany(conn, "UPDATE xchg_event SET routed = 1, seq = ? WHERE id = ?", [(seq, i) for i in ids])
+
+
+def document_states(conn: Connection, peer: str, doc_type: str | None = None
+                    ) -> dict[tuple[str, str], tuple[str, int, str, int | None]]:
+    """(doc_type, doc_key) -> (op, version, status, seq) of documents sent from the log to ``peer``.
+
+    A document's latest event decides: unrouted is PENDING; otherwise the status
+    of the bundle that carried it (EXPORTED, UPLOADED, PROCESSED, REJECTED).
+    """
+    sql = ("SELECT e.doc_type, e.doc_key, e.op, e.id, e.routed, e.seq, s.status FROM xchg_event e "
+           "LEFT JOIN xchg_sent s ON s.peer = ? AND s.seq = e.seq WHERE (e.routed = 0 OR e.seq IS NOT NULL)")
+    params: tuple[Any, ...] = (peer,)
+    if doc_type is not None:
+        sql += " AND e.doc_type = ?"
+        params += (doc_type,)
+    out: dict[tuple[str, str], tuple[str, int, str, int | None]] = {}
+    for t, k, op, eid, routed, seq, status in conn.exec_driver_sql(rows.driver_sql(conn, sql + " ORDER BY e.id"),
+                                                                   params):
+        state = "PENDING" if not routed else str(status or "EXPORTED")
+        out[(str(t), rows.canonicalize(str(k)))] = (str(op), int(eid), state, None if seq is None else int(seq))
+    return out
