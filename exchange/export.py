@@ -213,18 +213,20 @@ def _upserts_by_type(catalog: Catalog, docs: Sequence[tuple[str, str, str, int]]
 
 
 def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, str, str, int]],
-                 reader: SqliteArrowReader | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 reader: SqliteArrowReader | None = None, upserts: dict[str, list[str]] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Arrow tables (``_events`` first) and the per-type summary for a batch of documents.
 
     ``reader``: an ADBC helper for a SQLite database, used for batches big
     enough to pay for starting it (see :mod:`exchange.sqlite_arrow`).
+    ``upserts``: :func:`_upserts_by_type` of ``docs``, when the caller has it.
     """
     events = pa.Table.from_pydict({
         "doc_type": [d[0] for d in docs], "doc_key": [d[1] for d in docs],
         "op": [d[2] for d in docs], "version": [d[3] for d in docs]}, schema=EVENTS_SCHEMA)
     tables: dict[str, Any] = {EVENTS_TABLE: events}
     documents: dict[str, Any] = {}
-    by_type = _upserts_by_type(catalog, docs)
+    by_type = _upserts_by_type(catalog, docs) if upserts is None else upserts
     deletes: dict[str, int] = defaultdict(int)
     for doc_type, _key, op, _v in docs:
         if op != "U":
@@ -308,11 +310,11 @@ class _Shared:
                        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
                        and sqlite_arrow.mode() != "off" and sqlite_arrow.available() else None)
 
-    def prefetch(self, conn: Connection, catalog: Catalog, docs: list[tuple[str, str, str, int]]) -> None:
+    def prefetch(self, conn: Connection, catalog: Catalog, upserts: dict[str, list[str]]) -> None:
         """Have the helper read ahead the first big document type of a coming batch."""
         if self.reader is None:
             return
-        for doc_type, keys in _upserts_by_type(catalog, docs).items():
+        for doc_type, keys in upserts.items():
             if sqlite_arrow.wanted(len(keys)):
                 dt = catalog.get(doc_type)
                 rows.prefetch_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys, self.reader)
@@ -393,12 +395,14 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
             room = limit - len(direct) - len(events.ids)
             bc = _pending_broadcast(conn, peer, room, shared) if broadcast_to and room > 0 else []
             docs = _merge(direct, events.docs, bc)
-            # a full batch: the next one is known now, and its rows can be read by the helper
-            # process while this one is sealed (it is checked again after the commit)
-            ahead = (_look_ahead(conn, node, peer, limit, direct, events, shared)
-                     if look_ahead and shared is not None and shared.reader is not None and room <= 0 else None)
+            upserts = events.upserts if docs is events.docs else _upserts_by_type(node.catalog, docs)
+            # a full batch: the next one is known now, and the helper process reads it (after this
+            # one) while this one is sealed; it is checked again after the commit
+            if look_ahead and shared is not None and shared.reader is not None and room <= 0:
+                shared.prefetch(conn, node.catalog, upserts)  # (asked already when it was the batch ahead)
+                shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
         if docs:
-            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, ahead, events.ids)
+            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events.ids, upserts)
         if not events.ids:
             return None
         with node.engine.begin() as conn:  # only events of types this node does not send
@@ -407,19 +411,18 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
 
 
 def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: list[tuple[str, str, str, int]],
-                events: EventBatch, shared: _Shared) -> list[tuple[str, str, str, int]]:
-    """The batch after a full one, as far as it can be known before this one commits."""
+                events: EventBatch, shared: _Shared) -> dict[str, list[str]]:
+    """The upserts of the batch after a full one, as far as they can be known before this one commits."""
     if len(direct) == limit:
-        return _pending_direct(conn, peer, limit, after=direct[-1])
+        return _upserts_by_type(node.catalog, _pending_direct(conn, peer, limit, after=direct[-1]))
     shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id)
-    return shared.ahead_events.docs
+    return shared.ahead_events.upserts
 
 
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
-                ahead: list[tuple[str, str, str, int]] | None = None,
-                event_ids: Sequence[int] = ()) -> Exported:
+                event_ids: Sequence[int] = (), upserts: dict[str, list[str]] | None = None) -> Exported:
     with node.engine.begin() as conn:
         begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
@@ -430,16 +433,17 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         else:
             seq, prev = int(stream[0]), stream[1]
         rep.start(f"export to {peer} #{seq}", len(docs))
-        tables, summary = (shared.build(conn, node.catalog, docs) if shared is not None
-                           else build_tables(conn, node.catalog, docs))
-        if ahead and shared is not None:
-            shared.prefetch(conn, node.catalog, ahead)
+        # only a batch with broadcast documents can be another peer's batch too: the rest is not
+        # kept (a store's backlog would hold the previous batch's tables while reading the next)
+        share = shared is not None and cursor is not None
+        tables, summary = (shared.build(conn, node.catalog, docs) if share and shared is not None
+                           else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
         sealed: Sealed = seal_bundle(
             part, key=node.signing_key, sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
-            parquet_cache=shared.parquet if shared is not None else None)
+            parquet_cache=shared.parquet if share and shared is not None else None)
         crashpoint("export.sealed")
         now = utc_now()
         conn.execute(xchg_sent.insert().values(

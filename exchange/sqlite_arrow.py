@@ -12,10 +12,13 @@ ADBC copy is just another reader of a WAL database, which SQLite is built for.
 The child opens the file read-only.
 
 Protocol (private to this module): the parent writes one JSON line per request
-on the child's stdin, ``{"queries": [[sql, [params...]], ...]}``; the child runs
+on the child's stdin, ``{"values": [v0, v1, ...], "queries": [[sql, [i, ...]], ...]}``
+(each query's parameters are indexes into ``values``, so a batch's keys, shared
+by its three or four queries, are written and parsed once); the child runs
 them in one read transaction (one snapshot) and answers on stdout with frames,
-each an 8-byte big-endian length and its bytes: a JSON header ``{"ok": true}``
-or ``{"ok": false, "error": "..."}``, then one Arrow IPC stream per query.
+each an 8-byte big-endian length and its bytes: a JSON header
+``{"ok": true, "tables": n}`` or ``{"ok": false, "error": "..."}``, then one Arrow IPC
+stream per query. Requests are answered in the order they were written.
 
 Any failure (driver not installed, child gone, a value the driver could not
 type) raises :class:`ReaderUnavailable`; callers then read through ``sqlite3``:
@@ -28,10 +31,13 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -93,17 +99,23 @@ def _read_frame(inp: IO[bytes]) -> bytes:
 class SqliteArrowReader:
     """One helper process reading one SQLite file; started on first use, ended by :meth:`close`.
 
-    :meth:`send` asks ahead (the exporter sends batch N+1 while it seals batch
-    N, so the two cores work at once); :meth:`query` collects that answer if it
-    asks the same, or discards it. At most one request is ever in flight, so
-    neither side can block on a full pipe while the other waits.
+    :meth:`send` asks ahead (the exporter asks for batches N+1 and N+2 while it
+    seals batch N, so the two cores work at once); :meth:`query` collects the
+    answer if it was asked, dropping answers asked ahead for something else.
+    Neither side ever blocks on a full pipe: a thread here drains the child's
+    answers as they come and the child queues requests as they arrive, and no
+    more than :attr:`DEPTH` requests are in flight (bounded memory).
     """
+
+    DEPTH = 2
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)  # the child runs elsewhere
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
-        self._in_flight: tuple[bytes, int] | None = None  # (request line, number of queries)
+        self._in_flight: deque[Any] = deque()  # what was asked, oldest first; answers come in this order
+        self._answers: queue.Queue[list[bytes] | str | BaseException] = queue.Queue()
+        self._drain: threading.Thread | None = None
         self.broken: str | None = None  # set once it failed: never retried in this run
 
     def start(self) -> None:
@@ -117,35 +129,69 @@ class SqliteArrowReader:
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
             except OSError as exc:
                 self._fail(f"cannot start the Arrow reader: {exc}")
+                return
+            self._drain = threading.Thread(target=self._read_answers, args=(self._proc.stdout,),
+                                           name="arrow-reader-answers", daemon=True)
+            self._drain.start()
+
+    def _read_answers(self, out: IO[bytes]) -> None:
+        """The drain thread: each answer (its IPC frames, or the child's error text) onto the queue."""
+        try:
+            while True:
+                try:
+                    head = json.loads(_read_frame(out))
+                except ReaderUnavailable:
+                    return  # closed between answers: the end
+                if not head.get("ok"):
+                    self._answers.put(str(head.get("error", "unknown error")))
+                else:
+                    self._answers.put([_read_frame(out) for _ in range(int(head["tables"]))])
+        except (OSError, ValueError, KeyError, ReaderUnavailable) as exc:
+            self._answers.put(exc)
 
     @staticmethod
     def _encode(queries: Sequence[tuple[str, Sequence[Any]]]) -> bytes:
-        return json.dumps({"queries": [[q, list(p)] for q, p in queries]}).encode() + b"\n"
+        """One JSON line; a parameter several queries share (a batch's keys) is written once."""
+        values: list[Any] = []
+        index: dict[Any, int] = {}
+        refs = []
+        for _sql, params in queries:
+            for v in params:
+                if v not in index:
+                    index[v] = len(values)
+                    values.append(v)
+            refs.append([index[v] for v in params])
+        return json.dumps({"values": values, "queries": [[q, r] for (q, _p), r in zip(queries, refs, strict=True)]}
+                          ).encode() + b"\n"
 
-    def _send(self, request: bytes, n: int) -> None:
+    @staticmethod
+    def _key(queries: Sequence[tuple[str, Sequence[Any]]]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        return tuple((q, tuple(p)) for q, p in queries)
+
+    def _send(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> None:
         self.start()
         if self._proc is None or self._proc.stdin is None:
             raise ReaderUnavailable(self.broken or "the Arrow reader is not running")
-        self._proc.stdin.write(request)
+        self._proc.stdin.write(self._encode(queries))
         self._proc.stdin.flush()
-        self._in_flight = (request, n)
+        self._in_flight.append(self._key(queries))
 
     def _answer(self) -> list[pa.Table] | str:
-        """The in-flight request's tables, or the child's error text for it."""
-        assert self._in_flight is not None and self._proc is not None and self._proc.stdout is not None
-        n = self._in_flight[1]
-        self._in_flight = None
-        head = json.loads(_read_frame(self._proc.stdout))
-        if not head.get("ok"):
-            return str(head.get("error", "unknown error"))
-        return [pa.ipc.open_stream(_read_frame(self._proc.stdout)).read_all() for _ in range(n)]
+        """The oldest in-flight request's tables, or the child's error text for it."""
+        self._in_flight.popleft()
+        got = self._answers.get()
+        if isinstance(got, BaseException):
+            raise ReaderUnavailable(f"the Arrow reader's answer was cut off: {got}") from got
+        if isinstance(got, str):
+            return got
+        return [pa.ipc.open_stream(frame).read_all() for frame in got]
 
     def send(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Ask ahead; a later :meth:`query` with the same queries gets the answer."""
-        if self.broken or self._in_flight is not None:
+        if self.broken or len(self._in_flight) >= self.DEPTH or self._key(queries) in self._in_flight:
             return
         try:
-            self._send(self._encode(queries), len(queries))
+            self._send(queries)
         except (OSError, ReaderUnavailable) as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
 
@@ -153,12 +199,14 @@ class SqliteArrowReader:
         """Run ``queries`` in one snapshot; their results as Arrow tables, in order."""
         if self.broken:
             raise ReaderUnavailable(self.broken)
-        request = self._encode(queries)
+        key = self._key(queries)
         try:
-            if self._in_flight is not None and self._in_flight[0] != request:
-                self._answer()  # asked ahead for something else: drop it
-            if self._in_flight is None:
-                self._send(request, len(queries))
+            if key not in self._in_flight:
+                while self._in_flight:  # answers asked ahead for something else: dropped
+                    self._answer()
+                self._send(queries)
+            while self._in_flight[0] != key:
+                self._answer()
             got = self._answer()
         except (OSError, ValueError, ReaderUnavailable) as exc:  # the process is gone or garbled
             self._fail(f"{type(exc).__name__}: {exc}")
@@ -181,19 +229,27 @@ class SqliteArrowReader:
         self.close()
 
     def close(self) -> None:
-        proc, self._proc, self._in_flight = self._proc, None, None
+        proc, self._proc = self._proc, None
+        self._in_flight.clear()
         stderr, self._stderr = self._stderr, None
         if proc is not None:
             try:
                 if proc.stdin is not None:
-                    proc.stdin.close()
+                    proc.stdin.close()  # the child ends at the end of its input
+            except OSError:
+                pass
+        if self._drain is not None:  # it ends when the child closes its stdout, that is, exits
+            self._drain.join(timeout=10)  # (a join, not wait()'s polling: 60 ms at the end of every export)
+            self._drain = None
+        if proc is not None:
+            try:
                 proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            finally:
-                if proc.stdout is not None:
-                    proc.stdout.close()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        self._answers = queue.Queue()
         if stderr is not None:
             stderr.close()
 
@@ -205,18 +261,32 @@ class SqliteArrowReader:
 
 
 def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
-    """The child: answer requests until stdin closes."""
+    """The child: answer requests in order until stdin closes.
+
+    A thread takes requests off stdin as they come, so the parent's write of
+    a request asked ahead never waits for the answer being computed.
+    """
     import adbc_driver_sqlite.dbapi as adbc
 
+    requests: queue.Queue[bytes | None] = queue.Queue()
+
+    def take() -> None:
+        for line in inp:
+            requests.put(line)
+        requests.put(None)
+
+    threading.Thread(target=take, name="arrow-reader-requests", daemon=True).start()
     conn = adbc.connect(Path(path).as_uri() + "?mode=ro")  # percent-encoded; file:///C:/... on Windows
     try:
-        for line in inp:
+        while (line := requests.get()) is not None:
             try:
                 tables = []
                 with conn.cursor() as cur:
                     cur.adbc_statement.set_options(**{BATCH_ROWS: "65536"})  # fewer, bigger chunks
-                    for sql, params in json.loads(line)["queries"]:
-                        cur.execute(sql, params or None)
+                    request = json.loads(line)
+                    values = request["values"]
+                    for sql, refs in request["queries"]:
+                        cur.execute(sql, [values[i] for i in refs] or None)
                         tables.append(cur.fetch_arrow_table())
                 conn.rollback()  # end the read transaction: the WAL can be checkpointed
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent as text
@@ -227,7 +297,7 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
                 _write_frame(out, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
                 out.flush()
                 continue
-            _write_frame(out, json.dumps({"ok": True}).encode())
+            _write_frame(out, json.dumps({"ok": True, "tables": len(tables)}).encode())
             for t in tables:
                 sink = pa.BufferOutputStream()
                 with pa.ipc.new_stream(sink, t.schema) as w:

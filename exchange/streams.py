@@ -21,10 +21,10 @@ HO does for the documents it sends.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from sys import intern
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
@@ -51,6 +51,8 @@ class EventBatch:
 
     docs: list[Doc]
     ids: list[int]
+    upserts: dict[str, list[str]] = field(default_factory=dict)  # keys of upserted documents, per type
+
 
     @property
     def last_id(self) -> int:
@@ -84,35 +86,44 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
     events = _fetch(conn, sql + (" AND id > ?" if after is not None else "") + order,
                     () if after is None else (after,))
     latest: dict[tuple[str, str], tuple[str, int]] = {}
-    canon, catalog, role = rows.canonicalize, node.catalog, node.cfg.role
-    owned: dict[str, bool] = {}
+    canon, catalog = rows.canonicalize, node.catalog
+    owned = {d.name for d in catalog.owned_by(node.cfg.role)}
     foreign = 0
     for eid, doc_type, doc_key, op in events:
-        mine = owned.get(doc_type)
-        if mine is None:
-            mine = owned[doc_type] = catalog.get(doc_type).owner == role
-        if not mine:
+        if doc_type not in owned:
+            catalog.get(doc_type)  # an unknown type is a configuration error, as in routing
             foreign += 1
             continue
-        key = (doc_type, canon(doc_key))
-        latest.pop(key, None)  # re-inserted: the dict stays in order of each document's latest event
-        latest[key] = (op, int(eid))
+        key = (intern(doc_type), canon(doc_key))
+        if key in latest:
+            del latest[key]  # re-inserted: the dict stays in order of each document's latest event
+        latest[key] = (intern(op), eid)
     if foreign:
         log.warning("ignoring %d events of document types owned by the other side", foreign)
-    return EventBatch([(t, k, op, v) for (t, k), (op, v) in latest.items()], [int(e[0]) for e in events])
+    docs: list[Doc] = []
+    upserts: dict[str, list[str]] = {n: [] for n in catalog.names if n in owned}  # in catalog order
+    for (t, k), (op, v) in latest.items():
+        docs.append((t, k, op, int(v)))
+        if op == "U":
+            upserts[t].append(k)
+    return EventBatch(docs, [int(e[0]) for e in events], {t: ks for t, ks in upserts.items() if ks})
 
 
 def mark_sealed(conn: Connection, seq: int | None, ids: Sequence[int]) -> None:
     """The batch's events are routed, carried by bundle ``seq`` (None: not sent at all)."""
-    if not ids:
-        return
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1, seq = %s WHERE id = ANY(%s)", (seq, list(ids)))
-    elif conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1, seq = ? WHERE id IN (SELECT value FROM json_each(?))",
-                             (seq, json.dumps(list(ids))))
-    else:
-        rows.executemany(conn, "UPDATE xchg_event SET routed = 1, seq = ? WHERE id = ?", [(seq, i) for i in ids])
+    rows.executemany(conn, "UPDATE xchg_event SET routed = 1, seq = ? WHERE id BETWEEN ? AND ?",
+                     [(seq, lo, hi) for lo, hi in _runs(ids)])
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ids as runs of consecutive ones: a backlog is one run, and each run is exact."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
 
 
 def document_states(conn: Connection, peer: str, doc_type: str | None = None
