@@ -85,7 +85,7 @@ def _read_exact(inp: IO[bytes], n: int) -> bytes:
     while got < n:
         b = inp.read(n - got)
         if not b:
-            raise ReaderUnavailable("the Arrow reader process ended mid-answer")
+            raise ReaderUnavailable("the Arrow reader process ended")
         chunks.append(b)
         got += len(b)
     return b"".join(chunks)
@@ -102,9 +102,9 @@ class SqliteArrowReader:
     :meth:`send` asks ahead (the exporter asks for batches N+1 and N+2 while it
     seals batch N, so the two cores work at once); :meth:`query` collects the
     answer if it was asked, dropping answers asked ahead for something else.
-    Neither side ever blocks on a full pipe: a thread here drains the child's
-    answers as they come and the child queues requests as they arrive, and no
-    more than :attr:`DEPTH` requests are in flight (bounded memory).
+    Neither side ever blocks on a full pipe: threads here feed requests and
+    drain answers, the child queues requests as they arrive, and no more than
+    :attr:`DEPTH` requests are in flight (bounded memory).
     """
 
     DEPTH = 2
@@ -115,7 +115,9 @@ class SqliteArrowReader:
         self._stderr: IO[bytes] | None = None
         self._in_flight: deque[Any] = deque()  # what was asked, oldest first; answers come in this order
         self._answers: queue.Queue[list[bytes] | str | BaseException] = queue.Queue()
+        self._requests: queue.Queue[bytes | None] = queue.Queue()
         self._drain: threading.Thread | None = None
+        self._feed: threading.Thread | None = None
         self.broken: str | None = None  # set once it failed: never retried in this run
 
     def start(self) -> None:
@@ -132,22 +134,37 @@ class SqliteArrowReader:
                 return
             self._drain = threading.Thread(target=self._read_answers, args=(self._proc.stdout,),
                                            name="arrow-reader-answers", daemon=True)
+            self._feed = threading.Thread(target=self._write_requests, args=(self._proc.stdin, self._requests),
+                                          name="arrow-reader-requests", daemon=True)
             self._drain.start()
+            self._feed.start()
+
+    @staticmethod
+    def _write_requests(inp: IO[bytes], requests: queue.Queue[bytes | None]) -> None:
+        """The feed thread: requests to the child as it takes them (it starts slowly: 0.3 s of imports)."""
+        try:
+            while (request := requests.get()) is not None:
+                inp.write(request)
+                inp.flush()
+        except OSError:
+            pass  # the child is gone: the drain thread reports it
+        finally:
+            try:
+                inp.close()  # the child ends at the end of its input
+            except OSError:
+                pass
 
     def _read_answers(self, out: IO[bytes]) -> None:
         """The drain thread: each answer (its IPC frames, or the child's error text) onto the queue."""
         try:
             while True:
-                try:
-                    head = json.loads(_read_frame(out))
-                except ReaderUnavailable:
-                    return  # closed between answers: the end
+                head = json.loads(_read_frame(out))  # at the child's end: ReaderUnavailable, queued below
                 if not head.get("ok"):
                     self._answers.put(str(head.get("error", "unknown error")))
                 else:
                     self._answers.put([_read_frame(out) for _ in range(int(head["tables"]))])
         except (OSError, ValueError, KeyError, ReaderUnavailable) as exc:
-            self._answers.put(exc)
+            self._answers.put(exc)  # whoever waits for an answer learns the child is gone
 
     @staticmethod
     def _encode(queries: Sequence[tuple[str, Sequence[Any]]]) -> bytes:
@@ -170,10 +187,9 @@ class SqliteArrowReader:
 
     def _send(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> None:
         self.start()
-        if self._proc is None or self._proc.stdin is None:
+        if self._proc is None or self._feed is None:
             raise ReaderUnavailable(self.broken or "the Arrow reader is not running")
-        self._proc.stdin.write(self._encode(queries))
-        self._proc.stdin.flush()
+        self._requests.put(self._encode(queries))
         self._in_flight.append(self._key(queries))
 
     def _answer(self) -> list[pa.Table] | str:
@@ -232,12 +248,12 @@ class SqliteArrowReader:
         proc, self._proc = self._proc, None
         self._in_flight.clear()
         stderr, self._stderr = self._stderr, None
-        if proc is not None:
-            try:
-                if proc.stdin is not None:
-                    proc.stdin.close()  # the child ends at the end of its input
-            except OSError:
-                pass
+        if self._feed is not None:
+            self._requests.put(None)  # the feed thread closes the child's stdin after what it holds
+            self._feed.join(timeout=10)
+            if self._feed.is_alive() and proc is not None:  # the child takes no input: it is stuck
+                proc.kill()
+            self._feed = None
         if self._drain is not None:  # it ends when the child closes its stdout, that is, exits
             self._drain.join(timeout=10)  # (a join, not wait()'s polling: 60 ms at the end of every export)
             self._drain = None
@@ -249,7 +265,7 @@ class SqliteArrowReader:
                 proc.wait()
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
-        self._answers = queue.Queue()
+        self._answers, self._requests = queue.Queue(), queue.Queue()
         if stderr is not None:
             stderr.close()
 

@@ -68,6 +68,25 @@ def _fetch(conn: Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
         cur.close()
 
 
+#: The ids of the next unrouted events as one text ("1,2,3"): checking a batch read ahead costs
+#: one row, not twenty thousand Python ints. A dialect without it compares the ids themselves.
+_IDS_TEXT = {
+    "sqlite": "SELECT group_concat(id) FROM (SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {n})",
+    "postgresql": "SELECT string_agg(id::text, ',' ORDER BY id) FROM "
+                  "(SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {n}) AS s",
+}
+
+
+def _still_next(conn: Connection, batch: EventBatch, limit: int) -> bool:
+    """Whether ``batch`` (read ahead) is still exactly the next ``limit`` unrouted events."""
+    sql = _IDS_TEXT.get(conn.dialect.name)
+    if sql is None:
+        return [int(i) for (i,) in _fetch(
+            conn, f"SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {int(limit)}", ())] == batch.ids
+    got = _fetch(conn, sql.format(n=int(limit)), ())
+    return bool(got) and got[0][0] == ",".join(map(str, batch.ids))
+
+
 def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
             known: EventBatch | None = None) -> EventBatch:
     """Up to ``limit`` unrouted events in id order (after id ``after`` if given), coalesced.
@@ -77,19 +96,16 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
     Events of a type this node does not own are listed in ``ids`` only: they are
     marked routed and never sent, as routing does with them.
     """
-    order = f" ORDER BY id LIMIT {int(limit)}"
-    if known is not None and after is None:
-        ids = [int(i) for (i,) in _fetch(conn, "SELECT id FROM xchg_event WHERE routed = 0" + order, ())]
-        if ids == known.ids:
-            return known
+    if known is not None and after is None and known.ids and _still_next(conn, known, limit):
+        return known
     sql = "SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0"
-    events = _fetch(conn, sql + (" AND id > ?" if after is not None else "") + order,
+    events = _fetch(conn, sql + (" AND id > ?" if after is not None else "") + f" ORDER BY id LIMIT {int(limit)}",
                     () if after is None else (after,))
     latest: dict[tuple[str, str], tuple[str, int]] = {}
     canon, catalog = rows.canonicalize, node.catalog
     owned = {d.name for d in catalog.owned_by(node.cfg.role)}
     foreign = 0
-    for eid, doc_type, doc_key, op in events:
+    for eid, doc_type, doc_key, op in events:  # one pass: measured faster than set-based checks in C
         if doc_type not in owned:
             catalog.get(doc_type)  # an unknown type is a configuration error, as in routing
             foreign += 1

@@ -130,6 +130,23 @@ def test_an_answer_asked_ahead_is_used_or_dropped(db: Any) -> None:
         assert reader.query(one)[0].column("v").to_pylist() == [1]
 
 
+def test_two_answers_asked_ahead_come_in_order(db: Any) -> None:
+    _engine, path = db
+    a, b, c = ([(f"SELECT {i} AS v", [])] for i in (1, 2, 3))
+    with SqliteArrowReader(str(path)) as reader:
+        reader.send(a)  # written by the feed thread while the child is still starting
+        reader.send(b)
+        reader.send(c)  # two in flight at most: ignored
+        assert len(reader._in_flight) == 2
+        assert reader.query(a)[0].column("v").to_pylist() == [1]
+        assert reader.query(b)[0].column("v").to_pylist() == [2]
+        assert reader.query(c)[0].column("v").to_pylist() == [3]
+        reader.send(a)
+        reader.send(b)
+        assert reader.query(b)[0].column("v").to_pylist() == [2]  # the answer to `a` is dropped on the way
+        assert not reader._in_flight and reader.broken is None
+
+
 def test_export_tables_are_the_same_through_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     net = make_net(tmp_path / "net", stores=("s001",))
     seed_ho(net, items=30)
