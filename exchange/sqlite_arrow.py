@@ -12,11 +12,13 @@ ADBC copy is just another reader of a WAL database, which SQLite is built for.
 The child opens the file read-only.
 
 Protocol (private to this module): the parent writes one JSON line per request
-on the child's stdin, ``{"values": [v0, v1, ...], "queries": [[sql, [i, ...]], ...]}``
+on the child's stdin, ``{"values": [v0, v1, ...], "queries": [[sql, [i, ...], rows], ...]}``
 (each query's parameters are indexes into ``values``, so a batch's keys, shared
-by its three or four queries, are written and parsed once); the child runs
-them in one read transaction (one snapshot) and answers on stdout with frames,
-each an 8-byte big-endian length and its bytes: a JSON header
+by its three or four queries, are written and parsed once; ``rows`` false for
+a statement run only for its effect); the child runs them in one read
+transaction (one snapshot), rolled back at the end with any temporary table,
+and answers on stdout with frames, each an 8-byte big-endian length and its
+bytes: a JSON header
 ``{"ok": true, "tables": n}`` or ``{"ok": false, "error": "..."}``, then one Arrow IPC
 stream per query. Requests are answered in the order they were written.
 
@@ -96,6 +98,15 @@ def _read_frame(inp: IO[bytes]) -> bytes:
     return _read_exact(inp, n)
 
 
+#: ``(sql, params)``: a query whose rows come back as a table; ``(sql, params, False)``: a
+#: statement run for its effect in the request's transaction (a temporary key table), no table.
+Statement = tuple[str, Sequence[Any]] | tuple[str, Sequence[Any], bool]
+
+
+def _wants_rows(q: Statement) -> bool:
+    return len(q) < 3 or bool(q[2])
+
+
 class SqliteArrowReader:
     """One helper process reading one SQLite file; started on first use, ended by :meth:`close`.
 
@@ -167,25 +178,26 @@ class SqliteArrowReader:
             self._answers.put(exc)  # whoever waits for an answer learns the child is gone
 
     @staticmethod
-    def _encode(queries: Sequence[tuple[str, Sequence[Any]]]) -> bytes:
+    def _encode(queries: Sequence[Statement]) -> bytes:
         """One JSON line; a parameter several queries share (a batch's keys) is written once."""
         values: list[Any] = []
         index: dict[Any, int] = {}
-        refs = []
-        for _sql, params in queries:
-            for v in params:
+        out = []
+        for q in queries:
+            refs = []
+            for v in q[1]:
                 if v not in index:
                     index[v] = len(values)
                     values.append(v)
-            refs.append([index[v] for v in params])
-        return json.dumps({"values": values, "queries": [[q, r] for (q, _p), r in zip(queries, refs, strict=True)]}
-                          ).encode() + b"\n"
+                refs.append(index[v])
+            out.append([q[0], refs, _wants_rows(q)])
+        return json.dumps({"values": values, "queries": out}).encode() + b"\n"
 
     @staticmethod
-    def _key(queries: Sequence[tuple[str, Sequence[Any]]]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
-        return tuple((q, tuple(p)) for q, p in queries)
+    def _key(queries: Sequence[Statement]) -> tuple[tuple[str, tuple[Any, ...], bool], ...]:
+        return tuple((q[0], tuple(q[1]), _wants_rows(q)) for q in queries)
 
-    def _send(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    def _send(self, queries: Sequence[Statement]) -> None:
         self.start()
         if self._proc is None or self._feed is None:
             raise ReaderUnavailable(self.broken or "the Arrow reader is not running")
@@ -202,7 +214,7 @@ class SqliteArrowReader:
             return got
         return [pa.ipc.open_stream(frame).read_all() for frame in got]
 
-    def send(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    def send(self, queries: Sequence[Statement]) -> None:
         """Ask ahead; a later :meth:`query` with the same queries gets the answer."""
         if self.broken or len(self._in_flight) >= self.DEPTH or self._key(queries) in self._in_flight:
             return
@@ -211,7 +223,7 @@ class SqliteArrowReader:
         except (OSError, ReaderUnavailable) as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
 
-    def query(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[pa.Table]:
+    def query(self, queries: Sequence[Statement]) -> list[pa.Table]:
         """Run ``queries`` in one snapshot; their results as Arrow tables, in order."""
         if self.broken:
             raise ReaderUnavailable(self.broken)
@@ -303,7 +315,7 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
                 tables = []
                 request = json.loads(line)
                 values = request["values"]
-                for sql, refs in request["queries"]:
+                for sql, refs, wants_rows in request["queries"]:
                     stmt = adbc.AdbcStatement(conn)
                     try:
                         stmt.set_options(**{BATCH_ROWS: "65536"})  # fewer, bigger chunks
@@ -311,6 +323,9 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
                         if refs:
                             stmt.bind(pa.record_batch([pa.array([values[i]]) for i in refs],
                                                       names=[f"p{n}" for n in range(len(refs))]))
+                        if not wants_rows:
+                            stmt.execute_update()
+                            continue
                         handle, _rows = stmt.execute_query()
                         tables.append(pa.RecordBatchReader._import_from_c(handle.address).read_all())
                     finally:
