@@ -331,11 +331,12 @@ def _arrow_queries(conn: Connection, tables: Sequence[Table], key_cols: Sequence
     helper's time for a header and two child tables (measured here).
     """
     cols = [f"k{i}" for i in range(len(key_cols))]  # no declared type: compared as json_extract's text
+    kt = f"{_READER_KEYS}{len(cols)}"
     extract = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(key_cols)))
-    queries: list[Statement] = [
-        (f"CREATE TEMP TABLE {_READER_KEYS} ({', '.join(cols)})", [], False),
-        (f"INSERT INTO temp.{_READER_KEYS} SELECT {extract} FROM json_each(?) ORDER BY key", [_keys_param(keys)],
-         False)]
+    queries: list[Statement] = [  # made in the transaction, gone with its rollback; emptied should one remain
+        (f"CREATE TEMP TABLE IF NOT EXISTS {kt} ({', '.join(cols)})", [], False),
+        (f"DELETE FROM temp.{kt}", [], False),
+        (f"INSERT INTO temp.{kt} SELECT {extract} FROM json_each(?) ORDER BY key", [_keys_param(keys)], False)]
     on = " AND ".join(f"t.{_q(conn, c)} = k.{k}" for c, k in zip(key_cols, cols, strict=True))
     for table in tables:
         schema = arrow_schema(table)
@@ -345,7 +346,7 @@ def _arrow_queries(conn: Connection, tables: Sequence[Table], key_cols: Sequence
         first = ", ".join(f"{_sentinel(p)} AS {_q(conn, c.name)}" for p, c in zip(phys, table.columns, strict=True))
         select = ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
         # CROSS JOIN: the key table is the outer loop, in the keys' order: one index seek per key
-        queries.append((f"SELECT {first} UNION ALL SELECT {select} FROM temp.{_READER_KEYS} AS k "
+        queries.append((f"SELECT {first} UNION ALL SELECT {select} FROM temp.{kt} AS k "
                         f"CROSS JOIN {_q(conn, table.name)} AS t ON {on}", []))
     return queries
 
