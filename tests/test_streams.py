@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 from enginehelpers import BASE_DAY, Net, add_item, check_net, make_net, seed_ho, seed_store
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 from exchange import keys, status, streams
 from exchange import schema as s
 from exchange.bundle import open_bundle
 from exchange.capture import record_events
-from exchange.db import xchg_delivery, xchg_event
+from exchange.db import MIGRATIONS, make_engine, migrate, xchg_delivery, xchg_event, xchg_meta
 from exchange.demo import reconcile
 from exchange.export import export_all
 from exchange.formats import EVENTS_TABLE
@@ -167,3 +167,22 @@ def test_a_store_with_two_hos_routes_through_deliveries(tmp_path: Path) -> None:
         assert sorted(conn.execute(select(xchg_delivery.c.peer, xchg_delivery.c.status))) == [
             ("ho", "EXPORTED"), ("ho2", "EXPORTED")]
     net.dispose()
+
+
+def test_a_database_from_before_the_log_stream_gets_its_column(db_url: str) -> None:
+    """Schema 3 (the previous release) had no ``xchg_event.seq``: migration 4 adds it, events kept."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        for step in MIGRATIONS[:3]:
+            step(conn)
+        conn.exec_driver_sql("ALTER TABLE xchg_event DROP COLUMN seq")  # as migration 1 made it then
+        conn.execute(xchg_meta.insert().values(key="schema_version", value="3"))
+        conn.execute(xchg_event.insert().values(doc_type="customer", doc_key='["s001","C1"]', op="U"))
+    assert "seq" not in {c["name"] for c in inspect(engine).get_columns("xchg_event")}
+    assert migrate(engine) == 1
+    assert "seq" in {c["name"] for c in inspect(engine).get_columns("xchg_event")}
+    with engine.connect() as conn:
+        assert conn.execute(select(xchg_event.c.doc_key, xchg_event.c.routed, xchg_event.c.seq)).all() == [
+            ('["s001","C1"]', 0, None)]
+    assert migrate(engine) == 0
+    engine.dispose()
