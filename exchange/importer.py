@@ -435,25 +435,38 @@ def _set_versions(conn: Connection, doc_type: str, versions: dict[str, int]) -> 
 
 
 def _write_docs(conn: Connection, node: Node, dt: DocType, keys: list[str],
-                data: dict[str, pa.Table]) -> None:
+                data: dict[str, pa.Table], held: bool = True) -> None:
     """Replace documents as units: children are replaced, the header is upserted.
 
     The header is updated in place rather than deleted, so rows of other
     documents that reference it (a sale naming an item) stay valid. A document
-    absent from ``data``'s header table (a delete) loses its header too.
+    absent from ``data``'s header table (a delete) loses its header too. On
+    PostgreSQL children are updated in place as well, and only the rows a
+    document no longer has are deleted (:func:`exchange.rows.replaces_in_place`),
+    unless ``held`` is false (none of ``keys`` was applied here before): then a
+    plain COPY is cheaper than staging (an empty HO's first load).
     """
     cat = node.catalog
-    for tname in reversed(dt.children):
-        rows.delete_docs(conn, cat.table(tname), dt.key, keys)
     header = data.get(dt.header)
     present = set(rows.row_keys(header, dt.key)) if header is not None else set()
     gone = [k for k in keys if k not in present]
+    kept = [k for k in keys if k in present]
+    staged: dict[str, tuple[str, list[str]]] = {}
+    for tname in reversed(dt.children):  # children first (they may reference the header)
+        table = cat.table(tname)
+        if held and tname in data and rows.replaces_in_place(conn, table, dt.key):
+            rows.delete_docs(conn, table, dt.key, gone)
+            staged[tname] = rows.prune_docs(conn, table, dt.key, kept, data[tname])
+        else:
+            rows.delete_docs(conn, table, dt.key, keys)
     if gone:
         rows.delete_docs(conn, cat.table(dt.header), dt.key, gone)
     if header is not None:
         rows.upsert_rows(conn, cat.table(dt.header), header)
     for tname in dt.children:
-        if tname in data:
+        if tname in staged:
+            rows.upsert_staged(conn, cat.table(tname), staged[tname])
+        elif tname in data:
             rows.insert_rows(conn, cat.table(tname), data[tname])
 
 
@@ -591,7 +604,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                     wanted = set(keys)
                     sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
                            for t, tab in data.items()}
-                _write_docs(conn, node, dt, keys, sub)
+                _write_docs(conn, node, dt, keys, sub, held=any(k in stored for k in keys))
                 _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
         except StatementError as exc:
             if isinstance(exc, OperationalError):
@@ -601,7 +614,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                 one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
                 try:
                     with conn.begin_nested():
-                        _write_docs(conn, node, dt, [k], one)
+                        _write_docs(conn, node, dt, [k], one, held=k in stored)
                         _set_versions(conn, doc_type, {k: v})
                 except StatementError as exc:
                     if isinstance(exc, OperationalError):

@@ -502,10 +502,7 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     sets = ", ".join(f"{_q(conn, c)} = excluded.{_q(conn, c)}" for c in cols if c not in pk)
     conflict = f"ON CONFLICT ({', '.join(_q(conn, c) for c in pk)}) " + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING")
     if conn.dialect.name == "postgresql":
-        stg = _q(conn, f"xchg_stg_{table.name}"[:60])
-        conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stg} (LIKE {qt}) ON COMMIT DROP")
-        conn.exec_driver_sql(f"TRUNCATE {stg}")
-        _pg_copy_in(conn, stg, cols, data)
+        stg = _pg_stage(conn, table, cols, data)
         conn.exec_driver_sql(f"INSERT INTO {qt} ({collist}) SELECT {collist} FROM {stg} {conflict}")
         conn.exec_driver_sql(f"TRUNCATE {stg}")
     elif conn.dialect.name == "sqlite":
@@ -516,6 +513,57 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
         delete_docs(conn, table, pk, row_keys(data, pk))
         insert_rows(conn, table, data)
     return int(data.num_rows)
+
+
+def _pg_stage(conn: Connection, table: Table, cols: list[str], data: pa.Table) -> str:
+    """``data`` COPYed into an empty temporary table shaped like ``table``; its quoted name."""
+    stg = _q(conn, f"xchg_stg_{table.name}"[:60])
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {stg} (LIKE {_q(conn, table.name)}) ON COMMIT DROP")
+    conn.exec_driver_sql(f"TRUNCATE {stg}")
+    _pg_copy_in(conn, stg, cols, data)
+    return stg
+
+
+def replaces_in_place(conn: Connection, table: Table, key_cols: Sequence[str]) -> bool:
+    """Whether :func:`prune_docs` and :func:`upsert_staged` can replace ``table``'s document rows.
+
+    PostgreSQL, with the document key inside the primary key. Deleting every
+    row of a document and inserting it again left dead index entries that each
+    insert's uniqueness check had to visit: an import into a full HO ran at
+    half its baseline's speed. Updating rows in place and deleting only those a
+    document no longer has does the same work as the baseline's upsert.
+    """
+    pk = {c.name for c in table.primary_key.columns}
+    return conn.dialect.name == "postgresql" and bool(pk) and set(key_cols) <= pk
+
+
+def prune_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str],
+               data: pa.Table) -> tuple[str, list[str]]:
+    """Stage ``data`` and delete the rows of documents ``keys`` that it no longer has.
+
+    Returns the staging table and its columns, for :func:`upsert_staged` once
+    the headers are in place (see :func:`replaces_in_place`).
+    """
+    cols = _check_columns(table, data) if data.num_rows else [c.name for c in table.columns]
+    stg = _pg_stage(conn, table, cols, data)
+    if keys:
+        on_key = " AND ".join(f"t.{_q(conn, c)} = k.{_q(conn, c)}" for c in key_cols)
+        same_row = " AND ".join(f"s.{_q(conn, c.name)} = t.{_q(conn, c.name)}" for c in table.primary_key.columns)
+        with _key_table(conn, table, key_cols, keys) as kt:
+            conn.exec_driver_sql(f"DELETE FROM {_q(conn, table.name)} t USING {kt} k WHERE {on_key} "
+                                 f"AND NOT EXISTS (SELECT 1 FROM {stg} s WHERE {same_row})")
+    return stg, cols
+
+
+def upsert_staged(conn: Connection, table: Table, staged: tuple[str, list[str]]) -> None:
+    """Insert or update the staged rows of :func:`prune_docs` by primary key, and empty the stage."""
+    stg, cols = staged
+    pk = [c.name for c in table.primary_key.columns]
+    collist = ", ".join(_q(conn, c) for c in cols)
+    sets = ", ".join(f"{_q(conn, c)} = excluded.{_q(conn, c)}" for c in cols if c not in pk)
+    conflict = f"ON CONFLICT ({', '.join(_q(conn, c) for c in pk)}) " + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING")
+    conn.exec_driver_sql(f"INSERT INTO {_q(conn, table.name)} ({collist}) SELECT {collist} FROM {stg} {conflict}")
+    conn.exec_driver_sql(f"TRUNCATE {stg}")
 
 
 def row_keys(data: pa.Table, key_cols: Sequence[str]) -> list[str]:

@@ -26,7 +26,7 @@ from enginehelpers import (
     item_ids, make_net, outbox_bundles, prices, reprice, seed_ho, seed_store, sha, snapshot,
     table_counts,
 )
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import and_, func, insert, select, text, update
 
 from exchange import __version__, bundle, export, status
 from exchange import schema as s
@@ -723,3 +723,46 @@ def test_a_bundle_lost_in_transit_is_sent_again(net: Net) -> None:
     assert [o.status for o in sync(st).imported] == ["APPLIED"]
     net.settle()
     assert check_net(net).problems == []
+
+
+# ---------------------------------------------------------------- a document replaced as a unit
+
+def test_a_changed_bill_replaces_its_lines_at_the_ho(net: Net) -> None:
+    """A line removed, one changed, one added, a bill deleted: the HO holds exactly the store's rows.
+
+    On PostgreSQL the lines are updated in place and only the stale one is deleted
+    (rows.replaces_in_place); on SQLite they are deleted and inserted again.
+    """
+    seed_ho(net)
+    net.settle()
+    st = net.store("s001")
+    seed_store(net, "s001", sales=4)
+    net.settle()
+    with st.engine.connect() as conn:
+        bills = [tuple(r) for r in conn.execute(select(s.sales_bill.c.store_id, s.sales_bill.c.bill_no)
+                                                .order_by(s.sales_bill.c.bill_no))]
+        lines = conn.execute(select(s.sales_bill_line).where(
+            s.sales_bill_line.c.bill_no == bills[0][1]).order_by(s.sales_bill_line.c.line_no)).mappings().all()
+    assert len(lines) >= 2
+    changed, gone = bills[0], bills[1]
+    with st.engine.begin() as conn:
+        line = s.sales_bill_line.c
+        conn.execute(s.sales_bill_line.delete().where(and_(line.bill_no == changed[1], line.line_no == lines[-1]["line_no"])))
+        conn.execute(s.sales_bill_line.update().where(and_(line.bill_no == changed[1], line.line_no == lines[0]["line_no"]))
+                     .values(qty=lines[0]["qty"] + 1))
+        conn.execute(s.sales_bill_line.insert().values({**dict(lines[0]), "line_no": 99}))
+        for t in (s.sales_bill_payment, s.sales_bill_line):
+            conn.execute(t.delete().where(t.c.bill_no == gone[1]))
+        conn.execute(s.sales_bill.delete().where(s.sales_bill.c.bill_no == gone[1]))
+        record_events(conn, "sales_bill", [changed])
+        record_events(conn, "sales_bill", [gone], op="D")
+    net.settle()
+    assert check_net(net).problems == []  # every document row by row, on both sides
+    with net.ho.engine.connect() as conn:
+        line = s.sales_bill_line.c
+        got = sorted(conn.execute(select(line.line_no, line.qty).where(line.bill_no == changed[1])).all())
+        assert not conn.execute(select(s.sales_bill_line.c.line_no).where(line.bill_no == gone[1])).first()
+        assert not conn.execute(select(s.sales_bill.c.bill_no).where(s.sales_bill.c.bill_no == gone[1])).first()
+    want = sorted([(r["line_no"], r["qty"]) for r in lines[:-1]] + [(99, lines[0]["qty"])])
+    want = [(n, q + 1 if n == lines[0]["line_no"] else q) for n, q in want]
+    assert got == sorted(want)
