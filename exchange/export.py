@@ -351,12 +351,8 @@ def _pending_direct(conn: Connection, peer: str, limit: int,
     if after is not None:
         sql += " AND (version, doc_type, doc_key) > (?, ?, ?)"
         params += (after[3], after[0], after[1])
-    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cur.execute(rows.driver_sql(conn, sql + f" ORDER BY version, doc_type, doc_key LIMIT {int(limit)}"), params)
-        return [(str(t), str(k), str(o), int(v)) for t, k, o, v in cur.fetchall()]
-    finally:
-        cur.close()
+    found = rows.fetch_tuples(conn, sql + f" ORDER BY version, doc_type, doc_key LIMIT {int(limit)}", params)
+    return [(str(t), str(k), str(o), int(v)) for t, k, o, v in found]
 
 
 def _mark_exported(conn: Connection, peer: str, seq: int, docs: Sequence[tuple[str, str, str, int]]) -> None:
@@ -435,15 +431,15 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         rep.start(f"export to {peer} #{seq}", len(docs))
         # only a batch with broadcast documents can be another peer's batch too: the rest is not
         # kept (a store's backlog would hold the previous batch's tables while reading the next)
-        share = shared is not None and cursor is not None
-        tables, summary = (shared.build(conn, node.catalog, docs) if share and shared is not None
+        cache = shared if shared is not None and cursor is not None else None
+        tables, summary = (cache.build(conn, node.catalog, docs) if cache is not None
                            else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
         sealed: Sealed = seal_bundle(
             part, key=node.signing_key, sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
-            parquet_cache=shared.parquet if share and shared is not None else None)
+            parquet_cache=cache.parquet if cache is not None else None)
         crashpoint("export.sealed")
         now = utc_now()
         conn.execute(xchg_sent.insert().values(

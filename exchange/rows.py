@@ -120,6 +120,16 @@ def driver_sql(conn: Connection, sql: str) -> str:
     return sql if conn.dialect.paramstyle == "qmark" else sql.replace("?", "%s")
 
 
+def fetch_tuples(conn: Connection, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """All rows of ``sql`` (``?`` placeholders) as the driver's plain tuples: no SQLAlchemy Row per row."""
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cur.execute(driver_sql(conn, sql), params)
+        return list(cur.fetchall())
+    finally:
+        cur.close()
+
+
 def executemany(conn: Connection, sql: str, params: Sequence[tuple[Any, ...]]) -> None:
     """Run ``sql`` (written with ``?`` placeholders) once per tuple, on the driver's fast path."""
     if not params:
@@ -182,8 +192,7 @@ def _key_table(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
     else:  # one statement: the keys as one JSON parameter, split by SQLite (typed by column affinity)
         conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {qn} AS SELECT {cols} FROM {_q(conn, table.name)} WHERE 0")
         conn.exec_driver_sql(f"DELETE FROM {qn}")
-        values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(key_cols)))
-        conn.exec_driver_sql(f"INSERT INTO {qn} ({cols}) SELECT {values} FROM json_each(?)", (_keys_param(keys),))
+        conn.exec_driver_sql(f"INSERT INTO {qn} ({cols}) {_json_keys_select(len(key_cols))}", (_keys_param(keys),))
     try:
         yield qn
     finally:
@@ -266,13 +275,19 @@ def _keys_param(keys: Sequence[str]) -> str:
     return "[" + ",".join(keys) + "]"
 
 
-def _sqlite_join_sql(conn: Connection, table: Table, key_cols: Sequence[str], select: str | None = None) -> str:
+def _json_keys_select(width: int) -> str:
+    """The key values of the ``json_each(?)`` parameter (:func:`_keys_param`) as columns, in its order."""
+    values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
+    return f"SELECT {values} FROM json_each(?) ORDER BY key"
+
+
+def _sqlite_join_sql(conn: Connection, table: Table, key_cols: Sequence[str]) -> str:
     """Rows of ``table`` whose key is in the ``json_each(?)`` parameter, in the parameter's order.
 
     ``CROSS JOIN`` keeps the parameter as the outer loop, so each key is one
     primary-key index seek and rows come out in key order without a sort.
     """
-    cols = select or ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
+    cols = ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
     on = " AND ".join(f"t.{_q(conn, c)} = json_extract(k.value, '$[{i}]')" for i, c in enumerate(key_cols))
     return f"SELECT {cols} FROM json_each(?) AS k CROSS JOIN {_q(conn, table.name)} AS t ON {on}"
 
@@ -332,11 +347,10 @@ def _arrow_queries(conn: Connection, tables: Sequence[Table], key_cols: Sequence
     """
     cols = [f"k{i}" for i in range(len(key_cols))]  # no declared type: compared as json_extract's text
     kt = f"{_READER_KEYS}{len(cols)}"
-    extract = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(key_cols)))
     queries: list[Statement] = [  # made in the transaction, gone with its rollback; emptied should one remain
         (f"CREATE TEMP TABLE IF NOT EXISTS {kt} ({', '.join(cols)})", [], False),
         (f"DELETE FROM temp.{kt}", [], False),
-        (f"INSERT INTO temp.{kt} SELECT {extract} FROM json_each(?) ORDER BY key", [_keys_param(keys)], False)]
+        (f"INSERT INTO temp.{kt} {_json_keys_select(len(cols))}", [_keys_param(keys)], False)]
     on = " AND ".join(f"t.{_q(conn, c)} = k.{k}" for c, k in zip(key_cols, cols, strict=True))
     for table in tables:
         schema = arrow_schema(table)
@@ -497,22 +511,26 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
     if data.num_rows == 0:
         return 0
     cols = _check_columns(table, data)
-    pk = [c.name for c in table.primary_key.columns]
-    qt, collist = _q(conn, table.name), ", ".join(_q(conn, c) for c in cols)
-    sets = ", ".join(f"{_q(conn, c)} = excluded.{_q(conn, c)}" for c in cols if c not in pk)
-    conflict = f"ON CONFLICT ({', '.join(_q(conn, c) for c in pk)}) " + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING")
     if conn.dialect.name == "postgresql":
-        stg = _pg_stage(conn, table, cols, data)
-        conn.exec_driver_sql(f"INSERT INTO {qt} ({collist}) SELECT {collist} FROM {stg} {conflict}")
-        conn.exec_driver_sql(f"TRUNCATE {stg}")
+        upsert_staged(conn, table, (_pg_stage(conn, table, cols, data), cols))
     elif conn.dialect.name == "sqlite":
-        sql = f"INSERT INTO {qt} ({collist}) VALUES ({', '.join('?' for _ in cols)}) {conflict}"
+        collist = ", ".join(_q(conn, c) for c in cols)
+        sql = (f"INSERT INTO {_q(conn, table.name)} ({collist}) VALUES ({', '.join('?' for _ in cols)}) "
+               f"{_on_conflict(conn, table, cols)}")
         for params in _sqlite_rows(table, data, cols):
             executemany(conn, sql, params)
     else:
+        pk = [c.name for c in table.primary_key.columns]
         delete_docs(conn, table, pk, row_keys(data, pk))
         insert_rows(conn, table, data)
     return int(data.num_rows)
+
+
+def _on_conflict(conn: Connection, table: Table, cols: list[str]) -> str:
+    """``ON CONFLICT (primary key)``: the row's other columns take the new values."""
+    pk = [c.name for c in table.primary_key.columns]
+    sets = ", ".join(f"{_q(conn, c)} = excluded.{_q(conn, c)}" for c in cols if c not in pk)
+    return f"ON CONFLICT ({', '.join(_q(conn, c) for c in pk)}) " + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING")
 
 
 def _pg_stage(conn: Connection, table: Table, cols: list[str], data: pa.Table) -> str:
@@ -556,13 +574,11 @@ def prune_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
 
 
 def upsert_staged(conn: Connection, table: Table, staged: tuple[str, list[str]]) -> None:
-    """Insert or update the staged rows of :func:`prune_docs` by primary key, and empty the stage."""
+    """Insert or update staged rows (:func:`_pg_stage`, :func:`prune_docs`) by primary key; empty the stage."""
     stg, cols = staged
-    pk = [c.name for c in table.primary_key.columns]
     collist = ", ".join(_q(conn, c) for c in cols)
-    sets = ", ".join(f"{_q(conn, c)} = excluded.{_q(conn, c)}" for c in cols if c not in pk)
-    conflict = f"ON CONFLICT ({', '.join(_q(conn, c) for c in pk)}) " + (f"DO UPDATE SET {sets}" if sets else "DO NOTHING")
-    conn.exec_driver_sql(f"INSERT INTO {_q(conn, table.name)} ({collist}) SELECT {collist} FROM {stg} {conflict}")
+    conn.exec_driver_sql(f"INSERT INTO {_q(conn, table.name)} ({collist}) SELECT {collist} FROM {stg} "
+                         f"{_on_conflict(conn, table, cols)}")
     conn.exec_driver_sql(f"TRUNCATE {stg}")
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Connection
 
@@ -52,19 +51,9 @@ class EventBatch:
     ids: list[int]
     upserts: dict[str, list[str]] = field(default_factory=dict)  # keys of upserted documents, per type
 
-
     @property
     def last_id(self) -> int:
         return self.ids[-1]
-
-
-def _fetch(conn: Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
-    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # tuples, not Rows
-    try:
-        cur.execute(rows.driver_sql(conn, sql), params)
-        return list(cur.fetchall())
-    finally:
-        cur.close()
 
 
 #: The ids of the next unrouted events as one text ("1,2,3"): checking a batch read ahead costs
@@ -80,9 +69,9 @@ def _still_next(conn: Connection, batch: EventBatch, limit: int) -> bool:
     """Whether ``batch`` (read ahead) is still exactly the next ``limit`` unrouted events."""
     sql = _IDS_TEXT.get(conn.dialect.name)
     if sql is None:
-        return [int(i) for (i,) in _fetch(
+        return [int(i) for (i,) in rows.fetch_tuples(
             conn, f"SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {int(limit)}", ())] == batch.ids
-    got = _fetch(conn, sql.format(n=int(limit)), ())
+    got = rows.fetch_tuples(conn, sql.format(n=int(limit)), ())
     return bool(got) and got[0][0] == ",".join(map(str, batch.ids))
 
 
@@ -98,9 +87,9 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
     """
     if known is not None and after is None and known.ids and _still_next(conn, known, limit):
         return known
-    sql = "SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0"
-    events = _fetch(conn, sql + (" AND id > ?" if after is not None else "") + f" ORDER BY id LIMIT {int(limit)}",
-                    () if after is None else (after,))
+    sql = ("SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0"
+           + (" AND id > ?" if after is not None else "") + f" ORDER BY id LIMIT {int(limit)}")
+    events = rows.fetch_tuples(conn, sql, () if after is None else (after,))
     latest: dict[tuple[str, str], tuple[str, int]] = {}
     canon, plain, catalog = rows.canonicalize, rows.is_canonical, node.catalog
     owned = {d.name: d.name for d in catalog.owned_by(node.cfg.role)}.get  # the catalog's own str objects
@@ -141,8 +130,7 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def document_states(conn: Connection, peer: str, doc_type: str | None = None
-                    ) -> dict[tuple[str, str], tuple[str, int, str, int | None]]:
+def document_states(conn: Connection, peer: str) -> dict[tuple[str, str], tuple[str, int, str, int | None]]:
     """(doc_type, doc_key) -> (op, version, status, seq) of documents sent from the log to ``peer``.
 
     A document's latest event decides: unrouted is PENDING; otherwise the status
@@ -150,13 +138,8 @@ def document_states(conn: Connection, peer: str, doc_type: str | None = None
     """
     sql = ("SELECT e.doc_type, e.doc_key, e.op, e.id, e.routed, e.seq, s.status FROM xchg_event e "
            "LEFT JOIN xchg_sent s ON s.peer = ? AND s.seq = e.seq WHERE (e.routed = 0 OR e.seq IS NOT NULL)")
-    params: tuple[Any, ...] = (peer,)
-    if doc_type is not None:
-        sql += " AND e.doc_type = ?"
-        params += (doc_type,)
     out: dict[tuple[str, str], tuple[str, int, str, int | None]] = {}
-    for t, k, op, eid, routed, seq, status in conn.exec_driver_sql(rows.driver_sql(conn, sql + " ORDER BY e.id"),
-                                                                   params):
+    for t, k, op, eid, routed, seq, status in rows.fetch_tuples(conn, sql + " ORDER BY e.id", (peer,)):
         state = "PENDING" if not routed else str(status or "EXPORTED")
         out[(str(t), rows.canonicalize(str(k)))] = (str(op), int(eid), state, None if seq is None else int(seq))
     return out
