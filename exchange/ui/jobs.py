@@ -214,10 +214,12 @@ class Jobs:
                 log.exception("%s from the page failed unexpectedly", job.kind)
             finally:
                 self.activity.set_task(None)
-                job.finished = time.time()
-                if job.kind == "sync":
-                    with self._lock:
+                with self._lock:
+                    # recorded as the last sync before it reads as finished: a page drawn in between
+                    # showed the job done and no last sync, and stopped refreshing (seen in CI)
+                    if job.kind == "sync":
                         self._last_sync = job
+                    job.finished = time.time()
 
         t = threading.Thread(target=run, name=f"exchange-ui-{job.kind}", daemon=True)
         self._thread = t
