@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,7 +38,7 @@ from .bundle import Ack, BundleReader, Manifest, format_time, read_ack
 from .crypto import age, sshsig
 from .errors import CryptoError, ExchangeError, FormatError
 from .formats import EVENTS_TABLE, INNER_MANIFEST, MAX_TABLES, parse_name
-from .prune import ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
+from .prune import CHECKPOINTS_DIR, ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
 
 Severity = Literal["error", "warning"]
 
@@ -330,9 +330,12 @@ class _Archive:
         self.bad_files: list[tuple[ArchiveFile, Finding]] = []
         self.name_warnings: list[tuple[tuple[str, str], Finding]] = []
         self.counts = {"bundles": 0, "acks": 0, "checkpoints": 0, "distinct": 0}
+        self.files: list[ArchiveFile] = []
+        self.checkpoint_rel: dict[str, str] = {}
 
     def load(self, on_bundle: Any = None) -> None:
-        for f in scan_archive(self.root):
+        self.files = scan_archive(self.root)
+        for f in self.files:
             self.counts[f.kind + "s"] += 1
             sha, _size = sha256_of(f.path)
             if f.kind == "bundle":
@@ -371,11 +374,14 @@ class _Archive:
             self.acks[sha].copies.append(f.rel)
             return
         try:
-            ack = read_ack(f.path, self.trust, me=None)
+            ack = read_ack(f.path, self.trust, me=None, identities=self.identities)
         except ExchangeError as exc:
             self.bad_files.append((f, _err("ack", f"ack does not verify: {_msg(exc, f.path)}", f.rel)))
             return
         self.acks[sha] = AckFile(f.rel, sha, ack, [f.rel])
+        if ack.details == "unreadable":  # signed, but its encrypted details are not what it signed
+            self.name_warnings.append(((ack.sender, ack.acker), _err(
+                "ack", f"ack details: {ack.details_error}", f.rel, ack.seq)))
         if _name_parts(f.canonical) != (ack.acker, ack.sender, ack.seq):
             self.name_warnings.append(((ack.sender, ack.acker), _warn(
                 "name", f"file name disagrees with the signed ack ({ack.acker}.{ack.sender}.{ack.seq:010d}.ack)",
@@ -386,9 +392,21 @@ class _Archive:
             return
         try:
             self.checkpoints[sha] = read_checkpoint(f.path, self.trust)
+            self.checkpoint_rel[sha] = f.rel
         except ExchangeError as exc:
             self.bad_files.append((f, _err("checkpoint", f"checkpoint does not verify: {_msg(exc, f.path)}",
                                            f.rel)))
+
+
+    def owner(self, rel: str) -> str | None:
+        """Whose archive the file at ``rel`` lies in: the one node that sent what the ``sent/``
+        folder beside its folder holds (None when that cannot be told)."""
+        folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+        if folder.endswith(f"{CHECKPOINTS_DIR}/"):
+            folder = folder[:-len(CHECKPOINTS_DIR) - 1]
+        senders = {parts[0] for f in self.files if f.kind != "checkpoint" and f.rel.startswith(folder + "sent/")
+                   and (parts := _name_parts(f.canonical)) is not None}
+        return senders.pop() if len(senders) == 1 else None
 
 
 @contextmanager
@@ -412,8 +430,13 @@ def _stream_of_bad(f: ArchiveFile) -> tuple[str, str] | None:
 
 
 def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str] = (),
-                   strict: bool = False, workdir: Path | None = None) -> VerifyReport:
-    """Verify every bundle, ack and checkpoint under ``root``, then every stream they form."""
+                   strict: bool = False, workdir: Path | None = None,
+                   roles: Mapping[str, str] | None = None) -> VerifyReport:
+    """Verify every bundle, ack and checkpoint under ``root``, then every stream they form.
+
+    ``roles`` (node id -> ho/store, from a node's configuration) lets a checkpoint's claimed
+    role be checked too; without it only its signer and the archive it lies in are.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ExchangeError(f"{root} is not a folder", hint="Pass the archive folder (e.g. <home>/archive).")
@@ -445,9 +468,14 @@ def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
         acks_by_stream[key].append(a)
         stream(key)
     cps_by_stream: dict[tuple[str, str], list[Checkpoint]] = defaultdict(list)
-    for cp in arc.checkpoints.values():
-        cps_by_stream[cp.stream].append(cp)
-        stream(cp.stream)
+    for sha, cp in arc.checkpoints.items():
+        refused = _refuse_checkpoint(cp, arc.checkpoint_rel[sha], arc.owner(arc.checkpoint_rel[sha]), roles)
+        stream(cp.stream).findings += refused
+        if not any(f.severity == "error" for f in refused):
+            cps_by_stream[cp.stream].append(cp)
+    evidence = _evidence(arc.acks.values())
+    for key in evidence:
+        stream(key)
     for f, finding in arc.bad_files:
         guess = _stream_of_bad(f)
         if guess is None:
@@ -465,8 +493,88 @@ def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
                 bad_seqs[(parts[0], parts[1])].add(parts[2])
     for key in sorted(streams):
         _check_stream(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], bad_seqs[key])
+        _check_heads(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], evidence.get(key, []))
     report.streams = [streams[k] for k in sorted(streams)]
     return report
+
+
+def _refuse_checkpoint(cp: Checkpoint, rel: str, owner: str | None,
+                       roles: Mapping[str, str] | None) -> list[Finding]:
+    """Why a verified checkpoint may not stand in for what it records (errors), or a warning.
+
+    Only the node whose archive it lies in prunes that archive, in the role it has.
+    """
+    if owner is not None and cp.node != owner:
+        return [_err("checkpoint", f"signed by {cp.node}, but it lies in the archive of {owner}: only a node "
+                     "prunes its own archive; not used", rel, cp.last_seq)]
+    if roles is not None and cp.role is not None and roles.get(cp.node) != cp.role:
+        return [_err("checkpoint", f"claims {cp.node} prunes as {cp.role!r}, but {cp.node} is "
+                     f"{roles.get(cp.node) or 'not a configured node'!r} here; not used", rel, cp.last_seq)]
+    if owner is None:
+        return [_warn("checkpoint", f"cannot tell whose archive it lies in (no sent/ folder beside it); "
+                      f"taken as {cp.node}'s", rel, cp.last_seq)]
+    return []
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A stream position a peer signed into an ack (v2 ``heads``), kept in the audited archive."""
+
+    seq: int
+    manifest_sha256: str | None
+    af: AckFile
+    what: str
+    required: bool  # the archive must reach ``seq`` (False: only a manifest to compare)
+
+
+def _evidence(acks: Iterable[AckFile]) -> dict[tuple[str, str], list[Evidence]]:
+    """Per stream (sender, recipient), what the acks' signed heads say it reached."""
+    out: dict[tuple[str, str], list[Evidence]] = defaultdict(list)
+    for af in acks:
+        a, h = af.ack, af.ack.heads
+        if h is None:
+            continue
+        rf, st = h.received_from_you, h.sent_to_you
+        if rf.seq:
+            out[(a.sender, a.acker)].append(Evidence(rf.seq, rf.manifest_sha256, af, f"{a.acker} applied it", True))
+        if st.acknowledged:
+            out[(a.acker, a.sender)].append(Evidence(
+                st.acknowledged, st.manifest_sha256 if st.acknowledged == st.seq else None, af,
+                f"{a.sender} acknowledged it APPLIED to {a.acker}", True))
+        if st.seq and st.seq != st.acknowledged:
+            out[(a.acker, a.sender)].append(Evidence(st.seq, st.manifest_sha256, af, f"{a.acker} sealed it", False))
+    return out
+
+
+def _check_heads(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFile],
+                 checkpoints: list[Checkpoint], evidence: list[Evidence]) -> None:
+    """Signed heads against the archive: a stream cut short, or missing entirely, is an error that
+    names the missing seqs and the signed file that shows they existed."""
+    known: dict[int, set[str]] = defaultdict(set)
+    for bc in bundles:
+        if bc.authentic and bc.manifest is not None:
+            known[bc.manifest.seq].add(bc.manifest.sha256)
+    for cp in checkpoints:
+        for pb in cp.bundles:
+            known[pb.seq].add(pb.manifest_sha256)
+    top = max(set(known) | {af.ack.seq for af in acks}, default=0)
+    for ev in evidence:
+        if ev.manifest_sha256 is not None and known.get(ev.seq) and ev.manifest_sha256 not in known[ev.seq]:
+            sr.findings.append(_err("fork", f"{ev.af.rel} (signed by {ev.af.ack.acker}) names manifest "
+                                    f"{ev.manifest_sha256[:12]}.. for this seq, the archive holds "
+                                    f"{', '.join(x[:12] + '..' for x in sorted(known[ev.seq]))}", ev.af.rel, ev.seq))
+    need = max((ev for ev in evidence if ev.required), key=lambda ev: ev.seq, default=None)
+    if need is None or need.seq <= top:
+        return
+    proof = f"{need.af.rel} (signed by {need.af.ack.acker} at {format_time(need.af.ack.created)})"
+    if top == 0:
+        sr.findings.append(_err("head", f"the whole stream is missing from the archive (no bundle, ack or "
+                                f"checkpoint), but {proof} shows {_span(1, need.seq)} existed: seq {need.seq} "
+                                f"was sent ({need.what})", need.af.rel, 1))
+    else:
+        sr.findings.append(_err("head", f"{_span(top + 1, need.seq)} missing: the newest file of this stream "
+                                f"in the archive is seq {top}, but {proof} shows seq {need.seq} was sent "
+                                f"({need.what}): newest bundles and acks deleted?", need.af.rel, top + 1))
 
 
 def _with_copies(res: BundleCheck) -> list[Finding]:
@@ -484,6 +592,24 @@ def _ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
         else:
             out.append((s, s))
     return out
+
+
+def _missing(present: set[int], top: int) -> list[tuple[int, int]]:
+    """The ranges of 1..top not in ``present``, in time linear in ``present`` (not in ``top``)."""
+    out, expect = [], 1
+    for s in sorted(present):
+        if s > expect:
+            out.append((expect, min(s - 1, top)))
+        expect = max(expect, s + 1)
+    if expect <= top:
+        out.append((expect, top))
+    return [(a, b) for a, b in out if a <= b]
+
+
+def _reason(ack: Ack) -> str:
+    if ack.reason is not None or ack.details == "clear":
+        return str(ack.reason)
+    return "reason encrypted; pass --identity of an auditor it is encrypted to"
 
 
 def _bundles(n: int) -> str:
@@ -546,13 +672,12 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
     for af in acks:
         acks_by_seq[af.ack.seq].append(af)
     if known or acks_by_seq:
-        missing = [s for s in range(1, max(set(known) | set(acks_by_seq)) + 1) if s not in known]
-        for lo, hi in _ranges(missing):
+        for lo, hi in _missing(set(known), max(set(known) | set(acks_by_seq))):
             notes = []
-            unreadable = sorted(s for s in range(lo, hi + 1) if s in bad_seqs)
+            unreadable = sorted(s for s in bad_seqs if lo <= s <= hi)
             if unreadable:
                 notes.append(f"present but not authentic: {', '.join(map(str, unreadable))}")
-            acked = sorted(s for s in range(lo, hi + 1) if s in acks_by_seq)
+            acked = sorted(s for s in acks_by_seq if lo <= s <= hi)
             if acked:
                 notes.append(f"acknowledged in the archive: {', '.join(map(str, acked))}")
             note = f" ({'; '.join(notes)})" if notes else ""
@@ -583,11 +708,11 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
         if applied:
             sr.acked += 1
             for af in rejected:
-                out.append(_warn("rejected", f"REJECTED at {format_time(af.ack.created)} ({af.ack.reason}), "
+                out.append(_warn("rejected", f"REJECTED at {format_time(af.ack.created)} ({_reason(af.ack)}), "
                                  "APPLIED later", af.rel, seq))
         elif rejected:
             for af in rejected:
-                out.append(_err("rejected", f"REJECTED by {af.ack.acker}: {af.ack.reason}", af.rel, seq))
+                out.append(_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)}", af.rel, seq))
         elif not here:
             if seq > last_acked:
                 sr.unacked.append(seq)
@@ -610,11 +735,22 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             if af.ack.bundle_sha256 != pruned[seq][1].sha256:
                 out.append(_err("ack", f"ack names file SHA-256 {af.ack.bundle_sha256[:16]}.., the checkpoint "
                                 f"{pruned[seq][0].name} records {pruned[seq][1].sha256[:16]}..", af.rel, seq))
+    by_sha = {af.sha256: af for af in acks}
     for seq, (cp, pb) in sorted(pruned.items()):
         if seq in present:
             continue
         recorded = [pa for pa in pruned_acks.get(seq, []) if pa.bundle_sha256 == pb.sha256]
-        if not any(pa.result == "APPLIED" for pa in recorded):
+        for pa in recorded:
+            real = by_sha.get(pa.sha256)
+            if real is not None and real.ack.result != pa.result:
+                out.append(_err("checkpoint", f"checkpoint {cp.name} records {pa.name} as {pa.result}, the "
+                                f"signed ack says {real.ack.result}", real.rel, seq))
+        signed = [af for af in acks_by_seq.get(seq, []) if af.ack.bundle_sha256 == pb.sha256]
+        if signed:  # the receiver's own signed acks decide; a checkpoint never stands in for them
+            if not any(af.ack.result == "APPLIED" for af in signed):
+                out += [_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)} (checkpoint {cp.name} "
+                             "cannot make it applied)", af.rel, seq) for af in signed]
+        elif not any(pa.result == "APPLIED" for pa in recorded):
             out.append(_err("checkpoint", f"checkpoint {cp.name} records no APPLIED ack for the pruned bundle",
                             seq=seq))
 

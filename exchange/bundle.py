@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +30,7 @@ from .files import (  # re-exported: older callers import these from here
 )
 from .crypto import age, sshsig
 from .errors import (
-    AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
+    AuthenticityError, BundleError, CryptoError, ExchangeError, FormatError, LimitError, NotForUsError,
     VersionError,
 )
 from .formats import (
@@ -38,6 +38,10 @@ from .formats import (
     MAX_INNER_MANIFEST_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES,
     MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, SIG_NAMESPACE, SUPPORTED_VERSIONS, app_major,
     check_node_id,
+)
+from .formats import (  # acks, version 2
+    ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_VERSION, ACK_VERSIONS, MAX_ACK_DETAILS_BYTES, MAX_ACK_PARKED,
+    MAX_COUNT, MAX_SEQ,
 )
 
 COPY_CHUNK = 1 << 20
@@ -255,6 +259,8 @@ class Manifest:
         app_major(m.app_version)
         if m.seq < 1:
             raise FormatError(f"{what}: seq must be >= 1")
+        if m.seq > MAX_SEQ:
+            raise LimitError(f"{what}: seq {m.seq} is over the limit ({MAX_SEQ})")
         if m.payload.name != BUNDLE_MEMBERS[2] or m.payload.size > MAX_PAYLOAD_BYTES:
             raise FormatError(f"{what}: bad payload entry")
         names = [e.name for e in m.inner]
@@ -688,8 +694,91 @@ def open_bundle(
 
 # ---------------------------------------------------------------- acks
 
+ACK_RESULTS = ("APPLIED", "REJECTED")
+#: the age file of an ack's details: the plaintext limit, an age header (at most 64 KiB) and chunk tags
+MAX_ACK_DETAILS_FILE = MAX_ACK_DETAILS_BYTES + (80 << 10)
+
+
+def _seq(value: Any, what: str, name: str, low: int = 1) -> int:
+    """A seq from a peer's JSON, within ``low`` .. MAX_SEQ before anything uses it."""
+    if type(value) is not int:
+        raise FormatError(f"{what}: {name} is not an integer")
+    if not low <= value <= MAX_SEQ:
+        raise LimitError(f"{what}: {name} {value} is out of range ({low} to {MAX_SEQ})")
+    return value
+
+
+def _check_counts(applied: Mapping[str, Any], parked: Sequence[Any], what: str, v1: bool = False) -> None:
+    """Every count an ack states is within MAX_COUNT, its lists within their documented lengths
+    (a version 1 ack's parked list was bounded by its size only)."""
+    if len(applied) > MAX_TABLES:
+        raise LimitError(f"{what}: {len(applied)} document types (at most {MAX_TABLES})")
+    if len(parked) > MAX_ACK_PARKED and not v1:
+        raise LimitError(f"{what}: {len(parked)} parked documents listed (at most {MAX_ACK_PARKED})")
+    for doc_type, v in applied.items():
+        for name, n in (v.items() if isinstance(v, dict) else [("", v)]):
+            if type(n) is int and not 0 <= n <= MAX_COUNT:
+                raise LimitError(f"{what}: {doc_type} {name} count {n} is out of range (0 to {MAX_COUNT})")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A stream position the acker states in a v2 ack: signed evidence for `audit verify`.
+
+    ``received_from_you``: the last seq of stream sender -> acker applied by the acker.
+    ``sent_to_you``: the last seq of stream acker -> sender the acker has sealed, and in
+    ``acknowledged`` the last one the sender acknowledged APPLIED (so the sender holds it).
+    """
+
+    seq: int
+    manifest_sha256: str | None
+    acknowledged: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": self.seq, "manifest_sha256": self.manifest_sha256}
+        if self.acknowledged is not None:
+            out["acknowledged"] = self.acknowledged
+        return out
+
+    @classmethod
+    def parse(cls, obj: Any, what: str, sent: bool) -> Head:
+        if not isinstance(obj, dict) or set(obj) != ({"seq", "manifest_sha256"} | ({"acknowledged"} if sent else set())):
+            raise FormatError(f"{what}: not an object of seq, manifest_sha256{', acknowledged' if sent else ''}")
+        seq = _seq(obj["seq"], what, "seq", 0)
+        msha = obj["manifest_sha256"]
+        head = cls(seq, None if msha is None else _sha(msha, what),
+                   _seq(obj["acknowledged"], what, "acknowledged", 0) if sent else None)
+        if (seq == 0 and head.manifest_sha256 is not None) or (head.acknowledged or 0) > seq:
+            raise FormatError(f"{what}: inconsistent stream head {obj!r}")
+        return head
+
+
+@dataclass(frozen=True)
+class Heads:
+    received_from_you: Head
+    sent_to_you: Head
+
+    def as_json(self) -> dict[str, Any]:
+        return {"received_from_you": self.received_from_you.as_json(), "sent_to_you": self.sent_to_you.as_json()}
+
+    @classmethod
+    def parse(cls, obj: Any, what: str) -> Heads:
+        if not isinstance(obj, dict) or set(obj) != {"received_from_you", "sent_to_you"}:
+            raise FormatError(f"{what}: heads is not an object of received_from_you, sent_to_you")
+        return cls(Head.parse(obj["received_from_you"], f"{what} heads.received_from_you", False),
+                   Head.parse(obj["sent_to_you"], f"{what} heads.sent_to_you", True))
+
+
+#: heads that claim nothing (no evidence): for acks written outside a node's database
+NO_HEADS = Heads(Head(0, None), Head(0, None, 0))
+
+
 @dataclass(frozen=True)
 class Ack:
+    """A verified ack. ``reason``, ``applied`` and ``parked`` are the details: in the clear in a
+    version 1 ack; in a version 2 ack only once :meth:`open_details` decrypted them
+    (``details`` says which: ``clear``, ``decrypted``, ``sealed`` or ``unreadable``)."""
+
     acker: str
     sender: str
     seq: int
@@ -703,43 +792,129 @@ class Ack:
     parked: list[Any]
     raw: bytes = field(repr=False)
     file_sha256: str = ""
+    version: int = 1
+    heads: Heads | None = None
+    sealed: bytes | None = field(default=None, repr=False)  # v2: the details' age file
+    details: str = "clear"
+    details_error: str = ""
+    parked_total: int = 0
 
     @classmethod
-    def parse(cls, raw: bytes, file_sha256: str = "") -> Ack:
+    def parse(cls, raw: bytes, file_sha256: str = "", sealed: bytes | None = None) -> Ack:
         what = "ack.json"
         obj = parse_json(raw, what)
-        _check_format(obj, ACK_FORMAT, what)
+        if obj.get("format") != ACK_FORMAT:
+            raise FormatError(f"{what}: format is {obj.get('format')!r}, expected {ACK_FORMAT!r}")
+        version = obj.get("version")
+        if type(version) is not int or version not in ACK_VERSIONS:
+            raise VersionError(f"{what}: ack version {version!r} is not supported by this exchange "
+                               f"(supports {sorted(ACK_VERSIONS)})",
+                               hint="Upgrade exchange to read files written by a newer version.")
         result = _field(obj, "result", str, what)
-        if result not in ("APPLIED", "REJECTED"):
+        if result not in ACK_RESULTS:
             raise FormatError(f"{what}: result {result!r} is not APPLIED or REJECTED")
         msha = obj.get("manifest_sha256")
-        reason = obj.get("reason")
-        ack = cls(
+        common: dict[str, Any] = dict(
             acker=_node(_field(obj, "acker", str, what), what),
             sender=_node(_field(obj, "sender", str, what), what),
-            seq=_field(obj, "seq", int, what),
+            seq=_seq(obj.get("seq"), what, "seq"),
             bundle_sha256=_sha(obj.get("bundle_sha256"), what),
             manifest_sha256=None if msha is None else _sha(msha, what),
-            result=result,
-            reason=reason if isinstance(reason, str) else None,
-            created=parse_time(_field(obj, "created", str, what), what),
-            app_version=_field(obj, "app_version", str, what),
-            applied=_field(obj, "applied", dict, what),
-            parked=_field(obj, "parked", list, what),
-            raw=raw, file_sha256=file_sha256,
-        )
-        if ack.seq < 1:
-            raise FormatError(f"{what}: seq must be >= 1")
-        return ack
+            result=result, created=parse_time(_field(obj, "created", str, what), what),
+            app_version=_field(obj, "app_version", str, what), raw=raw, file_sha256=file_sha256)
+        if version == 1:
+            reason = obj.get("reason")
+            applied, parked = _field(obj, "applied", dict, what), _field(obj, "parked", list, what)
+            _check_counts(applied, parked, what, v1=True)
+            return cls(**common, reason=reason if isinstance(reason, str) else None, applied=applied,
+                       parked=parked, parked_total=len(parked)).bind(sealed)
+        if set(obj) != set(_ACK_V2_FIELDS):
+            raise FormatError(f"{what}: fields {sorted(obj)} are not those of a version 2 ack "
+                              f"({', '.join(_ACK_V2_FIELDS)})")
+        entry = Entry.parse(obj["details"], f"{what} details")
+        if entry.name != ACK_DETAILS_MEMBER or entry.size > MAX_ACK_DETAILS_FILE:
+            raise FormatError(f"{what}: bad details entry")
+        _sha(obj["details_plain_sha256"], what)
+        ack = cls(**common, reason=None, applied={}, parked=[], version=2,
+                  heads=Heads.parse(obj["heads"], what), details="sealed")
+        return ack if sealed is None else ack.bind(sealed)
+
+    def bind(self, sealed: bytes | None) -> Ack:
+        """This ack with its details member, which must be the one its signed ``ack.json`` names."""
+        if self.version == 1:
+            if sealed is not None:
+                raise FormatError(f"a version 1 ack has no {ACK_DETAILS_MEMBER} member")
+            return self
+        entry = Entry.parse(parse_json(self.raw, "ack.json")["details"], "ack.json details")
+        if sealed is None:
+            raise FormatError(f"member {ACK_DETAILS_MEMBER!r} missing")
+        if len(sealed) != entry.size or hashlib.sha256(sealed).hexdigest() != entry.sha256:
+            raise AuthenticityError(f"{ACK_DETAILS_MEMBER} differs from the SHA-256 signed in ack.json")
+        return replace(self, sealed=sealed)
+
+    def open_details(self, identities: Sequence[str]) -> Ack:
+        """This ack with its details decrypted (v2); ``details`` says how that went, nothing raises."""
+        if self.sealed is None or not identities:
+            return self
+        try:
+            d = self._details(_decrypt_small(self.sealed, identities))
+        except CryptoError as exc:
+            if "no identity matches" in exc.message:
+                return self  # not encrypted to these identities: stays sealed
+            return replace(self, details="unreadable", details_error=exc.message)
+        except BundleError as exc:
+            return replace(self, details="unreadable", details_error=exc.message)
+        return replace(self, details="decrypted", reason=d["reason"], applied=d["applied"], parked=d["parked"],
+                       parked_total=d["parked_total"])
+
+    def _details(self, plain: bytes) -> dict[str, Any]:
+        what = ACK_DETAILS_MEMBER
+        if hashlib.sha256(plain).hexdigest() != parse_json(self.raw, "ack.json")["details_plain_sha256"]:
+            raise AuthenticityError(f"{what}: decrypted details differ from the signed hash "
+                                    "(another plaintext for another recipient?)")
+        d = parse_json(plain, what)
+        if d.get("format") != ACK_DETAILS_FORMAT or d.get("version") != ACK_VERSION:
+            raise FormatError(f"{what}: not {ACK_DETAILS_FORMAT} version {ACK_VERSION}")
+        for name in ("acker", "sender", "seq", "bundle_sha256"):
+            if d.get(name) != getattr(self, name):
+                raise AuthenticityError(f"{what}: {name} {d.get(name)!r} differs from the signed ack")
+        reason = d.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise FormatError(f"{what}: reason is not a string")
+        applied, parked = _field(d, "applied", dict, what), _field(d, "parked", list, what)
+        total = _field(d, "parked_total", int, what)
+        _check_counts(applied, parked, what)
+        if not len(parked) <= total <= MAX_COUNT:
+            raise LimitError(f"{what}: parked_total {total} is out of range ({len(parked)} to {MAX_COUNT})")
+        return {"reason": reason, "applied": applied, "parked": parked, "parked_total": total}
 
 
-def pack_signed(members: tuple[str, str], raw: bytes, key: Any, created: datetime) -> bytes:
-    """The bytes of a signed JSON file (ack, checkpoint, receipt): ustar of JSON then its SSHSIG."""
+_ACK_V2_FIELDS = ("format", "version", "app_version", "acker", "sender", "seq", "bundle_sha256",
+                  "manifest_sha256", "result", "created", "heads", "details", "details_plain_sha256")
+
+
+def _decrypt_small(sealed: bytes, identities: Sequence[str]) -> bytes:
+    """Decrypt an ack's details, refusing more than MAX_ACK_DETAILS_BYTES of plaintext."""
+    dec = age.Decryptor(io.BytesIO(sealed), list(identities))
+    plain = dec.read(MAX_ACK_DETAILS_BYTES + 1)
+    if len(plain) > MAX_ACK_DETAILS_BYTES:
+        raise LimitError(f"{ACK_DETAILS_MEMBER}: more than {MAX_ACK_DETAILS_BYTES} bytes once decrypted")
+    if dec.read(1):
+        raise FormatError(f"{ACK_DETAILS_MEMBER}: data after the end of the age payload")
+    return plain
+
+
+def pack_signed(members: tuple[str, str], raw: bytes, key: Any, created: datetime,
+                extra: tuple[str, bytes] | None = None) -> bytes:
+    """The bytes of a signed JSON file (ack, checkpoint, receipt): ustar of JSON then its SSHSIG
+    (then, for an ack v2, its encrypted details)."""
     sig = sshsig.sign(key, raw, SIG_NAMESPACE)
     mtime = int(created.timestamp())
     buf = io.BytesIO()
     tarfmt.write_member(buf, members[0], raw, mtime)
     tarfmt.write_member(buf, members[1], sig, mtime)
+    if extra is not None:
+        tarfmt.write_member(buf, extra[0], extra[1], mtime)
     buf.write(tarfmt.END)
     return buf.getvalue()
 
@@ -749,8 +924,16 @@ def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -
 
     Size limits are checked from the file size and tar headers before anything is parsed.
     """
+    raw, sig, extra, sha = _unpack(path, members, limit, what, None)
+    return raw, sig, sha
+
+
+def _unpack(path: Path, members: tuple[str, str], limit: int, what: str,
+            extra: tuple[str, int] | None) -> tuple[bytes, bytes, bytes | None, str]:
+    """As :func:`unpack_signed`, with an optional third member ``extra`` (name, limit)."""
+    most = limit + MAX_SIG_BYTES + (extra[1] + tarfmt.BLOCK if extra else 0) + 4096
     try:
-        data = path.read_bytes() if 0 < path.stat().st_size <= limit + MAX_SIG_BYTES + 4096 else b""
+        data = path.read_bytes() if 0 < path.stat().st_size <= most else b""
     except OSError as exc:
         raise FormatError(f"cannot read: {exc.strerror}") from exc
     if not data:
@@ -758,8 +941,16 @@ def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -
     src = io.BytesIO(data)
     raw = _read_small(src, members[0], limit, what)
     sig = _read_small(src, members[1], MAX_SIG_BYTES, what)
+    third = None
+    if extra is not None and data[src.tell():src.tell() + tarfmt.BLOCK].strip(b"\0"):
+        at = src.tell()
+        m = tarfmt.read_header(src)
+        if m is not None and m.name != extra[0]:
+            raise FormatError(f"{what}: unexpected extra member {m.name!r} in tar")
+        src.seek(at)
+        third = _read_small(src, extra[0], extra[1], what)
     tarfmt.expect_end(src)
-    return raw, sig, hashlib.sha256(data).hexdigest()
+    return raw, sig, third, hashlib.sha256(data).hexdigest()
 
 
 def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedSigners,
@@ -773,34 +964,65 @@ def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedS
         raise
 
 
+MAX_REASON_CHARS = 16 << 10  # a REJECTED reason is cut there (it names a document, not a dump)
+
+
 def build_ack(
     *, key: Any, acker: str, sender: str, seq: int, bundle_sha256: str,
-    manifest_sha256: str | None, result: str, reason: str | None = None,
-    applied: Mapping[str, Any] | None = None, parked: Sequence[Any] = (),
+    manifest_sha256: str | None, result: str, recipients: Sequence[str], heads: Heads | None = None,
+    reason: str | None = None, applied: Mapping[str, Any] | None = None, parked: Sequence[Any] = (),
     created: datetime | None = None,
 ) -> bytes:
-    """The bytes of a signed ack file (kept in the database, then written out)."""
+    """The bytes of a signed ack file, version 2 (kept in the database, then written out).
+
+    The clear ``ack.json`` holds routing, the result and the stream heads; the figures
+    (applied counts and totals, parked documents, the reason) are age-encrypted to
+    ``recipients`` (the bundle's sender and the auditors) in ``details.json.age``, bound
+    by its SHA-256 (and its plaintext's, salted by a nonce) in the signed ``ack.json``.
+    """
     created = created or utc_now()
+    parked = list(parked)
+    total = len(parked)
+    while True:
+        plain = dump_json({
+            "format": ACK_DETAILS_FORMAT, "version": ACK_VERSION, "acker": acker, "sender": sender,
+            "seq": seq, "bundle_sha256": bundle_sha256, "nonce": os.urandom(16).hex(),
+            "reason": None if reason is None else reason[:MAX_REASON_CHARS],
+            "applied": dict(applied or {}), "parked": parked[:MAX_ACK_PARKED], "parked_total": total,
+        })
+        if len(plain) <= MAX_ACK_DETAILS_BYTES or not parked:
+            break
+        parked = parked[:min(len(parked), MAX_ACK_PARKED) // 2]  # too much to list: the first ones
+    if len(plain) > MAX_ACK_DETAILS_BYTES:
+        raise LimitError(f"ack details of {len(plain)} bytes are over the limit")
+    sealed = io.BytesIO()
+    age.encrypt(io.BytesIO(plain), sealed, list(recipients))
+    details = Entry(ACK_DETAILS_MEMBER, len(sealed.getvalue()), hashlib.sha256(sealed.getvalue()).hexdigest())
     raw = dump_json({
-        "format": ACK_FORMAT, "version": FORMAT_VERSION, "app_version": __version__,
+        "format": ACK_FORMAT, "version": ACK_VERSION, "app_version": __version__,
         "acker": acker, "sender": sender, "seq": seq, "bundle_sha256": bundle_sha256,
-        "manifest_sha256": manifest_sha256, "result": result, "reason": reason,
-        "created": format_time(created), "applied": dict(applied or {}), "parked": list(parked),
+        "manifest_sha256": manifest_sha256, "result": result, "created": format_time(created),
+        "heads": (heads or NO_HEADS).as_json(), "details": details.as_json(),
+        "details_plain_sha256": hashlib.sha256(plain).hexdigest(),
     })
-    if len(raw) > MAX_MANIFEST_BYTES:  # too many parked documents listed: keep the first ones
-        raw = dump_json({**parse_json(raw, "ack"), "parked": list(parked)[:1000],
-                         "applied": {"truncated": True}})
-    return pack_signed(ACK_MEMBERS, raw, key, created)
+    Ack.parse(raw, sealed=sealed.getvalue())  # never write what we would refuse to read
+    return pack_signed(ACK_MEMBERS, raw, key, created, (ACK_DETAILS_MEMBER, sealed.getvalue()))
 
 
-def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None) -> Ack:
-    """Parse and verify an ack file: structure, signature by the acker, addressed to ``me``."""
+def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None,
+             identities: Sequence[str] = ()) -> Ack:
+    """Parse and verify an ack file: structure, signature by the acker, addressed to ``me``.
+
+    With ``identities`` a version 2 ack's details are decrypted (see :meth:`Ack.open_details`).
+    """
     try:
-        raw, sig, file_sha = unpack_signed(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack")
+        raw, sig, sealed, file_sha = _unpack(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack",
+                                             (ACK_DETAILS_MEMBER, MAX_ACK_DETAILS_FILE))
         ack = Ack.parse(raw, file_sha)
         verify_signed(sig, raw, ack.acker, trust, ack.created)
+        ack = ack.bind(sealed)  # after the signature: the member must be the one it signed
         if me is not None and ack.sender != me:
             raise NotForUsError(f"ack for a bundle sent by {ack.sender!r}, this node is {me!r}")
-        return ack
+        return ack.open_details(identities)
     except ExchangeError as exc:
         raise _wrap(path, exc) from exc

@@ -196,7 +196,8 @@ def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Pa
     from .inspect import describe
     from .keys import load_identity_file
 
-    ids = load_identity_file(identity_file) if identity_file else []
+    ids = load_identity_file(identity_file) if identity_file else (
+        _node(home).identities if home is not None and trust is None else [])
     info = describe(file, trust=_trust_for(home, trust), identities=ids)
     if as_json:
         _echo_json(info)

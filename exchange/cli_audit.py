@@ -42,6 +42,16 @@ def _identities(identity_file: Path | None) -> list[str]:
     return load_identity_file(identity_file)
 
 
+def _roles(home: Path | None) -> dict[str, str] | None:
+    """Node id -> role (ho/store) as a node home configures itself and its peers."""
+    if home is None:
+        return None
+    from .config import load
+
+    cfg = load(home)
+    return {cfg.id: cfg.role, **{p.id: p.role for p in cfg.peers.values()}}
+
+
 def _archive_dir(archive: Path | None, home: Path | None) -> Path:
     if archive is not None:
         return archive
@@ -107,7 +117,7 @@ def audit_verify(archive: Path | None, home: Path | None, trust: Path | None, id
 
     root = _archive_dir(archive, home)
     report = verify_archive(root, trust=_trust(home, trust), identities=_identities(identity_file),
-                            strict=strict)
+                            strict=strict, roles=_roles(home))
     if as_json:
         _echo_json(report.as_json())
     else:
@@ -303,8 +313,8 @@ def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) 
 
     node = Node.open(home)
     with work_lock(node.cfg.home):
-        rep = prune(node.cfg.home / "archive", node_id=node.id, key=node.signing_key, trust=node.trust,
-                    older_than_days=days, dry_run=dry_run)
+        rep = prune(node.cfg.home / "archive", node_id=node.id, role=node.cfg.role, key=node.signing_key,
+                    trust=node.trust, older_than_days=days, dry_run=dry_run)
     if as_json:
         _echo_json(rep.as_json())
         return

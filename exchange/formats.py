@@ -12,8 +12,11 @@ from typing import Literal
 
 from .errors import FormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
+SPEC_VERSION = 2  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2
+ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
+ACK_VERSIONS = frozenset({1, 2})
 
 BUNDLE_FORMAT = "exchange-bundle"
 ACK_FORMAT = "exchange-ack"
@@ -22,6 +25,8 @@ SIG_NAMESPACE = "exchange-bundle"
 
 BUNDLE_MEMBERS = ("manifest.json", "manifest.json.sig", "payload.tar.age")
 ACK_MEMBERS = ("ack.json", "ack.json.sig")
+ACK_DETAILS_MEMBER = "details.json.age"  # ack v2: the third member, age-encrypted details
+ACK_DETAILS_FORMAT = "exchange-ack-details"
 INNER_MANIFEST = "inner.json"
 EVENTS_TABLE = "_events"
 
@@ -33,6 +38,9 @@ MAX_TABLES = 1000
 MAX_TABLE_BYTES = 4 << 30  # uncompressed size of all tables of one bundle (Parquet metadata)
 MAX_JSON_DEPTH = 32
 MAX_SEQ = 9_999_999_999
+MAX_COUNT = 999_999_999  # any count in an ack or checkpoint (documents, rows, parked, stale)
+MAX_ACK_PARKED = 1000  # parked documents listed in one ack (the count says how many in all)
+MAX_ACK_DETAILS_BYTES = 1 << 20  # plaintext of an ack's details; its age file at most +64 KiB header
 
 NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID}$")

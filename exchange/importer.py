@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import Connection, and_, delete, select, update
+from sqlalchemy import Connection, and_, delete, func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
 from .arrow_memory import system_pool
 from . import rows
 from .bundle import (
+    Ack,
     BundleReader,
+    Head,
+    Heads,
     HeldError,
     Opened,
     build_ack,
@@ -142,6 +145,17 @@ def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, s
         xchg_stream_in.c.peer == peer)
     row = conn.execute(q.with_for_update() if lock else q).first()
     return (int(row[0]), row[1]) if row else (0, None)
+
+
+def _heads(conn: Connection, peer: str, received: tuple[int, str | None]) -> Heads:
+    """This node's position in both streams with ``peer``, signed into the ack as evidence
+    ``exchange audit verify`` checks the peer's archive against (docs/AUDIT.md)."""
+    last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256).where(xchg_sent.c.peer == peer)
+                        .order_by(xchg_sent.c.seq.desc()).limit(1)).first()
+    acked = conn.execute(select(func.max(xchg_sent.c.seq)).where(and_(
+        xchg_sent.c.peer == peer, xchg_sent.c.status == "PROCESSED"))).scalar()
+    sent = Head(int(last[0]), last[1], int(acked or 0)) if last else Head(0, None, 0)
+    return Heads(Head(received[0], received[1] if received[0] else None), sent)
 
 
 def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
@@ -350,7 +364,8 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             now = utc_now()
             ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
                             bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
-                            result="APPLIED", applied=applied, parked=parked, created=now)
+                            result="APPLIED", applied=applied, parked=parked, created=now,
+                            recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
             if last_seq == 0 and not conn.execute(select(xchg_stream_in.c.peer).where(
                     xchg_stream_in.c.peer == peer)).first():
                 conn.execute(xchg_stream_in.insert().values(peer=peer, last_seq=seq,
@@ -376,9 +391,11 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
         reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
         if dry_run:
             return Outcome(path.name, "FAILED", reason, peer, seq)
+        with node.engine.connect() as conn:
+            heads = _heads(conn, peer, _stream_pos(conn, peer))
         ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
                         bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
-                        result="REJECTED", reason=reason)
+                        result="REJECTED", reason=reason, recipients=node.recipients_for(peer), heads=heads)
         try:
             _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, "FAILED", reason,
                     rep, summary, ack)
@@ -660,7 +677,7 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
     """Move a sent bundle to PROCESSED or REJECTED from a verified ack."""
     rep = reporter or NullReporter()
     try:
-        ack = read_ack(path, node.trust, me=node.id)
+        ack = read_ack(path, node.trust, me=node.id, identities=node.identities)
         fn = parse_name(path.name)
         if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
             raise FormatError(f"{path.name}: file name disagrees with the signed ack")
@@ -683,7 +700,8 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
         else:
             status = "PROCESSED" if ack.result == "APPLIED" else "REJECTED"
-            note = ack.reason or (f"{len(ack.parked)} documents parked at {ack.acker}" if ack.parked else None)
+            note = ack.reason or (f"{ack.parked_total} documents parked at {ack.acker}" if ack.parked_total
+                                  else _sealed_note(ack))
             assert sent is not None
             if sent["status"] != "PROCESSED":
                 conn.execute(update(xchg_sent).where(and_(
@@ -700,6 +718,15 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
     name = sent["file_name"] if sent else path.name
     rep.state(name, status, note or "")
     return Outcome(name, status, note or "", ack.acker, ack.seq)
+
+
+def _sealed_note(ack: Ack) -> str | None:
+    """Why an ack's details (v2) could not be read here; None when they were."""
+    if ack.details == "sealed":
+        return f"the ack's details are not encrypted to this node ({ack.acker} misconfigured?)"
+    if ack.details == "unreadable":
+        return f"the ack's details cannot be read: {ack.details_error}"
+    return None
 
 
 def pending_files(node: Node) -> Iterable[Path]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .bundle import BundleReader, format_time, read_ack
 from .crypto import sshsig
-from .errors import ExchangeError
+from .errors import AuthenticityError, ExchangeError
 from .formats import parse_name
 
 
@@ -24,11 +24,18 @@ def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
     if path.name.endswith(".ack"):
         if trust is None:
             raise ExchangeError("an ack can only be read with a trust store", hint="Pass --trust allowed_signers.")
-        ack = read_ack(path, trust, me=me)
-        return {"kind": "ack", "file": path.name, "acker": ack.acker, "sender": ack.sender, "seq": ack.seq,
-                "result": ack.result, "reason": ack.reason, "bundle_sha256": ack.bundle_sha256,
-                "created": format_time(ack.created), "applied": ack.applied, "parked": ack.parked,
-                "signature": f"good, by {ack.acker}"}
+        ack = read_ack(path, trust, me=me, identities=identities)
+        info: dict[str, Any] = {
+            "kind": "ack", "file": path.name, "version": ack.version, "acker": ack.acker, "sender": ack.sender,
+            "seq": ack.seq, "result": ack.result, "bundle_sha256": ack.bundle_sha256,
+            "created": format_time(ack.created), "signature": f"good, by {ack.acker}", "details": ack.details}
+        if ack.heads is not None:
+            info["heads"] = ack.heads.as_json()
+        if ack.details in ("clear", "decrypted"):  # v2: only with an identity it is encrypted to
+            info.update(reason=ack.reason, applied=ack.applied, parked=ack.parked, parked_total=ack.parked_total)
+        elif ack.details == "unreadable":
+            raise AuthenticityError(f"{path.name}: {ack.details_error}")
+        return info
     out: dict[str, Any] = {"kind": "bundle", "file": path.name}
     with BundleReader(path) as r:
         m = r.manifest

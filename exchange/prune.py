@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .bundle import (
-    Ack, BundleReader, _check_format, _field, _node, _sha, _wrap, dump_json, format_time, pack_signed,
+    Ack, BundleReader, _check_format, _field, _node, _seq, _sha, _wrap, dump_json, format_time, pack_signed,
     unpack_signed, verify_signed,
     fsync_dir, parse_json, parse_time, read_ack, utc_now, write_file_atomic,
 )
@@ -49,12 +49,17 @@ log = logging.getLogger(__name__)
 # Format constants of the checkpoint (docs/FORMAT.md section 10). They belong in
 # exchange/formats.py with the others; kept here until that module takes them.
 CHECKPOINT_FORMAT = "exchange-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 adds ``role``; version 1 checkpoints are still read
+CHECKPOINT_VERSIONS = frozenset({1, 2})
 CHECKPOINT_MEMBERS = ("checkpoint.json", "checkpoint.json.sig")
 CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINTS_DIR = "checkpoints"
 MAX_CHECKPOINT_BYTES = 8 << 20
 MAX_CHECKPOINT_BUNDLES = 2000  # bundles per checkpoint file; a longer run is split
+MAX_CHECKPOINT_ACKS = 8 * MAX_CHECKPOINT_BUNDLES  # acks recorded (copies and REJECTED-then-APPLIED)
+MAX_CHECKPOINT_REMOVED = 32 * MAX_CHECKPOINT_BUNDLES  # files recorded as removed
+MAX_FILE_SIZE = 1 << 34  # a removed file's recorded size (a bundle is at most 8 GiB)
+ROLES = ("ho", "store")
 
 _CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.(\d{{10}})\.checkpoint$")
 # The importer keeps a second copy of an archived name as NAME.YYYYMMDDHHMMSS.
@@ -166,6 +171,7 @@ class Checkpoint:
     removed: tuple[dict[str, Any], ...]
     raw: bytes = field(repr=False)
     file_sha256: str = ""
+    role: str | None = None  # the pruning node's role (ho/store); None in a version 1 checkpoint
 
     @property
     def stream(self) -> tuple[str, str]:
@@ -179,29 +185,41 @@ class Checkpoint:
     def parse(cls, raw: bytes, file_sha256: str = "") -> Checkpoint:
         what = CHECKPOINT_MEMBERS[0]
         obj = parse_json(raw, what)
-        _check_format(obj, CHECKPOINT_FORMAT, what)
+        version: int = obj["version"] if type(obj.get("version")) is int else -1
+        if obj.get("format") != CHECKPOINT_FORMAT or version not in CHECKPOINT_VERSIONS:
+            _check_format(obj, CHECKPOINT_FORMAT, what)  # raises the usual format / version error
+        role = obj.get("role") if version >= 2 else None
+        if version >= 2 and role not in ROLES:
+            raise FormatError(f"{what}: role {role!r} is not one of {', '.join(ROLES)}")
         sender = _node(_field(obj, "sender", str, what), what)
         recipient = _node(_field(obj, "recipient", str, what), what)
         node = _node(_field(obj, "node", str, what), what)
         first, last = _field(obj, "first_seq", int, what), _field(obj, "last_seq", int, what)
         if not 1 <= first <= last <= MAX_SEQ:
-            raise FormatError(f"{what}: bad seq range {first}..{last}")
+            raise LimitError(f"{what}: bad seq range {first}..{last} (1 to {MAX_SEQ})")
+        if last - first >= MAX_CHECKPOINT_BUNDLES:  # checked before any list is built from the range
+            raise LimitError(f"{what}: {last - first + 1} seqs in one checkpoint (at most {MAX_CHECKPOINT_BUNDLES})")
         prev = obj.get("prev")
+        lists = {name: _field(obj, name, list, what) for name in ("bundles", "acks", "removed")}
+        for name, most in (("bundles", MAX_CHECKPOINT_BUNDLES), ("acks", MAX_CHECKPOINT_ACKS),
+                           ("removed", MAX_CHECKPOINT_REMOVED)):
+            if len(lists[name]) > most:
+                raise LimitError(f"{what}: {len(lists[name])} {name} entries (at most {most})")
         bundles = []
-        for i, b in enumerate(_field(obj, "bundles", list, what)):
+        for i, b in enumerate(lists["bundles"]):
             w = f"{what} bundles[{i}]"
             if not isinstance(b, dict):
                 raise FormatError(f"{w}: not an object")
             bp = b.get("prev")
             bundles.append(PrunedBundle(
-                seq=_field(b, "seq", int, w), name=_field(b, "name", str, w),
+                seq=_seq(b.get("seq"), w, "seq"), name=_field(b, "name", str, w),
                 created=_field(b, "created", str, w), sha256=_sha(b.get("sha256"), w),
                 manifest_sha256=_sha(b.get("manifest_sha256"), w),
                 prev=None if bp is None else _sha(bp, w)))
         if [b.seq for b in bundles] != list(range(first, last + 1)):
             raise FormatError(f"{what}: bundles do not list seq {first}..{last} in order")
         acks = []
-        for i, a in enumerate(_field(obj, "acks", list, what)):
+        for i, a in enumerate(lists["acks"]):
             w = f"{what} acks[{i}]"
             if not isinstance(a, dict):
                 raise FormatError(f"{w}: not an object")
@@ -209,17 +227,20 @@ class Checkpoint:
             if result not in ("APPLIED", "REJECTED"):
                 raise FormatError(f"{w}: result {result!r}")
             acks.append(PrunedAck(
-                seq=_field(a, "seq", int, w), name=_field(a, "name", str, w),
+                seq=_seq(a.get("seq"), w, "seq"), name=_field(a, "name", str, w),
                 acker=_node(_field(a, "acker", str, w), w), created=_field(a, "created", str, w),
                 sha256=_sha(a.get("sha256"), w), bundle_sha256=_sha(a.get("bundle_sha256"), w),
                 result=result))
         removed = []
-        for i, r in enumerate(_field(obj, "removed", list, what)):
+        for i, r in enumerate(lists["removed"]):
             w = f"{what} removed[{i}]"
             if not isinstance(r, dict):
                 raise FormatError(f"{w}: not an object")
+            size = _field(r, "size", int, w)
+            if not 0 <= size <= MAX_FILE_SIZE:
+                raise LimitError(f"{w}: size {size} is out of range (0 to {MAX_FILE_SIZE})")
             removed.append({"path": _field(r, "path", str, w), "sha256": _sha(r.get("sha256"), w),
-                            "size": _field(r, "size", int, w)})
+                            "size": size})
         cp = cls(
             node=node, sender=sender, recipient=recipient, first_seq=first, last_seq=last,
             prev=None if prev is None else _sha(prev, what),
@@ -228,7 +249,7 @@ class Checkpoint:
             cutoff=parse_time(_field(obj, "cutoff", str, what), what),
             app_version=_field(obj, "app_version", str, what),
             bundles=tuple(bundles), acks=tuple(acks), removed=tuple(removed), raw=raw,
-            file_sha256=file_sha256)
+            file_sha256=file_sha256, role=role)
         if cp.prev != bundles[0].prev or cp.last_manifest_sha256 != bundles[-1].manifest_sha256:
             raise FormatError(f"{what}: prev / last_manifest_sha256 disagree with the bundle list")
         if node not in (sender, recipient):
@@ -248,7 +269,7 @@ def parse_checkpoint_name(name: str) -> tuple[str, str, str, int]:
     return m.group(1), m.group(2), m.group(3), int(m.group(4))
 
 
-def build_checkpoint(*, key: Any, node: str, sender: str, recipient: str, cutoff: datetime,
+def build_checkpoint(*, key: Any, node: str, role: str, sender: str, recipient: str, cutoff: datetime,
                      bundles: Sequence[PrunedBundle], acks: Sequence[PrunedAck],
                      removed: Sequence[Mapping[str, Any]], created: datetime | None = None) -> bytes:
     """The bytes of a signed checkpoint file (ustar: checkpoint.json, checkpoint.json.sig)."""
@@ -257,7 +278,7 @@ def build_checkpoint(*, key: Any, node: str, sender: str, recipient: str, cutoff
     created = created or utc_now()
     raw = dump_json({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "app_version": __version__,
-        "node": node, "sender": sender, "recipient": recipient,
+        "node": node, "role": role, "sender": sender, "recipient": recipient,
         "first_seq": bundles[0].seq, "last_seq": bundles[-1].seq, "prev": bundles[0].prev,
         "last_manifest_sha256": bundles[-1].manifest_sha256,
         "created": format_time(created), "cutoff": format_time(cutoff),
@@ -383,12 +404,14 @@ def _delete(paths: Iterable[Path]) -> None:
         fsync_dir(d)
 
 
-def prune(archive: Path, *, node_id: str, key: Any, trust: sshsig.AllowedSigners, older_than_days: float,
-          dry_run: bool = False, now: datetime | None = None) -> PruneReport:
+def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.AllowedSigners,
+          older_than_days: float, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
     """Remove bundles and acks created before now - ``older_than_days`` from ``archive``.
 
-    Only streams ``node_id`` is an end of are pruned. See the module docstring for
-    what is kept; the caller holds the node's work lock.
+    Only streams ``node_id`` is an end of are pruned, and only this node's own checkpoints
+    (signed by ``node_id`` in its ``role``) count as records of what was pruned before: one
+    planted by another node is reported and ignored, never a reason to delete anything. See
+    the module docstring for what is kept; the caller holds the node's work lock.
     """
     if older_than_days < 0:
         raise ExchangeError("--older-than must be 0 or more days")
@@ -406,6 +429,10 @@ def prune(archive: Path, *, node_id: str, key: Any, trust: sshsig.AllowedSigners
                 cp = read_checkpoint(f.path, trust)
             except ExchangeError as exc:
                 report.problems.append(f"{f.rel}: {exc}")
+                continue
+            if cp.node != node_id or cp.role not in (None, role):
+                report.problems.append(f"{f.rel}: signed by {cp.node} as {cp.role or 'a node'}, not by this node "
+                                       f"({node_id}, {role}): ignored (a node only trusts its own checkpoints)")
                 continue
             for b in cp.bundles:
                 covered[cp.stream][b.seq] = b
@@ -430,13 +457,14 @@ def prune(archive: Path, *, node_id: str, key: Any, trust: sshsig.AllowedSigners
         sp = StreamPrune(*stream)
         report.streams.append(sp)
         _prune_stream(sp, bundles[stream], acks[stream], covered[stream], report, node_id=node_id,
-                      key=key, cutoff=cutoff, now=now)
+                      role=role, key=key, cutoff=cutoff, now=now)
     return report
 
 
 def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                   acks: Mapping[int, list[_AckCopy]], covered: Mapping[int, PrunedBundle],
-                  report: PruneReport, *, node_id: str, key: Any, cutoff: datetime, now: datetime) -> None:
+                  report: PruneReport, *, node_id: str, role: str, key: Any, cutoff: datetime,
+                  now: datetime) -> None:
     present = sorted(bundles)
     newest = present[-1] if present else None
     # 1. Finish an interrupted prune: files a checkpoint already records. A kill during the
@@ -499,7 +527,7 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                        for _b, _c, ackl in chunk for a in ackl]
         removed = [{"path": c.f.rel, "sha256": c.sha256, "size": c.size} for _b, copies, _a in chunk for c in copies]
         removed += [{"path": a.f.rel, "sha256": a.sha256, "size": a.size} for _b, _c, ackl in chunk for a in ackl]
-        data = build_checkpoint(key=key, node=node_id, sender=sp.sender, recipient=sp.recipient, cutoff=cutoff,
+        data = build_checkpoint(key=key, node=node_id, role=role, sender=sp.sender, recipient=sp.recipient, cutoff=cutoff,
                                 bundles=[b for b, _c, _a in chunk], acks=pruned_acks, removed=removed,
                                 created=now)
         folder = report.archive / CHECKPOINTS_DIR

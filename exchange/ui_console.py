@@ -62,7 +62,10 @@ def print_inspect(info: dict[str, Any]) -> None:
         console.print(f"[bold]{tb['table']}[/] {tb['rows']} rows")
         for row in tb["sample"]:
             console.print("   ", row)
-    if info.get("kind") == "ack":
+    if info.get("kind") == "ack" and "applied" not in info:
+        console.print("details: encrypted to the bundle's sender and the auditors "
+                      "(pass --home of the sender or --identity to read them)")
+    elif info.get("kind") == "ack":
         console.print("applied:", info.get("applied"))
         if info.get("parked"):
             console.print("parked:", info.get("parked"))

@@ -298,7 +298,7 @@ def test_newest_bundle_without_ack_is_a_warning(audit_copy: Copy) -> None:
 def test_ack_with_wrong_hash_is_a_finding(world: World, audit_copy: Copy) -> None:
     s001_key = keys.load_signing_key(config.load(world.home("s001")))
     fake = build_ack(key=s001_key, acker="s001", sender="ho", seq=1, bundle_sha256="ab" * 32,
-                     manifest_sha256=None, result="APPLIED")
+                     manifest_sha256=None, result="APPLIED", recipients=[world.recipient])
     for p in files_named(audit_copy.archives, "s001.ho.0000000001.ack"):
         write_file_atomic(p, fake)
     rc, report = verify_json(audit_copy)
@@ -315,7 +315,7 @@ def test_rejected_ack_is_a_finding(world: World, audit_copy: Copy) -> None:
         msha = r.manifest.sha256
     rejected = build_ack(key=s001_key, acker="s001", sender="ho", seq=1,
                          bundle_sha256=bundle.sha256_file(bundle_file), manifest_sha256=msha,
-                         result="REJECTED", reason="constraint violated")
+                         result="REJECTED", reason="constraint violated", recipients=[world.recipient])
     for p in files_named(audit_copy.archives, "s001.ho.0000000001.ack"):
         write_file_atomic(p, rejected)
     rc, report = verify_json(audit_copy)
@@ -522,7 +522,7 @@ def ho_home(world: World, tmp_path: Path) -> Path:
 
 def _prune(home: Path, days: float, **kw: Any) -> Any:
     node = Node.open(home)
-    return prune(home / "archive", node_id=node.id, key=node.signing_key, trust=node.trust,
+    return prune(home / "archive", node_id=node.id, role=node.cfg.role, key=node.signing_key, trust=node.trust,
                  older_than_days=days, **kw)
 
 
@@ -668,7 +668,8 @@ def test_key_rotation_keeps_old_archives_verifiable(tmp_path: Path) -> None:
         prev = sealed.manifest.sha256
         write_file_atomic(archive / f"s001.ho.{seq:010d}.ack", build_ack(
             key=st, acker="s001", sender="ho", seq=seq, bundle_sha256=sealed.sha256,
-            manifest_sha256=sealed.manifest.sha256, result="APPLIED", created=created + timedelta(minutes=5)))
+            manifest_sha256=sealed.manifest.sha256, result="APPLIED", created=created + timedelta(minutes=5),
+            recipients=[rcpt]))
 
     seal(1, old, datetime(2025, 3, 1, tzinfo=UTC))
     seal(2, old, datetime(2025, 12, 31, 12, tzinfo=UTC))

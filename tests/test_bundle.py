@@ -164,10 +164,13 @@ def test_ack_round_trip(tmp_path: Path) -> None:
                                     [{"doc_type": "sale", "doc_key": '["7"]', "error": "bad sku ✗"}])):
         data = bundle.build_ack(key=w.s001.key, acker="s001", sender="ho", seq=1, bundle_sha256=s.sha256,
                                 manifest_sha256=s.manifest.sha256, result=result, reason=reason,
-                                applied={"sale": {"count": 3}}, parked=parked, created=CREATED)
+                                applied={"sale": {"count": 3}}, parked=parked, created=CREATED,
+                                recipients=[w.aud1.recipient])
         path = tmp_path / ack_name("s001", "ho", 1)
         bundle.write_file_atomic(path, data)
-        ack = bundle.read_ack(path, w.trust, me="ho")
+        sealed = bundle.read_ack(path, w.trust, me="ho")  # without an identity: the figures stay encrypted
+        assert (sealed.result, sealed.reason, sealed.applied, sealed.details) == (result, None, {}, "sealed")
+        ack = bundle.read_ack(path, w.trust, me="ho", identities=[w.aud1.identity])
         assert (ack.acker, ack.sender, ack.seq, ack.bundle_sha256, ack.manifest_sha256) == \
             ("s001", "ho", 1, s.sha256, s.manifest.sha256)
         assert (ack.result, ack.reason, ack.parked, ack.created) == (result, reason, parked, CREATED)
@@ -180,11 +183,12 @@ def test_huge_ack_keeps_the_first_parked_documents(tmp_path: Path) -> None:
     w = world()
     parked = [{"doc_type": "sale", "doc_key": f'["{i}"]', "error": "x" * 200} for i in range(6000)]
     data = bundle.build_ack(key=w.s001.key, acker="s001", sender="ho", seq=1, bundle_sha256="0" * 64,
-                            manifest_sha256=None, result="APPLIED", parked=parked, created=CREATED)
+                            manifest_sha256=None, result="APPLIED", parked=parked, created=CREATED,
+                            recipients=[w.aud1.recipient])
     path = tmp_path / "s001.ho.0000000001.ack"
     path.write_bytes(data)
-    ack = bundle.read_ack(path, w.trust, me="ho")
-    assert ack.parked == parked[:1000] and ack.applied == {"truncated": True}
+    ack = bundle.read_ack(path, w.trust, me="ho", identities=[w.aud1.identity])
+    assert ack.parked == parked[:1000] and ack.parked_total == 6000
 
 
 # ---------------------------------------------------------------- the auditor's walkthrough, for real
@@ -274,7 +278,8 @@ def test_ack_verifies_with_standard_tools(tmp_path: Path) -> None:
     tar, ssh_keygen = need("tar"), need("ssh-keygen")
     w = world()
     data = bundle.build_ack(key=w.s001.key, acker="s001", sender="ho", seq=3, bundle_sha256="a" * 64,
-                            manifest_sha256="b" * 64, result="APPLIED", created=CREATED)
+                            manifest_sha256="b" * 64, result="APPLIED", created=CREATED,
+                            recipients=[w.aud1.recipient])
     (tmp_path / "s001.ho.0000000003.ack").write_bytes(data)
     (tmp_path / "allowed_signers").write_text(w.allowed_signers)
     _run(tar, "-xf", "s001.ho.0000000003.ack", cwd=tmp_path)

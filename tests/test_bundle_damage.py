@@ -768,7 +768,7 @@ def test_same_major_other_minor_is_accepted(tmp_path: Path) -> None:
 def _ack(key: Any = None, acker: str = "s001", sender: str = "ho", **kw: Any) -> bytes:
     return bundle.build_ack(key=key or world().s001.key, acker=acker, sender=sender, seq=1,
                             bundle_sha256="a" * 64, manifest_sha256="b" * 64, result="APPLIED",
-                            created=CREATED, **kw)
+                            created=CREATED, recipients=[world().aud1.recipient], **kw)
 
 
 def _read_ack(tmp_path: Path, data: bytes, me: str | None = "ho", trust: Any = None) -> bundle.Ack:
@@ -827,7 +827,7 @@ def test_ack_structure(tmp_path: Path) -> None:
     raw = bundle._read_small(src, "ack.json", MAX_MANIFEST_BYTES, "ack")
     sig = bundle._read_small(src, "ack.json.sig", MAX_SIG_BYTES, "ack")
     _expect_ack(tmp_path, b"", LimitError, "empty or oversized ack file")
-    _expect_ack(tmp_path, b"\0" * (2 * MAX_MANIFEST_BYTES + 1), LimitError, "empty or oversized ack file")
+    _expect_ack(tmp_path, b"\0" * (3 * MAX_MANIFEST_BYTES), LimitError, "empty or oversized ack file")
     _expect_ack(tmp_path, assemble([("ack.json.sig", sig), ("ack.json", raw)]), FormatError,
                 "member 'ack.json.sig' where 'ack.json' was expected")
     _expect_ack(tmp_path, assemble([("ack.json", raw), ("ack.json.sig", sig), ("x", b"")]), FormatError,
@@ -835,9 +835,9 @@ def test_ack_structure(tmp_path: Path) -> None:
     _expect_ack(tmp_path, data + b"junk", FormatError, "unexpected data after the end")
     _expect_ack(tmp_path, assemble([("ack.json", raw)]), FormatError, "member 'ack.json.sig' missing")
     _expect_ack(tmp_path, gzip.compress(data), FormatError, "corrupt tar header|truncated tar")
-    v2 = raw.replace(b'"version": 1', b'"version": 2')
-    _expect_ack(tmp_path, assemble([("ack.json", v2), ("ack.json.sig", sshsig.sign(world().s001.key, v2))]),
-                VersionError, "format version 2 is not supported")
+    v3 = raw.replace(b'"version": 2', b'"version": 3')
+    _expect_ack(tmp_path, assemble([("ack.json", v3), ("ack.json.sig", sshsig.sign(world().s001.key, v3))]),
+                VersionError, "ack version 3 is not supported")
     dup = raw.replace(b'"seq": 1,', b'"seq": 1, "seq": 1,')
     _expect_ack(tmp_path, assemble([("ack.json", dup), ("ack.json.sig", sshsig.sign(world().s001.key, dup))]),
                 FormatError, "duplicate JSON key 'seq'")

@@ -443,8 +443,8 @@ def test_prune_killed_while_deleting_is_finished(pruned_world: Path, tmp_path: P
 
     monkeypatch.setattr(prune_mod, "_delete", dies_midway)
     with pytest.raises(_Killed):
-        prune_mod.prune(home / "archive", node_id=node.id, key=node.signing_key, trust=node.trust,
-                        older_than_days=0)
+        prune_mod.prune(home / "archive", node_id=node.id, role=node.cfg.role, key=node.signing_key,
+                        trust=node.trust, older_than_days=0)
     monkeypatch.setattr(prune_mod, "_delete", real_delete)
     rc, report = _verify(home)
     assert rc == 0, [f for s in report["streams"] for f in s["findings"]]

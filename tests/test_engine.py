@@ -287,7 +287,8 @@ def test_parked_document_applies_when_the_item_arrives(net: Net) -> None:
     sync(ho)
     row = sent_to(ho, "s001")[2]
     assert row.status == "PROCESSED" and "parked" in (row.reason or "")
-    ack = read_ack(ho.cfg.archive_received / ack_name("s001", "ho", 2), ho.trust, me="ho")
+    ack = read_ack(ho.cfg.archive_received / ack_name("s001", "ho", 2), ho.trust, me="ho",
+                   identities=ho.identities)  # the details are encrypted to the HO (the bundle's sender)
     assert [p["doc_key"] for p in ack.parked] == [key("P00009")]
 
     # the item is sent; the parked promotion applies by itself
@@ -337,6 +338,8 @@ def test_control_totals_mismatch_fails_and_is_rejected(net: Net) -> None:
     outs = import_inbox(st, retry=True)
     assert {o.seq: o.status for o in outs} == {2: "FAILED", 3: "WAITING"}
     ack = read_ack(ack_file, st.trust, me=None)
+    assert ack.result == "REJECTED" and ack.reason is None  # the reason is encrypted to the HO
+    ack = read_ack(ack_file, st.trust, me=None, identities=ho.identities)
     assert ack.result == "REJECTED" and "control totals" in (ack.reason or "")
     assert stream_pos(st, "ho") == 1
 

@@ -472,7 +472,7 @@ def _same_signed(orig: bytes, data: bytes) -> bool:
 def _ack_same_signed(orig: bytes, data: bytes) -> bool:
     try:
         a, b = _members(orig), _members(data)
-        return a[0] == b[0] and sshsig._dearmor(a[1][1]) == sshsig._dearmor(b[1][1])
+        return a[0] == b[0] and sshsig._dearmor(a[1][1]) == sshsig._dearmor(b[1][1]) and a[2:] == b[2:]
     except (ExchangeError, IndexError):
         return False
 
@@ -601,6 +601,7 @@ def ack_case(draw: st.DrawFn) -> tuple[str, bytes]:
     base = kit.ack
     members = _members(base)
     raw, sig = members[0][1], members[1][1]
+    details = members[2:]  # an ack v2's encrypted details: kept, so re-signed cases reach the deeper checks
     mtime = tarfmt.read_header(io.BytesIO(base)).mtime  # type: ignore[union-attr]
     if kind == "raw":
         data = base
@@ -618,18 +619,18 @@ def ack_case(draw: st.DrawFn) -> tuple[str, bytes]:
         for e in draw(st.lists(json_edit(obj), min_size=1, max_size=3)):
             target = _json_apply(target, e)
         new = dump_json(target)
-        return kind, assemble([(ACK_MEMBERS[0], new), (ACK_MEMBERS[1], sshsig.sign(kit.s001_key, new, SIG_NAMESPACE))],
-                              mtime)
+        return kind, assemble([(ACK_MEMBERS[0], new), (ACK_MEMBERS[1], sshsig.sign(kit.s001_key, new, SIG_NAMESPACE)),
+                               *details], mtime)
     if kind == "json_text":
         new = raw
         for op, _focus in draw(RAW_OPS):
             new = _raw(new, op, False)
-        return kind, assemble([(ACK_MEMBERS[0], new), (ACK_MEMBERS[1], sshsig.sign(kit.s001_key, new, SIG_NAMESPACE))],
-                              mtime)
+        return kind, assemble([(ACK_MEMBERS[0], new), (ACK_MEMBERS[1], sshsig.sign(kit.s001_key, new, SIG_NAMESPACE)),
+                               *details], mtime)
     bad = sig
     for op, _focus in draw(RAW_OPS):
         bad = _raw(bad, op, False)
-    return kind, assemble([(ACK_MEMBERS[0], raw), (ACK_MEMBERS[1], bad)], mtime)
+    return kind, assemble([(ACK_MEMBERS[0], raw), (ACK_MEMBERS[1], bad), *details], mtime)
 
 
 @settings(max_examples=ACK_EXAMPLES, deadline=None,

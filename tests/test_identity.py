@@ -144,7 +144,8 @@ def test_an_ack_signed_by_another_store_is_refused(net: Net, tmp_path: Path) -> 
         path.parent.mkdir()
         write_file_atomic(path, build_ack(key=s002.signing_key, acker="s001", sender="ho", seq=sent["seq"],
                                           bundle_sha256=sent["file_sha256"], manifest_sha256=sent["manifest_sha256"],
-                                          result=result, reason=None if result == "APPLIED" else "forged"))
+                                          result=result, reason=None if result == "APPLIED" else "forged",
+                                          recipients=[s002.cfg.peer("ho").recipient]))
         deliver([path], ho)
         assert [o.status for o in import_inbox(ho)] == ["QUARANTINED"]
         assert "principal 's001'" in quarantined(ho, path.name)["reason"]

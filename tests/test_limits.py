@@ -131,7 +131,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ack = bundle.build_ack(key=st.signing_key, acker="s001", sender="ho", seq=1,
                            bundle_sha256=hashlib.sha256(genuine).hexdigest(),
                            manifest_sha256=hashlib.sha256(layout(genuine).manifest).hexdigest(),
-                           result="APPLIED")
+                           result="APPLIED", recipients=[st.cfg.peer("ho").recipient])
     recipient = (st.cfg.keys_dir / "node.age.pub").read_text().strip()
     yield World(net, genuine, ack, inner, recipient)
     net.dispose()

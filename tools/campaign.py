@@ -452,7 +452,8 @@ def atheris_child(workdir: str, fuzzer_args: list[str]) -> None:  # pragma: no c
         tarfmt.skip_padding(src, m.size)
     ack = bundle.build_ack(key=st.signing_key, acker="s001", sender="ho", seq=1,
                            bundle_sha256=hashlib.sha256(genuine).hexdigest(),
-                           manifest_sha256=hashlib.sha256(lay.manifest).hexdigest(), result="APPLIED")
+                           manifest_sha256=hashlib.sha256(lay.manifest).hexdigest(), result="APPLIED",
+                           recipients=[st.cfg.peer("ho").recipient])
     ack_json = ack[512:512 + tarfmt.read_header(io.BytesIO(ack)).size]  # type: ignore[union-attr]
     seeds = [genuine, lay.manifest, inner_tar, inner[2][1], ack_json, ack]
     for i, seed in enumerate(seeds):
