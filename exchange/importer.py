@@ -391,8 +391,11 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
         reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
         if dry_run:
             return Outcome(path.name, "FAILED", reason, peer, seq)
-        with node.engine.connect() as conn:
-            heads = _heads(conn, peer, _stream_pos(conn, peer))
+        try:
+            with node.engine.connect() as conn:
+                heads: Heads | None = _heads(conn, peer, _stream_pos(conn, peer))
+        except SQLAlchemyError:  # the database failed: an ack without heads claims nothing, still signed
+            heads = None
         ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
                         bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
                         result="REJECTED", reason=reason, recipients=node.recipients_for(peer), heads=heads)

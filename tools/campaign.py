@@ -455,6 +455,11 @@ def atheris_child(workdir: str, fuzzer_args: list[str]) -> None:  # pragma: no c
                            manifest_sha256=hashlib.sha256(lay.manifest).hexdigest(), result="APPLIED",
                            recipients=[st.cfg.peer("ho").recipient])
     ack_json = ack[512:512 + tarfmt.read_header(io.BytesIO(ack)).size]  # type: ignore[union-attr]
+    ack_src, ack_members = io.BytesIO(ack), []
+    while (am := tarfmt.read_header(ack_src)) is not None:
+        ack_members.append((am.name, ack_src.read(am.size)))
+        tarfmt.skip_padding(ack_src, am.size)
+    ack_details = ack_members[2:]  # ack v2: the encrypted details, kept so re-signed cases reach them
     seeds = [genuine, lay.manifest, inner_tar, inner[2][1], ack_json, ack]
     for i, seed in enumerate(seeds):
         (corpus / f"seed-{i}").write_bytes(bytes([i]) + seed)
@@ -501,7 +506,7 @@ def atheris_child(workdir: str, fuzzer_args: list[str]) -> None:  # pragma: no c
             blob, is_ack = sealed_with([inner[0], inner[1], (inner[2][0], body), *inner[3:]]), False
         elif layer == 4:
             blob = assemble([(ACK_MEMBERS[0], body), (ACK_MEMBERS[1], sshsig.sign(st.signing_key, body,
-                             SIG_NAMESPACE))])
+                             SIG_NAMESPACE)), *ack_details])
             is_ack = True
         else:
             blob, is_ack = body, True
