@@ -30,7 +30,7 @@ from .files import (  # re-exported: older callers import these from here
 )
 from .crypto import age, sshsig
 from .errors import (
-    AuthenticityError, BundleError, CryptoError, ExchangeError, FormatError, LimitError, NotForUsError,
+    AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
     VersionError,
 )
 from .formats import (
@@ -39,6 +39,7 @@ from .formats import (
     MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, SIG_NAMESPACE, SUPPORTED_VERSIONS, app_major,
     check_node_id,
 )
+from .errors import CryptoError
 from .formats import (  # acks, version 2
     ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_VERSION, ACK_VERSIONS, MAX_ACK_DETAILS_BYTES, MAX_ACK_PARKED,
     MAX_COUNT, MAX_SEQ,
