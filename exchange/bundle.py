@@ -698,6 +698,7 @@ def open_bundle(
 ACK_RESULTS = ("APPLIED", "REJECTED")
 #: the age file of an ack's details: the plaintext limit, an age header (at most 64 KiB) and chunk tags
 MAX_ACK_DETAILS_FILE = MAX_ACK_DETAILS_BYTES + (80 << 10)
+ACK_DETAILS_PAD = 4096  # the details' JSON is padded with spaces to a multiple of this
 
 
 def _seq(value: Any, what: str, name: str, low: int = 1) -> int:
@@ -996,6 +997,7 @@ def build_ack(
         parked = parked[:min(len(parked), MAX_ACK_PARKED) // 2]  # too much to list: the first ones
     if len(plain) > MAX_ACK_DETAILS_BYTES:
         raise LimitError(f"ack details of {len(plain)} bytes are over the limit")
+    plain += b" " * min(-len(plain) % ACK_DETAILS_PAD, MAX_ACK_DETAILS_BYTES - len(plain))  # size shows little
     sealed = io.BytesIO()
     age.encrypt(io.BytesIO(plain), sealed, list(recipients))
     details = Entry(ACK_DETAILS_MEMBER, len(sealed.getvalue()), hashlib.sha256(sealed.getvalue()).hexdigest())

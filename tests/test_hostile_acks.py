@@ -79,6 +79,17 @@ def members(data: bytes) -> dict[str, bytes]:
     return out
 
 
+def assert_not_readable(data: bytes, needles: list[str]) -> None:
+    """No needle in the file's clear bytes (ack.json, the tar headers); none of 6 characters or more in
+    any byte of the file. (A shorter one can turn up by chance in the random signature or ciphertext.)"""
+    parts = members(data)
+    clear = data.replace(parts["ack.json.sig"], b"").replace(parts[ACK_DETAILS_MEMBER], b"")
+    for needle in needles:
+        assert needle.encode() not in clear, f"{needle!r} is readable in the ack's clear part"
+        if len(needle) >= 6:
+            assert needle.encode() not in data, f"{needle!r} is readable in the ack file"
+
+
 def sent_rows(node: Node, peer: str) -> dict[int, tuple[str, str | None]]:
     with node.engine.connect() as conn:
         return {int(r.seq): (r.status, r.reason) for r in conn.execute(
@@ -167,8 +178,7 @@ def test_clear_ack_holds_no_business_figures_and_the_sender_still_sees_them(net:
     needles = [*ho.catalog.names, *(t for n in ho.catalog.names for t in ho.catalog.get(n).tables()),
                "P00009", "IX0000001", ids[1], ids[2], "foreign key", "FOREIGN KEY", "parked", "applied",
                "totals", "stale", "reason"]
-    for needle in needles:
-        assert needle.encode() not in data, f"{needle!r} is readable in the ack file"
+    assert_not_readable(data, needles)
     # the HO (the bundle's sender) decrypts: PROCESSED, with the parked count
     sync(ho)
     assert sent_rows(ho, "s001")[seq] == ("PROCESSED", "1 documents parked at s001")
@@ -200,11 +210,22 @@ def test_clear_ack_holds_no_business_figures_and_the_sender_still_sees_them(net:
     assert len(bad) == 1 and "control totals" in bad[0].reason
     data = (st.cfg.archive_sent / ack_name("s001", "ho", bad[0].seq)).read_bytes()
     assert json.loads(members(data)["ack.json"])["result"] == "REJECTED"
-    for needle in ("control totals", "item.price", "0.01", "manifest says", "item", ids[0]):
-        assert needle.encode() not in data, f"{needle!r} is readable in the REJECTED ack"
+    assert_not_readable(data, ["control totals", "item.price", "0.01", "manifest says", "item", ids[0]])
     sync(ho)
     status, reason = sent_rows(ho, "s001")[bad[0].seq]
     assert status == "REJECTED" and "control totals of item do not match" in (reason or "")
+
+
+def test_details_size_does_not_tell_how_much_they_list(net: Net) -> None:
+    st = net.store("s001")
+    sizes = set()
+    for n in (0, 1, 5):
+        data = build_ack(key=st.signing_key, acker="s001", sender="ho", seq=1, bundle_sha256="a" * 64,
+                         manifest_sha256="b" * 64, result="APPLIED", recipients=[st.cfg.peer("ho").recipient],
+                         applied={"item": {"applied": 3 - min(n, 3), "parked": n, "stale": 0, "totals": {}}},
+                         parked=[{"doc_type": "item", "doc_key": f'["I{i:07d}"]', "error": "x"} for i in range(n)])
+        sizes.add(len(members(data)[ACK_DETAILS_MEMBER]))
+    assert len(sizes) == 1, sizes
 
 
 def test_version_1_acks_are_still_read(net: Net) -> None:
