@@ -231,6 +231,9 @@ class Checkpoint:
                 acker=_node(_field(a, "acker", str, w), w), created=_field(a, "created", str, w),
                 sha256=_sha(a.get("sha256"), w), bundle_sha256=_sha(a.get("bundle_sha256"), w),
                 result=result))
+            if acks[-1].acker != recipient or not first <= acks[-1].seq <= last:
+                raise FormatError(f"{w}: an ack by {acks[-1].acker} for seq {acks[-1].seq}; only the recipient "
+                                  f"{recipient}'s acks of seq {first}..{last} belong here")
         removed = []
         for i, r in enumerate(lists["removed"]):
             w = f"{what} removed[{i}]"
