@@ -277,8 +277,9 @@ def test_auditors_walkthrough_with_standard_tools(tmp_path: Path) -> None:
 def test_ack_verifies_with_standard_tools(tmp_path: Path) -> None:
     tar, ssh_keygen = need("tar"), need("ssh-keygen")
     w = world()
+    age_bin = need("age")
     data = bundle.build_ack(key=w.s001.key, acker="s001", sender="ho", seq=3, bundle_sha256="a" * 64,
-                            manifest_sha256="b" * 64, result="APPLIED", created=CREATED,
+                            manifest_sha256="b" * 64, result="REJECTED", created=CREATED, reason="bad sku",
                             recipients=[w.aud1.recipient])
     (tmp_path / "s001.ho.0000000003.ack").write_bytes(data)
     (tmp_path / "allowed_signers").write_text(w.allowed_signers)
@@ -286,6 +287,14 @@ def test_ack_verifies_with_standard_tools(tmp_path: Path) -> None:
     res = _run(ssh_keygen, "-Y", "verify", "-f", "allowed_signers", "-I", "s001", "-n", "exchange-bundle",
                "-s", "ack.json.sig", cwd=tmp_path, stdin=(tmp_path / "ack.json").read_bytes())
     assert b"Good" in res.stdout + res.stderr
+    # the encrypted details: the member signed in ack.json, readable with the auditor's key and age(1)
+    clear = json.loads((tmp_path / "ack.json").read_text())
+    sealed = (tmp_path / "details.json.age").read_bytes()
+    assert hashlib.sha256(sealed).hexdigest() == clear["details"]["sha256"] and b"bad sku" not in data
+    (tmp_path / "auditor.key").write_text(f"{w.aud1.identity}\n")
+    plain = _run(age_bin, "-d", "-i", "auditor.key", "details.json.age", cwd=tmp_path).stdout
+    assert hashlib.sha256(plain).hexdigest() == clear["details_plain_sha256"]
+    assert json.loads(plain)["reason"] == "bad sku"
 
 
 def test_age_keygen_identity_opens_a_bundle(tmp_path: Path) -> None:
