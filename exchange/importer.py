@@ -408,27 +408,35 @@ def _take(data: pa.Table, indices: list[int]) -> pa.Table:
     return data.take(pa.array(indices, type=pa.int64()))
 
 
-def _stored_versions(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, int]:
+def _stored_versions(conn: Connection, peer: str, doc_type: str, keys: list[str]) -> dict[str, int]:
+    """The versions last applied from ``peer`` (or recorded before versions were kept per sender)."""
     out: dict[str, int] = {}
+    peers = (peer, LEGACY_PEER)
     if len(keys) > rows.CHUNK and conn.dialect.name in ("sqlite", "postgresql"):
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         with rows.text_key_table(conn, keys) as kt:
-            for k, v in conn.exec_driver_sql(
-                    f"SELECT v.doc_key, v.version FROM xchg_doc_version v JOIN {kt} t ON v.doc_key = t.k "
-                    f"WHERE v.doc_type = {'?' if conn.dialect.paramstyle == 'qmark' else '%s'}", (doc_type,)):
-                out[k] = int(v)
-        return out
-    for i in range(0, len(keys), rows.CHUNK):
-        chunk = keys[i:i + rows.CHUNK]
-        for k, v in conn.execute(select(xchg_doc_version.c.doc_key, xchg_doc_version.c.version).where(
-                and_(xchg_doc_version.c.doc_type == doc_type, xchg_doc_version.c.doc_key.in_(chunk)))):
-            out[k] = int(v)
+            found = conn.exec_driver_sql(
+                f"SELECT v.doc_key, v.version FROM xchg_doc_version v JOIN {kt} t ON v.doc_key = t.k "
+                f"WHERE v.doc_type = {mark} AND v.peer IN ({mark}, {mark})", (doc_type, *peers)).all()
+    else:
+        v = xchg_doc_version.c
+        found = [r for i in range(0, len(keys), rows.CHUNK) for r in conn.execute(
+            select(v.doc_key, v.version).where(and_(v.doc_type == doc_type, v.peer.in_(peers),
+                                                    v.doc_key.in_(keys[i:i + rows.CHUNK]))))]
+    for k, version in found:
+        out[k] = max(int(version), out.get(k, -1))
     return out
 
 
-def _set_versions(conn: Connection, doc_type: str, versions: dict[str, int]) -> None:
-    """Record the versions applied, in bulk (one upsert; COPY on PostgreSQL)."""
+#: ``xchg_doc_version.peer`` of versions recorded before they were kept per sender (migration 5).
+LEGACY_PEER = ""
+
+
+def _set_versions(conn: Connection, peer: str, doc_type: str, versions: dict[str, int]) -> None:
+    """Record the versions applied from ``peer``, in bulk (one upsert; COPY on PostgreSQL)."""
     if versions:
         rows.upsert_rows(conn, xchg_doc_version, pa.table({
+            "peer": pa.array([peer] * len(versions), pa.string()),
             "doc_type": pa.array([doc_type] * len(versions), pa.string()),
             "doc_key": pa.array(list(versions), pa.string()),
             "version": pa.array(list(versions.values()), pa.int64())}))
@@ -590,7 +598,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
         if {k: got[k] for k in ("count", "rows", "totals")} != {k: want.get(k) for k in ("count", "rows", "totals")}:
             raise ApplyError(f"control totals of {doc_type} do not match the manifest: "
                              f"received {got}, manifest says {want}")
-        stored = _stored_versions(conn, doc_type, [k for k, _o, _v in docs[doc_type]])
+        stored = _stored_versions(conn, peer, doc_type, [k for k, _o, _v in docs[doc_type]])
         fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
         stale = len(docs[doc_type]) - len(fresh)
         keys = [k for k, _o, _v in fresh]
@@ -605,7 +613,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                     sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
                            for t, tab in data.items()}
                 _write_docs(conn, node, dt, keys, sub, held=any(k in stored for k in keys))
-                _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
+                _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh})
         except StatementError as exc:
             if isinstance(exc, OperationalError):
                 raise  # the database's problem (disk full), not this document's: nothing to park
@@ -615,7 +623,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                 try:
                     with conn.begin_nested():
                         _write_docs(conn, node, dt, [k], one, held=k in stored)
-                        _set_versions(conn, doc_type, {k: v})
+                        _set_versions(conn, peer, doc_type, {k: v})
                 except StatementError as exc:
                     if isinstance(exc, OperationalError):
                         raise
@@ -636,14 +644,14 @@ def retry_parked(node: Node) -> tuple[int, int]:
             dt = node.catalog.get(r["doc_type"])
             key = r["doc_key"]
             cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
-            stored = _stored_versions(conn, dt.name, [key]).get(key, -1)
+            stored = _stored_versions(conn, r["peer"], dt.name, [key]).get(key, -1)
             if stored > r["version"]:
                 conn.execute(delete(xchg_parked).where(cond))
                 continue
             try:
                 with conn.begin_nested():
                     _write_docs(conn, node, dt, [key], _unpack(r["data"]))
-                    _set_versions(conn, dt.name, {key: r["version"]})
+                    _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
                 log.info("parked %s %s applied on retry", dt.name, key)
