@@ -17,6 +17,7 @@ translated at the boundary with ``raise ... from exc``.
     ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
+    │   └── OwnershipError (22)    a peer wrote what it does not own or did not announce
     ├── TransportError (30)        moving files failed
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
     ├── DatabaseError (40)         the node database is unreachable or wrong
@@ -93,6 +94,15 @@ class StreamError(ExchangeError):
 class ApplyError(ExchangeError):
     exit_code = 21
     hint = "Fix the cause, then run `exchange retry`."
+
+
+class OwnershipError(ApplyError):
+    """A genuine peer's bundle writes a document it does not own, or rows it did not announce."""
+
+    exit_code = 22
+    hint = ("Nothing of the bundle was applied and the sender got a REJECTED ack. A store may only send its "
+            "own documents: check that store's machine and catalog (owner_columns) before anything else; "
+            "see docs/SECURITY.md.")
 
 
 class TransportError(ExchangeError):

@@ -27,7 +27,7 @@ from sqlalchemy import Connection, and_, delete, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
 from .arrow_memory import system_pool
-from . import rows
+from . import admission, rows
 from .bundle import (
     BundleReader,
     HeldError,
@@ -49,7 +49,7 @@ from .db import (
     xchg_sent,
     xchg_stream_in,
 )
-from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError
+from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from .export import EVENTS_SCHEMA, control_totals
 from .faults import crashpoint
 from .files import fsync_dir
@@ -583,15 +583,20 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     unknown = [t for t in docs if t not in cat]
     if unknown:
         raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
+    for doc_type in docs:  # before anything is read or written: who may write what (exchange.admission)
+        dt = cat.get(doc_type)
+        if dt.owner != sender_role:
+            raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
+                                 f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
+    admission.check_tables_announced(cat, opened.tables, docs)
     applied: dict[str, Any] = {}
     parked: list[dict[str, str]] = []
     for doc_type in [n for n in cat.names if n in docs]:
         dt = cat.get(doc_type)
-        if dt.owner != sender_role:
-            raise ApplyError(f"{doc_type} documents are owned by the {dt.owner} side; "
-                             f"{peer} ({sender_role}) may not send them")
         _check_keys(node, dt, [k for k, _o, _v in docs[doc_type]])
         data = {t: _check_table(node, dt, t, opened.table(t)) for t in dt.tables() if t in opened.tables}
+        admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
+        admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header))
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
         got = control_totals(dt, data, upserts)
         want = expected.get(doc_type, {})
