@@ -49,12 +49,14 @@ class Added:
 
 @dataclass(frozen=True)
 class _Change:
-    """How the offered keys differ from what is pinned for an existing peer."""
+    """How the offered keys (or role) differ from what is pinned for an existing peer."""
 
     pinned: tuple[str, ...]  # fingerprints of the keys valid now
     offered: str
     old_recipient: str | None
     new_recipient: str
+    old_role: str | None
+    new_role: str
 
     @property
     def key(self) -> bool:
@@ -64,25 +66,32 @@ class _Change:
     def recipient(self) -> bool:
         return self.old_recipient != self.new_recipient
 
+    @property
+    def role(self) -> bool:
+        return self.old_role is not None and self.old_role != self.new_role
+
     def warning(self, peer_id: str) -> str:
         return (f"peer {peer_id} already exists with a different identity; nothing was changed.\n"
                 f"pinned signing key:  {', '.join(self.pinned) or 'none'}\n"
                 f"offered signing key: {self.offered}\n"
                 f"pinned recipient:    {self.old_recipient or 'none'}\n"
                 f"offered recipient:   {self.new_recipient}\n"
-                "Someone could be impersonating this peer, or it really has new keys (a new PC, a key rotation).")
+                + (f"pinned role:         {self.old_role}\noffered role:        {self.new_role}\n" if self.role else "")
+                + "Someone could be impersonating this peer, or it really has new keys (a new PC, a key rotation).")
 
 
-def _change(cfg: NodeConfig, peer_id: str, new_key: Any, recipient: str, now: datetime) -> _Change | None:
-    """None for a new peer, or one whose pinned keys are the offered ones."""
+def _change(cfg: NodeConfig, peer_id: str, new_key: Any, recipient: str, role: Role,
+            now: datetime) -> _Change | None:
+    """None for a new peer, or one whose pinned keys and role are the offered ones."""
     old = cfg.peers.get(peer_id)
     pinned = [s for s in keys.load_trust(cfg).signers if s.principals == (peer_id,)]
     if old is None and not pinned:
         return None
     current = tuple(sorted({sshsig.fingerprint(s.key) for s in pinned
                             if s.valid_before is None or s.valid_before > now}))
-    c = _Change(current, sshsig.fingerprint(new_key), old.recipient if old else None, recipient)
-    return c if c.key or c.recipient else None
+    c = _Change(current, sshsig.fingerprint(new_key), old.recipient if old else None, recipient,
+                old.role if old else None, role)
+    return c if c.key or c.recipient or c.role else None
 
 
 def add_peer(cfg: NodeConfig, peer_id: str, role: str, signing_key: str, recipient: str,
@@ -107,7 +116,7 @@ def add_peer(cfg: NodeConfig, peer_id: str, role: str, signing_key: str, recipie
     new_key = sshsig.parse_public_line(signing_key)
     after, before = _when(valid_after, "--valid-after"), _when(valid_before, "--valid-before")
     now = datetime.now(UTC).replace(microsecond=0)  # allowed_signers times have second resolution
-    change = _change(cfg, peer_id, new_key, recipient, now)
+    change = _change(cfg, peer_id, new_key, recipient, peer_role, now)
     old = cfg.peers.get(peer_id)
     retired: list[str] = []
     if change is not None and not replace:

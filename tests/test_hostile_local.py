@@ -249,6 +249,12 @@ def test_peer_add_never_changes_keys_silently_and_replace_retires_the_old_key(ne
                "--signing-key", old["signing_key"], "--recipient", old["recipient"])
     assert same.exit_code == 0 and "peer s001 updated" in same.output, same.output
     assert trust.read_bytes() == before[0]
+    # nor does its role change silently (an HO-role peer may send what only the HO owns)
+    role = run("peer", "add", "--home", str(ho.cfg.home), "--id", "s001", "--role", "ho",
+               "--signing-key", old["signing_key"], "--recipient", old["recipient"])
+    assert role.exit_code == 3 and "pinned role:         store" in role.output, role.output
+    assert "offered role:        ho" in role.output and Node.open(ho.cfg.home).cfg.peer("s001").role == "store"
+    assert trust.read_bytes() == before[0]
 
     res = run(*add, "--replace")
     assert res.exit_code == 0, res.output
