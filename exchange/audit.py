@@ -403,7 +403,7 @@ def _scratch(parent: Path | None) -> Iterator[Path]:
 def _stream_of_bad(f: ArchiveFile) -> tuple[str, str] | None:
     """Best guess of a bad file's stream from its name (it could not be read)."""
     if f.kind == "checkpoint":
-        m = re.fullmatch(r"[^.]+\.([^.]+)\.([^.]+)\.\d{10}\.checkpoint", f.canonical)
+        m = re.fullmatch(r"[^.]+\.([^.]+)\.([^.]+)\.[0-9]{10}\.checkpoint", f.canonical)
         return (m.group(1), m.group(2)) if m else None
     parts = _name_parts(f.canonical)
     if parts is None:
@@ -884,10 +884,26 @@ class ControlReport:
         cols = self.total_columns
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["sender", "recipient", "day", "doc_type", "bundles", "documents", "deletes", *cols])
+            w.writerow([csv_cell(c) for c in
+                        ["sender", "recipient", "day", "doc_type", "bundles", "documents", "deletes", *cols]])
             for r in self.rows:
-                w.writerow([r.sender, r.recipient, r.day, r.doc_type, r.bundles, r.documents, r.deletes,
-                            *[str(r.totals[c]) if c in r.totals else "" for c in cols]])
+                w.writerow([csv_cell(v) for v in [r.sender, r.recipient, r.day, r.doc_type, r.bundles, r.documents,
+                                                  r.deletes, *[r.totals.get(c, "") for c in cols]]])
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> str:
+    """A CSV cell a spreadsheet shows as data: text that it would run as a formula gets a leading ``'``.
+
+    Document types and control-total names come from the peers' bundles. A
+    number (an int, or a finite Decimal such as ``-12.50``) stays a number.
+    """
+    if isinstance(value, int) or (isinstance(value, Decimal) and value.is_finite()):
+        return str(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def control_report(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str],

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config, keys
+from . import config, keys, perms
 from .config import NodeConfig, Role
 from .errors import ConfigError
 from .formats import check_node_id
@@ -23,19 +23,36 @@ if TYPE_CHECKING:
 
 
 def init_home(home: Path, node_id: str, role: Role, database: str | None = None) -> NodeConfig:
-    """Create a node home: folders, exchange.toml, keys (0600), trust store, database."""
+    """Create a node home: folders, exchange.toml, keys, trust store, database.
+
+    Private whatever the umask: the home folder 0700, every file in it 0600.
+    """
     home = Path(home).expanduser().resolve()
     if (home / config.CONFIG_NAME).exists():
         raise ConfigError(f"{home} is already a node home", hint="Use a new folder, or keep this one.")
     check_node_id(node_id)
     cfg = NodeConfig(home=home, id=node_id, role=role,
                      database=database or config.default_database(home))
+    perms.make_private_dir(home)
     for folder in cfg.folders():
-        folder.mkdir(parents=True, exist_ok=True)
+        perms.make_private_dirs(home, folder)
     keys.generate(cfg)
     cfg.save()
+    db_file = sqlite_file(cfg.database)
+    if db_file is not None and not db_file.exists():
+        perms.create_private(db_file)  # SQLite gives its -wal and -journal files the same mode
     Node(cfg).migrate()
     return cfg
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for an in-memory or server database)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if not u.drivername.startswith("sqlite") or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
 
 
 class Node:
@@ -45,8 +62,8 @@ class Node:
         self.cfg = cfg
 
     @classmethod
-    def open(cls, home: str | Path | None) -> Node:
-        return cls(config.load(home))
+    def open(cls, home: str | Path | None, *, check_modes: bool = True) -> Node:
+        return cls(config.load(home, check_modes=check_modes))
 
     @property
     def id(self) -> str:

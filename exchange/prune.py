@@ -56,9 +56,9 @@ CHECKPOINTS_DIR = "checkpoints"
 MAX_CHECKPOINT_BYTES = 8 << 20
 MAX_CHECKPOINT_BUNDLES = 2000  # bundles per checkpoint file; a longer run is split
 
-_CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.(\d{{10}})\.checkpoint$")
+_CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.checkpoint$")
 # The importer keeps a second copy of an archived name as NAME.YYYYMMDDHHMMSS.
-_STAMPED_RE = re.compile(r"^(.+\.(?:bundle|ack))\.\d{14}$")
+_STAMPED_RE = re.compile(r"^(.+\.(?:bundle|ack))\.[0-9]{14}$")
 
 Kind = Literal["bundle", "ack", "checkpoint"]
 

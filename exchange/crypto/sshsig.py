@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from exchange.errors import AuthenticityError, ConfigError, CryptoError, FormatError, LimitError
+from exchange.perms import check_not_writable_by_others
 
 NAMESPACE = "exchange-bundle"
 MAX_SIGNATURE_BYTES = 8 * 1024  # an Ed25519 SSHSIG is ~300 bytes; refuse to parse anything large
@@ -290,7 +291,7 @@ _TIME_FORMATS = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
 def _parse_time(value: str) -> datetime:
     digits = value[:-1] if value.endswith(("Z", "z")) else value
     fmt = _TIME_FORMATS.get(len(digits))
-    if fmt is None or not digits.isdigit():
+    if fmt is None or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"bad timestamp {value!r} (YYYYMMDD[HHMM[SS]][Z])")
     try:
         return datetime.strptime(digits, fmt).replace(tzinfo=timezone.utc)
@@ -406,7 +407,8 @@ class AllowedSigners:
 
     @classmethod
     def load(cls, path: Path) -> AllowedSigners:
-        """Read and parse an allowed_signers file."""
+        """Read and parse an allowed_signers file; refused when another account can write it."""
+        check_not_writable_by_others(Path(path), "trust store")
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

@@ -67,6 +67,7 @@ from ..config import Role
 from ..errors import ConfigError, ExchangeError, TransientTransportError, TransportError
 from ..faults import crashpoint
 from ..formats import PART_SUFFIX
+from ..perms import check_not_writable_by_others, write_private_atomic
 from .drop import INFO_PREFIX, addressed_to, incoming, node_info, outgoing, resolve_side
 
 log = logging.getLogger(__name__)
@@ -171,9 +172,7 @@ def trust_host(home: Path, address: str, expected: str | None = None) -> str:
     path = known_hosts_path(home)
     kept = [line for line in _read_lines(path) if not _names_host(line, addr.host_id)]
     kept.append(f"{addr.host_id} {key.get_name()} {key.get_base64()}")
-    tmp = path.with_name(path.name + PART_SUFFIX)
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_private_atomic(path, "".join(line + "\n" for line in kept).encode())  # 0600, as ssh keeps it
     log.info("trusted host key %s for %s in %s", fp, addr.host_id, path)
     return fp
 
@@ -730,6 +729,7 @@ class SftpTransport:
     def _connect(self) -> _Session:
         client = paramiko.SSHClient()
         if self.known_hosts.exists():
+            check_not_writable_by_others(self.known_hosts, "known hosts file")
             try:
                 client.load_host_keys(str(self.known_hosts))
             except (OSError, ValueError, paramiko.SSHException) as exc:
