@@ -41,7 +41,6 @@ from .formats import (
 )
 
 COPY_CHUNK = 1 << 20
-TRAILING_BYTES = 20 * tarfmt.BLOCK  # zero blocks tolerated after the end marker (tar record padding)
 #: bytes per value once decoded, by Parquet physical type (BYTE_ARRAY: its offset; the data is
 #: counted in the uncompressed size); FIXED_LEN_BYTE_ARRAY uses its length, at least a decimal128's 16
 _PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
@@ -444,6 +443,11 @@ def _seal_bundle(
 # ---------------------------------------------------------------- reading
 
 def _read_small(src: BinaryIO, expected: str, limit: int, what: str) -> bytes:
+    return _read_member(src, expected, limit, what)[1]
+
+
+def _read_member(src: BinaryIO, expected: str, limit: int, what: str) -> tuple[tarfmt.Member, bytes]:
+    """A small member's header and data (size limit checked from the header first)."""
     m = tarfmt.read_header(src)
     if m is None:
         raise FormatError(f"{what}: member {expected!r} missing")
@@ -453,7 +457,18 @@ def _read_small(src: BinaryIO, expected: str, limit: int, what: str) -> bytes:
         raise LimitError(f"{what}: {expected} is {m.size} bytes (limit {limit})")
     data = tarfmt._read_exact(src, m.size, expected)
     tarfmt.skip_padding(src, m.size)
-    return data
+    return m, data
+
+
+def _check_exact(headers: Sequence[tarfmt.Member], signature: bytes, created: datetime) -> None:
+    """Every byte no signature covers is the writer's: tar headers (mtime = ``created``) and armor.
+
+    So a file is either exactly what its sender wrote or damage, and its SHA-256 (what
+    an ack names) is the sender's (docs/FORMAT.md sections 2 and 7).
+    """
+    for m in headers:
+        tarfmt.check_exact(m, int(created.timestamp()))
+    sshsig.check_exact(signature)
 
 
 def _wrap(path: Path, exc: ExchangeError) -> ExchangeError:
@@ -511,8 +526,9 @@ class BundleReader:
             if file_size == 0:
                 raise FormatError("empty file")
             what = "bundle"
-            raw = _read_small(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
-            self.signature = _read_small(self._src, BUNDLE_MEMBERS[1], MAX_SIG_BYTES, what)  # type: ignore[arg-type]
+            h_raw, raw = _read_member(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
+            h_sig, self.signature = _read_member(
+                self._src, BUNDLE_MEMBERS[1], MAX_SIG_BYTES, what)  # type: ignore[arg-type]
             m = tarfmt.read_header(self._src)  # type: ignore[arg-type]
             if m is None or m.name != BUNDLE_MEMBERS[2]:
                 raise FormatError(f"member {BUNDLE_MEMBERS[2]!r} missing or out of order")
@@ -522,14 +538,15 @@ class BundleReader:
             need += len(tarfmt.END)
             if file_size < need:
                 raise FormatError(f"truncated: the file has {file_size} bytes, its tar headers need {need}")
-            if file_size > need + TRAILING_BYTES:  # a member flood or junk after the archive: refuse now,
+            if file_size != need:  # a member flood or junk (even zeros) after the archive: refuse now,
                 raise FormatError(  # before the whole file is hashed or any cryptography runs
                     "unexpected extra member in tar, or unexpected data after the end of the tar archive "
-                    f"(the file has {file_size} bytes, its three members need {need})")
+                    f"(the file has {file_size} bytes, its three members need exactly {need})")
             self.payload_size = m.size
             self.manifest = Manifest.parse(raw)
             if m.size != self.manifest.payload.size:
                 raise AuthenticityError("payload size differs from the signed manifest")
+            _check_exact((h_raw, h_sig, m), self.signature, self.manifest.created)
         except ExchangeError as exc:
             self.close()
             raise _wrap(self.path, exc) from exc
@@ -602,6 +619,7 @@ class BundleReader:
                                             f"where {entry.name!r} was signed")
                 if m.size != entry.size:
                     raise AuthenticityError(f"payload member {entry.name} size differs from the signed manifest")
+                tarfmt.check_exact(m, int(self.manifest.created.timestamp()))
                 h = hashlib.sha256()
                 target = workdir / entry.name
                 with open(target, "wb") as out:
@@ -756,10 +774,21 @@ def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -
     if not data:
         raise LimitError(f"empty or oversized {what} file")
     src = io.BytesIO(data)
-    raw = _read_small(src, members[0], limit, what)
-    sig = _read_small(src, members[1], MAX_SIG_BYTES, what)
+    h_raw, raw = _read_member(src, members[0], limit, what)
+    h_sig, sig = _read_member(src, members[1], MAX_SIG_BYTES, what)
     tarfmt.expect_end(src)
+    created = _signed_created(raw)
+    if created is not None:  # else the caller's parse of the JSON refuses the file
+        _check_exact((h_raw, h_sig), sig, created)
     return raw, sig, hashlib.sha256(data).hexdigest()
+
+
+def _signed_created(raw: bytes) -> datetime | None:
+    """The ``created`` time a signed JSON file states (its tar headers' mtime), if it states one."""
+    try:
+        return parse_time(parse_json(raw, "signed file")["created"], "created")
+    except (ExchangeError, KeyError):
+        return None
 
 
 def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedSigners,
