@@ -109,6 +109,10 @@ def read_header(src: BinaryIO) -> Member | None:
     return Member(name, _parse_octal(block[124:136], "size"), _parse_octal(block[136:148], "mtime"), block)
 
 
+def _field_at(offset: int) -> str:
+    return next(n for off, n in reversed(_FIELDS) if off <= offset)
+
+
 def check_exact(m: Member, mtime: int) -> None:
     """The header is byte for byte what :func:`header` writes for this member at ``mtime``.
 
@@ -124,8 +128,8 @@ def check_exact(m: Member, mtime: int) -> None:
     except FormatError:
         want = b""
     if m.block != want:
-        at = next((i for i, (a, b) in enumerate(zip(m.block, want)) if a != b), 0)
-        name = next(n for off, n in reversed(_FIELDS) if off <= at)
+        names = dict.fromkeys(_field_at(i) for i, (a, b) in enumerate(zip(m.block, want)) if a != b)
+        name = next((n for n in names if n != "checksum"), "checksum")  # another field changes the checksum too
         raise FormatError(f"tar header of {m.name}: {name} field differs from the header exchange writes "
                           "(only exact bytes are accepted): the file was altered after it was written")
 
