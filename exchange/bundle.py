@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import __version__, tarfmt
+from . import __version__, parquet_budget, tarfmt
 from .files import (  # re-exported: older callers import these from here
     fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
     write_file_atomic as write_file_atomic,
@@ -488,6 +488,9 @@ class Opened:
     signer: sshsig.AllowedSigner
     file_sha256: str
     tables: dict[str, Path]
+    #: per table, what its pages hold (parquet_budget.scan); every table read counts against ``budget``
+    plans: dict[str, parquet_budget.FilePlan] = field(default_factory=dict)
+    budget: parquet_budget.Budget = field(default_factory=lambda: parquet_budget.Budget(MAX_TABLE_BYTES))
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -501,7 +504,8 @@ class Opened:
 
         path = self.tables[name]
         try:
-            table = pq.read_table(path)
+            plan = self.plans.get(name) or parquet_budget.scan(path)
+            table = parquet_budget.read_table(path, plan, self.budget)  # bounded by what is decoded
             table.validate(full=True)  # e.g. invalid UTF-8 in a string column, which Parquet readers let through
             return table
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -643,13 +647,14 @@ class BundleReader:
             if sub.h.hexdigest() != self.manifest.payload.sha256:
                 raise AuthenticityError("payload SHA-256 differs from the signed manifest")
             file_sha = self._finish()
-            inner = self._check_inner(paths)
+            inner, plans = self._check_inner(paths)
         except ExchangeError as exc:
             raise _wrap(self.path, exc) from exc
         tables = {t["table"]: paths[t["file"]] for t in inner["tables"]}
-        return Opened(self.manifest, inner, self.signer, file_sha, tables)
+        return Opened(self.manifest, inner, self.signer, file_sha, tables,
+                      {t["table"]: plans[t["file"]] for t in inner["tables"]})
 
-    def _check_inner(self, paths: dict[str, Path]) -> dict[str, Any]:
+    def _check_inner(self, paths: dict[str, Path]) -> tuple[dict[str, Any], dict[str, parquet_budget.FilePlan]]:
         import pyarrow.parquet as pq
 
         inner = parse_json(paths[INNER_MANIFEST].read_bytes(), INNER_MANIFEST)
@@ -664,6 +669,7 @@ class BundleReader:
         files = [e.name for e in m.inner[1:]]
         seen = set()
         expanded = 0
+        plans: dict[str, parquet_budget.FilePlan] = {}
         for t, fname in zip(tables, files, strict=False):
             if not isinstance(t, dict) or t.get("file") != fname or not isinstance(t.get("table"), str) \
                     or not isinstance(t.get("rows"), int) or t["table"] in seen:
@@ -672,9 +678,13 @@ class BundleReader:
             try:
                 meta = pq.read_metadata(paths[fname])
                 rows = meta.num_rows
-                expanded += parquet_expanded_size(meta)
+                claimed = parquet_expanded_size(meta)
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
+            if expanded + claimed <= MAX_TABLE_BYTES:  # the footer's claim passes: the pages decide
+                plans[fname] = parquet_budget.scan(paths[fname], meta)
+                claimed = max(claimed, plans[fname].decoded)
+            expanded += claimed
             if expanded > MAX_TABLE_BYTES:  # a decompression bomb: refuse before reading any rows
                 raise LimitError(f"{fname}: tables expand to more than {MAX_TABLE_BYTES >> 20} MiB "
                                  "uncompressed (limit per bundle)")
@@ -682,7 +692,7 @@ class BundleReader:
                 raise FormatError(f"{fname}: {rows} rows, inner manifest says {t['rows']}")
         if len(tables) != len(files):
             raise FormatError(f"{INNER_MANIFEST}: {len(tables)} tables listed, {len(files)} files in payload")
-        return inner
+        return inner, plans
 
 
 @contextmanager
