@@ -21,6 +21,8 @@ import hashlib
 import io
 import json
 import re
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -287,6 +289,123 @@ def test_parquet_footer_claiming_huge_row_group_size(world: World, tmp_path: Pat
              "LimitError", r"expand to more than 4096 MiB")
 
 
+# ---------------------------------------------------------------- Parquet whose footer lies
+
+def _dictionary_bomb(rows: int, value_bytes: int) -> bytes:
+    """``rows`` copies of one ``value_bytes`` string, as a dictionary page and RLE indices, without
+    the Arrow schema (so a reader expands it): a few hundred bytes that decode to rows x value."""
+    arr = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["n" * value_bytes]))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"name": arr}), buf, compression="zstd", store_schema=False,
+                   dictionary_pagesize_limit=64 << 20)
+    return buf.getvalue()
+
+
+def test_parquet_dictionary_strings_decoding_past_the_budget(world: World, tmp_path: Path) -> None:
+    """10,000 copies of a 512 KiB string: the footer is honest (0.5 MiB of pages, 10,000 values)
+    and its estimate small, but the strings decode to 5 GiB. Sized from the dictionary's value
+    lengths and the indices, before one value is copied out."""
+    f = tmp_path / "dict.parquet"
+    f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
+    meta = pq.read_metadata(f)
+    assert bundle.parquet_expanded_size(meta) < 16 << 20 and f.stat().st_size < 4096
+    run_bomb(world, "Parquet: one 512 KiB string x 10,000 (dictionary), 5 GiB decoded",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, 10_000)}),
+             "LimitError", r"t0002\.parquet: tables decode to more than 4096 MiB \(limit per bundle\); decoding stopped")
+
+
+def test_parquet_footer_understating_value_counts(world: World, rle_bomb: tuple[Path, int],
+                                                  tmp_path: Path) -> None:
+    """The RLE bomb with every row group's and column chunk's count patched from 10 M to 1,000:
+    the footer's estimate is tiny, the pages hold 560 M values. Refused from the page headers."""
+    path, rows = rle_bomb
+    data = patch_footer(path.read_bytes(), 10_000_000, 1_000, count=112)  # 56 row groups + 56 chunks
+    f = tmp_path / "understated.parquet"
+    f.write_bytes(data)
+    assert bundle.parquet_expanded_size(pq.read_metadata(f)) < 1 << 20
+    run_bomb(world, "Parquet footer: 560 M values stated as 56,000",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, rows)}),
+             "FormatError", r"t0002\.parquet: Parquet footer claims 1000 values in \d+ bytes for column x, "
+                            r"its pages hold 10000000 values")
+
+
+def test_parquet_footer_understating_page_sizes(world: World, tmp_path: Path) -> None:
+    """A column chunk whose footer states 1/100 of its uncompressed bytes (what the old estimate
+    trusted): the page headers, which Arrow decompresses to, tell the truth."""
+    rows = 100_000
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": pa.array(range(rows), pa.int64())}), buf, compression="zstd")
+    size = pq.read_metadata(io.BytesIO(buf.getvalue())).row_group(0).column(0).total_uncompressed_size
+    f = tmp_path / "small-claims.parquet"
+    f.write_bytes(patch_footer(buf.getvalue(), size, size // 100, count=2))  # the chunk and its row group
+    run_bomb(world, "Parquet footer: page bytes stated as 1/100",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, rows)}),
+             "FormatError", rf"Parquet footer claims {rows} values in {size // 100} bytes .* its pages hold "
+                            rf"{rows} values in {size} bytes")
+
+
+def test_parquet_encoding_exchange_never_writes(world: World, tmp_path: Path) -> None:
+    """DELTA_BYTE_ARRAY shares prefixes between values, so a page can expand without a bound its
+    header shows: only the encodings exchange's writers produce are decoded."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"name": pa.array(["x" * 100 + str(i) for i in range(1000)])}), buf,
+                   use_dictionary=False, column_encoding={"name": "DELTA_BYTE_ARRAY"})
+    f = tmp_path / "delta.parquet"
+    f.write_bytes(buf.getvalue())
+    run_bomb(world, "Parquet: a DELTA_BYTE_ARRAY page",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, 1000)}),
+             "FormatError", r"Parquet page encoding 7 is not one exchange writes")
+
+
+#: the documented memory limit of an import (docs/PERFORMANCE.md: peak RSS < 200 MiB)
+IMPORT_RSS_LIMIT = 200 << 20
+_CHILD = """
+import json, resource, sys
+from pathlib import Path
+from exchange.importer import import_inbox
+from exchange.node import Node
+out = import_inbox(Node.open(Path(sys.argv[1])))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"status": [o.status for o in out], "reason": [o.reason for o in out], "peak": peak}))
+"""
+
+
+def _import_in_child(node: Node) -> dict[str, Any]:
+    """``import_inbox`` of ``node`` in a fresh interpreter: its peak RSS, Arrow's native memory included."""
+    node.engine.dispose()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(node.cfg.home)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("case", ["dictionary strings, 5 GiB decoded", "footer understating 560 M values"])
+def test_parquet_lying_file_peak_rss_in_a_child(world: World, rle_bomb: tuple[Path, int], tmp_path: Path,
+                                                case: str) -> None:
+    """The worst decoding cases, imported by a child process: quarantined, and the child's peak RSS
+    (getrusage ru_maxrss: the interpreter, pyarrow, the database and the bomb) under the limit."""
+    node = world.store
+    f = tmp_path / "bomb.parquet"
+    if case.startswith("dictionary"):
+        f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
+        rows = 10_000
+    else:
+        path, rows = rle_bomb
+        f.write_bytes(patch_footer(path.read_bytes(), 10_000_000, 1_000, count=112))
+    inbox = node.cfg.inbox / NAME
+    _seal(world, inbox, {"_events": _events()}, {"item": (f, rows)})
+    try:
+        got = _import_in_child(node)
+        assert got["status"] == ["QUARANTINED"], got
+        FIGURES[f"child peak RSS: {case}"] = (0.0, got["peak"], f"limit {IMPORT_RSS_LIMIT >> 20} MiB")
+        print(f"\n{case}: child peak RSS {got['peak'] / 2**20:.1f} MiB ({got['reason'][0][:120]})")
+        assert got["peak"] < IMPORT_RSS_LIMIT, f"{got['peak'] >> 20} MiB"
+    finally:
+        for p in node.cfg.quarantine.iterdir():
+            p.unlink()
+        inbox.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- JSON
 
 def test_outer_manifest_nested_a_million_deep(world: World) -> None:
@@ -402,4 +521,5 @@ def test_limits_summary() -> None:
     print(f"\nlimit cases: {len(FIGURES)} (time, extra memory as {how})")
     for label, (took, extra, what) in FIGURES.items():
         print(f"  {label:<52} {took * 1000:8.1f} ms {extra / 2**20:7.1f} MiB  {what}")
-    assert all(t < SECONDS and m < EXTRA_MEMORY for t, m, _w in FIGURES.values())
+    assert all(t < SECONDS and (m < EXTRA_MEMORY or (label.startswith("child") and m < IMPORT_RSS_LIMIT))
+               for label, (t, m, _w) in FIGURES.items())
