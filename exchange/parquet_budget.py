@@ -8,10 +8,11 @@ header states, and decodes exactly the values it counts) and the encodings:
 1. Before any row is decoded, :func:`scan` reads every page header of every
    column chunk, over the byte ranges Arrow reads, and adds up what decoding
    holds: decompressed page bytes and values times their decoded width. The
-   footer's own figures are not used. Only the encodings exchange's writers
-   produce are accepted (PLAIN, RLE / bit-packed levels, dictionary); the
-   others (DELTA_BYTE_ARRAY's prefix sharing, for one) can expand a page
-   without a bound the header shows.
+   footer must agree with them (each column chunk's value count and
+   uncompressed size are the sums over its pages), so it cannot understate
+   them. Only the encodings exchange's writers produce are accepted (PLAIN,
+   RLE / bit-packed levels, dictionary); the others (DELTA_BYTE_ARRAY's prefix
+   sharing, for one) can expand a page without a bound its header shows.
 2. Decoding then goes row group by row group against a running budget
    (:class:`Budget`, one per bundle): a row group's Arrow buffers are counted
    as soon as it is decoded, and decoding stops with a LimitError once the
@@ -278,8 +279,8 @@ def _dictionary_expanded(column: Any) -> int:
     return total
 
 
-def read_table(path: Path, plan: FilePlan, budget: Budget) -> Any:
-    """The whole table, decoded row group by row group against ``budget`` and the table's own.
+def read_table(path: Path, plan: FilePlan, budget: Budget, columns: list[str] | None = None) -> Any:
+    """The table (or only ``columns``), decoded row group by row group against ``budget`` and the table's own.
 
     The table's budget is what its pages hold (:func:`scan`) times TABLE_FACTOR plus
     TABLE_SLACK: a file that decodes to more than its pages can hold lies about
@@ -301,14 +302,14 @@ def read_table(path: Path, plan: FilePlan, budget: Budget) -> Any:
             if dict_pf is None:  # long strings repeated by dictionary: size them before expanding
                 dict_pf = pq.ParquetFile(path, read_dictionary=sorted({c for r in plan.row_groups
                                                                        for c in r.dictionary_columns}))
-            part = dict_pf.read_row_group(i)
+            part = dict_pf.read_row_group(i, columns=columns)
             n = sum(_dictionary_expanded(c) if pa.types.is_dictionary(c.type) else c.nbytes for c in part.columns)
             own += n  # the expansion is legitimate; it is counted against the bundle's budget
             budget.charge(n, what)
             used += n
-            part = part.cast(pf.schema_arrow)
+            part = part.cast(pa.schema([pf.schema_arrow.field(c) for c in part.column_names]))
         else:
-            part = pf.read_row_group(i)
+            part = pf.read_row_group(i, columns=columns)
             n = part.get_total_buffer_size()
             budget.charge(n, what)
             used += n
@@ -317,5 +318,6 @@ def read_table(path: Path, plan: FilePlan, budget: Budget) -> Any:
                               f"({plan.decoded} bytes): the file is not what it claims")
         pieces.append(part)
     if not pieces:
-        return pf.schema_arrow.empty_table()
+        schema = pf.schema_arrow
+        return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
     return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)

@@ -357,6 +357,21 @@ def test_parquet_encoding_exchange_never_writes(world: World, tmp_path: Path) ->
              "FormatError", r"Parquet page encoding 7 is not one exchange writes")
 
 
+def test_parquet_dictionary_bomb_is_an_audit_finding(tmp_path: Path) -> None:
+    """`exchange audit` recomputes control totals with the same bounded reader: the bomb is a
+    problem it reports, not an exception or gigabytes of memory."""
+    from exchange.audit import check_totals
+
+    f = tmp_path / "t0001.parquet"
+    f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
+    inner = {"summary": {"documents": {"item": {"count": 0, "rows": {"item": 10_000},
+                                                  "totals": {"item.name": "0"}}}}}
+    problems, took, extra = measure(lambda: check_totals(inner, {"item": f}))
+    assert problems == ["item: total item.name: t0001.parquet: tables decode to more than 4096 MiB "
+                        "(limit per bundle); decoding stopped"], problems
+    assert took < SECONDS and extra < EXTRA_MEMORY
+
+
 #: the documented memory limit of an import (docs/PERFORMANCE.md: peak RSS < 200 MiB)
 IMPORT_RSS_LIMIT = 200 << 20
 _CHILD = """
