@@ -460,14 +460,16 @@ def _read_member(src: BinaryIO, expected: str, limit: int, what: str) -> tuple[t
     return m, data
 
 
-def _check_exact(headers: Sequence[tarfmt.Member], signature: bytes, created: datetime) -> None:
+def _check_exact(headers: Sequence[tarfmt.Member], signature: bytes, created: datetime | None) -> None:
     """Every byte no signature covers is the writer's: tar headers (mtime = ``created``) and armor.
 
     So a file is either exactly what its sender wrote or damage, and its SHA-256 (what
-    an ack names) is the sender's (docs/FORMAT.md sections 2 and 7).
+    an ack names) is the sender's (docs/FORMAT.md sections 2 and 7). Without a readable
+    ``created`` (the caller's parse refuses the file anyway) the members' mtimes must agree.
     """
+    mtime = int(created.timestamp()) if created is not None else headers[0].mtime
     for m in headers:
-        tarfmt.check_exact(m, int(created.timestamp()))
+        tarfmt.check_exact(m, mtime)
     sshsig.check_exact(signature)
 
 
@@ -787,9 +789,7 @@ def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -
     h_raw, raw = _read_member(src, members[0], limit, what)
     h_sig, sig = _read_member(src, members[1], MAX_SIG_BYTES, what)
     tarfmt.expect_end(src)
-    created = _signed_created(raw)
-    if created is not None:  # else the caller's parse of the JSON refuses the file
-        _check_exact((h_raw, h_sig), sig, created)
+    _check_exact((h_raw, h_sig), sig, _signed_created(raw))
     return raw, sig, hashlib.sha256(data).hexdigest()
 
 
