@@ -37,6 +37,7 @@ from enginehelpers import Net, add_item, make_net
 from helpers_bundle import assemble, layout, raw_header, resign
 
 from exchange import bundle, tarfmt
+from exchange.errors import LimitError
 from exchange.capture import record_events
 from exchange.crypto import age, sshsig
 from exchange.export import export_all
@@ -404,6 +405,27 @@ def test_parquet_genuine_files_read_the_same(tmp_path: Path, monkeypatch: pytest
         assert any("RLE_DICTIONARY" in meta.row_group(0).column(j).encodings for j in range(meta.num_columns))
     else:
         assert meta.num_row_groups == 8
+
+
+def test_parquet_running_budget_spans_the_bundle_and_each_table(tmp_path: Path) -> None:
+    """The budget is the bundle's: two tables that each fit are refused together once they
+    decode past it (row group by row group, the second table stops); and a table decoding to
+    more than its page headers allow (here: a plan understating it) is a FormatError."""
+    from exchange import parquet_budget
+
+    f = tmp_path / "t0001.parquet"
+    f.write_bytes(_small_parquet(100_000))  # 800 KB of int64 once decoded
+    plan = parquet_budget.scan(f)
+    assert plan.decoded >= 800_000  # an upper bound of what decoding holds
+    budget = parquet_budget.Budget(1_200_000)
+    assert parquet_budget.read_table(f, plan, budget).num_rows == 100_000
+    with pytest.raises(LimitError, match=r"t0001\.parquet: tables decode to more than 1 MiB"):
+        parquet_budget.read_table(f, plan, budget)
+    big = tmp_path / "t0002.parquet"
+    big.write_bytes(_small_parquet(400_000))  # 3.2 MB decoded: past the table slack of 1 MiB
+    lying = parquet_budget.FilePlan([parquet_budget.RowGroupPlan(decoded=0)])
+    with pytest.raises(bundle.FormatError, match=r"row group 0 decodes to \d+ bytes, more than its pages hold"):
+        parquet_budget.read_table(big, lying, parquet_budget.Budget(MAX_TABLE_BYTES))
 
 
 #: the documented memory limit of an import (docs/PERFORMANCE.md: peak RSS < 200 MiB)
