@@ -218,6 +218,28 @@ def _dearmor(signature: bytes) -> bytes:
         raise FormatError(f"SSH signature body is not valid base64: {exc}") from exc
 
 
+def check_exact(signature: bytes) -> None:
+    """The signature is exactly what :func:`sign` (and ssh-keygen) writes for its blob.
+
+    The armor's line breaks and whitespace and the blob's reserved field are not signed
+    (verifiers sign over an empty reserved): a copy changed there in transit would verify
+    yet be another file (another SHA-256), so only the exact form is accepted. Other
+    damage to the blob is left to :func:`verify`, which names it.
+    """
+    blob = _dearmor(signature)
+    if _armor("SSH SIGNATURE", blob) != signature:
+        raise FormatError("SSH signature armor differs from the one exchange and ssh-keygen write "
+                          f"(base64 in {_WRAP}-column lines, LF line ends, nothing else): "
+                          "the file was altered after it was signed")
+    r = _Reader(blob, "SSHSIG blob")
+    r.take(10)  # magic, version
+    r.string()  # public key
+    r.string()  # namespace
+    if r.string():
+        raise FormatError("SSHSIG reserved field is not empty (exchange and ssh-keygen write it empty and "
+                          "no signature covers it): the file was altered after it was signed")
+
+
 def verify(signature: bytes, data: bytes | BinaryIO, namespace: str = NAMESPACE) -> Ed25519PublicKey:
     """Check an armored SSHSIG over ``data``; return the (not yet trusted!) signing key.
 
