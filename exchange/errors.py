@@ -13,7 +13,8 @@ translated at the boundary with ``raise ... from exc``.
     │   ├── LimitError (12)        a size/count limit exceeded before crypto
     │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
     │   ├── NotForUsError (14)     addressed to another node
-    │   └── VersionError (15)      unknown or incompatible format/app version
+    │   ├── VersionError (15)      unknown or incompatible format/app version
+    │   └── NotRegularFileError (17) a link, folder, FIFO, socket or device named like a file
     ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
@@ -79,6 +80,15 @@ class NotForUsError(BundleError):
 class VersionError(BundleError):
     exit_code = 15
     hint = "Both sides must run the same major version of exchange: upgrade the older one."
+
+
+class NotRegularFileError(BundleError):
+    """A link, folder, FIFO, socket or device where a file was expected: never opened or followed."""
+
+    exit_code = 17
+    hint = ("Something other than a regular file sits under that name, in a folder someone else can "
+            "write to (a stick, a drop folder, an SFTP account): it was not opened, followed or deleted. "
+            "Find out who put it there, then remove it.")
 
 
 class CryptoError(ExchangeError):
