@@ -30,8 +30,6 @@ from .errors import NotRegularFileError
 COPY_CHUNK = 1 << 20
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the OS has none (Windows: no symlinks planted by peers)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-O_BINARY = getattr(os, "O_BINARY", 0)
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +101,20 @@ def open_regular(path: Path, mode: Literal["rb", "r+b"] = "rb") -> BinaryIO:
     regular file; OSError (FileNotFoundError...) as ``open`` raises it.
     """
     check_regular(path)
-    flags = (os.O_RDWR if mode == "r+b" else os.O_RDONLY) | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
-    try:
-        fd = os.open(path, flags)
+    try:  # open() with an opener: the file object keeps its path as its name, for messages
+        f: BinaryIO = open(path, mode, opener=lambda p, fl: os.open(p, fl | O_NOFOLLOW | O_NONBLOCK))
     except OSError as exc:
         st = _lstat_or_none(path)
         if st is not None and not stat.S_ISREG(st.st_mode):  # ELOOP: a link swapped in meanwhile
             raise refuse(path, st.st_mode) from exc
         raise
     try:
-        st_fd = os.fstat(fd)
+        st_fd = os.fstat(f.fileno())
         if not stat.S_ISREG(st_fd.st_mode):
             raise refuse(path, st_fd.st_mode)
-        _clear_nonblock(fd)
-        f: BinaryIO = os.fdopen(fd, mode)
+        _clear_nonblock(f.fileno())
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
     return f
 
@@ -165,14 +161,13 @@ def create_fresh(path: Path, mode: int = 0o666) -> BinaryIO:
     is removed first, never opened or written through; a folder there is
     refused (NotRegularFileError).
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_BINARY
     for _ in range(3):  # bounded: someone racing us for the name only costs a refusal
         clear_entry(path)
-        try:
-            fd = os.open(path, flags, mode)
+        try:  # "x": O_CREAT | O_EXCL, which never follows a link at the name
+            f: BinaryIO = open(path, "xb", opener=lambda p, fl: os.open(p, fl | O_NOFOLLOW, mode))
         except FileExistsError:
             continue
-        return os.fdopen(fd, "wb")
+        return f
     raise FileExistsError(f"{path} keeps reappearing; not written")
 
 
