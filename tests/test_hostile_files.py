@@ -377,14 +377,15 @@ def random_file(path: Path, size: int) -> Path:
 
 def test_sftp_remote_part_that_is_a_link_is_not_written_through(
         sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path) -> None:
-    """The store makes ``down/<bundle>.part`` a symlink to an absolute path: the HO logs in without a
-    chroot, so an open through it would write the HO's own file (as root)."""
-    target = victim(tmp_path / "outside")
-    keep = Outside(target)
+    """The store makes ``down/<bundle>.part`` and ``down/node-ho.json.part`` symlinks to absolute paths:
+    the HO logs in without a chroot, so an open through them would write the HO's own files (as root)."""
+    target, info_target = victim(tmp_path / "outside"), victim(tmp_path / "outside", "other.txt")
+    keep = Outside(target, info_target)
     src = random_file(tmp_path / "ho.s001.0000000001.bundle", (3 << 20) + 11)
     with store_sftp(sshd, sftp_homes) as client:
         sftp = client.open_sftp()
         sftp.symlink(str(target), "/down/ho.s001.0000000001.bundle.part")
+        sftp.symlink(str(info_target), "/down/node-ho.json.part")
         sftp.close()
     down = sshd.accounts["s001"].folder / "down"
     assert kind(down / "ho.s001.0000000001.bundle.part") == "link"
@@ -392,7 +393,8 @@ def test_sftp_remote_part_that_is_a_link_is_not_written_through(
         assert bounded(lambda: t.push([src], "s001")) == [src]
     keep.assert_unchanged()
     assert kind(down / src.name) == "file" and digest(down / src.name) == digest(src)
-    assert not os.path.lexists(down / (src.name + ".part"))
+    assert kind(down / "node-ho.json") == "file"  # the HO's info for the store's doctor, written fresh
+    assert not [n for n in os.listdir(down) if n.endswith(".part")]
 
 
 def test_sftp_remote_part_with_another_prefix_is_not_continued(
