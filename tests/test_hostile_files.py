@@ -428,9 +428,10 @@ def test_sftp_fifo_and_link_among_uploads_are_refused(
     up = sshd.accounts["s001"].folder / "up"
     target = victim(tmp_path / "outside")
     keep = Outside(target)
-    fifo = up / "s001.ho.0000000001.bundle"
-    os.mkfifo(fifo)  # a FIFO on the server's disk (made by whoever has a shell there)
-    os.chown(fifo, os.stat(up).st_uid, os.stat(up).st_gid)
+    fifo, info = up / "s001.ho.0000000001.bundle", up / "node-s001.json"
+    for f in (fifo, info):  # FIFOs on the server's disk (made by whoever has a shell there)
+        os.mkfifo(f)
+        os.chown(f, os.stat(up).st_uid, os.stat(up).st_gid)
     with store_sftp(sshd, sftp_homes) as client:
         sftp = client.open_sftp()
         sftp.symlink(str(target), "/up/s001.ho.0000000002.bundle")
@@ -442,11 +443,12 @@ def test_sftp_fifo_and_link_among_uploads_are_refused(
     with ho_transport(sshd, sftp_homes) as t:
         got = bounded(lambda: t.pull("ho", inbox))
         refused = "\n".join(t.refused)
+        assert "peer_info" not in bounded(lambda: t.probe("ho", "s001"))  # the doctor's read: no hang either
     assert got == [inbox / "s001.ho.0000000003.bundle"] and digest(got[0]) == want
     assert "s001.ho.0000000001.bundle on the server is a FIFO (named pipe), not a regular file" in refused
     assert "s001.ho.0000000002.bundle on the server is a symbolic link, not a regular file" in refused
     assert sorted(os.listdir(inbox)) == ["s001.ho.0000000003.bundle"]
     assert kind(fifo) == "fifo" and kind(up / "s001.ho.0000000002.bundle") == "link"  # left, not deleted
     keep.assert_unchanged()
-    os.unlink(fifo)
-    os.unlink(up / "s001.ho.0000000002.bundle")
+    for f in (fifo, info, up / "s001.ho.0000000002.bundle"):
+        os.unlink(f)

@@ -801,9 +801,9 @@ class SftpTransport:
                 attrs = s.stat(test)
                 out["server_time"] = attrs.st_mtime if attrs else None
                 s.sftp.remove(test)
-            info = posixpath.join(self.folder(incoming(self.side)), f"{INFO_PREFIX}{peer}.json")
+            info = f"{INFO_PREFIX}{peer}.json"
             try:
-                with s.closing(s.open_regular(info)) as h:
+                with s.closing(self._open_listed(s, self.folder(incoming(self.side)), info)) as h:
                     size = s.size_of(h)
                     if size < 1 << 16:
                         out["peer_info"] = json.loads(s.read_bytes(h, 0, size))
@@ -943,7 +943,7 @@ class SftpTransport:
             try:
                 listed = s.sftp.listdir_attr(folder)
                 sizes = {a.filename: a.st_size or 0 for a in listed}
-                self._modes[folder] = {a.filename: a.st_mode or 0 for a in listed}
+                self._modes[folder] = {a.filename: a.st_mode for a in listed if a.st_mode is not None}
             except FileNotFoundError:
                 raise TransportError(
                     f"folder {folder} not found on {self.addr.host} for {self.addr.user!r}",
@@ -951,6 +951,21 @@ class SftpTransport:
                          "':port/'. The HO names the store's folder in full (docs/SFTP.md).") from None
             self._listings[folder] = sizes
         return sizes
+
+    def _open_listed(self, s: _Session, folder: str, name: str) -> _Handle:
+        """Open ``folder/name`` for reading only if it is a regular file.
+
+        What the listing (OpenSSH fills it from ``lstat``) shows as a link, FIFO
+        or folder is refused without any request: an open of a FIFO would block
+        the server's sftp process. The rest is ``lstat``-ed with its open
+        (:meth:`_Session.open_regular`), which catches a link swapped in since.
+        """
+        path = posixpath.join(folder, name)
+        mode = self._modes.get(folder, {}).get(name, stat.S_IFREG)
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"{path} on the server is {kind_of(mode)}, not a regular file: "
+                                      "refused, not read or followed")
+        return s.open_regular(path)
 
     def _report(self, name: str, total: int) -> Callable[[int], None]:
         progress = self.progress
@@ -980,7 +995,7 @@ class SftpTransport:
             raise TransportError(f"cannot read {src}: {exc.strerror or exc}") from exc
 
         with local:
-            if sizes.get(src.name) == size and self._already_there(s, final, local, size):
+            if sizes.get(src.name) == size and self._already_there(s, folder, src.name, local, size):
                 log.info("%s is already at %s", src.name, self.address)
                 return
             offset, part, h = 0, final + PART_SUFFIX, None
@@ -997,12 +1012,13 @@ class SftpTransport:
         sizes[src.name] = size
         log.info("sent %s to %s (%d bytes)", src.name, self.address, size)
 
-    def _already_there(self, s: _Session, final: str, local: IO[bytes], size: int) -> bool:
-        """Is ``final`` a regular file holding exactly ``local``'s bytes? (a link or FIFO there: no)"""
+    def _already_there(self, s: _Session, folder: str, name: str, local: IO[bytes], size: int) -> bool:
+        """Is ``folder/name`` a regular file holding exactly ``local``'s bytes? (a link or FIFO there: no,
+        and the rename replaces it as an entry)"""
         try:
-            h = s.open_regular(final)
+            h = self._open_listed(s, folder, name)
         except (FileNotFoundError, NotRegularFileError) as exc:
-            log.info("%s: not a usable copy on the server (%s); sending it", posixpath.basename(final), exc)
+            log.info("%s: not a usable copy on the server (%s); sending it", name, exc)
             return False
         with s.closing(h, wait=False):
             return self._same_prefix(s, h, local, size)
@@ -1084,14 +1100,10 @@ class SftpTransport:
         target = dest / name
         part = dest / (name + PART_SUFFIX)
         size = self._sizes(s, folder).get(name)  # the listing's size; the copy confirms it
-        mode = self._modes.get(folder, {}).get(name, stat.S_IFREG)
         try:
             if size is None:
                 raise FileNotFoundError(remote)
-            if not stat.S_ISREG(mode):  # never even opened: a FIFO would hang the server's open
-                raise NotRegularFileError(f"{remote} on the server is {kind_of(mode)}, not a regular file: "
-                                          "refused, not read or followed")
-            h = s.open_regular(remote)
+            h = self._open_listed(s, folder, name)
         except FileNotFoundError:
             return None  # taken meanwhile (another puller of the same folder)
         except NotRegularFileError as exc:
