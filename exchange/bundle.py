@@ -32,7 +32,7 @@ from .files import create_fresh, open_regular
 from .crypto import age, sshsig
 from .errors import (
     AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
-    VersionError,
+    NotRegularFileError, VersionError,
 )
 from .formats import (
     ACK_FORMAT, ACK_MEMBERS, BUNDLE_FORMAT, BUNDLE_MEMBERS, FORMAT_VERSION, INNER_MANIFEST,
@@ -506,6 +506,8 @@ class BundleReader:
             self._f = open_regular(self.path)  # never through a link, never a FIFO (which would block)
         except OSError as exc:
             raise FormatError(f"{self.path.name}: cannot open: {exc.strerror}") from exc
+        except NotRegularFileError as exc:
+            raise NotRegularFileError(f"cannot open: {exc.message}") from exc
         self._src = _HashingReader(self._f)
         try:
             file_size = os.fstat(self._f.fileno()).st_size

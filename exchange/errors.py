@@ -10,11 +10,11 @@ translated at the boundary with ``raise ... from exc``.
     │   └── KeyPermissionError (3) private key readable by others
     ├── BundleError (10)           anything wrong with a bundle or ack file
     │   ├── FormatError (11)       malformed: not a tar, bad JSON, bad member
+    │   │   └── NotRegularFileError (17) a link, folder, FIFO, socket or device named like a file
     │   ├── LimitError (12)        a size/count limit exceeded before crypto
     │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
     │   ├── NotForUsError (14)     addressed to another node
-    │   ├── VersionError (15)      unknown or incompatible format/app version
-    │   └── NotRegularFileError (17) a link, folder, FIFO, socket or device named like a file
+    │   └── VersionError (15)      unknown or incompatible format/app version
     ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
@@ -82,7 +82,7 @@ class VersionError(BundleError):
     hint = "Both sides must run the same major version of exchange: upgrade the older one."
 
 
-class NotRegularFileError(BundleError):
+class NotRegularFileError(FormatError):
     """A link, folder, FIFO, socket or device where a file was expected: never opened or followed."""
 
     exit_code = 17
