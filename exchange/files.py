@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
 from .errors import NotRegularFileError
 
@@ -196,23 +195,8 @@ def move_entry(src: Path, dst: Path) -> None:
 def free_name(folder: Path, name: str) -> Path:
     """``folder/name``, or ``name.1``, ``name.2``... : the first name no entry (not even a dangling link) holds."""
     target, n = folder / name, 1
-    while os.path.lexists(target) or os.path.lexists(target.with_name(target.name + ".reason")):
+    while os.path.lexists(target):
         target, n = folder / f"{name}.{n}", n + 1
-    return target
-
-
-def set_aside(path: Path, folder: Path, reason: dict[str, Any]) -> Path:
-    """Move the entry ``path`` itself into ``folder`` with a ``.reason`` file beside it.
-
-    Safe for a link, FIFO or folder: the entry is renamed, never opened, so
-    what a link points to is neither read nor changed. Never deletes.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    target = free_name(folder, path.name)
-    write_file_atomic(target.with_name(target.name + ".reason"),
-                      (json.dumps(reason, indent=1) + "\n").encode())
-    os.replace(path, target)
-    fsync_dir(folder)
     return target
 
 
