@@ -28,10 +28,11 @@ from .files import (  # re-exported: older callers import these from here
     fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
     write_file_atomic as write_file_atomic,
 )
+from .files import create_fresh, open_regular
 from .crypto import age, sshsig
 from .errors import (
     AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
-    VersionError,
+    NotRegularFileError, VersionError,
 )
 from .formats import (
     ACK_FORMAT, ACK_MEMBERS, BUNDLE_FORMAT, BUNDLE_MEMBERS, FORMAT_VERSION, INNER_MANIFEST,
@@ -424,7 +425,7 @@ def _seal_bundle(
         if len(manifest_raw) > MAX_MANIFEST_BYTES:
             raise LimitError(f"manifest of {len(manifest_raw)} bytes is over the limit")
         sig = sshsig.sign(key, manifest_raw, SIG_NAMESPACE)
-        with open(path, "wb") as out:
+        with create_fresh(path) as out:  # a link or FIFO planted at NAME.part is removed, not written through
             hashed_out = _HashingWriter(out)
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[0], manifest_raw, mtime)  # type: ignore[arg-type]
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[1], sig, mtime)  # type: ignore[arg-type]
@@ -523,9 +524,11 @@ class BundleReader:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._f = open(self.path, "rb")
+            self._f = open_regular(self.path)  # never through a link, never a FIFO (which would block)
         except OSError as exc:
             raise FormatError(f"{self.path.name}: cannot open: {exc.strerror}") from exc
+        except NotRegularFileError as exc:
+            raise NotRegularFileError(f"cannot open: {exc.message}") from exc
         self._src = _HashingReader(self._f)
         try:
             file_size = os.fstat(self._f.fileno()).st_size
@@ -780,7 +783,8 @@ def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -
     Size limits are checked from the file size and tar headers before anything is parsed.
     """
     try:
-        data = path.read_bytes() if 0 < path.stat().st_size <= limit + MAX_SIG_BYTES + 4096 else b""
+        with open_regular(path) as f:  # never through a link, never a FIFO (which would block)
+            data = f.read() if 0 < os.fstat(f.fileno()).st_size <= limit + MAX_SIG_BYTES + 4096 else b""
     except OSError as exc:
         raise FormatError(f"cannot read: {exc.strerror}") from exc
     if not data:

@@ -10,6 +10,7 @@ translated at the boundary with ``raise ... from exc``.
     │   └── KeyPermissionError (3) private key readable by others
     ├── BundleError (10)           anything wrong with a bundle or ack file
     │   ├── FormatError (11)       malformed: not a tar, bad JSON, bad member
+    │   │   └── NotRegularFileError (17) a link, folder, FIFO, socket or device named like a file
     │   ├── LimitError (12)        a size/count limit exceeded before crypto
     │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
     │   ├── NotForUsError (14)     addressed to another node
@@ -80,6 +81,15 @@ class NotForUsError(BundleError):
 class VersionError(BundleError):
     exit_code = 15
     hint = "Both sides must run the same major version of exchange: upgrade the older one."
+
+
+class NotRegularFileError(FormatError):
+    """A link, folder, FIFO, socket or device where a file was expected: never opened or followed."""
+
+    exit_code = 17
+    hint = ("Something other than a regular file sits under that name, in a folder someone else can "
+            "write to (a stick, a drop folder, an SFTP account): it was not opened, followed or deleted. "
+            "Find out who put it there, then remove it.")
 
 
 class CryptoError(ExchangeError):

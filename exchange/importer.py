@@ -52,7 +52,7 @@ from .db import (
 from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from .export import EVENTS_SCHEMA, control_totals
 from .faults import crashpoint
-from .files import fsync_dir
+from .files import free_name, fsync_dir, move_entry
 from .formats import (
     EVENTS_TABLE,
     INNER_MANIFEST,
@@ -80,14 +80,14 @@ class Outcome:
 # ---------------------------------------------------------------- quarantine
 
 def quarantine(node: Node, path: Path, exc: ExchangeError | str) -> Path:
-    """Move a file aside with a reason file beside it; never delete it."""
+    """Move a file aside with a reason file beside it; never delete it.
+
+    The entry itself moves (a link as a link, a FIFO as a FIFO): what a link
+    points to is never read, copied or changed.
+    """
     q = node.cfg.quarantine
     q.mkdir(parents=True, exist_ok=True)
-    target = q / path.name
-    n = 1
-    while target.exists():
-        target = q / f"{path.name}.{n}"
-        n += 1
+    target = free_name(q, path.name)
     reason = {"file": path.name, "time": utc_now().isoformat(),
               "error": type(exc).__name__ if isinstance(exc, ExchangeError) else "Rejected",
               "reason": str(exc), "hint": getattr(exc, "hint", "")}
@@ -107,9 +107,9 @@ def _move_out(path: Path, target: Path) -> None:
     before it leaves the inbox either way.
     """
     try:
-        os.link(path, target)
-    except OSError:  # another filesystem, or no hard links: an ordinary move
-        shutil.move(str(path), str(target))
+        os.link(path, target, follow_symlinks=False)  # a link is linked as itself, never its target
+    except OSError:  # another filesystem, no hard links, a folder: a rename (or a fresh copy)
+        move_entry(path, target)
         return
     fsync_dir(target.parent)
     path.unlink()
@@ -119,10 +119,10 @@ def _archive(node: Node, path: Path, sub: str = "") -> None:
     dest = node.cfg.archive_received / sub if sub else node.cfg.archive_received
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / path.name
-    if target.exists():
+    if os.path.lexists(target):  # a dangling link counts: nothing is written through it
         stamped = f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
         target, n = dest / stamped, 1
-        while target.exists():  # never overwrite an archived copy, even within one second
+        while os.path.lexists(target):  # never overwrite an archived copy, even within one second
             target, n = dest / f"{stamped}.{n}", n + 1
     _move_out(path, target)
 
