@@ -470,7 +470,7 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port:
     if workers > 1:
         from .workers import WorkersAddon
 
-        service.addons.append(WorkersAddon(workers - 1))
+        service.addons.append(WorkersAddon(workers - 1, log_json=obj["log_json"], verbose=obj["verbose"]))
     install_signal_handlers(service)
     service.run()
 

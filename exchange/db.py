@@ -226,8 +226,48 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: URL schemes that mean PostgreSQL through psycopg 3, the driver exchange installs.
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://", "postgres+psycopg://")
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what libpq and most hosting panels print) -> psycopg 3.
+
+    SQLAlchemy reads a bare ``postgresql://`` as psycopg2, which exchange does
+    not install, and does not know ``postgres://`` at all.
+    """
+    for scheme in _POSTGRES_SCHEMES:
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+def check_reachable(url: str) -> None:
+    """Connect once to a server database, with an error that says what to do when that fails."""
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        engine.dispose()
+        return
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        name = engine.url.database or "?"
+        if "does not exist" in first:
+            raise DatabaseError(f"database {name!r} does not exist on the server ({first})",
+                                hint=f"Create it first (createdb {name}, or CREATE DATABASE {name}; as a user "
+                                     "that may create tables in it), then run the command again.") from exc
+        raise DatabaseError(f"cannot connect to the database at {engine.url.render_as_string()}: {first}",
+                            hint="Check that the server runs and accepts this user (host, port, password, "
+                                 "pg_hba.conf), then run the command again.") from exc
+    finally:
+        engine.dispose()
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, full sync and foreign keys."""
+    url = normalize_url(url)
     try:
         engine = create_engine(url, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:

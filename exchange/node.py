@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config, keys, perms
 from .config import NodeConfig, Role
-from .errors import ConfigError
+from .errors import ConfigError, DatabaseError
 from .formats import check_node_id
 
 if TYPE_CHECKING:
@@ -27,10 +27,15 @@ def init_home(home: Path, node_id: str, role: Role, database: str | None = None)
 
     Private whatever the umask: the home folder 0700, every file in it 0600.
     """
+    from .db import check_reachable, normalize_url
+
     home = Path(home).expanduser().resolve()
     if (home / config.CONFIG_NAME).exists():
         raise ConfigError(f"{home} is already a node home", hint="Use a new folder, or keep this one.")
     check_node_id(node_id)
+    if database:  # a server database must exist and answer before anything is made: no half-made home
+        database = normalize_url(database)
+        check_reachable(database)
     cfg = NodeConfig(home=home, id=node_id, role=role,
                      database=database or config.default_database(home))
     perms.make_private_dir(home)
@@ -41,7 +46,15 @@ def init_home(home: Path, node_id: str, role: Role, database: str | None = None)
     db_file = sqlite_file(cfg.database)
     if db_file is not None and not db_file.exists():
         perms.create_private(db_file)  # SQLite gives its -wal and -journal files the same mode
-    Node(cfg).migrate()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        Node(cfg).migrate()
+    except (DatabaseError, SQLAlchemyError) as exc:
+        text = exc.message if isinstance(exc, DatabaseError) else str(exc).splitlines()[0]
+        raise DatabaseError(f"{text}; the home {home} was made without its tables",
+                            hint=f"Fix the cause, then run `exchange migrate --home {home}`: it creates the "
+                                 "tables and the home is complete.") from exc
     return cfg
 
 
