@@ -33,11 +33,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from . import tarfmt
+from . import parquet_budget, tarfmt
 from .bundle import Ack, BundleReader, Manifest, format_time, read_ack
 from .crypto import age, sshsig
 from .errors import CryptoError, ExchangeError, FormatError
-from .formats import EVENTS_TABLE, INNER_MANIFEST, MAX_TABLES, parse_name
+from .formats import EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, MAX_TABLES, parse_name
 from .prune import CHECKPOINTS_DIR, ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
 
 Severity = Literal["error", "warning"]
@@ -182,8 +182,16 @@ def check_totals(inner: Mapping[str, Any], tables: Mapping[str, Path]) -> list[s
     problems: list[str] = []
     upserts: dict[str, int] = defaultdict(int)
     deletes: dict[str, int] = defaultdict(int)
+    budget = parquet_budget.Budget(MAX_TABLE_BYTES)  # decoding bounded by what is decoded, as the importer
+
+    def read(path: Path, columns: list[str]) -> Any:
+        return parquet_budget.read_table(path, parquet_budget.scan(path), budget, columns)
+
     if EVENTS_TABLE in tables:
-        ev = pq.read_table(tables[EVENTS_TABLE], columns=["doc_type", "op"]).to_pydict()
+        try:
+            ev = read(tables[EVENTS_TABLE], ["doc_type", "op"]).to_pydict()
+        except ExchangeError as exc:
+            return [f"{EVENTS_TABLE}: {exc.message}"]
         for t, op in zip(ev["doc_type"], ev["op"], strict=True):
             (upserts if op == "U" else deletes)[str(t)] += 1
         for t in sorted(set(upserts) | set(deletes)):
@@ -220,7 +228,10 @@ def check_totals(inner: Mapping[str, Any], tables: Mapping[str, Path]) -> list[s
                 got: Any = Decimal(0)
             else:
                 try:
-                    column = pq.read_table(tables[table], columns=[col]).column(col)
+                    column = read(tables[table], [col]).column(col)
+                except ExchangeError as exc:  # a Parquet file that lies, or the budget spent
+                    problems.append(f"{doc_type}: total {ref}: {exc.message}")
+                    continue
                 except Exception as exc:  # pyarrow: KeyError, ArrowInvalid ...
                     problems.append(f"{doc_type}: total {ref}: no such column ({exc})")
                     continue
@@ -421,7 +432,7 @@ def _scratch(parent: Path | None) -> Iterator[Path]:
 def _stream_of_bad(f: ArchiveFile) -> tuple[str, str] | None:
     """Best guess of a bad file's stream from its name (it could not be read)."""
     if f.kind == "checkpoint":
-        m = re.fullmatch(r"[^.]+\.([^.]+)\.([^.]+)\.\d{10}\.checkpoint", f.canonical)
+        m = re.fullmatch(r"[^.]+\.([^.]+)\.([^.]+)\.[0-9]{10}\.checkpoint", f.canonical)
         return (m.group(1), m.group(2)) if m else None
     parts = _name_parts(f.canonical)
     if parts is None:
@@ -1020,10 +1031,26 @@ class ControlReport:
         cols = self.total_columns
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["sender", "recipient", "day", "doc_type", "bundles", "documents", "deletes", *cols])
+            w.writerow([csv_cell(c) for c in
+                        ["sender", "recipient", "day", "doc_type", "bundles", "documents", "deletes", *cols]])
             for r in self.rows:
-                w.writerow([r.sender, r.recipient, r.day, r.doc_type, r.bundles, r.documents, r.deletes,
-                            *[str(r.totals[c]) if c in r.totals else "" for c in cols]])
+                w.writerow([csv_cell(v) for v in [r.sender, r.recipient, r.day, r.doc_type, r.bundles, r.documents,
+                                                  r.deletes, *[r.totals.get(c, "") for c in cols]]])
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> str:
+    """A CSV cell a spreadsheet shows as data: text that it would run as a formula gets a leading ``'``.
+
+    Document types and control-total names come from the peers' bundles. A
+    number (an int, or a finite Decimal such as ``-12.50``) stays a number.
+    """
+    if isinstance(value, int) or (isinstance(value, Decimal) and value.is_finite()):
+        return str(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def control_report(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str],

@@ -23,15 +23,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import __version__, tarfmt
+from . import __version__, parquet_budget, tarfmt
 from .files import (  # re-exported: older callers import these from here
     fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
     write_file_atomic as write_file_atomic,
 )
+from .files import create_fresh, open_regular
 from .crypto import age, sshsig
 from .errors import (
     AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
-    VersionError,
+    NotRegularFileError, VersionError,
 )
 from .formats import (
     ACK_FORMAT, ACK_MEMBERS, BUNDLE_FORMAT, BUNDLE_MEMBERS, FORMAT_VERSION, INNER_MANIFEST,
@@ -46,7 +47,6 @@ from .formats import (  # acks, version 2
 )
 
 COPY_CHUNK = 1 << 20
-TRAILING_BYTES = 20 * tarfmt.BLOCK  # zero blocks tolerated after the end marker (tar record padding)
 #: bytes per value once decoded, by Parquet physical type (BYTE_ARRAY: its offset; the data is
 #: counted in the uncompressed size); FIXED_LEN_BYTE_ARRAY uses its length, at least a decimal128's 16
 _PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
@@ -432,7 +432,7 @@ def _seal_bundle(
         if len(manifest_raw) > MAX_MANIFEST_BYTES:
             raise LimitError(f"manifest of {len(manifest_raw)} bytes is over the limit")
         sig = sshsig.sign(key, manifest_raw, SIG_NAMESPACE)
-        with open(path, "wb") as out:
+        with create_fresh(path) as out:  # a link or FIFO planted at NAME.part is removed, not written through
             hashed_out = _HashingWriter(out)
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[0], manifest_raw, mtime)  # type: ignore[arg-type]
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[1], sig, mtime)  # type: ignore[arg-type]
@@ -451,6 +451,11 @@ def _seal_bundle(
 # ---------------------------------------------------------------- reading
 
 def _read_small(src: BinaryIO, expected: str, limit: int, what: str) -> bytes:
+    return _read_member(src, expected, limit, what)[1]
+
+
+def _read_member(src: BinaryIO, expected: str, limit: int, what: str) -> tuple[tarfmt.Member, bytes]:
+    """A small member's header and data (size limit checked from the header first)."""
     m = tarfmt.read_header(src)
     if m is None:
         raise FormatError(f"{what}: member {expected!r} missing")
@@ -460,7 +465,20 @@ def _read_small(src: BinaryIO, expected: str, limit: int, what: str) -> bytes:
         raise LimitError(f"{what}: {expected} is {m.size} bytes (limit {limit})")
     data = tarfmt._read_exact(src, m.size, expected)
     tarfmt.skip_padding(src, m.size)
-    return data
+    return m, data
+
+
+def _check_exact(headers: Sequence[tarfmt.Member], signature: bytes, created: datetime | None) -> None:
+    """Every byte no signature covers is the writer's: tar headers (mtime = ``created``) and armor.
+
+    So a file is either exactly what its sender wrote or damage, and its SHA-256 (what
+    an ack names) is the sender's (docs/FORMAT.md sections 2 and 7). Without a readable
+    ``created`` (the caller's parse refuses the file anyway) the members' mtimes must agree.
+    """
+    mtime = int(created.timestamp()) if created is not None else headers[0].mtime
+    for m in headers:
+        tarfmt.check_exact(m, mtime)
+    sshsig.check_exact(signature)
 
 
 def _wrap(path: Path, exc: ExchangeError) -> ExchangeError:
@@ -480,6 +498,9 @@ class Opened:
     signer: sshsig.AllowedSigner
     file_sha256: str
     tables: dict[str, Path]
+    #: per table, what its pages hold (parquet_budget.scan); every table read counts against ``budget``
+    plans: dict[str, parquet_budget.FilePlan] = field(default_factory=dict)
+    budget: parquet_budget.Budget = field(default_factory=lambda: parquet_budget.Budget(MAX_TABLE_BYTES))
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -493,7 +514,8 @@ class Opened:
 
         path = self.tables[name]
         try:
-            table = pq.read_table(path)
+            plan = self.plans.get(name) or parquet_budget.scan(path)
+            table = parquet_budget.read_table(path, plan, self.budget)  # bounded by what is decoded
             table.validate(full=True)  # e.g. invalid UTF-8 in a string column, which Parquet readers let through
             return table
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -509,17 +531,20 @@ class BundleReader:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._f = open(self.path, "rb")
+            self._f = open_regular(self.path)  # never through a link, never a FIFO (which would block)
         except OSError as exc:
             raise FormatError(f"{self.path.name}: cannot open: {exc.strerror}") from exc
+        except NotRegularFileError as exc:
+            raise NotRegularFileError(f"cannot open: {exc.message}") from exc
         self._src = _HashingReader(self._f)
         try:
             file_size = os.fstat(self._f.fileno()).st_size
             if file_size == 0:
                 raise FormatError("empty file")
             what = "bundle"
-            raw = _read_small(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
-            self.signature = _read_small(self._src, BUNDLE_MEMBERS[1], MAX_SIG_BYTES, what)  # type: ignore[arg-type]
+            h_raw, raw = _read_member(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
+            h_sig, self.signature = _read_member(
+                self._src, BUNDLE_MEMBERS[1], MAX_SIG_BYTES, what)  # type: ignore[arg-type]
             m = tarfmt.read_header(self._src)  # type: ignore[arg-type]
             if m is None or m.name != BUNDLE_MEMBERS[2]:
                 raise FormatError(f"member {BUNDLE_MEMBERS[2]!r} missing or out of order")
@@ -529,14 +554,15 @@ class BundleReader:
             need += len(tarfmt.END)
             if file_size < need:
                 raise FormatError(f"truncated: the file has {file_size} bytes, its tar headers need {need}")
-            if file_size > need + TRAILING_BYTES:  # a member flood or junk after the archive: refuse now,
+            if file_size != need:  # a member flood or junk (even zeros) after the archive: refuse now,
                 raise FormatError(  # before the whole file is hashed or any cryptography runs
                     "unexpected extra member in tar, or unexpected data after the end of the tar archive "
-                    f"(the file has {file_size} bytes, its three members need {need})")
+                    f"(the file has {file_size} bytes, its three members need exactly {need})")
             self.payload_size = m.size
             self.manifest = Manifest.parse(raw)
             if m.size != self.manifest.payload.size:
                 raise AuthenticityError("payload size differs from the signed manifest")
+            _check_exact((h_raw, h_sig, m), self.signature, self.manifest.created)
         except ExchangeError as exc:
             self.close()
             raise _wrap(self.path, exc) from exc
@@ -609,6 +635,7 @@ class BundleReader:
                                             f"where {entry.name!r} was signed")
                 if m.size != entry.size:
                     raise AuthenticityError(f"payload member {entry.name} size differs from the signed manifest")
+                tarfmt.check_exact(m, int(self.manifest.created.timestamp()))
                 h = hashlib.sha256()
                 target = workdir / entry.name
                 with open(target, "wb") as out:
@@ -632,13 +659,14 @@ class BundleReader:
             if sub.h.hexdigest() != self.manifest.payload.sha256:
                 raise AuthenticityError("payload SHA-256 differs from the signed manifest")
             file_sha = self._finish()
-            inner = self._check_inner(paths)
+            inner, plans = self._check_inner(paths)
         except ExchangeError as exc:
             raise _wrap(self.path, exc) from exc
         tables = {t["table"]: paths[t["file"]] for t in inner["tables"]}
-        return Opened(self.manifest, inner, self.signer, file_sha, tables)
+        return Opened(self.manifest, inner, self.signer, file_sha, tables,
+                      {t["table"]: plans[t["file"]] for t in inner["tables"]})
 
-    def _check_inner(self, paths: dict[str, Path]) -> dict[str, Any]:
+    def _check_inner(self, paths: dict[str, Path]) -> tuple[dict[str, Any], dict[str, parquet_budget.FilePlan]]:
         import pyarrow.parquet as pq
 
         inner = parse_json(paths[INNER_MANIFEST].read_bytes(), INNER_MANIFEST)
@@ -653,6 +681,7 @@ class BundleReader:
         files = [e.name for e in m.inner[1:]]
         seen = set()
         expanded = 0
+        plans: dict[str, parquet_budget.FilePlan] = {}
         for t, fname in zip(tables, files, strict=False):
             if not isinstance(t, dict) or t.get("file") != fname or not isinstance(t.get("table"), str) \
                     or not isinstance(t.get("rows"), int) or t["table"] in seen:
@@ -661,9 +690,13 @@ class BundleReader:
             try:
                 meta = pq.read_metadata(paths[fname])
                 rows = meta.num_rows
-                expanded += parquet_expanded_size(meta)
+                claimed = parquet_expanded_size(meta)
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
+            if expanded + claimed <= MAX_TABLE_BYTES:  # the footer's claim passes: the pages decide
+                plans[fname] = parquet_budget.scan(paths[fname], meta)
+                claimed = max(claimed, plans[fname].decoded)
+            expanded += claimed
             if expanded > MAX_TABLE_BYTES:  # a decompression bomb: refuse before reading any rows
                 raise LimitError(f"{fname}: tables expand to more than {MAX_TABLE_BYTES >> 20} MiB "
                                  "uncompressed (limit per bundle)")
@@ -671,7 +704,7 @@ class BundleReader:
                 raise FormatError(f"{fname}: {rows} rows, inner manifest says {t['rows']}")
         if len(tables) != len(files):
             raise FormatError(f"{INNER_MANIFEST}: {len(tables)} tables listed, {len(files)} files in payload")
-        return inner
+        return inner, plans
 
 
 @contextmanager
@@ -935,14 +968,16 @@ def _unpack(path: Path, members: tuple[str, str], limit: int, what: str,
     """As :func:`unpack_signed`, with an optional third member ``extra`` (name, limit)."""
     most = limit + MAX_SIG_BYTES + (extra[1] + tarfmt.BLOCK if extra else 0) + 4096
     try:
-        data = path.read_bytes() if 0 < path.stat().st_size <= most else b""
+        with open_regular(path) as f:  # never through a link, never a FIFO (which would block)
+            data = f.read() if 0 < os.fstat(f.fileno()).st_size <= most else b""
     except OSError as exc:
         raise FormatError(f"cannot read: {exc.strerror}") from exc
     if not data:
         raise LimitError(f"empty or oversized {what} file")
     src = io.BytesIO(data)
-    raw = _read_small(src, members[0], limit, what)
-    sig = _read_small(src, members[1], MAX_SIG_BYTES, what)
+    h_raw, raw = _read_member(src, members[0], limit, what)
+    h_sig, sig = _read_member(src, members[1], MAX_SIG_BYTES, what)
+    headers = [h_raw, h_sig]
     third = None
     if extra is not None and data[src.tell():src.tell() + tarfmt.BLOCK].strip(b"\0"):
         at = src.tell()
@@ -950,9 +985,19 @@ def _unpack(path: Path, members: tuple[str, str], limit: int, what: str,
         if m is not None and m.name != extra[0]:
             raise FormatError(f"{what}: unexpected extra member {m.name!r} in tar")
         src.seek(at)
-        third = _read_small(src, extra[0], extra[1], what)
+        h_third, third = _read_member(src, extra[0], extra[1], what)
+        headers.append(h_third)
     tarfmt.expect_end(src)
+    _check_exact(headers, sig, _signed_created(raw))
     return raw, sig, third, hashlib.sha256(data).hexdigest()
+
+
+def _signed_created(raw: bytes) -> datetime | None:
+    """The ``created`` time a signed JSON file states (its tar headers' mtime), if it states one."""
+    try:
+        return parse_time(parse_json(raw, "signed file")["created"], "created")
+    except (ExchangeError, KeyError):
+        return None
 
 
 def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedSigners,

@@ -109,6 +109,9 @@ class DocType:
     owner: Owner
     route: Route
     totals: tuple[str, ...] = field(default=())
+    #: Store-sent types: the header column(s) naming the store a document belongs to. The HO applies
+    #: a store's document only when each of them holds the signing store's id (docs/SECURITY.md).
+    owner_columns: tuple[str, ...] = field(default=())
 
     def tables(self) -> tuple[str, ...]:
         """Header first, then children: the order to insert (reverse it to delete)."""
@@ -162,6 +165,19 @@ class Catalog:
         if doc.owner == "store" and doc.route.kind != "ho":
             raise ConfigError(f"{where}: a store-owned document goes to the HO: route must be \"ho\", "
                               f"not {str(doc.route)!r}")
+        if doc.owner == "store" and not doc.owner_columns:
+            raise ConfigError(
+                f"{where}: a store-sent document must name the column(s) holding its owner's store id, "
+                "or one store could write another store's documents",
+                hint=f"Add owner_columns = [\"store_id\"] (the header column holding the store id) to the "
+                     f"[[catalog.doc]] of {doc.name!r} in exchange.toml.")
+        if doc.owner == "ho" and doc.owner_columns:
+            raise ConfigError(f"{where}: owner_columns is for store-sent documents; HO documents are "
+                              "written by the HO only")
+        missing_owner = [c for c in doc.owner_columns if c not in header.c]
+        if missing_owner:
+            raise ConfigError(f"{where}: owner column(s) {', '.join(missing_owner)} missing from header "
+                              f"table {doc.header!r}")
         if doc.owner == "ho" and doc.route.kind == "ho":
             raise ConfigError(f"{where}: an HO-owned document cannot be routed to the HO; "
                               "use \"all\", \"group:COLUMN\" or \"column:COLUMN\"")
@@ -219,6 +235,7 @@ class Catalog:
 
 def _reference_doc_types() -> list[DocType]:
     ho, to_ho = Route("all"), Route("ho")
+    owner = ("store_id",)  # store-sent documents belong to the store named here
     return [
         DocType("item", "item", ("item_barcode",), ("item_id",), "ho", ho,
                 ("item.price",)),
@@ -236,15 +253,15 @@ def _reference_doc_types() -> list[DocType]:
                  "sales_invoice_line.amount", "sales_invoice_line.tax")),
         DocType("audit_plan", "audit_plan", ("audit_plan_line",), ("plan_id",), "ho",
                 Route("column", "store_id"), ()),
-        DocType("customer", "customer", (), ("store_id", "customer_id"), "store", to_ho, ()),
+        DocType("customer", "customer", (), ("store_id", "customer_id"), "store", to_ho, (), owner),
         DocType("sales_bill", "sales_bill", ("sales_bill_line", "sales_bill_payment"),
                 ("store_id", "bill_no"), "store", to_ho,
                 ("sales_bill.total", "sales_bill.tax", "sales_bill_line.qty", "sales_bill_line.amount",
-                 "sales_bill_line.tax", "sales_bill_payment.amount")),
+                 "sales_bill_line.tax", "sales_bill_payment.amount"), owner),
         DocType("grc", "grc", ("grc_line",), ("store_id", "grc_no"), "store", to_ho,
-                ("grc_line.qty",)),
+                ("grc_line.qty",), owner),
         DocType("grt", "grt", ("grt_line",), ("store_id", "grt_no"), "store", to_ho,
-                ("grt_line.qty", "grt_line.amount")),
+                ("grt_line.qty", "grt_line.amount"), owner),
     ]
 
 
@@ -256,7 +273,7 @@ def reference_catalog() -> Catalog:
 
 
 _CATALOG_KEYS = {"schema", "doc"}
-_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals"}
+_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals", "owner_columns"}
 _SCHEMAS = ("reference", "database")
 
 
@@ -300,6 +317,7 @@ def _doc_from_config(entry: Any, index: int) -> DocType:
         owner=cast(Owner, owner),
         route=route,
         totals=_str_list(entry.get("totals", []), f"{where}: totals"),
+        owner_columns=_str_list(entry.get("owner_columns", []), f"{where}: owner_columns"),
     )
 
 

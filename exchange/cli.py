@@ -22,10 +22,20 @@ HOME = click.option("--home", envvar="EXCHANGE_HOME", type=click.Path(file_okay=
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable, see docs/).")
 
 
+def shown(text: object) -> str:
+    """Text that may come from a peer, for a terminal: control characters escaped, never obeyed."""
+    from .logs import escape_controls
+
+    return escape_controls(str(text))
+
+
 def _fail(exc: ExchangeError) -> NoReturn:
-    click.secho(f"error: {exc.message}", fg="red", err=True)
+    first, *more = exc.message.split("\n")
+    click.secho(f"error: {shown(first)}", fg="red", err=True)
+    for line in more:  # continuation lines indented: none can pass for a line of its own
+        click.secho(f"  {shown(line)}", fg="red", err=True)
     if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
+        click.echo(f"hint: {shown(exc.hint)}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -137,23 +147,31 @@ def peer() -> None:
 @peer.command("add")
 @HOME
 @click.option("--id", "peer_id", required=True)
-@click.option("--role", type=click.Choice(["ho", "store"]), help="Default: the opposite of ours.")
+@click.option("--role", type=click.Choice(["ho", "store"]), required=True,
+              help="The peer's role; a store's only peer is its HO.")
 @click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
 @click.option("--recipient", required=True, help="age1... from the peer's `exchange identity`.")
 @click.option("--transport", help="dir:/path or sftp://user@host:port/root")
 @click.option("--group", "groups", multiple=True, help="Store group (repeatable).")
 @click.option("--valid-after", help="Key valid from (YYYYMMDD[HHMM[SS]]Z), for key rotation.")
 @click.option("--valid-before", help="Key valid until, for key rotation.")
-def peer_add(home: Path | None, peer_id: str, role: str | None, signing_key: str, recipient: str,
+@click.option("--replace", is_flag=True,
+              help="Change an existing peer's keys: the old signing key stays valid only for what it signed before now.")
+def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recipient: str,
              transport: str | None, groups: tuple[str, ...], valid_after: str | None,
-             valid_before: str | None) -> None:
-    """Pin a peer's signing key and age recipient."""
+             valid_before: str | None, replace: bool) -> None:
+    """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace)."""
     from .peers import add_peer
 
     node = _node(home)
-    line = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
-                    valid_after, valid_before)
-    click.echo(f"peer {peer_id} added; trusted: {line}")
+    done = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
+                    valid_after, valid_before, replace=replace)
+    when = done.at.strftime("%Y-%m-%d %H:%M:%S UTC") if done.at else ""
+    for fp in done.retired:
+        click.echo(f"retired signing key {fp} of {peer_id}: valid only for files signed before {when}")
+    if done.old_recipient:
+        click.echo(f"replaced recipient {done.old_recipient} of {peer_id}")
+    click.echo(f"peer {peer_id} {'updated' if done.existed else 'added'}; trusted: {done.line}")
 
 
 @peer.command("list")
@@ -223,7 +241,7 @@ def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Pat
     ids = load_identity_file(identity_file) if identity_file else (
         _node(home).identities if home is not None and trust is None else [])
     info = describe(file, trust=t, identities=ids)
-    click.echo(f"OK {file.name}: {info['signature']}; {info.get('payload', info.get('result', ''))}")
+    click.echo(shown(f"OK {file.name}: {info['signature']}; {info.get('payload', info.get('result', ''))}"))
 
 
 # ---------------------------------------------------------------- engine
@@ -250,9 +268,9 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
         _echo_json([asdict(o) for o in outs])
         return
     for o in outs:
-        click.echo(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}")
+        click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
         for t, a in o.applied.items():
-            click.echo(f"    {t}: {a}")
+            click.echo(shown(f"    {t}: {a}"))
     if not outs:
         click.echo("inbox is empty")
 
@@ -291,7 +309,7 @@ def push(home: Path | None, target: str) -> None:
     rep = SyncReport()
     with work_lock(node.cfg.home):
         do_push(node, target=_address(target), report=rep)
-    click.echo(f"pushed {len(rep.pushed)} files" + (f"; errors: {rep.errors}" if rep.errors else ""))
+    click.echo(shown(f"pushed {len(rep.pushed)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
     if rep.errors:
         sys.exit(30)
 
@@ -308,7 +326,7 @@ def pull(home: Path | None, source: str) -> None:
     rep = SyncReport()
     with work_lock(node.cfg.home):
         do_pull(node, source=_address(source), report=rep)
-    click.echo(f"pulled {len(rep.pulled)} files" + (f"; errors: {rep.errors}" if rep.errors else ""))
+    click.echo(shown(f"pulled {len(rep.pulled)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
     if rep.errors:
         sys.exit(30)
 
@@ -328,9 +346,9 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
                     "exported": [e.__dict__ for e in rep.exported], "pushed": rep.pushed,
                     "resent": rep.resent, "errors": rep.errors})
     else:
-        click.echo(f"sync {node.id}: {rep.line()}")
+        click.echo(shown(f"sync {node.id}: {rep.line()}"))
         for e in rep.errors:
-            click.secho(f"  {e}", fg="yellow")
+            click.secho(f"  {shown(e)}", fg="yellow")
     if rep.errors:
         sys.exit(30)
 
@@ -347,7 +365,7 @@ def retry(home: Path | None) -> None:
         outs = import_inbox(node, retry=True)
         ok, still = retry_parked(node)
     for o in outs:
-        click.echo(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}")
+        click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
     click.echo(f"parked documents: {ok} applied, {still} still parked")
 
 
@@ -384,8 +402,8 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
 
     last = last_usb_result(node)
     if last:
-        click.echo(f"last stick visit {last.get('finished')}: "
-                   f"{'ok' if last.get('ok') else 'NOT FINISHED'} - {last.get('summary')}")
+        click.echo(shown(f"last stick visit {last.get('finished')}: "
+                         f"{'ok' if last.get('ok') else 'NOT FINISHED'} - {last.get('summary')}"))
 
 
 @main.group()
@@ -453,7 +471,7 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port:
     if workers > 1:
         from .workers import WorkersAddon
 
-        service.addons.append(WorkersAddon(workers - 1))
+        service.addons.append(WorkersAddon(workers - 1, log_json=obj["log_json"], verbose=obj["verbose"]))
     install_signal_handlers(service)
     service.run()
 
@@ -484,16 +502,17 @@ def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
 def doctor(home: Path | None, as_json: bool) -> None:
     """Check the node's prerequisites; exit 0 only when all pass."""
     from .doctor import as_json as checks_json, run_checks
+    from .node import Node
 
-    checks = run_checks(_node(home))
+    checks = run_checks(Node.open(home, check_modes=False))  # modes are among the checks
     if as_json:
         click.echo(checks_json(checks))
     else:
         for c in checks:
             mark = click.style("OK  ", fg="green") if c.ok else click.style("FAIL", fg="red")
-            click.echo(f"{mark} {c.name:<18} {c.detail}")
+            click.echo(f"{mark} {c.name:<18} {shown(c.detail)}")
             if not c.ok and c.fix:
-                click.echo(f"     fix: {c.fix}")
+                click.echo(f"     fix: {shown(c.fix)}")
     if not all(c.ok for c in checks):
         sys.exit(1)
 

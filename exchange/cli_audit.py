@@ -14,6 +14,7 @@ import click
 
 from .cli import HOME, JSON, main
 from .errors import ConfigError, ExchangeError
+from .logs import escape_controls
 
 TRUST = click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="allowed_signers file (default: the node home's, with --home).")
@@ -129,12 +130,15 @@ def audit_verify(archive: Path | None, home: Path | None, trust: Path | None, id
 def _print_verify(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from .ui_console import data
 
     console = Console()
     c = report.counts
-    console.print(f"archive {report.root}: {c.get('bundles', 0)} bundle files, {c.get('acks', 0)} acks, "
+    console.print(data(f"archive {report.root}: {c.get('bundles', 0)} bundle files, {c.get('acks', 0)} acks, "
                   f"{c.get('checkpoints', 0)} checkpoints"
-                  + ("" if report.decrypt else " (payloads not decrypted: no --identity)"))
+                  + ("" if report.decrypt else " (payloads not decrypted: no --identity)")))
     t = Table("stream", "bundles", "seq", "pruned", "acked", "decrypted", "findings", title="streams")
     for s in report.streams:
         seq = f"{s.seqs[0]}..{s.seqs[-1]}" if s.seqs else "-"
@@ -146,16 +150,17 @@ def _print_verify(report: Any) -> None:
             result = "[green]ok[/]"
         if warnings:
             result += f", [yellow]{len(warnings)} warning{'s' if len(warnings) > 1 else ''}[/]"
-        t.add_row(s.name, str(len(s.seqs)), seq, pruned, f"{s.acked}/{len(s.seqs)}",
+        t.add_row(data(s.name), str(len(s.seqs)), data(seq), data(pruned), f"{s.acked}/{len(s.seqs)}",
                   str(s.decrypted) if report.decrypt else "-", result)
     console.print(t)
     for s in report.streams:
         for f in s.findings:
             colour = "red" if f.severity == "error" else "yellow"
-            console.print(f"[{colour}]{f.severity.upper():<7}[/] {s.name} {f.line()}", highlight=False)
+            console.print(Text.assemble((f"{f.severity.upper():<7}", colour), " ", data(f"{s.name} {f.line()}")),
+                          highlight=False)
     for f in report.general:
         colour = "red" if f.severity == "error" else "yellow"
-        console.print(f"[{colour}]{f.severity.upper():<7}[/] {f.line()}", highlight=False)
+        console.print(Text.assemble((f"{f.severity.upper():<7}", colour), " ", data(f.line())), highlight=False)
     n_err = len([f for f in report.findings if f.severity == "error"])
     n_warn = len(report.findings) - n_err
     if report.ok:
@@ -197,9 +202,9 @@ def audit_extract(bundles: tuple[Path, ...], identity_file: Path, out: Path, hom
                 results.append({"bundle": b.name, "folder": None, "verified": False, "problems": [exc.message],
                                 "tables": {}})
             else:
-                click.secho(f"REFUSED {b.name}: {exc.message}", fg="red", err=True)
+                click.secho(f"REFUSED {b.name}: {escape_controls(exc.message)}", fg="red", err=True)
                 if exc.hint:
-                    click.echo(f"hint: {exc.hint}", err=True)
+                    click.echo(f"hint: {escape_controls(exc.hint)}", err=True)
             continue
         results.append(r.as_json())
         failed = failed or not r.verified
@@ -207,18 +212,18 @@ def audit_extract(bundles: tuple[Path, ...], identity_file: Path, out: Path, hom
             continue
         if r.verified:
             tables = ", ".join(f"{n} ({rows} rows)" for n, rows in r.tables.items())
-            click.echo(f"OK {b.name} -> {r.folder}: {tables}")
+            click.echo(escape_controls(f"OK {b.name} -> {r.folder}: {tables}"))
         elif r.folder is None:
             click.secho(f"REFUSED {b.name}: verification failed; nothing written", fg="red", err=True)
             for p in r.problems:
-                click.secho(f"  - {p}", fg="red", err=True)
+                click.secho(f"  - {escape_controls(p)}", fg="red", err=True)
             click.echo("hint: pass --force to write it anyway, marked as unverified", err=True)
         else:
             banner = f"!!! {b.name} FAILED VERIFICATION - extracted ONLY because of --force !!!"
             for stream in (False, True):
                 click.secho(banner, fg="red", bold=True, err=stream)
             for p in r.problems:
-                click.secho(f"  - {p}", fg="red")
+                click.secho(f"  - {escape_controls(p)}", fg="red")
             click.secho(f"written to {r.folder} with {VERIFY_FAILED_FILE}; do not rely on its contents",
                         fg="red")
     if as_json:
@@ -262,12 +267,15 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from .ui_console import data
 
     console = Console()
     console.print(f"control totals from {rep.bundles} bundles (per stream, day of bundle creation UTC, "
                   "document type)")
     for name, rows in groupby(rep.rows, key=lambda r: r.stream):
-        t = Table(title=name, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0))
+        t = Table(title=data(name), box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0))
         t.add_column("day", no_wrap=True)
         t.add_column("document", no_wrap=True)
         t.add_column("bundles", justify="right", min_width=7)
@@ -278,16 +286,17 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
         for r in rows:
             totals = list(r.totals.items()) or [("", "")]
             for i, (k, v) in enumerate(totals):
-                head = [r.day, r.doc_type, str(r.bundles), str(r.documents), str(r.deletes)] if i == 0 else [""] * 5
-                t.add_row(*head, k, str(v))
+                head = [data(r.day), data(r.doc_type), data(r.bundles), data(r.documents),
+                        data(r.deletes)] if i == 0 else [data("")] * 5
+                t.add_row(*head, data(k), data(v))
         console.print(t)
     if rep.not_readable:
         console.print(f"[yellow]{len(rep.not_readable)} authentic bundles are not encrypted to this identity "
                       "and are not in the figures[/] (sealed before the auditor was configured?)")
     for s in rep.skipped:
-        console.print(f"[red]SKIPPED[/] {s['file']}: {s['reason']}", highlight=False)
+        console.print(Text.assemble(("SKIPPED", "red"), " ", data(f"{s['file']}: {s['reason']}")), highlight=False)
     if csv_file is not None:
-        console.print(f"wrote {csv_file}")
+        console.print(data(f"wrote {csv_file}"))
 
 
 @main.group("archive")
@@ -327,5 +336,5 @@ def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) 
         if s.finished:
             click.echo(f"{'':<24} finished an interrupted prune: {len(s.finished)} files")
     for p in rep.problems:
-        click.secho(f"kept unreadable file {p}", fg="yellow")
+        click.secho(f"kept unreadable file {escape_controls(str(p))}", fg="yellow")
     click.echo(f"{verb} {rep.removed} files{' (dry run: nothing changed)' if dry_run else ''}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .cli import HOME, JSON, _echo_json, _node, _reporter, main
+from .cli import HOME, JSON, _echo_json, _node, _reporter, main, shown
 
 STICK = click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 
@@ -47,13 +47,13 @@ def usb_sync(path: Path, home: Path | None, as_json: bool, quiet: bool) -> None:
     if as_json:
         _echo_json(rec.as_json())
     else:
-        click.echo(f"usb {node.id}: {rec.line()}")
+        click.echo(shown(f"usb {node.id}: {rec.line()}"))
         for e in rec.errors:
-            click.secho(f"  {e}", fg="yellow")
+            click.secho(f"  {shown(e)}", fg="yellow")
         if rec.ok:
             click.echo("done: you can remove the stick now")
         else:
-            click.secho(f"not finished: {rec.advice()}", fg="yellow")
+            click.secho(f"not finished: {shown(rec.advice())}", fg="yellow")
     if not rec.ok:
         sys.exit(30)
 
@@ -73,12 +73,12 @@ def usb_last(home: Path | None, as_json: bool) -> None:
         click.echo("no transfer stick has been synced here yet")
         return
     mark = click.style("ok", fg="green") if last.get("ok") else click.style("NOT FINISHED", fg="red")
-    click.echo(f"{last.get('finished', '?')} {mark} {last.get('summary', '')}")
-    click.echo(f"  stick {last.get('stick')}" + (f" (id {last['stick_id']})" if last.get("stick_id") else ""))
+    click.echo(f"{shown(last.get('finished', '?'))} {mark} {shown(last.get('summary', ''))}")
+    click.echo(shown(f"  stick {last.get('stick')}" + (f" (id {last['stick_id']})" if last.get("stick_id") else "")))
     for e in last.get("errors") or []:
-        click.secho(f"  {e}", fg="yellow")
+        click.secho(f"  {shown(e)}", fg="yellow")
     if last.get("advice"):
-        click.echo(f"  {last['advice']}")
+        click.echo(f"  {shown(last['advice'])}")
 
 
 @usb.command("receipts")
@@ -101,10 +101,10 @@ def usb_receipts(path: Path, home: Path | None, trust: Path | None, as_json: boo
         click.echo("no receipts on this stick")
     for row in rows:
         if row["error"]:
-            click.secho(f"{row['file']}: NOT VALID: {row['error']}", fg="red")
+            click.secho(shown(f"{row['file']}: NOT VALID: {row['error']}"), fg="red")
             continue
         mark = ("verified" if row["verified"] else "not checked: pass --home or --trust" if t is None
                 else f"not checked: {row['node']} is not in this node's trust store")
-        click.echo(f"{row['created']} {row['node']:<8} took {len(row.get('taken', []))}, "
-                   f"put {len(row.get('put', []))}, left {len(row.get('left', []))}"
-                   f"{', ' + str(len(row['errors'])) + ' errors' if row.get('errors') else ''}  [{mark}]")
+        click.echo(shown(f"{row['created']} {row['node']:<8} took {len(row.get('taken', []))}, "
+                         f"put {len(row.get('put', []))}, left {len(row.get('left', []))}"
+                         f"{', ' + str(len(row['errors'])) + ' errors' if row.get('errors') else ''}  [{mark}]"))

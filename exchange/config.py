@@ -106,10 +106,9 @@ class NodeConfig:
     def save(self) -> None:
         import tomli_w
 
-        path = self.home / CONFIG_NAME
-        tmp = path.with_name(CONFIG_NAME + ".part")
-        tmp.write_text(tomli_w.dumps(self.to_toml()))
-        os.replace(tmp, path)
+        from .perms import write_private_atomic
+
+        write_private_atomic(self.home / CONFIG_NAME, tomli_w.dumps(self.to_toml()).encode())
 
 
 def resolve_home(home: str | Path | None) -> Path:
@@ -138,10 +137,19 @@ def _node_id(value: Any, where: str) -> str:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def load(home: str | Path | None) -> NodeConfig:
-    """Read ``<home>/exchange.toml``; ConfigError with the file and problem if bad."""
+def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
+    """Read ``<home>/exchange.toml``; ConfigError with the file and problem if bad.
+
+    A home or config another account can write is refused (``check_modes``
+    off only for ``exchange doctor``, which reports it among its checks).
+    """
+    from .perms import check_not_writable_by_others
+
     root = resolve_home(home)
     path = root / CONFIG_NAME
+    if check_modes:
+        check_not_writable_by_others(root, "node home")
+        check_not_writable_by_others(path, "config")
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:

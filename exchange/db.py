@@ -37,6 +37,8 @@ xchg_event = Table(
     Column("routed", Integer, nullable=False, server_default=text("0")),
     # the bundle that carried the event, when it went straight from the log (exchange.streams)
     Column("seq", BigInteger, nullable=True),
+    # the version the document was sent at, when not this event's id: it committed late (exchange.clock)
+    Column("version", BigInteger, nullable=True),
 )
 
 #: Per peer and document: what still has to go, and in which bundle it went.
@@ -135,9 +137,12 @@ xchg_parked = Table(
     Column("attempts", Integer, nullable=False, server_default=text("1")),
 )
 
-#: Per-document version guard: the version last applied from the owning side.
+#: Per-document version guard: the version last applied, per sender (each sender's versions are its own
+#: clock, so one store's versions never make another's look stale). ``peer`` '' holds rows recorded
+#: before migration 5, when versions were kept per document only.
 xchg_doc_version = Table(
     "xchg_doc_version", XCHG,
+    Column("peer", String(32), primary_key=True),
     Column("doc_type", String(64), primary_key=True),
     Column("doc_key", String(512), primary_key=True),
     Column("version", BigInteger, nullable=False),
@@ -191,8 +196,24 @@ def _m4_event_seq(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE xchg_event ADD COLUMN seq BIGINT")
 
 
+def _m5_versions(conn: Connection) -> None:
+    """The version each late event was sent at; document versions kept per sender."""
+    if "version" not in {c["name"] for c in inspect(conn).get_columns("xchg_event")}:
+        conn.exec_driver_sql("ALTER TABLE xchg_event ADD COLUMN version BIGINT")
+    if "peer" not in {c["name"] for c in inspect(conn).get_columns("xchg_doc_version")}:
+        # a primary key cannot be altered on SQLite: the table is made anew, its rows kept under peer ''
+        conn.exec_driver_sql("ALTER TABLE xchg_doc_version RENAME TO xchg_doc_version_m4")
+        if conn.dialect.name == "postgresql":  # the old primary key's name goes with the old table
+            conn.exec_driver_sql("ALTER TABLE xchg_doc_version_m4 DROP CONSTRAINT IF EXISTS xchg_doc_version_pkey")
+        xchg_doc_version.create(conn)
+        conn.exec_driver_sql("INSERT INTO xchg_doc_version (peer, doc_type, doc_key, version) "
+                             "SELECT '', doc_type, doc_key, version FROM xchg_doc_version_m4")
+        conn.exec_driver_sql("DROP TABLE xchg_doc_version_m4")
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
-MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq]
+MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
+                                                  _m5_versions]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -205,8 +226,48 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: URL schemes that mean PostgreSQL through psycopg 3, the driver exchange installs.
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://", "postgres+psycopg://")
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what libpq and most hosting panels print) -> psycopg 3.
+
+    SQLAlchemy reads a bare ``postgresql://`` as psycopg2, which exchange does
+    not install, and does not know ``postgres://`` at all.
+    """
+    for scheme in _POSTGRES_SCHEMES:
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+def check_reachable(url: str) -> None:
+    """Connect once to a server database, with an error that says what to do when that fails."""
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        engine.dispose()
+        return
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        name = engine.url.database or "?"
+        if "does not exist" in first:
+            raise DatabaseError(f"database {name!r} does not exist on the server ({first})",
+                                hint=f"Create it first (createdb {name}, or CREATE DATABASE {name}; as a user "
+                                     "that may create tables in it), then run the command again.") from exc
+        raise DatabaseError(f"cannot connect to the database at {engine.url.render_as_string()}: {first}",
+                            hint="Check that the server runs and accepts this user (host, port, password, "
+                                 "pg_hba.conf), then run the command again.") from exc
+    finally:
+        engine.dispose()
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, full sync and foreign keys."""
+    url = normalize_url(url)
     try:
         engine = create_engine(url, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:

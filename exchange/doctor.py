@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from . import __version__, keys
+from . import __version__, keys, perms
 from .errors import ExchangeError
 from .formats import app_major
 from .node import Node
@@ -99,6 +102,40 @@ def check_transport(node: Node, peer_id: str) -> str:
     return "; ".join(parts)
 
 
+def mode_targets(node: Node) -> list[tuple[str, Path, bool]]:
+    """(label, path, is a folder) of everything in the home that must be private (known hosts: if present)."""
+    from .config import CONFIG_NAME
+    from .node import sqlite_file
+    from .transport.sftp import known_hosts_path
+
+    cfg = node.cfg
+    out = [("home", cfg.home, True), ("keys folder", cfg.keys_dir, True), ("config", cfg.home / CONFIG_NAME, False),
+           ("signing key", cfg.keys_dir / keys.SIGNING_KEY, False), ("age key", cfg.keys_dir / keys.AGE_KEY, False),
+           ("trust store", keys.trust_path(cfg), False), ("known hosts", known_hosts_path(cfg.home), False)]
+    db = sqlite_file(cfg.database)
+    if db is not None:
+        out.append(("database", db, False))
+    return out
+
+
+def check_mode(path: Path, is_dir: bool, optional: bool = False) -> str:
+    """Owned by this account (or root), no access for group or others (0700 / 0600)."""
+    if not perms.posix():
+        return "not checked on Windows: keep the home readable by the service account alone (NTFS)"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if optional:
+            return f"{path} not present"
+        raise ExchangeError(f"{path} is missing") from None
+    problem = perms.mode_problem(st, private=True)
+    if problem is not None:
+        own = st.st_uid in (os.geteuid(), 0)
+        fix = perms.chmod_fix(path, is_dir) if own else perms.owner_fix(path)
+        raise ExchangeError(f"{path} {problem}", hint=f"Run: {fix}")
+    return f"{stat.S_IMODE(st.st_mode):04o} {path}"
+
+
 def check_disk(node: Node) -> str:
     usage = shutil.disk_usage(node.cfg.home)
     if usage.free < MIN_FREE_BYTES:
@@ -116,6 +153,10 @@ def run_checks(node: Node) -> list[Check]:
     for pid in sorted(node.cfg.peers):
         checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]
                            "Check the address, the key login and the folders (docs/SFTP.md)."))
+    for label, path, is_dir in mode_targets(node):
+        optional = label == "known hosts"
+        checks.append(_run(f"mode {label}", lambda p=path, d=is_dir, o=optional: check_mode(p, d, o),  # type: ignore[misc]
+                           perms.chmod_fix(path, is_dir)))
     checks.append(_run("disk", lambda: check_disk(node), "Free disk space."))
     return checks
 

@@ -10,6 +10,7 @@ translated at the boundary with ``raise ... from exc``.
     │   └── KeyPermissionError (3) private key readable by others
     ├── BundleError (10)           anything wrong with a bundle or ack file
     │   ├── FormatError (11)       malformed: not a tar, bad JSON, bad member
+    │   │   └── NotRegularFileError (17) a link, folder, FIFO, socket or device named like a file
     │   ├── LimitError (12)        a size/count limit exceeded before crypto
     │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
     │   ├── NotForUsError (14)     addressed to another node
@@ -17,6 +18,7 @@ translated at the boundary with ``raise ... from exc``.
     ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
+    │   └── OwnershipError (22)    a peer wrote what it does not own or did not announce
     ├── TransportError (30)        moving files failed
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
     ├── DatabaseError (40)         the node database is unreachable or wrong
@@ -81,6 +83,15 @@ class VersionError(BundleError):
     hint = "Both sides must run the same major version of exchange: upgrade the older one."
 
 
+class NotRegularFileError(FormatError):
+    """A link, folder, FIFO, socket or device where a file was expected: never opened or followed."""
+
+    exit_code = 17
+    hint = ("Something other than a regular file sits under that name, in a folder someone else can "
+            "write to (a stick, a drop folder, an SFTP account): it was not opened, followed or deleted. "
+            "Find out who put it there, then remove it.")
+
+
 class CryptoError(ExchangeError):
     exit_code = 16
     hint = "Check that the right identity (key) file is used."
@@ -93,6 +104,15 @@ class StreamError(ExchangeError):
 class ApplyError(ExchangeError):
     exit_code = 21
     hint = "Fix the cause, then run `exchange retry`."
+
+
+class OwnershipError(ApplyError):
+    """A genuine peer's bundle writes a document it does not own, or rows it did not announce."""
+
+    exit_code = 22
+    hint = ("Nothing of the bundle was applied and the sender got a REJECTED ack. A store may only send its "
+            "own documents: check that store's machine and catalog (owner_columns) before anything else; "
+            "see docs/SECURITY.md.")
 
 
 class TransportError(ExchangeError):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
-from . import rows, sqlite_arrow, streams
+from . import clock, rows, sqlite_arrow, streams
 from .arrow_memory import system_pool, trim
 from .bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from .catalog import Catalog, DocType, PeerInfo
@@ -105,6 +105,9 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
     canon = rows.canonicalize
     for doc_type, doc_key, op, eid in events:
         latest[(doc_type, canon(doc_key))] = (op, eid)
+    # versions above everything routed before: an event that committed late is not stale (exchange.clock)
+    latest = {(t, k): (op, v) for t, k, op, v in clock.stamp(conn, [(t, k, op, eid) for (t, k), (op, eid)
+                                                                     in latest.items()])}
     by_type: dict[str, list[str]] = defaultdict(list)
     for doc_type, key in latest:
         by_type[doc_type].append(key)
@@ -144,23 +147,15 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
     return len(deliveries) + len(broadcast)
 
 
-def _broadcast_high(conn: Connection) -> int:
-    return int(conn.execute(select(func.coalesce(func.max(xchg_broadcast.c.version), 0))).scalar() or 0)
-
-
 def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
     """Record the latest op and version of documents that go to every store.
 
     Stores follow this table with a cursor, so a document must land after every
-    cursor: its version is its event id, or one more than the highest version
-    recorded when that is higher. On PostgreSQL an event id is taken at insert
-    and a transaction can commit after one with a higher id; with the event id
-    alone, its document would sort before cursors that had already passed.
+    cursor: its version comes from :func:`exchange.clock.stamp`, above every
+    version given out before, even for an event that committed late.
     """
     if not docs:
         return
-    floor = _broadcast_high(conn) + 1
-    docs = [(t, k, op, max(v, floor)) for t, k, op, v in docs]
     groups: dict[str, list[str]] = defaultdict(list)
     for doc_type, key, _op, _v in docs:
         groups[doc_type].append(key)
@@ -398,7 +393,8 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
                 shared.prefetch(conn, node.catalog, upserts)  # (asked already when it was the batch ahead)
                 shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
         if docs:
-            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events.ids, upserts)
+            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events.ids, upserts,
+                               from_log=events.docs)
         if not events.ids:
             return None
         with node.engine.begin() as conn:  # only events of types this node does not send
@@ -418,9 +414,15 @@ def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: lis
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
-                event_ids: Sequence[int] = (), upserts: dict[str, list[str]] | None = None) -> Exported:
+                event_ids: Sequence[int] = (), upserts: dict[str, list[str]] | None = None,
+                from_log: Sequence[tuple[str, str, str, int]] = ()) -> Exported:
     with node.engine.begin() as conn:
         begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
+        late: list[tuple[int, int]] = []  # (event id, version sent) of log documents that committed late
+        if from_log:  # documents straight from the capture log carry event ids: stamp them now (exchange.clock)
+            stamped = {id(d): s for d, s in zip(from_log, clock.stamp(conn, from_log), strict=True)}
+            late = [(d[3], stamped[id(d)][3]) for d in from_log if stamped[id(d)][3] != d[3]]
+            docs = [stamped.get(id(d), d) for d in docs]  # _merge keeps the log's own tuples
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
                               .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
         if stream is None:
@@ -452,7 +454,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
                 bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
-        streams.mark_sealed(conn, seq, event_ids)
+        streams.mark_sealed(conn, seq, event_ids, late)
         rep.advance(len(docs))
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
@@ -523,9 +525,7 @@ def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
     peers = peer_infos(node)
     n = 0
     with node.engine.begin() as conn:
-        # newer than anything sent before, broadcast versions included (see _replace_broadcast)
-        version = max(int(conn.execute(select(func.coalesce(func.max(xchg_event.c.id), 0))).scalar() or 0),
-                      _broadcast_high(conn))
+        version = clock.next_version(conn)  # newer than anything sent before, on every route
         for doc_type in doc_types:
             dt = node.catalog.get(doc_type)
             if dt.owner != node.cfg.role:

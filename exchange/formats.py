@@ -44,7 +44,8 @@ MAX_ACK_DETAILS_BYTES = 1 << 20  # plaintext of an ack's details; its age file a
 
 NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID}$")
-_NAME_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.(\d{{10}})\.(bundle|ack)$")
+# [0-9], never \d: \d and int() also take other scripts' digits ('٣'), which the grammar does not allow.
+_NAME_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.(bundle|ack)$")
 PART_SUFFIX = ".part"
 
 Kind = Literal["bundle", "ack"]
@@ -93,7 +94,7 @@ def check_node_id(node: str) -> str:
 
 
 def app_major(version: str) -> int:
-    try:
-        return int(version.split(".", 1)[0])
-    except ValueError as exc:
-        raise FormatError(f"invalid application version {version!r}") from exc
+    major = version.split(".", 1)[0]
+    if not (major.isascii() and major.isdigit()):
+        raise FormatError(f"invalid application version {version!r}")
+    return int(major)

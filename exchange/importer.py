@@ -27,7 +27,7 @@ from sqlalchemy import Connection, and_, delete, func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
 from .arrow_memory import system_pool
-from . import rows
+from . import admission, rows
 from .bundle import (
     Ack,
     BundleReader,
@@ -52,10 +52,10 @@ from .db import (
     xchg_sent,
     xchg_stream_in,
 )
-from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError
+from .errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from .export import EVENTS_SCHEMA, control_totals
 from .faults import crashpoint
-from .files import fsync_dir
+from .files import free_name, fsync_dir, move_entry
 from .formats import (
     EVENTS_TABLE,
     INNER_MANIFEST,
@@ -83,14 +83,14 @@ class Outcome:
 # ---------------------------------------------------------------- quarantine
 
 def quarantine(node: Node, path: Path, exc: ExchangeError | str) -> Path:
-    """Move a file aside with a reason file beside it; never delete it."""
+    """Move a file aside with a reason file beside it; never delete it.
+
+    The entry itself moves (a link as a link, a FIFO as a FIFO): what a link
+    points to is never read, copied or changed.
+    """
     q = node.cfg.quarantine
     q.mkdir(parents=True, exist_ok=True)
-    target = q / path.name
-    n = 1
-    while target.exists():
-        target = q / f"{path.name}.{n}"
-        n += 1
+    target = free_name(q, path.name)
     reason = {"file": path.name, "time": utc_now().isoformat(),
               "error": type(exc).__name__ if isinstance(exc, ExchangeError) else "Rejected",
               "reason": str(exc), "hint": getattr(exc, "hint", "")}
@@ -110,9 +110,9 @@ def _move_out(path: Path, target: Path) -> None:
     before it leaves the inbox either way.
     """
     try:
-        os.link(path, target)
-    except OSError:  # another filesystem, or no hard links: an ordinary move
-        shutil.move(str(path), str(target))
+        os.link(path, target, follow_symlinks=False)  # a link is linked as itself, never its target
+    except OSError:  # another filesystem, no hard links, a folder: a rename (or a fresh copy)
+        move_entry(path, target)
         return
     fsync_dir(target.parent)
     path.unlink()
@@ -122,10 +122,10 @@ def _archive(node: Node, path: Path, sub: str = "") -> None:
     dest = node.cfg.archive_received / sub if sub else node.cfg.archive_received
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / path.name
-    if target.exists():
+    if os.path.lexists(target):  # a dangling link counts: nothing is written through it
         stamped = f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
         target, n = dest / stamped, 1
-        while target.exists():  # never overwrite an archived copy, even within one second
+        while os.path.lexists(target):  # never overwrite an archived copy, even within one second
             target, n = dest / f"{stamped}.{n}", n + 1
     _move_out(path, target)
 
@@ -428,27 +428,35 @@ def _take(data: pa.Table, indices: list[int]) -> pa.Table:
     return data.take(pa.array(indices, type=pa.int64()))
 
 
-def _stored_versions(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, int]:
+def _stored_versions(conn: Connection, peer: str, doc_type: str, keys: list[str]) -> dict[str, int]:
+    """The versions last applied from ``peer`` (or recorded before versions were kept per sender)."""
     out: dict[str, int] = {}
+    peers = (peer, LEGACY_PEER)
     if len(keys) > rows.CHUNK and conn.dialect.name in ("sqlite", "postgresql"):
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         with rows.text_key_table(conn, keys) as kt:
-            for k, v in conn.exec_driver_sql(
-                    f"SELECT v.doc_key, v.version FROM xchg_doc_version v JOIN {kt} t ON v.doc_key = t.k "
-                    f"WHERE v.doc_type = {'?' if conn.dialect.paramstyle == 'qmark' else '%s'}", (doc_type,)):
-                out[k] = int(v)
-        return out
-    for i in range(0, len(keys), rows.CHUNK):
-        chunk = keys[i:i + rows.CHUNK]
-        for k, v in conn.execute(select(xchg_doc_version.c.doc_key, xchg_doc_version.c.version).where(
-                and_(xchg_doc_version.c.doc_type == doc_type, xchg_doc_version.c.doc_key.in_(chunk)))):
-            out[k] = int(v)
+            found = conn.exec_driver_sql(
+                f"SELECT v.doc_key, v.version FROM xchg_doc_version v JOIN {kt} t ON v.doc_key = t.k "
+                f"WHERE v.doc_type = {mark} AND v.peer IN ({mark}, {mark})", (doc_type, *peers)).all()
+    else:
+        v = xchg_doc_version.c
+        found = [r for i in range(0, len(keys), rows.CHUNK) for r in conn.execute(
+            select(v.doc_key, v.version).where(and_(v.doc_type == doc_type, v.peer.in_(peers),
+                                                    v.doc_key.in_(keys[i:i + rows.CHUNK]))))]
+    for k, version in found:
+        out[k] = max(int(version), out.get(k, -1))
     return out
 
 
-def _set_versions(conn: Connection, doc_type: str, versions: dict[str, int]) -> None:
-    """Record the versions applied, in bulk (one upsert; COPY on PostgreSQL)."""
+#: ``xchg_doc_version.peer`` of versions recorded before they were kept per sender (migration 5).
+LEGACY_PEER = ""
+
+
+def _set_versions(conn: Connection, peer: str, doc_type: str, versions: dict[str, int]) -> None:
+    """Record the versions applied from ``peer``, in bulk (one upsert; COPY on PostgreSQL)."""
     if versions:
         rows.upsert_rows(conn, xchg_doc_version, pa.table({
+            "peer": pa.array([peer] * len(versions), pa.string()),
             "doc_type": pa.array([doc_type] * len(versions), pa.string()),
             "doc_key": pa.array(list(versions), pa.string()),
             "version": pa.array(list(versions.values()), pa.int64())}))
@@ -595,22 +603,27 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     unknown = [t for t in docs if t not in cat]
     if unknown:
         raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
+    for doc_type in docs:  # before anything is read or written: who may write what (exchange.admission)
+        dt = cat.get(doc_type)
+        if dt.owner != sender_role:
+            raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
+                                 f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
+    admission.check_tables_announced(cat, opened.tables, docs)
     applied: dict[str, Any] = {}
     parked: list[dict[str, str]] = []
     for doc_type in [n for n in cat.names if n in docs]:
         dt = cat.get(doc_type)
-        if dt.owner != sender_role:
-            raise ApplyError(f"{doc_type} documents are owned by the {dt.owner} side; "
-                             f"{peer} ({sender_role}) may not send them")
         _check_keys(node, dt, [k for k, _o, _v in docs[doc_type]])
         data = {t: _check_table(node, dt, t, opened.table(t)) for t in dt.tables() if t in opened.tables}
+        admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
+        admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header))
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
         got = control_totals(dt, data, upserts)
         want = expected.get(doc_type, {})
         if {k: got[k] for k in ("count", "rows", "totals")} != {k: want.get(k) for k in ("count", "rows", "totals")}:
             raise ApplyError(f"control totals of {doc_type} do not match the manifest: "
                              f"received {got}, manifest says {want}")
-        stored = _stored_versions(conn, doc_type, [k for k, _o, _v in docs[doc_type]])
+        stored = _stored_versions(conn, peer, doc_type, [k for k, _o, _v in docs[doc_type]])
         fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
         stale = len(docs[doc_type]) - len(fresh)
         keys = [k for k, _o, _v in fresh]
@@ -625,7 +638,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                     sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
                            for t, tab in data.items()}
                 _write_docs(conn, node, dt, keys, sub, held=any(k in stored for k in keys))
-                _set_versions(conn, doc_type, {k: v for k, _o, v in fresh})
+                _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh})
         except StatementError as exc:
             if isinstance(exc, OperationalError):
                 raise  # the database's problem (disk full), not this document's: nothing to park
@@ -635,7 +648,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                 try:
                     with conn.begin_nested():
                         _write_docs(conn, node, dt, [k], one, held=k in stored)
-                        _set_versions(conn, doc_type, {k: v})
+                        _set_versions(conn, peer, doc_type, {k: v})
                 except StatementError as exc:
                     if isinstance(exc, OperationalError):
                         raise
@@ -656,14 +669,14 @@ def retry_parked(node: Node) -> tuple[int, int]:
             dt = node.catalog.get(r["doc_type"])
             key = r["doc_key"]
             cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
-            stored = _stored_versions(conn, dt.name, [key]).get(key, -1)
+            stored = _stored_versions(conn, r["peer"], dt.name, [key]).get(key, -1)
             if stored > r["version"]:
                 conn.execute(delete(xchg_parked).where(cond))
                 continue
             try:
                 with conn.begin_nested():
                     _write_docs(conn, node, dt, [key], _unpack(r["data"]))
-                    _set_versions(conn, dt.name, {key: r["version"]})
+                    _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
                 log.info("parked %s %s applied on retry", dt.name, key)

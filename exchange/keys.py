@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import perms
 from .config import NodeConfig
 from .errors import ConfigError, KeyPermissionError
 
@@ -26,24 +27,27 @@ TRUST_FILE = "allowed_signers"
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Create a file readable by its owner only (0600), refusing to overwrite."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Create a file readable by its owner only (0600 whatever the umask), refusing to overwrite."""
+    perms.create_private(path, data)
 
 
 def check_private(path: Path) -> None:
-    """Refuse a private key others can read, as OpenSSH does (POSIX only)."""
+    """Refuse a private key others can read or that another account owns, as OpenSSH does (POSIX only)."""
     try:
-        mode = path.stat().st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"key file {path} is missing",
                           hint="Restore it from backup, or re-create the node with `exchange init`.") from None
-    if sys.platform != "win32" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if sys.platform == "win32":
+        return
+    if st.st_uid not in (os.geteuid(), 0):
+        raise KeyPermissionError(f"key file {path} {perms.mode_problem(st, private=True)}",
+                                 hint=f"Run: {perms.owner_fix(path)}")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyPermissionError(
-            f"permissions {stat.S_IMODE(mode):04o} for {path} are too open: "
+            f"permissions {stat.S_IMODE(st.st_mode):04o} for {path} are too open: "
             "a private key must not be accessible by group or others",
-            hint=f"Run: chmod 600 {path}")
+            hint=f"Run: {perms.chmod_fix(path)}")
 
 
 def generate(cfg: NodeConfig) -> None:
@@ -51,15 +55,15 @@ def generate(cfg: NodeConfig) -> None:
     from .crypto import age, sshsig
 
     kd = cfg.keys_dir
-    kd.mkdir(parents=True, exist_ok=True)
+    perms.make_private_dir(kd)
     if (kd / SIGNING_KEY).exists() or (kd / AGE_KEY).exists():
         raise ConfigError(f"{kd} already holds keys; refusing to overwrite them")
     pem, pub = sshsig.generate_key(comment=f"exchange:{cfg.id}")
     write_private(kd / SIGNING_KEY, pem)
-    (kd / f"{SIGNING_KEY}.pub").write_text(pub + "\n")
+    write_private(kd / f"{SIGNING_KEY}.pub", (pub + "\n").encode())
     identity, recipient = age.generate_identity()
     write_private(kd / AGE_KEY, f"# exchange node {cfg.id}\n# public key: {recipient}\n{identity}\n".encode())
-    (kd / f"{AGE_KEY}.pub").write_text(recipient + "\n")
+    write_private(kd / f"{AGE_KEY}.pub", (recipient + "\n").encode())
     add_signer(cfg, cfg.id, pub)
 
 
@@ -102,6 +106,7 @@ def load_trust(cfg: NodeConfig) -> sshsig.AllowedSigners:
     from .crypto import sshsig
 
     path = trust_path(cfg)
+    perms.check_not_writable_by_others(cfg.keys_dir, "keys folder")
     if not path.exists():
         raise ConfigError(f"{path} is missing: no peer is trusted",
                           hint="Add peers with `exchange peer add`.")
@@ -119,7 +124,30 @@ def add_signer(cfg: NodeConfig, principal: str, key_line: str,
     path = trust_path(cfg)
     existing = path.read_text() if path.exists() else ""
     if line not in existing.splitlines():
-        tmp = path.with_name(TRUST_FILE + ".part")
-        tmp.write_text(existing + line + "\n")
-        os.replace(tmp, path)
+        perms.write_private_atomic(path, (existing + line + "\n").encode())
     return line
+
+
+def retire_signer(cfg: NodeConfig, principal: str, at: datetime) -> list[str]:
+    """Give every key line of ``principal`` still valid at ``at`` a ``valid-before`` of ``at``.
+
+    Lines are rewritten in place (never removed), so files signed before ``at``
+    keep verifying; returns the retired keys' fingerprints.
+    """
+    from .crypto import sshsig
+
+    path = trust_path(cfg)
+    out, retired = [], []
+    for raw in (path.read_text() if path.exists() else "").splitlines():
+        found = sshsig.AllowedSigners.parse(raw, source=str(path)).signers
+        s = found[0] if found else None
+        if (s is None or s.cert_authority or s.principals != (principal,)
+                or (s.valid_before is not None and s.valid_before <= at)):
+            out.append(raw)
+            continue
+        out.append(sshsig.format_signer_line(
+            principal, sshsig.public_line(s.key), namespaces=",".join(s.namespaces or ()),
+            valid_after=s.valid_after, valid_before=at))
+        retired.append(sshsig.fingerprint(s.key))
+    perms.write_private_atomic(path, "".join(line + "\n" for line in out).encode())
+    return retired

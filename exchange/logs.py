@@ -8,8 +8,34 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
+
+# C0 and C1 controls, DEL, line/paragraph separators and the bidirectional
+# overrides that reorder what a terminal shows ("Trojan Source").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """Text from a peer as data: control characters shown as escapes (``\\x1b``, ``\\n``), never obeyed.
+
+    One log record stays one line, and no peer can move the cursor, recolour
+    or clear an operator's terminal.
+    """
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class PlainFormatter(logging.Formatter):
+    """Human lines whose message cannot forge another line or drive the terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        record.message = escape_controls(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,7 +59,7 @@ def setup_logging(verbose: int = 0, as_json: bool = False) -> None:
         handler.setFormatter(JsonFormatter())
         level = min(level, logging.INFO)
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     root = logging.getLogger("exchange")
     root.handlers[:] = [handler]
     root.setLevel(level)

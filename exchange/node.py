@@ -10,9 +10,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config, keys
+from . import config, keys, perms
 from .config import NodeConfig, Role
-from .errors import ConfigError
+from .errors import ConfigError, DatabaseError
 from .formats import check_node_id
 
 if TYPE_CHECKING:
@@ -23,19 +23,49 @@ if TYPE_CHECKING:
 
 
 def init_home(home: Path, node_id: str, role: Role, database: str | None = None) -> NodeConfig:
-    """Create a node home: folders, exchange.toml, keys (0600), trust store, database."""
+    """Create a node home: folders, exchange.toml, keys, trust store, database.
+
+    Private whatever the umask: the home folder 0700, every file in it 0600.
+    """
+    from .db import check_reachable, normalize_url
+
     home = Path(home).expanduser().resolve()
     if (home / config.CONFIG_NAME).exists():
         raise ConfigError(f"{home} is already a node home", hint="Use a new folder, or keep this one.")
     check_node_id(node_id)
+    if database:  # a server database must exist and answer before anything is made: no half-made home
+        database = normalize_url(database)
+        check_reachable(database)
     cfg = NodeConfig(home=home, id=node_id, role=role,
                      database=database or config.default_database(home))
+    perms.make_private_dir(home)
     for folder in cfg.folders():
-        folder.mkdir(parents=True, exist_ok=True)
+        perms.make_private_dirs(home, folder)
     keys.generate(cfg)
     cfg.save()
-    Node(cfg).migrate()
+    db_file = sqlite_file(cfg.database)
+    if db_file is not None and not db_file.exists():
+        perms.create_private(db_file)  # SQLite gives its -wal and -journal files the same mode
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        Node(cfg).migrate()
+    except (DatabaseError, SQLAlchemyError) as exc:
+        text = exc.message if isinstance(exc, DatabaseError) else str(exc).splitlines()[0]
+        raise DatabaseError(f"{text}; the home {home} was made without its tables",
+                            hint=f"Fix the cause, then run `exchange migrate --home {home}`: it creates the "
+                                 "tables and the home is complete.") from exc
     return cfg
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for an in-memory or server database)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if not u.drivername.startswith("sqlite") or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
 
 
 class Node:
@@ -45,8 +75,8 @@ class Node:
         self.cfg = cfg
 
     @classmethod
-    def open(cls, home: str | Path | None) -> Node:
-        return cls(config.load(home))
+    def open(cls, home: str | Path | None, *, check_modes: bool = True) -> Node:
+        return cls(config.load(home, check_modes=check_modes))
 
     @property
     def id(self) -> str:

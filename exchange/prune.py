@@ -61,9 +61,9 @@ MAX_CHECKPOINT_REMOVED = 32 * MAX_CHECKPOINT_BUNDLES  # files recorded as remove
 MAX_FILE_SIZE = 1 << 34  # a removed file's recorded size (a bundle is at most 8 GiB)
 ROLES = ("ho", "store")
 
-_CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.(\d{{10}})\.checkpoint$")
+_CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.checkpoint$")
 # The importer keeps a second copy of an archived name as NAME.YYYYMMDDHHMMSS.
-_STAMPED_RE = re.compile(r"^(.+\.(?:bundle|ack))\.\d{14}$")
+_STAMPED_RE = re.compile(r"^(.+\.(?:bundle|ack))\.[0-9]{14}$")
 
 Kind = Literal["bundle", "ack", "checkpoint"]
 

@@ -113,10 +113,17 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
     return EventBatch(docs, [int(e[0]) for e in events], {t: ks for t, ks in upserts.items() if ks})
 
 
-def mark_sealed(conn: Connection, seq: int | None, ids: Sequence[int]) -> None:
-    """The batch's events are routed, carried by bundle ``seq`` (None: not sent at all)."""
+def mark_sealed(conn: Connection, seq: int | None, ids: Sequence[int],
+                late: Sequence[tuple[int, int]] = ()) -> None:
+    """The batch's events are routed, carried by bundle ``seq`` (None: not sent at all).
+
+    ``late``: (event id, version sent) of documents whose latest event committed
+    late and went at a version above its id (:func:`exchange.clock.stamp`).
+    """
     rows.executemany(conn, "UPDATE xchg_event SET routed = 1, seq = ? WHERE id BETWEEN ? AND ?",
                      [(seq, lo, hi) for lo, hi in _runs(ids)])
+    if late:
+        rows.executemany(conn, "UPDATE xchg_event SET version = ? WHERE id = ?", [(v, eid) for eid, v in late])
 
 
 def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -135,11 +142,15 @@ def document_states(conn: Connection, peer: str) -> dict[tuple[str, str], tuple[
 
     A document's latest event decides: unrouted is PENDING; otherwise the status
     of the bundle that carried it (EXPORTED, UPLOADED, PROCESSED, REJECTED).
+    Sent events are taken in the order of the versions they went at (an event
+    that committed late went last, above its id), unrouted ones after them.
     """
-    sql = ("SELECT e.doc_type, e.doc_key, e.op, e.id, e.routed, e.seq, s.status FROM xchg_event e "
+    sql = ("SELECT e.doc_type, e.doc_key, e.op, COALESCE(e.version, e.id), e.routed, e.seq, s.status "
+           "FROM xchg_event e "
            "LEFT JOIN xchg_sent s ON s.peer = ? AND s.seq = e.seq WHERE (e.routed = 0 OR e.seq IS NOT NULL)")
     out: dict[tuple[str, str], tuple[str, int, str, int | None]] = {}
-    for t, k, op, eid, routed, seq, status in rows.fetch_tuples(conn, sql + " ORDER BY e.id", (peer,)):
+    for t, k, op, version, routed, seq, status in rows.fetch_tuples(
+            conn, sql + " ORDER BY e.routed DESC, COALESCE(e.version, e.id)", (peer,)):
         state = "PENDING" if not routed else str(status or "EXPORTED")
-        out[(str(t), rows.canonicalize(str(k)))] = (str(op), int(eid), state, None if seq is None else int(seq))
+        out[(str(t), rows.canonicalize(str(k)))] = (str(op), int(version), state, None if seq is None else int(seq))
     return out

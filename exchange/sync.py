@@ -9,13 +9,13 @@ seconds are pushed again (the receiver re-acks a duplicate, never re-applies).
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .files import utc_now
+from .files import is_regular_entry, move_entry, utc_now
 from .errors import DatabaseError, ExchangeError
 from .formats import is_exchange_file, parse_name
 from .lock import work_lock
@@ -85,6 +85,8 @@ def pull(node: Node, *, source: str | None = None, reporter: Reporter | None = N
             finally:
                 t.close()
             rep.pulled.extend(p.name for p in got)
+            # links, FIFOs, folders named like files: left where they are, reported each time
+            rep.errors.extend(f"pull from {peer}: {why}" for why in getattr(t, "refused", ()))
         except ExchangeError as exc:
             rep.errors.append(f"pull from {peer}: {exc}")
             log.warning("pull from %s failed: %s", peer, exc)
@@ -99,13 +101,13 @@ def push(node: Node, *, target: str | None = None, reporter: Reporter | None = N
     addresses = _transports(node, target)
     by_peer: dict[str, list[Path]] = defaultdict(list)
     for f in sorted(node.cfg.outbox.iterdir()):
-        if is_exchange_file(f.name):
+        if is_exchange_file(f.name) and _sendable(f, rep):
             by_peer[parse_name(f.name).b].append(f)
     resend = _due_for_resend(node)
     for peer, names in resend.items():
         for name in names:
             src = node.cfg.archive_sent / name
-            if src.exists():
+            if os.path.lexists(src) and _sendable(src, rep):
                 by_peer[peer].append(src)
     node.cfg.archive_sent.mkdir(parents=True, exist_ok=True)
     for peer, files in sorted(by_peer.items()):
@@ -125,6 +127,16 @@ def push(node: Node, *, target: str | None = None, reporter: Reporter | None = N
         crashpoint("push.copied")
         _mark_delivered(node, delivered, rep, r)
     return rep.pushed
+
+
+def _sendable(f: Path, rep: SyncReport) -> bool:
+    """Only a regular file is sent: a link or FIFO in the outbox or archive is reported, never read."""
+    if is_regular_entry(f):
+        return True
+    why = f"{f.name} in {f.parent} is not a regular file (a link, folder, FIFO...): not sent"
+    rep.errors.append(f"push: {why}")
+    log.warning("%s", why)
+    return False
 
 
 def _due_for_resend(node: Node) -> dict[str, list[str]]:
@@ -167,7 +179,7 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
             if status == "EXPORTED":
                 r.state(f.name, "UPLOADED")
         if f.parent == node.cfg.outbox:
-            shutil.move(str(f), str(node.cfg.archive_sent / f.name))
+            move_entry(f, node.cfg.archive_sent / f.name)  # a rename: never through a link at either end
             rep.pushed.append(f.name)
 
 

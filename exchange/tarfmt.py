@@ -8,7 +8,7 @@ names, one header at a time, so limits are checked before any data is read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .errors import FormatError
@@ -22,6 +22,14 @@ class Member:
     name: str
     size: int
     mtime: int
+    block: bytes = field(default=b"", repr=False, compare=False)  # the header as read
+
+
+#: ustar header fields by offset, to name the one that differs from what :func:`header` writes
+_FIELDS = ((0, "name"), (100, "mode"), (108, "uid"), (116, "gid"), (124, "size"), (136, "mtime"),
+           (148, "checksum"), (156, "type"), (157, "link name"), (257, "magic"), (263, "version"),
+           (265, "user name"), (297, "group name"), (329, "device numbers"), (345, "prefix"),
+           (500, "padding"))
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -98,7 +106,32 @@ def read_header(src: BinaryIO) -> Member | None:
         raise FormatError("tar member name is not ASCII") from exc
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise FormatError(f"tar member name {name!r} is not a plain file name")
-    return Member(name, _parse_octal(block[124:136], "size"), _parse_octal(block[136:148], "mtime"))
+    return Member(name, _parse_octal(block[124:136], "size"), _parse_octal(block[136:148], "mtime"), block)
+
+
+def _field_at(offset: int) -> str:
+    return next(n for off, n in reversed(_FIELDS) if off <= offset)
+
+
+def check_exact(m: Member, mtime: int) -> None:
+    """The header is byte for byte what :func:`header` writes for this member at ``mtime``.
+
+    Readers accept only the exact bytes the writer produces (docs/FORMAT.md section 2):
+    a header field no signature covers (mtime, owner, checksum spelling) changed in
+    transit would give the file another SHA-256, which its ack then names.
+    """
+    if m.mtime != max(0, mtime):
+        raise FormatError(f"tar header of {m.name}: mtime {m.mtime} is not the signed creation time "
+                          f"{max(0, mtime)}: the file was altered after it was written")
+    try:
+        want = header(m.name, m.size, mtime)
+    except FormatError:
+        want = b""
+    if m.block != want:
+        names = dict.fromkeys(_field_at(i) for i, (a, b) in enumerate(zip(m.block, want)) if a != b)
+        name = next((n for n in names if n != "checksum"), "checksum")  # another field changes the checksum too
+        raise FormatError(f"tar header of {m.name}: {name} field differs from the header exchange writes "
+                          "(only exact bytes are accepted): the file was altered after it was written")
 
 
 def skip_padding(src: BinaryIO, size: int) -> None:
@@ -107,8 +140,11 @@ def skip_padding(src: BinaryIO, size: int) -> None:
         raise FormatError("corrupt tar: non-zero padding after a member")
 
 
-def expect_end(src: BinaryIO, max_trailing: int = 20 * BLOCK) -> None:
-    """After the last member: an end marker, then only zero bytes up to EOF."""
+def expect_end(src: BinaryIO, max_trailing: int = 0) -> None:
+    """After the last member: the end marker the writer writes (two zero blocks), then EOF.
+
+    ``max_trailing`` zero bytes more are tolerated (none by default: exact bytes only).
+    """
     if read_header(src) is not None:
         raise FormatError("unexpected extra member in tar")
     if _read_exact(src, BLOCK, "end-of-archive marker").strip(b"\0"):

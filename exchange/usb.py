@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import sys
 import threading
 from collections import Counter
@@ -43,8 +44,9 @@ from .bundle import (
 )
 from .crypto import sshsig
 from .errors import (
-    BundleError, BusyError, ExchangeError, FormatError, TransportError, VersionError,
+    BundleError, BusyError, ExchangeError, FormatError, NotRegularFileError, TransportError, VersionError,
 )
+from .files import is_real_dir, kind_of, read_regular
 from .formats import (
     MAX_MANIFEST_BYTES, PART_SUFFIX, SIG_NAMESPACE, SUPPORTED_VERSIONS, FORMAT_VERSION,
     is_exchange_file, parse_name,
@@ -110,8 +112,19 @@ What is on it
 # ---------------------------------------------------------------- the stick
 
 def transfer_folder(stick_root: Path) -> Path:
-    """The ``exchange-transfer/`` folder of a stick (its mount point or the folder itself)."""
+    """The ``exchange-transfer/`` folder of a stick (its mount point or the folder itself).
+
+    Refused when that folder is a link: whoever wrote the stick could point it
+    anywhere on this computer, and the visit would take, write and clean up there.
+    """
     stick_root = Path(stick_root)
+    for candidate in (stick_root / TRANSFER_DIR, stick_root):
+        if candidate.name == TRANSFER_DIR and os.path.islink(candidate):
+            raise NotRegularFileError(
+                f"{candidate} is a symbolic link, not a folder: this stick is refused "
+                "(nothing on it or where the link points was read, written or removed)",
+                hint="Make exchange-transfer/ a real folder on the stick (`exchange usb prepare PATH` on a "
+                     "clean stick), and find out who made the link.")
     if (stick_root / TRANSFER_DIR).is_dir():
         return stick_root / TRANSFER_DIR
     if stick_root.name == TRANSFER_DIR and stick_root.is_dir():
@@ -136,6 +149,7 @@ def prepare_stick(path: Path, label: str | None = None) -> Path:
     transfer = path / TRANSFER_DIR
     try:
         transfer.mkdir(exist_ok=True)
+        transfer = transfer_folder(path)  # a link planted in its place is refused
         (transfer / RECEIPTS_DIR).mkdir(exist_ok=True)
         info = transfer / STICK_INFO
         if not info.exists():
@@ -152,8 +166,8 @@ def prepare_stick(path: Path, label: str | None = None) -> Path:
 def stick_id(transfer: Path) -> str | None:
     """The id ``prepare`` wrote into ``stick.json`` (None for a folder made by hand)."""
     try:
-        value = json.loads((transfer / STICK_INFO).read_text()).get("id")
-    except (OSError, ValueError, AttributeError):
+        value = json.loads(read_regular(transfer / STICK_INFO, 1 << 16)).get("id")
+    except (OSError, ValueError, AttributeError, NotRegularFileError):  # a FIFO here must not hang the visit
         return None
     return value if isinstance(value, str) else None
 
@@ -185,6 +199,7 @@ def clean_stale_parts(transfer: Path, me: str, peers: Iterable[str]) -> list[str
     removed, relative to ``transfer``.
     """
     removed: list[str] = []
+    transfer = _real_transfer(transfer)
 
     def mine(name: str) -> bool:
         return (name.startswith(f"{me}.") or name == f"node-{me}.json{PART_SUFFIX}"
@@ -194,20 +209,34 @@ def clean_stale_parts(transfer: Path, me: str, peers: Iterable[str]) -> list[str
     folders += [(transfer / p, mine) for p in sorted(set(peers)) if p != me]
     folders.append((transfer / RECEIPTS_DIR, mine))
     for folder, select in folders:
-        if not folder.is_dir():
+        if not is_real_dir(folder):  # missing, or a link that could lead anywhere: never entered
+            if os.path.lexists(folder):
+                log.warning("%s on the stick is not a real folder: not cleaned up", folder)
             continue
         for f in sorted(folder.iterdir()):
-            if f.name.endswith(PART_SUFFIX) and select(f.name) and f.is_file():
-                f.unlink()
-                removed.append(f"{folder.name}/{f.name}")
-                log.info("removed %s/%s left by an interrupted copy", folder.name, f.name)
+            if not (f.name.endswith(PART_SUFFIX) and select(f.name)):
+                continue
+            mode = os.lstat(f).st_mode
+            if stat.S_ISDIR(mode):
+                log.warning("%s/%s is a folder: left alone", folder.name, f.name)
+                continue
+            f.unlink()  # the entry itself: a link goes, what it points to is never touched
+            removed.append(f"{folder.name}/{f.name}")
+            log.info("removed %s/%s (%s) left by an interrupted copy", folder.name, f.name, kind_of(mode))
     return removed
+
+
+def _real_transfer(transfer: Path) -> Path:
+    """``transfer`` when it is a real folder; NotRegularFileError when it is a link."""
+    if os.path.islink(transfer):
+        return transfer_folder(transfer)  # raises, naming the link
+    return transfer
 
 
 def _files_left(transfer: Path, put: set[str]) -> list[str]:
     out = []
     for box in sorted(transfer.iterdir()):
-        if box.name == RECEIPTS_DIR or not box.is_dir():
+        if box.name == RECEIPTS_DIR or not is_real_dir(box):  # a linked folder's names stay off the receipt
             continue
         out += [f"{box.name}/{f.name}" for f in sorted(box.iterdir())
                 if is_exchange_file(f.name) and f.name not in put]
@@ -300,9 +329,12 @@ def _receipt_bytes(node: Node, body: dict[str, Any]) -> bytes:
 def _write_receipt(node: Node, transfer: Path, rec: UsbReceipt) -> Path:
     folder = transfer / RECEIPTS_DIR
     folder.mkdir(exist_ok=True)  # never parents: the stick must still be there
+    if not is_real_dir(folder):
+        raise NotRegularFileError(f"{folder} is {kind_of(os.lstat(folder).st_mode)}, not a folder: "
+                                  "no receipt written through it")
     stamp = parse_time(rec.created, "receipt").strftime("%Y%m%dT%H%M%SZ")
     name, n = f"{node.id}.{stamp}{RECEIPT_SUFFIX}", 1
-    while (folder / name).exists():
+    while os.path.lexists(folder / name):
         n += 1
         name = f"{node.id}.{stamp}-{n}{RECEIPT_SUFFIX}"
     data = _receipt_bytes(node, rec.signed_body())
@@ -344,7 +376,7 @@ def list_receipts(stick_root: Path, trust: sshsig.AllowedSigners | None = None) 
     a store cannot check for another store's receipt)."""
     folder = transfer_folder(stick_root) / RECEIPTS_DIR
     out: list[dict[str, Any]] = []
-    if not folder.is_dir():
+    if not is_real_dir(folder):
         return out
     files = [f for f in folder.iterdir() if f.name.endswith(RECEIPT_SUFFIX)]
     for f in sorted(files, key=lambda p: (p.name.split(".")[1:], p.name)):

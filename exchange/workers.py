@@ -91,17 +91,25 @@ def worker_loop(home: Path, stop: object, poll: float = 0.5) -> None:
 class WorkersAddon:
     """Extra importer processes beside the service (``exchange run --workers N``)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, log_json: bool = False, verbose: int = 0) -> None:
         self.count = count
+        self.log_json = log_json  # the service's log format and level, so every line it writes looks alike
+        self.verbose = verbose
         self.procs: list[object] = []
+
+    def command(self, home: str) -> list[str]:
+        """The worker's command line: ``exchange [--log-json] [-v...] worker --home HOME``."""
+        import sys
+
+        flags = (["--log-json"] if self.log_json else []) + ["-v"] * self.verbose
+        return [sys.executable, "-m", "exchange", *flags, "worker", "--home", home]
 
     def start(self, service: object) -> None:
         import subprocess
-        import sys
 
         home = str(getattr(service, "node").cfg.home)
         for _ in range(self.count):
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "exchange", "worker", "--home", home]))
+            self.procs.append(subprocess.Popen(self.command(home)))
 
     def stop(self) -> None:
         import signal

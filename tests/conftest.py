@@ -10,6 +10,7 @@ where a silently skipped database would hide failures, so it fails instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -31,9 +32,9 @@ def _pg_base_url() -> str:
     return base
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """The URL of a fresh PostgreSQL database, dropped after the test."""
+@contextlib.contextmanager
+def _fresh_pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database's URL, dropped afterwards."""
     base = make_url(_pg_base_url())
     name = f"xchg_test_{secrets.token_hex(6)}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
@@ -47,6 +48,20 @@ def pg_url() -> Iterator[str]:
                               "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": name})
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh PostgreSQL database, dropped after the test."""
+    with _fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pg_url_module() -> Iterator[str]:
+    """One fresh PostgreSQL database for a whole module (property tests that keep a net across examples)."""
+    with _fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -260,10 +260,11 @@ def test_custom_catalog_with_awkward_names(engine: Engine) -> None:
 
     md = MetaData()
     long = "a_really_long_point_of_sale_table_name_that_goes_on_and_on_x"  # 60 characters
-    Table("Order Head", md, Column("Order No", String(32), primary_key=True))
+    Table("Order Head", md, Column("Order No", String(32), primary_key=True), Column("Store Id", String(32)))
     Table(long, md, Column("Order No", String(32), primary_key=True), Column("line_no", Integer, primary_key=True),
           ForeignKeyConstraint(["Order No"], ['Order Head.Order No'], ondelete="CASCADE"))
-    catalog = Catalog(md, [DocType("order", "Order Head", (long,), ("Order No",), "store", Route("ho"))])
+    catalog = Catalog(md, [DocType("order", "Order Head", (long,), ("Order No",), "store", Route("ho"),
+                                           owner_columns=("Store Id",))])
     md.create_all(engine)
     names = install_triggers(engine, catalog, "store")
     assert all(len(n) <= 63 for n in names) and len(set(names)) == 6

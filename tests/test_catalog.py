@@ -252,7 +252,7 @@ POS_DOCS = {"catalog": {"doc": [
     {"name": "article", "header": "pos_article", "children": ["pos_article_ean"], "key": ["art_no"],
      "owner": "ho", "totals": ["pos_article.price"]},
     {"name": "receipt", "header": "pos_receipt", "children": ["pos_receipt_line"], "key": ["till", "rcpt_no"],
-     "owner": "store", "totals": ["pos_receipt_line.amount"]},
+     "owner": "store", "owner_columns": ["store_id"], "totals": ["pos_receipt_line.amount"]},
     {"name": "delivery", "header": "pos_delivery", "key": ["dlv_no"], "owner": "ho", "route": "column:shop"},
 ]}}
 
@@ -264,7 +264,7 @@ def _pos_engine(path: str) -> Engine:
             "CREATE TABLE pos_article (art_no TEXT PRIMARY KEY, price NUMERIC(10,2))",
             "CREATE TABLE pos_article_ean (art_no TEXT REFERENCES pos_article ON DELETE CASCADE, "
             "line_no INT, ean TEXT, PRIMARY KEY (art_no, line_no))",
-            "CREATE TABLE pos_receipt (till TEXT, rcpt_no TEXT, PRIMARY KEY (till, rcpt_no))",
+            "CREATE TABLE pos_receipt (till TEXT, rcpt_no TEXT, store_id TEXT, PRIMARY KEY (till, rcpt_no))",
             "CREATE TABLE pos_receipt_line (till TEXT, rcpt_no TEXT, line_no INT, amount NUMERIC(10,2))",
             "CREATE TABLE pos_delivery (dlv_no TEXT PRIMARY KEY, shop TEXT)",
         ):

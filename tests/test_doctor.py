@@ -58,8 +58,9 @@ def test_doctor_names_the_fix_for_each_failure(demo: Path, tmp_path: Path) -> No
     code, out = doctor(home)
     assert code == 1
     failed = {c["name"]: c for c in out["checks"] if not c["ok"]}  # type: ignore[union-attr]
-    assert set(failed) == {"keys", "transport ho"}
+    assert set(failed) == {"keys", "mode signing key", "transport ho"}
     assert "chmod 600" in failed["keys"]["fix"] and str(key) in failed["keys"]["detail"]
+    assert failed["mode signing key"]["fix"] == f"Run: chmod 600 {key}"
     assert "not available" in failed["transport ho"]["detail"]
     text = CliRunner().invoke(main, ["doctor", "--home", str(home)]).output
     assert "FAIL keys" in text and "fix: Run: chmod 600" in text and "OK   database" in text

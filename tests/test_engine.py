@@ -594,7 +594,7 @@ def test_cli_smoke(tmp_path: Path) -> None:
     cli("peer", "add", "--home", str(ho), "--id", "s001", "--role", "store", "--signing-key",
         ident["s001"]["signing_key"], "--recipient", ident["s001"]["recipient"], "--transport", f"dir:{transfer}",
         "--group", "north")
-    cli("peer", "add", "--home", str(st), "--id", "ho", "--signing-key", ident["ho"]["signing_key"],
+    cli("peer", "add", "--home", str(st), "--id", "ho", "--role", "ho", "--signing-key", ident["ho"]["signing_key"],
         "--recipient", ident["ho"]["recipient"], "--transport", f"dir:{transfer}")
     node = Node.open(ho)
     with node.engine.begin() as conn:

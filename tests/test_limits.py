@@ -21,6 +21,8 @@ import hashlib
 import io
 import json
 import re
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ from enginehelpers import Net, add_item, make_net
 from helpers_bundle import assemble, layout, raw_header, resign
 
 from exchange import bundle, tarfmt
+from exchange.errors import LimitError
 from exchange.capture import record_events
 from exchange.crypto import age, sshsig
 from exchange.export import export_all
@@ -287,6 +290,196 @@ def test_parquet_footer_claiming_huge_row_group_size(world: World, tmp_path: Pat
              "LimitError", r"expand to more than 4096 MiB")
 
 
+# ---------------------------------------------------------------- Parquet whose footer lies
+
+def _dictionary_bomb(rows: int, value_bytes: int) -> bytes:
+    """``rows`` copies of one ``value_bytes`` string, as a dictionary page and RLE indices, without
+    the Arrow schema (so a reader expands it): a few hundred bytes that decode to rows x value."""
+    arr = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["n" * value_bytes]))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"name": arr}), buf, compression="zstd", store_schema=False,
+                   dictionary_pagesize_limit=64 << 20)
+    return buf.getvalue()
+
+
+def test_parquet_dictionary_strings_decoding_past_the_budget(world: World, tmp_path: Path) -> None:
+    """10,000 copies of a 512 KiB string: the footer is honest (0.5 MiB of pages, 10,000 values)
+    and its estimate small, but the strings decode to 5 GiB. Sized from the dictionary's value
+    lengths and the indices, before one value is copied out."""
+    f = tmp_path / "dict.parquet"
+    f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
+    meta = pq.read_metadata(f)
+    assert bundle.parquet_expanded_size(meta) < 16 << 20 and f.stat().st_size < 4096
+    run_bomb(world, "Parquet: one 512 KiB string x 10,000 (dictionary), 5 GiB decoded",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, 10_000)}),
+             "LimitError", r"t0002\.parquet: tables decode to more than 4096 MiB \(limit per bundle\); decoding stopped")
+
+
+def test_parquet_footer_understating_value_counts(world: World, rle_bomb: tuple[Path, int],
+                                                  tmp_path: Path) -> None:
+    """The RLE bomb with every row group's and column chunk's count patched from 10 M to 1,000:
+    the footer's estimate is tiny, the pages hold 560 M values. Refused from the page headers."""
+    path, rows = rle_bomb
+    data = patch_footer(path.read_bytes(), 10_000_000, 1_000, count=112)  # 56 row groups + 56 chunks
+    f = tmp_path / "understated.parquet"
+    f.write_bytes(data)
+    assert bundle.parquet_expanded_size(pq.read_metadata(f)) < 1 << 20
+    run_bomb(world, "Parquet footer: 560 M values stated as 56,000",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, rows)}),
+             "FormatError", r"t0002\.parquet: Parquet footer claims 1000 values in \d+ bytes for column x, "
+                            r"its pages hold 10000000 values")
+
+
+def test_parquet_footer_understating_page_sizes(world: World, tmp_path: Path) -> None:
+    """A column chunk whose footer states 1/100 of its uncompressed bytes (what the old estimate
+    trusted): the page headers, which Arrow decompresses to, tell the truth."""
+    rows = 100_000
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": pa.array(range(rows), pa.int64())}), buf, compression="zstd")
+    size = pq.read_metadata(io.BytesIO(buf.getvalue())).row_group(0).column(0).total_uncompressed_size
+    f = tmp_path / "small-claims.parquet"
+    f.write_bytes(patch_footer(buf.getvalue(), size, size // 100, count=2))  # the chunk and its row group
+    run_bomb(world, "Parquet footer: page bytes stated as 1/100",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, rows)}),
+             "FormatError", rf"Parquet footer claims {rows} values in {size // 100} bytes .* its pages hold "
+                            rf"{rows} values in {size} bytes")
+
+
+def test_parquet_encoding_exchange_never_writes(world: World, tmp_path: Path) -> None:
+    """DELTA_BYTE_ARRAY shares prefixes between values, so a page can expand without a bound its
+    header shows: only the encodings exchange's writers produce are decoded."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"name": pa.array(["x" * 100 + str(i) for i in range(1000)])}), buf,
+                   use_dictionary=False, column_encoding={"name": "DELTA_BYTE_ARRAY"})
+    f = tmp_path / "delta.parquet"
+    f.write_bytes(buf.getvalue())
+    run_bomb(world, "Parquet: a DELTA_BYTE_ARRAY page",
+             lambda p: _seal(world, p, {"_events": _events()}, {"item": (f, 1000)}),
+             "FormatError", r"Parquet page encoding 7 is not one exchange writes")
+
+
+def test_parquet_dictionary_bomb_is_an_audit_finding(tmp_path: Path) -> None:
+    """`exchange audit` recomputes control totals with the same bounded reader: the bomb is a
+    problem it reports, not an exception or gigabytes of memory."""
+    from exchange.audit import check_totals
+
+    f = tmp_path / "t0001.parquet"
+    f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
+    inner = {"summary": {"documents": {"item": {"count": 0, "rows": {"item": 10_000},
+                                                  "totals": {"item.name": "0"}}}}}
+    problems, took, extra = measure(lambda: check_totals(inner, {"item": f}))
+    assert problems == ["item: total item.name: t0001.parquet: tables decode to more than 4096 MiB "
+                        "(limit per bundle); decoding stopped"], problems
+    assert took < SECONDS and extra < EXTRA_MEMORY
+
+
+@pytest.mark.parametrize("layout_", ["dictionary pages (writers before 2026-12-01)", "many row groups"])
+def test_parquet_genuine_files_read_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout_: str) -> None:
+    """The bounded reader changes nothing for a genuine file: dictionary-encoded strings (as
+    exchange wrote them before 2026-12-01) come back as plain strings, several row groups as one
+    table, every value equal."""
+    from helpers_bundle import events_table, open_as, sales_table, seal
+    from helpers_bundle import world as parties
+
+    table = sales_table(30_000, seed=5)
+    table = table.append_column("shop", pa.array([f"shop-{i % 7}" * 3 for i in range(30_000)], pa.string()))
+    source: Any = table
+    if layout_.startswith("dictionary"):
+        monkeypatch.setitem(bundle.PARQUET_OPTIONS, "use_dictionary", True)
+        monkeypatch.setitem(bundle.PARQUET_OPTIONS, "write_statistics", True)
+    else:
+        source = pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=4_000))
+    sealed = seal(tmp_path, tables={"_events": events_table(3), "sales": source})
+    got = open_as(sealed.path)["tables"]["sales"]
+    assert got.schema == table.schema and got.equals(table)
+    # and the layout under test is really there
+    lay = layout(sealed.path.read_bytes())
+    plain = io.BytesIO()
+    age.decrypt(io.BytesIO(lay.payload), plain, [parties().s001.identity])
+    src, files = io.BytesIO(plain.getvalue()), {}
+    while (m := tarfmt.read_header(src)) is not None:
+        files[m.name] = src.read(m.size)
+        tarfmt.skip_padding(src, m.size)
+    meta = pq.read_metadata(io.BytesIO(files["t0002.parquet"]))
+    if layout_.startswith("dictionary"):
+        assert any("RLE_DICTIONARY" in meta.row_group(0).column(j).encodings for j in range(meta.num_columns))
+    else:
+        assert meta.num_row_groups == 8
+
+
+def test_parquet_running_budget_spans_the_bundle_and_each_table(tmp_path: Path) -> None:
+    """The budget is the bundle's: two tables that each fit are refused together once they
+    decode past it (row group by row group, the second table stops); and a table decoding to
+    more than its page headers allow (here: a plan understating it) is a FormatError."""
+    from exchange import parquet_budget
+
+    f = tmp_path / "t0001.parquet"
+    f.write_bytes(_small_parquet(100_000))  # 800 KB of int64 once decoded
+    plan = parquet_budget.scan(f)
+    assert plan.decoded >= 800_000  # an upper bound of what decoding holds
+    budget = parquet_budget.Budget(1_200_000)
+    assert parquet_budget.read_table(f, plan, budget).num_rows == 100_000
+    with pytest.raises(LimitError, match=r"t0001\.parquet: tables decode to more than 1 MiB"):
+        parquet_budget.read_table(f, plan, budget)
+    big = tmp_path / "t0002.parquet"
+    big.write_bytes(_small_parquet(400_000))  # 3.2 MB decoded: past the table slack of 1 MiB
+    lying = parquet_budget.FilePlan([parquet_budget.RowGroupPlan(decoded=0)])
+    with pytest.raises(bundle.FormatError, match=r"row group 0 decodes to \d+ bytes, more than its pages hold"):
+        parquet_budget.read_table(big, lying, parquet_budget.Budget(MAX_TABLE_BYTES))
+
+
+#: the documented memory limit of an import (docs/PERFORMANCE.md: peak RSS < 200 MiB)
+IMPORT_RSS_LIMIT = 200 << 20
+#: VmHWM, not ru_maxrss: after fork + exec, ru_maxrss still counts the forked copy of the parent
+#: (the test process, hundreds of MiB after the bombs above); VmHWM is the new image's own peak
+_CHILD = """
+import json, sys
+from pathlib import Path
+from exchange.importer import import_inbox
+from exchange.node import Node
+out = import_inbox(Node.open(Path(sys.argv[1])))
+hwm = [ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:")]
+peak = int(hwm[0].split()[1]) * 1024
+print(json.dumps({"status": [o.status for o in out], "reason": [o.reason for o in out], "peak": peak}))
+"""
+
+
+def _import_in_child(node: Node) -> dict[str, Any]:
+    """``import_inbox`` of ``node`` in a fresh interpreter: its peak RSS, Arrow's native memory included."""
+    node.engine.dispose()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(node.cfg.home)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("case", ["dictionary strings, 5 GiB decoded", "footer understating 560 M values"])
+def test_parquet_lying_file_peak_rss_in_a_child(world: World, rle_bomb: tuple[Path, int], tmp_path: Path,
+                                                case: str) -> None:
+    """The worst decoding cases, imported by a child process: quarantined, and the child's peak RSS
+    (VmHWM: the interpreter, pyarrow, the database and the bomb) under the limit."""
+    node = world.store
+    f = tmp_path / "bomb.parquet"
+    if case.startswith("dictionary"):
+        f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
+        rows = 10_000
+    else:
+        path, rows = rle_bomb
+        f.write_bytes(patch_footer(path.read_bytes(), 10_000_000, 1_000, count=112))
+    inbox = node.cfg.inbox / NAME
+    _seal(world, inbox, {"_events": _events()}, {"item": (f, rows)})
+    try:
+        got = _import_in_child(node)
+        assert got["status"] == ["QUARANTINED"], got
+        FIGURES[f"child peak RSS: {case}"] = (0.0, got["peak"], f"limit {IMPORT_RSS_LIMIT >> 20} MiB")
+        print(f"\n{case}: child peak RSS {got['peak'] / 2**20:.1f} MiB ({got['reason'][0][:120]})")
+        assert got["peak"] < IMPORT_RSS_LIMIT, f"{got['peak'] >> 20} MiB"
+    finally:
+        for p in node.cfg.quarantine.iterdir():
+            p.unlink()
+        inbox.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- JSON
 
 def test_outer_manifest_nested_a_million_deep(world: World) -> None:
@@ -402,4 +595,5 @@ def test_limits_summary() -> None:
     print(f"\nlimit cases: {len(FIGURES)} (time, extra memory as {how})")
     for label, (took, extra, what) in FIGURES.items():
         print(f"  {label:<52} {took * 1000:8.1f} ms {extra / 2**20:7.1f} MiB  {what}")
-    assert all(t < SECONDS and m < EXTRA_MEMORY for t, m, _w in FIGURES.values())
+    assert all(t < SECONDS and (m < EXTRA_MEMORY or (label.startswith("child") and m < IMPORT_RSS_LIMIT))
+               for label, (t, m, _w) in FIGURES.items())

@@ -40,9 +40,9 @@ def wait_for(cond: object, timeout: float, step: float = 0.02) -> bool:
 
 
 class Service:
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, run_args: tuple[str, ...] = ()) -> None:
         self.log = home / "service.log"
-        self.proc = subprocess.Popen([*EXE, *args, "run", "--home", str(home), "--interval", "3600"],
+        self.proc = subprocess.Popen([*EXE, *args, "run", "--home", str(home), "--interval", "3600", *run_args],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
 
     def text(self) -> str:
@@ -66,8 +66,8 @@ class Service:
 def service_factory() -> Iterator[object]:
     started: list[Service] = []
 
-    def start(home: Path, *args: str) -> Service:
-        s = Service(home, *args)
+    def start(home: Path, *args: str, run_args: tuple[str, ...] = ()) -> Service:
+        s = Service(home, *args, run_args=run_args)
         started.append(s)
         return s
 
@@ -187,3 +187,34 @@ def test_failing_sync_does_not_stop_the_service(homes: Path, service_factory: ob
     lines = [json.loads(line) for line in svc.text().splitlines() if line.startswith("{")]
     assert any(rec.get("status") == "APPLIED" and rec.get("file") == bundle.name for rec in lines)
     assert all({"time", "level", "message"} <= set(rec) for rec in lines)
+
+
+def _children(pid: int) -> list[list[str]]:
+    """The command lines of ``pid``'s child processes (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append((stat.parent / "cmdline").read_bytes().decode().split("\0")[:-1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return out
+
+
+def test_workers_log_json_like_the_service(homes: Path, service_factory: object) -> None:
+    """`exchange --log-json run --workers 3`: the worker processes write JSON lines too."""
+    store = homes / "s001"
+    svc = service_factory(store, "--log-json", run_args=("--workers", "3"))  # type: ignore[operator]
+    svc.wait_started()
+    assert wait_for(lambda: len([c for c in _children(svc.proc.pid) if "worker" in c]) == 2, 20), \
+        _children(svc.proc.pid)
+    workers = [c for c in _children(svc.proc.pid) if "worker" in c]
+    assert all("--log-json" in c for c in workers), workers
+    bundles = new_bundles(homes, 3)
+    for b in bundles:
+        deliver(b, store / "inbox")
+    assert wait_for(lambda: all(received_status(store, b.name) == "APPLIED" for b in bundles), 30), svc.text()
+    assert svc.stop() == 0
+    lines = [line for line in svc.text().splitlines() if line.strip()]
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines), svc.text()

@@ -422,7 +422,8 @@ def test_crash_after_download_keeps_remote_copy(sshd: SshdServer, sftp_homes: Sf
 def test_small_files_cost_few_round_trips(sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow link pays per round trip: one listing per call, then open / data+fsync+close / rename
-    per upload and open / data+EOF / remove per download. No per-file stat."""
+    per upload and lstat+open / data+EOF / remove per download. No per-file stat of its own: the
+    lstat that refuses a link or FIFO travels in the same flight as the open."""
     from paramiko import sftp as codes
 
     kinds = {v: k[4:] for k, v in vars(codes).items() if k.startswith("CMD_") and isinstance(v, int)}
@@ -451,7 +452,7 @@ def test_small_files_cost_few_round_trips(sshd: SshdServer, sftp_homes: SftpHome
         sent.clear()
         assert len(t.pull("s001", dest)) == 3
     assert [k for k in sent if k not in ("OPENDIR", "READDIR")] == \
-        ["CLOSE"] + ["OPEN", "READ", "READ", "CLOSE", "REMOVE"] * 3
+        ["CLOSE"] + ["LSTAT", "OPEN", "READ", "READ", "CLOSE", "REMOVE"] * 3
 
 
 def test_file_replaced_after_listing_is_fetched_again(sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path,

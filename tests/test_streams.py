@@ -176,10 +176,11 @@ def test_a_database_from_before_the_log_stream_gets_its_column(db_url: str) -> N
         for step in MIGRATIONS[:3]:
             step(conn)
         conn.exec_driver_sql("ALTER TABLE xchg_event DROP COLUMN seq")  # as migration 1 made it then
+        conn.exec_driver_sql("ALTER TABLE xchg_event DROP COLUMN version")
         conn.execute(xchg_meta.insert().values(key="schema_version", value="3"))
         conn.execute(xchg_event.insert().values(doc_type="customer", doc_key='["s001","C1"]', op="U"))
     assert "seq" not in {c["name"] for c in inspect(engine).get_columns("xchg_event")}
-    assert migrate(engine) == 1
+    assert migrate(engine) == len(MIGRATIONS) - 3
     assert "seq" in {c["name"] for c in inspect(engine).get_columns("xchg_event")}
     with engine.connect() as conn:
         assert conn.execute(select(xchg_event.c.doc_key, xchg_event.c.routed, xchg_event.c.seq)).all() == [

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from exchange.errors import AuthenticityError, ConfigError, CryptoError, FormatError, LimitError
+from exchange.perms import check_not_writable_by_others
 
 NAMESPACE = "exchange-bundle"
 MAX_SIGNATURE_BYTES = 8 * 1024  # an Ed25519 SSHSIG is ~300 bytes; refuse to parse anything large
@@ -217,6 +218,28 @@ def _dearmor(signature: bytes) -> bytes:
         raise FormatError(f"SSH signature body is not valid base64: {exc}") from exc
 
 
+def check_exact(signature: bytes) -> None:
+    """The signature is exactly what :func:`sign` (and ssh-keygen) writes for its blob.
+
+    The armor's line breaks and whitespace and the blob's reserved field are not signed
+    (verifiers sign over an empty reserved): a copy changed there in transit would verify
+    yet be another file (another SHA-256), so only the exact form is accepted. Other
+    damage to the blob is left to :func:`verify`, which names it.
+    """
+    blob = _dearmor(signature)
+    if _armor("SSH SIGNATURE", blob) != signature:
+        raise FormatError("SSH signature armor differs from the one exchange and ssh-keygen write "
+                          f"(base64 in {_WRAP}-column lines, LF line ends, nothing else): "
+                          "the file was altered after it was signed")
+    r = _Reader(blob, "SSHSIG blob")
+    r.take(10)  # magic, version
+    r.string()  # public key
+    r.string()  # namespace
+    if r.string():
+        raise FormatError("SSHSIG reserved field is not empty (exchange and ssh-keygen write it empty and "
+                          "no signature covers it): the file was altered after it was signed")
+
+
 def verify(signature: bytes, data: bytes | BinaryIO, namespace: str = NAMESPACE) -> Ed25519PublicKey:
     """Check an armored SSHSIG over ``data``; return the (not yet trusted!) signing key.
 
@@ -290,7 +313,7 @@ _TIME_FORMATS = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
 def _parse_time(value: str) -> datetime:
     digits = value[:-1] if value.endswith(("Z", "z")) else value
     fmt = _TIME_FORMATS.get(len(digits))
-    if fmt is None or not digits.isdigit():
+    if fmt is None or not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"bad timestamp {value!r} (YYYYMMDD[HHMM[SS]][Z])")
     try:
         return datetime.strptime(digits, fmt).replace(tzinfo=timezone.utc)
@@ -406,7 +429,8 @@ class AllowedSigners:
 
     @classmethod
     def load(cls, path: Path) -> AllowedSigners:
-        """Read and parse an allowed_signers file."""
+        """Read and parse an allowed_signers file; refused when another account can write it."""
+        check_not_writable_by_others(Path(path), "trust store")
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import time
 import json
 from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..files import fsync_dir, sha256_file
-from ..errors import TransportError
+from ..files import (
+    check_regular, create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular, read_regular, refuse, sha256_file,
+    write_file_atomic,
+)
+from ..errors import NotRegularFileError, TransportError
 from ..faults import crashpoint
 from ..formats import PART_SUFFIX, is_exchange_file, parse_name
 
@@ -24,14 +28,48 @@ log = logging.getLogger(__name__)
 
 
 def durable_copy(src: Path, dst: Path) -> None:
-    """Copy to ``dst.part``, fsync, rename: ``dst`` appears only when complete."""
+    """Copy to ``dst.part``, fsync, rename: ``dst`` appears only when complete.
+
+    The source is opened only if it is a regular file (never through a link,
+    never a FIFO); ``dst.part`` is created fresh, so a link planted at that
+    name is removed, not written through.
+    """
     part = dst.with_name(dst.name + PART_SUFFIX)
-    with open(src, "rb") as fi, open(part, "wb") as fo:
+    with open_regular(src) as fi, create_fresh(part) as fo:
         shutil.copyfileobj(fi, fo, 1 << 20)
         fo.flush()
         os.fsync(fo.fileno())
     os.replace(part, dst)
     fsync_dir(dst.parent)
+
+
+def same_file_there(target: Path, src: Path) -> bool:
+    """Is ``target`` already a regular file with ``src``'s bytes? (anything else there: no, and it is replaced)"""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        raise refuse(target, st.st_mode)  # a rename cannot replace a folder: say so, touch nothing
+    if not stat.S_ISREG(st.st_mode):
+        log.warning("%s in %s is %s: replaced by the real file, its target untouched",
+                    target.name, target.parent, kind_of(st.st_mode))
+        return False
+    return sha256_file(target) == sha256_file(src)
+
+
+def real_folder(folder: Path, what: str, hint: str) -> Path:
+    """``folder`` itself, when it is a folder and not a link to one (a link could lead anywhere)."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        raise TransportError(f"{what} {folder} does not exist", hint=hint) from None
+    except OSError as exc:
+        raise TransportError(f"cannot use {what} {folder}: {exc.strerror or exc}", hint=hint) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotRegularFileError(f"{what} {folder} is {kind_of(st.st_mode)}, not a folder: refused "
+                                  "(nothing in it was read, written or removed)")
+    return folder
 
 
 def probe_folders(boxes: Sequence[Path], me: str, info: Path) -> dict[str, Any]:
@@ -40,16 +78,38 @@ def probe_folders(boxes: Sequence[Path], me: str, info: Path) -> dict[str, Any]:
     for box in boxes:
         test = box / f".probe-{me}{PART_SUFFIX}"
         try:
-            test.write_bytes(b"probe")
-            out["server_time"] = test.stat().st_mtime
+            with create_fresh(test) as f:
+                f.write(b"probe")
+            out["server_time"] = os.lstat(test).st_mtime
             test.unlink()
         except OSError as exc:
             raise TransportError(f"folder {box} is not writable: {exc.strerror}") from exc
     try:
-        out["peer_info"] = json.loads(info.read_text())
-    except (OSError, ValueError):
-        pass  # not published yet: the doctor reports the version as unknown
+        out["peer_info"] = json.loads(read_regular(info, 1 << 16))
+    except (OSError, ValueError, NotRegularFileError):
+        pass  # not published yet (or not a plain file): the doctor reports the version as unknown
     return out
+
+
+def take_file(src: Path, target: Path, box: Path) -> bool:
+    """Copy ``src`` into ``target`` durably, then remove ``src``; False if a different file waits there.
+
+    NotRegularFileError when ``src`` is a link, FIFO, folder... (or a folder holds ``target``'s
+    name): nothing is opened, copied or removed then.
+    """
+    check_regular(src)
+    there = os.path.lexists(target)
+    if there and is_regular_entry(target):
+        if sha256_file(target) != sha256_file(src):
+            log.warning("%s: a different file of that name waits in %s; left on %s", src.name, target.parent, box)
+            return False
+    else:
+        if there:
+            same_file_there(target, src)  # a folder: refused; a link or FIFO: replaced as an entry
+        durable_copy(src, target)
+    crashpoint("pull.copied")
+    src.unlink()
+    return True
 
 
 class DirTransport:
@@ -57,6 +117,7 @@ class DirTransport:
         self.root = root
         self.me = me
         self.address = f"dir:{root}"
+        self.refused: list[str] = []  # what the last pull left alone: links, FIFOs, folders named like files
 
     def _box(self, node: str) -> Path:
         if not self.root.is_dir():  # never re-create a pulled-out stick's folders on the local disk
@@ -68,7 +129,7 @@ class DirTransport:
         except OSError as exc:
             raise TransportError(f"cannot use folder {box}: {exc.strerror}",
                                  hint="Check that the stick or share is mounted and writable.") from exc
-        return box
+        return real_folder(box, "folder", "Check that the stick or share is mounted and writable.")
 
     def push(self, files: Sequence[Path], peer: str) -> list[Path]:
         box = self._box(peer)
@@ -77,7 +138,7 @@ class DirTransport:
         for f in files:
             target = box / f.name
             try:
-                if target.exists() and sha256_file(target) == sha256_file(f):
+                if same_file_there(target, f):
                     done.append(f)
                     continue
                 durable_copy(f, target)
@@ -90,12 +151,9 @@ class DirTransport:
     def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
         """Leave ``node-<me>.json`` (version, time) where ``peer`` looks, for its doctor."""
         target = self._box(peer) / f"node-{me}.json"
-        tmp = target.with_name(target.name + PART_SUFFIX)
         try:
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, target)
-        except OSError as exc:  # informative only: never worth failing a delivery for
-            tmp.unlink(missing_ok=True)
+            write_file_atomic(target, json.dumps(info).encode())
+        except (OSError, NotRegularFileError) as exc:  # informative only: never worth failing a delivery for
             log.warning("could not publish node info in %s: %s", target.parent, exc)
 
     def probe(self, me: str, peer: str) -> dict[str, Any]:
@@ -107,8 +165,10 @@ class DirTransport:
             raise TransportError(f"transfer folder {self.root} is not available",
                                  hint="Mount the stick or share, or fix the transport address in exchange.toml.")
         box = self.root / me
-        if not box.is_dir():
+        self.refused = []
+        if not os.path.lexists(box):
             return []
+        real_folder(box, "folder", "Remove the link from the stick or share; only real folders are used.")
         got = []
         for src in sorted(box.iterdir()):
             if src.name.endswith(PART_SUFFIX):
@@ -117,17 +177,15 @@ class DirTransport:
                 continue
             target = dest / src.name
             try:
-                if target.exists() and sha256_file(target) != sha256_file(src):
-                    log.warning("%s: a different file of that name waits in %s; left on %s",
-                                src.name, dest, box)
-                    continue
-                if not target.exists():
-                    durable_copy(src, target)
-                crashpoint("pull.copied")
-                src.unlink()
+                taken = take_file(src, target, box)
+            except NotRegularFileError as exc:
+                self.refused.append(str(exc))
+                log.warning("%s", exc)
+                continue
             except OSError as exc:
                 raise TransportError(f"taking {src.name} from {box} failed: {exc.strerror or exc}") from exc
-            got.append(target)
+            if taken:
+                got.append(target)
         return got
 
     me: str | None = None

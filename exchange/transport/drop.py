@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import fsync_dir, sha256_file
+from ..files import fsync_dir, write_file_atomic
 from ..config import Role
-from ..errors import ConfigError, TransportError
-from ..faults import crashpoint
-from ..formats import PART_SUFFIX, is_exchange_file, parse_name
-from .dir import durable_copy, probe_folders
+from ..errors import ConfigError, NotRegularFileError, TransportError
+from ..formats import is_exchange_file, parse_name
+from .dir import durable_copy, probe_folders, real_folder, same_file_there, take_file
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +67,7 @@ class DropTransport:
         self.side = side
         self.me = me
         self.address = f"drop:{root}"
+        self.refused: list[str] = []  # what the last pull left alone: links, FIFOs, folders named like files
 
     @classmethod
     def from_address(cls, address: str, *, home: Path | None = None, me: str | None = None,
@@ -80,12 +79,9 @@ class DropTransport:
         return cls(Path(path).expanduser(), side=resolve_side(home, side), me=me)
 
     def _folder(self, sub: str) -> Path:
-        folder = self.root / sub
-        if not folder.is_dir():
-            raise TransportError(f"folder {folder} does not exist",
-                                 hint="Create up/ and down/ in the store's folder, owned by the store's "
-                                      "account (docs/SFTP.md).")
-        return folder
+        return real_folder(self.root / sub, "folder",
+                           "Create up/ and down/ in the store's folder, owned by the store's "
+                           "account (docs/SFTP.md).")
 
     def push(self, files: Sequence[Path], peer: str) -> list[Path]:
         box = self._folder(outgoing(self.side))
@@ -93,7 +89,7 @@ class DropTransport:
         for f in files:
             target = box / f.name
             try:
-                if target.exists() and sha256_file(target) == sha256_file(f):
+                if same_file_there(target, f):
                     done.append(f)  # already delivered (a re-push after a crash)
                     continue
                 durable_copy(f, target)
@@ -107,24 +103,22 @@ class DropTransport:
 
     def pull(self, me: str, dest: Path) -> list[Path]:
         box = self._folder(incoming(self.side))
+        self.refused = []
         got = []
         for src in sorted(box.iterdir()):
             if not addressed_to(src.name, me):
                 continue
             target = dest / src.name
             try:
-                if target.exists():
-                    if sha256_file(target) != sha256_file(src):
-                        log.warning("%s: a different file of that name waits in %s; left in %s",
-                                    src.name, dest, box)
-                        continue
-                else:
-                    durable_copy(src, target)
-                crashpoint("pull.copied")
-                src.unlink()
+                if not take_file(src, target, box):
+                    continue
                 fsync_dir(box)
             except FileNotFoundError:
                 continue  # taken meanwhile by another puller of the same folder
+            except NotRegularFileError as exc:  # a link, FIFO or folder the store planted: left alone
+                self.refused.append(str(exc))
+                log.warning("%s", exc)
+                continue
             except OSError as exc:
                 raise TransportError(f"taking {src.name} from {box} failed: {exc.strerror or exc}") from exc
             got.append(target)
@@ -133,11 +127,9 @@ class DropTransport:
     def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
         """Leave ``node-<me>.json`` where ``peer`` pulls from, for its doctor (best effort)."""
         target = self.root / outgoing(self.side) / f"{INFO_PREFIX}{me}.json"
-        tmp = target.with_name(target.name + PART_SUFFIX)
         try:
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, target)
-        except OSError as exc:
+            write_file_atomic(self._folder(outgoing(self.side)) / target.name, json.dumps(info).encode())
+        except (OSError, TransportError, NotRegularFileError) as exc:
             log.debug("could not publish %s: %s", target, exc)
 
     def probe(self, me: str, peer: str) -> dict[str, Any]:

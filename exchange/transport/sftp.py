@@ -13,9 +13,16 @@ Promises, as for every transport:
   then ``posix-rename@openssh.com`` into place: the peer never sees a partial
   file under a complete name.
 - Download to a local ``.part``, fsync, rename, and only then remove the remote file.
-- An interrupted copy resumes from its ``.part`` once the last MiB of the
-  partial copy is checked against the source (the ack's SHA-256 of the file
-  received catches anything subtler, end to end).
+- An interrupted upload resumes from the server's ``.part`` only when that is
+  a regular file (``lstat``, then ``fstat`` of the open handle agrees) whose
+  whole existing prefix hashes like the local file's; otherwise the upload
+  starts over in a ``.part`` created fresh (``O_CREAT | O_EXCL``: never opened
+  through a link or over a FIFO someone left at that name). An interrupted
+  download resumes once the last MiB of the local partial copy matches.
+- Nothing but a regular file is opened on the server: each remote file is
+  ``lstat``-ed in the same flight as its open (no extra round trip), and links,
+  FIFOs, sockets, devices and folders named like exchange files are refused,
+  left where they are and reported (``refused``).
 - Login with the node's Ed25519 key; the server's host key must be pinned in
   ``<home>/known_hosts`` (``exchange peer trust-host``). Unknown or changed
   keys are refused, never learnt silently.
@@ -37,12 +44,15 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import io
 import json
 import logging
 import os
 import posixpath
+import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,17 +66,18 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.sftp import (
-    CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSTAT, CMD_HANDLE, CMD_OPEN,
-    CMD_READ, CMD_STATUS, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_READ, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE,
-    int64,
+    CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSTAT, CMD_HANDLE, CMD_LSTAT,
+    CMD_OPEN, CMD_READ, CMD_STATUS, CMD_WRITE, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_READ,
+    SFTP_FLAG_WRITE, int64,
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from ..files import fsync_dir
+from ..files import create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular
 from ..config import Role
-from ..errors import ConfigError, ExchangeError, TransientTransportError, TransportError
+from ..errors import ConfigError, ExchangeError, NotRegularFileError, TransientTransportError, TransportError
 from ..faults import crashpoint
 from ..formats import PART_SUFFIX
+from ..perms import check_not_writable_by_others, write_private_atomic
 from .drop import INFO_PREFIX, addressed_to, incoming, node_info, outgoing, resolve_side
 
 log = logging.getLogger(__name__)
@@ -171,9 +182,7 @@ def trust_host(home: Path, address: str, expected: str | None = None) -> str:
     path = known_hosts_path(home)
     kept = [line for line in _read_lines(path) if not _names_host(line, addr.host_id)]
     kept.append(f"{addr.host_id} {key.get_name()} {key.get_base64()}")
-    tmp = path.with_name(path.name + PART_SUFFIX)
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_private_atomic(path, "".join(line + "\n" for line in kept).encode())  # 0600, as ssh keeps it
     log.info("trusted host key %s for %s in %s", fp, addr.host_id, path)
     return fp
 
@@ -353,6 +362,16 @@ def _new_transport(sock: Any, /, **kwargs: Any) -> paramiko.Transport:
     return transport
 
 
+class _Raw:
+    """Collects whole replies (type, message) to a few pipelined requests."""
+
+    def __init__(self) -> None:
+        self.replies: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        self.replies[num] = (t, msg)
+
+
 class _Replies:
     """Collects replies to pipelined requests; paramiko calls ``_async_response``."""
 
@@ -431,6 +450,81 @@ class _Session:
         if t != CMD_HANDLE:
             raise OSError(f"opening {path}: unexpected SFTP reply type {t}")
         return _Handle(msg.get_binary())
+
+    def lstat(self, path: str) -> SFTPAttributes | None:
+        """The entry itself (a link is not followed); None when there is none."""
+        try:
+            return self.sftp.lstat(path)
+        except FileNotFoundError:
+            return None
+
+    def fstat(self, h: _Handle) -> SFTPAttributes:
+        t, msg = self._raw._request(CMD_FSTAT, h.handle)
+        if t != CMD_ATTRS:
+            raise OSError(f"fstat: unexpected SFTP reply type {t}")
+        attrs: SFTPAttributes = cast(Any, SFTPAttributes)._from_msg(msg)
+        return attrs
+
+    def open_regular(self, path: str, flags: int = SFTP_FLAG_READ) -> _Handle:
+        """Open ``path`` only if it is a regular file: ``lstat`` and open in one flight.
+
+        SFTP has no ``O_NOFOLLOW``: the ``lstat`` answered just before the open
+        (the server handles requests in order) is what tells a link, FIFO or
+        folder apart, at no extra round trip. NotRegularFileError then, and a
+        handle the open got anyway is closed unread.
+        """
+        raw, got = self._raw, _Raw()
+        n_stat = raw._async_request(got, CMD_LSTAT, path)
+        n_open = raw._async_request(got, CMD_OPEN, path, flags, SFTPAttributes())
+        while len(got.replies) < 2:
+            raw._read_response()
+        t_open, m_open = got.replies[n_open]
+        handle = _Handle(m_open.get_binary()) if t_open == CMD_HANDLE else None
+        try:
+            t_stat, m_stat = got.replies[n_stat]
+            if t_stat != CMD_ATTRS:
+                raw._convert_status(m_stat)  # raises (FileNotFoundError...)
+                raise OSError(f"lstat {path}: unexpected SFTP reply type {t_stat}")
+            mode = cast(Any, SFTPAttributes)._from_msg(m_stat).st_mode or 0
+            if not stat.S_ISREG(mode):
+                raise NotRegularFileError(f"{path} on the server is {kind_of(mode)}, not a regular file: "
+                                          "refused, not read or followed")
+            if handle is None:
+                raw._convert_status(m_open)
+                raise OSError(f"opening {path}: unexpected SFTP reply type {t_open}")
+        except BaseException:
+            if handle is not None:
+                raw._async_request(type(None), CMD_CLOSE, handle.handle)
+            raise
+        return handle
+
+    def create_new(self, path: str) -> _Handle | None:
+        """A new empty file (``O_CREAT | O_EXCL``, never through a link); None if the name is taken."""
+        try:
+            return self.open(path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL)
+        except OSError as exc:
+            if exc.errno is not None or isinstance(exc, (PipeTimeout, socket.timeout)) or not self.alive():
+                raise  # missing folder, permission, a broken link: not "the name is taken"
+            return None
+
+    def create_fresh(self, path: str) -> tuple[str, _Handle]:
+        """A ``.part`` created fresh at ``path``: what sat there is removed (the entry, never what a
+        link points to); if the name cannot be freed (a folder), a new unique temporary name."""
+        h = self.create_new(path)
+        if h is None:
+            try:
+                self.sftp.remove(path)
+            except OSError as exc:
+                log.debug("cannot remove %s: %s", path, exc)
+            h = self.create_new(path)
+        if h is None:
+            taken, path = path, f"{path[:-len(PART_SUFFIX)]}.{secrets.token_hex(6)}{PART_SUFFIX}"
+            log.warning("%s is taken on the server by something that cannot be removed; writing %s instead",
+                        taken, path)
+            h = self.create_new(path)
+            if h is None:
+                raise TransportError(f"cannot create a temporary file {path} on the server")
+        return path, h
 
     @contextmanager
     def closing(self, h: _Handle, wait: bool = True) -> Iterator[_Handle]:
@@ -575,10 +669,13 @@ class _Session:
         self.read_into(h, start, end, parts.append)
         return b"".join(parts)
 
-    def put_bytes(self, path: str, data: bytes) -> None:
-        """A small file, written and synced in two round trips (no rename: callers do it)."""
-        with self.opened(path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC) as h:
+    def put_bytes(self, path: str, data: bytes) -> str:
+        """A small file, created fresh, written and synced in two round trips; returns the name
+        written (``path`` unless a folder holds it). No rename: callers do it."""
+        path, h = self.create_fresh(path)
+        with self.closing(h):
             self.sync_and_close(h, self.write_from(h, io.BytesIO(data), 0, len(data), lambda n: None))
+        return path
 
 
 @dataclass
@@ -627,6 +724,8 @@ class SftpTransport:
         self.progress = progress
         self._session: _Session | None = None
         self._listings: dict[str, dict[str, int]] = {}  # folder -> name -> size, per connection
+        self._modes: dict[str, dict[str, int]] = {}     # folder -> name -> file type and mode (listing)
+        self.refused: list[str] = []  # what the last pull left alone: links, FIFOs, folders named like files
 
     @classmethod
     def from_address(cls, address: str, *, home: Path | None = None, me: str | None = None,
@@ -681,6 +780,7 @@ class SftpTransport:
         """Download every complete file addressed to ``me``; remote copies go once ours are durable."""
         folder = self.folder(incoming(self.side))
         self._listings.clear()  # sizes are trusted within one call only
+        self.refused = []
         names = self._attempt(f"listing {folder}", lambda s: self._listing(s, folder, me))
         got: list[Path] = []
         for name in names:
@@ -696,18 +796,17 @@ class SftpTransport:
             for sub in (outgoing(self.side), incoming(self.side)):
                 folder = self.folder(sub)
                 self._sizes(s, folder)  # exists?
-                test = posixpath.join(folder, f".probe-{me}{PART_SUFFIX}")
-                s.put_bytes(test, b"probe")
+                test = s.put_bytes(posixpath.join(folder, f".probe-{me}{PART_SUFFIX}"), b"probe")
                 attrs = s.stat(test)
                 out["server_time"] = attrs.st_mtime if attrs else None
                 s.sftp.remove(test)
-            info = posixpath.join(self.folder(incoming(self.side)), f"{INFO_PREFIX}{peer}.json")
+            info = f"{INFO_PREFIX}{peer}.json"
             try:
-                with s.opened(info, SFTP_FLAG_READ) as h:
+                with s.closing(self._open_listed(s, self.folder(incoming(self.side)), info)) as h:
                     size = s.size_of(h)
                     if size < 1 << 16:
                         out["peer_info"] = json.loads(s.read_bytes(h, 0, size))
-            except (FileNotFoundError, ValueError):
+            except (FileNotFoundError, ValueError, NotRegularFileError):
                 pass
             return out
         return self._attempt(f"probing {self.address}", run)
@@ -718,8 +817,7 @@ class SftpTransport:
         data = json.dumps(info).encode()
 
         def run(s: _Session) -> None:
-            s.put_bytes(target + PART_SUFFIX, data)
-            self._rename(s, target + PART_SUFFIX, target)
+            self._rename(s, s.put_bytes(target + PART_SUFFIX, data), target)
         self._attempt("publishing node info", run)
 
     def close(self) -> None:
@@ -730,6 +828,7 @@ class SftpTransport:
     def _connect(self) -> _Session:
         client = paramiko.SSHClient()
         if self.known_hosts.exists():
+            check_not_writable_by_others(self.known_hosts, "known hosts file")
             try:
                 client.load_host_keys(str(self.known_hosts))
             except (OSError, ValueError, paramiko.SSHException) as exc:
@@ -761,6 +860,7 @@ class SftpTransport:
     def _drop(self) -> None:
         session, self._session = self._session, None
         self._listings.clear()
+        self._modes.clear()
         if session is not None:
             try:
                 session.close()
@@ -779,6 +879,7 @@ class SftpTransport:
                 return op(self._session)
             except Exception as exc:
                 self._listings.clear()  # whatever happened, list again before trusting sizes
+                self._modes.clear()
                 err = self._classify(exc, what)
                 if err is None:
                     raise
@@ -840,7 +941,9 @@ class SftpTransport:
         sizes = self._listings.get(folder)
         if sizes is None:
             try:
-                sizes = {a.filename: a.st_size or 0 for a in s.sftp.listdir_attr(folder)}
+                listed = s.sftp.listdir_attr(folder)
+                sizes = {a.filename: a.st_size or 0 for a in listed}
+                self._modes[folder] = {a.filename: a.st_mode for a in listed if a.st_mode is not None}
             except FileNotFoundError:
                 raise TransportError(
                     f"folder {folder} not found on {self.addr.host} for {self.addr.user!r}",
@@ -848,6 +951,21 @@ class SftpTransport:
                          "':port/'. The HO names the store's folder in full (docs/SFTP.md).") from None
             self._listings[folder] = sizes
         return sizes
+
+    def _open_listed(self, s: _Session, folder: str, name: str) -> _Handle:
+        """Open ``folder/name`` for reading only if it is a regular file.
+
+        What the listing (OpenSSH fills it from ``lstat``) shows as a link, FIFO
+        or folder is refused without any request: an open of a FIFO would block
+        the server's sftp process. The rest is ``lstat``-ed with its open
+        (:meth:`_Session.open_regular`), which catches a link swapped in since.
+        """
+        path = posixpath.join(folder, name)
+        mode = self._modes.get(folder, {}).get(name, stat.S_IFREG)
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"{path} on the server is {kind_of(mode)}, not a regular file: "
+                                      "refused, not read or followed")
+        return s.open_regular(path)
 
     def _report(self, name: str, total: int) -> Callable[[int], None]:
         progress = self.progress
@@ -869,42 +987,99 @@ class SftpTransport:
     def _upload(self, s: _Session, src: Path, folder: str) -> None:
         final = posixpath.join(folder, src.name)
         part_name = src.name + PART_SUFFIX
-        part = final + PART_SUFFIX
         sizes = self._sizes(s, folder)
         try:
-            local = open(src, "rb")
+            local = open_regular(src)
             size = os.fstat(local.fileno()).st_size
         except OSError as exc:
             raise TransportError(f"cannot read {src}: {exc.strerror or exc}") from exc
 
-        def remote(path: str) -> Callable[[int, int], bytes]:
-            def read(start: int, end: int) -> bytes:
-                with s.opened(path, SFTP_FLAG_READ) as h:
-                    return s.read_bytes(h, start, end)
-            return read
-
         with local:
-            if sizes.get(src.name) == size and self._same_tail(remote(final), local, size):
+            if sizes.get(src.name) == size and self._already_there(s, folder, src.name, local, size):
                 log.info("%s is already at %s", src.name, self.address)
                 return
-            offset = 0
-            partial = sizes.pop(part_name, 0)
-            if partial:
-                if partial <= size and self._same_tail(remote(part), local, partial):
-                    offset = partial
-                    log.info("resuming upload of %s at byte %d of %d", src.name, offset, size)
-                else:
-                    log.info("restarting upload of %s: the partial copy on the server differs", src.name)
-                    try:  # removed, not truncated in place: it may not even be ours to write
-                        s.sftp.remove(part)
-                    except FileNotFoundError:
-                        pass
-            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | (0 if offset else SFTP_FLAG_TRUNC)
-            with s.opened(part, flags) as h:
+            offset, part, h = 0, final + PART_SUFFIX, None
+            if part_name in sizes:
+                sizes.pop(part_name)
+                h, offset = self._resumable(s, part, local, size)
+            if h is None:
+                part, h = s.create_fresh(part)
+            else:
+                log.info("resuming upload of %s at byte %d of %d", src.name, offset, size)
+            with s.closing(h):
                 s.sync_and_close(h, s.write_from(h, local, offset, size, self._report(src.name, size)))
         self._rename(s, part, final)
         sizes[src.name] = size
         log.info("sent %s to %s (%d bytes)", src.name, self.address, size)
+
+    def _already_there(self, s: _Session, folder: str, name: str, local: IO[bytes], size: int) -> bool:
+        """Is ``folder/name`` a regular file holding exactly ``local``'s bytes? (a link or FIFO there: no,
+        and the rename replaces it as an entry)"""
+        try:
+            h = self._open_listed(s, folder, name)
+        except (FileNotFoundError, NotRegularFileError) as exc:
+            log.info("%s: not a usable copy on the server (%s); sending it", name, exc)
+            return False
+        with s.closing(h, wait=False):
+            return self._same_prefix(s, h, local, size)
+
+    def _resumable(self, s: _Session, part: str, local: IO[bytes], size: int) -> tuple[_Handle | None, int]:
+        """An open handle on the server's ``part`` and its length, when the upload can continue it.
+
+        Only a regular file (``lstat``; the open handle's ``fstat`` must agree,
+        so a link swapped in between is caught) no longer than ours whose whole
+        content hashes like our prefix. Otherwise (None, 0): start over.
+        """
+        name = posixpath.basename(part)
+        before = s.lstat(part)
+        if before is None:
+            return None, 0
+        mode = before.st_mode or 0
+        if not stat.S_ISREG(mode):
+            log.warning("restarting upload: %s on the server is %s, not a partial copy", name, kind_of(mode))
+            return None, 0
+        length = before.st_size or 0
+        if not 0 < length <= size:
+            log.info("restarting upload of %s: the partial copy on the server differs", name)
+            return None, 0
+        try:
+            h = s.open(part, SFTP_FLAG_READ | SFTP_FLAG_WRITE)
+        except PermissionError:  # not ours to continue (another account's file): start over beside it
+            log.info("restarting upload of %s: the partial copy on the server is not writable", name)
+            return None, 0
+        try:
+            after = s.fstat(h)
+            same = (after.st_mode, after.st_uid, after.st_gid, after.st_size, after.st_mtime) == \
+                (before.st_mode, before.st_uid, before.st_gid, before.st_size, before.st_mtime)
+            if same and self._same_prefix(s, h, local, length):
+                return h, length
+        except BaseException:
+            with s.closing(h, wait=False):
+                raise
+        with s.closing(h, wait=False):
+            pass
+        log.info("restarting upload of %s: the partial copy on the server differs", name)
+        return None, 0
+
+    @staticmethod
+    def _same_prefix(s: _Session, h: _Handle, local: IO[bytes], length: int) -> bool:
+        """Do the remote file's first ``length`` bytes hash like ``local``'s first ``length``?
+        (the remote must also end there)"""
+        mine = hashlib.sha256()
+        local.seek(0)
+        left = length
+        while left:
+            chunk = local.read(min(left, 1 << 20))
+            if not chunk:
+                return False
+            mine.update(chunk)
+            left -= len(chunk)
+        theirs = hashlib.sha256()
+        try:
+            s.read_into(h, 0, length, theirs.update, whole=True)
+        except (FileNotFoundError, FileChanged):
+            return False  # gone or of another length meanwhile
+        return theirs.digest() == mine.digest()
 
     def _rename(self, s: _Session, part: str, final: str) -> None:
         try:
@@ -928,12 +1103,16 @@ class SftpTransport:
         try:
             if size is None:
                 raise FileNotFoundError(remote)
-            h = s.open(remote, SFTP_FLAG_READ)
+            h = self._open_listed(s, folder, name)
         except FileNotFoundError:
             return None  # taken meanwhile (another puller of the same folder)
+        except NotRegularFileError as exc:
+            self.refused.append(f"{exc} ({self.address})")
+            log.warning("%s (%s); left there", exc, self.address)
+            return None
         with s.closing(h, wait=False):
-            if target.exists():
-                with open(target, "rb") as have:
+            if is_regular_entry(target):
+                with open_regular(target) as have:
                     same = (os.fstat(have.fileno()).st_size == size
                             and self._same_tail(lambda a, b: s.read_bytes(h, a, b), have, size))
                 if not same:
@@ -963,7 +1142,7 @@ class SftpTransport:
     def _fetch(self, s: _Session, h: _Handle, name: str, size: int, part: Path) -> None:
         """Copy the open remote file into the local ``part``, resuming a partial copy; fsync it."""
         try:
-            local = open(part, "r+b") if part.exists() else open(part, "w+b")
+            local = open_regular(part, "r+b") if is_regular_entry(part) else create_fresh(part)
         except OSError as exc:
             raise TransportError(f"cannot write {part}: {exc.strerror or exc}") from exc
         with local:
