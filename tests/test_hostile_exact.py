@@ -174,7 +174,8 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     """A genuine ho -> s001 bundle and a genuine s001 -> ho ack, as the writers make them."""
     bun = seal(tmp_path_factory.mktemp("exact")).path.read_bytes()
     ack = bundle.build_ack(key=world().s001.key, acker="s001", sender="ho", seq=1, bundle_sha256="a" * 64,
-                           manifest_sha256="b" * 64, result="APPLIED", created=CREATED)
+                           manifest_sha256="b" * 64, result="APPLIED", created=CREATED,
+                           recipients=[world().aud1.recipient])
     return bun, ack
 
 

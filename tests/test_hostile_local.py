@@ -317,7 +317,7 @@ def _hostile_ack(net: Net) -> tuple[Path, str]:
     assert sent is not None and sent["status"] == "EXPORTED"
     ack = build_ack(key=s001.signing_key, acker="s001", sender="ho", seq=int(sent["seq"]),
                     bundle_sha256=sent["file_sha256"], manifest_sha256=sent["manifest_sha256"],
-                    result="REJECTED", reason=EVIL)
+                    result="REJECTED", reason=EVIL, recipients=s001.recipients_for("ho"))
     path = ho.cfg.inbox / f"s001.ho.{int(sent['seq']):010d}.ack"
     path.write_bytes(ack)
     return path, str(sent["file_name"])
