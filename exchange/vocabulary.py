@@ -1,0 +1,73 @@
+"""The words of the domain as types: statuses, ack results, document keys.
+
+A status is written in the database, shown on the page and in the CLI, counted
+in the metrics and printed in ``--json``; a typo in any one of them was a
+silent bug. Each is a :class:`enum.StrEnum`: its members *are* the strings
+stored and shown (``SentStatus.PROCESSED == "PROCESSED"``), so databases, JSON
+and templates are unchanged, and mypy catches a word that does not exist.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import NewType
+
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "DocKey", "DocRef"]
+
+
+class SentStatus(StrEnum):
+    """A bundle this node sent."""
+
+    EXPORTED = "EXPORTED"  # sealed in the outbox
+    UPLOADED = "UPLOADED"  # delivered to the peer's drop
+    PROCESSED = "PROCESSED"  # an APPLIED ack came back
+    REJECTED = "REJECTED"  # a REJECTED ack came back
+
+
+class DocStatus(StrEnum):
+    """A document on its way to one peer: its events follow their bundle."""
+
+    PENDING = "PENDING"  # not in a bundle yet
+    EXPORTED = "EXPORTED"
+    UPLOADED = "UPLOADED"
+    PROCESSED = "PROCESSED"
+    REJECTED = "REJECTED"
+
+
+class ReceivedStatus(StrEnum):
+    """A bundle this node received."""
+
+    RECEIVED = "RECEIVED"  # seen, not placed yet
+    APPLIED = "APPLIED"
+    WAITING = "WAITING"  # an earlier seq is missing
+    HELD = "HELD"  # another major version: kept, applied after an upgrade
+    FAILED = "FAILED"  # authentic, could not be applied: the stream waits for `exchange retry`
+    QUARANTINED = "QUARANTINED"  # not authentic, not for us, or malformed: set aside
+
+
+class Outcome(StrEnum):
+    """What one import or ack step did with one file (the importer's and the sync report's word)."""
+
+    APPLIED = "APPLIED"
+    WAITING = "WAITING"
+    HELD = "HELD"
+    FAILED = "FAILED"
+    QUARANTINED = "QUARANTINED"
+    DUPLICATE = "DUPLICATE"  # applied before: re-acknowledged, not applied again
+    PROCESSED = "PROCESSED"  # an ack moved a sent bundle to PROCESSED
+    REJECTED = "REJECTED"  # an ack moved a sent bundle to REJECTED
+
+
+class AckResult(StrEnum):
+    """The result an ack signs."""
+
+    APPLIED = "APPLIED"
+    REJECTED = "REJECTED"
+
+
+#: A document key: the canonical JSON array of its key values as text (``["s001","B42"]``),
+#: as ``exchange.database.rows.canonical_key`` writes it.
+DocKey = NewType("DocKey", str)
+
+#: A document: its type and key.
+DocRef = tuple[str, DocKey]
