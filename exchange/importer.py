@@ -211,7 +211,7 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
             if not got:
                 continue
             for p in sorted(streams[(kind, peer)], key=lambda p: parse_name(p.name).seq):
-                if p.exists():
+                if os.path.lexists(p):  # a dangling link too: set aside as what it is
                     out.append(handle_ack(node, p, reporter=rep) if kind == "ack"
                                else import_file(node, p, retry=retry, reporter=rep))
                 rep.advance()

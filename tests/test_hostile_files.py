@@ -157,6 +157,22 @@ def test_links_in_the_inbox_are_set_aside_as_links_never_read(net: Net) -> None:
     assert snapshot(ho) == before
 
 
+def test_a_dangling_link_in_the_inbox_is_set_aside_too(net: Net) -> None:
+    """A link to nothing (its target removed, or never there) is quarantined as a link, not left to linger."""
+    ho = net.ho
+    name = "s001.ho.0000000001.bundle"
+    os.symlink(ho.cfg.home / "no-such-file", ho.cfg.inbox / name)
+    before = snapshot(ho)
+    p = cli("import", "--home", str(ho.cfg.home), "--json")
+    assert p.returncode == 0, p.stderr
+    outs = {o["file"]: o for o in json.loads(p.stdout)}
+    assert outs[name]["status"] == "QUARANTINED" and "symbolic link" in outs[name]["reason"]
+    assert kind(ho.cfg.quarantine / name) == "link"
+    assert not (ho.cfg.home / "no-such-file").exists(), "nothing was created through the link"
+    assert not list(ho.cfg.inbox.iterdir())
+    assert snapshot(ho) == before
+
+
 def test_fifo_and_folder_in_the_inbox_are_set_aside_without_blocking(net: Net) -> None:
     ho = net.ho
     os.mkfifo(ho.cfg.inbox / "s001.ho.0000000001.bundle")
