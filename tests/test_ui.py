@@ -510,3 +510,41 @@ def test_page_beside_exchange_run(homes: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+
+
+def test_a_sync_finishing_while_the_page_is_drawn_never_reads_as_no_sync(homes: Path) -> None:
+    """The page reads the job once: a job done between two reads showed "no sync" and stopped refreshing."""
+    from exchange.ui.jobs import Job
+
+    node = Node.open(homes / "s001")
+    s = UiSettings.for_node(node, port=0)
+    app = create_app(node, s)
+    jobs = app.state.ui.jobs
+    job = Job("sync")
+    jobs._job = job
+    real = jobs.last_sync
+
+    def finishing_now() -> Any:  # the job's thread ends right after the page read the last sync
+        answer = real()
+        if job.running:
+            jobs._last_sync, job.result = job, "applied 1"
+            job.finished = time.time()
+        return answer
+
+    jobs.last_sync = finishing_now
+    server = UiServer(app, s)
+    server.start()
+    try:
+        for path in ("/", "/api/status"):
+            job.finished = None
+            jobs._last_sync = None
+            status, _h, body = request(server.url, path)
+            assert status == 200
+            if path == "/":
+                assert "no sync since this page started" not in body, "a finished sync without its result"
+                assert "syncing..." in body or "applied 1" in body
+            else:
+                got = json.loads(body)
+                assert got["job"]["running"] or got["last_sync"]["result"] == "applied 1"
+    finally:
+        server.stop()

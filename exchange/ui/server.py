@@ -178,6 +178,9 @@ class UiContext:
 
     def render(self, request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
         job = self.jobs.current()
+        # read once, before the last sync: a job that finishes while the page is drawn is recorded as
+        # the last sync before it reads as finished, so "not running" here always finds its result
+        running = bool(job and job.running)
         last_time, last_result, last_ok = self.jobs.last_sync()
         fallback = None if last_time else data.last_activity(self.node)
         activity: list[Any] = self.jobs.activity.since(job.started) if job else []
@@ -185,7 +188,7 @@ class UiContext:
         base = {
             "node": self.node, "role": self.node.cfg.role, "version": __version__,
             "csrf": self.guard.csrf_token(self.session(request)), "path": _here(request),
-            "job": job, "running": bool(job and job.running), "activity": activity[-20:],
+            "job": job, "running": running, "activity": activity[-20:],
             "task": task, "task_done": done, "task_total": total,
             "last_sync": last_time, "last_result": last_result, "last_ok": last_ok,
             "last_activity": fallback, "service": self.service is not None,
@@ -353,12 +356,13 @@ async def action(request: Request) -> Response:
 def api_status(request: Request) -> Response:
     ctx = _ctx(request)
     job = ctx.jobs.current()
+    finished = job.finished if job is not None else None  # read before the last sync, as in render()
     last_time, last_result, last_ok = ctx.jobs.last_sync()
     task, done, total = ctx.jobs.activity.progress()
     return JSONResponse({
         "node": ctx.node.id, "role": ctx.node.cfg.role, "version": __version__,
         "job": None if job is None else {
-            "kind": job.kind, "running": job.running, "started": job.started, "finished": job.finished,
+            "kind": job.kind, "running": finished is None, "started": job.started, "finished": finished,
             "result": job.result, "ok": job.ok,
             "activity": [line.text for line in ctx.jobs.activity.since(job.started)],
             "task": task, "done": done, "total": total},
