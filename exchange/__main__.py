@@ -1,3 +1,3 @@
-from .cli import main
+from exchange.cli import main
 
 main()

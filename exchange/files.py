@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from .errors import NotRegularFileError
+from exchange.errors import NotRegularFileError
 
 COPY_CHUNK = 1 << 20
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the OS has none (Windows: no symlinks planted by peers)

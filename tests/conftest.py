@@ -77,7 +77,7 @@ pytest_plugins = ["sshd"]  # tests/sshd.py: the private OpenSSH server fixtures 
 @pytest.fixture(scope="module")
 def demo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An HO and two stores after a full demo exchange (built once per test module)."""
-    from exchange.demo import run_demo
+    from exchange.demo.run import run_demo
 
     root = tmp_path_factory.mktemp("demo") / "d"
     assert run_demo(root, items=8, sales=3, echo=lambda _s: None)

@@ -24,21 +24,25 @@ from typing import Any
 
 from sqlalchemy import func, inspect, select, text, update
 
-from exchange import bundle, keys, rows, status, streams
-from exchange import schema as s
-from exchange.bundle import BundleReader, open_bundle
-from exchange.catalog import DocType
-from exchange.capture import record_events
-from exchange.db import (
+from exchange.database import rows
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.database.catalog import DocType
+from exchange.database.tables import (
     XCHG, xchg_doc_version, xchg_received, xchg_sent, xchg_stream_in, xchg_stream_out,
 )
-from exchange.demo import reconcile
-from exchange.demo_data import seed_masters, seed_store_activity
-from exchange.export import build_tables
-from exchange.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name, is_exchange_file
-from exchange.node import Node, init_home
-from exchange.peers import add_peer
-from exchange.sync import SyncReport, sync
+from exchange.demo.data import seed_masters, seed_store_activity
+from exchange.demo.run import reconcile
+from exchange.node import keys
+from exchange.node.home import Node, init_home
+from exchange.node.peers import add_peer
+from exchange.send import streams
+from exchange.send.export import build_tables
+from exchange.service import status
+from exchange.service.sync import SyncReport, sync
+from exchange.wire import bundle
+from exchange.wire.bundle import BundleReader, open_bundle
+from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name, is_exchange_file
 
 GROUPS = {"s001": "north", "s002": "south", "s003": "north"}
 BASE_DAY = datetime(2024, 3, 1, 9, 0)

@@ -24,9 +24,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from exchange import bundle, tarfmt
-from exchange.crypto import age, sshsig
-from exchange.formats import BUNDLE_MEMBERS, SIG_NAMESPACE
+from exchange.wire import bundle, tarfmt
+from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import BUNDLE_MEMBERS, SIG_NAMESPACE
 
 CI = os.environ.get("CI", "").lower() == "true"
 CREATED = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)

@@ -300,8 +300,8 @@ class SftpHomes:
 def make_home(srv: SshdServer, path: Path, node: str, *, authorize_as: str | None,
               trust: str | None) -> Path:
     """A node home; its key authorized for ``authorize_as``; ``trust``'s host key pinned."""
-    from exchange.keys import public_signing_line
-    from exchange.node import init_home
+    from exchange.node.home import init_home
+    from exchange.node.keys import public_signing_line
     from exchange.transport.sftp import trust_host
 
     cfg = init_home(path, node, "ho" if node == "ho" else "store")

@@ -1,4 +1,4 @@
-"""Tests for exchange.crypto.age: C2SP CCTV vectors, interop with real age, damage, streaming."""
+"""Tests for exchange.wire.crypto.age: C2SP CCTV vectors, interop with real age, damage, streaming."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.crypto import age
 from exchange.errors import CryptoError, ExchangeError, FormatError, LimitError, VersionError
+from exchange.wire.crypto import age
 
 CI = os.environ.get("CI", "").lower() == "true"
 CCTV_DIR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "age-cctv"

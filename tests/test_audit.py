@@ -27,16 +27,18 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import func, select, text
 
-from exchange import bundle, config, keys, schema
-from exchange.bundle import BundleReader, build_ack, seal_bundle, write_file_atomic
+from exchange.audit.prune import CHECKPOINTS_DIR, read_checkpoint, prune, scan_archive
 from exchange.cli import main
-from exchange.crypto import age, sshsig
-from exchange.demo import run_demo
-from exchange.demo_data import seed_store_activity
-from exchange.export import EVENTS_SCHEMA, reload
-from exchange.node import Node
-from exchange.prune import CHECKPOINTS_DIR, read_checkpoint, prune, scan_archive
-from exchange.sync import sync
+from exchange.database import schema
+from exchange.demo.data import seed_store_activity
+from exchange.demo.run import run_demo
+from exchange.node import config, keys
+from exchange.node.home import Node
+from exchange.send.export import EVENTS_SCHEMA, reload
+from exchange.service.sync import sync
+from exchange.wire import bundle
+from exchange.wire.bundle import BundleReader, build_ack, seal_bundle, write_file_atomic
+from exchange.wire.crypto import age, sshsig
 
 NODES = ("ho", "s001", "s002")
 
@@ -373,7 +375,7 @@ def test_copies_under_other_names(audit_copy: Copy) -> None:
 
 
 def test_classify_names() -> None:
-    from exchange.prune import classify
+    from exchange.audit.prune import classify
 
     assert classify("ho.s001.0000000001.bundle") == ("bundle", "ho.s001.0000000001.bundle")
     assert classify("s001.ho.0000000001.ack.20261125120000") == ("ack", "s001.ho.0000000001.ack")
@@ -694,7 +696,7 @@ def test_key_rotation_keeps_old_archives_verifiable(tmp_path: Path) -> None:
     early.mkdir()
     seal_bundle(early / "ho.s001.0000000001.bundle", key=new, sender="ho", recipient="s001", seq=1, prev=None,
                 recipients=[rcpt], tables=small_tables(), created=datetime(2025, 6, 1, tzinfo=UTC))
-    from exchange.audit import verify_archive
+    from exchange.audit.verify import verify_archive
 
     r = verify_archive(early, trust=trust)
     assert [f.check for f in r.findings if f.severity == "error"] == ["signature"]

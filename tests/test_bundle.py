@@ -22,9 +22,10 @@ from helpers_bundle import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange import __version__, bundle
+from exchange import __version__
 from exchange.errors import CryptoError, NotForUsError
-from exchange.formats import BUNDLE_MEMBERS, INNER_MANIFEST, ack_name
+from exchange.wire import bundle
+from exchange.wire.formats import BUNDLE_MEMBERS, INNER_MANIFEST, ack_name
 
 
 def _file_sha(path: Path) -> str:

@@ -30,12 +30,12 @@ from helpers_bundle import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange import bundle, tarfmt
-from exchange.crypto import age, sshsig
 from exchange.errors import (
     AuthenticityError, CryptoError, ExchangeError, FormatError, LimitError, NotForUsError, VersionError,
 )
-from exchange.formats import BUNDLE_MEMBERS, MAX_MANIFEST_BYTES, MAX_SIG_BYTES
+from exchange.wire import bundle, tarfmt
+from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import BUNDLE_MEMBERS, MAX_MANIFEST_BYTES, MAX_SIG_BYTES
 
 M, S, P = BUNDLE_MEMBERS
 NAME = "ho.s001.0000000001.bundle"

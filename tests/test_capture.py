@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 
-from exchange import schema as s
-from exchange.capture import (
+from exchange.database import schema as s
+from exchange.database.capture import (
     SUPPRESS_TABLE, capture_suppressed, drop_triggers, install_triggers, key_sql, parse_key,
     record_event, record_events, suppress_capture, trigger_names, triggers_installed,
 )
-from exchange.catalog import Catalog, reference_catalog
-from exchange.db import make_engine, migrate, xchg_event
+from exchange.database.catalog import Catalog, reference_catalog
+from exchange.database.tables import make_engine, migrate, xchg_event
 from exchange.errors import DatabaseError
 
 CATALOG = reference_catalog()
@@ -256,7 +256,7 @@ def test_custom_catalog_with_awkward_names(engine: Engine) -> None:
     """Quoted identifiers and long names (PostgreSQL's 63-byte limit) still work."""
     from sqlalchemy import Column, ForeignKeyConstraint, Integer, MetaData, String, Table
 
-    from exchange.catalog import DocType, Route
+    from exchange.database.catalog import DocType, Route
 
     md = MetaData()
     long = "a_really_long_point_of_sale_table_name_that_goes_on_and_on_x"  # 60 characters

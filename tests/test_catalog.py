@@ -14,12 +14,12 @@ from sqlalchemy import (
     func, insert, select, text,
 )
 
-from exchange import schema as s
-from exchange.catalog import (
+from exchange.database import schema as s
+from exchange.database.catalog import (
     Catalog, DocType, PeerInfo, Route, catalog_from_config, reference_catalog,
 )
-from exchange.db import make_engine, migrate, xchg_event
-from exchange.demo_data import ean13, seed_masters, seed_store_activity
+from exchange.database.tables import make_engine, migrate, xchg_event
+from exchange.demo.data import ean13, seed_masters, seed_store_activity
 from exchange.errors import ConfigError
 
 ITEM = dict(name="Rice 1 kg", category="GROCERY", uom="EA", tax_rate=Decimal("5"),

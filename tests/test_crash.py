@@ -31,12 +31,12 @@ from enginehelpers import (
 )
 from sqlalchemy import delete, insert, select, update
 
-from exchange import schema as s
-from exchange.capture import record_events
-from exchange.db import xchg_received, xchg_sent
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.database.rows import canonical_key
+from exchange.database.tables import xchg_received, xchg_sent
 from exchange.faults import POINTS
-from exchange.formats import PART_SUFFIX, is_exchange_file
-from exchange.rows import canonical_key
+from exchange.wire.formats import PART_SUFFIX, is_exchange_file
 
 #: who syncs first decides which side reaches a point first: HO -> store, or store -> HO
 ORDERS = {"down": ("ho", "s001", "ho"), "up": ("s001", "ho", "s001")}

@@ -5,7 +5,7 @@ it seals bundles, a store's outbox while it writes acks, the folder holding a
 store's SQLite database), filled up with a filler file. Mounting needs root; on
 a developer machine without it the tests skip, under CI=true (or with
 EXCHANGE_TEST_INJECT_ENOSPC=1) they fall back to fault injection instead: a
-write budget on the files exchange.bundle opens (bundles, acks) or SQLite's own
+write budget on the files exchange.wire.bundle opens (bundles, acks) or SQLite's own
 ``max_page_count`` (a real SQLITE_FULL from the database engine).
 
 Each case checks, while the disk is full: every complete-named file is whole
@@ -41,17 +41,18 @@ from click.testing import CliRunner
 from enginehelpers import Net, check_net, item_ids, make_net, reprice, seed_ho, seed_store
 from sqlalchemy import event, select
 
-from exchange import bundle, status
-from exchange.bundle import BundleReader, read_ack
+from exchange.audit.prune import CHECKPOINTS_DIR, read_checkpoint
 from exchange.cli import main
-from exchange.db import xchg_received, xchg_sent
-from exchange.faults import PRUNE_POINTS
-from exchange.formats import PART_SUFFIX, is_exchange_file
-from exchange.node import Node
-from exchange.prune import CHECKPOINTS_DIR, read_checkpoint
+from exchange.database.tables import xchg_received, xchg_sent
 from exchange.errors import DatabaseError
-from exchange.importer import import_inbox
-from exchange.sync import pull, sync
+from exchange.faults import PRUNE_POINTS
+from exchange.node.home import Node
+from exchange.receive.importer import import_inbox
+from exchange.service import status
+from exchange.service.sync import pull, sync
+from exchange.wire import bundle
+from exchange.wire.bundle import BundleReader, read_ack
+from exchange.wire.formats import PART_SUFFIX, is_exchange_file
 
 CI = os.environ.get("CI", "").lower() == "true"
 FORCE_INJECT = os.environ.get("EXCHANGE_TEST_INJECT_ENOSPC") == "1"
@@ -426,7 +427,7 @@ def test_prune_killed_while_deleting_is_finished(pruned_world: Path, tmp_path: P
                                                  monkeypatch: pytest.MonkeyPatch, keep: str) -> None:
     """Killed in the middle of the deletions a checkpoint records (bundles go first, then acks):
     the next prune finishes them, whatever is left, and the archive verifies."""
-    from exchange import prune as prune_mod
+    from exchange.audit import prune as prune_mod
 
     net_dir = tmp_path / "net"
     shutil.copytree(pruned_world, net_dir, symlinks=True)

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from exchange import keys, status
 from exchange.cli import main
-from exchange.demo import reconcile, run_demo
-from exchange.demo_data import seed_masters, seed_store_activity
-from exchange.doctor import run_checks
-from exchange.node import Node
-from exchange.peers import add_peer
-from exchange.sync import sync
+from exchange.demo.data import seed_masters, seed_store_activity
+from exchange.demo.run import reconcile, run_demo
+from exchange.node import keys
+from exchange.node.home import Node
+from exchange.node.peers import add_peer
+from exchange.service import status
+from exchange.service.doctor import run_checks
+from exchange.service.sync import sync
 from sshd import HO_USER, SshdServer, make_home
 
 

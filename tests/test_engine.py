@@ -28,19 +28,22 @@ from enginehelpers import (
 )
 from sqlalchemy import and_, func, insert, select, text, update
 
-from exchange import __version__, bundle, export, status
-from exchange import schema as s
-from exchange.bundle import read_ack
-from exchange.capture import install_triggers, record_events
-from exchange.crypto import sshsig
-from exchange.db import xchg_delivery, xchg_event, xchg_sent, xchg_stream_in
-from exchange.demo import reconcile
-from exchange.export import export_all
-from exchange.formats import ack_name, parse_name
-from exchange.importer import import_file, import_inbox
-from exchange.node import Node
-from exchange.rows import canonical_key
-from exchange.sync import pull, sync
+from exchange import __version__
+from exchange.database import schema as s
+from exchange.database.capture import install_triggers, record_events
+from exchange.database.rows import canonical_key
+from exchange.database.tables import xchg_delivery, xchg_event, xchg_sent, xchg_stream_in
+from exchange.demo.run import reconcile
+from exchange.node.home import Node
+from exchange.receive.importer import import_file, import_inbox
+from exchange.send import export
+from exchange.send.export import export_all
+from exchange.service import status
+from exchange.service.sync import pull, sync
+from exchange.wire import bundle
+from exchange.wire.bundle import read_ack
+from exchange.wire.crypto import sshsig
+from exchange.wire.formats import ack_name, parse_name
 
 
 @pytest.fixture
@@ -598,7 +601,7 @@ def test_cli_smoke(tmp_path: Path) -> None:
         "--recipient", ident["ho"]["recipient"], "--transport", f"dir:{transfer}")
     node = Node.open(ho)
     with node.engine.begin() as conn:
-        from exchange.demo_data import seed_masters
+        from exchange.demo.data import seed_masters
         seed_masters(conn, 5, ["s001"], {"s001": "north"})
     node.engine.dispose()
 

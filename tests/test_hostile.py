@@ -51,17 +51,18 @@ from helpers_bundle import assemble, layout, resign
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange import __version__, tarfmt
-from exchange.bundle import dump_json
-from exchange.crypto import age, sshsig
-from exchange import schema as s
-from exchange.capture import record_events
+from exchange import __version__
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.database.schema import RETAIL
 from exchange.errors import ExchangeError
-from exchange.export import export_all
-from exchange.formats import ACK_MEMBERS, BUNDLE_MEMBERS, INNER_MANIFEST, SIG_NAMESPACE, app_major
-from exchange.importer import import_inbox
-from exchange.node import Node
-from exchange.schema import RETAIL
+from exchange.node.home import Node
+from exchange.receive.importer import import_inbox
+from exchange.send.export import export_all
+from exchange.wire import tarfmt
+from exchange.wire.bundle import dump_json
+from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import ACK_MEMBERS, BUNDLE_MEMBERS, INNER_MANIFEST, SIG_NAMESPACE, app_major
 
 BUNDLE = "ho.s001.0000000001.bundle"
 ACK = "s001.ho.0000000001.ack"

@@ -41,27 +41,28 @@ from enginehelpers import Net, add_item, docs_of, forge_bundle, item_ids, make_n
 from helpers_bundle import assemble
 from sqlalchemy import insert, select
 
-from exchange import __version__, tarfmt
-from exchange import schema as s
-from exchange.bundle import (
-    BundleReader, Head, Heads, build_ack, dump_json, format_time, pack_signed, read_ack, sha256_file, utc_now,
-    write_file_atomic,
-)
-from exchange.cli import main
-from exchange.crypto import age, sshsig
-from exchange.db import xchg_sent
-from exchange.errors import ExchangeError, LimitError
-from exchange.export import reload
-from exchange.formats import (
-    ACK_DETAILS_MEMBER, ACK_FORMAT, ACK_MEMBERS, MAX_COUNT, MAX_SEQ, SIG_NAMESPACE, ack_name,
-)
-from exchange.importer import import_inbox
-from exchange.node import Node
-from exchange.prune import (
+from exchange import __version__
+from exchange.audit.prune import (
     CHECKPOINT_MEMBERS, CHECKPOINTS_DIR, PrunedAck, PrunedBundle, build_checkpoint, checkpoint_name,
     read_checkpoint,
 )
-from exchange.sync import pull, sync
+from exchange.cli import main
+from exchange.database import schema as s
+from exchange.database.tables import xchg_sent
+from exchange.errors import ExchangeError, LimitError
+from exchange.node.home import Node
+from exchange.receive.importer import import_inbox
+from exchange.send.export import reload
+from exchange.service.sync import pull, sync
+from exchange.wire import tarfmt
+from exchange.wire.bundle import (
+    BundleReader, Head, Heads, build_ack, dump_json, format_time, pack_signed, read_ack, sha256_file, utc_now,
+    write_file_atomic,
+)
+from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import (
+    ACK_DETAILS_MEMBER, ACK_FORMAT, ACK_MEMBERS, MAX_COUNT, MAX_SEQ, SIG_NAMESPACE, ack_name,
+)
 
 HUGE_SEQ = 10**30
 HUGE_COUNT = 10**12
@@ -306,7 +307,7 @@ def errors(report: dict[str, Any], stream: str | None = None) -> list[dict[str, 
 
 
 def acks_in(archive: Path, trust: Path, acker: str, sender: str) -> list[Any]:
-    from exchange.crypto.sshsig import AllowedSigners
+    from exchange.wire.crypto.sshsig import AllowedSigners
 
     t = AllowedSigners.load(trust)
     return [read_ack(p, t, me=None) for p in sorted(archive.rglob(f"{acker}.{sender}.*.ack"))]
@@ -554,7 +555,7 @@ def test_huge_counts_in_the_encrypted_details_are_refused(net: Net) -> None:
     [o] = import_inbox(ho)
     assert o.status == "PROCESSED" and "cannot be read" in o.reason and "out of range" in o.reason
     with pytest.raises(ExchangeError, match="out of range"):
-        from exchange.inspect import describe
+        from exchange.audit.inspect import describe
 
         describe(ho.cfg.archive_received / name, trust=ho.trust, identities=ho.identities)
 

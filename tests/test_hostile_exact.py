@@ -36,14 +36,15 @@ from enginehelpers import Net, check_stream, make_net, seed_ho, snapshot, transf
 from helpers_bundle import CREATED, assemble, seal, world
 from sqlalchemy import select, update
 
-from exchange import bundle, status, tarfmt
 from exchange.cli import main
-from exchange.crypto import sshsig
-from exchange.db import xchg_sent
+from exchange.database.tables import xchg_sent
 from exchange.errors import AuthenticityError, ExchangeError, FormatError
 from exchange.files import utc_now
-from exchange.importer import import_inbox
-from exchange.sync import sync
+from exchange.receive.importer import import_inbox
+from exchange.service import status
+from exchange.service.sync import sync
+from exchange.wire import bundle, tarfmt
+from exchange.wire.crypto import sshsig
 
 BLOCK = tarfmt.BLOCK
 

@@ -37,7 +37,7 @@ from enginehelpers import Net, item_ids, make_net, reprice, seed_ho, seed_store,
 from sshd import SftpHomes, SshdServer
 
 from exchange.transport.sftp import SftpTransport, load_login_key
-from exchange.usb import TRANSFER_DIR, prepare_stick
+from exchange.transport.usb import TRANSFER_DIR, prepare_stick
 
 CLI_SECONDS = 120  # one CLI run on a loaded CI machine; a FIFO that blocked would never end
 T = TypeVar("T")

@@ -30,16 +30,17 @@ from enginehelpers import Net, deliver, docs_of, forge_bundle, item_ids, make_ne
 from rich.console import Console
 from sqlalchemy import select
 
-from exchange import keys, ui_console
-from exchange.audit import csv_cell
-from exchange.bundle import build_ack
+from exchange.audit.prune import classify, parse_checkpoint_name
+from exchange.audit.verify import csv_cell
+from exchange.cli import console as ui_console
 from exchange.cli import main
-from exchange.crypto import sshsig
-from exchange.db import xchg_sent
+from exchange.database.tables import xchg_sent
 from exchange.errors import FormatError
-from exchange.formats import app_major, is_exchange_file, parse_name
-from exchange.node import Node, init_home
-from exchange.prune import classify, parse_checkpoint_name
+from exchange.node import keys
+from exchange.node.home import Node, init_home
+from exchange.wire.bundle import build_ack
+from exchange.wire.crypto import sshsig
+from exchange.wire.formats import app_major, is_exchange_file, parse_name
 from sshd import SshdServer
 
 # ---------------------------------------------------------------- helpers

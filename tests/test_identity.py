@@ -32,15 +32,16 @@ from enginehelpers import (
 )
 from sqlalchemy import select
 
-from exchange import keys, status
-from exchange.bundle import open_bundle, utc_now
 from exchange.cli import main
-from exchange.crypto import sshsig
-from exchange.db import xchg_stream_in
+from exchange.database.tables import xchg_stream_in
 from exchange.errors import CryptoError
-from exchange.importer import import_inbox
-from exchange.node import Node
-from exchange.sync import sync
+from exchange.node import keys
+from exchange.node.home import Node
+from exchange.receive.importer import import_inbox
+from exchange.service import status
+from exchange.service.sync import sync
+from exchange.wire.bundle import open_bundle, utc_now
+from exchange.wire.crypto import sshsig
 
 
 @pytest.fixture
@@ -128,9 +129,9 @@ def test_a_store_cannot_sign_as_the_ho(net: Net, tmp_path: Path) -> None:
 
 def test_an_ack_signed_by_another_store_is_refused(net: Net, tmp_path: Path) -> None:
     """s002 cannot mark the HO's bundles to s001 as PROCESSED (or REJECTED) by forging s001's receipt."""
-    from exchange.bundle import build_ack, write_file_atomic
-    from exchange.db import xchg_sent
-    from exchange.formats import ack_name
+    from exchange.database.tables import xchg_sent
+    from exchange.wire.bundle import build_ack, write_file_atomic
+    from exchange.wire.formats import ack_name
 
     ho, s002 = net.ho, net.store("s002")
     reprice(ho, item_ids(net)[:1])

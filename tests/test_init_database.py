@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import inspect
 
-from exchange import config
 from exchange.cli import main
-from exchange.db import make_engine
+from exchange.database.tables import make_engine
+from exchange.node import config
 
 
 def _init(home: Path, url: str) -> object:

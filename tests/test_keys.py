@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exchange.rows import canonical_key, canonicalize
+from exchange.database.rows import canonical_key, canonicalize
 
 values = st.lists(st.one_of(st.text(max_size=12), st.integers().map(str)), min_size=1, max_size=4)
 

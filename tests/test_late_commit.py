@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, func, select, update
 
-from exchange import rows
-from exchange import schema as s
-from exchange.capture import record_events
-from exchange.export import export_all
-from exchange.node import Node
+from exchange.database import rows
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.node.home import Node
+from exchange.send.export import export_all
 
 
 @dataclass(frozen=True)
@@ -312,8 +312,8 @@ def test_a_schema_4_database_keeps_its_versions(db_url: str) -> None:
     """Migration 5: versions recorded per document are kept (peer ''), still guard, and events get a column."""
     from sqlalchemy import inspect
 
-    from exchange.db import MIGRATIONS, make_engine, migrate, xchg_doc_version, xchg_meta
-    from exchange.importer import _stored_versions
+    from exchange.database.tables import MIGRATIONS, make_engine, migrate, xchg_doc_version, xchg_meta
+    from exchange.receive.importer import _stored_versions
 
     engine = make_engine(db_url)
     with engine.begin() as conn:

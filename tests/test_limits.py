@@ -36,16 +36,16 @@ import pytest
 from enginehelpers import Net, add_item, make_net
 from helpers_bundle import assemble, layout, raw_header, resign
 
-from exchange import bundle, tarfmt
+from exchange.database.capture import record_events
 from exchange.errors import LimitError
-from exchange.capture import record_events
-from exchange.crypto import age, sshsig
-from exchange.export import export_all
-from exchange.formats import (
+from exchange.node.home import Node
+from exchange.receive.importer import import_inbox
+from exchange.send.export import export_all
+from exchange.wire import bundle, tarfmt
+from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import (
     ACK_MEMBERS, BUNDLE_MEMBERS, MAX_INNER_MANIFEST_BYTES, MAX_MANIFEST_BYTES, MAX_TABLE_BYTES, SIG_NAMESPACE,
 )
-from exchange.importer import import_inbox
-from exchange.node import Node
 
 SECONDS = 5.0
 EXTRA_MEMORY = 64 << 20
@@ -361,7 +361,7 @@ def test_parquet_encoding_exchange_never_writes(world: World, tmp_path: Path) ->
 def test_parquet_dictionary_bomb_is_an_audit_finding(tmp_path: Path) -> None:
     """`exchange audit` recomputes control totals with the same bounded reader: the bomb is a
     problem it reports, not an exception or gigabytes of memory."""
-    from exchange.audit import check_totals
+    from exchange.audit.verify import check_totals
 
     f = tmp_path / "t0001.parquet"
     f.write_bytes(_dictionary_bomb(10_000, 512 << 10))
@@ -411,7 +411,7 @@ def test_parquet_running_budget_spans_the_bundle_and_each_table(tmp_path: Path) 
     """The budget is the bundle's: two tables that each fit are refused together once they
     decode past it (row group by row group, the second table stops); and a table decoding to
     more than its page headers allow (here: a plan understating it) is a FormatError."""
-    from exchange import parquet_budget
+    from exchange.wire import parquet_budget
 
     f = tmp_path / "t0001.parquet"
     f.write_bytes(_small_parquet(100_000))  # 800 KB of int64 once decoded
@@ -435,8 +435,8 @@ IMPORT_RSS_LIMIT = 200 << 20
 _CHILD = """
 import json, sys
 from pathlib import Path
-from exchange.importer import import_inbox
-from exchange.node import Node
+from exchange.receive.importer import import_inbox
+from exchange.node.home import Node
 out = import_inbox(Node.open(Path(sys.argv[1])))
 hwm = [ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:")]
 peak = int(hwm[0].split()[1]) * 1024

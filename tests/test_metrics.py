@@ -14,14 +14,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, insert, select
 
-from exchange import schema
-from exchange.capture import record_event
-from exchange.db import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
-from exchange.export import export_all, reload
-from exchange.metrics import make_registry, render
-from exchange.node import Node
-from exchange.sync import push, sync
-from exchange.ui.server import UiServer, UiSettings, create_app
+from exchange.database import schema
+from exchange.database.capture import record_event
+from exchange.database.tables import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
+from exchange.node.home import Node
+from exchange.send.export import export_all, reload
+from exchange.service.metrics import make_registry, render
+from exchange.service.sync import push, sync
+from exchange.service.ui.server import UiServer, UiSettings, create_app
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -25,13 +25,14 @@ from click.testing import CliRunner
 from enginehelpers import Net, docs_of, forge_bundle, make_net, seed_ho, seed_store, snapshot
 from sqlalchemy import Column, MetaData, String, Table, create_engine, select, update
 
-from exchange import admission, rows
-from exchange import schema as s
-from exchange.capture import record_events
-from exchange.catalog import Catalog, DocType, Route, catalog_from_config
 from exchange.cli import main
-from exchange.db import xchg_doc_version
+from exchange.database import rows
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.database.catalog import Catalog, DocType, Route, catalog_from_config
+from exchange.database.tables import xchg_doc_version
 from exchange.errors import ConfigError, OwnershipError
+from exchange.receive import admission
 
 BUSINESS = sorted(s.RETAIL.tables)
 
@@ -69,7 +70,7 @@ def net(template: Path, tmp_path: Path) -> Iterator[Net]:
     """A private copy of the template net (homes hold absolute paths: rewritten)."""
     import shutil
 
-    from exchange.node import Node
+    from exchange.node.home import Node
 
     root = tmp_path / "net"
     shutil.copytree(template, root, symlinks=True)
@@ -258,7 +259,7 @@ def test_a_store_sent_type_without_an_owner_column_is_refused_at_start_up(tmp_pa
 
 
 def test_the_reference_catalog_names_every_store_documents_owner() -> None:
-    from exchange.catalog import reference_catalog
+    from exchange.database.catalog import reference_catalog
 
     cat = reference_catalog()
     assert {d.name: d.owner_columns for d in cat.owned_by("store")} == {

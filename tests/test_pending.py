@@ -1,4 +1,4 @@
-"""The no-op decision of a sync cycle (``exchange.pending``), made before SQLAlchemy loads.
+"""The no-op decision of a sync cycle (``exchange.send.pending``), made before SQLAlchemy loads.
 
 ``idle`` may say "work" when there is none (the full cycle then finds nothing),
 never "idle" when there is work: every kind of work a cycle does is made here
@@ -20,12 +20,12 @@ import pytest
 from enginehelpers import Net, make_net, reprice, seed_ho, seed_store
 from sqlalchemy import insert, select, update
 
-from exchange.db import xchg_broadcast, xchg_sent
-from exchange.export import reload
+from exchange.database.tables import xchg_broadcast, xchg_sent
 from exchange.files import utc_now
-from exchange.node import Node
-from exchange.pending import idle, sqlite_file
-from exchange.sync import export_needed, sync
+from exchange.node.home import Node
+from exchange.send.export import reload
+from exchange.send.pending import idle, sqlite_file
+from exchange.service.sync import export_needed, sync
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The write side of exchange.rows across its batch boundaries, and the importer's Arrow pool.
+"""The write side of exchange.database.rows across its batch boundaries, and the importer's Arrow pool.
 
 ``insert_rows`` / ``upsert_rows`` write a table in slices of ``WRITE_BATCH``
 rows (executemany on SQLite, COPY on PostgreSQL) so the import never holds a
@@ -17,9 +17,10 @@ import pyarrow as pa
 import pytest
 from sqlalchemy import select
 
-from exchange import importer, rows
-from exchange.db import make_engine
-from exchange.schema import RETAIL
+from exchange.database import rows
+from exchange.database.schema import RETAIL
+from exchange.database.tables import make_engine
+from exchange.receive import importer
 
 N = 11  # with WRITE_BATCH = 4: slices of 4, 4 and 3 rows
 

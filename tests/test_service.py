@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from exchange.db import xchg_received
-from exchange.export import export_all, reload
-from exchange.node import Node
-from exchange.sync import sync
+from exchange.database.tables import xchg_received
+from exchange.node.home import Node
+from exchange.send.export import export_all, reload
+from exchange.service.sync import sync
 
 EXE = [sys.executable, "-m", "exchange"]
 

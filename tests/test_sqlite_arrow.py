@@ -1,4 +1,4 @@
-"""The ADBC reader process (exchange.sqlite_arrow) and the SQLite read paths of exchange.rows.
+"""The ADBC reader process (exchange.database.sqlite_arrow) and the SQLite read paths of exchange.database.rows.
 
 Both SQLite paths (the helper process and sqlite3 tuples) must give the very
 same Arrow tables, for every column type the catalog maps, NULLs first,
@@ -22,12 +22,13 @@ from sqlalchemy import (
     insert, select,
 )
 
-from exchange import rows, sqlite_arrow, streams
-from exchange import schema as s
-from exchange.bundle import open_bundle
-from exchange.export import build_tables, export_all
-from exchange.formats import EVENTS_TABLE
-from exchange.sqlite_arrow import ReaderUnavailable, SqliteArrowReader
+from exchange.database import rows, sqlite_arrow
+from exchange.database import schema as s
+from exchange.database.sqlite_arrow import ReaderUnavailable, SqliteArrowReader
+from exchange.send import streams
+from exchange.send.export import build_tables, export_all
+from exchange.wire.bundle import open_bundle
+from exchange.wire.formats import EVENTS_TABLE
 
 META = MetaData()
 head = Table("t_head", META, Column("shop", String(8), primary_key=True), Column("no", Integer, primary_key=True),

@@ -18,13 +18,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.crypto import sshsig
-from exchange.crypto.sshsig import (
-    NAMESPACE, AllowedSigners, fingerprint, format_signer_line, generate_key, load_private_key,
-    parse_public_line, public_line, sign, verify, verify_with_trust,
-)
 from exchange.errors import (
     AuthenticityError, ConfigError, CryptoError, ExchangeError, FormatError, LimitError,
+)
+from exchange.wire.crypto import sshsig
+from exchange.wire.crypto.sshsig import (
+    NAMESPACE, AllowedSigners, fingerprint, format_signer_line, generate_key, load_private_key,
+    parse_public_line, public_line, sign, verify, verify_with_trust,
 )
 
 KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"

@@ -1,4 +1,4 @@
-"""A store's documents go to its HO straight from the capture log (exchange.streams).
+"""A store's documents go to its HO straight from the capture log (exchange.send.streams).
 
 No delivery rows on the store; each event records the bundle that carried it;
 documents keep their status through upload and ack; an event that commits
@@ -16,17 +16,19 @@ import pytest
 from enginehelpers import BASE_DAY, Net, add_item, check_net, make_net, seed_ho, seed_store
 from sqlalchemy import func, inspect, select
 
-from exchange import keys, status, streams
-from exchange import schema as s
-from exchange.bundle import open_bundle
-from exchange.capture import record_events
-from exchange.db import MIGRATIONS, make_engine, migrate, xchg_delivery, xchg_event, xchg_meta
-from exchange.demo import reconcile
-from exchange.export import export_all
-from exchange.formats import EVENTS_TABLE
-from exchange.node import Node, init_home
-from exchange.peers import add_peer
-from exchange.pending import export_work
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.database.tables import MIGRATIONS, make_engine, migrate, xchg_delivery, xchg_event, xchg_meta
+from exchange.demo.run import reconcile
+from exchange.node import keys
+from exchange.node.home import Node, init_home
+from exchange.node.peers import add_peer
+from exchange.send import streams
+from exchange.send.export import export_all
+from exchange.send.pending import export_work
+from exchange.service import status
+from exchange.wire.bundle import open_bundle
+from exchange.wire.formats import EVENTS_TABLE
 
 
 def _carried(sender: Node, recipient: Node, files: list[str]) -> list[tuple[str, str, int]]:
@@ -111,7 +113,7 @@ def test_events_of_the_other_sides_documents_are_never_sent(net: Net, caplog: py
     with store.engine.begin() as conn:  # a store-side trigger on the HO's item table, say
         record_events(conn, "item", [("I0001",), ("I0002",)])
     assert export_work(lambda q: store.engine.connect().exec_driver_sql(q).all(), [])
-    with caplog.at_level(logging.WARNING, logger="exchange.streams"):
+    with caplog.at_level(logging.WARNING, logger="exchange.send.streams"):
         assert export_all(store) == []  # nothing to send: no bundle at all
     assert "ignoring 2 events" in caplog.text
     with store.engine.connect() as conn:

@@ -29,16 +29,17 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 from sqlalchemy import func, insert, select
 
-from exchange import keys, schema
-from exchange.capture import record_event
-from exchange.db import xchg_parked, xchg_received, xchg_sent
+from exchange.database import schema
+from exchange.database.capture import record_event
+from exchange.database.tables import xchg_parked, xchg_received, xchg_sent
 from exchange.errors import ConfigError
-from exchange.export import export_all, reload
-from exchange.lock import work_lock
-from exchange.node import Node, init_home
-from exchange.peers import add_peer
-from exchange.sync import pull, push, sync
-from exchange.ui.server import UiServer, UiSettings, create_app
+from exchange.node import keys
+from exchange.node.home import Node, init_home
+from exchange.node.lock import work_lock
+from exchange.node.peers import add_peer
+from exchange.send.export import export_all, reload
+from exchange.service.sync import pull, push, sync
+from exchange.service.ui.server import UiServer, UiSettings, create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -415,7 +416,7 @@ def test_token_required_when_configured(homes: Path) -> None:
         assert request(ui.url, "/static/style.css")[0] == 200  # the sign-in page's style is public
         ui.context.jobs.wait(60)
     # bound elsewhere with the token configured, the page would start (not bound here: checked only)
-    from exchange.ui.security import check_bind
+    from exchange.service.ui.security import check_bind
 
     check_bind("0.0.0.0", TOKEN)
 

@@ -27,20 +27,21 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select, update
 
-from exchange import keys, status
-from exchange.bundle import utc_now
 from exchange.cli import main
-from exchange.db import xchg_received, xchg_sent
-from exchange.demo import reconcile
-from exchange.demo_data import seed_masters, seed_store_activity
+from exchange.database.tables import xchg_received, xchg_sent
+from exchange.demo.data import seed_masters, seed_store_activity
+from exchange.demo.run import reconcile
 from exchange.errors import AuthenticityError, BusyError, TransportError
-from exchange.lock import work_lock
-from exchange.node import Node, init_home
-from exchange.peers import add_peer
-from exchange.usb import (
+from exchange.node import keys
+from exchange.node.home import Node, init_home
+from exchange.node.lock import work_lock
+from exchange.node.peers import add_peer
+from exchange.service import status
+from exchange.transport.usb import (
     RECEIPTS_DIR, TRANSFER_DIR, UsbAddon, clean_stale_parts, find_sticks, last_usb_result,
     list_receipts, prepare_stick, read_receipt, transfer_folder, usb_sync,
 )
+from exchange.wire.bundle import utc_now
 
 EXE = [sys.executable, "-m", "exchange"]
 STORES = {"s001": "north", "s002": "south", "s003": "north"}

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from exchange import keys
-from exchange.db import xchg_received, xchg_stream_in
-from exchange.demo_data import seed_masters, seed_store_activity
-from exchange.export import export_all
-from exchange.node import Node, init_home
-from exchange.peers import add_peer
-from exchange.schema import RETAIL
-from exchange.workers import import_parallel, try_lock
+from exchange.database.schema import RETAIL
+from exchange.database.tables import xchg_received, xchg_stream_in
+from exchange.demo.data import seed_masters, seed_store_activity
+from exchange.node import keys
+from exchange.node.home import Node, init_home
+from exchange.node.peers import add_peer
+from exchange.receive.workers import import_parallel, try_lock
+from exchange.send.export import export_all
 
 STORES = [f"s{i:03d}" for i in range(1, 7)]
 ROUNDS = 3

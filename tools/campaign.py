@@ -115,7 +115,7 @@ def _row_counts(net: Any) -> tuple[int, list[str]]:
     """Per stream, document type and table: rows of the delivered documents on both sides."""
     from enginehelpers import _streams, deliveries
 
-    from exchange import rows
+    from exchange.database import rows
 
     compared, problems = 0, []
     for sender, receiver in _streams(net):
@@ -137,7 +137,7 @@ def _row_counts(net: Any) -> tuple[int, list[str]]:
 
 
 def _audit(net: Any) -> list[str]:
-    from exchange.audit import verify_archive
+    from exchange.audit.verify import verify_archive
 
     out = []
     for node in net.nodes:
@@ -161,9 +161,9 @@ def _check(net: Any, run: Run) -> None:
 
 def _checkpoint_checks(home: Path, run: Run) -> None:
     """After a prune ran to its end: every file a checkpoint records is gone, the archive verifies."""
-    from exchange.audit import verify_archive
-    from exchange.node import Node
-    from exchange.prune import CHECKPOINTS_DIR, read_checkpoint
+    from exchange.audit.prune import CHECKPOINTS_DIR, read_checkpoint
+    from exchange.audit.verify import verify_archive
+    from exchange.node.home import Node
 
     node = Node.open(home)
     try:
@@ -241,8 +241,8 @@ def crash_run(index: int, kind: str, spec: str, order: str, root: Path, rng: ran
                 run.spec = f"{home.name}@{delay:.2f}s"
                 rc = _kill_after(_prune_cmd(home), delay)
                 run.killed = home.name if rc == -9 else ""
-            from exchange.audit import verify_archive
-            from exchange.node import Node
+            from exchange.audit.verify import verify_archive
+            from exchange.node.home import Node
 
             node = Node.open(home)
             if verify_archive(home / "archive", trust=node.trust).errors:  # the interrupted state verifies
@@ -291,7 +291,7 @@ def _calibrate(root: Path) -> tuple[float, float, float]:
     starts = []
     for _ in range(3):
         t0 = time.monotonic()
-        subprocess.run([PY, "-c", "import exchange.cli, exchange.sync, exchange.importer, exchange.export, "
+        subprocess.run([PY, "-c", "import exchange.cli, exchange.service.sync, exchange.receive.importer, exchange.send.export, "
                         "pyarrow.parquet"], check=True, env=_env())
         starts.append(time.monotonic() - t0)
     net = tc.build(root / "calibrate")
@@ -421,15 +421,16 @@ def atheris_child(workdir: str, fuzzer_args: list[str]) -> None:  # pragma: no c
     import atheris
 
     with atheris.instrument_imports():
-        from exchange import bundle, importer, tarfmt
-        from exchange.crypto import age, sshsig
         from exchange.errors import ExchangeError
-        from exchange.formats import ACK_MEMBERS, BUNDLE_MEMBERS, SIG_NAMESPACE
+        from exchange.receive import importer
+        from exchange.wire import bundle, tarfmt
+        from exchange.wire.crypto import age, sshsig
+        from exchange.wire.formats import ACK_MEMBERS, BUNDLE_MEMBERS, SIG_NAMESPACE
     from enginehelpers import add_item, make_net
     from helpers_bundle import assemble, layout, resign
 
-    from exchange.capture import record_events
-    from exchange.export import export_all
+    from exchange.database.capture import record_events
+    from exchange.send.export import export_all
 
     work = Path(workdir)
     corpus = work / "corpus"

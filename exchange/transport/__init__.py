@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import ConfigError
+from exchange.errors import ConfigError
 
 
 class Transport(Protocol):
@@ -34,18 +34,18 @@ def open_transport(address: str, *, home: Path | None = None, me: str | None = N
     """A transport for a peer's address: ``dir:PATH`` (or a plain path), ``sftp://...``,
     or ``drop:PATH`` (a store's up/ and down/ read directly on the SFTP server's machine)."""
     if address.startswith("sftp://"):
-        from .sftp import SftpTransport
+        from exchange.transport.sftp import SftpTransport
 
         transport: Transport = SftpTransport.from_address(address, home=home, me=me, peer=peer)
         return transport
     if address.startswith("drop:"):
-        from .drop import DropTransport
+        from exchange.transport.drop import DropTransport
 
         return DropTransport.from_address(address, home=home, me=me, peer=peer)
     path = address[4:] if address.startswith("dir:") else address
     if not path or "://" in path:
         raise ConfigError(f"unsupported transport address {address!r}",
                           hint="Use dir:/path/to/folder or sftp://user@host:port/root.")
-    from .dir import DirTransport
+    from exchange.transport.dir import DirTransport
 
     return DirTransport(Path(path).expanduser(), me=me)

@@ -16,13 +16,13 @@ from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..files import (
+from exchange.errors import NotRegularFileError, TransportError
+from exchange.faults import crashpoint
+from exchange.files import (
     check_regular, create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular, read_regular, refuse, sha256_file,
     write_file_atomic,
 )
-from ..errors import NotRegularFileError, TransportError
-from ..faults import crashpoint
-from ..formats import PART_SUFFIX, is_exchange_file, parse_name
+from exchange.wire.formats import PART_SUFFIX, is_exchange_file, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class DirTransport:
 
     def publish_info_default(self, peer: str) -> None:
         if self.me:
-            from .. import __version__
+            from exchange import __version__
 
             self.publish_info(self.me, peer, {"node": self.me, "version": __version__, "time": time.time()})
 

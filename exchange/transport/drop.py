@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import fsync_dir, write_file_atomic
-from ..config import Role
-from ..errors import ConfigError, NotRegularFileError, TransportError
-from ..formats import is_exchange_file, parse_name
-from .dir import durable_copy, probe_folders, real_folder, same_file_there, take_file
+from exchange.errors import ConfigError, NotRegularFileError, TransportError
+from exchange.files import fsync_dir, write_file_atomic
+from exchange.node.config import Role
+from exchange.transport.dir import durable_copy, probe_folders, real_folder, same_file_there, take_file
+from exchange.wire.formats import is_exchange_file, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def resolve_side(home: Path | None, side: str | None) -> Role:
         if home is None:
             raise ConfigError("cannot tell whether this node is the HO or a store",
                               hint="Open the transport with the node's home (its exchange.toml names the role).")
-        from ..config import load
+        from exchange.node.config import load
 
         side = load(home).role
     if side not in ("ho", "store"):
@@ -143,6 +143,6 @@ class DropTransport:
 
 def node_info(me: str) -> dict[str, Any]:
     """What a node publishes for its peer's doctor: id, version, clock."""
-    from .. import __version__
+    from exchange import __version__
 
     return {"node": me, "version": __version__, "time": time.time()}

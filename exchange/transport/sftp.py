@@ -72,13 +72,13 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from ..files import create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular
-from ..config import Role
-from ..errors import ConfigError, ExchangeError, NotRegularFileError, TransientTransportError, TransportError
-from ..faults import crashpoint
-from ..formats import PART_SUFFIX
-from ..perms import check_not_writable_by_others, write_private_atomic
-from .drop import INFO_PREFIX, addressed_to, incoming, node_info, outgoing, resolve_side
+from exchange.errors import ConfigError, ExchangeError, NotRegularFileError, TransientTransportError, TransportError
+from exchange.faults import crashpoint
+from exchange.files import create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular
+from exchange.node.config import Role
+from exchange.node.perms import check_not_writable_by_others, write_private_atomic
+from exchange.transport.drop import INFO_PREFIX, addressed_to, incoming, node_info, outgoing, resolve_side
+from exchange.wire.formats import PART_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
 
 def load_login_key(home: Path) -> paramiko.PKey:
     """The node's Ed25519 key (``keys/node_ed25519``), refused if others can read it."""
-    from ..keys import SIGNING_KEY, check_private
+    from exchange.node.keys import SIGNING_KEY, check_private
 
     path = Path(home) / "keys" / SIGNING_KEY
     check_private(path)

@@ -9,8 +9,8 @@ compute, never held whole, and fed as a RecordBatchReader to:
   (0) nothing: the interpreter with pyarrow and exchange imported (RSS floor)
   (1) generate: iterate the batches and drop them (cost of the data itself)
   (a) raw:  pyarrow ParquetWriter, zstd, one write_batch per batch (baseline)
-  (b) seal: exchange.bundle.seal_bundle (Parquet -> inner tar -> age -> outer tar)
-  (c) open: exchange.bundle.open_bundle: signature, decrypt to a work folder,
+  (b) seal: exchange.wire.bundle.seal_bundle (Parquet -> inner tar -> age -> outer tar)
+  (c) open: exchange.wire.bundle.open_bundle: signature, decrypt to a work folder,
             every hash checked, Parquet footers read; the tables are not loaded
 
 Each step runs in its own child process; its peak RSS is the child's
@@ -113,8 +113,8 @@ def _step(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow  # noqa: F401
     import pyarrow.parquet as pq
 
-    from exchange import bundle
-    from exchange.crypto import sshsig
+    from exchange.wire import bundle
+    from exchange.wire.crypto import sshsig
 
     work = Path(args.workdir)
     t0 = time.perf_counter()
@@ -180,7 +180,7 @@ def _run_child(step: str, args: argparse.Namespace, work: Path) -> dict[str, Any
 
 
 def _keys(work: Path) -> None:
-    from exchange.crypto import age, sshsig
+    from exchange.wire.crypto import age, sshsig
 
     pem, pub = sshsig.generate_key("ho")
     (work / "ho.key").write_bytes(pem)

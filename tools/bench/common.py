@@ -2,7 +2,7 @@
 fast vectorized data generation and bulk loading, node homes made cheaply.
 
 Nothing here is timed; run.py times. Data generation follows the rules of
-exchange/demo_data.py (``amount = qty * price``, ``tax = amount * rate / 100``,
+exchange/demo/data.py (``amount = qty * price``, ``tax = amount * rate / 100``,
 half-up to cents per line; a bill's total is its lines' amount plus tax and its
 payments add up to it) but builds Arrow arrays with numpy instead of one
 SQLAlchemy row per line, so a million sales lines take seconds.
@@ -258,7 +258,7 @@ def gen_sales(store_id: str, n_lines: int, items: Items, seed: int = 0, first_bi
               ) -> dict[str, pa.Table]:
     """``n_lines`` sales lines in bills of 3-6 lines, with payments; logical Arrow tables.
 
-    Column order and types are those of :func:`exchange.rows.arrow_schema`
+    Column order and types are those of :func:`exchange.database.rows.arrow_schema`
     (decimal128 money and quantities, timestamp bill dates).
     """
     import random
@@ -342,8 +342,8 @@ def gen_sales(store_id: str, n_lines: int, items: Items, seed: int = 0, first_bi
 
 def conform(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
     """Give each table exactly the schema the exporter reads it with (names, types, nullability)."""
-    from exchange import rows
-    from exchange.schema import RETAIL
+    from exchange.database import rows
+    from exchange.database.schema import RETAIL
 
     return {name: pa.Table.from_arrays(t.columns, schema=rows.arrow_schema(RETAIL.tables[name]))
             for name, t in tables.items()}
@@ -368,7 +368,7 @@ def physical(table: pa.Table, dialect: str, name: str | None = None) -> pa.Table
     if dialect != "sqlite":
         from sqlalchemy import BigInteger, Integer
 
-        from exchange.schema import RETAIL
+        from exchange.database.schema import RETAIL
 
         t = RETAIL.tables.get(name or "")
         if t is None:
@@ -416,14 +416,14 @@ def ingest(url: str, tables: dict[str, pa.Table], events: dict[str, list[str]] |
 
 
 def make_node(home: Path, node_id: str, role: str, database: str | None = None) -> Any:
-    from exchange.node import Node, init_home
+    from exchange.node.home import Node, init_home
 
     return Node(init_home(home, node_id, "ho" if role == "ho" else "store", database))
 
 
 def pair(ho: Any, store: Any, transfer: Path | None, group: str = "g1") -> None:
-    from exchange import keys
-    from exchange.peers import add_peer
+    from exchange.node import keys
+    from exchange.node.peers import add_peer
 
     t = f"dir:{transfer}" if transfer else None
     add_peer(ho.cfg, store.id, "store", keys.public_signing_line(store.cfg), keys.recipient(store.cfg),
@@ -442,7 +442,7 @@ class FakeStore:
 
 
 def fake_stores(ids: list[str]) -> list[FakeStore]:
-    from exchange.crypto import age, sshsig
+    from exchange.wire.crypto import age, sshsig
 
     out = []
     for sid in ids:
@@ -457,9 +457,9 @@ def add_many_peers(ho: Any, stores: list[FakeStore], group: str = "g1") -> None:
 
     Equivalent to ``add_peer`` per store, which rewrites both files each time.
     """
-    from exchange import keys
-    from exchange.config import Peer
-    from exchange.crypto import sshsig
+    from exchange.node import keys
+    from exchange.node.config import Peer
+    from exchange.wire.crypto import sshsig
 
     lines = []
     for s in stores:
@@ -474,10 +474,10 @@ def add_many_peers(ho: Any, stores: list[FakeStore], group: str = "g1") -> None:
 def seal_store_bundle(store: FakeStore, ho_id: str, ho_recipient: str, tables: dict[str, pa.Table],
                       path: Path, seq: int = 1, prev: str | None = None) -> Any:
     """Seal what ``export_all`` on the store would seal for these sales bills (one bundle)."""
-    from exchange.bundle import seal_bundle
-    from exchange.catalog import reference_catalog
-    from exchange.export import EVENTS_SCHEMA, control_totals
-    from exchange.formats import EVENTS_TABLE
+    from exchange.database.catalog import reference_catalog
+    from exchange.send.export import EVENTS_SCHEMA, control_totals
+    from exchange.wire.bundle import seal_bundle
+    from exchange.wire.formats import EVENTS_TABLE
 
     cat = reference_catalog()
     dt = cat.get("sales_bill")

@@ -120,8 +120,8 @@ def op_seed(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_export(a: dict[str, Any]) -> dict[str, Any]:
-    from exchange.export import export_all, reload
-    from exchange.node import Node
+    from exchange.node.home import Node
+    from exchange.send.export import export_all, reload
 
     node = Node.open(a["home"])
     if a.get("reload"):
@@ -136,8 +136,8 @@ def op_export(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_import(a: dict[str, Any]) -> dict[str, Any]:
-    from exchange.importer import import_inbox
-    from exchange.node import Node
+    from exchange.node.home import Node
+    from exchange.receive.importer import import_inbox
 
     node = Node.open(a["home"])
     _ = node.catalog, node.signing_key, node.identities, node.trust
@@ -200,7 +200,7 @@ def op_baseline_csv(a: dict[str, Any]) -> dict[str, Any]:
 
 def op_baseline_ingest(a: dict[str, Any]) -> dict[str, Any]:
     """The same Arrow tables -> ADBC ingest into a staging table -> one upsert per table."""
-    from exchange.schema import RETAIL
+    from exchange.database.schema import RETAIL
 
     items = c.gen_items(a["items"])
     sales = c.gen_sales(a["store"], a["sales_lines"], items, seed=a.get("seed", 0))
@@ -234,9 +234,9 @@ def op_profile(a: dict[str, Any]) -> dict[str, Any]:
     import io
     import pstats
 
-    from exchange.export import export_all
-    from exchange.importer import import_inbox
-    from exchange.node import Node
+    from exchange.node.home import Node
+    from exchange.receive.importer import import_inbox
+    from exchange.send.export import export_all
 
     node = Node.open(a["home"])
     _ = node.catalog, node.signing_key, node.identities, node.trust
@@ -261,8 +261,8 @@ def op_profile(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_fanin_parallel(a: dict[str, Any]) -> dict[str, Any]:
-    from exchange import workers  # type: ignore[attr-defined]
-    from exchange.node import Node
+    from exchange.node.home import Node
+    from exchange.receive import workers  # type: ignore[attr-defined]
 
     node = Node.open(a["home"])
     t0 = time.perf_counter()
@@ -346,7 +346,7 @@ class Bench:
 
     def new_pair(self, name: str, ho_tag: str, store_id: str = "s001", transfer: bool = True
                  ) -> tuple[Any, Any, Path]:
-        from exchange.node import Node
+        from exchange.node.home import Node
 
         root = self.work / name
         root.mkdir(parents=True, exist_ok=True)
@@ -475,8 +475,8 @@ class Bench:
             url = self.pg.create("import_base")
         else:
             url = f"sqlite:///{root / 'baseline.db'}"
-        from exchange.db import make_engine
-        from exchange.schema import RETAIL
+        from exchange.database.schema import RETAIL
+        from exchange.database.tables import make_engine
 
         eng = make_engine(url)
         RETAIL.create_all(eng)
@@ -570,7 +570,7 @@ class Bench:
     def _fake_ho(self, name: str, n_stores: int, prefix: str, items: int, item_events: bool
                  ) -> tuple[Any, list[c.FakeStore]]:
         """An HO home with ``n_stores`` store peers that exist only as keys."""
-        from exchange.node import Node
+        from exchange.node.home import Node
 
         root = self.work / name
         root.mkdir(parents=True, exist_ok=True)
@@ -582,7 +582,7 @@ class Bench:
         return Node.open(ho.cfg.home), stores
 
     def sec_fanin(self) -> None:
-        from exchange.formats import bundle_name
+        from exchange.wire.formats import bundle_name
 
         n_stores, n_lines, items_n = self.size["fanin_stores"], self.size["fanin_lines"], self.size["items"]
         t0 = time.perf_counter()
@@ -598,12 +598,12 @@ class Bench:
         files = sorted(bundles.iterdir())
         log(f"  prepared in {time.perf_counter() - t0:.1f} s")
         try:
-            import exchange.workers as w  # noqa: F401
+            import exchange.receive.workers as w  # noqa: F401
             has_workers = hasattr(w, "import_parallel")
         except ImportError:
             has_workers = False
         if not has_workers:
-            self.note("exchange.workers.import_parallel not available: fan-in workers are N concurrent "
+            self.note("exchange.receive.workers.import_parallel not available: fan-in workers are N concurrent "
                       "`exchange import --home HO` processes (each takes the home's work lock, so they "
                       "serialise; this is the 'before' picture)")
         by_workers: dict[str, float] = {}
@@ -624,7 +624,7 @@ class Bench:
 
     def _clone_home(self, template: Path, tag: str) -> Path:
         """A copy of an HO home with its own database (a copy of the template's)."""
-        from exchange import config
+        from exchange.node import config
 
         home = template.parent.parent / tag
         shutil.copytree(template, home)
@@ -700,10 +700,10 @@ class Bench:
     def sec_watch(self) -> None:
         from sqlalchemy import select
 
-        from exchange.capture import record_events
-        from exchange.demo_data import seed_masters
-        from exchange.export import export_all
-        from exchange.schema import item
+        from exchange.database.capture import record_events
+        from exchange.database.schema import item
+        from exchange.demo.data import seed_masters
+        from exchange.send.export import export_all
 
         n = self.size["watch_bundles"]
         ho, st, root = self.new_pair("watch", "watch_ho")
@@ -775,7 +775,7 @@ class Bench:
 
 
 def _recipient(node: Any) -> str:
-    from exchange import keys
+    from exchange.node import keys
 
     return keys.recipient(node.cfg)
 

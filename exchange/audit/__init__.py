@@ -1,0 +1,1 @@
+"""Auditors and retention."""

@@ -1,0 +1,79 @@
+"""What ``exchange inspect`` and ``exchange verify`` report about one file.
+
+Works without a node home: an auditor passes an ``allowed_signers`` file and,
+optionally, an age identity to see inside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from exchange.errors import AuthenticityError, ExchangeError
+from exchange.wire.bundle import BundleReader, format_time, read_ack
+from exchange.wire.crypto import sshsig
+from exchange.wire.formats import parse_name
+
+
+def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
+             identities: Sequence[str] = (), me: str | None = None, sample: int = 5) -> dict[str, Any]:
+    """Everything checkable about ``path``; raises the first problem found."""
+    if path.name.endswith(".ack"):
+        if trust is None:
+            raise ExchangeError("an ack can only be read with a trust store", hint="Pass --trust allowed_signers.")
+        ack = read_ack(path, trust, me=me, identities=identities)
+        info: dict[str, Any] = {
+            "kind": "ack", "file": path.name, "version": ack.version, "acker": ack.acker, "sender": ack.sender,
+            "seq": ack.seq, "result": ack.result, "bundle_sha256": ack.bundle_sha256,
+            "created": format_time(ack.created), "signature": f"good, by {ack.acker}", "details": ack.details}
+        if ack.heads is not None:
+            info["heads"] = ack.heads.as_json()
+        if ack.details in ("clear", "decrypted"):  # v2: only with an identity it is encrypted to
+            info.update(reason=ack.reason, applied=ack.applied, parked=ack.parked, parked_total=ack.parked_total)
+        elif ack.details == "unreadable":
+            raise AuthenticityError(f"{path.name}: {ack.details_error}")
+        return info
+    out: dict[str, Any] = {"kind": "bundle", "file": path.name}
+    with BundleReader(path) as r:
+        m = r.manifest
+        out.update(sender=m.sender, recipient=m.recipient, seq=m.seq, prev=m.prev,
+                   created=format_time(m.created), app_version=m.app_version,
+                   manifest_sha256=m.sha256, payload_bytes=m.payload.size,
+                   inner_files=[{"name": e.name, "size": e.size} for e in m.inner])
+        try:
+            fn = parse_name(path.name)
+            out["name_matches"] = (fn.a, fn.b, fn.seq) == (m.sender, m.recipient, m.seq)
+        except ExchangeError:
+            out["name_matches"] = False
+        if trust is None:
+            out["signature"] = "not checked (no trust store given)"
+            out["file_sha256"] = r.check_payload_hash()
+            return out
+        signer = r.verify_signature(trust)
+        out["signature"] = f"good, by {m.sender} ({sshsig.fingerprint(signer.key)})"
+        if me is not None:
+            r.check_recipient(me)
+        if not identities:
+            out["file_sha256"] = r.check_payload_hash()
+            out["payload"] = "ciphertext matches the signed hash (not decrypted: no identity)"
+            return out
+        with tempfile.TemporaryDirectory(prefix=".inspect-") as tmp:
+            opened = r.decrypt(identities, Path(tmp))
+            out["file_sha256"] = opened.file_sha256
+            out["payload"] = "decrypted; every inner file matches its signed hash"
+            out["summary"] = opened.summary
+            tables = []
+            for name in opened.tables:
+                t = opened.table(name)
+                tables.append({"table": name, "rows": t.num_rows,
+                               "sample": [{k: str(v) for k, v in row.items()}
+                                          for row in t.slice(0, sample).to_pylist()]})
+            out["tables"] = tables
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,554 @@
+"""The ``exchange`` command: click commands only, each calling one library function.
+
+Expected errors (:class:`~exchange.errors.ExchangeError`) print a message and a
+hint and exit with the error's code; no traceback. Heavy modules are imported
+inside the commands so ``exchange --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from exchange import __version__
+from exchange.errors import ExchangeError
+
+HOME = click.option("--home", envvar="EXCHANGE_HOME", type=click.Path(file_okay=False, path_type=Path),
+                    help="Node home folder (default: $EXCHANGE_HOME).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable, see docs/).")
+
+
+def shown(text: object) -> str:
+    """Text that may come from a peer, for a terminal: control characters escaped, never obeyed."""
+    from exchange.logs import escape_controls
+
+    return escape_controls(str(text))
+
+
+def _fail(exc: ExchangeError) -> NoReturn:
+    first, *more = exc.message.split("\n")
+    click.secho(f"error: {shown(first)}", fg="red", err=True)
+    for line in more:  # continuation lines indented: none can pass for a line of its own
+        click.secho(f"  {shown(line)}", fg="red", err=True)
+    if exc.hint:
+        click.echo(f"hint: {shown(exc.hint)}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class Group(click.Group):
+    """Maps ExchangeError to its exit code at the edge; loads the command modules only when asked.
+
+    ``exchange sync`` (run by cron every few minutes) needs none of the audit,
+    usb and ui commands, so their modules are imported only for a name this
+    module does not define, or for the command list (``--help``, completion).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ExchangeError as exc:
+            _fail(exc)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            _load_command_modules()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_command_modules()
+        return super().list_commands(ctx)
+
+
+def _node(home: Path | None) -> Any:
+    from exchange.node.home import Node
+
+    return Node.open(home)
+
+
+def _reporter(quiet: bool) -> Any:
+    from exchange.progress import NullReporter
+
+    if quiet or not sys.stderr.isatty():
+        return NullReporter()
+    from exchange.cli.console import RichReporter
+
+    return RichReporter()
+
+
+def _address(text: str) -> str:
+    """A transport address; a plain folder path means the folder transport."""
+    return text if "://" in text or text.split(":", 1)[0] in ("dir", "drop") else f"dir:{text}"
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="exchange")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--log-json", is_flag=True, help="Log JSON lines (for services).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
+    """Move business data between a head office and its stores as signed, encrypted bundles."""
+    from exchange.logs import setup_logging
+
+    ctx.obj = {"verbose": verbose, "log_json": log_json}
+    if ctx.invoked_subcommand != "run":
+        setup_logging(verbose, log_json)
+
+
+# ---------------------------------------------------------------- node and keys
+
+@main.command()
+@HOME
+@click.option("--node", "node_id", required=True, help="This node's id, e.g. ho or s001.")
+@click.option("--role", type=click.Choice(["ho", "store"]), required=True)
+@click.option("--database", help="SQLAlchemy URL (default: SQLite in the home).")
+def init(home: Path | None, node_id: str, role: str, database: str | None) -> None:
+    """Create a node home with keys, trust store, database and spool folders."""
+    from exchange.node.config import resolve_home
+    from exchange.node.home import init_home
+
+    cfg = init_home(resolve_home(home), node_id, "ho" if role == "ho" else "store", database)
+    click.echo(f"created node {cfg.id} ({cfg.role}) in {cfg.home}")
+    click.echo("give your peers the output of: exchange identity --home " + str(cfg.home))
+
+
+@main.command()
+@HOME
+@JSON
+def identity(home: Path | None, as_json: bool) -> None:
+    """Print this node's public identity, for a peer to paste into `peer add`."""
+    from exchange.node import keys
+
+    cfg = _node(home).cfg
+    ident = {"id": cfg.id, "role": cfg.role, "signing_key": keys.public_signing_line(cfg),
+             "recipient": keys.recipient(cfg)}
+    if as_json:
+        _echo_json(ident)
+        return
+    click.echo(f"node:        {cfg.id} ({cfg.role})")
+    click.echo(f"signing key: {ident['signing_key']}")
+    click.echo(f"recipient:   {ident['recipient']}")
+    click.echo("\non the peer, run:\n  exchange peer add --id {} --role {} --signing-key \"{}\" --recipient {}".format(
+        cfg.id, cfg.role, ident["signing_key"], ident["recipient"]))
+
+
+@main.group()
+def peer() -> None:
+    """Peers this node exchanges with."""
+
+
+@peer.command("add")
+@HOME
+@click.option("--id", "peer_id", required=True)
+@click.option("--role", type=click.Choice(["ho", "store"]), required=True,
+              help="The peer's role; a store's only peer is its HO.")
+@click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
+@click.option("--recipient", required=True, help="age1... from the peer's `exchange identity`.")
+@click.option("--transport", help="dir:/path or sftp://user@host:port/root")
+@click.option("--group", "groups", multiple=True, help="Store group (repeatable).")
+@click.option("--valid-after", help="Key valid from (YYYYMMDD[HHMM[SS]]Z), for key rotation.")
+@click.option("--valid-before", help="Key valid until, for key rotation.")
+@click.option("--replace", is_flag=True,
+              help="Change an existing peer's keys: the old signing key stays valid only for what it signed before now.")
+def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recipient: str,
+             transport: str | None, groups: tuple[str, ...], valid_after: str | None,
+             valid_before: str | None, replace: bool) -> None:
+    """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace)."""
+    from exchange.node.peers import add_peer
+
+    node = _node(home)
+    done = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
+                    valid_after, valid_before, replace=replace)
+    when = done.at.strftime("%Y-%m-%d %H:%M:%S UTC") if done.at else ""
+    for fp in done.retired:
+        click.echo(f"retired signing key {fp} of {peer_id}: valid only for files signed before {when}")
+    if done.old_recipient:
+        click.echo(f"replaced recipient {done.old_recipient} of {peer_id}")
+    click.echo(f"peer {peer_id} {'updated' if done.existed else 'added'}; trusted: {done.line}")
+
+
+@peer.command("list")
+@HOME
+@JSON
+def peer_list(home: Path | None, as_json: bool) -> None:
+    """List peers with their pinned keys."""
+    from exchange.node.peers import list_peers
+
+    rows = list_peers(_node(home).cfg)
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['id']:<12} {r['role']:<6} {r['transport'] or '-':<40} {r['fingerprints']}")
+
+
+# ---------------------------------------------------------------- files
+
+def _trust_for(home: Path | None, trust: Path | None) -> Any:
+    from exchange.wire.crypto import sshsig
+
+    if trust:
+        return sshsig.AllowedSigners.load(trust)
+    if home is not None:
+        return _node(home).trust
+    return None
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@HOME
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="allowed_signers file (default: the node home's).")
+@click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="age identity to decrypt with and print a sample of rows.")
+@JSON
+def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None, as_json: bool) -> None:
+    """Show a bundle's or ack's manifest, signature, stream position and tables."""
+    from exchange.audit.inspect import describe
+    from exchange.node.keys import load_identity_file
+
+    ids = load_identity_file(identity_file) if identity_file else (
+        _node(home).identities if home is not None and trust is None else [])
+    info = describe(file, trust=_trust_for(home, trust), identities=ids)
+    if as_json:
+        _echo_json(info)
+        return
+    from exchange.cli.console import print_inspect
+
+    print_inspect(info)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@HOME
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None) -> None:
+    """Exit 0 only for an authentic, intact file; otherwise name the first problem."""
+    from exchange.audit.inspect import describe
+    from exchange.node.keys import load_identity_file
+
+    t = _trust_for(home, trust)
+    if t is None:
+        raise ExchangeError("no trust store", hint="Pass --home or --trust allowed_signers.")
+    ids = load_identity_file(identity_file) if identity_file else (
+        _node(home).identities if home is not None and trust is None else [])
+    info = describe(file, trust=t, identities=ids)
+    click.echo(shown(f"OK {file.name}: {info['signature']}; {info.get('payload', info.get('result', ''))}"))
+
+
+# ---------------------------------------------------------------- engine
+
+@main.command("import")
+@HOME
+@click.option("--dry-run", "dry_run", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run every check on FILE and report what would change, changing nothing.")
+@JSON
+def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
+    """Apply the bundles and acks waiting in the inbox, in stream order."""
+    from dataclasses import asdict
+
+    from exchange.node.lock import work_lock
+    from exchange.receive.importer import import_file, import_inbox
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        if dry_run:
+            outs = [import_file(node, dry_run, dry_run=True)]
+        else:
+            outs = import_inbox(node, reporter=_reporter(as_json))
+    if as_json:
+        _echo_json([asdict(o) for o in outs])
+        return
+    for o in outs:
+        click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
+        for t, a in o.applied.items():
+            click.echo(shown(f"    {t}: {a}"))
+    if not outs:
+        click.echo("inbox is empty")
+
+
+@main.command()
+@HOME
+@JSON
+def export(home: Path | None, as_json: bool) -> None:
+    """Seal pending documents into bundles in the outbox."""
+    from dataclasses import asdict
+
+    from exchange.node.lock import work_lock
+    from exchange.send.export import export_all
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        out = export_all(node, reporter=_reporter(as_json))
+    if as_json:
+        _echo_json([asdict(e) for e in out])
+        return
+    for e in out:
+        click.echo(f"{e.file}: {e.documents} documents")
+    if not out:
+        click.echo("nothing pending")
+
+
+@main.command()
+@HOME
+@click.option("--to", "target", required=True, help="Folder (USB stick, share) to deliver to.")
+def push(home: Path | None, target: str) -> None:
+    """Copy outbox files to a folder, one sub-folder per recipient."""
+    from exchange.node.lock import work_lock
+    from exchange.service.sync import SyncReport, push as do_push
+
+    node = _node(home)
+    rep = SyncReport()
+    with work_lock(node.cfg.home):
+        do_push(node, target=_address(target), report=rep)
+    click.echo(shown(f"pushed {len(rep.pushed)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
+    if rep.errors:
+        sys.exit(30)
+
+
+@main.command()
+@HOME
+@click.option("--from", "source", required=True, help="Folder (USB stick, share) to take files from.")
+def pull(home: Path | None, source: str) -> None:
+    """Take the files addressed to this node from a folder into the inbox."""
+    from exchange.node.lock import work_lock
+    from exchange.service.sync import SyncReport, pull as do_pull
+
+    node = _node(home)
+    rep = SyncReport()
+    with work_lock(node.cfg.home):
+        do_pull(node, source=_address(source), report=rep)
+    click.echo(shown(f"pulled {len(rep.pulled)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
+    if rep.errors:
+        sys.exit(30)
+
+
+@main.command()
+@HOME
+@click.option("--via", help="Use this folder/address for every peer instead of the configured ones.")
+@JSON
+def sync(home: Path | None, via: str | None, as_json: bool) -> None:
+    """One sync cycle: pull, import, export, push (receive first, then send)."""
+    from exchange.service.sync import sync as do_sync
+
+    node = _node(home)
+    rep = do_sync(node, via=_address(via) if via else None, reporter=_reporter(as_json))
+    if as_json:
+        _echo_json({"pulled": rep.pulled, "imported": [o.__dict__ for o in rep.imported],
+                    "exported": [e.__dict__ for e in rep.exported], "pushed": rep.pushed,
+                    "resent": rep.resent, "errors": rep.errors})
+    else:
+        click.echo(shown(f"sync {node.id}: {rep.line()}"))
+        for e in rep.errors:
+            click.secho(f"  {shown(e)}", fg="yellow")
+    if rep.errors:
+        sys.exit(30)
+
+
+@main.command()
+@HOME
+def retry(home: Path | None) -> None:
+    """Retry FAILED bundles and parked documents."""
+    from exchange.node.lock import work_lock
+    from exchange.receive.importer import import_inbox, retry_parked
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        outs = import_inbox(node, retry=True)
+        ok, still = retry_parked(node)
+    for o in outs:
+        click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
+    click.echo(f"parked documents: {ok} applied, {still} still parked")
+
+
+@main.command()
+@HOME
+@click.option("--peer", "peer_id", required=True)
+@click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
+def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
+    """Queue the full current state of document types for a peer (new or repaired store)."""
+    from exchange.send.export import reload as do_reload
+
+    n = do_reload(_node(home), peer_id, docs)
+    click.echo(f"{n} documents queued for {peer_id}; they go with the next export or sync")
+
+
+@main.command()
+@click.argument("view", type=click.Choice(["sent", "received", "parked"]))
+@HOME
+@JSON
+def status(view: str, home: Path | None, as_json: bool) -> None:
+    """The Sent or Received view (and parked documents)."""
+    from exchange.service import status as st
+
+    node = _node(home)
+    rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
+    parked = st.parked(node) if view in ("received", "parked") else None
+    if as_json:
+        _echo_json(st.as_json(rows, parked))
+        return
+    from exchange.cli.console import print_status
+
+    print_status(node.id, view, rows, parked)
+    from exchange.transport.usb import last_usb_result
+
+    last = last_usb_result(node)
+    if last:
+        click.echo(shown(f"last stick visit {last.get('finished')}: "
+                         f"{'ok' if last.get('ok') else 'NOT FINISHED'} - {last.get('summary')}"))
+
+
+@main.group()
+def triggers() -> None:
+    """Database triggers that capture changes of an existing POS."""
+
+
+@triggers.command("install")
+@HOME
+def triggers_install(home: Path | None) -> None:
+    """Install capture triggers on the tables of the document types this node owns."""
+    from exchange.database.capture import install_triggers
+
+    node = _node(home)
+    names = install_triggers(node.engine, node.catalog, node.cfg.role)
+    click.echo(f"installed {len(names)} triggers")
+
+
+@main.command()
+@click.option("--home", "home", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Folder for the demo's HO and stores.")
+@click.option("--items", default=200, show_default=True)
+@click.option("--sales", default=50, show_default=True, help="Sales bills per store.")
+@click.option("--fresh/--keep", default=True, help="Start from an empty folder.")
+def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
+    """Run an HO and two stores through a full exchange via a folder."""
+    from exchange.demo.run import run_demo
+
+    if not run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo):
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- service and checks
+
+@main.command()
+@HOME
+@click.option("--interval", type=float, help="Seconds between sync cycles (default: sync_interval, 900).")
+@click.option("--ui-port", type=int, help="Serve the Data Exchange page on this port (default: [ui] port; off).")
+@click.option("--ui-host", default=None, help="Address for the page (default 127.0.0.1; elsewhere needs a token).")
+@click.option("--usb/--no-usb", "watch_usb", default=None,
+              help="Watch mount roots for a transfer stick (default: on when [usb] is configured or no transport).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Importer processes: streams apply in parallel, each stream in order.")
+@click.pass_obj
+def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port: int | None,
+        ui_host: str | None, watch_usb: bool | None, workers: int) -> None:
+    """Run the service: apply files as they land, sync on a schedule."""
+    from exchange.logs import setup_logging
+    from exchange.service.daemon import Service, install_signal_handlers
+
+    setup_logging(max(1, obj["verbose"]), obj["log_json"])  # every state change is a log line
+    node = _node(home)
+    service = Service(node, interval=interval)
+    ui_cfg = node.cfg.extra.get("ui", {})
+    port = ui_port if ui_port is not None else ui_cfg.get("port")
+    if port:
+        from exchange.service.ui.server import UiAddon
+
+        service.addons.append(UiAddon(host=ui_host or ui_cfg.get("host", "127.0.0.1"), port=int(port)))
+    usb_cfg = node.cfg.extra.get("usb", {})
+    if watch_usb or (watch_usb is None and (usb_cfg or not any(p.transport for p in node.cfg.peers.values()))):
+        from exchange.transport.usb import UsbAddon
+
+        service.addons.append(UsbAddon(roots=usb_cfg.get("roots")))
+    if workers > 1:
+        from exchange.receive.workers import WorkersAddon
+
+        service.addons.append(WorkersAddon(workers - 1, log_json=obj["log_json"], verbose=obj["verbose"]))
+    install_signal_handlers(service)
+    service.run()
+
+
+@main.command()
+@HOME
+@click.option("--poll", type=float, default=0.2, show_default=True, help="Seconds between inbox scans.")
+@click.pass_obj
+def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
+    """An import-only worker (extra process or host sharing the database and the drop)."""
+    import signal
+    import threading
+
+    from exchange.logs import setup_logging
+    from exchange.receive.workers import worker_loop
+
+    setup_logging(max(1, obj["verbose"]), obj["log_json"])
+    node = _node(home)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker_loop(node.cfg.home, stop, poll)
+
+
+@main.command()
+@HOME
+@JSON
+def doctor(home: Path | None, as_json: bool) -> None:
+    """Check the node's prerequisites; exit 0 only when all pass."""
+    from exchange.node.home import Node
+    from exchange.service.doctor import as_json as checks_json, run_checks
+
+    checks = run_checks(Node.open(home, check_modes=False))  # modes are among the checks
+    if as_json:
+        click.echo(checks_json(checks))
+    else:
+        for c in checks:
+            mark = click.style("OK  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+            click.echo(f"{mark} {c.name:<18} {shown(c.detail)}")
+            if not c.ok and c.fix:
+                click.echo(f"     fix: {shown(c.fix)}")
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+@main.command()
+@HOME
+def migrate(home: Path | None) -> None:
+    """Create or upgrade exchange's tables in the node database."""
+    n = _node(home).migrate()
+    click.echo(f"database up to date ({n} migration steps run)")
+
+
+@peer.command("trust-host")
+@HOME
+@click.option("--address", required=True, help="sftp://user@host:port/path")
+@click.option("--fingerprint", help="Expected SHA256:... fingerprint (refuse if different).")
+def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) -> None:
+    """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint)."""
+    from exchange.transport.sftp import trust_host
+
+    node = _node(home)
+    fp = trust_host(node.cfg.home, address, expected=fingerprint)
+    click.echo(f"trusted host key {fp} for {address}")
+
+
+def _load_command_modules() -> None:
+    """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
+    import importlib
+
+    for mod in ("audit", "usb", "ui"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise
+
+
+def entry() -> None:  # pragma: no cover - python -m exchange
+    main()

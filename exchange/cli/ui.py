@@ -1,0 +1,27 @@
+"""``exchange ui``: the Data Exchange page on its own, without the service.
+
+Registered on the main command group by ``exchange.cli.main`` when this module exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from exchange.cli.main import HOME, main
+
+
+@main.command("ui")
+@HOME
+@click.option("--port", type=int, help="Port (default: [ui] port, else 8765).")
+@click.option("--host", help="Address (default: [ui] host, else 127.0.0.1; elsewhere needs a token).")
+def ui(home: Path | None, port: int | None, host: str | None) -> None:
+    """Serve the Data Exchange page alone; its Sync button runs a sync cycle itself."""
+    from exchange.node.home import Node
+    from exchange.service.ui.server import serve
+
+    node = Node.open(home)
+    node.ensure_folders()
+    node.migrate()
+    serve(node, host=host, port=port, echo=click.echo)

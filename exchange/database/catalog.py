@@ -1,0 +1,371 @@
+"""Document types: which tables make a business document, who owns it, where it goes.
+
+The catalog is the one place the rest of `exchange` learns about business
+tables: capture installs triggers from it, the exporter reads documents by its
+keys and routes them with :class:`Route`, the importer applies tables in its
+order (header first, so child foreign keys hold) and checks its control totals.
+
+A site either uses the reference retail schema (:func:`reference_catalog`) or
+maps its own POS tables in ``exchange.toml`` (:func:`catalog_from_config`,
+format in docs/CATALOG.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
+
+from sqlalchemy import Engine, MetaData, Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from exchange.errors import ConfigError, DatabaseError
+
+__all__ = [
+    "Owner", "RouteKind", "PeerInfo", "Route", "DocType", "Catalog",
+    "reference_catalog", "catalog_from_config",
+]
+
+Owner = Literal["ho", "store"]
+RouteKind = Literal["all", "group", "column", "ho"]
+_OWNERS: tuple[str, ...] = get_args(Owner)
+_ROUTE_KINDS: tuple[str, ...] = get_args(RouteKind)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What routing needs to know about a peer: its id, role and store groups."""
+
+    id: str
+    role: Owner
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a document goes, decided from its header row.
+
+    - ``all``: every store;
+    - ``group``: the stores in the group named in ``column`` (NULL: every store);
+    - ``column``: the store whose id is in ``column`` (a transfer order's destination);
+    - ``ho``: the head office (store-owned documents).
+    """
+
+    kind: RouteKind
+    column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _ROUTE_KINDS:
+            raise ConfigError(f"unknown route kind {self.kind!r} (known: {', '.join(_ROUTE_KINDS)})")
+        needs_column = self.kind in ("group", "column")
+        if needs_column and not self.column:
+            raise ConfigError(f"route {self.kind!r} needs a column: write \"{self.kind}:COLUMN\"")
+        if not needs_column and self.column is not None:
+            raise ConfigError(f"route {self.kind!r} takes no column (got {self.column!r})")
+
+    @classmethod
+    def parse(cls, text: str) -> Route:
+        """``"all"``, ``"ho"``, ``"group:COL"`` or ``"column:COL"`` as written in exchange.toml."""
+        if not isinstance(text, str):
+            raise ConfigError(f"a route is a string such as \"all\" or \"column:store_id\", not {text!r}")
+        kind, sep, column = text.strip().partition(":")
+        if kind not in _ROUTE_KINDS:
+            raise ConfigError(
+                f"unknown route {text!r}: use \"all\", \"ho\", \"group:COLUMN\" or \"column:COLUMN\"")
+        return cls(cast(RouteKind, kind), column.strip() if sep else None)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.column}" if self.column else self.kind
+
+    def targets(self, header_row: Mapping[str, Any], peers: Sequence[PeerInfo]) -> list[str]:
+        """The ids of the peers (in ``peers`` order) that must receive the document."""
+        stores = [p for p in peers if p.role == "store"]
+        if self.kind == "ho":
+            return [p.id for p in peers if p.role == "ho"]
+        if self.kind == "all":
+            return [p.id for p in stores]
+        assert self.column is not None
+        try:
+            value = header_row[self.column]
+        except KeyError:
+            raise ConfigError(f"route {self} names column {self.column!r}, absent from the row") from None
+        if self.kind == "group":
+            if value is None:
+                return [p.id for p in stores]
+            return [p.id for p in stores if str(value) in p.groups]
+        if value is None:
+            return []
+        return [p.id for p in stores if p.id == str(value)]
+
+
+@dataclass(frozen=True)
+class DocType:
+    """A business document: a header table plus child tables sharing its key."""
+
+    name: str
+    header: str
+    children: tuple[str, ...]
+    key: tuple[str, ...]
+    owner: Owner
+    route: Route
+    totals: tuple[str, ...] = field(default=())
+    #: Store-sent types: the header column(s) naming the store a document belongs to. The HO applies
+    #: a store's document only when each of them holds the signing store's id (docs/SECURITY.md).
+    owner_columns: tuple[str, ...] = field(default=())
+
+    def tables(self) -> tuple[str, ...]:
+        """Header first, then children: the order to insert (reverse it to delete)."""
+        return (self.header, *self.children)
+
+
+class Catalog:
+    """The document types of a node, checked against the table definitions."""
+
+    def __init__(self, metadata: MetaData, doc_types: Sequence[DocType]) -> None:
+        self.metadata = metadata
+        self._docs: dict[str, DocType] = {}
+        self._by_table: dict[str, DocType] = {}
+        for doc in doc_types:
+            self._check(doc)
+            if doc.name in self._docs:
+                raise ConfigError(f"document type {doc.name!r} is defined twice")
+            for table in doc.tables():
+                other = self._by_table.get(table)
+                if other is not None:
+                    raise ConfigError(
+                        f"table {table!r} belongs to document types {other.name!r} and {doc.name!r}; "
+                        "a table can be part of one document type only")
+                self._by_table[table] = doc
+            self._docs[doc.name] = doc
+
+    def _check(self, doc: DocType) -> None:
+        where = f"document type {doc.name!r}"
+        if not doc.name:
+            raise ConfigError("a document type needs a name")
+        if doc.owner not in _OWNERS:
+            raise ConfigError(f"{where}: owner must be \"ho\" or \"store\", not {doc.owner!r}")
+        if not doc.key:
+            raise ConfigError(f"{where}: key must name at least one column")
+        if len(set(doc.key)) != len(doc.key):
+            raise ConfigError(f"{where}: key {list(doc.key)} repeats a column")
+        if len(set(doc.tables())) != len(doc.tables()):
+            raise ConfigError(f"{where}: a table is listed twice in {list(doc.tables())}")
+        for name in doc.tables():
+            table = self._lookup(name, where)
+            missing = [k for k in doc.key if k not in table.c]
+            if missing:
+                raise ConfigError(
+                    f"{where}: key column(s) {', '.join(missing)} missing from table {name!r} "
+                    f"(the header and every child carry the key columns {', '.join(doc.key)})")
+        header = self.metadata.tables[doc.header]
+        if doc.route.column is not None and doc.route.column not in header.c:
+            raise ConfigError(
+                f"{where}: route {doc.route} names column {doc.route.column!r}, "
+                f"absent from header table {doc.header!r}")
+        if doc.owner == "store" and doc.route.kind != "ho":
+            raise ConfigError(f"{where}: a store-owned document goes to the HO: route must be \"ho\", "
+                              f"not {str(doc.route)!r}")
+        if doc.owner == "store" and not doc.owner_columns:
+            raise ConfigError(
+                f"{where}: a store-sent document must name the column(s) holding its owner's store id, "
+                "or one store could write another store's documents",
+                hint=f"Add owner_columns = [\"store_id\"] (the header column holding the store id) to the "
+                     f"[[catalog.doc]] of {doc.name!r} in exchange.toml.")
+        if doc.owner == "ho" and doc.owner_columns:
+            raise ConfigError(f"{where}: owner_columns is for store-sent documents; HO documents are "
+                              "written by the HO only")
+        missing_owner = [c for c in doc.owner_columns if c not in header.c]
+        if missing_owner:
+            raise ConfigError(f"{where}: owner column(s) {', '.join(missing_owner)} missing from header "
+                              f"table {doc.header!r}")
+        if doc.owner == "ho" and doc.route.kind == "ho":
+            raise ConfigError(f"{where}: an HO-owned document cannot be routed to the HO; "
+                              "use \"all\", \"group:COLUMN\" or \"column:COLUMN\"")
+        for total in doc.totals:
+            table_name, dot, column = total.partition(".")
+            if not dot or not table_name or not column:
+                raise ConfigError(f"{where}: total {total!r} must be written \"table.column\"")
+            if table_name not in doc.tables():
+                raise ConfigError(f"{where}: total {total!r} names table {table_name!r}, "
+                                  f"not one of the document's tables {list(doc.tables())}")
+            if column not in self.metadata.tables[table_name].c:
+                raise ConfigError(f"{where}: total {total!r}: table {table_name!r} has no column {column!r}")
+
+    def _lookup(self, name: str, where: str) -> Table:
+        table = self.metadata.tables.get(name)
+        if table is None:
+            known = ", ".join(sorted(self.metadata.tables)) or "none"
+            raise ConfigError(f"{where}: table {name!r} does not exist (tables: {known})")
+        return table
+
+    @property
+    def names(self) -> list[str]:
+        """Document type names, in catalog order (masters first: apply in this order)."""
+        return list(self._docs)
+
+    def __iter__(self) -> Iterator[DocType]:
+        return iter(self._docs.values())
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._docs
+
+    def get(self, name: str) -> DocType:
+        try:
+            return self._docs[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown document type {name!r} (known: {', '.join(self._docs) or 'none'})") from None
+
+    def owned_by(self, role: Owner) -> list[DocType]:
+        return [d for d in self._docs.values() if d.owner == role]
+
+    def doc_for_table(self, table: str) -> DocType | None:
+        """The document type a table belongs to, if any."""
+        return self._by_table.get(table)
+
+    def table(self, name: str) -> Table:
+        return self._lookup(name, "catalog")
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.names})"
+
+
+def _reference_doc_types() -> list[DocType]:
+    ho, to_ho = Route("all"), Route("ho")
+    owner = ("store_id",)  # store-sent documents belong to the store named here
+    return [
+        DocType("item", "item", ("item_barcode",), ("item_id",), "ho", ho,
+                ("item.price",)),
+        DocType("promotion", "promotion", ("promotion_item",), ("promo_id",), "ho",
+                Route("group", "store_group"), ("promotion_item.promo_price",)),
+        DocType("transfer_order", "transfer_order", ("transfer_order_line",), ("to_id",), "ho",
+                Route("column", "dest_store"),
+                ("transfer_order.total_value", "transfer_order_line.qty")),
+        DocType("sales_order", "sales_order", ("sales_order_line",), ("so_id",), "ho",
+                Route("column", "store_id"),
+                ("sales_order.total", "sales_order_line.qty", "sales_order_line.amount")),
+        DocType("sales_invoice", "sales_invoice", ("sales_invoice_line",), ("invoice_id",), "ho",
+                Route("column", "store_id"),
+                ("sales_invoice.total", "sales_invoice.tax", "sales_invoice_line.qty",
+                 "sales_invoice_line.amount", "sales_invoice_line.tax")),
+        DocType("audit_plan", "audit_plan", ("audit_plan_line",), ("plan_id",), "ho",
+                Route("column", "store_id"), ()),
+        DocType("customer", "customer", (), ("store_id", "customer_id"), "store", to_ho, (), owner),
+        DocType("sales_bill", "sales_bill", ("sales_bill_line", "sales_bill_payment"),
+                ("store_id", "bill_no"), "store", to_ho,
+                ("sales_bill.total", "sales_bill.tax", "sales_bill_line.qty", "sales_bill_line.amount",
+                 "sales_bill_line.tax", "sales_bill_payment.amount"), owner),
+        DocType("grc", "grc", ("grc_line",), ("store_id", "grc_no"), "store", to_ho,
+                ("grc_line.qty",), owner),
+        DocType("grt", "grt", ("grt_line",), ("store_id", "grt_no"), "store", to_ho,
+                ("grt_line.qty", "grt_line.amount"), owner),
+    ]
+
+
+def reference_catalog() -> Catalog:
+    """The document types of the reference retail schema (:data:`exchange.database.schema.RETAIL`)."""
+    from exchange.database.schema import RETAIL
+
+    return Catalog(RETAIL, _reference_doc_types())
+
+
+_CATALOG_KEYS = {"schema", "doc"}
+_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals", "owner_columns"}
+_SCHEMAS = ("reference", "database")
+
+
+def _str_list(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{what} must be a list of names, not {value!r}")
+    return tuple(value)
+
+
+def _doc_from_config(entry: Any, index: int) -> DocType:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"[[catalog.doc]] #{index + 1} must be a table, not {entry!r}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"[[catalog.doc]] #{index + 1} needs name = \"...\"")
+    where = f"[[catalog.doc]] {name!r}"
+    unknown = set(entry) - _DOC_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(_DOC_KEYS))})")
+    header = entry.get("header", name)
+    if not isinstance(header, str) or not header:
+        raise ConfigError(f"{where}: header must be a table name, not {header!r}")
+    if "key" not in entry:
+        raise ConfigError(f"{where} needs key = [\"column\", ...]")
+    owner = entry.get("owner")
+    if owner not in _OWNERS:
+        raise ConfigError(f"{where}: owner must be \"ho\" or \"store\", not {owner!r}")
+    route_text = entry.get("route", "ho" if owner == "store" else "all")
+    try:
+        route = Route.parse(route_text)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    return DocType(
+        name=name,
+        header=header,
+        children=_str_list(entry.get("children", []), f"{where}: children"),
+        key=_str_list(entry["key"], f"{where}: key"),
+        owner=cast(Owner, owner),
+        route=route,
+        totals=_str_list(entry.get("totals", []), f"{where}: totals"),
+        owner_columns=_str_list(entry.get("owner_columns", []), f"{where}: owner_columns"),
+    )
+
+
+def _reflect(engine: Engine, tables: Sequence[str]) -> MetaData:
+    metadata = MetaData()
+    try:
+        metadata.reflect(bind=engine, only=list(dict.fromkeys(tables)))
+    except SQLAlchemyError as exc:
+        if "Could not reflect" in str(exc) or "not available" in str(exc):
+            raise ConfigError(f"[catalog]: {exc}", hint="Create the tables first, or fix the table names "
+                              "in [[catalog.doc]] of exchange.toml.") from exc
+        raise DatabaseError(f"cannot read the table definitions of the catalog: {exc}") from exc
+    return metadata
+
+
+def catalog_from_config(cfg: Mapping[str, Any], *, reflect_from: Engine | None = None) -> Catalog:
+    """The catalog described by the ``[catalog]`` table of exchange.toml.
+
+    ``cfg`` is that table; a whole config mapping holding a ``catalog`` table is
+    accepted too. ``schema = "reference"`` (the default without ``[[catalog.doc]]``)
+    uses the built-in retail tables; ``schema = "database"`` (the default with
+    ``[[catalog.doc]]``) reflects the named tables from ``reflect_from``, the
+    node's own database, so a site maps its POS tables without writing Python.
+    """
+    section: Any = cfg.get("catalog", cfg) if isinstance(cfg, Mapping) else cfg
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"[catalog] must be a table, not {section!r}")
+    unknown = set(section) - _CATALOG_KEYS
+    if unknown:
+        raise ConfigError(f"[catalog]: unknown setting(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(_CATALOG_KEYS))})")
+    entries = section.get("doc", [])
+    if not isinstance(entries, list):
+        raise ConfigError("[catalog]: doc must be an array of tables: write [[catalog.doc]]")
+    schema = section.get("schema", "database" if entries else "reference")
+    if schema not in _SCHEMAS:
+        raise ConfigError(f"[catalog]: schema must be \"reference\" or \"database\", not {schema!r}")
+    doc_types = [_doc_from_config(entry, i) for i, entry in enumerate(entries)]
+    if schema == "reference":
+        if not doc_types:
+            return reference_catalog()
+        from exchange.database.schema import RETAIL
+
+        return Catalog(RETAIL, doc_types)
+    if not doc_types:
+        raise ConfigError("[catalog]: schema = \"database\" needs at least one [[catalog.doc]]")
+    if reflect_from is None:
+        raise ConfigError("[catalog]: the site's tables must be read from its database, "
+                          "but no database was given", hint="Set database.url in exchange.toml.")
+    tables = [t for doc in doc_types for t in doc.tables()]
+    return Catalog(_reflect(reflect_from, tables), doc_types)

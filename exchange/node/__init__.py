@@ -1,0 +1,1 @@
+"""A node home: its configuration, keys, peers and locks."""

@@ -1,0 +1,186 @@
+"""The node home and ``exchange.toml``: node id, role, database, peers, schedule.
+
+Peers' signing keys live in ``keys/allowed_signers`` (the OpenSSH trust store),
+everything else about a peer in ``exchange.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from exchange.errors import ConfigError, FormatError
+from exchange.wire.formats import check_node_id
+
+Role = Literal["ho", "store"]
+CONFIG_NAME = "exchange.toml"
+HOME_ENV = "EXCHANGE_HOME"
+
+
+@dataclass
+class Peer:
+    id: str
+    role: Role
+    recipient: str
+    transport: str | None = None
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
+class NodeConfig:
+    home: Path
+    id: str
+    role: Role
+    database: str
+    sync_interval: int = 900
+    resend_after: int = 3600
+    max_bundle_rows: int = 20_000
+    auditors: tuple[str, ...] = ()
+    peers: dict[str, Peer] = field(default_factory=dict)
+    catalog: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # folders (DESIGN.md "Node home")
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def outbox(self) -> Path:
+        return self.home / "outbox"
+
+    @property
+    def inbox(self) -> Path:
+        return self.home / "inbox"
+
+    @property
+    def archive_sent(self) -> Path:
+        return self.home / "archive" / "sent"
+
+    @property
+    def archive_received(self) -> Path:
+        return self.home / "archive" / "received"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def work(self) -> Path:
+        """Scratch space on the same filesystem as the spool (renames stay atomic)."""
+        return self.home / ".work"
+
+    def folders(self) -> list[Path]:
+        return [self.keys_dir, self.outbox, self.inbox, self.archive_sent,
+                self.archive_received, self.quarantine, self.work]
+
+    def peer(self, peer_id: str) -> Peer:
+        try:
+            return self.peers[peer_id]
+        except KeyError:
+            known = ", ".join(sorted(self.peers)) or "none"
+            raise ConfigError(f"unknown peer {peer_id!r} (known peers: {known})",
+                              hint="Add it with `exchange peer add`.") from None
+
+    def to_toml(self) -> dict[str, Any]:
+        node: dict[str, Any] = {
+            "id": self.id, "role": self.role, "database": self.database,
+            "sync_interval": self.sync_interval, "resend_after": self.resend_after,
+            "max_bundle_rows": self.max_bundle_rows, "auditors": list(self.auditors),
+        }
+        peers: dict[str, Any] = {}
+        for p in self.peers.values():
+            entry: dict[str, Any] = {"role": p.role, "recipient": p.recipient, "groups": list(p.groups)}
+            if p.transport:
+                entry["transport"] = p.transport
+            peers[p.id] = entry
+        out: dict[str, Any] = {"node": node, "peers": peers}
+        if self.catalog:
+            out["catalog"] = self.catalog
+        out.update(self.extra)
+        return out
+
+    def save(self) -> None:
+        import tomli_w
+
+        from exchange.node.perms import write_private_atomic
+
+        write_private_atomic(self.home / CONFIG_NAME, tomli_w.dumps(self.to_toml()).encode())
+
+
+def resolve_home(home: str | Path | None) -> Path:
+    if home is None:
+        env = os.environ.get(HOME_ENV)
+        if not env:
+            raise ConfigError("no node home given", hint=f"Pass --home DIR or set {HOME_ENV}.")
+        home = env
+    return Path(home).expanduser().resolve()
+
+
+def default_database(home: Path) -> str:
+    return f"sqlite:///{home / 'exchange.db'}"
+
+
+def _role(value: Any, where: str) -> Role:
+    if value not in ("ho", "store"):
+        raise ConfigError(f"{where}: role must be 'ho' or 'store', not {value!r}")
+    return "ho" if value == "ho" else "store"
+
+
+def _node_id(value: Any, where: str) -> str:
+    try:
+        return check_node_id(str(value))
+    except FormatError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
+    """Read ``<home>/exchange.toml``; ConfigError with the file and problem if bad.
+
+    A home or config another account can write is refused (``check_modes``
+    off only for ``exchange doctor``, which reports it among its checks).
+    """
+    from exchange.node.perms import check_not_writable_by_others
+
+    root = resolve_home(home)
+    path = root / CONFIG_NAME
+    if check_modes:
+        check_not_writable_by_others(root, "node home")
+        check_not_writable_by_others(path, "config")
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: {root} is not a node home",
+                          hint="Create one with `exchange init --home DIR --node ID --role ho|store`.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    node = data.get("node")
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: missing [node] table")
+    where = f"{path} [node]"
+    try:
+        cfg = NodeConfig(
+            home=root,
+            id=_node_id(node.get("id"), where),
+            role=_role(node.get("role"), where),
+            database=str(node.get("database") or default_database(root)),
+            sync_interval=int(node.get("sync_interval", 900)),
+            resend_after=int(node.get("resend_after", 3600)),
+            max_bundle_rows=int(node.get("max_bundle_rows", 20_000)),
+            auditors=tuple(str(a) for a in node.get("auditors", ())),
+            catalog=dict(data.get("catalog", {})),
+            extra={k: v for k, v in data.items() if k not in ("node", "peers", "catalog")},
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    for pid, p in (data.get("peers") or {}).items():
+        pw = f"{path} [peers.{pid}]"
+        if not isinstance(p, dict) or "recipient" not in p:
+            raise ConfigError(f"{pw}: needs at least role and recipient")
+        cfg.peers[pid] = Peer(
+            id=_node_id(pid, pw), role=_role(p.get("role"), pw), recipient=str(p["recipient"]),
+            transport=p.get("transport"), groups=tuple(str(g) for g in p.get("groups", ())))
+    return cfg

@@ -1,0 +1,122 @@
+"""Private files of a node home: created 0600 / 0700 whatever the umask, refused when others can write them.
+
+A node home holds secrets (keys), the trust store that decides whose bundles
+apply (``allowed_signers``, ``known_hosts``), the configuration naming peers
+and the database. Another account that can write any of them can make this
+node trust its key, so modes are set explicitly at creation (never left to the
+umask) and checked again at load, with the ``chmod`` that fixes a bad one.
+POSIX only: on Windows the home is protected with NTFS permissions
+(docs/SERVICE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import sys
+from pathlib import Path
+
+from exchange.errors import ConfigError
+from exchange.files import fsync_dir
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def posix() -> bool:
+    return sys.platform != "win32"
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents, with default modes) and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True)
+    if posix():
+        os.chmod(path, DIR_MODE)
+
+
+def make_private_dirs(root: Path, path: Path) -> None:
+    """Create ``path`` and every folder between it and ``root`` 0700 (``root`` must exist)."""
+    current = root
+    for name in path.relative_to(root).parts:
+        current = current / name
+        make_private_dir(current)
+
+
+def _open_new(path: Path) -> int:
+    """A new file descriptor on a file created here, 0600 (never through a link left at that name)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, FILE_MODE)
+    if posix():
+        os.fchmod(fd, FILE_MODE)
+    return fd
+
+
+def create_private(path: Path, data: bytes = b"") -> None:
+    """Create ``path`` 0600 with ``data``, refusing to overwrite anything already there."""
+    fd = _open_new(path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def write_private_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` via a fresh 0600 ``.part`` file, fsync and rename."""
+    part = path.with_name(path.name + ".part")
+    part.unlink(missing_ok=True)  # a stale .part from a crash; unlink never follows a link
+    try:
+        with os.fdopen(_open_new(part), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
+    fsync_dir(path.parent)
+
+
+def chmod_fix(path: Path, is_dir: bool = False) -> str:
+    """The exact command that gives ``path`` its private mode."""
+    return f"chmod {'700' if is_dir else '600'} {shlex.quote(str(path))}"
+
+
+def mode_problem(st: os.stat_result, *, private: bool) -> str | None:
+    """What is wrong with a file's owner or mode, or None.
+
+    ``private`` also refuses read access by group or others (a secret, or the
+    doctor's check); otherwise only write access by them is refused.
+    """
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"is owned by uid {st.st_uid}, not by this account (uid {os.geteuid()}) or root"
+    mode = stat.S_IMODE(st.st_mode)
+    bad = (stat.S_IRWXG | stat.S_IRWXO) if private else (stat.S_IWGRP | stat.S_IWOTH)
+    if mode & bad:
+        who = " and ".join(w for w, bits in (("group", stat.S_IRWXG), ("others", stat.S_IRWXO)) if mode & bad & bits)
+        what = "accessible" if private else "writable"
+        return f"has mode {mode:04o}: {what} by {who}"
+    return None
+
+
+def owner_fix(path: Path) -> str:
+    return f"chown {os.geteuid()} {shlex.quote(str(path))} (as root), then {chmod_fix(path, path.is_dir())}"
+
+
+def check_not_writable_by_others(path: Path, what: str) -> None:
+    """Refuse a trust store, config or key (or its folder) that another account can write.
+
+    Follows a symbolic link: what matters is the file actually read.
+    """
+    if not posix():
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # the caller reports a missing file in its own words
+    problem = mode_problem(st, private=False)
+    if problem is None:
+        return
+    is_dir = stat.S_ISDIR(st.st_mode)
+    fix = owner_fix(path) if st.st_uid not in (os.geteuid(), 0) else chmod_fix(path, is_dir)
+    raise ConfigError(f"{what} {path} {problem}; another account could change what this node trusts",
+                      hint=f"Run: {fix}")

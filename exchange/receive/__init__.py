@@ -1,0 +1,1 @@
+"""The receive side: inbox -> checks -> database -> ack."""

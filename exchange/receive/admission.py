@@ -1,0 +1,108 @@
+"""What a peer's bundle may write: only the documents it announces, and only documents it owns.
+
+A genuine signature proves who sent a file, not that the sender may write what
+it contains. A store is a PC in a shop: stolen, infected or misused, it still
+holds its own genuine keys. So before anything of a bundle is applied:
+
+- every row of every table belongs to a document the bundle's events announce
+  as an upsert (a child row smuggled in under another document's key, or a
+  table of a type the events never name, would otherwise be written);
+- a store-sent document belongs to the signing store: each owner column
+  (``DocType.owner_columns``, reference schema ``store_id``) holds the sender's
+  id, in the rows sent and in the rows the receiver already has under that key,
+  for upserts and deletes alike.
+
+A violation refuses the whole bundle (:class:`exchange.errors.OwnershipError`):
+nothing of it is applied, the sender gets a REJECTED ack naming the document,
+the claimed owner and the sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import pyarrow as pa
+from sqlalchemy import Connection
+
+from exchange.database import rows
+from exchange.database.catalog import Catalog, DocType
+from exchange.errors import OwnershipError
+from exchange.wire.formats import EVENTS_TABLE
+
+#: (doc_key, op, version) of one document type's events in a bundle
+Events = Sequence[tuple[str, str, int]]
+
+
+def key_text(doc_key: str) -> str:
+    """A document key as an operator reads it: its values joined by '/'."""
+    try:
+        return "/".join(rows.parse_key(doc_key))
+    except ValueError:
+        return doc_key[:80]
+
+
+def check_tables_announced(catalog: Catalog, tables: Iterable[str], announced: Mapping[str, Events]) -> None:
+    """Every table of the bundle belongs to a document type its events name."""
+    for name in tables:
+        if name == EVENTS_TABLE:
+            continue
+        dt = catalog.doc_for_table(name)
+        if dt is None or dt.name not in announced:
+            raise OwnershipError(
+                f"the bundle carries table {name}, but its events announce no "
+                f"{dt.name + ' documents' if dt else 'document type of that table'}: "
+                "nothing of the bundle was applied")
+
+
+def check_rows_announced(dt: DocType, data: Mapping[str, pa.Table], upserts: set[str]) -> None:
+    """Every row of every table of ``dt`` belongs to a document announced as an upsert."""
+    for name, table in data.items():
+        if not table.num_rows:
+            continue
+        distinct = table.select(list(dt.key)).group_by(list(dt.key)).aggregate([])
+        outside = [k for k in rows.row_keys(distinct, dt.key) if k not in upserts]
+        if outside:
+            raise OwnershipError(
+                f"table {name} holds rows of {dt.name} {key_text(outside[0])}"
+                + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else "")
+                + ", which the bundle's events do not announce: nothing of the bundle was applied")
+
+
+def check_owner(conn: Connection, catalog: Catalog, dt: DocType, sender: str, events: Events,
+                header: pa.Table | None) -> None:
+    """Each document of ``dt`` in the bundle, and what the receiver holds under its key, is ``sender``'s."""
+    if not dt.owner_columns:
+        return
+    keys = [k for k, _op, _v in events]
+    in_key = [c for c in dt.owner_columns if c in dt.key]
+    if in_key:
+        at = [dt.key.index(c) for c in in_key]
+        for k in keys:
+            values = rows.parse_key(k)
+            for col, i in zip(in_key, at, strict=True):
+                if values[i] != sender:
+                    _refuse(dt, k, col, values[i], sender)
+    rest = [c for c in dt.owner_columns if c not in dt.key]
+    if not rest:
+        return  # the key names the owner: the rows sent and the rows held agree with it
+    if header is not None:
+        _check_column_owners(dt, header, rest, sender)
+    held = rows.read_docs(conn, catalog.table(dt.header), dt.key, keys)
+    _check_column_owners(dt, held, rest, sender, held_here=True)
+
+
+def _check_column_owners(dt: DocType, table: pa.Table, columns: Sequence[str], sender: str,
+                         held_here: bool = False) -> None:
+    for col in columns:
+        values = table.column(col).to_pylist()
+        for i, v in enumerate(values):
+            if v is None or str(v) != sender:
+                key = rows.row_keys(table.slice(i, 1), dt.key)[0]
+                _refuse(dt, key, col, v, sender, held_here)
+
+
+def _refuse(dt: DocType, key: str, column: str, owner: object, sender: str, held_here: bool = False) -> None:
+    where = " as held here" if held_here else ""
+    raise OwnershipError(
+        f"{dt.name} {key_text(key)}{where} belongs to {owner!s} ({column}), but the bundle was signed by {sender}: "
+        "a store may only write its own documents; nothing of the bundle was applied")

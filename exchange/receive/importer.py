@@ -1,0 +1,750 @@
+"""Bundles in the inbox -> the database, strictly in stream order; then the ack.
+
+``import_file`` is the core (the watcher only debounces and calls it). Per
+bundle: verify the outer layer, place it in its stream (duplicate, waiting,
+held, next), decrypt and check every hash, then apply in one transaction that
+also moves the stream position and stores the signed ack. The ack file is
+written after the commit and the bundle archived after that, so a crash at any
+point is repaired by the next run (a bundle already applied is re-acked, never
+re-applied).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from sqlalchemy import Connection, and_, delete, func, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
+
+from exchange.database import rows
+from exchange.database.arrow_memory import system_pool
+from exchange.database.capture import suppress_capture
+from exchange.database.catalog import DocType
+from exchange.database.tables import (
+    begin_write,
+    xchg_delivery,
+    xchg_doc_version,
+    xchg_parked,
+    xchg_received,
+    xchg_sent,
+    xchg_stream_in,
+)
+from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
+from exchange.faults import crashpoint
+from exchange.files import free_name, fsync_dir, move_entry
+from exchange.node.home import Node
+from exchange.progress import NullReporter, Reporter
+from exchange.receive import admission
+from exchange.send.export import EVENTS_SCHEMA, control_totals
+from exchange.wire.bundle import (
+    Ack,
+    BundleReader,
+    Head,
+    Heads,
+    HeldError,
+    Opened,
+    build_ack,
+    read_ack,
+    sha256_file,
+    utc_now,
+    write_file_atomic,
+)
+from exchange.wire.formats import (
+    EVENTS_TABLE,
+    INNER_MANIFEST,
+    ack_name,
+    is_exchange_file,
+    parse_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    file: str
+    status: str  # APPLIED WAITING HELD FAILED QUARANTINED DUPLICATE PROCESSED REJECTED
+    reason: str = ""
+    peer: str = ""
+    seq: int = 0
+    parked: int = 0
+    applied: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- quarantine
+
+def quarantine(node: Node, path: Path, exc: ExchangeError | str) -> Path:
+    """Move a file aside with a reason file beside it; never delete it.
+
+    The entry itself moves (a link as a link, a FIFO as a FIFO): what a link
+    points to is never read, copied or changed.
+    """
+    q = node.cfg.quarantine
+    q.mkdir(parents=True, exist_ok=True)
+    target = free_name(q, path.name)
+    reason = {"file": path.name, "time": utc_now().isoformat(),
+              "error": type(exc).__name__ if isinstance(exc, ExchangeError) else "Rejected",
+              "reason": str(exc), "hint": getattr(exc, "hint", "")}
+    write_file_atomic(target.with_name(target.name + ".reason"),
+                      (json.dumps(reason, indent=1) + "\n").encode())
+    _move_out(path, target)
+    log.warning("%s QUARANTINED: %s", path.name, exc, extra={"file": path.name, "status": "QUARANTINED"})
+    return target
+
+
+def _move_out(path: Path, target: Path) -> None:
+    """Move a file out of the inbox as link + unlink where possible.
+
+    A rename out of a watched folder makes watchdog hold every later event of
+    that folder for half a second (it waits for the other half of the move);
+    a link and an unlink are seen at once. The file exists in the archive
+    before it leaves the inbox either way.
+    """
+    try:
+        os.link(path, target, follow_symlinks=False)  # a link is linked as itself, never its target
+    except OSError:  # another filesystem, no hard links, a folder: a rename (or a fresh copy)
+        move_entry(path, target)
+        return
+    fsync_dir(target.parent)
+    path.unlink()
+
+
+def _archive(node: Node, path: Path, sub: str = "") -> None:
+    dest = node.cfg.archive_received / sub if sub else node.cfg.archive_received
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / path.name
+    if os.path.lexists(target):  # a dangling link counts: nothing is written through it
+        stamped = f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
+        target, n = dest / stamped, 1
+        while os.path.lexists(target):  # never overwrite an archived copy, even within one second
+            target, n = dest / f"{stamped}.{n}", n + 1
+    _move_out(path, target)
+
+
+# ---------------------------------------------------------------- received rows
+
+def _set_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
+    cond = and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq)
+    if not conn.execute(update(xchg_received).where(cond).values(**values)).rowcount:
+        values.setdefault("summary", "{}")
+        values.setdefault("received_at", utc_now())
+        conn.execute(xchg_received.insert().values(peer=peer, seq=seq, **values))
+
+
+def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, str | None]:
+    q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+        xchg_stream_in.c.peer == peer)
+    row = conn.execute(q.with_for_update() if lock else q).first()
+    return (int(row[0]), row[1]) if row else (0, None)
+
+
+def _heads(conn: Connection, peer: str, received: tuple[int, str | None]) -> Heads:
+    """This node's position in both streams with ``peer``, signed into the ack as evidence
+    ``exchange audit verify`` checks the peer's archive against (docs/AUDIT.md)."""
+    last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256).where(xchg_sent.c.peer == peer)
+                        .order_by(xchg_sent.c.seq.desc()).limit(1)).first()
+    acked = conn.execute(select(func.max(xchg_sent.c.seq)).where(and_(
+        xchg_sent.c.peer == peer, xchg_sent.c.status == "PROCESSED"))).scalar()
+    sent = Head(int(last[0]), last[1], int(acked or 0)) if last else Head(0, None, 0)
+    return Heads(Head(received[0], received[1] if received[0] else None), sent)
+
+
+def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
+    name = ack_name(node.id, peer, seq)
+    try:
+        write_file_atomic(node.cfg.outbox / name, ack)
+    except OSError as exc:  # a full disk: the ack is in the database, the next run writes it again
+        raise ExchangeError(f"cannot write ack {name} in {node.cfg.outbox}: {exc.strerror or exc}",
+                            hint="Free disk space there, then sync again: the bundle stays in the inbox "
+                                 "and is acknowledged then (it is not applied twice).") from exc
+
+
+# ---------------------------------------------------------------- import
+
+def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None,
+                 rotate: int = 0) -> list[Outcome]:
+    """Process every complete file in the inbox: acks, then bundles in stream order.
+
+    Each stream is taken under its lock (``exchange.receive.workers.try_lock``); a
+    stream another worker holds is skipped, so several workers can run this
+    at once. ``rotate`` staggers where each worker starts. A database that
+    cannot be used (full disk, unreachable) stops the run with a DatabaseError;
+    the files stay in the inbox for the next run.
+    """
+    try:
+        with system_pool():
+            return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"import stopped: {_error_text(exc)}",
+                            hint="Free disk space for the database (or restore its connection), then sync "
+                                 "again; the files wait in the inbox.") from exc
+
+
+def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int) -> list[Outcome]:
+    from exchange.receive.workers import try_lock
+
+    rep = reporter or NullReporter()
+    files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)]
+    streams: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for p in files:
+        fn = parse_name(p.name)
+        streams[(fn.kind, fn.a)].append(p)
+    order = sorted(streams)
+    if order and rotate:
+        k = rotate % len(order)
+        order = order[k:] + order[:k]
+    out: list[Outcome] = []
+    total = sum(len(v) for v in streams.values())
+    if total:
+        rep.start("import", total)
+    for kind, peer in sorted(order, key=lambda s: s[0] != "ack"):  # acks first, then bundles
+        with try_lock(node, f"{kind}-{peer}") as got:
+            if not got:
+                continue
+            for p in sorted(streams[(kind, peer)], key=lambda p: parse_name(p.name).seq):
+                if os.path.lexists(p):  # a dangling link too: set aside as what it is
+                    out.append(handle_ack(node, p, reporter=rep) if kind == "ack"
+                               else import_file(node, p, retry=retry, reporter=rep))
+                rep.advance()
+    if total:
+        rep.finish()
+    if any(o.status == "APPLIED" for o in out) or retry:
+        with try_lock(node, "parked") as got:
+            if got:
+                retry_parked(node)
+    return out
+
+
+def import_file(node: Node, path: Path, *, retry: bool = False, dry_run: bool = False,
+                reporter: Reporter | None = None) -> Outcome:
+    """Verify, place and (if next in its stream) apply one bundle."""
+    with system_pool():
+        return _import_file(node, path, retry=retry, dry_run=dry_run, reporter=reporter)
+
+
+def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter: Reporter | None) -> Outcome:
+    rep = reporter or NullReporter()
+    try:
+        fn = parse_name(path.name)
+        if fn.kind != "bundle":
+            raise FormatError(f"{path.name}: not a bundle")
+        reader = BundleReader(path)
+    except BundleError as exc:
+        if dry_run:
+            return Outcome(path.name, "QUARANTINED", str(exc))
+        quarantine(node, path, exc)
+        rep.state(path.name, "QUARANTINED", str(exc))
+        return Outcome(path.name, "QUARANTINED", str(exc))
+    with reader:
+        try:
+            reader.verify_signature(node.trust)
+            reader.check_recipient(node.id)
+            m = reader.manifest
+            if (fn.a, fn.b, fn.seq) != (m.sender, m.recipient, m.seq):
+                raise FormatError(f"{path.name}: file name disagrees with the signed manifest "
+                                  f"({m.sender}.{m.recipient}.{m.seq:010d})")
+            if m.sender not in node.cfg.peers:
+                raise FormatError(f"{path.name}: sender {m.sender!r} is not a peer of this node")
+        except BundleError as exc:
+            if not dry_run:
+                quarantine(node, path, exc)
+                rep.state(path.name, "QUARANTINED", str(exc))
+            return Outcome(path.name, "QUARANTINED", str(exc))
+        return _place(node, path, reader, retry=retry, dry_run=dry_run, rep=rep)
+
+
+def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run: bool,
+           rep: Reporter) -> Outcome:
+    m = reader.manifest
+    peer, seq = m.sender, m.seq
+    file_sha = sha256_file(path)
+    with node.engine.begin() as conn:
+        last_seq, last_manifest = _stream_pos(conn, peer)
+        known = conn.execute(select(xchg_received).where(and_(
+            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).mappings().first()
+    if seq <= last_seq:
+        if known and known["file_sha256"] == file_sha and known["status"] == "APPLIED":
+            if not dry_run:
+                if known["ack"]:
+                    _write_ack(node, known["ack"], peer, seq)
+                _archive(node, path, "duplicates")
+                rep.state(path.name, "DUPLICATE", "already applied; re-acknowledged")
+            return Outcome(path.name, "DUPLICATE", "already applied; re-acknowledged", peer, seq)
+        reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
+                  f"(replay, rollback or fork); last applied seq is {last_seq}")
+        if not dry_run:
+            quarantine(node, path, reason)
+        return Outcome(path.name, "QUARANTINED", reason, peer, seq)
+    summary = "{}"
+    try:
+        reader.check_major()
+    except HeldError as exc:
+        if not dry_run:
+            _record(node, peer, seq, path.name, file_sha, m.sha256, "HELD", str(exc), rep)
+        return Outcome(path.name, "HELD", str(exc), peer, seq)
+    if seq > last_seq + 1:
+        reason = f"waiting for seq {last_seq + 1} of stream {peer}->{node.id}"
+        if not dry_run:
+            _record(node, peer, seq, path.name, file_sha, m.sha256, "WAITING", reason, rep)
+        return Outcome(path.name, "WAITING", reason, peer, seq)
+    if known and known["status"] == "FAILED" and not retry and not dry_run:
+        return Outcome(path.name, "FAILED", known["reason"] or "", peer, seq)
+    if m.prev != last_manifest:
+        reason = (f"hash chain broken: bundle's previous-manifest hash {m.prev} is not the last "
+                  f"applied manifest {last_manifest} of stream {peer}->{node.id}")
+        if not dry_run:
+            quarantine(node, path, reason)
+        return Outcome(path.name, "QUARANTINED", reason, peer, seq)
+    node.cfg.work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".open-", dir=node.cfg.work))
+    try:
+        try:
+            opened = reader.decrypt(node.identities, tmp)
+            crashpoint("import.decrypted")
+            documents = _documents(opened)
+        except OSError as exc:  # the local disk (full, unwritable): not the bundle's fault; next run retries
+            raise ExchangeError(f"{path.name}: cannot decrypt into {node.cfg.work}: {exc.strerror or exc}",
+                                hint="Free disk space on the node, then sync again.") from exc
+        except ExchangeError as exc:
+            if not dry_run:
+                quarantine(node, path, exc)
+                rep.state(path.name, "QUARANTINED", str(exc))
+            return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
+        summary = json.dumps({t: v.get("count", 0) + v.get("deletes", 0) for t, v in documents.items()})
+        return _apply_bundle(node, path, opened, summary, dry_run=dry_run, rep=rep)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_sha: str,
+            status: str, reason: str, rep: Reporter, summary: str | None = None,
+            ack: bytes | None = None) -> None:
+    values: dict[str, Any] = dict(file_name=name, file_sha256=file_sha, manifest_sha256=manifest_sha,
+                                  status=status, reason=reason)
+    if summary is not None:
+        values["summary"] = summary
+    if ack is not None:
+        values["ack"] = ack
+    with node.engine.begin() as conn:
+        old = conn.execute(select(xchg_received.c.status, xchg_received.c.reason).where(and_(
+            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).first()
+        _set_received(conn, peer, seq, **values)
+    if old is None or tuple(old) != (status, reason):
+        rep.state(name, status, reason)
+
+
+def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_run: bool,
+                  rep: Reporter) -> Outcome:
+    m = opened.manifest
+    peer, seq = m.sender, m.seq
+    try:
+        with node.engine.begin() as conn:
+            begin_write(conn)
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
+            last_seq, _ = _stream_pos(conn, peer, lock=True)
+            if last_seq >= seq:  # applied meanwhile by another worker
+                return Outcome(path.name, "DUPLICATE", "applied by another worker", peer, seq)
+            with suppress_capture(conn):
+                applied, parked = apply_documents(conn, node, peer, seq, opened)
+            crashpoint("import.applied")
+            if dry_run:
+                conn.rollback()
+                return Outcome(path.name, "APPLIED", "dry run: nothing changed", peer, seq,
+                               len(parked), applied)
+            now = utc_now()
+            ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+                            bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
+                            result="APPLIED", applied=applied, parked=parked, created=now,
+                            recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
+            if last_seq == 0 and not conn.execute(select(xchg_stream_in.c.peer).where(
+                    xchg_stream_in.c.peer == peer)).first():
+                conn.execute(xchg_stream_in.insert().values(peer=peer, last_seq=seq,
+                                                            last_manifest_sha256=m.sha256))
+            else:
+                conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
+                             .values(last_seq=seq, last_manifest_sha256=m.sha256))
+            reason = f"{len(parked)} documents parked" if parked else None
+            _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
+                          manifest_sha256=m.sha256, status="APPLIED", summary=summary,
+                          applied_at=now, reason=reason, ack=ack)
+    except BundleError as exc:  # malformed content found while applying (rolled back): set aside
+        if not dry_run:
+            quarantine(node, path, exc)
+            rep.state(path.name, "QUARANTINED", str(exc))
+        return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
+    except OperationalError as exc:  # the database itself (disk full, I/O error, connection lost), not the
+        # bundle: no FAILED, no REJECTED ack; the transaction rolled back and the next run applies it
+        raise DatabaseError(f"{path.name} not applied: {_error_text(exc)}",
+                            hint="Free disk space for the database (or restore its connection), then sync "
+                                 "again; the bundle waits in the inbox.") from exc
+    except (ApplyError, SQLAlchemyError) as exc:
+        reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
+        if dry_run:
+            return Outcome(path.name, "FAILED", reason, peer, seq)
+        try:
+            with node.engine.connect() as conn:
+                heads: Heads | None = _heads(conn, peer, _stream_pos(conn, peer))
+        except SQLAlchemyError:  # the database failed: an ack without heads claims nothing, still signed
+            heads = None
+        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+                        bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
+                        result="REJECTED", reason=reason, recipients=node.recipients_for(peer), heads=heads)
+        try:
+            _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, "FAILED", reason,
+                    rep, summary, ack)
+        except SQLAlchemyError as db_exc:
+            raise DatabaseError(f"cannot record failure of {path.name}: {db_exc}") from db_exc
+        _write_ack(node, ack, peer, seq)
+        return Outcome(path.name, "FAILED", reason, peer, seq)
+    crashpoint("import.committed")
+    _write_ack(node, ack, peer, seq)
+    crashpoint("import.acked")
+    _archive(node, path)
+    rep.state(path.name, "APPLIED", reason or "")
+    return Outcome(path.name, "APPLIED", reason or "", peer, seq, len(parked), applied)
+
+
+# ---------------------------------------------------------------- apply
+
+def _index(data: pa.Table, key_cols: tuple[str, ...]) -> dict[str, list[int]]:
+    idx: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(rows.row_keys(data, key_cols)):
+        idx[k].append(i)
+    return idx
+
+
+def _take(data: pa.Table, indices: list[int]) -> pa.Table:
+    """Rows by position; typed indices, so an empty selection (deletes only, all stale) works."""
+    return data.take(pa.array(indices, type=pa.int64()))
+
+
+def _stored_versions(conn: Connection, peer: str, doc_type: str, keys: list[str]) -> dict[str, int]:
+    """The versions last applied from ``peer`` (or recorded before versions were kept per sender)."""
+    out: dict[str, int] = {}
+    peers = (peer, LEGACY_PEER)
+    if len(keys) > rows.CHUNK and conn.dialect.name in ("sqlite", "postgresql"):
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        with rows.text_key_table(conn, keys) as kt:
+            found = conn.exec_driver_sql(
+                f"SELECT v.doc_key, v.version FROM xchg_doc_version v JOIN {kt} t ON v.doc_key = t.k "
+                f"WHERE v.doc_type = {mark} AND v.peer IN ({mark}, {mark})", (doc_type, *peers)).all()
+    else:
+        v = xchg_doc_version.c
+        found = [r for i in range(0, len(keys), rows.CHUNK) for r in conn.execute(
+            select(v.doc_key, v.version).where(and_(v.doc_type == doc_type, v.peer.in_(peers),
+                                                    v.doc_key.in_(keys[i:i + rows.CHUNK]))))]
+    for k, version in found:
+        out[k] = max(int(version), out.get(k, -1))
+    return out
+
+
+#: ``xchg_doc_version.peer`` of versions recorded before they were kept per sender (migration 5).
+LEGACY_PEER = ""
+
+
+def _set_versions(conn: Connection, peer: str, doc_type: str, versions: dict[str, int]) -> None:
+    """Record the versions applied from ``peer``, in bulk (one upsert; COPY on PostgreSQL)."""
+    if versions:
+        rows.upsert_rows(conn, xchg_doc_version, pa.table({
+            "peer": pa.array([peer] * len(versions), pa.string()),
+            "doc_type": pa.array([doc_type] * len(versions), pa.string()),
+            "doc_key": pa.array(list(versions), pa.string()),
+            "version": pa.array(list(versions.values()), pa.int64())}))
+
+
+def _write_docs(conn: Connection, node: Node, dt: DocType, keys: list[str],
+                data: dict[str, pa.Table], held: bool = True) -> None:
+    """Replace documents as units: children are replaced, the header is upserted.
+
+    The header is updated in place rather than deleted, so rows of other
+    documents that reference it (a sale naming an item) stay valid. A document
+    absent from ``data``'s header table (a delete) loses its header too. On
+    PostgreSQL children are updated in place as well, and only the rows a
+    document no longer has are deleted (:func:`exchange.database.rows.replaces_in_place`),
+    unless ``held`` is false (none of ``keys`` was applied here before): then a
+    plain COPY is cheaper than staging (an empty HO's first load).
+    """
+    cat = node.catalog
+    header = data.get(dt.header)
+    present = set(rows.row_keys(header, dt.key)) if header is not None else set()
+    gone = [k for k in keys if k not in present]
+    kept = [k for k in keys if k in present]
+    staged: dict[str, tuple[str, list[str]]] = {}
+    for tname in reversed(dt.children):  # children first (they may reference the header)
+        table = cat.table(tname)
+        if held and tname in data and rows.replaces_in_place(conn, table, dt.key):
+            rows.delete_docs(conn, table, dt.key, gone)
+            staged[tname] = rows.prune_docs(conn, table, dt.key, kept, data[tname])
+        else:
+            rows.delete_docs(conn, table, dt.key, keys)
+    if gone:
+        rows.delete_docs(conn, cat.table(dt.header), dt.key, gone)
+    if header is not None:
+        rows.upsert_rows(conn, cat.table(dt.header), header)
+    for tname in dt.children:
+        if tname in staged:
+            rows.upsert_staged(conn, cat.table(tname), staged[tname])
+        elif tname in data:
+            rows.insert_rows(conn, cat.table(tname), data[tname])
+
+
+def _pack(data: dict[str, pa.Table]) -> bytes:
+    import base64
+
+    out = {}
+    for name, t in data.items():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        out[name] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
+    return json.dumps(out).encode()
+
+
+def _unpack(blob: bytes) -> dict[str, pa.Table]:
+    import base64
+
+    return {name: pa.ipc.open_stream(base64.b64decode(b)).read_all()
+            for name, b in json.loads(blob).items()}
+
+
+def _error_text(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}".splitlines()[0][:500]
+
+
+def _park(conn: Connection, dt: DocType, key: str, peer: str, seq: int, version: int, op: str,
+          data: dict[str, pa.Table], error: str) -> None:
+    cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
+    conn.execute(delete(xchg_parked).where(cond))
+    conn.execute(xchg_parked.insert().values(
+        doc_type=dt.name, doc_key=key, peer=peer, seq=seq, version=version, op=op,
+        data=_pack(data), error=error, parked_at=utc_now()))
+
+
+def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
+    """The inner manifest's ``summary.documents``; a malformed one is a FormatError."""
+    docs = opened.summary.get("documents", {})
+    if not isinstance(docs, dict) or not all(
+            isinstance(v, dict) and all(type(v.get(k, 0)) is int for k in ("count", "deletes"))
+            for v in docs.values()):
+        raise FormatError(f"{INNER_MANIFEST}: summary.documents is not an object of "
+                          "{{doc_type: {{count, deletes, rows, totals}}}}")
+    return docs
+
+
+def _events(opened: Opened) -> dict[str, list[Any]]:
+    """The ``_events`` table, checked against docs/FORMAT.md (columns, types, no nulls, ops)."""
+    if EVENTS_TABLE not in opened.tables:
+        raise FormatError(f"the bundle has no {EVENTS_TABLE} table")
+    table = opened.table(EVENTS_TABLE)
+    want = {f.name: f.type for f in EVENTS_SCHEMA}
+    if len(table.schema) != len(want) or {f.name: f.type for f in table.schema} != want \
+            or any(table.column(c).null_count for c in want):
+        raise FormatError(f"{EVENTS_TABLE} table: columns {table.schema.names} do not match "
+                          f"{list(want)} ({', '.join(str(t) for t in want.values())}, no nulls)")
+    events: dict[str, list[Any]] = table.to_pydict()
+    if not set(events["op"]) <= {"U", "D"}:
+        raise FormatError(f"{EVENTS_TABLE} table: op must be U or D")
+    return events
+
+
+def _check_keys(node: Node, dt: DocType, keys: list[str]) -> None:
+    """Every document key is canonical text of the document type's key columns."""
+    header = node.catalog.table(dt.header)
+    for k in keys:
+        try:
+            values = rows.parse_key(k)
+            rows._typed_key(header, dt.key, values)
+            ok = rows.canonical_key(values) == k
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise FormatError(f"{EVENTS_TABLE} table: {dt.name} key {k[:80]!r} is not a key of "
+                              f"{dt.header} ({', '.join(dt.key)})")
+
+
+def _check_table(node: Node, dt: DocType, name: str, data: pa.Table) -> pa.Table:
+    """A document table carries the key columns and only known columns of the expected types."""
+    expected = rows.arrow_schema(node.catalog.table(name))
+    problems = [f"{c}: missing" for c in dt.key if c not in data.column_names]
+    if len(set(data.column_names)) != len(data.column_names):
+        problems.append("duplicate column names")
+    for f in data.schema:
+        if f.name not in expected.names:
+            problems.append(f"{f.name}: unknown column")
+        elif f.type != expected.field(f.name).type:
+            problems.append(f"{f.name}: {f.type}, expected {expected.field(f.name).type}")
+    if problems:
+        raise ApplyError(f"table {name} does not match this node's catalog ({'; '.join(problems[:5])}): "
+                         "the two sides' catalogs differ")
+    return data
+
+
+def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
+                    ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
+    cat = node.catalog
+    sender_role = node.cfg.peer(peer).role
+    events = _events(opened)
+    docs: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for t, k, op, v in zip(events["doc_type"], events["doc_key"], events["op"], events["version"], strict=True):
+        docs[t].append((k, op, v))
+    expected = _documents(opened)
+    unknown = [t for t in docs if t not in cat]
+    if unknown:
+        raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
+    for doc_type in docs:  # before anything is read or written: who may write what (exchange.receive.admission)
+        dt = cat.get(doc_type)
+        if dt.owner != sender_role:
+            raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
+                                 f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
+    admission.check_tables_announced(cat, opened.tables, docs)
+    applied: dict[str, Any] = {}
+    parked: list[dict[str, str]] = []
+    for doc_type in [n for n in cat.names if n in docs]:
+        dt = cat.get(doc_type)
+        _check_keys(node, dt, [k for k, _o, _v in docs[doc_type]])
+        data = {t: _check_table(node, dt, t, opened.table(t)) for t in dt.tables() if t in opened.tables}
+        admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
+        admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header))
+        upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
+        got = control_totals(dt, data, upserts)
+        want = expected.get(doc_type, {})
+        if {k: got[k] for k in ("count", "rows", "totals")} != {k: want.get(k) for k in ("count", "rows", "totals")}:
+            raise ApplyError(f"control totals of {doc_type} do not match the manifest: "
+                             f"received {got}, manifest says {want}")
+        stored = _stored_versions(conn, peer, doc_type, [k for k, _o, _v in docs[doc_type]])
+        fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
+        stale = len(docs[doc_type]) - len(fresh)
+        keys = [k for k, _o, _v in fresh]
+        index: dict[str, dict[str, list[int]]] = {}
+        n_parked = 0
+        try:
+            with conn.begin_nested():
+                sub = data
+                if stale:  # leave out the rows of documents we already hold newer
+                    index = {t: _index(tab, dt.key) for t, tab in data.items()}
+                    wanted = set(keys)
+                    sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
+                           for t, tab in data.items()}
+                _write_docs(conn, node, dt, keys, sub, held=any(k in stored for k in keys))
+                _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh})
+        except StatementError as exc:
+            if isinstance(exc, OperationalError):
+                raise  # the database's problem (disk full), not this document's: nothing to park
+            index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
+            for k, op, v in fresh:  # one by one: park what fails, apply the rest
+                one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
+                try:
+                    with conn.begin_nested():
+                        _write_docs(conn, node, dt, [k], one, held=k in stored)
+                        _set_versions(conn, peer, doc_type, {k: v})
+                except StatementError as exc:
+                    if isinstance(exc, OperationalError):
+                        raise
+                    err = _error_text(exc)
+                    _park(conn, dt, k, peer, seq, v, op, one, err)
+                    parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
+                    n_parked += 1
+        applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
+                             "totals": got["totals"]}
+    return applied, parked
+
+
+def retry_parked(node: Node) -> tuple[int, int]:
+    """Try every parked document again; returns (applied, still parked)."""
+    ok = still = 0
+    with node.engine.begin() as conn, suppress_capture(conn):
+        for r in conn.execute(select(xchg_parked)).mappings().all():
+            dt = node.catalog.get(r["doc_type"])
+            key = r["doc_key"]
+            cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
+            stored = _stored_versions(conn, r["peer"], dt.name, [key]).get(key, -1)
+            if stored > r["version"]:
+                conn.execute(delete(xchg_parked).where(cond))
+                continue
+            try:
+                with conn.begin_nested():
+                    _write_docs(conn, node, dt, [key], _unpack(r["data"]))
+                    _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
+                    conn.execute(delete(xchg_parked).where(cond))
+                ok += 1
+                log.info("parked %s %s applied on retry", dt.name, key)
+            except StatementError as exc:
+                conn.execute(update(xchg_parked).where(cond).values(
+                    attempts=xchg_parked.c.attempts + 1, error=_error_text(exc)))
+                still += 1
+    return ok, still
+
+
+# ---------------------------------------------------------------- acks (sender side)
+
+def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> Outcome:
+    """Move a sent bundle to PROCESSED or REJECTED from a verified ack."""
+    rep = reporter or NullReporter()
+    try:
+        ack = read_ack(path, node.trust, me=node.id, identities=node.identities)
+        fn = parse_name(path.name)
+        if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
+            raise FormatError(f"{path.name}: file name disagrees with the signed ack")
+    except BundleError as exc:
+        quarantine(node, path, exc)
+        return Outcome(path.name, "QUARANTINED", str(exc))
+    with node.engine.begin() as conn:
+        sent = conn.execute(select(xchg_sent).where(and_(
+            xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq))).mappings().first()
+        if sent is None:
+            reason = f"ack for bundle {ack.seq} to {ack.acker}, which this node never sent"
+        elif sent["file_sha256"] != ack.bundle_sha256:
+            reason = (f"ack names file SHA-256 {ack.bundle_sha256[:16]}..., but the bundle sent was "
+                      f"{sent['file_sha256'][:16]}...: the peer received a different file")
+        else:
+            reason = ""
+        if reason:
+            if sent is not None:
+                conn.execute(update(xchg_sent).where(and_(
+                    xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
+        else:
+            status = "PROCESSED" if ack.result == "APPLIED" else "REJECTED"
+            note = ack.reason or (f"{ack.parked_total} documents parked at {ack.acker}" if ack.parked_total
+                                  else _sealed_note(ack))
+            assert sent is not None
+            if sent["status"] != "PROCESSED":
+                conn.execute(update(xchg_sent).where(and_(
+                    xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(
+                        status=status, processed_at=utc_now(), reason=note))
+                conn.execute(update(xchg_delivery).where(and_(
+                    xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
+                    xchg_delivery.c.status.in_(("EXPORTED", "UPLOADED", "REJECTED")))).values(status=status))
+    if reason:
+        quarantine(node, path, reason)
+        return Outcome(path.name, "QUARANTINED", reason, ack.acker, ack.seq)
+    crashpoint("ack.committed")
+    _archive(node, path)
+    name = sent["file_name"] if sent else path.name
+    rep.state(name, status, note or "")
+    return Outcome(name, status, note or "", ack.acker, ack.seq)
+
+
+def _sealed_note(ack: Ack) -> str | None:
+    """Why an ack's details (v2) could not be read here; None when they were."""
+    if ack.details == "sealed":
+        return f"the ack's details are not encrypted to this node ({ack.acker} misconfigured?)"
+    if ack.details == "unreadable":
+        return f"the ack's details cannot be read: {ack.details_error}"
+    return None
+
+
+def pending_files(node: Node) -> Iterable[Path]:
+    return (p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name))

@@ -1,0 +1,1 @@
+"""The send side: events -> versions -> bundles in the outbox."""

@@ -1,0 +1,541 @@
+"""Pending events -> sealed bundles in the outbox, per peer, all or nothing.
+
+Crash safety: a bundle is sealed to ``NAME.part`` and fsynced, then one database
+transaction allocates its seq, records it as EXPORTED and marks its documents,
+and only then is the file renamed into place. A kill before the commit leaves a
+stray ``.part`` (removed at the next run) and pending events; after it, the
+recorded ``.part`` is published by :func:`recover_outbox`. A seq is never
+reused for a different file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
+
+from exchange.database import rows, sqlite_arrow
+from exchange.database.arrow_memory import system_pool, trim
+from exchange.database.catalog import Catalog, DocType, PeerInfo
+from exchange.database.sqlite_arrow import SqliteArrowReader
+from exchange.database.tables import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
+from exchange.errors import ConfigError
+from exchange.faults import crashpoint
+from exchange.node.home import Node
+from exchange.progress import NullReporter, Reporter
+from exchange.send import clock, streams
+from exchange.send.streams import EventBatch
+from exchange.wire.bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
+from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
+
+log = logging.getLogger(__name__)
+
+EVENTS_SCHEMA = pa.schema([
+    pa.field("doc_type", pa.string(), nullable=False),
+    pa.field("doc_key", pa.string(), nullable=False),
+    pa.field("op", pa.string(), nullable=False),
+    pa.field("version", pa.int64(), nullable=False),
+])
+
+
+@dataclass(frozen=True)
+class Exported:
+    peer: str
+    seq: int
+    file: str
+    documents: int
+
+
+def peer_infos(node: Node) -> list[PeerInfo]:
+    return [PeerInfo(id=p.id, role=p.role, groups=p.groups) for p in node.cfg.peers.values()]
+
+
+def _header_rows(conn: Connection, catalog: Catalog, dt: DocType, keys: list[str]) -> dict[str, dict[str, Any]]:
+    table = catalog.table(dt.header)
+    data = rows.read_docs(conn, table, dt.key, keys)
+    out = {}
+    for k, row in zip(rows.row_keys(data, dt.key), data.to_pylist(), strict=True):
+        out[k] = row
+    return out
+
+
+#: Events routed per step: the work of a big backlog (a day of sales) stays in bounded memory.
+ROUTE_CHUNK = 20_000
+
+
+def route_events(conn: Connection, node: Node) -> int:
+    """Turn new capture events into per-peer deliveries (coalesced per document).
+
+    The backlog is read in chunks in event order; a document in several chunks
+    is upserted again by the later one, so the newest version wins as if the
+    backlog had been read at once. A store with one HO routes nothing: its
+    events are sent straight from the log (:mod:`exchange.send.streams`).
+    """
+    if streams.direct_peer(node) is not None:
+        return 0
+    max_id = conn.execute(select(func.max(xchg_event.c.id)).where(xchg_event.c.routed == 0)).scalar()
+    if max_id is None:
+        return 0
+    catalog, peers = node.catalog, peer_infos(node)
+    sql = rows.driver_sql(conn, "SELECT doc_type, doc_key, op, id FROM xchg_event WHERE routed = 0 AND id > ? "
+                            f"AND id <= ? ORDER BY id LIMIT {ROUTE_CHUNK}")
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # tuples, not Rows
+    n, after = 0, 0
+    try:
+        while events := cur.execute(sql, (after, max_id)).fetchall():
+            n += _route_chunk(conn, node, catalog, peers, events)
+            after = int(events[-1][3])
+    finally:
+        cur.close()
+    conn.execute(update(xchg_event).where(and_(xchg_event.c.routed == 0, xchg_event.c.id <= max_id))
+                 .values(routed=1))
+    return n
+
+
+def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[PeerInfo],
+                 events: Sequence[tuple[str, str, str, int]]) -> int:
+    latest: dict[tuple[str, str], tuple[str, int]] = {}
+    canon = rows.canonicalize
+    for doc_type, doc_key, op, eid in events:
+        latest[(doc_type, canon(doc_key))] = (op, eid)
+    # versions above everything routed before: an event that committed late is not stale (exchange.send.clock)
+    latest = {(t, k): (op, v) for t, k, op, v in clock.stamp(conn, [(t, k, op, eid) for (t, k), (op, eid)
+                                                                     in latest.items()])}
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key in latest:
+        by_type[doc_type].append(key)
+    deliveries: list[tuple[str, str, str, str, int]] = []
+    broadcast: list[tuple[str, str, str, int]] = []
+    for doc_type, keys in by_type.items():
+        dt = catalog.get(doc_type)
+        if dt.owner != node.cfg.role:
+            log.warning("ignoring %d events for %s: owned by the %s side", len(keys), doc_type, dt.owner)
+            continue
+        if dt.route.kind == "all":  # every store: one broadcast row, each stream's cursor follows
+            broadcast.extend((doc_type, key, *latest[(doc_type, key)]) for key in keys)
+            continue
+        if dt.route.kind == "ho":  # no column to read: the event's op says whether it exists
+            fixed = dt.route.targets({}, peers)
+            # only a delete must also reach peers that had the document before
+            prior = _prior_peers(conn, doc_type, [k for k in keys if latest[(doc_type, k)][0] == "D"])
+            for key in keys:
+                op, version = latest[(doc_type, key)]
+                targets = sorted(set(fixed) | prior.get(key, set())) if op == "D" else fixed
+                deliveries.extend((p, doc_type, key, op, version) for p in targets)
+            continue
+        prior = _prior_peers(conn, doc_type, keys)
+        headers = _header_rows(conn, catalog, dt, keys)
+        for key in keys:
+            op, version = latest[(doc_type, key)]
+            header = headers.get(key)
+            if header is None:  # deleted (or never committed): tell whoever had it
+                op, targets = "D", sorted(prior.get(key, set()))
+            else:  # a document that moved (new destination) is deleted where it was
+                targets = dt.route.targets(header, peers)
+                for gone in sorted(prior.get(key, set()) - set(targets)):
+                    deliveries.append((gone, doc_type, key, "D", version))
+            deliveries.extend((p, doc_type, key, op, version) for p in targets)
+    _replace_deliveries(conn, deliveries)
+    _replace_broadcast(conn, broadcast)
+    return len(deliveries) + len(broadcast)
+
+
+def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
+    """Record the latest op and version of documents that go to every store.
+
+    Stores follow this table with a cursor, so a document must land after every
+    cursor: its version comes from :func:`exchange.send.clock.stamp`, above every
+    version given out before, even for an event that committed late.
+    """
+    if not docs:
+        return
+    groups: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key, _op, _v in docs:
+        groups[doc_type].append(key)
+    for doc_type, keys in groups.items():
+        for i in range(0, len(keys), rows.CHUNK):
+            conn.execute(delete(xchg_broadcast).where(and_(
+                xchg_broadcast.c.doc_type == doc_type, xchg_broadcast.c.doc_key.in_(keys[i:i + rows.CHUNK]))))
+    rows.executemany(conn, "INSERT INTO xchg_broadcast (doc_type, doc_key, op, version) VALUES (?, ?, ?, ?)",
+                     docs)
+
+
+def _prior_peers(conn: Connection, doc_type: str, keys: list[str]) -> dict[str, set[str]]:
+    """Peers that were sent each document before (a delete must reach them)."""
+    prior: dict[str, set[str]] = defaultdict(set)
+    for i in range(0, len(keys), rows.CHUNK):
+        chunk = keys[i:i + rows.CHUNK]
+        for peer, k in conn.execute(select(xchg_delivery.c.peer, xchg_delivery.c.doc_key).where(and_(
+                xchg_delivery.c.doc_type == doc_type, xchg_delivery.c.doc_key.in_(chunk)))):
+            prior[k].add(peer)
+    return prior
+
+
+def _replace_deliveries(conn: Connection, deliveries: list[tuple[str, str, str, str, int]]) -> None:
+    """Set each (peer, document) to PENDING with its new op and version: one upsert per row, in bulk."""
+    rows.executemany(conn, "INSERT INTO xchg_delivery (peer, doc_type, doc_key, op, version, status) "
+                           "VALUES (?, ?, ?, ?, ?, 'PENDING') ON CONFLICT (peer, doc_type, doc_key) "
+                           "DO UPDATE SET op = excluded.op, version = excluded.version, status = 'PENDING', "
+                           "seq = NULL", deliveries)
+
+
+def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> dict[str, Any]:
+    """Document count, rows per table and sums of the amount/quantity columns."""
+    totals: dict[str, str] = {}
+    for ref in dt.totals:
+        tname, col = ref.split(".", 1)
+        t = tables.get(tname)
+        value = pc.sum(t.column(col)).as_py() if t is not None and t.num_rows else None
+        totals[ref] = str(value if value is not None else Decimal(0))
+    return {"count": upserts, "rows": {t: tables[t].num_rows for t in dt.tables() if t in tables},
+            "totals": totals}
+
+
+def _upserts_by_type(catalog: Catalog, docs: Sequence[tuple[str, str, str, int]]) -> dict[str, list[str]]:
+    """The keys of the upserted documents of a batch, per type, in catalog order."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key, op, _v in docs:
+        if op == "U":
+            by_type[doc_type].append(key)
+    return {n: by_type[n] for n in catalog.names if n in by_type}
+
+
+def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, str, str, int]],
+                 reader: SqliteArrowReader | None = None, upserts: dict[str, list[str]] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Arrow tables (``_events`` first) and the per-type summary for a batch of documents.
+
+    ``reader``: an ADBC helper for a SQLite database, used for batches big
+    enough to pay for starting it (see :mod:`exchange.database.sqlite_arrow`).
+    ``upserts``: :func:`_upserts_by_type` of ``docs``, when the caller has it.
+    """
+    events = pa.Table.from_pydict({
+        "doc_type": [d[0] for d in docs], "doc_key": [d[1] for d in docs],
+        "op": [d[2] for d in docs], "version": [d[3] for d in docs]}, schema=EVENTS_SCHEMA)
+    tables: dict[str, Any] = {EVENTS_TABLE: events}
+    documents: dict[str, Any] = {}
+    by_type = _upserts_by_type(catalog, docs) if upserts is None else upserts
+    deletes: dict[str, int] = defaultdict(int)
+    for doc_type, _key, op, _v in docs:
+        if op != "U":
+            deletes[doc_type] += 1
+    for doc_type in [n for n in catalog.names if n in by_type or n in deletes]:
+        dt = catalog.get(doc_type)
+        keys = by_type.get(doc_type, [])
+        per = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys,
+                                   reader=reader if reader is not None and sqlite_arrow.wanted(len(keys)) else None)
+        tables.update(per)
+        documents[doc_type] = control_totals(dt, per, len(by_type.get(doc_type, [])))
+        documents[doc_type]["deletes"] = deletes.get(doc_type, 0)
+    return tables, {"documents": documents}
+
+
+def recover_outbox(node: Node) -> int:
+    """Publish sealed-and-recorded ``.part`` files; remove unrecorded ones."""
+    outbox = node.cfg.outbox
+    recorded = {}
+    with node.engine.connect() as conn:
+        for name, sha in conn.execute(select(xchg_sent.c.file_name, xchg_sent.c.file_sha256)
+                                      .where(xchg_sent.c.status == "EXPORTED")):
+            recorded[name] = sha
+    fixed = 0
+    for part in outbox.glob("*" + PART_SUFFIX):
+        final = part.with_name(part.name[: -len(PART_SUFFIX)])
+        if final.name in recorded and not final.exists() and sha256_file(part) == recorded[final.name]:
+            publish(part, final)
+            log.info("recovered %s after an interrupted export", final.name)
+            fixed += 1
+        elif final.suffix == ".bundle":
+            part.unlink()
+    return fixed
+
+
+def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None
+                       ) -> list[tuple[str, str, str, int]]:
+    """Broadcast documents after ``peer``'s cursor, in cursor order (shared by peers at one cursor)."""
+    cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
+                              xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
+    cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+    if shared is not None:
+        memo = shared.broadcast.get((cursor, limit))
+        if memo is None:
+            memo = shared.broadcast[(cursor, limit)] = _fetch_broadcast(conn, cursor, limit)
+        return memo
+    return _fetch_broadcast(conn, cursor, limit)
+
+
+def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int) -> list[tuple[str, str, str, int]]:
+    b = xchg_broadcast.c
+    found = conn.execute(select(b.doc_type, b.doc_key, b.op, b.version)
+                         .where(tuple_(b.version, b.doc_type, b.doc_key) > tuple_(*cursor))
+                         .order_by(b.version, b.doc_type, b.doc_key).limit(limit)).all()
+    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
+
+
+def _merge(*sources: list[tuple[str, str, str, int]]) -> list[tuple[str, str, str, int]]:
+    """Deliveries, documents from the log and broadcast documents, one entry per document (newest wins)."""
+    given = [s for s in sources if s]
+    if len(given) <= 1:
+        return given[0] if given else []
+    best: dict[tuple[str, str], tuple[str, str, str, int]] = {}
+    for d in [x for s in given for x in s]:
+        old = best.get((d[0], d[1]))
+        if old is None or old[3] < d[3]:
+            best[(d[0], d[1])] = d
+    return list(best.values())
+
+
+class _Shared:
+    """Per export run: batches already built, so identical batches to many peers share tables."""
+
+    def __init__(self, node: Node) -> None:
+        self.tables: dict[tuple[tuple[str, str, str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.parquet = ParquetCache(node.cfg.work)
+        self.broadcast: dict[tuple[tuple[int, str, str], int], list[tuple[str, str, str, int]]] = {}
+        self.ahead_events: EventBatch | None = None  # the store's next events, read while one was sealed
+        url = node.engine.url
+        self.reader = (sqlite_arrow.SqliteArrowReader(url.database)
+                       if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+                       and sqlite_arrow.mode() != "off" and sqlite_arrow.available() else None)
+
+    def prefetch(self, conn: Connection, catalog: Catalog, upserts: dict[str, list[str]]) -> None:
+        """Have the helper read ahead the first big document type of a coming batch."""
+        if self.reader is None:
+            return
+        for doc_type, keys in upserts.items():
+            if sqlite_arrow.wanted(len(keys)):
+                dt = catalog.get(doc_type)
+                rows.prefetch_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys, self.reader)
+                return
+
+    def close(self) -> None:
+        self.parquet.close()
+        if self.reader is not None:
+            self.reader.close()
+
+    KEEP = 2  # distinct batches kept: memory stays bounded on an HO with many different streams
+
+    def build(self, conn: Connection, catalog: Catalog, docs: list[tuple[str, str, str, int]]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        key = tuple(docs)
+        if key not in self.tables:
+            while len(self.tables) >= self.KEEP:
+                old = self.tables.pop(next(iter(self.tables)))
+                for source in old[0].values():
+                    self.parquet.drop(source)
+            self.tables[key] = build_tables(conn, catalog, docs, self.reader)
+        return self.tables[key]
+
+
+def _pending_direct(conn: Connection, peer: str, limit: int,
+                    after: tuple[str, str, str, int] | None = None) -> list[tuple[str, str, str, int]]:
+    """``peer``'s next pending deliveries in (version, type, key) order, after ``after`` if given.
+
+    Ties in version (a reload gives every document one) are ordered by type and
+    key. Read as plain tuples: a batch is 20,000 rows, twice per bundle.
+    """
+    sql = "SELECT doc_type, doc_key, op, version FROM xchg_delivery WHERE peer = ? AND status = 'PENDING'"
+    params: tuple[Any, ...] = (peer,)
+    if after is not None:
+        sql += " AND (version, doc_type, doc_key) > (?, ?, ?)"
+        params += (after[3], after[0], after[1])
+    found = rows.fetch_tuples(conn, sql + f" ORDER BY version, doc_type, doc_key LIMIT {int(limit)}", params)
+    return [(str(t), str(k), str(o), int(v)) for t, k, o, v in found]
+
+
+def _mark_exported(conn: Connection, peer: str, seq: int, docs: Sequence[tuple[str, str, str, int]]) -> None:
+    """The batch's deliveries (at the version sealed) are EXPORTED in bundle ``seq``.
+
+    One UPDATE per row on the driver's executemany path: a single statement
+    joining the batch as a JSON parameter measured the same here (1.3-1.7 s
+    either way for 222,000 rows); the b-tree work per row is the cost.
+    """
+    rows.executemany(conn, "UPDATE xchg_delivery SET status = 'EXPORTED', seq = ? WHERE peer = ? "
+                           "AND doc_type = ? AND doc_key = ? AND version = ? AND status = 'PENDING'",
+                     [(seq, peer, t, k, v) for t, k, _op, v in docs])
+
+
+def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
+                max_docs: int | None = None, shared: _Shared | None = None) -> list[Exported]:
+    """Seal every pending document for ``peer`` into as many bundles as needed."""
+    out: list[Exported] = []
+    while (exp := _export_next(node, peer, reporter or NullReporter(), max_docs, shared, look_ahead=True)):
+        out.append(exp)
+    return out
+
+
+def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, shared: _Shared | None,
+                 look_ahead: bool) -> Exported | None:
+    """Seal ``peer``'s next bundle, or return None when nothing is pending for it."""
+    limit = max_docs or node.cfg.max_bundle_rows
+    broadcast_to = node.cfg.peer(peer).role == "store"
+    from_log = peer == streams.direct_peer(node)
+    while True:
+        with node.engine.connect() as conn:
+            direct = _pending_direct(conn, peer, limit)
+            events = (streams.pending(conn, node, limit - len(direct),
+                                      known=shared.ahead_events if shared is not None else None)
+                      if from_log and len(direct) < limit else EventBatch([], []))
+            room = limit - len(direct) - len(events.ids)
+            bc = _pending_broadcast(conn, peer, room, shared) if broadcast_to and room > 0 else []
+            docs = _merge(direct, events.docs, bc)
+            upserts = events.upserts if docs is events.docs else _upserts_by_type(node.catalog, docs)
+            # a full batch: the next one is known now, and the helper process reads it (after this
+            # one) while this one is sealed; it is checked again after the commit
+            if look_ahead and shared is not None and shared.reader is not None and room <= 0:
+                shared.prefetch(conn, node.catalog, upserts)  # (asked already when it was the batch ahead)
+                shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
+        if docs:
+            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events.ids, upserts,
+                               from_log=events.docs)
+        if not events.ids:
+            return None
+        with node.engine.begin() as conn:  # only events of types this node does not send
+            begin_write(conn)
+            streams.mark_sealed(conn, None, events.ids)
+
+
+def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: list[tuple[str, str, str, int]],
+                events: EventBatch, shared: _Shared) -> dict[str, list[str]]:
+    """The upserts of the batch after a full one, as far as they can be known before this one commits."""
+    if len(direct) == limit:
+        return _upserts_by_type(node.catalog, _pending_direct(conn, peer, limit, after=direct[-1]))
+    shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id)
+    return shared.ahead_events.upserts
+
+
+def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
+                shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
+                direct: list[tuple[str, str, str, int]] | None = None,
+                event_ids: Sequence[int] = (), upserts: dict[str, list[str]] | None = None,
+                from_log: Sequence[tuple[str, str, str, int]] = ()) -> Exported:
+    with node.engine.begin() as conn:
+        begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
+        late: list[tuple[int, int]] = []  # (event id, version sent) of log documents that committed late
+        if from_log:  # documents straight from the capture log carry event ids: stamp them now (exchange.send.clock)
+            stamped = {id(d): s for d, s in zip(from_log, clock.stamp(conn, from_log), strict=True)}
+            late = [(d[3], stamped[id(d)][3]) for d in from_log if stamped[id(d)][3] != d[3]]
+            docs = [stamped.get(id(d), d) for d in docs]  # _merge keeps the log's own tuples
+        stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
+                              .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
+        if stream is None:
+            conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=1, last_manifest_sha256=None))
+            seq, prev = 1, None
+        else:
+            seq, prev = int(stream[0]), stream[1]
+        rep.start(f"export to {peer} #{seq}", len(docs))
+        # only a batch with broadcast documents can be another peer's batch too: the rest is not
+        # kept (a store's backlog would hold the previous batch's tables while reading the next)
+        cache = shared if shared is not None and cursor is not None else None
+        tables, summary = (cache.build(conn, node.catalog, docs) if cache is not None
+                           else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
+        name = bundle_name(node.id, peer, seq)
+        part = node.cfg.outbox / (name + PART_SUFFIX)
+        sealed: Sealed = seal_bundle(
+            part, key=node.signing_key, sender=node.id, recipient=peer, seq=seq, prev=prev,
+            recipients=node.recipients_for(peer), tables=tables, summary=summary,
+            parquet_cache=cache.parquet if cache is not None else None)
+        crashpoint("export.sealed")
+        now = utc_now()
+        conn.execute(xchg_sent.insert().values(
+            peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
+            manifest_sha256=sealed.manifest.sha256, size=sealed.size, status="EXPORTED",
+            summary=json.dumps(_counts(summary)), created_at=now))
+        conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
+                     .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
+        if cursor is not None:  # the stream's broadcast cursor moves with the bundle, atomically
+            conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
+                bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
+        _mark_exported(conn, peer, seq, docs if direct is None else direct)
+        streams.mark_sealed(conn, seq, event_ids, late)
+        rep.advance(len(docs))
+    crashpoint("export.committed")
+    publish(part, node.cfg.outbox / name)
+    rep.finish()
+    rep.state(name, "EXPORTED", f"{len(docs)} documents")
+    return Exported(peer, seq, name, len(docs))
+
+
+def _counts(summary: dict[str, Any]) -> dict[str, int]:
+    return {t: int(v.get("count", 0)) + int(v.get("deletes", 0))
+            for t, v in summary.get("documents", {}).items()}
+
+
+def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported]:
+    """Route new events, then seal bundles for every peer with pending documents."""
+    recover_outbox(node)
+    with node.engine.begin() as conn:
+        begin_write(conn)
+        routed = route_events(conn, node)
+    out: list[Exported] = []
+    node.cfg.work.mkdir(parents=True, exist_ok=True)
+    shared = _Shared(node)
+    if shared.reader is not None and sqlite_arrow.wanted(routed or _backlog(node)):
+        shared.reader.start()  # its start-up (about 0.3 s) overlaps the first pending query
+    # One bundle per peer in turn, not every bundle of one peer first: stores at the same broadcast
+    # cursor then ask for the same batch one after the other, and it is read and encoded once
+    # (the cache keeps two batches; peer by peer, a change of five batches was re-read per store).
+    rep = reporter or NullReporter()
+    active = sorted(node.cfg.peers)
+    try:
+        with system_pool():
+            _export_round_robin(node, active, rep, shared, out)
+    finally:
+        shared.close()
+    return out
+
+
+def _backlog(node: Node) -> int:
+    """Unrouted events, counted up to what starting the reader needs (a store sends from its log)."""
+    if streams.direct_peer(node) is None:
+        return 0
+    with node.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(
+            select(xchg_event.c.id).where(xchg_event.c.routed == 0).limit(sqlite_arrow.MIN_DOCS).subquery())
+        ).scalar() or 0)
+
+
+def _export_round_robin(node: Node, active: list[str], rep: Reporter, shared: _Shared, out: list[Exported]) -> None:
+    """One bundle per peer in turn until no peer has anything pending."""
+    while active:
+        still = []
+        for peer in active:
+            exp = _export_next(node, peer, rep, None, shared, look_ahead=len(active) == 1)
+            trim()
+            if exp is not None:
+                out.append(exp)
+                still.append(peer)
+        active = still
+
+
+def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
+    """Queue the full current state of ``doc_types`` for ``peer`` (a new or repaired store).
+
+    Routing still applies: a store gets the documents addressed to it (its own
+    transfer orders, its group's promotions), never every store's.
+    """
+    node.cfg.peer(peer)
+    peers = peer_infos(node)
+    n = 0
+    with node.engine.begin() as conn:
+        version = clock.next_version(conn)  # newer than anything sent before, on every route
+        for doc_type in doc_types:
+            dt = node.catalog.get(doc_type)
+            if dt.owner != node.cfg.role:
+                raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
+            table = node.catalog.table(dt.header)
+            keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
+            if dt.route.kind in ("group", "column"):
+                headers = _header_rows(conn, node.catalog, dt, keys)
+                keys = [k for k in keys if peer in dt.route.targets(headers[k], peers)]
+            _replace_deliveries(conn, [(peer, doc_type, key, "U", version) for key in keys])
+            n += len(keys)
+    return n

@@ -1,0 +1,1 @@
+"""The running node: the sync cycle, the service, its checks and views."""

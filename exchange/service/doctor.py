@@ -1,0 +1,166 @@
+"""``exchange doctor``: a store's prerequisites as checks, each OK or FAIL with the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from exchange import __version__
+from exchange.errors import ExchangeError
+from exchange.node import keys, perms
+from exchange.node.home import Node
+from exchange.wire.formats import app_major
+
+MIN_FREE_BYTES = 1 << 30
+MAX_SKEW_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _run(name: str, fn: Callable[[], str], fix: str) -> Check:
+    try:
+        return Check(name, True, fn())
+    except ExchangeError as exc:
+        return Check(name, False, exc.message, exc.hint or fix)
+    except Exception as exc:  # a check must report, never crash the doctor
+        return Check(name, False, f"{type(exc).__name__}: {exc}", fix)
+
+
+def check_database(node: Node) -> str:
+    from exchange.database.tables import SCHEMA_VERSION, schema_version
+
+    with node.engine.connect() as conn:
+        v = schema_version(conn)
+    if v != SCHEMA_VERSION:
+        raise ExchangeError(f"xchg schema version {v}, this exchange needs {SCHEMA_VERSION}",
+                            hint="Run `exchange migrate` (or any sync) to upgrade the database.")
+    return f"{node.engine.dialect.name} reachable, schema version {v}"
+
+
+def check_keys(node: Node) -> str:
+    node.signing_key  # noqa: B018 - loading checks presence and permissions
+    node.identities  # noqa: B018
+    return "signing key and age identity present, mode 0600"
+
+
+def check_peers(node: Node) -> str:
+    from exchange.wire.crypto import age
+
+    if not node.cfg.peers:
+        raise ExchangeError("no peers configured", hint="Add the HO (or stores) with `exchange peer add`.")
+    trust = node.trust
+    missing = []
+    for p in node.cfg.peers.values():
+        age.parse_recipient(p.recipient)
+        if not any(p.id in s.principals for s in trust.signers):
+            missing.append(p.id)
+    if missing:
+        raise ExchangeError(f"no pinned signing key for {', '.join(missing)}",
+                            hint="Re-run `exchange peer add` with the peer's signing key.")
+    return f"{len(node.cfg.peers)} peers pinned (signing key and recipient)"
+
+
+def check_transport(node: Node, peer_id: str) -> str:
+    from exchange.transport import open_transport
+
+    peer = node.cfg.peer(peer_id)
+    if not peer.transport:
+        return "no transport configured (files move by `exchange push --to` / USB)"
+    t = open_transport(peer.transport, home=node.cfg.home, me=node.id, peer=peer_id)
+    try:
+        probe = getattr(t, "probe", None)
+        info: dict[str, Any] = probe(node.id, peer_id) if probe else {}
+    finally:
+        t.close()
+    parts = [f"{peer.transport} reachable, folders readable and writable"]
+    server_time = info.get("server_time")
+    if server_time is not None:
+        skew = server_time - time.time()
+        if abs(skew) > MAX_SKEW_SECONDS:
+            raise ExchangeError(f"clock skew of {skew:+.0f}s against {peer.transport}",
+                                hint="Set the clock (enable NTP); signatures are checked against creation times.")
+        parts.append(f"clock skew {skew:+.1f}s")
+    published = info.get("peer_info")
+    if published:
+        theirs = str(published.get("version", "?"))
+        if app_major(theirs) != app_major(__version__):
+            raise ExchangeError(f"peer {peer_id} runs exchange {theirs}, this node {__version__}",
+                                hint="Both sides must run the same major version: upgrade the older one.")
+        parts.append(f"peer version {theirs}")
+    return "; ".join(parts)
+
+
+def mode_targets(node: Node) -> list[tuple[str, Path, bool]]:
+    """(label, path, is a folder) of everything in the home that must be private (known hosts: if present)."""
+    from exchange.node.config import CONFIG_NAME
+    from exchange.node.home import sqlite_file
+    from exchange.transport.sftp import known_hosts_path
+
+    cfg = node.cfg
+    out = [("home", cfg.home, True), ("keys folder", cfg.keys_dir, True), ("config", cfg.home / CONFIG_NAME, False),
+           ("signing key", cfg.keys_dir / keys.SIGNING_KEY, False), ("age key", cfg.keys_dir / keys.AGE_KEY, False),
+           ("trust store", keys.trust_path(cfg), False), ("known hosts", known_hosts_path(cfg.home), False)]
+    db = sqlite_file(cfg.database)
+    if db is not None:
+        out.append(("database", db, False))
+    return out
+
+
+def check_mode(path: Path, is_dir: bool, optional: bool = False) -> str:
+    """Owned by this account (or root), no access for group or others (0700 / 0600)."""
+    if not perms.posix():
+        return "not checked on Windows: keep the home readable by the service account alone (NTFS)"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if optional:
+            return f"{path} not present"
+        raise ExchangeError(f"{path} is missing") from None
+    problem = perms.mode_problem(st, private=True)
+    if problem is not None:
+        own = st.st_uid in (os.geteuid(), 0)
+        fix = perms.chmod_fix(path, is_dir) if own else perms.owner_fix(path)
+        raise ExchangeError(f"{path} {problem}", hint=f"Run: {fix}")
+    return f"{stat.S_IMODE(st.st_mode):04o} {path}"
+
+
+def check_disk(node: Node) -> str:
+    usage = shutil.disk_usage(node.cfg.home)
+    if usage.free < MIN_FREE_BYTES:
+        raise ExchangeError(f"only {usage.free >> 20} MiB free for the spool at {node.cfg.home}",
+                            hint="Free disk space, or prune the archive (`exchange archive prune`).")
+    return f"{usage.free >> 30} GiB free"
+
+
+def run_checks(node: Node) -> list[Check]:
+    checks = [
+        _run("database", lambda: check_database(node), "Check the database URL in exchange.toml."),
+        _run("keys", lambda: check_keys(node), f"Restore keys into {keys.SIGNING_KEY} / {keys.AGE_KEY}."),
+        _run("peers", lambda: check_peers(node), "Add peers with `exchange peer add`."),
+    ]
+    for pid in sorted(node.cfg.peers):
+        checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]
+                           "Check the address, the key login and the folders (docs/SFTP.md)."))
+    for label, path, is_dir in mode_targets(node):
+        optional = label == "known hosts"
+        checks.append(_run(f"mode {label}", lambda p=path, d=is_dir, o=optional: check_mode(p, d, o),  # type: ignore[misc]
+                           perms.chmod_fix(path, is_dir)))
+    checks.append(_run("disk", lambda: check_disk(node), "Free disk space."))
+    return checks
+
+
+def as_json(checks: list[Check]) -> str:
+    return json.dumps({"ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}, indent=1)

@@ -1,0 +1,138 @@
+"""Prometheus metrics of a node, read from its database at scrape time.
+
+:class:`ExchangeCollector` is a custom collector: nothing is counted in
+memory, every scrape runs the same few grouped queries the Data Exchange page
+uses, so the figures are right whichever process (service, CLI, scheduler)
+moved the bundles. The page serves them at ``/metrics``; docs/UI.md lists
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exchange import __version__
+from exchange.node.home import Node
+
+log = logging.getLogger(__name__)
+
+SENT_STATUSES = ("EXPORTED", "UPLOADED", "PROCESSED", "REJECTED")
+RECEIVED_STATUSES = ("RECEIVED", "APPLIED", "WAITING", "HELD", "FAILED", "QUARANTINED")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ExchangeCollector(Collector):
+    """Bundles by direction and status, lag per stream, last sync, parked documents."""
+
+    def __init__(self, node: Node, last_sync: Callable[[], float | None] | None = None) -> None:
+        self.node = node
+        self.last_sync = last_sync
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names vary with the peers: no collect() at registration
+
+    def collect(self) -> Iterable[Metric]:
+        from exchange.service.ui.data import peer_stats, quarantined
+
+        node = self.node
+        info = InfoMetricFamily("exchange", "This node and the exchange version it runs.")
+        info.add_metric([], {"node": node.id, "role": node.cfg.role, "version": __version__})
+        yield info
+        up = GaugeMetricFamily("exchange_database_up", "1 if the node database answered this scrape.")
+        try:
+            stats = peer_stats(node)
+            n_quarantined = len(quarantined(node))
+        except Exception as exc:  # a scrape reports a broken database, it does not fail
+            log.error("metrics: reading the database failed: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        now = datetime.now(UTC)
+
+        bundles = GaugeMetricFamily("exchange_bundles", "Bundles by direction and status (all peers).",
+                                    labels=["direction", "status"])
+        sent: dict[str, int] = dict.fromkeys(SENT_STATUSES, 0)
+        received: dict[str, int] = dict.fromkeys(RECEIVED_STATUSES, 0)
+        for st in stats.values():
+            for k, v in st.sent_by_status.items():
+                sent[k] = sent.get(k, 0) + v
+            for k, v in st.received_by_status.items():
+                received[k] = received.get(k, 0) + v
+        received["QUARANTINED"] += n_quarantined
+        for k, v in sent.items():
+            bundles.add_metric(["sent", k], v)
+        for k, v in received.items():
+            bundles.add_metric(["received", k], v)
+        yield bundles
+
+        unacked = GaugeMetricFamily("exchange_sent_unacked_bundles",
+                                    "Sent bundles not yet acknowledged (EXPORTED or UPLOADED), per peer.",
+                                    labels=["peer"])
+        lag = GaugeMetricFamily("exchange_sent_lag_seconds",
+                                "Seconds since the oldest unacknowledged bundle to the peer was sealed "
+                                "(0 when all are acknowledged).", labels=["peer"])
+        applied = GaugeMetricFamily("exchange_received_last_applied_seq",
+                                    "Last seq applied from the peer's stream.", labels=["peer"])
+        seen = GaugeMetricFamily("exchange_received_highest_seq",
+                                 "Highest seq seen from the peer (applied, waiting, held or failed).",
+                                 labels=["peer"])
+        behind = GaugeMetricFamily("exchange_received_lag_bundles",
+                                   "Bundles seen from the peer but not applied yet (highest seen - last applied).",
+                                   labels=["peer"])
+        stuck = GaugeMetricFamily("exchange_received_stuck_bundles",
+                                  "Received bundles WAITING, HELD or FAILED, per peer.", labels=["peer"])
+        contact = GaugeMetricFamily("exchange_peer_last_contact_timestamp_seconds",
+                                    "When the peer's newest bundle or ack was recorded (Unix time).",
+                                    labels=["peer"])
+        parked_by_peer = GaugeMetricFamily("exchange_parked_documents_by_peer",
+                                           "Parked documents per sending peer (peers with none omitted).",
+                                           labels=["peer"])
+        parked_total = 0
+        for peer in sorted(stats):
+            st = stats[peer]
+            unacked.add_metric([peer], st.sent_unacked)
+            age = (now - st.oldest_unacked).total_seconds() if st.oldest_unacked else 0.0
+            lag.add_metric([peer], max(0.0, age))
+            applied.add_metric([peer], st.last_applied_seq)
+            seen.add_metric([peer], st.highest_seen_seq)
+            behind.add_metric([peer], st.received_behind)
+            stuck.add_metric([peer], st.received_waiting)
+            if st.last_contact is not None:
+                contact.add_metric([peer], st.last_contact.timestamp())
+            if st.parked:
+                parked_by_peer.add_metric([peer], st.parked)
+            parked_total += st.parked
+        yield from (unacked, lag, applied, seen, behind, stuck, contact, parked_by_peer)
+        total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
+        total.add_metric([], parked_total)
+        yield total
+        last = self.last_sync() if self.last_sync else None
+        if last:
+            g = GaugeMetricFamily("exchange_last_sync_timestamp_seconds",
+                                  "When the last sync cycle run by this process finished (Unix time).")
+            g.add_metric([], last)
+            yield g
+        g = GaugeMetricFamily("exchange_scrape_timestamp_seconds", "When this scrape read the database.")
+        g.add_metric([], time.time())
+        yield g
+
+
+def make_registry(node: Node, last_sync: Callable[[], float | None] | None = None) -> CollectorRegistry:
+    """A registry of its own holding one :class:`ExchangeCollector` (not the global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExchangeCollector(node, last_sync))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format of ``registry``."""
+    return generate_latest(registry)

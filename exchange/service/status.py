@@ -1,0 +1,149 @@
+"""The Sent and Received views an operator reads, and parked documents.
+
+The ``--json`` form of these records is a stable contract (docs/STATUS_JSON.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from exchange.database.tables import xchg_broadcast, xchg_delivery, xchg_parked, xchg_received, xchg_sent, xchg_stream_out
+from exchange.node.home import Node
+from exchange.send import streams
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+@dataclass(frozen=True)
+class Row:
+    file: str
+    peer: str
+    seq: int
+    documents: dict[str, int]
+    status: str
+    created: str | None
+    updated: str | None
+    reason: str | None
+
+
+def sent(node: Node) -> list[Row]:
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(xchg_sent).order_by(xchg_sent.c.peer, xchg_sent.c.seq)).mappings().all()
+    return [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
+                _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
+            for r in rows]
+
+
+def received(node: Node) -> list[Row]:
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(xchg_received).order_by(
+            xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
+    out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
+               _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
+    for q in quarantined(node):
+        out.append(Row(q.file, q.peer, q.seq, {}, "QUARANTINED", q.time, None, q.reason))
+    return out
+
+
+@dataclass(frozen=True)
+class DocState:
+    """Where one document stands on its way to a peer."""
+
+    op: str  # U or D
+    version: int
+    status: str  # PENDING, or the status of the bundle that carried it
+    seq: int | None  # that bundle, when known
+
+
+def documents(node: Node, peer: str) -> dict[tuple[str, str], DocState]:
+    """(doc_type, doc_key) -> state of every document this node sends ``peer``, three ways:
+
+    - a delivery row (routed to some stores, or a reload), with its own status;
+    - a broadcast row (every store), PROCESSED once the peer's cursor is past it;
+    - an event in a store's capture log (:mod:`exchange.send.streams`), with the status
+      of the bundle that carried it.
+
+    Where a document is in more than one (a reload), the newest version wins.
+    """
+    out: dict[tuple[str, str], DocState] = {}
+
+    def newer(doc: tuple[str, str], state: DocState) -> None:
+        if doc not in out or out[doc].version < state.version:
+            out[doc] = state
+
+    with node.engine.connect() as conn:
+        for r in conn.execute(select(xchg_delivery).where(xchg_delivery.c.peer == peer)):
+            out[(r.doc_type, r.doc_key)] = DocState(r.op, int(r.version), r.status, r.seq)
+        if node.cfg.peer(peer).role != "store":
+            for doc, (op, version, state, seq) in streams.document_states(conn, peer).items():
+                newer(doc, DocState(op, version, state, seq))
+            return out
+        cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
+                                  xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
+        cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+        for r in conn.execute(select(xchg_broadcast)):
+            passed = (int(r.version), r.doc_type, r.doc_key) <= cursor
+            newer((r.doc_type, r.doc_key), DocState(r.op, int(r.version), "PROCESSED" if passed else "PENDING", None))
+    return out
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    file: str
+    peer: str  # the sender the file name claims (not verified: that is why it is here)
+    seq: int
+    time: str | None
+    reason: str | None
+    mtime: float
+
+
+def quarantined(node: Node) -> list[Quarantined]:
+    """Files set aside in quarantine/, from the reason file written beside each."""
+    out: list[Quarantined] = []
+    q = node.cfg.quarantine
+    if not q.is_dir():
+        return out
+    for reason_file in sorted(q.glob("*.reason")):
+        try:
+            info = json.loads(reason_file.read_text())
+            mtime = reason_file.stat().st_mtime
+        except (OSError, ValueError):
+            info, mtime = {}, 0.0
+        name = reason_file.name[: -len(".reason")]
+        parts = name.split(".")
+        peer = parts[0] if len(parts) >= 4 else ""
+        seq = int(parts[2]) if len(parts) >= 4 and parts[2].isascii() and parts[2].isdigit() else 0
+        out.append(Quarantined(name, peer, seq, info.get("time"), info.get("reason"), mtime))
+    return out
+
+
+@dataclass(frozen=True)
+class Parked:
+    doc_type: str
+    doc_key: str
+    peer: str
+    seq: int
+    error: str
+    attempts: int
+    parked_at: str | None
+
+
+def parked(node: Node) -> list[Parked]:
+    with node.engine.connect() as conn:
+        rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
+    return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
+                   int(r["attempts"]), _iso(r["parked_at"])) for r in rows]
+
+
+def as_json(rows: list[Row], parked_docs: list[Parked] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"version": 1, "bundles": [asdict(r) for r in rows]}
+    if parked_docs is not None:
+        out["parked"] = [asdict(p) for p in parked_docs]
+    return out

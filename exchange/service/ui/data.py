@@ -1,0 +1,367 @@
+"""What the pages show, read from the node database (no HTML here).
+
+Every figure is a few grouped queries over the ``xchg_*`` tables, so the HO
+overview of a thousand stores costs the same handful of queries as a store's
+page. Times from the database are made timezone-aware (SQLite returns naive
+UTC datetimes).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from exchange.database.tables import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
+from exchange.node.home import Node
+from exchange.service import status
+
+#: Sender statuses of a bundle that has not been acknowledged yet.
+UNACKED = ("EXPORTED", "UPLOADED")
+#: Receiver statuses of a bundle that is stuck until something happens.
+STUCK_IN = ("WAITING", "HELD", "FAILED")
+
+
+def aware(t: datetime | None) -> datetime | None:
+    """``t`` with a timezone (naive values from the database are UTC)."""
+    if t is None:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _latest(*times: datetime | None) -> datetime | None:
+    got = [t for t in (aware(x) for x in times) if t is not None]
+    return max(got) if got else None
+
+
+def _summary(text: str | None) -> dict[str, int]:
+    try:
+        data = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- bundles
+
+@dataclass(frozen=True)
+class Bundle:
+    file: str
+    peer: str
+    seq: int
+    documents: dict[str, int]
+    status: str
+    created: datetime | None  # sealed (sent) / received
+    updated: datetime | None  # uploaded or processed (sent) / applied (received)
+    reason: str | None
+
+
+def sent_bundles(node: Node, peer: str | None = None, limit: int = 200) -> tuple[list[Bundle], int]:
+    """The newest ``limit`` sent bundles (optionally of one peer), and how many there are in all."""
+    t = xchg_sent
+    cond = t.c.peer == peer if peer else None
+    q = select(t).order_by(t.c.created_at.desc(), t.c.peer, t.c.seq.desc()).limit(limit)
+    n = select(func.count()).select_from(t)
+    if cond is not None:
+        q, n = q.where(cond), n.where(cond)
+    with node.engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+        total = int(conn.execute(n).scalar() or 0)
+    return [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
+                   aware(r["created_at"]), _latest(r["processed_at"], r["uploaded_at"]), r["reason"])
+            for r in rows], total
+
+
+def quarantined(node: Node, peer: str | None = None) -> list[Bundle]:
+    """Files set aside in quarantine/, read from their reason files (as ``exchange status`` does)."""
+    out: list[Bundle] = []
+    for q in status.quarantined(node):
+        if peer and q.peer != peer:
+            continue
+        try:
+            when = aware(datetime.fromisoformat(str(q.time)))
+        except ValueError:
+            when = aware(datetime.fromtimestamp(q.mtime, UTC))
+        out.append(Bundle(q.file, q.peer, q.seq, {}, "QUARANTINED", when, None, q.reason))
+    return out
+
+
+def received_bundles(node: Node, peer: str | None = None, limit: int = 200) -> tuple[list[Bundle], int]:
+    """The newest ``limit`` received bundles and quarantined files, and how many in all."""
+    t = xchg_received
+    cond = t.c.peer == peer if peer else None
+    q = select(t.c.file_name, t.c.peer, t.c.seq, t.c.summary, t.c.status, t.c.received_at,
+               t.c.applied_at, t.c.reason).order_by(t.c.received_at.desc(), t.c.peer,
+                                                     t.c.seq.desc()).limit(limit)
+    n = select(func.count()).select_from(t)
+    if cond is not None:
+        q, n = q.where(cond), n.where(cond)
+    with node.engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+        total = int(conn.execute(n).scalar() or 0)
+    out = [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
+                  aware(r["received_at"]), aware(r["applied_at"]), r["reason"]) for r in rows]
+    q_files = quarantined(node, peer)
+    epoch = datetime.min.replace(tzinfo=UTC)
+    out = sorted(out + q_files, key=lambda b: (b.created or epoch, b.seq), reverse=True)
+    return out[:limit], total + len(q_files)
+
+
+@dataclass(frozen=True)
+class ParkedDoc:
+    doc_type: str
+    doc_key: str
+    peer: str
+    seq: int
+    error: str
+    attempts: int
+    parked_at: datetime | None
+
+
+def parked_docs(node: Node, peer: str | None = None, limit: int = 500) -> tuple[list[ParkedDoc], int]:
+    t = xchg_parked
+    q = select(t.c.doc_type, t.c.doc_key, t.c.peer, t.c.seq, t.c.error, t.c.attempts,
+               t.c.parked_at).order_by(t.c.parked_at, t.c.doc_type, t.c.doc_key).limit(limit)
+    n = select(func.count()).select_from(t)
+    if peer:
+        q, n = q.where(t.c.peer == peer), n.where(t.c.peer == peer)
+    with node.engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+        total = int(conn.execute(n).scalar() or 0)
+    return [ParkedDoc(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
+                      int(r["attempts"]), aware(r["parked_at"])) for r in rows], total
+
+
+# ---------------------------------------------------------------- per-peer figures
+
+@dataclass
+class PeerStats:
+    """Both streams with one peer, as the HO overview and the metrics see them."""
+
+    peer: str
+    role: str = ""
+    sent_total: int = 0
+    sent_waiting: int = 0  # sent, not PROCESSED (EXPORTED, UPLOADED, REJECTED)
+    sent_unacked: int = 0  # EXPORTED or UPLOADED
+    sent_rejected: int = 0
+    oldest_unacked: datetime | None = None  # created_at of the oldest EXPORTED/UPLOADED bundle
+    last_ack: datetime | None = None  # the newest processed_at
+    received_total: int = 0
+    received_waiting: int = 0  # WAITING, HELD or FAILED
+    received_failed: int = 0
+    received_held: int = 0
+    last_received: datetime | None = None
+    highest_seen_seq: int = 0
+    last_applied_seq: int = 0
+    parked: int = 0
+    sent_by_status: dict[str, int] = field(default_factory=dict)
+    received_by_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def last_contact(self) -> datetime | None:
+        """When this peer was last heard from: its newest bundle or ack."""
+        return _latest(self.last_received, self.last_ack)
+
+    @property
+    def received_behind(self) -> int:
+        return max(0, self.highest_seen_seq - self.last_applied_seq)
+
+
+def peer_stats(node: Node) -> dict[str, PeerStats]:
+    """Figures for every configured peer (and any other peer the database knows)."""
+    out: dict[str, PeerStats] = {p.id: PeerStats(p.id, p.role) for p in node.cfg.peers.values()}
+
+    def get(peer: str) -> PeerStats:
+        if peer not in out:
+            out[peer] = PeerStats(peer)
+        return out[peer]
+
+    s, r = xchg_sent, xchg_received
+    with node.engine.connect() as conn:
+        for peer, status, n, oldest, last_ack in conn.execute(
+                select(s.c.peer, s.c.status, func.count(), func.min(s.c.created_at),
+                       func.max(s.c.processed_at)).group_by(s.c.peer, s.c.status)):
+            st, n = get(peer), int(n)
+            st.sent_by_status[status] = n
+            st.sent_total += n
+            if status != "PROCESSED":
+                st.sent_waiting += n
+            if status in UNACKED:
+                st.sent_unacked += n
+                o = aware(oldest)
+                if o is not None and (st.oldest_unacked is None or o < st.oldest_unacked):
+                    st.oldest_unacked = o
+            if status == "REJECTED":
+                st.sent_rejected += n
+            st.last_ack = _latest(st.last_ack, last_ack)
+        for peer, status, n, last_rx, last_applied, top in conn.execute(
+                select(r.c.peer, r.c.status, func.count(), func.max(r.c.received_at),
+                       func.max(r.c.applied_at), func.max(r.c.seq)).group_by(r.c.peer, r.c.status)):
+            st, n = get(peer), int(n)
+            st.received_by_status[status] = n
+            st.received_total += n
+            if status in STUCK_IN:
+                st.received_waiting += n
+            if status == "FAILED":
+                st.received_failed += n
+            if status == "HELD":
+                st.received_held += n
+            st.last_received = _latest(st.last_received, last_rx, last_applied)
+            st.highest_seen_seq = max(st.highest_seen_seq, int(top or 0))
+        for peer, last_seq in conn.execute(select(xchg_stream_in.c.peer, xchg_stream_in.c.last_seq)):
+            st = get(peer)
+            st.last_applied_seq = int(last_seq)
+            st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
+        for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
+            get(peer).parked = int(n)
+    return out
+
+
+def last_activity(node: Node) -> datetime | None:
+    """The newest exchange time in the database (a fallback when no sync ran in this process)."""
+    with node.engine.connect() as conn:
+        row = conn.execute(select(
+            func.max(xchg_sent.c.created_at), func.max(xchg_sent.c.uploaded_at),
+            func.max(xchg_sent.c.processed_at))).first()
+        row2 = conn.execute(select(func.max(xchg_received.c.received_at),
+                                   func.max(xchg_received.c.applied_at))).first()
+    return _latest(*(row or ()), *(row2 or ()))
+
+
+# ---------------------------------------------------------------- published node info
+
+_INFO_TTL = 30.0
+_info_cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+_info_lock = threading.Lock()
+
+
+def published_info(node: Node, peer: str) -> dict[str, Any] | None:
+    """What ``peer`` published about itself (``node-<peer>.json``: version, time), if readable cheaply.
+
+    The folder transport leaves it in this node's box (``<root>/<me>/``); for
+    other transports nothing is fetched from a page view, and this is None.
+    """
+    address = node.cfg.peers[peer].transport if peer in node.cfg.peers else None
+    if not address or "://" in address:
+        return None
+    root = Path(address[4:] if address.startswith("dir:") else address).expanduser()
+    path = root / node.id / f"node-{peer}.json"
+    key = (str(path), peer)
+    now = time.monotonic()
+    with _info_lock:
+        hit = _info_cache.get(key)
+        if hit and now - hit[0] < _INFO_TTL:
+            return hit[1]
+    info: dict[str, Any] | None
+    try:
+        data = json.loads(path.read_text())
+        info = data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        info = None
+    with _info_lock:
+        _info_cache[key] = (now, info)
+    return info
+
+
+# ---------------------------------------------------------------- HO overview
+
+@dataclass
+class StoreRow:
+    stats: PeerStats
+    version: str
+    attention: list[str]
+
+    @property
+    def id(self) -> str:
+        return self.stats.peer
+
+    def unacked_age(self, now: datetime) -> float | None:
+        t = self.stats.oldest_unacked
+        return (now - t).total_seconds() if t else None
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = None) -> list[StoreRow]:
+    """One row per store peer, with what needs the operator's attention."""
+    now = now or datetime.now(UTC)
+    stats = peer_stats(node)
+    rows = []
+    for peer_id in sorted(stats):
+        st = stats[peer_id]
+        if peer_id in node.cfg.peers and node.cfg.peers[peer_id].role != "store":
+            continue
+        info = published_info(node, peer_id)
+        version = str(info.get("version")) if info and info.get("version") else "-"
+        attention = []
+        contact = st.last_contact
+        if contact is None:
+            attention.append("never heard from")
+        elif (now - contact).total_seconds() > silent_after_minutes * 60:
+            attention.append(f"silent {_ago((now - contact).total_seconds())}")
+        if st.received_failed:
+            attention.append("FAILED stream")
+        if st.received_held:
+            attention.append("HELD stream")
+        if st.sent_rejected:
+            attention.append("REJECTED bundle")
+        rows.append(StoreRow(st, version, attention))
+    return rows
+
+
+SORT_KEYS = ("store", "contact", "out", "in", "age", "parked", "version", "attention")
+
+
+def sort_rows(rows: list[StoreRow], sort: str, now: datetime) -> tuple[list[StoreRow], str, bool]:
+    """Sort by ``sort`` (a column name, ``-name`` for descending); returns (rows, column, descending)."""
+    desc = sort.startswith("-")
+    col = sort.lstrip("-")
+    if col not in SORT_KEYS:
+        col, desc = "attention", False
+
+    def key(r: StoreRow) -> tuple[Any, ...]:
+        st = r.stats
+        if col == "store":
+            return (r.id,)
+        if col == "contact":
+            c = st.last_contact
+            return (c.timestamp() if c else float("-inf"), r.id)
+        if col == "out":
+            return (st.sent_waiting, r.id)
+        if col == "in":
+            return (st.received_waiting, r.id)
+        if col == "age":
+            age = r.unacked_age(now)
+            return (age if age is not None else -1.0, r.id)
+        if col == "parked":
+            return (st.parked, r.id)
+        if col == "version":
+            return (r.version, r.id)
+        return (0 if r.attention else 1, r.id)  # attention: marked stores first
+
+    return sorted(rows, key=key, reverse=desc), col, desc
+
+
+def totals(rows: list[StoreRow]) -> dict[str, int]:
+    return {
+        "stores": len(rows),
+        "attention": sum(1 for r in rows if r.attention),
+        "out": sum(r.stats.sent_waiting for r in rows),
+        "in": sum(r.stats.received_waiting for r in rows),
+        "parked": sum(r.stats.parked for r in rows),
+    }
+

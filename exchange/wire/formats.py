@@ -1,0 +1,100 @@
+"""Magic strings, versions, limits and the file-name grammar of docs/FORMAT.md.
+
+One module holds what defines the on-disk format, so a change to the format is
+a change here and in docs/FORMAT.md together.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from exchange.errors import FormatError
+
+FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
+SUPPORTED_VERSIONS = frozenset({1})
+SPEC_VERSION = 2  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2
+ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
+ACK_VERSIONS = frozenset({1, 2})
+
+BUNDLE_FORMAT = "exchange-bundle"
+ACK_FORMAT = "exchange-ack"
+PAYLOAD_FORMAT = "exchange-payload"
+SIG_NAMESPACE = "exchange-bundle"
+
+BUNDLE_MEMBERS = ("manifest.json", "manifest.json.sig", "payload.tar.age")
+ACK_MEMBERS = ("ack.json", "ack.json.sig")
+ACK_DETAILS_MEMBER = "details.json.age"  # ack v2: the third member, age-encrypted details
+ACK_DETAILS_FORMAT = "exchange-ack-details"
+INNER_MANIFEST = "inner.json"
+EVENTS_TABLE = "_events"
+
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIG_BYTES = 8 << 10
+MAX_PAYLOAD_BYTES = (8 << 30) - 1
+MAX_INNER_MANIFEST_BYTES = 4 << 20
+MAX_TABLES = 1000
+MAX_TABLE_BYTES = 4 << 30  # uncompressed size of all tables of one bundle (Parquet metadata)
+MAX_JSON_DEPTH = 32
+MAX_SEQ = 9_999_999_999
+MAX_COUNT = 999_999_999  # any count in an ack or checkpoint (documents, rows, parked, stale)
+MAX_ACK_PARKED = 1000  # parked documents listed in one ack (the count says how many in all)
+MAX_ACK_DETAILS_BYTES = 1 << 20  # plaintext of an ack's details; its age file at most +64 KiB header
+
+NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
+NODE_ID_RE = re.compile(rf"^{NODE_ID}$")
+# [0-9], never \d: \d and int() also take other scripts' digits ('٣'), which the grammar does not allow.
+_NAME_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.(bundle|ack)$")
+PART_SUFFIX = ".part"
+
+Kind = Literal["bundle", "ack"]
+
+
+@dataclass(frozen=True)
+class FileName:
+    """A parsed bundle or ack name: for an ack, ``a`` is the acker and ``b`` the sender."""
+
+    a: str
+    b: str
+    seq: int
+    kind: Kind
+
+    def __str__(self) -> str:
+        return f"{self.a}.{self.b}.{self.seq:010d}.{self.kind}"
+
+
+def bundle_name(sender: str, recipient: str, seq: int) -> str:
+    return str(FileName(sender, recipient, seq, "bundle"))
+
+
+def ack_name(acker: str, sender: str, seq: int) -> str:
+    return str(FileName(acker, sender, seq, "ack"))
+
+
+def parse_name(name: str) -> FileName:
+    """Parse a bundle/ack file name; FormatError if it does not follow the grammar."""
+    m = _NAME_RE.fullmatch(name)
+    if not m or not 1 <= int(m.group(3)) <= MAX_SEQ:
+        raise FormatError(f"{name}: not a bundle or ack file name "
+                          "(expected <sender>.<recipient>.<seq:010d>.bundle or .ack)")
+    kind: Kind = "bundle" if m.group(4) == "bundle" else "ack"
+    return FileName(m.group(1), m.group(2), int(m.group(3)), kind)
+
+
+def is_exchange_file(name: str) -> bool:
+    """True for complete bundle/ack names; ``.part`` and temporary names are not."""
+    return _NAME_RE.fullmatch(name) is not None
+
+
+def check_node_id(node: str) -> str:
+    if not NODE_ID_RE.fullmatch(node):
+        raise FormatError(f"invalid node id {node!r}: use 1-32 of a-z, 0-9 and '-', starting with a letter or digit")
+    return node
+
+
+def app_major(version: str) -> int:
+    major = version.split(".", 1)[0]
+    if not (major.isascii() and major.isdigit()):
+        raise FormatError(f"invalid application version {version!r}")
+    return int(major)
