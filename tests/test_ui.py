@@ -515,7 +515,7 @@ def test_page_beside_exchange_run(homes: Path) -> None:
 
 def test_a_sync_finishing_while_the_page_is_drawn_never_reads_as_no_sync(homes: Path) -> None:
     """The page reads the job once: a job done between two reads showed "no sync" and stopped refreshing."""
-    from exchange.ui.jobs import Job
+    from exchange.service.ui.jobs import Job
 
     node = Node.open(homes / "s001")
     s = UiSettings.for_node(node, port=0)
