@@ -45,7 +45,7 @@ from exchange.files import free_name, fsync_dir, move_entry
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.receive import admission
-from exchange.send.export import EVENTS_SCHEMA, control_totals
+from exchange.wire.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
     Ack,
     BundleReader,

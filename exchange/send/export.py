@@ -15,11 +15,9 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
 from exchange.database import rows, sqlite_arrow
@@ -33,17 +31,11 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.send import clock, streams
 from exchange.send.streams import EventBatch
+from exchange.wire.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
 
 log = logging.getLogger(__name__)
-
-EVENTS_SCHEMA = pa.schema([
-    pa.field("doc_type", pa.string(), nullable=False),
-    pa.field("doc_key", pa.string(), nullable=False),
-    pa.field("op", pa.string(), nullable=False),
-    pa.field("version", pa.int64(), nullable=False),
-])
 
 
 @dataclass(frozen=True)
@@ -185,18 +177,6 @@ def _replace_deliveries(conn: Connection, deliveries: list[tuple[str, str, str, 
                            "VALUES (?, ?, ?, ?, ?, 'PENDING') ON CONFLICT (peer, doc_type, doc_key) "
                            "DO UPDATE SET op = excluded.op, version = excluded.version, status = 'PENDING', "
                            "seq = NULL", deliveries)
-
-
-def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> dict[str, Any]:
-    """Document count, rows per table and sums of the amount/quantity columns."""
-    totals: dict[str, str] = {}
-    for ref in dt.totals:
-        tname, col = ref.split(".", 1)
-        t = tables.get(tname)
-        value = pc.sum(t.column(col)).as_py() if t is not None and t.num_rows else None
-        totals[ref] = str(value if value is not None else Decimal(0))
-    return {"count": upserts, "rows": {t: tables[t].num_rows for t in dt.tables() if t in tables},
-            "totals": totals}
 
 
 def _upserts_by_type(catalog: Catalog, docs: Sequence[tuple[str, str, str, int]]) -> dict[str, list[str]]:
