@@ -23,7 +23,8 @@ from exchange.demo.data import seed_masters, seed_store_activity
 from exchange.node import keys
 from exchange.node.home import Node, init_home
 from exchange.node.peers import add_peer
-from exchange.receive.workers import import_parallel, try_lock
+from exchange.receive.locks import try_lock
+from exchange.receive.workers import import_parallel
 from exchange.send.export import export_all
 
 STORES = [f"s{i:03d}" for i in range(1, 7)]

@@ -45,6 +45,7 @@ from exchange.files import free_name, fsync_dir, move_entry
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.receive import admission
+from exchange.receive.locks import try_lock
 from exchange.wire.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
     Ack,
@@ -175,7 +176,7 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
                  rotate: int = 0) -> list[Outcome]:
     """Process every complete file in the inbox: acks, then bundles in stream order.
 
-    Each stream is taken under its lock (``exchange.receive.workers.try_lock``); a
+    Each stream is taken under its lock (:func:`exchange.receive.locks.try_lock`); a
     stream another worker holds is skipped, so several workers can run this
     at once. ``rotate`` staggers where each worker starts. A database that
     cannot be used (full disk, unreachable) stops the run with a DatabaseError;
@@ -191,8 +192,6 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 
 
 def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int) -> list[Outcome]:
-    from exchange.receive.workers import try_lock
-
     rep = reporter or NullReporter()
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)]
     streams: dict[tuple[str, str], list[Path]] = defaultdict(list)

@@ -1,0 +1,45 @@
+"""One lock per stream (and one for the parked documents), taken without waiting.
+
+Coordination lives in the database, not in a home-made scheduler: on
+PostgreSQL a session advisory lock per name (``pg_try_advisory_lock``), so
+importers on several hosts sharing one database and one drop never apply the
+same stream at once; a killed worker's session ends and its lock is released.
+On SQLite (one host) a lock file per name does the same. The importer and the
+workers both use it; it imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from filelock import FileLock, Timeout
+
+from exchange.node.home import Node
+
+
+@contextmanager
+def try_lock(node: Node, name: str) -> Iterator[bool]:
+    """Try to take the named lock for this node without waiting; yields whether we hold it."""
+    if node.engine.dialect.name == "postgresql":
+        with node.engine.connect() as conn:
+            key = f"xchg:{node.id}:{name}"
+            got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                    conn.commit()
+        return
+    lock = FileLock(str(node.cfg.home / f".lock-{name}"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
