@@ -40,6 +40,7 @@ from exchange.send import export
 from exchange.send.export import export_all
 from exchange.service import status
 from exchange.service.sync import pull, sync
+from exchange.service.ui.jobs import Activity, TeeReporter
 from exchange.wire import bundle
 from exchange.wire.bundle import read_ack
 from exchange.wire.crypto import sshsig
@@ -712,6 +713,40 @@ def test_replay_fork_and_misaddressed_bundles_are_quarantined(net: Net, tmp_path
     assert any("addressed to 's002'" in o.reason for o in outs[3:])
     assert table_counts(st) == counts and stream_pos(st, "ho") == 2
     assert len([p for p in st.cfg.quarantine.iterdir() if p.name.endswith(".reason")]) == 5
+
+
+def test_every_quarantine_appears_in_the_page_activity(net: Net, tmp_path: Path) -> None:
+    """A replayed bundle, a broken chain and a renamed ack are set aside through one helper that
+    reports each: the page's activity list names every file quarantined (some paths did not)."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net)
+    net.settle()
+    with ho.engine.connect() as conn:
+        first = conn.execute(select(xchg_sent.c.manifest_sha256).where(and_(
+            xchg_sent.c.peer == "s001", xchg_sent.c.seq == 1))).scalar()
+    docs = docs_of(ho, "item", [(i,) for i in item_ids(net)[:2]])
+    made = []
+    for n, at in enumerate([(1, None), (2, "0" * 64)]):  # a replay of seq 1, a fork at seq 2
+        folder = tmp_path / f"f{n}"
+        folder.mkdir()
+        made.append(forge_bundle(ho, "s001", docs, record=False, out_dir=folder, at=at))
+    assert first is not None
+    activity = Activity()
+    outs = []
+    for f in made:
+        deliver([f], st)
+        outs += import_inbox(st, reporter=TeeReporter(activity))
+    # a genuine ack renamed on the way: its name disagrees with what it signs
+    renamed = ho.cfg.inbox / ack_name("s001", "ho", 7)
+    shutil.copyfile(ho.cfg.archive_received / ack_name("s001", "ho", 1), renamed)
+    outs += import_inbox(ho, reporter=TeeReporter(activity))
+    assert [o.status for o in outs] == ["QUARANTINED"] * 3, [(o.file, o.reason) for o in outs]
+    lines = activity.since(0)
+    assert [(line.text.split(" ")[0], line.status) for line in lines] == [
+        (made[0].name, "QUARANTINED"), (made[1].name, "QUARANTINED"), (renamed.name, "QUARANTINED")]
+    assert "already applied from a different file" in lines[0].text and "hash chain" in lines[1].text
+    assert "disagrees with the signed ack" in lines[2].text
+    assert (ho.cfg.quarantine / (renamed.name + ".reason")).exists() and not renamed.exists()
 
 
 def test_a_bundle_lost_in_transit_is_sent_again(net: Net) -> None:

@@ -41,11 +41,11 @@ from exchange.database.tables import (
 )
 from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from exchange.faults import crashpoint
-from exchange.files import free_name, fsync_dir, move_entry
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
+from exchange.receive.setaside import archive, quarantine
 from exchange.wire.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
     Ack,
@@ -80,56 +80,6 @@ class Outcome:
     seq: int = 0
     parked: int = 0
     applied: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- quarantine
-
-def quarantine(node: Node, path: Path, exc: ExchangeError | str) -> Path:
-    """Move a file aside with a reason file beside it; never delete it.
-
-    The entry itself moves (a link as a link, a FIFO as a FIFO): what a link
-    points to is never read, copied or changed.
-    """
-    q = node.cfg.quarantine
-    q.mkdir(parents=True, exist_ok=True)
-    target = free_name(q, path.name)
-    reason = {"file": path.name, "time": utc_now().isoformat(),
-              "error": type(exc).__name__ if isinstance(exc, ExchangeError) else "Rejected",
-              "reason": str(exc), "hint": getattr(exc, "hint", "")}
-    write_file_atomic(target.with_name(target.name + ".reason"),
-                      (json.dumps(reason, indent=1) + "\n").encode())
-    _move_out(path, target)
-    log.warning("%s QUARANTINED: %s", path.name, exc, extra={"file": path.name, "status": "QUARANTINED"})
-    return target
-
-
-def _move_out(path: Path, target: Path) -> None:
-    """Move a file out of the inbox as link + unlink where possible.
-
-    A rename out of a watched folder makes watchdog hold every later event of
-    that folder for half a second (it waits for the other half of the move);
-    a link and an unlink are seen at once. The file exists in the archive
-    before it leaves the inbox either way.
-    """
-    try:
-        os.link(path, target, follow_symlinks=False)  # a link is linked as itself, never its target
-    except OSError:  # another filesystem, no hard links, a folder: a rename (or a fresh copy)
-        move_entry(path, target)
-        return
-    fsync_dir(target.parent)
-    path.unlink()
-
-
-def _archive(node: Node, path: Path, sub: str = "") -> None:
-    dest = node.cfg.archive_received / sub if sub else node.cfg.archive_received
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / path.name
-    if os.path.lexists(target):  # a dangling link counts: nothing is written through it
-        stamped = f"{path.name}.{utc_now().strftime('%Y%m%d%H%M%S')}"
-        target, n = dest / stamped, 1
-        while os.path.lexists(target):  # never overwrite an archived copy, even within one second
-            target, n = dest / f"{stamped}.{n}", n + 1
-    _move_out(path, target)
 
 
 # ---------------------------------------------------------------- received rows
@@ -239,10 +189,8 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
             raise FormatError(f"{path.name}: not a bundle")
         reader = BundleReader(path)
     except BundleError as exc:
-        if dry_run:
-            return Outcome(path.name, "QUARANTINED", str(exc))
-        quarantine(node, path, exc)
-        rep.state(path.name, "QUARANTINED", str(exc))
+        if not dry_run:
+            quarantine(node, path, exc, rep)
         return Outcome(path.name, "QUARANTINED", str(exc))
     with reader:
         try:
@@ -256,8 +204,7 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
                 raise FormatError(f"{path.name}: sender {m.sender!r} is not a peer of this node")
         except BundleError as exc:
             if not dry_run:
-                quarantine(node, path, exc)
-                rep.state(path.name, "QUARANTINED", str(exc))
+                quarantine(node, path, exc, rep)
             return Outcome(path.name, "QUARANTINED", str(exc))
         return _place(node, path, reader, retry=retry, dry_run=dry_run, rep=rep)
 
@@ -276,13 +223,13 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
             if not dry_run:
                 if known["ack"]:
                     _write_ack(node, known["ack"], peer, seq)
-                _archive(node, path, "duplicates")
+                archive(node, path, "duplicates")
                 rep.state(path.name, "DUPLICATE", "already applied; re-acknowledged")
             return Outcome(path.name, "DUPLICATE", "already applied; re-acknowledged", peer, seq)
         reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
                   f"(replay, rollback or fork); last applied seq is {last_seq}")
         if not dry_run:
-            quarantine(node, path, reason)
+            quarantine(node, path, reason, rep)
         return Outcome(path.name, "QUARANTINED", reason, peer, seq)
     summary = "{}"
     try:
@@ -302,7 +249,7 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         reason = (f"hash chain broken: bundle's previous-manifest hash {m.prev} is not the last "
                   f"applied manifest {last_manifest} of stream {peer}->{node.id}")
         if not dry_run:
-            quarantine(node, path, reason)
+            quarantine(node, path, reason, rep)
         return Outcome(path.name, "QUARANTINED", reason, peer, seq)
     node.cfg.work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".open-", dir=node.cfg.work))
@@ -316,8 +263,7 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
                                 hint="Free disk space on the node, then sync again.") from exc
         except ExchangeError as exc:
             if not dry_run:
-                quarantine(node, path, exc)
-                rep.state(path.name, "QUARANTINED", str(exc))
+                quarantine(node, path, exc, rep)
             return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
         summary = json.dumps({t: v.get("count", 0) + v.get("deletes", 0) for t, v in documents.items()})
         return _apply_bundle(node, path, opened, summary, dry_run=dry_run, rep=rep)
@@ -379,8 +325,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                           applied_at=now, reason=reason, ack=ack)
     except BundleError as exc:  # malformed content found while applying (rolled back): set aside
         if not dry_run:
-            quarantine(node, path, exc)
-            rep.state(path.name, "QUARANTINED", str(exc))
+            quarantine(node, path, exc, rep)
         return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
     except OperationalError as exc:  # the database itself (disk full, I/O error, connection lost), not the
         # bundle: no FAILED, no REJECTED ack; the transaction rolled back and the next run applies it
@@ -409,7 +354,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
     crashpoint("import.committed")
     _write_ack(node, ack, peer, seq)
     crashpoint("import.acked")
-    _archive(node, path)
+    archive(node, path)
     rep.state(path.name, "APPLIED", reason or "")
     return Outcome(path.name, "APPLIED", reason or "", peer, seq, len(parked), applied)
 
@@ -698,7 +643,7 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
         if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
             raise FormatError(f"{path.name}: file name disagrees with the signed ack")
     except BundleError as exc:
-        quarantine(node, path, exc)
+        quarantine(node, path, exc, rep)
         return Outcome(path.name, "QUARANTINED", str(exc))
     with node.engine.begin() as conn:
         sent = conn.execute(select(xchg_sent).where(and_(
@@ -727,10 +672,10 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
                     xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
                     xchg_delivery.c.status.in_(("EXPORTED", "UPLOADED", "REJECTED")))).values(status=status))
     if reason:
-        quarantine(node, path, reason)
+        quarantine(node, path, reason, rep)
         return Outcome(path.name, "QUARANTINED", reason, ack.acker, ack.seq)
     crashpoint("ack.committed")
-    _archive(node, path)
+    archive(node, path)
     name = sent["file_name"] if sent else path.name
     rep.state(name, status, note or "")
     return Outcome(name, status, note or "", ack.acker, ack.seq)
