@@ -306,6 +306,34 @@ def test_parked_document_applies_when_the_item_arrives(net: Net) -> None:
     assert check_net(net, reloads=True).problems == []
 
 
+def test_retry_tries_each_parked_document_once_and_reports_that_pass(net: Net) -> None:
+    """`exchange retry` (the same library call as the page's Retry) tries a parked document once per
+    run and reports that pass; it tried twice and reported only the second."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net)
+    net.settle()
+    with ho.engine.begin() as conn:
+        add_item(conn, "IX0000001")  # recorded without an event: never sent
+        _add_promotion(conn, "P00009", ["IX0000001"])
+    export.reload(ho, "s001", ["promotion"])
+    sync(ho)
+    sync(st)
+    (parked,) = status.parked(st)
+    home = str(st.cfg.home)
+    st.engine.dispose()
+    out = cli("retry", "--home", home).stdout
+    assert out.splitlines() == ["parked documents: 0 applied, 1 still parked"]
+    assert [p.attempts for p in status.parked(st)] == [parked.attempts + 1]  # one pass, not two
+
+    export.reload(ho, "s001", ["item"])
+    export_all(ho)
+    (item_bundle,) = outbox_bundles(ho, "s001")
+    deliver([item_bundle], st)
+    out = cli("retry", "--home", home).stdout
+    assert out.splitlines() == [f"{item_bundle.name}: APPLIED", "parked documents: 1 applied, 0 still parked"]
+    assert status.parked(st) == []
+
+
 # ---------------------------------------------------------------- failed bundles and retry
 
 def test_control_totals_mismatch_fails_and_is_rejected(net: Net) -> None:

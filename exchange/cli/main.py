@@ -358,15 +358,13 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
 def retry(home: Path | None) -> None:
     """Retry FAILED bundles and parked documents."""
     from exchange.node.lock import work_lock
-    from exchange.receive.importer import import_inbox, retry_parked
+    from exchange.receive.retry import retry as retry_all
 
     node = _node(home)
     with work_lock(node.cfg.home):
-        outs = import_inbox(node, retry=True)
-        ok, still = retry_parked(node)
-    for o in outs:
-        click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
-    click.echo(f"parked documents: {ok} applied, {still} still parked")
+        result = retry_all(node)
+    for line in result.lines():
+        click.echo(shown(line))
 
 
 @main.command()

@@ -43,6 +43,7 @@ from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeErro
 from exchange.faults import crashpoint
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
+from exchange.vocabulary import Outcome as Step
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
@@ -80,6 +81,15 @@ class Outcome:
     seq: int = 0
     parked: int = 0
     applied: dict[str, Any] = field(default_factory=dict)
+
+
+#: Outcomes after which an ack waits in the outbox to go back to the sender.
+ACKED = frozenset({Step.APPLIED, Step.DUPLICATE, Step.FAILED})
+
+
+def wrote_acks(outcomes: Iterable[Outcome]) -> bool:
+    """Whether any of ``outcomes`` left an ack in the outbox (push it back now)."""
+    return any(o.status in ACKED for o in outcomes)
 
 
 # ---------------------------------------------------------------- received rows
@@ -123,8 +133,12 @@ def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
 # ---------------------------------------------------------------- import
 
 def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None,
-                 rotate: int = 0) -> list[Outcome]:
+                 rotate: int = 0, parked: bool = True) -> list[Outcome]:
     """Process every complete file in the inbox: acks, then bundles in stream order.
+
+    ``retry`` tries FAILED bundles again; after a bundle applied, the parked
+    documents are tried again unless ``parked`` is false (``exchange.receive.retry``
+    does that itself, once).
 
     Each stream is taken under its lock (:func:`exchange.receive.locks.try_lock`); a
     stream another worker holds is skipped, so several workers can run this
@@ -134,14 +148,15 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
     """
     try:
         with system_pool():
-            return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate)
+            return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate, parked=parked)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"import stopped: {_error_text(exc)}",
                             hint="Free disk space for the database (or restore its connection), then sync "
                                  "again; the files wait in the inbox.") from exc
 
 
-def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int) -> list[Outcome]:
+def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int,
+                  parked: bool) -> list[Outcome]:
     rep = reporter or NullReporter()
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)]
     streams: dict[tuple[str, str], list[Path]] = defaultdict(list)
@@ -167,7 +182,7 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
                 rep.advance()
     if total:
         rep.finish()
-    if any(o.status == "APPLIED" for o in out) or retry:
+    if parked and any(o.status == "APPLIED" for o in out):
         with try_lock(node, "parked") as got:
             if got:
                 retry_parked(node)

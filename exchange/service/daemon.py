@@ -25,7 +25,7 @@ from exchange.errors import ExchangeError
 from exchange.node.home import Node
 from exchange.node.lock import home_lock, work_lock
 from exchange.progress import NullReporter, Reporter
-from exchange.receive.importer import import_inbox
+from exchange.receive.importer import import_inbox, wrote_acks
 from exchange.service.sync import push, sync
 from exchange.wire.formats import is_exchange_file
 
@@ -41,6 +41,7 @@ class ServiceState:
     started: float = field(default_factory=time.time)
     last_sync: float | None = None
     last_sync_result: str = ""
+    last_sync_ok: bool = True  # the last sync had no error (the page shows it without reading the text)
     last_import: float | None = None
     imports: int = 0
     syncs: int = 0
@@ -100,7 +101,7 @@ class Service:
         try:
             with work_lock(self.node.cfg.home):
                 outs = import_inbox(self.node, reporter=self.reporter)
-                if any(o.status in ("APPLIED", "DUPLICATE", "FAILED") for o in outs):
+                if wrote_acks(outs):
                     push(self.node, reporter=self.reporter)  # send acks back without waiting
             self.state.last_import = time.time()
             self.state.imports += 1
@@ -115,15 +116,16 @@ class Service:
         try:
             rep = sync(self.node, reporter=self.reporter)
             self.state.last_sync_result = rep.line() if not rep.errors else "; ".join(rep.errors)
+            self.state.last_sync_ok = not rep.errors
             if rep.errors:
                 self.state.errors += 1
         except ExchangeError as exc:
             self.state.errors += 1
-            self.state.last_sync_result = f"failed: {exc}"
+            self.state.last_sync_result, self.state.last_sync_ok = f"failed: {exc}", False
             log.error("sync failed, retrying at the next interval: %s", exc)
         except Exception as exc:
             self.state.errors += 1
-            self.state.last_sync_result = f"failed: {exc}"
+            self.state.last_sync_result, self.state.last_sync_ok = f"failed: {exc}", False
             log.exception("sync failed unexpectedly, retrying at the next interval")
         self.state.last_sync = time.time()
         self.state.syncs += 1

@@ -142,21 +142,17 @@ class Jobs:
     def last_sync(self) -> tuple[float | None, str, bool | None]:
         """(time, result, ok) of the last finished sync this process knows of."""
         self.current()
-        candidates: list[tuple[float, str, bool | None]] = []
+        candidates: list[tuple[float, str, bool]] = []
         if self.service is not None and self.service.state.last_sync:
             st = self.service.state
-            candidates.append((st.last_sync or 0.0, st.last_sync_result, None))
+            candidates.append((st.last_sync or 0.0, st.last_sync_result, st.last_sync_ok))
         with self._lock:
             own = self._last_sync
         if own is not None and own.finished:
             candidates.append((own.finished, own.result, own.ok))
         if not candidates:
             return None, "", None
-        best = max(candidates, key=lambda c: c[0])
-        if best[2] is None:  # from the service's state: judge by its text
-            ok = not (best[1].startswith("failed") or " errors" in best[1] or ":" in best[1])
-            return best[0], best[1], ok
-        return best
+        return max(candidates, key=lambda c: c[0])
 
     def last_sync_time(self) -> float | None:
         return self.last_sync()[0]
@@ -233,28 +229,13 @@ class Jobs:
             return rep.line() + ": " + "; ".join(rep.errors), False
         return rep.line(), True
 
-    def _parked_count(self) -> int:
-        from sqlalchemy import func, select
-
-        from exchange.database.tables import xchg_parked
-
-        with self.node.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(xchg_parked)).scalar() or 0)
-
     def _run_retry(self, job: Job) -> tuple[str, bool]:
         from exchange.node.lock import work_lock
-        from exchange.receive.importer import import_inbox
+        from exchange.receive.retry import retry
         from exchange.service.sync import push
 
         with work_lock(self.node.cfg.home):
-            before = self._parked_count()
-            # with retry=True, import_inbox retries FAILED bundles and then every parked document
-            outs = import_inbox(self.node, retry=True, reporter=self.reporter)
-            still = self._parked_count()
-            if any(o.status in ("APPLIED", "DUPLICATE", "FAILED") for o in outs):
+            result = retry(self.node, reporter=self.reporter)
+            if result.acks_due:
                 push(self.node, reporter=self.reporter)  # the acks go back at once
-        ok = max(0, before - still)
-        parts = [f"parked documents: {ok} applied, {still} still parked"]
-        bad = [o for o in outs if o.status in ("FAILED", "QUARANTINED")]
-        parts.extend(f"{o.file}: {o.status}" + (f" - {o.reason}" if o.reason else "") for o in outs)
-        return "; ".join(parts), not bad and not still
+        return result.text(), result.ok

@@ -1,0 +1,70 @@
+"""``exchange retry``, the page's Retry button and the service: one retry, one result.
+
+A retry tries the FAILED bundles of the inbox again (in stream order, with the
+bundles waiting behind them), then every parked document once, and returns one
+:class:`RetryResult` that the CLI prints, the page shows and both judge by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from exchange.database.tables import xchg_parked
+from exchange.node.home import Node
+from exchange.progress import Reporter
+from exchange.receive.importer import Outcome, import_inbox, retry_parked, wrote_acks
+from exchange.receive.locks import try_lock
+from exchange.vocabulary import Outcome as Step
+
+@dataclass
+class RetryResult:
+    """What one retry did: each file of the inbox, and the parked documents."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    parked_applied: int = 0
+    still_parked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Nothing failed, nothing was set aside, nothing is still parked."""
+        return not self.still_parked and not any(
+            o.status in (Step.FAILED, Step.QUARANTINED) for o in self.outcomes)
+
+    @property
+    def acks_due(self) -> bool:
+        """An ack was written (applied, re-acknowledged or rejected): push it back now."""
+        return wrote_acks(self.outcomes)
+
+    def parked_line(self) -> str:
+        return f"parked documents: {self.parked_applied} applied, {self.still_parked} still parked"
+
+    def text(self) -> str:
+        """The lines in one (the page's result line)."""
+        return "; ".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """One line per file, then the parked documents (the CLI's output)."""
+        return [f"{o.file}: {o.status}" + (f" - {o.reason}" if o.reason else "") for o in self.outcomes] + [
+            self.parked_line()]
+
+
+def parked_count(node: Node) -> int:
+    with node.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(xchg_parked)).scalar() or 0)
+
+
+def retry(node: Node, *, reporter: Reporter | None = None) -> RetryResult:
+    """Retry FAILED bundles, then every parked document exactly once.
+
+    The caller holds the home's work lock. Parked documents another worker is
+    retrying right now (its lock is taken) are counted as still parked.
+    """
+    outs = import_inbox(node, retry=True, reporter=reporter, parked=False)
+    with try_lock(node, "parked") as got:
+        if got:
+            applied, still = retry_parked(node)
+        else:
+            applied, still = 0, parked_count(node)
+    return RetryResult(outs, applied, still)
