@@ -3,7 +3,9 @@
 Every error an operator can meet derives from :class:`ExchangeError`. The CLI
 prints ``message`` and ``hint`` and exits with ``exit_code``; no traceback for
 an expected problem. Third-party errors (paramiko, pyarrow, cryptography) are
-translated at the boundary with ``raise ... from exc``.
+translated at the boundary with ``raise ... from exc``. Code decides by an
+error's class (or its attributes), never by its message text; a class defined
+beside the code that raises it still appears in this tree.
 
     ExchangeError (1)
     ├── ConfigError (3)            exchange.toml, node home, peers
@@ -15,12 +17,17 @@ translated at the boundary with ``raise ... from exc``.
     │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
     │   ├── NotForUsError (14)     addressed to another node
     │   └── VersionError (15)      unknown or incompatible format/app version
+    │       └── HeldError (15)     another major version: kept, applied after an upgrade
+    │                              (exchange.wire.bundle)
     ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
+    │   └── NoIdentityError (16)   no identity of this node opens the file (not encrypted to it)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
     │   └── OwnershipError (22)    a peer wrote what it does not own or did not announce
     ├── TransportError (30)        moving files failed
+    │   ├── HostKeyError (30)      the server's host key is not the pinned one (exchange.transport.sftp)
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
+    │       └── FileChanged (31)   a remote file changed while read: list again (exchange.transport.sftp)
     ├── DatabaseError (40)         the node database is unreachable or wrong
     └── BusyError (50)             another exchange process holds the lock
 """
@@ -95,6 +102,12 @@ class NotRegularFileError(FormatError):
 class CryptoError(ExchangeError):
     exit_code = 16
     hint = "Check that the right identity (key) file is used."
+
+
+class NoIdentityError(CryptoError):
+    """None of the identities given opens the file: it is encrypted to other nodes only."""
+
+    hint = "The file is not encrypted to this node's key: check who it was sent to, and the identity file used."
 
 
 class StreamError(ExchangeError):

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.errors import CryptoError, ExchangeError, FormatError, LimitError, VersionError
+from exchange.errors import CryptoError, ExchangeError, FormatError, LimitError, NoIdentityError, VersionError
 from exchange.wire.crypto import age
 
 CI = os.environ.get("CI", "").lower() == "true"
@@ -282,7 +282,7 @@ def test_multi_recipient_interop(age_bin: tuple[str, str], tmp_path: Path) -> No
         assert _run(age_bin[0], "-d", "-i", key, stdin=ours) == data
         assert _decrypt(ours, [identity]) == data
         assert _decrypt(theirs, [identity]) == data
-    with pytest.raises(CryptoError, match="no identity matches any of the 3 recipient stanzas"):
+    with pytest.raises(NoIdentityError, match="no identity matches any of the 3 recipient stanzas"):
         _decrypt(ours, [age.generate_identity()[0]])
 
 

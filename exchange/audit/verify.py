@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from exchange.audit.prune import CHECKPOINTS_DIR, ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
-from exchange.errors import CryptoError, ExchangeError, FormatError
+from exchange.errors import CryptoError, ExchangeError, FormatError, NoIdentityError
 from exchange.wire import parquet_budget, tarfmt
 from exchange.wire.bundle import Ack, BundleReader, Manifest, format_time, read_ack
 from exchange.wire.crypto import age, sshsig
@@ -106,7 +106,7 @@ def _msg(exc: ExchangeError, path: Path) -> str:
 
 
 def _is_not_for_us(exc: ExchangeError) -> bool:
-    return isinstance(exc, CryptoError) and "no identity matches" in exc.message
+    return isinstance(exc, NoIdentityError)
 
 
 def check_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str], workdir: Path,

@@ -28,7 +28,7 @@ from exchange.errors import (
     AuthenticityError, BundleError, ExchangeError, FormatError, LimitError, NotForUsError,
     NotRegularFileError, VersionError,
 )
-from exchange.errors import CryptoError
+from exchange.errors import CryptoError, NoIdentityError
 from exchange.files import (  # re-exported: older callers import these from here
     fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
     write_file_atomic as write_file_atomic,
@@ -894,9 +894,9 @@ class Ack:
             return self
         try:
             d = self._details(_decrypt_small(self.sealed, identities))
+        except NoIdentityError:
+            return self  # not encrypted to these identities: stays sealed
         except CryptoError as exc:
-            if "no identity matches" in exc.message:
-                return self  # not encrypted to these identities: stays sealed
             return replace(self, details="unreadable", details_error=exc.message)
         except BundleError as exc:
             return replace(self, details="unreadable", details_error=exc.message)

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from exchange.errors import CryptoError, FormatError, LimitError, VersionError
+from exchange.errors import CryptoError, FormatError, LimitError, NoIdentityError, VersionError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -377,7 +377,7 @@ def _unwrap_file_key(stanzas: list[_Stanza], identities: Sequence[X25519PrivateK
                 return _x25519_wrap_key(shared, share, recipient).decrypt(bytes(12), body, None)
             except InvalidTag:
                 continue
-    raise CryptoError(f"no identity matches any of the {len(stanzas)} recipient stanzas")
+    raise NoIdentityError(f"no identity matches any of the {len(stanzas)} recipient stanzas")
 
 
 def header_stanza_count(src: BinaryIO) -> int:
