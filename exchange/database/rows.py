@@ -92,7 +92,8 @@ def arrow_schema(table: Table) -> pa.Schema:
                       for c in table.columns])
 
 
-def _typed_key(table: Table, key_cols: Sequence[str], key: Sequence[str]) -> tuple[Any, ...]:
+def typed_key(table: Table, key_cols: Sequence[str], key: Sequence[str]) -> tuple[Any, ...]:
+    """A parsed key's values in the types of ``table``'s key columns (integers as int)."""
     out = []
     for name, value in zip(key_cols, key, strict=True):
         out.append(int(value) if isinstance(table.c[name].type, Integer) else value)
@@ -100,7 +101,7 @@ def _typed_key(table: Table, key_cols: Sequence[str], key: Sequence[str]) -> tup
 
 
 def _key_chunks(table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> Iterable[list[tuple[Any, ...]]]:
-    typed = [_typed_key(table, key_cols, parse_key(k)) for k in keys]
+    typed = [typed_key(table, key_cols, parse_key(k)) for k in keys]
     for i in range(0, len(typed), CHUNK):
         yield typed[i:i + CHUNK]
 
@@ -188,7 +189,7 @@ def _key_table(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
         conn.exec_driver_sql(f"TRUNCATE {qn}")  # temporary tables are never vacuumed: no dead rows
         with _pg_cursor(conn).copy(f"COPY {qn} ({cols}) FROM STDIN") as copy:
             for k in keys:
-                copy.write_row(_typed_key(table, key_cols, parse_key(k)))
+                copy.write_row(typed_key(table, key_cols, parse_key(k)))
     else:  # one statement: the keys as one JSON parameter, split by SQLite (typed by column affinity)
         conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {qn} AS SELECT {cols} FROM {_q(conn, table.name)} WHERE 0")
         conn.exec_driver_sql(f"DELETE FROM {qn}")

@@ -524,7 +524,7 @@ def _check_keys(node: Node, dt: DocType, keys: list[str]) -> None:
     for k in keys:
         try:
             values = rows.parse_key(k)
-            rows._typed_key(header, dt.key, values)
+            rows.typed_key(header, dt.key, values)
             ok = rows.canonical_key(values) == k
         except (ValueError, TypeError):
             ok = False

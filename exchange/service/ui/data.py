@@ -286,7 +286,8 @@ class StoreRow:
         return (now - t).total_seconds() if t else None
 
 
-def _ago(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A length of time as the page shows it (``42 s``, ``12 min``...)."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -312,7 +313,7 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
         if contact is None:
             attention.append("never heard from")
         elif (now - contact).total_seconds() > silent_after_minutes * 60:
-            attention.append(f"silent {_ago((now - contact).total_seconds())}")
+            attention.append(f"silent {duration((now - contact).total_seconds())}")
         if st.received_failed:
             attention.append("FAILED stream")
         if st.received_held:

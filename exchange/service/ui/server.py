@@ -123,11 +123,11 @@ def fmt_ago(value: Any) -> str:
     secs = (datetime.now(UTC) - t).total_seconds()
     if secs < 5:
         return "just now"
-    return data._ago(max(0.0, secs)) + " ago"
+    return data.duration(max(0.0, secs)) + " ago"
 
 
 def fmt_age(seconds: float | None) -> str:
-    return "-" if seconds is None else data._ago(max(0.0, seconds))
+    return "-" if seconds is None else data.duration(max(0.0, seconds))
 
 
 def fmt_docs(docs: dict[str, int]) -> Markup:
