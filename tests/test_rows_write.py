@@ -70,7 +70,7 @@ def test_import_allocates_from_the_system_pool_and_restores_the_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
 
-    def fake(*_a: Any, **_k: Any) -> importer.Outcome:
+    def fake(*_a: Any, **_k: Any) -> importer.FileOutcome:
         seen.append(pa.default_memory_pool().backend_name)
         raise RuntimeError("stop here")
 

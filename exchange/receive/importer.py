@@ -43,7 +43,7 @@ from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeErro
 from exchange.faults import crashpoint
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import Outcome as Step
+from exchange.vocabulary import AckResult, DocStatus, Outcome, ReceivedStatus, SentStatus
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
@@ -73,9 +73,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Outcome:
+class FileOutcome:
+    """What one import or ack step did with one file (``status``), and why."""
+
     file: str
-    status: str  # APPLIED WAITING HELD FAILED QUARANTINED DUPLICATE PROCESSED REJECTED
+    status: Outcome
     reason: str = ""
     peer: str = ""
     seq: int = 0
@@ -84,10 +86,10 @@ class Outcome:
 
 
 #: Outcomes after which an ack waits in the outbox to go back to the sender.
-ACKED = frozenset({Step.APPLIED, Step.DUPLICATE, Step.FAILED})
+ACKED = frozenset({Outcome.APPLIED, Outcome.DUPLICATE, Outcome.FAILED})
 
 
-def wrote_acks(outcomes: Iterable[Outcome]) -> bool:
+def wrote_acks(outcomes: Iterable[FileOutcome]) -> bool:
     """Whether any of ``outcomes`` left an ack in the outbox (push it back now)."""
     return any(o.status in ACKED for o in outcomes)
 
@@ -115,7 +117,7 @@ def _heads(conn: Connection, peer: str, received: tuple[int, str | None]) -> Hea
     last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256).where(xchg_sent.c.peer == peer)
                         .order_by(xchg_sent.c.seq.desc()).limit(1)).first()
     acked = conn.execute(select(func.max(xchg_sent.c.seq)).where(and_(
-        xchg_sent.c.peer == peer, xchg_sent.c.status == "PROCESSED"))).scalar()
+        xchg_sent.c.peer == peer, xchg_sent.c.status == SentStatus.PROCESSED))).scalar()
     sent = Head(int(last[0]), last[1], int(acked or 0)) if last else Head(0, None, 0)
     return Heads(Head(received[0], received[1] if received[0] else None), sent)
 
@@ -133,7 +135,7 @@ def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
 # ---------------------------------------------------------------- import
 
 def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None,
-                 rotate: int = 0, parked: bool = True) -> list[Outcome]:
+                 rotate: int = 0, parked: bool = True) -> list[FileOutcome]:
     """Process every complete file in the inbox: acks, then bundles in stream order.
 
     ``retry`` tries FAILED bundles again; after a bundle applied, the parked
@@ -156,7 +158,7 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 
 
 def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int,
-                  parked: bool) -> list[Outcome]:
+                  parked: bool) -> list[FileOutcome]:
     rep = reporter or NullReporter()
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)]
     streams: dict[tuple[str, str], list[Path]] = defaultdict(list)
@@ -167,7 +169,7 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     if order and rotate:
         k = rotate % len(order)
         order = order[k:] + order[:k]
-    out: list[Outcome] = []
+    out: list[FileOutcome] = []
     total = sum(len(v) for v in streams.values())
     if total:
         rep.start("import", total)
@@ -182,7 +184,7 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
                 rep.advance()
     if total:
         rep.finish()
-    if parked and any(o.status == "APPLIED" for o in out):
+    if parked and any(o.status == Outcome.APPLIED for o in out):
         with try_lock(node, "parked") as got:
             if got:
                 retry_parked(node)
@@ -190,13 +192,13 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
 
 
 def import_file(node: Node, path: Path, *, retry: bool = False, dry_run: bool = False,
-                reporter: Reporter | None = None) -> Outcome:
+                reporter: Reporter | None = None) -> FileOutcome:
     """Verify, place and (if next in its stream) apply one bundle."""
     with system_pool():
         return _import_file(node, path, retry=retry, dry_run=dry_run, reporter=reporter)
 
 
-def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter: Reporter | None) -> Outcome:
+def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter: Reporter | None) -> FileOutcome:
     rep = reporter or NullReporter()
     try:
         fn = parse_name(path.name)
@@ -206,7 +208,7 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
     except BundleError as exc:
         if not dry_run:
             quarantine(node, path, exc, rep)
-        return Outcome(path.name, "QUARANTINED", str(exc))
+        return FileOutcome(path.name, Outcome.QUARANTINED, str(exc))
     with reader:
         try:
             reader.verify_signature(node.trust)
@@ -220,12 +222,12 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
         except BundleError as exc:
             if not dry_run:
                 quarantine(node, path, exc, rep)
-            return Outcome(path.name, "QUARANTINED", str(exc))
+            return FileOutcome(path.name, Outcome.QUARANTINED, str(exc))
         return _place(node, path, reader, retry=retry, dry_run=dry_run, rep=rep)
 
 
 def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run: bool,
-           rep: Reporter) -> Outcome:
+           rep: Reporter) -> FileOutcome:
     m = reader.manifest
     peer, seq = m.sender, m.seq
     file_sha = sha256_file(path)
@@ -234,38 +236,38 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         known = conn.execute(select(xchg_received).where(and_(
             xchg_received.c.peer == peer, xchg_received.c.seq == seq))).mappings().first()
     if seq <= last_seq:
-        if known and known["file_sha256"] == file_sha and known["status"] == "APPLIED":
+        if known and known["file_sha256"] == file_sha and known["status"] == ReceivedStatus.APPLIED:
             if not dry_run:
                 if known["ack"]:
                     _write_ack(node, known["ack"], peer, seq)
                 archive(node, path, "duplicates")
-                rep.state(path.name, "DUPLICATE", "already applied; re-acknowledged")
-            return Outcome(path.name, "DUPLICATE", "already applied; re-acknowledged", peer, seq)
+                rep.state(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged")
+            return FileOutcome(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged", peer, seq)
         reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
                   f"(replay, rollback or fork); last applied seq is {last_seq}")
         if not dry_run:
             quarantine(node, path, reason, rep)
-        return Outcome(path.name, "QUARANTINED", reason, peer, seq)
+        return FileOutcome(path.name, Outcome.QUARANTINED, reason, peer, seq)
     summary = "{}"
     try:
         reader.check_major()
     except HeldError as exc:
         if not dry_run:
-            _record(node, peer, seq, path.name, file_sha, m.sha256, "HELD", str(exc), rep)
-        return Outcome(path.name, "HELD", str(exc), peer, seq)
+            _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.HELD, str(exc), rep)
+        return FileOutcome(path.name, Outcome.HELD, str(exc), peer, seq)
     if seq > last_seq + 1:
         reason = f"waiting for seq {last_seq + 1} of stream {peer}->{node.id}"
         if not dry_run:
-            _record(node, peer, seq, path.name, file_sha, m.sha256, "WAITING", reason, rep)
-        return Outcome(path.name, "WAITING", reason, peer, seq)
-    if known and known["status"] == "FAILED" and not retry and not dry_run:
-        return Outcome(path.name, "FAILED", known["reason"] or "", peer, seq)
+            _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.WAITING, reason, rep)
+        return FileOutcome(path.name, Outcome.WAITING, reason, peer, seq)
+    if known and known["status"] == ReceivedStatus.FAILED and not retry and not dry_run:
+        return FileOutcome(path.name, Outcome.FAILED, known["reason"] or "", peer, seq)
     if m.prev != last_manifest:
         reason = (f"hash chain broken: bundle's previous-manifest hash {m.prev} is not the last "
                   f"applied manifest {last_manifest} of stream {peer}->{node.id}")
         if not dry_run:
             quarantine(node, path, reason, rep)
-        return Outcome(path.name, "QUARANTINED", reason, peer, seq)
+        return FileOutcome(path.name, Outcome.QUARANTINED, reason, peer, seq)
     node.cfg.work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".open-", dir=node.cfg.work))
     try:
@@ -279,7 +281,7 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         except ExchangeError as exc:
             if not dry_run:
                 quarantine(node, path, exc, rep)
-            return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
+            return FileOutcome(path.name, Outcome.QUARANTINED, str(exc), peer, seq)
         summary = json.dumps({t: v.get("count", 0) + v.get("deletes", 0) for t, v in documents.items()})
         return _apply_bundle(node, path, opened, summary, dry_run=dry_run, rep=rep)
     finally:
@@ -287,7 +289,7 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
 
 
 def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_sha: str,
-            status: str, reason: str, rep: Reporter, summary: str | None = None,
+            status: ReceivedStatus, reason: str, rep: Reporter, summary: str | None = None,
             ack: bytes | None = None) -> None:
     values: dict[str, Any] = dict(file_name=name, file_sha256=file_sha, manifest_sha256=manifest_sha,
                                   status=status, reason=reason)
@@ -304,7 +306,7 @@ def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_
 
 
 def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_run: bool,
-                  rep: Reporter) -> Outcome:
+                  rep: Reporter) -> FileOutcome:
     m = opened.manifest
     peer, seq = m.sender, m.seq
     try:
@@ -314,18 +316,18 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
             last_seq, _ = _stream_pos(conn, peer, lock=True)
             if last_seq >= seq:  # applied meanwhile by another worker
-                return Outcome(path.name, "DUPLICATE", "applied by another worker", peer, seq)
+                return FileOutcome(path.name, Outcome.DUPLICATE, "applied by another worker", peer, seq)
             with suppress_capture(conn):
                 applied, parked = apply_documents(conn, node, peer, seq, opened)
             crashpoint("import.applied")
             if dry_run:
                 conn.rollback()
-                return Outcome(path.name, "APPLIED", "dry run: nothing changed", peer, seq,
+                return FileOutcome(path.name, Outcome.APPLIED, "dry run: nothing changed", peer, seq,
                                len(parked), applied)
             now = utc_now()
             ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
                             bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
-                            result="APPLIED", applied=applied, parked=parked, created=now,
+                            result=AckResult.APPLIED, applied=applied, parked=parked, created=now,
                             recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
             if last_seq == 0 and not conn.execute(select(xchg_stream_in.c.peer).where(
                     xchg_stream_in.c.peer == peer)).first():
@@ -336,12 +338,12 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                              .values(last_seq=seq, last_manifest_sha256=m.sha256))
             reason = f"{len(parked)} documents parked" if parked else None
             _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
-                          manifest_sha256=m.sha256, status="APPLIED", summary=summary,
+                          manifest_sha256=m.sha256, status=ReceivedStatus.APPLIED, summary=summary,
                           applied_at=now, reason=reason, ack=ack)
     except BundleError as exc:  # malformed content found while applying (rolled back): set aside
         if not dry_run:
             quarantine(node, path, exc, rep)
-        return Outcome(path.name, "QUARANTINED", str(exc), peer, seq)
+        return FileOutcome(path.name, Outcome.QUARANTINED, str(exc), peer, seq)
     except OperationalError as exc:  # the database itself (disk full, I/O error, connection lost), not the
         # bundle: no FAILED, no REJECTED ack; the transaction rolled back and the next run applies it
         raise DatabaseError(f"{path.name} not applied: {_error_text(exc)}",
@@ -350,7 +352,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
     except (ApplyError, SQLAlchemyError) as exc:
         reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
         if dry_run:
-            return Outcome(path.name, "FAILED", reason, peer, seq)
+            return FileOutcome(path.name, Outcome.FAILED, reason, peer, seq)
         try:
             with node.engine.connect() as conn:
                 heads: Heads | None = _heads(conn, peer, _stream_pos(conn, peer))
@@ -358,20 +360,20 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             heads = None
         ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
                         bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
-                        result="REJECTED", reason=reason, recipients=node.recipients_for(peer), heads=heads)
+                        result=AckResult.REJECTED, reason=reason, recipients=node.recipients_for(peer), heads=heads)
         try:
-            _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, "FAILED", reason,
+            _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, ReceivedStatus.FAILED, reason,
                     rep, summary, ack)
         except SQLAlchemyError as db_exc:
             raise DatabaseError(f"cannot record failure of {path.name}: {db_exc}") from db_exc
         _write_ack(node, ack, peer, seq)
-        return Outcome(path.name, "FAILED", reason, peer, seq)
+        return FileOutcome(path.name, Outcome.FAILED, reason, peer, seq)
     crashpoint("import.committed")
     _write_ack(node, ack, peer, seq)
     crashpoint("import.acked")
     archive(node, path)
-    rep.state(path.name, "APPLIED", reason or "")
-    return Outcome(path.name, "APPLIED", reason or "", peer, seq, len(parked), applied)
+    rep.state(path.name, Outcome.APPLIED, reason or "")
+    return FileOutcome(path.name, Outcome.APPLIED, reason or "", peer, seq, len(parked), applied)
 
 
 # ---------------------------------------------------------------- apply
@@ -649,7 +651,7 @@ def retry_parked(node: Node) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- acks (sender side)
 
-def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> Outcome:
+def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> FileOutcome:
     """Move a sent bundle to PROCESSED or REJECTED from a verified ack."""
     rep = reporter or NullReporter()
     try:
@@ -659,7 +661,7 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
             raise FormatError(f"{path.name}: file name disagrees with the signed ack")
     except BundleError as exc:
         quarantine(node, path, exc, rep)
-        return Outcome(path.name, "QUARANTINED", str(exc))
+        return FileOutcome(path.name, Outcome.QUARANTINED, str(exc))
     with node.engine.begin() as conn:
         sent = conn.execute(select(xchg_sent).where(and_(
             xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq))).mappings().first()
@@ -675,25 +677,26 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> O
                 conn.execute(update(xchg_sent).where(and_(
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
         else:
-            status = "PROCESSED" if ack.result == "APPLIED" else "REJECTED"
+            status = SentStatus.PROCESSED if ack.result == AckResult.APPLIED else SentStatus.REJECTED
             note = ack.reason or (f"{ack.parked_total} documents parked at {ack.acker}" if ack.parked_total
                                   else _sealed_note(ack))
             assert sent is not None
-            if sent["status"] != "PROCESSED":
+            if sent["status"] != SentStatus.PROCESSED:
                 conn.execute(update(xchg_sent).where(and_(
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(
                         status=status, processed_at=utc_now(), reason=note))
                 conn.execute(update(xchg_delivery).where(and_(
                     xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
-                    xchg_delivery.c.status.in_(("EXPORTED", "UPLOADED", "REJECTED")))).values(status=status))
+                    xchg_delivery.c.status.in_((DocStatus.EXPORTED, DocStatus.UPLOADED, DocStatus.REJECTED))
+                )).values(status=DocStatus(status)))
     if reason:
         quarantine(node, path, reason, rep)
-        return Outcome(path.name, "QUARANTINED", reason, ack.acker, ack.seq)
+        return FileOutcome(path.name, Outcome.QUARANTINED, reason, ack.acker, ack.seq)
     crashpoint("ack.committed")
     archive(node, path)
     name = sent["file_name"] if sent else path.name
     rep.state(name, status, note or "")
-    return Outcome(name, status, note or "", ack.acker, ack.seq)
+    return FileOutcome(name, Outcome(status), note or "", ack.acker, ack.seq)
 
 
 def _sealed_note(ack: Ack) -> str | None:

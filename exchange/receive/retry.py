@@ -14,15 +14,15 @@ from sqlalchemy import func, select
 from exchange.database.tables import xchg_parked
 from exchange.node.home import Node
 from exchange.progress import Reporter
-from exchange.receive.importer import Outcome, import_inbox, retry_parked, wrote_acks
+from exchange.receive.importer import FileOutcome, import_inbox, retry_parked, wrote_acks
 from exchange.receive.locks import try_lock
-from exchange.vocabulary import Outcome as Step
+from exchange.vocabulary import Outcome
 
 @dataclass
 class RetryResult:
     """What one retry did: each file of the inbox, and the parked documents."""
 
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[FileOutcome] = field(default_factory=list)
     parked_applied: int = 0
     still_parked: int = 0
 
@@ -30,7 +30,7 @@ class RetryResult:
     def ok(self) -> bool:
         """Nothing failed, nothing was set aside, nothing is still parked."""
         return not self.still_parked and not any(
-            o.status in (Step.FAILED, Step.QUARANTINED) for o in self.outcomes)
+            o.status in (Outcome.FAILED, Outcome.QUARANTINED) for o in self.outcomes)
 
     @property
     def acks_due(self) -> bool:
