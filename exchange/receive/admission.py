@@ -27,10 +27,11 @@ from sqlalchemy import Connection
 from exchange.database import rows
 from exchange.database.catalog import Catalog, DocType
 from exchange.errors import OwnershipError
+from exchange.vocabulary import DocKey
 from exchange.wire.formats import EVENTS_TABLE
 
 #: (doc_key, op, version) of one document type's events in a bundle
-Events = Sequence[tuple[str, str, int]]
+Events = Sequence[tuple[DocKey, str, int]]
 
 
 def key_text(doc_key: str) -> str:
@@ -54,7 +55,7 @@ def check_tables_announced(catalog: Catalog, tables: Iterable[str], announced: M
                 "nothing of the bundle was applied")
 
 
-def check_rows_announced(dt: DocType, data: Mapping[str, pa.Table], upserts: set[str]) -> None:
+def check_rows_announced(dt: DocType, data: Mapping[str, pa.Table], upserts: set[DocKey]) -> None:
     """Every row of every table of ``dt`` belongs to a document announced as an upsert."""
     for name, table in data.items():
         if not table.num_rows:

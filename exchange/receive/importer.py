@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeErro
 from exchange.faults import crashpoint
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import AckResult, DocStatus, Outcome, ReceivedStatus, SentStatus
+from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
@@ -424,7 +424,7 @@ def _set_versions(conn: Connection, peer: str, doc_type: str, versions: dict[str
             "version": pa.array(list(versions.values()), pa.int64())}))
 
 
-def _write_docs(conn: Connection, node: Node, dt: DocType, keys: list[str],
+def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey],
                 data: dict[str, pa.Table], held: bool = True) -> None:
     """Replace documents as units: children are replaced, the header is upserted.
 
@@ -484,7 +484,7 @@ def _error_text(exc: Exception) -> str:
     return f"{type(orig or exc).__name__}: {orig or exc}".splitlines()[0][:500]
 
 
-def _park(conn: Connection, dt: DocType, key: str, peer: str, seq: int, version: int, op: str,
+def _park(conn: Connection, dt: DocType, key: DocKey, peer: str, seq: int, version: int, op: str,
           data: dict[str, pa.Table], error: str) -> None:
     cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
     conn.execute(delete(xchg_parked).where(cond))
@@ -520,7 +520,7 @@ def _events(opened: Opened) -> dict[str, list[Any]]:
     return events
 
 
-def _check_keys(node: Node, dt: DocType, keys: list[str]) -> None:
+def _check_keys(node: Node, dt: DocType, keys: Sequence[DocKey]) -> None:
     """Every document key is canonical text of the document type's key columns."""
     header = node.catalog.table(dt.header)
     for k in keys:
@@ -558,7 +558,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     cat = node.catalog
     sender_role = node.cfg.peer(peer).role
     events = _events(opened)
-    docs: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    docs: dict[str, list[tuple[DocKey, str, int]]] = defaultdict(list)
     for t, k, op, v in zip(events["doc_type"], events["doc_key"], events["op"], events["version"], strict=True):
         docs[t].append((k, op, v))
     expected = _documents(opened)
