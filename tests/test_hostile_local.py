@@ -303,6 +303,13 @@ def test_a_store_cannot_add_another_store(net: Net, tmp_path: Path) -> None:
     res = run(*args)  # the role is never guessed
     assert res.exit_code == 2 and "Missing option '--role'" in res.output
     assert [f.read_bytes() for f in files] == before
+    # written into exchange.toml by hand: refused when the home is loaded, with the fix
+    toml = s001.cfg.home / "exchange.toml"
+    toml.write_text(toml.read_text() + '\n[peers.s002]\nrole = "store"\nrecipient = "' + other["recipient"] + '"\n')
+    res = run("status", "sent", "--home", str(s001.cfg.home))
+    assert res.exit_code == 3, res.output
+    assert "a store exchanges data only with its HO, not with store s002" in res.output
+    assert "Remove [peers.s002]" in res.output
 
 
 # ---------------------------------------------------------------- text from a peer is data
