@@ -21,11 +21,12 @@ from sqlalchemy import func, select
 from exchange.database.tables import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
 from exchange.node.home import Node
 from exchange.service import status
+from exchange.vocabulary import ReceivedStatus, SentStatus
 
 #: Sender statuses of a bundle that has not been acknowledged yet.
-UNACKED = ("EXPORTED", "UPLOADED")
+UNACKED = (SentStatus.EXPORTED, SentStatus.UPLOADED)
 #: Receiver statuses of a bundle that is stuck until something happens.
-STUCK_IN = ("WAITING", "HELD", "FAILED")
+STUCK_IN = (ReceivedStatus.WAITING, ReceivedStatus.HELD, ReceivedStatus.FAILED)
 
 
 def aware(t: datetime | None) -> datetime | None:
@@ -88,7 +89,7 @@ def quarantined(node: Node, peer: str | None = None) -> list[Bundle]:
             when = aware(datetime.fromisoformat(str(q.time)))
         except ValueError:
             when = aware(datetime.fromtimestamp(q.mtime, UTC))
-        out.append(Bundle(q.file, q.peer, q.seq, {}, "QUARANTINED", when, None, q.reason))
+        out.append(Bundle(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, when, None, q.reason))
     return out
 
 
@@ -190,14 +191,14 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st, n = get(peer), int(n)
             st.sent_by_status[status] = n
             st.sent_total += n
-            if status != "PROCESSED":
+            if status != SentStatus.PROCESSED:
                 st.sent_waiting += n
             if status in UNACKED:
                 st.sent_unacked += n
                 o = aware(oldest)
                 if o is not None and (st.oldest_unacked is None or o < st.oldest_unacked):
                     st.oldest_unacked = o
-            if status == "REJECTED":
+            if status == SentStatus.REJECTED:
                 st.sent_rejected += n
             st.last_ack = _latest(st.last_ack, last_ack)
         for peer, status, n, last_rx, last_applied, top in conn.execute(
@@ -208,9 +209,9 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.received_total += n
             if status in STUCK_IN:
                 st.received_waiting += n
-            if status == "FAILED":
+            if status == ReceivedStatus.FAILED:
                 st.received_failed += n
-            if status == "HELD":
+            if status == ReceivedStatus.HELD:
                 st.received_held += n
             st.last_received = _latest(st.last_received, last_rx, last_applied)
             st.highest_seen_seq = max(st.highest_seen_seq, int(top or 0))
