@@ -551,7 +551,3 @@ def _load_command_modules() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.{mod}":
                 raise
-
-
-def entry() -> None:  # pragma: no cover - python -m exchange
-    main()
