@@ -546,8 +546,4 @@ def _load_command_modules() -> None:
     import importlib
 
     for mod in ("audit", "usb", "ui"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{mod}":
-                raise
+        importlib.import_module(f"{__package__}.{mod}")
