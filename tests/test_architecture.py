@@ -52,6 +52,18 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 #: Cycles between parts that the exceptions above create, each as the sorted pair of parts.
 DOCUMENTED_CYCLES = {("service", "transport"), ("node", "wire")}
 
+#: (module, private name it uses from another part) still to be made public or moved (issue 14).
+PRIVATE_USES = {
+    ("exchange.audit.prune", "exchange.wire.bundle._check_format"),
+    ("exchange.audit.prune", "exchange.wire.bundle._field"),
+    ("exchange.audit.prune", "exchange.wire.bundle._node"),
+    ("exchange.audit.prune", "exchange.wire.bundle._seq"),
+    ("exchange.audit.prune", "exchange.wire.bundle._sha"),
+    ("exchange.audit.prune", "exchange.wire.bundle._wrap"),
+    ("exchange.receive.importer", "exchange.database.rows._typed_key"),
+    ("exchange.transport.usb", "exchange.service.sync._due_for_resend"),
+}
+
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -169,6 +181,51 @@ def test_no_cycles_between_parts_beyond_the_documented_ones() -> None:
     assert cycles <= DOCUMENTED_CYCLES, f"new import cycles between parts: {sorted(cycles - DOCUMENTED_CYCLES)}"
     assert cycles == DOCUMENTED_CYCLES, (f"cycles gone: {sorted(DOCUMENTED_CYCLES - cycles)}; remove them from "
                                          "DOCUMENTED_CYCLES and from docs/ARCHITECTURE.md")
+
+
+def private_uses(module: str) -> set[str]:
+    """``module.name`` for each private name (``_x``) of another exchange module that ``module`` uses:
+    ``from m import _x``, or ``alias._x`` where ``alias`` names an exchange module."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    aliases: dict[str, str] = {}
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(module, path, node)
+            if target.split(".")[0] != "exchange":
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                if sub in MODULES:
+                    aliases[alias.asname or alias.name] = sub
+                elif alias.name.startswith("_") and not alias.name.startswith("__"):
+                    out.add(sub)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and alias.name in MODULES:
+                    aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            out.add(f"{aliases[node.value.id]}.{node.attr}")
+    return out
+
+
+def test_no_module_uses_another_parts_private_names() -> None:
+    """What one part shares with another is public: a private name is used only inside its own part."""
+    uses = {(m, name) for m in MODULES for name in private_uses(m)
+            if part_of(name.rsplit(".", 1)[0]) != part_of(m)}
+    new = sorted(f"{m} uses {name}" for m, name in uses - PRIVATE_USES)
+    assert not new, "make these public (or move them) instead:\n" + "\n".join(new)
+    gone = sorted(f"{m} uses {name}" for m, name in PRIVATE_USES - uses)
+    assert not gone, "no longer used: remove from PRIVATE_USES:\n" + "\n".join(gone)
+
+
+def test_the_private_name_check_sees_both_forms() -> None:
+    """Within a part private names may be shared; these two (both inside one part) show the check reads both forms."""
+    assert "exchange.cli.main._node" in private_uses("exchange.cli.usb")  # ``from exchange.cli.main import _node``
+    assert "exchange.service.ui.data._ago" in private_uses("exchange.service.ui.server")  # ``data._ago``
 
 
 def _page_name(module: str) -> str:
