@@ -43,7 +43,7 @@ class NodeConfig:
     catalog: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    # folders (DESIGN.md "Node home")
+    # folders (docs/ARCHITECTURE.md "Node home")
     @property
     def keys_dir(self) -> Path:
         return self.home / "keys"
