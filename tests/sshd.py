@@ -302,7 +302,7 @@ def make_home(srv: SshdServer, path: Path, node: str, *, authorize_as: str | Non
     """A node home; its key authorized for ``authorize_as``; ``trust``'s host key pinned."""
     from exchange.node.home import init_home
     from exchange.node.keys import public_signing_line
-    from exchange.transport.sftp import trust_host
+    from exchange.transport.sftp.address import trust_host
 
     cfg = init_home(path, node, "ho" if node == "ho" else "store")
     if authorize_as:

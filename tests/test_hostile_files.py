@@ -36,7 +36,8 @@ import pytest
 from enginehelpers import Net, item_ids, make_net, reprice, seed_ho, seed_store, snapshot
 from sshd import SftpHomes, SshdServer
 
-from exchange.transport.sftp import SftpTransport, load_login_key
+from exchange.transport.sftp import SftpTransport
+from exchange.transport.sftp.address import load_login_key
 from exchange.transport.usb import TRANSFER_DIR, prepare_stick
 
 CLI_SECONDS = 120  # one CLI run on a loaded CI machine; a FIFO that blocked would never end

@@ -26,9 +26,9 @@ from sshd import SftpHomes, SshdServer, free_port, make_home
 from exchange.errors import ConfigError, TransientTransportError, TransportError
 from exchange.transport import open_transport
 from exchange.transport.drop import DropTransport
-from exchange.transport.sftp import (
-    HostKeyError, Progress, Retry, SftpAddress, SftpTransport, fetch_host_key, load_login_key, trust_host,
-)
+from exchange.transport.retry import Retry
+from exchange.transport.sftp import Progress, SftpTransport
+from exchange.transport.sftp.address import HostKeyError, SftpAddress, fetch_host_key, load_login_key, trust_host
 
 FAST_RETRY = Retry(attempts=3, base=0.01)
 ONE_SHOT = Retry(attempts=1)

@@ -107,7 +107,7 @@ def mode_targets(node: Node) -> list[tuple[str, Path, bool]]:
     """(label, path, is a folder) of everything in the home that must be private (known hosts: if present)."""
     from exchange.node.config import CONFIG_NAME
     from exchange.node.home import sqlite_file
-    from exchange.transport.sftp import known_hosts_path
+    from exchange.transport.sftp.address import known_hosts_path
 
     cfg = node.cfg
     out = [("home", cfg.home, True), ("keys folder", cfg.keys_dir, True), ("config", cfg.home / CONFIG_NAME, False),

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import paramiko  # noqa: E402
 from sshd import SshdServer, unavailable_reason  # noqa: E402
 
-from exchange.transport.sftp import SftpTransport, trust_host  # noqa: E402
+from exchange.transport.sftp import SftpTransport  # noqa: E402
+from exchange.transport.sftp.address import trust_host  # noqa: E402
 
 GOAL = 0.80
 UP_NAME = "s001.ho.0000000001.bundle"
