@@ -81,8 +81,7 @@ def check_transport(node: Node, peer_id: str) -> str:
         return "no transport configured (files move by `exchange push --to` / USB)"
     t = open_transport(peer.transport, home=node.cfg.home, me=node.id, peer=peer_id)
     try:
-        probe = getattr(t, "probe", None)
-        info: dict[str, Any] = probe(node.id, peer_id) if probe else {}
+        info: dict[str, Any] = t.probe(node.id, peer_id)
     finally:
         t.close()
     parts = [f"{peer.transport} reachable, folders readable and writable"]

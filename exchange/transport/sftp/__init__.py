@@ -61,8 +61,8 @@ from exchange.faults import crashpoint
 from exchange.files import create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular
 from exchange.node.config import Role
 from exchange.node.perms import check_not_writable_by_others
-from exchange.transport import Transport
-from exchange.transport.drop import INFO_PREFIX, addressed_to, incoming, node_info, outgoing, resolve_side
+from exchange.transport import Transport, info_name, node_info
+from exchange.transport.drop import addressed_to, incoming, outgoing, resolve_side
 from exchange.transport.retry import Retry, with_retry
 from exchange.transport.sftp.address import (
     TRUST_COMMAND, HostKeyError, RefuseUnknownHost, SftpAddress, known_hosts_path, load_login_key, new_transport,
@@ -195,7 +195,7 @@ class SftpTransport:
                 attrs = s.stat(test)
                 out["server_time"] = attrs.st_mtime if attrs else None
                 s.sftp.remove(test)
-            info = f"{INFO_PREFIX}{peer}.json"
+            info = info_name(peer)
             try:
                 with s.closing(self._open_listed(s, self.folder(incoming(self.side)), info)) as h:
                     size = s.size_of(h)
@@ -208,7 +208,7 @@ class SftpTransport:
 
     def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
         """Leave ``node-<me>.json`` where ``peer`` pulls from, for its doctor."""
-        target = posixpath.join(self.folder(outgoing(self.side)), f"{INFO_PREFIX}{me}.json")
+        target = posixpath.join(self.folder(outgoing(self.side)), info_name(me))
         data = json.dumps(info).encode()
 
         def run(s: Session) -> None:
@@ -558,4 +558,4 @@ class SftpTransport:
                 raise TransportError(f"writing {part} failed: {exc.strerror or exc}") from exc
 
 
-_: type[Transport] = SftpTransport  # mypy checks SftpTransport against the Protocol
+_: type[Transport] = SftpTransport  # mypy checks the class against the Transport protocol
