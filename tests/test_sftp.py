@@ -23,7 +23,7 @@ import paramiko
 import pytest
 from sshd import MISSING_INTERNAL, SftpHomes, SshdServer, free_port, make_home
 
-from exchange.errors import ConfigError, TransientTransportError, TransportError
+from exchange.errors import ConfigError, ExchangeError, TransientTransportError, TransportError
 from exchange.transport import open_transport
 from exchange.transport.drop import DropTransport
 from exchange.transport.retry import Retry
@@ -293,6 +293,45 @@ def test_refused_login_is_not_retried(sshd: SshdServer, tmp_path: Path, monkeypa
     assert not isinstance(info.value, TransientTransportError)
     assert "authorized" in info.value.hint
     assert len(calls) == 1
+
+
+def test_retry_wrapper_retries_only_transient_failures() -> None:
+    """The one retry path (transport/retry.py): backoff on a broken link up to the limit, a refusal
+    at once, a bug (unclassified) untouched; the clean-up runs after every classified failure."""
+    from exchange.transport.retry import with_retry
+
+    def classify(exc: Exception) -> ExchangeError | None:
+        if isinstance(exc, ExchangeError):
+            return exc
+        return TransientTransportError(f"link: {exc}") if isinstance(exc, ConnectionError) else None
+
+    def failing(errors: list[Exception]) -> Callable[[], str]:
+        def op() -> str:
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return "done"
+        return op
+    policy = Retry(attempts=3, base=0.5, max_delay=0.75)
+    for errors, outcome, n_calls, sleeps, n_cleaned in [
+            ([ConnectionResetError("reset")] * 2, "done", 3, [0.5, 0.75], 2),
+            ([ConnectionResetError("reset")] * 3, "gave up after 3 attempts", 3, [0.5, 0.75], 3),
+            ([TransportError("permission denied")], "permission denied", 1, [], 1),
+            ([ValueError("a bug")], "a bug", 1, [], 0)]:
+        calls: list[int] = []
+        slept: list[float] = []
+        cleaned: list[ExchangeError] = []
+        run = failing(list(errors))
+        if outcome == "done":
+            assert with_retry(run, policy=policy, classify=classify, after_failure=cleaned.append, where="t",
+                              sleep=slept.append) == "done"
+        else:
+            with pytest.raises((ExchangeError, ValueError), match=outcome) as info:
+                with_retry(run, policy=policy, classify=classify, after_failure=cleaned.append, where="t",
+                           sleep=slept.append)
+            assert type(info.value) is (ValueError if "bug" in outcome else
+                                        TransportError if "permission" in outcome else TransientTransportError)
+        assert (len(calls), slept, len(cleaned)) == (n_calls, sleeps, n_cleaned)
 
 
 # -- cut links and resume ----------------------------------------------------------------------
