@@ -15,7 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
+import socket
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -292,6 +294,45 @@ def test_refused_login_is_not_retried(sshd: SshdServer, tmp_path: Path, monkeypa
             t.push([src], "ho")
     assert not isinstance(info.value, TransientTransportError)
     assert "authorized" in info.value.hint
+    assert len(calls) == 1
+
+
+def test_incompatible_server_is_refused_not_retried(sftp_homes: SftpHomes, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server speaking SSH 1 on 127.0.0.1: paramiko's IncompatiblePeer (its type, not its message
+    text) is a refusal with a hint, tried once."""
+    calls = count_connects(monkeypatch)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    served: list[int] = []
+
+    def serve() -> None:
+        try:
+            while len(served) < 3:
+                conn, _ = listener.accept()
+                served.append(1)
+                with conn:
+                    conn.sendall(b"SSH-1.5-OldServer\r\n")
+                    conn.settimeout(5)
+                    try:
+                        conn.recv(1024)
+                    except OSError:
+                        pass
+        except OSError:
+            pass  # closed at the end of the test
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    address = f"sftp://nobody@127.0.0.1:{listener.getsockname()[1]}/"
+    src = random_file(tmp_path / "s001.ho.0000000001.bundle", 10)
+    try:
+        with SftpTransport.from_address(address, home=sftp_homes.stores["s001"], retry=FAST_RETRY,
+                                        timeout=10) as t:
+            with pytest.raises(TransportError, match="no common SSH algorithms") as info:
+                t.push([src], "ho")
+    finally:
+        listener.close()
+        thread.join(10)
+    assert not isinstance(info.value, TransientTransportError) and "OpenSSH" in info.value.hint
     assert len(calls) == 1
 
 

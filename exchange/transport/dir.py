@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import stat
-import time
 import json
 from typing import Any
 from collections.abc import Sequence

@@ -9,8 +9,9 @@ direction: a store pushes to ``up/`` and pulls from ``down/``, the HO the revers
 
 Promises, as for every transport:
 
-- Upload to ``name.part``, ask the server to fsync it (``fsync@openssh.com``),
-  then ``posix-rename@openssh.com`` into place: the peer never sees a partial
+- Upload to ``name.part``, ask the server to fsync it (``fsync@openssh.com``;
+  not on stock paramiko, which has no call for it), then
+  ``posix-rename@openssh.com`` into place: the peer never sees a partial
   file under a complete name.
 - Download to a local ``.part``, fsync, rename, and only then remove the remote file.
 - An interrupted upload resumes from the server's ``.part`` only when that is
@@ -20,7 +21,8 @@ Promises, as for every transport:
   through a link or over a FIFO someone left at that name). An interrupted
   download resumes once the last MiB of the local partial copy matches.
 - Nothing but a regular file is opened on the server: each remote file is
-  ``lstat``-ed in the same flight as its open (no extra round trip), and links,
+  ``lstat``-ed in the same flight as its open (no extra round trip; on stock
+  paramiko before it, and the open handle's ``fstat`` must agree), and links,
   FIFOs, sockets, devices and folders named like exchange files are refused,
   left where they are and reported (``refused``).
 - Login with the node's Ed25519 key; the server's host key must be pinned in
@@ -55,6 +57,7 @@ from typing import IO, Any, TypeVar
 
 import paramiko
 from paramiko.buffered_pipe import PipeTimeout
+from paramiko.ssh_exception import IncompatiblePeer
 
 from exchange.errors import ConfigError, ExchangeError, NotRegularFileError, TransientTransportError, TransportError
 from exchange.faults import crashpoint
@@ -298,7 +301,7 @@ class SftpTransport:
                 f"{where}: the server refused the login of {self.addr.user!r} with key {self.key.fingerprint}",
                 hint="Put the node's public key (keys/node_ed25519.pub) in that account's authorized "
                      "keys on the server (docs/SFTP.md).")
-        if isinstance(exc, paramiko.SSHException) and "ncompatible" in str(exc):
+        if isinstance(exc, IncompatiblePeer):
             return TransportError(f"{where}: no common SSH algorithms with the server: {exc}",
                                   hint="The server needs a current OpenSSH (Ed25519, curve25519, AES).")
         alive = self._session is not None and self._session.alive()
