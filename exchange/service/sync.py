@@ -105,7 +105,7 @@ def push(node: Node, *, target: str | None = None, reporter: Reporter | None = N
     for f in sorted(node.cfg.outbox.iterdir()):
         if is_exchange_file(f.name) and _sendable(f, rep):
             by_peer[parse_name(f.name).b].append(f)
-    resend = _due_for_resend(node)
+    resend = due_for_resend(node)
     for peer, names in resend.items():
         for name in names:
             src = node.cfg.archive_sent / name
@@ -141,7 +141,8 @@ def _sendable(f: Path, rep: SyncReport) -> bool:
     return False
 
 
-def _due_for_resend(node: Node) -> dict[str, list[str]]:
+def due_for_resend(node: Node) -> dict[str, list[str]]:
+    """Per peer, the bundles uploaded before the resend cutoff and still unacknowledged: pushed again."""
     from sqlalchemy import select
 
     from exchange.database.tables import xchg_sent

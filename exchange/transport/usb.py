@@ -432,10 +432,10 @@ def _only_peer(node: Node, peer: str) -> Node:
 
 
 def _peers_to_push(node: Node) -> list[str]:
-    from exchange.service.sync import _due_for_resend
+    from exchange.service.sync import due_for_resend
 
     peers = {parse_name(f.name).b for f in node.cfg.outbox.iterdir() if is_exchange_file(f.name)}
-    peers |= set(_due_for_resend(node))
+    peers |= set(due_for_resend(node))
     return sorted(p for p in peers if p in node.cfg.peers)
 
 
