@@ -9,9 +9,10 @@ transport uses it only when a check at first use finds every internal it needs.
 
 from __future__ import annotations
 
+import io
 import logging
-import socket
 import secrets
+import socket
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -192,8 +193,6 @@ class Session(ABC):
     def put_bytes(self, path: str, data: bytes) -> str:
         """A small file, created fresh, written and synced; returns the name written
         (``path`` unless a folder holds it). No rename: callers do it."""
-        import io
-
         path, h = self.create_fresh(path)
         with self.closing(h):
             self.write_durably(h, io.BytesIO(data), 0, len(data), lambda n: None)
