@@ -534,7 +534,7 @@ def migrate(home: Path | None) -> None:
 @click.option("--fingerprint", help="Expected SHA256:... fingerprint (refuse if different).")
 def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) -> None:
     """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint)."""
-    from exchange.transport.sftp import trust_host
+    from exchange.transport.sftp.address import trust_host
 
     node = _node(home)
     fp = trust_host(node.cfg.home, address, expected=fingerprint)

@@ -23,6 +23,8 @@ from exchange.node.lock import work_lock
 from exchange.progress import NullReporter, Reporter
 from exchange.send.pending import export_work, idle, resend_cutoff, resend_due
 from exchange.transport import Transport, open_transport
+from exchange.vocabulary import DocStatus, SentStatus
+from exchange.vocabulary import Outcome as OutcomeStatus  # importer.Outcome is the per-file result
 from exchange.wire.formats import is_exchange_file, parse_name
 
 if TYPE_CHECKING:
@@ -42,8 +44,8 @@ class SyncReport:
     errors: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        applied = sum(1 for o in self.imported if o.status == "APPLIED")
-        acked = sum(1 for o in self.imported if o.status in ("PROCESSED", "REJECTED"))
+        applied = sum(1 for o in self.imported if o.status == OutcomeStatus.APPLIED)
+        acked = sum(1 for o in self.imported if o.status in (OutcomeStatus.PROCESSED, OutcomeStatus.REJECTED))
         text = (f"pulled {len(self.pulled)}, applied {applied}, acks {acked}, "
                 f"exported {len(self.exported)}, pushed {len(self.pushed)}")
         if self.resent:
@@ -86,7 +88,7 @@ def pull(node: Node, *, source: str | None = None, reporter: Reporter | None = N
                 t.close()
             rep.pulled.extend(p.name for p in got)
             # links, FIFOs, folders named like files: left where they are, reported each time
-            rep.errors.extend(f"pull from {peer}: {why}" for why in getattr(t, "refused", ()))
+            rep.errors.extend(f"pull from {peer}: {why}" for why in t.refused)
         except ExchangeError as exc:
             rep.errors.append(f"pull from {peer}: {exc}")
             log.warning("pull from %s failed: %s", peer, exc)
@@ -103,7 +105,7 @@ def push(node: Node, *, target: str | None = None, reporter: Reporter | None = N
     for f in sorted(node.cfg.outbox.iterdir()):
         if is_exchange_file(f.name) and _sendable(f, rep):
             by_peer[parse_name(f.name).b].append(f)
-    resend = _due_for_resend(node)
+    resend = due_for_resend(node)
     for peer, names in resend.items():
         for name in names:
             src = node.cfg.archive_sent / name
@@ -139,7 +141,8 @@ def _sendable(f: Path, rep: SyncReport) -> bool:
     return False
 
 
-def _due_for_resend(node: Node) -> dict[str, list[str]]:
+def due_for_resend(node: Node) -> dict[str, list[str]]:
+    """Per peer, the bundles uploaded before the resend cutoff and still unacknowledged: pushed again."""
     from sqlalchemy import select
 
     from exchange.database.tables import xchg_sent
@@ -149,7 +152,7 @@ def _due_for_resend(node: Node) -> dict[str, list[str]]:
     with node.engine.connect() as conn:
         for peer, name, at in conn.execute(select(xchg_sent.c.peer, xchg_sent.c.file_name,
                                                   xchg_sent.c.uploaded_at)
-                                           .where(xchg_sent.c.status == "UPLOADED")):
+                                           .where(xchg_sent.c.status == SentStatus.UPLOADED)):
             if resend_due(at, cutoff):
                 out[peer].append(name)
     return out
@@ -168,16 +171,17 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
                 cond = and_(xchg_sent.c.peer == fn.b, xchg_sent.c.seq == fn.seq)
                 status = conn.execute(select(xchg_sent.c.status).where(cond)).scalar()
                 conn.execute(update(xchg_sent).where(and_(cond, xchg_sent.c.status.in_(
-                    ("EXPORTED", "UPLOADED")))).values(status="UPLOADED", uploaded_at=now))
+                    (SentStatus.EXPORTED, SentStatus.UPLOADED)))).values(status=SentStatus.UPLOADED,
+                                                                         uploaded_at=now))
                 conn.execute(update(xchg_delivery).where(and_(
                     xchg_delivery.c.peer == fn.b, xchg_delivery.c.seq == fn.seq,
-                    xchg_delivery.c.status == "EXPORTED")).values(status="UPLOADED"))
+                    xchg_delivery.c.status == DocStatus.EXPORTED)).values(status=DocStatus.UPLOADED))
             if f.parent == node.cfg.archive_sent:
                 rep.resent.append(f.name)
-                r.state(f.name, "UPLOADED", "resent: no ack yet")
+                r.state(f.name, SentStatus.UPLOADED, "resent: no ack yet")
                 continue
-            if status == "EXPORTED":
-                r.state(f.name, "UPLOADED")
+            if status == SentStatus.EXPORTED:
+                r.state(f.name, SentStatus.UPLOADED)
         if f.parent == node.cfg.outbox:
             move_entry(f, node.cfg.archive_sent / f.name)  # a rename: never through a link at either end
             rep.pushed.append(f.name)
