@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 # C0 and C1 controls, DEL, line/paragraph separators and the bidirectional
 # overrides that reorder what a terminal shows ("Trojan Source").
@@ -36,6 +37,18 @@ class PlainFormatter(logging.Formatter):
             return super().formatMessage(record)
         finally:
             record.message = message
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback keeps its lines, each indented, with peer text in them escaped like a message."""
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    """Multi-line text whose lines cannot pass for log lines of their own (no controls, each indented)."""
+    return "\n".join("  " + escape_controls(line) for line in text.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):

@@ -289,6 +289,35 @@ def sshd(sshd_server: SshdServer) -> Iterator[SshdServer]:
     sshd_server.clean()
 
 
+MISSING_INTERNAL = "_gone_from_this_paramiko"
+
+
+@pytest.fixture
+def stock_paramiko(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The SFTP fast path disabled exactly as a paramiko lacking one of its internals disables it:
+    the start-up check finds a name it needs missing and the transport runs on stock paramiko."""
+    import paramiko
+
+    from exchange.transport.sftp import fastpath, session_kind
+
+    monkeypatch.setattr(fastpath, "REQUIRED", (*fastpath.REQUIRED, (paramiko.SFTPClient, MISSING_INTERNAL)))
+    session_kind.cache_clear()  # checked once per process: check again with the name missing
+    yield
+    session_kind.cache_clear()  # the next test checks the real paramiko again
+
+
+@pytest.fixture(params=["fast", "stock"])
+def sftp_path(request: pytest.FixtureRequest) -> str:
+    """Run the test on the SFTP fast path, then on stock paramiko (as when an internal is missing)."""
+    from exchange.transport.sftp import session_kind
+    from exchange.transport.sftp.fastpath import FastSession
+
+    if request.param == "stock":
+        request.getfixturevalue("stock_paramiko")
+    assert (session_kind() is FastSession) == (request.param == "fast")
+    return str(request.param)
+
+
 @dataclass
 class SftpHomes:
     """Node homes (made by ``init_home``) whose keys the sshd accepts and which trust its host key."""
@@ -302,7 +331,7 @@ def make_home(srv: SshdServer, path: Path, node: str, *, authorize_as: str | Non
     """A node home; its key authorized for ``authorize_as``; ``trust``'s host key pinned."""
     from exchange.node.home import init_home
     from exchange.node.keys import public_signing_line
-    from exchange.transport.sftp import trust_host
+    from exchange.transport.sftp.address import trust_host
 
     cfg = init_home(path, node, "ho" if node == "ho" else "store")
     if authorize_as:

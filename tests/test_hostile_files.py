@@ -36,7 +36,8 @@ import pytest
 from enginehelpers import Net, item_ids, make_net, reprice, seed_ho, seed_store, snapshot
 from sshd import SftpHomes, SshdServer
 
-from exchange.transport.sftp import SftpTransport, load_login_key
+from exchange.transport.sftp import SftpTransport
+from exchange.transport.sftp.address import load_login_key
 from exchange.transport.usb import TRANSFER_DIR, prepare_stick
 
 CLI_SECONDS = 120  # one CLI run on a loaded CI machine; a FIFO that blocked would never end
@@ -392,7 +393,7 @@ def random_file(path: Path, size: int) -> Path:
 
 
 def test_sftp_remote_part_that_is_a_link_is_not_written_through(
-        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path) -> None:
+        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path, sftp_path: str) -> None:
     """The store makes ``down/<bundle>.part`` and ``down/node-ho.json.part`` symlinks to absolute paths:
     the HO logs in without a chroot, so an open through them would write the HO's own files (as root)."""
     target, info_target = victim(tmp_path / "outside"), victim(tmp_path / "outside", "other.txt")
@@ -414,7 +415,8 @@ def test_sftp_remote_part_that_is_a_link_is_not_written_through(
 
 
 def test_sftp_remote_part_with_another_prefix_is_not_continued(
-        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        sftp_path: str) -> None:
     """A ``.part`` whose last MiB matches ours but whose first byte does not: checking the tail alone
     would continue it and publish a file the HO never wrote. The whole prefix is hashed."""
     data = os.urandom(3 << 20)
@@ -438,7 +440,7 @@ def test_sftp_remote_part_with_another_prefix_is_not_continued(
 
 
 def test_sftp_fifo_and_link_among_uploads_are_refused(
-        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path) -> None:
+        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path, sftp_path: str) -> None:
     """In ``up/``: a FIFO (opening it would block the server's open for ever) and a symlink the store
     made to an HO file; beside them a genuine file. Only the genuine file is taken."""
     up = sshd.accounts["s001"].folder / "up"

@@ -303,6 +303,13 @@ def test_a_store_cannot_add_another_store(net: Net, tmp_path: Path) -> None:
     res = run(*args)  # the role is never guessed
     assert res.exit_code == 2 and "Missing option '--role'" in res.output
     assert [f.read_bytes() for f in files] == before
+    # written into exchange.toml by hand: refused when the home is loaded, with the fix
+    toml = s001.cfg.home / "exchange.toml"
+    toml.write_text(toml.read_text() + '\n[peers.s002]\nrole = "store"\nrecipient = "' + other["recipient"] + '"\n')
+    res = run("status", "sent", "--home", str(s001.cfg.home))
+    assert res.exit_code == 3, res.output
+    assert "a store exchanges data only with its HO, not with store s002" in res.output
+    assert "Remove [peers.s002]" in res.output
 
 
 # ---------------------------------------------------------------- text from a peer is data
@@ -433,3 +440,25 @@ def test_names_with_other_scripts_digits_are_refused(net: Net, tmp_path: Path) -
               ident["signing_key"], "--recipient", ident["recipient"],
               "--valid-after", f"2026120{ARABIC_INDIC_TWO}")
     assert res.exit_code == 3 and "--valid-after" in res.output
+
+
+def test_a_traceback_in_a_plain_log_line_shows_peer_text_escaped() -> None:
+    """An exception carrying peer text (`-vv`): its lines stay indented and no control character gets through."""
+    import logging
+
+    from exchange.logs import PlainFormatter
+
+    fmt = PlainFormatter("%(levelname)s %(message)s")
+    try:
+        raise ValueError("bad reason \x1b[2J\x1b[31m\nINFO forged line \u202e")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("exchange", logging.ERROR, __file__, 1, "import failed", None, sys.exc_info())
+    out = fmt.format(record)
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[2J" in out
+    lines = out.splitlines()
+    assert lines[0] == "ERROR import failed"
+    assert all(line.startswith("  ") for line in lines[1:]), lines
+    assert not any(line.startswith("INFO") for line in lines)

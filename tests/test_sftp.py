@@ -15,20 +15,24 @@ import os
 import shutil
 import subprocess
 import sys
+import socket
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
 import pytest
-from sshd import SftpHomes, SshdServer, free_port, make_home
+from sshd import MISSING_INTERNAL, SftpHomes, SshdServer, free_port, make_home
 
-from exchange.errors import ConfigError, TransientTransportError, TransportError
+from exchange.errors import ConfigError, ExchangeError, TransientTransportError, TransportError
 from exchange.transport import open_transport
 from exchange.transport.drop import DropTransport
-from exchange.transport.sftp import (
-    HostKeyError, Progress, Retry, SftpAddress, SftpTransport, fetch_host_key, load_login_key, trust_host,
-)
+from exchange.transport.retry import Retry
+from exchange.transport.sftp import Progress, SftpTransport, session_kind
+from exchange.transport.sftp.address import HostKeyError, SftpAddress, fetch_host_key, load_login_key, trust_host
+from exchange.transport.sftp.fastpath import FastSession, missing_internals
+from exchange.transport.sftp.session import StockSession
 
 FAST_RETRY = Retry(attempts=3, base=0.01)
 ONE_SHOT = Retry(attempts=1)
@@ -293,11 +297,89 @@ def test_refused_login_is_not_retried(sshd: SshdServer, tmp_path: Path, monkeypa
     assert len(calls) == 1
 
 
+def test_incompatible_server_is_refused_not_retried(sftp_homes: SftpHomes, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server speaking SSH 1 on 127.0.0.1: paramiko's IncompatiblePeer (its type, not its message
+    text) is a refusal with a hint, tried once."""
+    calls = count_connects(monkeypatch)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    served: list[int] = []
+
+    def serve() -> None:
+        try:
+            while len(served) < 3:
+                conn, _ = listener.accept()
+                served.append(1)
+                with conn:
+                    conn.sendall(b"SSH-1.5-OldServer\r\n")
+                    conn.settimeout(5)
+                    try:
+                        conn.recv(1024)
+                    except OSError:
+                        pass
+        except OSError:
+            pass  # closed at the end of the test
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    address = f"sftp://nobody@127.0.0.1:{listener.getsockname()[1]}/"
+    src = random_file(tmp_path / "s001.ho.0000000001.bundle", 10)
+    try:
+        with SftpTransport.from_address(address, home=sftp_homes.stores["s001"], retry=FAST_RETRY,
+                                        timeout=10) as t:
+            with pytest.raises(TransportError, match="no common SSH algorithms") as info:
+                t.push([src], "ho")
+    finally:
+        listener.close()
+        thread.join(10)
+    assert not isinstance(info.value, TransientTransportError) and "OpenSSH" in info.value.hint
+    assert len(calls) == 1
+
+
+def test_retry_wrapper_retries_only_transient_failures() -> None:
+    """The one retry path (transport/retry.py): backoff on a broken link up to the limit, a refusal
+    at once, a bug (unclassified) untouched; the clean-up runs after every classified failure."""
+    from exchange.transport.retry import with_retry
+
+    def classify(exc: Exception) -> ExchangeError | None:
+        if isinstance(exc, ExchangeError):
+            return exc
+        return TransientTransportError(f"link: {exc}") if isinstance(exc, ConnectionError) else None
+
+    def failing(errors: list[Exception]) -> Callable[[], str]:
+        def op() -> str:
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return "done"
+        return op
+    policy = Retry(attempts=3, base=0.5, max_delay=0.75)
+    for errors, outcome, n_calls, sleeps, n_cleaned in [
+            ([ConnectionResetError("reset")] * 2, "done", 3, [0.5, 0.75], 2),
+            ([ConnectionResetError("reset")] * 3, "gave up after 3 attempts", 3, [0.5, 0.75], 3),
+            ([TransportError("permission denied")], "permission denied", 1, [], 1),
+            ([ValueError("a bug")], "a bug", 1, [], 0)]:
+        calls: list[int] = []
+        slept: list[float] = []
+        cleaned: list[ExchangeError] = []
+        run = failing(list(errors))
+        if outcome == "done":
+            assert with_retry(run, policy=policy, classify=classify, after_failure=cleaned.append, where="t",
+                              sleep=slept.append) == "done"
+        else:
+            with pytest.raises((ExchangeError, ValueError), match=outcome) as info:
+                with_retry(run, policy=policy, classify=classify, after_failure=cleaned.append, where="t",
+                           sleep=slept.append)
+            assert type(info.value) is (ValueError if "bug" in outcome else
+                                        TransportError if "permission" in outcome else TransientTransportError)
+        assert (len(calls), slept, len(cleaned)) == (n_calls, sleeps, n_cleaned)
+
+
 # -- cut links and resume ----------------------------------------------------------------------
 
 
 def test_cut_upload_resumes_on_next_push(sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+                                         caplog: pytest.LogCaptureFixture, sftp_path: str) -> None:
     src = random_file(tmp_path / "s001.ho.0000000001.bundle", 24 << 20)
     up = sshd.accounts["s001"].folder / "up"
     with store_transport(sshd, sftp_homes, retry=ONE_SHOT, progress=cut_after(sshd, 0.5)) as t:
@@ -327,7 +409,7 @@ def test_cut_upload_resumes_within_the_same_push(sshd: SshdServer, sftp_homes: S
 
 
 def test_stale_remote_part_is_not_trusted(sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+                                          caplog: pytest.LogCaptureFixture, sftp_path: str) -> None:
     src = random_file(tmp_path / "s001.ho.0000000001.bundle", 3 << 20)
     up = sshd.accounts["s001"].folder / "up"
     (up / (src.name + ".part")).write_bytes(os.urandom(1 << 20))  # same name, other content
@@ -339,7 +421,7 @@ def test_stale_remote_part_is_not_trusted(sshd: SshdServer, sftp_homes: SftpHome
 
 
 def test_cut_download_resumes_on_next_pull(sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path,
-                                           caplog: pytest.LogCaptureFixture) -> None:
+                                           caplog: pytest.LogCaptureFixture, sftp_path: str) -> None:
     down = sshd.accounts["s001"].folder / "down"
     name = "ho.s001.0000000001.bundle"
     src = random_file(tmp_path / name, 24 << 20)
@@ -457,7 +539,7 @@ def test_small_files_cost_few_round_trips(sshd: SshdServer, sftp_homes: SftpHome
 
 def test_file_replaced_after_listing_is_fetched_again(sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      caplog: pytest.LogCaptureFixture, sftp_path: str) -> None:
     """The listed size is only a hint: the read that must hit end-of-file catches a replaced file."""
     name = "ho.s001.0000000001.bundle"
     src = random_file(tmp_path / name, 700_000)
@@ -479,6 +561,50 @@ def test_file_replaced_after_listing_is_fetched_again(sshd: SshdServer, sftp_hom
             assert t.pull("s001", dest) == [dest / name]
     assert "longer than" in caplog.text and "retrying" in caplog.text
     assert digest(dest / name) == digest(src)
+
+
+# -- the fast path and its fallback ----------------------------------------------------------------
+
+
+def test_this_paramiko_has_every_internal_the_fast_path_uses() -> None:
+    """Fails when a paramiko upgrade drops or changes an internal: the transports would still work
+    (on stock paramiko, slower), and this says which name went."""
+    assert missing_internals() == []
+    assert session_kind() is FastSession
+
+
+def test_missing_internal_falls_back_to_stock_paramiko_with_identical_bytes(
+        sshd: SshdServer, sftp_homes: SftpHomes, tmp_path: Path, request: pytest.FixtureRequest,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Upload and download once on the fast path and once with an internal missing: the check at
+    first use says so and picks stock paramiko, and the bytes are the same either way."""
+    files = [random_file(tmp_path / f"s001.ho.{n:010d}.bundle", size)
+             for n, size in ((1, (5 << 20) + 13), (2, 1), (3, 0))]
+    up = sshd.accounts["s001"].folder / "up"
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    got: dict[str, dict[str, str]] = {}
+    for kind in ("fast", "stock"):
+        if kind == "stock":
+            request.getfixturevalue("stock_paramiko")
+        with caplog.at_level(logging.WARNING, logger="exchange.transport.sftp"):
+            with store_transport(sshd, sftp_homes) as t:
+                assert t.push(files, "ho") == files
+        on_server = {f.name: digest(up / f.name) for f in files}
+        with ho_transport(sshd, sftp_homes) as t:
+            assert sorted(t.pull("ho", inbox)) == sorted(inbox / f.name for f in files)
+        got[kind] = {n: digest(inbox / n) for n in on_server}
+        assert got[kind] == on_server == {f.name: digest(f) for f in files}
+        assert not [n for n in os.listdir(up) if n.endswith((".bundle", ".part"))]  # taken, nothing left
+        for f in files:
+            (inbox / f.name).unlink()
+        warned = [r.getMessage() for r in caplog.records if "stock paramiko" in r.getMessage()]
+        if kind == "fast":
+            assert warned == [] and session_kind() is FastSession
+        else:
+            assert session_kind() is StockSession
+            assert any(f"SFTPClient.{MISSING_INTERNAL}" in w for w in warned), warned
+    assert got["fast"] == got["stock"]
 
 
 # -- drop: the HO reading the server's folders directly ------------------------------------------

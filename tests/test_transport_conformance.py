@@ -1,4 +1,5 @@
-"""One contract, every transport: dir (USB stick), drop (HO beside its server), sftp.
+"""One contract, every transport: dir (USB stick), drop (HO beside its server), sftp (and sftp on
+stock paramiko, as it runs when the fast path's paramiko internals are missing).
 
 Each medium gives a store end (``s001``) and an HO end (``ho``) and says where
 files addressed to a node wait, so the same checks run against all three:
@@ -9,18 +10,21 @@ re-push is harmless, and a node takes only what is addressed to it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from exchange.transport import Transport
+from exchange.transport import Transport, info_name, node_info
 from exchange.transport.dir import DirTransport
 from exchange.transport.drop import DropTransport
-from exchange.transport.sftp import SftpTransport
+from exchange.transport.sftp import SftpTransport, session_kind
+from exchange.transport.sftp.fastpath import FastSession
 
 STORE, HO = "s001", "ho"
 
@@ -37,7 +41,7 @@ class Medium:
         self.ho.close()
 
 
-@pytest.fixture(params=["dir", "drop", "sftp"])
+@pytest.fixture(params=["dir", "drop", "sftp", "sftp-stock"])
 def medium(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Medium]:
     if request.param == "dir":
         root = tmp_path / "stick"
@@ -50,10 +54,12 @@ def medium(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Medium]:
         m = Medium("drop", DropTransport(root, side="store"), DropTransport(root, side="ho"),
                    {HO: root / "up", STORE: root / "down"})
     else:
+        if request.param == "sftp-stock":
+            request.getfixturevalue("stock_paramiko")
         srv = request.getfixturevalue("sshd")
         homes = request.getfixturevalue("sftp_homes")
         folder = srv.accounts[STORE].folder
-        m = Medium("sftp",
+        m = Medium(request.param,
                    SftpTransport.from_address(srv.store_address(STORE), home=homes.stores[STORE]),
                    SftpTransport.from_address(srv.ho_address(STORE), home=homes.ho),
                    {HO: folder / "up", STORE: folder / "down"})
@@ -164,3 +170,33 @@ def test_only_files_addressed_to_me_are_pulled(medium: Medium, tmp_path: Path) -
     assert sorted(p.name for p in got) == sorted(p.name for p in mine)
     assert sorted(p.name for p in inbox.iterdir()) == sorted(p.name for p in mine)
     assert all(p.exists() for p in others) and not any(p.exists() for p in mine)
+
+
+PROTOCOL_MEMBERS = ("push", "pull", "probe", "publish_info", "close")
+
+
+@pytest.mark.parametrize("cls", [DirTransport, DropTransport, SftpTransport])
+def test_every_transport_class_has_the_protocol_methods(cls: type) -> None:
+    """The static check (``_: type[Transport] = ...`` in each module) seen at run time: every method
+    of the protocol, with the protocol's parameters."""
+    for name in PROTOCOL_MEMBERS:
+        ours, theirs = inspect.signature(getattr(cls, name)), inspect.signature(getattr(Transport, name))
+        assert list(ours.parameters) == list(theirs.parameters), f"{cls.__name__}.{name}{ours}"
+
+
+def test_probe_sees_the_peers_published_info(medium: Medium, tmp_path: Path) -> None:
+    """publish_info then probe, through the protocol only (as doctor and sync call them)."""
+    assert isinstance(medium.store, Transport) and isinstance(medium.ho, Transport)
+    if medium.name.startswith("sftp"):  # the fallback really runs, and the real paramiko has the fast path
+        assert (session_kind() is FastSession) == (medium.name == "sftp")
+    published = node_info(STORE)
+    medium.store.publish_info(STORE, HO, published)
+    before = time.time()
+    got = medium.ho.probe(HO, STORE)
+    assert got["peer_info"] == published
+    assert abs(got["server_time"] - before) < 120  # the folder's clock: same machine here
+    for folder in medium.waiting.values():  # the probe's test files are gone
+        assert not [n for n in waiting_names(folder) if n.startswith(".probe-")]
+    assert medium.ho.probe(HO, STORE)["peer_info"] == published  # repeatable
+    assert info_name(STORE) in waiting_names(medium.waiting[HO])
+    assert medium.ho.pull(HO, tmp_path) == [] and medium.ho.refused == []  # the info is not pulled

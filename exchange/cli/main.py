@@ -107,7 +107,8 @@ def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
 @main.command()
 @HOME
 @click.option("--node", "node_id", required=True, help="This node's id, e.g. ho or s001.")
-@click.option("--role", type=click.Choice(["ho", "store"]), required=True)
+@click.option("--role", type=click.Choice(["ho", "store"]), required=True,
+              help="ho: the head office; store: one store.")
 @click.option("--database", help="SQLAlchemy URL (default: SQLite in the home).")
 def init(home: Path | None, node_id: str, role: str, database: str | None) -> None:
     """Create a node home with keys, trust store, database and spool folders."""
@@ -146,7 +147,7 @@ def peer() -> None:
 
 @peer.command("add")
 @HOME
-@click.option("--id", "peer_id", required=True)
+@click.option("--id", "peer_id", required=True, help="The peer's node id, as its `exchange identity` prints it.")
 @click.option("--role", type=click.Choice(["ho", "store"]), required=True,
               help="The peer's role; a store's only peer is its HO.")
 @click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
@@ -228,8 +229,10 @@ def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Pa
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @HOME
-@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="allowed_signers file (default: the node home's).")
+@click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="age identity: also decrypt the payload and check every inner file.")
 def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None) -> None:
     """Exit 0 only for an authentic, intact file; otherwise name the first problem."""
     from exchange.audit.inspect import describe
@@ -369,7 +372,7 @@ def retry(home: Path | None) -> None:
 
 @main.command()
 @HOME
-@click.option("--peer", "peer_id", required=True)
+@click.option("--peer", "peer_id", required=True, help="The peer to send the documents to.")
 @click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
 def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
     """Queue the full current state of document types for a peer (new or repaired store)."""
@@ -423,7 +426,7 @@ def triggers_install(home: Path | None) -> None:
 @main.command()
 @click.option("--home", "home", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
               show_default=True, help="Folder for the demo's HO and stores.")
-@click.option("--items", default=200, show_default=True)
+@click.option("--items", default=200, show_default=True, help="Items in the HO's item master.")
 @click.option("--sales", default=50, show_default=True, help="Sales bills per store.")
 @click.option("--fresh/--keep", default=True, help="Start from an empty folder.")
 def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
@@ -529,7 +532,7 @@ def migrate(home: Path | None) -> None:
 @click.option("--fingerprint", help="Expected SHA256:... fingerprint (refuse if different).")
 def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) -> None:
     """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint)."""
-    from exchange.transport.sftp import trust_host
+    from exchange.transport.sftp.address import trust_host
 
     node = _node(home)
     fp = trust_host(node.cfg.home, address, expected=fingerprint)
@@ -541,12 +544,4 @@ def _load_command_modules() -> None:
     import importlib
 
     for mod in ("audit", "usb", "ui"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{mod}":
-                raise
-
-
-def entry() -> None:  # pragma: no cover - python -m exchange
-    main()
+        importlib.import_module(f"{__package__}.{mod}")

@@ -1,6 +1,6 @@
 """``exchange ui``: the Data Exchange page on its own, without the service.
 
-Registered on the main command group by ``exchange.cli.main`` when this module exists.
+Registered on the main command group when ``exchange.cli.main`` loads the command modules.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from exchange.errors import DatabaseError
+from exchange.vocabulary import DocStatus
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ ix_event_unrouted = Index("ix_xchg_event_unrouted", xchg_event.c.id,
 #: "A peer's next pending documents in version order", from PENDING rows only.
 ix_delivery_pending = Index(
     "ix_xchg_delivery_pending", xchg_delivery.c.peer, xchg_delivery.c.version,
-    sqlite_where=xchg_delivery.c.status == "PENDING", postgresql_where=xchg_delivery.c.status == "PENDING")
+    sqlite_where=xchg_delivery.c.status == DocStatus.PENDING.value,
+    postgresql_where=xchg_delivery.c.status == DocStatus.PENDING.value)
 #: Uploads and acks move a whole bundle's documents: by (peer, seq), appended in seq order.
 ix_delivery_seq = Index("ix_xchg_delivery_seq", xchg_delivery.c.peer, xchg_delivery.c.seq)
 #: The indexes migration 3 replaced.

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from exchange.database import rows
-from exchange.database.capture import record_event  # noqa: F401  (the API applications use; demo data calls it)
 from exchange.demo.data import seed_masters, seed_store_activity
 from exchange.errors import ExchangeError
 from exchange.node import keys

@@ -43,7 +43,7 @@ class NodeConfig:
     catalog: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    # folders (DESIGN.md "Node home")
+    # folders (docs/ARCHITECTURE.md "Node home")
     @property
     def keys_dir(self) -> Path:
         return self.home / "keys"
@@ -183,4 +183,7 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
         cfg.peers[pid] = Peer(
             id=_node_id(pid, pw), role=_role(p.get("role"), pw), recipient=str(p["recipient"]),
             transport=p.get("transport"), groups=tuple(str(g) for g in p.get("groups", ())))
+        if cfg.role == "store" and cfg.peers[pid].role == "store":  # as `peer add` refuses it, so does loading
+            raise ConfigError(f"{pw}: a store exchanges data only with its HO, not with store {pid}",
+                              hint=f"Remove [peers.{pid}] from {path}; stores never trust each other's keys.")
     return cfg

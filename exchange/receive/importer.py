@@ -706,7 +706,3 @@ def _sealed_note(ack: Ack) -> str | None:
     if ack.details == "unreadable":
         return f"the ack's details cannot be read: {ack.details_error}"
     return None
-
-
-def pending_files(node: Node) -> Iterable[Path]:
-    return (p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name))

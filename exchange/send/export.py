@@ -343,15 +343,6 @@ def _mark_exported(conn: Connection, peer: str, seq: int, docs: Sequence[tuple[s
                      [(seq, peer, t, k, v) for t, k, _op, v in docs])
 
 
-def export_peer(node: Node, peer: str, *, reporter: Reporter | None = None,
-                max_docs: int | None = None, shared: _Shared | None = None) -> list[Exported]:
-    """Seal every pending document for ``peer`` into as many bundles as needed."""
-    out: list[Exported] = []
-    while (exp := _export_next(node, peer, reporter or NullReporter(), max_docs, shared, look_ahead=True)):
-        out.append(exp)
-    return out
-
-
 def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, shared: _Shared | None,
                  look_ahead: bool) -> Exported | None:
     """Seal ``peer``'s next bundle, or return None when nothing is pending for it."""

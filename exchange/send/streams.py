@@ -29,6 +29,7 @@ from sqlalchemy import Connection
 
 from exchange.database import rows
 from exchange.node.home import Node
+from exchange.vocabulary import DocStatus
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,6 @@ def document_states(conn: Connection, peer: str) -> dict[tuple[str, str], tuple[
     out: dict[tuple[str, str], tuple[str, int, str, int | None]] = {}
     for t, k, op, version, routed, seq, status in rows.fetch_tuples(
             conn, sql + " ORDER BY e.routed DESC, COALESCE(e.version, e.id)", (peer,)):
-        state = "PENDING" if not routed else str(status or "EXPORTED")
+        state = DocStatus.PENDING if not routed else str(status or DocStatus.EXPORTED)
         out[(str(t), rows.canonicalize(str(k)))] = (str(op), int(version), state, None if seq is None else int(seq))
     return out

@@ -81,8 +81,7 @@ def check_transport(node: Node, peer_id: str) -> str:
         return "no transport configured (files move by `exchange push --to` / USB)"
     t = open_transport(peer.transport, home=node.cfg.home, me=node.id, peer=peer_id)
     try:
-        probe = getattr(t, "probe", None)
-        info: dict[str, Any] = probe(node.id, peer_id) if probe else {}
+        info: dict[str, Any] = t.probe(node.id, peer_id)
     finally:
         t.close()
     parts = [f"{peer.transport} reachable, folders readable and writable"]
@@ -107,7 +106,7 @@ def mode_targets(node: Node) -> list[tuple[str, Path, bool]]:
     """(label, path, is a folder) of everything in the home that must be private (known hosts: if present)."""
     from exchange.node.config import CONFIG_NAME
     from exchange.node.home import sqlite_file
-    from exchange.transport.sftp import known_hosts_path
+    from exchange.transport.sftp.address import known_hosts_path
 
     cfg = node.cfg
     out = [("home", cfg.home, True), ("keys folder", cfg.keys_dir, True), ("config", cfg.home / CONFIG_NAME, False),

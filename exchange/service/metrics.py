@@ -20,11 +20,12 @@ from prometheus_client.registry import Collector
 
 from exchange import __version__
 from exchange.node.home import Node
+from exchange.vocabulary import ReceivedStatus, SentStatus
 
 log = logging.getLogger(__name__)
 
-SENT_STATUSES = ("EXPORTED", "UPLOADED", "PROCESSED", "REJECTED")
-RECEIVED_STATUSES = ("RECEIVED", "APPLIED", "WAITING", "HELD", "FAILED", "QUARANTINED")
+SENT_STATUSES = tuple(SentStatus)
+RECEIVED_STATUSES = tuple(ReceivedStatus)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -67,7 +68,7 @@ class ExchangeCollector(Collector):
                 sent[k] = sent.get(k, 0) + v
             for k, v in st.received_by_status.items():
                 received[k] = received.get(k, 0) + v
-        received["QUARANTINED"] += n_quarantined
+        received[ReceivedStatus.QUARANTINED] += n_quarantined
         for k, v in sent.items():
             bundles.add_metric(["sent", k], v)
         for k, v in received.items():

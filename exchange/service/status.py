@@ -15,6 +15,7 @@ from sqlalchemy import select
 from exchange.database.tables import xchg_broadcast, xchg_delivery, xchg_parked, xchg_received, xchg_sent, xchg_stream_out
 from exchange.node.home import Node
 from exchange.send import streams
+from exchange.vocabulary import DocStatus, ReceivedStatus
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -48,7 +49,7 @@ def received(node: Node) -> list[Row]:
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
                _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
     for q in quarantined(node):
-        out.append(Row(q.file, q.peer, q.seq, {}, "QUARANTINED", q.time, None, q.reason))
+        out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, q.time, None, q.reason))
     return out
 
 
@@ -90,7 +91,7 @@ def documents(node: Node, peer: str) -> dict[tuple[str, str], DocState]:
         cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
         for r in conn.execute(select(xchg_broadcast)):
             passed = (int(r.version), r.doc_type, r.doc_key) <= cursor
-            newer((r.doc_type, r.doc_key), DocState(r.op, int(r.version), "PROCESSED" if passed else "PENDING", None))
+            newer((r.doc_type, r.doc_key), DocState(r.op, int(r.version), DocStatus.PROCESSED if passed else DocStatus.PENDING, None))
     return out
 
 

@@ -87,7 +87,7 @@ def pull(node: Node, *, source: str | None = None, reporter: Reporter | None = N
                 t.close()
             rep.pulled.extend(p.name for p in got)
             # links, FIFOs, folders named like files: left where they are, reported each time
-            rep.errors.extend(f"pull from {peer}: {why}" for why in getattr(t, "refused", ()))
+            rep.errors.extend(f"pull from {peer}: {why}" for why in t.refused)
         except ExchangeError as exc:
             rep.errors.append(f"pull from {peer}: {exc}")
             log.warning("pull from %s failed: %s", peer, exc)
@@ -141,7 +141,7 @@ def _sendable(f: Path, rep: SyncReport) -> bool:
 
 
 def due_for_resend(node: Node) -> dict[str, list[str]]:
-    """Peer -> names of the bundles UPLOADED longer than ``resend_after`` ago with no ack."""
+    """Per peer, the bundles uploaded before the resend cutoff and still unacknowledged: pushed again."""
     from sqlalchemy import select
 
     from exchange.database.tables import xchg_sent
@@ -170,7 +170,8 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
                 cond = and_(xchg_sent.c.peer == fn.b, xchg_sent.c.seq == fn.seq)
                 status = conn.execute(select(xchg_sent.c.status).where(cond)).scalar()
                 conn.execute(update(xchg_sent).where(and_(cond, xchg_sent.c.status.in_(
-                    (SentStatus.EXPORTED, SentStatus.UPLOADED)))).values(status=SentStatus.UPLOADED, uploaded_at=now))
+                    (SentStatus.EXPORTED, SentStatus.UPLOADED)))).values(status=SentStatus.UPLOADED,
+                                                                         uploaded_at=now))
                 conn.execute(update(xchg_delivery).where(and_(
                     xchg_delivery.c.peer == fn.b, xchg_delivery.c.seq == fn.seq,
                     xchg_delivery.c.status == DocStatus.EXPORTED)).values(status=DocStatus.UPLOADED))

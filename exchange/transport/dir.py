@@ -10,13 +10,13 @@ import logging
 import os
 import shutil
 import stat
-import time
 import json
 from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
 from exchange.errors import NotRegularFileError, TransportError
+from exchange.transport import Transport, info_name, node_info
 from exchange.faults import crashpoint
 from exchange.files import (
     check_regular, create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular, read_regular, refuse, sha256_file,
@@ -150,7 +150,7 @@ class DirTransport:
 
     def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
         """Leave ``node-<me>.json`` (version, time) where ``peer`` looks, for its doctor."""
-        target = self._box(peer) / f"node-{me}.json"
+        target = self._box(peer) / info_name(me)
         try:
             write_file_atomic(target, json.dumps(info).encode())
         except (OSError, NotRegularFileError) as exc:  # informative only: never worth failing a delivery for
@@ -158,7 +158,7 @@ class DirTransport:
 
     def probe(self, me: str, peer: str) -> dict[str, Any]:
         """Both folders writable; the folder's clock; the peer's published info."""
-        return probe_folders([self._box(me), self._box(peer)], me, self.root / me / f"node-{peer}.json")
+        return probe_folders([self._box(me), self._box(peer)], me, self.root / me / info_name(peer))
 
     def pull(self, me: str, dest: Path) -> list[Path]:
         if not self.root.is_dir():
@@ -188,13 +188,12 @@ class DirTransport:
                 got.append(target)
         return got
 
-    me: str | None = None
-
     def publish_info_default(self, peer: str) -> None:
         if self.me:
-            from exchange import __version__
-
-            self.publish_info(self.me, peer, {"node": self.me, "version": __version__, "time": time.time()})
+            self.publish_info(self.me, peer, node_info(self.me))
 
     def close(self) -> None:
         pass
+
+
+_: type[Transport] = DirTransport  # mypy checks the class against the Transport protocol

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from exchange.errors import ConfigError, NotRegularFileError, TransportError
 from exchange.files import fsync_dir, write_file_atomic
 from exchange.node.config import Role
+from exchange.transport import Transport, info_name, node_info
 from exchange.transport.dir import durable_copy, probe_folders, real_folder, same_file_there, take_file
 from exchange.wire.formats import is_exchange_file, parse_name
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 UP = "up"      # store -> HO
 DOWN = "down"  # HO -> store
-INFO_PREFIX = "node-"  # node-<id>.json: version and time, read by the peer's `exchange doctor`
 
 
 def resolve_side(home: Path | None, side: str | None) -> Role:
@@ -126,7 +125,7 @@ class DropTransport:
 
     def publish_info(self, me: str, peer: str, info: dict[str, Any]) -> None:
         """Leave ``node-<me>.json`` where ``peer`` pulls from, for its doctor (best effort)."""
-        target = self.root / outgoing(self.side) / f"{INFO_PREFIX}{me}.json"
+        target = self.root / outgoing(self.side) / info_name(me)
         try:
             write_file_atomic(self._folder(outgoing(self.side)) / target.name, json.dumps(info).encode())
         except (OSError, TransportError, NotRegularFileError) as exc:
@@ -135,14 +134,10 @@ class DropTransport:
     def probe(self, me: str, peer: str) -> dict[str, Any]:
         """Both folders writable; the folder's clock; the peer's published info."""
         boxes = [self._folder(sub) for sub in (outgoing(self.side), incoming(self.side))]
-        return probe_folders(boxes, me, self.root / incoming(self.side) / f"{INFO_PREFIX}{peer}.json")
+        return probe_folders(boxes, me, self.root / incoming(self.side) / info_name(peer))
 
     def close(self) -> None:
         pass
 
 
-def node_info(me: str) -> dict[str, Any]:
-    """What a node publishes for its peer's doctor: id, version, clock."""
-    from exchange import __version__
-
-    return {"node": me, "version": __version__, "time": time.time()}
+_: type[Transport] = DropTransport  # mypy checks the class against the Transport protocol

@@ -45,6 +45,8 @@ from exchange.files import is_real_dir, kind_of, read_regular
 from exchange.node.home import Node
 from exchange.node.lock import work_lock
 from exchange.progress import NullReporter, Reporter
+from exchange.transport import info_name
+from exchange.vocabulary import Outcome
 from exchange.wire.bundle import (
     dump_json, format_time, pack_signed, parse_json, parse_time, sha256_file, unpack_signed, utc_now,
     verify_signed, write_file_atomic,
@@ -202,7 +204,7 @@ def clean_stale_parts(transfer: Path, me: str, peers: Iterable[str]) -> list[str
     transfer = _real_transfer(transfer)
 
     def mine(name: str) -> bool:
-        return (name.startswith(f"{me}.") or name == f"node-{me}.json{PART_SUFFIX}"
+        return (name.startswith(f"{me}.") or name == info_name(me) + PART_SUFFIX
                 or name == f".probe-{me}{PART_SUFFIX}")
 
     folders: list[tuple[Path, Callable[[str], bool]]] = [(transfer / me, lambda _n: True)]
@@ -273,10 +275,10 @@ class UsbReceipt:
 
     def line(self) -> str:
         r = self.results
-        text = (f"took {len(self.taken)}, applied {r.get('APPLIED', 0)}, "
-                f"acks {r.get('PROCESSED', 0) + r.get('REJECTED', 0)}, exported {len(self.exported)}, "
+        text = (f"took {len(self.taken)}, applied {r.get(Outcome.APPLIED, 0)}, "
+                f"acks {r.get(Outcome.PROCESSED, 0) + r.get(Outcome.REJECTED, 0)}, exported {len(self.exported)}, "
                 f"put {len(self.put)}, left {len(self.left)} for others")
-        for status in ("QUARANTINED", "FAILED", "WAITING", "HELD"):
+        for status in (Outcome.QUARANTINED, Outcome.FAILED, Outcome.WAITING, Outcome.HELD):
             if r.get(status):
                 text += f", {status.lower()} {r[status]}"
         if self.cleaned:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SFTP throughput: exchange's SFTP transport against OpenSSH's ``sftp``, same run.
 
-    .venv/bin/python tools/bench/sftp_throughput.py [--size-mib 256] [--rounds 3] [--json]
+    .venv/bin/python tools/bench/sftp_throughput.py [--size-mib 256] [--rounds 3] [--json] [--stock]
 
 Starts a private OpenSSH server on 127.0.0.1 exactly as the tests do
 (tests/sshd.py: needs root and /usr/sbin/sshd), makes one Ed25519 key and
@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import paramiko  # noqa: E402
 from sshd import SshdServer, unavailable_reason  # noqa: E402
 
-from exchange.transport.sftp import SftpTransport, trust_host  # noqa: E402
+from exchange.transport.sftp import SftpTransport  # noqa: E402
+from exchange.transport.sftp.address import trust_host  # noqa: E402
 
 GOAL = 0.80
 UP_NAME = "s001.ho.0000000001.bundle"
@@ -163,7 +164,14 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--openssh-cipher", help="make OpenSSH use this cipher (default: its own choice, "
                                              "chacha20-poly1305), e.g. aes128-gcm@openssh.com")
+    ap.add_argument("--stock", action="store_true",
+                    help="measure the fallback: the fast path disabled as a missing paramiko internal disables it")
     args = ap.parse_args()
+    if args.stock:
+        from exchange.transport.sftp import fastpath, session_kind
+
+        fastpath.REQUIRED = (*fastpath.REQUIRED, (paramiko.SFTPClient, "_disabled_by_bench"))
+        session_kind.cache_clear()
     reason = unavailable_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
@@ -186,7 +194,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "size_mib": args.size_mib, "rounds": args.rounds, "unit": "MB/s (1e6 bytes/s), median of rounds",
         "cipher": {"exchange": ours_cipher, "openssh": openssh_cipher},
-        "paramiko": paramiko.__version__, "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "paramiko": paramiko.__version__, "path": "stock" if args.stock else "fast", "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "goal_ratio": GOAL, "samples": {k: [round(v, 1) for v in vs] for k, vs in samples.items()},
     }
     ok = True
@@ -202,7 +210,8 @@ def main() -> int:
     else:
         print(f"SFTP throughput, {args.size_mib} MiB file, median of {args.rounds} rounds, 127.0.0.1 "
               f"(load avg {result['loadavg_1min'][0]} -> {result['loadavg_1min'][1]})")
-        print(f"ciphers: exchange {ours_cipher}, OpenSSH sftp {openssh_cipher}; paramiko {paramiko.__version__}")
+        print(f"ciphers: exchange {ours_cipher}, OpenSSH sftp {openssh_cipher}; paramiko {paramiko.__version__} "
+              f"({result['path']} path)")
         print(f"{'direction':<10} {'exchange MB/s':>14} {'OpenSSH MB/s':>13} {'ratio':>6}  goal >= {GOAL:.2f}")
         for direction in ("up", "down"):
             d = result[direction]
