@@ -43,8 +43,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "a stick visit is a whole sync cycle through the stick: it runs the service's pull/push and import",
     ("exchange.transport.usb", "send"): "a stick visit exports what is pending before it copies",
     ("exchange.transport.usb", "receive"): "a stick visit imports what it brought",
-    ("exchange.receive.importer", "send"):
-        "EVENTS_SCHEMA and control_totals still live in send/export.py (issue 14: move them to a neutral module)",
     ("exchange.wire.crypto.sshsig", "node"):
         "reading an allowed_signers file checks its permissions with node/perms.py",
 }

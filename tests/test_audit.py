@@ -35,7 +35,7 @@ from exchange.demo.run import run_demo
 from exchange.node import config, keys
 from exchange.node.home import Node
 from exchange.send.export import reload
-from exchange.wire.batch import EVENTS_SCHEMA
+from exchange.database.batch import EVENTS_SCHEMA
 from exchange.service.sync import sync
 from exchange.wire import bundle
 from exchange.wire.bundle import BundleReader, build_ack, seal_bundle, write_file_atomic

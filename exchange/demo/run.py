@@ -17,7 +17,7 @@ from exchange.errors import ExchangeError
 from exchange.node import keys
 from exchange.node.home import Node, init_home
 from exchange.node.peers import add_peer
-from exchange.wire.batch import control_totals
+from exchange.database.batch import control_totals
 from exchange.service import status
 from exchange.service.sync import sync
 

@@ -47,7 +47,7 @@ from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedS
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
-from exchange.wire.batch import EVENTS_SCHEMA, control_totals
+from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
     Ack,
     BundleReader,

@@ -31,7 +31,7 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.send import clock, streams
 from exchange.send.streams import EventBatch
-from exchange.wire.batch import EVENTS_SCHEMA, control_totals
+from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
 from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
 

@@ -475,7 +475,7 @@ def seal_store_bundle(store: FakeStore, ho_id: str, ho_recipient: str, tables: d
                       path: Path, seq: int = 1, prev: str | None = None) -> Any:
     """Seal what ``export_all`` on the store would seal for these sales bills (one bundle)."""
     from exchange.database.catalog import reference_catalog
-    from exchange.wire.batch import EVENTS_SCHEMA, control_totals
+    from exchange.database.batch import EVENTS_SCHEMA, control_totals
     from exchange.wire.bundle import seal_bundle
     from exchange.wire.formats import EVENTS_TABLE
 

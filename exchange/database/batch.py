@@ -8,13 +8,12 @@ receive side never imports the send side. docs/FORMAT.md specifies both.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-if TYPE_CHECKING:
-    from exchange.database.catalog import DocType
+from exchange.database.catalog import DocType
 
 #: The ``_events`` table of a bundle: one row per document, in the order applied.
 EVENTS_SCHEMA = pa.schema([
