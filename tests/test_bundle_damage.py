@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from exchange.errors import (
     AuthenticityError, CryptoError, ExchangeError, FormatError, LimitError, NotForUsError, VersionError,
 )
-from exchange.wire import bundle, tarfmt
+from exchange.wire import bundle, signed, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import BUNDLE_MEMBERS, MAX_MANIFEST_BYTES, MAX_SIG_BYTES
 
@@ -509,7 +509,7 @@ def test_too_many_inner_entries(tmp_path: Path, base: Base, no_crypto: None) -> 
     obj = base.obj
     obj["inner"] = obj["inner"][:1] + [{"name": f"t{i:04d}.parquet", "size": 1, "sha256": "0" * 64}
                                        for i in range(1, 1002)]
-    data = assemble([(M, bundle.dump_json(obj)), (S, base.lay.sig), (P, base.lay.payload)], base.lay.mtime)
+    data = assemble([(M, signed.dump_json(obj)), (S, base.lay.sig), (P, base.lay.payload)], base.lay.mtime)
     expect(tmp_path, data, LimitError, r"1002 inner files \(1 to 1001 allowed\)")
 
 
@@ -635,7 +635,7 @@ def _malicious_sender(base: Base, files: list[tuple[str, bytes]], inner_entries:
 def _inner_json(base: Base, **changes: Any) -> bytes:
     obj = json.loads(_inner_files(base.plaintext)[0][1])
     obj.update(changes)
-    return bundle.dump_json(obj)
+    return signed.dump_json(obj)
 
 
 @pytest.mark.parametrize("case,error,match", [
@@ -660,13 +660,13 @@ def test_malicious_trusted_sender(tmp_path: Path, base: Base, case: str, error: 
     trailer = b""
     if case == "rows":
         inner["tables"][1]["rows"] = 121
-        files[0] = ("inner.json", bundle.dump_json(inner))
+        files[0] = ("inner.json", signed.dump_json(inner))
     elif case == "tables missing":
         files[0] = ("inner.json", _inner_json(base, tables=inner["tables"][:1]))
     elif case == "table file swapped":
         t = inner["tables"]
         t[0]["file"], t[1]["file"] = t[1]["file"], t[0]["file"]
-        files[0] = ("inner.json", bundle.dump_json(inner))
+        files[0] = ("inner.json", signed.dump_json(inner))
     elif case == "not parquet":
         files[1] = ("t0001.parquet", b"PAR1 not really PAR1")
     elif case == "inner not json":
@@ -820,8 +820,8 @@ def test_ack_tampered(tmp_path: Path, old: bytes, new: bytes) -> None:
 def test_ack_tampered_and_resized(tmp_path: Path) -> None:
     """ack.json rewritten as REJECTED (a longer member), the original signature kept."""
     src = io.BytesIO(_ack())
-    raw = bundle._read_small(src, "ack.json", MAX_MANIFEST_BYTES, "ack")
-    sig = bundle._read_small(src, "ack.json.sig", MAX_SIG_BYTES, "ack")
+    raw = tarfmt.read_member(src, "ack.json", MAX_MANIFEST_BYTES, "ack")[1]
+    sig = tarfmt.read_member(src, "ack.json.sig", MAX_SIG_BYTES, "ack")[1]
     forged = raw.replace(b'"APPLIED"', b'"REJECTED"').replace(b'"reason": null', b'"reason": "x"')
     _expect_ack(tmp_path, assemble([("ack.json", forged), ("ack.json.sig", sig)], ACK_MTIME), AuthenticityError,
                 "does not match the data")
@@ -834,8 +834,8 @@ def test_ack_for_another_sender(tmp_path: Path) -> None:
 def test_ack_structure(tmp_path: Path) -> None:
     data = _ack()
     src = io.BytesIO(data)
-    raw = bundle._read_small(src, "ack.json", MAX_MANIFEST_BYTES, "ack")
-    sig = bundle._read_small(src, "ack.json.sig", MAX_SIG_BYTES, "ack")
+    raw = tarfmt.read_member(src, "ack.json", MAX_MANIFEST_BYTES, "ack")[1]
+    sig = tarfmt.read_member(src, "ack.json.sig", MAX_SIG_BYTES, "ack")[1]
     _expect_ack(tmp_path, b"", LimitError, "empty or oversized ack file")
     _expect_ack(tmp_path, b"\0" * (3 * MAX_MANIFEST_BYTES), LimitError, "empty or oversized ack file")
     _expect_ack(tmp_path, assemble([("ack.json.sig", sig), ("ack.json", raw)]), FormatError,

@@ -55,10 +55,9 @@ from exchange.receive.importer import import_inbox
 from exchange.send.export import reload
 from exchange.service.sync import pull, sync
 from exchange.wire import tarfmt
-from exchange.wire.bundle import (
-    BundleReader, Head, Heads, build_ack, dump_json, format_time, pack_signed, read_ack, sha256_file, utc_now,
-    write_file_atomic,
-)
+from exchange.files import sha256_file, utc_now, write_file_atomic
+from exchange.wire.bundle import BundleReader, Head, Heads, build_ack, read_ack
+from exchange.wire.signed import dump_json, format_time, pack_signed
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (
     ACK_DETAILS_MEMBER, ACK_FORMAT, ACK_MEMBERS, MAX_COUNT, MAX_SEQ, SIG_NAMESPACE, ack_name,

@@ -36,30 +36,20 @@ from typing import Any, Literal
 from exchange import __version__
 from exchange.errors import ExchangeError, FormatError, LimitError
 from exchange.faults import crashpoint
-from exchange.wire.bundle import (
-    Ack, BundleReader, _check_format, _field, _node, _seq, _sha, _wrap, dump_json, format_time, pack_signed,
-    unpack_signed, verify_signed,
-    fsync_dir, parse_json, parse_time, read_ack, utc_now, write_file_atomic,
-)
+from exchange.files import fsync_dir, utc_now, write_file_atomic
+from exchange.wire.bundle import Ack, BundleReader, read_ack
 from exchange.wire.crypto import sshsig
-from exchange.wire.formats import MAX_SEQ, NODE_ID, parse_name
+from exchange.wire.formats import (
+    CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS, CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS,
+    CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
+    MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, parse_name,
+)
+from exchange.wire.signed import (
+    check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json, parse_time,
+    seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
+)
 
 log = logging.getLogger(__name__)
-
-# Format constants of the checkpoint (docs/FORMAT.md section 10). They belong in
-# exchange/wire/formats.py with the others; kept here until that module takes them.
-CHECKPOINT_FORMAT = "exchange-checkpoint"
-CHECKPOINT_VERSION = 2  # 2 adds ``role``; version 1 checkpoints are still read
-CHECKPOINT_VERSIONS = frozenset({1, 2})
-CHECKPOINT_MEMBERS = ("checkpoint.json", "checkpoint.json.sig")
-CHECKPOINT_SUFFIX = ".checkpoint"
-CHECKPOINTS_DIR = "checkpoints"
-MAX_CHECKPOINT_BYTES = 8 << 20
-MAX_CHECKPOINT_BUNDLES = 2000  # bundles per checkpoint file; a longer run is split
-MAX_CHECKPOINT_ACKS = 8 * MAX_CHECKPOINT_BUNDLES  # acks recorded (copies and REJECTED-then-APPLIED)
-MAX_CHECKPOINT_REMOVED = 32 * MAX_CHECKPOINT_BUNDLES  # files recorded as removed
-MAX_FILE_SIZE = 1 << 34  # a removed file's recorded size (a bundle is at most 8 GiB)
-ROLES = ("ho", "store")
 
 _CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.checkpoint$")
 # The importer keeps a second copy of an archived name as NAME.YYYYMMDDHHMMSS.
@@ -185,22 +175,21 @@ class Checkpoint:
     def parse(cls, raw: bytes, file_sha256: str = "") -> Checkpoint:
         what = CHECKPOINT_MEMBERS[0]
         obj = parse_json(raw, what)
-        version: int = obj["version"] if type(obj.get("version")) is int else -1
-        if obj.get("format") != CHECKPOINT_FORMAT or version not in CHECKPOINT_VERSIONS:
-            _check_format(obj, CHECKPOINT_FORMAT, what)  # raises the usual format / version error
+        check_format(obj, CHECKPOINT_FORMAT, what, CHECKPOINT_VERSIONS)
+        version: int = obj["version"]
         role = obj.get("role") if version >= 2 else None
         if version >= 2 and role not in ROLES:
             raise FormatError(f"{what}: role {role!r} is not one of {', '.join(ROLES)}")
-        sender = _node(_field(obj, "sender", str, what), what)
-        recipient = _node(_field(obj, "recipient", str, what), what)
-        node = _node(_field(obj, "node", str, what), what)
-        first, last = _field(obj, "first_seq", int, what), _field(obj, "last_seq", int, what)
+        sender = node_field(json_field(obj, "sender", str, what), what)
+        recipient = node_field(json_field(obj, "recipient", str, what), what)
+        node = node_field(json_field(obj, "node", str, what), what)
+        first, last = json_field(obj, "first_seq", int, what), json_field(obj, "last_seq", int, what)
         if not 1 <= first <= last <= MAX_SEQ:
             raise LimitError(f"{what}: bad seq range {first}..{last} (1 to {MAX_SEQ})")
         if last - first >= MAX_CHECKPOINT_BUNDLES:  # checked before any list is built from the range
             raise LimitError(f"{what}: {last - first + 1} seqs in one checkpoint (at most {MAX_CHECKPOINT_BUNDLES})")
         prev = obj.get("prev")
-        lists = {name: _field(obj, name, list, what) for name in ("bundles", "acks", "removed")}
+        lists = {name: json_field(obj, name, list, what) for name in ("bundles", "acks", "removed")}
         for name, most in (("bundles", MAX_CHECKPOINT_BUNDLES), ("acks", MAX_CHECKPOINT_ACKS),
                            ("removed", MAX_CHECKPOINT_REMOVED)):
             if len(lists[name]) > most:
@@ -212,10 +201,10 @@ class Checkpoint:
                 raise FormatError(f"{w}: not an object")
             bp = b.get("prev")
             bundles.append(PrunedBundle(
-                seq=_seq(b.get("seq"), w, "seq"), name=_field(b, "name", str, w),
-                created=_field(b, "created", str, w), sha256=_sha(b.get("sha256"), w),
-                manifest_sha256=_sha(b.get("manifest_sha256"), w),
-                prev=None if bp is None else _sha(bp, w)))
+                seq=seq_field(b.get("seq"), w, "seq"), name=json_field(b, "name", str, w),
+                created=json_field(b, "created", str, w), sha256=sha256_field(b.get("sha256"), w),
+                manifest_sha256=sha256_field(b.get("manifest_sha256"), w),
+                prev=None if bp is None else sha256_field(bp, w)))
         if [b.seq for b in bundles] != list(range(first, last + 1)):
             raise FormatError(f"{what}: bundles do not list seq {first}..{last} in order")
         acks = []
@@ -223,13 +212,13 @@ class Checkpoint:
             w = f"{what} acks[{i}]"
             if not isinstance(a, dict):
                 raise FormatError(f"{w}: not an object")
-            result = _field(a, "result", str, w)
+            result = json_field(a, "result", str, w)
             if result not in ("APPLIED", "REJECTED"):
                 raise FormatError(f"{w}: result {result!r}")
             acks.append(PrunedAck(
-                seq=_seq(a.get("seq"), w, "seq"), name=_field(a, "name", str, w),
-                acker=_node(_field(a, "acker", str, w), w), created=_field(a, "created", str, w),
-                sha256=_sha(a.get("sha256"), w), bundle_sha256=_sha(a.get("bundle_sha256"), w),
+                seq=seq_field(a.get("seq"), w, "seq"), name=json_field(a, "name", str, w),
+                acker=node_field(json_field(a, "acker", str, w), w), created=json_field(a, "created", str, w),
+                sha256=sha256_field(a.get("sha256"), w), bundle_sha256=sha256_field(a.get("bundle_sha256"), w),
                 result=result))
             if acks[-1].acker != recipient or not first <= acks[-1].seq <= last:
                 raise FormatError(f"{w}: an ack by {acks[-1].acker} for seq {acks[-1].seq}; only the recipient "
@@ -239,18 +228,18 @@ class Checkpoint:
             w = f"{what} removed[{i}]"
             if not isinstance(r, dict):
                 raise FormatError(f"{w}: not an object")
-            size = _field(r, "size", int, w)
+            size = json_field(r, "size", int, w)
             if not 0 <= size <= MAX_FILE_SIZE:
                 raise LimitError(f"{w}: size {size} is out of range (0 to {MAX_FILE_SIZE})")
-            removed.append({"path": _field(r, "path", str, w), "sha256": _sha(r.get("sha256"), w),
+            removed.append({"path": json_field(r, "path", str, w), "sha256": sha256_field(r.get("sha256"), w),
                             "size": size})
         cp = cls(
             node=node, sender=sender, recipient=recipient, first_seq=first, last_seq=last,
-            prev=None if prev is None else _sha(prev, what),
-            last_manifest_sha256=_sha(obj.get("last_manifest_sha256"), what),
-            created=parse_time(_field(obj, "created", str, what), what),
-            cutoff=parse_time(_field(obj, "cutoff", str, what), what),
-            app_version=_field(obj, "app_version", str, what),
+            prev=None if prev is None else sha256_field(prev, what),
+            last_manifest_sha256=sha256_field(obj.get("last_manifest_sha256"), what),
+            created=parse_time(json_field(obj, "created", str, what), what),
+            cutoff=parse_time(json_field(obj, "cutoff", str, what), what),
+            app_version=json_field(obj, "app_version", str, what),
             bundles=tuple(bundles), acks=tuple(acks), removed=tuple(removed), raw=raw,
             file_sha256=file_sha256, role=role)
         if cp.prev != bundles[0].prev or cp.last_manifest_sha256 != bundles[-1].manifest_sha256:
@@ -298,14 +287,14 @@ def read_checkpoint(path: Path, trust: sshsig.AllowedSigners) -> Checkpoint:
     """Parse and verify a checkpoint: structure, name, signature by ``node`` at ``created``."""
     path = Path(path)
     try:
-        raw, sig, file_sha = unpack_signed(path, CHECKPOINT_MEMBERS, MAX_CHECKPOINT_BYTES, "checkpoint")
+        raw, sig, _none, file_sha = unpack_signed(path, CHECKPOINT_MEMBERS, MAX_CHECKPOINT_BYTES, "checkpoint")
         cp = Checkpoint.parse(raw, file_sha)
         verify_signed(sig, raw, cp.node, trust, cp.created)
         if parse_checkpoint_name(path.name) != (cp.node, cp.sender, cp.recipient, cp.last_seq):
             raise FormatError(f"file name disagrees with the signed checkpoint ({cp.name})")
         return cp
     except ExchangeError as exc:
-        raise _wrap(path, exc) from exc
+        raise with_file_name(path, exc) from exc
 
 
 # ---------------------------------------------------------------- prune

@@ -33,12 +33,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from exchange.audit.prune import CHECKPOINTS_DIR, ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
+from exchange.audit.prune import ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
 from exchange.errors import CryptoError, ExchangeError, FormatError
 from exchange.wire import parquet_budget, tarfmt
-from exchange.wire.bundle import Ack, BundleReader, Manifest, format_time, read_ack
+from exchange.wire.bundle import Ack, BundleReader, Manifest, read_ack
+from exchange.wire.signed import format_time
 from exchange.wire.crypto import age, sshsig
-from exchange.wire.formats import EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, MAX_TABLES, parse_name
+from exchange.wire.formats import CHECKPOINTS_DIR, EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, MAX_TABLES, parse_name
 
 Severity = Literal["error", "warning"]
 
