@@ -558,6 +558,27 @@ def test_key_not_trusted_at_created_time(tmp_path: Path, base: Base, line_opts: 
     expect(tmp_path, base.data, AuthenticityError, match, trust=trust)
 
 
+@pytest.mark.parametrize("created", [
+    "\u0662\u0660\u0662\u0666-11-25T12:00:00Z",  # Arabic-Indic digits: the same instant to strptime
+    "2026-11-25T\uff11\uff12:00:00Z",  # fullwidth digits in the hour
+    "2026-11-25T12:00:0\u0660Z",
+], ids=["arabic-indic year", "fullwidth hour", "one other digit"])
+def test_signed_time_in_other_digits(tmp_path: Path, base: Base, created: str) -> None:
+    """The sender signs a manifest whose ``created`` spells the right instant in other scripts' digits:
+    refused, as file names are (ASCII digits only), so one signed time has one spelling."""
+    data = resign(base.data, world().ho.key, lambda m: m.update(created=created))
+    expect(tmp_path, data, FormatError, r"manifest\.json: bad time .* \(expected YYYY-MM-DDTHH:MM:SSZ, ASCII digits\)")
+
+
+@pytest.mark.parametrize("text", ["2026-1-05T12:00:00Z", "2026-11-25T12:00:00", " 2026-11-25T12:00:00Z",
+                                  "2026-11-25t12:00:00Z", "\u0662026-11-25T12:00:00Z", 20261125])
+def test_parse_time_accepts_one_spelling(text: object) -> None:
+    """Every signed time (manifests, acks, checkpoints, receipts) goes through signed.parse_time."""
+    assert signed.parse_time("2026-11-25T12:00:00Z", "t") == CREATED
+    with pytest.raises(FormatError, match="bad time"):
+        signed.parse_time(text, "t")
+
+
 def test_re_signed_payload(tmp_path: Path) -> None:
     """s002 takes s001's bundle to ho and re-signs its manifest as sender s002: the encrypted
     inner manifest still says s001."""
