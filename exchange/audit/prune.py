@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from typing import Any, Literal
 from exchange import __version__
 from exchange.errors import ExchangeError, FormatError, LimitError
 from exchange.faults import crashpoint
-from exchange.files import fsync_dir, utc_now, write_file_atomic
+from exchange.files import COPY_CHUNK, fsync_dir, kind_of, open_regular, utc_now, write_file_atomic
 from exchange.wire.bundle import Ack, BundleReader, read_ack
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
@@ -68,6 +69,7 @@ class ArchiveFile:
     rel: str  # path relative to the root, with '/' separators
     kind: Kind
     canonical: str  # the name without the importer's .YYYYMMDDHHMMSS suffix
+    refused: str = ""  # why the entry is never read: a link, FIFO, device... ('' for a regular file)
 
 
 def classify(name: str) -> tuple[Kind, str] | None:
@@ -86,26 +88,36 @@ def classify(name: str) -> tuple[Kind, str] | None:
 
 
 def scan_archive(root: Path) -> list[ArchiveFile]:
-    """Every ``*.bundle``, ``*.ack`` and ``*.checkpoint`` under ``root`` (any layout), sorted."""
+    """Every ``*.bundle``, ``*.ack`` and ``*.checkpoint`` under ``root`` (any layout), sorted.
+
+    Entries are judged by ``lstat``: one that is not a regular file (a link, which
+    would be followed; a FIFO, which would block a reader) is listed with ``refused``
+    set, for the caller to report, and is never opened.
+    """
     root = Path(root)
     out: list[ArchiveFile] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # never descends into a linked folder
         dirnames.sort()
         for name in sorted(filenames):
             c = classify(name)
             if c is None:
                 continue
             path = Path(dirpath) / name
-            if not path.is_file():
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
                 continue
-            out.append(ArchiveFile(path, path.relative_to(root).as_posix(), c[0], c[1]))
+            refused = "" if stat.S_ISREG(mode) else \
+                f"{c[0]} file is {kind_of(mode)}, not a regular file: refused, not opened or followed"
+            out.append(ArchiveFile(path, path.relative_to(root).as_posix(), c[0], c[1], refused))
     return out
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
+    """SHA-256 and size of an archive file, opened as a regular file only (NotRegularFileError)."""
     h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+    with open_regular(path) as f:
+        while chunk := f.read(COPY_CHUNK):
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
@@ -368,8 +380,8 @@ class _AckCopy:
 
 
 def _read_bundle(f: ArchiveFile, trust: sshsig.AllowedSigners) -> _BundleCopy | str:
-    sha, size = sha256_of(f.path)
     try:
+        sha, size = sha256_of(f.path)
         with BundleReader(f.path) as r:
             m = r.manifest
             try:
@@ -416,7 +428,9 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
     acks: dict[tuple[str, str], dict[int, list[_AckCopy]]] = defaultdict(lambda: defaultdict(list))
     covered: dict[tuple[str, str], dict[int, PrunedBundle]] = defaultdict(dict)
     for f in files:
-        if f.kind == "checkpoint":
+        if f.refused:
+            report.problems.append(f"{f.rel}: {f.refused}")
+        elif f.kind == "checkpoint":
             try:
                 cp = read_checkpoint(f.path, trust)
             except ExchangeError as exc:
@@ -438,12 +452,12 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
         else:
             try:
                 ack = read_ack(f.path, trust, me=None)
+                sha, size = sha256_of(f.path)
             except ExchangeError as exc:
                 report.problems.append(f"{f.rel}: {exc}")
                 continue
             stream = (ack.sender, ack.acker)
             if node_id in stream:
-                sha, size = sha256_of(f.path)
                 acks[stream][ack.seq].append(_AckCopy(f, sha, size, ack))
     for stream in sorted(set(bundles) | set(covered)):
         sp = StreamPrune(*stream)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from exchange.audit.prune import ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
-from exchange.errors import CryptoError, ExchangeError, FormatError
+from exchange.errors import CryptoError, ExchangeError, FormatError, NotRegularFileError
 from exchange.wire import parquet_budget, tarfmt
 from exchange.wire.bundle import Ack, BundleReader, Manifest, read_ack
 from exchange.wire.signed import format_time
@@ -54,7 +54,7 @@ class Finding:
     """One problem: an ``error`` fails the audit, a ``warning`` is reported only."""
 
     severity: Severity
-    check: str  # format name signature payload decrypt inner totals chain gap fork ack rejected checkpoint
+    check: str  # file format name signature payload decrypt inner totals chain gap fork ack rejected checkpoint
     message: str
     file: str | None = None
     seq: int | None = None
@@ -349,7 +349,14 @@ class _Archive:
         self.files = scan_archive(self.root)
         for f in self.files:
             self.counts[f.kind + "s"] += 1
-            sha, _size = sha256_of(f.path)
+            try:
+                if f.refused:
+                    raise NotRegularFileError(f.refused)
+                sha, _size = sha256_of(f.path)
+            except (ExchangeError, OSError) as exc:  # a link or FIFO (never opened), or gone meanwhile
+                why = exc.message if isinstance(exc, ExchangeError) else f"cannot read: {exc.strerror}"
+                self.bad_files.append((f, _err("file", why, f.rel)))
+                continue
             if f.kind == "bundle":
                 self._bundle(f, sha, on_bundle)
             elif f.kind == "ack":
