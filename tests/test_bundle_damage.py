@@ -590,6 +590,36 @@ def test_re_signed_payload(tmp_path: Path) -> None:
            who="ho", name="s002.ho.0000000005.bundle")
 
 
+def test_lenient_reader_lists_every_problem_where_the_strict_one_stops_at_the_first(
+        tmp_path: Path, base: Base) -> None:
+    """The sender swaps both tables for others after listing their hashes (re-encrypted, re-signed):
+    the importer's reader refuses at the first member; the auditor's lenient pass (``audit extract
+    --force``) decrypts everything and names each member that differs, with the ciphertext intact."""
+    w = world()
+    src, plain = io.BytesIO(base.plaintext), io.BytesIO()
+    while (m := tarfmt.read_header(src)) is not None:
+        data = src.read(m.size)
+        tarfmt.skip_padding(src, m.size)
+        if m.name != "inner.json":
+            data = data[:10] + bytes([data[10] ^ 1]) + data[11:]
+        tarfmt.write_member(plain, m.name, data, base.lay.mtime)
+    plain.write(tarfmt.END)
+    payload = io.BytesIO()
+    age.encrypt(io.BytesIO(plain.getvalue()), payload, [w.s001.recipient])
+    path = _write(tmp_path, resign(base.data, w.ho.key, payload=payload.getvalue()))
+    expect(tmp_path, path.read_bytes(), AuthenticityError, r"payload member t0001\.parquet differs from the signed hash")
+    work = tmp_path / "salvage"
+    work.mkdir()
+    with bundle.BundleReader(path) as reader:
+        got = reader.salvage([w.s001.identity], work)
+    assert got.problems == [f"payload member t000{i}.parquet differs from the signed hash" for i in (1, 2)]
+    assert got.payload_intact and not got.not_for_us
+    assert sorted(got.files) == ["inner.json", "t0001.parquet", "t0002.parquet"] and got.inner is not None
+    with bundle.BundleReader(path) as reader:  # an identity it is not encrypted to: said so, nothing decrypted
+        other = reader.salvage([w.aud2.identity], tmp_path)
+    assert other.not_for_us and other.payload_intact and not other.files
+
+
 def test_payload_replayed_under_another_seq(tmp_path: Path, base: Base) -> None:
     data = resign(base.data, world().ho.key, lambda o: o.update(seq=2))
     expect(tmp_path, data, AuthenticityError, r"inner manifest seq 1 differs .*\(2\): payload re-signed or forwarded")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -436,6 +435,7 @@ class BundleReader:
                     "unexpected extra member in tar, or unexpected data after the end of the tar archive "
                     f"(the file has {file_size} bytes, its three members need exactly {need})")
             self.payload_size = m.size
+            self._payload_offset = file_size - len(tarfmt.END) - m.size - -m.size % tarfmt.BLOCK
             self.manifest = Manifest.parse(raw)
             if m.size != self.manifest.payload.size:
                 raise AuthenticityError("payload size differs from the signed manifest")
@@ -497,6 +497,17 @@ class BundleReader:
         except ExchangeError as exc:
             raise with_file_name(self.path, exc) from exc
 
+    def recheck_payload(self) -> str:
+        """:meth:`check_payload_hash` from the payload's start again, after a failed :meth:`decrypt`.
+
+        Tells damage from "not encrypted to these identities" (the auditor's question)
+        without opening and parsing the file a second time.
+        """
+        self._f.seek(0)
+        self._src = _HashingReader(self._f)
+        self._src.read(self._payload_offset)  # the manifest and signature, for the whole-file hash
+        return self.check_payload_hash()
+
     def decrypt(self, identities: Sequence[str], workdir: Path) -> Opened:
         """Decrypt into ``workdir``, checking every hash; then the inner manifest."""
         if self.signer is None:
@@ -513,18 +524,8 @@ class BundleReader:
                 if m.size != entry.size:
                     raise AuthenticityError(f"payload member {entry.name} size differs from the signed manifest")
                 tarfmt.check_exact(m, int(self.manifest.created.timestamp()))
-                h = hashlib.sha256()
                 target = workdir / entry.name
-                with open(target, "wb") as out:
-                    left = m.size
-                    while left:
-                        chunk = dec.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise FormatError(f"payload member {entry.name} truncated")
-                        h.update(chunk)
-                        out.write(chunk)
-                        left -= len(chunk)
-                if h.hexdigest() != entry.sha256:
+                if _copy_member(dec, m, target) != entry.sha256:
                     raise AuthenticityError(f"payload member {entry.name} differs from the signed hash")
                 tarfmt.skip_padding(dec, m.size)  # type: ignore[arg-type]
                 paths[entry.name] = target
@@ -544,16 +545,11 @@ class BundleReader:
                       {t["table"]: plans[t["file"]] for t in inner["tables"]})
 
     def _check_inner(self, paths: dict[str, Path]) -> tuple[dict[str, Any], dict[str, parquet_budget.FilePlan]]:
-        import pyarrow.parquet as pq
-
         inner = parse_json(paths[INNER_MANIFEST].read_bytes(), INNER_MANIFEST)
         check_format(inner, PAYLOAD_FORMAT, INNER_MANIFEST)
         m = self.manifest
-        for name in ("sender", "recipient", "seq"):
-            if inner.get(name) != getattr(m, name):
-                raise AuthenticityError(
-                    f"inner manifest {name} {inner.get(name)!r} differs from the signed "
-                    f"outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
+        for problem in _inner_identity(m, inner):
+            raise problem
         tables = json_field(inner, "tables", list, INNER_MANIFEST)
         files = [e.name for e in m.inner[1:]]
         seen = set()
@@ -564,9 +560,9 @@ class BundleReader:
                     or not isinstance(t.get("rows"), int) or t["table"] in seen:
                 raise FormatError(f"{INNER_MANIFEST}: table list does not match the payload files")
             seen.add(t["table"])
+            meta = _footer(paths[fname], fname)
+            rows = meta.num_rows
             try:
-                meta = pq.read_metadata(paths[fname])
-                rows = meta.num_rows
                 claimed = parquet_expanded_size(meta)
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
@@ -582,6 +578,117 @@ class BundleReader:
         if len(tables) != len(files):
             raise FormatError(f"{INNER_MANIFEST}: {len(tables)} tables listed, {len(files)} files in payload")
         return inner, plans
+
+
+    def salvage(self, identities: Sequence[str], workdir: Path) -> Salvaged:
+        """The auditor's lenient pass (``audit extract --force``): decrypt what can be decrypted
+        into ``workdir`` and list every disagreement with the signed manifest, not only the first.
+
+        Needs no verified signature: what it returns is marked unverified by the caller
+        and never applied. Structure errors of the outer tar were raised when opening.
+        """
+        out = Salvaged()
+        expected = {e.name: e for e in self.manifest.inner}
+        sub = _HashingReader(self._src, self.payload_size)  # type: ignore[arg-type]
+        try:
+            dec = age.Decryptor(sub, list(identities))  # type: ignore[arg-type]
+            while (m := tarfmt.read_header(dec)) is not None:  # type: ignore[arg-type]
+                if m.name in out.files or len(out.files) > MAX_TABLES + 1:
+                    out.problems.append(f"payload member {m.name} repeated or too many members")
+                    break
+                digest = _copy_member(dec, m, workdir / m.name)
+                tarfmt.skip_padding(dec, m.size)  # type: ignore[arg-type]
+                out.files[m.name] = workdir / m.name
+                e = expected.get(m.name)
+                if e is None:
+                    out.problems.append(f"payload member {m.name} is not in the signed manifest")
+                elif e.size != m.size or e.sha256 != digest:
+                    out.problems.append(f"payload member {m.name} differs from the signed hash")
+        except ExchangeError as exc:
+            out.not_for_us = not_for_these_identities(exc)
+            out.problems.append(f"payload could not be fully decrypted: {exc}")
+        sub.drain()
+        out.payload_intact = sub.h.hexdigest() == self.manifest.payload.sha256
+        if not out.payload_intact:
+            out.problems.append("payload SHA-256 differs from the signed manifest")
+        out.problems += [f"payload member {name} listed in the signed manifest is missing"
+                         for name in expected if name not in out.files]
+        if INNER_MANIFEST in out.files:
+            out.inner_raw = out.files[INNER_MANIFEST].read_bytes()
+            try:
+                out.inner = parse_json(out.inner_raw, INNER_MANIFEST)
+            except BundleError:
+                out.inner = None
+        out.problems += _inner_problems(self.manifest, out.inner, out.files)
+        return out
+
+
+@dataclass
+class Salvaged:
+    """What :meth:`BundleReader.salvage` got out of a payload, and everything wrong with it."""
+
+    files: dict[str, Path] = field(default_factory=dict)  # payload member name -> decrypted file
+    problems: list[str] = field(default_factory=list)
+    inner_raw: bytes = b""
+    inner: dict[str, Any] | None = None  # inner.json when it is a JSON object
+    payload_intact: bool = False  # the ciphertext is the one the manifest signs
+    not_for_us: bool = False  # not encrypted to the identities given
+
+
+def _copy_member(dec: Any, m: tarfmt.Member, target: Path) -> str:
+    """Copy a payload member's ``m.size`` bytes to a new scratch file; its SHA-256."""
+    h = hashlib.sha256()
+    with open(target, "wb") as out:
+        left = m.size
+        while left:
+            chunk = dec.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise FormatError(f"payload member {m.name} truncated")
+            h.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def not_for_these_identities(exc: ExchangeError) -> bool:
+    """Decryption failed only because the payload (or ack details) is not encrypted to the identities given."""
+    return isinstance(exc, CryptoError) and "no identity matches" in exc.message
+
+
+def _footer(path: Path, fname: str) -> Any:
+    """A Parquet file's footer (pyarrow FileMetaData); FormatError when it cannot be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path)
+    except Exception as exc:  # pyarrow raises several types for a bad footer
+        raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
+
+
+def _inner_identity(m: Manifest, inner: Mapping[str, Any]) -> list[AuthenticityError]:
+    """The inner manifest repeats the signed sender, recipient and seq (else: re-signed or forwarded)."""
+    return [AuthenticityError(f"inner manifest {name} {inner.get(name)!r} differs from the signed "
+                              f"outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
+            for name in ("sender", "recipient", "seq") if inner.get(name) != getattr(m, name)]
+
+
+def _inner_problems(m: Manifest, inner: Any, files: Mapping[str, Path]) -> list[str]:
+    """Lenient checks of a salvaged inner manifest: its identity and each listed table's row count."""
+    if not isinstance(inner, dict):
+        return [f"{INNER_MANIFEST} is missing or not a JSON object"]
+    out = [p.message for p in _inner_identity(m, inner)]
+    tables = inner.get("tables")
+    for t in tables if isinstance(tables, list) else []:
+        if not isinstance(t, dict) or not isinstance(t.get("file"), str) or t["file"] not in files:
+            continue
+        try:
+            rows = _footer(files[t["file"]], t["file"]).num_rows
+        except FormatError as exc:
+            out.append(exc.message)
+            continue
+        if rows != t.get("rows"):
+            out.append(f"{t['file']}: {rows} rows, inner manifest says {t.get('rows')}")
+    return out
 
 
 @contextmanager
@@ -756,7 +863,7 @@ class Ack:
         try:
             d = self._details(_decrypt_small(self.sealed, identities))
         except CryptoError as exc:
-            if "no identity matches" in exc.message:
+            if not_for_these_identities(exc):
                 return self  # not encrypted to these identities: stays sealed
             return replace(self, details="unreadable", details_error=exc.message)
         except BundleError as exc:
