@@ -37,7 +37,7 @@ from exchange.wire import parquet_budget
 from exchange.wire.bundle import Ack, BundleReader, Manifest, not_for_these_identities, read_ack
 from exchange.wire.signed import format_time
 from exchange.wire.crypto import sshsig
-from exchange.wire.formats import CHECKPOINTS_DIR, EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, parse_name
+from exchange.wire.formats import BUNDLE_MEMBERS, CHECKPOINTS_DIR, EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, parse_name
 
 Severity = Literal["error", "warning"]
 
@@ -801,7 +801,7 @@ def _table_files(inner: Any, files: Mapping[str, Path]) -> dict[str, Path]:
         table = named.get(fname)
         base = table if isinstance(table, str) and _SAFE_TABLE.fullmatch(table) and ".." not in table else fname
         name = base if base.endswith(".parquet") else f"{base}.parquet"
-        if name in out or name in ("manifest.json.parquet", "inner.json.parquet"):
+        if name in out or name in (f"{BUNDLE_MEMBERS[0]}.parquet", f"{INNER_MANIFEST}.parquet"):
             name = fname
         out[name] = path
     return out
@@ -861,8 +861,8 @@ def extract_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
                     result.problems.append(f"control totals could not be recomputed: {exc}")
         folder = work / "out"
         folder.mkdir()
-        (folder / "manifest.json").write_bytes(manifest.raw)
-        (folder / "manifest.json.sig").write_bytes(sig)
+        (folder / BUNDLE_MEMBERS[0]).write_bytes(manifest.raw)
+        (folder / BUNDLE_MEMBERS[1]).write_bytes(sig)
         if inner_raw:
             (folder / INNER_MANIFEST).write_bytes(inner_raw)
         for name, src in sorted(_table_files(inner, files).items()):

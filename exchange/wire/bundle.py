@@ -32,7 +32,7 @@ from exchange.files import (  # re-exported: older callers import these from her
     fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
     write_file_atomic as write_file_atomic,
 )
-from exchange.files import create_fresh, open_regular
+from exchange.files import COPY_CHUNK, create_fresh, open_regular
 from exchange.wire import parquet_budget, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (
@@ -50,7 +50,6 @@ from exchange.wire.signed import (
     parse_time, seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
 )
 
-COPY_CHUNK = 1 << 20
 #: bytes per value once decoded, by Parquet physical type (BYTE_ARRAY: its offset; the data is
 #: counted in the uncompressed size); FIXED_LEN_BYTE_ARRAY uses its length, at least a decimal128's 16
 _PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
@@ -161,7 +160,7 @@ class Manifest:
         return hashlib.sha256(self.raw).hexdigest()
 
     @classmethod
-    def parse(cls, raw: bytes, what: str = "manifest.json") -> Manifest:
+    def parse(cls, raw: bytes, what: str = BUNDLE_MEMBERS[0]) -> Manifest:
         obj = parse_json(raw, what)
         check_format(obj, BUNDLE_FORMAT, what)
         prev = obj.get("prev")
@@ -651,7 +650,7 @@ def _copy_member(dec: Any, m: tarfmt.Member, target: Path) -> str:
 
 
 def not_for_these_identities(exc: ExchangeError) -> bool:
-    """Decryption failed only because the payload (or ack details) is not encrypted to the identities given."""
+    """Decryption failed only because the payload is not encrypted to the identities given."""
     return isinstance(exc, CryptoError) and "no identity matches" in exc.message
 
 
@@ -805,7 +804,7 @@ class Ack:
 
     @classmethod
     def parse(cls, raw: bytes, file_sha256: str = "", sealed: bytes | None = None) -> Ack:
-        what = "ack.json"
+        what = ACK_MEMBERS[0]
         obj = parse_json(raw, what)
         if obj.get("format") != ACK_FORMAT:
             raise FormatError(f"{what}: format is {obj.get('format')!r}, expected {ACK_FORMAT!r}")
@@ -849,7 +848,7 @@ class Ack:
             if sealed is not None:
                 raise FormatError(f"a version 1 ack has no {ACK_DETAILS_MEMBER} member")
             return self
-        entry = Entry.parse(parse_json(self.raw, "ack.json")["details"], "ack.json details")
+        entry = Entry.parse(parse_json(self.raw, ACK_MEMBERS[0])["details"], f"{ACK_MEMBERS[0]} details")
         if sealed is None:
             raise FormatError(f"member {ACK_DETAILS_MEMBER!r} missing")
         if len(sealed) != entry.size or hashlib.sha256(sealed).hexdigest() != entry.sha256:
@@ -863,7 +862,7 @@ class Ack:
         try:
             d = self._details(_decrypt_small(self.sealed, identities))
         except CryptoError as exc:
-            if not_for_these_identities(exc):
+            if "no identity matches" in exc.message:
                 return self  # not encrypted to these identities: stays sealed
             return replace(self, details="unreadable", details_error=exc.message)
         except BundleError as exc:
@@ -873,7 +872,7 @@ class Ack:
 
     def _details(self, plain: bytes) -> dict[str, Any]:
         what = ACK_DETAILS_MEMBER
-        if hashlib.sha256(plain).hexdigest() != parse_json(self.raw, "ack.json")["details_plain_sha256"]:
+        if hashlib.sha256(plain).hexdigest() != parse_json(self.raw, ACK_MEMBERS[0])["details_plain_sha256"]:
             raise AuthenticityError(f"{what}: decrypted details differ from the signed hash "
                                     "(another plaintext for another recipient?)")
         d = parse_json(plain, what)
