@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import func, select, text
 
-from exchange.audit.prune import CHECKPOINTS_DIR, read_checkpoint, prune, scan_archive
+from exchange.audit.prune import prune, read_checkpoint, scan_archive
 from exchange.cli import main
 from exchange.database import schema
 from exchange.demo.data import seed_store_activity
@@ -39,6 +39,7 @@ from exchange.service.sync import sync
 from exchange.wire import bundle
 from exchange.wire.bundle import BundleReader, build_ack, seal_bundle, write_file_atomic
 from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import CHECKPOINTS_DIR
 
 NODES = ("ho", "s001", "s002")
 
