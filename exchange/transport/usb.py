@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from exchange import __version__
 from exchange.errors import (
-    BundleError, BusyError, ExchangeError, FormatError, NotRegularFileError, TransportError, VersionError,
+    BundleError, BusyError, ExchangeError, FormatError, NotRegularFileError, TransportError,
 )
 from exchange.files import is_real_dir, kind_of, read_regular
 from exchange.node.home import Node
@@ -51,10 +51,10 @@ from exchange.wire.bundle import (
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
     FORMAT_VERSION, MAX_RECEIPT_BYTES, PART_SUFFIX, RECEIPT_FORMAT, RECEIPT_MEMBERS, RECEIPT_SUFFIX, SIG_NAMESPACE,
-    SUPPORTED_VERSIONS, is_exchange_file, parse_name,
+    is_exchange_file, parse_name,
 )
 from exchange.wire.signed import (
-    dump_json, format_time, pack_signed, parse_json, parse_time, unpack_signed, verify_signed,
+    check_format, dump_json, format_time, pack_signed, parse_json, parse_time, unpack_signed, verify_signed,
 )
 
 if TYPE_CHECKING:  # the engine modules load on first use: reading the last result stays cheap
@@ -353,10 +353,7 @@ def read_receipt(path: Path, trust: sshsig.AllowedSigners | None) -> dict[str, A
     try:
         raw, sig, _none, _sha = unpack_signed(path, RECEIPT_MEMBERS, MAX_RECEIPT_BYTES, "receipt")
         body = parse_json(raw, RECEIPT_MEMBERS[0])
-        if body.get("format") != RECEIPT_FORMAT:
-            raise FormatError(f"format is {body.get('format')!r}, expected {RECEIPT_FORMAT!r}")
-        if body.get("version") not in SUPPORTED_VERSIONS:
-            raise VersionError(f"receipt version {body.get('version')!r} is not supported")
+        check_format(body, RECEIPT_FORMAT, RECEIPT_MEMBERS[0])  # the integer version, not True or 1.0
         node = body.get("node")
         if not isinstance(node, str):
             raise FormatError("receipt names no node")
