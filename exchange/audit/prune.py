@@ -43,7 +43,7 @@ from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
     CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS, CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS,
     CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
-    MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, parse_name,
+    MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, bundle_name, parse_name,
 )
 from exchange.wire.signed import (
     check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json, parse_time,
@@ -511,7 +511,7 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
             copies = bundles[seq]
             c = copies[0]
             applied = [a for a in acks[seq] if a.ack.bundle_sha256 == c.sha256]
-            batch.append((PrunedBundle(seq, _bundle_name(sp, seq), format_time(c.created), c.sha256,
+            batch.append((PrunedBundle(seq, bundle_name(sp.sender, sp.recipient, seq), format_time(c.created), c.sha256,
                                        c.manifest_sha256, c.prev), copies, applied))
             prev_manifest = c.manifest_sha256
             seq += 1
@@ -548,10 +548,6 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                 [a.f.path for _b, _c, ackl in chunk for a in ackl])
         log.info("prune %s: removed seq %d..%d, checkpoint %s", sp.stream, chunk[0][0].seq,
                  chunk[-1][0].seq, target.name)
-
-
-def _bundle_name(sp: StreamPrune, seq: int) -> str:
-    return f"{sp.sender}.{sp.recipient}.{seq:010d}.bundle"
 
 
 def _why_keep(seq: int, newest: int, bundles: Mapping[int, list[_BundleCopy]],

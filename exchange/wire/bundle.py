@@ -455,12 +455,9 @@ class BundleReader:
 
     def verify_signature(self, trust: sshsig.AllowedSigners) -> sshsig.AllowedSigner:
         try:
-            self.signer = sshsig.verify_with_trust(
-                self.signature, self.manifest.raw, self.manifest.sender, trust,
-                SIG_NAMESPACE, at=self.manifest.created)
+            self.signer = verify_signed(self.signature, self.manifest.raw, self.manifest.sender, trust,
+                                        self.manifest.created)
         except ExchangeError as exc:
-            if not isinstance(exc, BundleError):
-                exc = AuthenticityError(f"signature: {exc.message}")
             raise with_file_name(self.path, exc) from exc
         return self.signer
 

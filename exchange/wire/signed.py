@@ -238,10 +238,10 @@ def _signed_created(raw: bytes) -> datetime | None:
 
 
 def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedSigners,
-                  at: datetime) -> None:
-    """The signature is by ``principal``'s key trusted at ``at``; AuthenticityError otherwise."""
+                  at: datetime) -> sshsig.AllowedSigner:
+    """The signature is by ``principal``'s key trusted at ``at`` (that key); AuthenticityError otherwise."""
     try:
-        sshsig.verify_with_trust(sig, raw, principal, trust, SIG_NAMESPACE, at=at)
+        return sshsig.verify_with_trust(sig, raw, principal, trust, SIG_NAMESPACE, at=at)
     except ExchangeError as exc:
         if not isinstance(exc, BundleError):
             raise AuthenticityError(f"signature: {exc.message}") from exc
