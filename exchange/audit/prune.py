@@ -41,7 +41,7 @@ from exchange.files import COPY_CHUNK, fsync_dir, kind_of, open_regular, utc_now
 from exchange.wire.bundle import Ack, BundleReader, read_ack
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
-    CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS, CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS,
+    ACK_RESULTS, CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS, CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS,
     CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
     MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, bundle_name, parse_name,
 )
@@ -225,7 +225,7 @@ class Checkpoint:
             if not isinstance(a, dict):
                 raise FormatError(f"{w}: not an object")
             result = json_field(a, "result", str, w)
-            if result not in ("APPLIED", "REJECTED"):
+            if result not in ACK_RESULTS:
                 raise FormatError(f"{w}: result {result!r}")
             acks.append(PrunedAck(
                 seq=seq_field(a.get("seq"), w, "seq"), name=json_field(a, "name", str, w),

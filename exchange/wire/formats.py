@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from exchange.errors import FormatError
+from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
@@ -23,7 +24,8 @@ ACK_FORMAT = "exchange-ack"
 PAYLOAD_FORMAT = "exchange-payload"
 SIG_NAMESPACE = "exchange-bundle"
 
-BUNDLE_MEMBERS = ("manifest.json", "manifest.json.sig", "payload.tar.age")  # payload: PAYLOAD_MEMBER
+PAYLOAD_MEMBER = "payload.tar.age"
+BUNDLE_MEMBERS = ("manifest.json", "manifest.json.sig", PAYLOAD_MEMBER)
 ACK_MEMBERS = ("ack.json", "ack.json.sig")
 ACK_DETAILS_MEMBER = "details.json.age"  # ack v2: the third member, age-encrypted details
 ACK_DETAILS_FORMAT = "exchange-ack-details"
@@ -45,7 +47,7 @@ MAX_ACK_DETAILS_BYTES = 1 << 20  # plaintext of an ack's details; its age file a
 MAX_ACK_DETAILS_FILE = MAX_ACK_DETAILS_BYTES + (80 << 10)
 ACK_DETAILS_PAD = 4096  # the details' JSON is padded with spaces to a multiple of this
 MAX_REASON_CHARS = 16 << 10  # a REJECTED reason is cut there (it names a document, not a dump)
-ACK_RESULTS = ("APPLIED", "REJECTED")
+ACK_RESULTS = tuple(AckResult)  # what an ack (and a checkpoint's record of one) may say
 ACK_V2_FIELDS = ("format", "version", "app_version", "acker", "sender", "seq", "bundle_sha256",
                  "manifest_sha256", "result", "created", "heads", "details", "details_plain_sha256")
 
@@ -73,7 +75,6 @@ MAX_RECEIPT_BYTES = MAX_MANIFEST_BYTES
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
 HEX64 = frozenset("0123456789abcdef")
-PAYLOAD_MEMBER = "payload.tar.age"
 TABLE_FILE = "t{:04d}.parquet"  # the n-th table of a payload, from 1
 
 NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
