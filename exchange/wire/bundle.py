@@ -5,7 +5,10 @@ streams through the age encryptor into a scratch ciphertext file, and the outer
 tar copies it in; memory stays at a few chunks whatever the size. Reading is
 one sequential pass: structure and limits from the tar headers first, then the
 signature, then decryption with every hash checked, and only then are tables
-handed out.
+handed out. The auditor reads with the same :class:`BundleReader`: strictly to
+verify, or leniently (:meth:`BundleReader.salvage`, for ``audit extract
+--force``) to list every problem instead of stopping at the first. Strict JSON
+and the signed JSON files (acks' outer form) are :mod:`exchange.wire.signed`.
 """
 
 from __future__ import annotations
