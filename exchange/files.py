@@ -235,16 +235,52 @@ def publish(part: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` via ``path.part``, fsync, rename: never a partial visible file."""
-    part = path.with_name(path.name + ".part")
+def _exact_mode(f: BinaryIO, mode: int | None) -> None:
+    """Give a file just created ``mode`` whatever the umask (POSIX; Windows keeps its ACLs)."""
+    if mode is not None and hasattr(os, "fchmod"):
+        os.fchmod(f.fileno(), mode)
+
+
+def _write_durably(f: BinaryIO, path: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``f`` at ``path`` and fsync it; a partial file is removed."""
     try:
-        with create_fresh(part) as f:
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError:
-        if is_regular_entry(part):
-            part.unlink(missing_ok=True)  # a partial .part holds space (a full disk) and serves no one
+        if is_regular_entry(path):
+            path.unlink(missing_ok=True)  # a partial file holds space (a full disk) and serves no one
         raise
+
+
+def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``path`` via ``path.part``, fsync, rename, fsync the folder: never a partial visible file.
+
+    The one durable write of every file ``exchange`` keeps (bundles' metadata, acks,
+    the configuration, the trust store, known hosts, transfer metadata). ``mode``
+    (0600 for a private file, exchange.node.perms) is set exactly, whatever the umask.
+    """
+    part = path.with_name(path.name + ".part")
+    f = create_fresh(part, 0o666 if mode is None else mode)
+    _exact_mode(f, mode)
+    _write_durably(f, part, data)
     publish(part, path)
+
+
+def create_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Create ``path`` with ``data``, durably, refusing to overwrite anything there (FileExistsError).
+
+    For what must never be replaced by accident (keys, a new database): ``O_EXCL``
+    also refuses a link or FIFO planted at the name instead of writing through it.
+    """
+    f: BinaryIO = open(path, "xb", opener=lambda p, fl: os.open(p, fl | O_NOFOLLOW,
+                                                                 0o666 if mode is None else mode))
+    try:
+        _exact_mode(f, mode)
+    except BaseException:
+        f.close()
+        path.unlink(missing_ok=True)
+        raise
+    _write_durably(f, path, data)
+    fsync_dir(path.parent)

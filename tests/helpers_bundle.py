@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from exchange.wire import bundle, tarfmt
+from exchange.wire import bundle, signed, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import BUNDLE_MEMBERS, SIG_NAMESPACE
 
@@ -223,7 +223,7 @@ def resign(data: bytes, key: Any, edit: Callable[[dict[str, Any]], None] | None 
     obj["payload"]["sha256"] = hashlib.sha256(new_payload).hexdigest()
     if edit is not None:
         edit(obj)
-    raw = bundle.dump_json(obj) if manifest_raw is None else manifest_raw
+    raw = signed.dump_json(obj) if manifest_raw is None else manifest_raw
     sig = sshsig.sign(key, raw, SIG_NAMESPACE)
     return assemble([(BUNDLE_MEMBERS[0], raw), (BUNDLE_MEMBERS[1], sig), (BUNDLE_MEMBERS[2], new_payload)],
                     lay.mtime)

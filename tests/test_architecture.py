@@ -51,14 +51,7 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 DOCUMENTED_CYCLES = {("service", "transport"), ("node", "wire")}
 
 #: (module, private name it uses from another part) still to be made public or moved (issue 14).
-PRIVATE_USES = {
-    ("exchange.audit.prune", "exchange.wire.bundle._check_format"),
-    ("exchange.audit.prune", "exchange.wire.bundle._field"),
-    ("exchange.audit.prune", "exchange.wire.bundle._node"),
-    ("exchange.audit.prune", "exchange.wire.bundle._seq"),
-    ("exchange.audit.prune", "exchange.wire.bundle._sha"),
-    ("exchange.audit.prune", "exchange.wire.bundle._wrap"),
-}
+PRIVATE_USES: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

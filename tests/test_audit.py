@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import func, select, text
 
-from exchange.audit.prune import CHECKPOINTS_DIR, read_checkpoint, prune, scan_archive
+from exchange.audit.prune import prune, read_checkpoint, scan_archive
 from exchange.cli import main
 from exchange.database import schema
 from exchange.demo.data import seed_store_activity
@@ -40,6 +40,7 @@ from exchange.service.sync import sync
 from exchange.wire import bundle
 from exchange.wire.bundle import BundleReader, build_ack, seal_bundle, write_file_atomic
 from exchange.wire.crypto import age, sshsig
+from exchange.wire.formats import CHECKPOINTS_DIR
 
 NODES = ("ho", "s001", "s002")
 
@@ -514,6 +515,33 @@ def test_report_skips_and_fails_on_unverified(audit_copy: Copy) -> None:
     assert len(rep["skipped"]) == 2 and all("s002.ho.0000000002.bundle" in s["file"] for s in rep["skipped"])
 
 
+def test_links_and_fifos_in_the_archive_are_findings_never_opened(audit_copy: Copy, tmp_path: Path) -> None:
+    """Someone who can write an archive plants a FIFO (which would block a reader) and a link to a genuine
+    ack elsewhere under exchange names: `audit verify` reports each as a `file` error naming it, opens
+    neither (the real program, bounded by a timeout), and leaves both and the link's target as they were."""
+    outside = tmp_path / "elsewhere" / "genuine.ack"
+    outside.parent.mkdir()
+    shutil.copy(files_named(audit_copy.archives, "s001.ho.0000000001.ack")[0], outside)
+    before = outside.read_bytes()
+    received = audit_copy.archives / "ho" / "received"
+    fifo, link = received / "s001.ho.0000000009.bundle", received / "s001.ho.0000000002.ack.20260101000000"
+    os.mkfifo(fifo)
+    link.symlink_to(outside)
+    env = {k: v for k, v in os.environ.items() if k != "EXCHANGE_HOME"}
+    proc = subprocess.run([sys.executable, "-m", "exchange", *audit_copy.args("audit", "verify",
+                           str(audit_copy.archives), "--json")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    planted = {f["file"]: f for f in findings(report) if f["check"] == "file"}
+    assert set(planted) == {f"ho/received/{fifo.name}", f"ho/received/{link.name}"}
+    assert "bundle file is a FIFO (named pipe), not a regular file" in planted[f"ho/received/{fifo.name}"]["message"]
+    assert "ack file is a symbolic link, not a regular file: refused, not opened or followed" in \
+        planted[f"ho/received/{link.name}"]["message"]
+    assert [planted[f"ho/received/{p.name}"]["stream"] for p in (fifo, link)] == ["s001->ho", "ho->s001"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and outside.read_bytes() == before
+
+
 # ---------------------------------------------------------------- prune
 
 @pytest.fixture
@@ -608,6 +636,29 @@ def test_prune_keeps_unacknowledged_bundles(world: World, ho_home: Path) -> None
     s = next(s for s in rep.streams if s.stream == "ho->s001")
     assert s.first_seq is None and "no APPLIED ack" in s.stopped
     assert (archive / "sent" / "ho.s001.0000000001.bundle").exists()
+
+
+def test_prune_reports_links_and_fifos_and_never_follows_them(world: World, ho_home: Path, tmp_path: Path) -> None:
+    """The ack that would let seq 1 go is replaced by a link to a genuine copy elsewhere, and a FIFO sits
+    under a bundle name: prune reads neither, reports both, keeps seq 1 and deletes nothing through them."""
+    archive = ho_home / "archive"
+    ack = archive / "received" / "s001.ho.0000000001.ack"
+    outside = tmp_path / "elsewhere" / ack.name
+    outside.parent.mkdir()
+    shutil.move(ack, outside)
+    before = outside.read_bytes()
+    ack.symlink_to(outside)
+    fifo = archive / "received" / "s002.ho.0000000077.bundle"
+    os.mkfifo(fifo)
+    rep = _prune(ho_home, 0, now=datetime.now(UTC) + timedelta(days=1))
+    assert f"received/{ack.name}: ack file is a symbolic link, not a regular file: refused, not opened or " \
+        "followed" in rep.problems
+    assert f"received/{fifo.name}: bundle file is a FIFO (named pipe), not a regular file: refused, not opened " \
+        "or followed" in rep.problems
+    s = next(s for s in rep.streams if s.stream == "ho->s001")
+    assert s.first_seq is None and "no APPLIED ack" in s.stopped
+    assert (archive / "sent" / "ho.s001.0000000001.bundle").exists()
+    assert ack.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode) and outside.read_bytes() == before
 
 
 def test_interrupted_prune_is_finished(world: World, ho_home: Path, audit_copy: Copy, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from exchange.errors import (
     AuthenticityError, CryptoError, ExchangeError, FormatError, LimitError, NotForUsError, VersionError,
 )
-from exchange.wire import bundle, tarfmt
+from exchange.wire import bundle, signed, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import BUNDLE_MEMBERS, MAX_MANIFEST_BYTES, MAX_SIG_BYTES
 
@@ -509,7 +509,7 @@ def test_too_many_inner_entries(tmp_path: Path, base: Base, no_crypto: None) -> 
     obj = base.obj
     obj["inner"] = obj["inner"][:1] + [{"name": f"t{i:04d}.parquet", "size": 1, "sha256": "0" * 64}
                                        for i in range(1, 1002)]
-    data = assemble([(M, bundle.dump_json(obj)), (S, base.lay.sig), (P, base.lay.payload)], base.lay.mtime)
+    data = assemble([(M, signed.dump_json(obj)), (S, base.lay.sig), (P, base.lay.payload)], base.lay.mtime)
     expect(tmp_path, data, LimitError, r"1002 inner files \(1 to 1001 allowed\)")
 
 
@@ -558,6 +558,27 @@ def test_key_not_trusted_at_created_time(tmp_path: Path, base: Base, line_opts: 
     expect(tmp_path, base.data, AuthenticityError, match, trust=trust)
 
 
+@pytest.mark.parametrize("created", [
+    "\u0662\u0660\u0662\u0666-11-25T12:00:00Z",  # Arabic-Indic digits: the same instant to strptime
+    "2026-11-25T\uff11\uff12:00:00Z",  # fullwidth digits in the hour
+    "2026-11-25T12:00:0\u0660Z",
+], ids=["arabic-indic year", "fullwidth hour", "one other digit"])
+def test_signed_time_in_other_digits(tmp_path: Path, base: Base, created: str) -> None:
+    """The sender signs a manifest whose ``created`` spells the right instant in other scripts' digits:
+    refused, as file names are (ASCII digits only), so one signed time has one spelling."""
+    data = resign(base.data, world().ho.key, lambda m: m.update(created=created))
+    expect(tmp_path, data, FormatError, r"manifest\.json: bad time .* \(expected YYYY-MM-DDTHH:MM:SSZ, ASCII digits\)")
+
+
+@pytest.mark.parametrize("text", ["2026-1-05T12:00:00Z", "2026-11-25T12:00:00", " 2026-11-25T12:00:00Z",
+                                  "2026-11-25t12:00:00Z", "\u0662026-11-25T12:00:00Z", 20261125])
+def test_parse_time_accepts_one_spelling(text: object) -> None:
+    """Every signed time (manifests, acks, checkpoints, receipts) goes through signed.parse_time."""
+    assert signed.parse_time("2026-11-25T12:00:00Z", "t") == CREATED
+    with pytest.raises(FormatError, match="bad time"):
+        signed.parse_time(text, "t")
+
+
 def test_re_signed_payload(tmp_path: Path) -> None:
     """s002 takes s001's bundle to ho and re-signs its manifest as sender s002: the encrypted
     inner manifest still says s001."""
@@ -567,6 +588,36 @@ def test_re_signed_payload(tmp_path: Path) -> None:
     expect(tmp_path, data, AuthenticityError,
            r"inner manifest sender 's001' differs from the signed outer manifest \('s002'\): payload re-signed",
            who="ho", name="s002.ho.0000000005.bundle")
+
+
+def test_lenient_reader_lists_every_problem_where_the_strict_one_stops_at_the_first(
+        tmp_path: Path, base: Base) -> None:
+    """The sender swaps both tables for others after listing their hashes (re-encrypted, re-signed):
+    the importer's reader refuses at the first member; the auditor's lenient pass (``audit extract
+    --force``) decrypts everything and names each member that differs, with the ciphertext intact."""
+    w = world()
+    src, plain = io.BytesIO(base.plaintext), io.BytesIO()
+    while (m := tarfmt.read_header(src)) is not None:
+        data = src.read(m.size)
+        tarfmt.skip_padding(src, m.size)
+        if m.name != "inner.json":
+            data = data[:10] + bytes([data[10] ^ 1]) + data[11:]
+        tarfmt.write_member(plain, m.name, data, base.lay.mtime)
+    plain.write(tarfmt.END)
+    payload = io.BytesIO()
+    age.encrypt(io.BytesIO(plain.getvalue()), payload, [w.s001.recipient])
+    path = _write(tmp_path, resign(base.data, w.ho.key, payload=payload.getvalue()))
+    expect(tmp_path, path.read_bytes(), AuthenticityError, r"payload member t0001\.parquet differs from the signed hash")
+    work = tmp_path / "salvage"
+    work.mkdir()
+    with bundle.BundleReader(path) as reader:
+        got = reader.salvage([w.s001.identity], work)
+    assert got.problems == [f"payload member t000{i}.parquet differs from the signed hash" for i in (1, 2)]
+    assert got.payload_intact and not got.not_for_us
+    assert sorted(got.files) == ["inner.json", "t0001.parquet", "t0002.parquet"] and got.inner is not None
+    with bundle.BundleReader(path) as reader:  # an identity it is not encrypted to: said so, nothing decrypted
+        other = reader.salvage([w.aud2.identity], tmp_path)
+    assert other.not_for_us and other.payload_intact and not other.files
 
 
 def test_payload_replayed_under_another_seq(tmp_path: Path, base: Base) -> None:
@@ -635,7 +686,7 @@ def _malicious_sender(base: Base, files: list[tuple[str, bytes]], inner_entries:
 def _inner_json(base: Base, **changes: Any) -> bytes:
     obj = json.loads(_inner_files(base.plaintext)[0][1])
     obj.update(changes)
-    return bundle.dump_json(obj)
+    return signed.dump_json(obj)
 
 
 @pytest.mark.parametrize("case,error,match", [
@@ -660,13 +711,13 @@ def test_malicious_trusted_sender(tmp_path: Path, base: Base, case: str, error: 
     trailer = b""
     if case == "rows":
         inner["tables"][1]["rows"] = 121
-        files[0] = ("inner.json", bundle.dump_json(inner))
+        files[0] = ("inner.json", signed.dump_json(inner))
     elif case == "tables missing":
         files[0] = ("inner.json", _inner_json(base, tables=inner["tables"][:1]))
     elif case == "table file swapped":
         t = inner["tables"]
         t[0]["file"], t[1]["file"] = t[1]["file"], t[0]["file"]
-        files[0] = ("inner.json", bundle.dump_json(inner))
+        files[0] = ("inner.json", signed.dump_json(inner))
     elif case == "not parquet":
         files[1] = ("t0001.parquet", b"PAR1 not really PAR1")
     elif case == "inner not json":
@@ -820,8 +871,8 @@ def test_ack_tampered(tmp_path: Path, old: bytes, new: bytes) -> None:
 def test_ack_tampered_and_resized(tmp_path: Path) -> None:
     """ack.json rewritten as REJECTED (a longer member), the original signature kept."""
     src = io.BytesIO(_ack())
-    raw = bundle._read_small(src, "ack.json", MAX_MANIFEST_BYTES, "ack")
-    sig = bundle._read_small(src, "ack.json.sig", MAX_SIG_BYTES, "ack")
+    raw = tarfmt.read_member(src, "ack.json", MAX_MANIFEST_BYTES, "ack")[1]
+    sig = tarfmt.read_member(src, "ack.json.sig", MAX_SIG_BYTES, "ack")[1]
     forged = raw.replace(b'"APPLIED"', b'"REJECTED"').replace(b'"reason": null', b'"reason": "x"')
     _expect_ack(tmp_path, assemble([("ack.json", forged), ("ack.json.sig", sig)], ACK_MTIME), AuthenticityError,
                 "does not match the data")
@@ -834,8 +885,8 @@ def test_ack_for_another_sender(tmp_path: Path) -> None:
 def test_ack_structure(tmp_path: Path) -> None:
     data = _ack()
     src = io.BytesIO(data)
-    raw = bundle._read_small(src, "ack.json", MAX_MANIFEST_BYTES, "ack")
-    sig = bundle._read_small(src, "ack.json.sig", MAX_SIG_BYTES, "ack")
+    raw = tarfmt.read_member(src, "ack.json", MAX_MANIFEST_BYTES, "ack")[1]
+    sig = tarfmt.read_member(src, "ack.json.sig", MAX_SIG_BYTES, "ack")[1]
     _expect_ack(tmp_path, b"", LimitError, "empty or oversized ack file")
     _expect_ack(tmp_path, b"\0" * (3 * MAX_MANIFEST_BYTES), LimitError, "empty or oversized ack file")
     _expect_ack(tmp_path, assemble([("ack.json.sig", sig), ("ack.json", raw)]), FormatError,

@@ -41,7 +41,7 @@ from click.testing import CliRunner
 from enginehelpers import Net, check_net, item_ids, make_net, reprice, seed_ho, seed_store
 from sqlalchemy import event, select
 
-from exchange.audit.prune import CHECKPOINTS_DIR, read_checkpoint
+from exchange.audit.prune import read_checkpoint
 from exchange.cli import main
 from exchange.database.tables import xchg_received, xchg_sent
 from exchange.errors import DatabaseError
@@ -52,7 +52,7 @@ from exchange.service import status
 from exchange.service.sync import pull, sync
 from exchange.wire import bundle
 from exchange.wire.bundle import BundleReader, read_ack
-from exchange.wire.formats import PART_SUFFIX, is_exchange_file
+from exchange.wire.formats import CHECKPOINTS_DIR, PART_SUFFIX, is_exchange_file
 
 CI = os.environ.get("CI", "").lower() == "true"
 FORCE_INJECT = os.environ.get("EXCHANGE_TEST_INJECT_ENOSPC") == "1"

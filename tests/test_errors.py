@@ -38,7 +38,7 @@ TEXT_MATCH = re.compile(r"""["'][^"']*["']\s+in\s+(str\(\w+\)|\w+\.message)|str\
 #: tell them apart), and formatting that decides nothing. No decision about an error of ours belongs here.
 ALLOWED = {
     ("exchange/database/catalog.py", "Could not reflect"),  # SQLAlchemy: InvalidRequestError for a missing table
-    ("exchange/wire/bundle.py", "{path.name}:"),  # _wrap: a message names its file once, not twice
+    ("exchange/wire/signed.py", "{path.name}:"),  # wrap: a message names its file once, not twice
 }
 
 

@@ -60,7 +60,7 @@ from exchange.node.home import Node
 from exchange.receive.importer import import_inbox
 from exchange.send.export import export_all
 from exchange.wire import tarfmt
-from exchange.wire.bundle import dump_json
+from exchange.wire.signed import dump_json
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import ACK_MEMBERS, BUNDLE_MEMBERS, INNER_MANIFEST, SIG_NAMESPACE, app_major
 

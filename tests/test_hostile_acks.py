@@ -42,10 +42,7 @@ from helpers_bundle import assemble
 from sqlalchemy import insert, select
 
 from exchange import __version__
-from exchange.audit.prune import (
-    CHECKPOINT_MEMBERS, CHECKPOINTS_DIR, PrunedAck, PrunedBundle, build_checkpoint, checkpoint_name,
-    read_checkpoint,
-)
+from exchange.audit.prune import PrunedAck, PrunedBundle, build_checkpoint, checkpoint_name, read_checkpoint
 from exchange.cli import main
 from exchange.database import schema as s
 from exchange.database.tables import xchg_sent
@@ -55,13 +52,13 @@ from exchange.receive.importer import import_inbox
 from exchange.send.export import reload
 from exchange.service.sync import pull, sync
 from exchange.wire import tarfmt
-from exchange.wire.bundle import (
-    BundleReader, Head, Heads, build_ack, dump_json, format_time, pack_signed, read_ack, sha256_file, utc_now,
-    write_file_atomic,
-)
+from exchange.files import sha256_file, utc_now, write_file_atomic
+from exchange.wire.bundle import BundleReader, Head, Heads, build_ack, read_ack
+from exchange.wire.signed import dump_json, format_time, pack_signed
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (
-    ACK_DETAILS_MEMBER, ACK_FORMAT, ACK_MEMBERS, MAX_COUNT, MAX_SEQ, SIG_NAMESPACE, ack_name,
+    ACK_DETAILS_MEMBER, ACK_FORMAT, ACK_MEMBERS, CHECKPOINT_MEMBERS, CHECKPOINTS_DIR, MAX_COUNT, MAX_SEQ,
+    SIG_NAMESPACE, ack_name,
 )
 
 HUGE_SEQ = 10**30

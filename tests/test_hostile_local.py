@@ -172,6 +172,33 @@ def test_a_config_trust_store_or_key_others_can_write_is_refused_at_load(name: s
     assert run(*args, "--home", str(home)).exit_code != 3
 
 
+def test_private_files_take_the_one_durable_write_and_never_write_through_a_planted_name(tmp_path: Path) -> None:
+    """A link to an outside file and a FIFO sit at the `.part` names the trust store and the configuration
+    are written through (a crash's leftovers, or planted), and a link sits where a new key would go:
+    the writes remove the leftovers (never writing through a link, never blocking on the FIFO), the
+    files come out 0600 under umask 000, and the key is refused rather than written through the link."""
+    cfg = init_home(tmp_path / "ho", "ho", "ho")
+    other = init_home(tmp_path / "s009", "s009", "store")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours\n")
+    trust = keys.trust_path(cfg)
+    (trust.parent / (trust.name + ".part")).symlink_to(outside)
+    os.mkfifo(cfg.home / "exchange.toml.part")
+    old = os.umask(0)
+    try:
+        keys.add_signer(cfg, "s009", (other.keys_dir / "node_ed25519.pub").read_text())
+        cfg.save()
+        (cfg.keys_dir / "planted.key").symlink_to(outside)
+        with pytest.raises(FileExistsError):
+            keys.write_private(cfg.keys_dir / "planted.key", b"secret")
+    finally:
+        os.umask(old)
+    assert outside.read_text() == "not yours\n"
+    assert "s009 " in trust.read_text() and mode(trust) == 0o600 and mode(cfg.home / "exchange.toml") == 0o600
+    assert not os.path.lexists(trust.parent / (trust.name + ".part"))
+    assert not os.path.lexists(cfg.home / "exchange.toml.part")
+
+
 def test_a_trust_store_of_another_account_or_writable_for_auditors_is_refused(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         if os.environ.get("CI"):

@@ -41,7 +41,7 @@ from exchange.errors import LimitError
 from exchange.node.home import Node
 from exchange.receive.importer import import_inbox
 from exchange.send.export import export_all
-from exchange.wire import bundle, tarfmt
+from exchange.wire import bundle, signed, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (
     ACK_MEMBERS, BUNDLE_MEMBERS, MAX_INNER_MANIFEST_BYTES, MAX_MANIFEST_BYTES, MAX_TABLE_BYTES, SIG_NAMESPACE,
@@ -494,7 +494,7 @@ def test_outer_manifest_over_its_size_limit(world: World) -> None:
     obj["pad"] = "x" * MAX_MANIFEST_BYTES
     run_bomb(world, "manifest.json: 1 MiB + (signed)",
              lambda p: p.write_bytes(resign(world.genuine, world.ho.signing_key,
-                                            manifest_raw=bundle.dump_json(obj))),
+                                            manifest_raw=signed.dump_json(obj))),
              "LimitError", r"manifest.json is \d+ bytes \(limit 1048576\)")
 
 
@@ -502,7 +502,7 @@ def test_inner_manifest_over_its_size_limit(world: World) -> None:
     def make(p: Path) -> None:
         inner = json.loads(world.inner[0][1])
         inner["summary"]["pad"] = "x" * MAX_INNER_MANIFEST_BYTES
-        _resign_inner(world, p, [("inner.json", bundle.dump_json(inner)), *world.inner[1:]])
+        _resign_inner(world, p, [("inner.json", signed.dump_json(inner)), *world.inner[1:]])
     run_bomb(world, "inner.json: 4 MiB + (signed, encrypted)", make, "LimitError",
              r"inner.json of \d+ bytes \(limit 4194304\)")
 

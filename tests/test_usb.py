@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from exchange.cli import main
 from exchange.database.tables import xchg_received, xchg_sent
 from exchange.demo.data import seed_masters, seed_store_activity
 from exchange.demo.run import reconcile
-from exchange.errors import AuthenticityError, BusyError, TransportError
+from exchange.errors import AuthenticityError, BusyError, TransportError, VersionError
 from exchange.node import keys
 from exchange.node.home import Node, init_home
 from exchange.node.lock import work_lock
@@ -42,6 +43,8 @@ from exchange.transport.usb import (
     list_receipts, prepare_stick, read_receipt, transfer_folder, usb_sync,
 )
 from exchange.wire.bundle import utc_now
+from exchange.wire.formats import RECEIPT_FORMAT, RECEIPT_MEMBERS
+from exchange.wire.signed import dump_json, format_time, pack_signed
 
 EXE = [sys.executable, "-m", "exchange"]
 STORES = {"s001": "north", "s002": "south", "s003": "north"}
@@ -293,6 +296,22 @@ def test_receipt_is_signed_and_tamper_evident(net: Net, stick: Path) -> None:
         read_receipt(path, net.ho.trust)
     rows = list_receipts(stick, net.ho.trust)
     assert rows[0]["error"] and not rows[0]["verified"]
+
+
+@pytest.mark.parametrize("version", [True, 1.0, 2], ids=["true", "float", "newer"])
+def test_a_receipt_of_another_version_is_refused(net: Net, tmp_path: Path, version: Any) -> None:
+    """A store signs, with its own genuine key, a receipt whose version is not the integer 1
+    (``true`` and ``1.0`` equal 1 to Python): refused by the one signed-JSON reader, naming the file."""
+    store = net.store("s001")
+    now = utc_now()
+    body = {"format": RECEIPT_FORMAT, "version": version, "node": "s001", "created": format_time(now),
+            "stick_id": "x", "taken": [], "put": [], "left": [], "cleaned": [], "results": {}, "exported": [],
+            "errors": []}
+    path = tmp_path / "s001.20261202T000000Z.receipt"
+    path.write_bytes(pack_signed(RECEIPT_MEMBERS, dump_json(body), store.signing_key, now))
+    with pytest.raises(VersionError, match=rf"^{re.escape(path.name)}: receipt\.json: format version "
+                                           rf"{re.escape(repr(version))} is not supported"):
+        read_receipt(path, net.ho.trust)
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None or shutil.which("tar") is None,

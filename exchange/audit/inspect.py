@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from exchange.errors import AuthenticityError, ExchangeError
-from exchange.wire.bundle import BundleReader, format_time, read_ack
+from exchange.wire.bundle import BundleReader, read_ack
+from exchange.wire.signed import format_time
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import parse_name
 

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,30 +37,20 @@ from typing import Any, Literal
 from exchange import __version__
 from exchange.errors import ExchangeError, FormatError, LimitError
 from exchange.faults import crashpoint
-from exchange.wire.bundle import (
-    Ack, BundleReader, _check_format, _field, _node, _seq, _sha, _wrap, dump_json, format_time, pack_signed,
-    unpack_signed, verify_signed,
-    fsync_dir, parse_json, parse_time, read_ack, utc_now, write_file_atomic,
-)
+from exchange.files import COPY_CHUNK, fsync_dir, kind_of, open_regular, utc_now, write_file_atomic
+from exchange.wire.bundle import Ack, BundleReader, read_ack
 from exchange.wire.crypto import sshsig
-from exchange.wire.formats import MAX_SEQ, NODE_ID, parse_name
+from exchange.wire.formats import (
+    ACK_RESULTS, CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS, CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS,
+    CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
+    MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, bundle_name, parse_name,
+)
+from exchange.wire.signed import (
+    check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json, parse_time,
+    seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
+)
 
 log = logging.getLogger(__name__)
-
-# Format constants of the checkpoint (docs/FORMAT.md section 10). They belong in
-# exchange/wire/formats.py with the others; kept here until that module takes them.
-CHECKPOINT_FORMAT = "exchange-checkpoint"
-CHECKPOINT_VERSION = 2  # 2 adds ``role``; version 1 checkpoints are still read
-CHECKPOINT_VERSIONS = frozenset({1, 2})
-CHECKPOINT_MEMBERS = ("checkpoint.json", "checkpoint.json.sig")
-CHECKPOINT_SUFFIX = ".checkpoint"
-CHECKPOINTS_DIR = "checkpoints"
-MAX_CHECKPOINT_BYTES = 8 << 20
-MAX_CHECKPOINT_BUNDLES = 2000  # bundles per checkpoint file; a longer run is split
-MAX_CHECKPOINT_ACKS = 8 * MAX_CHECKPOINT_BUNDLES  # acks recorded (copies and REJECTED-then-APPLIED)
-MAX_CHECKPOINT_REMOVED = 32 * MAX_CHECKPOINT_BUNDLES  # files recorded as removed
-MAX_FILE_SIZE = 1 << 34  # a removed file's recorded size (a bundle is at most 8 GiB)
-ROLES = ("ho", "store")
 
 _CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.checkpoint$")
 # The importer keeps a second copy of an archived name as NAME.YYYYMMDDHHMMSS.
@@ -78,6 +69,7 @@ class ArchiveFile:
     rel: str  # path relative to the root, with '/' separators
     kind: Kind
     canonical: str  # the name without the importer's .YYYYMMDDHHMMSS suffix
+    refused: str = ""  # why the entry is never read: a link, FIFO, device... ('' for a regular file)
 
 
 def classify(name: str) -> tuple[Kind, str] | None:
@@ -96,26 +88,36 @@ def classify(name: str) -> tuple[Kind, str] | None:
 
 
 def scan_archive(root: Path) -> list[ArchiveFile]:
-    """Every ``*.bundle``, ``*.ack`` and ``*.checkpoint`` under ``root`` (any layout), sorted."""
+    """Every ``*.bundle``, ``*.ack`` and ``*.checkpoint`` under ``root`` (any layout), sorted.
+
+    Entries are judged by ``lstat``: one that is not a regular file (a link, which
+    would be followed; a FIFO, which would block a reader) is listed with ``refused``
+    set, for the caller to report, and is never opened.
+    """
     root = Path(root)
     out: list[ArchiveFile] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # never descends into a linked folder
         dirnames.sort()
         for name in sorted(filenames):
             c = classify(name)
             if c is None:
                 continue
             path = Path(dirpath) / name
-            if not path.is_file():
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
                 continue
-            out.append(ArchiveFile(path, path.relative_to(root).as_posix(), c[0], c[1]))
+            refused = "" if stat.S_ISREG(mode) else \
+                f"{c[0]} file is {kind_of(mode)}, not a regular file: refused, not opened or followed"
+            out.append(ArchiveFile(path, path.relative_to(root).as_posix(), c[0], c[1], refused))
     return out
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
+    """SHA-256 and size of an archive file, opened as a regular file only (NotRegularFileError)."""
     h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+    with open_regular(path) as f:
+        while chunk := f.read(COPY_CHUNK):
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
@@ -185,22 +187,21 @@ class Checkpoint:
     def parse(cls, raw: bytes, file_sha256: str = "") -> Checkpoint:
         what = CHECKPOINT_MEMBERS[0]
         obj = parse_json(raw, what)
-        version: int = obj["version"] if type(obj.get("version")) is int else -1
-        if obj.get("format") != CHECKPOINT_FORMAT or version not in CHECKPOINT_VERSIONS:
-            _check_format(obj, CHECKPOINT_FORMAT, what)  # raises the usual format / version error
+        check_format(obj, CHECKPOINT_FORMAT, what, CHECKPOINT_VERSIONS)
+        version: int = obj["version"]
         role = obj.get("role") if version >= 2 else None
         if version >= 2 and role not in ROLES:
             raise FormatError(f"{what}: role {role!r} is not one of {', '.join(ROLES)}")
-        sender = _node(_field(obj, "sender", str, what), what)
-        recipient = _node(_field(obj, "recipient", str, what), what)
-        node = _node(_field(obj, "node", str, what), what)
-        first, last = _field(obj, "first_seq", int, what), _field(obj, "last_seq", int, what)
+        sender = node_field(json_field(obj, "sender", str, what), what)
+        recipient = node_field(json_field(obj, "recipient", str, what), what)
+        node = node_field(json_field(obj, "node", str, what), what)
+        first, last = json_field(obj, "first_seq", int, what), json_field(obj, "last_seq", int, what)
         if not 1 <= first <= last <= MAX_SEQ:
             raise LimitError(f"{what}: bad seq range {first}..{last} (1 to {MAX_SEQ})")
         if last - first >= MAX_CHECKPOINT_BUNDLES:  # checked before any list is built from the range
             raise LimitError(f"{what}: {last - first + 1} seqs in one checkpoint (at most {MAX_CHECKPOINT_BUNDLES})")
         prev = obj.get("prev")
-        lists = {name: _field(obj, name, list, what) for name in ("bundles", "acks", "removed")}
+        lists = {name: json_field(obj, name, list, what) for name in ("bundles", "acks", "removed")}
         for name, most in (("bundles", MAX_CHECKPOINT_BUNDLES), ("acks", MAX_CHECKPOINT_ACKS),
                            ("removed", MAX_CHECKPOINT_REMOVED)):
             if len(lists[name]) > most:
@@ -212,10 +213,10 @@ class Checkpoint:
                 raise FormatError(f"{w}: not an object")
             bp = b.get("prev")
             bundles.append(PrunedBundle(
-                seq=_seq(b.get("seq"), w, "seq"), name=_field(b, "name", str, w),
-                created=_field(b, "created", str, w), sha256=_sha(b.get("sha256"), w),
-                manifest_sha256=_sha(b.get("manifest_sha256"), w),
-                prev=None if bp is None else _sha(bp, w)))
+                seq=seq_field(b.get("seq"), w, "seq"), name=json_field(b, "name", str, w),
+                created=json_field(b, "created", str, w), sha256=sha256_field(b.get("sha256"), w),
+                manifest_sha256=sha256_field(b.get("manifest_sha256"), w),
+                prev=None if bp is None else sha256_field(bp, w)))
         if [b.seq for b in bundles] != list(range(first, last + 1)):
             raise FormatError(f"{what}: bundles do not list seq {first}..{last} in order")
         acks = []
@@ -223,13 +224,13 @@ class Checkpoint:
             w = f"{what} acks[{i}]"
             if not isinstance(a, dict):
                 raise FormatError(f"{w}: not an object")
-            result = _field(a, "result", str, w)
-            if result not in ("APPLIED", "REJECTED"):
+            result = json_field(a, "result", str, w)
+            if result not in ACK_RESULTS:
                 raise FormatError(f"{w}: result {result!r}")
             acks.append(PrunedAck(
-                seq=_seq(a.get("seq"), w, "seq"), name=_field(a, "name", str, w),
-                acker=_node(_field(a, "acker", str, w), w), created=_field(a, "created", str, w),
-                sha256=_sha(a.get("sha256"), w), bundle_sha256=_sha(a.get("bundle_sha256"), w),
+                seq=seq_field(a.get("seq"), w, "seq"), name=json_field(a, "name", str, w),
+                acker=node_field(json_field(a, "acker", str, w), w), created=json_field(a, "created", str, w),
+                sha256=sha256_field(a.get("sha256"), w), bundle_sha256=sha256_field(a.get("bundle_sha256"), w),
                 result=result))
             if acks[-1].acker != recipient or not first <= acks[-1].seq <= last:
                 raise FormatError(f"{w}: an ack by {acks[-1].acker} for seq {acks[-1].seq}; only the recipient "
@@ -239,18 +240,18 @@ class Checkpoint:
             w = f"{what} removed[{i}]"
             if not isinstance(r, dict):
                 raise FormatError(f"{w}: not an object")
-            size = _field(r, "size", int, w)
+            size = json_field(r, "size", int, w)
             if not 0 <= size <= MAX_FILE_SIZE:
                 raise LimitError(f"{w}: size {size} is out of range (0 to {MAX_FILE_SIZE})")
-            removed.append({"path": _field(r, "path", str, w), "sha256": _sha(r.get("sha256"), w),
+            removed.append({"path": json_field(r, "path", str, w), "sha256": sha256_field(r.get("sha256"), w),
                             "size": size})
         cp = cls(
             node=node, sender=sender, recipient=recipient, first_seq=first, last_seq=last,
-            prev=None if prev is None else _sha(prev, what),
-            last_manifest_sha256=_sha(obj.get("last_manifest_sha256"), what),
-            created=parse_time(_field(obj, "created", str, what), what),
-            cutoff=parse_time(_field(obj, "cutoff", str, what), what),
-            app_version=_field(obj, "app_version", str, what),
+            prev=None if prev is None else sha256_field(prev, what),
+            last_manifest_sha256=sha256_field(obj.get("last_manifest_sha256"), what),
+            created=parse_time(json_field(obj, "created", str, what), what),
+            cutoff=parse_time(json_field(obj, "cutoff", str, what), what),
+            app_version=json_field(obj, "app_version", str, what),
             bundles=tuple(bundles), acks=tuple(acks), removed=tuple(removed), raw=raw,
             file_sha256=file_sha256, role=role)
         if cp.prev != bundles[0].prev or cp.last_manifest_sha256 != bundles[-1].manifest_sha256:
@@ -298,14 +299,14 @@ def read_checkpoint(path: Path, trust: sshsig.AllowedSigners) -> Checkpoint:
     """Parse and verify a checkpoint: structure, name, signature by ``node`` at ``created``."""
     path = Path(path)
     try:
-        raw, sig, file_sha = unpack_signed(path, CHECKPOINT_MEMBERS, MAX_CHECKPOINT_BYTES, "checkpoint")
+        raw, sig, _none, file_sha = unpack_signed(path, CHECKPOINT_MEMBERS, MAX_CHECKPOINT_BYTES, "checkpoint")
         cp = Checkpoint.parse(raw, file_sha)
         verify_signed(sig, raw, cp.node, trust, cp.created)
         if parse_checkpoint_name(path.name) != (cp.node, cp.sender, cp.recipient, cp.last_seq):
             raise FormatError(f"file name disagrees with the signed checkpoint ({cp.name})")
         return cp
     except ExchangeError as exc:
-        raise _wrap(path, exc) from exc
+        raise with_file_name(path, exc) from exc
 
 
 # ---------------------------------------------------------------- prune
@@ -379,8 +380,8 @@ class _AckCopy:
 
 
 def _read_bundle(f: ArchiveFile, trust: sshsig.AllowedSigners) -> _BundleCopy | str:
-    sha, size = sha256_of(f.path)
     try:
+        sha, size = sha256_of(f.path)
         with BundleReader(f.path) as r:
             m = r.manifest
             try:
@@ -427,7 +428,9 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
     acks: dict[tuple[str, str], dict[int, list[_AckCopy]]] = defaultdict(lambda: defaultdict(list))
     covered: dict[tuple[str, str], dict[int, PrunedBundle]] = defaultdict(dict)
     for f in files:
-        if f.kind == "checkpoint":
+        if f.refused:
+            report.problems.append(f"{f.rel}: {f.refused}")
+        elif f.kind == "checkpoint":
             try:
                 cp = read_checkpoint(f.path, trust)
             except ExchangeError as exc:
@@ -449,12 +452,12 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
         else:
             try:
                 ack = read_ack(f.path, trust, me=None)
+                sha, size = sha256_of(f.path)
             except ExchangeError as exc:
                 report.problems.append(f"{f.rel}: {exc}")
                 continue
             stream = (ack.sender, ack.acker)
             if node_id in stream:
-                sha, size = sha256_of(f.path)
                 acks[stream][ack.seq].append(_AckCopy(f, sha, size, ack))
     for stream in sorted(set(bundles) | set(covered)):
         sp = StreamPrune(*stream)
@@ -508,7 +511,7 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
             copies = bundles[seq]
             c = copies[0]
             applied = [a for a in acks[seq] if a.ack.bundle_sha256 == c.sha256]
-            batch.append((PrunedBundle(seq, _bundle_name(sp, seq), format_time(c.created), c.sha256,
+            batch.append((PrunedBundle(seq, bundle_name(sp.sender, sp.recipient, seq), format_time(c.created), c.sha256,
                                        c.manifest_sha256, c.prev), copies, applied))
             prev_manifest = c.manifest_sha256
             seq += 1
@@ -545,10 +548,6 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                 [a.f.path for _b, _c, ackl in chunk for a in ackl])
         log.info("prune %s: removed seq %d..%d, checkpoint %s", sp.stream, chunk[0][0].seq,
                  chunk[-1][0].seq, target.name)
-
-
-def _bundle_name(sp: StreamPrune, seq: int) -> str:
-    return f"{sp.sender}.{sp.recipient}.{seq:010d}.bundle"
 
 
 def _why_keep(seq: int, newest: int, bundles: Mapping[int, list[_BundleCopy]],

@@ -18,8 +18,6 @@ home, no database. docs/AUDIT.md describes the checks and the outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,14 +29,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
-from exchange.audit.prune import CHECKPOINTS_DIR, ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
-from exchange.errors import CryptoError, ExchangeError, FormatError, NoIdentityError
-from exchange.wire import parquet_budget, tarfmt
-from exchange.wire.bundle import Ack, BundleReader, Manifest, format_time, read_ack
-from exchange.wire.crypto import age, sshsig
-from exchange.wire.formats import EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, MAX_TABLES, parse_name
+from exchange.audit.prune import ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
+from exchange.errors import CryptoError, ExchangeError, FormatError, NotRegularFileError
+from exchange.wire import parquet_budget
+from exchange.wire.bundle import Ack, BundleReader, Manifest, not_for_these_identities, read_ack
+from exchange.wire.signed import format_time
+from exchange.wire.crypto import sshsig
+from exchange.wire.formats import BUNDLE_MEMBERS, CHECKPOINTS_DIR, EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, parse_name
 
 Severity = Literal["error", "warning"]
 
@@ -53,7 +52,7 @@ class Finding:
     """One problem: an ``error`` fails the audit, a ``warning`` is reported only."""
 
     severity: Severity
-    check: str  # format name signature payload decrypt inner totals chain gap fork ack rejected checkpoint
+    check: str  # file format name signature payload decrypt inner totals chain gap fork ack rejected checkpoint
     message: str
     file: str | None = None
     seq: int | None = None
@@ -85,6 +84,7 @@ class BundleCheck:
     sha256: str
     name: str = ""  # the file name without the importer's .YYYYMMDDHHMMSS suffix
     manifest: Manifest | None = None
+    signature: bytes = field(default=b"", repr=False)  # manifest.json.sig, as read
     authentic: bool = False  # the manifest's signature verifies against the trust store
     intact: bool = False  # and the ciphertext (and, decrypted, every inner file) matches it
     decrypted: bool = False
@@ -105,10 +105,6 @@ def _msg(exc: ExchangeError, path: Path) -> str:
     return text[len(path.name) + 2:] if text.startswith(f"{path.name}: ") else text
 
 
-def _is_not_for_us(exc: ExchangeError) -> bool:
-    return isinstance(exc, NoIdentityError)
-
-
 def check_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str], workdir: Path,
                  rel: str | None = None, sha256: str | None = None) -> BundleCheck:
     """Verify one bundle; with identities, decrypt into ``workdir`` and check every inner hash and total."""
@@ -121,6 +117,7 @@ def check_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequen
         return res
     with reader:
         m = res.manifest = reader.manifest
+        res.signature = reader.signature
         try:
             reader.verify_signature(trust)
             res.authentic = True
@@ -137,26 +134,24 @@ def check_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequen
         try:
             opened = reader.decrypt(identities, workdir)
         except ExchangeError as exc:
-            failure: ExchangeError = exc
-        else:
-            res.intact = res.decrypted = True
-            res.inner, res.tables = opened.inner, opened.tables
-            res.findings += [_err("totals", p, rel, m.seq) for p in check_totals(opened.inner, opened.tables)]
+            # Was it only "not encrypted to this identity"? The signed hash of the ciphertext decides.
+            try:
+                reader.recheck_payload()
+            except ExchangeError as damage:
+                res.findings.append(_err("payload", _msg(damage, path), rel, m.seq))
+                return res
+            if not_for_these_identities(exc):
+                res.intact = True
+                res.findings.append(_warn("decrypt", "not encrypted to the auditor identity (sealed before the "
+                                          "auditor was configured?): ciphertext checked against its signed hash "
+                                          "only", rel, m.seq))
+            else:
+                res.findings.append(_err("inner", _msg(exc, path), rel, m.seq))
             return res
-    # Decryption failed: was it only "not encrypted to this identity"? The signed hash decides.
-    try:
-        with BundleReader(path) as again:
-            again.check_payload_hash()
-    except ExchangeError as exc:
-        res.findings.append(_err("payload", _msg(exc, path), rel, m.seq))
+        res.intact = res.decrypted = True
+        res.inner, res.tables = opened.inner, opened.tables
+        res.findings += [_err("totals", p, rel, m.seq) for p in check_totals(opened.inner, opened.tables)]
         return res
-    if _is_not_for_us(failure):
-        res.intact = True
-        res.findings.append(_warn("decrypt", "not encrypted to the auditor identity (sealed before the auditor "
-                                  "was configured?): ciphertext checked against its signed hash only", rel, m.seq))
-    else:
-        res.findings.append(_err("inner", _msg(failure, path), rel, m.seq))
-    return res
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -348,7 +343,14 @@ class _Archive:
         self.files = scan_archive(self.root)
         for f in self.files:
             self.counts[f.kind + "s"] += 1
-            sha, _size = sha256_of(f.path)
+            try:
+                if f.refused:
+                    raise NotRegularFileError(f.refused)
+                sha, _size = sha256_of(f.path)
+            except (ExchangeError, OSError) as exc:  # a link or FIFO (never opened), or gone meanwhile
+                why = exc.message if isinstance(exc, ExchangeError) else f"cannot read: {exc.strerror}"
+                self.bad_files.append((f, _err("file", why, f.rel)))
+                continue
             if f.kind == "bundle":
                 self._bundle(f, sha, on_bundle)
             elif f.kind == "ack":
@@ -781,106 +783,12 @@ class Extracted:
                 "verified": self.verified, "problems": self.problems, "tables": self.tables}
 
 
-class _Limited:
-    """Reads at most ``left`` bytes from ``src``, hashing them."""
-
-    def __init__(self, src: BinaryIO, left: int) -> None:
-        self.src, self.left, self.h = src, left, hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.src.read(n) if n else b""
-        self.left -= len(data)
-        self.h.update(data)
-        return data
-
-
-def _payload_offset(manifest_len: int, sig_len: int) -> int:
-    block = tarfmt.BLOCK
-    return 3 * block + manifest_len + (-manifest_len % block) + sig_len + (-sig_len % block)
-
-
-def _lenient_decrypt(path: Path, identities: Sequence[str], work: Path
-                     ) -> tuple[Manifest, bytes, dict[str, Path], list[str]]:
-    """Decrypt what can be decrypted, listing every disagreement instead of stopping at the first.
-
-    Only for ``extract --force``; structure errors of the outer tar still raise.
-    """
-    problems: list[str] = []
-    with BundleReader(path) as r:
-        m, sig, size = r.manifest, r.signature, r.payload_size
-    files: dict[str, Path] = {}
-    expected = {e.name: e for e in m.inner}
-    with open(path, "rb") as raw:
-        raw.seek(_payload_offset(len(m.raw), len(sig)))
-        src = _Limited(raw, size)
-        try:
-            dec = age.Decryptor(src, list(identities))  # type: ignore[arg-type]
-            while (member := tarfmt.read_header(dec)) is not None:  # type: ignore[arg-type]
-                if member.name in files or len(files) > MAX_TABLES + 1:
-                    problems.append(f"payload member {member.name} repeated or too many members")
-                    break
-                target = work / member.name
-                h, left = hashlib.sha256(), member.size
-                with open(target, "wb") as out:
-                    while left:
-                        chunk = dec.read(min(1 << 20, left))
-                        if not chunk:
-                            raise FormatError(f"payload member {member.name} truncated")
-                        h.update(chunk)
-                        out.write(chunk)
-                        left -= len(chunk)
-                tarfmt.skip_padding(dec, member.size)  # type: ignore[arg-type]
-                files[member.name] = target
-                e = expected.get(member.name)
-                if e is None:
-                    problems.append(f"payload member {member.name} is not in the signed manifest")
-                elif e.size != member.size or e.sha256 != h.hexdigest():
-                    problems.append(f"payload member {member.name} differs from the signed hash")
-        except ExchangeError as exc:
-            problems.append(f"payload could not be fully decrypted: {exc}")
-            for name, p in list(files.items()):
-                if not p.exists():
-                    files.pop(name)
-        while src.read(1 << 20):
-            pass
-        if src.h.hexdigest() != m.payload.sha256:
-            problems.append("payload SHA-256 differs from the signed manifest")
-    for name in expected:
-        if name not in files:
-            problems.append(f"payload member {name} listed in the signed manifest is missing")
-    inner_raw = files[INNER_MANIFEST].read_bytes() if INNER_MANIFEST in files else b""
-    return m, inner_raw, files, problems
-
-
 def _listing(inner: Any) -> list[dict[str, Any]]:
     """The inner manifest's table entries whose ``file`` is a string (forced extraction reads anything)."""
     tables = inner.get("tables") if isinstance(inner, dict) else None
     if not isinstance(tables, list):
         return []
     return [t for t in tables if isinstance(t, dict) and isinstance(t.get("file"), str)]
-
-
-def _inner_problems(m: Manifest, inner: Any, files: Mapping[str, Path]) -> list[str]:
-    import pyarrow.parquet as pq
-
-    if not isinstance(inner, dict):
-        return ["inner.json is missing or not a JSON object"]
-    out = []
-    for name in ("sender", "recipient", "seq"):
-        if inner.get(name) != getattr(m, name):
-            out.append(f"inner manifest {name} {inner.get(name)!r} differs from the signed outer manifest "
-                       f"({getattr(m, name)!r})")
-    for t in _listing(inner):
-        if t.get("file") in files:
-            try:
-                rows = pq.read_metadata(files[t["file"]]).num_rows
-            except Exception as exc:  # pyarrow raises several types for a bad footer
-                out.append(f"{t['file']}: not a readable Parquet file ({exc})")
-                continue
-            if rows != t.get("rows"):
-                out.append(f"{t['file']}: {rows} rows, inner manifest says {t.get('rows')}")
-    return out
 
 
 def _table_files(inner: Any, files: Mapping[str, Path]) -> dict[str, Path]:
@@ -893,7 +801,7 @@ def _table_files(inner: Any, files: Mapping[str, Path]) -> dict[str, Path]:
         table = named.get(fname)
         base = table if isinstance(table, str) and _SAFE_TABLE.fullmatch(table) and ".." not in table else fname
         name = base if base.endswith(".parquet") else f"{base}.parquet"
-        if name in out or name in ("manifest.json.parquet", "inner.json.parquet"):
+        if name in out or name in (f"{BUNDLE_MEMBERS[0]}.parquet", f"{INNER_MANIFEST}.parquet"):
             name = fname
         out[name] = path
     return out
@@ -922,10 +830,9 @@ def extract_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
         errors = [x for x in check.findings if x.severity == "error"]
         if check.decrypted and not errors and check.manifest is not None:
             result.verified = True
-            manifest, inner_raw = check.manifest, (dec / INNER_MANIFEST).read_bytes()
+            manifest, inner_raw, sig = check.manifest, (dec / INNER_MANIFEST).read_bytes(), check.signature
             files = {e.name: dec / e.name for e in manifest.inner}
             inner: Any = check.inner
-            sig = _signature_of(path)
         else:
             if not check.decrypted and check.authentic and not errors:
                 raise CryptoError("cannot decrypt: not encrypted to this identity "
@@ -938,16 +845,13 @@ def extract_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
             shutil.rmtree(dec)
             dec.mkdir()
             try:
-                manifest, inner_raw, files, more = _lenient_decrypt(path, identities, dec)
+                with BundleReader(path) as reader:
+                    salvaged = reader.salvage(identities, dec)
             except ExchangeError as exc:
                 raise ExchangeError(f"{path.name}: nothing can be extracted, even with --force: {exc}") from exc
-            sig = _signature_of(path)
-            result.problems += [p for p in more if p not in " ".join(result.problems)]
-            try:
-                inner = json.loads(inner_raw) if inner_raw else None
-            except ValueError:
-                inner = None
-            result.problems += _inner_problems(manifest, inner, files)
+            manifest, sig, inner_raw, files, inner = (reader.manifest, reader.signature, salvaged.inner_raw,
+                                                      salvaged.files, salvaged.inner)
+            result.problems += [p for p in salvaged.problems if p not in " ".join(result.problems)]
             if isinstance(inner, dict):
                 tables = {t["table"]: files[t["file"]] for t in _listing(inner)
                           if t.get("file") in files and isinstance(t.get("table"), str)}
@@ -957,8 +861,8 @@ def extract_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
                     result.problems.append(f"control totals could not be recomputed: {exc}")
         folder = work / "out"
         folder.mkdir()
-        (folder / "manifest.json").write_bytes(manifest.raw)
-        (folder / "manifest.json.sig").write_bytes(sig)
+        (folder / BUNDLE_MEMBERS[0]).write_bytes(manifest.raw)
+        (folder / BUNDLE_MEMBERS[1]).write_bytes(sig)
         if inner_raw:
             (folder / INNER_MANIFEST).write_bytes(inner_raw)
         for name, src in sorted(_table_files(inner, files).items()):
@@ -977,11 +881,6 @@ def extract_bundle(path: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _signature_of(path: Path) -> bytes:
-    with BundleReader(path) as r:
-        return r.signature
 
 
 # ---------------------------------------------------------------- control report

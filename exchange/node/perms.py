@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 
 from exchange.errors import ConfigError
-from exchange.files import fsync_dir
+from exchange.files import create_file, write_file_atomic
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def posix() -> bool:
@@ -45,35 +43,14 @@ def make_private_dirs(root: Path, path: Path) -> None:
         make_private_dir(current)
 
 
-def _open_new(path: Path) -> int:
-    """A new file descriptor on a file created here, 0600 (never through a link left at that name)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, FILE_MODE)
-    if posix():
-        os.fchmod(fd, FILE_MODE)
-    return fd
-
-
 def create_private(path: Path, data: bytes = b"") -> None:
-    """Create ``path`` 0600 with ``data``, refusing to overwrite anything already there."""
-    fd = _open_new(path)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Create ``path`` 0600 with ``data`` (durably), refusing to overwrite anything already there."""
+    create_file(path, data, mode=FILE_MODE)
 
 
 def write_private_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` via a fresh 0600 ``.part`` file, fsync and rename."""
-    part = path.with_name(path.name + ".part")
-    part.unlink(missing_ok=True)  # a stale .part from a crash; unlink never follows a link
-    try:
-        with os.fdopen(_open_new(part), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, path)
-    fsync_dir(path.parent)
+    """Replace ``path`` with ``data``, 0600: exchange.files' one durable write, in its private mode."""
+    write_file_atomic(path, data, mode=FILE_MODE)
 
 
 def chmod_fix(path: Path, is_dir: bool = False) -> str:

@@ -19,7 +19,7 @@ from exchange.errors import NotRegularFileError, TransportError
 from exchange.transport import Transport, info_name, node_info
 from exchange.faults import crashpoint
 from exchange.files import (
-    check_regular, create_fresh, fsync_dir, is_regular_entry, kind_of, open_regular, read_regular, refuse, sha256_file,
+    check_regular, create_fresh, is_regular_entry, kind_of, open_regular, publish, read_regular, refuse, sha256_file,
     write_file_atomic,
 )
 from exchange.wire.formats import PART_SUFFIX, is_exchange_file, parse_name
@@ -39,8 +39,7 @@ def durable_copy(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fi, fo, 1 << 20)
         fo.flush()
         os.fsync(fo.fileno())
-    os.replace(part, dst)
-    fsync_dir(dst.parent)
+    publish(part, dst)  # rename, then fsync the folder
 
 
 def same_file_there(target: Path, src: Path) -> bool:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from exchange import __version__
 from exchange.errors import (
-    BundleError, BusyError, ExchangeError, FormatError, NotRegularFileError, TransportError, VersionError,
+    BundleError, BusyError, ExchangeError, FormatError, NotRegularFileError, TransportError,
 )
 from exchange.files import is_real_dir, kind_of, read_regular
 from exchange.node.home import Node
@@ -48,13 +48,15 @@ from exchange.progress import NullReporter, Reporter
 from exchange.transport import info_name
 from exchange.vocabulary import Outcome
 from exchange.wire.bundle import (
-    dump_json, format_time, pack_signed, parse_json, parse_time, sha256_file, unpack_signed, utc_now,
-    verify_signed, write_file_atomic,
+    sha256_file, utc_now, write_file_atomic,
 )
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
-    MAX_MANIFEST_BYTES, PART_SUFFIX, SIG_NAMESPACE, SUPPORTED_VERSIONS, FORMAT_VERSION,
+    FORMAT_VERSION, MAX_RECEIPT_BYTES, PART_SUFFIX, RECEIPT_FORMAT, RECEIPT_MEMBERS, RECEIPT_SUFFIX, SIG_NAMESPACE,
     is_exchange_file, parse_name,
+)
+from exchange.wire.signed import (
+    check_format, dump_json, format_time, pack_signed, parse_json, parse_time, unpack_signed, verify_signed,
 )
 
 if TYPE_CHECKING:  # the engine modules load on first use: reading the last result stays cheap
@@ -66,9 +68,6 @@ TRANSFER_DIR = "exchange-transfer"
 RECEIPTS_DIR = "receipts"
 STICK_INFO = "stick.json"
 README_NAME = "README.txt"
-RECEIPT_FORMAT = "exchange-usb-receipt"
-RECEIPT_MEMBERS = ("receipt.json", "receipt.json.sig")
-RECEIPT_SUFFIX = ".receipt"
 LAST_RESULT = "usb-last.json"       # in the node home: the latest result, for status pages
 LOCAL_RECEIPTS = "usb-receipts"     # in the node home: a copy of every receipt this node wrote
 POLL_INTERVAL = 1.0                 # seconds between looks at the mount roots
@@ -321,7 +320,7 @@ class UsbReceipt:
 
 def _receipt_bytes(node: Node, body: dict[str, Any]) -> bytes:
     raw = dump_json(body)
-    if len(raw) > MAX_MANIFEST_BYTES:  # a huge HO round: keep counts, drop the long lists
+    if len(raw) > MAX_RECEIPT_BYTES:  # a huge HO round: keep counts, drop the long lists
         body = {**body, "left": [], "taken": body["taken"][:2000], "put": body["put"][:2000],
                 "truncated": True, "counts": {k: len(body[k]) for k in ("taken", "put", "left")}}
         raw = dump_json(body)
@@ -354,12 +353,9 @@ def read_receipt(path: Path, trust: sshsig.AllowedSigners | None) -> dict[str, A
     unknown-version or (with ``trust``) unauthentic receipt.
     """
     try:
-        raw, sig, _sha = unpack_signed(path, RECEIPT_MEMBERS, MAX_MANIFEST_BYTES, "receipt")
+        raw, sig, _none, _sha = unpack_signed(path, RECEIPT_MEMBERS, MAX_RECEIPT_BYTES, "receipt")
         body = parse_json(raw, RECEIPT_MEMBERS[0])
-        if body.get("format") != RECEIPT_FORMAT:
-            raise FormatError(f"format is {body.get('format')!r}, expected {RECEIPT_FORMAT!r}")
-        if body.get("version") not in SUPPORTED_VERSIONS:
-            raise VersionError(f"receipt version {body.get('version')!r} is not supported")
+        check_format(body, RECEIPT_FORMAT, RECEIPT_MEMBERS[0])  # the integer version, not True or 1.0
         node = body.get("node")
         if not isinstance(node, str):
             raise FormatError("receipt names no node")

@@ -5,21 +5,23 @@ streams through the age encryptor into a scratch ciphertext file, and the outer
 tar copies it in; memory stays at a few chunks whatever the size. Reading is
 one sequential pass: structure and limits from the tar headers first, then the
 signature, then decryption with every hash checked, and only then are tables
-handed out.
+handed out. The auditor reads with the same :class:`BundleReader`: strictly to
+verify, or leniently (:meth:`BundleReader.salvage`, for ``audit extract
+--force``) to list every problem instead of stopping at the first. Strict JSON
+and the signed JSON files (acks' outer form) are :mod:`exchange.wire.signed`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,25 +35,27 @@ from exchange.files import (  # re-exported: older callers import these from her
     fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
     write_file_atomic as write_file_atomic,
 )
-from exchange.files import create_fresh, open_regular
+from exchange.files import COPY_CHUNK, create_fresh, open_regular
 from exchange.wire import parquet_budget, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (
     ACK_FORMAT, ACK_MEMBERS, BUNDLE_FORMAT, BUNDLE_MEMBERS, FORMAT_VERSION, INNER_MANIFEST,
-    MAX_INNER_MANIFEST_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES,
-    MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, SIG_NAMESPACE, SUPPORTED_VERSIONS, app_major,
-    check_node_id,
+    MAX_INNER_MANIFEST_BYTES, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES,
+    MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, PAYLOAD_MEMBER, SIG_NAMESPACE, TABLE_FILE,
+    MAX_SEQ, app_major,
 )
 from exchange.wire.formats import (  # acks, version 2
-    ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_VERSION, ACK_VERSIONS, MAX_ACK_DETAILS_BYTES, MAX_ACK_PARKED,
-    MAX_COUNT, MAX_SEQ,
+    ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_DETAILS_PAD, ACK_RESULTS, ACK_V2_FIELDS, ACK_VERSION,
+    ACK_VERSIONS, MAX_ACK_DETAILS_BYTES, MAX_ACK_DETAILS_FILE, MAX_ACK_PARKED, MAX_COUNT, MAX_REASON_CHARS,
+)
+from exchange.wire.signed import (
+    check_exact, check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json,
+    parse_time, seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
 )
 
-COPY_CHUNK = 1 << 20
 #: bytes per value once decoded, by Parquet physical type (BYTE_ARRAY: its offset; the data is
 #: counted in the uncompressed size); FIXED_LEN_BYTE_ARRAY uses its length, at least a decimal128's 16
 _PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
-HEX64 = frozenset("0123456789abcdef")
 
 
 class HeldError(VersionError):
@@ -61,18 +65,6 @@ class HeldError(VersionError):
 
 
 # ---------------------------------------------------------------- helpers
-
-def format_time(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: Any, what: str) -> datetime:
-    try:
-        return datetime.strptime(str(s), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError as exc:
-        raise FormatError(f"{what}: bad time {s!r} (expected YYYY-MM-DDTHH:MM:SSZ)") from exc
-
-
 
 class _HashingWriter:
     """Counts and hashes what passes through to ``dst``."""
@@ -111,75 +103,6 @@ class _HashingReader:
         return total
 
 
-def _depth(obj: Any) -> int:
-    depth, stack = 0, [(obj, 1)]
-    while stack:
-        node, d = stack.pop()
-        depth = max(depth, d)
-        if isinstance(node, dict):
-            stack.extend((v, d + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, d + 1) for v in node)
-    return depth
-
-
-def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise FormatError(f"duplicate JSON key {k!r}")
-        out[k] = v
-    return out
-
-
-def parse_json(raw: bytes, what: str) -> dict[str, Any]:
-    """Strict JSON object: UTF-8, no duplicate keys, bounded depth."""
-    try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes)
-    except FormatError as exc:
-        raise FormatError(f"{what}: {exc}") from exc
-    except RecursionError as exc:
-        raise LimitError(f"{what}: JSON nested too deeply") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{what}: not valid JSON ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what}: expected a JSON object")
-    if _depth(obj) > MAX_JSON_DEPTH:
-        raise LimitError(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    return obj
-
-
-def dump_json(obj: Mapping[str, Any]) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=True) + "\n").encode()
-
-
-def _field(obj: Mapping[str, Any], name: str, typ: type | tuple[type, ...], what: str) -> Any:
-    if name not in obj:
-        raise FormatError(f"{what}: missing field {name!r}")
-    value = obj[name]
-    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
-        raise FormatError(f"{what}: field {name!r} has the wrong type")
-    return value
-
-
-def _sha(value: Any, what: str) -> str:
-    if not isinstance(value, str) or len(value) != 64 or not set(value) <= HEX64:
-        raise FormatError(f"{what}: not a lowercase hex SHA-256: {value!r}")
-    return value
-
-
-def _check_format(obj: Mapping[str, Any], expected: str, what: str) -> None:
-    fmt = obj.get("format")
-    if fmt != expected:
-        raise FormatError(f"{what}: format is {fmt!r}, expected {expected!r}")
-    version = obj.get("version")
-    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # not True, 1.0 or [1]
-        raise VersionError(
-            f"{what}: format version {version!r} is not supported by this exchange "
-            f"(supports {sorted(SUPPORTED_VERSIONS)})",
-            hint="Upgrade exchange to read files written by a newer version.")
-
-
 def parquet_expanded_size(meta: Any) -> int:
     """What a Parquet file's tables take once decoded, from its footer alone (no row is read).
 
@@ -214,11 +137,11 @@ class Entry:
     def parse(cls, obj: Any, what: str) -> Entry:
         if not isinstance(obj, dict):
             raise FormatError(f"{what}: file entry is not an object")
-        name = _field(obj, "name", str, what)
-        size = _field(obj, "size", int, what)
+        name = json_field(obj, "name", str, what)
+        size = json_field(obj, "size", int, what)
         if size < 0:
             raise FormatError(f"{what}: negative size for {name!r}")
-        return cls(name, size, _sha(obj.get("sha256"), what))
+        return cls(name, size, sha256_field(obj.get("sha256"), what))
 
 
 @dataclass(frozen=True)
@@ -240,21 +163,21 @@ class Manifest:
         return hashlib.sha256(self.raw).hexdigest()
 
     @classmethod
-    def parse(cls, raw: bytes, what: str = "manifest.json") -> Manifest:
+    def parse(cls, raw: bytes, what: str = BUNDLE_MEMBERS[0]) -> Manifest:
         obj = parse_json(raw, what)
-        _check_format(obj, BUNDLE_FORMAT, what)
+        check_format(obj, BUNDLE_FORMAT, what)
         prev = obj.get("prev")
-        inner = _field(obj, "inner", list, what)
+        inner = json_field(obj, "inner", list, what)
         if not 1 <= len(inner) <= MAX_TABLES + 1:
             raise LimitError(f"{what}: {len(inner)} inner files (1 to {MAX_TABLES + 1} allowed)")
         m = cls(
-            sender=_node(_field(obj, "sender", str, what), what),
-            recipient=_node(_field(obj, "recipient", str, what), what),
-            seq=_field(obj, "seq", int, what),
-            prev=None if prev is None else _sha(prev, what),
-            created=parse_time(_field(obj, "created", str, what), what),
-            app_version=_field(obj, "app_version", str, what),
-            payload=Entry.parse(_field(obj, "payload", dict, what), what),
+            sender=node_field(json_field(obj, "sender", str, what), what),
+            recipient=node_field(json_field(obj, "recipient", str, what), what),
+            seq=json_field(obj, "seq", int, what),
+            prev=None if prev is None else sha256_field(prev, what),
+            created=parse_time(json_field(obj, "created", str, what), what),
+            app_version=json_field(obj, "app_version", str, what),
+            payload=Entry.parse(json_field(obj, "payload", dict, what), what),
             inner=tuple(Entry.parse(e, what) for e in inner),
             raw=raw,
         )
@@ -267,19 +190,12 @@ class Manifest:
             raise FormatError(f"{what}: bad payload entry")
         names = [e.name for e in m.inner]
         if names[0] != INNER_MANIFEST or len(set(names)) != len(names) or not all(
-                n == f"t{i:04d}.parquet" for i, n in enumerate(names[1:], 1)):
+                n == TABLE_FILE.format(i) for i, n in enumerate(names[1:], 1)):
             raise FormatError(f"{what}: inner file list is not inner.json, t0001.parquet, ...")
         if m.inner[0].size > MAX_INNER_MANIFEST_BYTES:
             raise LimitError(f"{what}: {INNER_MANIFEST} of {m.inner[0].size} bytes "
                              f"(limit {MAX_INNER_MANIFEST_BYTES})")
         return m
-
-
-def _node(value: str, what: str) -> str:
-    try:
-        return check_node_id(value)
-    except FormatError as exc:
-        raise FormatError(f"{what}: {exc}") from exc
 
 
 # ---------------------------------------------------------------- writing
@@ -386,7 +302,7 @@ def _seal_bundle(
         files: list[tuple[str, Path]] = []
         listing = []
         for i, (name, source) in enumerate(tables.items(), 1):
-            fname = f"t{i:04d}.parquet"
+            fname = TABLE_FILE.format(i)
             hit = parquet_cache.get(source) if parquet_cache is not None else None
             if hit is not None:
                 fpath, rows = hit
@@ -408,7 +324,7 @@ def _seal_bundle(
         (work / INNER_MANIFEST).write_bytes(inner_raw)
         files.insert(0, (INNER_MANIFEST, work / INNER_MANIFEST))
         entries = []
-        payload_path = work / "payload.tar.age"
+        payload_path = work / PAYLOAD_MEMBER
         with open(payload_path, "wb") as raw_out:
             hashed = _HashingWriter(raw_out)
             with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
@@ -450,45 +366,6 @@ def _seal_bundle(
 
 
 # ---------------------------------------------------------------- reading
-
-def _read_small(src: BinaryIO, expected: str, limit: int, what: str) -> bytes:
-    return _read_member(src, expected, limit, what)[1]
-
-
-def _read_member(src: BinaryIO, expected: str, limit: int, what: str) -> tuple[tarfmt.Member, bytes]:
-    """A small member's header and data (size limit checked from the header first)."""
-    m = tarfmt.read_header(src)
-    if m is None:
-        raise FormatError(f"{what}: member {expected!r} missing")
-    if m.name != expected:
-        raise FormatError(f"{what}: member {m.name!r} where {expected!r} was expected")
-    if m.size > limit:
-        raise LimitError(f"{what}: {expected} is {m.size} bytes (limit {limit})")
-    data = tarfmt._read_exact(src, m.size, expected)
-    tarfmt.skip_padding(src, m.size)
-    return m, data
-
-
-def _check_exact(headers: Sequence[tarfmt.Member], signature: bytes, created: datetime | None) -> None:
-    """Every byte no signature covers is the writer's: tar headers (mtime = ``created``) and armor.
-
-    So a file is either exactly what its sender wrote or damage, and its SHA-256 (what
-    an ack names) is the sender's (docs/FORMAT.md sections 2 and 7). Without a readable
-    ``created`` (the caller's parse refuses the file anyway) the members' mtimes must agree.
-    """
-    mtime = int(created.timestamp()) if created is not None else headers[0].mtime
-    for m in headers:
-        tarfmt.check_exact(m, mtime)
-    sshsig.check_exact(signature)
-
-
-def _wrap(path: Path, exc: ExchangeError) -> ExchangeError:
-    """Name the file in an error message, keeping the error's class and hint."""
-    if str(exc).startswith(f"{path.name}:"):
-        return exc
-    new = type(exc)(f"{path.name}: {exc.message}", hint=exc.hint)
-    return new
-
 
 @dataclass
 class Opened:
@@ -543,8 +420,8 @@ class BundleReader:
             if file_size == 0:
                 raise FormatError("empty file")
             what = "bundle"
-            h_raw, raw = _read_member(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
-            h_sig, self.signature = _read_member(
+            h_raw, raw = tarfmt.read_member(self._src, BUNDLE_MEMBERS[0], MAX_MANIFEST_BYTES, what)  # type: ignore[arg-type]
+            h_sig, self.signature = tarfmt.read_member(
                 self._src, BUNDLE_MEMBERS[1], MAX_SIG_BYTES, what)  # type: ignore[arg-type]
             m = tarfmt.read_header(self._src)  # type: ignore[arg-type]
             if m is None or m.name != BUNDLE_MEMBERS[2]:
@@ -560,13 +437,14 @@ class BundleReader:
                     "unexpected extra member in tar, or unexpected data after the end of the tar archive "
                     f"(the file has {file_size} bytes, its three members need exactly {need})")
             self.payload_size = m.size
+            self._payload_offset = file_size - len(tarfmt.END) - m.size - -m.size % tarfmt.BLOCK
             self.manifest = Manifest.parse(raw)
             if m.size != self.manifest.payload.size:
                 raise AuthenticityError("payload size differs from the signed manifest")
-            _check_exact((h_raw, h_sig, m), self.signature, self.manifest.created)
+            check_exact((h_raw, h_sig, m), self.signature, self.manifest.created)
         except ExchangeError as exc:
             self.close()
-            raise _wrap(self.path, exc) from exc
+            raise with_file_name(self.path, exc) from exc
         self.signer: sshsig.AllowedSigner | None = None
 
     def close(self) -> None:
@@ -580,13 +458,10 @@ class BundleReader:
 
     def verify_signature(self, trust: sshsig.AllowedSigners) -> sshsig.AllowedSigner:
         try:
-            self.signer = sshsig.verify_with_trust(
-                self.signature, self.manifest.raw, self.manifest.sender, trust,
-                SIG_NAMESPACE, at=self.manifest.created)
+            self.signer = verify_signed(self.signature, self.manifest.raw, self.manifest.sender, trust,
+                                        self.manifest.created)
         except ExchangeError as exc:
-            if not isinstance(exc, BundleError):
-                exc = AuthenticityError(f"signature: {exc.message}")
-            raise _wrap(self.path, exc) from exc
+            raise with_file_name(self.path, exc) from exc
         return self.signer
 
     def check_recipient(self, me: str) -> None:
@@ -619,7 +494,18 @@ class BundleReader:
                 raise AuthenticityError("payload SHA-256 differs from the signed manifest")
             return self._finish()
         except ExchangeError as exc:
-            raise _wrap(self.path, exc) from exc
+            raise with_file_name(self.path, exc) from exc
+
+    def recheck_payload(self) -> str:
+        """:meth:`check_payload_hash` from the payload's start again, after a failed :meth:`decrypt`.
+
+        Tells damage from "not encrypted to these identities" (the auditor's question)
+        without opening and parsing the file a second time.
+        """
+        self._f.seek(0)
+        self._src = _HashingReader(self._f)
+        self._src.read(self._payload_offset)  # the manifest and signature, for the whole-file hash
+        return self.check_payload_hash()
 
     def decrypt(self, identities: Sequence[str], workdir: Path) -> Opened:
         """Decrypt into ``workdir``, checking every hash; then the inner manifest."""
@@ -637,18 +523,8 @@ class BundleReader:
                 if m.size != entry.size:
                     raise AuthenticityError(f"payload member {entry.name} size differs from the signed manifest")
                 tarfmt.check_exact(m, int(self.manifest.created.timestamp()))
-                h = hashlib.sha256()
                 target = workdir / entry.name
-                with open(target, "wb") as out:
-                    left = m.size
-                    while left:
-                        chunk = dec.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise FormatError(f"payload member {entry.name} truncated")
-                        h.update(chunk)
-                        out.write(chunk)
-                        left -= len(chunk)
-                if h.hexdigest() != entry.sha256:
+                if _copy_member(dec, m, target) != entry.sha256:
                     raise AuthenticityError(f"payload member {entry.name} differs from the signed hash")
                 tarfmt.skip_padding(dec, m.size)  # type: ignore[arg-type]
                 paths[entry.name] = target
@@ -662,23 +538,18 @@ class BundleReader:
             file_sha = self._finish()
             inner, plans = self._check_inner(paths)
         except ExchangeError as exc:
-            raise _wrap(self.path, exc) from exc
+            raise with_file_name(self.path, exc) from exc
         tables = {t["table"]: paths[t["file"]] for t in inner["tables"]}
         return Opened(self.manifest, inner, self.signer, file_sha, tables,
                       {t["table"]: plans[t["file"]] for t in inner["tables"]})
 
     def _check_inner(self, paths: dict[str, Path]) -> tuple[dict[str, Any], dict[str, parquet_budget.FilePlan]]:
-        import pyarrow.parquet as pq
-
         inner = parse_json(paths[INNER_MANIFEST].read_bytes(), INNER_MANIFEST)
-        _check_format(inner, PAYLOAD_FORMAT, INNER_MANIFEST)
+        check_format(inner, PAYLOAD_FORMAT, INNER_MANIFEST)
         m = self.manifest
-        for name in ("sender", "recipient", "seq"):
-            if inner.get(name) != getattr(m, name):
-                raise AuthenticityError(
-                    f"inner manifest {name} {inner.get(name)!r} differs from the signed "
-                    f"outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
-        tables = _field(inner, "tables", list, INNER_MANIFEST)
+        for problem in _inner_identity(m, inner):
+            raise problem
+        tables = json_field(inner, "tables", list, INNER_MANIFEST)
         files = [e.name for e in m.inner[1:]]
         seen = set()
         expanded = 0
@@ -688,9 +559,9 @@ class BundleReader:
                     or not isinstance(t.get("rows"), int) or t["table"] in seen:
                 raise FormatError(f"{INNER_MANIFEST}: table list does not match the payload files")
             seen.add(t["table"])
+            meta = _footer(paths[fname], fname)
+            rows = meta.num_rows
             try:
-                meta = pq.read_metadata(paths[fname])
-                rows = meta.num_rows
                 claimed = parquet_expanded_size(meta)
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
@@ -706,6 +577,117 @@ class BundleReader:
         if len(tables) != len(files):
             raise FormatError(f"{INNER_MANIFEST}: {len(tables)} tables listed, {len(files)} files in payload")
         return inner, plans
+
+
+    def salvage(self, identities: Sequence[str], workdir: Path) -> Salvaged:
+        """The auditor's lenient pass (``audit extract --force``): decrypt what can be decrypted
+        into ``workdir`` and list every disagreement with the signed manifest, not only the first.
+
+        Needs no verified signature: what it returns is marked unverified by the caller
+        and never applied. Structure errors of the outer tar were raised when opening.
+        """
+        out = Salvaged()
+        expected = {e.name: e for e in self.manifest.inner}
+        sub = _HashingReader(self._src, self.payload_size)  # type: ignore[arg-type]
+        try:
+            dec = age.Decryptor(sub, list(identities))  # type: ignore[arg-type]
+            while (m := tarfmt.read_header(dec)) is not None:  # type: ignore[arg-type]
+                if m.name in out.files or len(out.files) > MAX_TABLES + 1:
+                    out.problems.append(f"payload member {m.name} repeated or too many members")
+                    break
+                digest = _copy_member(dec, m, workdir / m.name)
+                tarfmt.skip_padding(dec, m.size)  # type: ignore[arg-type]
+                out.files[m.name] = workdir / m.name
+                e = expected.get(m.name)
+                if e is None:
+                    out.problems.append(f"payload member {m.name} is not in the signed manifest")
+                elif e.size != m.size or e.sha256 != digest:
+                    out.problems.append(f"payload member {m.name} differs from the signed hash")
+        except ExchangeError as exc:
+            out.not_for_us = not_for_these_identities(exc)
+            out.problems.append(f"payload could not be fully decrypted: {exc}")
+        sub.drain()
+        out.payload_intact = sub.h.hexdigest() == self.manifest.payload.sha256
+        if not out.payload_intact:
+            out.problems.append("payload SHA-256 differs from the signed manifest")
+        out.problems += [f"payload member {name} listed in the signed manifest is missing"
+                         for name in expected if name not in out.files]
+        if INNER_MANIFEST in out.files:
+            out.inner_raw = out.files[INNER_MANIFEST].read_bytes()
+            try:
+                out.inner = parse_json(out.inner_raw, INNER_MANIFEST)
+            except BundleError:
+                out.inner = None
+        out.problems += _inner_problems(self.manifest, out.inner, out.files)
+        return out
+
+
+@dataclass
+class Salvaged:
+    """What :meth:`BundleReader.salvage` got out of a payload, and everything wrong with it."""
+
+    files: dict[str, Path] = field(default_factory=dict)  # payload member name -> decrypted file
+    problems: list[str] = field(default_factory=list)
+    inner_raw: bytes = b""
+    inner: dict[str, Any] | None = None  # inner.json when it is a JSON object
+    payload_intact: bool = False  # the ciphertext is the one the manifest signs
+    not_for_us: bool = False  # not encrypted to the identities given
+
+
+def _copy_member(dec: Any, m: tarfmt.Member, target: Path) -> str:
+    """Copy a payload member's ``m.size`` bytes to a new scratch file; its SHA-256."""
+    h = hashlib.sha256()
+    with open(target, "wb") as out:
+        left = m.size
+        while left:
+            chunk = dec.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise FormatError(f"payload member {m.name} truncated")
+            h.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def not_for_these_identities(exc: ExchangeError) -> bool:
+    """Decryption failed only because the payload is not encrypted to the identities given."""
+    return isinstance(exc, NoIdentityError)
+
+
+def _footer(path: Path, fname: str) -> Any:
+    """A Parquet file's footer (pyarrow FileMetaData); FormatError when it cannot be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path)
+    except Exception as exc:  # pyarrow raises several types for a bad footer
+        raise FormatError(f"{fname}: not a readable Parquet file ({exc})") from exc
+
+
+def _inner_identity(m: Manifest, inner: Mapping[str, Any]) -> list[AuthenticityError]:
+    """The inner manifest repeats the signed sender, recipient and seq (else: re-signed or forwarded)."""
+    return [AuthenticityError(f"inner manifest {name} {inner.get(name)!r} differs from the signed "
+                              f"outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
+            for name in ("sender", "recipient", "seq") if inner.get(name) != getattr(m, name)]
+
+
+def _inner_problems(m: Manifest, inner: Any, files: Mapping[str, Path]) -> list[str]:
+    """Lenient checks of a salvaged inner manifest: its identity and each listed table's row count."""
+    if not isinstance(inner, dict):
+        return [f"{INNER_MANIFEST} is missing or not a JSON object"]
+    out = [p.message for p in _inner_identity(m, inner)]
+    tables = inner.get("tables")
+    for t in tables if isinstance(tables, list) else []:
+        if not isinstance(t, dict) or not isinstance(t.get("file"), str) or t["file"] not in files:
+            continue
+        try:
+            rows = _footer(files[t["file"]], t["file"]).num_rows
+        except FormatError as exc:
+            out.append(exc.message)
+            continue
+        if rows != t.get("rows"):
+            out.append(f"{t['file']}: {rows} rows, inner manifest says {t.get('rows')}")
+    return out
 
 
 @contextmanager
@@ -728,21 +710,6 @@ def open_bundle(
 
 
 # ---------------------------------------------------------------- acks
-
-ACK_RESULTS = ("APPLIED", "REJECTED")
-#: the age file of an ack's details: the plaintext limit, an age header (at most 64 KiB) and chunk tags
-MAX_ACK_DETAILS_FILE = MAX_ACK_DETAILS_BYTES + (80 << 10)
-ACK_DETAILS_PAD = 4096  # the details' JSON is padded with spaces to a multiple of this
-
-
-def _seq(value: Any, what: str, name: str, low: int = 1) -> int:
-    """A seq from a peer's JSON, within ``low`` .. MAX_SEQ before anything uses it."""
-    if type(value) is not int:
-        raise FormatError(f"{what}: {name} is not an integer")
-    if not low <= value <= MAX_SEQ:
-        raise LimitError(f"{what}: {name} {value} is out of range ({low} to {MAX_SEQ})")
-    return value
-
 
 def _check_counts(applied: Mapping[str, Any], parked: Sequence[Any], what: str, v1: bool = False) -> None:
     """Every count an ack states is within MAX_COUNT, its lists within their documented lengths
@@ -780,10 +747,10 @@ class Head:
     def parse(cls, obj: Any, what: str, sent: bool) -> Head:
         if not isinstance(obj, dict) or set(obj) != ({"seq", "manifest_sha256"} | ({"acknowledged"} if sent else set())):
             raise FormatError(f"{what}: not an object of seq, manifest_sha256{', acknowledged' if sent else ''}")
-        seq = _seq(obj["seq"], what, "seq", 0)
+        seq = seq_field(obj["seq"], what, "seq", 0)
         msha = obj["manifest_sha256"]
-        head = cls(seq, None if msha is None else _sha(msha, what),
-                   _seq(obj["acknowledged"], what, "acknowledged", 0) if sent else None)
+        head = cls(seq, None if msha is None else sha256_field(msha, what),
+                   seq_field(obj["acknowledged"], what, "acknowledged", 0) if sent else None)
         if (seq == 0 and head.manifest_sha256 is not None) or (head.acknowledged or 0) > seq:
             raise FormatError(f"{what}: inconsistent stream head {obj!r}")
         return head
@@ -837,7 +804,7 @@ class Ack:
 
     @classmethod
     def parse(cls, raw: bytes, file_sha256: str = "", sealed: bytes | None = None) -> Ack:
-        what = "ack.json"
+        what = ACK_MEMBERS[0]
         obj = parse_json(raw, what)
         if obj.get("format") != ACK_FORMAT:
             raise FormatError(f"{what}: format is {obj.get('format')!r}, expected {ACK_FORMAT!r}")
@@ -846,31 +813,31 @@ class Ack:
             raise VersionError(f"{what}: ack version {version!r} is not supported by this exchange "
                                f"(supports {sorted(ACK_VERSIONS)})",
                                hint="Upgrade exchange to read files written by a newer version.")
-        result = _field(obj, "result", str, what)
+        result = json_field(obj, "result", str, what)
         if result not in ACK_RESULTS:
             raise FormatError(f"{what}: result {result!r} is not APPLIED or REJECTED")
         msha = obj.get("manifest_sha256")
         common: dict[str, Any] = dict(
-            acker=_node(_field(obj, "acker", str, what), what),
-            sender=_node(_field(obj, "sender", str, what), what),
-            seq=_seq(obj.get("seq"), what, "seq"),
-            bundle_sha256=_sha(obj.get("bundle_sha256"), what),
-            manifest_sha256=None if msha is None else _sha(msha, what),
-            result=result, created=parse_time(_field(obj, "created", str, what), what),
-            app_version=_field(obj, "app_version", str, what), raw=raw, file_sha256=file_sha256)
+            acker=node_field(json_field(obj, "acker", str, what), what),
+            sender=node_field(json_field(obj, "sender", str, what), what),
+            seq=seq_field(obj.get("seq"), what, "seq"),
+            bundle_sha256=sha256_field(obj.get("bundle_sha256"), what),
+            manifest_sha256=None if msha is None else sha256_field(msha, what),
+            result=result, created=parse_time(json_field(obj, "created", str, what), what),
+            app_version=json_field(obj, "app_version", str, what), raw=raw, file_sha256=file_sha256)
         if version == 1:
             reason = obj.get("reason")
-            applied, parked = _field(obj, "applied", dict, what), _field(obj, "parked", list, what)
+            applied, parked = json_field(obj, "applied", dict, what), json_field(obj, "parked", list, what)
             _check_counts(applied, parked, what, v1=True)
             return cls(**common, reason=reason if isinstance(reason, str) else None, applied=applied,
                        parked=parked, parked_total=len(parked)).bind(sealed)
-        if set(obj) != set(_ACK_V2_FIELDS):
+        if set(obj) != set(ACK_V2_FIELDS):
             raise FormatError(f"{what}: fields {sorted(obj)} are not those of a version 2 ack "
-                              f"({', '.join(_ACK_V2_FIELDS)})")
+                              f"({', '.join(ACK_V2_FIELDS)})")
         entry = Entry.parse(obj["details"], f"{what} details")
         if entry.name != ACK_DETAILS_MEMBER or entry.size > MAX_ACK_DETAILS_FILE:
             raise FormatError(f"{what}: bad details entry")
-        _sha(obj["details_plain_sha256"], what)
+        sha256_field(obj["details_plain_sha256"], what)
         ack = cls(**common, reason=None, applied={}, parked=[], version=2,
                   heads=Heads.parse(obj["heads"], what), details="sealed")
         return ack if sealed is None else ack.bind(sealed)
@@ -881,7 +848,7 @@ class Ack:
             if sealed is not None:
                 raise FormatError(f"a version 1 ack has no {ACK_DETAILS_MEMBER} member")
             return self
-        entry = Entry.parse(parse_json(self.raw, "ack.json")["details"], "ack.json details")
+        entry = Entry.parse(parse_json(self.raw, ACK_MEMBERS[0])["details"], f"{ACK_MEMBERS[0]} details")
         if sealed is None:
             raise FormatError(f"member {ACK_DETAILS_MEMBER!r} missing")
         if len(sealed) != entry.size or hashlib.sha256(sealed).hexdigest() != entry.sha256:
@@ -905,7 +872,7 @@ class Ack:
 
     def _details(self, plain: bytes) -> dict[str, Any]:
         what = ACK_DETAILS_MEMBER
-        if hashlib.sha256(plain).hexdigest() != parse_json(self.raw, "ack.json")["details_plain_sha256"]:
+        if hashlib.sha256(plain).hexdigest() != parse_json(self.raw, ACK_MEMBERS[0])["details_plain_sha256"]:
             raise AuthenticityError(f"{what}: decrypted details differ from the signed hash "
                                     "(another plaintext for another recipient?)")
         d = parse_json(plain, what)
@@ -917,16 +884,12 @@ class Ack:
         reason = d.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise FormatError(f"{what}: reason is not a string")
-        applied, parked = _field(d, "applied", dict, what), _field(d, "parked", list, what)
-        total = _field(d, "parked_total", int, what)
+        applied, parked = json_field(d, "applied", dict, what), json_field(d, "parked", list, what)
+        total = json_field(d, "parked_total", int, what)
         _check_counts(applied, parked, what)
         if not len(parked) <= total <= MAX_COUNT:
             raise LimitError(f"{what}: parked_total {total} is out of range ({len(parked)} to {MAX_COUNT})")
         return {"reason": reason, "applied": applied, "parked": parked, "parked_total": total}
-
-
-_ACK_V2_FIELDS = ("format", "version", "app_version", "acker", "sender", "seq", "bundle_sha256",
-                  "manifest_sha256", "result", "created", "heads", "details", "details_plain_sha256")
 
 
 def _decrypt_small(sealed: bytes, identities: Sequence[str]) -> bytes:
@@ -938,81 +901,6 @@ def _decrypt_small(sealed: bytes, identities: Sequence[str]) -> bytes:
     if dec.read(1):
         raise FormatError(f"{ACK_DETAILS_MEMBER}: data after the end of the age payload")
     return plain
-
-
-def pack_signed(members: tuple[str, str], raw: bytes, key: Any, created: datetime,
-                extra: tuple[str, bytes] | None = None) -> bytes:
-    """The bytes of a signed JSON file (ack, checkpoint, receipt): ustar of JSON then its SSHSIG
-    (then, for an ack v2, its encrypted details)."""
-    sig = sshsig.sign(key, raw, SIG_NAMESPACE)
-    mtime = int(created.timestamp())
-    buf = io.BytesIO()
-    tarfmt.write_member(buf, members[0], raw, mtime)
-    tarfmt.write_member(buf, members[1], sig, mtime)
-    if extra is not None:
-        tarfmt.write_member(buf, extra[0], extra[1], mtime)
-    buf.write(tarfmt.END)
-    return buf.getvalue()
-
-
-def unpack_signed(path: Path, members: tuple[str, str], limit: int, what: str) -> tuple[bytes, bytes, str]:
-    """Read a signed JSON file strictly: (JSON bytes, signature, SHA-256 of the whole file).
-
-    Size limits are checked from the file size and tar headers before anything is parsed.
-    """
-    raw, sig, extra, sha = _unpack(path, members, limit, what, None)
-    return raw, sig, sha
-
-
-def _unpack(path: Path, members: tuple[str, str], limit: int, what: str,
-            extra: tuple[str, int] | None) -> tuple[bytes, bytes, bytes | None, str]:
-    """As :func:`unpack_signed`, with an optional third member ``extra`` (name, limit)."""
-    most = limit + MAX_SIG_BYTES + (extra[1] + tarfmt.BLOCK if extra else 0) + 4096
-    try:
-        with open_regular(path) as f:  # never through a link, never a FIFO (which would block)
-            data = f.read() if 0 < os.fstat(f.fileno()).st_size <= most else b""
-    except OSError as exc:
-        raise FormatError(f"cannot read: {exc.strerror}") from exc
-    if not data:
-        raise LimitError(f"empty or oversized {what} file")
-    src = io.BytesIO(data)
-    h_raw, raw = _read_member(src, members[0], limit, what)
-    h_sig, sig = _read_member(src, members[1], MAX_SIG_BYTES, what)
-    headers = [h_raw, h_sig]
-    third = None
-    if extra is not None and data[src.tell():src.tell() + tarfmt.BLOCK].strip(b"\0"):
-        at = src.tell()
-        m = tarfmt.read_header(src)
-        if m is not None and m.name != extra[0]:
-            raise FormatError(f"{what}: unexpected extra member {m.name!r} in tar")
-        src.seek(at)
-        h_third, third = _read_member(src, extra[0], extra[1], what)
-        headers.append(h_third)
-    tarfmt.expect_end(src)
-    _check_exact(headers, sig, _signed_created(raw))
-    return raw, sig, third, hashlib.sha256(data).hexdigest()
-
-
-def _signed_created(raw: bytes) -> datetime | None:
-    """The ``created`` time a signed JSON file states (its tar headers' mtime), if it states one."""
-    try:
-        return parse_time(parse_json(raw, "signed file")["created"], "created")
-    except (ExchangeError, KeyError):
-        return None
-
-
-def verify_signed(sig: bytes, raw: bytes, principal: str, trust: sshsig.AllowedSigners,
-                  at: datetime) -> None:
-    """The signature is by ``principal``'s key trusted at ``at``; AuthenticityError otherwise."""
-    try:
-        sshsig.verify_with_trust(sig, raw, principal, trust, SIG_NAMESPACE, at=at)
-    except ExchangeError as exc:
-        if not isinstance(exc, BundleError):
-            raise AuthenticityError(f"signature: {exc.message}") from exc
-        raise
-
-
-MAX_REASON_CHARS = 16 << 10  # a REJECTED reason is cut there (it names a document, not a dump)
 
 
 def build_ack(
@@ -1065,8 +953,8 @@ def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None,
     With ``identities`` a version 2 ack's details are decrypted (see :meth:`Ack.open_details`).
     """
     try:
-        raw, sig, sealed, file_sha = _unpack(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack",
-                                             (ACK_DETAILS_MEMBER, MAX_ACK_DETAILS_FILE))
+        raw, sig, sealed, file_sha = unpack_signed(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack",
+                                                   (ACK_DETAILS_MEMBER, MAX_ACK_DETAILS_FILE))
         ack = Ack.parse(raw, file_sha)
         verify_signed(sig, raw, ack.acker, trust, ack.created)
         ack = ack.bind(sealed)  # after the signature: the member must be the one it signed
@@ -1074,4 +962,4 @@ def read_ack(path: Path, trust: sshsig.AllowedSigners, *, me: str | None,
             raise NotForUsError(f"ack for a bundle sent by {ack.sender!r}, this node is {me!r}")
         return ack.open_details(identities)
     except ExchangeError as exc:
-        raise _wrap(path, exc) from exc
+        raise with_file_name(path, exc) from exc

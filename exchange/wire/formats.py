@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from exchange.errors import FormatError
+from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
@@ -23,7 +24,8 @@ ACK_FORMAT = "exchange-ack"
 PAYLOAD_FORMAT = "exchange-payload"
 SIG_NAMESPACE = "exchange-bundle"
 
-BUNDLE_MEMBERS = ("manifest.json", "manifest.json.sig", "payload.tar.age")
+PAYLOAD_MEMBER = "payload.tar.age"
+BUNDLE_MEMBERS = ("manifest.json", "manifest.json.sig", PAYLOAD_MEMBER)
 ACK_MEMBERS = ("ack.json", "ack.json.sig")
 ACK_DETAILS_MEMBER = "details.json.age"  # ack v2: the third member, age-encrypted details
 ACK_DETAILS_FORMAT = "exchange-ack-details"
@@ -41,6 +43,39 @@ MAX_SEQ = 9_999_999_999
 MAX_COUNT = 999_999_999  # any count in an ack or checkpoint (documents, rows, parked, stale)
 MAX_ACK_PARKED = 1000  # parked documents listed in one ack (the count says how many in all)
 MAX_ACK_DETAILS_BYTES = 1 << 20  # plaintext of an ack's details; its age file at most +64 KiB header
+#: the age file of an ack's details: the plaintext limit, an age header (at most 64 KiB) and chunk tags
+MAX_ACK_DETAILS_FILE = MAX_ACK_DETAILS_BYTES + (80 << 10)
+ACK_DETAILS_PAD = 4096  # the details' JSON is padded with spaces to a multiple of this
+MAX_REASON_CHARS = 16 << 10  # a REJECTED reason is cut there (it names a document, not a dump)
+ACK_RESULTS = tuple(AckResult)  # what an ack (and a checkpoint's record of one) may say
+ACK_V2_FIELDS = ("format", "version", "app_version", "acker", "sender", "seq", "bundle_sha256",
+                 "manifest_sha256", "result", "created", "heads", "details", "details_plain_sha256")
+
+# Checkpoints (docs/FORMAT.md section 10): what `archive prune` removed, signed in the outer form of an ack.
+CHECKPOINT_FORMAT = "exchange-checkpoint"
+CHECKPOINT_VERSION = 2  # 2 adds ``role``; version 1 checkpoints are still read
+CHECKPOINT_VERSIONS = frozenset({1, 2})
+CHECKPOINT_MEMBERS = ("checkpoint.json", "checkpoint.json.sig")
+CHECKPOINT_SUFFIX = ".checkpoint"
+CHECKPOINTS_DIR = "checkpoints"
+MAX_CHECKPOINT_BYTES = 8 << 20
+MAX_CHECKPOINT_BUNDLES = 2000  # bundles per checkpoint file; a longer run is split
+MAX_CHECKPOINT_ACKS = 8 * MAX_CHECKPOINT_BUNDLES  # acks recorded (copies and REJECTED-then-APPLIED)
+MAX_CHECKPOINT_REMOVED = 32 * MAX_CHECKPOINT_BUNDLES  # files recorded as removed
+MAX_FILE_SIZE = 1 << 34  # a removed file's recorded size (a bundle is at most 8 GiB)
+ROLES = ("ho", "store")
+
+# USB receipts (docs/USB.md): one signed receipt per stick visit, in the outer form of an ack.
+RECEIPT_FORMAT = "exchange-usb-receipt"
+RECEIPT_MEMBERS = ("receipt.json", "receipt.json.sig")
+RECEIPT_SUFFIX = ".receipt"
+MAX_RECEIPT_BYTES = MAX_MANIFEST_BYTES
+
+# Signed times: exactly YYYY-MM-DDTHH:MM:SSZ, ASCII digits ([0-9], never \d: see _NAME_RE below).
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+HEX64 = frozenset("0123456789abcdef")
+TABLE_FILE = "t{:04d}.parquet"  # the n-th table of a payload, from 1
 
 NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID}$")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from exchange.errors import FormatError
+from exchange.errors import FormatError, LimitError
 
 BLOCK = 512
 MAX_USTAR_SIZE = 8**11 - 1  # 11 octal digits
@@ -132,6 +132,20 @@ def check_exact(m: Member, mtime: int) -> None:
         name = next((n for n in names if n != "checksum"), "checksum")  # another field changes the checksum too
         raise FormatError(f"tar header of {m.name}: {name} field differs from the header exchange writes "
                           "(only exact bytes are accepted): the file was altered after it was written")
+
+
+def read_member(src: BinaryIO, expected: str, limit: int, what: str) -> tuple[Member, bytes]:
+    """The next member, which must be ``expected``: its header and data (``limit`` checked from the header first)."""
+    m = read_header(src)
+    if m is None:
+        raise FormatError(f"{what}: member {expected!r} missing")
+    if m.name != expected:
+        raise FormatError(f"{what}: member {m.name!r} where {expected!r} was expected")
+    if m.size > limit:
+        raise LimitError(f"{what}: {expected} is {m.size} bytes (limit {limit})")
+    data = _read_exact(src, m.size, expected)
+    skip_padding(src, m.size)
+    return m, data
 
 
 def skip_padding(src: BinaryIO, size: int) -> None:
