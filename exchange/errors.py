@@ -17,17 +17,16 @@ beside the code that raises it still appears in this tree.
     │   ├── AuthenticityError (13) signature, hash, MAC or chain does not verify
     │   ├── NotForUsError (14)     addressed to another node
     │   └── VersionError (15)      unknown or incompatible format/app version
-    │       └── HeldError (15)     another major version: kept, applied after an upgrade
-    │                              (exchange.wire.bundle)
+    │       └── HeldError (15)     another major version: kept, applied after an upgrade (wire.bundle)
     ├── CryptoError (16)           age / SSHSIG primitive failure (decrypt, key)
     │   └── NoIdentityError (16)   no identity of this node opens the file (not encrypted to it)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
     │   └── OwnershipError (22)    a peer wrote what it does not own or did not announce
     ├── TransportError (30)        moving files failed
-    │   ├── HostKeyError (30)      the server's host key is not the pinned one (exchange.transport.sftp)
+    │   ├── HostKeyError (30)      the server's host key is not the pinned one (transport.sftp.address)
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
-    │       └── FileChanged (31)   a remote file changed while read: list again (exchange.transport.sftp)
+    │       └── FileChanged (31)   a remote file changed while read: list again (transport.sftp.session)
     ├── DatabaseError (40)         the node database is unreachable or wrong
     └── BusyError (50)             another exchange process holds the lock
 """
