@@ -41,6 +41,7 @@ class SyncReport:
     pushed: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    failures: list[Exception] = field(default_factory=list)  # the transport errors behind ``errors``, to judge by class
 
     def line(self) -> str:
         applied = sum(1 for o in self.imported if o.status == Outcome.APPLIED)
@@ -90,6 +91,7 @@ def pull(node: Node, *, source: str | None = None, reporter: Reporter | None = N
             rep.errors.extend(f"pull from {peer}: {why}" for why in t.refused)
         except ExchangeError as exc:
             rep.errors.append(f"pull from {peer}: {exc}")
+            rep.failures.append(exc)
             log.warning("pull from %s failed: %s", peer, exc)
     return rep.pulled
 
@@ -123,6 +125,7 @@ def push(node: Node, *, target: str | None = None, reporter: Reporter | None = N
                 t.close()
         except ExchangeError as exc:
             rep.errors.append(f"push to {peer}: {exc}")
+            rep.failures.append(exc)
             log.warning("push to %s failed: %s", peer, exc)
             continue
         crashpoint("push.copied")

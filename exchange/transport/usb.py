@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -267,6 +268,7 @@ class UsbReceipt:
     errors: list[str] = field(default_factory=list)
     removed: bool = False                        # the stick disappeared during the visit
     receipt: str | None = None                   # path of the signed receipt on the stick
+    errnos: set[int] = field(default_factory=set)  # the OS errors behind ``errors`` (not in the receipt)
 
     @property
     def ok(self) -> bool:
@@ -294,10 +296,10 @@ class UsbReceipt:
             return ""
         if self.removed:
             return "The stick was pulled out too early: plug it in again here to finish."
-        if any("No space left" in e or "ENOSPC" in e for e in self.errors):
+        if errno.ENOSPC in self.errnos:
             return ("The stick is full: delete nothing inside exchange-transfer/, use a bigger stick "
                     "or take it to the HO first, then plug it in here again.")
-        if any("Read-only" in e or "Permission denied" in e for e in self.errors):
+        if self.errnos & {errno.EROFS, errno.EACCES, errno.EPERM}:
             return "The stick cannot be written: check its lock switch, then plug it in again."
         return "Fix the problem above, then plug the stick in again (or run `exchange usb sync`)."
 
@@ -312,6 +314,7 @@ class UsbReceipt:
 
     def as_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        del out["errnos"]
         out["ok"] = self.ok
         out["summary"] = self.line()
         out["advice"] = self.advice()
@@ -463,6 +466,18 @@ def usb_sync(node: Node, stick_root: Path, reporter: Reporter | None = None, *,
     return rec
 
 
+def _note_errnos(rec: UsbReceipt, failures: Iterable[BaseException]) -> None:
+    """Keep the OS error numbers behind ``failures`` (an OSError, or one a TransportError wraps)."""
+    for exc in failures:
+        seen: BaseException | None = exc
+        for _ in range(8):  # a bounded walk down the chain of causes
+            if seen is None:
+                break
+            if isinstance(seen, OSError) and seen.errno is not None:
+                rec.errnos.add(seen.errno)
+            seen = seen.__cause__ or seen.__context__
+
+
 def _step(rec: UsbReceipt, what: str, fn: Callable[[], T]) -> T | None:
     """Run a step that touches the stick; an OS error (pulled, full) is recorded, not raised."""
     try:
@@ -470,6 +485,7 @@ def _step(rec: UsbReceipt, what: str, fn: Callable[[], T]) -> T | None:
     except (OSError, ExchangeError) as exc:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         rec.errors.append(f"{what}: {text}")
+        _note_errnos(rec, [exc])
         log.warning("usb %s: %s failed: %s", rec.node, what, text)
         return None
 
@@ -504,7 +520,8 @@ def _visit(node: Node, transfer: Path, rec: UsbReceipt, r: Reporter) -> None:
         _step(rec, "taking files", lambda: pull(node, source=address, reporter=r, report=rep))
         r.finish()
         rec.errors += rep.errors
-        rep.errors = []
+        _note_errnos(rec, rep.failures)
+        rep.errors, rep.failures = [], []
         for name in rep.pulled:
             f = node.cfg.inbox / name
             if f.exists():
@@ -529,7 +546,8 @@ def _visit(node: Node, transfer: Path, rec: UsbReceipt, r: Reporter) -> None:
             _step(rec, f"putting files for {peer}",
                   lambda: push(view, target=address, reporter=r, report=rep))  # noqa: B023
             rec.errors += rep.errors
-            rep.errors = []
+            _note_errnos(rec, rep.failures)
+            rep.errors, rep.failures = [], []
             r.advance()
         r.finish()
         for name in [*rep.pushed, *rep.resent]:
