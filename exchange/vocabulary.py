@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
-__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "DocKey", "DocRef"]
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef"]
 
 
 class SentStatus(StrEnum):
@@ -63,6 +63,27 @@ class AckResult(StrEnum):
 
     APPLIED = "APPLIED"
     REJECTED = "REJECTED"
+
+
+class Tone(StrEnum):
+    """How a status reads at a glance: the page's pill class, the terminal's colour."""
+
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    BAD = "bad"
+
+
+_TONES: dict[str, Tone] = {
+    ReceivedStatus.APPLIED: Tone.OK, SentStatus.PROCESSED: Tone.OK,
+    ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN,
+    ReceivedStatus.FAILED: Tone.BAD, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
+}
+
+
+def tone(status: str) -> Tone:
+    """The tone of any status word (in progress and unknown words read as information)."""
+    return _TONES.get(status, Tone.INFO)
 
 
 #: A document key: the canonical JSON array of its key values as text (``["s001","B42"]``),

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import func, inspect, select, text, update
 
+from exchange import files
 from exchange.database import rows
 from exchange.database import schema as s
 from exchange.database.capture import record_events
@@ -321,7 +322,7 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
                 peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
                 manifest_sha256=sealed.manifest.sha256, size=sealed.size, status="EXPORTED",
                 summary=json.dumps({t: v["count"] + v["deletes"] for t, v in summary["documents"].items()}),
-                created_at=bundle.utc_now()))
+                created_at=files.utc_now()))
             if row is None:
                 conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=seq + 1,
                                                              last_manifest_sha256=sealed.manifest.sha256))

@@ -38,7 +38,8 @@ from exchange.send.export import reload
 from exchange.database.batch import EVENTS_SCHEMA
 from exchange.service.sync import sync
 from exchange.wire import bundle
-from exchange.wire.bundle import BundleReader, build_ack, seal_bundle, write_file_atomic
+from exchange.files import sha256_file, write_file_atomic
+from exchange.wire.bundle import BundleReader, build_ack, seal_bundle
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import CHECKPOINTS_DIR
 
@@ -318,7 +319,7 @@ def test_rejected_ack_is_a_finding(world: World, audit_copy: Copy) -> None:
     with BundleReader(bundle_file) as r:
         msha = r.manifest.sha256
     rejected = build_ack(key=s001_key, acker="s001", sender="ho", seq=1,
-                         bundle_sha256=bundle.sha256_file(bundle_file), manifest_sha256=msha,
+                         bundle_sha256=sha256_file(bundle_file), manifest_sha256=msha,
                          result="REJECTED", reason="constraint violated", recipients=[world.recipient])
     for p in files_named(audit_copy.archives, "s001.ho.0000000001.ack"):
         write_file_atomic(p, rejected)
@@ -414,7 +415,7 @@ def test_extract_writes_plain_parquet(world: World, audit_copy: Copy, tmp_path: 
     assert all(db[b] == t for b, t in zip(bills["bill_no"], bills["total"], strict=True))
     # the folder's inner files match the signed hashes, as an auditor checks with sha256sum
     signed = {e["name"]: e["sha256"] for e in manifest["inner"]}
-    assert bundle.sha256_file(folder / "inner.json") == signed["inner.json"]
+    assert sha256_file(folder / "inner.json") == signed["inner.json"]
     # a second extraction into the same folder is refused, the first left alone
     again = CliRunner().invoke(main, audit_copy.args("audit", "extract", str(src), "--out", str(out)))
     assert again.exit_code != 0 and "already exists" in again.output

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exchange import __version__
+from exchange import files
 from exchange.errors import CryptoError, NotForUsError
 from exchange.wire import bundle
 from exchange.wire.formats import BUNDLE_MEMBERS, INNER_MANIFEST, ack_name
@@ -168,7 +169,7 @@ def test_ack_round_trip(tmp_path: Path) -> None:
                                 applied={"sale": {"count": 3}}, parked=parked, created=CREATED,
                                 recipients=[w.aud1.recipient])
         path = tmp_path / ack_name("s001", "ho", 1)
-        bundle.write_file_atomic(path, data)
+        files.write_file_atomic(path, data)
         sealed = bundle.read_ack(path, w.trust, me="ho")  # without an identity: the figures stay encrypted
         assert (sealed.result, sealed.reason, sealed.applied, sealed.details) == (result, None, {}, "sealed")
         ack = bundle.read_ack(path, w.trust, me="ho", identities=[w.aud1.identity])

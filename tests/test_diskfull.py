@@ -43,6 +43,7 @@ from sqlalchemy import event, select
 
 from exchange.audit.prune import read_checkpoint
 from exchange.cli import main
+from exchange import files
 from exchange.database.tables import xchg_received, xchg_sent
 from exchange.errors import DatabaseError
 from exchange.faults import PRUNE_POINTS
@@ -256,7 +257,7 @@ def test_export_on_a_full_disk_leaves_no_partial_bundle_and_completes_later(
     with ho.engine.connect() as conn:  # every recorded bundle exists whole somewhere
         for r in conn.execute(select(xchg_sent)):
             where = [p for p in (ho.cfg.outbox / r.file_name, ho.cfg.archive_sent / r.file_name) if p.exists()]
-            assert where and bundle.sha256_file(where[0]) == r.file_sha256, r.file_name
+            assert where and files.sha256_file(where[0]) == r.file_sha256, r.file_name
     exported = len(status.sent(ho))
     small_fs.free()
     settle_and_check(net)

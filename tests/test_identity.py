@@ -40,7 +40,8 @@ from exchange.node.home import Node
 from exchange.receive.importer import import_inbox
 from exchange.service import status
 from exchange.service.sync import sync
-from exchange.wire.bundle import open_bundle, utc_now
+from exchange.files import utc_now
+from exchange.wire.bundle import open_bundle
 from exchange.wire.crypto import sshsig
 
 
@@ -130,7 +131,8 @@ def test_a_store_cannot_sign_as_the_ho(net: Net, tmp_path: Path) -> None:
 def test_an_ack_signed_by_another_store_is_refused(net: Net, tmp_path: Path) -> None:
     """s002 cannot mark the HO's bundles to s001 as PROCESSED (or REJECTED) by forging s001's receipt."""
     from exchange.database.tables import xchg_sent
-    from exchange.wire.bundle import build_ack, write_file_atomic
+    from exchange.files import write_file_atomic
+    from exchange.wire.bundle import build_ack
     from exchange.wire.formats import ack_name
 
     ho, s002 = net.ho, net.store("s002")

@@ -42,7 +42,7 @@ from exchange.transport.usb import (
     RECEIPTS_DIR, TRANSFER_DIR, UsbAddon, clean_stale_parts, find_sticks, last_usb_result,
     list_receipts, prepare_stick, read_receipt, transfer_folder, usb_sync,
 )
-from exchange.wire.bundle import utc_now
+from exchange.files import utc_now
 from exchange.wire.formats import RECEIPT_FORMAT, RECEIPT_MEMBERS
 from exchange.wire.signed import dump_json, format_time, pack_signed
 

@@ -49,6 +49,7 @@ from exchange.wire.signed import (
     check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json, parse_time,
     seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
 )
+from exchange.vocabulary import AckResult
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +574,7 @@ def _why_keep(seq: int, newest: int, bundles: Mapping[int, list[_BundleCopy]],
     if c.prev != expected_prev:
         return f"seq {seq}: prev does not match seq {seq - 1}'s manifest (chain break)"
     matching = [a for a in acks.get(seq, []) if a.ack.bundle_sha256 == c.sha256]
-    if not any(a.ack.result == "APPLIED" for a in matching):
+    if not any(a.ack.result == AckResult.APPLIED for a in matching):
         return f"seq {seq} has no APPLIED ack for this file in the archive"
     if any(a.ack.created >= cutoff for a in matching):
         return f"seq {seq}: its ack is newer than the cutoff"

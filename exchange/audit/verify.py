@@ -38,6 +38,7 @@ from exchange.wire.bundle import Ack, BundleReader, Manifest, not_for_these_iden
 from exchange.wire.signed import format_time
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import BUNDLE_MEMBERS, CHECKPOINTS_DIR, EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, parse_name
+from exchange.vocabulary import AckResult
 
 Severity = Literal["error", "warning"]
 
@@ -716,8 +717,8 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             bm = intact[af.ack.bundle_sha256].manifest
             if af.ack.manifest_sha256 is not None and bm is not None and af.ack.manifest_sha256 != bm.sha256:
                 out.append(_err("ack", "ack's manifest SHA-256 differs from the bundle's", af.rel, seq))
-        applied = [af for af in matching if af.ack.result == "APPLIED"]
-        rejected = [af for af in matching if af.ack.result == "REJECTED"]
+        applied = [af for af in matching if af.ack.result == AckResult.APPLIED]
+        rejected = [af for af in matching if af.ack.result == AckResult.REJECTED]
         if applied:
             sr.acked += 1
             for af in rejected:
@@ -760,10 +761,10 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
                                 f"signed ack says {real.ack.result}", real.rel, seq))
         signed = [af for af in acks_by_seq.get(seq, []) if af.ack.bundle_sha256 == pb.sha256]
         if signed:  # the receiver's own signed acks decide; a checkpoint never stands in for them
-            if not any(af.ack.result == "APPLIED" for af in signed):
+            if not any(af.ack.result == AckResult.APPLIED for af in signed):
                 out += [_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)} (checkpoint {cp.name} "
                              "cannot make it applied)", af.rel, seq) for af in signed]
-        elif not any(pa.result == "APPLIED" for pa in recorded):
+        elif not any(pa.result == AckResult.APPLIED for pa in recorded):
             out.append(_err("checkpoint", f"checkpoint {cp.name} records no APPLIED ack for the pruned bundle",
                             seq=seq))
 

@@ -81,7 +81,7 @@ def audit_keygen(out: Path) -> None:
     """Create an auditor age identity and print the recipient to give every node."""
     from exchange.audit.verify import auditor_key_text
     from exchange.node.keys import write_private
-    from exchange.wire.bundle import utc_now
+    from exchange.files import utc_now
     from exchange.wire.crypto import age
 
     if out.exists():

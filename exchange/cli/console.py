@@ -17,6 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from exchange.logs import escape_controls
+from exchange.vocabulary import Tone, tone
+
+COLOURS = {Tone.OK: "green", Tone.INFO: "cyan", Tone.WARN: "yellow", Tone.BAD: "red"}
 
 console = Console(stderr=False)
 err = Console(stderr=True)
@@ -51,8 +54,7 @@ class RichReporter:
             self._progress = None
 
     def state(self, file: str, status: str, detail: str = "") -> None:
-        colour = {"PROCESSED": "green", "APPLIED": "green", "QUARANTINED": "red", "FAILED": "red",
-                  "REJECTED": "red", "HELD": "yellow", "WAITING": "yellow"}.get(status, "cyan")
+        colour = COLOURS[tone(status)]
         line = Text.assemble(data(file), " ", data(status, colour))
         if detail:
             line.append_text(Text.assemble(": ", data(detail)))

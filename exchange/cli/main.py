@@ -305,16 +305,7 @@ def export(home: Path | None, as_json: bool) -> None:
 @click.option("--to", "target", required=True, help="Folder (USB stick, share) to deliver to.")
 def push(home: Path | None, target: str) -> None:
     """Copy outbox files to a folder, one sub-folder per recipient."""
-    from exchange.node.lock import work_lock
-    from exchange.service.sync import SyncReport, push as do_push
-
-    node = _node(home)
-    rep = SyncReport()
-    with work_lock(node.cfg.home):
-        do_push(node, target=_address(target), report=rep)
-    click.echo(shown(f"pushed {len(rep.pushed)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
-    if rep.errors:
-        sys.exit(30)
+    _move_files(home, "push", target)
 
 
 @main.command()
@@ -322,14 +313,23 @@ def push(home: Path | None, target: str) -> None:
 @click.option("--from", "source", required=True, help="Folder (USB stick, share) to take files from.")
 def pull(home: Path | None, source: str) -> None:
     """Take the files addressed to this node from a folder into the inbox."""
+    _move_files(home, "pull", source)
+
+
+def _move_files(home: Path | None, step: str, where: str) -> None:
+    """One push or pull to a folder given on the command line, under the work lock; exit 30 on errors."""
     from exchange.node.lock import work_lock
-    from exchange.service.sync import SyncReport, pull as do_pull
+    from exchange.service import sync
 
     node = _node(home)
-    rep = SyncReport()
+    rep = sync.SyncReport()
     with work_lock(node.cfg.home):
-        do_pull(node, source=_address(source), report=rep)
-    click.echo(shown(f"pulled {len(rep.pulled)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
+        if step == "push":
+            sync.push(node, target=_address(where), report=rep)
+        else:
+            sync.pull(node, source=_address(where), report=rep)
+    moved = rep.pushed if step == "push" else rep.pulled
+    click.echo(shown(f"{step}ed {len(moved)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
     if rep.errors:
         sys.exit(30)
 

@@ -20,6 +20,7 @@ from exchange.node.peers import add_peer
 from exchange.database.batch import control_totals
 from exchange.service import status
 from exchange.service.sync import sync
+from exchange.vocabulary import ReceivedStatus, SentStatus
 
 STORES = {"s001": "north", "s002": "south"}
 
@@ -104,9 +105,9 @@ def run_demo(home: Path, *, items: int = 200, sales: int = 50, fresh: bool = Tru
             for r in rows:
                 docs = ", ".join(f"{k} {v}" for k, v in r.documents.items())
                 echo(f"  {r.file:<30} {r.status:<10} {docs}")
-                if view == "Sent" and r.status != "PROCESSED":
+                if view == "Sent" and r.status != SentStatus.PROCESSED:
                     ok = False
-                if view == "Received" and r.status != "APPLIED":
+                if view == "Received" and r.status != ReceivedStatus.APPLIED:
                     ok = False
     echo("\n== reconciliation (documents and control totals, HO vs store)")
     for row in reconcile(ho, stores):

@@ -41,6 +41,7 @@ from exchange.database.tables import (
 )
 from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from exchange.faults import crashpoint
+from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
@@ -57,9 +58,6 @@ from exchange.wire.bundle import (
     Opened,
     build_ack,
     read_ack,
-    sha256_file,
-    utc_now,
-    write_file_atomic,
 )
 from exchange.wire.formats import (
     EVENTS_TABLE,

@@ -32,8 +32,10 @@ from exchange.progress import NullReporter, Reporter
 from exchange.send import clock, streams
 from exchange.send.streams import EventBatch
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
-from exchange.wire.bundle import ParquetCache, Sealed, publish, seal_bundle, sha256_file, utc_now
+from exchange.files import publish, sha256_file, utc_now
+from exchange.wire.bundle import ParquetCache, Sealed, seal_bundle
 from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
+from exchange.vocabulary import SentStatus
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,7 @@ def recover_outbox(node: Node) -> int:
     recorded = {}
     with node.engine.connect() as conn:
         for name, sha in conn.execute(select(xchg_sent.c.file_name, xchg_sent.c.file_sha256)
-                                      .where(xchg_sent.c.status == "EXPORTED")):
+                                      .where(xchg_sent.c.status == SentStatus.EXPORTED.value)):
             recorded[name] = sha
     fixed = 0
     for part in outbox.glob("*" + PART_SUFFIX):
@@ -418,7 +420,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         now = utc_now()
         conn.execute(xchg_sent.insert().values(
             peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
-            manifest_sha256=sealed.manifest.sha256, size=sealed.size, status="EXPORTED",
+            manifest_sha256=sealed.manifest.sha256, size=sealed.size, status=SentStatus.EXPORTED.value,
             summary=json.dumps(_counts(summary)), created_at=now))
         conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
                      .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
@@ -431,7 +433,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
     rep.finish()
-    rep.state(name, "EXPORTED", f"{len(docs)} documents")
+    rep.state(name, SentStatus.EXPORTED, f"{len(docs)} documents")
     return Exported(peer, seq, name, len(docs))
 
 

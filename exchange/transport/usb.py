@@ -42,15 +42,12 @@ from exchange import __version__
 from exchange.errors import (
     BundleError, BusyError, ExchangeError, FormatError, NotRegularFileError, TransportError,
 )
-from exchange.files import is_real_dir, kind_of, read_regular
+from exchange.files import is_real_dir, kind_of, read_regular, sha256_file, utc_now, write_file_atomic
 from exchange.node.home import Node
 from exchange.node.lock import work_lock
 from exchange.progress import NullReporter, Reporter
 from exchange.transport import info_name
 from exchange.vocabulary import Outcome
-from exchange.wire.bundle import (
-    sha256_file, utc_now, write_file_atomic,
-)
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
     FORMAT_VERSION, MAX_RECEIPT_BYTES, PART_SUFFIX, RECEIPT_FORMAT, RECEIPT_MEMBERS, RECEIPT_SUFFIX, SIG_NAMESPACE,

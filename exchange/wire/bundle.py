@@ -31,11 +31,7 @@ from exchange.errors import (
     NotRegularFileError, VersionError,
 )
 from exchange.errors import CryptoError, NoIdentityError
-from exchange.files import (  # re-exported: older callers import these from here
-    fsync_dir as fsync_dir, publish as publish, sha256_file as sha256_file, utc_now as utc_now,
-    write_file_atomic as write_file_atomic,
-)
-from exchange.files import COPY_CHUNK, create_fresh, open_regular
+from exchange.files import COPY_CHUNK, create_fresh, open_regular, utc_now
 from exchange.wire import parquet_budget, tarfmt
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (

@@ -43,6 +43,7 @@ from exchange.node.home import Node
 from exchange.service.ui import data
 from exchange.service.ui.jobs import Jobs
 from exchange.service.ui.security import COOKIE, TOKEN_ENV, Guard, check_bind, host_allowed, is_loopback
+from exchange.vocabulary import tone
 
 if TYPE_CHECKING:
     import uvicorn
@@ -54,12 +55,6 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 DEFAULT_PORT = 8765
 DEFAULT_SILENT_MINUTES = 60.0
-STATUS_CLASS = {
-    "APPLIED": "ok", "PROCESSED": "ok",
-    "EXPORTED": "info", "UPLOADED": "info", "RECEIVED": "info",
-    "WAITING": "warn", "HELD": "warn",
-    "FAILED": "bad", "REJECTED": "bad", "QUARANTINED": "bad", "DUPLICATE": "info",
-}
 NOTICES = {
     "busy": "Another sync or retry is still running; wait for it to finish.",
     "started": "",
@@ -137,7 +132,7 @@ def fmt_docs(docs: dict[str, int]) -> Markup:
 
 
 def status_class(status: str) -> str:
-    return STATUS_CLASS.get(status, "info")
+    return str(tone(status))
 
 
 def _env() -> Environment:
