@@ -173,6 +173,32 @@ def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recip
     if done.old_recipient:
         click.echo(f"replaced recipient {done.old_recipient} of {peer_id}")
     click.echo(f"peer {peer_id} {'updated' if done.existed else 'added'}; trusted: {done.line}")
+    _rerouted(node, peer_id)
+
+
+def _rerouted(node: Any, peer_id: str) -> None:
+    """Queue a store's group- and column-routed documents as its routing now stands, and say so."""
+    from exchange.send.export import reroute_peer
+
+    q = reroute_peer(node, peer_id)
+    if q.total:
+        click.echo(f"{q.upserts} documents queued for {peer_id} and {q.deletes} deletes of documents no longer "
+                   "routed to it; they go with the next export or sync")
+
+
+@peer.command("set-group")
+@HOME
+@click.option("--id", "peer_id", required=True, help="The store to move.")
+@click.option("--group", "groups", multiple=True, required=True,
+              help="The store's group from now on (repeatable); replaces the groups it had.")
+def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> None:
+    """Move a store to other groups: its new groups' documents are queued, the old ones' deleted there."""
+    from exchange.node.peers import set_groups
+
+    node = _node(home)
+    was = set_groups(node.cfg, peer_id, groups)
+    click.echo(f"{peer_id}: groups {', '.join(node.cfg.peer(peer_id).groups)} (were {', '.join(was) or 'none'})")
+    _rerouted(node, peer_id)
 
 
 @peer.command("list")
@@ -376,10 +402,12 @@ def retry(home: Path | None) -> None:
 @click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
 def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
     """Queue the full current state of document types for a peer (new or repaired store)."""
-    from exchange.send.export import reload as do_reload
+    from exchange.send.export import requeue
 
-    n = do_reload(_node(home), peer_id, docs)
-    click.echo(f"{n} documents queued for {peer_id}; they go with the next export or sync")
+    q = requeue(_node(home), peer_id, docs, everything=True)
+    click.echo(f"{q.upserts} documents queued for {peer_id}"
+               + (f", and {q.deletes} deletes of documents no longer routed to it" if q.deletes else "")
+               + "; they go with the next export or sync")
 
 
 @main.command()

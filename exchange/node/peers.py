@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -136,6 +136,26 @@ def add_peer(cfg: NodeConfig, peer_id: str, role: str, signing_key: str, recipie
     cfg.save()
     return Added(line, tuple(retired), change.old_recipient if change and change.recipient else None,
                  now if change else None, existed=old is not None)
+
+
+def set_groups(cfg: NodeConfig, peer_id: str, groups: tuple[str, ...]) -> tuple[str, ...]:
+    """Move a store to other groups (keys untouched); returns the groups it had.
+
+    Only the HO routes by group, so only the HO's config says where a store
+    belongs; the caller re-routes the store's documents afterwards.
+    """
+    old = cfg.peers.get(peer_id)
+    if old is None:
+        raise ConfigError(f"no peer {peer_id!r} in {cfg.home / 'exchange.toml'}",
+                          hint="`exchange peer list` shows the peers; add a new store with `exchange peer add`.")
+    if cfg.role != "ho" or old.role != "store":
+        raise ConfigError(f"{peer_id} is not a store of this head office: only the HO routes documents by group",
+                          hint="Run `exchange peer set-group` at the head office, naming one of its stores.")
+    if not groups or any(not g.strip() for g in groups):
+        raise ConfigError("a store needs at least one non-empty --group", hint="For example: --group south")
+    cfg.peers[peer_id] = replace(old, groups=tuple(dict.fromkeys(g.strip() for g in groups)))
+    cfg.save()
+    return old.groups
 
 
 def list_peers(cfg: NodeConfig) -> list[dict[str, Any]]:

@@ -493,22 +493,80 @@ def reload(node: Node, peer: str, doc_types: Sequence[str]) -> int:
     """Queue the full current state of ``doc_types`` for ``peer`` (a new or repaired store).
 
     Routing still applies: a store gets the documents addressed to it (its own
-    transfer orders, its group's promotions), never every store's.
+    transfer orders, its group's promotions), never every store's. A true
+    snapshot: what it was sent before and is no longer routed to it is deleted
+    there. Returns the documents queued (upserts and deletes).
+    """
+    return requeue(node, peer, doc_types, everything=True).total
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What :func:`requeue` queued for one peer."""
+
+    peer: str
+    upserts: int = 0
+    deletes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.upserts + self.deletes
+
+
+def reroute_peer(node: Node, peer: str) -> Queued:
+    """Bring a store up to date with routing after it was added or moved to other groups.
+
+    Broadcast types reach a new store through its cursor (which starts at 0);
+    group- and column-routed documents were routed to the stores that existed
+    then, so they are queued here: those now routed to ``peer`` that it was
+    never sent, and deletes for those it was sent and no longer gets.
+    """
+    if node.cfg.role != "ho" or node.cfg.peer(peer).role != "store":
+        return Queued(peer)
+    names = [n for n in node.catalog.names if node.catalog.get(n).owner == node.cfg.role
+             and node.catalog.get(n).route.kind in ("group", "column")]
+    return requeue(node, peer, names, everything=False)
+
+
+def requeue(node: Node, peer: str, doc_types: Sequence[str], *, everything: bool) -> Queued:
+    """Queue ``doc_types`` for ``peer`` as routing stands now, and deletes for what no longer routes there.
+
+    ``everything``: every routed document again (a reload); otherwise only those
+    not sent to ``peer`` before. All under one new version from the clock, so
+    nothing the store holds is newer.
     """
     node.cfg.peer(peer)
     peers = peer_infos(node)
-    n = 0
+    upserts = deletes = 0
     with node.engine.begin() as conn:
+        begin_write(conn)
         version = clock.next_version(conn)  # newer than anything sent before, on every route
         for doc_type in doc_types:
             dt = node.catalog.get(doc_type)
             if dt.owner != node.cfg.role:
                 raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
-            table = node.catalog.table(dt.header)
-            keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
-            if dt.route.kind in ("group", "column"):
-                headers = _header_rows(conn, node.catalog, dt, keys)
-                keys = [k for k in keys if peer in dt.route.targets(headers[k], peers)]
-            _replace_deliveries(conn, [(peer, doc_type, key, "U", version) for key in keys])
-            n += len(keys)
-    return n
+            keys = _routed_keys(conn, node.catalog, dt, peer, peers)
+            held = _held(conn, peer, doc_type)
+            send = keys if everything else [k for k in keys if k not in held]
+            gone = sorted(held - set(keys))
+            _replace_deliveries(conn, [(peer, doc_type, k, "U", version) for k in send]
+                                + [(peer, doc_type, k, "D", version) for k in gone])
+            upserts, deletes = upserts + len(send), deletes + len(gone)
+    return Queued(peer, upserts, deletes)
+
+
+def _routed_keys(conn: Connection, catalog: Catalog, dt: DocType, peer: str, peers: list[PeerInfo]) -> list[str]:
+    """The keys of the current documents of ``dt`` that routing sends ``peer``."""
+    table = catalog.table(dt.header)
+    keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
+    if dt.route.kind in ("group", "column"):
+        headers = _header_rows(conn, catalog, dt, keys)
+        keys = [k for k in keys if peer in dt.route.targets(headers[k], peers)]
+    return keys
+
+
+def _held(conn: Connection, peer: str, doc_type: str) -> set[str]:
+    """Documents of ``doc_type`` last sent (or queued) to ``peer`` as an upsert: the store holds them."""
+    d = xchg_delivery.c
+    return {str(k) for k in conn.execute(select(d.doc_key).where(and_(
+        d.peer == peer, d.doc_type == doc_type, d.op == "U"))).scalars()}
