@@ -108,13 +108,20 @@ def test_a_new_store_in_a_group_gets_its_groups_promotions_and_its_orders_on_its
     assert check_net(net, reloads=True).problems == []
 
 
-def test_peer_add_again_with_the_same_keys_queues_nothing_new(net: Net) -> None:
+def test_peer_add_again_queues_nothing_new_unless_the_groups_change(net: Net) -> None:
     s1, ho = net.store("s001"), net.ho.cfg
     again = cli("peer", "add", "--home", str(ho.home), "--id", "s001", "--role", "store",
                 "--signing-key", keys.public_signing_line(s1.cfg), "--recipient", keys.recipient(s1.cfg))
     assert "queued" not in again.output
     net.reopen()
     assert net.ho.cfg.peer("s001").groups == ("north",)
+    # with other groups it is a move, as with set-group: north's promotion leaves
+    moved = cli("peer", "add", "--home", str(ho.home), "--id", "s001", "--role", "store", "--group", "south",
+                "--signing-key", keys.public_signing_line(s1.cfg), "--recipient", keys.recipient(s1.cfg))
+    assert "0 documents queued for s001 and 1 deletes" in moved.output
+    net.reopen()
+    net.settle()
+    assert promos(net.store("s001")) == {"P00001"}
 
 
 def test_moving_a_store_to_another_group_sends_the_new_groups_promotions_and_removes_the_old(net: Net) -> None:
