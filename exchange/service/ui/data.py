@@ -157,6 +157,9 @@ class PeerStats:
     received_waiting: int = 0  # WAITING, HELD or FAILED
     received_failed: int = 0
     received_held: int = 0
+    received_stalled: int = 0  # WAITING: held back behind a bundle that has not arrived
+    quarantined: int = 0  # files in quarantine/ whose name claims this peer as sender
+    last_published: datetime | None = None  # the time in the node-<peer>.json it last published
     last_received: datetime | None = None
     highest_seen_seq: int = 0
     last_applied_seq: int = 0
@@ -166,8 +169,14 @@ class PeerStats:
 
     @property
     def last_contact(self) -> datetime | None:
-        """When this peer was last heard from: its newest bundle or ack."""
-        return _latest(self.last_received, self.last_ack)
+        """When this peer was last heard from, by any sign of life: its newest bundle, its newest
+        ack of ours, or the node info it publishes at every sync (so a quiet night is not silence)."""
+        return _latest(self.last_received, self.last_ack, self.last_published)
+
+    @property
+    def missing_seq(self) -> int | None:
+        """The bundle a WAITING stream waits for (the one after the last applied), if any waits."""
+        return self.last_applied_seq + 1 if self.received_stalled else None
 
     @property
     def received_behind(self) -> int:
@@ -213,6 +222,8 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
                 st.received_failed += n
             if status == ReceivedStatus.HELD:
                 st.received_held += n
+            if status == ReceivedStatus.WAITING:
+                st.received_stalled += n
             st.last_received = _latest(st.last_received, last_rx, last_applied)
             st.highest_seen_seq = max(st.highest_seen_seq, int(top or 0))
         for peer, last_seq in conn.execute(select(xchg_stream_in.c.peer, xchg_stream_in.c.last_seq)):
@@ -221,6 +232,9 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
         for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
             get(peer).parked = int(n)
+    for q in quarantined(node):
+        if q.peer:
+            get(q.peer).quarantined += 1
     return out
 
 
@@ -270,6 +284,22 @@ def published_info(node: Node, peer: str) -> dict[str, Any] | None:
     return info
 
 
+def published_time(info: dict[str, Any] | None, now: datetime) -> datetime | None:
+    """The clock a peer published (``node-<peer>.json``), or None when absent or in the future.
+
+    The file is not signed: a time ahead of ours (a skewed clock, a forged file) is ignored,
+    so it can never make a store look more recently heard from than now.
+    """
+    raw = info.get("time") if info else None
+    if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+        return None
+    try:
+        t = datetime.fromtimestamp(float(raw), UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return t if t <= now else None
+
+
 # ---------------------------------------------------------------- HO overview
 
 @dataclass
@@ -309,20 +339,36 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
             continue
         info = published_info(node, peer_id)
         version = str(info.get("version")) if info and info.get("version") else "-"
-        attention = []
-        contact = st.last_contact
-        if contact is None:
-            attention.append("never heard from")
-        elif (now - contact).total_seconds() > silent_after_minutes * 60:
-            attention.append(f"silent {duration((now - contact).total_seconds())}")
-        if st.received_failed:
-            attention.append("FAILED stream")
-        if st.received_held:
-            attention.append("HELD stream")
-        if st.sent_rejected:
-            attention.append("REJECTED bundle")
-        rows.append(StoreRow(st, version, attention))
+        st.last_published = published_time(info, now)
+        rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now)))
     return rows
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[str]:
+    """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
+    out = []
+    contact = st.last_contact
+    if contact is None:
+        out.append("never heard from")
+    elif (now - contact).total_seconds() > silent_after_minutes * 60:
+        out.append(f"silent {duration((now - contact).total_seconds())}")
+    if st.missing_seq is not None:
+        out.append(f"waiting for bundle {st.missing_seq}")
+    if st.received_failed:
+        out.append("FAILED stream")
+    if st.received_held:
+        out.append("HELD stream")
+    if st.sent_rejected:
+        out.append(_count(st.sent_rejected, "REJECTED bundle", "REJECTED bundles"))
+    if st.quarantined:
+        out.append(_count(st.quarantined, "file quarantined", "files quarantined"))
+    if st.parked:
+        out.append(_count(st.parked, "document parked", "documents parked"))
+    return out
 
 
 SORT_KEYS = ("store", "contact", "out", "in", "age", "parked", "version", "attention")
@@ -365,5 +411,6 @@ def totals(rows: list[StoreRow]) -> dict[str, int]:
         "out": sum(r.stats.sent_waiting for r in rows),
         "in": sum(r.stats.received_waiting for r in rows),
         "parked": sum(r.stats.parked for r in rows),
+        "quarantined": sum(r.stats.quarantined for r in rows),
     }
 
