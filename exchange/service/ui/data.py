@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -251,8 +250,7 @@ def last_activity(node: Node) -> datetime | None:
 
 # ---------------------------------------------------------------- published node info
 
-_INFO_TTL = 30.0
-_info_cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+_info_cache: dict[str, tuple[int, dict[str, Any] | None]] = {}
 _info_lock = threading.Lock()
 
 
@@ -261,17 +259,21 @@ def published_info(node: Node, peer: str) -> dict[str, Any] | None:
 
     The folder transport leaves it in this node's box (``<root>/<me>/``); for
     other transports nothing is fetched from a page view, and this is None.
+    The file is read again only when its modification time changed (one stat
+    per store and page view), so a store that just synced is seen at once.
     """
     address = node.cfg.peers[peer].transport if peer in node.cfg.peers else None
     if not address or "://" in address:
         return None
     root = Path(address[4:] if address.startswith("dir:") else address).expanduser()
     path = root / node.id / f"node-{peer}.json"
-    key = (str(path), peer)
-    now = time.monotonic()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
     with _info_lock:
-        hit = _info_cache.get(key)
-        if hit and now - hit[0] < _INFO_TTL:
+        hit = _info_cache.get(str(path))
+        if hit and hit[0] == stamp:
             return hit[1]
     info: dict[str, Any] | None
     try:
@@ -280,7 +282,7 @@ def published_info(node: Node, peer: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         info = None
     with _info_lock:
-        _info_cache[key] = (now, info)
+        _info_cache[str(path)] = (stamp, info)
     return info
 
 
