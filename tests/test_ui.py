@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -92,8 +93,6 @@ def park_a_promotion(ho: Node) -> None:
 
 
 def _now() -> Any:
-    from datetime import datetime
-
     return datetime.now().replace(microsecond=0)
 
 
@@ -662,6 +661,11 @@ def test_overview_marks_rejected_held_and_failed(homes: Path, trouble: str) -> N
     assert state_of(html, "s001") == "OK"
 
 
+def _utc_now() -> datetime:
+    """Now as the database keeps times (naive UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
 def _age_exchanges(ho: Node, hours: int) -> None:
     """Every exchange time in the HO's database ``hours`` earlier (a quiet night)."""
     from sqlalchemy import text
@@ -672,8 +676,6 @@ def _age_exchanges(ho: Node, hours: int) -> None:
             for col in cols:
                 rows = conn.execute(text(f"SELECT peer, seq, {col} FROM {table} WHERE {col} IS NOT NULL")).all()
                 for peer, seq, when in rows:
-                    from datetime import datetime, timedelta
-
                     t = when if isinstance(when, datetime) else datetime.fromisoformat(str(when))
                     conn.execute(text(f"UPDATE {table} SET {col} = :t WHERE peer = :p AND seq = :s"),
                                  {"t": t - timedelta(hours=hours), "p": peer, "s": seq})
@@ -681,34 +683,44 @@ def _age_exchanges(ho: Node, hours: int) -> None:
 
 def test_silence_is_measured_from_any_contact(homes: Path) -> None:
     ho = Node.open(homes / "ho")
-    _age_exchanges(ho, 3)
-    for info in (homes / "transfer" / "ho").glob("node-*.json"):
-        info.unlink()
+    _age_exchanges(ho, 3)  # a quiet night: nothing exchanged for 3 hours
     html = overview(homes / "ho", silent_after_minutes=60)
     assert state_of(html, "s001") == state_of(html, "s002") == "silent 3 h"
 
-    # the HO sends s001 a change; s001 syncs (applies it, pushes its ack and its node info) while
-    # the HO has not synced yet: the node info it published is a contact
+    # the HO sends s001 a change; s001 applies it and answers only with its ack: the HO's last
+    # bundle from s001 stays 3 h old, but the acknowledged upload is a contact
     ho_sends_items(ho)
-    store = Node.open(homes / "s001")
-    sync(store)
-    assert (homes / "transfer" / "ho" / "node-s001.json").exists()
-    html = overview(homes / "ho", silent_after_minutes=60)
-    assert state_of(html, "s001") == "OK"
-    assert state_of(html, "s002") == "silent 3 h"
-
-    # a node info claiming a time ahead of the HO's clock (forged, or a wrong clock) is no contact
-    (homes / "transfer" / "ho" / "node-s002.json").write_text(json.dumps(
-        {"node": "s002", "version": "9.9.9", "time": time.time() + 86400}))
-    html = overview(homes / "ho", silent_after_minutes=60)
-    assert state_of(html, "s002") == "silent 3 h"
-
-    # the HO takes s001's ack: its last contact is that ack, not its last bundle (3 h old)
-    (homes / "transfer" / "ho" / "node-s001.json").unlink()
+    sync(Node.open(homes / "s001"))
     sync(ho)
-    (homes / "transfer" / "ho" / "node-s001.json").unlink(missing_ok=True)
+    with ho.engine.connect() as conn:
+        newest_in = conn.execute(select(func.max(xchg_received.c.received_at)).where(
+            xchg_received.c.peer == "s001")).scalar()
+    assert newest_in is not None and (_utc_now() - newest_in).total_seconds() > 2 * 3600
     html = overview(homes / "ho", silent_after_minutes=60)
     assert state_of(html, "s001") == "OK"
+    assert state_of(html, "s002") == "silent 3 h"
+
+    # the node info a store publishes is unsigned: one written into the drop folder by someone
+    # else (here with the current time) does not make a silent store look alive
+    (homes / "transfer" / "ho" / "node-s002.json").write_text(json.dumps(
+        {"node": "s002", "version": "9.9.9", "time": time.time()}))
+    html = overview(homes / "ho", silent_after_minutes=60)
+    assert state_of(html, "s002") == "silent 3 h"
+
+
+def test_silence_does_not_bury_real_problems(homes: Path) -> None:
+    """With every store silent after a quiet night, a store with a FAILED stream still comes first."""
+    ho = Node.open(homes / "ho")
+    _age_exchanges(ho, 3)
+    with ho.engine.begin() as conn:
+        conn.execute(insert(xchg_received).values(
+            peer="s002", seq=99, file_name="s002.ho.0000000099.bundle", file_sha256="0" * 64,
+            status="FAILED", summary='{"sale": 3}', received_at=_utc_now() - timedelta(hours=3),
+            reason="database error: test"))
+    html = overview(homes / "ho", silent_after_minutes=60)
+    assert re.findall(r'<tr class="[^"]*" data-store="([^"]+)"', html) == ["s002", "s001"]
+    assert state_of(html, "s002") == "silent 3 h FAILED stream"
+    assert state_of(html, "s001") == "silent 3 h"
 
 
 def test_retry_on_a_store_page_retries_that_store_only(homes: Path) -> None:

@@ -158,7 +158,6 @@ class PeerStats:
     received_held: int = 0
     received_stalled: int = 0  # WAITING: held back behind a bundle that has not arrived
     quarantined: int = 0  # files in quarantine/ whose name claims this peer as sender
-    last_published: datetime | None = None  # the time in the node-<peer>.json it last published
     last_received: datetime | None = None
     highest_seen_seq: int = 0
     last_applied_seq: int = 0
@@ -168,9 +167,10 @@ class PeerStats:
 
     @property
     def last_contact(self) -> datetime | None:
-        """When this peer was last heard from, by any sign of life: its newest bundle, its newest
-        ack of ours, or the node info it publishes at every sync (so a quiet night is not silence)."""
-        return _latest(self.last_received, self.last_ack, self.last_published)
+        """When this peer was last heard from, by any signed sign of life: its newest bundle, or its
+        newest ack of ours (an acknowledged upload). The ``node-<peer>.json`` it publishes is not
+        counted: it is unsigned, and anyone who can write the folder could keep a silent store green."""
+        return _latest(self.last_received, self.last_ack)
 
     @property
     def missing_seq(self) -> int | None:
@@ -286,22 +286,6 @@ def published_info(node: Node, peer: str) -> dict[str, Any] | None:
     return info
 
 
-def published_time(info: dict[str, Any] | None, now: datetime) -> datetime | None:
-    """The clock a peer published (``node-<peer>.json``), or None when absent or in the future.
-
-    The file is not signed: a time ahead of ours (a skewed clock, a forged file) is ignored,
-    so it can never make a store look more recently heard from than now.
-    """
-    raw = info.get("time") if info else None
-    if not isinstance(raw, (int, float)) or isinstance(raw, bool):
-        return None
-    try:
-        t = datetime.fromtimestamp(float(raw), UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return t if t <= now else None
-
-
 # ---------------------------------------------------------------- HO overview
 
 @dataclass
@@ -313,6 +297,11 @@ class StoreRow:
     @property
     def id(self) -> str:
         return self.stats.peer
+
+    @property
+    def problems(self) -> list[str]:
+        """The marks other than silence."""
+        return [a for a in self.attention if not a.startswith(("silent ", "never heard"))]
 
     def unacked_age(self, now: datetime) -> float | None:
         t = self.stats.oldest_unacked
@@ -341,7 +330,6 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
             continue
         info = published_info(node, peer_id)
         version = str(info.get("version")) if info and info.get("version") else "-"
-        st.last_published = published_time(info, now)
         rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now)))
     return rows
 
@@ -350,14 +338,20 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[str]:
-    """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
-    out = []
+def silence(st: PeerStats, silent_after_minutes: float, now: datetime) -> str | None:
+    """``silent 3 h`` / ``never heard from`` when the store's last contact is too old, else None."""
     contact = st.last_contact
     if contact is None:
-        out.append("never heard from")
-    elif (now - contact).total_seconds() > silent_after_minutes * 60:
-        out.append(f"silent {duration((now - contact).total_seconds())}")
+        return "never heard from"
+    if (now - contact).total_seconds() > silent_after_minutes * 60:
+        return f"silent {duration((now - contact).total_seconds())}"
+    return None
+
+
+def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[str]:
+    """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
+    quiet = silence(st, silent_after_minutes, now)
+    out = [quiet] if quiet else []
     if st.missing_seq is not None:
         out.append(f"waiting for bundle {st.missing_seq}")
     if st.received_failed:
@@ -401,7 +395,9 @@ def sort_rows(rows: list[StoreRow], sort: str, now: datetime) -> tuple[list[Stor
             return (st.parked, r.id)
         if col == "version":
             return (r.version, r.id)
-        return (0 if r.attention else 1, r.id)  # attention: marked stores first
+        # attention: stores with a real problem first, then those only silent (a quiet night
+        # marks many stores silent; it must not bury the few with a FAILED stream or parked documents)
+        return (0 if r.problems else 1 if r.attention else 2, r.id)
 
     return sorted(rows, key=key, reverse=desc), col, desc
 
