@@ -627,6 +627,10 @@ def test_overview_shows_a_quarantined_bundle(homes: Path, page: Any, artifacts: 
         expect(row).to_contain_text("s001")
         expect(row.locator(".error")).not_to_be_empty()
         page.screenshot(path=str(artifacts / "ho-overview-quarantined.png"), full_page=True)
+        page.locator('#stores-table tr[data-store="s001"]').click()  # the store's own page says so too
+        expect(page.locator("#peer-id")).to_have_text("s001")
+        expect(page.locator("#card-quarantined .n")).to_have_text("1")
+        expect(page.locator(f'#received-table tr[data-file="{bad}"]')).to_have_count(1)
 
 
 def test_overview_marks_a_document_parked_at_the_ho(homes: Path) -> None:
@@ -747,3 +751,22 @@ def test_retry_on_a_store_page_retries_that_store_only(homes: Path) -> None:
         assert request(ui.url, "/retry", "POST", {"csrf": csrf_of(html), "peer": "nobody"})[0] == 404
     after = ho_parked(ho)
     assert after == {k: v for k, v in before.items() if v[0] == "s002"}, "s002's documents untouched"
+
+
+def test_retry_of_one_store_leaves_the_other_stores_files_in_the_inbox(homes: Path) -> None:
+    """The peer filter of ``exchange.receive.retry.retry``: another store's bundle waits for its own turn."""
+    from exchange.receive.retry import retry
+
+    for sid, seed in (("s001", 21), ("s002", 22)):
+        store = Node.open(homes / sid)
+        store_sells(store, seed=seed)
+        push(store)
+    ho = Node.open(homes / "ho")
+    with work_lock(ho.cfg.home):
+        pull(ho)
+        waiting = sorted(p.name for p in ho.cfg.inbox.iterdir() if p.name.endswith(".bundle"))
+        assert [n.split(".")[0] for n in waiting] == ["s001", "s002"]
+        result = retry(ho, peer="s001")
+    assert [(o.file, o.status) for o in result.outcomes] == [(waiting[0], "APPLIED")]
+    assert received_status(ho, waiting[0]) == "APPLIED"
+    assert received_status(ho, waiting[1]) is None and (ho.cfg.inbox / waiting[1]).exists()
