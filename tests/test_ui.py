@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -92,8 +93,6 @@ def park_a_promotion(ho: Node) -> None:
 
 
 def _now() -> Any:
-    from datetime import datetime
-
     return datetime.now().replace(microsecond=0)
 
 
@@ -549,3 +548,225 @@ def test_a_sync_finishing_while_the_page_is_drawn_never_reads_as_no_sync(homes: 
                 assert got["job"]["running"] or got["last_sync"]["result"] == "applied 1"
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- the HO overview tells the truth
+
+def state_of(html: str, store: str) -> str:
+    """The text of ``store``'s state cell in the overview's stores table."""
+    table = html.split('id="stores-table"', 1)[1].split("</table>", 1)[0]
+    m = re.search(rf'data-store="{re.escape(store)}">.*?<td data-col="state">(.*?)</td>', table, re.S)
+    assert m, f"no row for {store}"
+    return " ".join(re.sub(r"<[^>]+>", " ", m.group(1)).split())
+
+
+def overview(home: Path, **settings: Any) -> str:
+    with ui_server(home, **settings) as ui:
+        status, _h, html = request(ui.url, "/")
+    assert status == 200
+    return html
+
+
+def store_sells(store: Node, item_ids: list[str] | None = None, seed: int = 1) -> str:
+    """One sale at ``store`` (with its events), sealed for the HO but not pushed: the bundle's file name."""
+    from exchange.demo.data import seed_store_activity
+
+    with store.engine.begin() as conn:
+        ids = item_ids or [str(r[0]) for r in conn.execute(select(schema.item.c.item_id).limit(3))]
+        seed_store_activity(conn, store.id, ids, 1, seed=seed)
+    out = [e for e in export_all(store) if e.peer == "ho"]
+    assert len(out) == 1
+    return out[0].file
+
+
+def store_sells_unknown_item(store: Node, item_id: str) -> None:
+    """``store`` sells an item it has but the HO never had: the HO parks the bill (foreign key)."""
+    with store.engine.begin() as conn:
+        conn.execute(insert(schema.item), [{
+            "item_id": item_id, "name": "Local Tea 250 g", "category": "BEVERAGE", "uom": "EA",
+            "price": 3, "tax_rate": 5, "active": True, "updated_at": _now()}])
+    store_sells(store, [item_id], seed=3)
+    push(store)
+
+
+def ho_parked(ho: Node) -> dict[str, tuple[str, int]]:
+    """Parked documents at the HO: key -> (store, attempts)."""
+    with ho.engine.connect() as conn:
+        return {f"{r.doc_type} {r.doc_key}": (r.peer, int(r.attempts))
+                for r in conn.execute(select(xchg_parked))}
+
+
+def test_overview_marks_a_stream_waiting_for_a_missing_bundle(homes: Path) -> None:
+    store = Node.open(homes / "s001")
+    lost = store_sells(store, seed=11)
+    store_sells(store, seed=12)
+    push(store)
+    (homes / "transfer" / "ho" / lost).unlink()  # lost on the way (or removed by someone with write access)
+    ho = Node.open(homes / "ho")
+    sync(ho)
+    html = overview(homes / "ho")
+    seq = int(lost.split(".")[2])
+    assert state_of(html, "s001") == f"waiting for bundle {seq}"
+    assert state_of(html, "s002") == "OK"
+
+
+def test_overview_shows_a_quarantined_bundle(homes: Path, page: Any, artifacts: Path) -> None:
+    # a store (or anyone with write access to the drop folder) leaves a file that is no bundle
+    bad = "s001.ho.0000000050.bundle"
+    (homes / "transfer" / "ho" / bad).write_bytes(b"not an age file at all\n")
+    ho = Node.open(homes / "ho")
+    sync(ho)
+    assert (ho.cfg.quarantine / bad).exists() and (ho.cfg.quarantine / f"{bad}.reason").exists()
+    with ui_server(homes / "ho") as ui:
+        page.goto(ui.url)
+        state = page.locator('#stores-table tr[data-store="s001"] [data-col="state"]')
+        expect(state).to_have_text("1 file quarantined")
+        expect(page.locator('#stores-table tr[data-store="s002"] [data-col="state"]')).to_have_text("OK")
+        expect(page.locator("#card-quarantined .n")).to_have_text("1")
+        row = page.locator(f'#ho-quarantine-table tr[data-file="{bad}"]')
+        expect(row).to_contain_text("s001")
+        expect(row.locator(".error")).not_to_be_empty()
+        page.screenshot(path=str(artifacts / "ho-overview-quarantined.png"), full_page=True)
+        page.locator('#stores-table tr[data-store="s001"]').click()  # the store's own page says so too
+        expect(page.locator("#peer-id")).to_have_text("s001")
+        expect(page.locator("#card-quarantined .n")).to_have_text("1")
+        expect(page.locator(f'#received-table tr[data-file="{bad}"]')).to_have_count(1)
+
+
+def test_overview_marks_a_document_parked_at_the_ho(homes: Path) -> None:
+    store_sells_unknown_item(Node.open(homes / "s001"), "I9999991")
+    ho = Node.open(homes / "ho")
+    sync(ho)
+    parked = ho_parked(ho)
+    assert parked and {p for p, _a in parked.values()} == {"s001"}
+    html = overview(homes / "ho")
+    n = len(parked)
+    assert state_of(html, "s001") == f"{n} document{'s' if n != 1 else ''} parked"
+    assert state_of(html, "s002") == "OK"
+    table = html.split('id="ho-parked-table"', 1)[1].split("</table>", 1)[0]
+    assert len(re.findall(r'<tr data-store="s001"', table)) == n and "FOREIGN KEY" in table
+
+
+@pytest.mark.parametrize("trouble", ["REJECTED", "HELD", "FAILED"])
+def test_overview_marks_rejected_held_and_failed(homes: Path, trouble: str) -> None:
+    ho = Node.open(homes / "ho")
+    with ho.engine.begin() as conn:
+        if trouble == "REJECTED":  # the store refused the HO's newest bundle to it
+            top = conn.execute(select(func.max(xchg_sent.c.seq)).where(xchg_sent.c.peer == "s002")).scalar()
+            conn.execute(xchg_sent.update().where(xchg_sent.c.peer == "s002", xchg_sent.c.seq == top)
+                         .values(status="REJECTED", reason="signature: unknown key"))
+        else:
+            conn.execute(insert(xchg_received).values(
+                peer="s002", seq=99, file_name="s002.ho.0000000099.bundle", file_sha256="0" * 64,
+                status=trouble, summary='{"sale": 3}', received_at=_now(), reason="test"))
+    html = overview(homes / "ho")
+    expected = {"REJECTED": "1 REJECTED bundle", "HELD": "HELD stream", "FAILED": "FAILED stream"}[trouble]
+    assert state_of(html, "s002") == expected
+    assert state_of(html, "s001") == "OK"
+
+
+def _utc_now() -> datetime:
+    """Now as the database keeps times (naive UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def _age_exchanges(ho: Node, hours: int) -> None:
+    """Every exchange time in the HO's database ``hours`` earlier (a quiet night)."""
+    from sqlalchemy import text
+
+    for table, cols in (("xchg_sent", ("created_at", "uploaded_at", "processed_at")),
+                        ("xchg_received", ("received_at", "applied_at"))):
+        with ho.engine.begin() as conn:
+            for col in cols:
+                rows = conn.execute(text(f"SELECT peer, seq, {col} FROM {table} WHERE {col} IS NOT NULL")).all()
+                for peer, seq, when in rows:
+                    t = when if isinstance(when, datetime) else datetime.fromisoformat(str(when))
+                    conn.execute(text(f"UPDATE {table} SET {col} = :t WHERE peer = :p AND seq = :s"),
+                                 {"t": t - timedelta(hours=hours), "p": peer, "s": seq})
+
+
+def test_silence_is_measured_from_any_contact(homes: Path) -> None:
+    ho = Node.open(homes / "ho")
+    _age_exchanges(ho, 3)  # a quiet night: nothing exchanged for 3 hours
+    html = overview(homes / "ho", silent_after_minutes=60)
+    assert state_of(html, "s001") == state_of(html, "s002") == "silent 3 h"
+
+    # the HO sends s001 a change; s001 applies it and answers only with its ack: the HO's last
+    # bundle from s001 stays 3 h old, but the acknowledged upload is a contact
+    ho_sends_items(ho)
+    sync(Node.open(homes / "s001"))
+    sync(ho)
+    with ho.engine.connect() as conn:
+        newest_in = conn.execute(select(func.max(xchg_received.c.received_at)).where(
+            xchg_received.c.peer == "s001")).scalar()
+    assert newest_in is not None and (_utc_now() - newest_in).total_seconds() > 2 * 3600
+    html = overview(homes / "ho", silent_after_minutes=60)
+    assert state_of(html, "s001") == "OK"
+    assert state_of(html, "s002") == "silent 3 h"
+
+    # the node info a store publishes is unsigned: one written into the drop folder by someone
+    # else (here with the current time) does not make a silent store look alive
+    (homes / "transfer" / "ho" / "node-s002.json").write_text(json.dumps(
+        {"node": "s002", "version": "9.9.9", "time": time.time()}))
+    html = overview(homes / "ho", silent_after_minutes=60)
+    assert state_of(html, "s002") == "silent 3 h"
+
+
+def test_silence_does_not_bury_real_problems(homes: Path) -> None:
+    """With every store silent after a quiet night, a store with a FAILED stream still comes first."""
+    ho = Node.open(homes / "ho")
+    _age_exchanges(ho, 3)
+    with ho.engine.begin() as conn:
+        conn.execute(insert(xchg_received).values(
+            peer="s002", seq=99, file_name="s002.ho.0000000099.bundle", file_sha256="0" * 64,
+            status="FAILED", summary='{"sale": 3}', received_at=_utc_now() - timedelta(hours=3),
+            reason="database error: test"))
+    html = overview(homes / "ho", silent_after_minutes=60)
+    assert re.findall(r'<tr class="[^"]*" data-store="([^"]+)"', html) == ["s002", "s001"]
+    assert state_of(html, "s002") == "silent 3 h FAILED stream"
+    assert state_of(html, "s001") == "silent 3 h"
+
+
+def test_retry_on_a_store_page_retries_that_store_only(homes: Path) -> None:
+    store_sells_unknown_item(Node.open(homes / "s001"), "I9999991")
+    store_sells_unknown_item(Node.open(homes / "s002"), "I9999992")
+    ho = Node.open(homes / "ho")
+    sync(ho)
+    before = ho_parked(ho)
+    assert {p for p, _a in before.values()} == {"s001", "s002"}
+    with ho.engine.begin() as conn:  # the HO now has both items: either store's documents could apply
+        conn.execute(insert(schema.item), [{
+            "item_id": i, "name": f"Tea {i}", "category": "BEVERAGE", "uom": "EA", "price": 3,
+            "tax_rate": 5, "active": True, "updated_at": _now()} for i in ("I9999991", "I9999992")])
+    with ui_server(homes / "ho") as ui:
+        _s, _h, html = request(ui.url, "/peer/s001?tab=parked")
+        assert '<input type="hidden" name="peer" value="s001">' in html
+        status, _h, _b = request(ui.url, "/retry", "POST", {"csrf": csrf_of(html), "peer": "s001",
+                                                             "next": "/peer/s001?tab=parked"})
+        assert status == 303
+        job = ui.context.jobs.wait(60)
+        assert job is not None and not job.running and job.ok, job and job.result
+        n1 = sum(1 for p, _a in before.values() if p == "s001")
+        assert f"{n1} applied, 0 still parked" in job.result
+        assert request(ui.url, "/retry", "POST", {"csrf": csrf_of(html), "peer": "nobody"})[0] == 404
+    after = ho_parked(ho)
+    assert after == {k: v for k, v in before.items() if v[0] == "s002"}, "s002's documents untouched"
+
+
+def test_retry_of_one_store_leaves_the_other_stores_files_in_the_inbox(homes: Path) -> None:
+    """The peer filter of ``exchange.receive.retry.retry``: another store's bundle waits for its own turn."""
+    from exchange.receive.retry import retry
+
+    for sid, seed in (("s001", 21), ("s002", 22)):
+        store = Node.open(homes / sid)
+        store_sells(store, seed=seed)
+        push(store)
+    ho = Node.open(homes / "ho")
+    with work_lock(ho.cfg.home):
+        pull(ho)
+        waiting = sorted(p.name for p in ho.cfg.inbox.iterdir() if p.name.endswith(".bundle"))
+        assert [n.split(".")[0] for n in waiting] == ["s001", "s002"]
+        result = retry(ho, peer="s001")
+    assert [(o.file, o.status) for o in result.outcomes] == [(waiting[0], "APPLIED")]
+    assert received_status(ho, waiting[0]) == "APPLIED"
+    assert received_status(ho, waiting[1]) is None and (ho.cfg.inbox / waiting[1]).exists()

@@ -133,12 +133,12 @@ def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
 # ---------------------------------------------------------------- import
 
 def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None,
-                 rotate: int = 0, parked: bool = True) -> list[FileOutcome]:
+                 rotate: int = 0, parked: bool = True, peer: str | None = None) -> list[FileOutcome]:
     """Process every complete file in the inbox: acks, then bundles in stream order.
 
     ``retry`` tries FAILED bundles again; after a bundle applied, the parked
     documents are tried again unless ``parked`` is false (``exchange.receive.retry``
-    does that itself, once).
+    does that itself, once). ``peer`` limits the run to that peer's files (a store's Retry).
 
     Each stream is taken under its lock (:func:`exchange.receive.locks.try_lock`); a
     stream another worker holds is skipped, so several workers can run this
@@ -148,7 +148,8 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
     """
     try:
         with system_pool():
-            return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate, parked=parked)
+            return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate, parked=parked,
+                                 peer=peer)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"import stopped: {_error_text(exc)}",
                             hint="Free disk space for the database (or restore its connection), then sync "
@@ -156,9 +157,10 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 
 
 def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int,
-                  parked: bool) -> list[FileOutcome]:
+                  parked: bool, peer: str | None = None) -> list[FileOutcome]:
     rep = reporter or NullReporter()
-    files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)]
+    files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)
+             and (peer is None or parse_name(p.name).a == peer)]
     streams: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for p in files:
         fn = parse_name(p.name)
@@ -621,11 +623,12 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     return applied, parked
 
 
-def retry_parked(node: Node) -> tuple[int, int]:
-    """Try every parked document again; returns (applied, still parked)."""
+def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
+    """Try every parked document (of ``peer`` only, if given) again; returns (applied, still parked)."""
     ok = still = 0
+    only = select(xchg_parked) if peer is None else select(xchg_parked).where(xchg_parked.c.peer == peer)
     with node.engine.begin() as conn, suppress_capture(conn):
-        for r in conn.execute(select(xchg_parked)).mappings().all():
+        for r in conn.execute(only).mappings().all():
             dt = node.catalog.get(r["doc_type"])
             key = r["doc_key"]
             cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)

@@ -50,21 +50,26 @@ class RetryResult:
             self.parked_line()]
 
 
-def parked_count(node: Node) -> int:
+def parked_count(node: Node, peer: str | None = None) -> int:
+    q = select(func.count()).select_from(xchg_parked)
+    if peer is not None:
+        q = q.where(xchg_parked.c.peer == peer)
     with node.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(xchg_parked)).scalar() or 0)
+        return int(conn.execute(q).scalar() or 0)
 
 
-def retry(node: Node, *, reporter: Reporter | None = None) -> RetryResult:
+def retry(node: Node, *, reporter: Reporter | None = None, peer: str | None = None) -> RetryResult:
     """Retry FAILED bundles, then every parked document exactly once.
 
+    ``peer`` limits both to that peer's (a store's page retries that store only,
+    and the other stores' trouble is left for their own pages or ``exchange retry``).
     The caller holds the home's work lock. Parked documents another worker is
     retrying right now (its lock is taken) are counted as still parked.
     """
-    outs = import_inbox(node, retry=True, reporter=reporter, parked=False)
+    outs = import_inbox(node, retry=True, reporter=reporter, parked=False, peer=peer)
     with try_lock(node, "parked") as got:
         if got:
-            applied, still = retry_parked(node)
+            applied, still = retry_parked(node, peer)
         else:
-            applied, still = 0, parked_count(node)
+            applied, still = 0, parked_count(node, peer)
     return RetryResult(outs, applied, still)

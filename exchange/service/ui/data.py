@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,6 +156,8 @@ class PeerStats:
     received_waiting: int = 0  # WAITING, HELD or FAILED
     received_failed: int = 0
     received_held: int = 0
+    received_stalled: int = 0  # WAITING: held back behind a bundle that has not arrived
+    quarantined: int = 0  # files in quarantine/ whose name claims this peer as sender
     last_received: datetime | None = None
     highest_seen_seq: int = 0
     last_applied_seq: int = 0
@@ -166,8 +167,15 @@ class PeerStats:
 
     @property
     def last_contact(self) -> datetime | None:
-        """When this peer was last heard from: its newest bundle or ack."""
+        """When this peer was last heard from, by any signed sign of life: its newest bundle, or its
+        newest ack of ours (an acknowledged upload). The ``node-<peer>.json`` it publishes is not
+        counted: it is unsigned, and anyone who can write the folder could keep a silent store green."""
         return _latest(self.last_received, self.last_ack)
+
+    @property
+    def missing_seq(self) -> int | None:
+        """The bundle a WAITING stream waits for (the one after the last applied), if any waits."""
+        return self.last_applied_seq + 1 if self.received_stalled else None
 
     @property
     def received_behind(self) -> int:
@@ -213,6 +221,8 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
                 st.received_failed += n
             if status == ReceivedStatus.HELD:
                 st.received_held += n
+            if status == ReceivedStatus.WAITING:
+                st.received_stalled += n
             st.last_received = _latest(st.last_received, last_rx, last_applied)
             st.highest_seen_seq = max(st.highest_seen_seq, int(top or 0))
         for peer, last_seq in conn.execute(select(xchg_stream_in.c.peer, xchg_stream_in.c.last_seq)):
@@ -221,6 +231,9 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
         for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
             get(peer).parked = int(n)
+    for q in quarantined(node):
+        if q.peer:
+            get(q.peer).quarantined += 1
     return out
 
 
@@ -237,8 +250,7 @@ def last_activity(node: Node) -> datetime | None:
 
 # ---------------------------------------------------------------- published node info
 
-_INFO_TTL = 30.0
-_info_cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+_info_cache: dict[str, tuple[int, dict[str, Any] | None]] = {}
 _info_lock = threading.Lock()
 
 
@@ -247,17 +259,21 @@ def published_info(node: Node, peer: str) -> dict[str, Any] | None:
 
     The folder transport leaves it in this node's box (``<root>/<me>/``); for
     other transports nothing is fetched from a page view, and this is None.
+    The file is read again only when its modification time changed (one stat
+    per store and page view), so a store that just synced is seen at once.
     """
     address = node.cfg.peers[peer].transport if peer in node.cfg.peers else None
     if not address or "://" in address:
         return None
     root = Path(address[4:] if address.startswith("dir:") else address).expanduser()
     path = root / node.id / f"node-{peer}.json"
-    key = (str(path), peer)
-    now = time.monotonic()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
     with _info_lock:
-        hit = _info_cache.get(key)
-        if hit and now - hit[0] < _INFO_TTL:
+        hit = _info_cache.get(str(path))
+        if hit and hit[0] == stamp:
             return hit[1]
     info: dict[str, Any] | None
     try:
@@ -266,7 +282,7 @@ def published_info(node: Node, peer: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         info = None
     with _info_lock:
-        _info_cache[key] = (now, info)
+        _info_cache[str(path)] = (stamp, info)
     return info
 
 
@@ -281,6 +297,11 @@ class StoreRow:
     @property
     def id(self) -> str:
         return self.stats.peer
+
+    @property
+    def problems(self) -> list[str]:
+        """The marks other than silence."""
+        return [a for a in self.attention if not a.startswith(("silent ", "never heard"))]
 
     def unacked_age(self, now: datetime) -> float | None:
         t = self.stats.oldest_unacked
@@ -309,20 +330,41 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
             continue
         info = published_info(node, peer_id)
         version = str(info.get("version")) if info and info.get("version") else "-"
-        attention = []
-        contact = st.last_contact
-        if contact is None:
-            attention.append("never heard from")
-        elif (now - contact).total_seconds() > silent_after_minutes * 60:
-            attention.append(f"silent {duration((now - contact).total_seconds())}")
-        if st.received_failed:
-            attention.append("FAILED stream")
-        if st.received_held:
-            attention.append("HELD stream")
-        if st.sent_rejected:
-            attention.append("REJECTED bundle")
-        rows.append(StoreRow(st, version, attention))
+        rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now)))
     return rows
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def silence(st: PeerStats, silent_after_minutes: float, now: datetime) -> str | None:
+    """``silent 3 h`` / ``never heard from`` when the store's last contact is too old, else None."""
+    contact = st.last_contact
+    if contact is None:
+        return "never heard from"
+    if (now - contact).total_seconds() > silent_after_minutes * 60:
+        return f"silent {duration((now - contact).total_seconds())}"
+    return None
+
+
+def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[str]:
+    """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
+    quiet = silence(st, silent_after_minutes, now)
+    out = [quiet] if quiet else []
+    if st.missing_seq is not None:
+        out.append(f"waiting for bundle {st.missing_seq}")
+    if st.received_failed:
+        out.append("FAILED stream")
+    if st.received_held:
+        out.append("HELD stream")
+    if st.sent_rejected:
+        out.append(_count(st.sent_rejected, "REJECTED bundle", "REJECTED bundles"))
+    if st.quarantined:
+        out.append(_count(st.quarantined, "file quarantined", "files quarantined"))
+    if st.parked:
+        out.append(_count(st.parked, "document parked", "documents parked"))
+    return out
 
 
 SORT_KEYS = ("store", "contact", "out", "in", "age", "parked", "version", "attention")
@@ -353,7 +395,9 @@ def sort_rows(rows: list[StoreRow], sort: str, now: datetime) -> tuple[list[Stor
             return (st.parked, r.id)
         if col == "version":
             return (r.version, r.id)
-        return (0 if r.attention else 1, r.id)  # attention: marked stores first
+        # attention: stores with a real problem first, then those only silent (a quiet night
+        # marks many stores silent; it must not bury the few with a FAILED stream or parked documents)
+        return (0 if r.problems else 1 if r.attention else 2, r.id)
 
     return sorted(rows, key=key, reverse=desc), col, desc
 
@@ -365,5 +409,6 @@ def totals(rows: list[StoreRow]) -> dict[str, int]:
         "out": sum(r.stats.sent_waiting for r in rows),
         "in": sum(r.stats.received_waiting for r in rows),
         "parked": sum(r.stats.parked for r in rows),
+        "quarantined": sum(r.stats.quarantined for r in rows),
     }
 

@@ -102,6 +102,7 @@ class Job:
     by_service: bool = False
     baseline_syncs: int = 0
     baseline_errors: int = 0
+    peer: str | None = None  # a retry of this peer's bundles and documents only
 
     @property
     def running(self) -> bool:
@@ -174,12 +175,12 @@ class Jobs:
         self._spawn(job, self._run_sync)
         return "started"
 
-    def start_retry(self) -> str:
-        """Retry FAILED bundles and parked documents (``exchange retry``)."""
+    def start_retry(self, peer: str | None = None) -> str:
+        """Retry FAILED bundles and parked documents (``exchange retry``), of ``peer`` only if given."""
         if self.busy():
             return "busy"
         with self._lock:
-            self._job = Job("retry")
+            self._job = Job("retry", peer=peer)
             job = self._job
         self._spawn(job, self._run_retry)
         return "started"
@@ -235,7 +236,7 @@ class Jobs:
         from exchange.service.sync import push
 
         with work_lock(self.node.cfg.home):
-            result = retry(self.node, reporter=self.reporter)
+            result = retry(self.node, reporter=self.reporter, peer=job.peer)
             if result.acks_due:
                 push(self.node, reporter=self.reporter)  # the acks go back at once
         return result.text(), result.ok

@@ -303,9 +303,11 @@ def _ho_page(request: Request, ctx: UiContext) -> Response:
         params = {"sort": target, **({"only": "attention"} if only else {})}
         return "/?" + urlencode(params)
 
+    parked, parked_total = data.parked_docs(ctx.node, limit=100)
     return ctx.render(request, "ho.html", rows=rows, totals=totals, sort_col=col, sort_desc=desc,
                       sort_link=sort_link, only=only, now=now,
-                      silent_after=ctx.settings.silent_after_minutes)
+                      silent_after=ctx.settings.silent_after_minutes, parked=parked,
+                      parked_total=parked_total, quarantine=data.quarantined(ctx.node))
 
 
 def peer_page(request: Request) -> Response:
@@ -343,8 +345,14 @@ async def action(request: Request) -> Response:
         return form
     ctx = _ctx(request)
     what = request.url.path.strip("/")
-    start = ctx.jobs.start_sync if what == "sync" else ctx.jobs.start_retry
-    result = await run_in_threadpool(start)
+    peer = form.get("peer") or None
+    if what == "retry" and peer is not None and peer not in ctx.node.cfg.peers:
+        return ctx.render_plain(request, "error.html", 404, title="Unknown peer",
+                                message=f"{peer} is not a peer of {ctx.node.id}.")
+    if what == "sync":
+        result = await run_in_threadpool(ctx.jobs.start_sync)
+    else:
+        result = await run_in_threadpool(ctx.jobs.start_retry, peer)
     return RedirectResponse(_with_notice(_safe_next(form.get("next")), result), status_code=303)
 
 
