@@ -21,6 +21,7 @@ from enginehelpers import Net, make_net, seed_ho, seed_store
 from sqlalchemy import update
 
 from exchange.database.tables import xchg_sent
+from exchange.errors import ExchangeError
 from exchange.node.home import Node
 from exchange.send.export import export_all
 from exchange.service import status
@@ -122,3 +123,64 @@ def test_a_sqlite_file_sqlite3_cannot_read_goes_through_sqlalchemy(tmp_path: Pat
         status.sent(_sqlalchemy_view(node))
     assert type(fast.value) is type(slow.value)
     assert "xchg_sent" in str(fast.value)
+
+
+#: Modules a SQLite home's `exchange doctor` must not load when no peer is reached over SFTP.
+NOT_FOR_DOCTOR = {
+    "sqlalchemy": "the schema version is read with sqlite3",
+    "asyncio": "loaded by SQLAlchemy (and paramiko's invoke)",
+    "paramiko": "no SFTP peer: the known_hosts path is only a name",
+    "pyarrow": "no bundle is read",
+}
+
+
+def test_doctor_on_a_sqlite_home_loads_no_sqlalchemy(net: Net) -> None:
+    st = net.store("s001")
+    assert not any(p.transport.startswith("sftp") for p in st.cfg.peers.values())
+    code, out, modules = _run_cli(["doctor", "--home", str(st.cfg.home)])
+    assert code == 0, out
+    assert "sqlite reachable, schema version" in out and "known hosts" in out
+    loaded = {m: why for m, why in NOT_FOR_DOCTOR.items() if m in modules}
+    assert not loaded, f"`exchange doctor` on a SQLite home loaded: {loaded}"
+
+
+def test_doctor_reads_an_old_schema_version_with_sqlite3_as_sqlalchemy_does(net: Net) -> None:
+    from exchange.service.doctor import check_database
+
+    st = net.store("s001")
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE xchg_meta SET value = '4' WHERE key = 'schema_version'")
+    st.engine.dispose()
+    code, out, _ = _run_cli(["doctor", "--home", str(st.cfg.home)])
+    assert code == 1
+    assert "FAIL database" in out and "xchg schema version 4, this exchange needs" in out
+    assert "exchange migrate" in out
+    messages = []
+    for node in (st, _sqlalchemy_view(st)):
+        with pytest.raises(ExchangeError) as exc:
+            check_database(node)
+        messages.append(exc.value.message)
+    assert messages[0] == messages[1]
+
+
+def test_the_light_schema_version_is_the_migrations_count() -> None:
+    from exchange.database import tables, version
+
+    assert version.SCHEMA_VERSION == tables.SCHEMA_VERSION == len(tables.MIGRATIONS), (
+        "a migration was added: bump exchange/database/version.py SCHEMA_VERSION")
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:////abs/exchange.db", "sqlite:///rel/exchange.db", "sqlite:///:memory:", "sqlite://",
+    "sqlite:////abs/exchange.db?timeout=5", "sqlite:////abs/ex%20change.db", "sqlite+pysqlite:////abs/x.db",
+    "postgresql+psycopg://root@/postgres?host=/var/run/postgresql",
+])
+def test_the_sqlite_file_shortcut_gives_what_make_url_gives(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    from exchange.node.home import sqlite_file
+
+    u = make_url(url)
+    expected = (Path(u.database) if u.drivername.startswith("sqlite") and u.database and u.database != ":memory:"
+                else None)
+    assert sqlite_file(url) == expected
