@@ -173,6 +173,7 @@ def test_the_light_schema_version_is_the_migrations_count() -> None:
 @pytest.mark.parametrize("url", [
     "sqlite:////abs/exchange.db", "sqlite:///rel/exchange.db", "sqlite:///:memory:", "sqlite://",
     "sqlite:////abs/exchange.db?timeout=5", "sqlite:////abs/ex%20change.db", "sqlite+pysqlite:////abs/x.db",
+    "sqlite:////abs/a@b:c/x.db", "sqlite:///a b/x.db",
     "postgresql+psycopg://root@/postgres?host=/var/run/postgresql",
 ])
 def test_the_sqlite_file_shortcut_gives_what_make_url_gives(url: str) -> None:
