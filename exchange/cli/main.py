@@ -427,7 +427,7 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
     from exchange.cli.console import print_status
 
     print_status(node.id, view, rows, parked)
-    from exchange.transport.usb import last_usb_result
+    from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
     if last:

@@ -63,7 +63,7 @@ def usb_sync(path: Path, home: Path | None, as_json: bool, quiet: bool) -> None:
 @JSON
 def usb_last(home: Path | None, as_json: bool) -> None:
     """The latest stick visit of this node (by the service or `usb sync`)."""
-    from exchange.transport.usb import last_usb_result
+    from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(_node(home))
     if as_json:

@@ -17,6 +17,7 @@ from exchange.wire.formats import check_node_id
 
 Role = Literal["ho", "store"]
 CONFIG_NAME = "exchange.toml"
+KNOWN_HOSTS = "known_hosts"  # pinned SFTP host keys (transport/sftp/address.py), named here for `exchange doctor`
 HOME_ENV = "EXCHANGE_HOME"
 
 

@@ -60,6 +60,9 @@ def init_home(home: Path, node_id: str, role: Role, database: str | None = None)
 
 def sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL (None for an in-memory or server database)."""
+    plain = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if plain and plain != ":memory:" and not any(ch in plain for ch in "?#%"):
+        return Path(plain)  # what make_url gives, without importing SQLAlchemy (exchange doctor)
     from sqlalchemy.engine import make_url
 
     u = make_url(url)

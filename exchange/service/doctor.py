@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from exchange import __version__
+from exchange.database.version import SCHEMA_VERSION, sqlite_schema_version
 from exchange.errors import ExchangeError
 from exchange.node import keys, perms
 from exchange.node.home import Node
+from exchange.send.pending import sqlite_file as plain_sqlite_file
 from exchange.wire.formats import app_major
 
 MIN_FREE_BYTES = 1 << 30
@@ -40,14 +42,22 @@ def _run(name: str, fn: Callable[[], str], fix: str) -> Check:
 
 
 def check_database(node: Node) -> str:
-    from exchange.database.tables import SCHEMA_VERSION, schema_version
+    # A plain SQLite file is read with sqlite3 (no SQLAlchemy at start-up); anything else, or a
+    # file sqlite3 cannot read, goes through the engine and reports as it always has.
+    path = plain_sqlite_file(node.cfg.database)
+    v = sqlite_schema_version(path) if path is not None else None
+    if v is not None:
+        need, dialect = SCHEMA_VERSION, "sqlite"
+    else:
+        from exchange.database.tables import SCHEMA_VERSION as need, schema_version
 
-    with node.engine.connect() as conn:
-        v = schema_version(conn)
-    if v != SCHEMA_VERSION:
-        raise ExchangeError(f"xchg schema version {v}, this exchange needs {SCHEMA_VERSION}",
+        with node.engine.connect() as conn:
+            v = schema_version(conn)
+        dialect = node.engine.dialect.name
+    if v != need:
+        raise ExchangeError(f"xchg schema version {v}, this exchange needs {need}",
                             hint="Run `exchange migrate` (or any sync) to upgrade the database.")
-    return f"{node.engine.dialect.name} reachable, schema version {v}"
+    return f"{dialect} reachable, schema version {v}"
 
 
 def check_keys(node: Node) -> str:
@@ -104,14 +114,13 @@ def check_transport(node: Node, peer_id: str) -> str:
 
 def mode_targets(node: Node) -> list[tuple[str, Path, bool]]:
     """(label, path, is a folder) of everything in the home that must be private (known hosts: if present)."""
-    from exchange.node.config import CONFIG_NAME
+    from exchange.node.config import CONFIG_NAME, KNOWN_HOSTS
     from exchange.node.home import sqlite_file
-    from exchange.transport.sftp.address import known_hosts_path
 
     cfg = node.cfg
     out = [("home", cfg.home, True), ("keys folder", cfg.keys_dir, True), ("config", cfg.home / CONFIG_NAME, False),
            ("signing key", cfg.keys_dir / keys.SIGNING_KEY, False), ("age key", cfg.keys_dir / keys.AGE_KEY, False),
-           ("trust store", keys.trust_path(cfg), False), ("known hosts", known_hosts_path(cfg.home), False)]
+           ("trust store", keys.trust_path(cfg), False), ("known hosts", cfg.home / KNOWN_HOSTS, False)]
     db = sqlite_file(cfg.database)
     if db is not None:
         out.append(("database", db, False))

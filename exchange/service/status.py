@@ -1,20 +1,27 @@
 """The Sent and Received views an operator reads, and parked documents.
 
 The ``--json`` form of these records is a stable contract (docs/STATUS_JSON.md).
+
+SQLAlchemy and the table definitions are imported inside the functions that
+query through them: on a plain SQLite home ``exchange status sent`` reads its
+rows with the standard ``sqlite3`` module (as the no-op sync does, see
+:mod:`exchange.send.pending`), and importing SQLAlchemy alone costs more than
+the whole command should (docs/PERFORMANCE.md, "Start-up").
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from exchange.database.tables import xchg_broadcast, xchg_delivery, xchg_parked, xchg_received, xchg_sent, xchg_stream_out
 from exchange.node.home import Node
-from exchange.send import streams
+from exchange.send.pending import sqlite_file
 from exchange.vocabulary import DocStatus, ReceivedStatus
 
 
@@ -34,15 +41,58 @@ class Row:
     reason: str | None
 
 
+def _sent_row(r: Mapping[Any, Any]) -> Row:
+    return Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
+               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
+
+
 def sent(node: Node) -> list[Row]:
+    path = sqlite_file(node.cfg.database)
+    rows = _sent_sqlite(path) if path is not None else None
+    if rows is not None:
+        return rows
+    from sqlalchemy import select
+
+    from exchange.database.tables import xchg_sent
+
     with node.engine.connect() as conn:
-        rows = conn.execute(select(xchg_sent).order_by(xchg_sent.c.peer, xchg_sent.c.seq)).mappings().all()
-    return [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-                _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
-            for r in rows]
+        found = conn.execute(select(xchg_sent).order_by(xchg_sent.c.peer, xchg_sent.c.seq)).mappings().all()
+    return [_sent_row(r) for r in found]
+
+
+#: Columns of exchange.database.tables.xchg_sent that the Sent view shows; times as SQLAlchemy stores them on SQLite.
+_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason "
+             "FROM xchg_sent ORDER BY peer, seq")
+_SENT_TIMES = ("created_at", "uploaded_at", "processed_at")
+
+
+def _sqlite_time(value: Any) -> datetime | None:
+    """A DateTime column as SQLAlchemy's SQLite dialect returns it (naive, from its ISO text)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"not a stored time: {value!r}")
+    return datetime.fromisoformat(value)
+
+
+def _sent_sqlite(path: str) -> list[Row] | None:
+    """The Sent rows read with ``sqlite3``; None when the file cannot be read that way (SQLAlchemy then
+    reads it, and reports any error as it always has)."""
+    uri = Path(path).resolve().as_uri() + "?mode=rw"  # never create a missing file (as exchange.send.pending)
+    try:
+        with closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+            conn.row_factory = sqlite3.Row
+            found = conn.execute(_SENT_SQL).fetchall()
+        return [_sent_row({**dict(r), **{k: _sqlite_time(r[k]) for k in _SENT_TIMES}}) for r in found]
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
 
 
 def received(node: Node) -> list[Row]:
+    from sqlalchemy import select
+
+    from exchange.database.tables import xchg_received
+
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_received).order_by(
             xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
@@ -73,6 +123,11 @@ def documents(node: Node, peer: str) -> dict[tuple[str, str], DocState]:
 
     Where a document is in more than one (a reload), the newest version wins.
     """
+    from sqlalchemy import select
+
+    from exchange.database.tables import xchg_broadcast, xchg_delivery, xchg_stream_out
+    from exchange.send import streams
+
     out: dict[tuple[str, str], DocState] = {}
 
     def newer(doc: tuple[str, str], state: DocState) -> None:
@@ -137,6 +192,10 @@ class Parked:
 
 
 def parked(node: Node) -> list[Parked]:
+    from sqlalchemy import select
+
+    from exchange.database.tables import xchg_parked
+
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
     return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],

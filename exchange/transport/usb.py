@@ -47,6 +47,7 @@ from exchange.node.home import Node
 from exchange.node.lock import work_lock
 from exchange.progress import NullReporter, Reporter
 from exchange.transport import info_name
+from exchange.transport.usb_last import LAST_RESULT, last_usb_result as last_usb_result  # re-exported
 from exchange.vocabulary import Outcome
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
@@ -66,7 +67,6 @@ TRANSFER_DIR = "exchange-transfer"
 RECEIPTS_DIR = "receipts"
 STICK_INFO = "stick.json"
 README_NAME = "README.txt"
-LAST_RESULT = "usb-last.json"       # in the node home: the latest result, for status pages
 LOCAL_RECEIPTS = "usb-receipts"     # in the node home: a copy of every receipt this node wrote
 POLL_INTERVAL = 1.0                 # seconds between looks at the mount roots
 STOP_JOIN = 60.0                    # seconds stop() waits for a sync in progress
@@ -394,15 +394,6 @@ def list_receipts(stick_root: Path, trust: sshsig.AllowedSigners | None = None) 
 
 def _home(node: Node | Path) -> Path:
     return node.cfg.home if isinstance(node, Node) else Path(node)
-
-
-def last_usb_result(node: Node | Path) -> dict[str, Any] | None:
-    """The latest stick visit of this node (``UsbReceipt.as_json()`` plus ``finished``), or None."""
-    try:
-        data = json.loads((_home(node) / LAST_RESULT).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _save_last(node: Node | Path, result: dict[str, Any]) -> None:

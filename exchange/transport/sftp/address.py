@@ -19,12 +19,12 @@ import paramiko
 from paramiko.buffered_pipe import PipeTimeout
 
 from exchange.errors import ConfigError, TransientTransportError, TransportError
+from exchange.node.config import KNOWN_HOSTS as KNOWN_HOSTS  # re-exported
 from exchange.node.perms import write_private_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 22
-KNOWN_HOSTS = "known_hosts"
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 TRUST_COMMAND = "exchange peer trust-host --home {home} --address {address}"
 
