@@ -10,6 +10,7 @@ workers both use it; it imports neither.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,13 +20,18 @@ from exchange.node.home import Node
 
 
 @contextmanager
-def try_lock(node: Node, name: str) -> Iterator[bool]:
-    """Try to take the named lock for this node without waiting; yields whether we hold it."""
+def try_lock(node: Node, name: str, wait: float = 0.0) -> Iterator[bool]:
+    """Try to take the named lock for this node, waiting at most ``wait`` seconds; yields whether we hold it."""
     if node.engine.dialect.name == "postgresql":
         with node.engine.connect() as conn:
             key = f"xchg:{node.id}:{name}"
-            got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar())
-            conn.commit()
+            end = time.monotonic() + wait
+            while True:  # bounded: at most ``wait`` seconds
+                got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).scalar())
+                conn.commit()
+                if got or time.monotonic() >= end:
+                    break
+                time.sleep(0.05)
             try:
                 yield got
             finally:
@@ -35,7 +41,7 @@ def try_lock(node: Node, name: str) -> Iterator[bool]:
         return
     lock = FileLock(str(node.cfg.home / f".lock-{name}"))
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=wait)
     except Timeout:
         yield False
         return

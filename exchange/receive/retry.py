@@ -58,16 +58,21 @@ def parked_count(node: Node, peer: str | None = None) -> int:
         return int(conn.execute(q).scalar() or 0)
 
 
+#: Seconds a retry waits for another worker's pass over the parked documents: an operator who pressed
+#: Retry expects the pass to happen, and a pass takes seconds.
+PARKED_WAIT = 10.0
+
+
 def retry(node: Node, *, reporter: Reporter | None = None, peer: str | None = None) -> RetryResult:
     """Retry FAILED bundles, then every parked document exactly once.
 
     ``peer`` limits both to that peer's (a store's page retries that store only,
     and the other stores' trouble is left for their own pages or ``exchange retry``).
     The caller holds the home's work lock. Parked documents another worker is
-    retrying right now (its lock is taken) are counted as still parked.
+    retrying right now (its lock still taken after ``PARKED_WAIT``) are counted as still parked.
     """
     outs = import_inbox(node, retry=True, reporter=reporter, parked=False, peer=peer)
-    with try_lock(node, "parked") as got:
+    with try_lock(node, "parked", wait=PARKED_WAIT) as got:
         if got:
             applied, still = retry_parked(node, peer)
         else:
