@@ -375,3 +375,42 @@ def test_a_second_genuine_copy_is_re_acknowledged(tmp_path: Path) -> None:
         assert not st.cfg.quarantine.exists() or not list(st.cfg.quarantine.iterdir())
     finally:
         net.dispose()
+
+
+def test_a_stream_stuck_on_an_altered_copy_applied_before_is_healed(tmp_path: Path) -> None:
+    """A store that applied an altered copy (before readers took only exact bytes) re-acks the genuine one.
+
+    Its stored ack names the altered file's hash, which the HO refuses; the genuine copy the HO resends has the
+    same signed manifest, so it is the bundle already applied: acknowledged (never applied again), PROCESSED.
+    """
+    from exchange.database.tables import xchg_received
+
+    net = make_net(tmp_path / "net", stores=("s001",))
+    ho, st = net.ho, net.store()
+    seed_ho(net, items=3)
+    sync(ho)
+    sync(st)  # applied; its ack is on its way back
+    for ack in (net.transfer).rglob("s001.ho.*.ack"):
+        ack.unlink()  # as if the HO had refused it: it named the altered copy's hash
+    altered = "0" * 64
+    with st.engine.begin() as conn:
+        row = conn.execute(select(xchg_received).where(xchg_received.c.seq == 1)).mappings().one()
+        old_ack = bundle.build_ack(key=st.signing_key, acker="s001", sender="ho", seq=1, bundle_sha256=altered,
+                                   manifest_sha256=row["manifest_sha256"], result="APPLIED", created=utc_now(),
+                                   recipients=st.recipients_for("ho"))
+        conn.execute(update(xchg_received).where(xchg_received.c.seq == 1).values(file_sha256=altered,
+                                                                                  ack=old_ack))
+    before = snapshot(st)
+    genuine = next(ho.cfg.archive_sent.rglob("ho.s001.0000000001.bundle"))
+    shutil.copyfile(genuine, st.cfg.inbox / genuine.name)
+    outs = {o.file: o for o in import_inbox(st)}
+    got = outs[genuine.name]
+    assert got.status == "DUPLICATE" and "another copy of this signed bundle" in got.reason, got
+    assert not list(st.cfg.quarantine.iterdir())
+    after = snapshot(st)
+    assert {k: v for k, v in after.items() if k != "xchg_received"} == \
+        {k: v for k, v in before.items() if k != "xchg_received"}, "nothing applied again"
+    sync(st)
+    sync(ho)
+    assert {r.seq: r.status for r in status.sent(ho) if r.peer == "s001"}[1] == "PROCESSED"
+    net.dispose()

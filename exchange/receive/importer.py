@@ -226,6 +226,32 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
         return _place(node, path, reader, retry=retry, dry_run=dry_run, rep=rep)
 
 
+def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, peer: str, seq: int, *,
+                      dry_run: bool, rep: Reporter) -> FileOutcome:
+    """A verified copy of a bundle applied from a copy with other unsigned bytes: acknowledge this copy.
+
+    Since readers accept only the exact bytes the writer produces, two verified copies of one signed
+    manifest are the same file. A store that applied an altered copy before that rule holds an ack naming
+    the altered file's hash, which its sender refuses; the sender then resends the genuine file, which was
+    quarantined as a replay for ever. The signed manifest is the same, so this is the bundle already
+    applied: nothing is applied again, and a fresh ack names this copy, so the sender reaches PROCESSED.
+    """
+    note = "already applied from another copy of this signed bundle; this copy acknowledged"
+    if dry_run:
+        return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
+    with node.engine.begin() as conn:
+        begin_write(conn)
+        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq, bundle_sha256=file_sha,
+                        manifest_sha256=manifest_sha, result=AckResult.APPLIED, created=utc_now(),
+                        recipients=node.recipients_for(peer), heads=_heads(conn, peer, _stream_pos(conn, peer)))
+        conn.execute(update(xchg_received).where(and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq))
+                     .values(file_sha256=file_sha, ack=ack, reason=note))
+    _write_ack(node, ack, peer, seq)
+    archive(node, path, "duplicates")
+    rep.state(path.name, Outcome.DUPLICATE, note)
+    return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
+
+
 def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run: bool,
            rep: Reporter) -> FileOutcome:
     m = reader.manifest
@@ -243,6 +269,8 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
                 archive(node, path, "duplicates")
                 rep.state(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged")
             return FileOutcome(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged", peer, seq)
+        if known and known["status"] == ReceivedStatus.APPLIED and known["manifest_sha256"] == m.sha256:
+            return _reack_other_copy(node, path, m.sha256, file_sha, peer, seq, dry_run=dry_run, rep=rep)
         reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
                   f"(replay, rollback or fork); last applied seq is {last_seq}")
         if not dry_run:
