@@ -24,7 +24,8 @@ from exchange.database.tables import xchg_broadcast, xchg_sent
 from exchange.files import utc_now
 from exchange.node.home import Node
 from exchange.send.export import reload
-from exchange.send.pending import idle, sqlite_file
+from exchange.database.direct import plain_file as sqlite_file
+from exchange.send.pending import idle
 from exchange.service.sync import export_needed, sync
 
 

@@ -164,10 +164,10 @@ def test_doctor_reads_an_old_schema_version_with_sqlite3_as_sqlalchemy_does(net:
 
 
 def test_the_light_schema_version_is_the_migrations_count() -> None:
-    from exchange.database import tables, version
+    from exchange.database import direct, tables
 
-    assert version.SCHEMA_VERSION == tables.SCHEMA_VERSION == len(tables.MIGRATIONS), (
-        "a migration was added: bump exchange/database/version.py SCHEMA_VERSION")
+    assert direct.SCHEMA_VERSION == tables.SCHEMA_VERSION == len(tables.MIGRATIONS), (
+        "a migration was added: bump exchange/database/direct.py SCHEMA_VERSION")
 
 
 @pytest.mark.parametrize("url", [

@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exchange.database.direct import plain_file
 from exchange.errors import ConfigError, DatabaseError
 from exchange.node import config, keys, perms
 from exchange.node.config import NodeConfig, Role
@@ -60,8 +61,8 @@ def init_home(home: Path, node_id: str, role: Role, database: str | None = None)
 
 def sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL (None for an in-memory or server database)."""
-    plain = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
-    if plain and plain != ":memory:" and not any(ch in plain for ch in "?#%"):
+    plain = plain_file(url)
+    if plain is not None:
         return Path(plain)  # what make_url gives, without importing SQLAlchemy (exchange doctor)
     from sqlalchemy.engine import make_url
 

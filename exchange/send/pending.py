@@ -20,9 +20,9 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exchange.database.direct import connect_existing, plain_file
 from exchange.files import utc_now
 from exchange.wire.formats import PART_SUFFIX, is_exchange_file
 
@@ -89,24 +89,10 @@ def spool_work(cfg: NodeConfig) -> bool:
     return any(p.name.endswith(PART_SUFFIX) or is_exchange_file(p.name) for p in cfg.outbox.iterdir())
 
 
-def sqlite_file(url: str) -> str | None:
-    """The file of a plain ``sqlite:///PATH`` URL; None for anything SQLAlchemy might read differently."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix):
-        return None
-    path = url[len(prefix):]
-    if not path or path == ":memory:" or any(ch in path for ch in "?#%"):
-        return None  # query options, URL escapes, in-memory: leave them to SQLAlchemy
-    return path
-
-
 def _sqlite_work(path: str, stores: list[str], cutoff: datetime) -> bool | None:
     """The database questions asked of a SQLite file directly; None when it cannot be read."""
-    # mode=rw: never create a missing file (the full cycle reports it); the timeout is the engine's busy_timeout.
-    # A relative path is relative to the working directory, as for SQLAlchemy.
-    uri = Path(path).resolve().as_uri() + "?mode=rw"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=30)
+        conn = connect_existing(path)  # a missing file is not created: the full cycle reports it
     except sqlite3.Error:
         return None
     try:
@@ -128,7 +114,7 @@ def idle(node: Node) -> bool:
     cfg = node.cfg
     if spool_work(cfg):
         return False
-    path = sqlite_file(cfg.database)
+    path = plain_file(cfg.database)
     if path is None:
         return False
     stores = [p.id for p in cfg.peers.values() if p.role == "store"]

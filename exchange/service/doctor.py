@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from exchange import __version__
-from exchange.database.version import SCHEMA_VERSION, sqlite_schema_version
+from exchange.database.direct import SCHEMA_VERSION, plain_file, sqlite_schema_version
 from exchange.errors import ExchangeError
 from exchange.node import keys, perms
 from exchange.node.home import Node
-from exchange.send.pending import sqlite_file as plain_sqlite_file
 from exchange.wire.formats import app_major
 
 MIN_FREE_BYTES = 1 << 30
@@ -44,7 +43,7 @@ def _run(name: str, fn: Callable[[], str], fix: str) -> Check:
 def check_database(node: Node) -> str:
     # A plain SQLite file is read with sqlite3 (no SQLAlchemy at start-up); anything else, or a
     # file sqlite3 cannot read, goes through the engine and reports as it always has.
-    path = plain_sqlite_file(node.cfg.database)
+    path = plain_file(node.cfg.database)
     v = sqlite_schema_version(path) if path is not None else None
     if v is not None:
         need, dialect = SCHEMA_VERSION, "sqlite"

@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from exchange.node.home import Node
-from exchange.send.pending import sqlite_file
+from exchange.database.direct import connect_existing, plain_file
 from exchange.vocabulary import DocStatus, ReceivedStatus
 
 
@@ -47,7 +46,7 @@ def _sent_row(r: Mapping[Any, Any]) -> Row:
 
 
 def sent(node: Node) -> list[Row]:
-    path = sqlite_file(node.cfg.database)
+    path = plain_file(node.cfg.database)
     rows = _sent_sqlite(path) if path is not None else None
     if rows is not None:
         return rows
@@ -78,9 +77,8 @@ def _sqlite_time(value: Any) -> datetime | None:
 def _sent_sqlite(path: str) -> list[Row] | None:
     """The Sent rows read with ``sqlite3``; None when the file cannot be read that way (SQLAlchemy then
     reads it, and reports any error as it always has)."""
-    uri = Path(path).resolve().as_uri() + "?mode=rw"  # never create a missing file (as exchange.send.pending)
     try:
-        with closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+        with closing(connect_existing(path)) as conn:
             conn.row_factory = sqlite3.Row
             found = conn.execute(_SENT_SQL).fetchall()
         return [_sent_row({**dict(r), **{k: _sqlite_time(r[k]) for k in _SENT_TIMES}}) for r in found]
