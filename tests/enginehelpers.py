@@ -184,6 +184,18 @@ def add_item(conn: Any, item_id: str, price: str = "9.99") -> None:
                                         price=Decimal(price), tax_rate=Decimal("5.00"), updated_at=BASE_DAY))
 
 
+def add_promotion(conn: Any, promo_id: str, lines: list[str]) -> None:
+    """A promotion for every store with one line per item (no event recorded: the caller decides)."""
+    from datetime import date
+
+    conn.execute(s.promotion.insert().values(promo_id=promo_id, name="Flash sale", store_group=None,
+                                             starts_on=date(2024, 3, 1), ends_on=date(2024, 3, 8),
+                                             discount_pct=Decimal("10.00")))
+    conn.execute(s.promotion_item.insert(), [
+        {"promo_id": promo_id, "line_no": n, "item_id": item, "promo_price": Decimal("1.50") + n}
+        for n, item in enumerate(lines, 1)])
+
+
 # ---------------------------------------------------------------- database views
 
 def business_tables() -> list[str]:

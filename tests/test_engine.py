@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from enginehelpers import (
-    Net, add_item, check_net, deliver, doc_hashes, doc_versions, docs_of, flip_byte, forge_bundle,
+    Net, add_item, add_promotion, check_net, deliver, doc_hashes, doc_versions, docs_of, flip_byte, forge_bundle,
     item_ids, make_net, outbox_bundles, prices, reprice, seed_ho, seed_store, sha, snapshot,
     table_counts,
 )
@@ -255,15 +255,6 @@ def test_tampered_and_untrusted_files_are_quarantined(net: Net, tmp_path: Path) 
 
 # ---------------------------------------------------------------- parked documents
 
-def _add_promotion(conn: Any, promo_id: str, lines: list[str]) -> None:
-    conn.execute(insert(s.promotion).values(promo_id=promo_id, name="Flash sale", store_group=None,
-                                            starts_on=date(2024, 3, 1), ends_on=date(2024, 3, 8),
-                                            discount_pct=Decimal("10.00")))
-    conn.execute(insert(s.promotion_item), [
-        {"promo_id": promo_id, "line_no": n, "item_id": item, "promo_price": Decimal("1.50") + n}
-        for n, item in enumerate(lines, 1)])
-
-
 def test_parked_document_applies_when_the_item_arrives(net: Net) -> None:
     ho, st = net.ho, net.store("s001")
     seed_ho(net)
@@ -271,7 +262,7 @@ def test_parked_document_applies_when_the_item_arrives(net: Net) -> None:
     ids = item_ids(net)
     with ho.engine.begin() as conn:
         add_item(conn, "IX0000001")  # recorded without an event: never sent
-        _add_promotion(conn, "P00009", ["IX0000001", ids[0]])
+        add_promotion(conn, "P00009", ["IX0000001", ids[0]])
     export.reload(ho, "s001", ["promotion"])
     reprice(ho, ids[1:3])  # travels in the same bundle
 
@@ -314,7 +305,7 @@ def test_retry_tries_each_parked_document_once_and_reports_that_pass(net: Net) -
     net.settle()
     with ho.engine.begin() as conn:
         add_item(conn, "IX0000001")  # recorded without an event: never sent
-        _add_promotion(conn, "P00009", ["IX0000001"])
+        add_promotion(conn, "P00009", ["IX0000001"])
     export.reload(ho, "s001", ["promotion"])
     sync(ho)
     sync(st)
@@ -439,7 +430,7 @@ def test_older_version_never_overwrites_a_newer_one(net: Net) -> None:
     # a parked old version retried after a newer version applied directly
     with ho.engine.begin() as conn:
         add_item(conn, "IX0000002")  # never sent
-        _add_promotion(conn, "P00010", ["IX0000002"])
+        add_promotion(conn, "P00010", ["IX0000002"])
         record_events(conn, "promotion", [("P00010",)])
     sync(ho)
     sync(st)

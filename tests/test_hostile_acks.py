@@ -31,15 +31,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from enginehelpers import Net, add_item, docs_of, forge_bundle, item_ids, make_net, reprice, seed_ho, seed_store
+from enginehelpers import Net, add_item, add_promotion, docs_of, forge_bundle, item_ids, make_net, reprice, seed_ho, seed_store
 from helpers_bundle import assemble
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from exchange import __version__
 from exchange.audit.prune import PrunedAck, PrunedBundle, build_checkpoint, checkpoint_name, read_checkpoint
@@ -138,17 +137,6 @@ def net(tmp_path: Path) -> Iterator[Net]:
     n.dispose()
 
 
-def _add_promotion(conn: Any, promo_id: str, lines: list[str]) -> None:
-    from datetime import date
-
-    conn.execute(insert(s.promotion).values(promo_id=promo_id, name="Flash sale", store_group=None,
-                                            starts_on=date(2024, 3, 1), ends_on=date(2024, 3, 8),
-                                            discount_pct=Decimal("10.00")))
-    conn.execute(insert(s.promotion_item), [
-        {"promo_id": promo_id, "line_no": n, "item_id": item, "promo_price": Decimal("1.50") + n}
-        for n, item in enumerate(lines, 1)])
-
-
 # ---------------------------------------------------------------- secrets at rest
 
 def test_clear_ack_holds_no_business_figures_and_the_sender_still_sees_them(net: Net) -> None:
@@ -158,7 +146,7 @@ def test_clear_ack_holds_no_business_figures_and_the_sender_still_sees_them(net:
     ids = item_ids(net)
     with ho.engine.begin() as conn:
         add_item(conn, "IX0000001")  # recorded without an event: never sent, so the promotion parks
-        _add_promotion(conn, "P00009", ["IX0000001", ids[0]])
+        add_promotion(conn, "P00009", ["IX0000001", ids[0]])
     reload(ho, "s001", ["promotion"])
     reprice(ho, ids[1:3], "1.37")
     sync(ho)
@@ -226,15 +214,21 @@ def test_details_size_does_not_tell_how_much_they_list(net: Net) -> None:
     assert len(sizes) == 1, sizes
 
 
-def test_version_1_acks_are_still_read(net: Net) -> None:
-    """A peer not yet upgraded (or an old archive) sends version 1 acks: read, and the figures kept."""
+def _first_ack(net: Net) -> tuple[Any, str, Any]:
+    """s001 applies the HO's first bundle: (its outcome, its ack's name, the ack read with the HO's identity)."""
     ho, st = net.ho, net.store("s001")
     seed_ho(net)
     sync(ho)
     pull(st)
     [out] = [o for o in import_inbox(st) if o.status == "APPLIED"]
     name = ack_name("s001", "ho", out.seq)
-    v2 = read_ack(st.cfg.outbox / name, st.trust, me=None, identities=ho.identities)
+    return out, name, read_ack(st.cfg.outbox / name, st.trust, me=None, identities=ho.identities)
+
+
+def test_version_1_acks_are_still_read(net: Net) -> None:
+    """A peer not yet upgraded (or an old archive) sends version 1 acks: read, and the figures kept."""
+    ho, st = net.ho, net.store("s001")
+    out, name, v2 = _first_ack(net)
     parked = [{"doc_type": "promotion", "doc_key": '["P1"]', "error": "foreign key"}]
     old = build_ack_v1(key=st.signing_key, acker="s001", sender="ho", seq=out.seq, bundle_sha256=v2.bundle_sha256,
                        manifest_sha256=v2.manifest_sha256, result="APPLIED", applied=v2.applied, parked=parked)
@@ -529,12 +523,7 @@ def test_huge_seq_or_count_in_an_ack_is_quarantined_cheaply(net: Net, case: str)
 def test_huge_counts_in_the_encrypted_details_are_refused(net: Net) -> None:
     """A rogue acker's details claim 10**12 documents: not shown, the result still reaches the sender."""
     ho, st = net.ho, net.store("s001")
-    seed_ho(net)
-    sync(ho)
-    pull(st)
-    [out] = [o for o in import_inbox(st) if o.status == "APPLIED"]
-    name = ack_name("s001", "ho", out.seq)
-    genuine = read_ack(st.cfg.outbox / name, st.trust, me=None, identities=ho.identities)
+    out, name, genuine = _first_ack(net)
     fields = {k: getattr(genuine, k) for k in ("acker", "sender", "seq", "bundle_sha256", "manifest_sha256",
                                                 "result")}
     fields["heads"] = genuine.heads.as_json() if genuine.heads else None
