@@ -367,8 +367,7 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
                 shared.prefetch(conn, node.catalog, upserts)  # (asked already when it was the batch ahead)
                 shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
         if docs:
-            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events.ids, upserts,
-                               from_log=events.docs)
+            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts)
         if not events.ids:
             return None
         with node.engine.begin() as conn:  # only events of types this node does not send
@@ -388,15 +387,15 @@ def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: lis
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
-                event_ids: Sequence[int] = (), upserts: dict[str, list[str]] | None = None,
-                from_log: Sequence[tuple[str, str, str, int]] = ()) -> Exported:
+                events: EventBatch | None = None, upserts: dict[str, list[str]] | None = None) -> Exported:
     with node.engine.begin() as conn:
         begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
         late: list[tuple[int, int]] = []  # (event id, version sent) of log documents that committed late
-        if from_log:  # documents straight from the capture log carry event ids: stamp them now (exchange.send.clock)
-            stamped = {id(d): s for d, s in zip(from_log, clock.stamp(conn, from_log), strict=True)}
-            late = [(d[3], stamped[id(d)][3]) for d in from_log if stamped[id(d)][3] != d[3]]
-            docs = [stamped.get(id(d), d) for d in docs]  # _merge keeps the log's own tuples
+        if events is not None and events.docs:  # documents straight from the capture log carry event ids:
+            stamped = clock.stamp(conn, events.docs)  # versions given in the bundle's transaction (exchange.send.clock)
+            moved = {d: s for d, s in zip(events.docs, stamped, strict=True) if s != d}
+            late = [(d[3], s[3]) for d, s in moved.items()]
+            docs = [moved.get(d, d) for d in docs]
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
                               .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
         if stream is None:
@@ -428,7 +427,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
                 bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
-        streams.mark_sealed(conn, seq, event_ids, late)
+        streams.mark_sealed(conn, seq, events.ids if events is not None else (), late)
         rep.advance(len(docs))
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
