@@ -22,6 +22,7 @@ class SentStatus(StrEnum):
     UPLOADED = "UPLOADED"  # delivered to the peer's drop
     PROCESSED = "PROCESSED"  # an APPLIED ack came back
     REJECTED = "REJECTED"  # a REJECTED ack came back
+    ABANDONED = "ABANDONED"  # never acknowledged: its peer was removed with --abandon (the journal says who, why)
 
 
 class DocStatus(StrEnum):
@@ -32,6 +33,7 @@ class DocStatus(StrEnum):
     UPLOADED = "UPLOADED"
     PROCESSED = "PROCESSED"
     REJECTED = "REJECTED"
+    ABANDONED = "ABANDONED"  # its peer was removed with --abandon before it was acknowledged
 
 
 class ReceivedStatus(StrEnum):
@@ -78,6 +80,7 @@ _TONES: dict[str, Tone] = {
     ReceivedStatus.APPLIED: Tone.OK, SentStatus.PROCESSED: Tone.OK,
     ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN,
     ReceivedStatus.FAILED: Tone.BAD, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
+    SentStatus.ABANDONED: Tone.WARN,
 }
 
 

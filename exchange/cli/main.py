@@ -213,7 +213,90 @@ def peer_list(home: Path | None, as_json: bool) -> None:
         _echo_json(rows)
         return
     for r in rows:
-        click.echo(f"{r['id']:<12} {r['role']:<6} {r['transport'] or '-':<40} {r['fingerprints']}")
+        state = "" if r["state"] == "active" else f"  [{r['state'].upper()} since {r['state_since']}: {r['state_reason']}]"
+        click.echo(f"{r['id']:<12} {r['role']:<6} {r['transport'] or '-':<40} {r['fingerprints']}{state}")
+
+
+REASON = click.option("--reason", required=True, help="Why, in a few words: kept in the operators' journal.")
+
+
+@peer.command("pause")
+@HOME
+@click.option("--id", "peer_id", required=True, help="The peer to pause.")
+@REASON
+def peer_pause(home: Path | None, peer_id: str, reason: str) -> None:
+    """Stop exchanging with a peer (a store closed for a refit); its documents keep queueing for it.
+
+    Example: exchange peer pause --id s014 --reason "closed for refit until 12 Jan"
+    """
+    from exchange.service.peer_life import pause
+
+    p = pause(_node(home), peer_id, reason)
+    click.echo(f"{p.id} paused since {p.state_since}: nothing is sent to it or fetched from it; documents for it "
+               f"keep queueing. Resume with `exchange peer resume --id {p.id}`.")
+
+
+@peer.command("resume")
+@HOME
+@click.option("--id", "peer_id", required=True, help="The paused peer.")
+@click.option("--reason", help="Why, in a few words: kept in the operators' journal.")
+def peer_resume(home: Path | None, peer_id: str, reason: str | None) -> None:
+    """Exchange with a paused peer again; what queued up goes with the next sync.
+
+    Example: exchange peer resume --id s014
+    """
+    from exchange.service.peer_life import resume
+
+    left = resume(_node(home), peer_id, reason)
+    click.echo(f"{peer_id} resumed; waiting for the next sync: {left.describe()}")
+
+
+@peer.command("remove")
+@HOME
+@click.option("--id", "peer_id", required=True, help="The peer to retire.")
+@click.option("--drain", "mode", flag_value="drain", default=True,
+              help="Refuse while anything is still on the way to or from it (the default).")
+@click.option("--abandon", "mode", flag_value="abandon",
+              help="Give up what is still on the way (marked ABANDONED, on record in the journal).")
+@REASON
+def peer_remove(home: Path | None, peer_id: str, mode: str, reason: str) -> None:
+    """Retire a peer: nothing more is routed to it, its keys are retired, its history stays verifiable.
+
+    Example: exchange peer remove --id s014 --reason "store closed 2026-12-31"
+    """
+    from exchange.service.peer_life import remove
+
+    done = remove(_node(home), peer_id, "abandon" if mode == "abandon" else "drain", reason)
+    for fp in done.retired_keys:
+        click.echo(f"retired signing key {fp} of {peer_id}: valid only for files signed before now")
+    if not done.abandoned.empty:
+        click.echo(f"abandoned: {done.abandoned.describe()} (status ABANDONED)")
+    click.echo(f"{peer_id} removed: nothing more is routed to it; its bundles stay in the archive, verifiable")
+
+
+@main.command()
+@HOME
+@click.option("--peer", "peer_id", help="Only the entries about this peer.")
+@click.option("--limit", default=200, show_default=True, help="How many of the newest entries.")
+@JSON
+def journal(home: Path | None, peer_id: str | None, limit: int, as_json: bool) -> None:
+    """The operators' journal: who paused, resumed or removed a peer, when and why (newest first).
+
+    Example: exchange journal --peer s014
+    """
+    from exchange.database.journal import entries
+
+    node = _node(home)
+    with node.engine.connect() as conn:
+        got = entries(conn, peer_id, limit)
+    if as_json:
+        _echo_json([e.as_json() for e in got])
+        return
+    if not got:
+        click.echo("the journal is empty")
+    for e in got:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(e.detail.items()) if v not in (None, [], 0, False))
+        click.echo(f"{e.as_json()['at']}  {e.actor}  {e.action} {e.peer or ''}  {shown(detail)}")
 
 
 # ---------------------------------------------------------------- files

@@ -150,6 +150,18 @@ xchg_doc_version = Table(
     Column("version", BigInteger, nullable=False),
 )
 
+#: What operators did to the exchange itself (pause, resume, remove a peer, ...): who, when, why.
+#: Append-only: an auditor reads it with `exchange journal`.
+xchg_journal = Table(
+    "xchg_journal", XCHG,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(128), nullable=False),  # the OS account that ran the command
+    Column("action", String(32), nullable=False),
+    Column("peer", String(32)),
+    Column("detail", Text, nullable=False),  # JSON object: reason and what the action did
+)
+
 xchg_meta = Table(
     "xchg_meta", XCHG,
     Column("key", String(64), primary_key=True),
@@ -169,7 +181,7 @@ xchg_broadcast = Table(
     Column("version", BigInteger, nullable=False, index=True),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name != "xchg_broadcast"]
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_journal")]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -213,9 +225,14 @@ def _m5_versions(conn: Connection) -> None:
         conn.exec_driver_sql("DROP TABLE xchg_doc_version_m4")
 
 
+def _m6_journal(conn: Connection) -> None:
+    """The operators' journal (peer pause, resume, remove)."""
+    xchg_journal.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions]
+                                                  _m5_versions, _m6_journal]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -16,6 +16,8 @@ from exchange.errors import ConfigError, FormatError
 from exchange.wire.formats import check_node_id
 
 Role = Literal["ho", "store"]
+PeerState = Literal["active", "paused", "removed"]
+PEER_STATES: tuple[PeerState, ...] = ("active", "paused", "removed")
 CONFIG_NAME = "exchange.toml"
 KNOWN_HOSTS = "known_hosts"  # pinned SFTP host keys (transport/sftp/address.py), named here for `exchange doctor`
 HOME_ENV = "EXCHANGE_HOME"
@@ -28,6 +30,21 @@ class Peer:
     recipient: str
     transport: str | None = None
     groups: tuple[str, ...] = ()
+    #: ``active``; ``paused`` (nothing sent to or fetched from it, its documents still queued for it);
+    #: ``removed`` (retired: no routing, no traffic, keys retired, history kept). See docs/OPERATIONS.md.
+    state: PeerState = "active"
+    state_since: str | None = None  # RFC 3339 UTC, when the state was set
+    state_reason: str | None = None
+
+    @property
+    def exchanging(self) -> bool:
+        """Files go to and come from this peer (it is neither paused nor removed)."""
+        return self.state == "active"
+
+    @property
+    def routed(self) -> bool:
+        """New documents are queued for this peer (a paused store keeps receiving them in its queue)."""
+        return self.state != "removed"
 
 
 @dataclass
@@ -97,6 +114,10 @@ class NodeConfig:
             entry: dict[str, Any] = {"role": p.role, "recipient": p.recipient, "groups": list(p.groups)}
             if p.transport:
                 entry["transport"] = p.transport
+            if p.state != "active":
+                entry["state"] = p.state
+                entry.update({k: v for k, v in (("state_since", p.state_since), ("state_reason", p.state_reason))
+                              if v})
             peers[p.id] = entry
         out: dict[str, Any] = {"node": node, "peers": peers}
         if self.catalog:
@@ -129,6 +150,13 @@ def _role(value: Any, where: str) -> Role:
     if value not in ("ho", "store"):
         raise ConfigError(f"{where}: role must be 'ho' or 'store', not {value!r}")
     return "ho" if value == "ho" else "store"
+
+
+def _peer_state(value: Any, where: str) -> PeerState:
+    if value not in PEER_STATES:
+        raise ConfigError(f"{where}: state must be one of {', '.join(PEER_STATES)}, not {value!r}",
+                          hint="Change it with `exchange peer pause`, `peer resume` or `peer remove`.")
+    return "paused" if value == "paused" else "removed" if value == "removed" else "active"
 
 
 def _node_id(value: Any, where: str) -> str:
@@ -183,7 +211,10 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
             raise ConfigError(f"{pw}: needs at least role and recipient")
         cfg.peers[pid] = Peer(
             id=_node_id(pid, pw), role=_role(p.get("role"), pw), recipient=str(p["recipient"]),
-            transport=p.get("transport"), groups=tuple(str(g) for g in p.get("groups", ())))
+            transport=p.get("transport"), groups=tuple(str(g) for g in p.get("groups", ())),
+            state=_peer_state(p.get("state", "active"), pw),
+            state_since=str(p["state_since"]) if p.get("state_since") else None,
+            state_reason=str(p["state_reason"]) if p.get("state_reason") else None)
         if cfg.role == "store" and cfg.peers[pid].role == "store":  # as `peer add` refuses it, so does loading
             raise ConfigError(f"{pw}: a store exchanges data only with its HO, not with store {pid}",
                               hint=f"Remove [peers.{pid}] from {path}; stores never trust each other's keys.")

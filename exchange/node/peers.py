@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -133,6 +134,9 @@ def add_peer(cfg: NodeConfig, peer_id: str, role: str, signing_key: str, recipie
     cfg.peers[peer_id] = Peer(id=peer_id, role=peer_role, recipient=recipient,
                               transport=transport or (old.transport if old else None),
                               groups=tuple(groups) or (old.groups if old else ()))
+    if old is not None and old.state == "paused":  # a paused store stays paused until `peer resume`
+        cfg.peers[peer_id] = dataclasses.replace(cfg.peers[peer_id], state=old.state, state_since=old.state_since,
+                                     state_reason=old.state_reason)
     cfg.save()
     return Added(line, tuple(retired), change.old_recipient if change and change.recipient else None,
                  now if change else None, existed=old is not None)
@@ -164,5 +168,6 @@ def list_peers(cfg: NodeConfig) -> list[dict[str, Any]]:
     for p in sorted(cfg.peers.values(), key=lambda p: p.id):
         fps = [sshsig.fingerprint(s.key) for s in trust.signers if p.id in s.principals]
         out.append({"id": p.id, "role": p.role, "recipient": p.recipient, "transport": p.transport,
-                    "groups": list(p.groups), "fingerprints": fps})
+                    "groups": list(p.groups), "fingerprints": fps, "state": p.state,
+                    "state_since": p.state_since, "state_reason": p.state_reason})
     return out

@@ -49,7 +49,8 @@ class Exported:
 
 
 def peer_infos(node: Node) -> list[PeerInfo]:
-    return [PeerInfo(id=p.id, role=p.role, groups=p.groups) for p in node.cfg.peers.values()]
+    """The peers documents are routed to: every one but those removed (a paused store's queue grows)."""
+    return [PeerInfo(id=p.id, role=p.role, groups=p.groups) for p in node.cfg.peers.values() if p.routed]
 
 
 def _header_rows(conn: Connection, catalog: Catalog, dt: DocType, keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -137,6 +138,8 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
                 for gone in sorted(prior.get(key, set()) - set(targets)):
                     deliveries.append((gone, doc_type, key, "D", version))
             deliveries.extend((p, doc_type, key, op, version) for p in targets)
+    live = {p.id for p in peers}  # a removed peer had documents before: it is sent nothing more, deletes neither
+    deliveries = [d for d in deliveries if d[0] in live]
     _replace_deliveries(conn, deliveries)
     _replace_broadcast(conn, broadcast)
     return len(deliveries) + len(broadcast)
@@ -456,7 +459,7 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     # cursor then ask for the same batch one after the other, and it is read and encoded once
     # (the cache keeps two batches; peer by peer, a change of five batches was re-read per store).
     rep = reporter or NullReporter()
-    active = sorted(node.cfg.peers)
+    active = sorted(p.id for p in node.cfg.peers.values() if p.exchanging)  # a paused peer's documents wait
     try:
         with system_pool():
             _export_round_robin(node, active, rep, shared, out)

@@ -117,5 +117,5 @@ def idle(node: Node) -> bool:
     path = plain_file(cfg.database)
     if path is None:
         return False
-    stores = [p.id for p in cfg.peers.values() if p.role == "store"]
+    stores = [p.id for p in cfg.peers.values() if p.role == "store" and p.exchanging]
     return _sqlite_work(path, stores, resend_cutoff(cfg)) is False

@@ -86,6 +86,8 @@ def check_transport(node: Node, peer_id: str) -> str:
     from exchange.transport import open_transport
 
     peer = node.cfg.peer(peer_id)
+    if not peer.exchanging:  # on purpose (`exchange peer pause` / `remove`): not an error, not contacted
+        return f"{peer.state} since {peer.state_since} ({peer.state_reason}): not contacted"
     if not peer.transport:
         return "no transport configured (files move by `exchange push --to` / USB)"
     t = open_transport(peer.transport, home=node.cfg.home, me=node.id, peer=peer_id)

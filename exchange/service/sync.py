@@ -59,6 +59,8 @@ def _transports(node: Node, override: str | None) -> dict[str, str]:
     """Peer id -> transport address (``override`` replaces every peer's address)."""
     out = {}
     for p in node.cfg.peers.values():
+        if not p.exchanging:
+            continue  # paused or removed: nothing goes to it or comes from it
         addr = override or p.transport
         if addr:
             out[p.id] = addr
@@ -205,7 +207,7 @@ def export_needed(node: Node) -> bool:
     """
     if any(p.name.endswith(".part") for p in node.cfg.outbox.iterdir()):
         return True  # an interrupted export to recover
-    stores = [p.id for p in node.cfg.peers.values() if p.role == "store"]
+    stores = [p.id for p in node.cfg.peers.values() if p.role == "store" and p.exchanging]
     with node.engine.connect() as conn:
         return export_work(lambda sql: conn.exec_driver_sql(sql).all(), stores)
 

@@ -423,7 +423,7 @@ def _peers_to_push(node: Node) -> list[str]:
 
     peers = {parse_name(f.name).b for f in node.cfg.outbox.iterdir() if is_exchange_file(f.name)}
     peers |= set(due_for_resend(node))
-    return sorted(p for p in peers if p in node.cfg.peers)
+    return sorted(p for p in peers if p in node.cfg.peers and node.cfg.peers[p].exchanging)
 
 
 def usb_sync(node: Node, stick_root: Path, reporter: Reporter | None = None, *,
