@@ -19,7 +19,9 @@ from exchange.cli.main import main
 from exchange.database.capture import record_events
 from exchange.errors import ConfigError
 from exchange.node import config
+from exchange.send.pending import idle
 from exchange.service import status
+from exchange.service.sync import export_needed
 
 
 @pytest.fixture
@@ -65,6 +67,9 @@ def test_a_paused_store_gets_nothing_until_resumed_then_everything_it_missed(net
     [line] = [c for c in doctor["checks"] if c["name"] == "transport s001"]
     assert line["ok"] and "paused since" in line["detail"] and "closed for refit" in line["detail"]
     assert not [r for r in status.sent(net.ho) if r.peer == "s001" and r.status != "PROCESSED"]
+    assert export_needed(net.ho) is False  # its queue alone is no work: a cron HO takes the fast path
+    if net.ho.engine.url.get_backend_name() == "sqlite":
+        assert idle(net.ho)
 
     out = ho(net, "peer", "resume", "--id", "s001")
     assert "s001 resumed; waiting for the next sync: documents for every store it has not received yet" in out.output

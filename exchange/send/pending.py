@@ -44,9 +44,16 @@ _BROADCAST_CURSORS = "SELECT peer, bc_version FROM xchg_stream_out"
 _UPLOADED_AT = "SELECT uploaded_at FROM xchg_sent WHERE status = 'UPLOADED'"
 
 
-def export_work(query: Query, stores: Iterable[str]) -> bool:
-    """Events to route, deliveries to seal, or a broadcast some store's cursor has not reached."""
-    if query(_UNROUTED_EVENT) or query(_PENDING_DELIVERY):
+def export_work(query: Query, stores: Iterable[str], paused: Iterable[str] = ()) -> bool:
+    """Events to route, deliveries to seal, or a broadcast some store's cursor has not reached.
+
+    ``stores``: the stores exchanged with; ``paused``: peers whose documents wait (paused or removed),
+    so their queue alone is no work. Node ids are ``[a-z0-9-]`` (checked on load): safe as literals.
+    """
+    waiting = sorted(paused)
+    pending = _PENDING_DELIVERY if not waiting else _PENDING_DELIVERY.replace(
+        " LIMIT 1", " AND peer NOT IN (" + ", ".join(f"'{p}'" for p in waiting) + ") LIMIT 1")
+    if query(_UNROUTED_EVENT) or query(pending):
         return True
     newest = query(_NEWEST_BROADCAST)[0][0]
     if newest is None:
@@ -89,7 +96,7 @@ def spool_work(cfg: NodeConfig) -> bool:
     return any(p.name.endswith(PART_SUFFIX) or is_exchange_file(p.name) for p in cfg.outbox.iterdir())
 
 
-def _sqlite_work(path: str, stores: list[str], cutoff: datetime) -> bool | None:
+def _sqlite_work(path: str, stores: list[str], paused: list[str], cutoff: datetime) -> bool | None:
     """The database questions asked of a SQLite file directly; None when it cannot be read."""
     try:
         conn = connect_existing(path)  # a missing file is not created: the full cycle reports it
@@ -100,7 +107,7 @@ def _sqlite_work(path: str, stores: list[str], cutoff: datetime) -> bool | None:
             def query(sql: str) -> list[Any]:
                 return conn.execute(sql).fetchall()
 
-            return export_work(query, stores) or _resend_work(query, cutoff)
+            return export_work(query, stores, paused) or _resend_work(query, cutoff)
     except sqlite3.Error:
         return None
 
@@ -118,4 +125,5 @@ def idle(node: Node) -> bool:
     if path is None:
         return False
     stores = [p.id for p in cfg.peers.values() if p.role == "store" and p.exchanging]
-    return _sqlite_work(path, stores, resend_cutoff(cfg)) is False
+    paused = [p.id for p in cfg.peers.values() if not p.exchanging]
+    return _sqlite_work(path, stores, paused, resend_cutoff(cfg)) is False

@@ -209,7 +209,8 @@ def export_needed(node: Node) -> bool:
         return True  # an interrupted export to recover
     stores = [p.id for p in node.cfg.peers.values() if p.role == "store" and p.exchanging]
     with node.engine.connect() as conn:
-        return export_work(lambda sql: conn.exec_driver_sql(sql).all(), stores)
+        return export_work(lambda sql: conn.exec_driver_sql(sql).all(), stores,
+                           [p.id for p in node.cfg.peers.values() if not p.exchanging])
 
 
 def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None) -> SyncReport:
