@@ -378,6 +378,10 @@ def test_store_sync_result_is_not_green_while_something_is_wrong(homes: Path, de
         expect(page.locator("#tab-link-parked")).to_have_attribute("aria-current", "page")
         expect(page.locator('#parked-table tr[data-doc^="promotion"]')).to_have_count(1)
 
+        page.click("#tab-link-received")  # the bundle it came in says so too
+        reason = page.locator("#received-table td.reason", has_text="parked")
+        expect(reason).to_have_count(1)
+
         # a FAILED bundle blocking a stream: also not green, pointing to the Received tab
         store = Node.open(homes / "s001")
         with store.engine.begin() as conn:
@@ -403,3 +407,6 @@ def test_store_sync_result_is_not_green_while_something_is_wrong(homes: Path, de
         expect(page.locator("#sync-problems")).to_have_count(0)
         expect(result).to_have_class("result-ok")
         page.screenshot(path=str(shots / "store-sync-result-resolved.png"), full_page=True)
+        page.click("#tab-link-received")  # and no stale "parked" on the bundle any more
+        expect(page.locator("#received-table tbody tr").first).to_be_visible()
+        expect(reason).to_have_count(0)
