@@ -410,3 +410,23 @@ def test_store_sync_result_is_not_green_while_something_is_wrong(homes: Path, de
         page.click("#tab-link-received")  # and no stale "parked" on the bundle any more
         expect(page.locator("#received-table tbody tr").first).to_be_visible()
         expect(reason).to_have_count(0)
+
+
+# ---------------------------------------------------------------- the script is the page's own
+
+def test_the_only_script_is_the_pages_own_file(homes: Path) -> None:
+    """The CSP allows scripts and fetches from the page itself only; no page carries inline script or
+    event-handler attributes (so the policy needs no 'unsafe-inline')."""
+    troubled_estate(homes)
+    for home, paths in (("ho", HO_PAGES), ("s001", STORE_PAGES)):
+        with ui_server(homes / home) as ui:
+            for path in paths:
+                status, headers, html = request(ui.url, path)
+                assert status == 200, path
+                csp = dict(part.strip().split(" ", 1) for part in headers["content-security-policy"].split(";"))
+                assert csp["script-src"] == "'self'" and csp["connect-src"] == "'self'", csp
+                assert "unsafe" not in headers["content-security-policy"]
+                assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/static/page.js" defer>'], path
+                assert not re.search(r"\son[a-z]+\s*=", html), f"{path}: an inline event handler"
+            status, headers, js = request(ui.url, "/static/page.js")
+            assert status == 200 and "javascript" in headers["content-type"]
