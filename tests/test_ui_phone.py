@@ -152,7 +152,7 @@ def troubled_estate(homes: Path) -> None:
 
 
 HO_PAGES = ["/", "/?tab=checks", "/?only=attention", "/?sort=-contact", "/peer/s001", "/peer/s001?tab=sent",
-            "/peer/s001?tab=parked", "/peer/s002", "/peer/s003"]
+            "/peer/s001?tab=parked", "/peer/s002", "/peer/s003", "/peer/nobody"]
 STORE_PAGES = ["/", "/?tab=sent", "/?tab=parked", "/?tab=checks"]
 
 
@@ -180,7 +180,7 @@ def check_page(page: Any, url: str, *, phone: bool) -> dict[str, Any]:
     if got["tabs"]:
         assert got["current"] == got["active"] and len(got["current"]) == 1, f"{where}: aria-current {got}"
     contrast = page.evaluate(CONTRAST_JS)
-    assert contrast["checked"] > 10, where
+    assert contrast["checked"] > 5, where
     assert contrast["bad"] == [], f"{where}: text below 4.5:1: {contrast['bad']}"
     return dict(got)
 
@@ -422,7 +422,7 @@ def test_the_only_script_is_the_pages_own_file(homes: Path) -> None:
         with ui_server(homes / home) as ui:
             for path in paths:
                 status, headers, html = request(ui.url, path)
-                assert status == 200, path
+                assert status == (404 if path == "/peer/nobody" else 200), path
                 csp = dict(part.strip().split(" ", 1) for part in headers["content-security-policy"].split(";"))
                 assert csp["script-src"] == "'self'" and csp["connect-src"] == "'self'", csp
                 assert "unsafe" not in headers["content-security-policy"]
