@@ -325,6 +325,38 @@ def test_retry_tries_each_parked_document_once_and_reports_that_pass(net: Net) -
     assert status.parked(st) == []
 
 
+def test_retry_clears_the_parked_count_of_the_bundle_it_came_in(net: Net) -> None:
+    """HO side (SQLite, then PostgreSQL): a bill naming an item the HO lacks is parked and its bundle's
+    reason counts it; once the bill applies on retry the reason goes (it no longer sends anyone to look)."""
+    from exchange.demo.data import seed_store_activity
+    from exchange.receive.importer import retry_parked
+
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net)
+    net.settle()
+    with st.engine.begin() as conn:
+        add_item(conn, "IX0000002")  # the store's own, recorded without an event: the HO never had it
+        seed_store_activity(conn, "s001", ["IX0000002"], 1, seed=5)
+    sync(st)
+    sync(ho)
+    parked = status.parked(ho)
+    assert parked and {p.peer for p in parked} == {"s001"}
+    (seq,) = {p.seq for p in parked}
+
+    def reason() -> tuple[str, str | None]:
+        (row,) = [r for r in status.received(ho) if r.peer == "s001" and r.seq == seq]
+        return row.status, row.reason
+
+    assert reason() == ("APPLIED", f"{len(parked)} documents parked")
+    assert retry_parked(ho, "s001") == (0, len(parked))
+    assert reason() == ("APPLIED", f"{len(parked)} documents parked")  # nothing applied: unchanged
+    with ho.engine.begin() as conn:
+        add_item(conn, "IX0000002")
+    assert retry_parked(ho, "s001") == (len(parked), 0)
+    assert status.parked(ho) == []
+    assert reason() == ("APPLIED", None)
+
+
 # ---------------------------------------------------------------- failed bundles and retry
 
 def test_control_totals_mismatch_fails_and_is_rejected(net: Net) -> None:

@@ -654,6 +654,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
 def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
     """Try every parked document (of ``peer`` only, if given) again; returns (applied, still parked)."""
     ok = still = 0
+    cleared: set[tuple[str, int]] = set()  # bundles some of whose parked documents applied now
     only = select(xchg_parked) if peer is None else select(xchg_parked).where(xchg_parked.c.peer == peer)
     with node.engine.begin() as conn, suppress_capture(conn):
         for r in conn.execute(only).mappings().all():
@@ -663,6 +664,7 @@ def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
             stored = _stored_versions(conn, r["peer"], dt.name, [key]).get(key, -1)
             if stored > r["version"]:
                 conn.execute(delete(xchg_parked).where(cond))
+                cleared.add((r["peer"], int(r["seq"])))
                 continue
             try:
                 with conn.begin_nested():
@@ -670,12 +672,26 @@ def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
                     _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
+                cleared.add((r["peer"], int(r["seq"])))
                 log.info("parked %s %s applied on retry", dt.name, key)
             except StatementError as exc:
                 conn.execute(update(xchg_parked).where(cond).values(
                     attempts=xchg_parked.c.attempts + 1, error=_error_text(exc)))
                 still += 1
+        _recount_parked(conn, cleared)
     return ok, still
+
+
+def _recount_parked(conn: Connection, bundles: set[tuple[str, int]]) -> None:
+    """The reason of an APPLIED bundle counts its parked documents: once some apply on retry it says how
+    many are left, and nothing once none is (a stale "1 documents parked" would send people looking)."""
+    for peer, seq in sorted(bundles):
+        left = int(conn.execute(select(func.count()).select_from(xchg_parked).where(
+            xchg_parked.c.peer == peer, xchg_parked.c.seq == seq)).scalar() or 0)
+        conn.execute(update(xchg_received).where(
+            xchg_received.c.peer == peer, xchg_received.c.seq == seq,
+            xchg_received.c.status == ReceivedStatus.APPLIED).values(
+            reason=f"{left} documents parked" if left else None))
 
 
 # ---------------------------------------------------------------- acks (sender side)

@@ -412,3 +412,46 @@ def totals(rows: list[StoreRow]) -> dict[str, int]:
         "quarantined": sum(r.stats.quarantined for r in rows),
     }
 
+
+
+# ---------------------------------------------------------------- what the sync result must not hide
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # parked, failed, held, waiting, rejected, quarantined
+    text: str
+    href: str  # the tab (store) or the part of the overview (HO) that says what to do
+
+
+def problems(node: Node, stats: Any) -> list[Problem]:
+    """What is wrong now, read from the database at each page view (so a reason disappears as soon as
+    it is resolved, by a Retry, a later sync or by hand). While any is listed the sync result is not
+    green: a sync that parked a document or left a stream FAILED did not go well, whatever it moved."""
+    peers = list(stats)
+    ho = node.cfg.role == "ho"
+    parked = sum(s.parked for s in peers)
+    failed = sum(s.received_failed for s in peers)
+    held = sum(s.received_held for s in peers)
+    waiting = sum(1 for s in peers if s.received_stalled)
+    rejected = sum(s.sent_rejected for s in peers)
+    quarantined = sum(s.quarantined for s in peers)
+    streams = "/?only=attention" if ho else "/?tab=received"
+    out: list[Problem] = []
+    if parked:
+        out.append(Problem("parked", _count(parked, "document parked", "documents parked"),
+                           "/#problems" if ho else "/?tab=parked"))
+    if failed:
+        out.append(Problem("failed", _count(failed, "bundle FAILED", "bundles FAILED"), streams))
+    if held:
+        out.append(Problem("held", _count(held, "bundle HELD", "bundles HELD"), streams))
+    if waiting:
+        out.append(Problem("waiting", _count(waiting, "stream waiting for a missing bundle",
+                                             "streams waiting for a missing bundle"), streams))
+    if rejected:
+        out.append(Problem("rejected", _count(rejected, "bundle REJECTED by its receiver",
+                                              "bundles REJECTED by their receivers"),
+                           "/?only=attention" if ho else "/?tab=sent"))
+    if quarantined:
+        out.append(Problem("quarantined", _count(quarantined, "file quarantined", "files quarantined"),
+                           "/#problems" if ho else "/?tab=received"))
+    return out

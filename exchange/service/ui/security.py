@@ -7,7 +7,7 @@
   ``EXCHANGE_UI_TOKEN``); the server refuses to start without one. A
   configured token is always required, whatever the address. It is accepted
   as ``Authorization: Bearer <token>``, as ``X-Exchange-Token: <token>``, or
-  as the session cookie that ``/login?token=...`` sets (the cookie holds an
+  as the session cookie that signing in (a POST of ``/login``) sets (the cookie holds an
   HMAC of the token, never the token itself).
 - Every action is a POST carrying a CSRF token from a hidden form field: a
   timestamp and an HMAC of it (and of the session) under a secret made when

@@ -1,10 +1,12 @@
 """The Data Exchange window: a Starlette app with Jinja2 pages, served by uvicorn.
 
-Plain server-rendered HTML and one stylesheet; no JavaScript and nothing
-fetched from elsewhere, so the page works on a store's offline PC. While a
-sync or retry runs the page refreshes itself every second (a meta refresh)
-and shows "syncing..." with the bundle state changes as they happen;
-``/api/status`` gives the same as JSON.
+Server-rendered HTML, one stylesheet and one small script of its own (nothing
+fetched from elsewhere, so the page works on a store's offline PC, and works
+without the script). While a sync or retry runs the script redraws the sync
+part every second (the rest of the page, and the keyboard focus, stay put),
+showing "syncing..." with the bundle state changes as they happen; without
+script a meta refresh every 5 s does it. The script also shows every time in
+the viewer's own time zone. ``/api/status`` gives the same as JSON.
 
 - :func:`create_app` builds the app for a node (with the service when inside
   ``exchange run``).
@@ -100,10 +102,16 @@ def _dt(value: Any) -> datetime | None:
     return None
 
 
-def fmt_when(value: Any) -> str:
-    """Local time, to the second (the operator's clock)."""
+def fmt_when(value: Any) -> Markup | str:
+    """A ``<time>`` with the RFC 3339 instant: the page's script shows it in the viewer's time zone;
+    without script it reads as the server's local time, with its UTC offset (never an unnamed zone)."""
     t = _dt(value)
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    if t is None:
+        return "-"
+    local = t.astimezone()
+    offset = local.strftime("%z")
+    shown = local.strftime("%Y-%m-%d %H:%M:%S ") + f"{offset[:3]}:{offset[3:]}"
+    return Markup('<time datetime="{}">{}</time>').format(local.isoformat(timespec="seconds"), shown)
 
 
 def fmt_iso(value: Any) -> str:
@@ -191,6 +199,8 @@ class UiContext:
             "now": datetime.now(UTC), "token_required": bool(self.settings.token),
         }
         base.update(ctx)
+        if "problems" not in base:
+            base["problems"] = data.problems(self.node, data.peer_stats(self.node).values())
         html = self.env.get_template(name).render(**base)
         return HTMLResponse(html, status_code=status_code)
 
@@ -243,7 +253,8 @@ class AccessMiddleware(BaseHTTPMiddleware):
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Referrer-Policy"] = "no-referrer"
         resp.headers["Content-Security-Policy"] = (
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self'; "
+            "form-action 'self'; "
             "frame-ancestors 'none'; base-uri 'none'")
         return resp
 
@@ -286,13 +297,17 @@ def _store_page(request: Request, ctx: UiContext) -> Response:
         "received": sum(s.received_total for s in stats.values()),
         "sent": sum(s.sent_total for s in stats.values()),
     }
-    return ctx.render(request, "store.html", summary=summary, base_url="/", **_tab_data(ctx, tab, None))
+    return ctx.render(request, "store.html", summary=summary, base_url="/",
+                      problems=data.problems(node, stats.values()), **_tab_data(ctx, tab, None))
 
 
 def _ho_page(request: Request, ctx: UiContext) -> Response:
     now = datetime.now(UTC)
     rows = data.store_rows(ctx.node, ctx.settings.silent_after_minutes, now)
     totals = data.totals(rows)
+    problems = data.problems(ctx.node, [r.stats for r in rows])
+    if request.query_params.get("tab") == "checks":
+        return ctx.render(request, "ho.html", totals=totals, problems=problems, **_tab_data(ctx, "checks", None))
     only = request.query_params.get("only") == "attention"
     if only:
         rows = [r for r in rows if r.attention]
@@ -305,7 +320,7 @@ def _ho_page(request: Request, ctx: UiContext) -> Response:
 
     parked, parked_total = data.parked_docs(ctx.node, limit=100)
     return ctx.render(request, "ho.html", rows=rows, totals=totals, sort_col=col, sort_desc=desc,
-                      sort_link=sort_link, only=only, now=now,
+                      sort_link=sort_link, only=only, now=now, tab="stores", problems=problems,
                       silent_after=ctx.settings.silent_after_minutes, parked=parked,
                       parked_total=parked_total, quarantine=data.quarantined(ctx.node))
 
@@ -379,14 +394,21 @@ def metrics(request: Request) -> Response:
     return Response(render(_ctx(request).registry), media_type=CONTENT_TYPE)
 
 
-def login(request: Request) -> Response:
+async def login(request: Request) -> Response:
+    """Sign in with the token POSTed from the form (never in the address: it would stay in the
+    browser's history and in proxies' logs). A GET shows the form."""
     ctx = _ctx(request)
-    given = request.query_params.get("token")
-    nxt = _safe_next(request.query_params.get("next"))
+    if request.method == "POST":
+        body = (await request.body()).decode("utf-8", "replace")
+        form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+        given, nxt = form.get("token"), _safe_next(form.get("next"))
+    else:
+        given, nxt = None, _safe_next(request.query_params.get("next"))
     if not ctx.settings.token:
         return RedirectResponse(nxt, status_code=303)
     if given is None:
-        return ctx.render_plain(request, "login.html", 401, failed=False, next=nxt)
+        return ctx.render_plain(request, "login.html", 401, failed=False, next=nxt,
+                                in_address="token" in request.query_params)
     if not ctx.guard.token_ok(given):
         return ctx.render_plain(request, "login.html", 401, failed=True, next=nxt)
     resp = RedirectResponse(nxt, status_code=303)
@@ -405,7 +427,7 @@ def create_app(node: Node, settings: UiSettings | None = None, service: Service 
         Route("/retry", action, methods=["POST"]),
         Route("/api/status", api_status),
         Route("/metrics", metrics),
-        Route("/login", login),
+        Route("/login", login, methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ], middleware=[Middleware(AccessMiddleware)])
     app.state.ui = UiContext(node, settings, service)
@@ -528,7 +550,7 @@ def serve(node: Node, *, host: str | None = None, port: int | None = None,
     url = _url(sock)
     echo(f"Data Exchange page for {node.id} ({node.cfg.role}) on {url}")
     if settings.token:
-        echo(f"open {url}login?token=... with the configured token to sign in")
+        echo(f"open {url} and sign in with the configured token")
     server = _server(app)
     try:
         server.run(sockets=[sock])
