@@ -42,6 +42,7 @@ from exchange.database.tables import (
 from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from exchange.faults import crashpoint
 from exchange.files import sha256_file, utc_now, write_file_atomic
+from exchange.node import keys
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
@@ -211,9 +212,10 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
         return FileOutcome(path.name, Outcome.QUARANTINED, str(exc))
     with reader:
         try:
-            reader.verify_signature(node.trust)
+            signer = reader.verify_signature(node.trust)
             reader.check_recipient(node.id)
             m = reader.manifest
+            keys.check_current(node.trust, m.sender, signer.key)  # retired or revoked: refused whatever `created` says
             if (fn.a, fn.b, fn.seq) != (m.sender, m.recipient, m.seq):
                 raise FormatError(f"{path.name}: file name disagrees with the signed manifest "
                                   f"({m.sender}.{m.recipient}.{m.seq:010d})")

@@ -82,6 +82,20 @@ def check_peers(node: Node) -> str:
     return f"{len(node.cfg.peers)} peers pinned (signing key and recipient)"
 
 
+def check_key_validity(node: Node, days: int | None = None) -> str:
+    """Warn ahead of a key's end: this node's own key and every peer's, unless a newer key follows it."""
+    from datetime import UTC, datetime
+
+    days = keys.warn_days(node.cfg) if days is None else days
+    ending = keys.ending_keys(node.trust, [node.id, *sorted(node.cfg.peers)], datetime.now(UTC), days)
+    if ending:
+        raise ExchangeError(
+            "; ".join(ending),
+            hint="For this node's own key run `exchange keys rotate`; for a peer's, have the peer rotate it, or "
+                 "re-onboard a revoked store (docs/OPERATIONS.md, \"Keys\").")
+    return f"every key valid for more than {days} days (or followed by a newer key)"
+
+
 def check_transport(node: Node, peer_id: str) -> str:
     from exchange.transport import open_transport
 
@@ -152,11 +166,12 @@ def check_disk(node: Node) -> str:
     return f"{usage.free >> 30} GiB free"
 
 
-def run_checks(node: Node) -> list[Check]:
+def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
     checks = [
         _run("database", lambda: check_database(node), "Check the database URL in exchange.toml."),
         _run("keys", lambda: check_keys(node), f"Restore keys into {keys.SIGNING_KEY} / {keys.AGE_KEY}."),
         _run("peers", lambda: check_peers(node), "Add peers with `exchange peer add`."),
+        _run("key validity", lambda: check_key_validity(node, key_days), "See `exchange keys list`."),
     ]
     for pid in sorted(node.cfg.peers):
         checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]
