@@ -52,12 +52,12 @@ def stamp(when: datetime) -> str:
     return when.strftime("%Y%m%d%H%M%S")
 
 
-def wait_past(when: datetime) -> None:
-    """Sleep (bounded) until the clock, at second resolution, is after ``when``."""
-    for _ in range(100):
+def wait_past(when: datetime, limit: float = 60) -> None:
+    """Sleep (at most ``limit`` seconds) until the clock, at second resolution, is after ``when``."""
+    for _ in range(int(limit * 10)):
         if datetime.now(UTC).replace(microsecond=0) > when:
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
     raise AssertionError(f"clock never passed {when}")
 
 
@@ -233,3 +233,215 @@ def test_ssh_keygen_reads_a_revoked_line_and_honours_its_end(tmp_path: Path) -> 
     assert verify("20260101115959").returncode == 0
     refused = verify("20260101120001")
     assert refused.returncode != 0, refused
+
+
+def signer_of(path: Path, node: Node) -> str:
+    """Fingerprint of the key that signed a bundle, checked against ``node``'s trust store."""
+    from exchange.wire.bundle import BundleReader
+
+    with BundleReader(path) as r:
+        return sshsig.fingerprint(r.verify_signature(node.trust).key)
+
+
+def keygen_verify(keygen: str, bundle: Path, trust: Path, signer: str, at: datetime, tmp: Path) -> int:
+    """``ssh-keygen -Y verify`` of a bundle's signed manifest at time ``at``: its exit code."""
+    import tarfile
+
+    with tarfile.open(bundle) as tf:
+        manifest = tf.extractfile("manifest.json").read()  # type: ignore[union-attr]
+        (tmp / "m.sig").write_bytes(tf.extractfile("manifest.json.sig").read())  # type: ignore[union-attr]
+    (tmp / "m.json").write_bytes(manifest)
+    with (tmp / "m.json").open("rb") as data:
+        return subprocess.run([keygen, "-Y", "verify", "-f", str(trust), "-I", signer, "-n", sshsig.NAMESPACE,
+                               "-s", str(tmp / "m.sig"), f"-Overify-time={stamp(at)}"], stdin=data,
+                              capture_output=True, timeout=30).returncode
+
+
+def test_rotation_in_band_peers_trust_the_new_key_and_refuse_the_old_one_after_the_overlap(
+        net: Net, tmp_path: Path) -> None:
+    from enginehelpers import item_ids, prices, reprice
+
+    keygen = need("ssh-keygen")
+    ho, s001 = net.ho, net.store("s001")
+    old_key = ho.signing_key
+    old_fp = sshsig.fingerprint(old_key.public_key())
+    first = sorted(s001.cfg.archive_received.glob("ho.s001.*.bundle"))[0]
+    trust_before = keys.trust_path(s001.cfg).read_text()
+
+    res = ok("keys", "rotate", "--home", str(ho.cfg.home), "--overlap", "40s")
+    assert f"old signing key {old_fp} accepted by peers until" in res.output and "announced to s001" in res.output
+    net.reopen()
+    ho, s001 = net.ho, net.store("s001")
+    new_fp = sshsig.fingerprint(ho.signing_key.public_key())
+    assert new_fp != old_fp
+    state = json.loads(ok("keys", "list", "--home", str(ho.cfg.home), "--json").stdout)["rotation"]
+    assert state["unconfirmed"] == ["s001"], state
+    assert keys.trust_path(s001.cfg).read_text() == trust_before  # nothing edited by hand anywhere
+
+    # nothing is pending for s001: an empty control bundle, signed by the old key, carries the notice
+    net.settle()
+    s001 = Node.open(s001.cfg.home)
+    told = sorted(s001.cfg.archive_received.glob("ho.s001.*.bundle"))[-1]
+    assert signer_of(told, s001) == old_fp
+    lines = {sshsig.fingerprint(s.key): s for s in s001.trust.signers if s.principals == ("ho",)}
+    assert set(lines) == {old_fp, new_fp}
+    end = lines[old_fp].valid_before
+    assert end is not None and lines[new_fp].valid_after is not None and lines[new_fp].valid_before is None
+    assert end - lines[new_fp].valid_after == timedelta(seconds=40)
+    assert s001.cfg.peer("ho").recipient == keys.recipient(ho.cfg)
+    assert json.loads(ok("keys", "list", "--home", str(ho.cfg.home), "--json").stdout)["rotation"][
+        "unconfirmed"] == []
+
+    # from then on the HO signs for s001 with its new key
+    ids = item_ids(net)[:3]
+    reprice(ho, ids)
+    net.settle()
+    s001 = Node.open(s001.cfg.home)
+    assert prices(s001, ids) == prices(ho, ids)
+    newest = sorted(s001.cfg.archive_received.glob("ho.s001.*.bundle"))[-1]
+    assert signer_of(newest, s001) == new_fp
+
+    # inside the overlap the old key is still accepted (a bundle it sealed on its way)
+    reprice(ho, ids)
+    on_its_way = forge_bundle(ho, "s001", docs_of(ho, "item", [(i,) for i in ids]), key=old_key)
+    net.settle()
+    s001 = Node.open(s001.cfg.home)
+    assert prices(s001, ids) == prices(ho, ids)
+    assert signer_of(s001.cfg.archive_received / on_its_way.name, s001) == old_fp
+
+    # after it, refused: dated inside the overlap or not
+    wait_past(end)
+    reprice(ho, ids)
+    for created in (end - timedelta(seconds=5), None):
+        forged = forge_bundle(ho, "s001", docs_of(ho, "item", [(i,) for i in ids]), key=old_key, record=False,
+                              out_dir=tmp_path, created=created)
+        deliver([forged], s001)
+        outs = imported(s001)
+        assert [(o["file"], o["status"]) for o in outs] == [(forged.name, "QUARANTINED")], outs
+        assert f"key {old_fp} of ho was retired at" in outs[0]["reason"] or "valid-before" in outs[0]["reason"]
+        (s001.cfg.quarantine / forged.name).unlink()
+        forged.unlink()
+    net.settle()
+    assert prices(Node.open(s001.cfg.home), ids) == prices(ho, ids)
+
+    # the archive still verifies: each bundle with the key valid when it was signed; ssh-keygen agrees
+    for n in (ho, s001):
+        res = run("audit", "verify", "--home", str(n.cfg.home), "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout)["errors"] == 0, res.output
+    trust = keys.trust_path(s001.cfg)
+    from exchange.wire.bundle import BundleReader
+
+    with BundleReader(first) as r:
+        signed_at = r.manifest.created
+    assert keygen_verify(keygen, first, trust, "ho", signed_at, tmp_path) == 0
+    assert keygen_verify(keygen, first, trust, "ho", end + timedelta(seconds=1), tmp_path) != 0
+    with BundleReader(newest) as r:
+        assert keygen_verify(keygen, newest, trust, "ho", r.manifest.created, tmp_path) == 0
+
+
+def test_a_store_rotates_and_its_notice_travels_with_its_sales(net: Net) -> None:
+    ho, s001 = net.ho, net.store("s001")
+    old_fp = sshsig.fingerprint(s001.signing_key.public_key())
+    ok("keys", "rotate", "--home", str(s001.cfg.home))
+    again = run("keys", "rotate", "--home", str(s001.cfg.home))
+    assert again.exit_code == 3 and "s001 is still being announced" not in again.output
+    assert "have not confirmed it" in again.output, again.output
+    net.reopen()
+    s001 = net.store("s001")
+    seed_store(net, "s001", sales=3, seed=5)
+    net.settle()
+    ho = Node.open(ho.cfg.home)
+    assert bills(ho) == bills(Node.open(s001.cfg.home))
+    mine = {sshsig.fingerprint(s.key): s for s in ho.trust.signers if s.principals == ("s001",)}
+    new_fp = sshsig.fingerprint(s001.signing_key.public_key())
+    assert set(mine) == {old_fp, new_fp} and mine[old_fp].valid_before is not None
+    assert ho.cfg.peer("s001").recipient == keys.recipient(s001.cfg)
+    # a newer key follows the old one: no warning, although the old key ends within the warning days
+    assert key_validity(s001)["ok"] and key_validity(ho)["ok"]
+    seed_store(net, "s001", sales=2, seed=6)
+    net.settle()
+    assert signer_of(sorted(ho.cfg.archive_received.glob("s001.ho.*.bundle"))[-1], ho) == new_fp
+    assert json.loads(ok("keys", "list", "--home", str(s001.cfg.home), "--json").stdout)["rotation"][
+        "unconfirmed"] == []
+
+
+def _notice(node: str, old: Any, new: Any, new_sig_key: Any, recipient: str, after: datetime,
+            before: datetime) -> dict[str, str]:
+    """A key notice made by hand (what a hostile sender could put in its bundle), signed as given."""
+    from exchange.wire.signed import dump_json, format_time
+
+    raw = dump_json({"format": "exchange-key-notice", "version": 1, "node": node, "created": format_time(after),
+                     "old_key": sshsig.public_line(old), "new_key": sshsig.public_line(new),
+                     "new_recipient": recipient, "new_valid_after": format_time(after),
+                     "old_valid_before": format_time(before)})
+    return {"notice": raw.decode(), "old_sig": sshsig.sign(old, raw).decode(),
+            "new_sig": sshsig.sign(new_sig_key, raw).decode()}
+
+
+def test_a_hostile_key_notice_is_refused_and_changes_no_trust(net: Net, tmp_path: Path) -> None:
+    """A store with its genuine key cannot announce keys for another node, keep its old key for ever,
+    announce a key it does not hold, or send a malformed notice: quarantined, nothing trusted, nothing applied."""
+    ho, s001 = net.ho, net.store("s001")
+    mine = s001.signing_key
+    other = sshsig.load_private_key(sshsig.generate_key()[0])
+    third = sshsig.load_private_key(sshsig.generate_key()[0])
+    recipient = keys.recipient(s001.cfg)
+    now = datetime.now(UTC).replace(microsecond=0)
+    cases = [
+        (_notice("ho", mine, other, other, recipient, now, now + timedelta(days=1)),
+         "announces keys of 'ho' in a bundle from 's001'"),
+        (_notice("s001", mine, other, other, recipient, now, now + timedelta(days=400)),
+         "overlap of at most 90 days"),
+        (_notice("s001", mine, other, third, recipient, now, now + timedelta(days=1)),
+         "new_sig is not by the new key"),
+        (_notice("s001", other, third, third, recipient, now, now + timedelta(days=1)),
+         "its old key is not the key that signed the bundle"),
+        ({"notice": "x" * 5000, "old_sig": "", "new_sig": ""}, "at most 4096 characters"),
+        ("junk", "expected an object with exactly notice, old_sig and new_sig"),
+    ]
+    seed_store(net, "s001", sales=1, seed=3)
+    docs = docs_of(s001, "sales_bill", bills(s001))
+    trust, toml, before = keys.trust_path(ho.cfg).read_bytes(), (ho.cfg.home / "exchange.toml").read_bytes(), \
+        snapshot(ho)
+    for carried, expected in cases:
+        def hook(summary: dict[str, Any], carried: Any = carried) -> None:
+            summary["key_notice"] = carried
+
+        forged = forge_bundle(s001, "ho", docs, record=False, out_dir=tmp_path, summary_hook=hook)
+        deliver([forged], ho)
+        outs = imported(Node.open(ho.cfg.home))
+        assert [(o["file"], o["status"]) for o in outs] == [(forged.name, "QUARANTINED")], outs
+        assert expected in outs[0]["reason"] and "key notice" in outs[0]["reason"], outs
+        (ho.cfg.quarantine / forged.name).unlink()
+        forged.unlink()
+    assert keys.trust_path(ho.cfg).read_bytes() == trust
+    assert (ho.cfg.home / "exchange.toml").read_bytes() == toml and snapshot(ho) == before
+    net.settle()  # the genuine stream goes on
+    assert bills(Node.open(ho.cfg.home)) == bills(s001)
+
+
+def test_doctor_names_a_peer_that_never_confirmed_a_rotation_and_re_pinning_recovers_it(net: Net) -> None:
+    from enginehelpers import item_ids, prices, reprice
+
+    ho, s001 = net.ho, net.store("s001")
+    ok("keys", "rotate", "--home", str(ho.cfg.home), "--overlap", "4s")
+    net.reopen()
+    ho = net.ho
+    rot_end = max(s.valid_before for s in ho.trust.signers if s.principals == ("ho",) and s.valid_before)
+    wait_past(rot_end - timedelta(seconds=2))  # past half of it; s001 stays offline
+    check = key_validity(ho)
+    assert not check["ok"] and "s001 never confirmed the key rotation of ho" in check["detail"], check
+    assert "before then" in check["detail"]
+    wait_past(rot_end)
+    check = key_validity(ho)
+    assert "ended at" in check["detail"] and "exchange peer add --replace" in check["detail"], check
+    # at the store, the HO's new key pinned by hand (its identity checked by phone), then the stream goes on
+    new = identity(ho.cfg.home)
+    ok("peer", "add", "--home", str(s001.cfg.home), "--id", "ho", "--role", "ho", "--signing-key",
+       new["signing_key"], "--recipient", new["recipient"], "--replace")
+    net.reopen()
+    ids = item_ids(net)[:2]
+    reprice(net.ho, ids)
+    net.settle()
+    assert prices(net.store("s001"), ids) == prices(net.ho, ids)
+    assert key_validity(Node.open(ho.cfg.home))["ok"]

@@ -6,7 +6,8 @@ of :mod:`exchange.node.keys`.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -29,17 +30,24 @@ def keys() -> None:
 @JSON
 def keys_list(home: Path | None, as_json: bool) -> None:
     """Every key in the trust store with its validity and state (valid, retired, revoked, not-yet-valid)."""
-    from exchange.node import keys as node_keys
+    from exchange.node import keys as node_keys, rotation
 
     node = _node(home)
     states = node_keys.key_states(node.trust, datetime.now(UTC))
+    rot = rotation.pending(node.cfg)
+    waiting = rotation.unconfirmed(node)
+    last = None if rot is None else {"created": rot.created, "old_valid_before": rot.old_valid_before,
+                                     "peers": sorted(rot.first_seq), "unconfirmed": waiting}
     if as_json:
-        _echo_json({"version": 1, "keys": states})
+        _echo_json({"version": 1, "keys": states, "rotation": last})
         return
     for k in states:
         click.echo(f"{shown(k['principal']):<10} {k['fingerprint']}  {k['state']:<13} "
                    f"from {_utc(k['valid_after'])} until {_utc(k['valid_before'])}"
                    + (f"  ({shown(k['note'])})" if k["note"] else ""))
+    if rot is not None:
+        click.echo(f"last rotation of {node.id}: {_utc(rot.created)}, old key accepted until "
+                   f"{_utc(rot.old_valid_before)}; not yet confirmed by: {', '.join(waiting) or 'none'}")
 
 
 @keys.command("revoke")
@@ -63,3 +71,32 @@ def keys_revoke(home: Path | None, peer_id: str, at_text: str | None, reason: st
         click.echo(f"revoked signing key {fp} of {peer_id} from {_utc(at)}: files it signed before stay verifiable")
     click.echo(f"{peer_id} has no trusted key from then on; once it has new keys: exchange peer add --id {peer_id} "
                f"--role {node.cfg.peer(peer_id).role} --signing-key ... --recipient ... --replace")
+
+
+def _duration(text: str) -> timedelta:
+    """``7d``, ``12h``, ``30m`` or ``45s``."""
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isascii() or not number.isdigit():
+        raise ConfigError(f"--overlap {text!r}: give a number and a unit, d, h, m or s (for example 7d)")
+    return timedelta(**{units[unit]: int(number)})
+
+
+@keys.command("rotate")
+@HOME
+@click.option("--overlap", "overlap_text", default="7d", show_default=True,
+              help="How long peers accept the old key next to the new one (d, h, m or s; at most 90d).")
+def keys_rotate(home: Path | None, overlap_text: str) -> None:
+    """Make new signing and age keys and announce them to every peer in the next bundles (signed by the old key)."""
+    from exchange.node import rotation
+    from exchange.wire.crypto import sshsig
+
+    node = _node(home)
+    old = sshsig.fingerprint(node.signing_key.public_key())
+    rot = rotation.rotate(node, _duration(overlap_text))
+    notice = json.loads(rot.carried["notice"])
+    new = sshsig.fingerprint(sshsig.parse_public_line(notice["new_key"]))
+    click.echo(f"new signing key {new} and recipient {notice['new_recipient']} of {node.id}, from {_utc(rot.created)}")
+    click.echo(f"old signing key {old} accepted by peers until {_utc(rot.old_valid_before)}")
+    click.echo(f"announced to {', '.join(sorted(rot.first_seq)) or 'no peer'} with the next sync "
+               "(`exchange keys list` shows who has confirmed)")

@@ -277,3 +277,19 @@ def ending_keys(trust: sshsig.AllowedSigners, principals: list[str], now: dateti
             out.append(f"{p}'s key ends at {end:%Y-%m-%d %H:%M:%S} UTC (in {(end - now).days} days) "
                        "and no key follows it")
     return out
+
+
+ROTATION_STATE = "rotation.json"  # exchange.node.rotation's state; read here too, without SQLAlchemy
+
+
+def rotation_announcing(cfg: NodeConfig) -> bool:
+    """A key rotation some peer may not have confirmed yet (its notice must still travel)."""
+    import json
+
+    try:
+        state = json.loads((cfg.keys_dir / ROTATION_STATE).read_bytes())
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        return True  # unreadable: the full cycle reports it
+    return not (isinstance(state, dict) and state.get("complete") is True)

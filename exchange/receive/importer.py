@@ -42,7 +42,7 @@ from exchange.database.tables import (
 from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from exchange.faults import crashpoint
 from exchange.files import sha256_file, utc_now, write_file_atomic
-from exchange.node import keys
+from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
@@ -243,7 +243,8 @@ def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, 
         return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
     with node.engine.begin() as conn:
         begin_write(conn)
-        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq, bundle_sha256=file_sha,
+        ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
+                        bundle_sha256=file_sha,
                         manifest_sha256=manifest_sha, result=AckResult.APPLIED, created=utc_now(),
                         recipients=node.recipients_for(peer), heads=_heads(conn, peer, _stream_pos(conn, peer)))
         conn.execute(update(xchg_received).where(and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq))
@@ -347,6 +348,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             last_seq, _ = _stream_pos(conn, peer, lock=True)
             if last_seq >= seq:  # applied meanwhile by another worker
                 return FileOutcome(path.name, Outcome.DUPLICATE, "applied by another worker", peer, seq)
+            notice = rotation.carried_notice(opened.summary, peer, opened.signer.key)  # the sender's new keys
             with suppress_capture(conn):
                 applied, parked = apply_documents(conn, node, peer, seq, opened)
             crashpoint("import.applied")
@@ -354,8 +356,10 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                 conn.rollback()
                 return FileOutcome(path.name, Outcome.APPLIED, "dry run: nothing changed", peer, seq,
                                len(parked), applied)
+            if notice is not None:  # trusted before the commit: a crash after it re-applies nothing
+                rotation.accept(node, notice)
             now = utc_now()
-            ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+            ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
                             bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
                             result=AckResult.APPLIED, applied=applied, parked=parked, created=now,
                             recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
@@ -388,7 +392,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                 heads: Heads | None = _heads(conn, peer, _stream_pos(conn, peer))
         except SQLAlchemyError:  # the database failed: an ack without heads claims nothing, still signed
             heads = None
-        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+        ack = build_ack(key=rotation.signing_key_for(node, peer), acker=node.id, sender=peer, seq=seq,
                         bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
                         result=AckResult.REJECTED, reason=reason, recipients=node.recipients_for(peer), heads=heads)
         try:

@@ -87,7 +87,19 @@ def check_key_validity(node: Node, days: int | None = None) -> str:
     from datetime import UTC, datetime
 
     days = keys.warn_days(node.cfg) if days is None else days
-    ending = keys.ending_keys(node.trust, [node.id, *sorted(node.cfg.peers)], datetime.now(UTC), days)
+    now = datetime.now(UTC)
+    ending = keys.ending_keys(node.trust, [node.id, *sorted(node.cfg.peers)], now, days)
+    if (node.cfg.keys_dir / keys.ROTATION_STATE).exists():  # a rotation: loads the database only then
+        from exchange.node import rotation
+
+        rot, behind = rotation.pending(node.cfg), rotation.lagging(node)
+        if rot is not None and behind and now >= rot.created + (rot.old_valid_before - rot.created) / 2:
+            ended = now > rot.old_valid_before
+            ending.append(f"{', '.join(behind)} never confirmed the key rotation of {node.id}: its old key "
+                          f"{'ended' if ended else 'ends'} at {rot.old_valid_before:%Y-%m-%d %H:%M:%S} UTC there, "
+                          "and what it signs with the new key cannot be verified there"
+                          + (": pin the new key there with `exchange peer add --replace`" if ended
+                             else ": sync with them (or carry a USB stick) before then"))
     if ending:
         raise ExchangeError(
             "; ".join(ending),
