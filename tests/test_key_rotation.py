@@ -445,3 +445,42 @@ def test_doctor_names_a_peer_that_never_confirmed_a_rotation_and_re_pinning_reco
     net.settle()
     assert prices(net.store("s001"), ids) == prices(net.ho, ids)
     assert key_validity(Node.open(ho.cfg.home))["ok"]
+
+
+def test_keys_rotate_killed_at_any_point_is_finished_by_running_it_again(net: Net) -> None:
+    """SIGKILL at each of ROTATE_POINTS: the rerun makes (or finishes) one rotation, and the exchange goes on."""
+    import os
+    import sys
+
+    from enginehelpers import item_ids, prices, reprice
+
+    from exchange.faults import ROTATE_POINTS
+
+    home = str(net.ho.cfg.home)
+    ids = item_ids(net)[:2]
+    for point in ROTATE_POINTS:
+        before = identity(net.ho.cfg.home)["signing_key"]
+        env = {k: v for k, v in os.environ.items() if k != "EXCHANGE_HOME"}
+        env["EXCHANGE_CRASH_AT"] = point
+        killed = subprocess.run([sys.executable, "-m", "exchange", "keys", "rotate", "--home", home],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert killed.returncode == -9, (point, killed.stdout, killed.stderr)
+        if point == "rotate.switching":  # announced, not switched: the old key (set aside) still carries the notice
+            res = run("sync", "--home", home)
+            assert res.exit_code == 0 and "exported 1" in res.output, res.output
+        ok("keys", "rotate", "--home", home)
+        after = identity(net.ho.cfg.home)["signing_key"]
+        assert after.split()[:2] != before.split()[:2], point
+        carried = json.loads((net.ho.cfg.keys_dir / "rotation.json").read_text())["carried"]
+        assert json.loads(carried["notice"])["new_key"].split()[:2] == after.split()[:2], point
+        assert not (net.ho.cfg.keys_dir / "next").exists() and not (net.ho.cfg.keys_dir / "next.part").exists()
+        net.reopen()
+        net.settle()
+        reprice(net.ho, ids)
+        net.settle()
+        s001 = Node.open(net.store("s001").cfg.home)
+        assert prices(s001, ids) == prices(net.ho, ids), point
+        newest = sorted(s001.cfg.archive_received.glob("ho.s001.*.bundle"))[-1]
+        assert signer_of(newest, s001) == sshsig.fingerprint(sshsig.parse_public_line(after)), point
+    res = run("audit", "verify", "--home", str(net.store("s001").cfg.home), "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["errors"] == 0, res.output

@@ -92,9 +92,9 @@ def keys_rotate(home: Path | None, overlap_text: str) -> None:
     from exchange.wire.crypto import sshsig
 
     node = _node(home)
-    old = sshsig.fingerprint(node.signing_key.public_key())
     rot = rotation.rotate(node, _duration(overlap_text))
     notice = json.loads(rot.carried["notice"])
+    old = sshsig.fingerprint(sshsig.parse_public_line(notice["old_key"]))
     new = sshsig.fingerprint(sshsig.parse_public_line(notice["new_key"]))
     click.echo(f"new signing key {new} and recipient {notice['new_recipient']} of {node.id}, from {_utc(rot.created)}")
     click.echo(f"old signing key {old} accepted by peers until {_utc(rot.old_valid_before)}")

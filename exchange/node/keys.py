@@ -71,6 +71,9 @@ def load_signing_key(cfg: NodeConfig) -> Any:
     from exchange.wire.crypto import sshsig
 
     path = cfg.keys_dir / SIGNING_KEY
+    if not path.exists() and (cfg.keys_dir / "next").is_dir():
+        raise ConfigError(f"key file {path} is missing: a key rotation was interrupted",
+                          hint="Run `exchange keys rotate` again: it finishes the rotation it announced.")
     check_private(path)
     return sshsig.load_private_key(path.read_bytes(), path=str(path))
 
@@ -212,7 +215,7 @@ def check_current(trust: sshsig.AllowedSigners, principal: str, key: Any, now: d
         raise AuthenticityError(
             f"signature: key {fp} of {principal} was {revoked[0]}: nothing it signs is accepted after {end}",
             hint=f"The key was revoked (`exchange keys list`). Do not trust it again; once {principal} has new "
-                 "keys, re-onboard it (docs/OPERATIONS.md, \"A store whose disk died\").")
+                 "keys, pin them with `exchange peer add --replace` (docs/OPERATIONS.md, \"A store's PC was stolen\").")
     raise AuthenticityError(
         f"signature: key {fp} of {principal} was retired at {end}: it is no longer accepted, whatever time "
         "the file states",

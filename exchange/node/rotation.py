@@ -31,6 +31,7 @@ from sqlalchemy import Connection, and_, select
 
 from exchange.database.tables import xchg_sent, xchg_stream_out
 from exchange.errors import ConfigError, FormatError
+from exchange.faults import crashpoint
 from exchange.node import keys, perms
 from exchange.node.config import NodeConfig
 from exchange.vocabulary import SentStatus
@@ -179,6 +180,7 @@ def rotate(node: Node, overlap: timedelta = DEFAULT_OVERLAP) -> Rotation:
     keys.write_private(part / keys.AGE_KEY, f"{identity}\n".encode())
     keys.write_private(part / f"{keys.AGE_KEY}.pub", (recipient + "\n").encode())
     os.replace(part, kd / NEXT)  # complete, or absent
+    crashpoint("rotate.prepared")
     new_key = sshsig.load_private_key(pem)
     now = datetime.now(UTC).replace(microsecond=0)
     carried = keynotice.make_notice(cfg.id, old_key, new_key, recipient, now, overlap)
@@ -187,6 +189,7 @@ def rotate(node: Node, overlap: timedelta = DEFAULT_OVERLAP) -> Rotation:
     first = {p: int(seqs.get(p, 1)) for p in sorted(cfg.peers)}
     rot = Rotation(carried, now, now + overlap, first)
     _write_state(cfg, rot)  # the commit point
+    crashpoint("rotate.committed")
     _switch(cfg, rot)
     return rot
 
@@ -209,6 +212,7 @@ def _switch(cfg: NodeConfig, rot: Rotation) -> None:
     if (nxt / keys.SIGNING_KEY).exists():
         if (kd / keys.SIGNING_KEY).exists():
             os.replace(kd / keys.SIGNING_KEY, kd / OLD_SIGNING)
+            crashpoint("rotate.switching")
         os.replace(nxt / keys.SIGNING_KEY, kd / keys.SIGNING_KEY)
     if (nxt / f"{keys.SIGNING_KEY}.pub").exists():
         os.replace(nxt / f"{keys.SIGNING_KEY}.pub", kd / f"{keys.SIGNING_KEY}.pub")
