@@ -9,6 +9,7 @@ a genuine bundle and states whatever ``created`` time it likes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from helpers_bundle import need
 from exchange.cli import main
 from exchange.node import keys
 from exchange.node.home import Node, init_home
+from exchange.service.status import sent as status_sent
 from exchange.wire.crypto import sshsig
 
 
@@ -166,6 +168,31 @@ def test_revoking_a_stolen_store_key_refuses_what_it_signs_after_and_keeps_what_
         assert "revoked by ho on" in outs[0]["reason"] and "PC stolen" in outs[0]["reason"], outs
         (ho.cfg.quarantine / f.name).rename(tmp_path / f"{f.parent.name}.quarantined")
     assert snapshot(ho) == before
+
+    # nor does an ack it signs move the HO's status: a bundle the thief claims was applied stays UPLOADED
+    from enginehelpers import item_ids, reprice
+
+    from exchange.service.sync import sync as sync_node
+    from exchange.wire.bundle import build_ack
+    from exchange.wire.formats import ack_name
+
+    reprice(ho, item_ids(net)[:1])
+    assert not sync_node(ho).errors
+    row = [r for r in status_sent(ho) if r.peer == "s001"][-1]
+    assert row.status == "UPLOADED", row
+    sent_file = ho.cfg.archive_sent / row.file
+    from exchange.wire.bundle import BundleReader
+
+    with BundleReader(sent_file) as r:
+        manifest_sha = r.manifest.sha256
+    lie = build_ack(key=s001.signing_key, acker="s001", sender="ho", seq=row.seq,
+                    bundle_sha256=hashlib.sha256(sent_file.read_bytes()).hexdigest(), manifest_sha256=manifest_sha,
+                    result="APPLIED", recipients=[keys.recipient(ho.cfg)],
+                    created=at - timedelta(minutes=5))
+    (ho.cfg.inbox / ack_name("s001", "ho", row.seq)).write_bytes(lie)
+    outs = imported(ho)
+    assert [o["status"] for o in outs] == ["QUARANTINED"] and "revoked by ho on" in outs[0]["reason"], outs
+    assert [r for r in status_sent(ho) if r.seq == row.seq and r.peer == "s001"][0].status == "UPLOADED"
 
     # an auditor: what the key signed before the revocation verifies, what it signed after does not
     res = run("audit", "verify", "--home", str(ho.cfg.home), "--json")

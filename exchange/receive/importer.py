@@ -60,7 +60,14 @@ from exchange.wire.bundle import (
     build_ack,
     read_ack,
 )
+from exchange.wire.crypto import sshsig
+from exchange.wire.signed import unpack_signed
 from exchange.wire.formats import (
+    ACK_DETAILS_MEMBER,
+    ACK_MEMBERS,
+    MAX_ACK_DETAILS_FILE,
+    MAX_MANIFEST_BYTES,
+    SIG_NAMESPACE,
     EVENTS_TABLE,
     INNER_MANIFEST,
     ack_name,
@@ -686,11 +693,18 @@ def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- acks (sender side)
 
+def _ack_signer(path: Path) -> Any:
+    """The key that signed an ack (:func:`read_ack` checked it was trusted at the ack's ``created``)."""
+    u = unpack_signed(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack", (ACK_DETAILS_MEMBER, MAX_ACK_DETAILS_FILE))
+    return sshsig.verify(u.sig, u.raw, SIG_NAMESPACE)
+
+
 def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> FileOutcome:
     """Move a sent bundle to PROCESSED or REJECTED from a verified ack."""
     rep = reporter or NullReporter()
     try:
         ack = read_ack(path, node.trust, me=node.id, identities=node.identities)
+        keys.check_current(node.trust, ack.acker, _ack_signer(path))  # retired or revoked: whatever `created` says
         fn = parse_name(path.name)
         if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
             raise FormatError(f"{path.name}: file name disagrees with the signed ack")
