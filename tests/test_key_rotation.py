@@ -511,3 +511,24 @@ def test_keys_rotate_killed_at_any_point_is_finished_by_running_it_again(net: Ne
         assert signer_of(newest, s001) == sshsig.fingerprint(sshsig.parse_public_line(after)), point
     res = run("audit", "verify", "--home", str(net.store("s001").cfg.home), "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["errors"] == 0, res.output
+
+
+def test_a_store_with_nothing_to_send_announces_its_rotation_in_an_empty_bundle(net: Net) -> None:
+    s001 = net.store("s001")
+    ok("keys", "rotate", "--home", str(s001.cfg.home), "--overlap", "1d")
+    net.reopen()
+    net.settle()
+    ho, s001 = Node.open(net.ho.cfg.home), net.store("s001")
+    new_fp = sshsig.fingerprint(s001.signing_key.public_key())
+    assert new_fp in {sshsig.fingerprint(s.key) for s in ho.trust.signers if s.principals == ("s001",)}
+    told = sorted(ho.cfg.archive_received.glob("s001.ho.*.bundle"))[-1]
+    from exchange.wire.bundle import BundleReader
+
+    with BundleReader(told) as r:
+        assert sshsig.fingerprint(r.verify_signature(ho.trust).key) != new_fp  # the old key announced it
+    assert [r.documents for r in status_sent(s001) if r.file == told.name] == [{}]
+    assert json.loads(ok("keys", "list", "--home", str(s001.cfg.home), "--json").stdout)["rotation"][
+        "unconfirmed"] == []
+    sent_before = len(status_sent(s001))
+    assert not run("sync", "--home", str(s001.cfg.home)).exit_code  # confirmed: no further empty bundle
+    assert len(status_sent(s001)) == sent_before
