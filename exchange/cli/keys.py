@@ -1,4 +1,4 @@
-"""``exchange keys ...``: the trust store over time (list, revoke; docs/OPERATIONS.md "Keys").
+"""``exchange keys ...``: the trust store over time: list, rotate, revoke (docs/OPERATIONS.md).
 
 Registered on ``main`` by :mod:`exchange.cli.main`; each command calls one function
 of :mod:`exchange.node.keys`.

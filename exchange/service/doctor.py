@@ -103,8 +103,9 @@ def check_key_validity(node: Node, days: int | None = None) -> str:
     if ending:
         raise ExchangeError(
             "; ".join(ending),
-            hint="For this node's own key run `exchange keys rotate`; for a peer's, have the peer rotate it, or "
-                 "re-onboard a revoked store (docs/OPERATIONS.md, \"Keys\").")
+            hint="For this node's own key run `exchange keys rotate`; for a peer's, have the peer run it; pin a "
+                 "revoked store's new keys with `exchange peer add --replace` (docs/OPERATIONS.md, \"Rotating a "
+                 "node's keys\", \"A store's PC was stolen\").")
     return f"every key valid for more than {days} days (or followed by a newer key)"
 
 
