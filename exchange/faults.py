@@ -6,7 +6,8 @@ environment variable ``EXCHANGE_CRASH_AT`` names that point (optionally
 otherwise. The points a sync cycle reaches are ``POINTS`` (tests/test_crash.py
 iterates over them with ``exchange sync``); ``PRUNE_POINTS`` are reached by
 ``exchange archive prune`` (tests/test_diskfull.py, tools/campaign.py);
-``ALL_POINTS`` is both.
+``ALL_POINTS`` is both. ``ROTATE_POINTS`` are reached by ``exchange keys rotate``
+(tests/test_key_rotation.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ PRUNE_POINTS = (
 )
 
 ALL_POINTS = POINTS + PRUNE_POINTS
+ROTATE_POINTS = (
+    "rotate.prepared",       # new keys complete in keys/next/, nothing announced (made again by the next run)
+    "rotate.committed",      # keys/rotation.json written (the notice), this node not yet switched to the new keys
+    "rotate.switching",      # the old signing key moved aside, the new one not yet in its place
+)
 
 _counts: dict[str, int] = {}
 

@@ -611,12 +611,14 @@ def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
 @main.command()
 @HOME
 @JSON
-def doctor(home: Path | None, as_json: bool) -> None:
+@click.option("--key-warn-days", type=click.IntRange(0, 3650), default=None,
+              help="Warn this many days ahead of a key's end of validity (default: [keys] warn_days, 14).")
+def doctor(home: Path | None, as_json: bool, key_warn_days: int | None) -> None:
     """Check the node's prerequisites; exit 0 only when all pass."""
     from exchange.node.home import Node
     from exchange.service.doctor import as_json as checks_json, run_checks
 
-    checks = run_checks(Node.open(home, check_modes=False))  # modes are among the checks
+    checks = run_checks(Node.open(home, check_modes=False), key_warn_days)  # modes are among the checks
     if as_json:
         click.echo(checks_json(checks))
     else:
@@ -654,5 +656,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui"):
+    for mod in ("audit", "usb", "ui", "keys"):
         importlib.import_module(f"{__package__}.{mod}")

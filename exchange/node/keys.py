@@ -71,6 +71,9 @@ def load_signing_key(cfg: NodeConfig) -> Any:
     from exchange.wire.crypto import sshsig
 
     path = cfg.keys_dir / SIGNING_KEY
+    if not path.exists() and (cfg.keys_dir / "next").is_dir():
+        raise ConfigError(f"key file {path} is missing: a key rotation was interrupted",
+                          hint="Run `exchange keys rotate` again: it finishes the rotation it announced.")
     check_private(path)
     return sshsig.load_private_key(path.read_bytes(), path=str(path))
 
@@ -128,11 +131,13 @@ def add_signer(cfg: NodeConfig, principal: str, key_line: str,
     return line
 
 
-def retire_signer(cfg: NodeConfig, principal: str, at: datetime) -> list[str]:
+def retire_signer(cfg: NodeConfig, principal: str, at: datetime, note: str = "") -> list[str]:
     """Give every key line of ``principal`` still valid at ``at`` a ``valid-before`` of ``at``.
 
     Lines are rewritten in place (never removed), so files signed before ``at``
-    keep verifying; returns the retired keys' fingerprints.
+    keep verifying; returns the retired keys' fingerprints. ``note`` becomes the
+    line's comment (after the key, where ssh-keygen ignores it): a revocation
+    names itself there, so a refusal can say why the key ended.
     """
     from exchange.wire.crypto import sshsig
 
@@ -145,9 +150,149 @@ def retire_signer(cfg: NodeConfig, principal: str, at: datetime) -> list[str]:
                 or (s.valid_before is not None and s.valid_before <= at)):
             out.append(raw)
             continue
+        if s.valid_after is not None and s.valid_after >= at:
+            raise ConfigError(f"key {sshsig.fingerprint(s.key)} of {principal} only starts at {s.valid_after:%Y-%m-%d %H:%M:%S} "
+                              f"UTC, after {at:%Y-%m-%d %H:%M:%S} UTC: it cannot end before it starts",
+                              hint="Give a later time, or check the trust store with `exchange keys list`.")
         out.append(sshsig.format_signer_line(
-            principal, sshsig.public_line(s.key), namespaces=",".join(s.namespaces or ()),
+            principal, sshsig.public_line(s.key, note or s.comment), namespaces=",".join(s.namespaces or ()),
             valid_after=s.valid_after, valid_before=at))
         retired.append(sshsig.fingerprint(s.key))
     perms.write_private_atomic(path, "".join(line + "\n" for line in out).encode())
     return retired
+
+
+REVOKED = "revoked"  # first word of the comment a revocation writes on the key's trust line
+MAX_REASON = 200
+
+
+def revoke_signer(cfg: NodeConfig, principal: str, at: datetime, reason: str = "") -> list[str]:
+    """End every key of ``principal`` at ``at`` and mark the lines as revoked (why, by whom, when).
+
+    Unlike a rotation nothing replaces the key: what it signed before ``at``
+    stays verifiable, anything it signs from then on is refused, and the peer
+    is trusted again only with new keys (``peer add --replace``).
+    """
+    if principal == cfg.id:
+        raise ConfigError(f"{principal} is this node itself: a node does not revoke its own key",
+                          hint="Rotate it with `exchange keys rotate`, or revoke it at its peers.")
+    if principal not in cfg.peers:
+        raise ConfigError(f"no peer {principal!r} in {cfg.home / 'exchange.toml'}",
+                          hint="`exchange peer list` shows the peers.")
+    reason = " ".join(reason.split())
+    if len(reason) > MAX_REASON or not reason.isprintable():
+        raise ConfigError(f"--reason must be one printable line of at most {MAX_REASON} characters")
+    now = datetime.now(at.tzinfo).replace(microsecond=0)
+    note = (f"{REVOKED} by {cfg.id} on {now:%Y-%m-%dT%H:%M:%SZ} from {at:%Y-%m-%dT%H:%M:%SZ}"
+            + (f": {reason}" if reason else ""))
+    return retire_signer(cfg, principal, at, note)
+
+
+def check_current(trust: sshsig.AllowedSigners, principal: str, key: Any, now: datetime | None = None) -> None:
+    """A live node accepts a signed file only while the key that signed it is still trusted *now*.
+
+    The signature is checked at the file's signed ``created`` time, and the
+    signer chooses that time: a retired or stolen key could date a new file
+    before its end. So on arrival the key must also be valid now (an auditor,
+    who has no arrival time, checks at ``created`` only). AuthenticityError
+    naming the revocation or the retirement otherwise.
+    """
+    from exchange.errors import AuthenticityError
+    from exchange.wire.crypto import sshsig
+
+    try:
+        trust.check(principal, key, sshsig.NAMESPACE, now)
+        return
+    except AuthenticityError:
+        pass
+    raw = key.public_bytes_raw()
+    lines = [s for s in trust.signers if principal in s.principals and s.key.public_bytes_raw() == raw]
+    ends = [s.valid_before for s in lines if s.valid_before is not None]
+    end = f"{max(ends):%Y-%m-%d %H:%M:%S} UTC" if ends else "?"
+    fp = sshsig.fingerprint(key)
+    revoked = [s.comment for s in lines if s.comment.split(" ", 1)[0] == REVOKED]
+    if revoked:
+        raise AuthenticityError(
+            f"signature: key {fp} of {principal} was {revoked[0]}: nothing it signs is accepted after {end}",
+            hint=f"The key was revoked (`exchange keys list`). Do not trust it again; once {principal} has new "
+                 "keys, pin them with `exchange peer add --replace` (docs/OPERATIONS.md, \"A store's PC was stolen\").")
+    raise AuthenticityError(
+        f"signature: key {fp} of {principal} was retired at {end}: it is no longer accepted, whatever time "
+        "the file states",
+        hint=f"{principal} must sign with its current key (compare `exchange identity` there with "
+             "`exchange keys list` here); a file it sealed before the change must be sealed again.")
+
+
+WARN_DAYS = 14  # `exchange doctor` warns this many days ahead of a key's end ([keys] warn_days in exchange.toml)
+
+
+def warn_days(cfg: NodeConfig) -> int:
+    """``[keys] warn_days`` from exchange.toml, else :data:`WARN_DAYS`."""
+    section = cfg.extra.get("keys", {})
+    value = section.get("warn_days", WARN_DAYS) if isinstance(section, dict) else WARN_DAYS
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 3650:
+        raise ConfigError(f"[keys] warn_days = {value!r} in exchange.toml: give a number of days from 0 to 3650")
+    return value
+
+
+def key_states(trust: sshsig.AllowedSigners, now: datetime) -> list[dict[str, Any]]:
+    """Every key line with its state at ``now``: valid, not-yet-valid, retired or revoked."""
+    from exchange.wire.crypto import sshsig
+
+    out = []
+    for s in trust.signers:
+        if s.valid_after is not None and now < s.valid_after:
+            state = "not-yet-valid"
+        elif s.valid_before is not None and now > s.valid_before:
+            state = REVOKED if s.comment.split(" ", 1)[0] == REVOKED else "retired"
+        else:
+            state = "valid"
+        out.append({"principal": ",".join(s.principals), "fingerprint": sshsig.fingerprint(s.key),
+                    "valid_after": s.valid_after, "valid_before": s.valid_before, "state": state,
+                    "note": s.comment})
+    return out
+
+
+def ending_keys(trust: sshsig.AllowedSigners, principals: list[str], now: datetime, days: int) -> list[str]:
+    """Principals whose trust ends within ``days`` (or has ended) with no key to follow, each as a sentence.
+
+    A principal is covered up to the latest end among its keys valid now or
+    later; a rotation's old key ending inside its overlap is fine as long as
+    the new key goes on.
+    """
+    from datetime import timedelta
+
+    out = []
+    horizon = now + timedelta(days=days)
+    for p in principals:
+        mine = [s for s in trust.signers if p in s.principals and not s.cert_authority]
+        live = [s for s in mine if s.valid_before is None or s.valid_before > now]
+        if not live:
+            ended = max((s.valid_before for s in mine if s.valid_before is not None), default=None)
+            revoked = any(s.comment.split(" ", 1)[0] == REVOKED for s in mine)
+            out.append(f"{p} has no valid key: " + (f"{'revoked' if revoked else 'ended'} at "
+                                                    f"{ended:%Y-%m-%d %H:%M:%S} UTC" if ended else "none pinned"))
+            continue
+        if any(s.valid_before is None for s in live):
+            continue
+        end = max(s.valid_before for s in live if s.valid_before is not None)
+        if end <= horizon:
+            out.append(f"{p}'s key ends at {end:%Y-%m-%d %H:%M:%S} UTC (in {(end - now).days} days) "
+                       "and no key follows it")
+    return out
+
+
+ROTATION_STATE = "rotation.json"  # exchange.node.rotation's state; read here too, without SQLAlchemy
+
+
+def rotation_announcing(cfg: NodeConfig) -> bool:
+    """A key rotation some peer may not have confirmed yet (its notice must still travel)."""
+    import json
+
+    try:
+        state = json.loads((cfg.keys_dir / ROTATION_STATE).read_bytes())
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        return True  # unreadable: the full cycle reports it
+    return not (isinstance(state, dict) and state.get("complete") is True)

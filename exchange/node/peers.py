@@ -26,6 +26,13 @@ def _when(text: str | None, what: str) -> datetime | None:
     raise ConfigError(f"{what} {text!r}: use YYYYMMDD, YYYYMMDDHHMM or YYYYMMDDHHMMSS (UTC)")
 
 
+def parse_when(text: str, what: str) -> datetime:
+    """A time given on the command line (YYYYMMDD[HHMM[SS]], UTC), as ``peer add`` takes it."""
+    when = _when(text, what)
+    assert when is not None  # only None for an empty text
+    return when
+
+
 def _peer_role(cfg: NodeConfig, role: str) -> Role:
     """The peer's role, given explicitly; a store may only name its HO."""
     if role not in ("ho", "store"):

@@ -42,6 +42,7 @@ from exchange.database.tables import (
 from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
 from exchange.faults import crashpoint
 from exchange.files import sha256_file, utc_now, write_file_atomic
+from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
@@ -59,7 +60,14 @@ from exchange.wire.bundle import (
     build_ack,
     read_ack,
 )
+from exchange.wire.crypto import sshsig
+from exchange.wire.signed import unpack_signed
 from exchange.wire.formats import (
+    ACK_DETAILS_MEMBER,
+    ACK_MEMBERS,
+    MAX_ACK_DETAILS_FILE,
+    MAX_MANIFEST_BYTES,
+    SIG_NAMESPACE,
     EVENTS_TABLE,
     INNER_MANIFEST,
     ack_name,
@@ -211,9 +219,10 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
         return FileOutcome(path.name, Outcome.QUARANTINED, str(exc))
     with reader:
         try:
-            reader.verify_signature(node.trust)
+            signer = reader.verify_signature(node.trust)
             reader.check_recipient(node.id)
             m = reader.manifest
+            keys.check_current(node.trust, m.sender, signer.key)  # retired or revoked: refused whatever `created` says
             if (fn.a, fn.b, fn.seq) != (m.sender, m.recipient, m.seq):
                 raise FormatError(f"{path.name}: file name disagrees with the signed manifest "
                                   f"({m.sender}.{m.recipient}.{m.seq:010d})")
@@ -241,7 +250,8 @@ def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, 
         return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
     with node.engine.begin() as conn:
         begin_write(conn)
-        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq, bundle_sha256=file_sha,
+        ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
+                        bundle_sha256=file_sha,
                         manifest_sha256=manifest_sha, result=AckResult.APPLIED, created=utc_now(),
                         recipients=node.recipients_for(peer), heads=_heads(conn, peer, _stream_pos(conn, peer)))
         conn.execute(update(xchg_received).where(and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq))
@@ -345,6 +355,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             last_seq, _ = _stream_pos(conn, peer, lock=True)
             if last_seq >= seq:  # applied meanwhile by another worker
                 return FileOutcome(path.name, Outcome.DUPLICATE, "applied by another worker", peer, seq)
+            notice = rotation.carried_notice(opened.summary, peer, opened.signer.key)  # the sender's new keys
             with suppress_capture(conn):
                 applied, parked = apply_documents(conn, node, peer, seq, opened)
             crashpoint("import.applied")
@@ -352,8 +363,10 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                 conn.rollback()
                 return FileOutcome(path.name, Outcome.APPLIED, "dry run: nothing changed", peer, seq,
                                len(parked), applied)
+            if notice is not None:  # trusted before the commit: a crash after it re-applies nothing
+                rotation.accept(node, notice)
             now = utc_now()
-            ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+            ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
                             bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
                             result=AckResult.APPLIED, applied=applied, parked=parked, created=now,
                             recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
@@ -386,7 +399,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                 heads: Heads | None = _heads(conn, peer, _stream_pos(conn, peer))
         except SQLAlchemyError:  # the database failed: an ack without heads claims nothing, still signed
             heads = None
-        ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
+        ack = build_ack(key=rotation.signing_key_for(node, peer), acker=node.id, sender=peer, seq=seq,
                         bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
                         result=AckResult.REJECTED, reason=reason, recipients=node.recipients_for(peer), heads=heads)
         try:
@@ -696,11 +709,18 @@ def _recount_parked(conn: Connection, bundles: set[tuple[str, int]]) -> None:
 
 # ---------------------------------------------------------------- acks (sender side)
 
+def _ack_signer(path: Path) -> Any:
+    """The key that signed an ack (:func:`read_ack` checked it was trusted at the ack's ``created``)."""
+    u = unpack_signed(path, ACK_MEMBERS, MAX_MANIFEST_BYTES, "ack", (ACK_DETAILS_MEMBER, MAX_ACK_DETAILS_FILE))
+    return sshsig.verify(u.sig, u.raw, SIG_NAMESPACE)
+
+
 def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> FileOutcome:
     """Move a sent bundle to PROCESSED or REJECTED from a verified ack."""
     rep = reporter or NullReporter()
     try:
         ack = read_ack(path, node.trust, me=node.id, identities=node.identities)
+        keys.check_current(node.trust, ack.acker, _ack_signer(path))  # retired or revoked: whatever `created` says
         fn = parse_name(path.name)
         if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
             raise FormatError(f"{path.name}: file name disagrees with the signed ack")

@@ -27,12 +27,14 @@ from exchange.database.sqlite_arrow import SqliteArrowReader
 from exchange.database.tables import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
 from exchange.errors import ConfigError
 from exchange.faults import crashpoint
+from exchange.node import rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.send import clock, streams
 from exchange.send.streams import EventBatch
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.files import publish, sha256_file, utc_now
+from exchange.wire import keynotice
 from exchange.wire.bundle import ParquetCache, Sealed, seal_bundle
 from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
 from exchange.vocabulary import SentStatus
@@ -372,7 +374,8 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
         if docs:
             return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts)
         if not events.ids:
-            return None
+            due = rotation.control_bundle_due(node, peer)  # nothing to send, but a key notice must travel
+            return _seal_batch(node, peer, [], rep) if due else None
         with node.engine.begin() as conn:  # only events of types this node does not send
             begin_write(conn)
             streams.mark_sealed(conn, None, events.ids)
@@ -414,8 +417,11 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
                            else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
+        notice = rotation.notice_for(node, peer, conn)  # a key rotation not yet known to the peer travels along
+        if notice is not None:
+            summary = {**summary, keynotice.SUMMARY_FIELD: notice}
         sealed: Sealed = seal_bundle(
-            part, key=node.signing_key, sender=node.id, recipient=peer, seq=seq, prev=prev,
+            part, key=rotation.signing_key_for(node, peer, conn), sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
             parquet_cache=cache.parquet if cache is not None else None)
         crashpoint("export.sealed")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from exchange.database.direct import connect_existing, plain_file
 from exchange.files import utc_now
+from exchange.node.keys import rotation_announcing
 from exchange.wire.formats import PART_SUFFIX, is_exchange_file
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def idle(node: Node) -> bool:
     which also covers every case this function cannot decide (see the module doc).
     """
     cfg = node.cfg
-    if spool_work(cfg):
+    if spool_work(cfg) or rotation_announcing(cfg):  # a key notice to carry
         return False
     path = plain_file(cfg.database)
     if path is None:

@@ -82,6 +82,33 @@ def check_peers(node: Node) -> str:
     return f"{len(node.cfg.peers)} peers pinned (signing key and recipient)"
 
 
+def check_key_validity(node: Node, days: int | None = None) -> str:
+    """Warn ahead of a key's end: this node's own key and every peer's, unless a newer key follows it."""
+    from datetime import UTC, datetime
+
+    days = keys.warn_days(node.cfg) if days is None else days
+    now = datetime.now(UTC)
+    ending = keys.ending_keys(node.trust, [node.id, *sorted(node.cfg.peers)], now, days)
+    if (node.cfg.keys_dir / keys.ROTATION_STATE).exists():  # a rotation: loads the database only then
+        from exchange.node import rotation
+
+        rot, behind = rotation.pending(node.cfg), rotation.lagging(node)
+        if rot is not None and behind and now >= rot.created + (rot.old_valid_before - rot.created) / 2:
+            ended = now > rot.old_valid_before
+            ending.append(f"{', '.join(behind)} never confirmed the key rotation of {node.id}: its old key "
+                          f"{'ended' if ended else 'ends'} at {rot.old_valid_before:%Y-%m-%d %H:%M:%S} UTC there, "
+                          "and what it signs with the new key cannot be verified there"
+                          + (": pin the new key there with `exchange peer add --replace`" if ended
+                             else ": sync with them (or carry a USB stick) before then"))
+    if ending:
+        raise ExchangeError(
+            "; ".join(ending),
+            hint="For this node's own key run `exchange keys rotate`; for a peer's, have the peer run it; pin a "
+                 "revoked store's new keys with `exchange peer add --replace` (docs/OPERATIONS.md, \"Rotating a "
+                 "node's keys\", \"A store's PC was stolen\").")
+    return f"every key valid for more than {days} days (or followed by a newer key)"
+
+
 def check_transport(node: Node, peer_id: str) -> str:
     from exchange.transport import open_transport
 
@@ -154,11 +181,12 @@ def check_disk(node: Node) -> str:
     return f"{usage.free >> 30} GiB free"
 
 
-def run_checks(node: Node) -> list[Check]:
+def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
     checks = [
         _run("database", lambda: check_database(node), "Check the database URL in exchange.toml."),
         _run("keys", lambda: check_keys(node), f"Restore keys into {keys.SIGNING_KEY} / {keys.AGE_KEY}."),
         _run("peers", lambda: check_peers(node), "Add peers with `exchange peer add`."),
+        _run("key validity", lambda: check_key_validity(node, key_days), "See `exchange keys list`."),
     ]
     for pid in sorted(node.cfg.peers):
         checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from exchange.errors import DatabaseError, ExchangeError
 from exchange.faults import crashpoint
 from exchange.files import is_regular_entry, move_entry, utc_now
+from exchange.node import keys
 from exchange.node.home import Node
 from exchange.node.lock import work_lock
 from exchange.progress import NullReporter, Reporter
@@ -207,6 +208,11 @@ def export_needed(node: Node) -> bool:
     """
     if any(p.name.endswith(".part") for p in node.cfg.outbox.iterdir()):
         return True  # an interrupted export to recover
+    if keys.rotation_announcing(node.cfg):
+        from exchange.node import rotation
+
+        if rotation.unconfirmed(node):
+            return True  # a key notice to carry (in an empty bundle if nothing else goes)
     stores = [p.id for p in node.cfg.peers.values() if p.role == "store" and p.exchanging]
     with node.engine.connect() as conn:
         return export_work(lambda sql: conn.exec_driver_sql(sql).all(), stores,

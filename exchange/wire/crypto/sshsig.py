@@ -289,6 +289,7 @@ class AllowedSigner:
     valid_before: datetime | None
     cert_authority: bool
     line: str
+    comment: str = ""  # the text after the key, which ssh-keygen ignores (exchange notes a revocation there)
 
     def __hash__(self) -> int:  # the cryptography key object itself is unhashable
         return hash((self.line, self.key.public_bytes_raw()))
@@ -373,7 +374,7 @@ def _parse_line(line: str) -> AllowedSigner | None:
             raise ValueError("no key after the options")
         if first not in _KNOWN_TYPES:
             raise ValueError(f"unknown key type {first!r}")
-    b64, _ = _next_field(after)
+    b64, comment = _next_field(after)
     try:
         blob = base64.b64decode(b64, validate=True)
     except binascii.Error as exc:
@@ -397,7 +398,8 @@ def _parse_line(line: str) -> AllowedSigner | None:
         key = _parse_key_blob(blob, "key")
     except FormatError as exc:
         raise ValueError(str(exc)) from exc
-    return AllowedSigner(pats, key, namespaces, after_t, before_t, "cert-authority" in opts, line.strip())
+    return AllowedSigner(pats, key, namespaces, after_t, before_t, "cert-authority" in opts, line.strip(),
+                         comment.strip())
 
 
 class AllowedSigners:
@@ -465,7 +467,7 @@ class AllowedSigners:
                 why = self._why_not(s, namespace, when)
                 if why is None:
                     return s
-                reasons.append(why)
+                reasons.append(f"{why} ({s.comment})" if s.comment else why)
         fp = fingerprint(key)
         if reasons:
             raise AuthenticityError(f"key {fp} is trusted for {principal!r} " + "; ".join(reasons))
