@@ -361,7 +361,8 @@ def _hostile_ack(net: Net) -> tuple[Path, str]:
 def test_peer_text_is_shown_literally_in_status_and_log_lines(net: Net) -> None:
     home = str(net.ho.cfg.home)
     _ack, bundle = _hostile_ack(net)
-    p = cli("-v", "import", "--home", home)
+    p = cli("-v", "import", "--home", home, ok=False)
+    assert p.returncode == 21, p.stderr  # a REJECTED ack came back: docs/SERVICE.md, Exit codes
     log_lines = [line for line in p.stderr.splitlines() if bundle in line]
     assert len(log_lines) == 1, p.stderr  # one record, one line: the peer's newline forged nothing
     assert log_lines[0].endswith(f"{bundle} REJECTED: {EVIL_SHOWN}"), log_lines
@@ -454,7 +455,8 @@ def test_names_with_other_scripts_digits_are_refused(net: Net, tmp_path: Path) -
         app_major(f"{ARABIC_INDIC_TWO}.0.0")
 
     # through the CLI: the dry run names the file and the problem; the inbox never takes it
-    p = cli("import", "--home", str(ho.cfg.home), "--dry-run", str(odd))
+    p = cli("import", "--home", str(ho.cfg.home), "--dry-run", str(odd), ok=False)
+    assert p.returncode == 10, p.stderr  # would be quarantined
     assert p.stdout.startswith(f"{odd.name}: QUARANTINED - {odd.name}: not a bundle or ack file name"), p.stdout
     state = snapshot(ho)
     deliver([odd], ho)

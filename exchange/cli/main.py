@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from exchange import __version__
-from exchange.errors import ExchangeError
+from exchange.errors import EXIT_CODES, ExchangeError, outcome_exit_code
 
 HOME = click.option("--home", envvar="EXCHANGE_HOME", type=click.Path(file_okay=False, path_type=Path),
                     help="Node home folder (default: $EXCHANGE_HOME).")
@@ -53,6 +53,11 @@ class Group(click.Group):
         except ExchangeError as exc:
             _fail(exc)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = place_global_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
             _load_command_modules()
@@ -61,6 +66,66 @@ class Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         _load_command_modules()
         return super().list_commands(ctx)
+
+
+#: ``exchange``'s own options, also accepted after the command (``exchange sync --home H -v``).
+_GROUP_FLAGS = ("--verbose", "--log-json")
+#: The commands' options, also accepted before the command (``exchange --home H --json status sent``).
+_COMMAND_VALUE_OPTIONS = ("--home",)
+_COMMAND_FLAGS = ("--json",)
+
+
+def _is_verbose(token: str) -> bool:
+    return token in _GROUP_FLAGS or (len(token) > 1 and token[0] == "-" and set(token[1:]) == {"v"})
+
+
+def place_global_options(group: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with the global options where click expects them: ``-v``/``--log-json`` before the
+    command, ``--home``/``--json`` after the command's name. Option values (``--label -v``) and
+    what follows ``--`` are never moved; an option the command does not have is left for click to refuse."""
+    front: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        token = args[i]
+        if token in _COMMAND_VALUE_OPTIONS and i + 1 < len(args):
+            moved += args[i:i + 2]
+            i += 2
+            continue
+        if token in _COMMAND_FLAGS or token.split("=", 1)[0] in _COMMAND_VALUE_OPTIONS:
+            moved.append(token)
+        else:
+            front.append(token)
+        i += 1
+    if i >= len(args) or args[i] == "--":
+        return args
+    cmd: click.Command | None = group
+    path_end = i
+    while isinstance(cmd, click.Group) and path_end < len(args) and not args[path_end].startswith("-"):
+        cmd = cmd.get_command(ctx, args[path_end])
+        path_end += 1
+    if cmd is None:
+        return args
+    takes_value = {o for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+                   for o in (*p.opts, *p.secondary_opts)}
+    own = {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+    rest: list[str] = []
+    k = path_end
+    while k < len(args):
+        token = args[k]
+        if token == "--":
+            rest += args[k:]
+            break
+        if token in takes_value:
+            rest += args[k:k + 2]
+            k += 2
+            continue
+        if _is_verbose(token) and token not in own:
+            front.append(token)
+        else:
+            rest.append(token)
+        k += 1
+    return [*front, *args[i:path_end], *moved, *rest]
 
 
 def _node(home: Path | None) -> Any:
@@ -88,13 +153,26 @@ def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=1, default=str))
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _epilog() -> str:
+    """The main help's tail: global options, examples and the exit statuses (errors.EXIT_CODES)."""
+    codes = "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES.items())
+    return ("-v, --json and --home may go before or after the command; EXCHANGE_HOME can replace --home.\n\n"
+            "\b\nExamples:\n  exchange sync --home /srv/xchg/s001\n  exchange status received -v --home /srv/xchg/s001\n"
+            "  exchange --home /srv/xchg/ho --json status sent\n\n"
+            f"\b\nExit status (also in docs/SERVICE.md):\n{codes}")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 @click.version_option(__version__, prog_name="exchange")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--log-json", is_flag=True, help="Log JSON lines (for services).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
-    """Move business data between a head office and its stores as signed, encrypted bundles."""
+    """Move business data between a head office and its stores as signed, encrypted bundles.
+
+    A sync, import or stick visit that quarantined a file, left a bundle FAILED or HELD, or got a
+    REJECTED ack exits non-zero although it ran to its end: cron and systemd see it.
+    """
     from exchange.logs import setup_logging
 
     ctx.obj = {"verbose": verbose, "log_json": log_json}
@@ -111,7 +189,12 @@ def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
               help="ho: the head office; store: one store.")
 @click.option("--database", help="SQLAlchemy URL (default: SQLite in the home).")
 def init(home: Path | None, node_id: str, role: str, database: str | None) -> None:
-    """Create a node home with keys, trust store, database and spool folders."""
+    """Create a node home with keys, trust store, database and spool folders.
+
+    \b
+    Example:
+      exchange init --home /srv/xchg/s001 --node s001 --role store
+    """
     from exchange.node.config import resolve_home
     from exchange.node.home import init_home
 
@@ -124,7 +207,12 @@ def init(home: Path | None, node_id: str, role: str, database: str | None) -> No
 @HOME
 @JSON
 def identity(home: Path | None, as_json: bool) -> None:
-    """Print this node's public identity, for a peer to paste into `peer add`."""
+    """Print this node's public identity, for a peer to paste into `peer add`.
+
+    \b
+    Example:
+      exchange identity --home /srv/xchg/s001
+    """
     from exchange.node import keys
 
     cfg = _node(home).cfg
@@ -142,7 +230,12 @@ def identity(home: Path | None, as_json: bool) -> None:
 
 @main.group()
 def peer() -> None:
-    """Peers this node exchanges with."""
+    """Peers this node exchanges with.
+
+    \b
+    Example:
+      exchange peer list --home /srv/xchg/ho
+    """
 
 
 @peer.command("add")
@@ -161,7 +254,13 @@ def peer() -> None:
 def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recipient: str,
              transport: str | None, groups: tuple[str, ...], valid_after: str | None,
              valid_before: str | None, replace: bool) -> None:
-    """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace)."""
+    """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace).
+
+    \b
+    Example (the keys as `exchange identity` prints them on the peer):
+      exchange peer add --home /srv/xchg/ho --peer s001 --role store --group north
+          --signing-key "ssh-ed25519 AAAA..." --recipient age1...
+    """
     from exchange.node.peers import add_peer
 
     node = _node(home)
@@ -192,7 +291,12 @@ def _rerouted(node: Any, peer_id: str) -> None:
 @click.option("--group", "groups", multiple=True, required=True,
               help="The store's group from now on (repeatable); replaces the groups it had.")
 def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> None:
-    """Move a store to other groups: its new groups' documents are queued, the old ones' deleted there."""
+    """Move a store to other groups: its new groups' documents are queued, the old ones' deleted there.
+
+    \b
+    Example:
+      exchange peer set-group --home /srv/xchg/ho --peer s001 --group south
+    """
     from exchange.node.peers import set_groups
 
     node = _node(home)
@@ -205,7 +309,12 @@ def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> 
 @HOME
 @JSON
 def peer_list(home: Path | None, as_json: bool) -> None:
-    """List peers with their pinned keys."""
+    """List peers with their pinned keys.
+
+    \b
+    Example:
+      exchange peer list --home /srv/xchg/ho --json
+    """
     from exchange.node.peers import list_peers
 
     rows = list_peers(_node(home).cfg)
@@ -237,7 +346,12 @@ def _trust_for(home: Path | None, trust: Path | None) -> Any:
               help="age identity to decrypt with and print a sample of rows.")
 @JSON
 def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None, as_json: bool) -> None:
-    """Show a bundle's or ack's manifest, signature, stream position and tables."""
+    """Show a bundle's or ack's manifest, signature, stream position and tables.
+
+    \b
+    Example:
+      exchange inspect ho.s001.0000000001.bundle --home /srv/xchg/ho
+    """
     from exchange.audit.inspect import describe
     from exchange.node.keys import load_identity_file
 
@@ -260,7 +374,12 @@ def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Pa
 @click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="age identity: also decrypt the payload and check every inner file.")
 def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None) -> None:
-    """Exit 0 only for an authentic, intact file; otherwise name the first problem."""
+    """Exit 0 only for an authentic, intact file; otherwise name the first problem.
+
+    \b
+    Example:
+      exchange verify s001.ho.0000000007.bundle --home /srv/xchg/ho
+    """
     from exchange.audit.inspect import describe
     from exchange.node.keys import load_identity_file
 
@@ -281,7 +400,13 @@ def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Pat
               help="Run every check on FILE and report what would change, changing nothing.")
 @JSON
 def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
-    """Apply the bundles and acks waiting in the inbox, in stream order."""
+    """Apply the bundles and acks waiting in the inbox, in stream order.
+
+    \b
+    Examples:
+      exchange import --home /srv/xchg/s001
+      exchange import --home /srv/xchg/s001 --dry-run inbox/ho.s001.0000000003.bundle
+    """
     from dataclasses import asdict
 
     from exchange.node.lock import work_lock
@@ -295,6 +420,7 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
             outs = import_inbox(node, reporter=_reporter(as_json))
     if as_json:
         _echo_json([asdict(o) for o in outs])
+        _exit_for(outs, [], [])
         return
     for o in outs:
         click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
@@ -302,13 +428,19 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
             click.echo(shown(f"    {t}: {a}"))
     if not outs:
         click.echo("inbox is empty")
+    _exit_for(outs, [], [])
 
 
 @main.command()
 @HOME
 @JSON
 def export(home: Path | None, as_json: bool) -> None:
-    """Seal pending documents into bundles in the outbox."""
+    """Seal pending documents into bundles in the outbox.
+
+    \b
+    Example:
+      exchange export --home /srv/xchg/s001
+    """
     from dataclasses import asdict
 
     from exchange.node.lock import work_lock
@@ -330,7 +462,12 @@ def export(home: Path | None, as_json: bool) -> None:
 @HOME
 @click.option("--to", "target", required=True, help="Folder (USB stick, share) to deliver to.")
 def push(home: Path | None, target: str) -> None:
-    """Copy outbox files to a folder, one sub-folder per recipient."""
+    """Copy outbox files to a folder, one sub-folder per recipient.
+
+    \b
+    Example:
+      exchange push --home /srv/xchg/ho --to /media/STICK
+    """
     _move_files(home, "push", target)
 
 
@@ -338,7 +475,12 @@ def push(home: Path | None, target: str) -> None:
 @HOME
 @click.option("--from", "source", required=True, help="Folder (USB stick, share) to take files from.")
 def pull(home: Path | None, source: str) -> None:
-    """Take the files addressed to this node from a folder into the inbox."""
+    """Take the files addressed to this node from a folder into the inbox.
+
+    \b
+    Example:
+      exchange pull --home /srv/xchg/s001 --from /media/STICK
+    """
     _move_files(home, "pull", source)
 
 
@@ -356,8 +498,16 @@ def _move_files(home: Path | None, step: str, where: str) -> None:
             sync.pull(node, source=_address(where), report=rep)
     moved = rep.pushed if step == "push" else rep.pulled
     click.echo(shown(f"{step}ed {len(moved)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
-    if rep.errors:
-        sys.exit(30)
+    _exit_for([], rep.failures, rep.errors)
+
+
+def _exit_for(outcomes: list[Any], failures: list[Exception], errors: list[str]) -> None:
+    """Exit non-zero (see `exchange --help`) when a file or a transfer went wrong, though the run finished.
+
+    ``errors`` beyond ``failures`` (an entry that is not a regular file, refused) count as transport (30)."""
+    code = outcome_exit_code((o.status for o in outcomes), failures, other_errors=len(errors) > len(failures))
+    if code:
+        sys.exit(code)
 
 
 @main.command()
@@ -365,7 +515,12 @@ def _move_files(home: Path | None, step: str, where: str) -> None:
 @click.option("--via", help="Use this folder/address for every peer instead of the configured ones.")
 @JSON
 def sync(home: Path | None, via: str | None, as_json: bool) -> None:
-    """One sync cycle: pull, import, export, push (receive first, then send)."""
+    """One sync cycle: pull, import, export, push (receive first, then send).
+
+    \b
+    Example:
+      exchange sync --home /srv/xchg/s001 || echo "exit $?: see exchange --help"
+    """
     from exchange.service.sync import sync as do_sync
 
     node = _node(home)
@@ -378,14 +533,18 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
         click.echo(shown(f"sync {node.id}: {rep.line()}"))
         for e in rep.errors:
             click.secho(f"  {shown(e)}", fg="yellow")
-    if rep.errors:
-        sys.exit(30)
+    _exit_for(rep.imported, rep.failures, rep.errors)
 
 
 @main.command()
 @HOME
 def retry(home: Path | None) -> None:
-    """Retry FAILED bundles and parked documents."""
+    """Retry FAILED bundles and parked documents.
+
+    \b
+    Example:
+      exchange retry --home /srv/xchg/s001
+    """
     from exchange.node.lock import work_lock
     from exchange.receive.retry import retry as retry_all
 
@@ -394,6 +553,7 @@ def retry(home: Path | None) -> None:
         result = retry_all(node)
     for line in result.lines():
         click.echo(shown(line))
+    _exit_for(result.outcomes, [], [])
 
 
 @main.command()
@@ -401,7 +561,12 @@ def retry(home: Path | None) -> None:
 @click.option("--peer", "peer_id", required=True, help="The peer to send the documents to.")
 @click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
 def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
-    """Queue the full current state of document types for a peer (new or repaired store)."""
+    """Queue the full current state of document types for a peer (new or repaired store).
+
+    \b
+    Example:
+      exchange reload --home /srv/xchg/ho --peer s001 --doc item
+    """
     from exchange.send.export import requeue
 
     q = requeue(_node(home), peer_id, docs, everything=True)
@@ -415,7 +580,13 @@ def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
 @HOME
 @JSON
 def status(view: str, home: Path | None, as_json: bool) -> None:
-    """The Sent or Received view (and parked documents)."""
+    """The Sent or Received view (and parked documents).
+
+    \b
+    Examples:
+      exchange status received --home /srv/xchg/s001
+      exchange status sent --home /srv/xchg/ho --peer north --json
+    """
     from exchange.service import status as st
 
     node = _node(home)
@@ -437,13 +608,23 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
 
 @main.group()
 def triggers() -> None:
-    """Database triggers that capture changes of an existing POS."""
+    """Database triggers that capture changes of an existing POS.
+
+    \b
+    Example:
+      exchange triggers install --home /srv/xchg/s001
+    """
 
 
 @triggers.command("install")
 @HOME
 def triggers_install(home: Path | None) -> None:
-    """Install capture triggers on the tables of the document types this node owns."""
+    """Install capture triggers on the tables of the document types this node owns.
+
+    \b
+    Example:
+      exchange triggers install --home /srv/xchg/s001
+    """
     from exchange.database.capture import install_triggers
 
     node = _node(home)
@@ -458,7 +639,12 @@ def triggers_install(home: Path | None) -> None:
 @click.option("--sales", default=50, show_default=True, help="Sales bills per store.")
 @click.option("--fresh/--keep", default=True, help="Start from an empty folder.")
 def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
-    """Run an HO and two stores through a full exchange via a folder."""
+    """Run an HO and two stores through a full exchange via a folder.
+
+    \b
+    Example:
+      exchange demo --home /tmp/demo --items 50 --sales 10
+    """
     from exchange.demo.run import run_demo
 
     if not run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo):
@@ -479,7 +665,12 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @click.pass_obj
 def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port: int | None,
         ui_host: str | None, watch_usb: bool | None, workers: int) -> None:
-    """Run the service: apply files as they land, sync on a schedule."""
+    """Run the service: apply files as they land, sync on a schedule.
+
+    \b
+    Example:
+      exchange run --home /srv/xchg/ho --ui-port 8080 --workers 2
+    """
     from exchange.logs import setup_logging
     from exchange.service.daemon import Service, install_signal_handlers
 
@@ -510,7 +701,12 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port:
 @click.option("--poll", type=float, default=0.2, show_default=True, help="Seconds between inbox scans.")
 @click.pass_obj
 def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
-    """An import-only worker (extra process or host sharing the database and the drop)."""
+    """An import-only worker (extra process or host sharing the database and the drop).
+
+    \b
+    Example:
+      exchange worker --home /srv/xchg/ho
+    """
     import signal
     import threading
 
@@ -529,7 +725,12 @@ def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
 @HOME
 @JSON
 def doctor(home: Path | None, as_json: bool) -> None:
-    """Check the node's prerequisites; exit 0 only when all pass."""
+    """Check the node's prerequisites; exit 0 only when all pass.
+
+    \b
+    Example:
+      exchange doctor --home /srv/xchg/s001
+    """
     from exchange.node.home import Node
     from exchange.service.doctor import as_json as checks_json, run_checks
 
@@ -549,7 +750,12 @@ def doctor(home: Path | None, as_json: bool) -> None:
 @main.command()
 @HOME
 def migrate(home: Path | None) -> None:
-    """Create or upgrade exchange's tables in the node database."""
+    """Create or upgrade exchange's tables in the node database.
+
+    \b
+    Example:
+      exchange migrate --home /srv/xchg/ho
+    """
     n = _node(home).migrate()
     click.echo(f"database up to date ({n} migration steps run)")
 
@@ -559,7 +765,12 @@ def migrate(home: Path | None) -> None:
 @click.option("--address", required=True, help="sftp://user@host:port/path")
 @click.option("--fingerprint", help="Expected SHA256:... fingerprint (refuse if different).")
 def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) -> None:
-    """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint)."""
+    """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint).
+
+    \b
+    Example:
+      exchange peer trust-host --home /srv/xchg/s001 --address sftp://xs001@ho.example:22/
+    """
     from exchange.transport.sftp.address import trust_host
 
     node = _node(home)
