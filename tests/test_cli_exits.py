@@ -134,3 +134,24 @@ def test_global_options_before_or_after_the_command(homes: Path) -> None:
 def test_a_global_option_the_command_does_not_have_is_refused(args: list[str]) -> None:
     p = cli(*args)
     assert p.returncode == 2, p.stdout + p.stderr
+
+
+def test_one_spelling_for_a_peer_and_reload_takes_groups_and_all(homes: Path) -> None:
+    ho = str(homes / "ho")
+    p = cli("reload", "--home", ho, "--peer", "north", "--doc", "item")
+    assert p.returncode == 0, p.stderr
+    assert re.fullmatch(r"\d+ documents queued for s001; they go with the next export or sync\n", p.stdout), p.stdout
+    p = cli("reload", "--home", ho, "--peer", "all", "--peer", "s001", "--doc", "item")
+    assert [line.split(" queued for ")[1].split(";")[0] for line in p.stdout.splitlines()] == ["s001", "s002"]
+    p = cli("reload", "--home", ho, "--peer", "west", "--doc", "item")
+    assert p.returncode == 3 and "'west' is neither a peer nor a store group of ho" in p.stderr
+    # --peer everywhere a node id is asked for; the old --id still works (hidden from --help)
+    p = cli("peer", "set-group", "--home", ho, "--peer", "s001", "--group", "south")
+    assert p.returncode == 0 and p.stdout.startswith("s001: groups south (were north)"), p.stdout + p.stderr
+    p = cli("peer", "set-group", "--home", ho, "--id", "s001", "--group", "north")
+    assert p.returncode == 0 and p.stdout.startswith("s001: groups north (were south)"), p.stdout + p.stderr
+    assert "--id" not in cli("peer", "add", "--help").stdout
+    p = cli("peer", "set-group", "--home", ho, "--id", "s001", "--peer", "s002", "--group", "north")
+    assert p.returncode == 2 and "name different peers" in p.stderr
+    p = cli("peer", "set-group", "--home", ho, "--group", "north")
+    assert p.returncode == 2 and "Missing option '--peer'" in p.stderr

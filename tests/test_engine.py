@@ -273,7 +273,7 @@ def test_parked_document_applies_when_the_item_arrives(net: Net) -> None:
     parked = status.parked(st)
     assert [(p.doc_type, p.doc_key) for p in parked] == [("promotion", key("P00009"))]
     assert "foreign key" in parked[0].error.lower()
-    assert received(st)[2] == ("APPLIED", "1 documents parked")
+    assert received(st)[2] == ("APPLIED", "1 document parked")
     assert prices(st, ids[1:3]) == prices(ho, ids[1:3])  # the rest of the bundle applied
     with st.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(s.promotion)).scalar() == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -128,6 +129,46 @@ def place_global_options(group: click.Group, ctx: click.Context, args: list[str]
     return [*front, *args[i:path_end], *moved, *rest]
 
 
+def peer_id_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``--peer ID``: the one spelling of a peer's node id; ``--id`` (the old one) still works, hidden."""
+    def deco(f: Callable[..., None]) -> Callable[..., None]:
+        f = click.option("--id", "old_id", hidden=True, help="Old spelling of --peer.")(f)
+        return click.option("--peer", "peer_id", metavar="ID", help=help_text)(f)
+    return deco
+
+
+def one_peer(peer_id: str | None, old_id: str | None) -> str:
+    """The id given as ``--peer`` (or the old ``--id``); a usage error when neither or two different."""
+    if peer_id and old_id and peer_id != old_id:
+        raise click.UsageError(f"--peer {peer_id} and --id {old_id} name different peers: give --peer only")
+    got = peer_id or old_id
+    if not got:
+        raise click.UsageError("Missing option '--peer'.")
+    return got
+
+
+PEERS = click.option("--peer", "peers", multiple=True, metavar="PEER|GROUP|all",
+                     help="A peer id, a store group or all (repeatable).")
+
+
+def resolve_peers(node: Any, wanted: tuple[str, ...]) -> list[str]:
+    """Peer ids for ``--peer`` values: an id, a store group (its stores) or ``all`` (every peer)."""
+    from exchange.errors import ConfigError
+
+    peers = node.cfg.peers
+    out: list[str] = []
+    for w in wanted:
+        found = (sorted(peers) if w == "all" else [w] if w in peers
+                 else sorted(p.id for p in peers.values() if w in p.groups))
+        if not found:
+            groups = sorted({g for p in peers.values() for g in p.groups})
+            raise ConfigError(f"{w!r} is neither a peer nor a store group of {node.id}",
+                              hint=f"Peers: {', '.join(sorted(peers)) or 'none'}; groups: "
+                                   f"{', '.join(groups) or 'none'}; or all.")
+        out += [p for p in found if p not in out]
+    return out
+
+
 def _node(home: Path | None) -> Any:
     from exchange.node.home import Node
 
@@ -224,7 +265,7 @@ def identity(home: Path | None, as_json: bool) -> None:
     click.echo(f"node:        {cfg.id} ({cfg.role})")
     click.echo(f"signing key: {ident['signing_key']}")
     click.echo(f"recipient:   {ident['recipient']}")
-    click.echo("\non the peer, run:\n  exchange peer add --id {} --role {} --signing-key \"{}\" --recipient {}".format(
+    click.echo("\non the peer, run:\n  exchange peer add --peer {} --role {} --signing-key \"{}\" --recipient {}".format(
         cfg.id, cfg.role, ident["signing_key"], ident["recipient"]))
 
 
@@ -240,7 +281,7 @@ def peer() -> None:
 
 @peer.command("add")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The peer's node id, as its `exchange identity` prints it.")
+@peer_id_option("The peer's node id, as its `exchange identity` prints it.")
 @click.option("--role", type=click.Choice(["ho", "store"]), required=True,
               help="The peer's role; a store's only peer is its HO.")
 @click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
@@ -251,7 +292,7 @@ def peer() -> None:
 @click.option("--valid-before", help="Key valid until, for key rotation.")
 @click.option("--replace", is_flag=True,
               help="Change an existing peer's keys: the old signing key stays valid only for what it signed before now.")
-def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recipient: str,
+def peer_add(home: Path | None, peer_id: str | None, old_id: str | None, role: str, signing_key: str, recipient: str,
              transport: str | None, groups: tuple[str, ...], valid_after: str | None,
              valid_before: str | None, replace: bool) -> None:
     """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace).
@@ -263,6 +304,7 @@ def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recip
     """
     from exchange.node.peers import add_peer
 
+    peer_id = one_peer(peer_id, old_id)
     node = _node(home)
     done = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
                     valid_after, valid_before, replace=replace)
@@ -287,10 +329,10 @@ def _rerouted(node: Any, peer_id: str) -> None:
 
 @peer.command("set-group")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The store to move.")
+@peer_id_option("The store to move.")
 @click.option("--group", "groups", multiple=True, required=True,
               help="The store's group from now on (repeatable); replaces the groups it had.")
-def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> None:
+def peer_set_group(home: Path | None, peer_id: str | None, old_id: str | None, groups: tuple[str, ...]) -> None:
     """Move a store to other groups: its new groups' documents are queued, the old ones' deleted there.
 
     \b
@@ -299,6 +341,7 @@ def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> 
     """
     from exchange.node.peers import set_groups
 
+    peer_id = one_peer(peer_id, old_id)
     node = _node(home)
     was = set_groups(node.cfg, peer_id, groups)
     click.echo(f"{peer_id}: groups {', '.join(node.cfg.peer(peer_id).groups)} (were {', '.join(was) or 'none'})")
@@ -558,9 +601,10 @@ def retry(home: Path | None) -> None:
 
 @main.command()
 @HOME
-@click.option("--peer", "peer_id", required=True, help="The peer to send the documents to.")
+@click.option("--peer", "peers", multiple=True, required=True, metavar="PEER|GROUP|all",
+              help="The peer to send the documents to: an id, a store group or all (repeatable).")
 @click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
-def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
+def reload(home: Path | None, peers: tuple[str, ...], docs: tuple[str, ...]) -> None:
     """Queue the full current state of document types for a peer (new or repaired store).
 
     \b
@@ -569,40 +613,56 @@ def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
     """
     from exchange.send.export import requeue
 
-    q = requeue(_node(home), peer_id, docs, everything=True)
-    click.echo(f"{q.upserts} documents queued for {peer_id}"
-               + (f", and {q.deletes} deletes of documents no longer routed to it" if q.deletes else "")
-               + "; they go with the next export or sync")
+    from exchange.service.words import counted
+
+    node = _node(home)
+    for peer_id in resolve_peers(node, peers):
+        q = requeue(node, peer_id, docs, everything=True)
+        click.echo(f"{counted(q.upserts, 'document')} queued for {peer_id}"
+                   + (f", and {counted(q.deletes, 'delete')} of documents no longer routed to it" if q.deletes else "")
+                   + "; they go with the next export or sync")
 
 
 @main.command()
 @click.argument("view", type=click.Choice(["sent", "received", "parked"]))
 @HOME
+@PEERS
 @JSON
-def status(view: str, home: Path | None, as_json: bool) -> None:
-    """The Sent or Received view (and parked documents).
+def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) -> None:
+    """The Sent or Received view (and parked documents), readable at 80 columns and when piped.
+
+    Times are local with their zone (the date only when not today); --json gives RFC 3339 times.
 
     \b
     Examples:
       exchange status received --home /srv/xchg/s001
       exchange status sent --home /srv/xchg/ho --peer north --json
     """
+    import shutil
+
     from exchange.service import status as st
+    from exchange.service.status_text import status_lines
 
     node = _node(home)
     rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
     parked = st.parked(node) if view in ("received", "parked") else None
+    if peers:
+        only = set(resolve_peers(node, peers))
+        rows = [r for r in rows if r.peer in only]
+        parked = None if parked is None else [p for p in parked if p.peer in only]
     if as_json:
         _echo_json(st.as_json(rows, parked))
         return
-    from exchange.cli.console import print_status
-
-    print_status(node.id, view, rows, parked)
+    width = shutil.get_terminal_size((80, 24)).columns
+    for line in status_lines(node.id, view, rows, parked, width=width):
+        click.echo(line)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
     if last:
-        click.echo(shown(f"last stick visit {last.get('finished')}: "
+        from exchange.service.words import local_time
+
+        click.echo(shown(f"last stick visit {local_time(last.get('finished'))}: "
                          f"{'ok' if last.get('ok') else 'NOT FINISHED'} - {last.get('summary')}"))
 
 

@@ -44,7 +44,7 @@ from exchange.faults import crashpoint
 from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
+from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus, counted
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
@@ -364,7 +364,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             else:
                 conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
                              .values(last_seq=seq, last_manifest_sha256=m.sha256))
-            reason = f"{len(parked)} documents parked" if parked else None
+            reason = f"{counted(len(parked), 'document')} parked" if parked else None
             _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
                           manifest_sha256=m.sha256, status=ReceivedStatus.APPLIED, summary=summary,
                           applied_at=now, reason=reason, ack=ack)
@@ -707,7 +707,7 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
         else:
             status = SentStatus.PROCESSED if ack.result == AckResult.APPLIED else SentStatus.REJECTED
-            note = ack.reason or (f"{ack.parked_total} documents parked at {ack.acker}" if ack.parked_total
+            note = ack.reason or (f"{counted(ack.parked_total, 'document')} parked at {ack.acker}" if ack.parked_total
                                   else _sealed_note(ack))
             assert sent is not None
             if sent["status"] != SentStatus.PROCESSED:
