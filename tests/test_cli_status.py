@@ -155,3 +155,15 @@ def test_words() -> None:
         "it will be applied when the item arrives")
     many = parked_reason("ho", "grc", '["s001","G1"]', [("item", (f"I{n}",)) for n in range(5)])
     assert "item I0, item I1, item I2 and 2 others, which the head office" in many and "when they arrive" in many
+
+
+def test_import_says_what_it_applied_in_words(homes: Path) -> None:
+    """`exchange import` lists each document type's result as words, not a Python dict."""
+    ho, s001 = str(homes / "ho"), str(homes / "s001")
+    cli("reload", "--home", ho, "--peer", "s001", "--doc", "item")
+    cli("sync", "--home", ho)
+    cli("pull", "--home", s001, "--from", str(homes / "transfer"))
+    out = cli("import", "--home", s001).stdout
+    assert re.search(r"^ho\.s001\.\d{10}\.bundle: APPLIED$", out, re.M), out
+    assert re.search(r"^    item: \d+ applied$", out, re.M), out
+    assert "{" not in out and "'" not in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,6 +343,9 @@ def test_control_totals_mismatch_fails_and_is_rejected(net: Net) -> None:
     outs = sync(st).imported
     assert [(o.seq, o.status) for o in outs] == [(2, "FAILED")]
     assert "control totals" in outs[0].reason
+    # the difference as a readable list, not two Python dicts
+    assert re.search(r"totals item\.price [\d.]+, manifest says 0\.01$", outs[0].reason), outs[0].reason
+    assert "{" not in outs[0].reason
     assert received(st)[2][0] == "FAILED"
     assert table_counts(st) == {**counts, "xchg_received": counts["xchg_received"] + 1}
     assert (st.cfg.inbox / bad.name).exists()  # kept for `exchange retry`

@@ -190,8 +190,17 @@ def _address(text: str) -> str:
     return text if "://" in text or text.split(":", 1)[0] in ("dir", "drop") else f"dir:{text}"
 
 
+def _json_value(value: Any) -> Any:
+    """What json cannot write: a time as RFC 3339 with its offset, anything else as text."""
+    from datetime import datetime
+
+    from exchange.service.words import rfc3339
+
+    return rfc3339(value) if isinstance(value, datetime) else str(value)
+
+
 def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=1, default=str))
+    click.echo(json.dumps(obj, indent=1, default=_json_value))
 
 
 def _epilog() -> str:
@@ -308,7 +317,9 @@ def peer_add(home: Path | None, peer_id: str | None, old_id: str | None, role: s
     node = _node(home)
     done = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
                     valid_after, valid_before, replace=replace)
-    when = done.at.strftime("%Y-%m-%d %H:%M:%S UTC") if done.at else ""
+    from exchange.service.words import local_time
+
+    when = local_time(done.at) if done.at else ""
     for fp in done.retired:
         click.echo(f"retired signing key {fp} of {peer_id}: valid only for files signed before {when}")
     if done.old_recipient:
@@ -454,6 +465,7 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
 
     from exchange.node.lock import work_lock
     from exchange.receive.importer import import_file, import_inbox
+    from exchange.service.words import applied_text
 
     node = _node(home)
     with work_lock(node.cfg.home):
@@ -468,7 +480,7 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
     for o in outs:
         click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
         for t, a in o.applied.items():
-            click.echo(shown(f"    {t}: {a}"))
+            click.echo(shown(f"    {t}: {applied_text(a)}"))
     if not outs:
         click.echo("inbox is empty")
     _exit_for(outs, [], [])

@@ -85,6 +85,7 @@ def usb_last(home: Path | None, as_json: bool) -> None:
     Example:
       exchange usb last --home /srv/xchg/s001
     """
+    from exchange.service.words import local_time
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(_node(home))
@@ -95,7 +96,7 @@ def usb_last(home: Path | None, as_json: bool) -> None:
         click.echo("no transfer stick has been synced here yet")
         return
     mark = click.style("ok", fg="green") if last.get("ok") else click.style("NOT FINISHED", fg="red")
-    click.echo(f"{shown(last.get('finished', '?'))} {mark} {shown(last.get('summary', ''))}")
+    click.echo(f"{shown(local_time(last.get('finished')))} {mark} {shown(last.get('summary', ''))}")
     click.echo(shown(f"  stick {last.get('stick')}" + (f" (id {last['stick_id']})" if last.get("stick_id") else "")))
     for e in last.get("errors") or []:
         click.secho(f"  {shown(e)}", fg="yellow")
@@ -116,6 +117,7 @@ def usb_receipts(path: Path, home: Path | None, trust: Path | None, as_json: boo
     Example:
       exchange usb receipts /media/STICK --home /srv/xchg/ho
     """
+    from exchange.service.words import local_time
     from exchange.transport.usb import list_receipts
     from exchange.wire.crypto import sshsig
 
@@ -132,6 +134,6 @@ def usb_receipts(path: Path, home: Path | None, trust: Path | None, as_json: boo
             continue
         mark = ("verified" if row["verified"] else "not checked: pass --home or --trust" if t is None
                 else f"not checked: {row['node']} is not in this node's trust store")
-        click.echo(shown(f"{row['created']} {row['node']:<8} took {len(row.get('taken', []))}, "
+        click.echo(shown(f"{local_time(row['created'])} {row['node']:<8} took {len(row.get('taken', []))}, "
                          f"put {len(row.get('put', []))}, left {len(row.get('left', []))}"
                          f"{', ' + str(len(row['errors'])) + ' errors' if row.get('errors') else ''}  [{mark}]"))

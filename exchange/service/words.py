@@ -13,7 +13,7 @@ from typing import Any
 from exchange.vocabulary import counted
 
 __all__ = ["counted", "key_text", "documents_text", "as_time", "rfc3339", "local_time", "json_ready",
-           "thing", "parked_reason"]
+           "thing", "parked_reason", "applied_text"]
 
 
 def key_text(doc_key: str) -> str:
@@ -97,3 +97,12 @@ def parked_reason(role: str, doc_type: str, doc_key: str, missing: list[tuple[st
     kinds = sorted({thing(t) for t, _v in missing})
     arrives = f"the {kinds[0]} arrives" if len(missing) == 1 else "they arrive"
     return (f"{doc} uses {which}, which {here} has not received yet; it will be applied when {arrives}")
+
+
+def applied_text(applied: Any) -> str:
+    """One document type's result of an import (``8 applied, 1 parked``), not a Python dict; the
+    control totals stay in ``--json``. A shape from a peer's ack that is not a dict is shown as text."""
+    if not isinstance(applied, dict):
+        return str(applied)
+    words = {"stale": "already newer here"}
+    return ", ".join(f"{v} {words.get(str(k), k)}" for k, v in applied.items() if k != "totals" and v) or "nothing"
