@@ -133,7 +133,7 @@ def peer_id_option(help_text: str) -> Callable[[Callable[..., None]], Callable[.
     """``--peer ID``: the one spelling of a peer's node id; ``--id`` (the old one) still works, hidden."""
     def deco(f: Callable[..., None]) -> Callable[..., None]:
         f = click.option("--id", "old_id", hidden=True, help="Old spelling of --peer.")(f)
-        return click.option("--peer", "peer_id", metavar="ID", help=help_text)(f)
+        return click.option("--peer", "peer_id", metavar="ID", help=help_text + " Required.")(f)
     return deco
 
 
@@ -334,8 +334,10 @@ def _rerouted(node: Any, peer_id: str) -> None:
 
     q = reroute_peer(node, peer_id)
     if q.total:
-        click.echo(f"{q.upserts} documents queued for {peer_id} and {q.deletes} deletes of documents no longer "
-                   "routed to it; they go with the next export or sync")
+        from exchange.service.words import counted
+
+        click.echo(f"{counted(q.upserts, 'document')} queued for {peer_id} and {counted(q.deletes, 'delete')} of "
+                   "documents no longer routed to it; they go with the next export or sync")
 
 
 @peer.command("set-group")
