@@ -29,9 +29,18 @@ beside the code that raises it still appears in this tree.
     │       └── FileChanged (31)   a remote file changed while read: list again (transport.sftp.session)
     ├── DatabaseError (40)         the node database is unreachable or wrong
     └── BusyError (50)             another exchange process holds the lock
+
+:data:`EXIT_CODES` is the one table of what an exit status means (``exchange --help`` prints it,
+docs/SERVICE.md copies it, a test compares them). A sync, import or stick visit that finished but
+quarantined a file, left a bundle FAILED or HELD, or got a REJECTED ack, exits non-zero too
+(:func:`outcome_exit_code`), so cron and systemd see it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+from exchange.vocabulary import Outcome
 
 
 class ExchangeError(Exception):
@@ -146,3 +155,52 @@ class DatabaseError(ExchangeError):
 class BusyError(ExchangeError):
     exit_code = 50
     hint = "Another exchange process is running on this home; wait for it or stop it."
+
+
+#: Exit status -> what it means, for an operator reading a cron mail. Every ``exit_code`` of the tree is here.
+EXIT_CODES: dict[int, str] = {
+    0: "done: nothing went wrong",
+    1: "an unexpected error, or `doctor`/`demo` found a problem",
+    2: "wrong command line (unknown option, missing value)",
+    3: "configuration: exchange.toml, the node home, peers or key file modes",
+    10: "a bad file: quarantined (see `exchange status received`)",
+    11: "a bad file: malformed",
+    12: "a bad file: over a size or count limit",
+    13: "a bad file: signature, hash or chain does not verify",
+    14: "a file addressed to another node",
+    15: "another major version: HELD until this node is upgraded",
+    16: "decryption or key failure",
+    17: "not a regular file (a link, FIFO, folder) where a file was expected",
+    20: "stream order: replay, gap or fork",
+    21: "a bundle FAILED here or was REJECTED by the peer: `exchange retry`",
+    22: "a peer wrote documents it does not own (its bundle was rejected)",
+    30: "transport failed: address, login or host key (`exchange doctor`)",
+    31: "transport failed for now (timeout, refused, reset): retried next sync",
+    40: "the node database is unreachable or wrong",
+    50: "busy: another exchange process holds this home",
+}
+
+#: A finished cycle's file outcomes that need an operator, most urgent first, with their exit status.
+_OUTCOME_EXITS = ((Outcome.QUARANTINED, BundleError.exit_code), (Outcome.FAILED, ApplyError.exit_code),
+                  (Outcome.REJECTED, ApplyError.exit_code), (Outcome.HELD, VersionError.exit_code))
+
+
+def outcome_exit_code(outcomes: Iterable[str], failures: Iterable[BaseException] = (), *,
+                      other_errors: bool = False) -> int:
+    """The exit status of a cycle that ran to its end: 0 only when no file and no transfer went wrong.
+
+    A quarantined file comes first (10), then a FAILED bundle or a REJECTED ack (21), a HELD bundle (15),
+    then transport: 30 when any failure is not worth retrying, 31 when all are transient;
+    ``other_errors`` (a refused entry, no failure object) is 30.
+    """
+    seen = set(outcomes)
+    for status, code in _OUTCOME_EXITS:
+        if status in seen:
+            return code
+    failed = list(failures)
+    permanent = [f for f in failed if not (isinstance(f, ExchangeError) and f.transient)]
+    if permanent:
+        return max((f.exit_code for f in permanent if isinstance(f, ExchangeError)), default=TransportError.exit_code)
+    if other_errors:
+        return TransportError.exit_code
+    return TransientTransportError.exit_code if failed else 0

@@ -72,7 +72,7 @@ def setup_logging(verbose: int = 0, as_json: bool = False) -> None:
         handler.setFormatter(JsonFormatter())
         level = min(level, logging.INFO)
     else:
-        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S%z"))
     root = logging.getLogger("exchange")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
-__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef"]
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef", "counted"]
 
 
 class SentStatus(StrEnum):
@@ -95,3 +95,8 @@ DocKey = NewType("DocKey", str)
 
 #: A document: its type and key.
 DocRef = tuple[str, DocKey]
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """A count as people say it: ``1 document``, ``2 documents``, ``0 documents``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -82,3 +82,16 @@ def test_help_renders(name: str) -> None:
     for p in cmd.params:
         if isinstance(p, click.Option) and not p.hidden:
             assert p.opts[0] in res.output, f"`{name} --help` does not show {p.opts[0]}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_help_has_an_example(name: str) -> None:
+    """Every command's ``--help`` ends with an example to copy: a line that starts ``exchange <its name>``
+    (for a group: one of its commands), kept as written (click's ``\\b``), under "Example"."""
+    res = CliRunner().invoke(main, [*name.split()[1:], "--help"], env={"EXCHANGE_HOME": "", "COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    after = res.output.split("Example", 1)
+    assert len(after) == 2, f"`{name} --help` shows no example: add an `Example:` block to its docstring"
+    examples = [line.strip() for line in after[1].splitlines() if line.strip().startswith("exchange ")]
+    assert any(e == name or e.startswith(name + " ") for e in examples), (
+        f"`{name} --help`: no example line starts with `{name}`: {examples}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -273,7 +274,7 @@ def test_parked_document_applies_when_the_item_arrives(net: Net) -> None:
     parked = status.parked(st)
     assert [(p.doc_type, p.doc_key) for p in parked] == [("promotion", key("P00009"))]
     assert "foreign key" in parked[0].error.lower()
-    assert received(st)[2] == ("APPLIED", "1 documents parked")
+    assert received(st)[2] == ("APPLIED", "1 document parked")
     assert prices(st, ids[1:3]) == prices(ho, ids[1:3])  # the rest of the bundle applied
     with st.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(s.promotion)).scalar() == 2
@@ -374,6 +375,9 @@ def test_control_totals_mismatch_fails_and_is_rejected(net: Net) -> None:
     outs = sync(st).imported
     assert [(o.seq, o.status) for o in outs] == [(2, "FAILED")]
     assert "control totals" in outs[0].reason
+    # the difference as a readable list, not two Python dicts
+    assert re.search(r"totals item\.price [\d.]+, manifest says 0\.01$", outs[0].reason), outs[0].reason
+    assert "{" not in outs[0].reason
     assert received(st)[2][0] == "FAILED"
     assert table_counts(st) == {**counts, "xchg_received": counts["xchg_received"] + 1}
     assert (st.cfg.inbox / bad.name).exists()  # kept for `exchange retry`

@@ -167,10 +167,10 @@ def test_clear_ack_holds_no_business_figures_and_the_sender_still_sees_them(net:
     assert_not_readable(data, needles)
     # the HO (the bundle's sender) decrypts: PROCESSED, with the parked count
     sync(ho)
-    assert sent_rows(ho, "s001")[seq] == ("PROCESSED", "1 documents parked at s001")
+    assert sent_rows(ho, "s001")[seq] == ("PROCESSED", "1 document parked at s001")
     res = run("status", "sent", "--home", str(ho.cfg.home), "--json")
     assert res.exit_code == 0
-    assert "1 documents parked at s001" in res.stdout
+    assert "1 document parked at s001" in res.stdout
     ack = read_ack(ho.cfg.archive_received / ack_name("s001", "ho", seq), ho.trust, me="ho",
                    identities=ho.identities)
     assert ack.details == "decrypted" and ack.parked_total == 1 and ack.applied["item"]["applied"] == 2
@@ -237,7 +237,7 @@ def test_version_1_acks_are_still_read(net: Net) -> None:
     assert (ack.version, ack.details, ack.heads, ack.parked, ack.applied) == (1, "clear", None, parked, v2.applied)
     sync(st)
     sync(ho)
-    assert sent_rows(ho, "s001")[out.seq] == ("PROCESSED", "1 documents parked at s001")
+    assert sent_rows(ho, "s001")[out.seq] == ("PROCESSED", "1 document parked at s001")
     assert (ho.cfg.archive_received / name).read_bytes() == old
     res = run("verify", str(ho.cfg.archive_received / name), "--home", str(ho.cfg.home))
     assert res.exit_code == 0 and res.stdout.startswith("OK")

@@ -141,7 +141,7 @@ def test_links_in_the_inbox_are_set_aside_as_links_never_read(net: Net) -> None:
     os.symlink(key, ho.cfg.inbox / "s001.ho.0000000001.ack")
     before = snapshot(ho)
     p = cli("import", "--home", str(ho.cfg.home), "--json")
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 10, p.stderr  # quarantined: exit 10 (docs/SERVICE.md, Exit codes)
     outs = {o["file"]: o for o in json.loads(p.stdout)}
     for name in ("s001.ho.0000000001.bundle", "s001.ho.0000000001.ack"):
         assert outs[name]["status"] == "QUARANTINED"
@@ -165,7 +165,7 @@ def test_a_dangling_link_in_the_inbox_is_set_aside_too(net: Net) -> None:
     os.symlink(ho.cfg.home / "no-such-file", ho.cfg.inbox / name)
     before = snapshot(ho)
     p = cli("import", "--home", str(ho.cfg.home), "--json")
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 10, p.stderr  # quarantined: exit 10 (docs/SERVICE.md, Exit codes)
     outs = {o["file"]: o for o in json.loads(p.stdout)}
     assert outs[name]["status"] == "QUARANTINED" and "symbolic link" in outs[name]["reason"]
     assert kind(ho.cfg.quarantine / name) == "link"
@@ -183,7 +183,7 @@ def test_fifo_and_folder_in_the_inbox_are_set_aside_without_blocking(net: Net) -
     (folder / "inside.txt").write_text("kept")
     before = snapshot(ho)
     p = cli("import", "--home", str(ho.cfg.home))  # bounded: a FIFO opened for reading would block forever
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 10, p.stderr  # quarantined: exit 10 (docs/SERVICE.md, Exit codes)
     assert "s001.ho.0000000001.bundle: QUARANTINED" in p.stdout and "is a FIFO (named pipe)" in p.stdout
     assert "s002.ho.0000000001.bundle: QUARANTINED" in p.stdout and "is a folder" in p.stdout
     q = ho.cfg.quarantine
@@ -249,7 +249,7 @@ def test_drop_folder_that_is_a_link_is_refused(net: Net, tmp_path: Path) -> None
     keep = Outside(taken, part)
     os.symlink(elsewhere, root / "up")
     p = cli("sync", "--home", str(ho.cfg.home), "--via", f"drop:{root}")
-    assert p.returncode == 30
+    assert p.returncode == 17  # NotRegularFileError: not a regular folder where one was expected
     assert f"folder {root / 'up'} is a symbolic link, not a folder" in p.stdout
     keep.assert_unchanged()
     assert not list(ho.cfg.inbox.iterdir())

@@ -124,7 +124,7 @@ def test_init_under_umask_000_makes_a_private_home(sshd_server: SshdServer, tmp_
     before = known_hosts.read_bytes()
     os.chmod(known_hosts, 0o620)
     p = cli("pull", "--home", str(home), "--from", address, ok=False)
-    assert p.returncode == 30
+    assert p.returncode == 3  # the error's own code: configuration (a key file's mode), not "transport"
     assert f"known hosts file {known_hosts} has mode 0620: writable by group" in p.stdout
     assert known_hosts.read_bytes() == before and not list((home / "inbox").iterdir())
     checks = {c["name"]: c for c in json.loads(cli("doctor", "--home", str(home), "--json", ok=False).stdout)["checks"]}
@@ -307,7 +307,9 @@ def test_peer_add_never_changes_keys_silently_and_replace_retires_the_old_key(ne
     forged = forge_bundle(s001, "ho", docs_of(s001, "sales_bill", bills), out_dir=tmp_path)
     state = snapshot(ho)
     deliver([forged], ho)
-    outs = json.loads(cli("import", "--home", str(ho.cfg.home), "--json").stdout)
+    p = cli("import", "--home", str(ho.cfg.home), "--json", ok=False)
+    assert p.returncode == 10, p.stderr  # quarantined: exit 10
+    outs = json.loads(p.stdout)
     assert [(o["file"], o["status"]) for o in outs] == [(forged.name, "QUARANTINED")], outs
     assert "expired" in outs[0]["reason"] and "valid-before" in outs[0]["reason"], outs
     assert snapshot(ho) == state and (ho.cfg.quarantine / forged.name).exists()
@@ -361,7 +363,8 @@ def _hostile_ack(net: Net) -> tuple[Path, str]:
 def test_peer_text_is_shown_literally_in_status_and_log_lines(net: Net) -> None:
     home = str(net.ho.cfg.home)
     _ack, bundle = _hostile_ack(net)
-    p = cli("-v", "import", "--home", home)
+    p = cli("-v", "import", "--home", home, ok=False)
+    assert p.returncode == 21, p.stderr  # a REJECTED ack came back: docs/SERVICE.md, Exit codes
     log_lines = [line for line in p.stderr.splitlines() if bundle in line]
     assert len(log_lines) == 1, p.stderr  # one record, one line: the peer's newline forged nothing
     assert log_lines[0].endswith(f"{bundle} REJECTED: {EVIL_SHOWN}"), log_lines
@@ -454,7 +457,8 @@ def test_names_with_other_scripts_digits_are_refused(net: Net, tmp_path: Path) -
         app_major(f"{ARABIC_INDIC_TWO}.0.0")
 
     # through the CLI: the dry run names the file and the problem; the inbox never takes it
-    p = cli("import", "--home", str(ho.cfg.home), "--dry-run", str(odd))
+    p = cli("import", "--home", str(ho.cfg.home), "--dry-run", str(odd), ok=False)
+    assert p.returncode == 10, p.stderr  # would be quarantined
     assert p.stdout.startswith(f"{odd.name}: QUARANTINED - {odd.name}: not a bundle or ack file name"), p.stdout
     state = snapshot(ho)
     deliver([odd], ho)

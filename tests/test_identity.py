@@ -78,11 +78,11 @@ def quarantined(node: Node, name: str) -> dict[str, Any]:
     return json.loads(path.with_name(name + ".reason").read_text())  # type: ignore[no-any-return]
 
 
-def import_in_new_process(home: Path) -> list[dict[str, Any]]:
+def import_in_new_process(home: Path, exit_code: int = 0) -> list[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if k not in ("EXCHANGE_CRASH_AT", "EXCHANGE_HOME")}
     p = subprocess.run([sys.executable, "-m", "exchange", "import", "--home", str(home), "--json"],
                        capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == exit_code, p.stderr
     return json.loads(p.stdout)  # type: ignore[no-any-return]
 
 
@@ -209,7 +209,7 @@ def test_replay_rollback_and_fork_are_refused_across_a_restart(net: Net, tmp_pat
     net.dispose()
     for f in (rollback, fork):
         deliver([f], s001)
-        outs = import_in_new_process(s001.cfg.home)
+        outs = import_in_new_process(s001.cfg.home, exit_code=10)  # quarantined: exit 10
         assert [o["status"] for o in outs] == ["QUARANTINED"], outs
         assert ("already applied from a different file" if f is rollback else "hash chain broken") in \
             outs[0]["reason"]

@@ -185,14 +185,14 @@ def test_a_store_cannot_write_what_it_does_not_own(net: Net, attack: str) -> Non
     before = business(net.ho)
     forged, reason = ATTACKS[attack](net)
     assert cli("sync", "--home", rogue_home).exit_code == 0  # s001 pushes its bundle the usual way
-    assert cli("sync", "--home", ho_home).exit_code == 0
+    assert cli("sync", "--home", ho_home).exit_code == 21  # FAILED, a REJECTED ack: cron sees it
     net.reopen()
     assert business(net.ho) == before, "nothing of the bundle was applied at the HO"
     got = json.loads(cli("status", "received", "--home", ho_home, "--json").output)
     row = next(r for r in got["bundles"] if r["file"] == forged.name)
     assert row["status"] == "FAILED"
     assert reason in row["reason"], row["reason"]
-    cli("sync", "--home", rogue_home)  # the REJECTED ack comes back
+    assert cli("sync", "--home", rogue_home).exit_code == 21  # the REJECTED ack comes back: exit 21
     sent = json.loads(cli("status", "sent", "--home", rogue_home, "--json").output)
     mine = next(r for r in sent["bundles"] if r["file"] == forged.name)
     assert mine["status"] == "REJECTED" and reason in mine["reason"]
@@ -202,7 +202,8 @@ def test_a_store_cannot_write_what_it_does_not_own(net: Net, attack: str) -> Non
         conn.execute(update(s.customer).where(s.customer.c.customer_id == "C1").values(name="Asha K"))
         record_events(conn, "customer", [("s002", "C1")])
     assert cli("sync", "--home", str(victim.cfg.home)).exit_code == 0
-    assert cli("sync", "--home", ho_home).exit_code == 0
+    # s002's change applies; s001's FAILED bundle still blocks its stream: every sync says so (21)
+    assert cli("sync", "--home", ho_home).exit_code == 21
     with net.ho.engine.connect() as conn:
         assert conn.execute(select(s.customer.c.name).where(s.customer.c.store_id == "s002",
                                                             s.customer.c.customer_id == "C1")).scalar() == "Asha K"

@@ -53,7 +53,7 @@ def journal(net: Net, peer: str) -> list[dict[str, object]]:
 def test_a_paused_store_gets_nothing_until_resumed_then_everything_it_missed(net: Net) -> None:
     ids = item_ids(net)[:3]
     before = prices(net.store("s001"), ids)
-    out = ho(net, "peer", "pause", "--id", "s001", "--reason", "closed for refit")
+    out = ho(net, "peer", "pause", "--peer", "s001", "--reason", "closed for refit")
     assert "s001 paused since" in out.output
     reprice(net.ho, ids)
     for _ in range(3):
@@ -71,7 +71,7 @@ def test_a_paused_store_gets_nothing_until_resumed_then_everything_it_missed(net
     if net.ho.engine.url.get_backend_name() == "sqlite":
         assert idle(net.ho)
 
-    out = ho(net, "peer", "resume", "--id", "s001")
+    out = ho(net, "peer", "resume", "--peer", "s001")
     assert "s001 resumed; waiting for the next sync: documents for every store it has not received yet" in out.output
     net.settle()
     assert prices(net.store("s001"), ids) == prices(net.ho, ids)
@@ -83,10 +83,10 @@ def test_a_paused_store_gets_nothing_until_resumed_then_everything_it_missed(net
 
 
 def test_pause_twice_or_resume_an_active_store_says_what_to_do(net: Net) -> None:
-    ho(net, "peer", "pause", "--id", "s002", "--reason", "inventory")
-    again = ho(net, "peer", "pause", "--id", "s002", "--reason", "x", code=ConfigError.exit_code)
-    assert "already paused" in again.output and "exchange peer resume --id s002" in again.output
-    wrong = ho(net, "peer", "resume", "--id", "s001", code=ConfigError.exit_code)
+    ho(net, "peer", "pause", "--peer", "s002", "--reason", "inventory")
+    again = ho(net, "peer", "pause", "--peer", "s002", "--reason", "x", code=ConfigError.exit_code)
+    assert "already paused" in again.output and "exchange peer resume --peer s002" in again.output
+    wrong = ho(net, "peer", "resume", "--peer", "s001", code=ConfigError.exit_code)
     assert "s001 is active, not paused" in wrong.output
     # re-adding the paused store (a new transport, say) keeps it paused
     s2 = net.store("s002").cfg
@@ -101,11 +101,11 @@ def test_remove_refuses_to_lose_what_is_on_the_way_then_abandons_it_on_record(ne
     reprice(net.ho, ids)
     sync = cli("export", "--home", str(net.ho.cfg.home))  # sealed for both stores, not delivered
     assert sync.exit_code == 0
-    refused = ho(net, "peer", "remove", "--id", "s001", "--reason", "closed", code=ConfigError.exit_code)
+    refused = ho(net, "peer", "remove", "--peer", "s001", "--reason", "closed", code=ConfigError.exit_code)
     assert "still has" in refused.output and "bundle" in refused.output and "--abandon" in refused.output
     assert net.ho.cfg.peer("s001").state == "active"
 
-    out = ho(net, "peer", "remove", "--id", "s001", "--abandon", "--reason", "store closed for good")
+    out = ho(net, "peer", "remove", "--peer", "s001", "--abandon", "--reason", "store closed for good")
     assert "retired signing key" in out.output and "abandoned:" in out.output
     assert {r.status for r in status.sent(net.ho) if r.peer == "s001" and r.seq > 1} == {"ABANDONED"}
     assert not [f for f in net.ho.cfg.outbox.iterdir() if "s001" in f.name]  # moved to the archive, not deleted
@@ -128,7 +128,7 @@ def test_remove_refuses_to_lose_what_is_on_the_way_then_abandons_it_on_record(ne
 
 
 def test_remove_a_drained_store_then_its_history_stays_and_nothing_is_routed_to_it(net: Net) -> None:
-    out = ho(net, "peer", "remove", "--id", "s002", "--reason", "merged into s001")
+    out = ho(net, "peer", "remove", "--peer", "s002", "--reason", "merged into s001")
     assert "s002 removed" in out.output and "abandoned" not in out.output
     listed = {p["id"]: p for p in json.loads(ho(net, "peer", "list", "--json").output)}
     assert listed["s002"]["state"] == "removed" and listed["s002"]["state_reason"] == "merged into s001"
@@ -143,7 +143,7 @@ def test_remove_a_drained_store_then_its_history_stays_and_nothing_is_routed_to_
     assert [r for r in status.sent(net.ho) if r.peer == "s002"] == [r for r in sent_before if r.peer == "s002"]
     assert {d[2] for (t, _k), d in deliveries(net.ho, "s002").items() if t == "promotion"} == {"PROCESSED"}
     assert prices(net.store("s001"), item_ids(net)[:2]) == prices(net.ho, item_ids(net)[:2])
-    again = ho(net, "peer", "remove", "--id", "s002", "--reason", "x", code=ConfigError.exit_code)
+    again = ho(net, "peer", "remove", "--peer", "s002", "--reason", "x", code=ConfigError.exit_code)
     assert "already removed" in again.output
 
 

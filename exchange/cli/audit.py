@@ -71,14 +71,24 @@ def _echo_json(obj: Any) -> None:
 
 @main.group()
 def audit() -> None:
-    """Auditors' tools: verify an archive, extract bundles, report control totals."""
+    """Auditors' tools: verify an archive, extract bundles, report control totals.
+
+    \b
+    Example:
+      exchange audit verify /srv/xchg/ho/archive --trust allowed_signers
+    """
 
 
 @audit.command("keygen")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="File to write the auditor identity to (created 0600; never overwritten).")
 def audit_keygen(out: Path) -> None:
-    """Create an auditor age identity and print the recipient to give every node."""
+    """Create an auditor age identity and print the recipient to give every node.
+
+    \b
+    Example:
+      exchange audit keygen --out auditor.key
+    """
     from exchange.audit.verify import auditor_key_text
     from exchange.node.keys import write_private
     from exchange.files import utc_now
@@ -113,6 +123,10 @@ def audit_verify(archive: Path | None, home: Path | None, trust: Path | None, id
     """Verify every bundle, ack and checkpoint under ARCHIVE, and every stream they form.
 
     Exit 0 when nothing is wrong, 1 on any finding.
+
+    \b
+    Example:
+      exchange audit verify /srv/xchg/ho/archive --trust allowed_signers --identity auditor.key
     """
     from exchange.audit.verify import verify_archive
 
@@ -187,6 +201,10 @@ def audit_extract(bundles: tuple[Path, ...], identity_file: Path, out: Path, hom
     """Verify each BUNDLE fully, then write its tables as plain Parquet with its manifests.
 
     Exit 1 if any bundle failed verification (with --force its files are still written).
+
+    \b
+    Example:
+      exchange audit extract s001.ho.0000000007.bundle --identity auditor.key --out extracted/
     """
     from exchange.audit.verify import VERIFY_FAILED_FILE, extract_bundle
 
@@ -246,6 +264,10 @@ def audit_report(archive: Path | None, identity_file: Path, home: Path | None, t
     """Documents and control totals per stream, day and document type, from verified bundles.
 
     Exit 1 if a bundle failed verification (it is left out of the figures).
+
+    \b
+    Example:
+      exchange audit report /srv/xchg/ho/archive --identity auditor.key --csv totals.csv
     """
     from exchange.audit.verify import control_report
 
@@ -301,7 +323,12 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
 
 @main.group("archive")
 def archive_group() -> None:
-    """The node's archive of sent and received bundles and acks."""
+    """The node's archive of sent and received bundles and acks.
+
+    \b
+    Example:
+      exchange archive prune --home /srv/xchg/ho --older-than 400 --dry-run
+    """
 
 
 @archive_group.command("prune")
@@ -315,6 +342,10 @@ def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) 
 
     The newest bundle of every stream and its ack are always kept, and so is any
     bundle without an APPLIED ack; `exchange audit verify` still passes after.
+
+    \b
+    Example:
+      exchange archive prune --home /srv/xchg/ho --older-than 400
     """
     from exchange.audit.prune import prune
     from exchange.node.home import Node

@@ -88,21 +88,3 @@ def print_inspect(info: dict[str, Any]) -> None:
         console.print(Text("applied: ").append_text(data(info.get("applied"))))
         if info.get("parked"):
             console.print(Text("parked: ").append_text(data(info.get("parked"))))
-
-
-def print_status(node: str, view: str, rows: list[Any], parked: list[Any] | None) -> None:
-    if view != "parked":
-        t = Table("file", "peer", "seq", "documents", "status", "created", "updated", "reason",
-                  title=f"{node}: {view}")
-        for r in rows:
-            docs = ", ".join(f"{k} {v}" for k, v in r.documents.items())
-            t.add_row(data(r.file), data(r.peer), str(r.seq), data(docs), data(r.status), (r.created or "")[:19],
-                      (r.updated or "")[:19], data(r.reason or ""))
-        console.print(t)
-    if parked:
-        p = Table("document", "key", "from", "seq", "attempts", "error", title=f"{node}: parked documents")
-        for d in parked:
-            p.add_row(data(d.doc_type), data(d.doc_key), data(d.peer), str(d.seq), str(d.attempts), data(d.error))
-        console.print(p)
-    elif view == "parked":
-        console.print("no parked documents")

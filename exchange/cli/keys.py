@@ -69,7 +69,7 @@ def keys_revoke(home: Path | None, peer_id: str, at_text: str | None, reason: st
                           hint="`exchange keys list` shows every key and until when it is valid.")
     for fp in revoked:
         click.echo(f"revoked signing key {fp} of {peer_id} from {_utc(at)}: files it signed before stay verifiable")
-    click.echo(f"{peer_id} has no trusted key from then on; once it has new keys: exchange peer add --id {peer_id} "
+    click.echo(f"{peer_id} has no trusted key from then on; once it has new keys: exchange peer add --peer {peer_id} "
                f"--role {node.cfg.peer(peer_id).role} --signing-key ... --recipient ... --replace")
 
 

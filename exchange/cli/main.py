@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from exchange import __version__
-from exchange.errors import ExchangeError
+from exchange.errors import EXIT_CODES, ExchangeError, outcome_exit_code
 
 HOME = click.option("--home", envvar="EXCHANGE_HOME", type=click.Path(file_okay=False, path_type=Path),
                     help="Node home folder (default: $EXCHANGE_HOME).")
@@ -53,6 +54,11 @@ class Group(click.Group):
         except ExchangeError as exc:
             _fail(exc)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = place_global_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:
             _load_command_modules()
@@ -61,6 +67,106 @@ class Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         _load_command_modules()
         return super().list_commands(ctx)
+
+
+#: ``exchange``'s own options, also accepted after the command (``exchange sync --home H -v``).
+_GROUP_FLAGS = ("--verbose", "--log-json")
+#: The commands' options, also accepted before the command (``exchange --home H --json status sent``).
+_COMMAND_VALUE_OPTIONS = ("--home",)
+_COMMAND_FLAGS = ("--json",)
+
+
+def _is_verbose(token: str) -> bool:
+    return token in _GROUP_FLAGS or (len(token) > 1 and token[0] == "-" and set(token[1:]) == {"v"})
+
+
+def place_global_options(group: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with the global options where click expects them: ``-v``/``--log-json`` before the
+    command, ``--home``/``--json`` after the command's name. Option values (``--label -v``) and
+    what follows ``--`` are never moved; an option the command does not have is left for click to refuse."""
+    front: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        token = args[i]
+        if token in _COMMAND_VALUE_OPTIONS and i + 1 < len(args):
+            moved += args[i:i + 2]
+            i += 2
+            continue
+        if token in _COMMAND_FLAGS or token.split("=", 1)[0] in _COMMAND_VALUE_OPTIONS:
+            moved.append(token)
+        else:
+            front.append(token)
+        i += 1
+    if i >= len(args) or args[i] == "--":
+        return args
+    cmd: click.Command | None = group
+    path_end = i
+    while isinstance(cmd, click.Group) and path_end < len(args) and not args[path_end].startswith("-"):
+        cmd = cmd.get_command(ctx, args[path_end])
+        path_end += 1
+    if cmd is None:
+        return args
+    takes_value = {o for p in cmd.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+                   for o in (*p.opts, *p.secondary_opts)}
+    own = {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+    rest: list[str] = []
+    k = path_end
+    while k < len(args):
+        token = args[k]
+        if token == "--":
+            rest += args[k:]
+            break
+        if token in takes_value:
+            rest += args[k:k + 2]
+            k += 2
+            continue
+        if _is_verbose(token) and token not in own:
+            front.append(token)
+        else:
+            rest.append(token)
+        k += 1
+    return [*front, *args[i:path_end], *moved, *rest]
+
+
+def peer_id_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``--peer ID``: the one spelling of a peer's node id; ``--id`` (the old one) still works, hidden."""
+    def deco(f: Callable[..., None]) -> Callable[..., None]:
+        f = click.option("--id", "old_id", hidden=True, help="Old spelling of --peer.")(f)
+        return click.option("--peer", "peer_id", metavar="ID", help=help_text + " Required.")(f)
+    return deco
+
+
+def one_peer(peer_id: str | None, old_id: str | None) -> str:
+    """The id given as ``--peer`` (or the old ``--id``); a usage error when neither or two different."""
+    if peer_id and old_id and peer_id != old_id:
+        raise click.UsageError(f"--peer {peer_id} and --id {old_id} name different peers: give --peer only")
+    got = peer_id or old_id
+    if not got:
+        raise click.UsageError("Missing option '--peer'.")
+    return got
+
+
+PEERS = click.option("--peer", "peers", multiple=True, metavar="PEER|GROUP|all",
+                     help="A peer id, a store group or all (repeatable).")
+
+
+def resolve_peers(node: Any, wanted: tuple[str, ...]) -> list[str]:
+    """Peer ids for ``--peer`` values: an id, a store group (its stores) or ``all`` (every peer)."""
+    from exchange.errors import ConfigError
+
+    peers = node.cfg.peers
+    out: list[str] = []
+    for w in wanted:
+        found = (sorted(peers) if w == "all" else [w] if w in peers
+                 else sorted(p.id for p in peers.values() if w in p.groups))
+        if not found:
+            groups = sorted({g for p in peers.values() for g in p.groups})
+            raise ConfigError(f"{w!r} is neither a peer nor a store group of {node.id}",
+                              hint=f"Peers: {', '.join(sorted(peers)) or 'none'}; groups: "
+                                   f"{', '.join(groups) or 'none'}; or all.")
+        out += [p for p in found if p not in out]
+    return out
 
 
 def _node(home: Path | None) -> Any:
@@ -84,17 +190,39 @@ def _address(text: str) -> str:
     return text if "://" in text or text.split(":", 1)[0] in ("dir", "drop") else f"dir:{text}"
 
 
+def _json_value(value: Any) -> Any:
+    """What json cannot write: a time as RFC 3339 with its offset, anything else as text."""
+    from datetime import datetime
+
+    from exchange.service.words import rfc3339
+
+    return rfc3339(value) if isinstance(value, datetime) else str(value)
+
+
 def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=1, default=str))
+    click.echo(json.dumps(obj, indent=1, default=_json_value))
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _epilog() -> str:
+    """The main help's tail: global options, examples and the exit statuses (errors.EXIT_CODES)."""
+    codes = "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES.items())
+    return ("-v, --json and --home may go before or after the command; EXCHANGE_HOME can replace --home.\n\n"
+            "\b\nExamples:\n  exchange sync --home /srv/xchg/s001\n  exchange status received -v --home /srv/xchg/s001\n"
+            "  exchange --home /srv/xchg/ho --json status sent\n\n"
+            f"\b\nExit status (also in docs/SERVICE.md):\n{codes}")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 @click.version_option(__version__, prog_name="exchange")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--log-json", is_flag=True, help="Log JSON lines (for services).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
-    """Move business data between a head office and its stores as signed, encrypted bundles."""
+    """Move business data between a head office and its stores as signed, encrypted bundles.
+
+    A sync, import or stick visit that quarantined a file, left a bundle FAILED or HELD, or got a
+    REJECTED ack exits non-zero although it ran to its end: cron and systemd see it.
+    """
     from exchange.logs import setup_logging
 
     ctx.obj = {"verbose": verbose, "log_json": log_json}
@@ -111,7 +239,12 @@ def main(ctx: click.Context, verbose: int, log_json: bool) -> None:
               help="ho: the head office; store: one store.")
 @click.option("--database", help="SQLAlchemy URL (default: SQLite in the home).")
 def init(home: Path | None, node_id: str, role: str, database: str | None) -> None:
-    """Create a node home with keys, trust store, database and spool folders."""
+    """Create a node home with keys, trust store, database and spool folders.
+
+    \b
+    Example:
+      exchange init --home /srv/xchg/s001 --node s001 --role store
+    """
     from exchange.node.config import resolve_home
     from exchange.node.home import init_home
 
@@ -124,7 +257,12 @@ def init(home: Path | None, node_id: str, role: str, database: str | None) -> No
 @HOME
 @JSON
 def identity(home: Path | None, as_json: bool) -> None:
-    """Print this node's public identity, for a peer to paste into `peer add`."""
+    """Print this node's public identity, for a peer to paste into `peer add`.
+
+    \b
+    Example:
+      exchange identity --home /srv/xchg/s001
+    """
     from exchange.node import keys
 
     cfg = _node(home).cfg
@@ -136,18 +274,23 @@ def identity(home: Path | None, as_json: bool) -> None:
     click.echo(f"node:        {cfg.id} ({cfg.role})")
     click.echo(f"signing key: {ident['signing_key']}")
     click.echo(f"recipient:   {ident['recipient']}")
-    click.echo("\non the peer, run:\n  exchange peer add --id {} --role {} --signing-key \"{}\" --recipient {}".format(
+    click.echo("\non the peer, run:\n  exchange peer add --peer {} --role {} --signing-key \"{}\" --recipient {}".format(
         cfg.id, cfg.role, ident["signing_key"], ident["recipient"]))
 
 
 @main.group()
 def peer() -> None:
-    """Peers this node exchanges with."""
+    """Peers this node exchanges with.
+
+    \b
+    Example:
+      exchange peer list --home /srv/xchg/ho
+    """
 
 
 @peer.command("add")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The peer's node id, as its `exchange identity` prints it.")
+@peer_id_option("The peer's node id, as its `exchange identity` prints it.")
 @click.option("--role", type=click.Choice(["ho", "store"]), required=True,
               help="The peer's role; a store's only peer is its HO.")
 @click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
@@ -158,16 +301,25 @@ def peer() -> None:
 @click.option("--valid-before", help="Key valid until, for key rotation.")
 @click.option("--replace", is_flag=True,
               help="Change an existing peer's keys: the old signing key stays valid only for what it signed before now.")
-def peer_add(home: Path | None, peer_id: str, role: str, signing_key: str, recipient: str,
+def peer_add(home: Path | None, peer_id: str | None, old_id: str | None, role: str, signing_key: str, recipient: str,
              transport: str | None, groups: tuple[str, ...], valid_after: str | None,
              valid_before: str | None, replace: bool) -> None:
-    """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace)."""
+    """Pin a peer's signing key and age recipient (an existing peer's keys change only with --replace).
+
+    \b
+    Example (the keys as `exchange identity` prints them on the peer):
+      exchange peer add --home /srv/xchg/ho --peer s001 --role store --group north
+          --signing-key "ssh-ed25519 AAAA..." --recipient age1...
+    """
     from exchange.node.peers import add_peer
 
+    peer_id = one_peer(peer_id, old_id)
     node = _node(home)
     done = add_peer(node.cfg, peer_id, role, signing_key, recipient, transport, groups,
                     valid_after, valid_before, replace=replace)
-    when = done.at.strftime("%Y-%m-%d %H:%M:%S UTC") if done.at else ""
+    from exchange.service.words import local_time
+
+    when = local_time(done.at) if done.at else ""
     for fp in done.retired:
         click.echo(f"retired signing key {fp} of {peer_id}: valid only for files signed before {when}")
     if done.old_recipient:
@@ -182,19 +334,27 @@ def _rerouted(node: Any, peer_id: str) -> None:
 
     q = reroute_peer(node, peer_id)
     if q.total:
-        click.echo(f"{q.upserts} documents queued for {peer_id} and {q.deletes} deletes of documents no longer "
-                   "routed to it; they go with the next export or sync")
+        from exchange.service.words import counted
+
+        click.echo(f"{counted(q.upserts, 'document')} queued for {peer_id} and {counted(q.deletes, 'delete')} of "
+                   "documents no longer routed to it; they go with the next export or sync")
 
 
 @peer.command("set-group")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The store to move.")
+@peer_id_option("The store to move.")
 @click.option("--group", "groups", multiple=True, required=True,
               help="The store's group from now on (repeatable); replaces the groups it had.")
-def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> None:
-    """Move a store to other groups: its new groups' documents are queued, the old ones' deleted there."""
+def peer_set_group(home: Path | None, peer_id: str | None, old_id: str | None, groups: tuple[str, ...]) -> None:
+    """Move a store to other groups: its new groups' documents are queued, the old ones' deleted there.
+
+    \b
+    Example:
+      exchange peer set-group --home /srv/xchg/ho --peer s001 --group south
+    """
     from exchange.node.peers import set_groups
 
+    peer_id = one_peer(peer_id, old_id)
     node = _node(home)
     was = set_groups(node.cfg, peer_id, groups)
     click.echo(f"{peer_id}: groups {', '.join(node.cfg.peer(peer_id).groups)} (were {', '.join(was) or 'none'})")
@@ -205,7 +365,12 @@ def peer_set_group(home: Path | None, peer_id: str, groups: tuple[str, ...]) -> 
 @HOME
 @JSON
 def peer_list(home: Path | None, as_json: bool) -> None:
-    """List peers with their pinned keys."""
+    """List peers with their pinned keys.
+
+    \b
+    Example:
+      exchange peer list --home /srv/xchg/ho --json
+    """
     from exchange.node.peers import list_peers
 
     rows = list_peers(_node(home).cfg)
@@ -222,50 +387,58 @@ REASON = click.option("--reason", required=True, help="Why, in a few words: kept
 
 @peer.command("pause")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The peer to pause.")
+@peer_id_option("The peer to pause.")
 @REASON
-def peer_pause(home: Path | None, peer_id: str, reason: str) -> None:
+def peer_pause(home: Path | None, peer_id: str | None, old_id: str | None, reason: str) -> None:
     """Stop exchanging with a peer (a store closed for a refit); its documents keep queueing for it.
 
-    Example: exchange peer pause --id s014 --reason "closed for refit until 12 Jan"
+    \b
+    Example:
+      exchange peer pause --peer s014 --reason "closed for refit until 12 Jan"
     """
     from exchange.service.peer_life import pause
 
-    p = pause(_node(home), peer_id, reason)
+    p = pause(_node(home), one_peer(peer_id, old_id), reason)
     click.echo(f"{p.id} paused since {p.state_since}: nothing is sent to it or fetched from it; documents for it "
-               f"keep queueing. Resume with `exchange peer resume --id {p.id}`.")
+               f"keep queueing. Resume with `exchange peer resume --peer {p.id}`.")
 
 
 @peer.command("resume")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The paused peer.")
+@peer_id_option("The paused peer.")
 @click.option("--reason", help="Why, in a few words: kept in the operators' journal.")
-def peer_resume(home: Path | None, peer_id: str, reason: str | None) -> None:
+def peer_resume(home: Path | None, peer_id: str | None, old_id: str | None, reason: str | None) -> None:
     """Exchange with a paused peer again; what queued up goes with the next sync.
 
-    Example: exchange peer resume --id s014
+    \b
+    Example:
+      exchange peer resume --peer s014
     """
     from exchange.service.peer_life import resume
 
+    peer_id = one_peer(peer_id, old_id)
     left = resume(_node(home), peer_id, reason)
     click.echo(f"{peer_id} resumed; waiting for the next sync: {left.describe()}")
 
 
 @peer.command("remove")
 @HOME
-@click.option("--id", "peer_id", required=True, help="The peer to retire.")
+@peer_id_option("The peer to retire.")
 @click.option("--drain", "mode", flag_value="drain", default=True,
               help="Refuse while anything is still on the way to or from it (the default).")
 @click.option("--abandon", "mode", flag_value="abandon",
               help="Give up what is still on the way (marked ABANDONED, on record in the journal).")
 @REASON
-def peer_remove(home: Path | None, peer_id: str, mode: str, reason: str) -> None:
+def peer_remove(home: Path | None, peer_id: str | None, old_id: str | None, mode: str, reason: str) -> None:
     """Retire a peer: nothing more is routed to it, its keys are retired, its history stays verifiable.
 
-    Example: exchange peer remove --id s014 --reason "store closed 2026-12-31"
+    \b
+    Example:
+      exchange peer remove --peer s014 --reason "store closed 2026-12-31"
     """
     from exchange.service.peer_life import remove
 
+    peer_id = one_peer(peer_id, old_id)
     done = remove(_node(home), peer_id, "abandon" if mode == "abandon" else "drain", reason)
     for fp in done.retired_keys:
         click.echo(f"retired signing key {fp} of {peer_id}: valid only for files signed before now")
@@ -282,7 +455,9 @@ def peer_remove(home: Path | None, peer_id: str, mode: str, reason: str) -> None
 def journal(home: Path | None, peer_id: str | None, limit: int, as_json: bool) -> None:
     """The operators' journal: who paused, resumed or removed a peer, when and why (newest first).
 
-    Example: exchange journal --peer s014
+    \b
+    Example:
+      exchange journal --peer s014
     """
     from exchange.database.journal import entries
 
@@ -320,7 +495,12 @@ def _trust_for(home: Path | None, trust: Path | None) -> Any:
               help="age identity to decrypt with and print a sample of rows.")
 @JSON
 def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None, as_json: bool) -> None:
-    """Show a bundle's or ack's manifest, signature, stream position and tables."""
+    """Show a bundle's or ack's manifest, signature, stream position and tables.
+
+    \b
+    Example:
+      exchange inspect ho.s001.0000000001.bundle --home /srv/xchg/ho
+    """
     from exchange.audit.inspect import describe
     from exchange.node.keys import load_identity_file
 
@@ -343,7 +523,12 @@ def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Pa
 @click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="age identity: also decrypt the payload and check every inner file.")
 def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Path | None) -> None:
-    """Exit 0 only for an authentic, intact file; otherwise name the first problem."""
+    """Exit 0 only for an authentic, intact file; otherwise name the first problem.
+
+    \b
+    Example:
+      exchange verify s001.ho.0000000007.bundle --home /srv/xchg/ho
+    """
     from exchange.audit.inspect import describe
     from exchange.node.keys import load_identity_file
 
@@ -364,11 +549,18 @@ def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Pat
               help="Run every check on FILE and report what would change, changing nothing.")
 @JSON
 def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
-    """Apply the bundles and acks waiting in the inbox, in stream order."""
+    """Apply the bundles and acks waiting in the inbox, in stream order.
+
+    \b
+    Examples:
+      exchange import --home /srv/xchg/s001
+      exchange import --home /srv/xchg/s001 --dry-run inbox/ho.s001.0000000003.bundle
+    """
     from dataclasses import asdict
 
     from exchange.node.lock import work_lock
     from exchange.receive.importer import import_file, import_inbox
+    from exchange.service.words import applied_text
 
     node = _node(home)
     with work_lock(node.cfg.home):
@@ -378,20 +570,27 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
             outs = import_inbox(node, reporter=_reporter(as_json))
     if as_json:
         _echo_json([asdict(o) for o in outs])
+        _exit_for(outs, [], [])
         return
     for o in outs:
         click.echo(shown(f"{o.file}: {o.status}{' - ' + o.reason if o.reason else ''}"))
         for t, a in o.applied.items():
-            click.echo(shown(f"    {t}: {a}"))
+            click.echo(shown(f"    {t}: {applied_text(a)}"))
     if not outs:
         click.echo("inbox is empty")
+    _exit_for(outs, [], [])
 
 
 @main.command()
 @HOME
 @JSON
 def export(home: Path | None, as_json: bool) -> None:
-    """Seal pending documents into bundles in the outbox."""
+    """Seal pending documents into bundles in the outbox.
+
+    \b
+    Example:
+      exchange export --home /srv/xchg/s001
+    """
     from dataclasses import asdict
 
     from exchange.node.lock import work_lock
@@ -413,7 +612,12 @@ def export(home: Path | None, as_json: bool) -> None:
 @HOME
 @click.option("--to", "target", required=True, help="Folder (USB stick, share) to deliver to.")
 def push(home: Path | None, target: str) -> None:
-    """Copy outbox files to a folder, one sub-folder per recipient."""
+    """Copy outbox files to a folder, one sub-folder per recipient.
+
+    \b
+    Example:
+      exchange push --home /srv/xchg/ho --to /media/STICK
+    """
     _move_files(home, "push", target)
 
 
@@ -421,7 +625,12 @@ def push(home: Path | None, target: str) -> None:
 @HOME
 @click.option("--from", "source", required=True, help="Folder (USB stick, share) to take files from.")
 def pull(home: Path | None, source: str) -> None:
-    """Take the files addressed to this node from a folder into the inbox."""
+    """Take the files addressed to this node from a folder into the inbox.
+
+    \b
+    Example:
+      exchange pull --home /srv/xchg/s001 --from /media/STICK
+    """
     _move_files(home, "pull", source)
 
 
@@ -439,8 +648,16 @@ def _move_files(home: Path | None, step: str, where: str) -> None:
             sync.pull(node, source=_address(where), report=rep)
     moved = rep.pushed if step == "push" else rep.pulled
     click.echo(shown(f"{step}ed {len(moved)} files" + (f"; errors: {rep.errors}" if rep.errors else "")))
-    if rep.errors:
-        sys.exit(30)
+    _exit_for([], rep.failures, rep.errors)
+
+
+def _exit_for(outcomes: list[Any], failures: list[Exception], errors: list[str]) -> None:
+    """Exit non-zero (see `exchange --help`) when a file or a transfer went wrong, though the run finished.
+
+    ``errors`` beyond ``failures`` (an entry that is not a regular file, refused) count as transport (30)."""
+    code = outcome_exit_code((o.status for o in outcomes), failures, other_errors=len(errors) > len(failures))
+    if code:
+        sys.exit(code)
 
 
 @main.command()
@@ -448,7 +665,12 @@ def _move_files(home: Path | None, step: str, where: str) -> None:
 @click.option("--via", help="Use this folder/address for every peer instead of the configured ones.")
 @JSON
 def sync(home: Path | None, via: str | None, as_json: bool) -> None:
-    """One sync cycle: pull, import, export, push (receive first, then send)."""
+    """One sync cycle: pull, import, export, push (receive first, then send).
+
+    \b
+    Example:
+      exchange sync --home /srv/xchg/s001 || echo "exit $?: see exchange --help"
+    """
     from exchange.service.sync import sync as do_sync
 
     node = _node(home)
@@ -461,14 +683,18 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
         click.echo(shown(f"sync {node.id}: {rep.line()}"))
         for e in rep.errors:
             click.secho(f"  {shown(e)}", fg="yellow")
-    if rep.errors:
-        sys.exit(30)
+    _exit_for(rep.imported, rep.failures, rep.errors)
 
 
 @main.command()
 @HOME
 def retry(home: Path | None) -> None:
-    """Retry FAILED bundles and parked documents."""
+    """Retry FAILED bundles and parked documents.
+
+    \b
+    Example:
+      exchange retry --home /srv/xchg/s001
+    """
     from exchange.node.lock import work_lock
     from exchange.receive.retry import retry as retry_all
 
@@ -477,56 +703,95 @@ def retry(home: Path | None) -> None:
         result = retry_all(node)
     for line in result.lines():
         click.echo(shown(line))
+    _exit_for(result.outcomes, [], [])
 
 
 @main.command()
 @HOME
-@click.option("--peer", "peer_id", required=True, help="The peer to send the documents to.")
+@click.option("--peer", "peers", multiple=True, required=True, metavar="PEER|GROUP|all",
+              help="The peer to send the documents to: an id, a store group or all (repeatable).")
 @click.option("--doc", "docs", multiple=True, required=True, help="Document type (repeatable).")
-def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
-    """Queue the full current state of document types for a peer (new or repaired store)."""
+def reload(home: Path | None, peers: tuple[str, ...], docs: tuple[str, ...]) -> None:
+    """Queue the full current state of document types for a peer (new or repaired store).
+
+    \b
+    Example:
+      exchange reload --home /srv/xchg/ho --peer s001 --doc item
+    """
     from exchange.send.export import requeue
 
-    q = requeue(_node(home), peer_id, docs, everything=True)
-    click.echo(f"{q.upserts} documents queued for {peer_id}"
-               + (f", and {q.deletes} deletes of documents no longer routed to it" if q.deletes else "")
-               + "; they go with the next export or sync")
+    from exchange.service.words import counted
+
+    node = _node(home)
+    for peer_id in resolve_peers(node, peers):
+        q = requeue(node, peer_id, docs, everything=True)
+        click.echo(f"{counted(q.upserts, 'document')} queued for {peer_id}"
+                   + (f", and {counted(q.deletes, 'delete')} of documents no longer routed to it" if q.deletes else "")
+                   + "; they go with the next export or sync")
 
 
 @main.command()
 @click.argument("view", type=click.Choice(["sent", "received", "parked"]))
 @HOME
+@PEERS
 @JSON
-def status(view: str, home: Path | None, as_json: bool) -> None:
-    """The Sent or Received view (and parked documents)."""
+def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) -> None:
+    """The Sent or Received view (and parked documents), readable at 80 columns and when piped.
+
+    Times are local with their zone (the date only when not today); --json gives RFC 3339 times.
+
+    \b
+    Examples:
+      exchange status received --home /srv/xchg/s001
+      exchange status sent --home /srv/xchg/ho --peer north --json
+    """
+    import shutil
+
     from exchange.service import status as st
+    from exchange.service.status_text import status_lines
 
     node = _node(home)
     rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
     parked = st.parked(node) if view in ("received", "parked") else None
+    if peers:
+        only = set(resolve_peers(node, peers))
+        rows = [r for r in rows if r.peer in only]
+        parked = None if parked is None else [p for p in parked if p.peer in only]
     if as_json:
         _echo_json(st.as_json(rows, parked))
         return
-    from exchange.cli.console import print_status
-
-    print_status(node.id, view, rows, parked)
+    width = shutil.get_terminal_size((80, 24)).columns
+    for line in status_lines(node.id, view, rows, parked, width=width):
+        click.echo(line)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
     if last:
-        click.echo(shown(f"last stick visit {last.get('finished')}: "
+        from exchange.service.words import local_time
+
+        click.echo(shown(f"last stick visit {local_time(last.get('finished'))}: "
                          f"{'ok' if last.get('ok') else 'NOT FINISHED'} - {last.get('summary')}"))
 
 
 @main.group()
 def triggers() -> None:
-    """Database triggers that capture changes of an existing POS."""
+    """Database triggers that capture changes of an existing POS.
+
+    \b
+    Example:
+      exchange triggers install --home /srv/xchg/s001
+    """
 
 
 @triggers.command("install")
 @HOME
 def triggers_install(home: Path | None) -> None:
-    """Install capture triggers on the tables of the document types this node owns."""
+    """Install capture triggers on the tables of the document types this node owns.
+
+    \b
+    Example:
+      exchange triggers install --home /srv/xchg/s001
+    """
     from exchange.database.capture import install_triggers
 
     node = _node(home)
@@ -541,7 +806,12 @@ def triggers_install(home: Path | None) -> None:
 @click.option("--sales", default=50, show_default=True, help="Sales bills per store.")
 @click.option("--fresh/--keep", default=True, help="Start from an empty folder.")
 def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
-    """Run an HO and two stores through a full exchange via a folder."""
+    """Run an HO and two stores through a full exchange via a folder.
+
+    \b
+    Example:
+      exchange demo --home /tmp/demo --items 50 --sales 10
+    """
     from exchange.demo.run import run_demo
 
     if not run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo):
@@ -562,7 +832,12 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @click.pass_obj
 def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port: int | None,
         ui_host: str | None, watch_usb: bool | None, workers: int) -> None:
-    """Run the service: apply files as they land, sync on a schedule."""
+    """Run the service: apply files as they land, sync on a schedule.
+
+    \b
+    Example:
+      exchange run --home /srv/xchg/ho --ui-port 8080 --workers 2
+    """
     from exchange.logs import setup_logging
     from exchange.service.daemon import Service, install_signal_handlers
 
@@ -593,7 +868,12 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port:
 @click.option("--poll", type=float, default=0.2, show_default=True, help="Seconds between inbox scans.")
 @click.pass_obj
 def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
-    """An import-only worker (extra process or host sharing the database and the drop)."""
+    """An import-only worker (extra process or host sharing the database and the drop).
+
+    \b
+    Example:
+      exchange worker --home /srv/xchg/ho
+    """
     import signal
     import threading
 
@@ -614,7 +894,12 @@ def worker(obj: dict[str, Any], home: Path | None, poll: float) -> None:
 @click.option("--key-warn-days", type=click.IntRange(0, 3650), default=None,
               help="Warn this many days ahead of a key's end of validity (default: [keys] warn_days, 14).")
 def doctor(home: Path | None, as_json: bool, key_warn_days: int | None) -> None:
-    """Check the node's prerequisites; exit 0 only when all pass."""
+    """Check the node's prerequisites; exit 0 only when all pass.
+
+    \b
+    Example:
+      exchange doctor --home /srv/xchg/s001
+    """
     from exchange.node.home import Node
     from exchange.service.doctor import as_json as checks_json, run_checks
 
@@ -634,7 +919,12 @@ def doctor(home: Path | None, as_json: bool, key_warn_days: int | None) -> None:
 @main.command()
 @HOME
 def migrate(home: Path | None) -> None:
-    """Create or upgrade exchange's tables in the node database."""
+    """Create or upgrade exchange's tables in the node database.
+
+    \b
+    Example:
+      exchange migrate --home /srv/xchg/ho
+    """
     n = _node(home).migrate()
     click.echo(f"database up to date ({n} migration steps run)")
 
@@ -644,7 +934,12 @@ def migrate(home: Path | None) -> None:
 @click.option("--address", required=True, help="sftp://user@host:port/path")
 @click.option("--fingerprint", help="Expected SHA256:... fingerprint (refuse if different).")
 def peer_trust_host(home: Path | None, address: str, fingerprint: str | None) -> None:
-    """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint)."""
+    """Pin an SFTP server's host key in the node's known_hosts (after you compare the fingerprint).
+
+    \b
+    Example:
+      exchange peer trust-host --home /srv/xchg/s001 --address sftp://xs001@ho.example:22/
+    """
     from exchange.transport.sftp.address import trust_host
 
     node = _node(home)

@@ -17,7 +17,12 @@ from exchange.cli.main import HOME, main
 @click.option("--port", type=int, help="Port (default: [ui] port, else 8765).")
 @click.option("--host", help="Address (default: [ui] host, else 127.0.0.1; elsewhere needs a token).")
 def ui(home: Path | None, port: int | None, host: str | None) -> None:
-    """Serve the Data Exchange page alone; its Sync button runs a sync cycle itself."""
+    """Serve the Data Exchange page alone; its Sync button runs a sync cycle itself.
+
+    \b
+    Example:
+      exchange ui --home /srv/xchg/ho --port 8080
+    """
     from exchange.node.home import Node
     from exchange.service.ui.server import serve
 

@@ -475,21 +475,21 @@ def _pg_copy_in(conn: Connection, target: str, cols: list[str], data: pa.Table) 
     """COPY as CSV, a slice at a time: the whole table as one CSV text (and its bytes copy) is not held."""
     import pyarrow.csv as pacsv
 
-    import psycopg
     from sqlalchemy.exc import DBAPIError
 
     collist = ", ".join(_q(conn, c) for c in cols)
     options = pacsv.WriteOptions(include_header=False)
-    sql = f"COPY {target} ({collist}) FROM STDIN (FORMAT csv)"
+    statement = f"COPY {target} ({collist}) FROM STDIN (FORMAT csv)"
+    driver_error = conn.dialect.loaded_dbapi.Error
     try:
-        with _pg_cursor(conn).copy(sql) as copy:
+        with _pg_cursor(conn).copy(statement) as copy:
             for part in _slices(data):
                 sink = pa.BufferOutputStream()
                 pacsv.write_csv(part, sink, options)
                 copy.write(sink.getvalue().to_pybytes())
-    except psycopg.Error as exc:  # the driver's own cursor: wrapped as SQLAlchemy wraps its errors (a
-        # foreign key violation is an IntegrityError, so the document is parked, not the import crashed)
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+    except driver_error as exc:  # the driver's own error, wrapped as SQLAlchemy wraps an execute's: a foreign
+        # key a parked document breaks is an IntegrityError (parked), a lost disk an OperationalError (raised)
+        raise DBAPIError.instance(statement, None, exc, driver_error) from exc
 
 
 def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> Iterator[list[tuple[Any, ...]]]:

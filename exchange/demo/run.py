@@ -19,6 +19,7 @@ from exchange.node.home import Node, init_home
 from exchange.node.peers import add_peer
 from exchange.database.batch import control_totals
 from exchange.service import status
+from exchange.service.status_text import status_lines
 from exchange.service.sync import sync
 from exchange.vocabulary import ReceivedStatus, SentStatus
 
@@ -99,15 +100,14 @@ def run_demo(home: Path, *, items: int = 200, sales: int = 50, fresh: bool = Tru
 
     ok = True
     for node in [ho, *stores]:
-        for view, rows in (("Sent", status.sent(node)), ("Received", status.received(node))):
-            echo(f"\n{node.id} - {view}")
-            echo(f"  {'file':<30} {'status':<10} documents")
+        for view, rows in (("sent", status.sent(node)), ("received", status.received(node))):
+            echo("")
+            for line in status_lines(node.id, view, rows, None):  # the tables of `exchange status`
+                echo(line)
             for r in rows:
-                docs = ", ".join(f"{k} {v}" for k, v in r.documents.items())
-                echo(f"  {r.file:<30} {r.status:<10} {docs}")
-                if view == "Sent" and r.status != SentStatus.PROCESSED:
+                if view == "sent" and r.status != SentStatus.PROCESSED:
                     ok = False
-                if view == "Received" and r.status != ReceivedStatus.APPLIED:
+                if view == "received" and r.status != ReceivedStatus.APPLIED:
                     ok = False
     echo("\n== reconciliation (documents and control totals, HO vs store)")
     for row in reconcile(ho, stores):

@@ -45,7 +45,7 @@ from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
+from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus, counted
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
@@ -377,7 +377,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             else:
                 conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
                              .values(last_seq=seq, last_manifest_sha256=m.sha256))
-            reason = f"{len(parked)} documents parked" if parked else None
+            reason = f"{counted(len(parked), 'document')} parked" if parked else None
             _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
                           manifest_sha256=m.sha256, status=ReceivedStatus.APPLIED, summary=summary,
                           applied_at=now, reason=reason, ack=ack)
@@ -593,6 +593,26 @@ def _check_table(node: Node, dt: DocType, name: str, data: pa.Table) -> pa.Table
     return data
 
 
+def _flat(value: Any, prefix: str = "", depth: int = 0) -> dict[str, str]:
+    """Nested totals as ``name -> text`` (``rows sales_bill_line``, ``item.price``); a peer's odd shape stays text."""
+    if isinstance(value, dict) and depth < 2:
+        out: dict[str, str] = {}
+        for k, v in list(value.items())[:200]:
+            out.update(_flat(v, f"{prefix} {k}" if prefix else str(k), depth + 1))
+        return out
+    return {prefix: str(value)[:80]}
+
+
+def total_differences(got: dict[str, Any], want: Any) -> str:
+    """What differs between the control totals received and the manifest's, as a readable list
+    (``count 3, manifest says 4; rows item_barcode 5, manifest says 6``), at most five."""
+    mine = _flat({k: got[k] for k in ("count", "rows", "totals")})
+    theirs = _flat({k: want.get(k) for k in ("count", "rows", "totals")} if isinstance(want, dict) else {})
+    diffs = [f"{k} {mine.get(k, 'none')}, manifest says {theirs.get(k, 'none')}"
+             for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    return "; ".join(diffs[:5]) + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else "")
+
+
 def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
                     ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
@@ -605,7 +625,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     expected = _documents(opened)
     unknown = [t for t in docs if t not in cat]
     if unknown:
-        raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
+        raise ApplyError(f"unknown document types {', '.join(map(str, unknown))}: the two sides' catalogs differ")
     for doc_type in docs:  # before anything is read or written: who may write what (exchange.receive.admission)
         dt = cat.get(doc_type)
         if dt.owner != sender_role:
@@ -625,7 +645,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
         want = expected.get(doc_type, {})
         if {k: got[k] for k in ("count", "rows", "totals")} != {k: want.get(k) for k in ("count", "rows", "totals")}:
             raise ApplyError(f"control totals of {doc_type} do not match the manifest: "
-                             f"received {got}, manifest says {want}")
+                             f"{total_differences(got, want)}")
         stored = _stored_versions(conn, peer, doc_type, [k for k, _o, _v in docs[doc_type]])
         fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
         stale = len(docs[doc_type]) - len(fresh)
@@ -743,7 +763,7 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
         else:
             status = SentStatus.PROCESSED if ack.result == AckResult.APPLIED else SentStatus.REJECTED
-            note = ack.reason or (f"{ack.parked_total} documents parked at {ack.acker}" if ack.parked_total
+            note = ack.reason or (f"{counted(ack.parked_total, 'document')} parked at {ack.acker}" if ack.parked_total
                                   else _sealed_note(ack))
             assert sent is not None
             if sent["status"] != SentStatus.PROCESSED:

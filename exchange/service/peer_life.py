@@ -112,7 +112,7 @@ def pause(node: Node, peer_id: str, reason: str) -> Peer:
                           hint="A removed store comes back with `exchange peer add --replace` and its keys.")
     if peer.state == "paused":
         raise ConfigError(f"peer {peer_id} is already paused since {peer.state_since} ({peer.state_reason})",
-                          hint=f"Resume it with `exchange peer resume --id {peer_id}`.")
+                          hint=f"Resume it with `exchange peer resume --peer {peer_id}`.")
     now = utc_now()
     with node.engine.begin() as conn:
         journal.record(conn, "peer pause", peer_id, reason=reason)
@@ -147,7 +147,7 @@ def remove(node: Node, peer_id: str, mode: Literal["drain", "abandon"], reason: 
             raise ConfigError(
                 f"peer {peer_id} still has {left.describe()}: removing it now would lose them",
                 hint=f"Let syncs finish (`exchange status sent`, `exchange status received`) and run this again, "
-                     f"or give them up on record with `exchange peer remove --id {peer_id} --abandon "
+                     f"or give them up on record with `exchange peer remove --peer {peer_id} --abandon "
                      f"--reason \"...\"`.")
         if not left.empty:
             conn.execute(update(xchg_delivery).where(xchg_delivery.c.peer == peer_id,

@@ -21,11 +21,12 @@ from typing import Any
 
 from exchange.node.home import Node
 from exchange.database.direct import connect_existing, plain_file
+from exchange.service.words import parked_reason, rfc3339
 from exchange.vocabulary import DocStatus, ReceivedStatus
 
 
 def _iso(t: datetime | None) -> str | None:
-    return t.isoformat() if t else None
+    return rfc3339(t)  # RFC 3339 with the offset (a naive time, as SQLite returns it, is UTC)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def received(node: Node) -> list[Row]:
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
                _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
     for q in quarantined(node):
-        out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, q.time, None, q.reason))
+        out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, rfc3339(q.time), None, q.reason))
     return out
 
 
@@ -184,9 +185,10 @@ class Parked:
     doc_key: str
     peer: str
     seq: int
-    error: str
+    error: str  # the database's words: the technical detail
     attempts: int
     parked_at: str | None
+    reason: str = ""  # the same in business words (service.words.parked_reason)
 
 
 def parked(node: Node) -> list[Parked]:
@@ -196,8 +198,17 @@ def parked(node: Node) -> list[Parked]:
 
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
+    reasons = parked_reasons(node, [(r["doc_type"], r["doc_key"]) for r in rows])
     return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
-                   int(r["attempts"]), _iso(r["parked_at"])) for r in rows]
+                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])]) for r in rows]
+
+
+def parked_reasons(node: Node, docs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(doc_type, doc_key) of parked documents -> why, in business words (for the CLI and the page)."""
+    from exchange.receive.missing import parked_missing
+
+    missing = parked_missing(node, docs)
+    return {d: parked_reason(node.cfg.role, d[0], d[1], missing[d]) for d in docs}
 
 
 def as_json(rows: list[Row], parked_docs: list[Parked] | None = None) -> dict[str, Any]:
