@@ -27,6 +27,7 @@ from helpers_bundle import need
 from exchange.cli import main
 from exchange.node import keys
 from exchange.node.home import Node, init_home
+from exchange.errors import outcome_exit_code
 from exchange.service.status import sent as status_sent
 from exchange.wire.crypto import sshsig
 
@@ -46,8 +47,11 @@ def identity(home: Path) -> dict[str, str]:
 
 
 def imported(node: Node) -> list[dict[str, Any]]:
-    """``exchange import --json`` at ``node``: one outcome per file."""
-    return json.loads(ok("import", "--home", str(node.cfg.home), "--json").stdout)  # type: ignore[no-any-return]
+    """``exchange import --json`` at ``node``: one outcome per file; the exit status says what happened."""
+    res = run("import", "--home", str(node.cfg.home), "--json")
+    outcomes: list[dict[str, Any]] = json.loads(res.stdout)
+    assert res.exit_code == outcome_exit_code(o["status"] for o in outcomes), res.output
+    return outcomes
 
 
 def stamp(when: datetime) -> str:

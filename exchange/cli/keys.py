@@ -22,14 +22,24 @@ def _utc(when: datetime | None) -> str:
 
 @main.group()
 def keys() -> None:
-    """Signing keys over time: which are trusted, and revoking a stolen one."""
+    """Signing keys over time: which are trusted, and revoking a stolen one.
+
+    \b
+    Example:
+      exchange keys list --home /srv/xchg/ho
+    """
 
 
 @keys.command("list")
 @HOME
 @JSON
 def keys_list(home: Path | None, as_json: bool) -> None:
-    """Every key in the trust store with its validity and state (valid, retired, revoked, not-yet-valid)."""
+    """Every key in the trust store with its validity and state (valid, retired, revoked, not-yet-valid).
+
+    \b
+    Example:
+      exchange keys list --home /srv/xchg/ho --json
+    """
     from exchange.node import keys as node_keys, rotation
 
     node = _node(home)
@@ -57,7 +67,12 @@ def keys_list(home: Path | None, as_json: bool) -> None:
                                       "What the key signed before stays verifiable.")
 @click.option("--reason", default="", help="Why, kept on the key's line in the trust store (one line).")
 def keys_revoke(home: Path | None, peer_id: str, at_text: str | None, reason: str) -> None:
-    """Revoke a peer's signing key: files it signs after the revocation time are refused (quarantined)."""
+    """Revoke a peer's signing key: files it signs after the revocation time are refused (quarantined).
+
+    \b
+    Example:
+      exchange keys revoke --home /srv/xchg/ho --peer s014 --reason "PC stolen"
+    """
     from exchange.node import keys as node_keys
     from exchange.node.peers import parse_when
 
@@ -87,7 +102,12 @@ def _duration(text: str) -> timedelta:
 @click.option("--overlap", "overlap_text", default="7d", show_default=True,
               help="How long peers accept the old key next to the new one (d, h, m or s; at most 90d).")
 def keys_rotate(home: Path | None, overlap_text: str) -> None:
-    """Make new signing and age keys and announce them to every peer in the next bundles (signed by the old key)."""
+    """Make new signing and age keys and announce them to every peer in the next bundles (signed by the old key).
+
+    \b
+    Example:
+      exchange keys rotate --home /srv/xchg/s001 --overlap 7d
+    """
     from exchange.node import rotation
     from exchange.wire.crypto import sshsig
 
