@@ -385,7 +385,7 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
 @main.command()
 @HOME
 def retry(home: Path | None) -> None:
-    """Retry FAILED bundles and parked documents."""
+    """Retry FAILED bundles and parked documents; exits 21 while a bundle is still FAILED."""
     from exchange.node.lock import work_lock
     from exchange.receive.retry import retry as retry_all
 
@@ -394,6 +394,10 @@ def retry(home: Path | None) -> None:
         result = retry_all(node)
     for line in result.lines():
         click.echo(shown(line))
+    if result.failed:  # the stream still waits: say so by the exit code (21), with the command that resolves it
+        from exchange.receive.decisions import failed_error
+
+        raise failed_error(result.failed)
 
 
 @main.command()
@@ -571,5 +575,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui"):
+    for mod in ("audit", "usb", "ui", "bundles"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -475,13 +475,21 @@ def _pg_copy_in(conn: Connection, target: str, cols: list[str], data: pa.Table) 
     """COPY as CSV, a slice at a time: the whole table as one CSV text (and its bytes copy) is not held."""
     import pyarrow.csv as pacsv
 
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
     collist = ", ".join(_q(conn, c) for c in cols)
     options = pacsv.WriteOptions(include_header=False)
-    with _pg_cursor(conn).copy(f"COPY {target} ({collist}) FROM STDIN (FORMAT csv)") as copy:
-        for part in _slices(data):
-            sink = pa.BufferOutputStream()
-            pacsv.write_csv(part, sink, options)
-            copy.write(sink.getvalue().to_pybytes())
+    sql = f"COPY {target} ({collist}) FROM STDIN (FORMAT csv)"
+    try:
+        with _pg_cursor(conn).copy(sql) as copy:
+            for part in _slices(data):
+                sink = pa.BufferOutputStream()
+                pacsv.write_csv(part, sink, options)
+                copy.write(sink.getvalue().to_pybytes())
+    except psycopg.Error as exc:  # the driver's own error, as SQLAlchemy's for every other statement: a
+        # constraint the rows break is then the document's (parked), not a crash of the import
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, dialect=conn.dialect) from exc
 
 
 def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> Iterator[list[tuple[Any, ...]]]:

@@ -95,10 +95,18 @@ def received(node: Node) -> list[Row]:
         rows = conn.execute(select(xchg_received).order_by(
             xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-               _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
+               _iso(r["received_at"]), _iso(r["applied_at"]), _with_resolution(r)) for r in rows]
     for q in quarantined(node):
         out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, q.time, None, q.reason))
     return out
+
+
+def _with_resolution(r: Any) -> str | None:
+    """A stuck bundle's reason, followed by the command that resolves it (exchange.receive.decisions)."""
+    from exchange.receive.stuck import how_to_resolve
+
+    fix = how_to_resolve(r["status"], r["peer"], int(r["seq"]))
+    return f"{r['reason'] or r['status']}; to resolve: {fix}" if fix else r["reason"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,7 @@ class Parked:
     error: str
     attempts: int
     parked_at: str | None
+    state: str = "RETRYING"  # vocabulary.ParkedState: ORPHANED can never apply (its dependency was deleted)
 
 
 def parked(node: Node) -> list[Parked]:
@@ -197,7 +206,7 @@ def parked(node: Node) -> list[Parked]:
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
     return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
-                   int(r["attempts"]), _iso(r["parked_at"])) for r in rows]
+                   int(r["attempts"]), _iso(r["parked_at"]), r["state"]) for r in rows]
 
 
 def as_json(rows: list[Row], parked_docs: list[Parked] | None = None) -> dict[str, Any]:

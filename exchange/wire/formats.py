@@ -15,9 +15,10 @@ from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 2  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2
+SPEC_VERSION = 3  # docs/FORMAT.md's version: 3 = acks v3 (an operator's decision in the details)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
-ACK_VERSIONS = frozenset({1, 2})
+ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
+ACK_VERSIONS = frozenset({1, 2, 3})
 
 BUNDLE_FORMAT = "exchange-bundle"
 ACK_FORMAT = "exchange-ack"
