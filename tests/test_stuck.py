@@ -344,3 +344,54 @@ def test_a_parked_document_whose_dependency_was_deleted_is_orphaned(tmp_path: Pa
     assert res.exit_code == 0, res.output
     assert all(p["attempts"] == 2 and p["state"] == "ORPHANED" for p in _parked(ho)
                if p["doc_key"] in {o["doc_key"] for o in orphaned})
+
+
+# ---------------------------------------------------------------- supersede: no operator at the receiver
+
+def test_supersede_the_receiver_skips_on_the_senders_notice(tmp_path: Path, db_url: str) -> None:
+    net = make_net(tmp_path / "net", stores=("s001",), ho_db=db_url)
+    seed_ho(net, 6)
+    net.settle()
+    st, ho = net.store(), net.ho
+    refuse_writes(ho, "sales_bill", "ho rule: sales closed")
+    seed_store(net, "s001", sales=3, seed=5)
+    net.cycle(["s001", "ho", "s001"])
+    bad = max(sent(st))
+    assert received(ho)[bad]["status"] == "FAILED" and sent(st)[bad]["status"] == "REJECTED"
+    res = cli("supersede", "--peer", "ho", "--bundle", str(bad), "--reason", "re-sent after the HO fix",
+              "--by", "bob", "--home", str(st.cfg.home))
+    assert res.exit_code == 0, res.output
+    assert "superseded" in res.output and not res.output.startswith("0 documents and 0")
+    allow_writes(ho, "sales_bill")  # fixed at the HO, but nobody there runs retry or skip
+    net.cycle(["s001", "ho", "s001"])
+
+    row = received(ho)[bad]
+    assert row["status"] == "SKIPPED" and "superseded by bob" in row["reason"]
+    assert (ho.cfg.archive_received / "skipped" / row["file"]).is_file()
+    assert received(ho)[bad + 1]["status"] == "APPLIED"
+    assert "superseded by bob" in sent(st)[bad]["reason"] and sent(st)[bad + 1]["status"] == "PROCESSED"
+    assert count(ho, schema.sales_bill) == count(st, schema.sales_bill)
+    res = cli("supersede", "--peer", "ho", "--bundle", str(bad), "--reason", "again", "--home", str(st.cfg.home))
+    assert res.exit_code == 20 and "already ended" in res.output
+    seed_store(net, "s001", sales=1, seed=6)  # the notice is no longer carried once the decision came back
+    net.cycle(["s001", "ho", "s001"])
+    assert sent(st)[bad + 2]["status"] == "PROCESSED"
+    from exchange.send.notices import supersede_notices
+
+    with st.engine.connect() as conn:
+        assert supersede_notices(conn, "ho") == []
+
+
+def test_supersede_notices_are_checked_as_hostile_input() -> None:
+    from exchange.errors import BundleError
+    from exchange.receive.decisions import read_notices
+
+    ok = {"seq": 4, "kind": "superseded", "by": "bob", "at": "2026-12-02T17:00:00Z", "reason": "fixed"}
+    assert read_notices({"supersedes": [ok]}, "b")[4].by == "bob"
+    assert read_notices({}, "b") == {}
+    for bad in ({"supersedes": "x"}, {"supersedes": [ok] * 101}, {"supersedes": [1]},
+                {"supersedes": [{**ok, "seq": 0}]}, {"supersedes": [{**ok, "seq": True}]},
+                {"supersedes": [{**ok, "kind": "skipped"}]}, {"supersedes": [{**ok, "extra": 1}]},
+                {"supersedes": [{**ok, "at": "yesterday"}]}, {"supersedes": [{**ok, "reason": "x" * 20000}]}):
+        with pytest.raises(BundleError):  # FormatError or LimitError: the bundle's notices are ignored
+            read_notices(bad, "b")

@@ -1,4 +1,5 @@
-"""``exchange bundle skip`` and ``exchange resend``: end a stuck bundle, and send its documents again.
+"""``exchange bundle skip``, ``exchange resend`` and ``exchange supersede``: end a stuck bundle, send its
+documents again.
 
 Registered on ``main`` by :mod:`exchange.cli.main` (docs/OPERATIONS.md, "A bundle cannot be applied").
 """
@@ -52,3 +53,18 @@ def resend(peer_id: str, seq: int, home: Path | None) -> None:
         click.echo(shown("it may also have carried documents routed to every store, which are not listed per "
                          f"bundle: run `exchange reload --peer {peer_id} "
                          + " ".join(f"--doc {t}" for t in r.reload_types) + "` to send them again"))
+
+
+@main.command()
+@click.option("--peer", "peer_id", required=True, help="The peer the REJECTED bundle went to.")
+@click.option("--bundle", "seq", required=True, type=click.IntRange(1), help="The REJECTED bundle's seq.")
+@click.option("--reason", required=True, help="Why it is superseded: sent to the peer, kept for auditors.")
+@click.option("--by", "by", default=None, help="Who decides (default: the login name).")
+@HOME
+def supersede(peer_id: str, seq: int, reason: str, by: str | None, home: Path | None) -> None:
+    """Send a REJECTED bundle's documents again and tell the peer to skip it, with no operator there."""
+    from exchange.send.resend import supersede_bundle
+
+    r = supersede_bundle(_node(home), peer_id, seq, reason=reason, by=by or getpass.getuser())
+    click.echo(f"{r.upserts} documents and {r.deletes} deletes of bundle {seq} queued for {peer_id}, with the "
+               f"notice that bundle {seq} is superseded; {peer_id} skips it when the next bundle arrives")

@@ -19,22 +19,26 @@ SKIPPED with the same file, re-writes the stored ack and archives it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, and_, delete, select, update
 
 from exchange.database.tables import begin_write, xchg_decision, xchg_received, xchg_stream_in
-from exchange.errors import ApplyError, StreamError
+from exchange.errors import ApplyError, BundleError, CryptoError, FormatError, StreamError
 from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node.home import Node
 from exchange.receive.setaside import archive
-from exchange.vocabulary import AckResult, ReceivedStatus
-from exchange.receive.importer import _heads
+from exchange.vocabulary import AckResult, Outcome, ReceivedStatus
+from exchange.progress import Reporter
+from exchange.receive.importer import FileOutcome, _heads
 from exchange.receive.stuck import STUCK_SQL, Stuck, stuck_bundles
-from exchange.wire.bundle import BundleReader, build_ack
+from exchange.wire.bundle import BundleReader, build_ack, open_bundle
 from exchange.wire.decision import MAX_DECIDER_CHARS, Decision, check_text
-from exchange.wire.formats import MAX_REASON_CHARS, ack_name
+from exchange.wire.formats import MAX_REASON_CHARS, MAX_SUPERSEDES, SUPERSEDES, ack_name
+from exchange.wire.signed import seq_field
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +57,15 @@ class Skipped:
     archived: Path
 
 
-def skip_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str) -> Skipped:
-    """Skip FAILED bundle ``seq`` of ``peer``'s stream: the stream moves past it, nothing of it applied."""
-    decision = Decision("skipped", check_text(by, MAX_DECIDER_CHARS, "--by"), utc_now().replace(microsecond=0),
-                        check_text(reason, MAX_REASON_CHARS, "--reason"))
+def skip_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str,
+                superseded: Decision | None = None) -> Skipped:
+    """Skip FAILED bundle ``seq`` of ``peer``'s stream: the stream moves past it, nothing of it applied.
+
+    ``superseded``: the sender's own signed notice (:func:`follow_supersede_notices`) is the decision.
+    """
+    decision = superseded or Decision("skipped", check_text(by, MAX_DECIDER_CHARS, "--by"),
+                                      utc_now().replace(microsecond=0), check_text(reason, MAX_REASON_CHARS,
+                                                                                   "--reason"))
     node.cfg.peer(peer)
     with node.engine.connect() as conn:
         row = conn.execute(select(xchg_received).where(and_(
@@ -127,3 +136,56 @@ def failed_error(failed: list[Stuck]) -> ApplyError:
     first = failed[0]
     more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
     return ApplyError(f"{first.line()}{more}", hint=first.resolve[:1].upper() + first.resolve[1:] + ".")
+
+
+def read_notices(summary: Mapping[str, Any], what: str) -> dict[int, Decision]:
+    """A bundle's ``summary.supersedes`` (docs/FORMAT.md section 4): seq -> the sender's decision.
+
+    From a peer: bounded and checked field by field; a malformed list is a FormatError naming ``what``.
+    """
+    raw = summary.get(SUPERSEDES, [])
+    if not isinstance(raw, list) or len(raw) > MAX_SUPERSEDES:
+        raise FormatError(f"{what}: summary.{SUPERSEDES} is not a list of at most {MAX_SUPERSEDES} notices")
+    out: dict[int, Decision] = {}
+    for n in raw:
+        if not isinstance(n, dict):
+            raise FormatError(f"{what}: summary.{SUPERSEDES} holds a {type(n).__name__}, not a notice")
+        seq = seq_field(n.get("seq"), what, f"{SUPERSEDES} seq")
+        d = Decision.parse({k: v for k, v in n.items() if k != "seq"}, f"{what} {SUPERSEDES}")
+        if d.kind != "superseded":
+            raise FormatError(f"{what}: a {SUPERSEDES} notice must be of kind superseded, not {d.kind}")
+        out[seq] = d
+    return out
+
+
+def follow_supersede_notices(node: Node, outcomes: list[FileOutcome], rep: Reporter) -> list[Stuck]:
+    """Skip each FAILED bundle its sender announced superseded in a later bundle waiting behind it.
+
+    Only the bundle at the head of its stream (FAILED) is skipped, and only on the word of a
+    bundle of the same stream whose signature verifies; returns what was skipped (the caller
+    imports the stream again). A waiting bundle that cannot be opened says nothing here: it is
+    checked in full when its turn comes.
+    """
+    done: list[Stuck] = []
+    for head in [o for o in outcomes if o.status == Outcome.FAILED and o.peer]:
+        behind = sorted((o for o in outcomes if o.peer == head.peer and o.seq > head.seq
+                         and o.status == Outcome.WAITING), key=lambda o: -o.seq)
+        for o in behind:
+            path = node.cfg.inbox / o.file
+            try:
+                with open_bundle(path, trust=node.trust, identities=node.identities, me=node.id,
+                                 workdir=node.cfg.work) as opened:
+                    if opened.manifest.sender != head.peer:
+                        continue
+                    notices = read_notices(opened.summary, o.file)
+            except (BundleError, CryptoError) as exc:
+                log.warning("%s: its notices cannot be read: %s", o.file, exc)
+                continue
+            decision = notices.get(head.seq)
+            if decision is None:
+                continue
+            skip_bundle(node, head.peer, head.seq, reason=decision.reason, by=decision.by, superseded=decision)
+            rep.state(head.file, ReceivedStatus.SKIPPED, decision.text())
+            done.append(Stuck(head.peer, head.seq, ReceivedStatus.SKIPPED, decision.text()))
+            break
+    return done

@@ -186,6 +186,11 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
                 rep.advance()
     if total:
         rep.finish()
+    if any(o.status == Outcome.FAILED for o in out):  # a sender's notice that a FAILED bundle is superseded
+        from exchange.receive.decisions import follow_supersede_notices  # (it imports this module)
+
+        for s in follow_supersede_notices(node, out, rep):
+            out += _import_inbox(node, retry=retry, reporter=reporter, rotate=0, parked=False, peer=s.peer)
     if parked and any(o.status == Outcome.APPLIED for o in out):
         with try_lock(node, "parked") as got:
             if got:

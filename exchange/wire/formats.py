@@ -19,6 +19,8 @@ SPEC_VERSION = 3  # docs/FORMAT.md's version: 3 = acks v3 (an operator's decisio
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})
+SUPERSEDES = "supersedes"  # inner manifest summary: the sender's notices that earlier seqs are superseded
+MAX_SUPERSEDES = 100  # notices one bundle carries (the newest)
 
 BUNDLE_FORMAT = "exchange-bundle"
 ACK_FORMAT = "exchange-ack"
