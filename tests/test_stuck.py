@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from exchange.database import schema  # noqa: E402
 from exchange.database.tables import xchg_decision  # noqa: E402
 from exchange.node import config  # noqa: E402
 from exchange.node.home import Node  # noqa: E402
+from exchange.wire.formats import ack_name  # noqa: E402
 
 
 def cli(*args: str) -> Result:
@@ -104,6 +106,10 @@ def test_bundle_refused_by_a_store_trigger_is_failed_visible_and_retried(tmp_pat
     code, check = doctor_streams(st)
     assert code == 1 and not check["ok"]
     assert "bundle 2 of ho FAILED" in check["detail"] and "exchange bundle skip ho 2" in check["fix"]
+    from exchange.service.ui.data import received_bundles
+
+    page = {b.seq: b for b in received_bundles(st)[0]}  # what the page lists
+    assert page[2].status == "FAILED" and "exchange bundle skip ho 2" in (page[2].reason or "")
     res = cli("retry", "--home", str(st.cfg.home))
     assert res.exit_code == 21, res.output  # ApplyError: still FAILED
     assert "exchange bundle skip ho 2" in res.output and "free disk" not in res.output.lower()
@@ -181,12 +187,17 @@ def test_skip_round_trip_decision_reaches_the_sender_and_resend_applies(tmp_path
     assert "SKIPPED" in res.output and "alice" in res.output
     assert (ho.cfg.archive_received / "skipped" / received(ho)[bad]["file"]).is_file()  # archived, not deleted
     assert received(ho)[bad]["status"] == "SKIPPED"
+    # a crash after the skip's commit: the bundle still in the inbox, the ack not written yet
+    name = received(ho)[bad]["file"]
+    shutil.copy(ho.cfg.archive_received / "skipped" / name, ho.cfg.inbox / name)
+    (ho.cfg.outbox / ack_name("ho", "s001", bad)).unlink()
     res = cli("bundle", "skip", "s001", str(bad), "--reason", "again", "--home", str(ho.cfg.home))
     assert res.exit_code == 20 and "only a FAILED bundle can be skipped" in res.output
 
     allow_writes(ho, "sales_bill")
     net.cycle(["ho", "s001", "ho", "s001"])
     assert received(ho)[bad + 1]["status"] == "APPLIED"  # the stream moved past the skipped bundle
+    assert not (ho.cfg.inbox / name).exists() and received(ho)[bad]["status"] == "SKIPPED"  # re-acked, archived
     row = sent(st)[bad]
     assert row["status"] == "REJECTED"
     assert "skipped by alice" in row["reason"] and "period closed; store to resend after audit" in row["reason"]

@@ -70,3 +70,10 @@ def parked_problem(by_state: Iterable[Sequence[Any]]) -> tuple[str, str] | None:
 def stuck_bundles(found: Iterable[Sequence[Any]]) -> list[Stuck]:
     """STUCK_SQL's rows as :class:`Stuck`."""
     return [Stuck(str(p), int(q), str(st), str(why or "")) for p, q, st, why in found]
+
+
+def reason_with_resolution(status: str, peer: str, seq: int, reason: str | None) -> str | None:
+    """A received bundle's reason, followed by the command that resolves it when it holds its stream
+    (``status received`` and the page show this)."""
+    fix = how_to_resolve(status, peer, seq)
+    return f"{reason or status}; to resolve: {fix}" if fix else reason

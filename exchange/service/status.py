@@ -22,6 +22,7 @@ from typing import Any
 from exchange.node.home import Node
 from exchange.database.direct import connect_existing, plain_file
 from exchange.vocabulary import DocStatus, ReceivedStatus
+from exchange.receive.stuck import reason_with_resolution
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -95,18 +96,11 @@ def received(node: Node) -> list[Row]:
         rows = conn.execute(select(xchg_received).order_by(
             xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-               _iso(r["received_at"]), _iso(r["applied_at"]), _with_resolution(r)) for r in rows]
+               _iso(r["received_at"]), _iso(r["applied_at"]),
+               reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"])) for r in rows]
     for q in quarantined(node):
         out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, q.time, None, q.reason))
     return out
-
-
-def _with_resolution(r: Any) -> str | None:
-    """A stuck bundle's reason, followed by the command that resolves it (exchange.receive.decisions)."""
-    from exchange.receive.stuck import how_to_resolve
-
-    fix = how_to_resolve(r["status"], r["peer"], int(r["seq"]))
-    return f"{r['reason'] or r['status']}; to resolve: {fix}" if fix else r["reason"]
 
 
 @dataclass(frozen=True)
