@@ -114,6 +114,11 @@ def test_bundle_refused_by_a_store_trigger_is_failed_visible_and_retried(tmp_pat
     assert res.exit_code == 21, res.output  # ApplyError: still FAILED
     assert "exchange bundle skip ho 2" in res.output and "free disk" not in res.output.lower()
     assert prices(st, ids) != prices(net.ho, ids)  # nothing of it applied
+    net.cycle()  # the REJECTED ack reached the HO; the store's archive holds it, not the bundle
+    res = cli("audit", "verify", "--home", str(st.cfg.home), "--json")
+    stream = next(s for s in json.loads(res.stdout)["streams"] if s["stream"] == "ho->s001")
+    assert stream["failed"] == [2] and stream["errors"] == 0, stream["findings"]  # FAILED is not a gap
+    assert not any(f["check"] == "gap" for f in stream["findings"])
 
     allow_writes(st, "item")
     res = cli("retry", "--home", str(st.cfg.home))
