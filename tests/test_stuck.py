@@ -206,6 +206,7 @@ def test_skip_round_trip_decision_reaches_the_sender_and_resend_applies(tmp_path
     row = sent(st)[bad]
     assert row["status"] == "REJECTED"
     assert "skipped by alice" in row["reason"] and "period closed; store to resend after audit" in row["reason"]
+    assert f"exchange resend --peer ho --bundle {bad}" in row["reason"]  # the command that resolves it
     assert count(ho, xchg_decision) == 1 and count(st, xchg_decision) == 1
     with st.engine.connect() as conn:
         d = conn.execute(select(xchg_decision)).mappings().one()

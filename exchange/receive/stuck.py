@@ -1,6 +1,6 @@
 """The states that hold a received stream, and the command that resolves each.
 
-Shared by ``status received`` (the reason names the command), ``exchange doctor``
+Shared by ``status received`` and ``status sent`` (the reason names the command), ``exchange doctor``
 (which reads a SQLite home with ``sqlite3``, so nothing here imports SQLAlchemy),
 ``exchange retry`` (exit 21 while a bundle is FAILED) and the page.
 """
@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from exchange.vocabulary import ParkedState, ReceivedStatus
+from exchange.vocabulary import ParkedState, ReceivedStatus, SentStatus
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,12 @@ def reason_with_resolution(status: str, peer: str, seq: int, reason: str | None)
     (``status received`` and the page show this)."""
     fix = how_to_resolve(status, peer, seq)
     return f"{reason or status}; to resolve: {fix}" if fix else reason
+
+
+def sent_reason_with_resolution(status: str, peer: str, seq: int, reason: str | None) -> str | None:
+    """A sent bundle's reason; a REJECTED one's followed by the commands that send its documents again."""
+    if status != SentStatus.REJECTED:
+        return reason
+    return (f"{reason or status}; to resolve: fix the cause, then `exchange resend --peer {peer} --bundle {seq}`"
+            f" (or, while {peer} still holds it FAILED, `exchange supersede --peer {peer} --bundle {seq} "
+            "--reason TEXT`, so it is skipped there without an operator)")

@@ -22,7 +22,7 @@ from typing import Any
 from exchange.node.home import Node
 from exchange.database.direct import connect_existing, plain_file
 from exchange.vocabulary import DocStatus, ReceivedStatus
-from exchange.receive.stuck import reason_with_resolution
+from exchange.receive.stuck import reason_with_resolution, sent_reason_with_resolution
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -43,7 +43,8 @@ class Row:
 
 def _sent_row(r: Mapping[Any, Any]) -> Row:
     return Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
+               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]),
+               sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]))
 
 
 def sent(node: Node) -> list[Row]:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from exchange.receive.stuck import reason_with_resolution
+from exchange.receive.stuck import reason_with_resolution, sent_reason_with_resolution
 
 from sqlalchemy import func, select
 
@@ -76,7 +76,8 @@ def sent_bundles(node: Node, peer: str | None = None, limit: int = 200) -> tuple
         rows = conn.execute(q).mappings().all()
         total = int(conn.execute(n).scalar() or 0)
     return [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
-                   aware(r["created_at"]), _latest(r["processed_at"], r["uploaded_at"]), r["reason"])
+                   aware(r["created_at"]), _latest(r["processed_at"], r["uploaded_at"]),
+                   sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]))
             for r in rows], total
 
 
