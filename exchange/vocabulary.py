@@ -12,7 +12,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
-__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef", "counted"]
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "ParkedState", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef",
+           "counted"]
 
 
 class SentStatus(StrEnum):
@@ -44,7 +45,15 @@ class ReceivedStatus(StrEnum):
     WAITING = "WAITING"  # an earlier seq is missing
     HELD = "HELD"  # another major version: kept, applied after an upgrade
     FAILED = "FAILED"  # authentic, could not be applied: the stream waits for `exchange retry`
+    SKIPPED = "SKIPPED"  # FAILED, then skipped by an operator's decision (`exchange bundle skip`): never applied
     QUARANTINED = "QUARANTINED"  # not authentic, not for us, or malformed: set aside
+
+
+class ParkedState(StrEnum):
+    """A parked document: retried, or known never to apply."""
+
+    RETRYING = "RETRYING"  # retried after each import and on the timer
+    ORPHANED = "ORPHANED"  # a document it refers to was deleted at its source: only `exchange retry` tries it
 
 
 class Outcome(StrEnum):
@@ -79,7 +88,7 @@ class Tone(StrEnum):
 _TONES: dict[str, Tone] = {
     ReceivedStatus.APPLIED: Tone.OK, SentStatus.PROCESSED: Tone.OK,
     ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN,
-    ReceivedStatus.FAILED: Tone.BAD, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
+    ReceivedStatus.FAILED: Tone.BAD, ReceivedStatus.SKIPPED: Tone.WARN, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
     SentStatus.ABANDONED: Tone.WARN,
 }
 

@@ -896,10 +896,10 @@ def test_ack_structure(tmp_path: Path) -> None:
     _expect_ack(tmp_path, data + b"junk", FormatError, "unexpected data after the end")
     _expect_ack(tmp_path, assemble([("ack.json", raw)]), FormatError, "member 'ack.json.sig' missing")
     _expect_ack(tmp_path, gzip.compress(data), FormatError, "corrupt tar header|truncated tar")
-    v3 = raw.replace(b'"version": 2', b'"version": 3')
-    _expect_ack(tmp_path, assemble([("ack.json", v3), ("ack.json.sig", sshsig.sign(world().s001.key, v3))],
+    v4 = raw.replace(b'"version": 2', b'"version": 4')  # 3 is an ack with an operator's decision
+    _expect_ack(tmp_path, assemble([("ack.json", v4), ("ack.json.sig", sshsig.sign(world().s001.key, v4))],
                                    ACK_MTIME),
-                VersionError, "ack version 3 is not supported")
+                VersionError, "ack version 4 is not supported")
     dup = raw.replace(b'"seq": 1,', b'"seq": 1, "seq": 1,')
     _expect_ack(tmp_path, assemble([("ack.json", dup), ("ack.json.sig", sshsig.sign(world().s001.key, dup))],
                                    ACK_MTIME),

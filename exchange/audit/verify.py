@@ -260,6 +260,8 @@ class StreamResult:
     pruned: list[tuple[int, int]] = field(default_factory=list)
     unacked: list[int] = field(default_factory=list)
     not_decrypted: list[int] = field(default_factory=list)  # authentic, not encrypted to the identity
+    skipped: list[int] = field(default_factory=list)  # ended unapplied by an operator's signed decision
+    failed: list[int] = field(default_factory=list)  # REJECTED, not in the archive: FAILED at the receiver
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -282,6 +284,7 @@ class StreamResult:
                 "acked": self.acked, "decrypted": self.decrypted,
                 "pruned": [{"first_seq": a, "last_seq": b} for a, b in self.pruned],
                 "not_yet_acknowledged": self.unacked, "not_decrypted": self.not_decrypted,
+                "skipped": self.skipped, "failed": self.failed,
                 "errors": len(self.errors), "warnings": len(self.warnings),
                 "findings": [f.as_json() for f in self.findings]}
 
@@ -685,8 +688,17 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
     acks_by_seq: dict[int, list[AckFile]] = defaultdict(list)
     for af in acks:
         acks_by_seq[af.ack.seq].append(af)
+    # a bundle its receiver REJECTED (FAILED there) waits in the receiver's inbox for `exchange retry` or
+    # `exchange bundle skip`: the signed ack accounts for it, so it is not a gap
+    sr.failed = sorted(s for s, afs in acks_by_seq.items() if s not in known
+                       and all(af.ack.result == AckResult.REJECTED for af in afs))
+    for seq in sr.failed:
+        af = acks_by_seq[seq][0]
+        out.append(_warn("failed", f"REJECTED by {af.ack.acker} ({_reason(af.ack)}) and not in this archive: "
+                         "FAILED at the receiver, where it waits for `exchange retry` or `exchange bundle skip`",
+                         af.rel, seq))
     if known or acks_by_seq:
-        for lo, hi in _missing(set(known), max(set(known) | set(acks_by_seq))):
+        for lo, hi in _missing(set(known) | set(sr.failed), max(set(known) | set(acks_by_seq))):
             notes = []
             unreadable = sorted(s for s in bad_seqs if lo <= s <= hi)
             if unreadable:
@@ -724,6 +736,12 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             for af in rejected:
                 out.append(_warn("rejected", f"REJECTED at {format_time(af.ack.created)} ({_reason(af.ack)}), "
                                  "APPLIED later", af.rel, seq))
+        elif decided := [af for af in rejected if af.ack.decision is not None]:
+            sr.skipped.append(seq)  # an operator's signed decision ended it unapplied: shown, not an error
+            decision = decided[-1].ack.decision
+            assert decision is not None
+            out.append(_warn("skipped", f"not applied: {decision.kind} by a decision {decided[-1].ack.acker} "
+                             f"signed ({decision.text()})", decided[-1].rel, seq))
         elif rejected:
             for af in rejected:
                 out.append(_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)}", af.rel, seq))

@@ -689,7 +689,7 @@ def sync(home: Path | None, via: str | None, as_json: bool) -> None:
 @main.command()
 @HOME
 def retry(home: Path | None) -> None:
-    """Retry FAILED bundles and parked documents.
+    """Retry FAILED bundles and parked documents; exits 21 while a bundle is still FAILED.
 
     \b
     Example:
@@ -703,6 +703,10 @@ def retry(home: Path | None) -> None:
         result = retry_all(node)
     for line in result.lines():
         click.echo(shown(line))
+    if result.failed:  # the stream still waits: say so by the exit code (21), with the command that resolves it
+        from exchange.receive.decisions import failed_error
+
+        raise failed_error(result.failed)
     _exit_for(result.outcomes, [], [])
 
 
@@ -951,5 +955,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -137,6 +137,7 @@ xchg_parked = Table(
     Column("error", Text, nullable=False),
     Column("parked_at", DateTime(timezone=True), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("1")),
+    Column("state", String(16), nullable=False, server_default=text("'RETRYING'")),  # vocabulary.ParkedState
 )
 
 #: Per-document version guard: the version last applied, per sender (each sender's versions are its own
@@ -181,7 +182,23 @@ xchg_broadcast = Table(
     Column("version", BigInteger, nullable=False, index=True),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_journal")]
+#: Operators' decisions about bundles that could not be applied: a FAILED bundle skipped at the
+#: receiver, or superseded by its sender. ``side`` says whose stream: ``received`` (the peer sent it
+#: here) or ``sent`` (this node sent it and the peer's signed ack carried the decision).
+xchg_decision = Table(
+    "xchg_decision", XCHG,
+    Column("side", String(8), primary_key=True),
+    Column("peer", String(32), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("kind", String(16), nullable=False),  # skipped, superseded
+    Column("decided_by", String(128), nullable=False),
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("file_sha256", String(64), nullable=False),
+    Column("manifest_sha256", String(64)),
+)
+
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_decision", "xchg_journal")]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -230,9 +247,17 @@ def _m6_journal(conn: Connection) -> None:
     xchg_journal.create(conn, checkfirst=True)
 
 
+def _m7_decisions(conn: Connection) -> None:
+    """Operators' decisions (skipped, superseded bundles) and the parked documents' state (ORPHANED):
+    whatever order the migrations run in."""
+    xchg_decision.create(conn, checkfirst=True)
+    if "state" not in {c["name"] for c in inspect(conn).get_columns("xchg_parked")}:
+        conn.exec_driver_sql("ALTER TABLE xchg_parked ADD COLUMN state VARCHAR(16) NOT NULL DEFAULT 'RETRYING'")
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions, _m6_journal]
+                                                  _m5_versions, _m6_journal, _m7_decisions]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -55,6 +55,7 @@ class NodeConfig:
     database: str
     sync_interval: int = 900
     resend_after: int = 3600
+    parked_retry_interval: int = 300  # seconds between the service's retries of parked documents (0: off)
     max_bundle_rows: int = 20_000
     auditors: tuple[str, ...] = ()
     peers: dict[str, Peer] = field(default_factory=dict)
@@ -107,6 +108,7 @@ class NodeConfig:
         node: dict[str, Any] = {
             "id": self.id, "role": self.role, "database": self.database,
             "sync_interval": self.sync_interval, "resend_after": self.resend_after,
+            "parked_retry_interval": self.parked_retry_interval,
             "max_bundle_rows": self.max_bundle_rows, "auditors": list(self.auditors),
         }
         peers: dict[str, Any] = {}
@@ -198,6 +200,7 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
             database=str(node.get("database") or default_database(root)),
             sync_interval=int(node.get("sync_interval", 900)),
             resend_after=int(node.get("resend_after", 3600)),
+            parked_retry_interval=int(node.get("parked_retry_interval", 300)),
             max_bundle_rows=int(node.get("max_bundle_rows", 20_000)),
             auditors=tuple(str(a) for a in node.get("auditors", ())),
             catalog=dict(data.get("catalog", {})),

@@ -24,12 +24,13 @@ from typing import Any
 
 import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import SQLAlchemyError, StatementError
 
 from exchange.database import rows
 from exchange.database.arrow_memory import system_pool
 from exchange.database.capture import suppress_capture
 from exchange.database.catalog import DocType
+from exchange.database.failures import database_unusable, root_error, transaction_lost
 from exchange.database.tables import (
     begin_write,
     xchg_delivery,
@@ -45,9 +46,11 @@ from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus, counted
+from exchange.vocabulary import (AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
+                                 counted)
 from exchange.receive import admission
 from exchange.receive.locks import try_lock
+from exchange.receive.orphans import deleted_dependency
 from exchange.receive.setaside import archive, quarantine
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
@@ -192,10 +195,15 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
                 rep.advance()
     if total:
         rep.finish()
+    if any(o.status == Outcome.FAILED for o in out):  # a sender's notice that a FAILED bundle is superseded
+        from exchange.receive.decisions import follow_supersede_notices  # (it imports this module)
+
+        for s in follow_supersede_notices(node, out, rep):
+            out += _import_inbox(node, retry=retry, reporter=reporter, rotate=0, parked=False, peer=s.peer)
     if parked and any(o.status == Outcome.APPLIED for o in out):
         with try_lock(node, "parked") as got:
             if got:
-                retry_parked(node)
+                retry_parked(node, orphaned=False)
     return out
 
 
@@ -279,6 +287,14 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
                 archive(node, path, "duplicates")
                 rep.state(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged")
             return FileOutcome(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged", peer, seq)
+        if known and known["file_sha256"] == file_sha and known["status"] == ReceivedStatus.SKIPPED:
+            note = "skipped by an operator's decision; the decision re-sent"  # exchange.receive.decisions
+            if not dry_run:
+                if known["ack"]:
+                    _write_ack(node, known["ack"], peer, seq)
+                archive(node, path, "skipped")
+                rep.state(path.name, Outcome.DUPLICATE, note)
+            return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
         if known and known["status"] == ReceivedStatus.APPLIED and known["manifest_sha256"] == m.sha256:
             return _reack_other_copy(node, path, m.sha256, file_sha, peer, seq, dry_run=dry_run, rep=rep)
         reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
@@ -385,13 +401,14 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
         if not dry_run:
             quarantine(node, path, exc, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, str(exc), peer, seq)
-    except OperationalError as exc:  # the database itself (disk full, I/O error, connection lost), not the
-        # bundle: no FAILED, no REJECTED ack; the transaction rolled back and the next run applies it
-        raise DatabaseError(f"{path.name} not applied: {_error_text(exc)}",
-                            hint="Free disk space for the database (or restore its connection), then sync "
-                                 "again; the bundle waits in the inbox.") from exc
     except (ApplyError, SQLAlchemyError) as exc:
-        reason = exc.message if isinstance(exc, ApplyError) else f"database error: {exc.__class__.__name__}: {exc}"
+        if isinstance(exc, SQLAlchemyError) and database_unusable(exc):  # the database itself (disk full,
+            # I/O error, connection lost), not the bundle: no FAILED, no REJECTED ack; the next run applies it
+            raise DatabaseError(f"{path.name} not applied: {_error_text(exc)}",
+                                hint="Free disk space for the database (or restore its connection), then sync "
+                                     "again; the bundle waits in the inbox.") from exc
+        reason = exc.message if isinstance(exc, ApplyError) else \
+            f"the database refused the bundle: {_error_text(root_error(exc))}"
         if dry_run:
             return FileOutcome(path.name, Outcome.FAILED, reason, peer, seq)
         try:
@@ -526,12 +543,12 @@ def _error_text(exc: Exception) -> str:
 
 
 def _park(conn: Connection, dt: DocType, key: DocKey, peer: str, seq: int, version: int, op: str,
-          data: dict[str, pa.Table], error: str) -> None:
+          data: dict[str, pa.Table], error: str, state: ParkedState = ParkedState.RETRYING) -> None:
     cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
     conn.execute(delete(xchg_parked).where(cond))
     conn.execute(xchg_parked.insert().values(
         doc_type=dt.name, doc_key=key, peer=peer, seq=seq, version=version, op=op,
-        data=_pack(data), error=error, parked_at=utc_now()))
+        data=_pack(data), error=error, parked_at=utc_now(), state=state))
 
 
 def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
@@ -663,8 +680,9 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                 _write_docs(conn, node, dt, keys, sub, held=any(k in stored for k in keys))
                 _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh})
         except StatementError as exc:
-            if isinstance(exc, OperationalError):
+            if database_unusable(exc):
                 raise  # the database's problem (disk full), not this document's: nothing to park
+            _check_alive(conn, exc)
             index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
             for k, op, v in fresh:  # one by one: park what fails, apply the rest
                 one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
@@ -673,10 +691,14 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                         _write_docs(conn, node, dt, [k], one, held=k in stored)
                         _set_versions(conn, peer, doc_type, {k: v})
                 except StatementError as exc:
-                    if isinstance(exc, OperationalError):
+                    if database_unusable(exc):
                         raise
+                    _check_alive(conn, exc)
                     err = _error_text(exc)
-                    _park(conn, dt, k, peer, seq, v, op, one, err)
+                    why = deleted_dependency(conn, node.catalog, one, node.cfg.role)
+                    err = f"{why}: {err}" if why else err
+                    _park(conn, dt, k, peer, seq, v, op, one, err,
+                          ParkedState.ORPHANED if why else ParkedState.RETRYING)
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
@@ -684,13 +706,31 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     return applied, parked
 
 
-def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
-    """Try every parked document (of ``peer`` only, if given) again; returns (applied, still parked)."""
+def _check_alive(conn: Connection, exc: StatementError) -> None:
+    """A database that ended the whole transaction (a trigger's RAISE(ROLLBACK)) rolled back what was
+    applied before: nothing of the bundle may be committed, it is FAILED with the database's reason."""
+    if transaction_lost(conn):
+        raise ApplyError(f"the database rolled back the whole transaction: {_error_text(root_error(exc))}",
+                         hint="A trigger or rule of this database refuses the bundle: fix it, then run "
+                              "`exchange retry`; or skip the bundle (`exchange bundle skip`, docs/OPERATIONS.md)."
+                         ) from exc
+
+
+def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) -> tuple[int, int]:
+    """Try every parked document (of ``peer`` only, if given) again; returns (applied, still parked).
+
+    One that fails again because a document it refers to was deleted at its source is
+    ORPHANED (:mod:`exchange.receive.orphans`); the automatic retries (after an import, the
+    service's timer) leave those out (``orphaned`` false), ``exchange retry`` tries them too.
+    """
     ok = still = 0
     cleared: set[tuple[str, int]] = set()  # bundles some of whose parked documents applied now
     only = select(xchg_parked) if peer is None else select(xchg_parked).where(xchg_parked.c.peer == peer)
+    if not orphaned:
+        only = only.where(xchg_parked.c.state != ParkedState.ORPHANED)
     with node.engine.begin() as conn, suppress_capture(conn):
-        for r in conn.execute(only).mappings().all():
+        todo = conn.execute(only).mappings().all()
+        for r in todo:
             dt = node.catalog.get(r["doc_type"])
             key = r["doc_key"]
             cond = and_(xchg_parked.c.doc_type == dt.name, xchg_parked.c.doc_key == key)
@@ -708,8 +748,17 @@ def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
                 cleared.add((r["peer"], int(r["seq"])))
                 log.info("parked %s %s applied on retry", dt.name, key)
             except StatementError as exc:
+                if transaction_lost(conn):  # the database rolled everything back: nothing more this pass
+                    log.warning("parked retry stopped: %s", _error_text(root_error(exc)))
+                    return 0, len(todo)
+                data = _unpack(r["data"])
+                why = deleted_dependency(conn, node.catalog, data, node.cfg.role)
                 conn.execute(update(xchg_parked).where(cond).values(
-                    attempts=xchg_parked.c.attempts + 1, error=_error_text(exc)))
+                    attempts=xchg_parked.c.attempts + 1,
+                    error=f"{why}: {_error_text(exc)}" if why else _error_text(exc),
+                    state=ParkedState.ORPHANED if why else ParkedState.RETRYING))
+                if why:
+                    log.warning("parked %s %s %s", dt.name, key, why, extra={"peer": r["peer"], "seq": r["seq"]})
                 still += 1
         _recount_parked(conn, cleared)
     return ok, still
@@ -774,6 +823,13 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
                     xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
                     xchg_delivery.c.status.in_((DocStatus.EXPORTED, DocStatus.UPLOADED, DocStatus.REJECTED))
                 )).values(status=DocStatus(status)))
+            if ack.decision is not None:  # the receiver's operator ended it unapplied: recorded here too
+                from exchange.receive.decisions import record_decision
+
+                record_decision(conn, "sent", ack.acker, ack.seq, ack.decision, ack.bundle_sha256,
+                                ack.manifest_sha256)
+                log.warning("decision: bundle %s to %s %s", ack.seq, ack.acker, ack.decision.text(),
+                            extra={"file": path.name, "status": status, "peer": ack.acker, "seq": ack.seq})
     if reason:
         quarantine(node, path, reason, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, reason, ack.acker, ack.seq)

@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 from exchange.database.tables import xchg_parked
 from exchange.node.home import Node
 from exchange.progress import Reporter
+from exchange.receive.decisions import still_failed
+from exchange.receive.stuck import Stuck
 from exchange.receive.importer import FileOutcome, import_inbox, retry_parked, wrote_acks
 from exchange.receive.locks import try_lock
 from exchange.vocabulary import Outcome
@@ -25,11 +27,12 @@ class RetryResult:
     outcomes: list[FileOutcome] = field(default_factory=list)
     parked_applied: int = 0
     still_parked: int = 0
+    failed: list[Stuck] = field(default_factory=list)  # still FAILED after the retry
 
     @property
     def ok(self) -> bool:
         """Nothing failed, nothing was set aside, nothing is still parked."""
-        return not self.still_parked and not any(
+        return not self.still_parked and not self.failed and not any(
             o.status in (Outcome.FAILED, Outcome.QUARANTINED) for o in self.outcomes)
 
     @property
@@ -77,4 +80,4 @@ def retry(node: Node, *, reporter: Reporter | None = None, peer: str | None = No
             applied, still = retry_parked(node, peer)
         else:
             applied, still = 0, parked_count(node, peer)
-    return RetryResult(outs, applied, still)
+    return RetryResult(outs, applied, still, still_failed(node, peer))

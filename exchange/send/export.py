@@ -32,11 +32,12 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.send import clock, streams
 from exchange.send.streams import EventBatch
+from exchange.send.notices import supersede_notices
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.files import publish, sha256_file, utc_now
 from exchange.wire import keynotice
 from exchange.wire.bundle import ParquetCache, Sealed, seal_bundle
-from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, bundle_name
+from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, SUPERSEDES, bundle_name
 from exchange.vocabulary import SentStatus
 
 log = logging.getLogger(__name__)
@@ -415,6 +416,9 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         cache = shared if shared is not None and cursor is not None else None
         tables, summary = (cache.build(conn, node.catalog, docs) if cache is not None
                            else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
+        notices = supersede_notices(conn, peer)  # exchange.send.resend: "seq N is superseded", to skip it there
+        if notices:
+            summary = {**summary, SUPERSEDES: notices}
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
         notice = rotation.notice_for(node, peer, conn)  # a key rotation not yet known to the peer travels along

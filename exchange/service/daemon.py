@@ -25,7 +25,8 @@ from exchange.errors import ExchangeError
 from exchange.node.home import Node
 from exchange.node.lock import home_lock, work_lock
 from exchange.progress import NullReporter, Reporter
-from exchange.receive.importer import import_inbox, wrote_acks
+from exchange.receive.importer import import_inbox, retry_parked, wrote_acks
+from exchange.receive.locks import try_lock
 from exchange.service.sync import push, sync
 from exchange.wire.formats import is_exchange_file
 
@@ -44,6 +45,7 @@ class ServiceState:
     last_sync_ok: bool = True  # the last sync had no error (the page shows it without reading the text)
     last_import: float | None = None
     imports: int = 0
+    parked_retries: int = 0  # passes of the parked-documents timer
     syncs: int = 0
     errors: int = 0
 
@@ -112,6 +114,23 @@ class Service:
             self.state.errors += 1
             log.exception("import failed unexpectedly")
 
+    def _retry_parked(self) -> None:
+        """The timer's pass over the parked documents (ORPHANED ones left out): what they lacked may have
+        arrived without an import of this node applying anything (a fix in the database, a later sync)."""
+        try:
+            with work_lock(self.node.cfg.home), try_lock(self.node, "parked") as got:
+                if got:
+                    applied, still = retry_parked(self.node, orphaned=False)
+                    if applied:
+                        log.info("parked documents: %d applied on the timer, %d still parked", applied, still)
+            self.state.parked_retries += 1
+        except ExchangeError as exc:
+            self.state.errors += 1
+            log.error("parked retry failed: %s", exc)
+        except Exception:  # the service must outlive any one bad step
+            self.state.errors += 1
+            log.exception("parked retry failed unexpectedly")
+
     def _sync(self) -> None:
         try:
             rep = sync(self.node, reporter=self.reporter)
@@ -161,7 +180,13 @@ class Service:
 
     def _loop(self) -> None:
         next_sync = time.monotonic()  # one cycle at start-up (it imports what is already there)
+        every = float(self.node.cfg.parked_retry_interval)
+        next_parked = time.monotonic() + every if every > 0 else float("inf")
         while not self.stop_event.is_set():
+            if time.monotonic() >= next_parked:
+                self._retry_parked()
+                next_parked = time.monotonic() + every
+                continue
             if self._sync_now or time.monotonic() >= next_sync:
                 self._sync_now = False
                 self._sync()
@@ -170,7 +195,8 @@ class Service:
                     self.on_cycle(self.state)
                 continue
             try:
-                self.wake.get(timeout=max(0.0, min(1.0, next_sync - time.monotonic())))
+                self.wake.get(timeout=max(0.0, min(1.0, next_sync - time.monotonic(),
+                                                   next_parked - time.monotonic())))
             except queue.Empty:
                 continue
             if self.stop_event.is_set():

@@ -181,12 +181,37 @@ def check_disk(node: Node) -> str:
     return f"{usage.free >> 30} GiB free"
 
 
+def check_streams(node: Node) -> str:
+    """Every received stream moves: no bundle FAILED, HELD or WAITING, no document parked; else the command."""
+    from contextlib import closing
+
+    from exchange.database.direct import connect_existing
+    from exchange.receive.stuck import PARKED_SQL, STUCK_SQL, parked_problem, stuck_bundles
+
+    path = plain_file(node.cfg.database)
+    if path is not None:  # a SQLite home: read with sqlite3, as the schema version (no SQLAlchemy)
+        with closing(connect_existing(path)) as raw:
+            stuck = stuck_bundles(raw.execute(STUCK_SQL).fetchall())
+            parked = parked_problem(raw.execute(PARKED_SQL).fetchall())
+    else:
+        with node.engine.connect() as conn:
+            stuck = stuck_bundles(conn.exec_driver_sql(STUCK_SQL).all())
+            parked = parked_problem(conn.exec_driver_sql(PARKED_SQL).all())
+    if stuck:
+        more = f"; {len(stuck) - 1} more stuck" if len(stuck) > 1 else ""
+        raise ExchangeError(f"{stuck[0].line()}{more}", hint=f"{stuck[0].resolve} (docs/OPERATIONS.md)")
+    if parked:
+        raise ExchangeError(parked[0], hint=f"{parked[1]} (docs/OPERATIONS.md)")
+    return "no bundle FAILED, HELD or WAITING; no document parked"
+
+
 def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
     checks = [
         _run("database", lambda: check_database(node), "Check the database URL in exchange.toml."),
         _run("keys", lambda: check_keys(node), f"Restore keys into {keys.SIGNING_KEY} / {keys.AGE_KEY}."),
         _run("peers", lambda: check_peers(node), "Add peers with `exchange peer add`."),
         _run("key validity", lambda: check_key_validity(node, key_days), "See `exchange keys list`."),
+        _run("streams", lambda: check_streams(node), "See `exchange status received`."),
     ]
     for pid in sorted(node.cfg.peers):
         checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]

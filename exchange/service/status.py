@@ -23,6 +23,7 @@ from exchange.node.home import Node
 from exchange.database.direct import connect_existing, plain_file
 from exchange.service.words import parked_reason, rfc3339
 from exchange.vocabulary import DocStatus, ReceivedStatus
+from exchange.receive.stuck import reason_with_resolution, sent_reason_with_resolution
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -43,7 +44,8 @@ class Row:
 
 def _sent_row(r: Mapping[Any, Any]) -> Row:
     return Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
+               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]),
+               sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]))
 
 
 def sent(node: Node) -> list[Row]:
@@ -96,7 +98,8 @@ def received(node: Node) -> list[Row]:
         rows = conn.execute(select(xchg_received).order_by(
             xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-               _iso(r["received_at"]), _iso(r["applied_at"]), r["reason"]) for r in rows]
+               _iso(r["received_at"]), _iso(r["applied_at"]),
+               reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"])) for r in rows]
     for q in quarantined(node):
         out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, rfc3339(q.time), None, q.reason))
     return out
@@ -189,6 +192,7 @@ class Parked:
     attempts: int
     parked_at: str | None
     reason: str = ""  # the same in business words (service.words.parked_reason)
+    state: str = "RETRYING"  # vocabulary.ParkedState: ORPHANED can never apply (its dependency was deleted)
 
 
 def parked(node: Node) -> list[Parked]:
@@ -200,7 +204,8 @@ def parked(node: Node) -> list[Parked]:
         rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
     reasons = parked_reasons(node, [(r["doc_type"], r["doc_key"]) for r in rows])
     return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
-                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])]) for r in rows]
+                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])], r["state"])
+            for r in rows]
 
 
 def parked_reasons(node: Node, docs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:

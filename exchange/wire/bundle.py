@@ -41,9 +41,12 @@ from exchange.wire.formats import (
     MAX_SEQ, app_major,
 )
 from exchange.wire.formats import (  # acks, version 2
-    ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_DETAILS_PAD, ACK_RESULTS, ACK_V2_FIELDS, ACK_VERSION,
+    ACK_DECISION_VERSION, ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_DETAILS_PAD, ACK_RESULTS, ACK_V2_FIELDS,
+    ACK_VERSION,
     ACK_VERSIONS, MAX_ACK_DETAILS_BYTES, MAX_ACK_DETAILS_FILE, MAX_ACK_PARKED, MAX_COUNT, MAX_REASON_CHARS,
 )
+from exchange.vocabulary import AckResult
+from exchange.wire.decision import Decision
 from exchange.wire.signed import (
     check_exact, check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json,
     parse_time, seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
@@ -797,6 +800,7 @@ class Ack:
     details: str = "clear"
     details_error: str = ""
     parked_total: int = 0
+    decision: Decision | None = None  # v3: an operator's decision (skipped, superseded), once decrypted
 
     @classmethod
     def parse(cls, raw: bytes, file_sha256: str = "", sealed: bytes | None = None) -> Ack:
@@ -827,14 +831,14 @@ class Ack:
             _check_counts(applied, parked, what, v1=True)
             return cls(**common, reason=reason if isinstance(reason, str) else None, applied=applied,
                        parked=parked, parked_total=len(parked)).bind(sealed)
-        if set(obj) != set(ACK_V2_FIELDS):
-            raise FormatError(f"{what}: fields {sorted(obj)} are not those of a version 2 ack "
+        if set(obj) != set(ACK_V2_FIELDS):  # version 3 has the same fields; its details add a decision
+            raise FormatError(f"{what}: fields {sorted(obj)} are not those of a version {version} ack "
                               f"({', '.join(ACK_V2_FIELDS)})")
         entry = Entry.parse(obj["details"], f"{what} details")
         if entry.name != ACK_DETAILS_MEMBER or entry.size > MAX_ACK_DETAILS_FILE:
             raise FormatError(f"{what}: bad details entry")
         sha256_field(obj["details_plain_sha256"], what)
-        ack = cls(**common, reason=None, applied={}, parked=[], version=2,
+        ack = cls(**common, reason=None, applied={}, parked=[], version=version,
                   heads=Heads.parse(obj["heads"], what), details="sealed")
         return ack if sealed is None else ack.bind(sealed)
 
@@ -864,7 +868,7 @@ class Ack:
         except BundleError as exc:
             return replace(self, details="unreadable", details_error=exc.message)
         return replace(self, details="decrypted", reason=d["reason"], applied=d["applied"], parked=d["parked"],
-                       parked_total=d["parked_total"])
+                       parked_total=d["parked_total"], decision=d["decision"])
 
     def _details(self, plain: bytes) -> dict[str, Any]:
         what = ACK_DETAILS_MEMBER
@@ -872,8 +876,8 @@ class Ack:
             raise AuthenticityError(f"{what}: decrypted details differ from the signed hash "
                                     "(another plaintext for another recipient?)")
         d = parse_json(plain, what)
-        if d.get("format") != ACK_DETAILS_FORMAT or d.get("version") != ACK_VERSION:
-            raise FormatError(f"{what}: not {ACK_DETAILS_FORMAT} version {ACK_VERSION}")
+        if d.get("format") != ACK_DETAILS_FORMAT or d.get("version") != self.version:
+            raise FormatError(f"{what}: not {ACK_DETAILS_FORMAT} version {self.version}")
         for name in ("acker", "sender", "seq", "bundle_sha256"):
             if d.get(name) != getattr(self, name):
                 raise AuthenticityError(f"{what}: {name} {d.get(name)!r} differs from the signed ack")
@@ -885,7 +889,10 @@ class Ack:
         _check_counts(applied, parked, what)
         if not len(parked) <= total <= MAX_COUNT:
             raise LimitError(f"{what}: parked_total {total} is out of range ({len(parked)} to {MAX_COUNT})")
-        return {"reason": reason, "applied": applied, "parked": parked, "parked_total": total}
+        decision = Decision.parse(d.get("decision"), what) if self.version >= ACK_DECISION_VERSION else None
+        if decision is not None and self.result != AckResult.REJECTED:
+            raise FormatError(f"{what}: a decision ends a bundle unapplied, but the ack says {self.result}")
+        return {"reason": reason, "applied": applied, "parked": parked, "parked_total": total, "decision": decision}
 
 
 def _decrypt_small(sealed: bytes, identities: Sequence[str]) -> bytes:
@@ -903,7 +910,7 @@ def build_ack(
     *, key: Any, acker: str, sender: str, seq: int, bundle_sha256: str,
     manifest_sha256: str | None, result: str, recipients: Sequence[str], heads: Heads | None = None,
     reason: str | None = None, applied: Mapping[str, Any] | None = None, parked: Sequence[Any] = (),
-    created: datetime | None = None,
+    created: datetime | None = None, decision: Decision | None = None,
 ) -> bytes:
     """The bytes of a signed ack file, version 2 (kept in the database, then written out).
 
@@ -911,17 +918,20 @@ def build_ack(
     (applied counts and totals, parked documents, the reason) are age-encrypted to
     ``recipients`` (the bundle's sender and the auditors) in ``details.json.age``, bound
     by its SHA-256 (and its plaintext's, salted by a nonce) in the signed ``ack.json``.
+    With a ``decision`` (a REJECTED ack ending a bundle unapplied) the ack is version 3; without, version 2,
+    which every older reader reads.
     """
+    version = ACK_VERSION if decision is None else ACK_DECISION_VERSION
     created = created or utc_now()
     parked = list(parked)
     total = len(parked)
     while True:
         plain = dump_json({
-            "format": ACK_DETAILS_FORMAT, "version": ACK_VERSION, "acker": acker, "sender": sender,
+            "format": ACK_DETAILS_FORMAT, "version": version, "acker": acker, "sender": sender,
             "seq": seq, "bundle_sha256": bundle_sha256, "nonce": os.urandom(16).hex(),
             "reason": None if reason is None else reason[:MAX_REASON_CHARS],
             "applied": dict(applied or {}), "parked": parked[:MAX_ACK_PARKED], "parked_total": total,
-        })
+        } | ({} if decision is None else {"decision": decision.as_json()}))
         if len(plain) <= MAX_ACK_DETAILS_BYTES or not parked:
             break
         parked = parked[:min(len(parked), MAX_ACK_PARKED) // 2]  # too much to list: the first ones
@@ -932,7 +942,7 @@ def build_ack(
     age.encrypt(io.BytesIO(plain), sealed, list(recipients))
     details = Entry(ACK_DETAILS_MEMBER, len(sealed.getvalue()), hashlib.sha256(sealed.getvalue()).hexdigest())
     raw = dump_json({
-        "format": ACK_FORMAT, "version": ACK_VERSION, "app_version": __version__,
+        "format": ACK_FORMAT, "version": version, "app_version": __version__,
         "acker": acker, "sender": sender, "seq": seq, "bundle_sha256": bundle_sha256,
         "manifest_sha256": manifest_sha256, "result": result, "created": format_time(created),
         "heads": (heads or NO_HEADS).as_json(), "details": details.as_json(),

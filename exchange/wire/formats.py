@@ -16,9 +16,12 @@ from exchange.vocabulary import AckResult
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
 SPEC_VERSION = 3  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
-#                  3 = the key notice in a payload's summary (section 4.1)
+#                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
-ACK_VERSIONS = frozenset({1, 2})
+ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
+ACK_VERSIONS = frozenset({1, 2, 3})
+SUPERSEDES = "supersedes"  # inner manifest summary: the sender's notices that earlier seqs are superseded
+MAX_SUPERSEDES = 100  # notices one bundle carries (the newest)
 
 BUNDLE_FORMAT = "exchange-bundle"
 ACK_FORMAT = "exchange-ack"

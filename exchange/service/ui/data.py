@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exchange.receive.stuck import reason_with_resolution, sent_reason_with_resolution
+
 from sqlalchemy import func, select
 
 from exchange.database.tables import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
@@ -74,7 +76,8 @@ def sent_bundles(node: Node, peer: str | None = None, limit: int = 200) -> tuple
         rows = conn.execute(q).mappings().all()
         total = int(conn.execute(n).scalar() or 0)
     return [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
-                   aware(r["created_at"]), _latest(r["processed_at"], r["uploaded_at"]), r["reason"])
+                   aware(r["created_at"]), _latest(r["processed_at"], r["uploaded_at"]),
+                   sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]))
             for r in rows], total
 
 
@@ -106,7 +109,8 @@ def received_bundles(node: Node, peer: str | None = None, limit: int = 200) -> t
         rows = conn.execute(q).mappings().all()
         total = int(conn.execute(n).scalar() or 0)
     out = [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
-                  aware(r["received_at"]), aware(r["applied_at"]), r["reason"]) for r in rows]
+                  aware(r["received_at"]), aware(r["applied_at"]),
+                  reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"])) for r in rows]
     q_files = quarantined(node, peer)
     epoch = datetime.min.replace(tzinfo=UTC)
     out = sorted(out + q_files, key=lambda b: (b.created or epoch, b.seq), reverse=True)

@@ -1,0 +1,88 @@
+"""The states that hold a received stream, and the command that resolves each.
+
+Shared by ``status received`` and ``status sent`` (the reason names the command), ``exchange doctor``
+(which reads a SQLite home with ``sqlite3``, so nothing here imports SQLAlchemy),
+``exchange retry`` (exit 21 while a bundle is FAILED) and the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from exchange.vocabulary import ParkedState, ReceivedStatus, SentStatus
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """A received bundle that holds its stream, and the command that resolves it."""
+
+    peer: str
+    seq: int
+    status: str
+    reason: str
+
+    @property
+    def resolve(self) -> str:
+        return how_to_resolve(self.status, self.peer, self.seq)
+
+    def line(self) -> str:
+        return f"bundle {self.seq} of {self.peer} {self.status}: {self.reason}"
+
+
+def how_to_resolve(status: str, peer: str, seq: int) -> str:
+    """The command that resolves a received bundle in ``status`` ("" for a state that needs nothing)."""
+    if status == ReceivedStatus.FAILED:
+        return (f"fix the cause, then `exchange retry`; or skip it: `exchange bundle skip {peer} {seq} "
+                "--reason TEXT` (the sender gets the decision and can send the documents again)")
+    if status == ReceivedStatus.WAITING:
+        return (f"`exchange sync` fetches the missing bundle; if {peer} no longer has it, ask its operator "
+                "to check `exchange status sent` there")
+    if status == ReceivedStatus.HELD:
+        return "upgrade exchange to the sender's major version, then `exchange retry`"
+    return ""
+
+
+#: The received bundles that hold a stream, in stream order (plain SQL: ``doctor`` runs it with sqlite3).
+STUCK_SQL = ("SELECT peer, seq, status, reason FROM xchg_received "
+             "WHERE status IN ('FAILED', 'HELD', 'WAITING') ORDER BY peer, seq")
+#: Documents parked, per state (plain SQL, as STUCK_SQL).
+PARKED_SQL = "SELECT state, count(*) FROM xchg_parked GROUP BY state"
+
+
+def parked_problem(by_state: Iterable[Sequence[Any]]) -> tuple[str, str] | None:
+    """(what, how to resolve) for PARKED_SQL's rows; None when nothing is parked."""
+    counts = {str(s): int(n) for s, n in by_state}
+    total, orphaned = sum(counts.values()), counts.get(ParkedState.ORPHANED, 0)
+    if not total:
+        return None
+    if orphaned:
+        return (f"{total} documents parked, {orphaned} of them can never apply (ORPHANED: a document they "
+                "refer to was deleted at its source)",
+                "See them with `exchange status parked`; the automatic retries leave ORPHANED documents out: "
+                "ask the sender for a corrected version, or re-create what they refer to and run `exchange retry`")
+    return (f"{total} documents parked (could not be applied)",
+            "See them with `exchange status parked`; fix the cause, then `exchange retry` "
+            "(they are also retried after each import and on the service's timer)")
+
+
+def stuck_bundles(found: Iterable[Sequence[Any]]) -> list[Stuck]:
+    """STUCK_SQL's rows as :class:`Stuck`."""
+    return [Stuck(str(p), int(q), str(st), str(why or "")) for p, q, st, why in found]
+
+
+def reason_with_resolution(status: str, peer: str, seq: int, reason: str | None) -> str | None:
+    """A received bundle's reason, followed by the command that resolves it when it holds its stream
+    (``status received`` and the page show this)."""
+    fix = how_to_resolve(status, peer, seq)
+    return f"{reason or status}; to resolve: {fix}" if fix else reason
+
+
+def sent_reason_with_resolution(status: str, peer: str, seq: int, reason: str | None) -> str | None:
+    """A sent bundle's reason; a REJECTED one's followed by the commands that send its documents again."""
+    if status != SentStatus.REJECTED:
+        return reason
+    return (f"{reason or status}; to resolve: fix the cause, then `exchange resend --peer {peer} --bundle {seq}`"
+            f" (or, while {peer} still holds it FAILED, `exchange supersede --peer {peer} --bundle {seq} "
+            "--reason TEXT`, so it is skipped there without an operator)")
