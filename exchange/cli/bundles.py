@@ -16,7 +16,12 @@ from exchange.cli.main import HOME, _node, main, shown
 
 @main.group()
 def bundle() -> None:
-    """Resolve a received bundle that cannot be applied (FAILED)."""
+    """Resolve a received bundle that cannot be applied (FAILED).
+
+    \b
+    Example:
+      exchange bundle skip s001 42 --reason "bill B8 names a till that no longer exists"
+    """
 
 
 @bundle.command("skip")
@@ -26,7 +31,12 @@ def bundle() -> None:
 @click.option("--by", "by", default=None, help="Who decides (default: the login name).")
 @HOME
 def bundle_skip(sender: str, seq: int, reason: str, by: str | None, home: Path | None) -> None:
-    """Skip FAILED bundle SEQ from SENDER: nothing of it applied, the stream moves past it."""
+    """Skip FAILED bundle SEQ from SENDER: nothing of it applied, the stream moves past it.
+
+    \b
+    Example:
+      exchange bundle skip --home /srv/xchg/ho s001 42 --reason "fixed at the store, resent"
+    """
     from exchange.node.lock import work_lock
     from exchange.receive.decisions import skip_bundle
 
@@ -43,7 +53,12 @@ def bundle_skip(sender: str, seq: int, reason: str, by: str | None, home: Path |
 @click.option("--bundle", "seq", required=True, type=click.IntRange(1), help="The REJECTED bundle's seq.")
 @HOME
 def resend(peer_id: str, seq: int, home: Path | None) -> None:
-    """Queue the documents of a REJECTED bundle again, as they are now (after fixing the cause)."""
+    """Queue the documents of a REJECTED bundle again, as they are now (after fixing the cause).
+
+    \b
+    Example:
+      exchange resend --home /srv/xchg/s001 --peer ho --bundle 42
+    """
     from exchange.send.resend import resend_bundle
 
     r = resend_bundle(_node(home), peer_id, seq)
@@ -62,7 +77,12 @@ def resend(peer_id: str, seq: int, home: Path | None) -> None:
 @click.option("--by", "by", default=None, help="Who decides (default: the login name).")
 @HOME
 def supersede(peer_id: str, seq: int, reason: str, by: str | None, home: Path | None) -> None:
-    """Send a REJECTED bundle's documents again and tell the peer to skip it, with no operator there."""
+    """Send a REJECTED bundle's documents again and tell the peer to skip it, with no operator there.
+
+    \b
+    Example:
+      exchange supersede --home /srv/xchg/s001 --peer ho --bundle 42 --reason "bad price fixed"
+    """
     from exchange.send.resend import supersede_bundle
 
     r = supersede_bundle(_node(home), peer_id, seq, reason=reason, by=by or getpass.getuser())
