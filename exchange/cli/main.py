@@ -421,12 +421,16 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
     node = _node(home)
     rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
     parked = st.parked(node) if view in ("received", "parked") else None
+    aside = st.set_aside(node) if view == "sent" else None
     if as_json:
-        _echo_json(st.as_json(rows, parked))
+        _echo_json({**st.as_json(rows, parked), **({"set_aside": aside} if aside else {})})
         return
     from exchange.cli.console import print_status
 
     print_status(node.id, view, rows, parked)
+    if aside:
+        click.echo(shown(f"{len(aside)} document(s) set aside, not sent (`exchange set-aside list`): "
+                         f"{aside[0]['reason']}"), err=True)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
@@ -571,5 +575,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui"):
+    for mod in ("audit", "usb", "ui", "setaside"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -410,8 +410,6 @@ def _read_sqlite(conn: Connection, tables: Sequence[Table], key_cols: Sequence[s
 def _pg_copy_out(conn: Connection, sql: str, schema: pa.Schema) -> pa.Table:
     import io
 
-    import pyarrow.csv as pacsv
-
     buf = io.BytesIO()
     with _pg_cursor(conn).copy(f"COPY ({sql}) TO STDOUT (FORMAT csv, HEADER true)") as copy:
         for chunk in copy:
@@ -419,6 +417,57 @@ def _pg_copy_out(conn: Connection, sql: str, schema: pa.Schema) -> pa.Table:
     if buf.tell() == 0:
         return schema.empty_table()
     buf.seek(0)
+    return _pg_csv_read(buf, schema)
+
+
+#: What a failed encoding may raise: Arrow's conversions, and Python's for values of the wrong kind.
+ENCODE_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def unencodable(conn: Connection, table: Table, key_cols: Sequence[str], key: str) -> list[tuple[str, str, str]]:
+    """(column, value as text, error) of each value of document ``key``'s rows in ``table`` that its
+    column's Arrow type cannot hold: what made :func:`read_doc_tables` fail, named for an operator.
+
+    Each value goes through the conversion a batch takes (SQLite: the stored value; PostgreSQL: its
+    COPY text through the same CSV options), so a value named here is one that fails there.
+    """
+    schema = arrow_schema(table)
+    where = " AND ".join(f"{_q(conn, c)} = ?" for c in key_cols)
+    params = typed_key(table, key_cols, parse_key(key))
+    pg = conn.dialect.name == "postgresql"
+    out: list[tuple[str, str, str]] = []
+    for column, fld in zip(table.columns, schema, strict=True):
+        qc = _q(conn, column.name)
+        got = fetch_tuples(conn, f"SELECT {qc}{'::text' if pg else ''} FROM {_q(conn, table.name)} WHERE {where}",
+                           params)
+        for (value,) in got:
+            try:
+                if pg:
+                    _pg_csv_values([value], fld)
+                else:
+                    _sqlite_column(column, fld, [value])
+            except ENCODE_ERRORS as exc:
+                out.append((column.name, str(value), f"{type(exc).__name__}: {exc}"))
+                break  # one value per column says enough
+    return out
+
+
+def _pg_csv_values(texts: list[str | None], fld: pa.Field) -> pa.Table:
+    """PostgreSQL text values of one column through the CSV conversion :func:`_pg_copy_out` uses."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow([fld.name])
+    for t in texts:
+        w.writerow(["" if t is None else t])
+    return _pg_csv_read(io.BytesIO(text.getvalue().encode()), pa.schema([fld]))
+
+
+def _pg_csv_read(buf: Any, schema: pa.Schema) -> pa.Table:
+    import pyarrow.csv as pacsv
+
     table = pacsv.read_csv(buf, convert_options=pacsv.ConvertOptions(
         column_types={f.name: f.type for f in schema}, strings_can_be_null=True,
         quoted_strings_can_be_null=False, true_values=["t", "true"], false_values=["f", "false"]))

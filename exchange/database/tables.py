@@ -169,7 +169,22 @@ xchg_broadcast = Table(
     Column("version", BigInteger, nullable=False, index=True),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name != "xchg_broadcast"]
+#: Documents the exporter could not encode (a value its column's type cannot hold): set aside on the
+#: sender with what failed, so the rest of its exports go on; ``exchange set-aside retry`` sends them
+#: again once the row is fixed (exchange.send.setaside).
+xchg_setaside = Table(
+    "xchg_setaside", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("column_name", String(128), nullable=True),  # NULL: the failure could not be pinned to a column
+    Column("value", Text, nullable=True),
+    Column("error", Text, nullable=False),
+    Column("set_at", DateTime(timezone=True), nullable=False),
+)
+
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_setaside")]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -213,9 +228,14 @@ def _m5_versions(conn: Connection) -> None:
         conn.exec_driver_sql("DROP TABLE xchg_doc_version_m4")
 
 
+def _m_setaside(conn: Connection) -> None:
+    """Documents the exporter set aside (exchange.send.setaside)."""
+    xchg_setaside.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions]
+                                                  _m5_versions, _m_setaside]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -97,13 +97,21 @@ def _dt(value: Any) -> datetime | None:
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, datetime):
         return data.aware(value)
+    if isinstance(value, str):  # RFC 3339, as the --json views and exchange.send.setaside give it
+        try:
+            return data.aware(datetime.fromisoformat(value))
+        except ValueError:
+            return None
     return None
 
 
 def fmt_when(value: Any) -> str:
-    """Local time, to the second (the operator's clock)."""
+    """Local time, to the second, with its zone (the operator's clock; the title holds RFC 3339)."""
     t = _dt(value)
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    if t is None:
+        return "-"
+    local = t.astimezone()
+    return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or local.strftime("%z"))
 
 
 def fmt_iso(value: Any) -> str:
@@ -286,7 +294,8 @@ def _store_page(request: Request, ctx: UiContext) -> Response:
         "received": sum(s.received_total for s in stats.values()),
         "sent": sum(s.sent_total for s in stats.values()),
     }
-    return ctx.render(request, "store.html", summary=summary, base_url="/", **_tab_data(ctx, tab, None))
+    return ctx.render(request, "store.html", summary=summary, base_url="/", set_aside=data.set_aside_docs(node),
+                      **_tab_data(ctx, tab, None))
 
 
 def _ho_page(request: Request, ctx: UiContext) -> Response:
@@ -307,7 +316,8 @@ def _ho_page(request: Request, ctx: UiContext) -> Response:
     return ctx.render(request, "ho.html", rows=rows, totals=totals, sort_col=col, sort_desc=desc,
                       sort_link=sort_link, only=only, now=now,
                       silent_after=ctx.settings.silent_after_minutes, parked=parked,
-                      parked_total=parked_total, quarantine=data.quarantined(ctx.node))
+                      parked_total=parked_total, quarantine=data.quarantined(ctx.node),
+                      set_aside=data.set_aside_docs(ctx.node))
 
 
 def peer_page(request: Request) -> Response:
