@@ -431,6 +431,11 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
     if aside:
         click.echo(shown(f"{len(aside)} document(s) set aside, not sent (`exchange set-aside list`): "
                          f"{aside[0]['reason']}"), err=True)
+    if view == "received":  # (the sent view of a SQLite home stays without SQLAlchemy: docs/PERFORMANCE.md)
+        from exchange.service.peerclock import warnings
+
+        for line in warnings(node):
+            click.echo(shown(f"clock: {line}"), err=True)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)

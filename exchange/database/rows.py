@@ -87,6 +87,23 @@ def arrow_type(column: Any) -> pa.DataType:
     return pa.string()
 
 
+def with_zones(data: pa.Table, expected: pa.Schema) -> pa.Table:
+    """``data`` with each naive timestamp column read as UTC where ``expected`` holds it zone-aware.
+
+    Bundles of format 2 (and senders whose column is still declared without a
+    zone) carry naive times; their zone was never recorded, so they are taken as
+    UTC, the instant exchange has always stored (docs/FORMAT.md, version 3).
+    Any other difference is left for the caller to report.
+    """
+    for i, f in enumerate(data.schema):
+        want = expected.field(f.name).type if f.name in expected.names else None
+        if (want is not None and pa.types.is_timestamp(f.type) and pa.types.is_timestamp(want)
+                and f.type.tz is None and want.tz is not None):
+            data = data.set_column(i, pa.field(f.name, want, f.nullable), data.column(i).cast(
+                pa.timestamp(want.unit)).cast(want))
+    return data
+
+
 def arrow_schema(table: Table) -> pa.Schema:
     return pa.schema([pa.field(c.name, arrow_type(c), nullable=c.nullable is not False)
                       for c in table.columns])
@@ -322,11 +339,36 @@ def _from_physical(column: Any, field: pa.Field, arr: pa.Array | pa.ChunkedArray
         ints = pc.cast(arr, pa.int64())
         chunks = ints.chunks if isinstance(ints, pa.ChunkedArray) else [ints]
         return pa.chunked_array([_minor_to_decimal(c, t) for c in chunks], type=t)
+    if pa.types.is_timestamp(t) and t.tz is not None:
+        return _zoned_from_text(pc.cast(arr, pa.string()), t)
     if pa.types.is_date32(t) or pa.types.is_timestamp(t):
         return pc.cast(pc.cast(arr, pa.string()), t)
     if pa.types.is_boolean(t):
         return pc.cast(pc.cast(arr, pa.int64()), t)
     return arr if arr.type == t else pc.cast(arr, t)
+
+
+def _zoned_from_text(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """Text of a zone-aware column (SQLite) -> ``t``: what exchange writes carries its zone; naive text
+    (another application's write, or a row from before the column was zoned) is the UTC instant, as
+    everywhere else. Text that is no time still raises (the exporter sets that document aside)."""
+    try:
+        return pc.cast(arr, t)
+    except pa.ArrowInvalid:
+        pass
+    from datetime import UTC, datetime
+
+    values: list[datetime | None] = []
+    for v in arr.to_pylist():
+        if v is None:
+            values.append(None)
+            continue
+        try:
+            parsed = datetime.fromisoformat(v)
+        except ValueError:
+            raise pa.ArrowInvalid(f"Failed to parse string: {v!r} as a scalar of type {t}") from None
+        values.append(parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC))
+    return pa.array(values, t)
 
 
 def _minor_to_decimal(ints: pa.Array, t: pa.DataType) -> pa.Array:

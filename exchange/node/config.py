@@ -39,6 +39,7 @@ class NodeConfig:
     sync_interval: int = 900
     resend_after: int = 3600
     max_bundle_rows: int = 20_000
+    max_clock_skew: int = 300  # seconds a peer's signed times may be off ours before it is reported
     auditors: tuple[str, ...] = ()
     peers: dict[str, Peer] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +91,8 @@ class NodeConfig:
         node: dict[str, Any] = {
             "id": self.id, "role": self.role, "database": self.database,
             "sync_interval": self.sync_interval, "resend_after": self.resend_after,
-            "max_bundle_rows": self.max_bundle_rows, "auditors": list(self.auditors),
+            "max_bundle_rows": self.max_bundle_rows, "max_clock_skew": self.max_clock_skew,
+            "auditors": list(self.auditors),
         }
         peers: dict[str, Any] = {}
         for p in self.peers.values():
@@ -171,6 +173,7 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
             sync_interval=int(node.get("sync_interval", 900)),
             resend_after=int(node.get("resend_after", 3600)),
             max_bundle_rows=int(node.get("max_bundle_rows", 20_000)),
+            max_clock_skew=int(node.get("max_clock_skew", 300)),
             auditors=tuple(str(a) for a in node.get("auditors", ())),
             catalog=dict(data.get("catalog", {})),
             extra={k: v for k, v in data.items() if k not in ("node", "peers", "catalog")},

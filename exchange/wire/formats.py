@@ -15,7 +15,8 @@ from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 2  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2
+SPEC_VERSION = 3  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+#                3 = zone-aware times (timestamp[us, tz=UTC] plus an offset column)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_VERSIONS = frozenset({1, 2})
 
