@@ -348,3 +348,46 @@ def test_clocks_in_step_pass_the_doctor(net: Net) -> None:
     doctor = json.loads(cli("doctor", "--json", "--home", str(net.ho.cfg.home)).output)
     [clock] = [c for c in doctor["checks"] if c["name"] == "peer clocks"]
     assert clock["ok"] and "s001: within 300s" in clock["detail"], clock
+
+
+def test_a_transfer_order_whose_route_cannot_be_read_is_set_aside_and_the_others_route(net: Net) -> None:
+    """A column-routed document is read at routing time (its destination): set aside there, the rest routed."""
+    with net.ho.engine.connect() as conn:
+        orders = sorted(str(k) for k in conn.execute(select(s.transfer_order.c.to_id)).scalars())
+    assert len(orders) >= 1
+    bad = orders[0]
+    value = "31/02/2024" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    with net.ho.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE transfer_order SET order_date = '{value}' WHERE to_id = '{bad}'")
+        record_events(conn, "transfer_order", [(bad,)])
+    good = _items(net)[3]
+    reprice(net.ho, [good], "3.00")
+    _sync(net.ho)
+    _sync(net.store())
+    assert prices(net.store(), [good]) == prices(net.ho, [good])
+    [aside] = json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"]
+    assert (aside["doc_type"], aside["table"], aside["column"], aside["value"]) == (
+        "transfer_order", "transfer_order", "order_date", value)
+
+
+def test_a_store_bill_that_cannot_be_encoded_is_set_aside_and_its_other_bills_reach_the_ho(net: Net) -> None:
+    """A store sends from its capture log: the bad bill's events leave the log, the next bill goes."""
+    st = net.store()
+    with st.engine.begin() as conn:
+        conn.execute(s.sales_bill.insert().values(store_id="s001", bill_no="GOOD", bill_date=datetime(2024, 3, 1, 9),
+                                                  total=Decimal("1.00"), tax=Decimal("0.00")))
+        conn.exec_driver_sql("INSERT INTO sales_bill (store_id, bill_no, bill_date, total, tax) "
+                             "VALUES ('s001', 'BAD', 'yesterday at noon', 100, 0)")
+        record_events(conn, "sales_bill", [("s001", "BAD"), ("s001", "GOOD")])
+    _sync(st)
+    _sync(net.ho)
+    assert set(_bills_at(net.ho)) == {"GOOD"}
+    [aside] = json.loads(cli("set-aside", "list", "--json", "--home", str(st.cfg.home)).output)["set_aside"]
+    assert (aside["doc_key"], aside["column"], aside["value"]) == ('["s001","BAD"]', "bill_date", "yesterday at noon")
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sales_bill SET bill_date = '2024-03-01 12:00:00' WHERE bill_no = 'BAD'")
+    assert cli("set-aside", "retry", "--home", str(st.cfg.home), "--doc", "sales_bill",
+               "--key", '["s001","BAD"]').exit_code == 0
+    _sync(st)
+    _sync(net.ho)
+    assert _bills_at(net.ho)["BAD"] == (datetime(2024, 3, 1, 12, tzinfo=UTC), None)
