@@ -129,11 +129,15 @@ def test_the_page_shows_what_was_set_aside(net: Net) -> None:
     _spoil(net, bad)
     _sync(net.ho)
     net.dispose()
+    from test_metrics import scrape, value
+
     with ui_server(net.ho.cfg.home) as ui:
         assert ui.url
         status, _h, html = request(ui.url, "/")
+        metrics = scrape(ui.url)
     assert status == 200
     assert 'id="setaside-table"' in html and f"{bad}" in html and "updated_at" in html
+    assert value(metrics, "exchange_set_aside_documents") == 1
 
 
 def _times(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -162,12 +166,14 @@ def test_every_json_time_is_rfc3339_with_an_offset(net: Net) -> None:
         home = str(node.cfg.home)
         outputs = [cli("status", "sent", "--json", "--home", home), cli("status", "received", "--json", "--home", home),
                    cli("status", "parked", "--json", "--home", home), cli("set-aside", "list", "--json", "--home", home),
-                   cli("sync", "--json", "--home", home)]
+                   cli("sync", "--json", "--home", home), cli("usb", "last", "--json", "--home", home),
+                   cli("peer", "list", "--json", "--home", home)]
         received = node.cfg.home / "archive" / "received"  # what this node can decrypt: sent to it
         archived = sorted(received.rglob("*.bundle"))[:1] + sorted(received.rglob("*.ack"))[:1]
         outputs += [cli("inspect", str(p), "--json", "--home", home) for p in archived]
-        for res in outputs:
-            assert res.exit_code == 0, res.output
+        doctor = cli("doctor", "--json", "--home", home)  # exit 1 is fine here (a clock, the disk): its times count
+        for res in [*outputs, doctor]:
+            assert res.exit_code == 0 or res is doctor, res.output
             for where, value in _times(json.loads(res.output)):
                 seen += value is not None
                 assert value is None or RFC3339.fullmatch(value), f"{node.id} {where}: {value!r}"
