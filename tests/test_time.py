@@ -234,6 +234,14 @@ def test_a_bill_at_2330_in_two_zones_reads_back_with_its_own_offset_at_the_ho(zo
         order = list(conn.execute(select(s.sales_bill.c.bill_no).order_by(s.sales_bill.c.bill_date)).scalars())
     assert order == ["B-IST", "B-EST"]
 
+    # the auditor's report over the HO's archive sums each store's bills (from the verified bundles)
+    home = zones.ho.cfg.home
+    res = cli("audit", "report", "--home", str(home), "--identity", str(home / "keys" / "node.age"), "--json")
+    assert res.exit_code == 0, res.output
+    rows = [r for r in json.loads(res.output)["rows"] if r["doc_type"] == "sales_bill"]
+    totals = {r["sender"]: Decimal(r["totals"]["sales_bill.total"]) for r in rows}
+    assert totals == {"s001": Decimal("10.00"), "s002": Decimal("20.00")}
+
 
 def test_business_times_travel_as_zone_aware_parquet(zones: Net) -> None:
     from exchange.wire.bundle import open_bundle

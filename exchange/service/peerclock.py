@@ -158,7 +158,7 @@ def check(node: Node) -> str:
         raise ExchangeError("; ".join(bad), hint="Set the clock of that node (enable NTP). Data is ordered by "
                             "sequence numbers and is not affected; signed times, retention and the audit "
                             "report's days are.")
-    return "; ".join(e.describe(allowed) for e in found)
+    return "; ".join(e.describe(allowed) for e in found) or "no peers"
 
 
 def warnings(node: Node) -> list[str]:
