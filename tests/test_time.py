@@ -384,6 +384,26 @@ def test_a_transfer_order_whose_route_cannot_be_read_is_set_aside_and_the_others
         "transfer_order", "transfer_order", "order_date", value)
 
 
+def test_a_reload_sets_aside_a_transfer_order_whose_route_cannot_be_read(net: Net) -> None:
+    with net.ho.engine.connect() as conn:
+        orders = sorted(str(k) for k in conn.execute(select(s.transfer_order.c.to_id)).scalars())
+    bad = orders[0]
+    value = "31/02/2024" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    with net.ho.engine.begin() as conn:  # no event: the POS changed it behind exchange's back
+        conn.exec_driver_sql(f"UPDATE transfer_order SET order_date = '{value}' WHERE to_id = '{bad}'")
+    res = cli("reload", "--home", str(net.ho.cfg.home), "--peer", "s001", "--doc", "transfer_order")
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    [aside] = json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"]
+    assert (aside["doc_key"], aside["column"], aside["value"]) == (json.dumps([bad]), "order_date", value)
+    assert "0 documents queued" in res.output or len(orders) > 1
+    _sync(net.ho)  # nothing waits behind it
+    sent = json.loads(cli("status", "sent", "--json", "--home", str(net.ho.cfg.home)).output)
+    assert [d["doc_key"] for d in sent["set_aside"]] == [json.dumps([bad])]
+    _sync(net.store())  # set aside is not deleted: the store keeps the order it had
+    with net.store().engine.connect() as conn:
+        assert bad in set(conn.execute(select(s.transfer_order.c.to_id)).scalars())
+
+
 def test_a_store_bill_that_cannot_be_encoded_is_set_aside_and_its_other_bills_reach_the_ho(net: Net) -> None:
     """A store sends from its capture log: the bad bill's events leave the log, the next bill goes."""
     st = net.store()

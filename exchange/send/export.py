@@ -573,22 +573,30 @@ def requeue(node: Node, peer: str, doc_types: Sequence[str], *, everything: bool
             dt = node.catalog.get(doc_type)
             if dt.owner != node.cfg.role:
                 raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
-            keys = _routed_keys(conn, node.catalog, dt, peer, peers)
+            keys = _routed_keys(conn, node, dt, peer, peers, version)
             held = _held(conn, peer, doc_type)
             send = keys if everything else [k for k in keys if k not in held]
-            gone = sorted(held - set(keys))
+            gone = sorted(held - set(keys) - setaside.keys_of(conn, doc_type))  # set aside: not gone
             _replace_deliveries(conn, [(peer, doc_type, k, "U", version) for k in send]
                                 + [(peer, doc_type, k, "D", version) for k in gone])
             upserts, deletes = upserts + len(send), deletes + len(gone)
     return Queued(peer, upserts, deletes)
 
 
-def _routed_keys(conn: Connection, catalog: Catalog, dt: DocType, peer: str, peers: list[PeerInfo]) -> list[str]:
-    """The keys of the current documents of ``dt`` that routing sends ``peer``."""
+def _routed_keys(conn: Connection, node: Node, dt: DocType, peer: str, peers: list[PeerInfo],
+                 version: int) -> list[str]:
+    """The keys of the current documents of ``dt`` that routing sends ``peer`` (those whose route
+    cannot be read are set aside, as in routing)."""
+    catalog = node.catalog
     table = catalog.table(dt.header)
     keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
     if dt.route.kind in ("group", "column"):
-        headers = _header_rows(conn, catalog, dt, keys)
+        try:
+            headers = _header_rows(conn, catalog, dt, keys)
+        except rows.ENCODE_ERRORS as exc:
+            keys = _set_aside_in_routing(conn, node, catalog, setaside.EncodeFailed(dt.name, keys, str(exc)),
+                                         {(dt.name, k): version for k in keys})
+            headers = _header_rows(conn, catalog, dt, keys)
         keys = [k for k in keys if peer in dt.route.targets(headers[k], peers)]
     return keys
 

@@ -179,6 +179,12 @@ def sent_again(conn: Connection, docs: Sequence[tuple[str, str, str, int]]) -> N
         conn.execute(delete(xchg_setaside).where(and_(xchg_setaside.c.doc_type == t, xchg_setaside.c.doc_key == k)))
 
 
+def keys_of(conn: Connection, doc_type: str) -> set[str]:
+    """The keys of ``doc_type``'s documents set aside (a reload must not take them for deleted)."""
+    return {str(k) for k in conn.execute(select(xchg_setaside.c.doc_key).where(
+        xchg_setaside.c.doc_type == doc_type)).scalars()}
+
+
 def listing(node: Node) -> list[SetAside]:
     """Every document set aside, oldest first."""
     s = xchg_setaside.c
@@ -222,5 +228,9 @@ def retry(node: Node, doc_type: str | None = None, doc_key: str | None = None) -
             conn.execute(update(xchg_setaside).where(and_(s.doc_type == t, s.doc_key == k)).values(
                 table_name=problem.table, column_name=problem.column, value=problem.value, error=problem.error))
             still.append(problem)
+    for t, k in queued:  # the audit trail: when a set-aside document went back on its way
+        log.info("set-aside document queued again: %s %s", t, k)
+    for p in still:
+        log.warning("still set aside: %s", p.reason)
     return Retried(queued, still)
 
