@@ -25,7 +25,7 @@ from exchange.database.arrow_memory import system_pool, trim
 from exchange.database.catalog import Catalog, DocType, PeerInfo
 from exchange.database.sqlite_arrow import SqliteArrowReader
 from exchange.database.tables import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
-from exchange.errors import ConfigError
+from exchange.errors import ConfigError, ExchangeError
 from exchange.faults import crashpoint
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
@@ -152,7 +152,8 @@ def _set_aside_in_routing(conn: Connection, node: Node, catalog: Catalog, failed
     """Set aside the documents behind ``failed`` (in the routing transaction); the keys left to route."""
     problems = setaside.find(conn, catalog, failed)
     if not problems:
-        raise ConfigError(f"{failed.doc_type}: headers could not be read for routing: {failed.error}")
+        raise ExchangeError(f"{failed.doc_type}: headers could not be read for routing, yet no document "
+                            f"fails alone: {failed.error}", hint="Run `exchange doctor`; report it with the log.")
     setaside.take_out(conn, node, problems, versions)
     for p in problems:
         log.warning("set aside: %s", p.reason)
