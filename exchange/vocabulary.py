@@ -30,6 +30,7 @@ class DocStatus(StrEnum):
     """A document on its way to one peer: its events follow their bundle."""
 
     PENDING = "PENDING"  # not in a bundle yet
+    SETASIDE = "SETASIDE"  # the exporter could not encode it: waits in xchg_setaside (`exchange set-aside`)
     EXPORTED = "EXPORTED"
     UPLOADED = "UPLOADED"
     PROCESSED = "PROCESSED"
@@ -87,7 +88,7 @@ class Tone(StrEnum):
 
 _TONES: dict[str, Tone] = {
     ReceivedStatus.APPLIED: Tone.OK, SentStatus.PROCESSED: Tone.OK,
-    ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN,
+    ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN, DocStatus.SETASIDE: Tone.WARN,
     ReceivedStatus.FAILED: Tone.BAD, ReceivedStatus.SKIPPED: Tone.WARN, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
     SentStatus.ABANDONED: Tone.WARN,
 }

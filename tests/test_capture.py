@@ -287,7 +287,7 @@ def test_foreign_application_writes_are_captured(engine: Engine) -> None:
     if engine.dialect.name == "sqlite":
         raw = sqlite3.connect(str(engine.url.database))
         raw.execute("PRAGMA foreign_keys=ON")
-        raw.execute("INSERT INTO sales_bill VALUES ('s1', 'B9', '2024-01-01 10:00:00', NULL, 500, 25)")
+        raw.execute("INSERT INTO sales_bill VALUES ('s1', 'B9', '2024-01-01 10:00:00', NULL, 500, 25, NULL)")
         raw.commit()
         raw.close()
     else:

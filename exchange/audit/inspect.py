@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
             for name in opened.tables:
                 t = opened.table(name)
                 tables.append({"table": name, "rows": t.num_rows,
-                               "sample": [{k: str(v) for k, v in row.items()}
+                               "sample": [{k: _text(v) for k, v in row.items()}
                                           for row in t.slice(0, sample).to_pylist()]})
             out["tables"] = tables
     return out
@@ -78,3 +79,8 @@ def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _text(value: Any) -> str:
+    """A sampled value as text; a zone-aware time as RFC 3339 with its offset (``T``, not a space)."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)

@@ -761,12 +761,23 @@ def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) 
         only = set(resolve_peers(node, peers))
         rows = [r for r in rows if r.peer in only]
         parked = None if parked is None else [p for p in parked if p.peer in only]
+    aside = st.set_aside(node) if view == "sent" else None
     if as_json:
-        _echo_json(st.as_json(rows, parked))
+        _echo_json({**st.as_json(rows, parked), **({"set_aside": aside} if aside else {})})
         return
     width = shutil.get_terminal_size((80, 24)).columns
     for line in status_lines(node.id, view, rows, parked, width=width):
         click.echo(line)
+    if aside:
+        from exchange.vocabulary import counted
+
+        click.echo(shown(f"{counted(len(aside), 'document')} set aside, not sent (`exchange set-aside list`): "
+                         f"{aside[0]['reason']}"), err=True)
+    if view == "received":  # (the sent view of a SQLite home stays without SQLAlchemy: docs/PERFORMANCE.md)
+        from exchange.service.peerclock import warnings
+
+        for line in warnings(node):
+            click.echo(shown(f"clock: {line}"), err=True)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
@@ -955,5 +966,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside"):
         importlib.import_module(f"{__package__}.{mod}")

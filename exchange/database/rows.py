@@ -87,6 +87,23 @@ def arrow_type(column: Any) -> pa.DataType:
     return pa.string()
 
 
+def with_zones(data: pa.Table, expected: pa.Schema) -> pa.Table:
+    """``data`` with each naive timestamp column read as UTC where ``expected`` holds it zone-aware.
+
+    Bundles of format 2 (and senders whose column is still declared without a
+    zone) carry naive times; their zone was never recorded, so they are taken as
+    UTC, the instant exchange has always stored (docs/FORMAT.md, version 3).
+    Any other difference is left for the caller to report.
+    """
+    for i, f in enumerate(data.schema):
+        want = expected.field(f.name).type if f.name in expected.names else None
+        if (want is not None and pa.types.is_timestamp(f.type) and pa.types.is_timestamp(want)
+                and f.type.tz is None and want.tz is not None):
+            data = data.set_column(i, pa.field(f.name, want, f.nullable), data.column(i).cast(
+                pa.timestamp(want.unit)).cast(want))
+    return data
+
+
 def arrow_schema(table: Table) -> pa.Schema:
     return pa.schema([pa.field(c.name, arrow_type(c), nullable=c.nullable is not False)
                       for c in table.columns])
@@ -322,11 +339,36 @@ def _from_physical(column: Any, field: pa.Field, arr: pa.Array | pa.ChunkedArray
         ints = pc.cast(arr, pa.int64())
         chunks = ints.chunks if isinstance(ints, pa.ChunkedArray) else [ints]
         return pa.chunked_array([_minor_to_decimal(c, t) for c in chunks], type=t)
+    if pa.types.is_timestamp(t) and t.tz is not None:
+        return _zoned_from_text(pc.cast(arr, pa.string()), t)
     if pa.types.is_date32(t) or pa.types.is_timestamp(t):
         return pc.cast(pc.cast(arr, pa.string()), t)
     if pa.types.is_boolean(t):
         return pc.cast(pc.cast(arr, pa.int64()), t)
     return arr if arr.type == t else pc.cast(arr, t)
+
+
+def _zoned_from_text(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """Text of a zone-aware column (SQLite) -> ``t``: what exchange writes carries its zone; naive text
+    (another application's write, or a row from before the column was zoned) is the UTC instant, as
+    everywhere else. Text that is no time still raises (the exporter sets that document aside)."""
+    try:
+        return pc.cast(arr, t)
+    except pa.ArrowInvalid:
+        pass
+    from datetime import UTC, datetime
+
+    values: list[datetime | None] = []
+    for v in arr.to_pylist():
+        if v is None:
+            values.append(None)
+            continue
+        try:
+            parsed = datetime.fromisoformat(v)
+        except ValueError:
+            raise pa.ArrowInvalid(f"Failed to parse string: {v!r} as a scalar of type {t}") from None
+        values.append(parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC))
+    return pa.array(values, t)
 
 
 def _minor_to_decimal(ints: pa.Array, t: pa.DataType) -> pa.Array:
@@ -410,8 +452,6 @@ def _read_sqlite(conn: Connection, tables: Sequence[Table], key_cols: Sequence[s
 def _pg_copy_out(conn: Connection, sql: str, schema: pa.Schema) -> pa.Table:
     import io
 
-    import pyarrow.csv as pacsv
-
     buf = io.BytesIO()
     with _pg_cursor(conn).copy(f"COPY ({sql}) TO STDOUT (FORMAT csv, HEADER true)") as copy:
         for chunk in copy:
@@ -419,6 +459,57 @@ def _pg_copy_out(conn: Connection, sql: str, schema: pa.Schema) -> pa.Table:
     if buf.tell() == 0:
         return schema.empty_table()
     buf.seek(0)
+    return _pg_csv_read(buf, schema)
+
+
+#: What a failed encoding may raise: Arrow's conversions, and Python's for values of the wrong kind.
+ENCODE_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def unencodable(conn: Connection, table: Table, key_cols: Sequence[str], key: str) -> list[tuple[str, str, str]]:
+    """(column, value as text, error) of each value of document ``key``'s rows in ``table`` that its
+    column's Arrow type cannot hold: what made :func:`read_doc_tables` fail, named for an operator.
+
+    Each value goes through the conversion a batch takes (SQLite: the stored value; PostgreSQL: its
+    COPY text through the same CSV options), so a value named here is one that fails there.
+    """
+    schema = arrow_schema(table)
+    where = " AND ".join(f"{_q(conn, c)} = ?" for c in key_cols)
+    params = typed_key(table, key_cols, parse_key(key))
+    pg = conn.dialect.name == "postgresql"
+    out: list[tuple[str, str, str]] = []
+    for column, fld in zip(table.columns, schema, strict=True):
+        qc = _q(conn, column.name)
+        got = fetch_tuples(conn, f"SELECT {qc}{'::text' if pg else ''} FROM {_q(conn, table.name)} WHERE {where}",
+                           params)
+        for (value,) in got:
+            try:
+                if pg:
+                    _pg_csv_values([value], fld)
+                else:
+                    _sqlite_column(column, fld, [value])
+            except ENCODE_ERRORS as exc:
+                out.append((column.name, str(value), f"{type(exc).__name__}: {exc}"))
+                break  # one value per column says enough
+    return out
+
+
+def _pg_csv_values(texts: list[str | None], fld: pa.Field) -> pa.Table:
+    """PostgreSQL text values of one column through the CSV conversion :func:`_pg_copy_out` uses."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow([fld.name])
+    for t in texts:
+        w.writerow(["" if t is None else t])
+    return _pg_csv_read(io.BytesIO(text.getvalue().encode()), pa.schema([fld]))
+
+
+def _pg_csv_read(buf: Any, schema: pa.Schema) -> pa.Table:
+    import pyarrow.csv as pacsv
+
     table = pacsv.read_csv(buf, convert_options=pacsv.ConvertOptions(
         column_types={f.name: f.type for f in schema}, strings_can_be_null=True,
         quoted_strings_can_be_null=False, true_values=["t", "true"], false_values=["f", "false"]))

@@ -19,17 +19,19 @@ is best done in Python.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, Date, DateTime, Dialect, ForeignKey, ForeignKeyConstraint,
-    Index, Integer, MetaData, Numeric, PrimaryKeyConstraint, String, Table, Text, true,
+    BigInteger, Boolean, Column, Connection, Date, DateTime, Dialect, ForeignKey, ForeignKeyConstraint,
+    Index, Integer, MetaData, Numeric, PrimaryKeyConstraint, SmallInteger, String, Table, Text, inspect, true,
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 __all__ = [
     "RETAIL", "ScaledDecimal", "Money", "Qty", "Rate", "scale_of", "to_minor", "to_decimal", "from_minor",
+    "ZonedDateTime", "utc_text", "local_time", "offset_minutes", "upgrade_reference",
 ]
 
 #: Deterministic constraint names, so PostgreSQL errors and migrations name the same thing everywhere.
@@ -174,6 +176,71 @@ def scale_of(column: Any) -> int | None:
     return None
 
 
+def utc_text(value: datetime) -> str:
+    """How SQLite holds a business time: the UTC instant as fixed-width text with its ``Z``.
+
+    Fixed width and one zone, so text order is time order (``ORDER BY``, ``BETWEEN``
+    and the bill-date index work), and it is what Arrow writes for a
+    ``timestamp[us, tz=UTC]`` cast to text: bulk and single-row writes agree.
+    A naive value is taken as UTC (exchange cannot know its zone).
+    """
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%fZ")
+
+
+class ZonedDateTime(TypeDecorator[datetime]):
+    """A business time that keeps its meaning across zones: an instant, read back in UTC.
+
+    PostgreSQL ``timestamptz``; SQLite text (:func:`utc_text`). SQLAlchemy's own
+    ``DateTime`` on SQLite drops the offset of an aware value and stores its
+    wall clock, so 23:30 at +05:30 and 23:30 at -05:00 became the same text.
+    The local offset a document was made at is kept in a column of its own
+    (``sales_bill.bill_date_offset``, minutes east of UTC): see :func:`local_time`.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(32))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise ValueError(f"not a time: {value!r}")
+        if dialect.name == "sqlite":
+            return utc_text(value)
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).astimezone(UTC)
+
+    @property
+    def python_type(self) -> type[datetime]:
+        return datetime
+
+
+def offset_minutes(value: datetime) -> int | None:
+    """The UTC offset of an aware time in minutes east of UTC (``+05:30 -> 330``); None for a naive one."""
+    off = value.utcoffset()
+    return None if off is None else int(off.total_seconds() // 60)
+
+
+def local_time(instant: datetime, offset: int | None) -> datetime:
+    """A stored business time as it read where it was made: ``instant`` at ``offset`` minutes east of UTC.
+
+    ``offset`` None (a document from a sender that did not record it): the instant in UTC.
+    """
+    aware = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+    return aware.astimezone(UTC if offset is None else timezone(timedelta(minutes=offset)))
+
+
 #: Header table -> its key columns, filled as the tables below are declared.
 _HEADER_KEYS: dict[str, tuple[str, ...]] = {}
 
@@ -309,10 +376,13 @@ customer = _header(
 
 sales_bill = _header(
     "sales_bill", ("store_id", "bill_no"),
-    Column("bill_date", DateTime(), nullable=False),
+    Column("bill_date", ZonedDateTime(), nullable=False),  # the instant (UTC; bill_date_offset: where)
     Column("customer_id", String(KEY), nullable=True),  # no FK: the customer may travel separately
     Column("total", Money(), nullable=False),
     Column("tax", Money(), nullable=False),
+    # the till's UTC offset at bill_date, minutes east of UTC (NULL: not recorded); last, where
+    # `exchange migrate` adds it to a table made by an earlier release
+    Column("bill_date_offset", SmallInteger(), nullable=True),
 )
 Index("ix_sales_bill_bill_date", sales_bill.c.bill_date)
 sales_bill_line = _child(
@@ -354,3 +424,33 @@ grt_line = _child(
     Column("qty", Qty(), nullable=False),
     Column("amount", Money(), nullable=False),
 )
+
+
+def upgrade_reference(conn: Connection) -> list[str]:
+    """Bring reference tables made by an earlier release up to these definitions; what was done.
+
+    ``sales_bill.bill_date`` became zone-aware: PostgreSQL converts the column to
+    ``timestamptz`` (its naive values read as UTC: exchange never knew their zone),
+    SQLite rewrites its naive text as UTC text (:func:`utc_text`); the offset
+    column is added, NULL for the bills made before (zone not recorded).
+    Safe to run again: each step checks first.
+    """
+    done: list[str] = []
+    if "sales_bill" not in inspect(conn).get_table_names():
+        return done
+    cols = {c["name"]: c for c in inspect(conn).get_columns("sales_bill")}
+    if "bill_date_offset" not in cols:
+        conn.exec_driver_sql("ALTER TABLE sales_bill ADD COLUMN bill_date_offset SMALLINT")
+        done.append("sales_bill.bill_date_offset added")
+    if conn.dialect.name == "postgresql":
+        if not getattr(cols["bill_date"]["type"], "timezone", False):
+            conn.exec_driver_sql("ALTER TABLE sales_bill ALTER COLUMN bill_date TYPE timestamptz "
+                                 "USING bill_date AT TIME ZONE 'UTC'")
+            done.append("sales_bill.bill_date is timestamptz")
+    elif conn.dialect.name == "sqlite":
+        naive = conn.exec_driver_sql("SELECT count(*) FROM sales_bill WHERE bill_date NOT LIKE '%Z'").scalar()
+        if naive:  # SQLAlchemy's naive text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': the same instant, read as UTC
+            conn.exec_driver_sql("UPDATE sales_bill SET bill_date = strftime('%Y-%m-%d %H:%M:%f', bill_date) "
+                                 "|| '000Z' WHERE bill_date NOT LIKE '%Z' AND strftime('%s', bill_date) IS NOT NULL")
+            done.append(f"{naive} sales_bill.bill_date values as UTC text")
+    return done

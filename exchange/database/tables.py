@@ -198,7 +198,24 @@ xchg_decision = Table(
     Column("manifest_sha256", String(64)),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_decision", "xchg_journal")]
+
+#: Documents the exporter could not encode (a value its column's type cannot hold): set aside on the
+#: sender with what failed, so the rest of its exports go on; ``exchange set-aside retry`` sends them
+#: again once the row is fixed (exchange.send.setaside).
+xchg_setaside = Table(
+    "xchg_setaside", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("column_name", String(128), nullable=True),  # NULL: the failure could not be pinned to a column
+    Column("value", Text, nullable=True),
+    Column("error", Text, nullable=False),
+    Column("set_at", DateTime(timezone=True), nullable=False),
+)
+
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_decision", "xchg_journal",
+                                                                 "xchg_setaside")]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -255,9 +272,14 @@ def _m7_decisions(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE xchg_parked ADD COLUMN state VARCHAR(16) NOT NULL DEFAULT 'RETRYING'")
 
 
+def _m8_setaside(conn: Connection) -> None:
+    """Documents the exporter set aside (exchange.send.setaside)."""
+    xchg_setaside.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions, _m6_journal, _m7_decisions]
+                                                  _m5_versions, _m6_journal, _m7_decisions, _m8_setaside]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -57,6 +57,7 @@ class NodeConfig:
     resend_after: int = 3600
     parked_retry_interval: int = 300  # seconds between the service's retries of parked documents (0: off)
     max_bundle_rows: int = 20_000
+    max_clock_skew: int = 300  # seconds a peer's signed times may be off ours before it is reported
     auditors: tuple[str, ...] = ()
     peers: dict[str, Peer] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
@@ -109,7 +110,8 @@ class NodeConfig:
             "id": self.id, "role": self.role, "database": self.database,
             "sync_interval": self.sync_interval, "resend_after": self.resend_after,
             "parked_retry_interval": self.parked_retry_interval,
-            "max_bundle_rows": self.max_bundle_rows, "auditors": list(self.auditors),
+            "max_bundle_rows": self.max_bundle_rows, "max_clock_skew": self.max_clock_skew,
+            "auditors": list(self.auditors),
         }
         peers: dict[str, Any] = {}
         for p in self.peers.values():
@@ -202,6 +204,7 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
             resend_after=int(node.get("resend_after", 3600)),
             parked_retry_interval=int(node.get("parked_retry_interval", 300)),
             max_bundle_rows=int(node.get("max_bundle_rows", 20_000)),
+            max_clock_skew=int(node.get("max_clock_skew", 300)),
             auditors=tuple(str(a) for a in node.get("auditors", ())),
             catalog=dict(data.get("catalog", {})),
             extra={k: v for k, v in data.items() if k not in ("node", "peers", "catalog")},

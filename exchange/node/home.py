@@ -99,6 +99,10 @@ class Node:
         steps = migrate(self.engine)
         if not self.cfg.catalog or self.cfg.catalog.get("schema", "reference") == "reference":
             RETAIL.create_all(self.engine)
+            from exchange.database.schema import upgrade_reference
+
+            with self.engine.begin() as conn:
+                upgrade_reference(conn)
         return steps
 
     @cached_property

@@ -596,6 +596,7 @@ def _check_keys(node: Node, dt: DocType, keys: Sequence[DocKey]) -> None:
 def _check_table(node: Node, dt: DocType, name: str, data: pa.Table) -> pa.Table:
     """A document table carries the key columns and only known columns of the expected types."""
     expected = rows.arrow_schema(node.catalog.table(name))
+    data = rows.with_zones(data, expected)  # naive times of older bundles: UTC
     problems = [f"{c}: missing" for c in dt.key if c not in data.column_names]
     if len(set(data.column_names)) != len(data.column_names):
         problems.append("duplicate column names")

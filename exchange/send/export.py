@@ -25,12 +25,12 @@ from exchange.database.arrow_memory import system_pool, trim
 from exchange.database.catalog import Catalog, DocType, PeerInfo
 from exchange.database.sqlite_arrow import SqliteArrowReader
 from exchange.database.tables import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
-from exchange.errors import ConfigError
+from exchange.errors import ConfigError, ExchangeError
 from exchange.faults import crashpoint
 from exchange.node import rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.send import clock, streams
+from exchange.send import clock, setaside, streams
 from exchange.send.streams import EventBatch
 from exchange.send.notices import supersede_notices
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
@@ -130,7 +130,12 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
                 deliveries.extend((p, doc_type, key, op, version) for p in targets)
             continue
         prior = _prior_peers(conn, doc_type, keys)
-        headers = _header_rows(conn, catalog, dt, keys)
+        try:
+            headers = _header_rows(conn, catalog, dt, keys)
+        except rows.ENCODE_ERRORS as exc:  # a header its route cannot be read from: set aside, route the rest
+            keys = _set_aside_in_routing(conn, node, catalog, setaside.EncodeFailed(doc_type, keys, str(exc)),
+                                         {(doc_type, k): latest[(doc_type, k)][1] for k in keys})
+            headers = _header_rows(conn, catalog, dt, keys)
         for key in keys:
             op, version = latest[(doc_type, key)]
             header = headers.get(key)
@@ -146,6 +151,20 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
     _replace_deliveries(conn, deliveries)
     _replace_broadcast(conn, broadcast)
     return len(deliveries) + len(broadcast)
+
+
+def _set_aside_in_routing(conn: Connection, node: Node, catalog: Catalog, failed: setaside.EncodeFailed,
+                          versions: dict[tuple[str, str], int]) -> list[str]:
+    """Set aside the documents behind ``failed`` (in the routing transaction); the keys left to route."""
+    problems = setaside.find(conn, catalog, failed)
+    if not problems:
+        raise ExchangeError(f"{failed.doc_type}: headers could not be read for routing, yet no document "
+                            f"fails alone: {failed.error}", hint="Run `exchange doctor`; report it with the log.")
+    setaside.take_out(conn, node, problems, versions)
+    for p in problems:
+        log.warning("set aside: %s", p.reason)
+    bad = {p.doc_key for p in problems}
+    return [k for k in failed.keys if k not in bad]
 
 
 def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
@@ -218,8 +237,11 @@ def build_tables(conn: Connection, catalog: Catalog, docs: Sequence[tuple[str, s
     for doc_type in [n for n in catalog.names if n in by_type or n in deletes]:
         dt = catalog.get(doc_type)
         keys = by_type.get(doc_type, [])
-        per = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys,
-                                   reader=reader if reader is not None and sqlite_arrow.wanted(len(keys)) else None)
+        try:
+            per = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, keys,
+                                       reader=reader if reader is not None and sqlite_arrow.wanted(len(keys)) else None)
+        except rows.ENCODE_ERRORS as exc:  # a value its column's type cannot hold (exchange.send.setaside)
+            raise setaside.EncodeFailed(doc_type, keys, f"{type(exc).__name__}: {exc}") from exc
         tables.update(per)
         documents[doc_type] = control_totals(dt, per, len(by_type.get(doc_type, [])))
         documents[doc_type]["deletes"] = deletes.get(doc_type, 0)
@@ -373,7 +395,14 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
                 shared.prefetch(conn, node.catalog, upserts)  # (asked already when it was the batch ahead)
                 shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
         if docs:
-            return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts)
+            try:
+                return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts)
+            except setaside.EncodeFailed as failed:  # (rolled back) those documents out of every queue, then on
+                setaside.record(node, failed, {(t, k): v for t, k, _op, v in docs})
+                if shared is not None:  # what it read ahead or remembered may hold them
+                    shared.ahead_events = None
+                    shared.broadcast.clear()
+                continue
         if not events.ids:
             due = rotation.control_bundle_due(node, peer)  # nothing to send, but a key notice must travel
             return _seal_batch(node, peer, [], rep) if due else None
@@ -440,6 +469,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
                 bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
+        setaside.sent_again(conn, docs)
         streams.mark_sealed(conn, seq, events.ids if events is not None else (), late)
         rep.advance(len(docs))
     crashpoint("export.committed")
@@ -557,22 +587,30 @@ def requeue(node: Node, peer: str, doc_types: Sequence[str], *, everything: bool
             dt = node.catalog.get(doc_type)
             if dt.owner != node.cfg.role:
                 raise ConfigError(f"{doc_type} is owned by the {dt.owner} side; this node cannot send it")
-            keys = _routed_keys(conn, node.catalog, dt, peer, peers)
+            keys = _routed_keys(conn, node, dt, peer, peers, version)
             held = _held(conn, peer, doc_type)
             send = keys if everything else [k for k in keys if k not in held]
-            gone = sorted(held - set(keys))
+            gone = sorted(held - set(keys) - setaside.keys_of(conn, doc_type))  # set aside: not gone
             _replace_deliveries(conn, [(peer, doc_type, k, "U", version) for k in send]
                                 + [(peer, doc_type, k, "D", version) for k in gone])
             upserts, deletes = upserts + len(send), deletes + len(gone)
     return Queued(peer, upserts, deletes)
 
 
-def _routed_keys(conn: Connection, catalog: Catalog, dt: DocType, peer: str, peers: list[PeerInfo]) -> list[str]:
-    """The keys of the current documents of ``dt`` that routing sends ``peer``."""
+def _routed_keys(conn: Connection, node: Node, dt: DocType, peer: str, peers: list[PeerInfo],
+                 version: int) -> list[str]:
+    """The keys of the current documents of ``dt`` that routing sends ``peer`` (those whose route
+    cannot be read are set aside, as in routing)."""
+    catalog = node.catalog
     table = catalog.table(dt.header)
     keys = [rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key]))]
     if dt.route.kind in ("group", "column"):
-        headers = _header_rows(conn, catalog, dt, keys)
+        try:
+            headers = _header_rows(conn, catalog, dt, keys)
+        except rows.ENCODE_ERRORS as exc:
+            keys = _set_aside_in_routing(conn, node, catalog, setaside.EncodeFailed(dt.name, keys, str(exc)),
+                                         {(dt.name, k): version for k in keys})
+            headers = _header_rows(conn, catalog, dt, keys)
         keys = [k for k in keys if peer in dt.route.targets(headers[k], peers)]
     return keys
 

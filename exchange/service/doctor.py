@@ -221,6 +221,9 @@ def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
         checks.append(_run(f"mode {label}", lambda p=path, d=is_dir, o=optional: check_mode(p, d, o),  # type: ignore[misc]
                            perms.chmod_fix(path, is_dir)))
     checks.append(_run("disk", lambda: check_disk(node), "Free disk space."))
+    from exchange.service import peerclock
+
+    checks.append(_run("peer clocks", lambda: peerclock.check(node), "Set the peer's clock (enable NTP)."))
     return checks
 
 

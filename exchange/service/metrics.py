@@ -116,6 +116,10 @@ class ExchangeCollector(Collector):
         total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
         total.add_metric([], parked_total)
         yield total
+        aside = GaugeMetricFamily("exchange_set_aside_documents",
+                                  "Documents this node could not encode and did not send (exchange set-aside list).")
+        aside.add_metric([], _set_aside_count(node))
+        yield aside
         last = self.last_sync() if self.last_sync else None
         if last:
             g = GaugeMetricFamily("exchange_last_sync_timestamp_seconds",
@@ -137,3 +141,12 @@ def make_registry(node: Node, last_sync: Callable[[], float | None] | None = Non
 def render(registry: CollectorRegistry) -> bytes:
     """The text exposition format of ``registry``."""
     return generate_latest(registry)
+
+
+def _set_aside_count(node: Node) -> int:
+    from sqlalchemy import func, select
+
+    from exchange.database.tables import xchg_setaside
+
+    with node.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(xchg_setaside)).scalar() or 0)

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from exchange.node.home import Node
+from exchange.timefmt import aware
 from exchange.database.direct import connect_existing, plain_file
 from exchange.service.words import parked_reason, rfc3339
 from exchange.vocabulary import DocStatus, ReceivedStatus
@@ -221,3 +222,23 @@ def as_json(rows: list[Row], parked_docs: list[Parked] | None = None) -> dict[st
     if parked_docs is not None:
         out["parked"] = [asdict(p) for p in parked_docs]
     return out
+
+
+def set_aside(node: Node) -> list[dict[str, Any]]:
+    """Documents this node could not encode and did not send (exchange.send.setaside), as JSON records.
+
+    A plain SQLite home older than the table has none (read without SQLAlchemy, as the Sent view is).
+    """
+    path = plain_file(node.cfg.database)
+    if path is not None:
+        try:
+            with closing(connect_existing(path)) as conn:
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'xchg_setaside'"
+                                ).fetchone() is None or not conn.execute(
+                                    "SELECT count(*) FROM xchg_setaside").fetchone()[0]:
+                    return []  # the usual case, answered without importing SQLAlchemy
+        except sqlite3.Error:
+            pass
+    from exchange.send.setaside import listing
+
+    return [{**asdict(d), "reason": d.reason} for d in listing(node)]

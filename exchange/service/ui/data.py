@@ -128,6 +128,13 @@ class ParkedDoc:
     parked_at: datetime | None
 
 
+def set_aside_docs(node: Node) -> list[Any]:
+    """Documents this node could not encode and did not send (exchange.send.setaside), oldest first."""
+    from exchange.send.setaside import listing
+
+    return listing(node)
+
+
 def parked_docs(node: Node, peer: str | None = None, limit: int = 500) -> tuple[list[ParkedDoc], int]:
     t = xchg_parked
     q = select(t.c.doc_type, t.c.doc_key, t.c.peer, t.c.seq, t.c.error, t.c.attempts,

@@ -99,6 +99,11 @@ def _dt(value: Any) -> datetime | None:
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, datetime):
         return data.aware(value)
+    if isinstance(value, str):  # RFC 3339, as the --json views and exchange.send.setaside give it
+        try:
+            return data.aware(datetime.fromisoformat(value))
+        except ValueError:
+            return None
     return None
 
 
@@ -297,7 +302,7 @@ def _store_page(request: Request, ctx: UiContext) -> Response:
         "received": sum(s.received_total for s in stats.values()),
         "sent": sum(s.sent_total for s in stats.values()),
     }
-    return ctx.render(request, "store.html", summary=summary, base_url="/",
+    return ctx.render(request, "store.html", summary=summary, base_url="/", set_aside=data.set_aside_docs(node),
                       problems=data.problems(node, stats.values()), **_tab_data(ctx, tab, None))
 
 
@@ -322,7 +327,8 @@ def _ho_page(request: Request, ctx: UiContext) -> Response:
     return ctx.render(request, "ho.html", rows=rows, totals=totals, sort_col=col, sort_desc=desc,
                       sort_link=sort_link, only=only, now=now, tab="stores", problems=problems,
                       silent_after=ctx.settings.silent_after_minutes, parked=parked,
-                      parked_total=parked_total, quarantine=data.quarantined(ctx.node))
+                      parked_total=parked_total, quarantine=data.quarantined(ctx.node),
+                      set_aside=data.set_aside_docs(ctx.node))
 
 
 def peer_page(request: Request) -> Response:

@@ -1,0 +1,427 @@
+"""Time that means the same everywhere, and one row the exporter cannot encode never stops a node.
+
+Every scenario runs through the command line (``exchange sync``, ``status``,
+``set-aside``) on real node homes exchanging through a folder, with the HO on
+SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+from enginehelpers import Net, make_net, prices, reprice, seed_ho
+from sqlalchemy import select
+
+from exchange.cli import main
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+
+#: RFC 3339 with an offset (``Z`` or ``+hh:mm``), as docs/STATUS_JSON.md promises for every time.
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+TIME_KEYS = re.compile(r"(^|_)(created|updated|time|at|finished|prepared|started|when|parked_at|set_at)$")
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def net(db_url: str, tmp_path: Path) -> Iterator[Net]:
+    """An HO (SQLite, then PostgreSQL) and one store, items delivered and acknowledged."""
+    n = make_net(tmp_path / "net", ho_db=None if db_url.startswith("sqlite") else db_url, stores=("s001",))
+    seed_ho(n, items=6)
+    n.settle()
+    yield n
+    n.dispose()
+
+
+def _items(net: Net) -> list[str]:
+    with net.ho.engine.connect() as conn:
+        return [str(i) for i in conn.execute(select(s.item.c.item_id).order_by(s.item.c.item_id)).scalars()]
+
+
+def _spoil(net: Net, item_id: str) -> str:
+    """Put a value in an item's ``updated_at`` that its timestamp type cannot hold, as a POS could.
+
+    SQLite keeps any text (here, a time with an offset in a column declared without one);
+    PostgreSQL's ``timestamp`` takes ``infinity``, which no Arrow timestamp can hold.
+    """
+    value = "2024-03-01 10:00:00+05:30" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    with net.ho.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE item SET updated_at = '{value}' WHERE item_id = '{item_id}'")
+        record_events(conn, "item", [(item_id,)])
+    return value
+
+
+def _sync(node: Any) -> Any:
+    res = cli("sync", "--home", str(node.cfg.home))
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res
+
+
+def test_an_unencodable_item_is_set_aside_and_every_other_change_still_reaches_the_store(net: Net) -> None:
+    bad, good = _items(net)[:2]
+    value = _spoil(net, bad)
+    reprice(net.ho, [good], "2.00")
+    expected = prices(net.ho, [good])[good]
+
+    res = _sync(net.ho)  # was: exit 1 and an ArrowInvalid traceback, nothing exported
+    assert "Traceback" not in res.output
+    _sync(net.store())
+    _sync(net.ho)  # the store's ack
+    assert prices(net.store(), [good])[good] == expected  # the unrelated change went on
+
+    sent = json.loads(cli("status", "sent", "--json", "--home", str(net.ho.cfg.home)).output)
+    assert all(b["status"] == "PROCESSED" for b in sent["bundles"])
+    [aside] = sent["set_aside"]
+    assert (aside["doc_type"], aside["doc_key"], aside["table"], aside["column"], aside["value"]) == (
+        "item", json.dumps([bad], separators=(",", ":")), "item", "updated_at", value)
+    for word in ("item", bad, "updated_at", value):
+        assert word in aside["reason"]
+    assert RFC3339.fullmatch(aside["set_at"])
+    listed = json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)
+    assert [d["doc_key"] for d in listed["set_aside"]] == [aside["doc_key"]]
+    human = cli("status", "sent", "--home", str(net.ho.cfg.home))
+    assert "1 document(s) set aside" in human.output and "updated_at" in human.output
+
+    # still broken: retry says so, and keeps it aside (exit 1, the reason again)
+    res = cli("set-aside", "retry", "--home", str(net.ho.cfg.home))
+    assert res.exit_code == 1 and "still set aside" in res.output and "updated_at" in res.output
+
+    # fixed: retry queues it, and it travels like any change
+    with net.ho.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE item SET updated_at = '2024-03-01 04:30:00', name = 'Fixed' "
+                             f"WHERE item_id = '{bad}'")
+    res = cli("set-aside", "retry", "--home", str(net.ho.cfg.home))
+    assert res.exit_code == 0 and "1 queued, 0 still set aside" in res.output
+    _sync(net.ho)
+    _sync(net.store())
+    with net.store().engine.connect() as conn:
+        assert conn.execute(select(s.item.c.name).where(s.item.c.item_id == bad)).scalar_one() == "Fixed"
+    assert json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"] == []
+
+
+def test_a_document_fixed_and_changed_by_the_application_leaves_the_list_by_itself(net: Net) -> None:
+    bad = _items(net)[0]
+    _spoil(net, bad)
+    _sync(net.ho)
+    assert len(json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"]) == 1
+    with net.ho.engine.begin() as conn:  # the POS corrects the row and records the change itself
+        conn.exec_driver_sql(f"UPDATE item SET updated_at = '2024-03-02 09:00:00' WHERE item_id = '{bad}'")
+        record_events(conn, "item", [(bad,)])
+    _sync(net.ho)
+    assert json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"] == []
+
+
+def test_the_page_shows_what_was_set_aside(net: Net) -> None:
+    from test_ui import request, ui_server
+
+    bad = _items(net)[0]
+    _spoil(net, bad)
+    _sync(net.ho)
+    net.dispose()
+    from test_metrics import scrape, value
+
+    with ui_server(net.ho.cfg.home) as ui:
+        assert ui.url
+        status, _h, html = request(ui.url, "/")
+        metrics = scrape(ui.url)
+    assert status == 200
+    assert 'id="setaside-table"' in html and f"{bad}" in html and "updated_at" in html
+    assert value(metrics, "exchange_set_aside_documents") == 1
+
+
+def _times(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value under a key that names a time, anywhere in a JSON document."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "sample":  # business rows as sent: checked by the bill tests, not exchange's own times
+                continue
+            if TIME_KEYS.search(str(k)) and (v is None or isinstance(v, str)):
+                yield f"{path}.{k}", v
+            else:
+                yield from _times(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _times(v, f"{path}[{i}]")
+
+
+def test_every_json_time_is_rfc3339_with_an_offset(net: Net) -> None:
+    """docs/STATUS_JSON.md: SQLite homes printed their recorded times without an offset."""
+    _spoil(net, _items(net)[0])  # a set-aside record has a time too
+    reprice(net.ho, _items(net)[1:3])
+    _sync(net.ho)
+    _sync(net.store())
+    seen = 0
+    for node in (net.ho, net.store()):
+        home = str(node.cfg.home)
+        outputs = [cli("status", "sent", "--json", "--home", home), cli("status", "received", "--json", "--home", home),
+                   cli("status", "parked", "--json", "--home", home), cli("set-aside", "list", "--json", "--home", home),
+                   cli("sync", "--json", "--home", home), cli("usb", "last", "--json", "--home", home),
+                   cli("peer", "list", "--json", "--home", home)]
+        received = node.cfg.home / "archive" / "received"  # what this node can decrypt: sent to it
+        archived = sorted(received.rglob("*.bundle"))[:1] + sorted(received.rglob("*.ack"))[:1]
+        outputs += [cli("inspect", str(p), "--json", "--home", home) for p in archived]
+        doctor = cli("doctor", "--json", "--home", home)  # exit 1 is fine here (a clock, the disk): its times count
+        for res in [*outputs, doctor]:
+            assert res.exit_code == 0 or res is doctor, res.output
+            for where, value in _times(json.loads(res.output)):
+                seen += value is not None
+                assert value is None or RFC3339.fullmatch(value), f"{node.id} {where}: {value!r}"
+    assert seen >= 8
+
+
+# ---------------------------------------------------------------- business times across zones
+
+IST, EST = timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-5))
+
+
+@pytest.fixture
+def zones(db_url: str, tmp_path: Path) -> Iterator[Net]:
+    """An HO (SQLite, then PostgreSQL) and two stores in different zones, items delivered."""
+    n = make_net(tmp_path / "net", ho_db=None if db_url.startswith("sqlite") else db_url, stores=("s001", "s002"))
+    seed_ho(n, items=3)
+    n.settle()
+    yield n
+    n.dispose()
+
+
+def _bill(node: Any, store: str, bill_no: str, at: datetime, item: str, amount: str) -> None:
+    """A bill as a till makes it: its local time with the offset, and the offset kept beside it."""
+    with node.engine.begin() as conn:
+        conn.execute(s.sales_bill.insert().values(store_id=store, bill_no=bill_no, bill_date=at,
+                                                  bill_date_offset=s.offset_minutes(at), customer_id=None,
+                                                  total=Decimal(amount), tax=Decimal("0.00")))
+        conn.execute(s.sales_bill_line.insert().values(store_id=store, bill_no=bill_no, line_no=1, item_id=item,
+                                                       qty=Decimal("1.000"), price=Decimal(amount),
+                                                       amount=Decimal(amount), tax=Decimal("0.00")))
+        record_events(conn, "sales_bill", [(store, bill_no)])
+
+
+def _bills_at(node: Any) -> dict[str, tuple[datetime, int | None]]:
+    with node.engine.connect() as conn:
+        return {str(r[0]): (r[1], r[2]) for r in conn.execute(select(
+            s.sales_bill.c.bill_no, s.sales_bill.c.bill_date, s.sales_bill.c.bill_date_offset))}
+
+
+def test_a_bill_at_2330_in_two_zones_reads_back_with_its_own_offset_at_the_ho(zones: Net) -> None:
+    item = _items(zones)[0]
+    _bill(zones.store("s001"), "s001", "B-IST", datetime(2024, 3, 1, 23, 30, tzinfo=IST), item, "10.00")
+    _bill(zones.store("s002"), "s002", "B-EST", datetime(2024, 3, 1, 23, 30, tzinfo=EST), item, "20.00")
+    for sid in ("s001", "s002"):
+        _sync(zones.store(sid))
+    _sync(zones.ho)
+
+    got = _bills_at(zones.ho)
+    ist, est = got["B-IST"], got["B-EST"]
+    # the instants: 18:00 UTC on the 1st, 04:30 UTC on the 2nd (the naive store kept 23:30 for both)
+    assert ist[0] == datetime(2024, 3, 1, 18, 0, tzinfo=UTC) and est[0] == datetime(2024, 3, 2, 4, 30, tzinfo=UTC)
+    assert ist[0].utcoffset() == timedelta(0)
+    # and the local time each till showed, offset and all
+    assert s.local_time(*ist).isoformat() == "2024-03-01T23:30:00+05:30"
+    assert s.local_time(*est).isoformat() == "2024-03-01T23:30:00-05:00"
+    # in time order at the HO, whatever its database: the EST bill is the later one
+    with zones.ho.engine.connect() as conn:
+        order = list(conn.execute(select(s.sales_bill.c.bill_no).order_by(s.sales_bill.c.bill_date)).scalars())
+    assert order == ["B-IST", "B-EST"]
+
+    # the auditor's report over the HO's archive sums each store's bills (from the verified bundles)
+    home = zones.ho.cfg.home
+    res = cli("audit", "report", "--home", str(home), "--identity", str(home / "keys" / "node.age"), "--json")
+    assert res.exit_code == 0, res.output
+    rows = [r for r in json.loads(res.output)["rows"] if r["doc_type"] == "sales_bill"]
+    totals = {r["sender"]: Decimal(r["totals"]["sales_bill.total"]) for r in rows}
+    assert totals == {"s001": Decimal("10.00"), "s002": Decimal("20.00")}
+
+
+def test_business_times_travel_as_zone_aware_parquet(zones: Net) -> None:
+    from exchange.wire.bundle import open_bundle
+
+    st = zones.store("s001")
+    _bill(st, "s001", "B1", datetime(2024, 3, 1, 23, 30, tzinfo=IST), _items(zones)[0], "5.00")
+    _sync(st)
+    with st.engine.connect() as conn:  # SQLite keeps the instant as UTC text, in time order
+        raw = conn.exec_driver_sql("SELECT bill_date, bill_date_offset FROM sales_bill").one()
+    assert tuple(raw) == ("2024-03-01 18:00:00.000000Z", 330)
+    path = sorted((st.cfg.home / "archive" / "sent").rglob("s001.ho.*.bundle"))[-1]
+    ho = zones.ho
+    with open_bundle(path, trust=ho.trust, identities=ho.identities, me=ho.id, workdir=ho.cfg.work) as opened:
+        bills = opened.table("sales_bill")
+    assert bills.schema.field("bill_date").type == pa.timestamp("us", tz="UTC")
+    assert bills.column("bill_date_offset").to_pylist() == [330]
+    _sync(ho)  # the HO's own inspection of what it received: the instant in RFC 3339
+    received = next((ho.cfg.home / "archive" / "received").glob(path.name))
+    shown = json.loads(cli("inspect", str(received), "--json", "--home", str(ho.cfg.home)).output)
+    [sample] = [t["sample"] for t in shown["tables"] if t["table"] == "sales_bill"]
+    assert (sample[0]["bill_date"], sample[0]["bill_date_offset"]) == ("2024-03-01T18:00:00+00:00", "330")
+
+
+def test_an_older_bundle_with_naive_bill_times_is_still_applied(zones: Net) -> None:
+    """Format 2 bundles carry naive times and no offset column: read as UTC, offset unknown (NULL)."""
+    from enginehelpers import docs_of, forge_bundle
+
+    st = zones.store("s001")
+    _bill(st, "s001", "OLD1", datetime(2024, 3, 1, 9, 15), _items(zones)[0], "7.00")
+
+    def as_before(tables: dict[str, Any]) -> None:
+        t = tables["sales_bill"]
+        t = t.drop_columns(["bill_date_offset"])
+        i = t.schema.get_field_index("bill_date")
+        tables["sales_bill"] = t.set_column(i, pa.field("bill_date", pa.timestamp("us"), False),
+                                            t.column(i).cast(pa.timestamp("us")))
+
+    forge_bundle(st, "ho", docs_of(st, "sales_bill", [("s001", "OLD1")]), tables_hook=as_before)
+    with st.engine.begin() as conn:  # the forged bundle carried it: the log has nothing more to send
+        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1")
+    _sync(st)
+    _sync(zones.ho)
+    assert _bills_at(zones.ho)["OLD1"] == (datetime(2024, 3, 1, 9, 15, tzinfo=UTC), None)
+    received = json.loads(cli("status", "received", "--json", "--home", str(zones.ho.cfg.home)).output)
+    assert [b["status"] for b in received["bundles"] if b["peer"] == "s001"][-1] == "APPLIED"
+
+
+def test_a_home_made_before_zoned_bill_times_is_upgraded_by_migrate(zones: Net) -> None:
+    """`exchange migrate` turns an earlier release's naive bill_date into the zoned form, values kept as UTC."""
+    ho = zones.ho
+    pg = ho.engine.dialect.name == "postgresql"
+    with ho.engine.begin() as conn:  # the table as the previous release made it, with one bill
+        conn.exec_driver_sql("ALTER TABLE sales_bill DROP COLUMN bill_date_offset")
+        if pg:
+            conn.exec_driver_sql("ALTER TABLE sales_bill ALTER COLUMN bill_date TYPE timestamp")
+        conn.exec_driver_sql("INSERT INTO sales_bill (store_id, bill_no, bill_date, total, tax) "
+                             "VALUES ('s001', 'LEGACY', '2024-03-01 10:05:00', 100, 0)")
+    res = cli("migrate", "--home", str(ho.cfg.home))
+    assert res.exit_code == 0, res.output
+    assert _bills_at(ho)["LEGACY"] == (datetime(2024, 3, 1, 10, 5, tzinfo=UTC), None)
+    res = cli("migrate", "--home", str(ho.cfg.home))  # again: nothing left to do
+    assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------- a peer's clock
+
+@pytest.mark.parametrize("off_by", [3600, -3600])
+def test_a_store_clock_off_by_an_hour_is_reported_by_doctor_and_status(net: Net, off_by: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's clock is set wrong for its sync (its signed ``created`` times come from it).
+
+    Ahead: its bundle was signed "after" the HO received it. Behind: its ack for
+    the HO's bundle was signed "before" the HO sealed that bundle. Both are
+    proven, not guessed, so both are reported; data still flows by seq.
+    """
+    from exchange.files import utc_now
+    from exchange.receive import importer
+    from exchange.send import export
+    from exchange.wire import bundle
+
+    reprice(net.ho, _items(net)[:1])
+    _sync(net.ho)
+    _bill_now = datetime.now(UTC).replace(microsecond=0)
+    with net.store().engine.begin() as conn:
+        conn.execute(s.customer.insert().values(store_id="s001", customer_id="C1", name="Asha",
+                                                created_at=_bill_now))
+        record_events(conn, "customer", [("s001", "C1")])
+    for module in (bundle, importer, export):  # every time the store's sync takes from its clock
+        monkeypatch.setattr(module, "utc_now", lambda: utc_now() + timedelta(seconds=off_by))
+    _sync(net.store())  # its ack for the HO's bundle and its own bundle carry its wrong clock
+    monkeypatch.undo()
+    _sync(net.ho)
+
+    doctor = json.loads(cli("doctor", "--json", "--home", str(net.ho.cfg.home)).output)
+    [clock] = [c for c in doctor["checks"] if c["name"] == "peer clocks"]
+    assert not clock["ok"], clock
+    assert ("ahead of" if off_by > 0 else "behind") in clock["detail"] and "s001" in clock["detail"]
+    assert "allowed 300s" in clock["detail"]
+    status = cli("status", "received", "--home", str(net.ho.cfg.home))
+    assert "clock: s001's clock is at least" in status.output
+    # sequence numbers, not clocks, ordered the data: everything was applied
+    with net.ho.engine.connect() as conn:
+        assert conn.execute(select(s.customer.c.name).where(s.customer.c.customer_id == "C1")).scalar_one() == "Asha"
+
+    # a skew allowed by the configuration is not reported
+    toml = net.ho.cfg.home / "exchange.toml"
+    toml.write_text(toml.read_text().replace("max_clock_skew = 300", "max_clock_skew = 7200"))
+    doctor = json.loads(cli("doctor", "--json", "--home", str(net.ho.cfg.home)).output)
+    [clock] = [c for c in doctor["checks"] if c["name"] == "peer clocks"]
+    assert clock["ok"] and "s001: within 7200s" in clock["detail"]
+
+
+def test_clocks_in_step_pass_the_doctor(net: Net) -> None:
+    reprice(net.ho, _items(net)[:1])
+    _sync(net.ho)
+    _sync(net.store())
+    _sync(net.ho)
+    doctor = json.loads(cli("doctor", "--json", "--home", str(net.ho.cfg.home)).output)
+    [clock] = [c for c in doctor["checks"] if c["name"] == "peer clocks"]
+    assert clock["ok"] and "s001: within 300s" in clock["detail"], clock
+
+
+def test_a_transfer_order_whose_route_cannot_be_read_is_set_aside_and_the_others_route(net: Net) -> None:
+    """A column-routed document is read at routing time (its destination): set aside there, the rest routed."""
+    with net.ho.engine.connect() as conn:
+        orders = sorted(str(k) for k in conn.execute(select(s.transfer_order.c.to_id)).scalars())
+    assert len(orders) >= 1
+    bad = orders[0]
+    value = "31/02/2024" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    with net.ho.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE transfer_order SET order_date = '{value}' WHERE to_id = '{bad}'")
+        record_events(conn, "transfer_order", [(bad,)])
+    good = _items(net)[3]
+    reprice(net.ho, [good], "3.00")
+    _sync(net.ho)
+    _sync(net.store())
+    assert prices(net.store(), [good]) == prices(net.ho, [good])
+    [aside] = json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"]
+    assert (aside["doc_type"], aside["table"], aside["column"], aside["value"]) == (
+        "transfer_order", "transfer_order", "order_date", value)
+
+
+def test_a_reload_sets_aside_a_transfer_order_whose_route_cannot_be_read(net: Net) -> None:
+    with net.ho.engine.connect() as conn:
+        orders = sorted(str(k) for k in conn.execute(select(s.transfer_order.c.to_id)).scalars())
+    bad = orders[0]
+    value = "31/02/2024" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    with net.ho.engine.begin() as conn:  # no event: the POS changed it behind exchange's back
+        conn.exec_driver_sql(f"UPDATE transfer_order SET order_date = '{value}' WHERE to_id = '{bad}'")
+    res = cli("reload", "--home", str(net.ho.cfg.home), "--peer", "s001", "--doc", "transfer_order")
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    [aside] = json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"]
+    assert (aside["doc_key"], aside["column"], aside["value"]) == (json.dumps([bad]), "order_date", value)
+    assert "0 documents queued" in res.output or len(orders) > 1
+    _sync(net.ho)  # nothing waits behind it
+    sent = json.loads(cli("status", "sent", "--json", "--home", str(net.ho.cfg.home)).output)
+    assert [d["doc_key"] for d in sent["set_aside"]] == [json.dumps([bad])]
+    _sync(net.store())  # set aside is not deleted: the store keeps the order it had
+    with net.store().engine.connect() as conn:
+        assert bad in set(conn.execute(select(s.transfer_order.c.to_id)).scalars())
+
+
+def test_a_store_bill_that_cannot_be_encoded_is_set_aside_and_its_other_bills_reach_the_ho(net: Net) -> None:
+    """A store sends from its capture log: the bad bill's events leave the log, the next bill goes."""
+    st = net.store()
+    with st.engine.begin() as conn:
+        conn.execute(s.sales_bill.insert().values(store_id="s001", bill_no="GOOD", bill_date=datetime(2024, 3, 1, 9),
+                                                  total=Decimal("1.00"), tax=Decimal("0.00")))
+        conn.exec_driver_sql("INSERT INTO sales_bill (store_id, bill_no, bill_date, total, tax) "
+                             "VALUES ('s001', 'BAD', 'yesterday at noon', 100, 0)")
+        record_events(conn, "sales_bill", [("s001", "BAD"), ("s001", "GOOD")])
+    _sync(st)
+    _sync(net.ho)
+    assert set(_bills_at(net.ho)) == {"GOOD"}
+    [aside] = json.loads(cli("set-aside", "list", "--json", "--home", str(st.cfg.home)).output)["set_aside"]
+    assert (aside["doc_key"], aside["column"], aside["value"]) == ('["s001","BAD"]', "bill_date", "yesterday at noon")
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sales_bill SET bill_date = '2024-03-01 12:00:00' WHERE bill_no = 'BAD'")
+    assert cli("set-aside", "retry", "--home", str(st.cfg.home), "--doc", "sales_bill",
+               "--key", '["s001","BAD"]').exit_code == 0
+    _sync(st)
+    _sync(net.ho)
+    assert _bills_at(net.ho)["BAD"] == (datetime(2024, 3, 1, 12, tzinfo=UTC), None)
