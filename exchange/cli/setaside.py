@@ -17,14 +17,24 @@ from exchange.cli.main import HOME, JSON, _echo_json, _node, main, shown
 
 @main.group("set-aside")
 def set_aside() -> None:
-    """Documents the exporter could not encode: left out of bundles so the rest goes on."""
+    """Documents the exporter could not encode: left out of bundles so the rest goes on.
+
+    \b
+    Example:
+      exchange set-aside list --home /srv/xchg/ho
+    """
 
 
 @set_aside.command("list")
 @HOME
 @JSON
 def set_aside_list(home: Path | None, as_json: bool) -> None:
-    """Each document set aside: the table, column, key and value that could not be encoded."""
+    """Each document set aside: the table, column, key and value that could not be encoded.
+
+    \b
+    Example:
+      exchange set-aside list --home /srv/xchg/ho --json
+    """
     from exchange.send.setaside import listing
 
     found = listing(_node(home))
@@ -44,7 +54,12 @@ def set_aside_list(home: Path | None, as_json: bool) -> None:
 @click.option("--doc", "doc_type", help="Only documents of this type (default: every type).")
 @click.option("--key", "doc_key", help="Only this document: its key as a JSON array, e.g. '[\"I0001\"]'.")
 def set_aside_retry(home: Path | None, doc_type: str | None, doc_key: str | None) -> None:
-    """Check set-aside documents again and queue those that encode now (with the next export or sync)."""
+    """Check set-aside documents again and queue those that encode now (with the next export or sync).
+
+    \b
+    Example:
+      exchange set-aside retry --home /srv/xchg/ho --doc item --key '["I0001"]'
+    """
     from exchange.send.setaside import retry
 
     done = retry(_node(home), doc_type, doc_key)
