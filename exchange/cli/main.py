@@ -550,8 +550,12 @@ def doctor(home: Path | None, as_json: bool) -> None:
 @HOME
 def migrate(home: Path | None) -> None:
     """Create or upgrade exchange's tables in the node database."""
-    n = _node(home).migrate()
+    node = _node(home)
+    n = node.migrate()
     click.echo(f"database up to date ({n} migration steps run)")
+    from exchange.cli.catalog import apply_kept_after_migrate
+
+    apply_kept_after_migrate(node)
 
 
 @peer.command("trust-host")
@@ -571,5 +575,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui"):
+    for mod in ("audit", "usb", "ui", "catalog"):
         importlib.import_module(f"{__package__}.{mod}")

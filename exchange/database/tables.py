@@ -169,7 +169,34 @@ xchg_broadcast = Table(
     Column("version", BigInteger, nullable=False, index=True),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name != "xchg_broadcast"]
+#: Values a peer sent for columns this node's tables do not have yet (schema evolution): one row per
+#: bundle, table and column, the rows' primary keys and values as Arrow IPC. Applied, then deleted,
+#: once the column exists here with the sender's type (``exchange.receive.evolution``).
+xchg_kept = Table(
+    "xchg_kept", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("table_name", String(128), primary_key=True),
+    Column("column_name", String(128), primary_key=True),
+    Column("doc_type", String(64), nullable=False),
+    Column("arrow_type", String(128), nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("kept_at", DateTime(timezone=True), nullable=False),
+)
+
+#: Per peer: the catalog (document types, tables, columns and types) its last applied bundle carried.
+xchg_peer_catalog = Table(
+    "xchg_peer_catalog", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("catalog", Text, nullable=False),  # JSON, as in the inner manifest (docs/FORMAT.md v3)
+    Column("seq", BigInteger, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+_LATER_TABLES = ("xchg_broadcast", "xchg_kept", "xchg_peer_catalog")  # made by their own migrations
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in _LATER_TABLES]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -213,9 +240,14 @@ def _m5_versions(conn: Connection) -> None:
         conn.exec_driver_sql("DROP TABLE xchg_doc_version_m4")
 
 
+def _m_schema_evolution(conn: Connection) -> None:
+    """Kept values of columns not here yet, and each peer's last catalog (schema evolution)."""
+    XCHG.create_all(conn, tables=[xchg_kept, xchg_peer_catalog], checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions]
+                                                  _m5_versions, _m_schema_evolution]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -39,13 +39,15 @@ from exchange.database.tables import (
     xchg_sent,
     xchg_stream_in,
 )
-from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
+from exchange.errors import (
+    ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError, SchemaChangeError,
+)
 from exchange.faults import crashpoint
 from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
-from exchange.receive import admission
+from exchange.receive import admission, evolution
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
@@ -372,6 +374,14 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
         if not dry_run:
             quarantine(node, path, exc, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, str(exc), peer, seq)
+    except SchemaChangeError as exc:  # not additive (exchange.receive.evolution): rolled back, HELD, no ack;
+        # applied at a later import once this node's schema has the sender's (exchange retry)
+        if not dry_run:
+            _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, ReceivedStatus.HELD, exc.message,
+                    rep, summary)
+            with node.engine.begin() as conn:  # `exchange catalog diff` shows what the held bundle needs
+                evolution.record_peer_catalog(conn, peer, seq, evolution.parse_catalog(opened.catalog))
+        return FileOutcome(path.name, Outcome.HELD, exc.message, peer, seq)
     except OperationalError as exc:  # the database itself (disk full, I/O error, connection lost), not the
         # bundle: no FAILED, no REJECTED ack; the transaction rolled back and the next run applies it
         raise DatabaseError(f"{path.name} not applied: {_error_text(exc)}",
@@ -563,23 +573,6 @@ def _check_keys(node: Node, dt: DocType, keys: Sequence[DocKey]) -> None:
                               f"{dt.header} ({', '.join(dt.key)})")
 
 
-def _check_table(node: Node, dt: DocType, name: str, data: pa.Table) -> pa.Table:
-    """A document table carries the key columns and only known columns of the expected types."""
-    expected = rows.arrow_schema(node.catalog.table(name))
-    problems = [f"{c}: missing" for c in dt.key if c not in data.column_names]
-    if len(set(data.column_names)) != len(data.column_names):
-        problems.append("duplicate column names")
-    for f in data.schema:
-        if f.name not in expected.names:
-            problems.append(f"{f.name}: unknown column")
-        elif f.type != expected.field(f.name).type:
-            problems.append(f"{f.name}: {f.type}, expected {expected.field(f.name).type}")
-    if problems:
-        raise ApplyError(f"table {name} does not match this node's catalog ({'; '.join(problems[:5])}): "
-                         "the two sides' catalogs differ")
-    return data
-
-
 def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
                     ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
@@ -590,6 +583,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     for t, k, op, v in zip(events["doc_type"], events["doc_key"], events["op"], events["version"], strict=True):
         docs[t].append((k, op, v))
     expected = _documents(opened)
+    peer_cat = evolution.parse_catalog(opened.catalog)  # FORMAT.md v3; None from older senders
+    evolution.replay_kept(conn, cat)  # values kept for columns this node has since gained: before newer ones
     unknown = [t for t in docs if t not in cat]
     if unknown:
         raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
@@ -599,12 +594,16 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
             raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
                                  f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
     admission.check_tables_announced(cat, opened.tables, docs)
+    evolution.check_schemas(cat, peer_cat, [n for n in cat.names if n in docs], opened)  # HELD if not additive
+    evolution.record_peer_catalog(conn, peer, seq, peer_cat)
     applied: dict[str, Any] = {}
     parked: list[dict[str, str]] = []
     for doc_type in [n for n in cat.names if n in docs]:
         dt = cat.get(doc_type)
         _check_keys(node, dt, [k for k, _o, _v in docs[doc_type]])
-        data = {t: _check_table(node, dt, t, opened.table(t)) for t in dt.tables() if t in opened.tables}
+        split = {t: evolution.split_table(cat, peer_cat, dt, t, opened.table(t)) for t in dt.tables()
+                 if t in opened.tables}  # columns this node does not have yet are kept aside
+        data = {t: split[t][0] for t in split}
         admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
         admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header))
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
@@ -646,8 +645,9 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                     _park(conn, dt, k, peer, seq, v, op, one, err)
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
+        kept = sum(evolution.keep(conn, peer, seq, dt, t, split[t][1], set(keys)) for t in data if split[t][1])
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
-                             "totals": got["totals"]}
+                             "totals": got["totals"]} | ({"kept": kept} if kept else {})
     return applied, parked
 
 

@@ -15,7 +15,7 @@ from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 2  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2
+SPEC_VERSION = 3  # docs/FORMAT.md's version: 3 = inner manifest `catalog`; 2 = acks v2 (details encrypted, stream heads), checkpoints v2
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_VERSIONS = frozenset({1, 2})
 

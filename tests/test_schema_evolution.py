@@ -1,0 +1,211 @@
+"""Schema evolution without stopping the estate (issue #15), through the CLI, on SQLite and PostgreSQL.
+
+An HO and two stores map their item tables (``[catalog] schema = "database"``: the
+catalog is read from each node's own database). The HO adds a column to its item
+table; s001 is upgraded the same day, s002 weeks later. Before this change s002
+refused the whole bundle ("unknown column") and every later bundle waited behind it.
+Now s002 applies what it can, keeps the new column's values aside and writes them
+once its table has the column; a column whose type differs is HELD before anything
+is applied, with a reason naming the column and both catalog versions, while the
+other stores' streams flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import _fresh_pg_database
+from enginehelpers import Net, add_item, make_net
+from sqlalchemy import text
+
+from exchange.cli import main
+from exchange.database.capture import record_events
+from exchange.node.home import Node
+
+STORES = ("s001", "s002")
+
+#: The item document mapped from each node's own tables (what a site with its own POS writes).
+ITEM_CATALOG = {"schema": "database", "doc": [{
+    "name": "item", "header": "item", "children": ["item_barcode"], "key": ["item_id"], "owner": "ho",
+    "route": "all", "totals": ["item.price"]}]}
+
+
+def cli(*args: str, code: int = 0) -> str:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, f"exchange {' '.join(args)} -> {res.exit_code}: {res.output}"
+    return res.output
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """An HO and two stores, every node on its own database of the parameter's kind, items mapped."""
+    with contextlib.ExitStack() as stack:
+        dbs: dict[str, str] = {}
+        if request.param == "postgresql":
+            dbs = {nid: stack.enter_context(_fresh_pg_database()) for nid in ("ho", *STORES)}
+        n = make_net(tmp_path / "net", ho_db=dbs.get("ho"), stores=STORES, store_dbs=dbs)
+        for node in n.nodes:
+            node.cfg.catalog = ITEM_CATALOG
+            node.cfg.save()
+        n.reopen()
+        try:
+            yield n
+        finally:
+            n.dispose()
+
+
+def sync_all(net: Net, rounds: int = 3) -> None:
+    """``exchange sync`` of every node, HO first, ``rounds`` times (bundles out, acks back)."""
+    for _ in range(rounds):
+        for node in net.nodes:
+            cli("sync", "--home", str(node.cfg.home))
+
+
+def sql(node: Node, statement: str, **params: Any) -> list[tuple[Any, ...]]:
+    with node.engine.begin() as conn:
+        res = conn.execute(text(statement), params)
+        return [tuple(r) for r in res] if res.returns_rows else []
+
+
+def add_column(node: Node, ddl: str) -> None:
+    """A site's schema change: ALTER TABLE item ADD COLUMN ..."""
+    sql(node, f"ALTER TABLE item ADD COLUMN {ddl}")
+
+
+def new_item(net: Net, item_id: str, price: str = "9.99", **extra: str) -> None:
+    """An item written at the HO (with values for columns the HO has added) and its event."""
+    with net.ho.engine.begin() as conn:
+        add_item(conn, item_id, price)
+        for col, value in extra.items():
+            conn.execute(text(f"UPDATE item SET {col} = :v WHERE item_id = :i"), {"v": value, "i": item_id})
+        record_events(conn, "item", [(item_id,)])
+
+
+def received(node: Node) -> list[tuple[str, str, str]]:
+    out = json.loads(cli("status", "received", "--home", str(node.cfg.home), "--json"))
+    return [(r["file"], r["status"], r["reason"] or "") for r in out["bundles"]]
+
+
+def statuses(node: Node) -> list[str]:
+    return [s for _f, s, _r in received(node)]
+
+
+def columns(node: Node) -> set[str]:
+    from sqlalchemy import inspect
+
+    with node.engine.connect() as conn:
+        return {c["name"] for c in inspect(conn).get_columns("item")}
+
+
+def reopen(net: Net) -> None:
+    """Fresh Node objects: a catalog read from the database is read again (after a schema change)."""
+    net.reopen()
+
+
+def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> None:
+    new_item(net, "I1")
+    sync_all(net)
+    assert all(statuses(s) == ["APPLIED"] for s in net.stores.values())
+
+    # the HO adds a column and fills it; s001 is upgraded at once, s002 is not
+    add_column(net.ho, "brand VARCHAR(40)")
+    add_column(net.store("s001"), "brand VARCHAR(40)")
+    reopen(net)
+    new_item(net, "I2", brand="Acme")
+    sync_all(net)
+    new_item(net, "I3", brand="Zenith")  # a later bundle: must not wait behind the first
+    sync_all(net)
+
+    for sid in STORES:
+        assert statuses(net.store(sid)) == ["APPLIED", "APPLIED", "APPLIED"], received(net.store(sid))
+        assert sql(net.store(sid), "SELECT item_id FROM item ORDER BY item_id") == [("I1",), ("I2",), ("I3",)]
+    assert sql(net.store("s001"), "SELECT item_id, brand FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
+    # s002 has no such column: the values are kept aside and reported, not lost
+    assert "brand" not in columns(net.store("s002"))
+    kept = json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json"))
+    assert kept == [{"peer": "ho", "table": "item", "column": "brand", "type": "string", "bundles": 2, "rows": 2,
+                     "waiting": "no column item.brand here yet"}]
+    assert "no column item.brand here yet" in cli("catalog", "kept", "--home", str(net.store("s002").cfg.home))
+    # every bundle is PROCESSED at the HO: nothing was rejected
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))
+    assert {r["status"] for r in sent["bundles"]} == {"PROCESSED"}
+
+    # s002 is upgraded weeks later: its catalog change brings the kept values in
+    add_column(net.store("s002"), "brand VARCHAR(40)")
+    out = cli("catalog", "apply-kept", "--home", str(net.store("s002").cfg.home))
+    assert "2 kept values applied" in out
+    assert sql(net.store("s002"), "SELECT item_id, brand FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
+    assert json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json")) == []
+    # the HO's overview and `catalog diff` agree on which catalog version each side runs
+    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", str(net.store("s001").cfg.home), "--json"))
+    assert diff["peer_catalog"] == net.ho.catalog.fingerprint and diff["differences"] == []
+
+
+def test_a_column_the_bundle_lacks_keeps_its_value_or_default(net: Net) -> None:
+    new_item(net, "I1", price="1.00")
+    sync_all(net)
+    store = net.store("s001")
+    add_column(store, "shelf VARCHAR(8) DEFAULT 'A1'")  # the store's own column: the HO never heard of it
+    sql(store, "UPDATE item SET shelf = 'Z9' WHERE item_id = 'I1'")
+    reopen(net)
+    with net.ho.engine.begin() as conn:
+        conn.execute(text("UPDATE item SET name = 'Renamed' WHERE item_id = 'I1'"))
+        record_events(conn, "item", [("I1",)])
+    new_item(net, "I2")
+    sync_all(net)
+    assert statuses(store) == ["APPLIED", "APPLIED"], received(store)
+    assert sql(store, "SELECT item_id, name, shelf FROM item ORDER BY item_id") == [
+        ("I1", "Renamed", "Z9"), ("I2", "Item I2", "A1")]
+    out = cli("catalog", "diff", "--peer", "ho", "--home", str(store.cfg.home))
+    assert "item.shelf" in out and "keeps its value here on update, its default on insert" in out
+    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", str(store.cfg.home), "--json"))
+    assert diff["here"] == store.catalog.fingerprint != diff["peer_catalog"] == net.ho.catalog.fingerprint
+    assert diff["differences"] == [{"what": "column", "name": "item.shelf", "here": "string", "peer": "-",
+                                    "effect": "keeps its value here on update, its default on insert"}]
+
+
+def test_a_type_change_is_held_with_its_reason_while_other_stores_flow(net: Net) -> None:
+    new_item(net, "I1")
+    sync_all(net)
+    add_column(net.ho, "brand_code INTEGER")
+    add_column(net.store("s001"), "brand_code VARCHAR(8)")  # s001 made the column as text: not the same
+    reopen(net)
+    s001, s002 = net.store("s001"), net.store("s002")
+    before = sql(s001, "SELECT * FROM item ORDER BY item_id")
+    new_item(net, "I2", brand_code="7")
+    sync_all(net)
+    new_item(net, "I3", brand_code="8")
+    sync_all(net)
+
+    got = received(s001)
+    assert [s for _f, s, _r in got] == ["APPLIED", "HELD", "WAITING"], got
+    reason = got[1][2]
+    assert "table item: column brand_code is int64 in the bundle and string here" in reason
+    assert f"sender runs catalog {net.ho.catalog.fingerprint[:12]}" in reason
+    assert f"this node runs catalog {s001.catalog.fingerprint[:12]}" in reason
+    assert sql(s001, "SELECT * FROM item ORDER BY item_id") == before  # nothing of it was applied
+    # the other store's stream flows; the HO waits for s001's ack, it has no REJECTED
+    assert statuses(s002) == ["APPLIED", "APPLIED", "APPLIED"]
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent if r["peer"] == "s001"} == {"PROCESSED", "UPLOADED"}
+    diff = cli("catalog", "diff", "--peer", "ho", "--home", str(s001.cfg.home))
+    assert "item.brand_code" in diff and "not additive" in diff
+
+    # s001 migrates its column to the HO's type; `exchange retry` applies the held bundle and the one behind it
+    sql(s001, "ALTER TABLE item DROP COLUMN brand_code")
+    add_column(s001, "brand_code INTEGER")
+    out = cli("retry", "--home", str(s001.cfg.home))
+    assert "ho.s001.0000000002.bundle: APPLIED" in out and "ho.s001.0000000003.bundle: APPLIED" in out
+    assert sql(s001, "SELECT item_id, brand_code FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", 7), ("I3", 8)]
+    sync_all(net)
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
