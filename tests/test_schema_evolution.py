@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import _fresh_pg_database
 from enginehelpers import Net, add_item, make_net
+from test_ui import request, ui_server
 from sqlalchemy import text
 
 from exchange.cli import main
@@ -33,7 +35,9 @@ STORES = ("s001", "s002")
 #: The item document mapped from each node's own tables (what a site with its own POS writes).
 ITEM_CATALOG = {"schema": "database", "doc": [{
     "name": "item", "header": "item", "children": ["item_barcode"], "key": ["item_id"], "owner": "ho",
-    "route": "all", "totals": ["item.price"]}]}
+    "route": "all", "totals": ["item.price"]}, {
+    "name": "customer", "header": "customer", "key": ["store_id", "customer_id"], "owner": "store",
+    "owner_columns": ["store_id"]}]}
 
 
 def cli(*args: str, code: int = 0) -> str:
@@ -103,6 +107,15 @@ def columns(node: Node) -> set[str]:
         return {c["name"] for c in inspect(conn).get_columns("item")}
 
 
+def fingerprint(node: Node) -> str:
+    """The node's catalog version as a fresh process reads it from its database."""
+    fresh = Node.open(node.cfg.home)
+    try:
+        return fresh.catalog.fingerprint
+    finally:
+        fresh.engine.dispose()
+
+
 def reopen(net: Net) -> None:
     """Fresh Node objects: a catalog read from the database is read again (after a schema change)."""
     net.reopen()
@@ -137,6 +150,26 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))
     assert {r["status"] for r in sent["bundles"]} == {"PROCESSED"}
 
+    # the HO's overview shows which catalog version each store runs (from each store's last bundle)
+    for sid in STORES:
+        with net.store(sid).engine.begin() as conn:
+            conn.execute(text("INSERT INTO customer (store_id, customer_id, name, created_at) "
+                              "VALUES (:s, 'C1', 'Asha', '2024-03-01 10:00:00')"), {"s": sid})
+            record_events(conn, "customer", [(sid, "C1")])
+    sync_all(net)
+    with ui_server(net.ho.cfg.home) as ui:
+        _status, _h, page = request(ui.url, "/?sort=catalog")
+    cells = dict(re.findall(r'data-store="(s\d+)".*?<td data-col="catalog" title="([0-9a-f]{64})"', page, re.S))
+    assert cells == {"s001": fingerprint(net.store("s001")), "s002": fingerprint(net.store("s002"))}
+    assert cells["s001"] == net.ho.catalog.fingerprint != cells["s002"]
+    assert page.count("differs from the HO") == 1
+    diff = json.loads(cli("catalog", "diff", "--peer", "s002", "--home", str(net.ho.cfg.home), "--json"))
+    assert diff["peer_catalog"] == cells["s002"]
+    assert diff["differences"] == [{"what": "column", "name": "item.brand", "here": "string", "peer": "-",
+                                    "effect": "values kept aside at the peer until it has the column"}]
+    diff = json.loads(cli("catalog", "diff", "--peer", "s001", "--home", str(net.ho.cfg.home), "--json"))
+    assert diff["peer_catalog"] == diff["here"] and diff["differences"] == []
+
     # s002 is upgraded weeks later: its catalog change brings the kept values in
     add_column(net.store("s002"), "brand VARCHAR(40)")
     out = cli("catalog", "apply-kept", "--home", str(net.store("s002").cfg.home))
@@ -144,9 +177,14 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     assert sql(net.store("s002"), "SELECT item_id, brand FROM item ORDER BY item_id") == [
         ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
     assert json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json")) == []
-    # the HO's overview and `catalog diff` agree on which catalog version each side runs
-    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", str(net.store("s001").cfg.home), "--json"))
-    assert diff["peer_catalog"] == net.ho.catalog.fingerprint and diff["differences"] == []
+    with net.store("s002").engine.begin() as conn:  # its next bundle tells the HO it runs the HO's catalog now
+        conn.execute(text("UPDATE customer SET name = 'Asha K' WHERE customer_id = 'C1'"))
+        record_events(conn, "customer", [("s002", "C1")])
+    sync_all(net)
+    with ui_server(net.ho.cfg.home) as ui:
+        _status, _h, page = request(ui.url, "/")
+    assert "differs from the HO" not in page
+    assert page.count(f'<td data-col="catalog" title="{fingerprint(net.ho)}">') == 2
 
 
 def test_a_column_the_bundle_lacks_keeps_its_value_or_default(net: Net) -> None:

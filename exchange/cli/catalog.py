@@ -42,7 +42,7 @@ def catalog_diff(home: Path | None, peer_id: str, as_json: bool) -> None:
                           "(it runs exchange before bundle format v3, or sent nothing yet)",
                           hint=f"Sync with {peer_id}, then run this again.")
     theirs, seq = last
-    diffs = evolution.diff(node.catalog, theirs)
+    diffs = evolution.diff(node.catalog, theirs, node.cfg.role)
     if as_json:
         click.echo(json.dumps({"peer": peer_id, "here": ours, "peer_catalog": theirs.fingerprint, "seq": seq,
                                "differences": [d.as_json() for d in diffs]}, indent=1))

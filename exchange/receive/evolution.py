@@ -332,8 +332,9 @@ class Difference:
         return {"what": self.what, "name": self.name, "here": self.here, "peer": self.peer, "effect": self.effect}
 
 
-def diff(ours: Catalog, theirs: PeerCatalog) -> list[Difference]:
-    """How ``theirs`` (the peer's last catalog) differs from this node's, in catalog order."""
+def diff(ours: Catalog, theirs: PeerCatalog, role: str) -> list[Difference]:
+    """How ``theirs`` (the peer's last catalog) differs from this node's (whose role is ``role``),
+    in catalog order, each with its effect on the documents that go that way."""
     mine = ours.description
     out: list[Difference] = []
     for name in [*mine["docs"], *(d for d in theirs.docs if d not in mine["docs"])]:
@@ -343,34 +344,38 @@ def diff(ours: Catalog, theirs: PeerCatalog) -> list[Difference]:
                                   "the peer's bundles with these documents fail here until the catalog has it"))
             continue
         if b is None:
-            out.append(Difference("document type", name, "yes", "-", "the peer does not apply these documents"))
+            out.append(Difference("document type", name, "yes", "-",
+                                  "the peer does not know these documents"))
             continue
+        we_send = a["owner"] == role
+        there, here = ("at the peer", "the peer's") if we_send else ("here", "this node's")
         if a["key"] != b["key"]:
             out.append(Difference("key", name, ", ".join(a["key"]), ", ".join(b["key"]),
-                                  "not additive: the peer's bundles with these documents are HELD here"))
+                                  f"not additive: bundles with these documents are HELD {there}"))
         for table in [*a["tables"], *(t for t in b["tables"] if t not in a["tables"])]:
             cols_a, cols_b = mine["tables"].get(table), theirs.tables.get(table)
             if cols_b is None or table not in b["tables"]:
-                out.append(Difference("table", table, "yes", "-", "the peer's documents leave it as it is here"))
+                out.append(Difference("table", table, "yes", "-", f"not in {here} {name} documents"))
                 continue
             if cols_a is None or table not in a["tables"]:
-                out.append(Difference("table", table, "-", "yes",
-                                      "the peer's bundles with this table fail here until the catalog has it"))
+                out.append(Difference("table", table, "-", "yes", f"not in {here} {name} documents"))
                 continue
             for col in [*cols_a, *(c for c in cols_b if c not in cols_a)]:
                 ca, cb = cols_a.get(col), cols_b.get(col)
                 full = f"{table}.{col}"
+                sender_only = ("values kept aside at the peer until it has the column" if we_send
+                               else "the peer's values are kept aside here until this node has the column")
+                receiver_only = ("the peer keeps its value on update, its default on insert" if we_send
+                                 else "keeps its value here on update, its default on insert")
                 if cb is None:
-                    out.append(Difference("column", full, ca[0], "-",
-                                          "keeps its value here on update, its default on insert"))
+                    out.append(Difference("column", full, ca[0], "-", sender_only if we_send else receiver_only))
                 elif ca is None:
-                    out.append(Difference("column", full, "-", cb[0],
-                                          "the peer's values are kept aside here until this node has the column"))
+                    out.append(Difference("column", full, "-", cb[0], receiver_only if we_send else sender_only))
                 elif ca[0] != cb[0]:
                     out.append(Difference("type", full, ca[0], cb[0],
-                                          "not additive: the peer's bundles with this table are HELD here"))
+                                          f"not additive: bundles with this table are HELD {there}"))
                 elif ca[1] != cb[1]:
                     out.append(Difference("nullable", full, "null" if ca[1] else "not null",
                                           "null" if cb[1] else "not null",
-                                          "applies; a NULL the peer sends into a NOT NULL column here parks the document"))
+                                          f"a NULL sent into a NOT NULL column {there} parks the document"))
     return out
