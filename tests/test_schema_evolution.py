@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import _fresh_pg_database
-from enginehelpers import Net, add_item, make_net
+from enginehelpers import Net, add_item, docs_of, forge_bundle, make_net
 from test_ui import request, ui_server
 from sqlalchemy import text
 
@@ -46,22 +46,37 @@ def cli(*args: str, code: int = 0) -> str:
     return res.output
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
-    """An HO and two stores, every node on its own database of the parameter's kind, items mapped."""
+@contextlib.contextmanager
+def _net(kind: str, root: Path, catalog: dict[str, Any] | None) -> Iterator[Net]:
+    """An HO and two stores, every node on its own database of ``kind``, with ``catalog`` (else the reference)."""
     with contextlib.ExitStack() as stack:
         dbs: dict[str, str] = {}
-        if request.param == "postgresql":
+        if kind == "postgresql":
             dbs = {nid: stack.enter_context(_fresh_pg_database()) for nid in ("ho", *STORES)}
-        n = make_net(tmp_path / "net", ho_db=dbs.get("ho"), stores=STORES, store_dbs=dbs)
-        for node in n.nodes:
-            node.cfg.catalog = ITEM_CATALOG
-            node.cfg.save()
-        n.reopen()
+        n = make_net(root, ho_db=dbs.get("ho"), stores=STORES, store_dbs=dbs)
+        if catalog is not None:
+            for node in n.nodes:
+                node.cfg.catalog = catalog
+                node.cfg.save()
+            n.reopen()
         try:
             yield n
         finally:
             n.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Items and customers mapped from each node's own tables (``schema = "database"``)."""
+    with _net(request.param, tmp_path / "net", ITEM_CATALOG) as n:
+        yield n
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ref_net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Every node on the reference schema (the default catalog)."""
+    with _net(request.param, tmp_path / "net", None) as n:
+        yield n
 
 
 def sync_all(net: Net, rounds: int = 3) -> None:
@@ -127,25 +142,25 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     assert all(statuses(s) == ["APPLIED"] for s in net.stores.values())
 
     # the HO adds a column and fills it; s001 is upgraded at once, s002 is not
-    add_column(net.ho, "brand VARCHAR(40)")
-    add_column(net.store("s001"), "brand VARCHAR(40)")
+    add_column(net.ho, "supplier VARCHAR(40)")
+    add_column(net.store("s001"), "supplier VARCHAR(40)")
     reopen(net)
-    new_item(net, "I2", brand="Acme")
+    new_item(net, "I2", supplier="Acme")
     sync_all(net)
-    new_item(net, "I3", brand="Zenith")  # a later bundle: must not wait behind the first
+    new_item(net, "I3", supplier="Zenith")  # a later bundle: must not wait behind the first
     sync_all(net)
 
     for sid in STORES:
         assert statuses(net.store(sid)) == ["APPLIED", "APPLIED", "APPLIED"], received(net.store(sid))
         assert sql(net.store(sid), "SELECT item_id FROM item ORDER BY item_id") == [("I1",), ("I2",), ("I3",)]
-    assert sql(net.store("s001"), "SELECT item_id, brand FROM item ORDER BY item_id") == [
+    assert sql(net.store("s001"), "SELECT item_id, supplier FROM item ORDER BY item_id") == [
         ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
     # s002 has no such column: the values are kept aside and reported, not lost
-    assert "brand" not in columns(net.store("s002"))
+    assert "supplier" not in columns(net.store("s002"))
     kept = json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json"))
-    assert kept == [{"peer": "ho", "table": "item", "column": "brand", "type": "string", "bundles": 2, "rows": 2,
-                     "waiting": "no column item.brand here yet"}]
-    assert "no column item.brand here yet" in cli("catalog", "kept", "--home", str(net.store("s002").cfg.home))
+    assert kept == [{"peer": "ho", "table": "item", "column": "supplier", "type": "string", "bundles": 2, "rows": 2,
+                     "waiting": "no column item.supplier here yet"}]
+    assert "no column item.supplier here yet" in cli("catalog", "kept", "--home", str(net.store("s002").cfg.home))
     # every bundle is PROCESSED at the HO: nothing was rejected
     sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))
     assert {r["status"] for r in sent["bundles"]} == {"PROCESSED"}
@@ -165,16 +180,16 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     assert page.count("differs from the HO") == 1
     diff = json.loads(cli("catalog", "diff", "--peer", "s002", "--home", str(net.ho.cfg.home), "--json"))
     assert diff["peer_catalog"] == cells["s002"]
-    assert diff["differences"] == [{"what": "column", "name": "item.brand", "here": "string", "peer": "-",
+    assert diff["differences"] == [{"what": "column", "name": "item.supplier", "here": "string", "peer": "-",
                                     "effect": "values kept aside at the peer until it has the column"}]
     diff = json.loads(cli("catalog", "diff", "--peer", "s001", "--home", str(net.ho.cfg.home), "--json"))
     assert diff["peer_catalog"] == diff["here"] and diff["differences"] == []
 
     # s002 is upgraded weeks later: its catalog change brings the kept values in
-    add_column(net.store("s002"), "brand VARCHAR(40)")
+    add_column(net.store("s002"), "supplier VARCHAR(40)")
     out = cli("catalog", "apply-kept", "--home", str(net.store("s002").cfg.home))
     assert "2 kept values applied" in out
-    assert sql(net.store("s002"), "SELECT item_id, brand FROM item ORDER BY item_id") == [
+    assert sql(net.store("s002"), "SELECT item_id, supplier FROM item ORDER BY item_id") == [
         ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
     assert json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json")) == []
     with net.store("s002").engine.begin() as conn:  # its next bundle tells the HO it runs the HO's catalog now
@@ -247,3 +262,107 @@ def test_a_type_change_is_held_with_its_reason_while_other_stores_flow(net: Net)
     sync_all(net)
     sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
     assert {r["status"] for r in sent} == {"PROCESSED"}
+
+
+#: The reference schema's columns added after the first release (exchange.database.schema).
+ADDED = {"item": "brand", "customer": "loyalty_id"}
+
+
+def previous_release(node: Node) -> None:
+    """The node's database as the previous release made it: without the columns added since."""
+    for table, column in ADDED.items():
+        sql(node, f"ALTER TABLE {table} DROP COLUMN {column}")
+
+
+def has_added_columns(node: Node) -> bool:
+    from sqlalchemy import inspect
+
+    with node.engine.connect() as conn:
+        insp = inspect(conn)
+        return all(c in {x["name"] for x in insp.get_columns(t)} for t, c in ADDED.items())
+
+
+def test_reference_migration_on_either_side_in_any_order(ref_net: Net) -> None:
+    """s001 migrates first and sends the new column to an HO not migrated; then the HO migrates and
+    sends it to s002, not migrated; s002 migrates last. No stream stops, no value is lost."""
+    net = ref_net
+    ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+    for node in net.nodes:
+        previous_release(node)
+    out = cli("migrate", "--home", str(s001.cfg.home))
+    assert "2 migration steps run" in out and has_added_columns(s001)
+    assert not has_added_columns(ho) and not has_added_columns(s002)
+
+    # HO (not migrated) -> s001 (migrated): the bundle lacks item.brand, s001 takes its default
+    new_item(net, "I1")
+    # s001 (migrated) -> HO (not migrated): the customer's loyalty_id is kept aside at the HO
+    with s001.engine.begin() as conn:
+        conn.execute(text("INSERT INTO customer (store_id, customer_id, name, created_at, loyalty_id) "
+                          "VALUES ('s001', 'C1', 'Asha', '2024-03-01 10:00:00', 'L-77')"))
+        record_events(conn, "customer", [("s001", "C1")])
+    sync_all(net)
+    assert statuses(ho) == ["APPLIED"] and statuses(s001) == ["APPLIED"] and statuses(s002) == ["APPLIED"]
+    assert sql(s001, "SELECT item_id, brand FROM item") == [("I1", None)]
+    kept = json.loads(cli("catalog", "kept", "--home", str(ho.cfg.home), "--json"))
+    assert [(k["peer"], k["table"], k["column"], k["rows"]) for k in kept] == [("s001", "customer", "loyalty_id", 1)]
+
+    # the HO migrates: the column is added and the kept value written
+    out = cli("migrate", "--home", str(ho.cfg.home))
+    assert "2 migration steps run" in out and "1 kept values applied" in out
+    assert sql(ho, "SELECT customer_id, loyalty_id FROM customer") == [("C1", "L-77")]
+    assert json.loads(cli("catalog", "kept", "--home", str(ho.cfg.home), "--json")) == []
+
+    # HO (migrated) -> s002 (not migrated) and s001 (migrated)
+    with ho.engine.begin() as conn:
+        conn.execute(text("UPDATE item SET brand = 'Acme', name = 'Tea' WHERE item_id = 'I1'"))
+        record_events(conn, "item", [("I1",)])
+    sync_all(net)
+    for store in (s001, s002):
+        assert statuses(store) == ["APPLIED", "APPLIED"], received(store)
+    assert sql(s001, "SELECT item_id, name, brand FROM item") == [("I1", "Tea", "Acme")]
+    assert sql(s002, "SELECT item_id, name FROM item") == [("I1", "Tea")]
+    sent = json.loads(cli("status", "sent", "--home", str(ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
+
+    # s002 migrates weeks later: nothing was lost
+    out = cli("migrate", "--home", str(s002.cfg.home))
+    assert "1 kept values applied" in out
+    assert sql(s002, "SELECT item_id, name, brand FROM item") == [("I1", "Tea", "Acme")]
+    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", str(s002.cfg.home), "--json"))
+    assert diff["differences"] == [] and diff["here"] == diff["peer_catalog"]
+
+
+def _tampered(catalog: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(catalog))
+    out["tables"]["item"]["price"] = ["string", True]  # claims another type, fingerprint left as it was
+    return out
+
+
+def _long_name(catalog: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(catalog))
+    out["tables"]["item"]["x" * 200] = ["string", True]
+    return out
+
+
+@pytest.mark.parametrize("forge, reason", [
+    (_tampered, "does not match its content"),
+    (_long_name, "must be a name of 1 to 128 characters"),
+    (lambda c: {**c, "docs": "everything"}, "docs must be an object"),
+    (lambda c: "1.0", "must be an object of format, docs, tables and fingerprint"),
+])
+def test_a_hostile_catalog_is_quarantined_with_its_reason(tmp_path: Path, forge: Any, reason: str) -> None:
+    """The catalog comes from the peer: checked (shape, sizes, fingerprint) before anything uses it."""
+    with _net("sqlite", tmp_path / "net", None) as net:
+        with net.ho.engine.begin() as conn:
+            add_item(conn, "I1")
+        store = net.store("s001")
+        before = sql(store, "SELECT * FROM item")
+        path = forge_bundle(net.ho, "s001", docs_of(net.ho, "item", [("I1",)]),
+                            catalog=forge(net.ho.catalog.description))
+        path.replace(store.cfg.inbox / path.name)
+        out = cli("import", "--home", str(store.cfg.home))
+        assert f"{path.name}: QUARANTINED - inner.json: catalog" in out
+        got = received(store)
+        assert [(f, s) for f, s, _r in got] == [(path.name, "QUARANTINED")]
+        assert reason in got[0][2]
+        assert sql(store, "SELECT * FROM item") == before

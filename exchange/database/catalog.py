@@ -296,11 +296,26 @@ def _reference_doc_types() -> list[DocType]:
     ]
 
 
-def reference_catalog() -> Catalog:
-    """The document types of the reference retail schema (:data:`exchange.database.schema.RETAIL`)."""
-    from exchange.database.schema import RETAIL
+def reference_catalog(engine: Engine | None = None) -> Catalog:
+    """The document types of the reference retail schema (:data:`exchange.database.schema.RETAIL`).
 
-    return Catalog(RETAIL, _reference_doc_types())
+    With ``engine``, the tables as that database has them: a column a later release
+    added and ``exchange migrate`` has not added there yet is left out, so a node
+    not yet migrated neither exports nor expects it.
+    """
+    return Catalog(_reference_metadata(engine), _reference_doc_types())
+
+
+def _reference_metadata(engine: Engine | None) -> MetaData:
+    from exchange.database.schema import RETAIL, as_in_database
+
+    if engine is None:
+        return RETAIL
+    try:
+        with engine.connect() as conn:
+            return as_in_database(conn)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the reference tables' columns: {exc}") from exc
 
 
 _CATALOG_KEYS = {"schema", "doc"}
@@ -389,10 +404,8 @@ def catalog_from_config(cfg: Mapping[str, Any], *, reflect_from: Engine | None =
     doc_types = [_doc_from_config(entry, i) for i, entry in enumerate(entries)]
     if schema == "reference":
         if not doc_types:
-            return reference_catalog()
-        from exchange.database.schema import RETAIL
-
-        return Catalog(RETAIL, doc_types)
+            return reference_catalog(reflect_from)
+        return Catalog(_reference_metadata(reflect_from), doc_types)
     if not doc_types:
         raise ConfigError("[catalog]: schema = \"database\" needs at least one [[catalog.doc]]")
     if reflect_from is None:

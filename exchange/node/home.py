@@ -93,12 +93,15 @@ class Node:
         return make_engine(self.cfg.database)
 
     def migrate(self) -> int:
-        from exchange.database.schema import RETAIL
+        from exchange.database.schema import RETAIL, add_missing_columns
         from exchange.database.tables import migrate
 
         steps = migrate(self.engine)
         if not self.cfg.catalog or self.cfg.catalog.get("schema", "reference") == "reference":
             RETAIL.create_all(self.engine)
+            with self.engine.begin() as conn:  # columns the reference schema gained since this database was made
+                steps += len(add_missing_columns(conn))
+            self.__dict__.pop("catalog", None)  # read again: it may have left those columns out
         return steps
 
     @cached_property

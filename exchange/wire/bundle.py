@@ -317,7 +317,7 @@ def _seal_bundle(
             "recipient": recipient, "seq": seq, "tables": listing, "summary": dict(summary or {}),
         }
         if catalog is not None:  # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint
-            inner["catalog"] = dict(catalog)
+            inner["catalog"] = catalog
         inner_raw = dump_json(inner)
         if len(inner_raw) > MAX_INNER_MANIFEST_BYTES:
             raise LimitError(f"inner manifest of {len(inner_raw)} bytes is over the limit")
