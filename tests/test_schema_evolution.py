@@ -161,6 +161,11 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     assert kept == [{"peer": "ho", "table": "item", "column": "supplier", "type": "string", "bundles": 2, "rows": 2,
                      "waiting": "no column item.supplier here yet"}]
     assert "no column item.supplier here yet" in cli("catalog", "kept", "--home", str(net.store("s002").cfg.home))
+    assert "kept aside: 2 values of item.supplier" in cli("status", "received", "--home",
+                                                           str(net.store("s002").cfg.home))
+    with ui_server(net.store("s002").cfg.home) as ui:
+        _status, _h, store_page = request(ui.url, "/")
+    assert re.search(r'id="card-kept".*?<div class="n">2</div>.*?item\.supplier', store_page, re.S)
     # every bundle is PROCESSED at the HO: nothing was rejected
     sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))
     assert {r["status"] for r in sent["bundles"]} == {"PROCESSED"}
@@ -192,6 +197,7 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     assert sql(net.store("s002"), "SELECT item_id, supplier FROM item ORDER BY item_id") == [
         ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
     assert json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json")) == []
+    assert "kept aside: nothing" in cli("status", "received", "--home", str(net.store("s002").cfg.home))
     with net.store("s002").engine.begin() as conn:  # its next bundle tells the HO it runs the HO's catalog now
         conn.execute(text("UPDATE customer SET name = 'Asha K' WHERE customer_id = 'C1'"))
         record_events(conn, "customer", [("s002", "C1")])

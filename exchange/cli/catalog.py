@@ -102,6 +102,19 @@ def apply_kept_after_migrate(node: Any) -> None:
         click.echo(f"{sum(k.rows for k in left)} values still kept aside (see `exchange catalog kept`)")
 
 
+def kept_line(node: Any) -> str:
+    """``exchange status received``'s line about values kept aside (schema evolution)."""
+    from exchange.receive import evolution
+
+    with node.engine.connect() as conn:
+        kept = evolution.kept_columns(conn, node.catalog)
+    if not kept:
+        return "kept aside: nothing (every column received exists here)"
+    cols = ", ".join(sorted({f"{k.table}.{k.column}" for k in kept}))
+    return shown(f"kept aside: {sum(k.rows for k in kept)} values of {cols}, columns this node does not have "
+                 "yet (exchange catalog kept)")
+
+
 @catalog.command("apply-kept")
 @HOME
 def catalog_apply_kept(home: Path | None) -> None:

@@ -427,6 +427,10 @@ def status(view: str, home: Path | None, as_json: bool) -> None:
     from exchange.cli.console import print_status
 
     print_status(node.id, view, rows, parked)
+    if view == "received":
+        from exchange.cli.catalog import kept_line
+
+        click.echo(kept_line(node))
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)

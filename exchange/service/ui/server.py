@@ -286,7 +286,8 @@ def _store_page(request: Request, ctx: UiContext) -> Response:
         "received": sum(s.received_total for s in stats.values()),
         "sent": sum(s.sent_total for s in stats.values()),
     }
-    return ctx.render(request, "store.html", summary=summary, base_url="/", **_tab_data(ctx, tab, None))
+    kept, kept_columns = data.kept_values(node)  # schema evolution: values waiting for their column
+    return ctx.render(request, "store.html", summary={**summary, "kept": kept, "kept_columns": kept_columns}, base_url="/", **_tab_data(ctx, tab, None))
 
 
 def _ho_page(request: Request, ctx: UiContext) -> Response:
