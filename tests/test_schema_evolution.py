@@ -161,7 +161,7 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     assert kept == [{"peer": "ho", "table": "item", "column": "supplier", "type": "string", "bundles": 2, "rows": 2,
                      "waiting": "no column item.supplier here yet"}]
     assert "no column item.supplier here yet" in cli("catalog", "kept", "--home", str(net.store("s002").cfg.home))
-    assert "kept aside: 2 values of item.supplier" in cli("status", "received", "--home",
+    assert "kept aside: 2 values or documents of item.supplier (string)" in cli("status", "received", "--home",
                                                            str(net.store("s002").cfg.home))
     with ui_server(net.store("s002").cfg.home) as ui:
         _status, _h, store_page = request(ui.url, "/")
@@ -372,3 +372,56 @@ def test_a_hostile_catalog_is_quarantined_with_its_reason(tmp_path: Path, forge:
         assert [(f, s) for f, s, _r in got] == [(path.name, "QUARANTINED")]
         assert reason in got[0][2]
         assert sql(store, "SELECT * FROM item") == before
+
+
+BRAND = {"name": "brand", "header": "brand", "key": ["brand_id"], "owner": "ho", "route": "all"}
+
+
+def add_brand_type(node: Node) -> None:
+    """A new document type: its table, and its place in the catalog (masters first)."""
+    sql(node, "CREATE TABLE brand (brand_id VARCHAR(32) NOT NULL PRIMARY KEY, name VARCHAR(64) NOT NULL)")
+    node.cfg.catalog = {**ITEM_CATALOG, "doc": [BRAND, *ITEM_CATALOG["doc"]]}
+    node.cfg.save()
+
+
+def brand(net: Net, brand_id: str, name: str) -> None:
+    with net.ho.engine.begin() as conn:
+        conn.execute(text("DELETE FROM brand WHERE brand_id = :b"), {"b": brand_id})
+        conn.execute(text("INSERT INTO brand (brand_id, name) VALUES (:b, :n)"), {"b": brand_id, "n": name})
+        record_events(conn, "brand", [(brand_id,)])
+
+
+def test_a_new_document_type_is_kept_aside_then_applied(net: Net) -> None:
+    """The HO starts sending a document type the stores do not have: their streams go on, the documents
+    wait, and apply once each store's catalog has the type (by command, or before the next bundle)."""
+    add_brand_type(net.ho)
+    reopen(net)
+    brand(net, "B1", "Acme")
+    new_item(net, "I1")
+    sync_all(net)
+    brand(net, "B1", "Acme Foods")  # a later version of the same document, also kept
+    sync_all(net)
+    for sid in STORES:
+        store = net.store(sid)
+        assert statuses(store) == ["APPLIED", "APPLIED"], received(store)
+        assert sql(store, "SELECT item_id FROM item") == [("I1",)]
+        kept = json.loads(cli("catalog", "kept", "--home", str(store.cfg.home), "--json"))
+        assert kept == [{"peer": "ho", "table": "brand", "column": "*", "type": "documents", "bundles": 2,
+                         "rows": 2, "waiting": "no document type brand here yet"}]
+    assert "brand documents" in cli("status", "received", "--home", str(net.store("s001").cfg.home))
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
+
+    # s001 gains the type and applies what it kept at once
+    add_brand_type(net.store("s001"))
+    out = cli("catalog", "apply-kept", "--home", str(net.store("s001").cfg.home))
+    assert "kept documents of 2 bundles applied" in out
+    assert sql(net.store("s001"), "SELECT brand_id, name FROM brand") == [("B1", "Acme Foods")]
+    # s002 gains it too; its next bundle applies the kept documents first, then the new one
+    add_brand_type(net.store("s002"))
+    brand(net, "B2", "Zenith")
+    sync_all(net)
+    for sid in STORES:
+        assert sql(net.store(sid), "SELECT brand_id, name FROM brand ORDER BY brand_id") == [
+            ("B1", "Acme Foods"), ("B2", "Zenith")]
+        assert json.loads(cli("catalog", "kept", "--home", str(net.store(sid).cfg.home), "--json")) == []

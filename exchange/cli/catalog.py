@@ -76,28 +76,44 @@ def catalog_kept(home: Path | None, as_json: bool) -> None:
         return
     for k in kept:
         state = shown(k.waiting) if k.waiting else "ready: run `exchange catalog apply-kept`"
-        click.echo(f"{shown(k.peer)}: {shown(k.table)}.{shown(k.column)} ({shown(k.arrow_type)}): "
-                   f"{k.rows} values from {k.bundles} bundles - {state}")
+        click.echo(f"{shown(k.peer)}: {_what(k)}: {k.rows} {'documents' if _whole(k) else 'values'} "
+                   f"from {k.bundles} bundles - {state}")
 
 
-def _apply_kept(node: Any) -> tuple[int, list[Any]]:
-    """Replay the kept values this node's schema can now take, in one transaction; what is still kept."""
+def _whole(k: Any) -> bool:
+    from exchange.receive.evolution import WHOLE
+
+    return bool(k.column == WHOLE)
+
+
+def _what(k: Any) -> str:
+    """A kept column (``item.brand (string)``) or document type (``brand documents``), for a terminal."""
+    return shown(f"{k.table} documents" if _whole(k) else f"{k.table}.{k.column} ({k.arrow_type})")
+
+
+def _apply_kept(node: Any) -> tuple[int, int, list[Any]]:
+    """Replay what this node's schema can now take, in one transaction: (values, kept bundle parts of
+    document types, what is still kept)."""
     from exchange.database.capture import suppress_capture
     from exchange.database.tables import begin_write
     from exchange.receive import evolution
+    from exchange.receive.importer import replay_kept_documents
 
     with node.engine.begin() as conn:
         begin_write(conn)
         with suppress_capture(conn):  # a peer's values, not a change of ours: never sent back
             n = evolution.replay_kept(conn, node.catalog)
-        return n, evolution.kept_columns(conn, node.catalog)
+            parts = replay_kept_documents(conn, node)
+        return n, parts, evolution.kept_columns(conn, node.catalog)
 
 
 def apply_kept_after_migrate(node: Any) -> None:
     """``exchange migrate``'s last step: columns it added take the values kept for them."""
-    n, left = _apply_kept(node)
+    n, parts, left = _apply_kept(node)
     if n:
         click.echo(f"{n} kept values applied")
+    if parts:
+        click.echo(f"kept documents of {parts} bundles applied")
     if left:
         click.echo(f"{sum(k.rows for k in left)} values still kept aside (see `exchange catalog kept`)")
 
@@ -110,17 +126,18 @@ def kept_line(node: Any) -> str:
         kept = evolution.kept_columns(conn, node.catalog)
     if not kept:
         return "kept aside: nothing (every column received exists here)"
-    cols = ", ".join(sorted({f"{k.table}.{k.column}" for k in kept}))
-    return shown(f"kept aside: {sum(k.rows for k in kept)} values of {cols}, columns this node does not have "
-                 "yet (exchange catalog kept)")
+    what = ", ".join(sorted({_what(k) for k in kept}))
+    return shown(f"kept aside: {sum(k.rows for k in kept)} values or documents of {what}, not in this node's "
+                 "schema yet (exchange catalog kept)")
 
 
 @catalog.command("apply-kept")
 @HOME
 def catalog_apply_kept(home: Path | None) -> None:
     """Write kept values into columns this node has gained since (after a migration or catalog change)."""
-    n, left = _apply_kept(_node(home))
+    n, parts, left = _apply_kept(_node(home))
     click.echo(f"{n} kept values applied")
+    if parts:
+        click.echo(f"kept documents of {parts} bundles applied")
     for k in left:
-        click.echo(f"still kept: {shown(k.table)}.{shown(k.column)} from {shown(k.peer)} ({k.rows} values): "
-                   f"{shown(k.waiting)}")
+        click.echo(f"still kept: {_what(k)} from {shown(k.peer)} ({k.rows}): {shown(k.waiting or 'see the log')}")

@@ -28,10 +28,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import Connection, and_, bindparam, delete, select, update
 
 from exchange.database import rows
@@ -39,8 +40,7 @@ from exchange.database.catalog import CATALOG_SCHEMA_FORMAT, Catalog, DocType
 from exchange.database.tables import xchg_kept, xchg_peer_catalog
 from exchange.errors import ApplyError, FormatError, SchemaChangeError
 from exchange.files import utc_now
-from exchange.wire.bundle import Opened
-from exchange.wire.formats import HEX64, INNER_MANIFEST, MAX_TABLES
+from exchange.wire.formats import EVENTS_TABLE, HEX64, INNER_MANIFEST, MAX_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,27 @@ MAX_NAME = 128  # a table or column name (xchg_kept's columns)
 MAX_TYPE = 128  # an Arrow type's text
 MAX_COLUMNS = 2000  # columns of one table in a peer's catalog
 MAX_DOCS = 1000  # document types in a peer's catalog
+MAX_DOC_NAME = 64  # a kept document type's name (xchg_kept.doc_type)
+#: ``xchg_kept.column_name`` of a whole table of a document type this node does not have yet
+WHOLE = "*"
+_EVENTS, _SUMMARY = f"{EVENTS_TABLE}.", "_summary."  # table_name prefixes of a kept type's events and totals
+
+
+class Payload(Protocol):
+    """What applying reads of a bundle: an opened bundle, or a document type kept from one (:class:`KeptPart`)."""
+
+    @property
+    def tables(self) -> Mapping[str, Any]: ...
+
+    @property
+    def summary(self) -> dict[str, Any]: ...
+
+    @property
+    def catalog(self) -> Any: ...
+
+    def table(self, name: str) -> Any: ...
+
+    def schema(self, name: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -142,7 +163,7 @@ def check_doc_keys(catalog: Catalog, peer_cat: PeerCatalog | None, doc_types: li
 
 
 def check_schemas(catalog: Catalog, peer_cat: PeerCatalog | None, doc_types: Iterable[str],
-                  opened: Opened) -> None:
+                  opened: Payload) -> None:
     """Every table of ``doc_types`` in the bundle, by its Parquet schema: before any row is read or written."""
     check_doc_keys(catalog, peer_cat, list(doc_types))
     for d in doc_types:
@@ -248,12 +269,19 @@ def kept_columns(conn: Connection, catalog: Catalog) -> list[KeptColumn]:
     from sqlalchemy import func
 
     q = (select(k.peer, k.table_name, k.column_name, k.arrow_type, func.count(), func.sum(k.rows))
+         .where(k.column_name != WHOLE)
          .group_by(k.peer, k.table_name, k.column_name, k.arrow_type)
          .order_by(k.peer, k.table_name, k.column_name))
     out = []
     for peer, table, column, atype, bundles, n in conn.execute(q):
         out.append(KeptColumn(peer, table, column, atype, int(bundles), int(n or 0),
                               _waiting(catalog, table, column, atype)))
+    docs = (select(k.peer, k.doc_type, func.count(), func.sum(k.rows))
+            .where(and_(k.column_name == WHOLE, k.table_name.startswith(_EVENTS, autoescape=True)))
+            .group_by(k.peer, k.doc_type).order_by(k.peer, k.doc_type))
+    for peer, doc_type, bundles, n in conn.execute(docs):
+        waiting = "" if doc_type in catalog else f"no document type {doc_type} here yet"
+        out.append(KeptColumn(peer, doc_type, WHOLE, "documents", int(bundles), int(n or 0), waiting))
     return out
 
 
@@ -276,7 +304,7 @@ def replay_kept(conn: Connection, catalog: Catalog) -> int:
     entries are deleted. Runs in the caller's transaction, before a newer bundle is
     applied, so a newer value always wins over a kept older one.
     """
-    ready = [c for c in kept_columns(conn, catalog) if not c.waiting]
+    ready = [c for c in kept_columns(conn, catalog) if not c.waiting and c.column != WHOLE]
     n = 0
     for c in ready:
         table = catalog.table(c.table)
@@ -294,6 +322,107 @@ def replay_kept(conn: Connection, catalog: Catalog) -> int:
             n += len(params)
         log.info("%s.%s: kept values from %s applied", c.table, c.column, c.peer)
     return n
+
+
+def keep_doc_types(conn: Connection, catalog: Catalog, peer: str, seq: int, opened: Payload,
+                   peer_cat: PeerCatalog | None, unknown: list[str]) -> tuple[set[str], dict[str, int]]:
+    """Keep aside whole the documents of types this node does not have yet (a new document type at the
+    sender): its tables, its events and its control totals, applied once the catalog has the type
+    (:func:`kept_documents`). Returns the tables kept and the documents kept per type.
+
+    The sender's catalog says which tables are the type's; a sender before format v3, a type its own
+    catalog does not name, or a table this node's catalog gives another type are refused as before
+    (ApplyError: the two sides' catalogs differ).
+    """
+    if peer_cat is None:
+        raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ (the sender runs "
+                         "a version before bundle format 3, whose bundles do not say what a new type holds)")
+    events = opened.table(EVENTS_TABLE)
+    expected = opened.summary.get("documents", {})
+    tables: set[str] = set()
+    counts: dict[str, int] = {}
+    for name in unknown:
+        spec = peer_cat.docs.get(name)
+        if spec is None or len(name) > MAX_DOC_NAME:
+            raise ApplyError(f"unknown document type {name[:80]!r}: neither this node's catalog nor the "
+                             "sender's names it")
+        for tname in spec["tables"]:
+            mine = catalog.doc_for_table(tname)
+            if mine is not None or tname in tables or tname.startswith((_EVENTS, _SUMMARY)):
+                raise ApplyError(f"document type {name}: table {tname} is "
+                                 + (f"part of {mine.name} here" if mine else "named twice")
+                                 + ": the two sides' catalogs differ")
+            if tname in opened.tables:
+                _keep_whole(conn, peer, seq, name, tname, opened.table(tname))
+                tables.add(tname)
+        mine_events = events.filter(pc.equal(events.column("doc_type"), name))
+        _keep_whole(conn, peer, seq, name, _EVENTS + name, mine_events)
+        totals = json.dumps(expected.get(name, {}) if isinstance(expected, dict) else {}).encode()
+        _keep_whole(conn, peer, seq, name, _SUMMARY + name, pa.table({"json": pa.array([totals], pa.binary())}))
+        counts[name] = mine_events.num_rows
+        log.info("%s documents from %s seq %d kept aside: no such document type here yet", name, peer, seq)
+    return tables, counts
+
+
+def _keep_whole(conn: Connection, peer: str, seq: int, doc_type: str, table_name: str, data: pa.Table) -> None:
+    conn.execute(xchg_kept.insert().values(
+        peer=peer, seq=seq, table_name=table_name, column_name=WHOLE, doc_type=doc_type, arrow_type="table",
+        rows=data.num_rows, data=_ipc(data), kept_at=utc_now()))
+
+
+@dataclass
+class KeptPart:
+    """The documents of one kept type from one bundle, read back to be applied like a bundle (:class:`Payload`)."""
+
+    peer: str
+    seq: int
+    doc_type: str
+    data: dict[str, pa.Table] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tables(self) -> Mapping[str, Any]:
+        return self.data
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return {"documents": {self.doc_type: self.totals}}
+
+    @property
+    def catalog(self) -> Any:
+        return None
+
+    def table(self, name: str) -> Any:
+        return self.data[name]
+
+    def schema(self, name: str) -> Any:
+        return self.data[name].schema
+
+
+def kept_documents(conn: Connection, catalog: Catalog) -> list[KeptPart]:
+    """Kept documents of types this node's catalog has gained since, per bundle, oldest first."""
+    k = xchg_kept.c
+    parts: dict[tuple[str, int, str], KeptPart] = {}
+    q = (select(k.peer, k.seq, k.doc_type, k.table_name, k.data)
+         .where(and_(k.column_name == WHOLE, k.doc_type.in_(catalog.names)))  # only what can be applied now
+         .order_by(k.peer, k.seq, k.doc_type))
+    for peer, seq, doc_type, table_name, blob in conn.execute(q):
+        part = parts.setdefault((peer, int(seq), doc_type), KeptPart(peer, int(seq), doc_type))
+        data = _from_ipc(blob)
+        if table_name == _SUMMARY + doc_type:
+            part.totals = json.loads(data.column("json")[0].as_py())
+        elif table_name == _EVENTS + doc_type:
+            part.data[EVENTS_TABLE] = data
+        else:
+            part.data[table_name] = data
+    return list(parts.values())
+
+
+def forget_documents(conn: Connection, part: KeptPart) -> None:
+    """The kept rows of ``part``, once applied."""
+    k = xchg_kept.c
+    conn.execute(delete(xchg_kept).where(and_(k.peer == part.peer, k.seq == part.seq, k.doc_type == part.doc_type,
+                                              k.column_name == WHOLE)))
 
 
 def record_peer_catalog(conn: Connection, peer: str, seq: int, peer_cat: PeerCatalog | None) -> None:

@@ -531,7 +531,7 @@ def _park(conn: Connection, dt: DocType, key: DocKey, peer: str, seq: int, versi
         data=_pack(data), error=error, parked_at=utc_now()))
 
 
-def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
+def _documents(opened: evolution.Payload) -> dict[str, dict[str, Any]]:
     """The inner manifest's ``summary.documents``; a malformed one is a FormatError."""
     docs = opened.summary.get("documents", {})
     if not isinstance(docs, dict) or not all(
@@ -542,7 +542,7 @@ def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
     return docs
 
 
-def _events(opened: Opened) -> dict[str, list[Any]]:
+def _events(opened: evolution.Payload) -> dict[str, list[Any]]:
     """The ``_events`` table, checked against docs/FORMAT.md (columns, types, no nulls, ops)."""
     if EVENTS_TABLE not in opened.tables:
         raise FormatError(f"the bundle has no {EVENTS_TABLE} table")
@@ -573,9 +573,13 @@ def _check_keys(node: Node, dt: DocType, keys: Sequence[DocKey]) -> None:
                               f"{dt.header} ({', '.join(dt.key)})")
 
 
-def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
-                    ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
+def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: evolution.Payload,
+                    replay: bool = True) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked).
+
+    First (unless ``replay`` is false) what was kept aside for columns and document types this node
+    has gained since, so a newer bundle's values always land after them (exchange.receive.evolution).
+    """
     cat = node.catalog
     sender_role = node.cfg.peer(peer).role
     events = _events(opened)
@@ -584,19 +588,24 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
         docs[t].append((k, op, v))
     expected = _documents(opened)
     peer_cat = evolution.parse_catalog(opened.catalog)  # FORMAT.md v3; None from older senders
-    evolution.replay_kept(conn, cat)  # values kept for columns this node has since gained: before newer ones
+    if replay:
+        evolution.replay_kept(conn, cat)  # values kept for columns this node has since gained: before newer ones
+        replay_kept_documents(conn, node)
     unknown = [t for t in docs if t not in cat]
-    if unknown:
-        raise ApplyError(f"unknown document types {unknown}: the two sides' catalogs differ")
+    kept_tables: set[str] = set()
+    kept_docs: dict[str, int] = {}
+    if unknown:  # a new document type at the sender: kept aside whole until this node's catalog has it
+        kept_tables, kept_docs = evolution.keep_doc_types(conn, cat, peer, seq, opened, peer_cat, unknown)
+        docs = defaultdict(list, {t: v for t, v in docs.items() if t not in kept_docs})
     for doc_type in docs:  # before anything is read or written: who may write what (exchange.receive.admission)
         dt = cat.get(doc_type)
         if dt.owner != sender_role:
             raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
                                  f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
-    admission.check_tables_announced(cat, opened.tables, docs)
+    admission.check_tables_announced(cat, [t for t in opened.tables if t not in kept_tables], docs)
     evolution.check_schemas(cat, peer_cat, [n for n in cat.names if n in docs], opened)  # HELD if not additive
     evolution.record_peer_catalog(conn, peer, seq, peer_cat)
-    applied: dict[str, Any] = {}
+    applied: dict[str, Any] = {t: {"kept": n} for t, n in kept_docs.items()}
     parked: list[dict[str, str]] = []
     for doc_type in [n for n in cat.names if n in docs]:
         dt = cat.get(doc_type)
@@ -649,6 +658,22 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
                              "totals": got["totals"]} | ({"kept": kept} if kept else {})
     return applied, parked
+
+
+def replay_kept_documents(conn: Connection, node: Node) -> int:
+    """Apply the documents kept aside of types this node's catalog has gained since (oldest bundle first),
+    each with every check of a bundle; one that still cannot be applied stays kept (and logged)."""
+    n = 0
+    for part in evolution.kept_documents(conn, node.catalog):
+        try:
+            with conn.begin_nested():
+                apply_documents(conn, node, part.peer, part.seq, part, replay=False)
+                evolution.forget_documents(conn, part)
+            n += 1
+        except ApplyError as exc:
+            log.warning("kept %s documents from %s seq %d still not applied: %s", part.doc_type, part.peer,
+                        part.seq, exc)
+    return n
 
 
 def retry_parked(node: Node, peer: str | None = None) -> tuple[int, int]:
