@@ -425,3 +425,39 @@ def test_a_new_document_type_is_kept_aside_then_applied(net: Net) -> None:
         assert sql(net.store(sid), "SELECT brand_id, name FROM brand ORDER BY brand_id") == [
             ("B1", "Acme Foods"), ("B2", "Zenith")]
         assert json.loads(cli("catalog", "kept", "--home", str(net.store(sid).cfg.home), "--json")) == []
+
+
+LABEL_TABLE = "CREATE TABLE shelf_label (store_id VARCHAR(32) NOT NULL, label_id VARCHAR(32) NOT NULL, " \
+              "body VARCHAR(64), PRIMARY KEY (store_id, label_id))"
+
+
+def test_kept_documents_get_every_check_when_their_type_arrives(net: Net) -> None:
+    """A store's documents of a type the HO lacks are kept; when the HO's catalog later has the type as its
+    own (HO-owned), applying them would let a store write the HO's documents: refused, kept, reported."""
+    s001 = net.store("s001")
+    sql(s001, LABEL_TABLE)
+    s001.cfg.catalog = {**ITEM_CATALOG, "doc": [*ITEM_CATALOG["doc"], {
+        "name": "shelf_label", "header": "shelf_label", "key": ["store_id", "label_id"], "owner": "store",
+        "owner_columns": ["store_id"]}]}
+    s001.cfg.save()
+    reopen(net)
+    with net.store("s001").engine.begin() as conn:
+        conn.execute(text("INSERT INTO shelf_label VALUES ('s001', 'L1', 'planted')"))
+        record_events(conn, "shelf_label", [("s001", "L1")])
+    sync_all(net)
+    assert statuses(net.ho) == ["APPLIED"]
+    kept = json.loads(cli("catalog", "kept", "--home", str(net.ho.cfg.home), "--json"))
+    assert [(k["peer"], k["table"], k["waiting"]) for k in kept] == [
+        ("s001", "shelf_label", "no document type shelf_label here yet")]
+
+    sql(net.ho, LABEL_TABLE)  # the HO's catalog gains the type as the HO's own
+    net.ho.cfg.catalog = {**ITEM_CATALOG, "doc": [*ITEM_CATALOG["doc"], {
+        "name": "shelf_label", "header": "shelf_label", "key": ["store_id", "label_id"], "owner": "ho",
+        "route": "all"}]}
+    net.ho.cfg.save()
+    out = cli("catalog", "apply-kept", "--home", str(net.ho.cfg.home))
+    assert "kept documents of" not in out
+    assert "shelf_label documents are owned by the ho side; s001 (store) may not send them" in out
+    assert sql(net.ho, "SELECT * FROM shelf_label") == []
+    kept = json.loads(cli("catalog", "kept", "--home", str(net.ho.cfg.home), "--json"))
+    assert len(kept) == 1 and kept[0]["waiting"].startswith("not applied: shelf_label documents are owned by the ho")

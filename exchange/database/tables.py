@@ -183,6 +183,7 @@ xchg_kept = Table(
     Column("rows", BigInteger, nullable=False),
     Column("data", LargeBinary, nullable=False),
     Column("kept_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text),  # why kept documents still cannot be applied once their type exists here
 )
 
 #: Per peer: the catalog (document types, tables, columns and types) its last applied bundle carried.

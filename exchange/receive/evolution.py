@@ -220,9 +220,8 @@ def keep(conn: Connection, peer: str, seq: int, dt: DocType, name: str, columns:
     """Store the values of ``columns`` for the rows of documents ``keys`` (the ones applied); row count."""
     n = 0
     for column, table in columns.items():
-        if keys is not None:
-            wanted = [i for i, k in enumerate(rows.row_keys(table, dt.key)) if k in keys]
-            table = table.take(pa.array(wanted, type=pa.int64()))
+        wanted = [i for i, k in enumerate(rows.row_keys(table, dt.key)) if k in keys]
+        table = table.take(pa.array(wanted, type=pa.int64()))
         if not table.num_rows:
             continue
         cond = and_(xchg_kept.c.peer == peer, xchg_kept.c.seq == seq, xchg_kept.c.table_name == name,
@@ -276,11 +275,11 @@ def kept_columns(conn: Connection, catalog: Catalog) -> list[KeptColumn]:
     for peer, table, column, atype, bundles, n in conn.execute(q):
         out.append(KeptColumn(peer, table, column, atype, int(bundles), int(n or 0),
                               _waiting(catalog, table, column, atype)))
-    docs = (select(k.peer, k.doc_type, func.count(), func.sum(k.rows))
+    docs = (select(k.peer, k.doc_type, func.count(), func.sum(k.rows), func.max(k.reason))
             .where(and_(k.column_name == WHOLE, k.table_name.startswith(_EVENTS, autoescape=True)))
             .group_by(k.peer, k.doc_type).order_by(k.peer, k.doc_type))
-    for peer, doc_type, bundles, n in conn.execute(docs):
-        waiting = "" if doc_type in catalog else f"no document type {doc_type} here yet"
+    for peer, doc_type, bundles, n, reason in conn.execute(docs):
+        waiting = reason or ("" if doc_type in catalog else f"no document type {doc_type} here yet")
         out.append(KeptColumn(peer, doc_type, WHOLE, "documents", int(bundles), int(n or 0), waiting))
     return out
 
@@ -416,6 +415,13 @@ def kept_documents(conn: Connection, catalog: Catalog) -> list[KeptPart]:
         else:
             part.data[table_name] = data
     return list(parts.values())
+
+
+def refused_documents(conn: Connection, part: KeptPart, reason: str) -> None:
+    """Why ``part`` still cannot be applied (shown by ``exchange catalog kept``); it stays kept."""
+    k = xchg_kept.c
+    conn.execute(update(xchg_kept).where(and_(k.peer == part.peer, k.seq == part.seq, k.doc_type == part.doc_type,
+                                              k.column_name == WHOLE)).values(reason=reason[:2000]))
 
 
 def forget_documents(conn: Connection, part: KeptPart) -> None:

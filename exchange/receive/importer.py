@@ -670,9 +670,10 @@ def replay_kept_documents(conn: Connection, node: Node) -> int:
                 apply_documents(conn, node, part.peer, part.seq, part, replay=False)
                 evolution.forget_documents(conn, part)
             n += 1
-        except ApplyError as exc:
+        except ApplyError as exc:  # e.g. the type belongs to the other side here: refused, kept, reported
             log.warning("kept %s documents from %s seq %d still not applied: %s", part.doc_type, part.peer,
                         part.seq, exc)
+            evolution.refused_documents(conn, part, f"not applied: {exc.message}")
     return n
 
 
