@@ -22,7 +22,8 @@ beside the code that raises it still appears in this tree.
     │   └── NoIdentityError (16)   no identity of this node opens the file (not encrypted to it)
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
-    │   └── OwnershipError (22)    a peer wrote what it does not own or did not announce
+    │   ├── OwnershipError (22)    a peer wrote what it does not own or did not announce
+    │   └── SchemaChangeError (23) a peer's schema change that is not additive: the bundle is HELD
     ├── TransportError (30)        moving files failed
     │   ├── HostKeyError (30)      the server's host key is not the pinned one (transport.sftp.address)
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
@@ -134,6 +135,18 @@ class OwnershipError(ApplyError):
     hint = ("Nothing of the bundle was applied and the sender got a REJECTED ack. A store may only send its "
             "own documents: check that store's machine and catalog (owner_columns) before anything else; "
             "see docs/SECURITY.md.")
+
+
+class SchemaChangeError(ApplyError):
+    """A bundle's schema differs from this node's in a way that is not additive (a column's type, a key).
+
+    Detected before anything of the bundle is applied; the bundle is HELD (no ack), the stream waits
+    behind it, and it is applied at the next import once this node's schema has the sender's.
+    """
+
+    exit_code = 23
+    hint = ("Bring both sides to the same catalog version (`exchange catalog diff --peer PEER` shows what "
+            "differs; `exchange migrate` on the older side), then run `exchange retry`.")
 
 
 class TransportError(ExchangeError):

@@ -300,12 +300,12 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
                  summary_hook: Callable[[dict[str, Any]], None] | None = None,
                  tables_hook: Callable[[dict[str, Any]], None] | None = None,
                  out_dir: Path | None = None, at: tuple[int, str | None] | None = None,
-                 created: datetime | None = None) -> Path:
+                 created: datetime | None = None, catalog: Any = None) -> Path:
     """Seal the next bundle of the stream ``sender`` -> ``peer`` by hand, as the exporter would.
 
     ``docs`` are (doc_type, doc_key, op, version) rows. The current rows are read
     from the sender's database; hooks may change the summary or the tables
-    before sealing. With ``record`` the sender's stream moves on (xchg_sent row,
+    before sealing; ``catalog`` replaces the inner manifest's ``catalog`` (default: the sender's). With ``record`` the sender's stream moves on (xchg_sent row,
     next seq, last manifest hash) exactly as ``export`` records a bundle.
     ``at`` = (seq, prev) places an unrecorded bundle anywhere (a replay, a fork);
     ``created`` is the signed creation time (a key's holder may state any).
@@ -330,6 +330,7 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
             kwargs["app_version"] = app_version
         if created:
             kwargs["created"] = created
+        kwargs["catalog"] = sender.catalog.description if catalog is None else catalog
         sealed = bundle.seal_bundle(part, key=key or sender.signing_key, sender=sender.id, recipient=peer,
                                     seq=seq, prev=prev, recipients=sender.recipients_for(peer),
                                     tables=tables, summary=summary, **kwargs)

@@ -778,6 +778,11 @@ def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) 
 
         for line in warnings(node):
             click.echo(shown(f"clock: {line}"), err=True)
+        from exchange.cli.catalog import kept_line
+
+        kept = kept_line(node)
+        if kept:  # values of columns this node does not have yet (schema evolution)
+            click.echo(kept)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
@@ -940,8 +945,12 @@ def migrate(home: Path | None) -> None:
     Example:
       exchange migrate --home /srv/xchg/ho
     """
-    n = _node(home).migrate()
+    node = _node(home)
+    n = node.migrate()
     click.echo(f"database up to date ({n} migration steps run)")
+    from exchange.cli.catalog import apply_kept_after_migrate
+
+    apply_kept_after_migrate(node)
 
 
 @peer.command("trust-host")
@@ -966,5 +975,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -12,8 +12,11 @@ format in docs/CATALOG.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, cast, get_args
 
 from sqlalchemy import Engine, MetaData, Table
@@ -23,8 +26,11 @@ from exchange.errors import ConfigError, DatabaseError
 
 __all__ = [
     "Owner", "RouteKind", "PeerInfo", "Route", "DocType", "Catalog",
-    "reference_catalog", "catalog_from_config",
+    "reference_catalog", "catalog_from_config", "CATALOG_SCHEMA_FORMAT",
 ]
+
+#: The ``format`` of :meth:`Catalog.describe` (docs/FORMAT.md section 5, ``catalog``).
+CATALOG_SCHEMA_FORMAT = "exchange-catalog-1"
 
 Owner = Literal["ho", "store"]
 RouteKind = Literal["all", "group", "column", "ho"]
@@ -232,6 +238,31 @@ class Catalog:
     def __repr__(self) -> str:
         return f"Catalog({self.names})"
 
+    @cached_property
+    def description(self) -> dict[str, Any]:
+        """What this node's catalog is, as bundles carry it (inner manifest ``catalog``, FORMAT.md v3).
+
+        Document types (tables, key, owner) and, per table, each column's Arrow type and
+        nullability: what a receiver needs to tell an additive change (a new nullable column,
+        a new table or document type) from one that is not (a type change, a dropped key).
+        ``fingerprint`` is the SHA-256 of the rest, so two nodes with the same catalog and
+        schemas show the same version.
+        """
+        from exchange.database.rows import arrow_type
+
+        docs = {d.name: {"tables": list(d.tables()), "key": list(d.key), "owner": d.owner} for d in self}
+        tables = {name: {c.name: [str(arrow_type(c)), c.nullable is not False]
+                         for c in self.metadata.tables[name].columns}
+                  for d in self for name in d.tables()}
+        body = {"format": CATALOG_SCHEMA_FORMAT, "docs": docs, "tables": tables}
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return {**body, "fingerprint": digest}
+
+    @property
+    def fingerprint(self) -> str:
+        """The catalog version: the SHA-256 of :attr:`description` (shown shortened to 12 digits)."""
+        return str(self.description["fingerprint"])
+
 
 def _reference_doc_types() -> list[DocType]:
     ho, to_ho = Route("all"), Route("ho")
@@ -265,11 +296,26 @@ def _reference_doc_types() -> list[DocType]:
     ]
 
 
-def reference_catalog() -> Catalog:
-    """The document types of the reference retail schema (:data:`exchange.database.schema.RETAIL`)."""
-    from exchange.database.schema import RETAIL
+def reference_catalog(engine: Engine | None = None) -> Catalog:
+    """The document types of the reference retail schema (:data:`exchange.database.schema.RETAIL`).
 
-    return Catalog(RETAIL, _reference_doc_types())
+    With ``engine``, the tables as that database has them: a column a later release
+    added and ``exchange migrate`` has not added there yet is left out, so a node
+    not yet migrated neither exports nor expects it.
+    """
+    return Catalog(_reference_metadata(engine), _reference_doc_types())
+
+
+def _reference_metadata(engine: Engine | None) -> MetaData:
+    from exchange.database.schema import RETAIL, as_in_database
+
+    if engine is None:
+        return RETAIL
+    try:
+        with engine.connect() as conn:
+            return as_in_database(conn)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the reference tables' columns: {exc}") from exc
 
 
 _CATALOG_KEYS = {"schema", "doc"}
@@ -358,10 +404,8 @@ def catalog_from_config(cfg: Mapping[str, Any], *, reflect_from: Engine | None =
     doc_types = [_doc_from_config(entry, i) for i, entry in enumerate(entries)]
     if schema == "reference":
         if not doc_types:
-            return reference_catalog()
-        from exchange.database.schema import RETAIL
-
-        return Catalog(RETAIL, doc_types)
+            return reference_catalog(reflect_from)
+        return Catalog(_reference_metadata(reflect_from), doc_types)
     if not doc_types:
         raise ConfigError("[catalog]: schema = \"database\" needs at least one [[catalog.doc]]")
     if reflect_from is None:

@@ -288,6 +288,9 @@ item = _header(
     Column("tax_rate", Rate(), nullable=False),
     Column("active", Boolean(), nullable=False, server_default=true()),
     Column("updated_at", DateTime(), nullable=False),
+    # Added after the first release: `exchange migrate` adds it to older databases (add_missing_columns);
+    # nodes not migrated yet keep the values they receive aside (exchange.receive.evolution).
+    Column("brand", String(64), nullable=True),
 )
 item_barcode = _child(
     "item_barcode", item,
@@ -372,6 +375,7 @@ customer = _header(
     Column("phone", String(32), nullable=True),
     Column("email", String(254), nullable=True),
     Column("created_at", DateTime(), nullable=False),
+    Column("loyalty_id", String(32), nullable=True),  # added after the first release, as item.brand
 )
 
 sales_bill = _header(
@@ -454,3 +458,70 @@ def upgrade_reference(conn: Connection) -> list[str]:
                                  "|| '000Z' WHERE bill_date NOT LIKE '%Z' AND strftime('%s', bill_date) IS NOT NULL")
             done.append(f"{naive} sales_bill.bill_date values as UTC text")
     return done
+
+
+# --- Evolution: the reference schema as a node's database has it, and the migration to the current one.
+
+def missing_columns(conn: Any) -> dict[str, list[str]]:
+    """Per reference table present in the database, the columns of :data:`RETAIL` it lacks.
+
+    A database made by an earlier release lacks the columns added since; tables
+    missing altogether are left to ``create_all``.
+    """
+    from sqlalchemy import inspect
+
+    insp = inspect(conn)
+    present = set(insp.get_table_names()) & set(RETAIL.tables)
+    if not present:
+        return {}
+    have = insp.get_multi_columns(filter_names=sorted(present))
+    out: dict[str, list[str]] = {}
+    for (_schema, name), cols in have.items():
+        names = {c["name"] for c in cols}
+        gone = [c.name for c in RETAIL.tables[name].columns if c.name not in names]
+        if gone:
+            out[name] = gone
+    return out
+
+
+def as_in_database(conn: Any) -> MetaData:
+    """:data:`RETAIL` as this node's database has it: without the columns a later release added
+    that ``exchange migrate`` has not added here yet (so the node exports and applies what it has).
+
+    ``RETAIL`` itself when nothing is missing (the common case).
+    """
+    missing = missing_columns(conn)
+    if not missing:
+        return RETAIL
+    md = MetaData(naming_convention=NAMING)
+    for table in RETAIL.sorted_tables:  # masters first: a copied ForeignKey finds its table
+        gone = set(missing.get(table.name, ()))
+        Table(table.name, md, *(c._copy() for c in table.columns if c.name not in gone))
+    return md
+
+
+def add_missing_columns(conn: Any) -> list[str]:
+    """The reference schema's migration: add the columns of :data:`RETAIL` the database lacks.
+
+    Additive only (a nullable column, or one with a server default), so a node
+    can migrate while its peers still run the previous release (docs/CATALOG.md,
+    "Schema versions"). Returns ``table.column`` for each column added.
+    """
+    from sqlalchemy.schema import CreateColumn
+
+    from exchange.errors import DatabaseError
+
+    added = []
+    for name, columns in missing_columns(conn).items():
+        for col_name in columns:
+            col = RETAIL.tables[name].c[col_name]
+            if col.nullable is False and col.server_default is None:
+                raise DatabaseError(f"reference table {name} lacks column {col_name}, which is NOT NULL without "
+                                    "a default: it cannot be added to existing rows",
+                                    hint="Add it by hand with a value for the existing rows, then run "
+                                         "`exchange migrate` again.")
+            ddl = CreateColumn(col).compile(dialect=conn.dialect)
+            quote = conn.dialect.identifier_preparer.quote
+            conn.exec_driver_sql(f"ALTER TABLE {quote(name)} ADD COLUMN {ddl}")
+            added.append(f"{name}.{col_name}")
+    return added

@@ -214,8 +214,37 @@ xchg_setaside = Table(
     Column("set_at", DateTime(timezone=True), nullable=False),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_decision", "xchg_journal",
-                                                                 "xchg_setaside")]
+
+#: Values a peer sent for columns this node's tables do not have yet (schema evolution): one row per
+#: bundle, table and column, the rows' primary keys and values as Arrow IPC. Applied, then deleted,
+#: once the column exists here with the sender's type (``exchange.receive.evolution``).
+xchg_kept = Table(
+    "xchg_kept", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("table_name", String(128), primary_key=True),
+    Column("column_name", String(128), primary_key=True),
+    Column("doc_type", String(64), nullable=False),
+    Column("arrow_type", String(128), nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("kept_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text),  # why kept documents still cannot be applied once their type exists here
+)
+
+#: Per peer: the catalog (document types, tables, columns and types) its last applied bundle carried.
+xchg_peer_catalog = Table(
+    "xchg_peer_catalog", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("catalog", Text, nullable=False),  # JSON, as in the inner manifest (docs/FORMAT.md v3)
+    Column("seq", BigInteger, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+_LATER_TABLES = ("xchg_broadcast", "xchg_journal", "xchg_decision", "xchg_setaside", "xchg_kept",
+                 "xchg_peer_catalog")  # made by their own migrations
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in _LATER_TABLES]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -277,9 +306,15 @@ def _m8_setaside(conn: Connection) -> None:
     xchg_setaside.create(conn, checkfirst=True)
 
 
+def _m9_schema_evolution(conn: Connection) -> None:
+    """Kept values of columns not here yet, and each peer's last catalog (schema evolution)."""
+    XCHG.create_all(conn, tables=[xchg_kept, xchg_peer_catalog], checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions, _m6_journal, _m7_decisions, _m8_setaside]
+                                                  _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
+                                                  _m9_schema_evolution]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -93,7 +93,7 @@ class Node:
         return make_engine(self.cfg.database)
 
     def migrate(self) -> int:
-        from exchange.database.schema import RETAIL
+        from exchange.database.schema import RETAIL, add_missing_columns
         from exchange.database.tables import migrate
 
         steps = migrate(self.engine)
@@ -101,8 +101,11 @@ class Node:
             RETAIL.create_all(self.engine)
             from exchange.database.schema import upgrade_reference
 
-            with self.engine.begin() as conn:
-                upgrade_reference(conn)
+            with self.engine.begin() as conn:  # zone-aware bill times (docs/CATALOG.md, "Business times")
+                steps += len(upgrade_reference(conn))
+            with self.engine.begin() as conn:  # columns the reference schema gained since this database was made
+                steps += len(add_missing_columns(conn))
+            self.__dict__.pop("catalog", None)  # read again: it may have left those columns out
         return steps
 
     @cached_property

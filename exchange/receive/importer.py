@@ -40,7 +40,9 @@ from exchange.database.tables import (
     xchg_sent,
     xchg_stream_in,
 )
-from exchange.errors import ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError
+from exchange.errors import (
+    ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError, SchemaChangeError,
+)
 from exchange.faults import crashpoint
 from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node import keys, rotation
@@ -48,7 +50,7 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import (AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
                                  counted)
-from exchange.receive import admission
+from exchange.receive import admission, evolution
 from exchange.receive.locks import try_lock
 from exchange.receive.orphans import deleted_dependency
 from exchange.receive.setaside import archive, quarantine
@@ -401,6 +403,14 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
         if not dry_run:
             quarantine(node, path, exc, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, str(exc), peer, seq)
+    except SchemaChangeError as exc:  # not additive (exchange.receive.evolution): rolled back, HELD, no ack;
+        # applied at a later import once this node's schema has the sender's (exchange retry)
+        if not dry_run:
+            _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, ReceivedStatus.HELD, exc.message,
+                    rep, summary)
+            with node.engine.begin() as conn:  # `exchange catalog diff` shows what the held bundle needs
+                evolution.record_peer_catalog(conn, peer, seq, evolution.parse_catalog(opened.catalog))
+        return FileOutcome(path.name, Outcome.HELD, exc.message, peer, seq)
     except (ApplyError, SQLAlchemyError) as exc:
         if isinstance(exc, SQLAlchemyError) and database_unusable(exc):  # the database itself (disk full,
             # I/O error, connection lost), not the bundle: no FAILED, no REJECTED ack; the next run applies it
@@ -551,7 +561,7 @@ def _park(conn: Connection, dt: DocType, key: DocKey, peer: str, seq: int, versi
         data=_pack(data), error=error, parked_at=utc_now(), state=state))
 
 
-def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
+def _documents(opened: evolution.Payload) -> dict[str, dict[str, Any]]:
     """The inner manifest's ``summary.documents``; a malformed one is a FormatError."""
     docs = opened.summary.get("documents", {})
     if not isinstance(docs, dict) or not all(
@@ -562,7 +572,7 @@ def _documents(opened: Opened) -> dict[str, dict[str, Any]]:
     return docs
 
 
-def _events(opened: Opened) -> dict[str, list[Any]]:
+def _events(opened: evolution.Payload) -> dict[str, list[Any]]:
     """The ``_events`` table, checked against docs/FORMAT.md (columns, types, no nulls, ops)."""
     if EVENTS_TABLE not in opened.tables:
         raise FormatError(f"the bundle has no {EVENTS_TABLE} table")
@@ -593,24 +603,6 @@ def _check_keys(node: Node, dt: DocType, keys: Sequence[DocKey]) -> None:
                               f"{dt.header} ({', '.join(dt.key)})")
 
 
-def _check_table(node: Node, dt: DocType, name: str, data: pa.Table) -> pa.Table:
-    """A document table carries the key columns and only known columns of the expected types."""
-    expected = rows.arrow_schema(node.catalog.table(name))
-    data = rows.with_zones(data, expected)  # naive times of older bundles: UTC
-    problems = [f"{c}: missing" for c in dt.key if c not in data.column_names]
-    if len(set(data.column_names)) != len(data.column_names):
-        problems.append("duplicate column names")
-    for f in data.schema:
-        if f.name not in expected.names:
-            problems.append(f"{f.name}: unknown column")
-        elif f.type != expected.field(f.name).type:
-            problems.append(f"{f.name}: {f.type}, expected {expected.field(f.name).type}")
-    if problems:
-        raise ApplyError(f"table {name} does not match this node's catalog ({'; '.join(problems[:5])}): "
-                         "the two sides' catalogs differ")
-    return data
-
-
 def _flat(value: Any, prefix: str = "", depth: int = 0) -> dict[str, str]:
     """Nested totals as ``name -> text`` (``rows sales_bill_line``, ``item.price``); a peer's odd shape stays text."""
     if isinstance(value, dict) and depth < 2:
@@ -631,9 +623,13 @@ def total_differences(got: dict[str, Any], want: Any) -> str:
     return "; ".join(diffs[:5]) + (f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else "")
 
 
-def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: Opened
-                    ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked)."""
+def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: evolution.Payload,
+                    replay: bool = True) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked).
+
+    First (unless ``replay`` is false) what was kept aside for columns and document types this node
+    has gained since, so a newer bundle's values always land after them (exchange.receive.evolution).
+    """
     cat = node.catalog
     sender_role = node.cfg.peer(peer).role
     events = _events(opened)
@@ -641,21 +637,32 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
     for t, k, op, v in zip(events["doc_type"], events["doc_key"], events["op"], events["version"], strict=True):
         docs[t].append((k, op, v))
     expected = _documents(opened)
+    peer_cat = evolution.parse_catalog(opened.catalog)  # FORMAT.md v3; None from older senders
+    if replay:
+        evolution.replay_kept(conn, cat)  # values kept for columns this node has since gained: before newer ones
+        replay_kept_documents(conn, node)
     unknown = [t for t in docs if t not in cat]
-    if unknown:
-        raise ApplyError(f"unknown document types {', '.join(map(str, unknown))}: the two sides' catalogs differ")
+    kept_tables: set[str] = set()
+    kept_docs: dict[str, int] = {}
+    if unknown:  # a new document type at the sender: kept aside whole until this node's catalog has it
+        kept_tables, kept_docs = evolution.keep_doc_types(conn, cat, peer, seq, opened, peer_cat, unknown)
+        docs = defaultdict(list, {t: v for t, v in docs.items() if t not in kept_docs})
     for doc_type in docs:  # before anything is read or written: who may write what (exchange.receive.admission)
         dt = cat.get(doc_type)
         if dt.owner != sender_role:
             raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
                                  f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
-    admission.check_tables_announced(cat, opened.tables, docs)
-    applied: dict[str, Any] = {}
+    admission.check_tables_announced(cat, [t for t in opened.tables if t not in kept_tables], docs)
+    evolution.check_schemas(cat, peer_cat, [n for n in cat.names if n in docs], opened)  # HELD if not additive
+    evolution.record_peer_catalog(conn, peer, seq, peer_cat)
+    applied: dict[str, Any] = {t: {"kept": n} for t, n in kept_docs.items()}
     parked: list[dict[str, str]] = []
     for doc_type in [n for n in cat.names if n in docs]:
         dt = cat.get(doc_type)
         _check_keys(node, dt, [k for k, _o, _v in docs[doc_type]])
-        data = {t: _check_table(node, dt, t, opened.table(t)) for t in dt.tables() if t in opened.tables}
+        split = {t: evolution.split_table(cat, peer_cat, dt, t, opened.table(t)) for t in dt.tables()
+                 if t in opened.tables}  # columns this node does not have yet are kept aside
+        data = {t: split[t][0] for t in split}
         admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
         admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header))
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
@@ -702,8 +709,9 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                           ParkedState.ORPHANED if why else ParkedState.RETRYING)
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
+        kept = sum(evolution.keep(conn, peer, seq, dt, t, split[t][1], set(keys)) for t in data if split[t][1])
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
-                             "totals": got["totals"]}
+                             "totals": got["totals"]} | ({"kept": kept} if kept else {})
     return applied, parked
 
 
@@ -715,6 +723,23 @@ def _check_alive(conn: Connection, exc: StatementError) -> None:
                          hint="A trigger or rule of this database refuses the bundle: fix it, then run "
                               "`exchange retry`; or skip the bundle (`exchange bundle skip`, docs/OPERATIONS.md)."
                          ) from exc
+
+
+def replay_kept_documents(conn: Connection, node: Node) -> int:
+    """Apply the documents kept aside of types this node's catalog has gained since (oldest bundle first),
+    each with every check of a bundle; one that still cannot be applied stays kept (and logged)."""
+    n = 0
+    for part in evolution.kept_documents(conn, node.catalog):
+        try:
+            with conn.begin_nested():
+                apply_documents(conn, node, part.peer, part.seq, part, replay=False)
+                evolution.forget_documents(conn, part)
+            n += 1
+        except ApplyError as exc:  # e.g. the type belongs to the other side here: refused, kept, reported
+            log.warning("kept %s documents from %s seq %d still not applied: %s", part.doc_type, part.peer,
+                        part.seq, exc)
+            evolution.refused_documents(conn, part, f"not applied: {exc.message}")
+    return n
 
 
 def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) -> tuple[int, int]:

@@ -456,7 +456,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         sealed: Sealed = seal_bundle(
             part, key=rotation.signing_key_for(node, peer, conn), sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
-            parquet_cache=cache.parquet if cache is not None else None)
+            parquet_cache=cache.parquet if cache is not None else None, catalog=node.catalog.description)
         crashpoint("export.sealed")
         now = utc_now()
         conn.execute(xchg_sent.insert().values(

@@ -267,6 +267,7 @@ def seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None = None, created: datetime | None = None,
     app_version: str = __version__, parquet_cache: ParquetCache | None = None,
+    catalog: Mapping[str, Any] | None = None,
 ) -> Sealed:
     """Write a complete, fsynced bundle to ``path`` (the caller renames it into place).
 
@@ -276,7 +277,7 @@ def seal_bundle(
     try:
         return _seal_bundle(path, key=key, sender=sender, recipient=recipient, seq=seq, prev=prev,
                             recipients=recipients, tables=tables, summary=summary, created=created,
-                            app_version=app_version, parquet_cache=parquet_cache)
+                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog)
     except OSError as exc:
         try:
             path.unlink(missing_ok=True)
@@ -290,7 +291,7 @@ def _seal_bundle(
     path: Path, *, key: Any, sender: str, recipient: str, seq: int, prev: str | None,
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None, created: datetime | None,
-    app_version: str, parquet_cache: ParquetCache | None,
+    app_version: str, parquet_cache: ParquetCache | None, catalog: Mapping[str, Any] | None = None,
 ) -> Sealed:
     if len(tables) > MAX_TABLES:
         raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
@@ -314,10 +315,13 @@ def _seal_bundle(
                 rows = _write_parquet(fpath, source)
             files.append((fname, fpath))
             listing.append({"file": fname, "table": name, "rows": rows})
-        inner_raw = dump_json({
+        inner: dict[str, Any] = {
             "format": PAYLOAD_FORMAT, "version": FORMAT_VERSION, "sender": sender,
             "recipient": recipient, "seq": seq, "tables": listing, "summary": dict(summary or {}),
-        })
+        }
+        if catalog is not None:  # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint
+            inner["catalog"] = catalog
+        inner_raw = dump_json(inner)
         if len(inner_raw) > MAX_INNER_MANIFEST_BYTES:
             raise LimitError(f"inner manifest of {len(inner_raw)} bytes is over the limit")
         (work / INNER_MANIFEST).write_bytes(inner_raw)
@@ -383,6 +387,26 @@ class Opened:
     def summary(self) -> dict[str, Any]:
         s = self.inner.get("summary", {})
         return s if isinstance(s, dict) else {}
+
+    @property
+    def catalog(self) -> Any:
+        """The sender's catalog as sealed (inner manifest ``catalog``, FORMAT.md v3), unchecked;
+        None from a sender before v3. ``exchange.receive.evolution`` validates it before use."""
+        return self.inner.get("catalog")
+
+    def schema(self, name: str) -> Any:
+        """One table's Arrow schema from its Parquet footer (checked and bounded when the bundle was
+        opened), without reading any rows: what schema checks look at before anything is applied."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_schema(self.tables[name])
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
+            raise FormatError(f"{self.tables[name].name}: the schema of table {name!r} cannot be read "
+                              f"({str(exc).splitlines()[0][:200]})") from exc
 
     def table(self, name: str) -> Any:
         """Read one table; Parquet data that cannot be decoded is a FormatError (malformed bundle)."""

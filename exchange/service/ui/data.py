@@ -19,7 +19,7 @@ from exchange.receive.stuck import reason_with_resolution, sent_reason_with_reso
 
 from sqlalchemy import func, select
 
-from exchange.database.tables import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
+from exchange.database.tables import xchg_parked, xchg_peer_catalog, xchg_received, xchg_sent, xchg_stream_in
 from exchange.node.home import Node
 from exchange.service import status
 from exchange.vocabulary import ReceivedStatus, SentStatus
@@ -248,6 +248,16 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
     return out
 
 
+def kept_values(node: Node) -> tuple[int, list[str]]:
+    """Values peers sent for columns this node does not have yet (kept aside), and those columns."""
+    from exchange.receive.evolution import WHOLE, kept_columns
+
+    with node.engine.connect() as conn:
+        kept = kept_columns(conn, node.catalog)
+    return sum(k.rows for k in kept), sorted({f"{k.table} documents" if k.column == WHOLE else f"{k.table}.{k.column}"
+                                              for k in kept})
+
+
 def last_activity(node: Node) -> datetime | None:
     """The newest exchange time in the database (a fallback when no sync ran in this process)."""
     with node.engine.connect() as conn:
@@ -304,6 +314,9 @@ class StoreRow:
     stats: PeerStats
     version: str
     attention: list[str]
+    #: the catalog version (fingerprint) of the store's last bundle, "" before format v3; and whether it differs
+    catalog: str = ""
+    catalog_differs: bool = False
 
     @property
     def id(self) -> str:
@@ -334,6 +347,9 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
     """One row per store peer, with what needs the operator's attention."""
     now = now or datetime.now(UTC)
     stats = peer_stats(node)
+    with node.engine.connect() as conn:  # which catalog version each store runs (exchange.receive.evolution)
+        catalogs = dict(conn.execute(select(xchg_peer_catalog.c.peer, xchg_peer_catalog.c.fingerprint)).all())
+    ours = node.catalog.fingerprint if catalogs else ""
     rows = []
     for peer_id in sorted(stats):
         st = stats[peer_id]
@@ -341,7 +357,8 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
             continue
         info = published_info(node, peer_id)
         version = str(info.get("version")) if info and info.get("version") else "-"
-        rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now)))
+        fp = catalogs.get(peer_id, "")
+        rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now), fp, bool(fp) and fp != ours))
     return rows
 
 
@@ -378,7 +395,7 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
     return out
 
 
-SORT_KEYS = ("store", "contact", "out", "in", "age", "parked", "version", "attention")
+SORT_KEYS = ("store", "contact", "out", "in", "age", "parked", "version", "catalog", "attention")
 
 
 def sort_rows(rows: list[StoreRow], sort: str, now: datetime) -> tuple[list[StoreRow], str, bool]:
@@ -406,6 +423,8 @@ def sort_rows(rows: list[StoreRow], sort: str, now: datetime) -> tuple[list[Stor
             return (st.parked, r.id)
         if col == "version":
             return (r.version, r.id)
+        if col == "catalog":
+            return (r.catalog_differs, r.catalog, r.id)
         # attention: stores with a real problem first, then those only silent (a quiet night
         # marks many stores silent; it must not bury the few with a FAILED stream or parked documents)
         return (0 if r.problems else 1 if r.attention else 2, r.id)

@@ -302,7 +302,9 @@ def _store_page(request: Request, ctx: UiContext) -> Response:
         "received": sum(s.received_total for s in stats.values()),
         "sent": sum(s.sent_total for s in stats.values()),
     }
-    return ctx.render(request, "store.html", summary=summary, base_url="/", set_aside=data.set_aside_docs(node),
+    kept, kept_columns = data.kept_values(node)  # schema evolution: values waiting for their column
+    return ctx.render(request, "store.html", summary={**summary, "kept": kept, "kept_columns": kept_columns},
+                      base_url="/", set_aside=data.set_aside_docs(node),
                       problems=data.problems(node, stats.values()), **_tab_data(ctx, tab, None))
 
 

@@ -1,0 +1,463 @@
+"""Schema evolution without stopping the estate (issue #15), through the CLI, on SQLite and PostgreSQL.
+
+An HO and two stores map their item tables (``[catalog] schema = "database"``: the
+catalog is read from each node's own database). The HO adds a column to its item
+table; s001 is upgraded the same day, s002 weeks later. Before this change s002
+refused the whole bundle ("unknown column") and every later bundle waited behind it.
+Now s002 applies what it can, keeps the new column's values aside and writes them
+once its table has the column; a column whose type differs is HELD before anything
+is applied, with a reason naming the column and both catalog versions, while the
+other stores' streams flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import _fresh_pg_database
+from enginehelpers import Net, add_item, docs_of, forge_bundle, make_net
+from test_ui import request, ui_server
+from sqlalchemy import text
+
+from exchange.cli import main
+from exchange.database.capture import record_events
+from exchange.node.home import Node
+
+STORES = ("s001", "s002")
+
+#: The item document mapped from each node's own tables (what a site with its own POS writes).
+ITEM_CATALOG = {"schema": "database", "doc": [{
+    "name": "item", "header": "item", "children": ["item_barcode"], "key": ["item_id"], "owner": "ho",
+    "route": "all", "totals": ["item.price"]}, {
+    "name": "customer", "header": "customer", "key": ["store_id", "customer_id"], "owner": "store",
+    "owner_columns": ["store_id"]}]}
+
+
+def cli(*args: str, code: int = 0) -> str:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, f"exchange {' '.join(args)} -> {res.exit_code}: {res.output}"
+    return res.output
+
+
+@contextlib.contextmanager
+def _net(kind: str, root: Path, catalog: dict[str, Any] | None) -> Iterator[Net]:
+    """An HO and two stores, every node on its own database of ``kind``, with ``catalog`` (else the reference)."""
+    with contextlib.ExitStack() as stack:
+        dbs: dict[str, str] = {}
+        if kind == "postgresql":
+            dbs = {nid: stack.enter_context(_fresh_pg_database()) for nid in ("ho", *STORES)}
+        n = make_net(root, ho_db=dbs.get("ho"), stores=STORES, store_dbs=dbs)
+        if catalog is not None:
+            for node in n.nodes:
+                node.cfg.catalog = catalog
+                node.cfg.save()
+            n.reopen()
+        try:
+            yield n
+        finally:
+            n.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Items and customers mapped from each node's own tables (``schema = "database"``)."""
+    with _net(request.param, tmp_path / "net", ITEM_CATALOG) as n:
+        yield n
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ref_net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Every node on the reference schema (the default catalog)."""
+    with _net(request.param, tmp_path / "net", None) as n:
+        yield n
+
+
+def sync_all(net: Net, rounds: int = 3) -> None:
+    """``exchange sync`` of every node, HO first, ``rounds`` times (bundles out, acks back)."""
+    for _ in range(rounds):
+        for node in net.nodes:
+            cli("sync", "--home", str(node.cfg.home))
+
+
+def sql(node: Node, statement: str, **params: Any) -> list[tuple[Any, ...]]:
+    with node.engine.begin() as conn:
+        res = conn.execute(text(statement), params)
+        return [tuple(r) for r in res] if res.returns_rows else []
+
+
+def add_column(node: Node, ddl: str) -> None:
+    """A site's schema change: ALTER TABLE item ADD COLUMN ..."""
+    sql(node, f"ALTER TABLE item ADD COLUMN {ddl}")
+
+
+def new_item(net: Net, item_id: str, price: str = "9.99", **extra: str) -> None:
+    """An item written at the HO (with values for columns the HO has added) and its event."""
+    with net.ho.engine.begin() as conn:
+        add_item(conn, item_id, price)
+        for col, value in extra.items():
+            conn.execute(text(f"UPDATE item SET {col} = :v WHERE item_id = :i"), {"v": value, "i": item_id})
+        record_events(conn, "item", [(item_id,)])
+
+
+def received(node: Node) -> list[tuple[str, str, str]]:
+    out = json.loads(cli("status", "received", "--home", str(node.cfg.home), "--json"))
+    return [(r["file"], r["status"], r["reason"] or "") for r in out["bundles"]]
+
+
+def statuses(node: Node) -> list[str]:
+    return [s for _f, s, _r in received(node)]
+
+
+def columns(node: Node) -> set[str]:
+    from sqlalchemy import inspect
+
+    with node.engine.connect() as conn:
+        return {c["name"] for c in inspect(conn).get_columns("item")}
+
+
+def fingerprint(node: Node) -> str:
+    """The node's catalog version as a fresh process reads it from its database."""
+    fresh = Node.open(node.cfg.home)
+    try:
+        return fresh.catalog.fingerprint
+    finally:
+        fresh.engine.dispose()
+
+
+def reopen(net: Net) -> None:
+    """Fresh Node objects: a catalog read from the database is read again (after a schema change)."""
+    net.reopen()
+
+
+def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> None:
+    new_item(net, "I1")
+    sync_all(net)
+    assert all(statuses(s) == ["APPLIED"] for s in net.stores.values())
+
+    # the HO adds a column and fills it; s001 is upgraded at once, s002 is not
+    add_column(net.ho, "supplier VARCHAR(40)")
+    add_column(net.store("s001"), "supplier VARCHAR(40)")
+    reopen(net)
+    new_item(net, "I2", supplier="Acme")
+    sync_all(net)
+    new_item(net, "I3", supplier="Zenith")  # a later bundle: must not wait behind the first
+    sync_all(net)
+
+    for sid in STORES:
+        assert statuses(net.store(sid)) == ["APPLIED", "APPLIED", "APPLIED"], received(net.store(sid))
+        assert sql(net.store(sid), "SELECT item_id FROM item ORDER BY item_id") == [("I1",), ("I2",), ("I3",)]
+    assert sql(net.store("s001"), "SELECT item_id, supplier FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
+    # s002 has no such column: the values are kept aside and reported, not lost
+    assert "supplier" not in columns(net.store("s002"))
+    kept = json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json"))
+    assert kept == [{"peer": "ho", "table": "item", "column": "supplier", "type": "string", "bundles": 2, "rows": 2,
+                     "waiting": "no column item.supplier here yet"}]
+    assert "no column item.supplier here yet" in cli("catalog", "kept", "--home", str(net.store("s002").cfg.home))
+    assert "kept aside: 2 values or documents of item.supplier (string)" in cli("status", "received", "--home",
+                                                           str(net.store("s002").cfg.home))
+    with ui_server(net.store("s002").cfg.home) as ui:
+        _status, _h, store_page = request(ui.url, "/")
+    assert re.search(r'id="card-kept".*?<div class="n">2</div>.*?item\.supplier', store_page, re.S)
+    # every bundle is PROCESSED at the HO: nothing was rejected
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))
+    assert {r["status"] for r in sent["bundles"]} == {"PROCESSED"}
+
+    # the HO's overview shows which catalog version each store runs (from each store's last bundle)
+    for sid in STORES:
+        with net.store(sid).engine.begin() as conn:
+            conn.execute(text("INSERT INTO customer (store_id, customer_id, name, created_at) "
+                              "VALUES (:s, 'C1', 'Asha', '2024-03-01 10:00:00')"), {"s": sid})
+            record_events(conn, "customer", [(sid, "C1")])
+    sync_all(net)
+    with ui_server(net.ho.cfg.home) as ui:
+        _status, _h, page = request(ui.url, "/?sort=catalog")
+    cells = dict(re.findall(r'data-store="(s\d+)".*?<td data-col="catalog" title="([0-9a-f]{64})"', page, re.S))
+    assert cells == {"s001": fingerprint(net.store("s001")), "s002": fingerprint(net.store("s002"))}
+    assert cells["s001"] == net.ho.catalog.fingerprint != cells["s002"]
+    assert page.count("differs from the HO") == 1
+    diff = json.loads(cli("catalog", "diff", "--peer", "s002", "--home", str(net.ho.cfg.home), "--json"))
+    assert diff["peer_catalog"] == cells["s002"]
+    assert diff["differences"] == [{"what": "column", "name": "item.supplier", "here": "string", "peer": "-",
+                                    "effect": "values kept aside at the peer until it has the column"}]
+    diff = json.loads(cli("catalog", "diff", "--peer", "s001", "--home", str(net.ho.cfg.home), "--json"))
+    assert diff["peer_catalog"] == diff["here"] and diff["differences"] == []
+
+    # s002 is upgraded weeks later: its catalog change brings the kept values in
+    add_column(net.store("s002"), "supplier VARCHAR(40)")
+    out = cli("catalog", "apply-kept", "--home", str(net.store("s002").cfg.home))
+    assert "2 kept values applied" in out
+    assert sql(net.store("s002"), "SELECT item_id, supplier FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", "Acme"), ("I3", "Zenith")]
+    assert json.loads(cli("catalog", "kept", "--home", str(net.store("s002").cfg.home), "--json")) == []
+    assert "kept aside" not in cli("status", "received", "--home", str(net.store("s002").cfg.home))
+    with net.store("s002").engine.begin() as conn:  # its next bundle tells the HO it runs the HO's catalog now
+        conn.execute(text("UPDATE customer SET name = 'Asha K' WHERE customer_id = 'C1'"))
+        record_events(conn, "customer", [("s002", "C1")])
+    sync_all(net)
+    with ui_server(net.ho.cfg.home) as ui:
+        _status, _h, page = request(ui.url, "/")
+    assert "differs from the HO" not in page
+    assert page.count(f'<td data-col="catalog" title="{fingerprint(net.ho)}">') == 2
+
+
+def test_a_column_the_bundle_lacks_keeps_its_value_or_default(net: Net) -> None:
+    new_item(net, "I1", price="1.00")
+    sync_all(net)
+    store = net.store("s001")
+    add_column(store, "shelf VARCHAR(8) DEFAULT 'A1'")  # the store's own column: the HO never heard of it
+    sql(store, "UPDATE item SET shelf = 'Z9' WHERE item_id = 'I1'")
+    reopen(net)
+    with net.ho.engine.begin() as conn:
+        conn.execute(text("UPDATE item SET name = 'Renamed' WHERE item_id = 'I1'"))
+        record_events(conn, "item", [("I1",)])
+    new_item(net, "I2")
+    sync_all(net)
+    assert statuses(store) == ["APPLIED", "APPLIED"], received(store)
+    assert sql(store, "SELECT item_id, name, shelf FROM item ORDER BY item_id") == [
+        ("I1", "Renamed", "Z9"), ("I2", "Item I2", "A1")]
+    out = cli("catalog", "diff", "--peer", "ho", "--home", str(store.cfg.home))
+    assert "item.shelf" in out and "keeps its value here on update, its default on insert" in out
+    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", str(store.cfg.home), "--json"))
+    assert diff["here"] == store.catalog.fingerprint != diff["peer_catalog"] == net.ho.catalog.fingerprint
+    assert diff["differences"] == [{"what": "column", "name": "item.shelf", "here": "string", "peer": "-",
+                                    "effect": "keeps its value here on update, its default on insert"}]
+
+
+def test_a_type_change_is_held_with_its_reason_while_other_stores_flow(net: Net) -> None:
+    new_item(net, "I1")
+    sync_all(net)
+    add_column(net.ho, "brand_code INTEGER")
+    add_column(net.store("s001"), "brand_code VARCHAR(8)")  # s001 made the column as text: not the same
+    reopen(net)
+    s001, s002 = net.store("s001"), net.store("s002")
+    before = sql(s001, "SELECT * FROM item ORDER BY item_id")
+    new_item(net, "I2", brand_code="7")
+    sync_all(net)
+    new_item(net, "I3", brand_code="8")
+    sync_all(net)
+
+    got = received(s001)
+    assert [s for _f, s, _r in got] == ["APPLIED", "HELD", "WAITING"], got
+    reason = got[1][2]
+    assert "table item: column brand_code is int64 in the bundle and string here" in reason
+    assert f"sender runs catalog {net.ho.catalog.fingerprint[:12]}" in reason
+    assert f"this node runs catalog {s001.catalog.fingerprint[:12]}" in reason
+    assert sql(s001, "SELECT * FROM item ORDER BY item_id") == before  # nothing of it was applied
+    # the other store's stream flows; the HO waits for s001's ack, it has no REJECTED
+    assert statuses(s002) == ["APPLIED", "APPLIED", "APPLIED"]
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent if r["peer"] == "s001"} == {"PROCESSED", "UPLOADED"}
+    diff = cli("catalog", "diff", "--peer", "ho", "--home", str(s001.cfg.home))
+    assert "item.brand_code" in diff and "not additive" in diff
+
+    # s001 migrates its column to the HO's type; `exchange retry` applies the held bundle and the one behind it
+    sql(s001, "ALTER TABLE item DROP COLUMN brand_code")
+    add_column(s001, "brand_code INTEGER")
+    out = cli("retry", "--home", str(s001.cfg.home))
+    assert "ho.s001.0000000002.bundle: APPLIED" in out and "ho.s001.0000000003.bundle: APPLIED" in out
+    assert sql(s001, "SELECT item_id, brand_code FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", 7), ("I3", 8)]
+    sync_all(net)
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
+
+
+#: The reference schema's columns added after the first release (exchange.database.schema).
+ADDED = {"item": "brand", "customer": "loyalty_id"}
+
+
+def previous_release(node: Node) -> None:
+    """The node's database as the previous release made it: without the columns added since."""
+    for table, column in ADDED.items():
+        sql(node, f"ALTER TABLE {table} DROP COLUMN {column}")
+
+
+def has_added_columns(node: Node) -> bool:
+    from sqlalchemy import inspect
+
+    with node.engine.connect() as conn:
+        insp = inspect(conn)
+        return all(c in {x["name"] for x in insp.get_columns(t)} for t, c in ADDED.items())
+
+
+def test_reference_migration_on_either_side_in_any_order(ref_net: Net) -> None:
+    """s001 migrates first and sends the new column to an HO not migrated; then the HO migrates and
+    sends it to s002, not migrated; s002 migrates last. No stream stops, no value is lost."""
+    net = ref_net
+    ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+    for node in net.nodes:
+        previous_release(node)
+    out = cli("migrate", "--home", str(s001.cfg.home))
+    assert "2 migration steps run" in out and has_added_columns(s001)
+    assert not has_added_columns(ho) and not has_added_columns(s002)
+
+    # HO (not migrated) -> s001 (migrated): the bundle lacks item.brand, s001 takes its default
+    new_item(net, "I1")
+    # s001 (migrated) -> HO (not migrated): the customer's loyalty_id is kept aside at the HO
+    with s001.engine.begin() as conn:
+        conn.execute(text("INSERT INTO customer (store_id, customer_id, name, created_at, loyalty_id) "
+                          "VALUES ('s001', 'C1', 'Asha', '2024-03-01 10:00:00', 'L-77')"))
+        record_events(conn, "customer", [("s001", "C1")])
+    sync_all(net)
+    assert statuses(ho) == ["APPLIED"] and statuses(s001) == ["APPLIED"] and statuses(s002) == ["APPLIED"]
+    assert sql(s001, "SELECT item_id, brand FROM item") == [("I1", None)]
+    kept = json.loads(cli("catalog", "kept", "--home", str(ho.cfg.home), "--json"))
+    assert [(k["peer"], k["table"], k["column"], k["rows"]) for k in kept] == [("s001", "customer", "loyalty_id", 1)]
+
+    # the HO migrates: the column is added and the kept value written
+    out = cli("migrate", "--home", str(ho.cfg.home))
+    assert "2 migration steps run" in out and "1 kept values applied" in out
+    assert sql(ho, "SELECT customer_id, loyalty_id FROM customer") == [("C1", "L-77")]
+    assert json.loads(cli("catalog", "kept", "--home", str(ho.cfg.home), "--json")) == []
+
+    # HO (migrated) -> s002 (not migrated) and s001 (migrated)
+    with ho.engine.begin() as conn:
+        conn.execute(text("UPDATE item SET brand = 'Acme', name = 'Tea' WHERE item_id = 'I1'"))
+        record_events(conn, "item", [("I1",)])
+    sync_all(net)
+    for store in (s001, s002):
+        assert statuses(store) == ["APPLIED", "APPLIED"], received(store)
+    assert sql(s001, "SELECT item_id, name, brand FROM item") == [("I1", "Tea", "Acme")]
+    assert sql(s002, "SELECT item_id, name FROM item") == [("I1", "Tea")]
+    sent = json.loads(cli("status", "sent", "--home", str(ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
+
+    # s002 migrates weeks later: nothing was lost
+    out = cli("migrate", "--home", str(s002.cfg.home))
+    assert "1 kept values applied" in out
+    assert sql(s002, "SELECT item_id, name, brand FROM item") == [("I1", "Tea", "Acme")]
+    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", str(s002.cfg.home), "--json"))
+    assert diff["differences"] == [] and diff["here"] == diff["peer_catalog"]
+
+
+def _tampered(catalog: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(catalog))
+    out["tables"]["item"]["price"] = ["string", True]  # claims another type, fingerprint left as it was
+    return out
+
+
+def _long_name(catalog: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(catalog))
+    out["tables"]["item"]["x" * 200] = ["string", True]
+    return out
+
+
+@pytest.mark.parametrize("forge, reason", [
+    (_tampered, "does not match its content"),
+    (_long_name, "must be a name of 1 to 128 characters"),
+    (lambda c: {**c, "docs": "everything"}, "docs must be an object"),
+    (lambda c: "1.0", "must be an object of format, docs, tables and fingerprint"),
+])
+def test_a_hostile_catalog_is_quarantined_with_its_reason(tmp_path: Path, forge: Any, reason: str) -> None:
+    """The catalog comes from the peer: checked (shape, sizes, fingerprint) before anything uses it."""
+    with _net("sqlite", tmp_path / "net", None) as net:
+        with net.ho.engine.begin() as conn:
+            add_item(conn, "I1")
+        store = net.store("s001")
+        before = sql(store, "SELECT * FROM item")
+        path = forge_bundle(net.ho, "s001", docs_of(net.ho, "item", [("I1",)]),
+                            catalog=forge(net.ho.catalog.description))
+        path.replace(store.cfg.inbox / path.name)
+        out = cli("import", "--home", str(store.cfg.home))
+        assert f"{path.name}: QUARANTINED - inner.json: catalog" in out
+        got = received(store)
+        assert [(f, s) for f, s, _r in got] == [(path.name, "QUARANTINED")]
+        assert reason in got[0][2]
+        assert sql(store, "SELECT * FROM item") == before
+
+
+BRAND = {"name": "brand", "header": "brand", "key": ["brand_id"], "owner": "ho", "route": "all"}
+
+
+def add_brand_type(node: Node) -> None:
+    """A new document type: its table, and its place in the catalog (masters first)."""
+    sql(node, "CREATE TABLE brand (brand_id VARCHAR(32) NOT NULL PRIMARY KEY, name VARCHAR(64) NOT NULL)")
+    node.cfg.catalog = {**ITEM_CATALOG, "doc": [BRAND, *ITEM_CATALOG["doc"]]}
+    node.cfg.save()
+
+
+def brand(net: Net, brand_id: str, name: str) -> None:
+    with net.ho.engine.begin() as conn:
+        conn.execute(text("DELETE FROM brand WHERE brand_id = :b"), {"b": brand_id})
+        conn.execute(text("INSERT INTO brand (brand_id, name) VALUES (:b, :n)"), {"b": brand_id, "n": name})
+        record_events(conn, "brand", [(brand_id,)])
+
+
+def test_a_new_document_type_is_kept_aside_then_applied(net: Net) -> None:
+    """The HO starts sending a document type the stores do not have: their streams go on, the documents
+    wait, and apply once each store's catalog has the type (by command, or before the next bundle)."""
+    add_brand_type(net.ho)
+    reopen(net)
+    brand(net, "B1", "Acme")
+    new_item(net, "I1")
+    sync_all(net)
+    brand(net, "B1", "Acme Foods")  # a later version of the same document, also kept
+    sync_all(net)
+    for sid in STORES:
+        store = net.store(sid)
+        assert statuses(store) == ["APPLIED", "APPLIED"], received(store)
+        assert sql(store, "SELECT item_id FROM item") == [("I1",)]
+        kept = json.loads(cli("catalog", "kept", "--home", str(store.cfg.home), "--json"))
+        assert kept == [{"peer": "ho", "table": "brand", "column": "*", "type": "documents", "bundles": 2,
+                         "rows": 2, "waiting": "no document type brand here yet"}]
+    assert "brand documents" in cli("status", "received", "--home", str(net.store("s001").cfg.home))
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
+
+    # s001 gains the type and applies what it kept at once
+    add_brand_type(net.store("s001"))
+    out = cli("catalog", "apply-kept", "--home", str(net.store("s001").cfg.home))
+    assert "kept documents of 2 bundles applied" in out
+    assert sql(net.store("s001"), "SELECT brand_id, name FROM brand") == [("B1", "Acme Foods")]
+    # s002 gains it too; its next bundle applies the kept documents first, then the new one
+    add_brand_type(net.store("s002"))
+    brand(net, "B2", "Zenith")
+    sync_all(net)
+    for sid in STORES:
+        assert sql(net.store(sid), "SELECT brand_id, name FROM brand ORDER BY brand_id") == [
+            ("B1", "Acme Foods"), ("B2", "Zenith")]
+        assert json.loads(cli("catalog", "kept", "--home", str(net.store(sid).cfg.home), "--json")) == []
+
+
+LABEL_TABLE = "CREATE TABLE shelf_label (store_id VARCHAR(32) NOT NULL, label_id VARCHAR(32) NOT NULL, " \
+              "body VARCHAR(64), PRIMARY KEY (store_id, label_id))"
+
+
+def test_kept_documents_get_every_check_when_their_type_arrives(net: Net) -> None:
+    """A store's documents of a type the HO lacks are kept; when the HO's catalog later has the type as its
+    own (HO-owned), applying them would let a store write the HO's documents: refused, kept, reported."""
+    s001 = net.store("s001")
+    sql(s001, LABEL_TABLE)
+    s001.cfg.catalog = {**ITEM_CATALOG, "doc": [*ITEM_CATALOG["doc"], {
+        "name": "shelf_label", "header": "shelf_label", "key": ["store_id", "label_id"], "owner": "store",
+        "owner_columns": ["store_id"]}]}
+    s001.cfg.save()
+    reopen(net)
+    with net.store("s001").engine.begin() as conn:
+        conn.execute(text("INSERT INTO shelf_label VALUES ('s001', 'L1', 'planted')"))
+        record_events(conn, "shelf_label", [("s001", "L1")])
+    sync_all(net)
+    assert statuses(net.ho) == ["APPLIED"]
+    kept = json.loads(cli("catalog", "kept", "--home", str(net.ho.cfg.home), "--json"))
+    assert [(k["peer"], k["table"], k["waiting"]) for k in kept] == [
+        ("s001", "shelf_label", "no document type shelf_label here yet")]
+
+    sql(net.ho, LABEL_TABLE)  # the HO's catalog gains the type as the HO's own
+    net.ho.cfg.catalog = {**ITEM_CATALOG, "doc": [*ITEM_CATALOG["doc"], {
+        "name": "shelf_label", "header": "shelf_label", "key": ["store_id", "label_id"], "owner": "ho",
+        "route": "all"}]}
+    net.ho.cfg.save()
+    out = cli("catalog", "apply-kept", "--home", str(net.ho.cfg.home))
+    assert "kept documents of" not in out
+    assert "shelf_label documents are owned by the ho side; s001 (store) may not send them" in out
+    assert sql(net.ho, "SELECT * FROM shelf_label") == []
+    kept = json.loads(cli("catalog", "kept", "--home", str(net.ho.cfg.home), "--json"))
+    assert len(kept) == 1 and kept[0]["waiting"].startswith("not applied: shelf_label documents are owned by the ho")
