@@ -79,11 +79,14 @@ def ref_net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
         yield n
 
 
-def sync_all(net: Net, rounds: int = 3) -> None:
-    """``exchange sync`` of every node, HO first, ``rounds`` times (bundles out, acks back)."""
+def sync_all(net: Net, rounds: int = 3, held: tuple[str, ...] = ()) -> None:
+    """``exchange sync`` of every node, HO first, ``rounds`` times (bundles out, acks back).
+
+    A node in ``held`` holds a bundle: its sync exits 15 (docs/SERVICE.md, "Exit codes"), the others 0.
+    """
     for _ in range(rounds):
         for node in net.nodes:
-            cli("sync", "--home", str(node.cfg.home))
+            cli("sync", "--home", str(node.cfg.home), code=15 if node.id in held else 0)
 
 
 def sql(node: Node, statement: str, **params: Any) -> list[tuple[Any, ...]]:
@@ -205,7 +208,7 @@ def test_new_column_at_the_ho_reaches_upgraded_and_older_stores(net: Net) -> Non
     with ui_server(net.ho.cfg.home) as ui:
         _status, _h, page = request(ui.url, "/")
     assert "differs from the HO" not in page
-    assert page.count(f'<td data-col="catalog" title="{fingerprint(net.ho)}">') == 2
+    assert page.count(f'<td data-col="catalog" title="{fingerprint(net.ho)}"') == 2
 
 
 def test_a_column_the_bundle_lacks_keeps_its_value_or_default(net: Net) -> None:
@@ -240,9 +243,9 @@ def test_a_type_change_is_held_with_its_reason_while_other_stores_flow(net: Net)
     s001, s002 = net.store("s001"), net.store("s002")
     before = sql(s001, "SELECT * FROM item ORDER BY item_id")
     new_item(net, "I2", brand_code="7")
-    sync_all(net)
+    sync_all(net, held=("s001",))
     new_item(net, "I3", brand_code="8")
-    sync_all(net)
+    sync_all(net, held=("s001",))
 
     got = received(s001)
     assert [s for _f, s, _r in got] == ["APPLIED", "HELD", "WAITING"], got
@@ -366,7 +369,7 @@ def test_a_hostile_catalog_is_quarantined_with_its_reason(tmp_path: Path, forge:
         path = forge_bundle(net.ho, "s001", docs_of(net.ho, "item", [("I1",)]),
                             catalog=forge(net.ho.catalog.description))
         path.replace(store.cfg.inbox / path.name)
-        out = cli("import", "--home", str(store.cfg.home))
+        out = cli("import", "--home", str(store.cfg.home), code=10)  # quarantined: exit 10
         assert f"{path.name}: QUARANTINED - inner.json: catalog" in out
         got = received(store)
         assert [(f, s) for f, s, _r in got] == [(path.name, "QUARANTINED")]

@@ -44,6 +44,9 @@ def refuse_writes(node: Node, table: str, message: str) -> None:
     """
     with node.engine.begin() as conn:
         if conn.dialect.name == "sqlite":
+            # SQLite checks a CREATE's name against the schema this connection last read: a pooled
+            # connection that has not read since another one dropped the trigger would still see it
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").all()
             for event in ("INSERT", "UPDATE"):
                 conn.exec_driver_sql(f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON {table} "
                                      f"BEGIN SELECT RAISE(ROLLBACK, '{message}'); END")

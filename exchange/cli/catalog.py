@@ -18,7 +18,12 @@ from exchange.errors import ConfigError
 
 @main.group()
 def catalog() -> None:
-    """This node's catalog version against its peers', and values kept for columns not here yet."""
+    """This node's catalog version against its peers', and values kept for columns not here yet.
+
+    \b
+    Example:
+      exchange catalog diff --home /srv/xchg/ho --peer s001
+    """
 
 
 @catalog.command("diff")
@@ -26,7 +31,12 @@ def catalog() -> None:
 @click.option("--peer", "peer_id", required=True, help="The peer whose last catalog to compare with ours.")
 @JSON
 def catalog_diff(home: Path | None, peer_id: str, as_json: bool) -> None:
-    """Show how a peer's catalog (from its last bundle applied here) differs from this node's."""
+    """Show how a peer's catalog (from its last bundle applied here) differs from this node's.
+
+    \b
+    Example:
+      exchange catalog diff --home /srv/xchg/ho --peer s001 --json
+    """
     from exchange.receive import evolution
 
     node = _node(home)
@@ -61,7 +71,12 @@ def catalog_diff(home: Path | None, peer_id: str, as_json: bool) -> None:
 @HOME
 @JSON
 def catalog_kept(home: Path | None, as_json: bool) -> None:
-    """List values peers sent for columns this node does not have yet (kept aside, not lost)."""
+    """List values peers sent for columns this node does not have yet (kept aside, not lost).
+
+    \b
+    Example:
+      exchange catalog kept --home /srv/xchg/s001
+    """
     from exchange.receive import evolution
 
     node = _node(home)
@@ -134,7 +149,12 @@ def kept_line(node: Any) -> str:
 @catalog.command("apply-kept")
 @HOME
 def catalog_apply_kept(home: Path | None) -> None:
-    """Write kept values into columns this node has gained since (after a migration or catalog change)."""
+    """Write kept values into columns this node has gained since (after a migration or catalog change).
+
+    \b
+    Example:
+      exchange catalog apply-kept --home /srv/xchg/s001
+    """
     n, parts, left = _apply_kept(_node(home))
     click.echo(f"{n} kept values applied")
     if parts:
