@@ -23,6 +23,7 @@ beside the code that raises it still appears in this tree.
     ├── StreamError (20)           stream order: replay, gap, fork
     ├── ApplyError (21)            a document or bundle could not be applied
     │   └── OwnershipError (22)    a peer wrote what it does not own or did not announce
+    ├── ConflictError (23)         no such conflict, or it is not OPEN (exchange conflicts resolve)
     ├── TransportError (30)        moving files failed
     │   ├── HostKeyError (30)      the server's host key is not the pinned one (transport.sftp.address)
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
@@ -125,6 +126,13 @@ class OwnershipError(ApplyError):
     hint = ("Nothing of the bundle was applied and the sender got a REJECTED ack. A store may only send its "
             "own documents: check that store's machine and catalog (owner_columns) before anything else; "
             "see docs/SECURITY.md.")
+
+
+class ConflictError(ExchangeError):
+    """A conflict that does not exist or is no longer open was asked to be resolved."""
+
+    exit_code = 23
+    hint = "List the open conflicts with `exchange conflicts list --open`."
 
 
 class TransportError(ExchangeError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
-__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef"]
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "ConflictStatus", "Tone", "tone", "DocKey", "DocRef"]
 
 
 class SentStatus(StrEnum):
@@ -65,6 +65,14 @@ class AckResult(StrEnum):
     REJECTED = "REJECTED"
 
 
+class ConflictStatus(StrEnum):
+    """Two concurrent changes of a document editable on both sides (``xchg_conflict``)."""
+
+    OPEN = "OPEN"  # policy "manual": both versions kept, this side's stays until a person resolves it
+    DECIDED = "DECIDED"  # the type's policy chose; the loser is kept in the log
+    RESOLVED = "RESOLVED"  # a person chose (here), or a later change from the peer settled it
+
+
 class Tone(StrEnum):
     """How a status reads at a glance: the page's pill class, the terminal's colour."""
 
@@ -76,7 +84,7 @@ class Tone(StrEnum):
 
 _TONES: dict[str, Tone] = {
     ReceivedStatus.APPLIED: Tone.OK, SentStatus.PROCESSED: Tone.OK,
-    ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN,
+    ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN, ConflictStatus.OPEN: Tone.WARN,
     ReceivedStatus.FAILED: Tone.BAD, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
 }
 

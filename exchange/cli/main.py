@@ -411,14 +411,20 @@ def reload(home: Path | None, peer_id: str, docs: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("view", type=click.Choice(["sent", "received", "parked"]))
+@click.argument("view", type=click.Choice(["sent", "received", "parked", "conflicts"]))
 @HOME
 @JSON
 def status(view: str, home: Path | None, as_json: bool) -> None:
-    """The Sent or Received view (and parked documents)."""
+    """The Sent or Received view (and parked documents), or the conflicts of documents edited on both sides."""
     from exchange.service import status as st
 
     node = _node(home)
+    if view == "conflicts":
+        if as_json:
+            _echo_json(st.conflicts(node))
+        else:
+            click.echo(shown(st.conflicts_text(node)))
+        return
     rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
     parked = st.parked(node) if view in ("received", "parked") else None
     if as_json:
@@ -571,5 +577,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui"):
+    for mod in ("audit", "usb", "ui", "conflicts"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -171,6 +171,32 @@ xchg_broadcast = Table(
 
 _M1_TABLES = [t for t in XCHG.sorted_tables if t.name != "xchg_broadcast"]
 
+#: Concurrent changes of documents editable on both sides: both versions, who, when, the policy applied
+#: and what it kept (exchange.receive.conflicts). ``ours``/``theirs``: the document's rows as Arrow IPC
+#: (NULL: the version deleted it). Made by its own migration (not migration 1).
+xchg_conflict = Table(
+    "xchg_conflict", XCHG,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("doc_type", String(64), nullable=False),
+    Column("doc_key", String(512), nullable=False),
+    Column("peer", String(32), nullable=False),  # the other side of the conflict
+    Column("seq", BigInteger, nullable=False),  # the bundle of the peer's version
+    Column("policy", String(16), nullable=False),
+    Column("status", String(16), nullable=False, index=True),  # OPEN DECIDED RESOLVED
+    Column("kept", String(8)),  # ours | theirs (NULL while OPEN)
+    Column("our_version", BigInteger, nullable=False),
+    Column("our_at", DateTime(timezone=True)),
+    Column("their_version", BigInteger, nullable=False),
+    Column("their_base", BigInteger, nullable=False),
+    Column("their_at", DateTime(timezone=True)),
+    Column("ours", LargeBinary),
+    Column("theirs", LargeBinary),
+    Column("detected_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+    Column("resolved_by", String(128)),
+    Column("note", Text),
+)
+
 
 def _m1_initial(conn: Connection) -> None:
     XCHG.create_all(conn, tables=_M1_TABLES)  # create_all makes every index, migration 3's too
@@ -213,9 +239,14 @@ def _m5_versions(conn: Connection) -> None:
         conn.exec_driver_sql("DROP TABLE xchg_doc_version_m4")
 
 
+def _m6_conflicts(conn: Connection) -> None:
+    """The conflict log of documents editable on both sides."""
+    xchg_conflict.create(conn, checkfirst=True)  # its index with it
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions]
+                                                  _m5_versions, _m6_conflicts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

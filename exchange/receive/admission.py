@@ -28,7 +28,7 @@ from exchange.database import rows
 from exchange.database.catalog import Catalog, DocType
 from exchange.errors import OwnershipError
 from exchange.vocabulary import DocKey
-from exchange.wire.formats import EVENTS_TABLE
+from exchange.wire.formats import BASES_TABLE, EVENTS_TABLE
 
 #: (doc_key, op, version) of one document type's events in a bundle
 Events = Sequence[tuple[DocKey, str, int]]
@@ -45,7 +45,7 @@ def key_text(doc_key: str) -> str:
 def check_tables_announced(catalog: Catalog, tables: Iterable[str], announced: Mapping[str, Events]) -> None:
     """Every table of the bundle belongs to a document type its events name."""
     for name in tables:
-        if name == EVENTS_TABLE:
+        if name in (EVENTS_TABLE, BASES_TABLE):
             continue
         dt = catalog.doc_for_table(name)
         if dt is None or dt.name not in announced:
@@ -70,10 +70,16 @@ def check_rows_announced(dt: DocType, data: Mapping[str, pa.Table], upserts: set
 
 
 def check_owner(conn: Connection, catalog: Catalog, dt: DocType, sender: str, events: Events,
-                header: pa.Table | None) -> None:
-    """Each document of ``dt`` in the bundle, and what the receiver holds under its key, is ``sender``'s."""
+                header: pa.Table | None, owner: str | None = None) -> None:
+    """Each document of ``dt`` in the bundle, and what the receiver holds under its key, is ``sender``'s.
+
+    ``owner``: the HO's change of a type editable on both sides must be of the receiving store's own
+    documents (``owner`` is that store's id): the HO never writes one store's document at another.
+    """
     if not dt.owner_columns:
         return
+    if owner is not None:
+        sender = owner
     keys = [k for k, _op, _v in events]
     in_key = [c for c in dt.owner_columns if c in dt.key]
     if in_key:

@@ -116,6 +116,7 @@ class ExchangeCollector(Collector):
         total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
         total.add_metric([], parked_total)
         yield total
+        yield self._conflicts()
         last = self.last_sync() if self.last_sync else None
         if last:
             g = GaugeMetricFamily("exchange_last_sync_timestamp_seconds",
@@ -125,6 +126,20 @@ class ExchangeCollector(Collector):
         g = GaugeMetricFamily("exchange_scrape_timestamp_seconds", "When this scrape read the database.")
         g.add_metric([], time.time())
         yield g
+
+
+    def _conflicts(self) -> Metric:
+        """OPEN conflicts (held for a person) per document type, every type editable on both sides listed."""
+        from exchange.database.conflicts import open_count
+
+        g = GaugeMetricFamily("exchange_conflicts_open", "Conflicts of documents edited on both sides held for "
+                              "a person (`exchange conflicts list --open`), per document type.",
+                              labels=["doc_type"])
+        with self.node.engine.connect() as conn:
+            held = open_count(conn)
+        for name in sorted({d.name for d in self.node.catalog if d.both_sides} | set(held)):
+            g.add_metric([name], held.get(name, 0))
+        return g
 
 
 def make_registry(node: Node, last_sync: Callable[[], float | None] | None = None) -> CollectorRegistry:

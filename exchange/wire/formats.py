@@ -15,7 +15,8 @@ from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 2  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2
+SPEC_VERSION = 3  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+#                   3 = the optional _bases table (base version of documents editable on both sides)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_VERSIONS = frozenset({1, 2})
 
@@ -31,6 +32,7 @@ ACK_DETAILS_MEMBER = "details.json.age"  # ack v2: the third member, age-encrypt
 ACK_DETAILS_FORMAT = "exchange-ack-details"
 INNER_MANIFEST = "inner.json"
 EVENTS_TABLE = "_events"
+BASES_TABLE = "_bases"  # v3: per document editable on both sides, the version its change was based on
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIG_BYTES = 8 << 10

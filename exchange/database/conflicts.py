@@ -1,0 +1,253 @@
+"""Documents editable on both sides: each side's latest change, the bases, and the conflict log.
+
+A document type declared editable on both sides (``DocType.both_sides``, the
+reference schema's ``customer``) is changed at its owner store and at the HO.
+Each change travels with its *base*: the version of the document the sender
+last applied from the recipient (``xchg_doc_version``, 0: none), in the
+bundle's ``_bases`` table (docs/FORMAT.md v3). The receiver compares that base
+with its own latest change of the document (:func:`local_changes`): a change of
+its own newer than the base is one the sender never saw, so the two changes are
+concurrent, a conflict (decided in :mod:`exchange.receive.conflicts`).
+
+Both sides need this (the sender writes bases, the receiver reads them), so it
+lives below both.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+from sqlalchemy import Connection, and_, func, select, update
+
+from exchange.database import rows
+from exchange.database.batch import BASES_SCHEMA
+from exchange.database.catalog import Catalog
+from exchange.database.tables import xchg_conflict, xchg_doc_version
+from exchange.files import utc_now
+from exchange.vocabulary import ConflictStatus
+
+__all__ = ["PENDING", "Local", "local_changes", "bases", "bases_table", "pack", "unpack", "Conflict",
+           "record", "settle", "conflicts", "conflict", "open_count", "as_utc"]
+
+#: The version of a local change not sent yet: newer than any version given out.
+PENDING = 1 << 62
+
+
+@dataclass(frozen=True)
+class Local:
+    """This node's latest change of a document: its version (in this node's clock) and when."""
+
+    version: int
+    at: datetime | None
+
+
+def as_utc(value: Any) -> datetime | None:
+    """A timestamp as the database returns it (SQLite text, naive or aware datetime) -> aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def local_changes(conn: Connection, peer: str, doc_type: str, keys: Sequence[str]) -> dict[str, Local]:
+    """This node's latest change of each of ``keys`` (canonical) that ``peer`` gets, if it made one.
+
+    An event not sent yet counts as :data:`PENDING`; a sent one by the version it
+    went at: from the log (a store), or the delivery to ``peer`` (routed, the HO).
+    The events of the type are read whole and grouped by key: the database renders
+    a key its own way, so keys are compared in canonical form here.
+    """
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    version: dict[str, int] = {}
+    at: dict[str, datetime | None] = {}
+    for raw, last, pending, sent in rows.fetch_tuples(
+            conn, "SELECT doc_key, MAX(created_at), MAX(CASE WHEN routed = 0 THEN 1 ELSE 0 END), "
+                  "MAX(CASE WHEN seq IS NOT NULL THEN COALESCE(version, id) END) "
+                  "FROM xchg_event WHERE doc_type = ? GROUP BY doc_key", (doc_type,)):
+        k = rows.canonicalize(str(raw))
+        if k not in wanted:
+            continue
+        v = PENDING if pending else int(sent or 0)
+        version[k] = max(v, version.get(k, 0))
+        t = as_utc(last)
+        old = at.get(k)
+        at[k] = t if old is None or (t is not None and t > old) else old
+    d = rows.fetch_tuples(conn, "SELECT doc_key, version FROM xchg_delivery WHERE peer = ? AND doc_type = ?",
+                          (peer, doc_type))
+    for k, v in d:
+        if k in wanted and k in at:  # a delivery without an event of this node's: not a change made here
+            version[k] = max(int(v), version.get(k, 0))
+    return {k: Local(v, at.get(k)) for k, v in version.items() if v > 0}
+
+
+def bases(conn: Connection, peer: str, doc_type: str, keys: Sequence[str]) -> dict[str, int]:
+    """The version of each document last applied from ``peer`` (absent: none)."""
+    v = xchg_doc_version.c
+    out: dict[str, int] = {}
+    for i in range(0, len(keys), rows.CHUNK):
+        for k, version in conn.execute(select(v.doc_key, v.version).where(and_(
+                v.peer == peer, v.doc_type == doc_type, v.doc_key.in_(keys[i:i + rows.CHUNK])))):
+            out[str(k)] = int(version)
+    return out
+
+
+def bases_table(conn: Connection, catalog: Catalog, peer: str, docs: Sequence[tuple[str, str, str, int]]
+                ) -> pa.Table | None:
+    """The ``_bases`` table of a batch for ``peer``: None when it holds no type editable on both sides."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for doc_type, key, _op, _v in docs:
+        if catalog.get(doc_type).both_sides:
+            by_type[doc_type].append(key)
+    if not by_type:
+        return None
+    now = utc_now()
+    out: dict[str, list[Any]] = {"doc_type": [], "doc_key": [], "base": [], "changed_at": []}
+    for doc_type, keys in by_type.items():
+        have = bases(conn, peer, doc_type, keys)
+        local = local_changes(conn, peer, doc_type, keys)
+        for k in keys:
+            out["doc_type"].append(doc_type)
+            out["doc_key"].append(k)
+            out["base"].append(have.get(k, 0))
+            change = local.get(k)
+            out["changed_at"].append(change.at if change is not None and change.at is not None else now)
+    return pa.Table.from_pydict(out, schema=BASES_SCHEMA)
+
+
+def pack(data: Mapping[str, pa.Table] | None) -> bytes | None:
+    """A document's rows (table name -> Arrow table) as bytes for the log; None stays None (deleted)."""
+    if data is None:
+        return None
+    out = {}
+    for name, t in data.items():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        out[name] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
+    return json.dumps(out).encode()
+
+
+def unpack(blob: bytes | None) -> dict[str, pa.Table] | None:
+    if blob is None:
+        return None
+    return {name: pa.ipc.open_stream(base64.b64decode(b)).read_all() for name, b in json.loads(blob).items()}
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """One row of the conflict log, as status, the page and ``exchange conflicts`` show it."""
+
+    id: int
+    doc_type: str
+    doc_key: str
+    peer: str
+    seq: int
+    policy: str
+    status: str
+    kept: str | None
+    our_version: int
+    our_at: datetime | None
+    their_version: int
+    their_base: int
+    their_at: datetime | None
+    detected_at: datetime | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    note: str | None
+    ours: dict[str, pa.Table] | None = None
+    theirs: dict[str, pa.Table] | None = None
+
+    def as_json(self, with_rows: bool = False) -> dict[str, Any]:
+        """RFC 3339 times with their offset (docs/STATUS_JSON.md)."""
+        out: dict[str, Any] = {
+            "id": self.id, "doc_type": self.doc_type, "doc_key": rows.parse_key(self.doc_key), "peer": self.peer,
+            "seq": self.seq, "policy": self.policy, "status": self.status, "kept": self.kept,
+            "ours": {"version": self.our_version, "changed_at": _iso(self.our_at)},
+            "theirs": {"version": self.their_version, "base": self.their_base, "changed_at": _iso(self.their_at)},
+            "detected_at": _iso(self.detected_at), "resolved_at": _iso(self.resolved_at),
+            "resolved_by": self.resolved_by, "note": self.note}
+        if with_rows:
+            out["ours"]["rows"] = _plain(self.ours)
+            out["theirs"]["rows"] = _plain(self.theirs)
+        return out
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+def _plain(data: dict[str, pa.Table] | None) -> dict[str, list[dict[str, Any]]] | None:
+    """Rows as JSON-safe values (decimals and dates as text): the document is deleted when None."""
+    if data is None:
+        return None
+    return {name: [{c: (v if v is None or isinstance(v, (str, int, bool)) else str(v)) for c, v in r.items()}
+                   for r in t.to_pylist()] for name, t in data.items()}
+
+
+def _conflict(r: Mapping[Any, Any], with_rows: bool) -> Conflict:
+    return Conflict(
+        id=int(r["id"]), doc_type=r["doc_type"], doc_key=r["doc_key"], peer=r["peer"], seq=int(r["seq"]),
+        policy=r["policy"], status=r["status"], kept=r["kept"], our_version=int(r["our_version"]),
+        our_at=as_utc(r["our_at"]), their_version=int(r["their_version"]), their_base=int(r["their_base"]),
+        their_at=as_utc(r["their_at"]), detected_at=as_utc(r["detected_at"]),
+        resolved_at=as_utc(r["resolved_at"]), resolved_by=r["resolved_by"], note=r["note"],
+        ours=unpack(r["ours"]) if with_rows else None, theirs=unpack(r["theirs"]) if with_rows else None)
+
+
+def record(conn: Connection, *, doc_type: str, doc_key: str, peer: str, seq: int, policy: str,
+           status: ConflictStatus, kept: str | None, ours: Local, our_rows: Mapping[str, pa.Table] | None,
+           their_version: int, their_base: int, their_at: datetime | None,
+           their_rows: Mapping[str, pa.Table] | None, note: str) -> None:
+    """Log one conflict with both versions (in the importer's transaction)."""
+    conn.execute(xchg_conflict.insert().values(
+        doc_type=doc_type, doc_key=doc_key, peer=peer, seq=seq, policy=policy, status=status.value, kept=kept,
+        our_version=ours.version, our_at=ours.at, their_version=their_version, their_base=their_base,
+        their_at=their_at, ours=pack(our_rows), theirs=pack(their_rows), detected_at=utc_now(), note=note))
+
+
+def settle(conn: Connection, peer: str, doc_type: str, keys: Sequence[str], note: str, *,
+           by: str | None = None, kept: str | None = None) -> int:
+    """Close the OPEN conflicts of ``keys`` with ``peer``: resolved (here, or by a change that settled them)."""
+    c = xchg_conflict.c
+    n = 0
+    for i in range(0, len(keys), rows.CHUNK):
+        n += conn.execute(update(xchg_conflict).where(and_(
+            c.peer == peer, c.doc_type == doc_type, c.doc_key.in_(keys[i:i + rows.CHUNK]),
+            c.status == ConflictStatus.OPEN)).values(
+                status=ConflictStatus.RESOLVED.value, resolved_at=utc_now(), resolved_by=by, note=note,
+                **({"kept": kept} if kept else {}))).rowcount
+    return n
+
+
+def conflicts(conn: Connection, *, open_only: bool = False, limit: int = 500) -> list[Conflict]:
+    """The conflict log, newest first (only OPEN ones with ``open_only``)."""
+    q = select(xchg_conflict)
+    if open_only:
+        q = q.where(xchg_conflict.c.status == ConflictStatus.OPEN)
+    q = q.order_by(xchg_conflict.c.id.desc()).limit(limit)
+    return [_conflict(r, False) for r in conn.execute(q).mappings()]
+
+
+def conflict(conn: Connection, conflict_id: int) -> Conflict | None:
+    """One conflict with both versions' rows."""
+    r = conn.execute(select(xchg_conflict).where(xchg_conflict.c.id == conflict_id)).mappings().first()
+    return _conflict(r, True) if r is not None else None
+
+
+def open_count(conn: Connection) -> dict[str, int]:
+    """OPEN conflicts per document type (the metrics and the overview)."""
+    c = xchg_conflict.c
+    return {str(t): int(n) for t, n in conn.execute(
+        select(c.doc_type, func.count()).where(c.status == ConflictStatus.OPEN).group_by(c.doc_type))}
