@@ -217,3 +217,36 @@ def test_a_bases_row_for_a_document_not_in_the_bundle_is_refused(net: Net) -> No
     assert mine and mine[0]["status"] == "QUARANTINED"
     assert "_bases table: customer" in mine[0]["reason"] and "C9" in mine[0]["reason"]
     assert customer(net.ho)["phone"] == "555"  # type: ignore[index]
+
+
+def test_the_page_lists_conflicts_at_both_ends_and_resolves_one(net: Net) -> None:
+    from test_ui import csrf_of, request, ui_server
+
+    edit(net.ho, name="Asha (HO)")
+    edit(net.store("s001"), name="Asha (store)")
+    sync(net, "s001", "ho", "s001", "ho")
+    st = net.store("s001")
+    net.dispose()
+    with ui_server(st.cfg.home) as ui:
+        status, _h, html = request(ui.url, "/conflicts")
+        assert status == 200 and 'data-status="OPEN"' in html
+        assert "name=Asha (HO)" in html and "name=Asha (store)" in html
+    with ui_server(net.ho.cfg.home) as ui:
+        status, _h, html = request(ui.url, "/")
+        assert 'href="/conflicts"' in html
+        status, _h, html = request(ui.url, "/conflicts")
+        cid = conflicts_json(net.ho)["conflicts"][0]["id"]
+        assert f'id="keep-theirs-{cid}"' in html
+        token = csrf_of(html)
+        assert request(ui.url, "/conflicts/resolve", "POST", {"id": str(cid), "keep": "theirs"})[0] == 403
+        status, headers, _ = request(ui.url, "/conflicts/resolve", "POST",
+                                     {"csrf": token, "id": str(cid), "keep": "theirs"})
+        assert status == 303 and headers["location"] == "/conflicts?notice=resolved"
+        status, _h, html = request(ui.url, "/conflicts/resolve", "POST",
+                                   {"csrf": token, "id": str(cid), "keep": "ours"})
+        assert status == 409 and "not OPEN" in html
+    sync(net, "ho", "s001")
+    assert customer(net.ho) == customer(st) == {"name": "Asha (store)", "phone": "555", "email": None}
+    with ui_server(st.cfg.home) as ui:
+        html = request(ui.url, "/conflicts")[2]
+        assert 'data-status="RESOLVED"' in html and 'data-status="OPEN"' not in html
