@@ -250,3 +250,29 @@ def test_the_page_lists_conflicts_at_both_ends_and_resolves_one(net: Net) -> Non
     with ui_server(st.cfg.home) as ui:
         html = request(ui.url, "/conflicts")[2]
         assert 'data-status="RESOLVED"' in html and 'data-status="OPEN"' not in html
+
+
+def test_a_price_edited_at_a_store_is_a_conflict_the_ho_wins(net: Net) -> None:
+    """An item (HO master) changed at the store: not sent, not silently dropped; the HO's next price stands."""
+    from decimal import Decimal
+
+    from enginehelpers import item_ids, prices, reprice
+
+    st = net.store("s001")
+    item = item_ids(net)[0]
+    ho_price = prices(net.ho, [item])[item]
+    with st.engine.begin() as conn:  # the store's POS changes the price and records the change
+        conn.execute(update(s.item).where(s.item.c.item_id == item).values(price=Decimal("0.01")))
+        record_events(conn, "item", [(item,)])
+    sync(net, "s001", "ho")
+    assert prices(net.ho, [item])[item] == ho_price, "never applied at the HO"
+    logged = conflicts_json(st)["conflicts"]
+    assert [(c["doc_type"], c["doc_key"], c["peer"], c["policy"], c["status"], c["kept"]) for c in logged] == [
+        ("item", [item], "ho", "ho-wins", "DECIDED", "theirs")]
+    shown = json.loads(cli("conflicts", "show", str(logged[0]["id"]), "--json", "--home", str(st.cfg.home)).output)
+    assert shown["ours"]["rows"]["item"][0]["price"] == "0.01", "the store's change is kept in the log"
+    assert "owned by the ho side" in shown["note"]
+    reprice(net.ho, [item], "1.00")  # the HO's next change replaces the store's
+    sync(net, "ho", "s001")
+    assert prices(st, [item])[item] == prices(net.ho, [item])[item] == ho_price + Decimal("1.00")
+    assert len(conflicts_json(st)["conflicts"]) == 1 and conflicts_json(net.ho)["conflicts"] == []

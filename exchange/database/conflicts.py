@@ -251,3 +251,47 @@ def open_count(conn: Connection) -> dict[str, int]:
     c = xchg_conflict.c
     return {str(t): int(n) for t, n in conn.execute(
         select(c.doc_type, func.count()).where(c.status == ConflictStatus.OPEN).group_by(c.doc_type))}
+
+
+def report_foreign_edits(conn: Connection, catalog: Catalog, role: str, peers: Mapping[str, str]) -> int:
+    """Changes made here to documents the other side owns: never sent, never silently dropped either.
+
+    A store that edits an item price (an HO master), or an HO that edits a
+    store's bill, changed a document only its owner writes. The change is not
+    sent (the owner wins: its next version replaces it), and each such document
+    is logged as a DECIDED conflict, kept ``theirs``, with this side's rows, so
+    it shows in status, the page and the log. ``peers``: peer id -> role. The
+    events are marked routed (never sent) in the caller's transaction.
+    """
+    foreign = [d.name for d in catalog if not (d.owner == role or (d.both_sides and role == "ho"))]
+    if not foreign:
+        return 0
+    marks = ", ".join("?" for _ in foreign)  # only these types' events are read: a big backlog is not
+    found = rows.fetch_tuples(conn, "SELECT id, doc_type, doc_key, created_at FROM xchg_event WHERE routed = 0 "
+                                    f"AND doc_type IN ({marks}) ORDER BY id", tuple(foreign))
+    latest: dict[tuple[str, str], tuple[int, Any]] = {}
+    ids: list[int] = []
+    for eid, doc_type, raw, at in found:
+        dt = catalog.get(doc_type)
+        ids.append(int(eid))
+        latest[(dt.name, rows.canonicalize(str(raw)))] = (int(eid), at)
+    if not ids:
+        return 0
+    hos = sorted(p for p, r in peers.items() if r == "ho")
+    for (doc_type, key), (eid, at) in latest.items():
+        dt = catalog.get(doc_type)
+        if dt.owner == "ho":
+            peer = hos[0] if hos else "ho"
+        else:  # the store named in the owner column of the key
+            col = dt.owner_columns[0] if dt.owner_columns else None
+            peer = rows.parse_key(key)[dt.key.index(col)] if col in dt.key else ""
+        held = bases(conn, peer, doc_type, [key]).get(key, 0)
+        got = rows.read_doc_tables(conn, [catalog.table(t) for t in dt.tables()], dt.key, [key])
+        record(conn, doc_type=doc_type, doc_key=key, peer=peer, seq=0, policy=f"{dt.owner}-wins",
+               status=ConflictStatus.DECIDED, kept="theirs", ours=Local(eid, as_utc(at)),
+               our_rows=got if got[dt.header].num_rows else None, their_version=held, their_base=0,
+               their_at=None, their_rows=None,
+               note=f"{doc_type} is owned by the {dt.owner} side: this side's change is not sent; the owner's "
+                    f"version {held} stands and its next change replaces this one here")
+    rows.executemany(conn, "UPDATE xchg_event SET routed = 1 WHERE id = ?", [(i,) for i in ids])
+    return len(latest)

@@ -472,6 +472,9 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     recover_outbox(node)
     with node.engine.begin() as conn:
         begin_write(conn)
+        # a change made here to a document the other side owns: logged as a conflict the owner wins
+        conflict_log.report_foreign_edits(conn, node.catalog, node.cfg.role,
+                                          {p.id: p.role for p in node.cfg.peers.values()})
         routed = route_events(conn, node)
     out: list[Exported] = []
     node.cfg.work.mkdir(parents=True, exist_ok=True)
