@@ -197,6 +197,16 @@ xchg_conflict = Table(
     Column("note", Text),
 )
 
+#: Documents editable on both sides: this node's latest change sent (or queued) of each, the version it
+#: went at and when it was made, so the conflict check never scans the capture log (which has no key index).
+xchg_doc_local = Table(
+    "xchg_doc_local", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+)
+
 
 def _m1_initial(conn: Connection) -> None:
     XCHG.create_all(conn, tables=_M1_TABLES)  # create_all makes every index, migration 3's too
@@ -242,6 +252,7 @@ def _m5_versions(conn: Connection) -> None:
 def _m6_conflicts(conn: Connection) -> None:
     """The conflict log of documents editable on both sides."""
     xchg_conflict.create(conn, checkfirst=True)  # its index with it
+    xchg_doc_local.create(conn, checkfirst=True)
 
 
 #: Ordered migrations; the schema version is the length of the list applied.

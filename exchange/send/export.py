@@ -162,6 +162,7 @@ def _to_owner(conn: Connection, catalog: Catalog, dt: DocType, keys: list[str],
             log.warning("%s %s: owner %r is not a store peer of this node; the change is not sent", dt.name, key, owner)
             continue
         out.append((str(owner), dt.name, key, op, version))
+    conflict_log.note_sent(conn, dt.name, {d[2]: d[4] for d in out})  # the versions and times a conflict compares
     return out
 
 
@@ -432,7 +433,8 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         cache = shared if shared is not None and cursor is not None else None
         tables, summary = (cache.build(conn, node.catalog, docs) if cache is not None
                            else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
-        based = conflict_log.bases_table(conn, node.catalog, peer, docs)  # FORMAT.md v3: types editable on both sides
+        based = conflict_log.bases_table(conn, node.catalog, peer, docs,  # FORMAT.md v3: types edited on both sides
+                                         from_log=events is not None and bool(events.docs))
         if based is not None:
             tables = {**tables, BASES_TABLE: based}
         name = bundle_name(node.id, peer, seq)
