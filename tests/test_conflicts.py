@@ -276,3 +276,37 @@ def test_a_price_edited_at_a_store_is_a_conflict_the_ho_wins(net: Net) -> None:
     sync(net, "ho", "s001")
     assert prices(st, [item])[item] == prices(net.ho, [item])[item] == ho_price + Decimal("1.00")
     assert len(conflicts_json(st)["conflicts"]) == 1 and conflicts_json(net.ho)["conflicts"] == []
+
+
+def test_a_store_bundle_without_bases_is_held_not_applied(net: Net) -> None:
+    """A format 2 sender (no ``_bases`` table): its change counts as based on nothing.
+
+    The store had the HO's edit and changed the customer on top of it; with its
+    base (format 3) that applies, without it the HO cannot tell, so it holds a
+    conflict rather than overwrite its own edit.
+    """
+    st = net.store("s001")
+    edit(net.ho, name="Asha (HO)")
+    sync(net, "ho", "s001", "ho")
+    assert customer(st)["name"] == "Asha (HO)"  # type: ignore[index]
+    edit(st, phone="999")
+    with net.ho.engine.connect() as conn:
+        pos = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+            xchg_stream_in.c.peer == "s001")).one()
+    forged = forge_bundle(st, "ho", docs_of(st, "customer", [KEY]), out_dir=net.ho.cfg.inbox, record=False,
+                          at=(int(pos[0]) + 1, pos[1]))
+    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home)).stdout)
+    assert [r["status"] for r in res if r["file"] == forged.name] == ["APPLIED"]
+    assert customer(net.ho)["phone"] == "555"  # type: ignore[index]
+    held = conflicts_json(net.ho)["conflicts"]
+    assert [(c["status"], c["theirs"]["base"]) for c in held] == [("OPEN", 0)]
+
+
+def test_the_same_change_with_its_base_applies(net: Net) -> None:
+    st = net.store("s001")
+    edit(net.ho, name="Asha (HO)")
+    sync(net, "ho", "s001", "ho")
+    edit(st, phone="999")
+    sync(net, "s001", "ho")
+    assert customer(net.ho) == {"name": "Asha (HO)", "phone": "999", "email": None}
+    assert conflicts_json(net.ho)["conflicts"] == []
