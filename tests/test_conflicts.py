@@ -310,3 +310,58 @@ def test_the_same_change_with_its_base_applies(net: Net) -> None:
     sync(net, "s001", "ho")
     assert customer(net.ho) == {"name": "Asha (HO)", "phone": "999", "email": None}
     assert conflicts_json(net.ho)["conflicts"] == []
+
+
+def test_column_policies_merge_two_edits_of_different_columns(net: Net) -> None:
+    """manual for the rest, but phone decided store-wins and email ho-wins: merged at both ends, none held."""
+    for node in net.nodes:
+        node.cfg.catalog = {"conflicts": {"customer": {"policy": "manual",
+                                                       "columns": {"phone": "store-wins", "email": "ho-wins"}}}}
+        node.cfg.save()
+    net.reopen()
+    edit(net.ho, email="asha@ho.example")
+    edit(net.store("s001"), phone="777")
+    sync(net, "s001", "ho", "s001", "ho", "s001")
+    want = {"name": "Asha", "phone": "777", "email": "asha@ho.example"}
+    assert customer(net.ho) == customer(net.store("s001")) == want
+    logged = [c for nid in ("ho", "s001") for c in conflicts_json(net.node(nid))["conflicts"]]
+    assert logged and all(c["status"] == "DECIDED" and c["kept"] == "merged" for c in logged)
+    assert "phone from" in logged[0]["note"] and "email from" in logged[0]["note"]
+    # a column without a policy of its own follows the type's (manual): held for a person
+    edit(net.ho, name="Asha (HO)")
+    edit(net.store("s001"), name="Asha (store)")
+    sync(net, "s001", "ho", "s001", "ho")
+    assert conflicts_json(net.ho)["open"] == {"customer": 1}
+    assert customer(net.ho)["name"] == "Asha (HO)" and customer(net.store("s001"))["name"] == "Asha (store)"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"conflicts": {"customer": "coin-toss"}}, "customer must be one of"),
+    ({"conflicts": {"item": "store-wins"}}, "edited by its owner only"),
+    ({"conflicts": {"nosuch": "manual"}}, "unknown document type"),
+    ({"conflicts": {"customer": {"columns": {"customer_id": "ho-wins"}}}}, "non-key column"),
+    ({"conflicts": {"customer": {"columns": {"phone": "later"}}}}, "column phone: conflict must be"),
+    ({"conflicts": {"customer": {"policy": "manual", "cols": {}}}}, "not cols"),
+    ({"schema": "reference", "doc": [{"name": "item", "header": "item", "children": ["item_barcode"],
+                                      "key": ["item_id"], "owner": "ho", "edit": "both"}]}, "store-owned"),
+    ({"schema": "reference", "doc": [{"name": "customer", "key": ["store_id", "customer_id"], "owner": "store",
+                                      "owner_columns": ["store_id"], "edit": "sometimes"}]}, "edit must be"),
+])
+def test_catalog_refuses_a_policy_it_cannot_apply(section: dict[str, Any], message: str) -> None:
+    from exchange.database.catalog import catalog_from_config
+    from exchange.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        catalog_from_config({"catalog": section})
+
+
+def test_catalog_policies_as_written() -> None:
+    from exchange.database.catalog import catalog_from_config, reference_catalog
+
+    assert reference_catalog().get("customer").both_sides and reference_catalog().get("customer").conflict == "manual"
+    cat = catalog_from_config({"catalog": {"conflicts": {"customer": {"policy": "newest-wins",
+                                                                      "columns": {"email": "store-wins"}}}}})
+    dt = cat.get("customer")
+    assert (dt.conflict, dt.column_conflicts) == ("newest-wins", (("email", "store-wins"),))
+    assert [d.name for d in cat.edited_by("ho")] == [*[d.name for d in cat.owned_by("ho")], "customer"]
+    assert [d.name for d in cat.edited_by("store")] == [d.name for d in cat.owned_by("store")]

@@ -119,6 +119,9 @@ class DocType:
     #: and two concurrent changes are a conflict decided by ``conflict`` (exchange.receive.conflicts).
     both_sides: bool = False
     conflict: Policy = "ho-wins"
+    #: Per header column, a policy of its own: two concurrent changes are merged column by column,
+    #: each differing column decided by its policy (the others by ``conflict``). Types without children.
+    column_conflicts: tuple[tuple[str, Policy], ...] = ()
 
     def tables(self) -> tuple[str, ...]:
         """Header first, then children: the order to insert (reverse it to delete)."""
@@ -187,6 +190,15 @@ class Catalog:
                               f"table {doc.header!r}")
         if doc.conflict not in _POLICIES:
             raise ConfigError(f"{where}: conflict must be one of {', '.join(_POLICIES)}, not {doc.conflict!r}")
+        for col, policy in doc.column_conflicts:
+            if policy not in _POLICIES:
+                raise ConfigError(f"{where}: column {col}: conflict must be one of {', '.join(_POLICIES)}, "
+                                  f"not {policy!r}")
+            if col not in header.c or col in doc.key:
+                raise ConfigError(f"{where}: a column policy needs a non-key column of {doc.header!r}, "
+                                  f"not {col!r}")
+        if doc.column_conflicts and (doc.children or not doc.both_sides):
+            raise ConfigError(f"{where}: column policies are for types edited on both sides without child tables")
         if doc.both_sides and (doc.owner != "store" or not doc.owner_columns):
             raise ConfigError(
                 f"{where}: edit = \"both\" is for store-owned documents (the HO's change goes back to the "
@@ -359,6 +371,15 @@ def _with_policies(catalog: Catalog, policies: Any) -> Catalog:
     for name, policy in policies.items():
         if name not in docs:
             raise ConfigError(f"[catalog] conflicts: unknown document type {name!r} (known: {', '.join(docs)})")
+        if isinstance(policy, Mapping):  # { policy = "manual", columns = { phone = "store-wins" } }
+            unknown = set(policy) - {"policy", "columns"}
+            columns = policy.get("columns", {})
+            if unknown or not isinstance(columns, Mapping):
+                raise ConfigError(f"[catalog] conflicts: {name} takes policy = \"...\" and columns = "
+                                  "{ column = \"policy\" }" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
+            docs[name] = replace(docs[name], column_conflicts=tuple(
+                (str(c), cast(Policy, p)) for c, p in columns.items()))
+            policy = policy.get("policy", docs[name].conflict)
         if policy not in _POLICIES:
             raise ConfigError(f"[catalog] conflicts: {name} must be one of {', '.join(_POLICIES)}, "
                               f"not {policy!r}")

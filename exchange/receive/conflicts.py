@@ -123,14 +123,19 @@ def decide(conn: Connection, catalog: Catalog, dt: DocType, peer: str, sender_ro
             apply.append((k, op, v))
             continue
         found += 1
-        keep = _winner(dt.conflict, sender_role, their_at, mine.at)
+        keep: str | None = _winner(dt.conflict, sender_role, their_at, mine.at)
         theirs = _rows_of(data, dt, k) if op == "U" else None
+        ours = _current(conn, catalog, dt, k)
         note = (f"both sides changed {dt.name}: kept {keep} by policy {dt.conflict}" if keep
                 else f"both sides changed {dt.name}: held for a person (policy manual); this side's version stays")
+        merged = _merge(dt, ours, theirs, sender_role, their_at, mine.at) if dt.column_conflicts else None
+        if merged is not None:
+            keep, (table, note) = "merged", merged
+            _write(conn, catalog, dt, k, {dt.header: table})
+            seen[k] = v
         log.record(conn, doc_type=dt.name, doc_key=k, peer=peer, seq=seq, policy=dt.conflict,
                    status=ConflictStatus.OPEN if keep is None else ConflictStatus.DECIDED, kept=keep, ours=mine,
-                   our_rows=_current(conn, catalog, dt, k), their_version=v, their_base=base, their_at=their_at,
-                   their_rows=theirs, note=note)
+                   our_rows=ours, their_version=v, their_base=base, their_at=their_at, their_rows=theirs, note=note)
         if keep == "theirs":
             apply.append((k, op, v))
         elif keep == "ours":
@@ -139,6 +144,36 @@ def decide(conn: Connection, catalog: Catalog, dt: DocType, peer: str, sender_ro
     if settled:
         log.settle(conn, peer, dt.name, settled, f"settled by {peer}'s change made on top of this side's version")
     return apply, seen, found
+
+
+def _merge(dt: DocType, ours: Mapping[str, pa.Table] | None, theirs: Mapping[str, pa.Table] | None,
+           sender_role: str, theirs_at: datetime | None, ours_at: datetime | None) -> tuple[pa.Table, str] | None:
+    """Both versions merged column by column, or None when a differing column is left to a person.
+
+    Each column both sides hold alike keeps its value; one that differs is
+    decided by its own policy (``DocType.column_conflicts``), or the type's.
+    Both sides compute the same row from the same two versions, so they converge
+    without another message. A delete on either side is not merged.
+    """
+    if ours is None or theirs is None:
+        return None
+    mine, other = ours[dt.header].to_pylist(), theirs[dt.header].to_pylist()
+    if len(mine) != 1 or len(other) != 1:
+        return None
+    policies = dict(dt.column_conflicts)
+    row: dict[str, Any] = {}
+    taken: list[str] = []
+    for col, value in other[0].items():
+        if col not in mine[0] or mine[0][col] == value:
+            row[col] = value
+            continue
+        side = _winner(policies.get(col, dt.conflict), sender_role, theirs_at, ours_at)
+        if side is None:
+            return None
+        row[col] = value if side == "theirs" else mine[0][col]
+        taken.append(f"{col} from {side}")
+    table = pa.Table.from_pylist([row], schema=theirs[dt.header].schema)
+    return table, f"both sides changed {dt.name}: merged by column ({', '.join(taken) or 'no difference'})"
 
 
 def _operator() -> str:
