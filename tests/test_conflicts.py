@@ -365,3 +365,26 @@ def test_catalog_policies_as_written() -> None:
     assert (dt.conflict, dt.column_conflicts) == ("newest-wins", (("email", "store-wins"),))
     assert [d.name for d in cat.edited_by("ho")] == [*[d.name for d in cat.owned_by("ho")], "customer"]
     assert [d.name for d in cat.edited_by("store")] == [d.name for d in cat.owned_by("store")]
+
+
+def test_a_base_this_node_never_sent_is_refused(net: Net) -> None:
+    """A store claiming its change was made on top of an HO version it never got (to win every conflict)."""
+    st = net.store("s001")
+    edit(net.ho, name="Asha (HO)")
+    sync(net, "ho")
+    edit(st, name="Asha (store)")
+
+    def claim(tables: dict[str, Any]) -> None:
+        tables[BASES_TABLE] = pa.table({
+            "doc_type": ["customer"], "doc_key": ['["s001","C1"]'], "base": pa.array([1 << 40], pa.int64()),
+            "changed_at": pa.array([0], pa.timestamp("us", tz="UTC"))})
+
+    with net.ho.engine.connect() as conn:
+        pos = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+            xchg_stream_in.c.peer == "s001")).one()
+    forged = forge_bundle(st, "ho", docs_of(st, "customer", [KEY]), tables_hook=claim, out_dir=net.ho.cfg.inbox,
+                          record=False, at=(int(pos[0]) + 1, pos[1]))
+    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home)).stdout)
+    mine = [r for r in res if r["file"] == forged.name]
+    assert mine and mine[0]["status"] == "QUARANTINED" and "claims base version" in mine[0]["reason"]
+    assert customer(net.ho)["name"] == "Asha (HO)"  # type: ignore[index]

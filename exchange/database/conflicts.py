@@ -33,7 +33,7 @@ from exchange.database.tables import xchg_conflict, xchg_delivery, xchg_doc_loca
 from exchange.files import utc_now
 from exchange.vocabulary import ConflictStatus
 
-__all__ = ["PENDING", "Local", "local_changes", "note_sent", "bases", "bases_table", "pack", "unpack", "Conflict",
+__all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "bases", "bases_table", "pack", "unpack", "Conflict",
            "record", "settle", "conflicts", "conflict", "open_count", "as_utc"]
 
 #: The version of a local change not sent yet: newer than any version given out.
@@ -104,6 +104,18 @@ def note_sent(conn: Connection, doc_type: str, versions: Mapping[str, int]) -> d
                     version=max(v, noted[k][0]), changed_at=at))
         else:
             conn.execute(xchg_doc_local.insert().values(doc_type=doc_type, doc_key=k, version=v, changed_at=at))
+    return out
+
+
+def sent_versions(conn: Connection, peer: str, doc_type: str, keys: Sequence[str]) -> dict[str, int]:
+    """The highest version of each document this node gave ``peer`` (a base above it was never seen there)."""
+    noted = _noted(conn, doc_type, keys)
+    d = xchg_delivery.c
+    out = {k: v for k, (v, _at) in noted.items()}
+    for i in range(0, len(keys), rows.CHUNK):
+        for k, v in conn.execute(select(d.doc_key, d.version).where(and_(
+                d.peer == peer, d.doc_type == doc_type, d.doc_key.in_(keys[i:i + rows.CHUNK])))):
+            out[str(k)] = max(int(v), out.get(str(k), 0))
     return out
 
 

@@ -113,6 +113,11 @@ def decide(conn: Connection, catalog: Catalog, dt: DocType, peer: str, sender_ro
     applied without conflict closes the document's OPEN conflicts with the peer.
     """
     local = log.local_changes(conn, peer, dt.name, [k for k, _op, _v in fresh])
+    given = log.sent_versions(conn, peer, dt.name, [k for k in bases if bases[k][0]])
+    for k, (base, _at) in bases.items():  # a peer claiming to have seen a version never sent would always win
+        if base > given.get(k, 0):
+            raise FormatError(f"{BASES_TABLE} table: {dt.name} {k[:80]!r} claims base version {base}, but "
+                              f"this node sent {peer} at most version {given.get(k, 0)} of it")
     apply: list[tuple[DocKey, str, int]] = []
     seen: dict[str, int] = {}
     found = 0
