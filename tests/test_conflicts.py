@@ -388,3 +388,20 @@ def test_a_base_this_node_never_sent_is_refused(net: Net) -> None:
     mine = [r for r in res if r["file"] == forged.name]
     assert mine and mine[0]["status"] == "QUARANTINED" and "claims base version" in mine[0]["reason"]
     assert customer(net.ho)["name"] == "Asha (HO)"  # type: ignore[index]
+
+
+def test_the_ho_may_send_a_store_only_its_own_customers(net: Net) -> None:
+    st = net.store("s001")
+    with net.ho.engine.begin() as conn:
+        conn.execute(s.customer.insert().values(store_id="s002", customer_id="C7", name="Ravi",
+                                                created_at=date(2024, 3, 2)))
+    with st.engine.connect() as conn:
+        pos = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+            xchg_stream_in.c.peer == "ho")).one()
+    forged = forge_bundle(net.ho, "s001", docs_of(net.ho, "customer", [("s002", "C7")]), out_dir=st.cfg.inbox,
+                          record=False, at=(int(pos[0]) + 1, pos[1]))
+    res = json.loads(cli("import", "--json", "--home", str(st.cfg.home)).stdout)
+    mine = [r for r in res if r["file"] == forged.name]
+    assert mine and mine[0]["status"] == "FAILED"
+    assert "belongs to s002 (store_id), but this node is s001" in mine[0]["reason"]
+    assert customer(st, ("s002", "C7")) is None

@@ -78,8 +78,9 @@ def check_owner(conn: Connection, catalog: Catalog, dt: DocType, sender: str, ev
     """
     if not dt.owner_columns:
         return
+    why = f"the bundle was signed by {sender}: a store may only write its own documents"
     if owner is not None:
-        sender = owner
+        sender, why = owner, f"this node is {owner}: the HO may send a store only that store's own documents"
     keys = [k for k, _op, _v in events]
     in_key = [c for c in dt.owner_columns if c in dt.key]
     if in_key:
@@ -88,28 +89,28 @@ def check_owner(conn: Connection, catalog: Catalog, dt: DocType, sender: str, ev
             values = rows.parse_key(k)
             for col, i in zip(in_key, at, strict=True):
                 if values[i] != sender:
-                    _refuse(dt, k, col, values[i], sender)
+                    _refuse(dt, k, col, values[i], why)
     rest = [c for c in dt.owner_columns if c not in dt.key]
     if not rest:
         return  # the key names the owner: the rows sent and the rows held agree with it
     if header is not None:
-        _check_column_owners(dt, header, rest, sender)
+        _check_column_owners(dt, header, rest, sender, why)
     held = rows.read_docs(conn, catalog.table(dt.header), dt.key, keys)
-    _check_column_owners(dt, held, rest, sender, held_here=True)
+    _check_column_owners(dt, held, rest, sender, why, held_here=True)
 
 
-def _check_column_owners(dt: DocType, table: pa.Table, columns: Sequence[str], sender: str,
+def _check_column_owners(dt: DocType, table: pa.Table, columns: Sequence[str], sender: str, why: str,
                          held_here: bool = False) -> None:
     for col in columns:
         values = table.column(col).to_pylist()
         for i, v in enumerate(values):
             if v is None or str(v) != sender:
                 key = rows.row_keys(table.slice(i, 1), dt.key)[0]
-                _refuse(dt, key, col, v, sender, held_here)
+                _refuse(dt, key, col, v, why, held_here)
 
 
-def _refuse(dt: DocType, key: str, column: str, owner: object, sender: str, held_here: bool = False) -> None:
+def _refuse(dt: DocType, key: str, column: str, owner: object, why: str, held_here: bool = False) -> None:
     where = " as held here" if held_here else ""
     raise OwnershipError(
-        f"{dt.name} {key_text(key)}{where} belongs to {owner!s} ({column}), but the bundle was signed by {sender}: "
-        "a store may only write its own documents; nothing of the bundle was applied")
+        f"{dt.name} {key_text(key)}{where} belongs to {owner!s} ({column}), but {why}; "
+        "nothing of the bundle was applied")
