@@ -12,7 +12,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
-__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "ConflictStatus", "Tone", "tone", "DocKey", "DocRef"]
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "Outcome", "AckResult", "ConflictStatus", "Tone", "tone",
+           "DocKey", "DocRef"]
 
 
 class SentStatus(StrEnum):

@@ -375,8 +375,9 @@ def _with_policies(catalog: Catalog, policies: Any) -> Catalog:
             unknown = set(policy) - {"policy", "columns"}
             columns = policy.get("columns", {})
             if unknown or not isinstance(columns, Mapping):
+                extra = f", not {', '.join(sorted(unknown))}" if unknown else ""
                 raise ConfigError(f"[catalog] conflicts: {name} takes policy = \"...\" and columns = "
-                                  "{ column = \"policy\" }" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
+                                  "{ column = \"policy\" }" + extra)
             docs[name] = replace(docs[name], column_conflicts=tuple(
                 (str(c), cast(Policy, p)) for c, p in columns.items()))
             policy = policy.get("policy", docs[name].conflict)

@@ -33,8 +33,9 @@ from exchange.database.tables import xchg_conflict, xchg_delivery, xchg_doc_loca
 from exchange.files import utc_now
 from exchange.vocabulary import ConflictStatus
 
-__all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "bases", "bases_table", "pack", "unpack", "Conflict",
-           "record", "settle", "conflicts", "conflict", "open_count", "as_utc"]
+__all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "bases", "bases_table", "pack",
+           "unpack", "Conflict", "record", "settle", "conflicts", "conflict", "open_count", "as_utc",
+           "report_foreign_edits"]
 
 #: The version of a local change not sent yet: newer than any version given out.
 PENDING = 1 << 62

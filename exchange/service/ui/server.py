@@ -369,7 +369,8 @@ def conflicts_page(request: Request) -> Response:
         if c is None:
             continue
         item = c.as_json(with_rows=True)  # times as datetimes: the page shows them in the viewer's zone
-        item["detected_at"], item["ours"]["changed_at"], item["theirs"]["changed_at"] = c.detected_at, c.our_at, c.their_at
+        item["detected_at"] = c.detected_at
+        item["ours"]["changed_at"], item["theirs"]["changed_at"] = c.our_at, c.their_at
         items.append(item)
     return ctx.render(request, "conflicts.html", conflicts=items,
                       held=sum(1 for c in items if c["status"] == "OPEN"))
