@@ -405,3 +405,29 @@ def test_the_ho_may_send_a_store_only_its_own_customers(net: Net) -> None:
     assert mine and mine[0]["status"] == "FAILED"
     assert "belongs to s002 (store_id), but this node is s001" in mine[0]["reason"]
     assert customer(st, ("s002", "C7")) is None
+
+
+def test_newest_wins_does_not_trust_a_change_time_in_the_future(net: Net) -> None:
+    """A store claiming its change was made in 2099 would win every newest-wins conflict: a tie instead."""
+    set_policy(net, "newest-wins")
+    st = net.store("s001")
+    edit(st, name="Asha (store)")
+    time.sleep(1.1)
+    edit(net.ho, name="Asha (HO)")  # the later change
+    sync(net, "ho")
+
+    def future(tables: dict[str, Any]) -> None:
+        tables[BASES_TABLE] = pa.table({
+            "doc_type": ["customer"], "doc_key": ['["s001","C1"]'], "base": pa.array([0], pa.int64()),
+            "changed_at": pa.array([4_070_908_800_000_000], pa.timestamp("us", tz="UTC"))})  # 2099-01-01
+
+    with net.ho.engine.connect() as conn:
+        pos = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+            xchg_stream_in.c.peer == "s001")).one()
+    forged = forge_bundle(st, "ho", docs_of(st, "customer", [KEY]), tables_hook=future, out_dir=net.ho.cfg.inbox,
+                          record=False, at=(int(pos[0]) + 1, pos[1]))
+    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home)).stdout)
+    assert [r["status"] for r in res if r["file"] == forged.name] == ["APPLIED"]
+    assert customer(net.ho)["name"] == "Asha (HO)"  # type: ignore[index]
+    [c] = conflicts_json(net.ho)["conflicts"]
+    assert (c["kept"], c["theirs"]["changed_at"][:4]) == ("ours", "2099")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -35,6 +35,7 @@ from exchange.database.capture import record_event, suppress_capture
 from exchange.database.catalog import Catalog, DocType
 from exchange.database.tables import begin_write, xchg_conflict, xchg_doc_version
 from exchange.errors import ConflictError, FormatError
+from exchange.files import utc_now
 from exchange.node.home import Node
 from exchange.vocabulary import ConflictStatus, DocKey
 from exchange.wire.bundle import Opened
@@ -76,8 +77,15 @@ def read_bases(opened: Opened, catalog: Catalog, announced: Mapping[str, Events]
     return out
 
 
+#: ``newest-wins`` never trusts a peer's change time this far ahead of this node's clock: a store whose clock
+#: runs fast (or that lies) would win every conflict. Such a time counts as a tie (the HO's version stays).
+MAX_AHEAD = timedelta(minutes=5)
+
+
 def _winner(policy: str, sender_role: str, theirs_at: datetime | None, ours_at: datetime | None) -> Keep | None:
     """Whose version the policy keeps; None: a person decides (``manual``)."""
+    if theirs_at is not None and theirs_at > utc_now() + MAX_AHEAD:
+        theirs_at = None
     if policy == "manual":
         return None
     if policy == "newest-wins" and theirs_at is not None and ours_at is not None and theirs_at != ours_at:
