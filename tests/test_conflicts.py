@@ -276,6 +276,7 @@ def test_a_price_edited_at_a_store_is_a_conflict_the_ho_wins(net: Net) -> None:
     sync(net, "ho", "s001")
     assert prices(st, [item])[item] == prices(net.ho, [item])[item] == ho_price + Decimal("1.00")
     assert len(conflicts_json(st)["conflicts"]) == 1 and conflicts_json(net.ho)["conflicts"] == []
+    assert 'exchange_conflicts{doc_type="item",status="DECIDED"} 1.0' in render(make_registry(st)).decode()
 
 
 def test_a_store_bundle_without_bases_is_held_not_applied(net: Net) -> None:

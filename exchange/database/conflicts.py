@@ -34,7 +34,7 @@ from exchange.files import utc_now
 from exchange.vocabulary import ConflictStatus
 
 __all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "bases", "bases_table", "pack",
-           "unpack", "Conflict", "record", "settle", "conflicts", "conflict", "open_count", "as_utc",
+           "unpack", "Conflict", "record", "settle", "conflicts", "conflict", "open_count", "counts", "as_utc",
            "report_foreign_edits"]
 
 #: The version of a local change not sent yet: newer than any version given out.
@@ -304,6 +304,13 @@ def conflict(conn: Connection, conflict_id: int) -> Conflict | None:
     """One conflict with both versions' rows."""
     r = conn.execute(select(xchg_conflict).where(xchg_conflict.c.id == conflict_id)).mappings().first()
     return _conflict(r, True) if r is not None else None
+
+
+def counts(conn: Connection) -> dict[tuple[str, str], int]:
+    """The conflict log per (document type, status): the metrics."""
+    c = xchg_conflict.c
+    return {(str(t), str(s)): int(n) for t, s, n in conn.execute(
+        select(c.doc_type, c.status, func.count()).group_by(c.doc_type, c.status))}
 
 
 def open_count(conn: Connection) -> dict[str, int]:

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from exchange import __version__
 from exchange.node.home import Node
-from exchange.vocabulary import ReceivedStatus, SentStatus
+from exchange.vocabulary import ConflictStatus, ReceivedStatus, SentStatus
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class ExchangeCollector(Collector):
         total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
         total.add_metric([], parked_total)
         yield total
-        yield self._conflicts()
+        yield from self._conflicts()
         last = self.last_sync() if self.last_sync else None
         if last:
             g = GaugeMetricFamily("exchange_last_sync_timestamp_seconds",
@@ -128,18 +128,23 @@ class ExchangeCollector(Collector):
         yield g
 
 
-    def _conflicts(self) -> Metric:
-        """OPEN conflicts (held for a person) per document type, every type editable on both sides listed."""
-        from exchange.database.conflicts import open_count
+    def _conflicts(self) -> Iterable[Metric]:
+        """OPEN conflicts (held for a person) per type editable on both sides; the whole log by status."""
+        from exchange.database.conflicts import counts
 
         g = GaugeMetricFamily("exchange_conflicts_open", "Conflicts of documents edited on both sides held for "
                               "a person (`exchange conflicts list --open`), per document type.",
                               labels=["doc_type"])
+        logged = GaugeMetricFamily("exchange_conflicts", "The conflict log: conflicts per document type and "
+                                   "status (OPEN, DECIDED, RESOLVED).", labels=["doc_type", "status"])
         with self.node.engine.connect() as conn:
-            held = open_count(conn)
+            found = counts(conn)
+        held = {t: n for (t, s), n in found.items() if s == ConflictStatus.OPEN}
         for name in sorted({d.name for d in self.node.catalog if d.both_sides} | set(held)):
             g.add_metric([name], held.get(name, 0))
-        return g
+        for (t, s), n in sorted(found.items()):
+            logged.add_metric([t, s], n)
+        return [g, logged]
 
 
 def make_registry(node: Node, last_sync: Callable[[], float | None] | None = None) -> CollectorRegistry:
