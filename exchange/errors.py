@@ -24,6 +24,7 @@ beside the code that raises it still appears in this tree.
     ├── ApplyError (21)            a document or bundle could not be applied
     │   ├── OwnershipError (22)    a peer wrote what it does not own or did not announce
     │   └── SchemaChangeError (23) a peer's schema change that is not additive: the bundle is HELD
+    ├── ConflictError (24)         no such conflict, or it is not OPEN (exchange conflicts resolve)
     ├── TransportError (30)        moving files failed
     │   ├── HostKeyError (30)      the server's host key is not the pinned one (transport.sftp.address)
     │   └── TransientTransportError (31)  worth retrying (timeout, reset)
@@ -149,6 +150,13 @@ class SchemaChangeError(ApplyError):
             "differs; `exchange migrate` on the older side), then run `exchange retry`.")
 
 
+class ConflictError(ExchangeError):
+    """A conflict that does not exist or is no longer open was asked to be resolved."""
+
+    exit_code = 24
+    hint = "List the open conflicts with `exchange conflicts list --open`."
+
+
 class TransportError(ExchangeError):
     exit_code = 30
     hint = "Check the peer's address and credentials with `exchange doctor`."
@@ -187,6 +195,8 @@ EXIT_CODES: dict[int, str] = {
     20: "stream order: replay, gap or fork",
     21: "a bundle FAILED here or was REJECTED by the peer: `exchange retry`",
     22: "a peer wrote documents it does not own (its bundle was rejected)",
+    23: "a peer's schema change that is not additive: its bundle is HELD (`exchange catalog diff`)",
+    24: "no such conflict, or it is not OPEN (`exchange conflicts list --open`)",
     30: "transport failed: address, login or host key (`exchange doctor`)",
     31: "transport failed for now (timeout, refused, reset): retried next sync",
     40: "the node database is unreachable or wrong",

@@ -12,8 +12,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NewType
 
-__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "ParkedState", "Outcome", "AckResult", "Tone", "tone", "DocKey", "DocRef",
-           "counted"]
+__all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "ParkedState", "Outcome", "AckResult", "ConflictStatus", "Tone",
+           "tone", "DocKey", "DocRef", "counted"]
 
 
 class SentStatus(StrEnum):
@@ -77,6 +77,14 @@ class AckResult(StrEnum):
     REJECTED = "REJECTED"
 
 
+class ConflictStatus(StrEnum):
+    """Two concurrent changes of a document editable on both sides (``xchg_conflict``)."""
+
+    OPEN = "OPEN"  # policy "manual": both versions kept, this side's stays until a person resolves it
+    DECIDED = "DECIDED"  # the type's policy chose; the loser is kept in the log
+    RESOLVED = "RESOLVED"  # a person chose (here), or a later change from the peer settled it
+
+
 class Tone(StrEnum):
     """How a status reads at a glance: the page's pill class, the terminal's colour."""
 
@@ -89,6 +97,7 @@ class Tone(StrEnum):
 _TONES: dict[str, Tone] = {
     ReceivedStatus.APPLIED: Tone.OK, SentStatus.PROCESSED: Tone.OK,
     ReceivedStatus.WAITING: Tone.WARN, ReceivedStatus.HELD: Tone.WARN, DocStatus.SETASIDE: Tone.WARN,
+    ConflictStatus.OPEN: Tone.WARN,
     ReceivedStatus.FAILED: Tone.BAD, ReceivedStatus.SKIPPED: Tone.WARN, SentStatus.REJECTED: Tone.BAD, ReceivedStatus.QUARANTINED: Tone.BAD,
     SentStatus.ABANDONED: Tone.WARN,
 }

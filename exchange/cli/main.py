@@ -735,12 +735,14 @@ def reload(home: Path | None, peers: tuple[str, ...], docs: tuple[str, ...]) -> 
 
 
 @main.command()
-@click.argument("view", type=click.Choice(["sent", "received", "parked"]))
+@click.argument("view", type=click.Choice(["sent", "received", "parked", "conflicts"]))
 @HOME
 @PEERS
 @JSON
 def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) -> None:
-    """The Sent or Received view (and parked documents), readable at 80 columns and when piped.
+    """The Sent or Received view (and parked documents), or the conflicts of documents edited on both sides.
+
+    Readable at 80 columns and when piped.
 
     Times are local with their zone (the date only when not today); --json gives RFC 3339 times.
 
@@ -748,6 +750,7 @@ def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) 
     Examples:
       exchange status received --home /srv/xchg/s001
       exchange status sent --home /srv/xchg/ho --peer north --json
+      exchange status conflicts --home /srv/xchg/ho
     """
     import shutil
 
@@ -755,6 +758,12 @@ def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) 
     from exchange.service.status_text import status_lines
 
     node = _node(home)
+    if view == "conflicts":
+        if as_json:
+            _echo_json(st.conflicts(node))
+        else:
+            click.echo(shown(st.conflicts_text(node)))
+        return
     rows = st.sent(node) if view == "sent" else st.received(node) if view == "received" else []
     parked = st.parked(node) if view in ("received", "parked") else None
     if peers:
@@ -975,5 +984,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -23,6 +23,15 @@ EVENTS_SCHEMA = pa.schema([
     pa.field("version", pa.int64(), nullable=False),
 ])
 
+#: The ``_bases`` table (FORMAT.md v3): per document of a type editable on both sides, the version of
+#: it the sender last applied from the recipient (0: none) and when the sender last changed it.
+BASES_SCHEMA = pa.schema([
+    pa.field("doc_type", pa.string(), nullable=False),
+    pa.field("doc_key", pa.string(), nullable=False),
+    pa.field("base", pa.int64(), nullable=False),
+    pa.field("changed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
 
 def control_totals(dt: DocType, tables: dict[str, pa.Table], upserts: int) -> dict[str, Any]:
     """Document count, rows per table and sums of the amount/quantity columns."""

@@ -139,7 +139,7 @@ _EVENTS = (("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE"))
 
 def trigger_names(catalog: Catalog, role: Owner) -> list[str]:
     """The names of the triggers :func:`install_triggers` creates for ``role``."""
-    return [name for _table, name, _ev in _triggers_for(catalog.owned_by(role))]
+    return [name for _table, name, _ev in _triggers_for(catalog.edited_by(role))]
 
 
 def _triggers_for(docs: Iterable[DocType]) -> Iterator[tuple[str, str, str]]:
@@ -326,7 +326,7 @@ def _drop(conn: Connection, sql: _Sql, docs: Sequence[DocType]) -> list[str]:
 
 
 def install_triggers(engine_or_conn: Engine | Connection, catalog: Catalog, role: Owner) -> list[str]:
-    """Install capture triggers on every table of the document types ``role`` owns.
+    """Install capture triggers on every table of the document types ``role`` owns (or edits on both sides).
 
     Idempotent: existing capture triggers are dropped and recreated, and those on
     document types the node does not own (left from an earlier role) are removed.
@@ -341,8 +341,8 @@ def install_triggers(engine_or_conn: Engine | Connection, catalog: Catalog, role
             raise DatabaseError(f"table {xchg_event.name} does not exist",
                                 hint="Run the exchange migrations (exchange.database.tables.migrate) first.")
         sql = _Sql(conn, catalog)
-        owned = catalog.owned_by(role)
-        others = [d for d in catalog if d.owner != role]
+        owned = catalog.edited_by(role)
+        others = [d for d in catalog if d not in owned]
         _drop(conn, sql, others)
         _drop(conn, sql, owned)
         created: list[str] = []
@@ -377,7 +377,7 @@ def drop_triggers(engine_or_conn: Engine | Connection, catalog: Catalog, role: O
     with _connect(engine_or_conn) as conn:
         _check_dialect(conn)
         _begin_ddl(conn)
-        return _drop(conn, _Sql(conn, catalog), catalog.owned_by(role))
+        return _drop(conn, _Sql(conn, catalog), catalog.edited_by(role))
 
 
 def triggers_installed(conn: Engine | Connection, catalog: Catalog, role: Owner) -> bool:
@@ -385,7 +385,7 @@ def triggers_installed(conn: Engine | Connection, catalog: Catalog, role: Owner)
     _check_role(role)
     with _connect(conn) as c:
         _check_dialect(c)
-        expected = {(t, n) for t, n, _e in _triggers_for(catalog.owned_by(role))}
+        expected = {(t, n) for t, n, _e in _triggers_for(catalog.edited_by(role))}
         return expected <= _existing(c, _Sql(c, catalog), {t for t, _n in expected})
 
 

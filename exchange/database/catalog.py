@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal, cast, get_args
 
@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from exchange.errors import ConfigError, DatabaseError
 
 __all__ = [
-    "Owner", "RouteKind", "PeerInfo", "Route", "DocType", "Catalog",
+    "Owner", "RouteKind", "Policy", "PeerInfo", "Route", "DocType", "Catalog",
     "reference_catalog", "catalog_from_config", "CATALOG_SCHEMA_FORMAT",
 ]
 
@@ -34,8 +34,11 @@ CATALOG_SCHEMA_FORMAT = "exchange-catalog-1"
 
 Owner = Literal["ho", "store"]
 RouteKind = Literal["all", "group", "column", "ho"]
+#: What decides between two concurrent changes of a document editable on both sides (docs/CATALOG.md).
+Policy = Literal["ho-wins", "store-wins", "newest-wins", "manual"]
 _OWNERS: tuple[str, ...] = get_args(Owner)
 _ROUTE_KINDS: tuple[str, ...] = get_args(RouteKind)
+_POLICIES: tuple[str, ...] = get_args(Policy)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,13 @@ class DocType:
     #: Store-sent types: the header column(s) naming the store a document belongs to. The HO applies
     #: a store's document only when each of them holds the signing store's id (docs/SECURITY.md).
     owner_columns: tuple[str, ...] = field(default=())
+    #: Editable at the HO too (store-owned types only): the HO's changes go back to the owner store,
+    #: and two concurrent changes are a conflict decided by ``conflict`` (exchange.receive.conflicts).
+    both_sides: bool = False
+    conflict: Policy = "ho-wins"
+    #: Per header column, a policy of its own: two concurrent changes are merged column by column,
+    #: each differing column decided by its policy (the others by ``conflict``). Types without children.
+    column_conflicts: tuple[tuple[str, Policy], ...] = ()
 
     def tables(self) -> tuple[str, ...]:
         """Header first, then children: the order to insert (reverse it to delete)."""
@@ -184,6 +194,22 @@ class Catalog:
         if missing_owner:
             raise ConfigError(f"{where}: owner column(s) {', '.join(missing_owner)} missing from header "
                               f"table {doc.header!r}")
+        if doc.conflict not in _POLICIES:
+            raise ConfigError(f"{where}: conflict must be one of {', '.join(_POLICIES)}, not {doc.conflict!r}")
+        for col, policy in doc.column_conflicts:
+            if policy not in _POLICIES:
+                raise ConfigError(f"{where}: column {col}: conflict must be one of {', '.join(_POLICIES)}, "
+                                  f"not {policy!r}")
+            if col not in header.c or col in doc.key:
+                raise ConfigError(f"{where}: a column policy needs a non-key column of {doc.header!r}, "
+                                  f"not {col!r}")
+        if doc.column_conflicts and (doc.children or not doc.both_sides):
+            raise ConfigError(f"{where}: column policies are for types edited on both sides without child tables")
+        if doc.both_sides and (doc.owner != "store" or not doc.owner_columns):
+            raise ConfigError(
+                f"{where}: edit = \"both\" is for store-owned documents (the HO's change goes back to the "
+                "store named in owner_columns); an HO-owned document is edited at the HO only",
+                hint=f"Remove edit = \"both\" from the [[catalog.doc]] of {doc.name!r}, or make it owner = \"store\".")
         if doc.owner == "ho" and doc.route.kind == "ho":
             raise ConfigError(f"{where}: an HO-owned document cannot be routed to the HO; "
                               "use \"all\", \"group:COLUMN\" or \"column:COLUMN\"")
@@ -227,6 +253,10 @@ class Catalog:
 
     def owned_by(self, role: Owner) -> list[DocType]:
         return [d for d in self._docs.values() if d.owner == role]
+
+    def edited_by(self, role: Owner) -> list[DocType]:
+        """The types ``role`` changes and sends: those it owns, and (the HO) those editable on both sides."""
+        return [d for d in self._docs.values() if d.owner == role or (d.both_sides and role == "ho")]
 
     def doc_for_table(self, table: str) -> DocType | None:
         """The document type a table belongs to, if any."""
@@ -284,7 +314,8 @@ def _reference_doc_types() -> list[DocType]:
                  "sales_invoice_line.amount", "sales_invoice_line.tax")),
         DocType("audit_plan", "audit_plan", ("audit_plan_line",), ("plan_id",), "ho",
                 Route("column", "store_id"), ()),
-        DocType("customer", "customer", (), ("store_id", "customer_id"), "store", to_ho, (), owner),
+        DocType("customer", "customer", (), ("store_id", "customer_id"), "store", to_ho, (), owner,
+                both_sides=True, conflict="manual"),
         DocType("sales_bill", "sales_bill", ("sales_bill_line", "sales_bill_payment"),
                 ("store_id", "bill_no"), "store", to_ho,
                 ("sales_bill.total", "sales_bill.tax", "sales_bill_line.qty", "sales_bill_line.amount",
@@ -318,8 +349,9 @@ def _reference_metadata(engine: Engine | None) -> MetaData:
         raise DatabaseError(f"cannot read the reference tables' columns: {exc}") from exc
 
 
-_CATALOG_KEYS = {"schema", "doc"}
-_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals", "owner_columns"}
+_CATALOG_KEYS = {"schema", "doc", "conflicts"}
+_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals", "owner_columns", "edit", "conflict"}
+_EDITS = ("owner", "both")
 _SCHEMAS = ("reference", "database")
 
 
@@ -355,6 +387,12 @@ def _doc_from_config(entry: Any, index: int) -> DocType:
         route = Route.parse(route_text)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc.message}") from None
+    edit = entry.get("edit", "owner")
+    if edit not in _EDITS:
+        raise ConfigError(f"{where}: edit must be \"owner\" or \"both\", not {edit!r}")
+    conflict = entry.get("conflict", "ho-wins")
+    if conflict not in _POLICIES:
+        raise ConfigError(f"{where}: conflict must be one of {', '.join(_POLICIES)}, not {conflict!r}")
     return DocType(
         name=name,
         header=header,
@@ -364,7 +402,39 @@ def _doc_from_config(entry: Any, index: int) -> DocType:
         route=route,
         totals=_str_list(entry.get("totals", []), f"{where}: totals"),
         owner_columns=_str_list(entry.get("owner_columns", []), f"{where}: owner_columns"),
+        both_sides=edit == "both",
+        conflict=cast(Policy, conflict),
     )
+
+
+def _with_policies(catalog: Catalog, policies: Any) -> Catalog:
+    """``[catalog] conflicts = { type = "policy" }``: another policy for a type, the reference schema's too."""
+    if not policies:
+        return catalog
+    if not isinstance(policies, Mapping):
+        raise ConfigError("[catalog]: conflicts must be a table such as { customer = \"ho-wins\" }")
+    docs = {d.name: d for d in catalog}
+    for name, policy in policies.items():
+        if name not in docs:
+            raise ConfigError(f"[catalog] conflicts: unknown document type {name!r} (known: {', '.join(docs)})")
+        if isinstance(policy, Mapping):  # { policy = "manual", columns = { phone = "store-wins" } }
+            unknown = set(policy) - {"policy", "columns"}
+            columns = policy.get("columns", {})
+            if unknown or not isinstance(columns, Mapping):
+                extra = f", not {', '.join(sorted(unknown))}" if unknown else ""
+                raise ConfigError(f"[catalog] conflicts: {name} takes policy = \"...\" and columns = "
+                                  "{ column = \"policy\" }" + extra)
+            docs[name] = replace(docs[name], column_conflicts=tuple(
+                (str(c), cast(Policy, p)) for c, p in columns.items()))
+            policy = policy.get("policy", docs[name].conflict)
+        if policy not in _POLICIES:
+            raise ConfigError(f"[catalog] conflicts: {name} must be one of {', '.join(_POLICIES)}, "
+                              f"not {policy!r}")
+        if not docs[name].both_sides:
+            raise ConfigError(f"[catalog] conflicts: {name} is edited by its owner only; a policy is for "
+                              "types editable on both sides (edit = \"both\")")
+        docs[name] = replace(docs[name], conflict=cast(Policy, policy))
+    return Catalog(catalog.metadata, list(docs.values()))
 
 
 def _reflect(engine: Engine, tables: Sequence[str]) -> MetaData:
@@ -402,14 +472,15 @@ def catalog_from_config(cfg: Mapping[str, Any], *, reflect_from: Engine | None =
     if schema not in _SCHEMAS:
         raise ConfigError(f"[catalog]: schema must be \"reference\" or \"database\", not {schema!r}")
     doc_types = [_doc_from_config(entry, i) for i, entry in enumerate(entries)]
+    policies = section.get("conflicts")
     if schema == "reference":
         if not doc_types:
-            return reference_catalog(reflect_from)
-        return Catalog(_reference_metadata(reflect_from), doc_types)
+            return _with_policies(reference_catalog(reflect_from), policies)
+        return _with_policies(Catalog(_reference_metadata(reflect_from), doc_types), policies)
     if not doc_types:
         raise ConfigError("[catalog]: schema = \"database\" needs at least one [[catalog.doc]]")
     if reflect_from is None:
         raise ConfigError("[catalog]: the site's tables must be read from its database, "
                           "but no database was given", hint="Set database.url in exchange.toml.")
     tables = [t for doc in doc_types for t in doc.tables()]
-    return Catalog(_reflect(reflect_from, tables), doc_types)
+    return _with_policies(Catalog(_reflect(reflect_from, tables), doc_types), policies)

@@ -246,6 +246,42 @@ _LATER_TABLES = ("xchg_broadcast", "xchg_journal", "xchg_decision", "xchg_setasi
                  "xchg_peer_catalog")  # made by their own migrations
 _M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in _LATER_TABLES]
 
+#: Concurrent changes of documents editable on both sides: both versions, who, when, the policy applied
+#: and what it kept (exchange.receive.conflicts). ``ours``/``theirs``: the document's rows as Arrow IPC
+#: (NULL: the version deleted it). Made by its own migration (not migration 1).
+xchg_conflict = Table(
+    "xchg_conflict", XCHG,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("doc_type", String(64), nullable=False),
+    Column("doc_key", String(512), nullable=False),
+    Column("peer", String(32), nullable=False),  # the other side of the conflict
+    Column("seq", BigInteger, nullable=False),  # the bundle of the peer's version
+    Column("policy", String(16), nullable=False),
+    Column("status", String(16), nullable=False, index=True),  # OPEN DECIDED RESOLVED
+    Column("kept", String(8)),  # ours | theirs (NULL while OPEN)
+    Column("our_version", BigInteger, nullable=False),
+    Column("our_at", DateTime(timezone=True)),
+    Column("their_version", BigInteger, nullable=False),
+    Column("their_base", BigInteger, nullable=False),
+    Column("their_at", DateTime(timezone=True)),
+    Column("ours", LargeBinary),
+    Column("theirs", LargeBinary),
+    Column("detected_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+    Column("resolved_by", String(128)),
+    Column("note", Text),
+)
+
+#: Documents editable on both sides: this node's latest change sent (or queued) of each, the version it
+#: went at and when it was made, so the conflict check never scans the capture log (which has no key index).
+xchg_doc_local = Table(
+    "xchg_doc_local", XCHG,
+    Column("doc_type", String(64), primary_key=True),
+    Column("doc_key", String(512), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+)
+
 
 def _m1_initial(conn: Connection) -> None:
     XCHG.create_all(conn, tables=_M1_TABLES)  # create_all makes every index, migration 3's too
@@ -311,10 +347,16 @@ def _m9_schema_evolution(conn: Connection) -> None:
     XCHG.create_all(conn, tables=[xchg_kept, xchg_peer_catalog], checkfirst=True)
 
 
+def _m10_conflicts(conn: Connection) -> None:
+    """The conflict log of documents editable on both sides."""
+    xchg_conflict.create(conn, checkfirst=True)  # its index with it
+    xchg_doc_local.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
                                                   _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
-                                                  _m9_schema_evolution]
+                                                  _m9_schema_evolution, _m10_conflicts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

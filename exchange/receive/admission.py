@@ -28,7 +28,7 @@ from exchange.database import rows
 from exchange.database.catalog import Catalog, DocType
 from exchange.errors import OwnershipError
 from exchange.vocabulary import DocKey
-from exchange.wire.formats import EVENTS_TABLE
+from exchange.wire.formats import BASES_TABLE, EVENTS_TABLE
 
 #: (doc_key, op, version) of one document type's events in a bundle
 Events = Sequence[tuple[DocKey, str, int]]
@@ -45,7 +45,7 @@ def key_text(doc_key: str) -> str:
 def check_tables_announced(catalog: Catalog, tables: Iterable[str], announced: Mapping[str, Events]) -> None:
     """Every table of the bundle belongs to a document type its events name."""
     for name in tables:
-        if name == EVENTS_TABLE:
+        if name in (EVENTS_TABLE, BASES_TABLE):
             continue
         dt = catalog.doc_for_table(name)
         if dt is None or dt.name not in announced:
@@ -70,10 +70,17 @@ def check_rows_announced(dt: DocType, data: Mapping[str, pa.Table], upserts: set
 
 
 def check_owner(conn: Connection, catalog: Catalog, dt: DocType, sender: str, events: Events,
-                header: pa.Table | None) -> None:
-    """Each document of ``dt`` in the bundle, and what the receiver holds under its key, is ``sender``'s."""
+                header: pa.Table | None, owner: str | None = None) -> None:
+    """Each document of ``dt`` in the bundle, and what the receiver holds under its key, is ``sender``'s.
+
+    ``owner``: the HO's change of a type editable on both sides must be of the receiving store's own
+    documents (``owner`` is that store's id): the HO never writes one store's document at another.
+    """
     if not dt.owner_columns:
         return
+    why = f"the bundle was signed by {sender}: a store may only write its own documents"
+    if owner is not None:
+        sender, why = owner, f"this node is {owner}: the HO may send a store only that store's own documents"
     keys = [k for k, _op, _v in events]
     in_key = [c for c in dt.owner_columns if c in dt.key]
     if in_key:
@@ -82,28 +89,28 @@ def check_owner(conn: Connection, catalog: Catalog, dt: DocType, sender: str, ev
             values = rows.parse_key(k)
             for col, i in zip(in_key, at, strict=True):
                 if values[i] != sender:
-                    _refuse(dt, k, col, values[i], sender)
+                    _refuse(dt, k, col, values[i], why)
     rest = [c for c in dt.owner_columns if c not in dt.key]
     if not rest:
         return  # the key names the owner: the rows sent and the rows held agree with it
     if header is not None:
-        _check_column_owners(dt, header, rest, sender)
+        _check_column_owners(dt, header, rest, sender, why)
     held = rows.read_docs(conn, catalog.table(dt.header), dt.key, keys)
-    _check_column_owners(dt, held, rest, sender, held_here=True)
+    _check_column_owners(dt, held, rest, sender, why, held_here=True)
 
 
-def _check_column_owners(dt: DocType, table: pa.Table, columns: Sequence[str], sender: str,
+def _check_column_owners(dt: DocType, table: pa.Table, columns: Sequence[str], sender: str, why: str,
                          held_here: bool = False) -> None:
     for col in columns:
         values = table.column(col).to_pylist()
         for i, v in enumerate(values):
             if v is None or str(v) != sender:
                 key = rows.row_keys(table.slice(i, 1), dt.key)[0]
-                _refuse(dt, key, col, v, sender, held_here)
+                _refuse(dt, key, col, v, why, held_here)
 
 
-def _refuse(dt: DocType, key: str, column: str, owner: object, sender: str, held_here: bool = False) -> None:
+def _refuse(dt: DocType, key: str, column: str, owner: object, why: str, held_here: bool = False) -> None:
     where = " as held here" if held_here else ""
     raise OwnershipError(
-        f"{dt.name} {key_text(key)}{where} belongs to {owner!s} ({column}), but the bundle was signed by {sender}: "
-        "a store may only write its own documents; nothing of the bundle was applied")
+        f"{dt.name} {key_text(key)}{where} belongs to {owner!s} ({column}), but {why}; "
+        "nothing of the bundle was applied")

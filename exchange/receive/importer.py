@@ -50,7 +50,7 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import (AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
                                  counted)
-from exchange.receive import admission, evolution
+from exchange.receive import admission, conflicts, evolution
 from exchange.receive.locks import try_lock
 from exchange.receive.orphans import deleted_dependency
 from exchange.receive.setaside import archive, quarantine
@@ -649,12 +649,13 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         docs = defaultdict(list, {t: v for t, v in docs.items() if t not in kept_docs})
     for doc_type in docs:  # before anything is read or written: who may write what (exchange.receive.admission)
         dt = cat.get(doc_type)
-        if dt.owner != sender_role:
+        if dt.owner != sender_role and not (dt.both_sides and sender_role == "ho"):  # the HO edits both-sides types
             raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
                                  f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
     admission.check_tables_announced(cat, [t for t in opened.tables if t not in kept_tables], docs)
     evolution.check_schemas(cat, peer_cat, [n for n in cat.names if n in docs], opened)  # HELD if not additive
     evolution.record_peer_catalog(conn, peer, seq, peer_cat)
+    bases = conflicts.read_bases(opened, cat, docs)
     applied: dict[str, Any] = {t: {"kept": n} for t, n in kept_docs.items()}
     parked: list[dict[str, str]] = []
     for doc_type in [n for n in cat.names if n in docs]:
@@ -664,7 +665,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                  if t in opened.tables}  # columns this node does not have yet are kept aside
         data = {t: split[t][0] for t in split}
         admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
-        admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header))
+        admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header),
+                              owner=node.id if sender_role == "ho" else None)
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
         got = control_totals(dt, data, upserts)
         want = expected.get(doc_type, {})
@@ -674,13 +676,20 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         stored = _stored_versions(conn, peer, doc_type, [k for k, _o, _v in docs[doc_type]])
         fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
         stale = len(docs[doc_type]) - len(fresh)
+        seen: dict[str, int] = {}
+        n_conflicts = 0
+        if dt.both_sides:  # a change concurrent with one made here: decided by policy (exchange.receive.conflicts)
+            fresh, seen, n_conflicts = conflicts.decide(conn, cat, dt, peer, sender_role, seq, fresh, data,
+                                                        bases.get(doc_type, {}))
+            _set_versions(conn, peer, doc_type, seen)
+        kept_out = len(docs[doc_type]) - stale - len(fresh)
         keys = [k for k, _o, _v in fresh]
         index: dict[str, dict[str, list[int]]] = {}
         n_parked = 0
         try:
             with conn.begin_nested():
                 sub = data
-                if stale:  # leave out the rows of documents we already hold newer
+                if stale or kept_out:  # leave out the rows of documents we hold newer (or keep by policy)
                     index = {t: _index(tab, dt.key) for t, tab in data.items()}
                     wanted = set(keys)
                     sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
@@ -711,7 +720,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                     n_parked += 1
         kept = sum(evolution.keep(conn, peer, seq, dt, t, split[t][1], set(keys)) for t in data if split[t][1])
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
-                             "totals": got["totals"]} | ({"kept": kept} if kept else {})
+                             "totals": got["totals"]} | ({"kept": kept} if kept else {}) \
+            | ({"conflicts": n_conflicts} if n_conflicts else {})
     return applied, parked
 
 

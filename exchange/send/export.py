@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
+from exchange.database import conflicts as conflict_log
 from exchange.database import rows, sqlite_arrow
 from exchange.database.arrow_memory import system_pool, trim
 from exchange.database.catalog import Catalog, DocType, PeerInfo
@@ -37,7 +38,7 @@ from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.files import publish, sha256_file, utc_now
 from exchange.wire import keynotice
 from exchange.wire.bundle import ParquetCache, Sealed, seal_bundle
-from exchange.wire.formats import EVENTS_TABLE, PART_SUFFIX, SUPERSEDES, bundle_name
+from exchange.wire.formats import BASES_TABLE, EVENTS_TABLE, PART_SUFFIX, SUPERSEDES, bundle_name
 from exchange.vocabulary import SentStatus
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ def _route_chunk(conn: Connection, node: Node, catalog: Catalog, peers: list[Pee
     broadcast: list[tuple[str, str, str, int]] = []
     for doc_type, keys in by_type.items():
         dt = catalog.get(doc_type)
+        if dt.both_sides and node.cfg.role == "ho":  # the HO's change of a store's document goes to that store
+            deliveries.extend(_to_owner(conn, catalog, dt, keys, latest, peers))
+            continue
         if dt.owner != node.cfg.role:
             log.warning("ignoring %d events for %s: owned by the %s side", len(keys), doc_type, dt.owner)
             continue
@@ -165,6 +169,26 @@ def _set_aside_in_routing(conn: Connection, node: Node, catalog: Catalog, failed
         log.warning("set aside: %s", p.reason)
     bad = {p.doc_key for p in problems}
     return [k for k in failed.keys if k not in bad]
+
+
+def _to_owner(conn: Connection, catalog: Catalog, dt: DocType, keys: list[str],
+              latest: dict[tuple[str, str], tuple[str, int]], peers: list[PeerInfo]
+              ) -> list[tuple[str, str, str, str, int]]:
+    """Deliveries of the HO's changes of a type editable on both sides: to the store in its owner column."""
+    column = dt.owner_columns[0]
+    stores = {p.id for p in peers if p.role == "store"}
+    headers = {} if column in dt.key else _header_rows(conn, catalog, dt, keys)
+    out = []
+    for key in keys:
+        op, version = latest[(dt.name, key)]
+        owner = (rows.parse_key(key)[dt.key.index(column)] if column in dt.key
+                 else (headers.get(key) or {}).get(column))
+        if owner is None or str(owner) not in stores:
+            log.warning("%s %s: owner %r is not a store peer of this node; the change is not sent", dt.name, key, owner)
+            continue
+        out.append((str(owner), dt.name, key, op, version))
+    conflict_log.note_sent(conn, dt.name, {d[2]: d[4] for d in out})  # the versions and times a conflict compares
+    return out
 
 
 def _replace_broadcast(conn: Connection, docs: list[tuple[str, str, str, int]]) -> None:
@@ -448,6 +472,10 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         notices = supersede_notices(conn, peer)  # exchange.send.resend: "seq N is superseded", to skip it there
         if notices:
             summary = {**summary, SUPERSEDES: notices}
+        based = conflict_log.bases_table(conn, node.catalog, peer, docs,  # FORMAT.md v3: types edited on both sides
+                                         from_log=events is not None and bool(events.docs))
+        if based is not None:
+            tables = {**tables, BASES_TABLE: based}
         name = bundle_name(node.id, peer, seq)
         part = node.cfg.outbox / (name + PART_SUFFIX)
         notice = rotation.notice_for(node, peer, conn)  # a key rotation not yet known to the peer travels along
@@ -489,6 +517,9 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     recover_outbox(node)
     with node.engine.begin() as conn:
         begin_write(conn)
+        # a change made here to a document the other side owns: logged as a conflict the owner wins
+        conflict_log.report_foreign_edits(conn, node.catalog, node.cfg.role,
+                                          {p.id: p.role for p in node.cfg.peers.values()})
         routed = route_events(conn, node)
     out: list[Exported] = []
     node.cfg.work.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from exchange import __version__
 from exchange.node.home import Node
-from exchange.vocabulary import ReceivedStatus, SentStatus
+from exchange.vocabulary import ConflictStatus, ReceivedStatus, SentStatus
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class ExchangeCollector(Collector):
                                   "Documents this node could not encode and did not send (exchange set-aside list).")
         aside.add_metric([], _set_aside_count(node))
         yield aside
+        yield from self._conflicts()
         last = self.last_sync() if self.last_sync else None
         if last:
             g = GaugeMetricFamily("exchange_last_sync_timestamp_seconds",
@@ -129,6 +130,25 @@ class ExchangeCollector(Collector):
         g = GaugeMetricFamily("exchange_scrape_timestamp_seconds", "When this scrape read the database.")
         g.add_metric([], time.time())
         yield g
+
+
+    def _conflicts(self) -> Iterable[Metric]:
+        """OPEN conflicts (held for a person) per type editable on both sides; the whole log by status."""
+        from exchange.database.conflicts import counts
+
+        g = GaugeMetricFamily("exchange_conflicts_open", "Conflicts of documents edited on both sides held for "
+                              "a person (`exchange conflicts list --open`), per document type.",
+                              labels=["doc_type"])
+        logged = GaugeMetricFamily("exchange_conflicts", "The conflict log: conflicts per document type and "
+                                   "status (OPEN, DECIDED, RESOLVED).", labels=["doc_type", "status"])
+        with self.node.engine.connect() as conn:
+            found = counts(conn)
+        held = {t: n for (t, s), n in found.items() if s == ConflictStatus.OPEN}
+        for name in sorted({d.name for d in self.node.catalog if d.both_sides} | set(held)):
+            g.add_metric([name], held.get(name, 0))
+        for (t, s), n in sorted(found.items()):
+            logged.add_metric([t, s], n)
+        return [g, logged]
 
 
 def make_registry(node: Node, last_sync: Callable[[], float | None] | None = None) -> CollectorRegistry:

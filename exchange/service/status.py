@@ -242,3 +242,29 @@ def set_aside(node: Node) -> list[dict[str, Any]]:
     from exchange.send.setaside import listing
 
     return [{**asdict(d), "reason": d.reason} for d in listing(node)]
+
+
+def conflicts(node: Node) -> dict[str, Any]:
+    """``status conflicts --json``: the open conflicts per type and the conflict log (docs/STATUS_JSON.md)."""
+    from exchange.database.conflicts import conflicts as log
+    from exchange.database.conflicts import open_count
+
+    with node.engine.connect() as conn:
+        return {"version": 1, "node": node.id, "open": open_count(conn),
+                "conflicts": [c.as_json() for c in log(conn)]}
+
+
+def conflicts_text(node: Node) -> str:
+    """The conflicts view as lines: the open ones first, each with what to run."""
+    data = conflicts(node)
+    items = data["conflicts"]
+    if not items:
+        return f"{node.id}: no conflicts"
+    held = [c for c in items if c["status"] == "OPEN"]
+    out = [f"{node.id}: {len(held)} conflicts held for a person, {len(items)} in the log"]
+    for c in held + [c for c in items if c["status"] != "OPEN"]:
+        what = f"kept {c['kept']}" if c["kept"] else "held: exchange conflicts resolve " + str(c["id"]) + \
+            " --keep ours|theirs"
+        out.append(f"  #{c['id']} {c['status']:8} {c['doc_type']} {'/'.join(c['doc_key'])} with {c['peer']} "
+                   f"({c['policy']}): {what}")
+    return "\n".join(out)

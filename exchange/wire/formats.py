@@ -36,6 +36,7 @@ ACK_DETAILS_MEMBER = "details.json.age"  # ack v2: the third member, age-encrypt
 ACK_DETAILS_FORMAT = "exchange-ack-details"
 INNER_MANIFEST = "inner.json"
 EVENTS_TABLE = "_events"
+BASES_TABLE = "_bases"  # v3: per document editable on both sides, the version its change was based on
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIG_BYTES = 8 << 10

@@ -60,6 +60,7 @@ DEFAULT_SILENT_MINUTES = 60.0
 NOTICES = {
     "busy": "Another sync or retry is still running; wait for it to finish.",
     "started": "",
+    "resolved": "Resolved: the version kept goes to the other side with the next sync.",
 }
 
 
@@ -379,6 +380,46 @@ async def action(request: Request) -> Response:
     return RedirectResponse(_with_notice(_safe_next(form.get("next")), result), status_code=303)
 
 
+def conflicts_page(request: Request) -> Response:
+    """Concurrent changes of documents edited on both sides: the held ones with both versions and buttons."""
+    from exchange.database.conflicts import conflict, conflicts
+
+    ctx = _ctx(request)
+    with ctx.node.engine.connect() as conn:
+        found = [conflict(conn, c.id) for c in conflicts(conn, limit=200)]
+    items = []
+    for c in found:
+        if c is None:
+            continue
+        item = c.as_json(with_rows=True)  # times as datetimes: the page shows them in the viewer's zone
+        item["detected_at"] = c.detected_at
+        item["ours"]["changed_at"], item["theirs"]["changed_at"] = c.our_at, c.their_at
+        items.append(item)
+    return ctx.render(request, "conflicts.html", conflicts=items,
+                      held=sum(1 for c in items if c["status"] == "OPEN"))
+
+
+async def resolve_conflict(request: Request) -> Response:
+    """Keep ours or theirs for one OPEN conflict (exchange.receive.conflicts.resolve); the next sync sends it."""
+    from exchange.errors import ConflictError
+    from exchange.receive.conflicts import resolve
+
+    form = await _post_form(request)
+    if isinstance(form, Response):
+        return form
+    ctx = _ctx(request)
+    keep, number = form.get("keep"), form.get("id", "")
+    if keep not in ("ours", "theirs") or not number.isdigit():
+        return ctx.render_plain(request, "error.html", 400, title="Bad request",
+                                message="Choose a conflict and whose version to keep.")
+    try:
+        await run_in_threadpool(resolve, ctx.node, int(number), "ours" if keep == "ours" else "theirs",
+                                form.get("by") or "page")
+    except ConflictError as exc:
+        return ctx.render_plain(request, "error.html", 409, title="Not resolved", message=exc.message)
+    return RedirectResponse("/conflicts?notice=resolved", status_code=303)
+
+
 def api_status(request: Request) -> Response:
     ctx = _ctx(request)
     job = ctx.jobs.current()
@@ -433,6 +474,8 @@ def create_app(node: Node, settings: UiSettings | None = None, service: Service 
         Route("/peer/{peer}", peer_page),
         Route("/sync", action, methods=["POST"]),
         Route("/retry", action, methods=["POST"]),
+        Route("/conflicts", conflicts_page),
+        Route("/conflicts/resolve", resolve_conflict, methods=["POST"]),
         Route("/api/status", api_status),
         Route("/metrics", metrics),
         Route("/login", login, methods=["GET", "POST"]),
