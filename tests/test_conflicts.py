@@ -25,6 +25,7 @@ from enginehelpers import Net, docs_of, forge_bundle, make_net, seed_ho
 from sqlalchemy import select, update
 
 from exchange.cli import main
+from exchange.errors import ConflictError
 from exchange.database import schema as s
 from exchange.database.capture import record_events
 from exchange.database.tables import xchg_stream_in
@@ -139,7 +140,7 @@ def test_concurrent_edits_decided_by_policy(net: Net, policy: str, first: str, w
     assert shown["ours"]["rows"]["customer"][0]["name"] == names[nid]
     assert shown["theirs"]["rows"]["customer"][0]["name"] == names[other], "the loser is kept"
     res = cli("conflicts", "resolve", str(c["id"]), "--keep", "ours", "--home", str(net.node(nid).cfg.home),
-              code=23)
+              code=ConflictError.exit_code)
     assert "not OPEN" in res.output
 
 
@@ -212,7 +213,7 @@ def test_a_bases_row_for_a_document_not_in_the_bundle_is_refused(net: Net) -> No
             xchg_stream_in.c.peer == "s001")).one()
     forged = forge_bundle(st, "ho", docs_of(st, "customer", [KEY]), tables_hook=add_bases,
                           out_dir=net.ho.cfg.inbox, record=False, at=(int(pos[0]) + 1, pos[1]))
-    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home)).stdout)
+    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home), code=10).stdout)
     mine = [r for r in res if r["file"] == forged.name]
     assert mine and mine[0]["status"] == "QUARANTINED"
     assert "_bases table: customer" in mine[0]["reason"] and "C9" in mine[0]["reason"]
@@ -385,7 +386,7 @@ def test_a_base_this_node_never_sent_is_refused(net: Net) -> None:
             xchg_stream_in.c.peer == "s001")).one()
     forged = forge_bundle(st, "ho", docs_of(st, "customer", [KEY]), tables_hook=claim, out_dir=net.ho.cfg.inbox,
                           record=False, at=(int(pos[0]) + 1, pos[1]))
-    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home)).stdout)
+    res = json.loads(cli("import", "--json", "--home", str(net.ho.cfg.home), code=10).stdout)
     mine = [r for r in res if r["file"] == forged.name]
     assert mine and mine[0]["status"] == "QUARANTINED" and "claims base version" in mine[0]["reason"]
     assert customer(net.ho)["name"] == "Asha (HO)"  # type: ignore[index]
@@ -401,7 +402,7 @@ def test_the_ho_may_send_a_store_only_its_own_customers(net: Net) -> None:
             xchg_stream_in.c.peer == "ho")).one()
     forged = forge_bundle(net.ho, "s001", docs_of(net.ho, "customer", [("s002", "C7")]), out_dir=st.cfg.inbox,
                           record=False, at=(int(pos[0]) + 1, pos[1]))
-    res = json.loads(cli("import", "--json", "--home", str(st.cfg.home)).stdout)
+    res = json.loads(cli("import", "--json", "--home", str(st.cfg.home), code=21).stdout)
     mine = [r for r in res if r["file"] == forged.name]
     assert mine and mine[0]["status"] == "FAILED"
     assert "belongs to s002 (store_id), but this node is s001" in mine[0]["reason"]

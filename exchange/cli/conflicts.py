@@ -16,7 +16,12 @@ from exchange.cli.main import HOME, JSON, _echo_json, _node, main, shown
 
 @main.group()
 def conflicts() -> None:
-    """Concurrent changes of documents edited on both sides: list, show, resolve."""
+    """Concurrent changes of documents edited on both sides: list, show, resolve.
+
+    \b
+    Example:
+      exchange conflicts list --home /srv/xchg/ho --open
+    """
 
 
 def _line(c: Any) -> str:
@@ -31,7 +36,12 @@ def _line(c: Any) -> str:
 @JSON
 @click.option("--open", "open_only", is_flag=True, help="Only the conflicts held for a person (OPEN).")
 def conflicts_list(home: Path | None, as_json: bool, open_only: bool) -> None:
-    """The conflict log, newest first: both versions kept, the policy applied, what it kept."""
+    """The conflict log, newest first: both versions kept, the policy applied, what it kept.
+
+    \b
+    Example:
+      exchange conflicts list --home /srv/xchg/ho --open --json
+    """
     from exchange.database.conflicts import conflicts as read
 
     node = _node(home)
@@ -51,7 +61,12 @@ def conflicts_list(home: Path | None, as_json: bool, open_only: bool) -> None:
 @HOME
 @JSON
 def conflicts_show(conflict_id: int, home: Path | None, as_json: bool) -> None:
-    """One conflict with both versions of the document (ours: this node's; theirs: the peer's)."""
+    """One conflict with both versions of the document (ours: this node's; theirs: the peer's).
+
+    \b
+    Example:
+      exchange conflicts show --home /srv/xchg/ho 7
+    """
     from exchange.database.conflicts import conflict
     from exchange.errors import ConflictError
 
@@ -84,7 +99,12 @@ def conflicts_show(conflict_id: int, home: Path | None, as_json: bool) -> None:
 @click.option("--by", help="Who resolves it, for the log (default: the login name or EXCHANGE_USER).")
 @HOME
 def conflicts_resolve(conflict_id: int, keep: str, by: str | None, home: Path | None) -> None:
-    """Resolve an OPEN conflict; the kept version goes to the peer with the next sync."""
+    """Resolve an OPEN conflict; the kept version goes to the peer with the next sync.
+
+    \b
+    Example:
+      exchange conflicts resolve --home /srv/xchg/ho 7 --keep theirs
+    """
     from exchange.receive.conflicts import resolve
 
     node = _node(home)
