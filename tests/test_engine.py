@@ -562,7 +562,7 @@ def test_dry_run_changes_nothing(net: Net) -> None:
     seed_ho(net)
     sync(ho)
     pull(st)
-    (path,) = [p for p in st.cfg.inbox.iterdir()]
+    (path,) = [p for p in st.cfg.inbox.iterdir() if p.name.endswith(".bundle")]
     before, files = snapshot(st), _files(st.cfg.home)
     out = import_file(st, path, dry_run=True)
     assert out.status == "APPLIED" and "dry run" in out.reason

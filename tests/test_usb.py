@@ -120,7 +120,7 @@ def stick_files(stick: Path) -> list[str]:
     t = stick / TRANSFER_DIR
     return sorted(str(p.relative_to(t)) for p in t.rglob("*")
                   if p.is_file() and p.parts[-2] != RECEIPTS_DIR and p.name not in ("README.txt", "stick.json")
-                  and not p.name.startswith("node-"))
+                  and not p.name.startswith("node-") and not p.name.endswith(".heartbeat"))  # status, not business
 
 
 def received_applied(node: Node) -> int:

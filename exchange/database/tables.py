@@ -169,7 +169,18 @@ xchg_broadcast = Table(
     Column("version", BigInteger, nullable=False, index=True),
 )
 
-_M1_TABLES = [t for t in XCHG.sorted_tables if t.name != "xchg_broadcast"]
+#: Per peer: the newest heartbeat it sent (docs/FORMAT.md section 12): when, its version, its health.
+xchg_heartbeat = Table(
+    "xchg_heartbeat", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),  # signed by the peer
+    Column("received_at", DateTime(timezone=True), nullable=False),  # this node's clock
+    Column("app_version", String(64), nullable=False),
+    Column("health", Text, nullable=False),  # JSON: exchange.wire.formats.HEALTH_FIELDS
+    Column("file", LargeBinary, nullable=False),  # the signed heartbeat, for an auditor
+)
+
+_M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in ("xchg_broadcast", "xchg_heartbeat")]
 
 
 def _m1_initial(conn: Connection) -> None:
@@ -213,9 +224,14 @@ def _m5_versions(conn: Connection) -> None:
         conn.exec_driver_sql("DROP TABLE xchg_doc_version_m4")
 
 
+def _m_heartbeat(conn: Connection) -> None:
+    """The newest heartbeat of each peer (made only if missing: the order of migrations may vary)."""
+    xchg_heartbeat.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions]
+                                                  _m5_versions, _m_heartbeat]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -46,6 +46,7 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedStatus, SentStatus
 from exchange.receive import admission
+from exchange.receive.heartbeat import import_heartbeat
 from exchange.receive.locks import try_lock
 from exchange.receive.setaside import archive, quarantine
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
@@ -173,12 +174,17 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     total = sum(len(v) for v in streams.values())
     if total:
         rep.start("import", total)
-    for kind, peer in sorted(order, key=lambda s: s[0] != "ack"):  # acks first, then bundles
+    for kind, peer in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):  # heartbeats, acks, bundles
         with try_lock(node, f"{kind}-{peer}") as got:
             if not got:
                 continue
             for p in sorted(streams[(kind, peer)], key=lambda p: parse_name(p.name).seq):
-                if os.path.lexists(p):  # a dangling link too: set aside as what it is
+                if kind == "heartbeat":
+                    if os.path.lexists(p):
+                        status, why = import_heartbeat(node, p, rep)
+                        if status is not None:  # quarantined: reported like any file set aside
+                            out.append(FileOutcome(p.name, status, why, peer))
+                elif os.path.lexists(p):  # a dangling link too: set aside as what it is
                     out.append(handle_ack(node, p, reporter=rep) if kind == "ack"
                                else import_file(node, p, retry=retry, reporter=rep))
                 rep.advance()

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from exchange.database.tables import xchg_parked, xchg_received, xchg_sent, xchg_stream_in
+from exchange.database.tables import xchg_heartbeat, xchg_parked, xchg_received, xchg_sent, xchg_stream_in
 from exchange.node.home import Node
 from exchange.service import status
 from exchange.vocabulary import ReceivedStatus, SentStatus
@@ -140,6 +140,8 @@ def parked_docs(node: Node, peer: str | None = None, limit: int = 500) -> tuple[
 
 # ---------------------------------------------------------------- per-peer figures
 
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
 @dataclass
 class PeerStats:
     """Both streams with one peer, as the HO overview and the metrics see them."""
@@ -164,13 +166,16 @@ class PeerStats:
     parked: int = 0
     sent_by_status: dict[str, int] = field(default_factory=dict)
     received_by_status: dict[str, int] = field(default_factory=dict)
+    last_heartbeat: datetime | None = None  # its newest heartbeat's signed time (at most when it arrived)
+    remote_version: str | None = None  # the version its newest heartbeat states
+    remote_health: dict[str, int] = field(default_factory=dict)  # what it reported about itself
 
     @property
     def last_contact(self) -> datetime | None:
-        """When this peer was last heard from, by any signed sign of life: its newest bundle, or its
-        newest ack of ours (an acknowledged upload). The ``node-<peer>.json`` it publishes is not
+        """When this peer was last heard from, by any signed sign of life: its newest heartbeat,
+        bundle, or ack of ours (an acknowledged upload). The ``node-<peer>.json`` it publishes is not
         counted: it is unsigned, and anyone who can write the folder could keep a silent store green."""
-        return _latest(self.last_received, self.last_ack)
+        return _latest(self.last_received, self.last_ack, self.last_heartbeat)
 
     @property
     def missing_seq(self) -> int | None:
@@ -231,6 +236,13 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
         for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
             get(peer).parked = int(n)
+        h = xchg_heartbeat
+        for peer, created, received, version, health in conn.execute(
+                select(h.c.peer, h.c.created, h.c.received_at, h.c.app_version, h.c.health)):
+            st = get(peer)
+            st.last_heartbeat = min(aware(created) or _EPOCH, aware(received) or _EPOCH)
+            st.remote_version = str(version)
+            st.remote_health = _summary(health)
     for q in quarantined(node):
         if q.peer:
             get(q.peer).quarantined += 1
@@ -329,7 +341,7 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
         if peer_id in node.cfg.peers and node.cfg.peers[peer_id].role != "store":
             continue
         info = published_info(node, peer_id)
-        version = str(info.get("version")) if info and info.get("version") else "-"
+        version = st.remote_version or (str(info.get("version")) if info and info.get("version") else "-")
         rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now)))
     return rows
 
@@ -364,6 +376,22 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
         out.append(_count(st.quarantined, "file quarantined", "files quarantined"))
     if st.parked:
         out.append(_count(st.parked, "document parked", "documents parked"))
+    return out + remote_troubles(st.remote_health)
+
+
+def remote_troubles(health: dict[str, int]) -> list[str]:
+    """What a store's newest heartbeat says is wrong on its side (its own streams, parked, quarantine)."""
+    out = []
+    if health.get("waiting"):
+        out.append("at the store: " + _count(health["waiting"], "bundle waiting", "bundles waiting"))
+    if health.get("failed"):
+        out.append("at the store: FAILED stream")
+    if health.get("held"):
+        out.append("at the store: HELD stream")
+    if health.get("parked"):
+        out.append("at the store: " + _count(health["parked"], "document parked", "documents parked"))
+    if health.get("quarantined"):
+        out.append("at the store: " + _count(health["quarantined"], "file quarantined", "files quarantined"))
     return out
 
 
