@@ -99,6 +99,11 @@ def print_status(node: str, view: str, rows: list[Any], parked: list[Any] | None
             t.add_row(data(r.file), data(r.peer), str(r.seq), data(docs), data(r.status), (r.created or "")[:19],
                       (r.updated or "")[:19], data(r.reason or ""))
         console.print(t)
+        for r in rows:  # a sent bundle whose ack reports other figures than were sealed
+            rec = getattr(r, "reconcile", None)
+            if rec and not rec.get("ok", True):
+                console.print(Text(f"{r.file}: the ack differs from what was sent: ")
+                              .append_text(data("; ".join(rec.get("problems", [])))))
     if parked:
         p = Table("document", "key", "from", "seq", "attempts", "error", title=f"{node}: parked documents")
         for d in parked:

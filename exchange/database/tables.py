@@ -86,6 +86,10 @@ xchg_sent = Table(
     Column("uploaded_at", DateTime(timezone=True)),
     Column("processed_at", DateTime(timezone=True)),
     Column("reason", Text),
+    # JSON: the sealed control totals per document type (count, deletes, rows, totals), to reconcile the ack
+    Column("sent_totals", Text),
+    # JSON: what the ack's applied counts and totals say against sent_totals (exchange.receive.reconcile)
+    Column("reconcile", Text),
 )
 
 #: Per peer: the next seq to seal and the hash of the last sealed manifest.
@@ -229,9 +233,17 @@ def _m_heartbeat(conn: Connection) -> None:
     xchg_heartbeat.create(conn, checkfirst=True)
 
 
+def _m_reconcile(conn: Connection) -> None:
+    """What each bundle sent (control totals) and what its ack says was applied (added only if missing)."""
+    have = {c["name"] for c in inspect(conn).get_columns("xchg_sent")}
+    for col in ("sent_totals", "reconcile"):
+        if col not in have:
+            conn.exec_driver_sql(f"ALTER TABLE xchg_sent ADD COLUMN {col} TEXT")
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
-                                                  _m5_versions, _m_heartbeat]
+                                                  _m5_versions, _m_heartbeat, _m_reconcile]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

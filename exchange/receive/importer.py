@@ -48,6 +48,7 @@ from exchange.vocabulary import AckResult, DocKey, DocStatus, Outcome, ReceivedS
 from exchange.receive import admission
 from exchange.receive.heartbeat import import_heartbeat
 from exchange.receive.locks import try_lock
+from exchange.receive.reconcile import reconcile
 from exchange.receive.setaside import archive, quarantine
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
@@ -652,8 +653,14 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: O
                     _park(conn, dt, k, peer, seq, v, op, one, err)
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
+        done = got["totals"]
+        if stale or n_parked:  # the ack reports what was applied, not what was sent
+            kept = {k for k, _o, _v in fresh} - {p["doc_key"] for p in parked if p["doc_type"] == doc_type}
+            index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
+            done = control_totals(dt, {t: _take(tab, [i for k, ids in index[t].items() if k in kept for i in ids])
+                                       for t, tab in data.items()}, 0)["totals"]
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
-                             "totals": got["totals"]}
+                             "totals": done}
     return applied, parked
 
 
@@ -716,10 +723,15 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
             note = ack.reason or (f"{ack.parked_total} documents parked at {ack.acker}" if ack.parked_total
                                   else _sealed_note(ack))
             assert sent is not None
+            checked = reconcile(sent["sent_totals"], ack)  # what was applied against what was sent
+            if checked and checked["unexplained"]:
+                note = "; ".join([*([note] if note else []), "the ack differs from what was sent: "
+                                  + "; ".join(checked["unexplained"][:3])])
             if sent["status"] != SentStatus.PROCESSED:
                 conn.execute(update(xchg_sent).where(and_(
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(
-                        status=status, processed_at=utc_now(), reason=note))
+                        status=status, processed_at=utc_now(), reason=note,
+                        reconcile=json.dumps(checked, sort_keys=True) if checked else None))
                 conn.execute(update(xchg_delivery).where(and_(
                     xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
                     xchg_delivery.c.status.in_((DocStatus.EXPORTED, DocStatus.UPLOADED, DocStatus.REJECTED))

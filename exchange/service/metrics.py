@@ -94,6 +94,9 @@ class ExchangeCollector(Collector):
         contact = GaugeMetricFamily("exchange_peer_last_contact_timestamp_seconds",
                                     "When the peer was last heard from: its newest heartbeat, bundle or ack "
                                     "(Unix time).", labels=["peer"])
+        mismatched = GaugeMetricFamily("exchange_sent_mismatched_bundles",
+                                       "Sent bundles whose ack reports other counts or control totals than "
+                                       "were sealed (a parked document, a lost row), per peer.", labels=["peer"])
         heartbeat = GaugeMetricFamily("exchange_peer_last_heartbeat_timestamp_seconds",
                                       "The signed time of the peer's newest heartbeat (Unix time).",
                                       labels=["peer"])
@@ -116,6 +119,7 @@ class ExchangeCollector(Collector):
             stuck.add_metric([peer], st.received_waiting)
             if st.last_contact is not None:
                 contact.add_metric([peer], st.last_contact.timestamp())
+            mismatched.add_metric([peer], st.sent_mismatched)
             if st.last_heartbeat is not None:
                 heartbeat.add_metric([peer], st.last_heartbeat.timestamp())
             for what, n in sorted(st.remote_health.items()):
@@ -123,7 +127,7 @@ class ExchangeCollector(Collector):
             if st.parked:
                 parked_by_peer.add_metric([peer], st.parked)
             parked_total += st.parked
-        yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, parked_by_peer)
+        yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked_by_peer)
         total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
         total.add_metric([], parked_total)
         yield total

@@ -38,11 +38,14 @@ class Row:
     created: str | None
     updated: str | None
     reason: str | None
+    # sent bundles: the ack's applied counts and totals against what was sealed (exchange.receive.reconcile)
+    reconcile: dict[str, Any] | None = None
 
 
 def _sent_row(r: Mapping[Any, Any]) -> Row:
     return Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
-               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"])
+               _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]), r["reason"],
+               json.loads(r["reconcile"]) if r["reconcile"] else None)
 
 
 def sent(node: Node) -> list[Row]:
@@ -60,7 +63,7 @@ def sent(node: Node) -> list[Row]:
 
 
 #: Columns of exchange.database.tables.xchg_sent that the Sent view shows; times as SQLAlchemy stores them on SQLite.
-_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason "
+_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason, reconcile "
              "FROM xchg_sent ORDER BY peer, seq")
 _SENT_TIMES = ("created_at", "uploaded_at", "processed_at")
 

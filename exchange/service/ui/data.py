@@ -152,6 +152,7 @@ class PeerStats:
     sent_waiting: int = 0  # sent, not PROCESSED (EXPORTED, UPLOADED, REJECTED)
     sent_unacked: int = 0  # EXPORTED or UPLOADED
     sent_rejected: int = 0
+    sent_mismatched: int = 0  # PROCESSED bundles whose ack reports other figures than were sealed
     oldest_unacked: datetime | None = None  # created_at of the oldest EXPORTED/UPLOADED bundle
     last_ack: datetime | None = None  # the newest processed_at
     received_total: int = 0
@@ -236,6 +237,9 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
         for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
             get(peer).parked = int(n)
+        for peer, n in conn.execute(select(s.c.peer, func.count()).where(s.c.reconcile.like('%"ok": false%'))
+                                    .group_by(s.c.peer)):
+            get(peer).sent_mismatched = int(n)
         h = xchg_heartbeat
         for peer, created, received, version, health in conn.execute(
                 select(h.c.peer, h.c.created, h.c.received_at, h.c.app_version, h.c.health)):
