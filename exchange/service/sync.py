@@ -224,6 +224,7 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
         peers = list(_transports(node, via))
         beat = heartbeats_due(node, peers)  # a stat per peer: a heartbeat goes even with nothing else to do
         if not beat and idle(node):  # nothing to import, export or push: done without loading SQLAlchemy
+            check_alerts(node)
             log.info("sync: %s", rep.line())
             return rep
         from sqlalchemy.exc import SQLAlchemyError
@@ -252,5 +253,26 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
         except SQLAlchemyError as exc:
             rep.errors.append(f"push: {_db_error(exc)}")
             log.warning("push failed: %s", _db_error(exc))
+        check_alerts(node)
     log.info("sync: %s", rep.line())
     return rep
+
+
+def check_alerts(node: Node) -> None:
+    """Deliver the alerts whose state changed (exchange.service.alerts), when ``[alerts]`` is configured.
+
+    Never fails the cycle: a delivery that fails is logged and tried again next time.
+    """
+    from exchange.service import alerts
+
+    try:
+        if not alerts.config(node).enabled:
+            return
+        from sqlalchemy.exc import SQLAlchemyError
+    except ExchangeError as exc:
+        log.warning("alerts: %s", exc)
+        return
+    try:
+        alerts.check(node)
+    except (ExchangeError, OSError, SQLAlchemyError) as exc:
+        log.warning("alerts not checked: %s", _db_error(exc))

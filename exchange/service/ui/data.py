@@ -153,6 +153,7 @@ class PeerStats:
     sent_unacked: int = 0  # EXPORTED or UPLOADED
     sent_rejected: int = 0
     sent_mismatched: int = 0  # PROCESSED bundles whose ack reports other figures than were sealed
+    sent_unexplained: int = 0  # of those, the ones whose parked and stale counts do not explain it
     oldest_unacked: datetime | None = None  # created_at of the oldest EXPORTED/UPLOADED bundle
     last_ack: datetime | None = None  # the newest processed_at
     received_total: int = 0
@@ -240,6 +241,9 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
         for peer, n in conn.execute(select(s.c.peer, func.count()).where(s.c.reconcile.like('%"ok": false%'))
                                     .group_by(s.c.peer)):
             get(peer).sent_mismatched = int(n)
+        for peer, n in conn.execute(select(s.c.peer, func.count()).where(
+                s.c.reconcile.like('%"unexplained": ["%')).group_by(s.c.peer)):
+            get(peer).sent_unexplained = int(n)
         h = xchg_heartbeat
         for peer, created, received, version, health in conn.execute(
                 select(h.c.peer, h.c.created, h.c.received_at, h.c.app_version, h.c.health)):
