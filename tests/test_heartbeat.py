@@ -245,6 +245,9 @@ def test_forged_altered_and_replayed_heartbeats_change_nothing(net: Net, tmp_pat
     with ho.engine.connect() as conn:
         now = conn.execute(select(xchg_heartbeat).where(xchg_heartbeat.c.peer == "s001")).mappings().one()
     assert dict(now) == dict(kept)
+    ho.engine.dispose()
+    with served(ho.cfg.home) as url:  # set aside under the store's name: marked on its row
+        assert state_of(get(url, "/"), "s001") == "3 files quarantined"
     # the genuine newer one is taken
     lands(fresh)
     with ho.engine.connect() as conn:

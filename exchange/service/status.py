@@ -175,7 +175,7 @@ def quarantined(node: Node) -> list[Quarantined]:
             info, mtime = {}, 0.0
         name = reason_file.name[: -len(".reason")]
         parts = name.split(".")
-        peer = parts[0] if len(parts) >= 4 else ""
+        peer = parts[0] if len(parts) >= 4 or (len(parts) >= 3 and parts[2] == "heartbeat") else ""
         seq = int(parts[2]) if len(parts) >= 4 and parts[2].isascii() and parts[2].isdigit() else 0
         out.append(Quarantined(name, peer, seq, info.get("time"), info.get("reason"), mtime))
     return out
