@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -164,3 +165,22 @@ def test_alerts_fire_once_per_change_by_command_and_webhook(net: tuple[Net, Path
     assert sorted(changes(commanded(log))) == sorted(changes(receiver.bodies))
     assert len(set(changes(receiver.bodies))) == len(receiver.bodies) == 4
     assert json.loads(run("alerts", "list", "--home", str(ho.cfg.home), "--json").output)["alerts"] == []
+
+
+def test_a_key_about_to_expire_raises_an_alert_once(net: tuple[Net, Path], receiver: Receiver) -> None:
+    n, log = net
+    ho = n.ho
+    signers = ho.cfg.keys_dir / "allowed_signers"
+    lines = signers.read_text().splitlines()
+    soon = (datetime.now(UTC) + timedelta(days=5)).strftime("%Y%m%d%H%M")
+    later = (datetime.now(UTC) + timedelta(days=60)).strftime("%Y%m%d%H%M")
+    # s002's key ends in 5 days; s001's in 60 (beyond the 14 days warned of)
+    signers.write_text("\n".join(
+        line.replace("s002 namespaces=", f's002 valid-before="{soon}",namespaces=', 1)
+            .replace("s001 namespaces=", f's001 valid-before="{later}",namespaces=', 1) for line in lines) + "\n")
+    n.reopen()
+    run("alerts", "check", "--home", str(ho.cfg.home))
+    run("alerts", "check", "--home", str(ho.cfg.home))
+    assert changes(receiver.bodies) == [("key_expiring", "s002", "raised")]
+    assert f"{soon[:4]}-{soon[4:6]}-{soon[6:8]}" in receiver.bodies[0]["detail"]
+    assert changes(commanded(log)) == changes(receiver.bodies)

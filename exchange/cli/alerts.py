@@ -54,7 +54,8 @@ def alerts_list(home: Path | None, as_json: bool) -> None:
     from exchange.service import alerts as al
 
     node = _node(home)
-    now = al.states(node, al.config(node).silent_after_minutes)
+    cfg = al.config(node)
+    now = al.states(node, cfg.silent_after_minutes, key_expiry_days=cfg.key_expiry_days)
     if as_json:
         _echo_json({"version": 1, "alerts": list(now.values())})
         return

@@ -2,7 +2,8 @@
 
 The states are computed from the node's database (the same figures as the HO
 overview and the metrics, heartbeats included), per peer: ``peer_silent``,
-``stream_stuck``, ``bundle_rejected``, ``documents_parked``, ``ack_mismatch``.
+``stream_stuck``, ``bundle_rejected``, ``documents_parked``, ``ack_mismatch``,
+and ``key_expiring`` (from the trust store's ``valid-before``).
 Each is remembered in ``<home>/alerts.json``; only a change (raised or
 cleared) is delivered, once, so a store silent all night costs one alert, not
 one per sync. A delivery that fails (the command
@@ -22,7 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ STATE_FILE = "alerts.json"
 PAYLOAD_VERSION = 1
 DEFAULT_SILENT_MINUTES = 60.0
 TIMEOUT = 10  # seconds for the command and the webhook each
-KINDS = ("peer_silent", "stream_stuck", "bundle_rejected", "documents_parked", "ack_mismatch")
+KINDS = ("peer_silent", "stream_stuck", "bundle_rejected", "documents_parked", "ack_mismatch", "key_expiring")
+DEFAULT_KEY_DAYS = 14.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class AlertConfig:
     command: list[str]
     webhook: str | None
     silent_after_minutes: float
+    key_expiry_days: float = DEFAULT_KEY_DAYS
 
     @property
     def enabled(self) -> bool:
@@ -71,10 +74,37 @@ def config(node: Node) -> AlertConfig:
         silent = float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[alerts] silent_after_minutes must be a number: {exc}") from exc
-    return AlertConfig(command, webhook, silent)
+    try:
+        days: Any = section.get("key_expiry_days", DEFAULT_KEY_DAYS)
+        key_days = float(days)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[alerts] key_expiry_days must be a number: {exc}") from exc
+    return AlertConfig(command, webhook, silent, key_days)
 
 
-def states(node: Node, silent_after_minutes: float, now: datetime | None = None) -> dict[str, dict[str, Any]]:
+def expiring_keys(node: Node, days: float, now: datetime) -> dict[str, datetime]:
+    """Principal (this node or a peer) -> when its signing key stops being trusted, for those whose
+    every trusted key ends (``valid-before``) within ``days``; a principal with a key valid beyond
+    that (an overlap after a rotation) is fine."""
+    limit = now + timedelta(days=days)
+    ends: dict[str, datetime | None] = {}
+    for signer in node.trust.signers:
+        if signer.valid_after is not None and signer.valid_after > limit:
+            continue  # a key that only starts later does not cover the time until then
+        for principal in signer.principals:
+            if principal != node.id and principal not in node.cfg.peers:
+                continue
+            end = signer.valid_before
+            if principal not in ends:
+                ends[principal] = end
+            else:
+                was = ends[principal]
+                ends[principal] = None if was is None or end is None else max(was, end)
+    return {p: end for p, end in ends.items() if end is not None and end <= limit}
+
+
+def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
+           key_expiry_days: float = DEFAULT_KEY_DAYS) -> dict[str, dict[str, Any]]:
     """``"<kind>:<peer>"`` -> ``{"kind", "peer", "detail"}`` for every alert that holds now."""
     from exchange.service.ui.data import peer_stats, remote_troubles, silence
 
@@ -112,6 +142,9 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None)
         if st.sent_unexplained:  # a parked document is documents_parked's; this is a lost document or amount
             add("ack_mismatch", peer, f"{st.sent_unexplained} bundle(s) whose ack leaves documents or amounts "
                                       "unaccounted for")
+    for principal, end in sorted(expiring_keys(node, key_expiry_days, now).items()):
+        add("key_expiring", principal, f"the signing key of {principal} stops being trusted "
+                                       f"{end.astimezone(UTC):%Y-%m-%d %H:%M} UTC (valid-before)")
     return out
 
 
@@ -160,7 +193,7 @@ def check(node: Node, now: datetime | None = None) -> list[dict[str, Any]]:
     stamp = now.isoformat(timespec="seconds")
     path = node.cfg.home / STATE_FILE
     saved = _load(path)
-    after = states(node, cfg.silent_after_minutes, now)
+    after = states(node, cfg.silent_after_minutes, now, cfg.key_expiry_days)
     channels: dict[str, Callable[[bytes], str | None]] = {}
     if cfg.command:
         channels["command"] = partial(_run_command, cfg.command)
