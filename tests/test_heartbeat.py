@@ -209,6 +209,8 @@ def test_forged_altered_and_replayed_heartbeats_change_nothing(net: Net, tmp_pat
     with ho.engine.connect() as conn:
         kept = conn.execute(select(xchg_heartbeat).where(xchg_heartbeat.c.peer == "s001")).mappings().one()
     genuine = ho.cfg.archive_received / name
+    for word in (b"parked", b"waiting", b"quarantined", b"unacked", b"failed"):  # the health travels encrypted
+        assert word not in genuine.read_bytes()
     assert read_heartbeat(genuine, ho.trust, me="ho", identities=ho.identities).health == dict.fromkeys(
         HEALTH_FIELDS, 0)
 
