@@ -30,19 +30,19 @@ def heartbeat_every(node: Node) -> int:
 
 
 def due(node: Node, peers: Iterable[str]) -> list[str]:
-    """The peers a heartbeat is due for (none waits in the outbox, the last pushed is old enough)."""
+    """The peers a heartbeat is due for: the one waiting in the outbox, or else the last pushed, is old enough."""
     every = heartbeat_every(node)
     now = time.time()
     out = []
     for peer in peers:
         name = heartbeat_name(node.id, peer)
-        if (node.cfg.outbox / name).exists():
-            continue  # one waits to go: the next push takes it
-        try:
-            age = now - (node.cfg.archive_sent / name).stat().st_mtime
-        except OSError:
-            age = float("inf")
-        if age >= every:
+        age = float("inf")
+        for where in (node.cfg.outbox, node.cfg.archive_sent):  # one waiting to go, or the last pushed
+            try:
+                age = min(age, now - (where / name).stat().st_mtime)
+            except OSError:
+                pass
+        if age >= every:  # a newer one replaces one still waiting: the peer learns the latest health
             out.append(peer)
     return out
 
