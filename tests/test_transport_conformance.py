@@ -172,6 +172,23 @@ def test_only_files_addressed_to_me_are_pulled(medium: Medium, tmp_path: Path) -
     assert all(p.exists() for p in others) and not any(p.exists() for p in mine)
 
 
+@pytest.mark.parametrize("sender,recipient", [(STORE, HO), (HO, STORE)])
+def test_a_newer_heartbeat_replaces_the_one_waiting(medium: Medium, tmp_path: Path, sender: str,
+                                                    recipient: str) -> None:
+    """A heartbeat has one name per sender and peer (docs/FORMAT.md section 12): pushed again before the
+    peer took the last one, the newer replaces it, and the peer takes that one only."""
+    src, dst = (medium.store, medium.ho) if sender == STORE else (medium.ho, medium.store)
+    name = f"{sender}.{recipient}.heartbeat"
+    old, new = make(tmp_path / "a", name, 5000), make(tmp_path / "b", name, 5100)
+    assert src.push([old], recipient) == [old]
+    assert src.push([new], recipient) == [new]
+    assert [n for n in waiting_names(medium.waiting[recipient]) if "heartbeat" in n] == [name]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    assert dst.pull(recipient, inbox) == [inbox / name]
+    assert sha(inbox / name) == sha(new)
+
+
 PROTOCOL_MEMBERS = ("push", "pull", "probe", "publish_info", "close")
 
 

@@ -686,6 +686,12 @@ def _age_exchanges(ho: Node, hours: int) -> None:
                     t = when if isinstance(when, datetime) else datetime.fromisoformat(str(when))
                     conn.execute(text(f"UPDATE {table} SET {col} = :t WHERE peer = :p AND seq = :s"),
                                  {"t": t - timedelta(hours=hours), "p": peer, "s": seq})
+    with ho.engine.begin() as conn:  # the stores' heartbeats too: the night was quiet
+        for peer, created, received in conn.execute(text("SELECT peer, created, received_at FROM xchg_heartbeat")).all():
+            back = [(v if isinstance(v, datetime) else datetime.fromisoformat(str(v))) - timedelta(hours=hours)
+                    for v in (created, received)]
+            conn.execute(text("UPDATE xchg_heartbeat SET created = :c, received_at = :r WHERE peer = :p"),
+                         {"c": back[0], "r": back[1], "p": peer})
 
 
 def test_silence_is_measured_from_any_contact(homes: Path) -> None:

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select, update
 
 from exchange.cli import main
-from exchange.database.tables import xchg_received, xchg_sent
+from exchange.database.tables import xchg_heartbeat, xchg_received, xchg_sent
 from exchange.demo.data import seed_masters, seed_store_activity
 from exchange.demo.run import reconcile
 from exchange.errors import AuthenticityError, BusyError, TransportError, VersionError
@@ -120,7 +120,7 @@ def stick_files(stick: Path) -> list[str]:
     t = stick / TRANSFER_DIR
     return sorted(str(p.relative_to(t)) for p in t.rglob("*")
                   if p.is_file() and p.parts[-2] != RECEIPTS_DIR and p.name not in ("README.txt", "stick.json")
-                  and not p.name.startswith("node-"))
+                  and not p.name.startswith("node-") and not p.name.endswith(".heartbeat"))  # status, not business
 
 
 def received_applied(node: Node) -> int:
@@ -260,6 +260,12 @@ def test_three_store_round_trip_by_stick_alone(net: Net, stick: Path) -> None:
     docs = sum(r["sent_docs"] for r in rec_rows)
     lines.append(f"  reconciled {len(rec_rows)} (store, document type) pairs, {docs} documents: "
                  "documents and control totals equal on both sides")
+
+    # every store's heartbeat reached the HO by stick alone, and the HO's reached every store
+    for node in net.all:
+        with node.engine.connect() as conn:
+            beats = set(conn.execute(select(xchg_heartbeat.c.peer)).scalars())
+        assert beats == (set(STORES) if node is net.ho else {"ho"}), (node.id, beats)
 
     # nothing left on the stick but receipts; every visit left a receipt the HO can verify
     assert stick_files(stick) == []

@@ -338,10 +338,12 @@ def archive_group() -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
 @JSON
 def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) -> None:
-    """Remove old archived bundles and acks, leaving a signed checkpoint per stream.
+    """Remove old archived bundles and acks, leaving a signed checkpoint per stream, and the database's
+    bookkeeping rows beyond the same retention (events, received and sent bundles, deliveries of deletes).
 
     The newest bundle of every stream and its ack are always kept, and so is any
     bundle without an APPLIED ack; `exchange audit verify` still passes after.
+    Nothing not yet delivered and acknowledged leaves the database (docs/AUDIT.md).
 
     \b
     Example:
@@ -351,12 +353,15 @@ def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) 
     from exchange.node.home import Node
     from exchange.node.lock import work_lock
 
+    from exchange.service.retention import purge
+
     node = Node.open(home)
     with work_lock(node.cfg.home):
         rep = prune(node.cfg.home / "archive", node_id=node.id, role=node.cfg.role, key=node.signing_key,
                     trust=node.trust, older_than_days=days, dry_run=dry_run)
+        rows = purge(node, days, dry_run=dry_run)  # the bookkeeping rows beyond the same retention
     if as_json:
-        _echo_json(rep.as_json())
+        _echo_json({**rep.as_json(), "database": rows})
         return
     verb = "would remove" if dry_run else "removed"
     for s in rep.streams:
@@ -368,4 +373,5 @@ def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) 
             click.echo(f"{'':<24} finished an interrupted prune: {len(s.finished)} files")
     for p in rep.problems:
         click.secho(f"kept unreadable file {escape_controls(str(p))}", fg="yellow")
+    click.echo(f"database: {verb} " + ", ".join(f"{n} {t}" for t, n in rows.items()) + " rows")
     click.echo(f"{verb} {rep.removed} files{' (dry run: nothing changed)' if dry_run else ''}")

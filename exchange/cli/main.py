@@ -984,5 +984,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts"):
         importlib.import_module(f"{__package__}.{mod}")

@@ -86,6 +86,10 @@ xchg_sent = Table(
     Column("uploaded_at", DateTime(timezone=True)),
     Column("processed_at", DateTime(timezone=True)),
     Column("reason", Text),
+    # JSON: the sealed control totals per document type (count, deletes, rows, totals), to reconcile the ack
+    Column("sent_totals", Text),
+    # JSON: what the ack's applied counts and totals say against sent_totals (exchange.receive.reconcile)
+    Column("reconcile", Text),
 )
 
 #: Per peer: the next seq to seal and the hash of the last sealed manifest.
@@ -242,8 +246,19 @@ xchg_peer_catalog = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
 )
 
+#: Per peer: the newest heartbeat it sent (docs/FORMAT.md section 12): when, its version, its health.
+xchg_heartbeat = Table(
+    "xchg_heartbeat", XCHG,
+    Column("peer", String(32), primary_key=True),
+    Column("created", DateTime(timezone=True), nullable=False),  # signed by the peer
+    Column("received_at", DateTime(timezone=True), nullable=False),  # this node's clock
+    Column("app_version", String(64), nullable=False),
+    Column("health", Text, nullable=False),  # JSON: exchange.wire.formats.HEALTH_FIELDS
+    Column("file", LargeBinary, nullable=False),  # the signed heartbeat, for an auditor
+)
+
 _LATER_TABLES = ("xchg_broadcast", "xchg_journal", "xchg_decision", "xchg_setaside", "xchg_kept",
-                 "xchg_peer_catalog")  # made by their own migrations
+                 "xchg_peer_catalog", "xchg_heartbeat")  # made by their own migrations
 _M1_TABLES = [t for t in XCHG.sorted_tables if t.name not in _LATER_TABLES]
 
 #: Concurrent changes of documents editable on both sides: both versions, who, when, the policy applied
@@ -353,10 +368,23 @@ def _m10_conflicts(conn: Connection) -> None:
     xchg_doc_local.create(conn, checkfirst=True)
 
 
+def _m11_heartbeat(conn: Connection) -> None:
+    """The newest heartbeat of each peer (made only if missing: the order of migrations may vary)."""
+    xchg_heartbeat.create(conn, checkfirst=True)
+
+
+def _m12_reconcile(conn: Connection) -> None:
+    """What each bundle sent (control totals) and what its ack says was applied (added only if missing)."""
+    have = {c["name"] for c in inspect(conn).get_columns("xchg_sent")}
+    for col in ("sent_totals", "reconcile"):
+        if col not in have:
+            conn.exec_driver_sql(f"ALTER TABLE xchg_sent ADD COLUMN {col} TEXT")
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
                                                   _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
-                                                  _m9_schema_evolution, _m10_conflicts]
+                                                  _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

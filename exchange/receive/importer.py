@@ -51,8 +51,10 @@ from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import (AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
                                  counted)
 from exchange.receive import admission, conflicts, evolution
+from exchange.receive.heartbeat import import_heartbeat
 from exchange.receive.locks import try_lock
 from exchange.receive.orphans import deleted_dependency
+from exchange.receive.reconcile import reconcile
 from exchange.receive.setaside import archive, quarantine
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
 from exchange.wire.bundle import (
@@ -186,12 +188,17 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     total = sum(len(v) for v in streams.values())
     if total:
         rep.start("import", total)
-    for kind, peer in sorted(order, key=lambda s: s[0] != "ack"):  # acks first, then bundles
+    for kind, peer in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):  # heartbeats, acks, bundles
         with try_lock(node, f"{kind}-{peer}") as got:
             if not got:
                 continue
             for p in sorted(streams[(kind, peer)], key=lambda p: parse_name(p.name).seq):
-                if os.path.lexists(p):  # a dangling link too: set aside as what it is
+                if kind == "heartbeat":
+                    if os.path.lexists(p):
+                        status, why = import_heartbeat(node, p, rep)
+                        if status is not None:  # quarantined: reported like any file set aside
+                            out.append(FileOutcome(p.name, status, why, peer))
+                elif os.path.lexists(p):  # a dangling link too: set aside as what it is
                     out.append(handle_ack(node, p, reporter=rep) if kind == "ack"
                                else import_file(node, p, retry=retry, reporter=rep))
                 rep.advance()
@@ -719,8 +726,15 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
         kept = sum(evolution.keep(conn, peer, seq, dt, t, split[t][1], set(keys)) for t in data if split[t][1])
+        done = got["totals"]
+        if stale or n_parked or kept_out:  # the ack reports what was applied, not what was sent
+            applied_keys = {k for k, _o, _v in fresh} - {p["doc_key"] for p in parked if p["doc_type"] == doc_type}
+            index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
+            done = control_totals(dt, {t: _take(tab, [i for k, ids in index[t].items() if k in applied_keys
+                                                      for i in ids])
+                                       for t, tab in data.items()}, 0)["totals"]
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
-                             "totals": got["totals"]} | ({"kept": kept} if kept else {}) \
+                             "totals": done} | ({"kept": kept} if kept else {}) \
             | ({"conflicts": n_conflicts} if n_conflicts else {})
     return applied, parked
 
@@ -851,10 +865,15 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
             note = ack.reason or (f"{counted(ack.parked_total, 'document')} parked at {ack.acker}" if ack.parked_total
                                   else _sealed_note(ack))
             assert sent is not None
+            checked = reconcile(sent["sent_totals"], ack)  # what was applied against what was sent
+            if checked and checked["unexplained"]:
+                note = "; ".join([*([note] if note else []), "the ack differs from what was sent: "
+                                  + "; ".join(checked["unexplained"][:3])])
             if sent["status"] != SentStatus.PROCESSED:
                 conn.execute(update(xchg_sent).where(and_(
                     xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(
-                        status=status, processed_at=utc_now(), reason=note))
+                        status=status, processed_at=utc_now(), reason=note,
+                        reconcile=json.dumps(checked, sort_keys=True) if checked else None))
                 conn.execute(update(xchg_delivery).where(and_(
                     xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
                     xchg_delivery.c.status.in_((DocStatus.EXPORTED, DocStatus.UPLOADED, DocStatus.REJECTED))

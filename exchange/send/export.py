@@ -490,7 +490,8 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         conn.execute(xchg_sent.insert().values(
             peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
             manifest_sha256=sealed.manifest.sha256, size=sealed.size, status=SentStatus.EXPORTED.value,
-            summary=json.dumps(_counts(summary)), created_at=now))
+            summary=json.dumps(_counts(summary)), created_at=now,
+            sent_totals=json.dumps(summary.get("documents", {}), sort_keys=True)))
         conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
                      .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
         if cursor is not None:  # the stream's broadcast cursor moves with the bundle, atomically

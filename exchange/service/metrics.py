@@ -92,8 +92,18 @@ class ExchangeCollector(Collector):
         stuck = GaugeMetricFamily("exchange_received_stuck_bundles",
                                   "Received bundles WAITING, HELD or FAILED, per peer.", labels=["peer"])
         contact = GaugeMetricFamily("exchange_peer_last_contact_timestamp_seconds",
-                                    "When the peer's newest bundle or ack was recorded (Unix time).",
-                                    labels=["peer"])
+                                    "When the peer was last heard from: its newest heartbeat, bundle or ack "
+                                    "(Unix time).", labels=["peer"])
+        mismatched = GaugeMetricFamily("exchange_sent_mismatched_bundles",
+                                       "Sent bundles whose ack reports other counts or control totals than "
+                                       "were sealed (a parked document, a lost row), per peer.", labels=["peer"])
+        heartbeat = GaugeMetricFamily("exchange_peer_last_heartbeat_timestamp_seconds",
+                                      "The signed time of the peer's newest heartbeat (Unix time).",
+                                      labels=["peer"])
+        remote = GaugeMetricFamily("exchange_peer_reported_health",
+                                   "What the peer's newest heartbeat reports about its side of the streams "
+                                   "with this node (what: waiting, held, failed, parked, quarantined, unacked).",
+                                   labels=["peer", "what"])
         parked_by_peer = GaugeMetricFamily("exchange_parked_documents_by_peer",
                                            "Parked documents per sending peer (peers with none omitted).",
                                            labels=["peer"])
@@ -109,10 +119,15 @@ class ExchangeCollector(Collector):
             stuck.add_metric([peer], st.received_waiting)
             if st.last_contact is not None:
                 contact.add_metric([peer], st.last_contact.timestamp())
+            mismatched.add_metric([peer], st.sent_mismatched)
+            if st.last_heartbeat is not None:
+                heartbeat.add_metric([peer], st.last_heartbeat.timestamp())
+            for what, n in sorted(st.remote_health.items()):
+                remote.add_metric([peer, what], n)
             if st.parked:
                 parked_by_peer.add_metric([peer], st.parked)
             parked_total += st.parked
-        yield from (unacked, lag, applied, seen, behind, stuck, contact, parked_by_peer)
+        yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked_by_peer)
         total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
         total.add_metric([], parked_total)
         yield total

@@ -41,12 +41,15 @@ class Row:
     created: str | None
     updated: str | None
     reason: str | None
+    # sent bundles: the ack's applied counts and totals against what was sealed (exchange.receive.reconcile)
+    reconcile: dict[str, Any] | None = None
 
 
 def _sent_row(r: Mapping[Any, Any]) -> Row:
     return Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
                _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]),
-               sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]))
+               sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]),
+               json.loads(r["reconcile"]) if r["reconcile"] else None)
 
 
 def sent(node: Node) -> list[Row]:
@@ -64,7 +67,7 @@ def sent(node: Node) -> list[Row]:
 
 
 #: Columns of exchange.database.tables.xchg_sent that the Sent view shows; times as SQLAlchemy stores them on SQLite.
-_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason "
+_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason, reconcile "
              "FROM xchg_sent ORDER BY peer, seq")
 _SENT_TIMES = ("created_at", "uploaded_at", "processed_at")
 
@@ -177,7 +180,7 @@ def quarantined(node: Node) -> list[Quarantined]:
             info, mtime = {}, 0.0
         name = reason_file.name[: -len(".reason")]
         parts = name.split(".")
-        peer = parts[0] if len(parts) >= 4 else ""
+        peer = parts[0] if len(parts) >= 4 or (len(parts) >= 3 and parts[2] == "heartbeat") else ""
         seq = int(parts[2]) if len(parts) >= 4 and parts[2].isascii() and parts[2].isdigit() else 0
         out.append(Quarantined(name, peer, seq, info.get("time"), info.get("reason"), mtime))
     return out

@@ -49,6 +49,9 @@ def bundle_lines(view: str, rows: Sequence[Row], *, width: int = 80, now: dateti
             out += _wrapped("; ".join(details), width)
         if r.reason:
             out += _wrapped(f"reason: {r.reason}", width)
+        rec = r.reconcile
+        if rec and not rec.get("ok", True):  # the ack reports other figures than were sealed
+            out += _wrapped(f"the ack differs from what was sent: {'; '.join(rec.get('problems', []))}", width)
     return out
 
 

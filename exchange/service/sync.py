@@ -23,6 +23,8 @@ from exchange.node.home import Node
 from exchange.node.lock import work_lock
 from exchange.progress import NullReporter, Reporter
 from exchange.send.pending import export_work, idle, resend_cutoff, resend_due
+from exchange.service.health import due as heartbeats_due
+from exchange.service.health import write_heartbeats
 from exchange.transport import Transport, open_transport
 from exchange.vocabulary import DocStatus, Outcome, SentStatus
 from exchange.wire.formats import is_exchange_file, parse_name
@@ -41,6 +43,7 @@ class SyncReport:
     exported: list[Exported] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    heartbeats: list[str] = field(default_factory=list)  # heartbeats delivered (exchange.service.health)
     errors: list[str] = field(default_factory=list)
     failures: list[Exception] = field(default_factory=list)  # the transport errors behind ``errors``, to judge by class
 
@@ -189,7 +192,8 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
                 r.state(f.name, SentStatus.UPLOADED)
         if f.parent == node.cfg.outbox:
             move_entry(f, node.cfg.archive_sent / f.name)  # a rename: never through a link at either end
-            rep.pushed.append(f.name)
+            # a heartbeat replaces the one before it there: its time says when the next is due
+            (rep.heartbeats if fn.kind == "heartbeat" else rep.pushed).append(f.name)
 
 
 def _db_error(exc: Exception) -> ExchangeError:
@@ -226,7 +230,10 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
     node.ensure_folders()
     with work_lock(node.cfg.home):
         pull(node, source=via, reporter=r, report=rep)
-        if idle(node):  # nothing to import, export or push: done without loading SQLAlchemy
+        peers = list(_transports(node, via))
+        beat = heartbeats_due(node, peers)  # a stat per peer: a heartbeat goes even with nothing else to do
+        if not beat and idle(node):  # nothing to import, export or push: done without loading SQLAlchemy
+            check_alerts(node)
             log.info("sync: %s", rep.line())
             return rep
         from sqlalchemy.exc import SQLAlchemyError
@@ -249,10 +256,32 @@ def sync(node: Node, *, via: str | None = None, reporter: Reporter | None = None
         except (ExchangeError, SQLAlchemyError) as exc:
             rep.errors.append(f"export: {_db_error(exc)}")
             log.warning("export failed: %s", _db_error(exc))
+        write_heartbeats(node, beat)  # after import and export: the health they left
         try:
             push(node, target=via, reporter=r, report=rep)
         except SQLAlchemyError as exc:
             rep.errors.append(f"push: {_db_error(exc)}")
             log.warning("push failed: %s", _db_error(exc))
+        check_alerts(node)
     log.info("sync: %s", rep.line())
     return rep
+
+
+def check_alerts(node: Node) -> None:
+    """Deliver the alerts whose state changed (exchange.service.alerts), when ``[alerts]`` is configured.
+
+    Never fails the cycle: a delivery that fails is logged and tried again next time.
+    """
+    from exchange.service import alerts
+
+    try:
+        if not alerts.config(node).enabled:
+            return
+        from sqlalchemy.exc import SQLAlchemyError
+    except ExchangeError as exc:
+        log.warning("alerts: %s", exc)
+        return
+    try:
+        alerts.check(node)
+    except (ExchangeError, OSError, SQLAlchemyError) as exc:
+        log.warning("alerts not checked: %s", _db_error(exc))

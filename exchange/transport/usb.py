@@ -238,7 +238,7 @@ def _files_left(transfer: Path, put: set[str]) -> list[str]:
         if box.name == RECEIPTS_DIR or not is_real_dir(box):  # a linked folder's names stay off the receipt
             continue
         out += [f"{box.name}/{f.name}" for f in sorted(box.iterdir())
-                if is_exchange_file(f.name) and f.name not in put]
+                if is_exchange_file(f.name) and f.name not in put and not f.name.endswith(".heartbeat")]
     return out
 
 
@@ -481,6 +481,7 @@ def _step(rec: UsbReceipt, what: str, fn: Callable[[], T]) -> T | None:
 def _visit(node: Node, transfer: Path, rec: UsbReceipt, r: Reporter) -> None:
     from exchange.receive.importer import import_inbox
     from exchange.send.export import export_all
+    from exchange.service.health import write_heartbeats
     from exchange.service.sync import SyncReport, pull, push
 
     present = _Presence(transfer)
@@ -512,7 +513,7 @@ def _visit(node: Node, transfer: Path, rec: UsbReceipt, r: Reporter) -> None:
         rep.errors, rep.failures = [], []
         for name in rep.pulled:
             f = node.cfg.inbox / name
-            if f.exists():
+            if f.exists() and parse_name(name).kind != "heartbeat":  # a status file, not business
                 rec.taken.append(_describe(f))
                 log.info("%s taken from the stick", name)
         gone("while taking files")
@@ -522,7 +523,7 @@ def _visit(node: Node, transfer: Path, rec: UsbReceipt, r: Reporter) -> None:
     rec.results = dict(Counter(o.status for o in outs))
     rec.exported = [e.file for e in export_all(node, reporter=r)]
 
-    # 5. put this node's bundles and acks on the stick, peer by peer
+    # 5. put this node's bundles and acks on the stick, peer by peer (heartbeats last, below)
     peers = _peers_to_push(node)
     if peers and not gone("before putting files"):
         r.start(f"stick: putting files for {', '.join(peers[:5])}{' ...' if len(peers) > 5 else ''}",
@@ -544,6 +545,21 @@ def _visit(node: Node, transfer: Path, rec: UsbReceipt, r: Reporter) -> None:
                 rec.put.append(_describe(f))
         if rec.errors and present():  # e.g. the stick is full: free what our failed copies took
             _step(rec, "removing failed copies", lambda: clean_stale_parts(transfer, me, node.cfg.peers))
+
+    # 5b. a heartbeat for each peer, after every bundle and ack (a full stick takes the business first);
+    # status files, not business: they stay off the receipt's lists
+    if not rec.errors and not gone("before putting heartbeats"):
+        write_heartbeats(node, node.cfg.peers)
+        for peer in sorted({parse_name(f.name).b for f in node.cfg.outbox.iterdir()
+                            if is_exchange_file(f.name) and parse_name(f.name).kind == "heartbeat"}):
+            if peer not in node.cfg.peers or gone("while putting heartbeats"):
+                break
+            view = _only_peer(node, peer)
+            _step(rec, f"putting a heartbeat for {peer}",
+                  lambda: push(view, target=address, reporter=r, report=rep))  # noqa: B023
+            rec.errors += rep.errors
+            _note_errnos(rec, rep.failures)
+            rep.errors, rep.failures = [], []
 
     # 6. the signed receipt
     rec.created = format_time(utc_now())

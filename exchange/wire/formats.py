@@ -77,6 +77,23 @@ RECEIPT_MEMBERS = ("receipt.json", "receipt.json.sig")
 RECEIPT_SUFFIX = ".receipt"
 MAX_RECEIPT_BYTES = MAX_MANIFEST_BYTES
 
+# Heartbeats (docs/FORMAT.md section 12): "alive, this version, this health", one per peer per sync.
+HEARTBEAT_FORMAT = "exchange-heartbeat"
+HEARTBEAT_VERSION = 1
+HEARTBEAT_VERSIONS = frozenset({1})
+HEARTBEAT_MEMBERS = ("heartbeat.json", "heartbeat.json.sig")
+HEALTH_MEMBER = "health.json.age"  # the third member: the node's health, age-encrypted to the peer
+HEALTH_FORMAT = "exchange-heartbeat-health"
+MAX_HEARTBEAT_BYTES = 16 << 10
+MAX_HEALTH_BYTES = 16 << 10  # plaintext of the health; its age file at most +80 KiB (header, tags)
+MAX_HEALTH_FILE = MAX_HEALTH_BYTES + (80 << 10)
+HEALTH_PAD = 1024
+#: what a heartbeat's health counts, each 0 .. MAX_COUNT, about the stream pair of the node and that peer
+HEALTH_FIELDS = ("waiting", "held", "failed", "parked", "quarantined", "unacked")
+HEARTBEAT_V1_FIELDS = ("format", "version", "app_version", "node", "peer", "created", "health",
+                       "health_plain_sha256")
+MAX_CLOCK_AHEAD = 3600  # seconds a heartbeat's `created` may be ahead of the receiver's clock
+
 # Signed times: exactly YYYY-MM-DDTHH:MM:SSZ, ASCII digits ([0-9], never \d: see _NAME_RE below).
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
@@ -87,14 +104,16 @@ NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID}$")
 # [0-9], never \d: \d and int() also take other scripts' digits ('٣'), which the grammar does not allow.
 _NAME_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.(bundle|ack)$")
+_HEARTBEAT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.heartbeat$")
 PART_SUFFIX = ".part"
 
-Kind = Literal["bundle", "ack"]
+Kind = Literal["bundle", "ack", "heartbeat"]
 
 
 @dataclass(frozen=True)
 class FileName:
-    """A parsed bundle or ack name: for an ack, ``a`` is the acker and ``b`` the sender."""
+    """A parsed bundle, ack or heartbeat name: for an ack, ``a`` is the acker and ``b`` the sender;
+    for a heartbeat ``a`` is its node, ``b`` the peer it is for, and ``seq`` 0 (it has none)."""
 
     a: str
     b: str
@@ -102,6 +121,8 @@ class FileName:
     kind: Kind
 
     def __str__(self) -> str:
+        if self.kind == "heartbeat":
+            return f"{self.a}.{self.b}.heartbeat"
         return f"{self.a}.{self.b}.{self.seq:010d}.{self.kind}"
 
 
@@ -113,8 +134,15 @@ def ack_name(acker: str, sender: str, seq: int) -> str:
     return str(FileName(acker, sender, seq, "ack"))
 
 
+def heartbeat_name(node: str, peer: str) -> str:
+    return str(FileName(node, peer, 0, "heartbeat"))
+
+
 def parse_name(name: str) -> FileName:
-    """Parse a bundle/ack file name; FormatError if it does not follow the grammar."""
+    """Parse a bundle/ack/heartbeat file name; FormatError if it does not follow the grammar."""
+    h = _HEARTBEAT_RE.fullmatch(name)
+    if h:
+        return FileName(h.group(1), h.group(2), 0, "heartbeat")
     m = _NAME_RE.fullmatch(name)
     if not m or not 1 <= int(m.group(3)) <= MAX_SEQ:
         raise FormatError(f"{name}: not a bundle or ack file name "
@@ -124,8 +152,8 @@ def parse_name(name: str) -> FileName:
 
 
 def is_exchange_file(name: str) -> bool:
-    """True for complete bundle/ack names; ``.part`` and temporary names are not."""
-    return _NAME_RE.fullmatch(name) is not None
+    """True for complete bundle/ack/heartbeat names; ``.part`` and temporary names are not."""
+    return _NAME_RE.fullmatch(name) is not None or _HEARTBEAT_RE.fullmatch(name) is not None
 
 
 def check_node_id(node: str) -> str:

@@ -19,7 +19,8 @@ from exchange.receive.stuck import reason_with_resolution, sent_reason_with_reso
 
 from sqlalchemy import func, select
 
-from exchange.database.tables import xchg_parked, xchg_peer_catalog, xchg_received, xchg_sent, xchg_stream_in
+from exchange.database.tables import (xchg_heartbeat, xchg_parked, xchg_peer_catalog, xchg_received, xchg_sent,
+                                       xchg_stream_in)
 from exchange.node.home import Node
 from exchange.service import status
 from exchange.vocabulary import ReceivedStatus, SentStatus
@@ -151,6 +152,8 @@ def parked_docs(node: Node, peer: str | None = None, limit: int = 500) -> tuple[
 
 # ---------------------------------------------------------------- per-peer figures
 
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
 @dataclass
 class PeerStats:
     """Both streams with one peer, as the HO overview and the metrics see them."""
@@ -161,6 +164,8 @@ class PeerStats:
     sent_waiting: int = 0  # sent, not PROCESSED (EXPORTED, UPLOADED, REJECTED)
     sent_unacked: int = 0  # EXPORTED or UPLOADED
     sent_rejected: int = 0
+    sent_mismatched: int = 0  # PROCESSED bundles whose ack reports other figures than were sealed
+    sent_unexplained: int = 0  # of those, the ones whose parked and stale counts do not explain it
     oldest_unacked: datetime | None = None  # created_at of the oldest EXPORTED/UPLOADED bundle
     last_ack: datetime | None = None  # the newest processed_at
     received_total: int = 0
@@ -175,13 +180,16 @@ class PeerStats:
     parked: int = 0
     sent_by_status: dict[str, int] = field(default_factory=dict)
     received_by_status: dict[str, int] = field(default_factory=dict)
+    last_heartbeat: datetime | None = None  # its newest heartbeat's signed time (at most when it arrived)
+    remote_version: str | None = None  # the version its newest heartbeat states
+    remote_health: dict[str, int] = field(default_factory=dict)  # what it reported about itself
 
     @property
     def last_contact(self) -> datetime | None:
-        """When this peer was last heard from, by any signed sign of life: its newest bundle, or its
-        newest ack of ours (an acknowledged upload). The ``node-<peer>.json`` it publishes is not
+        """When this peer was last heard from, by any signed sign of life: its newest heartbeat,
+        bundle, or ack of ours (an acknowledged upload). The ``node-<peer>.json`` it publishes is not
         counted: it is unsigned, and anyone who can write the folder could keep a silent store green."""
-        return _latest(self.last_received, self.last_ack)
+        return _latest(self.last_received, self.last_ack, self.last_heartbeat)
 
     @property
     def missing_seq(self) -> int | None:
@@ -242,6 +250,19 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
         for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
             get(peer).parked = int(n)
+        for peer, n in conn.execute(select(s.c.peer, func.count()).where(s.c.reconcile.like('%"ok": false%'))
+                                    .group_by(s.c.peer)):
+            get(peer).sent_mismatched = int(n)
+        for peer, n in conn.execute(select(s.c.peer, func.count()).where(
+                s.c.reconcile.like('%"unexplained": ["%')).group_by(s.c.peer)):
+            get(peer).sent_unexplained = int(n)
+        h = xchg_heartbeat
+        for peer, created, received, version, health in conn.execute(
+                select(h.c.peer, h.c.created, h.c.received_at, h.c.app_version, h.c.health)):
+            st = get(peer)
+            st.last_heartbeat = min(aware(created) or _EPOCH, aware(received) or _EPOCH)
+            st.remote_version = str(version)
+            st.remote_health = _summary(health)
     for q in quarantined(node):
         if q.peer:
             get(q.peer).quarantined += 1
@@ -356,7 +377,7 @@ def store_rows(node: Node, silent_after_minutes: float, now: datetime | None = N
         if peer_id in node.cfg.peers and node.cfg.peers[peer_id].role != "store":
             continue
         info = published_info(node, peer_id)
-        version = str(info.get("version")) if info and info.get("version") else "-"
+        version = st.remote_version or (str(info.get("version")) if info and info.get("version") else "-")
         fp = catalogs.get(peer_id, "")
         rows.append(StoreRow(st, version, troubles(st, silent_after_minutes, now), fp, bool(fp) and fp != ours))
     return rows
@@ -392,6 +413,22 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
         out.append(_count(st.quarantined, "file quarantined", "files quarantined"))
     if st.parked:
         out.append(_count(st.parked, "document parked", "documents parked"))
+    return out + remote_troubles(st.remote_health)
+
+
+def remote_troubles(health: dict[str, int]) -> list[str]:
+    """What a store's newest heartbeat says is wrong on its side (its own streams, parked, quarantine)."""
+    out = []
+    if health.get("waiting"):
+        out.append("at the store: " + _count(health["waiting"], "bundle waiting", "bundles waiting"))
+    if health.get("failed"):
+        out.append("at the store: FAILED stream")
+    if health.get("held"):
+        out.append("at the store: HELD stream")
+    if health.get("parked"):
+        out.append("at the store: " + _count(health["parked"], "document parked", "documents parked"))
+    if health.get("quarantined"):
+        out.append("at the store: " + _count(health["quarantined"], "file quarantined", "files quarantined"))
     return out
 
 
