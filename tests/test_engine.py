@@ -668,7 +668,7 @@ def test_cli_smoke(tmp_path: Path) -> None:
     sent = json.loads(cli("status", "sent", "--home", str(ho), "--json").stdout)
     assert sent["version"] == 1 and len(sent["bundles"]) == 1
     b = sent["bundles"][0]
-    assert set(b) == {"file", "peer", "seq", "documents", "status", "created", "updated", "reason"}
+    assert set(b) == {"file", "peer", "seq", "documents", "status", "created", "updated", "reason", "reconcile"}
     assert (b["file"], b["peer"], b["seq"], b["status"]) == ("ho.s001.0000000001.bundle", "s001", 1, "PROCESSED")
     assert b["documents"]["item"] == 5 and isinstance(b["created"], str)
     got = json.loads(cli("status", "received", "--home", str(st), "--json").stdout)

@@ -379,7 +379,8 @@ def test_peer_text_is_shown_literally_in_status_and_log_lines(net: Net) -> None:
     assert not any(line.lstrip("│ ").startswith("FAKE") for line in out.splitlines())
     # --json keeps the exact text (JSON escapes it by itself)
     rows = json.loads(cli("status", "sent", "--home", home, "--json").stdout)["bundles"]
-    assert [r["reason"] for r in rows if r["file"] == bundle] == [EVIL]
+    [reason] = [r["reason"] for r in rows if r["file"] == bundle]
+    assert reason.startswith(EVIL + "; to resolve: "), reason  # the peer's exact text, then this node's hint
 
 
 def test_progress_lines_on_a_terminal_show_peer_text_literally(monkeypatch: pytest.MonkeyPatch) -> None:

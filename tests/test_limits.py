@@ -296,8 +296,9 @@ def _dictionary_bomb(rows: int, value_bytes: int) -> bytes:
     """``rows`` copies of one ``value_bytes`` string, as a dictionary page and RLE indices, without
     the Arrow schema (so a reader expands it): a few hundred bytes that decode to rows x value."""
     arr = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["n" * value_bytes]))
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"name": arr}), buf, compression="zstd", store_schema=False,
+    key = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["I1"]))
+    buf = io.BytesIO()  # with the item's key column, so its schema passes (docs/CATALOG.md) and decoding is reached
+    pq.write_table(pa.table({"item_id": key, "name": arr}), buf, compression="zstd", store_schema=False,
                    dictionary_pagesize_limit=64 << 20)
     return buf.getvalue()
 

@@ -84,7 +84,7 @@ def test_a_document_parked_at_the_store_shows_on_the_sent_view(net: Net) -> None
     assert rec["types"]["promotion"] == {"sent": n, "applied": n - 1, "parked": 1, "stale": 0}
     assert f"promotion: 1 of {n} parked" in rec["problems"]
     assert rec["unexplained"] == []  # the parked count explains the smaller total
-    assert rows[seq]["reason"] == "1 documents parked at s001"
+    assert rows[seq]["reason"] == "1 document parked at s001"
     # the ack states the totals of what was applied: what was sent less the parked promotion's lines
     ack = read_ack(ho.cfg.archive_received / ack_name("s001", "ho", seq), ho.trust, me="ho",
                    identities=ho.identities)

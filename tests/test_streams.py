@@ -18,7 +18,8 @@ from sqlalchemy import func, inspect, select
 
 from exchange.database import schema as s
 from exchange.database.capture import record_events
-from exchange.database.tables import MIGRATIONS, make_engine, migrate, xchg_delivery, xchg_event, xchg_meta
+from exchange.database.tables import (MIGRATIONS, make_engine, migrate, xchg_conflict, xchg_delivery, xchg_event,
+                                       xchg_meta)
 from exchange.demo.run import reconcile
 from exchange.node import keys
 from exchange.node.home import Node, init_home
@@ -113,9 +114,13 @@ def test_events_of_the_other_sides_documents_are_never_sent(net: Net, caplog: py
     with store.engine.begin() as conn:  # a store-side trigger on the HO's item table, say
         record_events(conn, "item", [("I0001",), ("I0002",)])
     assert export_work(lambda q: store.engine.connect().exec_driver_sql(q).all(), [])
-    with caplog.at_level(logging.WARNING, logger="exchange.send.streams"):
+    with caplog.at_level(logging.WARNING):
         assert export_all(store) == []  # nothing to send: no bundle at all
-    assert "ignoring 2 events" in caplog.text
+    assert "not sending 2 changes made here to documents the other side owns (item)" in caplog.text
+    with store.engine.connect() as conn:  # never silently dropped: each a conflict the owner (the HO) wins
+        assert {(d, k, st) for d, k, st in conn.execute(select(
+            xchg_conflict.c.doc_type, xchg_conflict.c.doc_key, xchg_conflict.c.status))} == {
+            ("item", '["I0001"]', "DECIDED"), ("item", '["I0002"]', "DECIDED")}
     with store.engine.connect() as conn:
         assert conn.execute(select(xchg_event.c.routed, xchg_event.c.seq)).all() == [(1, None), (1, None)]
         assert not export_work(lambda q: conn.exec_driver_sql(q).all(), [])

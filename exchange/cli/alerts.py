@@ -15,7 +15,12 @@ from exchange.cli.main import HOME, JSON, _echo_json, _node, main, shown
 
 @main.group()
 def alerts() -> None:
-    """Alerts: a command and/or webhook told when a store goes silent, a stream sticks, ..."""
+    """Alerts: a command and/or webhook told when a store goes silent, a stream sticks, ...
+
+    \b
+    Example:
+      exchange alerts list --home /srv/xchg/ho
+    """
 
 
 @alerts.command("check")
@@ -24,7 +29,9 @@ def alerts() -> None:
 def alerts_check(home: Path | None, as_json: bool) -> None:
     """Deliver now every alert whose state changed since the last check (each sync also does).
 
-    Example: exchange alerts check --home /srv/xchg/ho
+    \b
+    Example:
+      exchange alerts check --home /srv/xchg/ho
     """
     from exchange.errors import ConfigError
     from exchange.service import alerts as al
@@ -49,7 +56,9 @@ def alerts_check(home: Path | None, as_json: bool) -> None:
 def alerts_list(home: Path | None, as_json: bool) -> None:
     """The alerts that hold now (raised or not yet delivered), without delivering anything.
 
-    Example: exchange alerts list --home /srv/xchg/ho --json
+    \b
+    Example:
+      exchange alerts list --home /srv/xchg/ho --json
     """
     from exchange.service import alerts as al
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ __all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "b
 
 #: The version of a local change not sent yet: newer than any version given out.
 PENDING = 1 << 62
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -361,4 +364,7 @@ def report_foreign_edits(conn: Connection, catalog: Catalog, role: str, peers: M
                note=f"{doc_type} is owned by the {dt.owner} side: this side's change is not sent; the owner's "
                     f"version {held} stands and its next change replaces this one here")
     rows.executemany(conn, "UPDATE xchg_event SET routed = 1 WHERE id = ?", [(i,) for i in ids])
+    log.warning("not sending %d changes made here to documents the other side owns (%s): logged as conflicts "
+                "the owner wins (exchange status conflicts)", len(latest),
+                ", ".join(sorted({t for t, _k in latest})))
     return len(latest)
