@@ -535,9 +535,9 @@ def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Pa
     from exchange.audit.inspect import describe
     from exchange.node.keys import load_identity_file
 
-    own = _node(home).id if home is not None and trust is None and not identity_file else None
-    ids = load_identity_file(identity_file) if identity_file else (_node(home).identities if own else [])
-    info = _read_only(lambda: describe(file, trust=_trust_for(home, trust), identities=ids, sent_by=own))
+    node = _node(home) if home is not None and trust is None and not identity_file else None
+    ids = load_identity_file(identity_file) if identity_file else (node.identities if node else [])
+    info = _read_only(lambda: describe(file, trust=_trust_for(home, trust), identities=ids, sent_by=node.id if node else None))
     if as_json:
         _echo_json(info)
         return
@@ -566,9 +566,9 @@ def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Pat
     t = _trust_for(home, trust)
     if t is None:
         raise ExchangeError("no trust store", hint="Pass --home or --trust allowed_signers.")
-    own = _node(home).id if home is not None and trust is None and not identity_file else None
-    ids = load_identity_file(identity_file) if identity_file else (_node(home).identities if own else [])
-    info = _read_only(lambda: describe(file, trust=t, identities=ids, sent_by=own))
+    node = _node(home) if home is not None and trust is None and not identity_file else None
+    ids = load_identity_file(identity_file) if identity_file else (node.identities if node else [])
+    info = _read_only(lambda: describe(file, trust=t, identities=ids, sent_by=node.id if node else None))
     click.echo(shown(f"OK {file.name}: {info['signature']}; {info.get('payload', info.get('result', ''))}"))
 
 
@@ -883,7 +883,8 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @main.command()
 @HOME
 @click.option("--interval", type=float, help="Seconds between sync cycles (default: sync_interval, 900).")
-@click.option("--ui-port", type=click.IntRange(0, 65535), help="Serve the Data Exchange page on this port (default: [ui] port; off).")
+@click.option("--ui-port", type=click.IntRange(0, 65535),
+              help="Serve the Data Exchange page on this port (default: [ui] port; off).")
 @click.option("--ui-host", default=None, help="Address for the page (default 127.0.0.1; elsewhere needs a token).")
 @click.option("--usb/--no-usb", "watch_usb", default=None,
               help="Watch mount roots for a transfer stick (default: on when [usb] is configured or no transport).")

@@ -300,8 +300,8 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
                     else "already applied; re-acknowledged")
             return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
         if known and known["file_sha256"] == file_sha and known["status"] == ReceivedStatus.SKIPPED:
-            note = "skipped by an operator's decision; the decision re-sent"  # exchange.receive.decisions
-            note = "skipped by an operator's decision; an import would send the decision again" if dry_run else note
+            note = ("skipped by an operator's decision; " +  # exchange.receive.decisions
+                    ("an import would send the decision again" if dry_run else "the decision re-sent"))
             if not dry_run:
                 if known["ack"]:
                     _write_ack(node, known["ack"], peer, seq)
