@@ -158,11 +158,13 @@ def test_import_dry_run_never_says_re_acknowledged(tmp_path: Path, db_url: str) 
     assert res.exit_code == 0, res.output
     assert "DUPLICATE - already applied; an import would acknowledge it again" in res.output
     assert "re-acknowledged" not in res.output
+    assert res.output.endswith("dry run: nothing was applied, moved, quarantined or acknowledged\n")
     assert copy.exists() and sorted(p.name for p in store.cfg.outbox.iterdir()) == acks  # nothing done
 
     deliver([bundle], store)  # the real import still says what it did
     res = run("import", "--home", home)
-    assert "DUPLICATE - already applied; re-acknowledged" in res.output
+    assert "DUPLICATE - already applied; re-acknowledged" in res.output and "dry run" not in res.output
+    assert not list(store.cfg.inbox.iterdir())
     net.dispose()
 
 

@@ -609,6 +609,8 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
             click.echo(shown(f"    {t}: {applied_text(a)}"))
     if not outs:
         click.echo("inbox is empty")
+    if dry_run:  # the statuses above say what an import would do
+        click.echo("dry run: nothing was applied, moved, quarantined or acknowledged")
     _exit_for(outs, [], [])
 
 
