@@ -9,7 +9,9 @@ beside the code that raises it still appears in this tree.
 
     ExchangeError (1)
     ├── ConfigError (3)            exchange.toml, node home, peers
-    │   └── KeyPermissionError (3) private key readable by others
+    │   ├── KeyPermissionError (3) private key readable by others
+    │   ├── NodeIdError (3)        a node id not of the accepted form (init, peer add, exchange.toml)
+    │   └── PeerKeyError (3)       a peer's signing key or age recipient that does not parse (peer add)
     ├── BundleError (10)           anything wrong with a bundle or ack file
     │   ├── FormatError (11)       malformed: not a tar, bad JSON, bad member
     │   │   └── NotRegularFileError (17) a link, folder, FIFO, socket or device named like a file
@@ -69,6 +71,20 @@ class ConfigError(ExchangeError):
 
 class KeyPermissionError(ConfigError):
     hint = "Restrict the file to its owner: chmod 600 <file>."
+
+
+class NodeIdError(ConfigError):
+    """A node id that is not 1-32 of a-z, 0-9 and '-': refused where it is entered, never quarantined."""
+
+    hint = ("A node id is 1 to 32 characters of a-z, 0-9 and '-', starting with a letter or digit, "
+            "e.g. ho or s001; use the same id in every command.")
+
+
+class PeerKeyError(ConfigError):
+    """A peer's signing key or age recipient, as pasted into `peer add`, that does not parse."""
+
+    hint = ("Copy it again from the peer's `exchange identity`: the signing key is the whole "
+            "\"ssh-ed25519 AAAA...\" line in quotes, the recipient is age1 followed by 58 letters and digits.")
 
 
 class BundleError(ExchangeError):
@@ -201,7 +217,11 @@ EXIT_CODES: dict[int, str] = {
     31: "transport failed for now (timeout, refused, reset): retried next sync",
     40: "the node database is unreachable or wrong",
     50: "busy: another exchange process holds this home",
+    130: "interrupted (Ctrl-C): nothing is lost, running it again is safe",
 }
+
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 #: A finished cycle's file outcomes that need an operator, most urgent first, with their exit status.
 _OUTCOME_EXITS = ((Outcome.QUARANTINED, BundleError.exit_code), (Outcome.FAILED, ApplyError.exit_code),

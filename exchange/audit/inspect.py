@@ -21,8 +21,14 @@ from exchange.wire.formats import parse_name
 
 
 def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
-             identities: Sequence[str] = (), me: str | None = None, sample: int = 5) -> dict[str, Any]:
-    """Everything checkable about ``path``; raises the first problem found."""
+             identities: Sequence[str] = (), me: str | None = None, sample: int = 5,
+             sent_by: str | None = None) -> dict[str, Any]:
+    """Everything checkable about ``path``; raises the first problem found.
+
+    ``sent_by``: the node whose ``identities`` these are. A bundle it sent itself is encrypted to its
+    recipient only, so it is checked without decrypting (signature, signed hash of the ciphertext)
+    and the result says why, rather than failing on a key that was never meant to open it.
+    """
     if path.name.endswith(".ack"):
         if trust is None:
             raise ExchangeError("an ack can only be read with a trust store", hint="Pass --trust allowed_signers.")
@@ -58,9 +64,11 @@ def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
         out["signature"] = f"good, by {m.sender} ({sshsig.fingerprint(signer.key)})"
         if me is not None:
             r.check_recipient(me)
-        if not identities:
+        if not identities or (sent_by is not None and m.sender == sent_by != m.recipient):
             out["file_sha256"] = r.check_payload_hash()
-            out["payload"] = "ciphertext matches the signed hash (not decrypted: no identity)"
+            out["payload"] = ("ciphertext matches the signed hash (not decrypted: no identity)" if not identities
+                              else f"ciphertext matches the signed hash; not decrypted: {sent_by} sent this "
+                                   f"bundle, only its recipient {m.recipient} can decrypt it")
             return out
         with tempfile.TemporaryDirectory(prefix=".inspect-") as tmp:
             opened = r.decrypt(identities, Path(tmp))

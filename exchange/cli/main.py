@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from exchange import __version__
-from exchange.errors import EXIT_CODES, ExchangeError, outcome_exit_code
+from exchange.errors import EXIT_CODES, INTERRUPTED, ExchangeError, outcome_exit_code
 
 HOME = click.option("--home", envvar="EXCHANGE_HOME", type=click.Path(file_okay=False, path_type=Path),
                     help="Node home folder (default: $EXCHANGE_HOME).")
@@ -53,6 +53,10 @@ class Group(click.Group):
             return super().invoke(ctx)
         except ExchangeError as exc:
             _fail(exc)
+        except KeyboardInterrupt:  # Ctrl-C: every step is resumable, so say so instead of a traceback
+            click.echo("\ninterrupted: nothing is lost; running the same command again is safe "
+                       "(it picks up where this one stopped)", err=True)
+            sys.exit(INTERRUPTED)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if ctx.parent is None:
@@ -190,6 +194,19 @@ def _address(text: str) -> str:
     return text if "://" in text or text.split(":", 1)[0] in ("dir", "drop") else f"dir:{text}"
 
 
+def _transport_address(value: str | None) -> str | None:
+    """``--transport`` as entered, refused now (exit 2, naming it and the accepted forms) if no transport opens it."""
+    if value is None:
+        return None
+    from exchange.errors import ConfigError
+    from exchange.transport import check_address
+
+    try:
+        return check_address(value)
+    except ConfigError as exc:
+        raise click.BadParameter(f"{exc.message}. {exc.hint}") from exc
+
+
 def _json_value(value: Any) -> Any:
     """What json cannot write: a time as RFC 3339 with its offset, anything else as text."""
     from datetime import datetime
@@ -295,7 +312,8 @@ def peer() -> None:
               help="The peer's role; a store's only peer is its HO.")
 @click.option("--signing-key", required=True, help='"ssh-ed25519 AAAA..." from the peer\'s `exchange identity`.')
 @click.option("--recipient", required=True, help="age1... from the peer's `exchange identity`.")
-@click.option("--transport", help="dir:/path or sftp://user@host:port/root")
+@click.option("--transport", callback=lambda _c, _p, v: _transport_address(v),
+              help="dir:/path, drop:/path or sftp://user@host:port/root (checked now).")
 @click.option("--group", "groups", multiple=True, help="Store group (repeatable).")
 @click.option("--valid-after", help="Key valid from (YYYYMMDD[HHMM[SS]]Z), for key rotation.")
 @click.option("--valid-before", help="Key valid until, for key rotation.")
@@ -476,6 +494,19 @@ def journal(home: Path | None, peer_id: str | None, limit: int, as_json: bool) -
 
 # ---------------------------------------------------------------- files
 
+def _read_only(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``check()``; a bad file's error without the importer's hint (verify and inspect move nothing)."""
+    from exchange.errors import BundleError
+
+    try:
+        return check()
+    except BundleError as exc:
+        if exc.hint is BundleError.hint:  # "set aside in quarantine/": true of an import only
+            exc.hint = ("Nothing was moved: this command only reads the file. If it came from a peer, "
+                        "ask the sender to send it again.")
+        raise
+
+
 def _trust_for(home: Path | None, trust: Path | None) -> Any:
     from exchange.wire.crypto import sshsig
 
@@ -504,9 +535,9 @@ def inspect(file: Path, home: Path | None, trust: Path | None, identity_file: Pa
     from exchange.audit.inspect import describe
     from exchange.node.keys import load_identity_file
 
-    ids = load_identity_file(identity_file) if identity_file else (
-        _node(home).identities if home is not None and trust is None else [])
-    info = describe(file, trust=_trust_for(home, trust), identities=ids)
+    node = _node(home) if home is not None and trust is None and not identity_file else None
+    ids = load_identity_file(identity_file) if identity_file else (node.identities if node else [])
+    info = _read_only(lambda: describe(file, trust=_trust_for(home, trust), identities=ids, sent_by=node.id if node else None))
     if as_json:
         _echo_json(info)
         return
@@ -535,9 +566,9 @@ def verify(file: Path, home: Path | None, trust: Path | None, identity_file: Pat
     t = _trust_for(home, trust)
     if t is None:
         raise ExchangeError("no trust store", hint="Pass --home or --trust allowed_signers.")
-    ids = load_identity_file(identity_file) if identity_file else (
-        _node(home).identities if home is not None and trust is None else [])
-    info = describe(file, trust=t, identities=ids)
+    node = _node(home) if home is not None and trust is None and not identity_file else None
+    ids = load_identity_file(identity_file) if identity_file else (node.identities if node else [])
+    info = _read_only(lambda: describe(file, trust=t, identities=ids, sent_by=node.id if node else None))
     click.echo(shown(f"OK {file.name}: {info['signature']}; {info.get('payload', info.get('result', ''))}"))
 
 
@@ -578,6 +609,8 @@ def import_(home: Path | None, dry_run: Path | None, as_json: bool) -> None:
             click.echo(shown(f"    {t}: {applied_text(a)}"))
     if not outs:
         click.echo("inbox is empty")
+    if dry_run:  # the statuses above say what an import would do
+        click.echo("dry run: nothing was applied, moved, quarantined or acknowledged")
     _exit_for(outs, [], [])
 
 
@@ -852,7 +885,8 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @main.command()
 @HOME
 @click.option("--interval", type=float, help="Seconds between sync cycles (default: sync_interval, 900).")
-@click.option("--ui-port", type=int, help="Serve the Data Exchange page on this port (default: [ui] port; off).")
+@click.option("--ui-port", type=click.IntRange(0, 65535),
+              help="Serve the Data Exchange page on this port (default: [ui] port; off).")
 @click.option("--ui-host", default=None, help="Address for the page (default 127.0.0.1; elsewhere needs a token).")
 @click.option("--usb/--no-usb", "watch_usb", default=None,
               help="Watch mount roots for a transfer stick (default: on when [usb] is configured or no transport).")

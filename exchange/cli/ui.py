@@ -14,7 +14,8 @@ from exchange.cli.main import HOME, main
 
 @main.command("ui")
 @HOME
-@click.option("--port", type=int, help="Port (default: [ui] port, else 8765).")
+@click.option("--port", type=click.IntRange(0, 65535),
+              help="Port, 0 for any free one (default: [ui] port, else 8765).")
 @click.option("--host", help="Address (default: [ui] host, else 127.0.0.1; elsewhere needs a token).")
 def ui(home: Path | None, port: int | None, host: str | None) -> None:
     """Serve the Data Exchange page alone; its Sync button runs a sync cycle itself.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from exchange.errors import ConfigError, FormatError
+from exchange.errors import ConfigError, FormatError, NodeIdError
 from exchange.wire.formats import check_node_id
 
 Role = Literal["ho", "store"]
@@ -167,7 +167,15 @@ def _node_id(value: Any, where: str) -> str:
     try:
         return check_node_id(str(value))
     except FormatError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise NodeIdError(f"{where}: {exc}") from exc
+
+
+def entered_node_id(value: str) -> str:
+    """A node id typed by an operator (``init --node``, ``peer add --peer``): NodeIdError, not a bundle's error."""
+    try:
+        return check_node_id(value)
+    except FormatError as exc:
+        raise NodeIdError(str(exc)) from exc
 
 
 def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:

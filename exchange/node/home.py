@@ -14,7 +14,6 @@ from exchange.database.direct import plain_file
 from exchange.errors import ConfigError, DatabaseError
 from exchange.node import config, keys, perms
 from exchange.node.config import NodeConfig, Role
-from exchange.wire.formats import check_node_id
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -33,7 +32,7 @@ def init_home(home: Path, node_id: str, role: Role, database: str | None = None)
     home = Path(home).expanduser().resolve()
     if (home / config.CONFIG_NAME).exists():
         raise ConfigError(f"{home} is already a node home", hint="Use a new folder, or keep this one.")
-    check_node_id(node_id)
+    config.entered_node_id(node_id)
     if database:  # a server database must exist and answer before anything is made: no half-made home
         database = normalize_url(database)
         check_reachable(database)

@@ -7,11 +7,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from exchange.errors import ConfigError
+from exchange.errors import ConfigError, CryptoError, PeerKeyError
 from exchange.node import keys
-from exchange.node.config import NodeConfig, Peer, Role
+from exchange.node.config import NodeConfig, Peer, Role, entered_node_id
 from exchange.wire.crypto import age, sshsig
-from exchange.wire.formats import check_node_id
 
 
 def _when(text: str | None, what: str) -> datetime | None:
@@ -113,15 +112,18 @@ def add_peer(cfg: NodeConfig, peer_id: str, role: str, signing_key: str, recipie
     from now (``valid-after``). Re-adding a peer with the keys it already has
     only updates its transport and groups.
     """
-    try:
-        check_node_id(peer_id)
-    except Exception as exc:
-        raise ConfigError(str(exc)) from exc
+    entered_node_id(peer_id)
     if peer_id == cfg.id:
         raise ConfigError(f"{peer_id} is this node itself")
     peer_role = _peer_role(cfg, role)
-    age.parse_recipient(recipient)
-    new_key = sshsig.parse_public_line(signing_key)
+    try:
+        age.parse_recipient(recipient)
+    except CryptoError as exc:
+        raise PeerKeyError(f"bad age recipient for peer {peer_id}: {exc}") from exc
+    try:
+        new_key = sshsig.parse_public_line(signing_key)
+    except CryptoError as exc:
+        raise PeerKeyError(f"bad signing key for peer {peer_id}: {exc}") from exc
     after, before = _when(valid_after, "--valid-after"), _when(valid_before, "--valid-before")
     now = datetime.now(UTC).replace(microsecond=0)  # allowed_signers times have second resolution
     change = _change(cfg, peer_id, new_key, recipient, peer_role, now)

@@ -264,7 +264,8 @@ def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, 
     """
     note = "already applied from another copy of this signed bundle; this copy acknowledged"
     if dry_run:
-        return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
+        return FileOutcome(path.name, Outcome.DUPLICATE, "already applied from another copy of this signed "
+                           "bundle; an import would acknowledge this copy", peer, seq)
     with node.engine.begin() as conn:
         begin_write(conn)
         ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
@@ -295,9 +296,12 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
                     _write_ack(node, known["ack"], peer, seq)
                 archive(node, path, "duplicates")
                 rep.state(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged")
-            return FileOutcome(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged", peer, seq)
+            note = ("already applied; an import would acknowledge it again" if dry_run
+                    else "already applied; re-acknowledged")
+            return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
         if known and known["file_sha256"] == file_sha and known["status"] == ReceivedStatus.SKIPPED:
-            note = "skipped by an operator's decision; the decision re-sent"  # exchange.receive.decisions
+            note = ("skipped by an operator's decision; " +  # exchange.receive.decisions
+                    ("an import would send the decision again" if dry_run else "the decision re-sent"))
             if not dry_run:
                 if known["ack"]:
                     _write_ack(node, known["ack"], peer, seq)

@@ -95,6 +95,35 @@ class Transport(Protocol):
         ...
 
 
+#: The forms of a peer's transport address, for the errors that refuse another.
+ADDRESS_FORMS = ("dir:/absolute/folder (or the absolute folder alone), drop:/absolute/folder, "
+                 "sftp://user@host[:port]/path")
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is a transport address :func:`open_transport` opens; checked without opening it.
+
+    For what an operator enters (``peer add --transport``): refused then, naming the value and the
+    accepted forms, rather than at the next sync. A relative folder is refused too: under cron or the
+    service it would be relative to another working folder.
+    """
+    if address.startswith("sftp://"):
+        from exchange.transport.sftp.address import SftpAddress
+
+        SftpAddress.parse(address)
+        return address
+    kind, path = next(((k, address[len(k) + 1:]) for k in ("dir", "drop") if address.startswith(k + ":")),
+                      ("dir", address))
+    if not path.strip() or "://" in address:
+        raise ConfigError(f"unsupported transport address {address!r}", hint=f"Use {ADDRESS_FORMS}.")
+    if not Path(path).expanduser().is_absolute():
+        example = ("an SFTP server is sftp://user@host[:port]/path" if ":" in path
+                   else f"e.g. {kind}:{Path(path).expanduser().absolute()}")
+        raise ConfigError(f"transport address {address!r} is not an absolute folder",
+                          hint=f"Give the whole path ({example}); the accepted forms are {ADDRESS_FORMS}.")
+    return address
+
+
 def open_transport(address: str, *, home: Path | None = None, me: str | None = None,
                    peer: str | None = None) -> Transport:
     """A transport for a peer's address: ``dir:PATH`` (or a plain path), ``sftp://...``,
