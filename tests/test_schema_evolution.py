@@ -609,3 +609,51 @@ def test_a_smuggled_child_table_refuses_the_bundle(net: Net, forge_catalog: Any,
     sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
     mine = next(r for r in sent if r["file"] == path.name)
     assert mine["status"] == "REJECTED" and reason in mine["reason"], mine
+
+
+def test_kept_child_rows_get_the_normal_checks_when_their_table_arrives(net: Net) -> None:
+    """Kept rows go through the usual checks once the store has the table: a column of another type keeps
+    them (with the reason), a column the store lacks is kept in turn, a document deleted since takes nothing."""
+    add_photo_table(net.ho)
+    reopen(net)
+    new_item(net, "I1")
+    new_item(net, "I2")
+    photos(net, "I1", ("P1", 10))
+    photos(net, "I2", ("P2", 20))
+    sync_all(net)
+    with net.ho.engine.begin() as conn:  # I2 deleted at the HO: its kept photo must not come back
+        conn.execute(text("DELETE FROM item_photo WHERE item_id = 'I2'"))
+        conn.execute(text("DELETE FROM item WHERE item_id = 'I2'"))
+        record_events(conn, "item", [("I2",)])
+    sync_all(net)
+    s001 = net.store("s001")
+    home = str(s001.cfg.home)
+    assert statuses(s001) == ["APPLIED", "APPLIED"], received(s001)
+    assert sql(s001, "SELECT item_id FROM item") == [("I1",)]
+
+    # the store makes the table with size_kb as text: not the sender's type, the rows stay kept with why
+    sql(s001, "CREATE TABLE item_photo (item_id VARCHAR(32) NOT NULL, photo_id VARCHAR(32) NOT NULL, "
+              "size_kb VARCHAR(8), PRIMARY KEY (item_id, photo_id))")
+    item, *rest = ITEM_CATALOG["doc"]
+    s001.cfg.catalog = {**ITEM_CATALOG, "doc": [{**item, "children": ["item_barcode", "item_photo"]}, *rest]}
+    s001.cfg.save()
+    out = cli("catalog", "apply-kept", "--home", home)
+    assert "kept documents of" not in out
+    assert re.search(r"still kept: item_photo rows of item from ho \(2\): not applied: table item_photo: column "
+                     r"size_kb is int\d+ in the kept rows and string here: kept until this node's column has the "
+                     r"sender's type", out), out
+    assert sql(s001, "SELECT * FROM item_photo") == []
+
+    # the table as the HO has it, but without url: the rows apply, url's values are kept aside in turn
+    sql(s001, "DROP TABLE item_photo")
+    sql(s001, "CREATE TABLE item_photo (item_id VARCHAR(32) NOT NULL, photo_id VARCHAR(32) NOT NULL, "
+              "size_kb INTEGER, PRIMARY KEY (item_id, photo_id))")
+    out = cli("catalog", "apply-kept", "--home", home)
+    assert "kept documents of 2 bundles applied" in out  # the second one (I2 deleted) writes nothing
+    assert sql(s001, "SELECT item_id, photo_id, size_kb FROM item_photo") == [("I1", "P1", 10)]
+    kept = json.loads(cli("catalog", "kept", "--home", home, "--json"))
+    assert [(k["table"], k["column"], k["rows"], k["waiting"]) for k in kept] == [
+        ("item_photo", "url", 1, "no column item_photo.url here yet")]
+    sql(s001, "ALTER TABLE item_photo ADD COLUMN url VARCHAR(200)")
+    assert "1 kept values applied" in cli("catalog", "apply-kept", "--home", home)
+    assert photo_rows(s001) == [("I1", "P1", "https://img/P1", 10)]

@@ -120,7 +120,7 @@ def keep(conn: Connection, peer: str, seq: int, dt: DocType, tables: Mapping[str
     The documents are recorded with the rows, so a document whose table is empty in this bundle
     (its photos removed) has its older kept rows replaced by none."""
     n = 0
-    for name, data in tables.items():
+    for name, data in tables.items() if applied else ():  # nothing applied (deletes only): nothing to replace
         wanted = [i for i, k in enumerate(rows.row_keys(data, dt.key)) if k in applied]
         part = data.take(pa.array(wanted, type=pa.int64()))
         part = part.replace_schema_metadata({_DOCS: json.dumps(dict(applied)).encode()})
@@ -178,7 +178,8 @@ def _write(conn: Connection, catalog: Catalog, peer: str, seq: int, name: str, d
     assert dt is not None
     docs: dict[str, int] = json.loads((data.schema.metadata or {}).get(_DOCS, b"{}"))
     data = data.replace_schema_metadata(None)
-    data, extra = evolution.split_table(catalog, None, dt, name, data)  # a type change: SchemaChangeError
+    _check_types(catalog, name, data.schema)
+    data, extra = evolution.split_table(catalog, None, dt, name, data)
     current = versions(conn, peer, dt.name, list(docs))
     same = [key for key, v in docs.items() if current.get(key) == v]
     header = rows.read_docs(conn, catalog.table(dt.header), dt.key, same) if same else None
@@ -192,3 +193,14 @@ def _write(conn: Connection, catalog: Catalog, peer: str, seq: int, name: str, d
         rows.insert_rows(conn, table, part)
     evolution.keep(conn, peer, seq, dt, name, extra, set(keys))
     return int(part.num_rows)
+
+
+def _check_types(catalog: Catalog, name: str, schema: pa.Schema) -> None:
+    """A column of another type here than in the kept rows: they stay kept (ApplyError), with the column."""
+    here = rows.arrow_schema(catalog.table(name))
+    for f in schema:
+        if f.name in here.names and f.type != here.field(f.name).type \
+                and not evolution._naive_for_zoned(f.type, here.field(f.name).type):
+            raise ApplyError(f"table {name}: column {f.name} is {f.type} in the kept rows and "
+                             f"{here.field(f.name).type} here: kept until this node's column has the sender's "
+                             "type (then exchange catalog apply-kept)")
