@@ -464,3 +464,196 @@ def test_kept_documents_get_every_check_when_their_type_arrives(net: Net) -> Non
     assert sql(net.ho, "SELECT * FROM shelf_label") == []
     kept = json.loads(cli("catalog", "kept", "--home", str(net.ho.cfg.home), "--json"))
     assert len(kept) == 1 and kept[0]["waiting"].startswith("not applied: shelf_label documents are owned by the ho")
+
+
+PHOTO_TABLE = "CREATE TABLE item_photo (item_id VARCHAR(32) NOT NULL, photo_id VARCHAR(32) NOT NULL, " \
+              "url VARCHAR(200), size_kb INTEGER, PRIMARY KEY (item_id, photo_id))"
+
+
+def add_photo_table(node: Node) -> None:
+    """A new child table of item at ``node``: the table, and its place among item's children."""
+    sql(node, PHOTO_TABLE)
+    item, *rest = ITEM_CATALOG["doc"]
+    node.cfg.catalog = {**ITEM_CATALOG, "doc": [{**item, "children": ["item_barcode", "item_photo"]}, *rest]}
+    node.cfg.save()
+
+
+def photos(net: Net, item_id: str, *shots: tuple[str, int]) -> None:
+    """Item ``item_id``'s photos at the HO replaced by ``shots`` (photo_id, size), and its event."""
+    with net.ho.engine.begin() as conn:
+        conn.execute(text("DELETE FROM item_photo WHERE item_id = :i"), {"i": item_id})
+        for photo_id, size in shots:
+            conn.execute(text("INSERT INTO item_photo VALUES (:i, :p, :u, :s)"),
+                         {"i": item_id, "p": photo_id, "u": f"https://img/{photo_id}", "s": size})
+        record_events(conn, "item", [(item_id,)])
+
+
+def photo_rows(node: Node) -> list[tuple[Any, ...]]:
+    return sql(node, "SELECT item_id, photo_id, url, size_kb FROM item_photo ORDER BY item_id, photo_id")
+
+
+def test_a_new_child_table_is_kept_aside_then_applied(net: Net) -> None:
+    """The HO's item gains a table item_photo the stores do not have: their streams go on, the rows wait
+    (the latest of each item, a photo removed since stays removed), and apply once each store's catalog
+    has the table: by command, or before the next bundle, oldest first, so a newer bundle wins."""
+    new_item(net, "I1")
+    sync_all(net)
+    add_photo_table(net.ho)
+    reopen(net)
+    new_item(net, "I2")
+    photos(net, "I1", ("P1", 10), ("P2", 20))
+    photos(net, "I2", ("P3", 30))
+    sync_all(net)
+    photos(net, "I1", ("P2", 21))  # a later version: P1 removed, P2 changed
+    sync_all(net)
+    for sid in STORES:
+        store = net.store(sid)
+        assert statuses(store) == ["APPLIED"] * 3, received(store)
+        assert sql(store, "SELECT item_id FROM item ORDER BY item_id") == [("I1",), ("I2",)]
+        kept = json.loads(cli("catalog", "kept", "--home", str(store.cfg.home), "--json"))
+        assert kept == [{"peer": "ho", "table": "item_photo", "column": "*rows", "type": "item rows", "bundles": 2,
+                         "rows": 4, "waiting": "no table item_photo in this node's item documents yet"}]
+    home = str(net.store("s001").cfg.home)
+    assert "ho: item_photo rows of item: 4 rows from 2 bundles - no table item_photo" in cli("catalog", "kept",
+                                                                                              "--home", home)
+    assert "kept aside: 4 values or documents of item_photo rows of item" in cli("status", "received", "--home", home)
+    with ui_server(net.store("s001").cfg.home) as ui:
+        _status, _h, store_page = request(ui.url, "/")
+    assert re.search(r'id="card-kept".*?<div class="n">4</div>.*?item_photo rows', store_page, re.S)
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}  # the acks' figures match what was sent
+    diff = json.loads(cli("catalog", "diff", "--peer", "ho", "--home", home, "--json"))
+    assert diff["differences"] == [{"what": "table", "name": "item_photo", "here": "-", "peer": "yes",
+                                    "effect": "the peer's rows are kept aside here until this node has the table"}]
+
+    # s001 gains the table: the kept rows are written, oldest bundle first (the latest of I1 wins)
+    add_photo_table(net.store("s001"))
+    out = cli("catalog", "apply-kept", "--home", home)
+    assert "kept documents of 2 bundles applied" in out
+    want = [("I1", "P2", "https://img/P2", 21), ("I2", "P3", "https://img/P3", 30)]
+    assert photo_rows(net.store("s001")) == want
+    assert json.loads(cli("catalog", "kept", "--home", home, "--json")) == []
+    # s002 gains it too; the HO's next bundle: the kept rows first, then the newer ones
+    add_photo_table(net.store("s002"))
+    photos(net, "I2", ("P4", 40))
+    sync_all(net)
+    want = [want[0], ("I2", "P4", "https://img/P4", 40)]
+    for sid in STORES:
+        assert photo_rows(net.store(sid)) == want, sid
+        assert json.loads(cli("catalog", "kept", "--home", str(net.store(sid).cfg.home), "--json")) == []
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    assert {r["status"] for r in sent} == {"PROCESSED"}
+
+
+def _refingerprint(catalog: dict[str, Any]) -> dict[str, Any]:
+    """A catalog whose fingerprint matches its (changed) content: what a sender's own catalog looks like."""
+    import hashlib
+
+    body = {k: catalog[k] for k in ("format", "docs", "tables")}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {**body, "fingerprint": digest}
+
+
+def _photo_under_customer(catalog: dict[str, Any]) -> dict[str, Any]:
+    """item_photo declared under customer (a type the bundle's events do not announce), not under item."""
+    out = json.loads(json.dumps(catalog))
+    out["docs"]["item"]["tables"].remove("item_photo")
+    out["docs"]["customer"]["tables"].append("item_photo")
+    return _refingerprint(out)
+
+
+def _photo_undeclared(catalog: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(catalog))
+    out["docs"]["item"]["tables"].remove("item_photo")
+    del out["tables"]["item_photo"]
+    return _refingerprint(out)
+
+
+def _photo_of_another_item(tables: dict[str, Any]) -> None:
+    """A row under an item the events do not announce, smuggled into the declared child table."""
+    import pyarrow as pa
+
+    extra = pa.table({"item_id": ["I9"], "photo_id": ["X"], "url": ["https://evil"], "size_kb": [1]},
+                     schema=tables["item_photo"].schema)
+    tables["item_photo"] = pa.concat_tables([tables["item_photo"], extra])
+
+
+@pytest.mark.parametrize("forge_catalog, forge_tables, reason", [
+    (_photo_under_customer, None, "the bundle carries table item_photo, but its events announce no document type "
+                                  "of that table"),
+    (_photo_undeclared, None, "the bundle carries table item_photo, but its events announce no document type"),
+    (None, _photo_of_another_item, "table item_photo holds rows of item I9, which the bundle's events do not "
+                                   "announce"),
+], ids=["under-an-unannounced-type", "undeclared", "rows-of-an-unannounced-item"])
+def test_a_smuggled_child_table_refuses_the_bundle(net: Net, forge_catalog: Any, forge_tables: Any,
+                                                   reason: str) -> None:
+    """The child table must be declared under the announced type in the sender's signed catalog and hold
+    only rows of announced upserts: otherwise nothing of the bundle is applied and nothing is kept."""
+    add_photo_table(net.ho)
+    reopen(net)
+    new_item(net, "I1")
+    photos(net, "I1", ("P1", 10))
+    store = net.store("s001")
+    cat = forge_catalog(net.ho.catalog.description) if forge_catalog else None
+    path = forge_bundle(net.ho, "s001", docs_of(net.ho, "item", [("I1",)]), catalog=cat, tables_hook=forge_tables)
+    path.replace(store.cfg.inbox / path.name)
+    out = cli("import", "--home", str(store.cfg.home), code=21)  # refused (FAILED), nothing applied
+    assert f"{path.name}: FAILED" in out
+    got = received(store)
+    assert [(f, s) for f, s, _r in got] == [(path.name, "FAILED")]
+    assert reason in got[0][2]
+    assert sql(store, "SELECT * FROM item") == []
+    assert json.loads(cli("catalog", "kept", "--home", str(store.cfg.home), "--json")) == []
+    cli("sync", "--home", str(store.cfg.home), code=21)  # its REJECTED ack goes back to the HO
+    cli("sync", "--home", str(net.ho.cfg.home), code=21)
+    sent = json.loads(cli("status", "sent", "--home", str(net.ho.cfg.home), "--json"))["bundles"]
+    mine = next(r for r in sent if r["file"] == path.name)
+    assert mine["status"] == "REJECTED" and reason in mine["reason"], mine
+
+
+def test_kept_child_rows_get_the_normal_checks_when_their_table_arrives(net: Net) -> None:
+    """Kept rows go through the usual checks once the store has the table: a column of another type keeps
+    them (with the reason), a column the store lacks is kept in turn, a document deleted since takes nothing."""
+    add_photo_table(net.ho)
+    reopen(net)
+    new_item(net, "I1")
+    new_item(net, "I2")
+    photos(net, "I1", ("P1", 10))
+    photos(net, "I2", ("P2", 20))
+    sync_all(net)
+    with net.ho.engine.begin() as conn:  # I2 deleted at the HO: its kept photo must not come back
+        conn.execute(text("DELETE FROM item_photo WHERE item_id = 'I2'"))
+        conn.execute(text("DELETE FROM item WHERE item_id = 'I2'"))
+        record_events(conn, "item", [("I2",)])
+    sync_all(net)
+    s001 = net.store("s001")
+    home = str(s001.cfg.home)
+    assert statuses(s001) == ["APPLIED", "APPLIED"], received(s001)
+    assert sql(s001, "SELECT item_id FROM item") == [("I1",)]
+
+    # the store makes the table with size_kb as text: not the sender's type, the rows stay kept with why
+    sql(s001, "CREATE TABLE item_photo (item_id VARCHAR(32) NOT NULL, photo_id VARCHAR(32) NOT NULL, "
+              "size_kb VARCHAR(8), PRIMARY KEY (item_id, photo_id))")
+    item, *rest = ITEM_CATALOG["doc"]
+    s001.cfg.catalog = {**ITEM_CATALOG, "doc": [{**item, "children": ["item_barcode", "item_photo"]}, *rest]}
+    s001.cfg.save()
+    out = cli("catalog", "apply-kept", "--home", home)
+    assert "kept documents of" not in out
+    assert re.search(r"still kept: item_photo rows of item from ho \(2\): not applied: table item_photo: column "
+                     r"size_kb is int\d+ in the kept rows and string here: kept until this node's column has the "
+                     r"sender's type", out), out
+    assert sql(s001, "SELECT * FROM item_photo") == []
+
+    # the table as the HO has it, but without url: the rows apply, url's values are kept aside in turn
+    sql(s001, "DROP TABLE item_photo")
+    sql(s001, "CREATE TABLE item_photo (item_id VARCHAR(32) NOT NULL, photo_id VARCHAR(32) NOT NULL, "
+              "size_kb INTEGER, PRIMARY KEY (item_id, photo_id))")
+    out = cli("catalog", "apply-kept", "--home", home)
+    assert "kept documents of 2 bundles applied" in out  # the second one (I2 deleted) writes nothing
+    assert sql(s001, "SELECT item_id, photo_id, size_kb FROM item_photo") == [("I1", "P1", 10)]
+    kept = json.loads(cli("catalog", "kept", "--home", home, "--json"))
+    assert [(k["table"], k["column"], k["rows"], k["waiting"]) for k in kept] == [
+        ("item_photo", "url", 1, "no column item_photo.url here yet")]
+    sql(s001, "ALTER TABLE item_photo ADD COLUMN url VARCHAR(200)")
+    assert "1 kept values applied" in cli("catalog", "apply-kept", "--home", home)
+    assert photo_rows(s001) == [("I1", "P1", "https://img/P1", 10)]

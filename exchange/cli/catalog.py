@@ -91,7 +91,8 @@ def catalog_kept(home: Path | None, as_json: bool) -> None:
         return
     for k in kept:
         state = shown(k.waiting) if k.waiting else "ready: run `exchange catalog apply-kept`"
-        click.echo(f"{shown(k.peer)}: {_what(k)}: {k.rows} {'documents' if _whole(k) else 'values'} "
+        unit = "documents" if _whole(k) else "rows" if k.column == evolution.CHILD else "values"
+        click.echo(f"{shown(k.peer)}: {_what(k)}: {k.rows} {unit} "
                    f"from {k.bundles} bundles - {state}")
 
 
@@ -102,7 +103,12 @@ def _whole(k: Any) -> bool:
 
 
 def _what(k: Any) -> str:
-    """A kept column (``item.brand (string)``) or document type (``brand documents``), for a terminal."""
+    """A kept column (``item.brand (string)``), document type (``brand documents``) or child table
+    (``item_photo rows of item``), for a terminal."""
+    from exchange.receive.evolution import CHILD
+
+    if k.column == CHILD:
+        return shown(f"{k.table} rows of {k.arrow_type.removesuffix(' rows')}")
     return shown(f"{k.table} documents" if _whole(k) else f"{k.table}.{k.column} ({k.arrow_type})")
 
 

@@ -51,6 +51,8 @@ MAX_DOCS = 1000  # document types in a peer's catalog
 MAX_DOC_NAME = 64  # a kept document type's name (xchg_kept.doc_type)
 #: ``xchg_kept.column_name`` of a whole table of a document type this node does not have yet
 WHOLE = "*"
+#: ``xchg_kept.column_name`` of the whole rows of a new child table of a known type (exchange.receive.children)
+CHILD = "*rows"
 _EVENTS, _SUMMARY = f"{EVENTS_TABLE}.", "_summary."  # table_name prefixes of a kept type's events and totals
 
 
@@ -275,7 +277,7 @@ def kept_columns(conn: Connection, catalog: Catalog) -> list[KeptColumn]:
     from sqlalchemy import func
 
     q = (select(k.peer, k.table_name, k.column_name, k.arrow_type, func.count(), func.sum(k.rows))
-         .where(k.column_name != WHOLE)
+         .where(k.column_name.notin_([WHOLE, CHILD]))
          .group_by(k.peer, k.table_name, k.column_name, k.arrow_type)
          .order_by(k.peer, k.table_name, k.column_name))
     out = []
@@ -288,7 +290,25 @@ def kept_columns(conn: Connection, catalog: Catalog) -> list[KeptColumn]:
     for peer, doc_type, bundles, n, reason in conn.execute(docs):
         waiting = reason or ("" if doc_type in catalog else f"no document type {doc_type} here yet")
         out.append(KeptColumn(peer, doc_type, WHOLE, "documents", int(bundles), int(n or 0), waiting))
+    children = (select(k.peer, k.table_name, k.doc_type, func.count(), func.sum(k.rows), func.max(k.reason))
+                .where(k.column_name == CHILD).group_by(k.peer, k.table_name, k.doc_type)
+                .order_by(k.peer, k.table_name))
+    for peer, table, doc_type, bundles, n, reason in conn.execute(children):
+        out.append(KeptColumn(peer, table, CHILD, f"{doc_type} rows", int(bundles), int(n or 0),
+                              child_waiting(catalog, table, doc_type) or reason or ""))
     return out
+
+
+def child_waiting(catalog: Catalog, table: str, doc_type: str) -> str:
+    """Why kept rows of a new child ``table`` of ``doc_type`` cannot be written yet; "" once this node's
+    catalog has the table under that type (exchange.receive.children)."""
+    dt = catalog.doc_for_table(table)
+    if dt is None:
+        return f"no table {table} in this node's {doc_type} documents yet"
+    if dt.name != doc_type or dt.header == table:
+        where = "the header of" if dt.header == table else "part of"
+        return f"table {table} is {where} {dt.name} documents here, the kept rows are of {doc_type} documents"
+    return ""
 
 
 def _waiting(catalog: Catalog, table: str, column: str, atype: str) -> str:
@@ -310,7 +330,7 @@ def replay_kept(conn: Connection, catalog: Catalog) -> int:
     entries are deleted. Runs in the caller's transaction, before a newer bundle is
     applied, so a newer value always wins over a kept older one.
     """
-    ready = [c for c in kept_columns(conn, catalog) if not c.waiting and c.column != WHOLE]
+    ready = [c for c in kept_columns(conn, catalog) if not c.waiting and c.column not in (WHOLE, CHILD)]
     n = 0
     for c in ready:
         table = catalog.table(c.table)
@@ -497,10 +517,13 @@ def diff(ours: Catalog, theirs: PeerCatalog, role: str) -> list[Difference]:
         for table in [*a["tables"], *(t for t in b["tables"] if t not in a["tables"])]:
             cols_a, cols_b = mine["tables"].get(table), theirs.tables.get(table)
             if cols_b is None or table not in b["tables"]:
-                out.append(Difference("table", table, "yes", "-", f"not in {here} {name} documents"))
+                out.append(Difference("table", table, "yes", "-", "the peer keeps these rows aside until it has "
+                                      "the table" if we_send else f"not in the peer's {name} documents"))
                 continue
             if cols_a is None or table not in a["tables"]:
-                out.append(Difference("table", table, "-", "yes", f"not in {here} {name} documents"))
+                out.append(Difference("table", table, "-", "yes", f"not in this node's {name} documents"
+                                      if we_send else "the peer's rows are kept aside here until this node has "
+                                      "the table"))
                 continue
             for col in [*cols_a, *(c for c in cols_b if c not in cols_a)]:
                 ca, cb = cols_a.get(col), cols_b.get(col)

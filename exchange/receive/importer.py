@@ -50,7 +50,7 @@ from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.vocabulary import (AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
                                  counted)
-from exchange.receive import admission, conflicts, evolution
+from exchange.receive import admission, children, conflicts, evolution
 from exchange.receive.heartbeat import import_heartbeat
 from exchange.receive.locks import try_lock
 from exchange.receive.orphans import deleted_dependency
@@ -663,7 +663,9 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         if dt.owner != sender_role and not (dt.both_sides and sender_role == "ho"):  # the HO edits both-sides types
             raise OwnershipError(f"{doc_type} documents are owned by the {dt.owner} side; "
                                  f"{peer} ({sender_role}) may not send them: nothing of the bundle was applied")
-    admission.check_tables_announced(cat, [t for t in opened.tables if t not in kept_tables], docs)
+    rest = [t for t in opened.tables if t not in kept_tables]
+    new_children = children.new_tables(cat, peer_cat, rest, docs)  # a child table this node lacks: kept aside
+    admission.check_tables_announced(cat, [t for t in rest if t not in new_children], docs)
     evolution.check_schemas(cat, peer_cat, [n for n in cat.names if n in docs], opened)  # HELD if not additive
     evolution.record_peer_catalog(conn, peer, seq, peer_cat)
     bases = conflicts.read_bases(opened, cat, docs)
@@ -675,12 +677,14 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         split = {t: evolution.split_table(cat, peer_cat, dt, t, opened.table(t)) for t in dt.tables()
                  if t in opened.tables}  # columns this node does not have yet are kept aside
         data = {t: split[t][0] for t in split}
-        admission.check_rows_announced(dt, data, {k for k, op, _v in docs[doc_type] if op == "U"})
+        extra = children.read(opened, dt, [t for t, d in new_children.items() if d == doc_type])
+        admission.check_rows_announced(dt, {**data, **extra}, {k for k, op, _v in docs[doc_type] if op == "U"})
         admission.check_owner(conn, cat, dt, peer, docs[doc_type], data.get(dt.header),
                               owner=node.id if sender_role == "ho" else None)
         upserts = sum(1 for _k, op, _v in docs[doc_type] if op == "U")
         got = control_totals(dt, data, upserts)
         want = expected.get(doc_type, {})
+        children.count(got, extra, want)
         if {k: got[k] for k in ("count", "rows", "totals")} != {k: want.get(k) for k in ("count", "rows", "totals")}:
             raise ApplyError(f"control totals of {doc_type} do not match the manifest: "
                              f"{total_differences(got, want)}")
@@ -730,6 +734,10 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
         kept = sum(evolution.keep(conn, peer, seq, dt, t, split[t][1], set(keys)) for t in data if split[t][1])
+        if extra:
+            failed = {p["doc_key"] for p in parked if p["doc_type"] == doc_type}
+            kept += children.keep(conn, peer, seq, dt, extra, {k: v for k, op, v in fresh
+                                                                if op == "U" and k not in failed})
         done = got["totals"]
         if stale or n_parked or kept_out:  # the ack reports what was applied, not what was sent
             applied_keys = {k for k, _o, _v in fresh} - {p["doc_key"] for p in parked if p["doc_type"] == doc_type}
@@ -737,6 +745,10 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
             done = control_totals(dt, {t: _take(tab, [i for k, ids in index[t].items() if k in applied_keys
                                                       for i in ids])
                                        for t, tab in data.items()}, 0)["totals"]
+            if extra:
+                done |= children.totals({t: _take(tab, [i for k, ids in _index(tab, dt.key).items()
+                                                         if k in applied_keys for i in ids])
+                                         for t, tab in extra.items()}, want)
         applied[doc_type] = {"applied": len(fresh) - n_parked, "parked": n_parked, "stale": stale,
                              "totals": done} | ({"kept": kept} if kept else {}) \
             | ({"conflicts": n_conflicts} if n_conflicts else {})
@@ -756,7 +768,7 @@ def _check_alive(conn: Connection, exc: StatementError) -> None:
 def replay_kept_documents(conn: Connection, node: Node) -> int:
     """Apply the documents kept aside of types this node's catalog has gained since (oldest bundle first),
     each with every check of a bundle; one that still cannot be applied stays kept (and logged)."""
-    n = 0
+    n = children.replay(conn, node.catalog, _stored_versions)  # rows of child tables this node has gained
     for part in evolution.kept_documents(conn, node.catalog):
         try:
             with conn.begin_nested():

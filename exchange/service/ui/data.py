@@ -271,11 +271,12 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
 
 def kept_values(node: Node) -> tuple[int, list[str]]:
     """Values peers sent for columns this node does not have yet (kept aside), and those columns."""
-    from exchange.receive.evolution import WHOLE, kept_columns
+    from exchange.receive.evolution import CHILD, WHOLE, kept_columns
 
     with node.engine.connect() as conn:
         kept = kept_columns(conn, node.catalog)
-    return sum(k.rows for k in kept), sorted({f"{k.table} documents" if k.column == WHOLE else f"{k.table}.{k.column}"
+    return sum(k.rows for k in kept), sorted({f"{k.table} documents" if k.column == WHOLE else
+                                              f"{k.table} rows" if k.column == CHILD else f"{k.table}.{k.column}"
                                               for k in kept})
 
 
