@@ -845,6 +845,15 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 
     if not run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo):
         sys.exit(1)
+    import shutil
+
+    from exchange.demo.run import next_steps
+
+    venv = Path(sys.prefix) if sys.prefix != sys.base_prefix else None  # tools/demo.sh: .venv
+    found = shutil.which("exchange")  # the reader's shell finds this one (or another, or none)
+    on_path = found is not None and (venv is None or Path(found).resolve() == (venv / "bin" / "exchange").resolve())
+    for line in next_steps(home, venv=venv, on_path=on_path, cwd=Path.cwd()):
+        click.echo(line)
 
 
 # ---------------------------------------------------------------- service and checks
