@@ -5,11 +5,18 @@ Real node homes (the demo's), the real service as a subprocess, the real CLI.
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 import shutil
 import subprocess
+import sys
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
+
+from sqlalchemy import create_engine, func, insert, select
+
+from exchange.database import schema as s
 
 from test_service import new_bundles, received_status, service_factory, wait_for  # noqa: F401
 
@@ -85,3 +92,89 @@ def test_the_demo_ends_with_how_to_run_exchange_and_what_to_try(tmp_path: Path) 
     # with exchange already on PATH, no activation line
     last = _demo(tmp_path, os.pathsep.join([str(venv_bin), bare]))
     assert last[1].strip().startswith("exchange "), last
+
+
+# --- README "Using it": a store and its HO, business data in, rows from before the triggers sent --
+
+
+def exchange(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, "-m", "exchange", *args], capture_output=True, text=True, timeout=120)
+    assert (out.returncode == 0) == ok, out.stdout + out.stderr
+    return out
+
+
+def _pair(tmp_path: Path, ho_db: str) -> tuple[Path, Path]:
+    """README's steps with a shared folder as the transport: both sides add each other."""
+    ho, st, transfer = tmp_path / "ho", tmp_path / "s001", tmp_path / "transfer"
+    transfer.mkdir()
+    exchange("init", "--home", str(ho), "--node", "ho", "--role", "ho", *(["--database", ho_db] if ho_db else []))
+    exchange("init", "--home", str(st), "--node", "s001", "--role", "store")
+    ids = {h.name: json.loads(exchange("identity", "--home", str(h), "--json").stdout) for h in (ho, st)}
+    exchange("peer", "add", "--home", str(ho), "--peer", "s001", "--role", "store", "--signing-key",
+             ids["s001"]["signing_key"], "--recipient", ids["s001"]["recipient"], "--transport", f"dir:{transfer}",
+             "--group", "north")
+    exchange("peer", "add", "--home", str(st), "--peer", "ho", "--role", "ho", "--signing-key",
+             ids["ho"]["signing_key"], "--recipient", ids["ho"]["recipient"], "--transport", f"dir:{transfer}")
+    return ho, st
+
+
+def _url(home: Path) -> str:
+    """The node's database, as `exchange init` wrote it into exchange.toml."""
+    import tomllib
+
+    return str(tomllib.loads((home / "exchange.toml").read_text())["node"]["database"])
+
+
+NOW = datetime(2026, 12, 1, 9, 0)
+
+
+def test_rows_present_before_triggers_install_are_sent(db_url: str, tmp_path: Path) -> None:
+    ho, st = _pair(tmp_path, "" if db_url.startswith("sqlite") else db_url)
+    ho_engine = create_engine(_url(ho))
+    with ho_engine.begin() as conn:  # the POS's rows from before exchange: no event recorded
+        for n in (1, 2, 3):
+            conn.execute(insert(s.item).values(item_id=f"I{n}", name="Tea", category="BEVERAGE", uom="EA",
+                                               price=Decimal("2.50"), tax_rate=Decimal("5"), updated_at=NOW))
+        conn.execute(insert(s.item_barcode).values(item_id="I1", line_no=1, barcode="4006381333931"))
+    out = exchange("triggers", "install", "--home", str(ho))
+    assert "snapshot: 3 documents" in out.stdout and "item 3" in out.stdout, out.stdout
+    with ho_engine.begin() as conn:  # a change after the install: captured by the trigger
+        conn.execute(insert(s.item).values(item_id="I4", name="Rice", category="GROCERY", uom="KG",
+                                           price=Decimal("1.10"), tax_rate=Decimal("5"), updated_at=NOW))
+    again = exchange("triggers", "install", "--home", str(ho))  # already installed: no second snapshot
+    assert "snapshot" not in again.stdout, again.stdout
+    exchange("sync", "--home", str(ho))
+    exchange("sync", "--home", str(st))
+    st_engine = create_engine(_url(st))
+    with st_engine.connect() as conn:
+        items = sorted(r[0] for r in conn.execute(select(s.item.c.item_id)))
+        barcodes = conn.execute(select(func.count()).select_from(s.item_barcode)).scalar()
+    assert items == ["I1", "I2", "I3", "I4"] and barcodes == 1
+    ho_engine.dispose()
+    st_engine.dispose()
+
+
+def test_triggers_install_no_snapshot_sends_only_later_changes(tmp_path: Path) -> None:
+    ho, st = _pair(tmp_path, "")
+    ho_engine = create_engine(_url(ho))
+    with ho_engine.begin() as conn:
+        conn.execute(insert(s.item).values(item_id="OLD", name="Tea", category="BEVERAGE", uom="EA",
+                                           price=Decimal("2.50"), tax_rate=Decimal("5"), updated_at=NOW))
+    out = exchange("triggers", "install", "--home", str(ho), "--no-snapshot")
+    assert "snapshot" not in out.stdout
+    with ho_engine.begin() as conn:
+        conn.execute(insert(s.item).values(item_id="NEW", name="Rice", category="GROCERY", uom="KG",
+                                           price=Decimal("1.10"), tax_rate=Decimal("5"), updated_at=NOW))
+    exchange("sync", "--home", str(ho))
+    exchange("sync", "--home", str(st))
+    st_engine = create_engine(_url(st))
+    with st_engine.connect() as conn:
+        assert sorted(r[0] for r in conn.execute(select(s.item.c.item_id))) == ["NEW"]
+    # asked for explicitly, later: the rows from before go too
+    assert "snapshot: 2 documents" in exchange("triggers", "install", "--home", str(ho), "--snapshot").stdout
+    exchange("sync", "--home", str(ho))
+    exchange("sync", "--home", str(st))
+    with st_engine.connect() as conn:
+        assert sorted(r[0] for r in conn.execute(select(s.item.c.item_id))) == ["NEW", "OLD"]
+    ho_engine.dispose()
+    st_engine.dispose()
