@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, func, insert, select
 
 from exchange.database import schema as s
+from sshd import SshdServer, make_home
 
 from test_service import new_bundles, received_status, service_factory, wait_for  # noqa: F401
 
@@ -178,3 +179,38 @@ def test_triggers_install_no_snapshot_sends_only_later_changes(tmp_path: Path) -
         assert sorted(r[0] for r in conn.execute(select(s.item.c.item_id))) == ["NEW", "OLD"]
     ho_engine.dispose()
     st_engine.dispose()
+
+
+# --- docs/SFTP.md: a locked account is told apart from a key that is not authorized -------------
+
+
+def test_doctor_tells_a_locked_account_from_an_unauthorized_key(sshd: SshdServer, tmp_path: Path) -> None:
+    from exchange.node import keys
+    from exchange.node.home import Node
+    from exchange.node.peers import add_peer
+
+    acc = sshd.accounts[sshd.stores[0]]
+    ho_home = tmp_path / "ho"
+    exchange("init", "--home", str(ho_home), "--node", "ho", "--role", "ho")
+    ho = Node.open(ho_home)
+    homes = {}
+    for name, authorized in (("mine", True), ("stranger", False)):
+        home = make_home(sshd, tmp_path / name, acc.store, authorize_as=acc.user if authorized else None,
+                         trust=sshd.store_address(acc.store))
+        add_peer(Node.open(home).cfg, "ho", "ho", keys.public_signing_line(ho.cfg), keys.recipient(ho.cfg),
+                 sshd.store_address(acc.store))
+        homes[name] = home
+    try:
+        subprocess.run(["usermod", "-L", acc.user], check=True)  # as `useradd --system` leaves an account
+        locked = exchange("doctor", "--home", str(homes["mine"]), ok=False).stdout
+        line = next(x for x in locked.splitlines() if "transport ho" in x)
+        assert "FAIL" in line and f"account {acc.user!r} on this server is locked" in locked, locked
+        assert f"usermod -p '*' {acc.user}" in locked and "authorized keys" not in line, locked
+        fix = f"usermod -p '*' {acc.user}"  # the fix doctor printed, run as printed
+        subprocess.run(["bash", "-c", fix], check=True)
+        fixed = exchange("doctor", "--home", str(homes["mine"])).stdout
+        assert "FAIL" not in next(x for x in fixed.splitlines() if "transport ho" in x), fixed
+        stranger = exchange("doctor", "--home", str(homes["stranger"]), ok=False).stdout
+        assert "not in that account's authorized keys" in stranger and "is locked" not in stranger, stranger
+    finally:
+        subprocess.run(["usermod", "-p", "*", acc.user], check=True)  # the session's sshd stays usable
