@@ -30,7 +30,7 @@ def is_this_machine(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         pass
-    return name in {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    return name in {"localhost", socket.gethostname().lower()}  # no getfqdn(): no DNS on the way to an error
 
 
 def _shadow_password(user: str, shadow: Path) -> str | None:
