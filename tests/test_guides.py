@@ -74,7 +74,7 @@ def test_the_demo_ends_with_how_to_run_exchange_and_what_to_try(tmp_path: Path) 
     bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
                            if p and Path(p).resolve() != venv_bin.resolve())
     last = _demo(tmp_path, bare)
-    assert "demo/ho" in last[0] and "demo/s001" in last[0]
+    assert "homes in demo/ (ho, s001, s002)" in last[0], last
     assert all(len(line) <= 80 for line in last), last
     activate = last[1].split("#")[0].strip()
     assert activate == f". {venv_bin / 'activate'}", last  # exchange is not on PATH: say how

@@ -150,7 +150,6 @@ def next_steps(home: Path, *, venv: Path | None, on_path: bool, cwd: Path) -> li
         ("exchange --help", "every command, with examples"),
     ]
     width = max(len(cmd) for cmd, _ in steps)
-    return ["", f"== next: try exchange on the demo's homes ({h}/ho, "
-                + ", ".join(f"{h}/{s}" for s in STORES) + ")",
+    return ["", f"== next: try exchange on the demo's homes in {h}/ (ho, {', '.join(STORES)})",
             *(f"   {cmd:<{width}}  # {why}" for cmd, why in steps),
             "   (a real HO and store: README.md, \"Using it\"; HO runbook: docs/OPERATIONS.md)"]
