@@ -847,18 +847,35 @@ def triggers() -> None:
 
 @triggers.command("install")
 @HOME
-def triggers_install(home: Path | None) -> None:
+@click.option("--snapshot/--no-snapshot", default=None,
+              help="Also queue every document already in the tables, to be sent at the next sync "
+                   "(default: only when the triggers were not installed yet).")
+def triggers_install(home: Path | None, snapshot: bool | None) -> None:
     """Install capture triggers on the tables of the document types this node owns.
+
+    The first install also queues the documents already there (a snapshot), so
+    the peers receive the rows from before the triggers too.
 
     \b
     Example:
       exchange triggers install --home /srv/xchg/s001
+      exchange triggers install --home /srv/xchg/s001 --no-snapshot
     """
-    from exchange.database.capture import install_triggers
+    from exchange.database.capture import install_triggers, snapshot_events, triggers_installed
 
     node = _node(home)
-    names = install_triggers(node.engine, node.catalog, node.cfg.role)
+    with node.engine.connect() as conn:
+        take = snapshot if snapshot is not None else not triggers_installed(conn, node.catalog, node.cfg.role)
+        names = install_triggers(conn, node.catalog, node.cfg.role)
+        counts = snapshot_events(conn, node.catalog, node.cfg.role) if take else {}
+        conn.commit()
     click.echo(f"installed {len(names)} triggers")
+    if take:
+        from exchange.service.words import counted, documents_text
+
+        total = counted(sum(counts.values()), "document")
+        click.echo(f"snapshot: {total} already there queued to send at the next sync"
+                   + (f" ({documents_text(counts)})" if counts else ""))
 
 
 @main.command()
@@ -878,6 +895,15 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 
     if not run_demo(home, items=items, sales=sales, fresh=fresh, echo=click.echo):
         sys.exit(1)
+    import shutil
+
+    from exchange.demo.run import next_steps
+
+    venv = Path(sys.prefix) if sys.prefix != sys.base_prefix else None  # tools/demo.sh: .venv
+    found = shutil.which("exchange")  # the reader's shell finds this one (or another, or none)
+    on_path = found is not None and (venv is None or Path(found).resolve() == (venv / "bin" / "exchange").resolve())
+    for line in next_steps(home, venv=venv, on_path=on_path, cwd=Path.cwd()):
+        click.echo(line)
 
 
 # ---------------------------------------------------------------- service and checks

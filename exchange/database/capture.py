@@ -37,6 +37,7 @@ from exchange.errors import DatabaseError
 
 __all__ = [
     "key_sql", "parse_key", "record_event", "record_events", "install_triggers", "drop_triggers",
+    "snapshot_events",
     "triggers_installed", "trigger_names", "suppress_capture", "capture_suppressed",
     "SUPPRESS_TABLE", "PG_SETTING",
 ]
@@ -369,6 +370,33 @@ def install_triggers(engine_or_conn: Engine | Connection, catalog: Catalog, role
                     created.append(name)
         log.info("installed %d capture triggers for %s-owned documents", len(created), role)
         return created
+
+
+def snapshot_events(conn: Connection, catalog: Catalog, role: Owner) -> dict[str, int]:
+    """Record a ``'U'`` event for every document ``role`` owns that is already in the database.
+
+    Triggers capture changes from their installation on; the rows a POS holds
+    from before would otherwise never be sent. Run it in the transaction that
+    installs the triggers (after them): no change is missed in between and none
+    counted twice (events of one document coalesce in the exporter). Types the
+    HO may edit but a store owns are left out: those rows came from the stores.
+    One INSERT ... SELECT per type; returns the count per document type.
+    """
+    _check_role(role)
+    _check_dialect(conn)
+    sql = _Sql(conn, catalog)
+    event_table = sql.pg_resolve(xchg_event.name) if sql.dialect == "postgresql" else xchg_event.name
+    counts: dict[str, int] = {}
+    for doc in catalog:
+        if doc.owner != role:
+            continue
+        result = conn.execute(text(
+            f"INSERT INTO {event_table} (doc_type, doc_key, op) "
+            f"SELECT {_lit(doc.name)}, {sql.key_of(doc, 'h')}, 'U' FROM {sql.table_sql(doc.header)} AS h "
+            "ORDER BY " + ", ".join(f"h.{sql.ident(k)}" for k in doc.key)))
+        counts[doc.name] = max(int(result.rowcount or 0), 0)
+    log.info("snapshot of %s-owned documents: %s", role, counts)
+    return counts
 
 
 def drop_triggers(engine_or_conn: Engine | Connection, catalog: Catalog, role: Owner) -> list[str]:

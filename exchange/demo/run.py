@@ -118,3 +118,38 @@ def run_demo(home: Path, *, items: int = 200, sales: int = 50, fresh: bool = Tru
         ok = ok and row["ok"]
     echo("\n" + ("every bundle PROCESSED, totals reconciled" if ok else "DEMO FOUND A PROBLEM (see above)"))
     return ok
+
+
+def _shown(path: Path, cwd: Path) -> str:
+    """``path`` as the reader types it from ``cwd``: relative when inside, else absolute."""
+    try:
+        return str(path.resolve().relative_to(cwd.resolve())) or "."
+    except ValueError:
+        return str(path.resolve())
+
+
+def next_steps(home: Path, *, venv: Path | None, on_path: bool, cwd: Path) -> list[str]:
+    """The demo's last lines: how to run ``exchange`` from here, and what to try on the demo's homes.
+
+    ``venv`` is the virtual environment the demo ran from (None outside one); ``on_path``
+    whether the ``exchange`` found on PATH is this one. Each line can be pasted into a shell
+    as it is (the explanations are ``#`` comments).
+    """
+    h = _shown(home, cwd)
+    store = next(iter(STORES))
+    steps: list[tuple[str, str]] = []
+    if not on_path and venv is not None:
+        steps.append((f". {_shown(venv / 'bin' / 'activate', cwd)}",
+                      "puts exchange on your PATH"))
+    elif not on_path:
+        steps.append(("alias exchange='python3 -m exchange'", "exchange is not on your PATH"))
+    steps += [
+        (f"exchange status sent --home {h}/ho", "what the HO sent, all PROCESSED"),
+        (f"exchange status received --home {h}/{store}", f"what store {store} applied"),
+        (f"exchange ui --home {h}/ho --port 8080", "the page: http://127.0.0.1:8080"),
+        ("exchange --help", "every command, with examples"),
+    ]
+    width = max(len(cmd) for cmd, _ in steps)
+    return ["", f"== next: try exchange on the demo's homes in {h}/ (ho, {', '.join(STORES)})",
+            *(f"   {cmd:<{width}}  # {why}" for cmd, why in steps),
+            "   (a real HO and store: README.md, \"Using it\"; HO runbook: docs/OPERATIONS.md)"]

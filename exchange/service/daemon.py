@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from exchange.errors import ExchangeError
 from exchange.node.home import Node
@@ -29,6 +29,9 @@ from exchange.receive.importer import import_inbox, retry_parked, wrote_acks
 from exchange.receive.locks import try_lock
 from exchange.service.sync import push, sync
 from exchange.wire.formats import is_exchange_file
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class ServiceState:
 
 
 class _InboxHandler:
-    """watchdog handler: any complete exchange file created or renamed into the inbox."""
+    """watchdog handler: any complete exchange file renamed (``mv``, from anywhere) or written into the inbox."""
 
     def __init__(self, wake: queue.Queue[str], inbox: Path) -> None:
         self.wake = wake
@@ -67,6 +70,19 @@ class _InboxHandler:
         p = Path(str(path))
         if p.parent == self.inbox and is_exchange_file(p.name) and p.exists():
             self.wake.put(p.name)  # a file that landed, not one the importer just moved away
+
+
+def _observer(default: Callable[[], BaseObserver]) -> BaseObserver:
+    """The inbox observer. On Linux, one that reports a file renamed in from an unwatched folder
+    (``mv ~/x.bundle inbox/``) as "moved", not "created": "created" alone is also the first event
+    of a direct write, which may still be half written, so the handler cannot act on it."""
+    if sys.platform == "linux":
+        try:
+            from watchdog.observers.inotify import InotifyObserver
+        except ImportError:  # no inotify here: watchdog's own choice, and the debounce
+            return default()
+        return InotifyObserver(generate_full_events=True)
+    return default()
 
 
 class Addon(Protocol):
@@ -156,7 +172,7 @@ class Service:
         self.node.ensure_folders()
         with home_lock(self.node.cfg.home, "run", timeout=0.5):
             self.node.migrate()
-            observer = Observer()
+            observer = _observer(Observer)
             observer.schedule(_InboxHandler(self.wake, self.node.cfg.inbox), str(self.node.cfg.inbox), recursive=False)  # type: ignore[arg-type]
             observer.start()
             started: list[Addon] = []

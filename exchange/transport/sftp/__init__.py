@@ -71,6 +71,7 @@ from exchange.transport.sftp.address import (
     TRUST_COMMAND, HostKeyError, RefuseUnknownHost, SftpAddress, known_hosts_path, load_login_key, new_transport,
     reason,
 )
+from exchange.transport.sftp.account import UNLOCK, account_problem, is_this_machine
 from exchange.transport.sftp.session import FileChanged, Handle, Session, StockSession, not_regular
 from exchange.wire.formats import PART_SUFFIX
 
@@ -285,6 +286,20 @@ class SftpTransport:
         if err.transient or (self._session is not None and not self._session.alive()):
             self._drop()
 
+    def _login_refused(self, where: str) -> TransportError:
+        """A refused login: the account's own problem when this machine can see it, else both causes."""
+        user = self.addr.user
+        refused = f"{where}: the server refused the login of {user!r} with key {self.key.fingerprint}"
+        problem = account_problem(user) if is_this_machine(self.addr.host) else None
+        if problem is not None:
+            return TransportError(f"{refused}: {problem[0]}", hint=problem[1])
+        return TransportError(
+            f"{refused}: the key is not in that account's authorized keys, or the account may not log in "
+            "(locked, as `useradd --system` leaves it, or missing)",
+            hint=f"On the server: put the node's public key (keys/node_ed25519.pub) in the account's "
+                 f"authorized keys; `passwd -S {user}` shows L for a locked account: "
+                 f"{UNLOCK.format(user=user)} unlocks it for key logins (docs/SFTP.md).")
+
     def _classify(self, exc: BaseException, what: str) -> ExchangeError | None:
         """Map a failure to a TransportError (transient or terminal); None: a bug, re-raise it."""
         where = f"{what} ({self.address})"
@@ -297,10 +312,7 @@ class SftpTransport:
                 f"reinstalled; if the change is expected, pin the new key with: "
                 f"{TRUST_COMMAND.format(home=self.home or 'DIR', address=self.address)}")
         if isinstance(exc, paramiko.AuthenticationException):
-            return TransportError(
-                f"{where}: the server refused the login of {self.addr.user!r} with key {self.key.fingerprint}",
-                hint="Put the node's public key (keys/node_ed25519.pub) in that account's authorized "
-                     "keys on the server (docs/SFTP.md).")
+            return self._login_refused(where)
         if isinstance(exc, IncompatiblePeer):
             return TransportError(f"{where}: no common SSH algorithms with the server: {exc}",
                                   hint="The server needs a current OpenSSH (Ed25519, curve25519, AES).")
