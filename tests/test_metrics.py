@@ -178,6 +178,40 @@ def test_database_down_is_reported_not_raised(homes: Path) -> None:
     assert ("exchange_bundles", (("direction", "sent"), ("status", "PROCESSED"))) not in m
 
 
+# ---------------------------------------------------------------- counters per peer, SQLite and PostgreSQL
+
+def test_counters_per_peer_match_the_database(tmp_path: Path, db_url: str) -> None:
+    """The HO's database on SQLite, then PostgreSQL: each counter per peer against the rows it counts."""
+    from enginehelpers import make_net, seed_ho, seed_store
+
+    net = make_net(tmp_path / "net", ho_db=db_url, stores=("s001", "s002"))
+    try:
+        seed_ho(net, items=5)
+        net.settle()  # the stores have the items before they sell them
+        seed_store(net, "s001", sales=3)
+        net.settle()
+        ho = net.ho
+        (ho.cfg.quarantine / "s002.ho.0000000009.bundle.reason").write_text(
+            '{"time": "2026-01-01T00:00:00+00:00", "reason": "test"}')
+        with served(ho.cfg.home) as ui:
+            m = scrape(ui.url)
+        with ho.engine.connect() as conn:
+            sent = dict(conn.execute(select(xchg_sent.c.peer, func.count()).group_by(xchg_sent.c.peer)).all())
+            applied = dict(conn.execute(select(xchg_received.c.peer, func.count()).where(
+                xchg_received.c.status == "APPLIED").group_by(xchg_received.c.peer)).all())
+        assert set(sent) == {"s001", "s002"} and applied.get("s001", 0) > 0
+        for store in ("s001", "s002"):
+            assert value(m, "exchange_bundles_sent_total", peer=store) == sent[store]
+            assert value(m, "exchange_bundles_applied_total", peer=store) == applied.get(store, 0)
+            assert value(m, "exchange_bundles_rejected_total", peer=store) == 0
+            assert value(m, "exchange_parked_documents", peer=store) == 0
+        assert value(m, "exchange_bundles_quarantined_total", peer="s001") == 0
+        assert value(m, "exchange_bundles_quarantined_total", peer="s002") == 1
+        assert value(m, "exchange_database_up") == 1
+    finally:
+        net.dispose()
+
+
 # ---------------------------------------------------------------- `exchange run` without the page
 
 def free_port() -> int:
