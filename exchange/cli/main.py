@@ -914,13 +914,15 @@ def demo(home: Path, items: int, sales: int, fresh: bool) -> None:
 @click.option("--ui-port", type=click.IntRange(0, 65535),
               help="Serve the Data Exchange page on this port (default: [ui] port; off).")
 @click.option("--ui-host", default=None, help="Address for the page (default 127.0.0.1; elsewhere needs a token).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus /metrics on 127.0.0.1 at this port (default: [metrics] port; off).")
 @click.option("--usb/--no-usb", "watch_usb", default=None,
               help="Watch mount roots for a transfer stick (default: on when [usb] is configured or no transport).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Importer processes: streams apply in parallel, each stream in order.")
 @click.pass_obj
 def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port: int | None,
-        ui_host: str | None, watch_usb: bool | None, workers: int) -> None:
+        ui_host: str | None, metrics_port: int | None, watch_usb: bool | None, workers: int) -> None:
     """Run the service: apply files as they land, sync on a schedule.
 
     \b
@@ -939,6 +941,11 @@ def run(obj: dict[str, Any], home: Path | None, interval: float | None, ui_port:
         from exchange.service.ui.server import UiAddon
 
         service.addons.append(UiAddon(host=ui_host or ui_cfg.get("host", "127.0.0.1"), port=int(port)))
+    from exchange.service.metrics_http import MetricsAddon, wanted_port
+
+    m_port = wanted_port(node, metrics_port)
+    if m_port:
+        service.addons.append(MetricsAddon(m_port))
     usb_cfg = node.cfg.extra.get("usb", {})
     if watch_usb or (watch_usb is None and (usb_cfg or not any(p.transport for p in node.cfg.peers.values()))):
         from exchange.transport.usb import UsbAddon

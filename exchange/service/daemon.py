@@ -50,6 +50,7 @@ class ServiceState:
     imports: int = 0
     parked_retries: int = 0  # passes of the parked-documents timer
     syncs: int = 0
+    sync_failures: int = 0  # cycles that ended with an error (the metrics' exchange_sync_failures_total)
     errors: int = 0
 
 
@@ -154,12 +155,15 @@ class Service:
             self.state.last_sync_ok = not rep.errors
             if rep.errors:
                 self.state.errors += 1
+                self.state.sync_failures += 1
         except ExchangeError as exc:
             self.state.errors += 1
+            self.state.sync_failures += 1
             self.state.last_sync_result, self.state.last_sync_ok = f"failed: {exc}", False
             log.error("sync failed, retrying at the next interval: %s", exc)
         except Exception as exc:
             self.state.errors += 1
+            self.state.sync_failures += 1
             self.state.last_sync_result, self.state.last_sync_ok = f"failed: {exc}", False
             log.exception("sync failed unexpectedly, retrying at the next interval")
         self.state.last_sync = time.time()

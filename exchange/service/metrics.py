@@ -3,19 +3,21 @@
 :class:`ExchangeCollector` is a custom collector: nothing is counted in
 memory, every scrape runs the same few grouped queries the Data Exchange page
 uses, so the figures are right whichever process (service, CLI, scheduler)
-moved the bundles. The page serves them at ``/metrics``; docs/UI.md lists
-them.
+moved the bundles. Only the sync cycles are counted by the process that
+runs them (:class:`SyncFigures`). The page serves them at ``/metrics``, and
+``exchange run`` on ``[metrics] port`` without the page (:mod:`metrics_http`);
+docs/UI.md lists them, with the names they replaced.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exchange import __version__
@@ -29,12 +31,22 @@ RECEIVED_STATUSES = tuple(ReceivedStatus)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+@dataclass(frozen=True)
+class SyncFigures:
+    """The sync cycles this process ran: the one thing the database does not record."""
+
+    last: float | None = None  # when the last cycle finished (Unix time), None before the first
+    ok: bool | None = None  # whether it ended without an error
+    cycles: int = 0
+    failures: int = 0  # cycles that ended with an error (or raised)
+
+
 class ExchangeCollector(Collector):
     """Bundles by direction and status, lag per stream, last sync, parked documents."""
 
-    def __init__(self, node: Node, last_sync: Callable[[], float | None] | None = None) -> None:
+    def __init__(self, node: Node, sync_figures: Callable[[], SyncFigures] | None = None) -> None:
         self.node = node
-        self.last_sync = last_sync
+        self.sync_figures = sync_figures
 
     def describe(self) -> Iterable[Metric]:
         return []  # names vary with the peers: no collect() at registration
@@ -104,10 +116,21 @@ class ExchangeCollector(Collector):
                                    "What the peer's newest heartbeat reports about its side of the streams "
                                    "with this node (what: waiting, held, failed, parked, quarantined, unacked).",
                                    labels=["peer", "what"])
-        parked_by_peer = GaugeMetricFamily("exchange_parked_documents_by_peer",
-                                           "Parked documents per sending peer (peers with none omitted).",
-                                           labels=["peer"])
-        parked_total = 0
+        parked = GaugeMetricFamily("exchange_parked_documents",
+                                   "Documents parked at this node, per sending peer (0 when none).", labels=["peer"])
+        sent_total = CounterMetricFamily("exchange_bundles_sent",
+                                         "Bundles sealed for the peer (the last seq of the stream to it).",
+                                         labels=["peer"])
+        applied_total = CounterMetricFamily("exchange_bundles_applied",
+                                            "Bundles applied from the peer (the last seq applied of its stream).",
+                                            labels=["peer"])
+        quarantined_total = CounterMetricFamily("exchange_bundles_quarantined",
+                                                "Files from the peer in quarantine/ (a release lowers it: read "
+                                                "as a counter reset).", labels=["peer"])
+        rejected_total = CounterMetricFamily("exchange_bundles_rejected",
+                                             "Bundles to the peer that its ack REJECTED (a prune lowers it: read "
+                                             "as a counter reset).", labels=["peer"])
+        sealed = _sealed(node)
         for peer in sorted(stats):
             st = stats[peer]
             unacked.add_metric([peer], st.sent_unacked)
@@ -124,28 +147,38 @@ class ExchangeCollector(Collector):
                 heartbeat.add_metric([peer], st.last_heartbeat.timestamp())
             for what, n in sorted(st.remote_health.items()):
                 remote.add_metric([peer, what], n)
-            if st.parked:
-                parked_by_peer.add_metric([peer], st.parked)
-            parked_total += st.parked
-        yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked_by_peer)
-        total = GaugeMetricFamily("exchange_parked_documents", "Documents parked at this node (all peers).")
-        total.add_metric([], parked_total)
-        yield total
+            parked.add_metric([peer], st.parked)
+            sent_total.add_metric([peer], sealed.get(peer, 0))
+            applied_total.add_metric([peer], st.last_applied_seq)
+            quarantined_total.add_metric([peer], st.quarantined)
+            rejected_total.add_metric([peer], st.sent_rejected)
+        yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked,
+                    sent_total, applied_total, quarantined_total, rejected_total)
         aside = GaugeMetricFamily("exchange_set_aside_documents",
                                   "Documents this node could not encode and did not send (exchange set-aside list).")
         aside.add_metric([], _set_aside_count(node))
         yield aside
         yield from self._conflicts()
-        last = self.last_sync() if self.last_sync else None
-        if last:
+        yield from self._syncs()
+
+    def _syncs(self) -> Iterable[Metric]:
+        """The sync cycles of this process: counted from its start, present (0) before the first."""
+        figures = self.sync_figures() if self.sync_figures else SyncFigures()
+        cycles = CounterMetricFamily("exchange_sync_cycles", "Sync cycles run by this process.")
+        cycles.add_metric([], figures.cycles)
+        failures = CounterMetricFamily("exchange_sync_failures",
+                                       "Sync cycles run by this process that ended with an error.")
+        failures.add_metric([], figures.failures)
+        out: list[Metric] = [cycles, failures]
+        if figures.last is not None:
             g = GaugeMetricFamily("exchange_last_sync_timestamp_seconds",
                                   "When the last sync cycle run by this process finished (Unix time).")
-            g.add_metric([], last)
-            yield g
-        g = GaugeMetricFamily("exchange_scrape_timestamp_seconds", "When this scrape read the database.")
-        g.add_metric([], time.time())
-        yield g
-
+            g.add_metric([], figures.last)
+            ok = GaugeMetricFamily("exchange_last_sync_success",
+                                   "1 if the last sync cycle run by this process ended without an error, else 0.")
+            ok.add_metric([], 1 if figures.ok else 0)
+            out += [g, ok]
+        return out
 
     def _conflicts(self) -> Iterable[Metric]:
         """OPEN conflicts (held for a person) per type editable on both sides; the whole log by status."""
@@ -166,10 +199,10 @@ class ExchangeCollector(Collector):
         return [g, logged]
 
 
-def make_registry(node: Node, last_sync: Callable[[], float | None] | None = None) -> CollectorRegistry:
+def make_registry(node: Node, sync_figures: Callable[[], SyncFigures] | None = None) -> CollectorRegistry:
     """A registry of its own holding one :class:`ExchangeCollector` (not the global one)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExchangeCollector(node, last_sync))
+    registry.register(ExchangeCollector(node, sync_figures))
     return registry
 
 
@@ -185,3 +218,14 @@ def _set_aside_count(node: Node) -> int:
 
     with node.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(xchg_setaside)).scalar() or 0)
+
+
+def _sealed(node: Node) -> dict[str, int]:
+    """Bundles sealed per peer: the stream's last seq, which a prune of old rows does not lower."""
+    from sqlalchemy import select
+
+    from exchange.database.tables import xchg_stream_out
+
+    with node.engine.connect() as conn:
+        return {str(p): max(0, int(n) - 1) for p, n in conn.execute(
+            select(xchg_stream_out.c.peer, xchg_stream_out.c.next_seq))}

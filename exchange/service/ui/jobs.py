@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from exchange.errors import ExchangeError
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
+from exchange.service.metrics import SyncFigures
 
 if TYPE_CHECKING:
     from exchange.service.daemon import Service
@@ -120,6 +121,7 @@ class Jobs:
         self._lock = threading.Lock()
         self._job: Job | None = None
         self._last_sync: Job | None = None
+        self._syncs = self._sync_failures = 0  # sync cycles the page ran itself (not the service's)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ reading
@@ -157,6 +159,15 @@ class Jobs:
 
     def last_sync_time(self) -> float | None:
         return self.last_sync()[0]
+
+    def sync_figures(self) -> SyncFigures:
+        """The metrics' sync figures: the service's cycles plus the page's own."""
+        last, _result, ok = self.last_sync()
+        cycles, failures = self._syncs, self._sync_failures
+        if self.service is not None:
+            cycles += self.service.state.syncs
+            failures += self.service.state.sync_failures
+        return SyncFigures(last=last, ok=ok, cycles=cycles, failures=failures)
 
     # ------------------------------------------------------------ starting
 
@@ -216,6 +227,8 @@ class Jobs:
                     # showed the job done and no last sync, and stopped refreshing (seen in CI)
                     if job.kind == "sync":
                         self._last_sync = job
+                        self._syncs += 1
+                        self._sync_failures += 0 if job.ok else 1
                     job.finished = time.time()
 
         t = threading.Thread(target=run, name=f"exchange-ui-{job.kind}", daemon=True)

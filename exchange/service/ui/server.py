@@ -171,7 +171,7 @@ class UiContext:
         self.jobs = Jobs(node, service)
         self.guard = Guard(settings.token)
         self.env = _env()
-        self.registry = make_registry(node, self.jobs.last_sync_time)
+        self.registry = make_registry(node, self.jobs.sync_figures)
         # without a token, only loopback Host names are answered (DNS rebinding); with one, the token guards
         self.loopback_only = is_loopback(settings.host) and not settings.token
 
