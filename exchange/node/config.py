@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -130,11 +131,54 @@ class NodeConfig:
         return out
 
     def save(self) -> None:
-        import tomli_w
+        """Write ``exchange.toml`` (0600, atomically), editing the file in place.
 
+        The operator's comments, order and layout stay: only the values that
+        changed are rewritten, new peers are appended. A home without the
+        file (``exchange init``) gets the commented template of every setting.
+        """
+        import tomlkit
+
+        from exchange.node import settings
         from exchange.node.perms import write_private_atomic
 
-        write_private_atomic(self.home / CONFIG_NAME, tomli_w.dumps(self.to_toml()).encode())
+        path = self.home / CONFIG_NAME
+        data = self.to_toml()
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = settings.template(data["node"])
+        doc = tomlkit.parse(text)
+        _merge(doc, data, top=True)
+        write_private_atomic(path, tomlkit.dumps(doc).encode())
+
+
+def _merge(target: MutableMapping[str, Any], new: Mapping[str, Any], *, top: bool = False) -> None:
+    """Make ``target`` (a tomlkit table) hold ``new``, leaving alone what is equal (and its comments).
+
+    A key gone from ``new`` is removed, except a whole section at the top
+    (an empty ``[catalog]`` the operator keeps for later stays).
+    """
+    import tomlkit
+    from tomlkit.items import Item
+
+    for key in [k for k in target if k not in new and not top]:
+        del target[key]
+    for key, value in new.items():
+        current = target.get(key)
+        if isinstance(value, Mapping) and isinstance(current, MutableMapping):
+            _merge(current, value)
+            continue
+        plain = current.unwrap() if isinstance(current, Item) else current
+        if key in target and plain == value:
+            continue
+        if isinstance(value, Mapping) and not top and key not in target and all(
+                not isinstance(v, Mapping) for v in value.values()):
+            table = tomlkit.table()
+            table.update(value)
+            target[key] = table
+        else:
+            target[key] = value
 
 
 def resolve_home(home: str | Path | None) -> Path:
@@ -176,6 +220,7 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
     A home or config another account can write is refused (``check_modes``
     off only for ``exchange doctor``, which reports it among its checks).
     """
+    from exchange.node import settings
     from exchange.node.perms import check_not_writable_by_others
 
     root = resolve_home(home)
@@ -184,12 +229,14 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
         check_not_writable_by_others(root, "node home")
         check_not_writable_by_others(path, "config")
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: {root} is not a node home",
                           hint="Create one with `exchange init --home DIR --node ID --role ho|store`.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    settings.check(data, path, text)
     node = data.get("node")
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: missing [node] table")
