@@ -197,3 +197,26 @@ def test_every_section_the_code_reads_is_declared() -> None:
         read |= set(re.findall(r"\.extra\[\"([a-z_]+)\"\]", py.read_text()))
     assert read, "the pattern no longer finds the readers"
     assert read <= {s.name for s in settings.SECTIONS}, read - {s.name for s in settings.SECTIONS}
+
+
+def test_silence_is_set_in_seconds_and_the_older_minutes_still_read(pair: tuple[Path, Path]) -> None:
+    from exchange.node.home import Node
+    from exchange.service import alerts
+    from exchange.service.ui.server import UiSettings
+
+    ho, _ = pair
+    text = (ho / config.CONFIG_NAME).read_text()
+
+    def opened(extra: str) -> Node:
+        write(ho, text + extra)
+        return Node.open(ho)
+
+    node = opened("\n[ui]\nsilent_after = 1800\n")
+    assert UiSettings.for_node(node).silent_after_minutes == 30
+    assert alerts.config(node).silent_after_minutes == 30  # [alerts] says nothing: the page's threshold
+    node = opened("\n[ui]\nsilent_after = 1800\n[alerts]\nsilent_after_minutes = 45\n")
+    assert (UiSettings.for_node(node).silent_after_minutes, alerts.config(node).silent_after_minutes) == (30, 45)
+    node = opened("\n[alerts]\nsilent_after = 600\n")
+    assert (UiSettings.for_node(node).silent_after_minutes, alerts.config(node).silent_after_minutes) == (60, 10)
+    with pytest.raises(ConfigError, match=r"line \d+ \(ui.silent_after_minutes\): \[ui\] sets both"):
+        opened("\n[ui]\nsilent_after = 1800\nsilent_after_minutes = 30\n")
