@@ -220,3 +220,16 @@ def test_silence_is_set_in_seconds_and_the_older_minutes_still_read(pair: tuple[
     assert (UiSettings.for_node(node).silent_after_minutes, alerts.config(node).silent_after_minutes) == (60, 10)
     with pytest.raises(ConfigError, match=r"line \d+ \(ui.silent_after_minutes\): \[ui\] sets both"):
         opened("\n[ui]\nsilent_after = 1800\nsilent_after_minutes = 30\n")
+
+
+def test_a_short_hand_written_file_stays_short(pair: tuple[Path, Path]) -> None:
+    """Settings left at their default are not added by an edit; the user's layout is kept byte for byte."""
+    ho, store = pair
+    mine = ('# HO of the north region\n[node]\nid = "ho"   # never change\nrole = "ho"\n'
+            f'database = "sqlite:///{ho / "exchange.db"}"\nsync_interval = 60\n')
+    path = write(ho, mine)
+    add_store(ho, store, "--group", "north")
+    after = path.read_text()
+    assert after.startswith(mine) and "resend_after" not in after and "auditors" not in after
+    assert tomllib.loads(after)["peers"]["s001"]["groups"] == ["north"]
+    assert config.load(ho).sync_interval == 60

@@ -149,6 +149,10 @@ class NodeConfig:
         except FileNotFoundError:
             text = settings.template(data["node"])
         doc = tomlkit.parse(text)
+        written = doc.get("node")
+        for s in settings.NODE.settings:  # a default the operator left out stays out
+            if isinstance(written, Mapping) and s.key not in written and data["node"].get(s.key) == s.default:
+                del data["node"][s.key]
         _merge(doc, data, top=True)
         write_private_atomic(path, tomlkit.dumps(doc).encode())
 
@@ -176,6 +180,8 @@ def _merge(target: MutableMapping[str, Any], new: Mapping[str, Any], *, top: boo
                 not isinstance(v, Mapping) for v in value.values()):
             table = tomlkit.table()
             table.update(value)
+            if hasattr(target, "add"):
+                target.add(tomlkit.nl())  # a blank line before an appended [peers.<id>]
             target[key] = table
         else:
             target[key] = value
