@@ -77,6 +77,10 @@ def test_peer_add_keeps_the_users_comments_and_order(pair: tuple[Path, Path]) ->
     resumed = path.read_text()
     assert "state" not in tomllib.loads(resumed)["peers"]["s001"]  # keys of a state gone are removed
     assert resumed[:resumed.index("[peers.s001]")] == after[:after.index("[peers.s001]")]
+    cli("peer", "remove", "--home", str(ho), "--peer", "s001", "--reason", "closed for good")
+    removed = path.read_text()
+    assert removed[:removed.index("[peers.s001]")] == after[:after.index("[peers.s001]")]
+    assert config.load(ho).peers["s001"].state == "removed"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
