@@ -237,3 +237,25 @@ def test_a_short_hand_written_file_stays_short(pair: tuple[Path, Path]) -> None:
     assert after.startswith(mine) and "resend_after" not in after and "auditors" not in after
     assert tomllib.loads(after)["peers"]["s001"]["groups"] == ["north"]
     assert config.load(ho).sync_interval == 60
+
+
+def test_a_save_keeps_what_another_process_changed_meanwhile(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The service holds the config it loaded at start; a `peer pause` run meanwhile is not undone when the
+    service later saves a change of its own (here a store moved to another group)."""
+    from exchange.node import peers
+
+    ho, store = pair
+    other = tmp_path / "s002"
+    cli("init", "--home", str(other), "--node", "s002", "--role", "store")
+    add_store(ho, store, "--group", "north")
+    add_store(ho, other, "--group", "north")
+    service_copy = config.load(ho)
+    cli("peer", "pause", "--home", str(ho), "--peer", "s001", "--reason", "refit")
+    peers.set_groups(service_copy, "s002", ("east",))
+    cfg = config.load(ho)
+    assert (cfg.peers["s001"].state, cfg.peers["s001"].state_reason) == ("paused", "refit")
+    assert cfg.peers["s002"].groups == ("east",)
+    cli("peer", "resume", "--home", str(ho), "--peer", "s001")
+    peers.set_groups(service_copy, "s002", ("west",))  # its own earlier change is known: only the new one goes
+    cfg = config.load(ho)
+    assert (cfg.peers["s001"].state, cfg.peers["s002"].groups) == ("active", ("west",))

@@ -6,6 +6,7 @@ everything else about a peer in ``exchange.toml``.
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from collections.abc import Mapping, MutableMapping
@@ -63,6 +64,9 @@ class NodeConfig:
     peers: dict[str, Peer] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what :func:`load` read (as :meth:`to_toml` gives it): :meth:`save` writes only what changed since,
+    #: so an edit another process made to the file meanwhile (a `peer pause` while the service runs) stays
+    loaded: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     # folders (docs/ARCHITECTURE.md "Node home")
     @property
@@ -134,8 +138,9 @@ class NodeConfig:
         """Write ``exchange.toml`` (0600, atomically), editing the file in place.
 
         The operator's comments, order and layout stay: only the values that
-        changed are rewritten, new peers are appended. A home without the
-        file (``exchange init``) gets the commented template of every setting.
+        changed since :func:`load` are rewritten, new peers are appended. A
+        home without the file (``exchange init``) gets the commented template
+        of every setting.
         """
         import tomlkit
 
@@ -153,25 +158,32 @@ class NodeConfig:
         for s in settings.NODE.settings:  # a default the operator left out stays out
             if isinstance(written, Mapping) and s.key not in written and data["node"].get(s.key) == s.default:
                 del data["node"][s.key]
-        _merge(doc, data, top=True)
+        _merge(doc, data, self.loaded, top=True)
         write_private_atomic(path, tomlkit.dumps(doc).encode())
+        self.loaded = copy.deepcopy(self.to_toml())
 
 
-def _merge(target: MutableMapping[str, Any], new: Mapping[str, Any], *, top: bool = False) -> None:
+def _merge(target: MutableMapping[str, Any], new: Mapping[str, Any], old: Mapping[str, Any] | None, *,
+           top: bool = False) -> None:
     """Make ``target`` (a tomlkit table) hold ``new``, leaving alone what is equal (and its comments).
 
+    With ``old`` (what was loaded), only what changed from ``old`` to ``new``
+    is applied: what this process did not change stays as the file says now.
     A key gone from ``new`` is removed, except a whole section at the top
     (an empty ``[catalog]`` the operator keeps for later stays).
     """
     import tomlkit
     from tomlkit.items import Item
 
-    for key in [k for k in target if k not in new and not top]:
+    for key in [k for k in target if k not in new and not top and (old is None or k in old)]:
         del target[key]
     for key, value in new.items():
         current = target.get(key)
+        before = old.get(key) if old is not None else None
+        if old is not None and key in old and before == value:
+            continue  # unchanged here since loaded
         if isinstance(value, Mapping) and isinstance(current, MutableMapping):
-            _merge(current, value)
+            _merge(current, value, before if isinstance(before, Mapping) else None)
             continue
         plain = current.unwrap() if isinstance(current, Item) else current
         if key in target and plain == value:
@@ -277,4 +289,5 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
         if cfg.role == "store" and cfg.peers[pid].role == "store":  # as `peer add` refuses it, so does loading
             raise ConfigError(f"{pw}: a store exchanges data only with its HO, not with store {pid}",
                               hint=f"Remove [peers.{pid}] from {path}; stores never trust each other's keys.")
+    cfg.loaded = copy.deepcopy(cfg.to_toml())
     return cfg
