@@ -6,8 +6,10 @@ everything else about a peer in ``exchange.toml``.
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +64,9 @@ class NodeConfig:
     peers: dict[str, Peer] = field(default_factory=dict)
     catalog: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what :func:`load` read (as :meth:`to_toml` gives it): :meth:`save` writes only what changed since,
+    #: so an edit another process made to the file meanwhile (a `peer pause` while the service runs) stays
+    loaded: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     # folders (docs/ARCHITECTURE.md "Node home")
     @property
@@ -130,11 +135,68 @@ class NodeConfig:
         return out
 
     def save(self) -> None:
-        import tomli_w
+        """Write ``exchange.toml`` (0600, atomically), editing the file in place.
 
+        The operator's comments, order and layout stay: only the values that
+        changed since :func:`load` are rewritten, new peers are appended. A
+        home without the file (``exchange init``) gets the commented template
+        of every setting.
+        """
+        import tomlkit
+
+        from exchange.node import settings
         from exchange.node.perms import write_private_atomic
 
-        write_private_atomic(self.home / CONFIG_NAME, tomli_w.dumps(self.to_toml()).encode())
+        path = self.home / CONFIG_NAME
+        data = self.to_toml()
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = settings.template(data["node"])
+        doc = tomlkit.parse(text)
+        written = doc.get("node")
+        for s in settings.NODE.settings:  # a default the operator left out stays out
+            if isinstance(written, Mapping) and s.key not in written and data["node"].get(s.key) == s.default:
+                del data["node"][s.key]
+        _merge(doc, data, self.loaded, top=True)
+        write_private_atomic(path, tomlkit.dumps(doc).encode())
+        self.loaded = copy.deepcopy(self.to_toml())
+
+
+def _merge(target: MutableMapping[str, Any], new: Mapping[str, Any], old: Mapping[str, Any] | None, *,
+           top: bool = False) -> None:
+    """Make ``target`` (a tomlkit table) hold ``new``, leaving alone what is equal (and its comments).
+
+    With ``old`` (what was loaded), only what changed from ``old`` to ``new``
+    is applied: what this process did not change stays as the file says now.
+    A key gone from ``new`` is removed, except a whole section at the top
+    (an empty ``[catalog]`` the operator keeps for later stays).
+    """
+    import tomlkit
+    from tomlkit.items import Item
+
+    for key in [k for k in target if k not in new and not top and (old is None or k in old)]:
+        del target[key]
+    for key, value in new.items():
+        current = target.get(key)
+        before = old.get(key) if old is not None else None
+        if old is not None and key in old and before == value:
+            continue  # unchanged here since loaded
+        if isinstance(value, Mapping) and isinstance(current, MutableMapping):
+            _merge(current, value, before if isinstance(before, Mapping) else None)
+            continue
+        plain = current.unwrap() if isinstance(current, Item) else current
+        if key in target and plain == value:
+            continue
+        if isinstance(value, Mapping) and not top and key not in target and all(
+                not isinstance(v, Mapping) for v in value.values()):
+            table = tomlkit.table()
+            table.update(value)
+            if hasattr(target, "add"):
+                target.add(tomlkit.nl())  # a blank line before an appended [peers.<id>]
+            target[key] = table
+        else:
+            target[key] = value
 
 
 def resolve_home(home: str | Path | None) -> Path:
@@ -184,6 +246,7 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
     A home or config another account can write is refused (``check_modes``
     off only for ``exchange doctor``, which reports it among its checks).
     """
+    from exchange.node import settings
     from exchange.node.perms import check_not_writable_by_others
 
     root = resolve_home(home)
@@ -192,12 +255,14 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
         check_not_writable_by_others(root, "node home")
         check_not_writable_by_others(path, "config")
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: {root} is not a node home",
                           hint="Create one with `exchange init --home DIR --node ID --role ho|store`.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    settings.check(data, path, text)
     node = data.get("node")
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: missing [node] table")
@@ -232,4 +297,5 @@ def load(home: str | Path | None, *, check_modes: bool = True) -> NodeConfig:
         if cfg.role == "store" and cfg.peers[pid].role == "store":  # as `peer add` refuses it, so does loading
             raise ConfigError(f"{pw}: a store exchanges data only with its HO, not with store {pid}",
                               hint=f"Remove [peers.{pid}] from {path}; stores never trust each other's keys.")
+    cfg.loaded = copy.deepcopy(cfg.to_toml())
     return cfg

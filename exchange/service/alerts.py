@@ -30,6 +30,7 @@ from typing import Any
 from exchange import __version__
 from exchange.errors import ConfigError
 from exchange.files import write_file_atomic
+from exchange.node import settings
 from exchange.node.home import Node
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class AlertConfig:
 
 def config(node: Node) -> AlertConfig:
     """``[alerts]`` of exchange.toml: ``command`` (a string, split like a shell would, or a list),
-    ``webhook`` (an http(s) URL), ``silent_after_minutes`` (else ``[ui]``'s, else 60)."""
+    ``webhook`` (an http(s) URL), ``silent_after`` in seconds or ``silent_after_minutes`` (else ``[ui]``'s,
+    else 60 minutes)."""
     section = node.cfg.extra.get("alerts", {})
     ui = node.cfg.extra.get("ui", {})
     if not isinstance(section, dict):
@@ -68,12 +70,10 @@ def config(node: Node) -> AlertConfig:
     webhook = section.get("webhook") or None
     if webhook is not None and not (isinstance(webhook, str) and webhook.startswith(("http://", "https://"))):
         raise ConfigError(f"[alerts] webhook must be an http:// or https:// URL, not {webhook!r}")
-    fallback: Any = ui.get("silent_after_minutes", DEFAULT_SILENT_MINUTES) if isinstance(ui, dict) else DEFAULT_SILENT_MINUTES
-    try:
-        value: Any = section.get("silent_after_minutes", fallback)
-        silent = float(value)
+    try:  # seconds (silent_after) or the older minutes; [ui]'s when [alerts] says neither
+        silent = settings.silent_minutes(section, settings.silent_minutes(ui, DEFAULT_SILENT_MINUTES))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[alerts] silent_after_minutes must be a number: {exc}") from exc
+        raise ConfigError(f"[alerts] silent_after must be a number of seconds: {exc}") from exc
     try:
         days: Any = section.get("key_expiry_days", DEFAULT_KEY_DAYS)
         key_days = float(days)

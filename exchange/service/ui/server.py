@@ -41,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 
 from exchange import __version__
 from exchange.errors import ConfigError
+from exchange.node import settings
 from exchange.node.home import Node
 from exchange.service.ui import data
 from exchange.service.ui.jobs import Jobs
@@ -82,7 +83,7 @@ class UiSettings:
             raise ConfigError("[ui] in exchange.toml must be a table")
         try:
             silent = float(silent_after_minutes if silent_after_minutes is not None
-                           else ui.get("silent_after_minutes", DEFAULT_SILENT_MINUTES))
+                           else settings.silent_minutes(ui, DEFAULT_SILENT_MINUTES))
             port_ = int(port if port is not None else ui.get("port", DEFAULT_PORT))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[ui] in exchange.toml: {exc}") from exc
