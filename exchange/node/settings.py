@@ -118,6 +118,11 @@ KEYS = Section("keys", "Signing keys (docs/OPERATIONS.md).", (
             minimum=0),
 ))
 
+METRICS = Section("metrics", "Prometheus metrics served by `exchange run` without the page (docs/SERVICE.md).", (
+    Setting("port", "int", None, "port of /metrics on 127.0.0.1 while `exchange run` runs (unset or 0: off; "
+            "1 to 65535)", example=9810, minimum=0),
+))
+
 CATALOG = Section("catalog", "The document types exchanged (docs/CATALOG.md).", (
     Setting("schema", "str", "reference", "\"reference\" (the built-in retail tables) or \"database\" "
             "(the tables named by [[catalog.doc]], read from the node database)"),
@@ -127,7 +132,7 @@ CATALOG = Section("catalog", "The document types exchanged (docs/CATALOG.md).", 
 ), detail="each [[catalog.doc]] is checked when the node opens, by exchange/database/catalog.py")
 
 #: The sections of exchange.toml in the order the template lists them ([peers] last: `peer add` appends).
-SECTIONS: tuple[Section, ...] = (NODE, UI, USB, HEALTH, ALERTS, KEYS, CATALOG)
+SECTIONS: tuple[Section, ...] = (NODE, UI, USB, HEALTH, ALERTS, KEYS, METRICS, CATALOG)
 PEERS = "peers"
 
 _KINDS: dict[Kind, str] = {
