@@ -17,12 +17,19 @@ def aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def rfc3339(t: object) -> str | None:
-    """A recorded time (a datetime, or the ISO text SQLite keeps) as RFC 3339 with an offset; None stays None."""
-    if t is None:
+def as_time(value: datetime | str | None) -> datetime | None:
+    """A stored time as an aware datetime: a naive one (SQLite keeps no offset) is UTC; ValueError if not a time."""
+    if value is None or value == "":
         return None
-    if isinstance(t, str):
-        t = datetime.fromisoformat(t)
-    if not isinstance(t, datetime):
-        raise TypeError(f"not a time: {t!r}")
-    return aware(t).isoformat()
+    t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return aware(t)
+
+
+def rfc3339(value: object) -> str | None:
+    """A recorded time (a datetime, or the ISO text SQLite keeps) as RFC 3339 with an offset, the form of
+    every ``--json`` (``2026-11-25T17:00:05+00:00``); None stays None, text that is not a time as it is."""
+    try:
+        t = as_time(value if isinstance(value, (datetime, str)) or value is None else str(value))
+    except ValueError:
+        return str(value)
+    return t.isoformat() if t else None

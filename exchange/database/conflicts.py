@@ -15,7 +15,6 @@ lives below both.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from collections import defaultdict
@@ -190,22 +189,12 @@ def bases_table(conn: Connection, catalog: Catalog, peer: str, docs: Sequence[tu
 
 
 def pack(data: Mapping[str, pa.Table] | None) -> bytes | None:
-    """A document's rows (table name -> Arrow table) as bytes for the log; None stays None (deleted)."""
-    if data is None:
-        return None
-    out = {}
-    for name, t in data.items():
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, t.schema) as w:
-            w.write_table(t)
-        out[name] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
-    return json.dumps(out).encode()
+    """A document's rows for the log (:func:`exchange.database.rows.pack_tables`); None stays None (deleted)."""
+    return None if data is None else rows.pack_tables(data)
 
 
 def unpack(blob: bytes | None) -> dict[str, pa.Table] | None:
-    if blob is None:
-        return None
-    return {name: pa.ipc.open_stream(base64.b64decode(b)).read_all() for name, b in json.loads(blob).items()}
+    return None if blob is None else rows.unpack_tables(blob)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -686,3 +686,25 @@ def row_keys(data: pa.Table, key_cols: Sequence[str]) -> list[str]:
     """The canonical document key of every row."""
     cols = [data.column(c).to_pylist() for c in key_cols]
     return [canonical_key(vals) for vals in zip(*cols, strict=True)] if cols else []
+
+
+def pack_tables(data: Mapping[str, pa.Table]) -> bytes:
+    """A document's rows (table name -> Arrow table) as one JSON of base64 Arrow IPC streams: how parked
+    documents and both versions of a conflict are kept in the database."""
+    import base64
+
+    out = {}
+    for name, t in data.items():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        out[name] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
+    return json.dumps(out).encode()
+
+
+def unpack_tables(blob: bytes) -> dict[str, pa.Table]:
+    """:func:`pack_tables` read back."""
+    import base64
+
+    return {name: pa.ipc.open_stream(base64.b64decode(b)).read_all() for name, b in json.loads(blob).items()}
+

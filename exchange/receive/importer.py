@@ -539,25 +539,6 @@ def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey
             rows.insert_rows(conn, cat.table(tname), data[tname])
 
 
-def _pack(data: dict[str, pa.Table]) -> bytes:
-    import base64
-
-    out = {}
-    for name, t in data.items():
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, t.schema) as w:
-            w.write_table(t)
-        out[name] = base64.b64encode(sink.getvalue().to_pybytes()).decode()
-    return json.dumps(out).encode()
-
-
-def _unpack(blob: bytes) -> dict[str, pa.Table]:
-    import base64
-
-    return {name: pa.ipc.open_stream(base64.b64decode(b)).read_all()
-            for name, b in json.loads(blob).items()}
-
-
 def _error_text(exc: Exception) -> str:
     orig = getattr(exc, "orig", None)
     return f"{type(orig or exc).__name__}: {orig or exc}".splitlines()[0][:500]
@@ -569,7 +550,7 @@ def _park(conn: Connection, dt: DocType, key: DocKey, peer: str, seq: int, versi
     conn.execute(delete(xchg_parked).where(cond))
     conn.execute(xchg_parked.insert().values(
         doc_type=dt.name, doc_key=key, peer=peer, seq=seq, version=version, op=op,
-        data=_pack(data), error=error, parked_at=utc_now(), state=state))
+        data=rows.pack_tables(data), error=error, parked_at=utc_now(), state=state))
 
 
 def _documents(opened: evolution.Payload) -> dict[str, dict[str, Any]]:
@@ -807,7 +788,7 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                 continue
             try:
                 with conn.begin_nested():
-                    _write_docs(conn, node, dt, [key], _unpack(r["data"]))
+                    _write_docs(conn, node, dt, [key], rows.unpack_tables(r["data"]))
                     _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
@@ -817,7 +798,7 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                 if transaction_lost(conn):  # the database rolled everything back: nothing more this pass
                     log.warning("parked retry stopped: %s", _error_text(root_error(exc)))
                     return 0, len(todo)
-                data = _unpack(r["data"])
+                data = rows.unpack_tables(r["data"])
                 why = deleted_dependency(conn, node.catalog, data, node.cfg.role)
                 conn.execute(update(xchg_parked).where(cond).values(
                     attempts=xchg_parked.c.attempts + 1,

@@ -21,7 +21,7 @@ from exchange.database.catalog import Catalog
 from exchange.database.tables import xchg_parked
 from exchange.errors import ExchangeError
 from exchange.node.home import Node
-from exchange.receive.importer import _unpack
+from exchange.database.rows import unpack_tables
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def parked_missing(node: Node, docs: Iterable[tuple[str, str]]) -> dict[tuple[st
             if blob is None:
                 continue
             try:
-                out[(doc_type, doc_key)] = missing_references(conn, node.catalog, doc_type, _unpack(bytes(blob)))
+                out[(doc_type, doc_key)] = missing_references(conn, node.catalog, doc_type, unpack_tables(bytes(blob)))
             except (ExchangeError, SQLAlchemyError, pa.ArrowException, ValueError, KeyError) as exc:
                 # a type no longer in the catalog, a table renamed: the stored error still says what failed
                 log.debug("cannot tell what parked %s %s misses: %s", doc_type, doc_key, exc)

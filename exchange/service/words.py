@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from exchange.timefmt import as_time, rfc3339
 from exchange.vocabulary import counted
 
 __all__ = ["counted", "key_text", "documents_text", "as_time", "rfc3339", "local_time", "json_ready",
@@ -30,24 +31,6 @@ def key_text(doc_key: str) -> str:
 def documents_text(documents: dict[str, int]) -> str:
     """``item 200, promotion 2``: document type and count."""
     return ", ".join(f"{k} {v}" for k, v in documents.items())
-
-
-def as_time(value: datetime | str | None) -> datetime | None:
-    """A stored time as an aware datetime: a naive one (SQLite keeps no offset) is UTC."""
-    if value is None or value == "":
-        return None
-    t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-
-
-def rfc3339(value: datetime | str | None) -> str | None:
-    """The ``--json`` form of a time: RFC 3339 with its offset (``2026-11-25T17:00:05+00:00``);
-    text that is not a time is returned as it is."""
-    try:
-        t = as_time(value)
-    except ValueError:
-        return str(value)
-    return t.isoformat() if t else None
 
 
 def local_time(value: datetime | str | None, now: datetime | None = None) -> str:
