@@ -10,13 +10,13 @@ and the page read at desktop and phone width.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from enginehelpers import Net, make_net, seed_ho
 from sqlalchemy import func, select
-from test_ui import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, WAIT_MS, _need_browser, expect, store_sells_unknown_item, ui_server
+from test_ui import ARTIFACTS, WAIT_MS, expect, store_sells_unknown_item, ui_server
+from test_ui_phone import chromium  # noqa: F401 - the module's Chromium (a fixture)
 
 from exchange.database.tables import xchg_sent
 from exchange.service.sync import sync
@@ -45,28 +45,15 @@ def estate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     net.dispose()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 def _states(page: Any) -> dict[str, str]:
     return dict(page.locator("#stores-table tbody tr").evaluate_all(
         "rows => rows.map(r => [r.dataset.store, r.querySelector('[data-col=state]').textContent.trim()])"))
 
 
 @pytest.mark.parametrize("width", [1360, 390])
-def test_thirty_stores_the_marks_name_exactly_the_stores_in_trouble(estate: Net, browser: Any, width: int) -> None:
+def test_thirty_stores_the_marks_name_exactly_the_stores_in_trouble(estate: Net, chromium: Any, width: int) -> None:
     phone = width < 700
-    ctx = browser.new_context(viewport={"width": width, "height": 900}, is_mobile=phone, has_touch=phone)
+    ctx = chromium.new_context(viewport={"width": width, "height": 900}, is_mobile=phone, has_touch=phone)
     ctx.set_default_timeout(WAIT_MS)
     page = ctx.new_page()
     try:
