@@ -15,7 +15,6 @@ lives below both.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import Connection, and_, func, select, update
 
+from exchange.timefmt import aware
 from exchange.database import rows
 from exchange.database.batch import BASES_SCHEMA
 from exchange.database.catalog import Catalog
@@ -59,7 +59,7 @@ def as_utc(value: Any) -> datetime | None:
         value = datetime.fromisoformat(value)
     if not isinstance(value, datetime):
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return aware(value).astimezone(UTC)
 
 
 def _pending(conn: Connection, doc_type: str) -> dict[str, datetime | None]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from exchange.timefmt import aware
 from exchange.database.tables import xchg_journal
 from exchange.files import utc_now
 
@@ -32,9 +33,8 @@ class JournalEntry:
     detail: dict[str, Any]
 
     def as_json(self) -> dict[str, Any]:
-        at = self.at if self.at.tzinfo else self.at.replace(tzinfo=utc_now().tzinfo)  # SQLite keeps it naive UTC
-        return {"id": self.id, "at": at.isoformat(), "actor": self.actor, "action": self.action,
-                "peer": self.peer, "detail": self.detail}
+        return {"id": self.id, "at": aware(self.at).isoformat(),  # SQLite gives it back naive UTC
+                "actor": self.actor, "action": self.action, "peer": self.peer, "detail": self.detail}
 
 
 def actor() -> str:

@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from exchange.timefmt import aware
+
 __all__ = [
     "RETAIL", "ScaledDecimal", "Money", "Qty", "Rate", "scale_of", "to_minor", "to_decimal", "from_minor",
     "ZonedDateTime", "utc_text", "local_time", "offset_minutes", "upgrade_reference",
@@ -184,8 +186,7 @@ def utc_text(value: datetime) -> str:
     ``timestamp[us, tz=UTC]`` cast to text: bulk and single-row writes agree.
     A naive value is taken as UTC (exchange cannot know its zone).
     """
-    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%fZ")
+    return aware(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%fZ")
 
 
 class ZonedDateTime(TypeDecorator[datetime]):
@@ -213,13 +214,13 @@ class ZonedDateTime(TypeDecorator[datetime]):
             raise ValueError(f"not a time: {value!r}")
         if dialect.name == "sqlite":
             return utc_text(value)
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return aware(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-        return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).astimezone(UTC)
+        return aware(t).astimezone(UTC)
 
     @property
     def python_type(self) -> type[datetime]:
@@ -237,8 +238,7 @@ def local_time(instant: datetime, offset: int | None) -> datetime:
 
     ``offset`` None (a document from a sender that did not record it): the instant in UTC.
     """
-    aware = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
-    return aware.astimezone(UTC if offset is None else timezone(timedelta(minutes=offset)))
+    return aware(instant).astimezone(UTC if offset is None else timezone(timedelta(minutes=offset)))
 
 
 #: Header table -> its key columns, filled as the tables below are declared.

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 
+from exchange.timefmt import aware
 from exchange.database.tables import begin_write, xchg_heartbeat
 from exchange.errors import BundleError, FormatError
 from exchange.files import move_entry, utc_now
@@ -29,10 +30,6 @@ from exchange.wire.formats import MAX_CLOCK_AHEAD, parse_name
 from exchange.wire.heartbeat import read_heartbeat
 
 log = logging.getLogger(__name__)
-
-
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=UTC)  # SQLite gives back naive UTC
 
 
 def import_heartbeat(node: Node, path: Path, rep: Reporter) -> tuple[Outcome | None, str]:
@@ -54,8 +51,8 @@ def import_heartbeat(node: Node, path: Path, rep: Reporter) -> tuple[Outcome | N
         kept = conn.execute(select(xchg_heartbeat.c.created, xchg_heartbeat.c.file).where(
             xchg_heartbeat.c.peer == hb.node)).first()
         # older, or the very file kept (a copy): dropped; another one of the same second replaces it
-        stale = kept is not None and (_aware(kept[0]) > hb.created
-                                      or (_aware(kept[0]) == hb.created and bytes(kept[1]) == hb.file))
+        stale = kept is not None and (aware(kept[0]) > hb.created
+                                      or (aware(kept[0]) == hb.created and bytes(kept[1]) == hb.file))
         if not stale:
             values = dict(created=hb.created, received_at=now, app_version=hb.app_version,
                           health=json.dumps(hb.health, sort_keys=True), file=hb.file)

@@ -10,11 +10,11 @@ on one naming the FAILED bundle at the head of the stream.
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import Connection, and_, select
 
+from exchange.timefmt import aware
 from exchange.database.tables import xchg_decision
 from exchange.wire.decision import Decision
 from exchange.wire.formats import MAX_SUPERSEDES
@@ -30,5 +30,5 @@ def supersede_notices(conn: Connection, peer: str) -> list[dict[str, Any]]:
     found = conn.execute(select(d.seq, d.decided_by, d.decided_at, d.reason).where(and_(
         d.side == NOTICE, d.peer == peer, d.kind == "superseded", d.seq.not_in(answered)))
         .order_by(d.seq.desc()).limit(MAX_SUPERSEDES))
-    return [{"seq": int(seq), **Decision("superseded", str(by), at if at.tzinfo else at.replace(tzinfo=UTC),
+    return [{"seq": int(seq), **Decision("superseded", str(by), aware(at),
                                          str(why)).as_json()} for seq, by, at, why in found]

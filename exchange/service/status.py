@@ -20,7 +20,6 @@ from datetime import datetime
 from typing import Any
 
 from exchange.node.home import Node
-from exchange.timefmt import aware
 from exchange.database.direct import connect_existing, plain_file
 from exchange.service.words import parked_reason, rfc3339
 from exchange.vocabulary import DocStatus, ReceivedStatus

@@ -411,7 +411,6 @@ class Opened:
     def table(self, name: str) -> Any:
         """Read one table; Parquet data that cannot be decoded is a FormatError (malformed bundle)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         path = self.tables[name]
         try:
@@ -884,7 +883,7 @@ class Ack:
         if self.sealed is None or not identities:
             return self
         try:
-            d = self._details(_decrypt_small(self.sealed, identities))
+            d = self._details(decrypt_small(self.sealed, identities, MAX_ACK_DETAILS_BYTES, ACK_DETAILS_MEMBER))
         except NoIdentityError:
             return self  # not encrypted to these identities: stays sealed
         except CryptoError as exc:
@@ -919,14 +918,15 @@ class Ack:
         return {"reason": reason, "applied": applied, "parked": parked, "parked_total": total, "decision": decision}
 
 
-def _decrypt_small(sealed: bytes, identities: Sequence[str]) -> bytes:
-    """Decrypt an ack's details, refusing more than MAX_ACK_DETAILS_BYTES of plaintext."""
+def decrypt_small(sealed: bytes, identities: Sequence[str], limit: int, member: str) -> bytes:
+    """Decrypt a small age member (an ack's details, a heartbeat's health), refusing more than ``limit``
+    bytes of plaintext and anything after the end of the age payload."""
     dec = age.Decryptor(io.BytesIO(sealed), list(identities))
-    plain = dec.read(MAX_ACK_DETAILS_BYTES + 1)
-    if len(plain) > MAX_ACK_DETAILS_BYTES:
-        raise LimitError(f"{ACK_DETAILS_MEMBER}: more than {MAX_ACK_DETAILS_BYTES} bytes once decrypted")
+    plain = dec.read(limit + 1)
+    if len(plain) > limit:
+        raise LimitError(f"{member}: more than {limit} bytes once decrypted")
     if dec.read(1):
-        raise FormatError(f"{ACK_DETAILS_MEMBER}: data after the end of the age payload")
+        raise FormatError(f"{member}: data after the end of the age payload")
     return plain
 
 

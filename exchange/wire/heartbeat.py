@@ -25,7 +25,7 @@ from exchange import __version__
 from exchange.errors import AuthenticityError, ExchangeError, FormatError, LimitError, NotForUsError
 from exchange.files import utc_now
 from exchange.wire import tarfmt
-from exchange.wire.bundle import Entry
+from exchange.wire.bundle import Entry, decrypt_small
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.formats import (
     HEALTH_FIELDS, HEALTH_FORMAT, HEALTH_MEMBER, HEALTH_PAD, HEARTBEAT_FORMAT, HEARTBEAT_MEMBERS,
@@ -105,16 +105,6 @@ def _parse_clear(raw: bytes) -> tuple[dict[str, Any], Entry]:
     return obj, entry
 
 
-def _decrypt_health(sealed: bytes, identities: Sequence[str]) -> bytes:
-    dec = age.Decryptor(io.BytesIO(sealed), list(identities))
-    plain = dec.read(MAX_HEALTH_BYTES + 1)
-    if len(plain) > MAX_HEALTH_BYTES:
-        raise LimitError(f"{HEALTH_MEMBER}: more than {MAX_HEALTH_BYTES} bytes once decrypted")
-    if dec.read(1):
-        raise FormatError(f"{HEALTH_MEMBER}: data after the end of the age payload")
-    return plain
-
-
 def _repack(raw: bytes, sig: bytes, sealed: bytes, created: datetime, sha: str) -> bytes:
     """The file's bytes again from its members (exact bytes only: a reader accepts no other
     spelling), so what is kept is what was verified, never a second read of the path."""
@@ -146,7 +136,7 @@ def read_heartbeat(path: Path, trust: sshsig.AllowedSigners, *, me: str, identit
             raise FormatError(f"member {HEALTH_MEMBER!r} missing")
         if len(sealed) != entry.size or hashlib.sha256(sealed).hexdigest() != entry.sha256:
             raise AuthenticityError(f"{HEALTH_MEMBER} differs from the SHA-256 signed in heartbeat.json")
-        plain = _decrypt_health(sealed, identities)
+        plain = decrypt_small(sealed, identities, MAX_HEALTH_BYTES, HEALTH_MEMBER)
         if hashlib.sha256(plain).hexdigest() != obj["health_plain_sha256"]:
             raise AuthenticityError(f"{HEALTH_MEMBER}: decrypted health differs from the signed hash")
         d = parse_json(plain, HEALTH_MEMBER)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exchange import timefmt
 from exchange.receive.stuck import reason_with_resolution, sent_reason_with_resolution
 
 from sqlalchemy import func, select
@@ -33,9 +34,7 @@ STUCK_IN = (ReceivedStatus.WAITING, ReceivedStatus.HELD, ReceivedStatus.FAILED)
 
 def aware(t: datetime | None) -> datetime | None:
     """``t`` with a timezone (naive values from the database are UTC)."""
-    if t is None:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    return None if t is None else timefmt.aware(t)
 
 
 def _latest(*times: datetime | None) -> datetime | None:
