@@ -139,6 +139,7 @@ def test_links_in_the_inbox_are_set_aside_as_links_never_read(net: Net) -> None:
     outside = ho_secrets(net)
     os.symlink(toml, ho.cfg.inbox / "s001.ho.0000000001.bundle")
     os.symlink(key, ho.cfg.inbox / "s001.ho.0000000001.ack")
+    os.symlink(key, ho.cfg.inbox / "s001.ho.heartbeat")  # heartbeats arrive the same way (FORMAT.md section 12)
     before = snapshot(ho)
     p = cli("import", "--home", str(ho.cfg.home), "--json")
     assert p.returncode == 10, p.stderr  # quarantined: exit 10 (docs/SERVICE.md, Exit codes)
@@ -152,6 +153,9 @@ def test_links_in_the_inbox_are_set_aside_as_links_never_read(net: Net) -> None:
         reason = json.loads((ho.cfg.quarantine / f"{name}.reason").read_text())
         assert reason["file"] == name and "symbolic link" in reason["reason"]
         assert reason["error"] == "NotRegularFileError"
+    hb = ho.cfg.quarantine / "s001.ho.heartbeat"
+    assert kind(hb) == "link" and os.readlink(hb) == str(key), "a heartbeat link is set aside as a link, never read"
+    assert "symbolic link" in json.loads((ho.cfg.quarantine / "s001.ho.heartbeat.reason").read_text())["reason"]
     assert not list(ho.cfg.inbox.iterdir())
     outside.assert_unchanged()
     no_copy_of(ho.cfg.home / "quarantine", outside)
@@ -178,6 +182,7 @@ def test_fifo_and_folder_in_the_inbox_are_set_aside_without_blocking(net: Net) -
     ho = net.ho
     os.mkfifo(ho.cfg.inbox / "s001.ho.0000000001.bundle")
     os.mkfifo(ho.cfg.inbox / "s001.ho.0000000002.ack")
+    os.mkfifo(ho.cfg.inbox / "s001.ho.heartbeat")
     folder = ho.cfg.inbox / "s002.ho.0000000001.bundle"
     folder.mkdir()
     (folder / "inside.txt").write_text("kept")
@@ -188,6 +193,7 @@ def test_fifo_and_folder_in_the_inbox_are_set_aside_without_blocking(net: Net) -
     assert "s002.ho.0000000001.bundle: QUARANTINED" in p.stdout and "is a folder" in p.stdout
     q = ho.cfg.quarantine
     assert kind(q / "s001.ho.0000000001.bundle") == kind(q / "s001.ho.0000000002.ack") == "fifo"
+    assert kind(q / "s001.ho.heartbeat") == "fifo"  # a heartbeat FIFO neither blocks nor is read
     assert (q / "s002.ho.0000000001.bundle" / "inside.txt").read_text() == "kept"  # moved whole, not emptied
     for name in ("s001.ho.0000000001.bundle", "s001.ho.0000000002.ack", "s002.ho.0000000001.bundle"):
         assert json.loads((q / f"{name}.reason").read_text())["file"] == name
