@@ -345,8 +345,15 @@ def conform(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
     from exchange.database import rows
     from exchange.database.schema import RETAIL
 
-    return {name: pa.Table.from_arrays(t.columns, schema=rows.arrow_schema(RETAIL.tables[name]))
-            for name, t in tables.items()}
+    out = {}
+    for name, t in tables.items():
+        schema = rows.arrow_schema(RETAIL.tables[name])
+        # Columns the catalog gained after the generator was written (item.brand,
+        # sales_bill.bill_date_offset) are nullable: they travel as nulls here.
+        cols = [t.column(f.name).cast(f.type) if f.name in t.column_names
+                else pa.nulls(t.num_rows, f.type) for f in schema]
+        out[name] = pa.Table.from_arrays(cols, schema=schema)
+    return out
 
 
 def _accumulate(xs: list[int]) -> list[int]:
