@@ -415,3 +415,78 @@ def test_supersede_notices_are_checked_as_hostile_input() -> None:
                 {"supersedes": [{**ok, "at": "yesterday"}]}, {"supersedes": [{**ok, "reason": "x" * 20000}]}):
         with pytest.raises(BundleError):  # FormatError or LimitError: the bundle's notices are ignored
             read_notices(bad, "b")
+
+
+def test_a_skipped_bundle_does_not_stop_archive_prune_and_verify_shows_it_from_the_checkpoint(
+        tmp_path: Path, db_url: str) -> None:
+    """The skipped seq ends with a signed decision, not an APPLIED ack: prune takes it (recording the
+    decision in its checkpoint) instead of stopping the stream there for ever, at both ends."""
+    import time
+
+    net = make_net(tmp_path / "net", stores=("s001",), ho_db=db_url)
+    key = _with_auditor(net, tmp_path)
+    seed_ho(net, 6)
+    net.settle()
+    st, ho = net.store(), net.ho
+    refuse_writes(ho, "sales_bill", "ho rule: sales closed for audit")
+    seed_store(net, "s001", sales=3, seed=1)
+    net.cycle(["s001", "ho"])
+    bad = max(received(ho))
+    assert received(ho)[bad]["status"] == "FAILED"
+    res = cli("bundle", "skip", "s001", str(bad), "--reason", "period closed", "--by", "alice",
+              "--home", str(ho.cfg.home))
+    assert res.exit_code == 0, res.output
+    allow_writes(ho, "sales_bill")
+    for k in (2, 3):  # two later bundles, applied and acknowledged
+        seed_store(net, "s001", sales=1, seed=k)
+        net.cycle(["s001", "ho", "s001"])
+    assert received(ho)[bad]["status"] == "SKIPPED" and sent(st)[bad]["status"] == "REJECTED"
+    newest = max(received(ho))
+    assert received(ho)[newest]["status"] == "APPLIED" and newest >= bad + 2
+    net.dispose()
+    time.sleep(1.1)  # --older-than 0 takes what was created before this second
+
+    for node, stream in ((ho, "s001->ho"), (st, "s001->ho")):
+        res = CliRunner().invoke(main, ["archive", "prune", "--home", str(node.cfg.home), "--older-than", "0",
+                                        "--json"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        got = next(s for s in json.loads(res.stdout)["streams"] if s["stream"] == stream)
+        assert (got["pruned_first_seq"], got["pruned_last_seq"]) == (1, newest - 1), got["stopped"]  # past the skip
+        from exchange.audit.prune import read_checkpoint
+
+        trust = Node.open(node.cfg.home).trust
+        cps = [read_checkpoint(p, trust) for p in (node.cfg.home / "archive" / "checkpoints").iterdir()]
+        recorded = {(a.seq, a.result, a.decided) for cp in cps if cp.stream == ("s001", "ho") for a in cp.acks}
+        assert (bad, "REJECTED", True) in recorded, recorded  # the decision's ack, marked as such
+        res = cli("audit", "verify", str(node.cfg.home / "archive"), "--home", str(node.cfg.home),
+                  "--identity", str(key), "--json")
+        report = json.loads(res.stdout)
+        s = next(x for x in report["streams"] if x["stream"] == stream)
+        assert s["errors"] == 0, s["findings"]
+        assert s["skipped"] == [bad], s
+        assert not any(f["check"] == "gap" for f in s["findings"])
+        net.dispose()
+
+
+def test_a_checkpoint_marks_only_a_rejected_ack_as_decided() -> None:
+    """``decided`` (checkpoint version 3) is read as hostile: only ``true``, only on a REJECTED ack."""
+    from exchange.audit.prune import Checkpoint
+    from exchange.errors import FormatError
+
+    base = {"format": "exchange-checkpoint", "version": 3, "app_version": "1", "node": "ho", "role": "ho",
+            "sender": "s001", "recipient": "ho", "first_seq": 1, "last_seq": 1, "prev": None,
+            "last_manifest_sha256": "ab" * 32, "created": "2026-12-02T10:00:00Z",
+            "cutoff": "2026-12-02T10:00:00Z", "removed": [],
+            "bundles": [{"seq": 1, "name": "s001.ho.0000000001.bundle", "created": "2026-12-02T09:00:00Z",
+                         "sha256": "cd" * 32, "manifest_sha256": "ab" * 32, "prev": None}]}
+    ack = {"seq": 1, "name": "ho.s001.0000000001.ack", "acker": "ho", "created": "2026-12-02T09:00:01Z",
+           "sha256": "ef" * 32, "bundle_sha256": "cd" * 32}
+    ok = Checkpoint.parse(json.dumps(base | {"acks": [ack | {"result": "REJECTED", "decided": True}]}).encode())
+    assert ok.acks[0].decided
+    for bad in ({"result": "APPLIED", "decided": True}, {"result": "REJECTED", "decided": "yes"},
+                {"result": "REJECTED", "decided": False}):
+        with pytest.raises(FormatError, match="decided"):
+            Checkpoint.parse(json.dumps(base | {"acks": [ack | bad]}).encode())
+    v2 = Checkpoint.parse(json.dumps(base | {"version": 2, "acks": [ack | {"result": "REJECTED", "decided": True}]}
+                                     ).encode())
+    assert not v2.acks[0].decided  # a version 2 checkpoint cannot mark one

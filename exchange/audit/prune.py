@@ -41,8 +41,8 @@ from exchange.files import COPY_CHUNK, fsync_dir, kind_of, open_regular, utc_now
 from exchange.wire.bundle import Ack, BundleReader, read_ack
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import (
-    ACK_RESULTS, CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS, CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS,
-    CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
+    ACK_DECISION_VERSION, ACK_RESULTS, CHECKPOINT_DECIDED_VERSION, CHECKPOINT_FORMAT, CHECKPOINT_MEMBERS,
+    CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS, CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
     MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, bundle_name, parse_name,
 )
 from exchange.wire.signed import (
@@ -149,10 +149,13 @@ class PrunedAck:
     sha256: str
     bundle_sha256: str
     result: str
+    #: a REJECTED ack of version 3: an operator's signed decision (skipped, superseded) ended the seq
+    decided: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "name": self.name, "acker": self.acker, "created": self.created,
-                "sha256": self.sha256, "bundle_sha256": self.bundle_sha256, "result": self.result}
+                "sha256": self.sha256, "bundle_sha256": self.bundle_sha256, "result": self.result} | \
+            ({"decided": True} if self.decided else {})
 
 
 @dataclass(frozen=True)
@@ -228,11 +231,14 @@ class Checkpoint:
             result = json_field(a, "result", str, w)
             if result not in ACK_RESULTS:
                 raise FormatError(f"{w}: result {result!r}")
+            decided = version >= CHECKPOINT_DECIDED_VERSION and "decided" in a  # the writer writes only true
+            if decided and (a["decided"] is not True or result != AckResult.REJECTED):
+                raise FormatError(f"{w}: decided must be true on a REJECTED ack, or absent")
             acks.append(PrunedAck(
                 seq=seq_field(a.get("seq"), w, "seq"), name=json_field(a, "name", str, w),
                 acker=node_field(json_field(a, "acker", str, w), w), created=json_field(a, "created", str, w),
                 sha256=sha256_field(a.get("sha256"), w), bundle_sha256=sha256_field(a.get("bundle_sha256"), w),
-                result=result))
+                result=result, decided=decided))
             if acks[-1].acker != recipient or not first <= acks[-1].seq <= last:
                 raise FormatError(f"{w}: an ack by {acks[-1].acker} for seq {acks[-1].seq}; only the recipient "
                                   f"{recipient}'s acks of seq {first}..{last} belong here")
@@ -282,7 +288,8 @@ def build_checkpoint(*, key: Any, node: str, role: str, sender: str, recipient: 
         raise ValueError("a checkpoint records at least one bundle")
     created = created or utc_now()
     raw = dump_json({
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "app_version": __version__,
+        "format": CHECKPOINT_FORMAT, "app_version": __version__,
+        "version": CHECKPOINT_DECIDED_VERSION if any(a.decided for a in acks) else CHECKPOINT_VERSION,
         "node": node, "role": role, "sender": sender, "recipient": recipient,
         "first_seq": bundles[0].seq, "last_seq": bundles[-1].seq, "prev": bundles[0].prev,
         "last_manifest_sha256": bundles[-1].manifest_sha256,
@@ -530,7 +537,7 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
     for i in range(0, len(batch), MAX_CHECKPOINT_BUNDLES):
         chunk = batch[i:i + MAX_CHECKPOINT_BUNDLES]
         pruned_acks = [PrunedAck(a.ack.seq, a.f.canonical, a.ack.acker, format_time(a.ack.created),
-                                 a.sha256, a.ack.bundle_sha256, a.ack.result)
+                                 a.sha256, a.ack.bundle_sha256, a.ack.result, decided_ack(a.ack))
                        for _b, _c, ackl in chunk for a in ackl]
         removed = [{"path": c.f.rel, "sha256": c.sha256, "size": c.size} for _b, copies, _a in chunk for c in copies]
         removed += [{"path": a.f.rel, "sha256": a.sha256, "size": a.size} for _b, _c, ackl in chunk for a in ackl]
@@ -549,6 +556,12 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                 [a.f.path for _b, _c, ackl in chunk for a in ackl])
         log.info("prune %s: removed seq %d..%d, checkpoint %s", sp.stream, chunk[0][0].seq,
                  chunk[-1][0].seq, target.name)
+
+
+def decided_ack(ack: Ack) -> bool:
+    """A REJECTED ack of version 3 carries an operator's signed decision (docs/FORMAT.md section 6):
+    the seq ended unapplied for good, so it may be pruned like an APPLIED one."""
+    return ack.result == AckResult.REJECTED and ack.version >= ACK_DECISION_VERSION
 
 
 def _why_keep(seq: int, newest: int, bundles: Mapping[int, list[_BundleCopy]],
@@ -574,8 +587,8 @@ def _why_keep(seq: int, newest: int, bundles: Mapping[int, list[_BundleCopy]],
     if c.prev != expected_prev:
         return f"seq {seq}: prev does not match seq {seq - 1}'s manifest (chain break)"
     matching = [a for a in acks.get(seq, []) if a.ack.bundle_sha256 == c.sha256]
-    if not any(a.ack.result == AckResult.APPLIED for a in matching):
-        return f"seq {seq} has no APPLIED ack for this file in the archive"
+    if not any(a.ack.result == AckResult.APPLIED or decided_ack(a.ack) for a in matching):
+        return f"seq {seq} has no APPLIED ack (nor an operator's decision) for this file in the archive"
     if any(a.ack.created >= cutoff for a in matching):
         return f"seq {seq}: its ack is newer than the cutoff"
     others = [a for a in acks.get(seq, []) if a.ack.bundle_sha256 != c.sha256]

@@ -31,7 +31,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from exchange.audit.prune import ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, read_checkpoint, scan_archive, sha256_of
+from exchange.audit.prune import (
+    ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, decided_ack, read_checkpoint, scan_archive, sha256_of,
+)
 from exchange.errors import CryptoError, ExchangeError, FormatError, NotRegularFileError
 from exchange.wire import parquet_budget
 from exchange.wire.bundle import Ack, BundleReader, Manifest, not_for_these_identities, read_ack
@@ -779,10 +781,25 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
                                 f"signed ack says {real.ack.result}", real.rel, seq))
         signed = [af for af in acks_by_seq.get(seq, []) if af.ack.bundle_sha256 == pb.sha256]
         if signed:  # the receiver's own signed acks decide; a checkpoint never stands in for them
-            if not any(af.ack.result == AckResult.APPLIED for af in signed):
+            decided = [af for af in signed if decided_ack(af.ack)]
+            if any(af.ack.result == AckResult.APPLIED for af in signed):
+                pass
+            elif decided:
+                decision = decided[-1].ack.decision
+                what = f"{decision.kind} ({decision.text()})" if decision else "skipped or superseded"
+                sr.skipped.append(seq)
+                out.append(_warn("skipped", f"not applied: {what} by a decision {decided[-1].ack.acker} signed; "
+                                 f"pruned, checkpoint {cp.name}", decided[-1].rel, seq))
+            else:
                 out += [_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)} (checkpoint {cp.name} "
                              "cannot make it applied)", af.rel, seq) for af in signed]
-        elif not any(pa.result == AckResult.APPLIED for pa in recorded):
+        elif any(pa.result == AckResult.APPLIED for pa in recorded):
+            pass
+        elif any(pa.decided for pa in recorded):
+            sr.skipped.append(seq)  # pruned with the decision's ack: the signed checkpoint records it
+            out.append(_warn("skipped", f"not applied: ended by an operator's signed decision (skipped or "
+                             f"superseded), pruned; checkpoint {cp.name} records its ack", seq=seq))
+        else:
             out.append(_err("checkpoint", f"checkpoint {cp.name} records no APPLIED ack for the pruned bundle",
                             seq=seq))
 

@@ -15,9 +15,10 @@ from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 3  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+SPEC_VERSION = 4  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
-#                      zone-aware times (timestamp[us, tz=UTC] plus an offset column)
+#                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
+#                  4 = checkpoints v3 (a pruned operator's decision)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})
@@ -60,7 +61,9 @@ ACK_V2_FIELDS = ("format", "version", "app_version", "acker", "sender", "seq", "
 # Checkpoints (docs/FORMAT.md section 10): what `archive prune` removed, signed in the outer form of an ack.
 CHECKPOINT_FORMAT = "exchange-checkpoint"
 CHECKPOINT_VERSION = 2  # 2 adds ``role``; version 1 checkpoints are still read
-CHECKPOINT_VERSIONS = frozenset({1, 2})
+#: 3 adds ``decided`` to an ack entry (a REJECTED ack carrying an operator's decision); written only then
+CHECKPOINT_DECIDED_VERSION = 3
+CHECKPOINT_VERSIONS = frozenset({1, 2, 3})
 CHECKPOINT_MEMBERS = ("checkpoint.json", "checkpoint.json.sig")
 CHECKPOINT_SUFFIX = ".checkpoint"
 CHECKPOINTS_DIR = "checkpoints"
