@@ -271,14 +271,18 @@ def op_fanin_parallel(a: dict[str, Any]) -> dict[str, Any]:
     from exchange.node.home import Node
     from exchange.receive import workers  # type: ignore[attr-defined]
 
+    def cpu() -> float:  # this process and its reaped workers, user + system
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     node = Node.open(a["home"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     outs = workers.import_parallel(node, a["workers"])
     statuses: dict[str, int] = {}
     for o in outs:
         st = o["status"] if isinstance(o, dict) else o.status  # outcomes or their __dict__
         statuses[st] = statuses.get(st, 0) + 1
-    return {"seconds": time.perf_counter() - t0, "statuses": statuses}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0, "statuses": statuses}
 
 
 def op_fixed(a: dict[str, Any]) -> dict[str, Any]:
@@ -716,6 +720,9 @@ class Bench:
             res = child("fanin_parallel", timeout, home=str(home), workers=workers)
             if set(res["statuses"]) - {"APPLIED"}:
                 raise RuntimeError(f"fan-in with {workers} workers: {res['statuses']}")
+            if "cpu_seconds" in res:  # the importers' own CPU (not the database server's): is it CPU-bound?
+                self.r.setdefault("fanin_importer_cpu_s_by_workers", {})[str(workers)] = round(res["cpu_seconds"], 1)
+                log(f"  importer processes used {res['cpu_seconds']:.1f} s of CPU in {res['seconds']:.1f} s")
         else:
             deadline = t0 + timeout
             rounds = 0
