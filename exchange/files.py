@@ -254,18 +254,23 @@ def _write_durably(f: BinaryIO, path: Path, data: bytes) -> None:
         raise
 
 
-def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None, sync_dir: bool = True) -> None:
     """Write ``path`` via ``path.part``, fsync, rename, fsync the folder: never a partial visible file.
 
     The one durable write of every file ``exchange`` keeps (bundles' metadata, acks,
     the configuration, the trust store, known hosts, transfer metadata). ``mode``
     (0600 for a private file, exchange.node.perms) is set exactly, whatever the umask.
+    ``sync_dir`` false leaves the folder's fsync to the caller, who syncs it once for a
+    batch of files (the file's content is fsynced before its rename either way).
     """
     part = path.with_name(path.name + ".part")
     f = create_fresh(part, 0o666 if mode is None else mode)
     _exact_mode(f, mode)
     _write_durably(f, part, data)
-    publish(part, path)
+    if sync_dir:
+        publish(part, path)
+    else:
+        os.replace(part, path)
 
 
 def create_file(path: Path, data: bytes, *, mode: int | None = None) -> None:

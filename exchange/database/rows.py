@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 500  # keys per IN (...) list
+SMALL_PG = 32  # up to this many keys, PostgreSQL deletes by ``(a, b) IN (...)``: one statement, not five of a key table
 WRITE_BATCH = 8192  # rows per executemany or COPY write: bounds the Python objects alive at once
 
 
@@ -537,7 +538,8 @@ def delete_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: S
     """
     if not keys:
         return 0
-    if conn.dialect.name in ("sqlite", "postgresql") and (len(keys) > CHUNK or len(key_cols) > 1):
+    small_pg = conn.dialect.name == "postgresql" and len(keys) <= SMALL_PG  # PostgreSQL seeks a short row IN
+    if conn.dialect.name in ("sqlite", "postgresql") and (len(keys) > CHUNK or len(key_cols) > 1) and not small_pg:
         cols = ", ".join(_q(conn, c) for c in key_cols)
         with _key_table(conn, table, key_cols, keys) as kt:
             res = conn.exec_driver_sql(

@@ -121,8 +121,9 @@ class Node:
     def identities(self) -> list[str]:
         return keys.load_identities(self.cfg)
 
-    @cached_property
+    @property
     def trust(self) -> AllowedSigners:
+        """The trust store as on disk now (re-read each time, parsed once per content: :func:`keys.load_trust`)."""
         return keys.load_trust(self.cfg)
 
     def recipients_for(self, peer_id: str) -> list[str]:

@@ -105,7 +105,17 @@ def trust_path(cfg: NodeConfig) -> Path:
     return cfg.keys_dir / TRUST_FILE
 
 
+_parsed_trust: dict[str, tuple[bytes, sshsig.AllowedSigners]] = {}
+
+
 def load_trust(cfg: NodeConfig) -> sshsig.AllowedSigners:
+    """The trust store as it is on disk now.
+
+    Read on every call, so a revocation or a rotation written by another process counts from the next
+    file verified, also in a long-running worker; parsed (and indexed by principal) only when its bytes
+    changed since the last call in this process: an HO verifying a thousand stores' bundles parsed a
+    thousand-line file for each.
+    """
     from exchange.wire.crypto import sshsig
 
     path = trust_path(cfg)
@@ -113,7 +123,17 @@ def load_trust(cfg: NodeConfig) -> sshsig.AllowedSigners:
     if not path.exists():
         raise ConfigError(f"{path} is missing: no peer is trusted",
                           hint="Add peers with `exchange peer add`.")
-    return sshsig.AllowedSigners.load(path)
+    perms.check_not_writable_by_others(path, "trust store")
+    try:
+        raw = path.read_bytes()
+        known = _parsed_trust.get(str(path))
+        if known is not None and known[0] == raw:
+            return known[1]
+        trust = sshsig.AllowedSigners.parse(raw.decode("utf-8"), source=str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read allowed signers file {path}: {exc}") from exc
+    _parsed_trust[str(path)] = (raw, trust)
+    return trust
 
 
 def add_signer(cfg: NodeConfig, principal: str, key_line: str,

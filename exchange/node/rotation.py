@@ -274,5 +274,4 @@ def trust_notice(cfg: NodeConfig, notice: keynotice.KeyNotice) -> bool:
 
 def accept(node: Node, notice: keynotice.KeyNotice) -> None:
     """A peer's notice, from a bundle being applied: trusted now, for the rest of this run too."""
-    if trust_notice(node.cfg, notice):
-        node.__dict__.pop("trust", None)  # Node.trust is cached: the next bundle meets the new key
+    trust_notice(node.cfg, notice)  # Node.trust reads the file again: the next bundle meets the new key

@@ -17,7 +17,9 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from exchange.database.tables import (
     begin_write,
     xchg_delivery,
     xchg_doc_version,
+    xchg_kept,
     xchg_parked,
     xchg_received,
     xchg_sent,
@@ -44,7 +47,7 @@ from exchange.errors import (
     ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError, SchemaChangeError,
 )
 from exchange.faults import crashpoint
-from exchange.files import sha256_file, utc_now, write_file_atomic
+from exchange.files import fsync_dir, sha256_file, utc_now, write_file_atomic
 from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
@@ -117,6 +120,21 @@ def _set_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
         conn.execute(xchg_received.insert().values(peer=peer, seq=seq, **values))
 
 
+def _upsert_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
+    """:func:`_set_received` with every required column given, as one statement on SQLite and PostgreSQL
+    (a bundle's fixed cost: most arrive with no row yet, which took an UPDATE and then an INSERT)."""
+    name = conn.dialect.name
+    if name not in ("sqlite", "postgresql"):
+        _set_received(conn, peer, seq, **values)
+        return
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    else:
+        from sqlalchemy.dialects.postgresql import insert as upsert  # type: ignore[assignment]
+    ins = upsert(xchg_received).values(peer=peer, seq=seq, received_at=utc_now(), **values)
+    conn.execute(ins.on_conflict_do_update(index_elements=["peer", "seq"], set_=values))
+
+
 def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, str | None]:
     q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
         xchg_stream_in.c.peer == peer)
@@ -127,18 +145,44 @@ def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, s
 def _heads(conn: Connection, peer: str, received: tuple[int, str | None]) -> Heads:
     """This node's position in both streams with ``peer``, signed into the ack as evidence
     ``exchange audit verify`` checks the peer's archive against (docs/AUDIT.md)."""
-    last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256).where(xchg_sent.c.peer == peer)
-                        .order_by(xchg_sent.c.seq.desc()).limit(1)).first()
-    acked = conn.execute(select(func.max(xchg_sent.c.seq)).where(and_(
-        xchg_sent.c.peer == peer, xchg_sent.c.status == SentStatus.PROCESSED))).scalar()
-    sent = Head(int(last[0]), last[1], int(acked or 0)) if last else Head(0, None, 0)
+    acked = select(func.max(xchg_sent.c.seq)).where(and_(
+        xchg_sent.c.peer == peer, xchg_sent.c.status == SentStatus.PROCESSED)).scalar_subquery()
+    last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256, acked).where(xchg_sent.c.peer == peer)
+                        .order_by(xchg_sent.c.seq.desc()).limit(1)).first()  # one statement per ack signed
+    sent = Head(int(last[0]), last[1], int(last[2] or 0)) if last else Head(0, None, 0)
     return Heads(Head(received[0], received[1] if received[0] else None), sent)
+
+
+#: Folders whose fsync an ``import_inbox`` run does once at its end, for all the acks it wrote (None: at once).
+_dir_syncs: ContextVar[set[Path] | None] = ContextVar("exchange_ack_dir_syncs", default=None)
+
+
+@contextmanager
+def _ack_dirs_synced_at_end() -> Iterator[None]:
+    """Acks written inside are renamed into the outbox without a folder fsync each; the folder is fsynced once
+    at the end (also on an error). The ack's content is fsynced before its rename, and the bundle moves
+    to the archive only after the ack is in place; if a power cut loses an ack's name, the signed ack is
+    still in ``xchg_received``: the sender's resend (``resend_after``) is re-acknowledged from it."""
+    if _dir_syncs.get() is not None:  # nested: the outer run syncs
+        yield
+        return
+    token = _dir_syncs.set(set())
+    try:
+        yield
+    finally:
+        folders = _dir_syncs.get() or set()
+        _dir_syncs.reset(token)
+        for folder in sorted(folders):
+            fsync_dir(folder)
 
 
 def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
     name = ack_name(node.id, peer, seq)
+    batch = _dir_syncs.get()
     try:
-        write_file_atomic(node.cfg.outbox / name, ack)
+        write_file_atomic(node.cfg.outbox / name, ack, sync_dir=batch is None)
+        if batch is not None:
+            batch.add(node.cfg.outbox)
     except OSError as exc:  # a full disk: the ack is in the database, the next run writes it again
         raise ExchangeError(f"cannot write ack {name} in {node.cfg.outbox}: {exc.strerror or exc}",
                             hint="Free disk space there, then sync again: the bundle stays in the inbox "
@@ -148,7 +192,8 @@ def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
 # ---------------------------------------------------------------- import
 
 def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None = None,
-                 rotate: int = 0, parked: bool = True, peer: str | None = None) -> list[FileOutcome]:
+                 rotate: int = 0, parked: bool = True, peer: str | None = None,
+                 workers: int = 1) -> list[FileOutcome]:
     """Process every complete file in the inbox: acks, then bundles in stream order.
 
     ``retry`` tries FAILED bundles again; after a bundle applied, the parked
@@ -157,14 +202,15 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 
     Each stream is taken under its lock (:func:`exchange.receive.locks.try_lock`); a
     stream another worker holds is skipped, so several workers can run this
-    at once. ``rotate`` staggers where each worker starts. A database that
+    at once. ``rotate`` staggers where each worker starts (worker ``rotate`` of ``workers`` starts
+    that share of the way through the streams). A database that
     cannot be used (full disk, unreachable) stops the run with a DatabaseError;
     the files stay in the inbox for the next run.
     """
     try:
-        with system_pool():
+        with system_pool(), _ack_dirs_synced_at_end():
             return _import_inbox(node, retry=retry, reporter=reporter, rotate=rotate, parked=parked,
-                                 peer=peer)
+                                 peer=peer, workers=workers)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"import stopped: {_error_text(exc)}",
                             hint="Free disk space for the database (or restore its connection), then sync "
@@ -172,7 +218,7 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 
 
 def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int,
-                  parked: bool, peer: str | None = None) -> list[FileOutcome]:
+                  parked: bool, peer: str | None = None, workers: int = 1) -> list[FileOutcome]:
     rep = reporter or NullReporter()
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)
              and (peer is None or parse_name(p.name).a == peer)]
@@ -181,14 +227,17 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
         fn = parse_name(p.name)
         streams[(fn.kind, fn.a)].append(p)
     order = sorted(streams)
-    if order and rotate:
-        k = rotate % len(order)
+    if order and rotate:  # workers of import_parallel start evenly apart, not on neighbouring streams
+        k = (rotate * len(order) // workers if 0 < rotate < workers else rotate) % len(order)
         order = order[k:] + order[:k]
     out: list[FileOutcome] = []
     total = sum(len(v) for v in streams.values())
     if total:
         rep.start("import", total)
     for kind, peer in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):  # heartbeats, acks, bundles
+        if not any(os.path.lexists(p) for p in streams[(kind, peer)]):  # another worker took them all meanwhile
+            rep.advance(len(streams[(kind, peer)]))
+            continue
         with try_lock(node, f"{kind}-{peer}") as got:
             if not got:
                 continue
@@ -280,12 +329,20 @@ def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, 
     return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
 
 
+def _reading(node: Node) -> Any:
+    """A connection for reads that need no transaction of their own: on PostgreSQL in autocommit (no BEGIN
+    and COMMIT round trips per bundle); elsewhere a transaction, as before."""
+    if node.engine.dialect.name == "postgresql":
+        return node.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return node.engine.begin()
+
+
 def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run: bool,
            rep: Reporter) -> FileOutcome:
     m = reader.manifest
     peer, seq = m.sender, m.seq
     file_sha = sha256_file(path)
-    with node.engine.begin() as conn:
+    with _reading(node) as conn:
         last_seq, last_manifest = _stream_pos(conn, peer)
         known = conn.execute(select(xchg_received).where(and_(
             xchg_received.c.peer == peer, xchg_received.c.seq == seq))).mappings().first()
@@ -381,7 +438,9 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             begin_write(conn)
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
-            last_seq, _ = _stream_pos(conn, peer, lock=True)
+            pos = conn.execute(select(xchg_stream_in.c.last_seq).where(xchg_stream_in.c.peer == peer)
+                               .with_for_update()).first()
+            last_seq = int(pos[0]) if pos else 0
             if last_seq >= seq:  # applied meanwhile by another worker
                 return FileOutcome(path.name, Outcome.DUPLICATE, "applied by another worker", peer, seq)
             notice = rotation.carried_notice(opened.summary, peer, opened.signer.key)  # the sender's new keys
@@ -399,17 +458,16 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                             bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
                             result=AckResult.APPLIED, applied=applied, parked=parked, created=now,
                             recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
-            if last_seq == 0 and not conn.execute(select(xchg_stream_in.c.peer).where(
-                    xchg_stream_in.c.peer == peer)).first():
+            if pos is None:  # the stream's first bundle (read under the locks above)
                 conn.execute(xchg_stream_in.insert().values(peer=peer, last_seq=seq,
                                                             last_manifest_sha256=m.sha256))
             else:
                 conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
                              .values(last_seq=seq, last_manifest_sha256=m.sha256))
             reason = f"{counted(len(parked), 'document')} parked" if parked else None
-            _set_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
-                          manifest_sha256=m.sha256, status=ReceivedStatus.APPLIED, summary=summary,
-                          applied_at=now, reason=reason, ack=ack)
+            _upsert_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
+                             manifest_sha256=m.sha256, status=ReceivedStatus.APPLIED, summary=summary,
+                             applied_at=now, reason=reason, ack=ack)
     except BundleError as exc:  # malformed content found while applying (rolled back): set aside
         if not dry_run:
             quarantine(node, path, exc, rep)
@@ -495,7 +553,15 @@ LEGACY_PEER = ""
 
 def _set_versions(conn: Connection, peer: str, doc_type: str, versions: dict[str, int]) -> None:
     """Record the versions applied from ``peer``, in bulk (one upsert; COPY on PostgreSQL)."""
-    if versions:
+    if versions and conn.dialect.name == "postgresql" and len(versions) <= rows.SMALL_PG:
+        # a few versions: one statement, not a staging table's five round trips (fixed cost per bundle)
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        ins = pg_insert(xchg_doc_version).values([
+            {"peer": peer, "doc_type": doc_type, "doc_key": k, "version": v} for k, v in versions.items()])
+        conn.execute(ins.on_conflict_do_update(index_elements=["peer", "doc_type", "doc_key"],
+                                               set_={"version": ins.excluded.version}))
+    elif versions:
         rows.upsert_rows(conn, xchg_doc_version, pa.table({
             "peer": pa.array([peer] * len(versions), pa.string()),
             "doc_type": pa.array([doc_type] * len(versions), pa.string()),
@@ -630,7 +696,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         docs[t].append((k, op, v))
     expected = _documents(opened)
     peer_cat = evolution.parse_catalog(opened.catalog)  # FORMAT.md v3; None from older senders
-    if replay:
+    if replay and conn.execute(select(xchg_kept.c.peer).limit(1)).first():  # one probe when nothing is kept
         evolution.replay_kept(conn, cat)  # values kept for columns this node has since gained: before newer ones
         replay_kept_documents(conn, node)
     unknown = [t for t in docs if t not in cat]

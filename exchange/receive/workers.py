@@ -20,9 +20,9 @@ from exchange.receive.importer import import_inbox
 log = logging.getLogger(__name__)
 
 
-def _worker(home: str, index: int) -> list[dict[str, object]]:
+def _worker(home: str, index: int, workers: int = 1) -> list[dict[str, object]]:
     node = Node.open(home)
-    outs = import_inbox(node, rotate=index)
+    outs = import_inbox(node, rotate=index, workers=workers)
     node.engine.dispose()
     return [o.__dict__ for o in outs]
 
@@ -33,7 +33,7 @@ def import_parallel(node: Node, workers: int) -> list[dict[str, object]]:
         return [o.__dict__ for o in import_inbox(node)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) as pool:
-        results = pool.starmap(_worker, [(str(node.cfg.home), i) for i in range(workers)])
+        results = pool.starmap(_worker, [(str(node.cfg.home), i, workers) for i in range(workers)])
     return [o for r in results for o in r]
 
 

@@ -29,6 +29,9 @@ Sections (keys of the JSON in brackets):
              startup_baseline_s]
   memory    peak RSS sealing and opening a 1 GiB bundle (tools/bench/bundle_memory.py)
             [peak_rss_mib_export, peak_rss_mib_import]
+  fixed     fixed cost per bundle: S stores' bundles of one sales line each through
+            import_inbox (one importer), time per bundle, SQLite HO and (with --pg)
+            PostgreSQL HO, median of 3 [fixed_ms_per_bundle]
   fanin     S stores' bundles landing at once in the HO inbox, 1/2/4 workers
             [fanin_seconds_by_workers]
   fanout    one item master change to S stores (export_all on the HO)
@@ -66,12 +69,12 @@ import common as c  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SALES_TABLES = ("sales_bill", "sales_bill_line", "sales_bill_payment")
-SECTIONS = ("export", "import", "startup", "memory", "fanin", "fanout", "watch")
+SECTIONS = ("export", "import", "startup", "memory", "fixed", "fanin", "fanout", "watch")
 
 SIZES: dict[str, dict[str, int]] = {
     "full": {
         "export_lines": 1_000_000, "items": 5_000,
-        "fanin_stores": 1_000, "fanin_lines": 2_000,
+        "fanin_stores": 1_000, "fanin_lines": 2_000, "fixed_bundles": 500, "fixed_runs": 3,
         # The brief's fan-out: 100,000 items to 1,000 stores (3 GB of bundles in the scratch folder).
         # Since export_all seals one bundle per store in turn (2026-12-01), each batch is read and
         # encoded once for all stores: 237 s on PostgreSQL, where peer-by-peer export had sealed
@@ -81,7 +84,7 @@ SIZES: dict[str, dict[str, int]] = {
     },
     "quick": {
         "export_lines": 100_000, "items": 2_000,
-        "fanin_stores": 100, "fanin_lines": 200,
+        "fanin_stores": 100, "fanin_lines": 200, "fixed_bundles": 100, "fixed_runs": 3,
         "fanout_items": 10_000, "fanout_stores": 100,
         "watch_bundles": 10, "startup_runs": 5, "memory_mib": 128, "export_runs": 1,
     },
@@ -104,6 +107,7 @@ def import_goal(database: str, full: bool) -> float:
         return 0.8
     return 0.9 if full else 1.0
 GOAL_STARTUP = 1.0        # x the import-only baseline (issue 17)
+GOAL_FIXED_MS = {"sqlite": 15.0, "postgresql": 25.0}  # fixed cost per bundle (issue 17)
 
 
 def log(msg: str) -> None:
@@ -279,20 +283,42 @@ def op_fanin_parallel(a: dict[str, Any]) -> dict[str, Any]:
     from exchange.node.home import Node
     from exchange.receive import workers  # type: ignore[attr-defined]
 
+    def cpu() -> float:  # this process and its reaped workers, user + system
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     node = Node.open(a["home"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     outs = workers.import_parallel(node, a["workers"])
     statuses: dict[str, int] = {}
     for o in outs:
         st = o["status"] if isinstance(o, dict) else o.status  # outcomes or their __dict__
         statuses[st] = statuses.get(st, 0) + 1
-    return {"seconds": time.perf_counter() - t0, "statuses": statuses}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0, "statuses": statuses}
+
+
+def op_fixed(a: dict[str, Any]) -> dict[str, Any]:
+    """import_inbox over one-line bundles, timed after the node is open and warm (catalog, keys, a connection)."""
+    from exchange.node.home import Node
+    from exchange.receive.importer import import_inbox
+
+    node = Node.open(a["home"])
+    _ = node.catalog, node.trust, node.identities, node.signing_key
+    with node.engine.connect():
+        pass
+    t0, c0 = time.perf_counter(), time.process_time()
+    outs = import_inbox(node)
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    statuses: dict[str, int] = {}
+    for o in outs:
+        statuses[o.status] = statuses.get(o.status, 0) + 1
+    return {"seconds": secs, "cpu_seconds": cpu, "statuses": statuses, "bundles": len(outs)}
 
 
 CHILD_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "seed": op_seed, "export": op_export, "import": op_import, "baseline_parquet": op_baseline_parquet,
     "baseline_csv": op_baseline_csv, "baseline_ingest": op_baseline_ingest, "profile": op_profile,
-    "fanin_parallel": op_fanin_parallel,
+    "fanin_parallel": op_fanin_parallel, "fixed": op_fixed,
 }
 
 
@@ -585,19 +611,51 @@ class Bench:
                 self.row(f"{label} ({self.size['export_lines']:,} lines)", f"{self.r[key]:.0f}", "", None,
                          f"< {GOAL_RSS_MIB}", self.r[key] < GOAL_RSS_MIB)
 
-    def _fake_ho(self, name: str, n_stores: int, prefix: str, items: int, item_events: bool
+    def _fake_ho(self, name: str, n_stores: int, prefix: str, items: int, item_events: bool, pg: bool = True
                  ) -> tuple[Any, list[c.FakeStore]]:
-        """An HO home with ``n_stores`` store peers that exist only as keys."""
+        """An HO home with ``n_stores`` store peers that exist only as keys (on SQLite unless ``pg``)."""
         from exchange.node.home import Node
 
         root = self.work / name
         root.mkdir(parents=True, exist_ok=True)
-        ho = c.make_node(root / "ho", "ho", "ho", self.ho_database(name))
+        ho = c.make_node(root / "ho", "ho", "ho", self.ho_database(name) if pg else None)
         ho.engine.dispose()
         stores = c.fake_stores([f"{prefix}{i:04d}" for i in range(1, n_stores + 1)])
         c.add_many_peers(ho, stores)
         child("seed", 900, url=ho.cfg.database, items=items, item_events=item_events)
         return Node.open(ho.cfg.home), stores
+
+    def sec_fixed(self) -> None:
+        """Fixed cost per bundle: bundles of one sales line from as many stores, one importer, time per bundle."""
+        from exchange.wire.formats import bundle_name
+
+        n, runs = self.size["fixed_bundles"], max(1, self.size["fixed_runs"])
+        out: dict[str, float] = {}
+        for kind in ("sqlite",) + (("postgresql",) if self.pg else ()):
+            ho, stores = self._fake_ho(f"fixed_{kind}", n, "x", 100, False, pg=kind == "postgresql")
+            rcpt, items = _recipient(ho), c.gen_items(100)
+            bundles = self.work / f"fixed_{kind}" / "bundles"
+            bundles.mkdir(exist_ok=True)
+            for i, s in enumerate(stores, 1):
+                c.seal_store_bundle(s, ho.id, rcpt, c.gen_sales(s.id, 1, items, seed=i),
+                                    bundles / bundle_name(s.id, ho.id, 1))
+            ho.engine.dispose()
+            files = sorted(bundles.iterdir())
+            per: list[float] = []
+            for r in range(runs):
+                home = self._clone_home(ho.cfg.home, f"fixed_{kind}_{r}", pg=kind == "postgresql")
+                c.copy_files(files, home / "inbox")
+                res = child("fixed", max(300.0, n * 2.0), home=str(home))
+                if set(res["statuses"]) - {"APPLIED"} or res["bundles"] != n:
+                    raise RuntimeError(f"fixed cost ({kind}): {res['statuses']}")
+                per.append(res["seconds"] / n * 1000)
+                log(f"  {kind}: {per[-1]:.1f} ms per bundle")
+            out[kind] = round(median(per), 1)
+            goal = GOAL_FIXED_MS[kind]
+            self.row(f"fixed cost per bundle, {kind} HO ({n} one-line bundles, median of {runs}) ms",
+                     f"{out[kind]:.1f}", " / ".join(f"{x:.1f}" for x in per), None, f"<= {goal:.0f}",
+                     out[kind] <= goal)
+        self.r["fixed_ms_per_bundle"] = out
 
     def sec_fanin(self) -> None:
         from exchange.wire.formats import bundle_name
@@ -646,14 +704,14 @@ class Bench:
                      f"{one:.1f} with 1 worker" if workers != "1" else f"{n_stores * n_lines / secs:,.0f} rows/s",
                      one / secs if workers != "1" else None, goal, met)
 
-    def _clone_home(self, template: Path, tag: str) -> Path:
-        """A copy of an HO home with its own database (a copy of the template's)."""
+    def _clone_home(self, template: Path, tag: str, pg: bool = True) -> Path:
+        """A copy of an HO home with its own database (a copy of the template's; SQLite unless ``pg``)."""
         from exchange.node import config
 
         home = template.parent.parent / tag
         shutil.copytree(template, home)
         cfg = config.load(home)
-        if self.pg:
+        if self.pg and pg:
             from sqlalchemy import make_url
 
             tpl = make_url(cfg.database).database
@@ -677,6 +735,9 @@ class Bench:
             res = child("fanin_parallel", timeout, home=str(home), workers=workers)
             if set(res["statuses"]) - {"APPLIED"}:
                 raise RuntimeError(f"fan-in with {workers} workers: {res['statuses']}")
+            if "cpu_seconds" in res:  # the importers' own CPU (not the database server's): is it CPU-bound?
+                self.r.setdefault("fanin_importer_cpu_s_by_workers", {})[str(workers)] = round(res["cpu_seconds"], 1)
+                log(f"  importer processes used {res['cpu_seconds']:.1f} s of CPU in {res['seconds']:.1f} s")
         else:
             deadline = t0 + timeout
             rounds = 0

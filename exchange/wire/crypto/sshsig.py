@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import re
@@ -295,17 +296,27 @@ class AllowedSigner:
         return hash((self.line, self.key.public_bytes_raw()))
 
 
+@functools.lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """One ssh glob ('*', '?') as a compiled regular expression (compiled once per pattern, not per match)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.DOTALL)
+
+
 def _match_list(value: str, patterns: Iterable[str]) -> bool:
     """ssh's match_pattern_list: '*'/'?' globs, any '!' match vetoes, else needs a positive."""
     positive = False
     for pat in patterns:
         neg = pat.startswith("!")
-        rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pat[neg:])
-        if re.fullmatch(rx, value, re.DOTALL):
+        if _glob(pat[neg:]).fullmatch(value):
             if neg:
                 return False
             positive = True
     return positive
+
+
+def _literal(patterns: Iterable[str]) -> bool:
+    """Principals without globs or negations: they match a name exactly, so they can be looked up."""
+    return not any(c in p for p in patterns for c in "*?!")
 
 
 _TIME_FORMATS = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
@@ -408,6 +419,27 @@ class AllowedSigners:
     def __init__(self, signers: Iterable[AllowedSigner] = (), other_lines: Iterable[str] = ()) -> None:
         self.signers = list(signers)
         self.other_lines = list(other_lines)  # unsupported key types: kept for render(), never match
+        self._index: tuple[int, dict[str, list[int]], list[int]] | None = None
+
+    def _by_principal(self) -> tuple[dict[str, list[int]], list[int]]:
+        """Plain-key lines by literal principal, and the lines with globs or negations (matched one by one).
+
+        An HO trusts a thousand stores: scanning every line's patterns per verify cost milliseconds a bundle.
+        Built once per parsed file (rebuilt if ``signers`` changed length), so file order is kept.
+        """
+        if self._index is None or self._index[0] != len(self.signers):
+            exact: dict[str, list[int]] = {}
+            patterned: list[int] = []
+            for i, s in enumerate(self.signers):
+                if s.cert_authority:
+                    continue
+                if _literal(s.principals):
+                    for p in dict.fromkeys(s.principals):
+                        exact.setdefault(p, []).append(i)
+                else:
+                    patterned.append(i)
+            self._index = (len(self.signers), exact, patterned)
+        return self._index[1], self._index[2]
 
     @classmethod
     def parse(cls, text: str, *, source: str = "allowed_signers") -> AllowedSigners:
@@ -440,7 +472,9 @@ class AllowedSigners:
         return cls.parse(text, source=str(path))
 
     def _plain(self, principal: str) -> list[AllowedSigner]:
-        return [s for s in self.signers if not s.cert_authority and _match_list(principal, s.principals)]
+        exact, patterned = self._by_principal()
+        found = exact.get(principal, []) + [i for i in patterned if _match_list(principal, self.signers[i].principals)]
+        return [self.signers[i] for i in sorted(found)]
 
     @staticmethod
     def _why_not(s: AllowedSigner, namespace: str, at: datetime) -> str | None:
