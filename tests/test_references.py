@@ -200,3 +200,44 @@ def test_an_unknown_setting_is_refused() -> None:
     assert references.setting(None) == references.BY_DATABASE == references.DEFAULT
     with pytest.raises(ConfigError, match="reference_check"):
         references.setting({"reference_check": "never"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lines_sent_without_their_bill_never_stay(pg_net: Net, mode: str) -> None:
+    """A hostile bundle: a bill's lines without the bill's own row. That bill parks (the database refuses its
+    lines), the rest applies, no line is left without its bill, whichever setting."""
+    import pyarrow.compute as pc
+    from enginehelpers import forge_bundle
+
+    from exchange.database.batch import control_totals
+
+    set_mode(pg_net, mode)
+    net = pg_net
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net)
+    net.settle()
+    with st.engine.begin() as conn:
+        seed_store_activity(conn, "s001", item_ids(net)[:4], 8, seed=4)
+        bills = [no for (no,) in conn.execute(text("SELECT bill_no FROM sales_bill ORDER BY bill_no"))]
+    dt = st.catalog.get("sales_bill")
+    victim = bills[3]
+    held: dict[str, dict] = {}
+
+    def drop_header(tables: dict) -> None:
+        h = tables["sales_bill"]
+        tables["sales_bill"] = h.filter(pc.invert(pc.equal(h["bill_no"], victim)))
+        per = {t: tables[t] for t in dt.tables() if t in tables}
+        held["s"]["documents"]["sales_bill"].update(control_totals(dt, per, len(bills)))
+
+    docs = [("sales_bill", f'["s001","{no}"]', "U", 1) for no in bills]
+    forge_bundle(st, "ho", docs, summary_hook=lambda s: held.update(s=s), tables_hook=drop_header,
+                 out_dir=ho.cfg.inbox, record=False, at=(1, None))
+    from exchange.receive.importer import import_inbox
+
+    (out,) = import_inbox(ho)
+    assert (out.status, out.parked) == ("APPLIED", 1), out
+    assert [(p.doc_type, p.doc_key) for p in status.parked(ho)] == [("sales_bill", f'["s001","{victim}"]')]
+    assert dangling(net) == []
+    with ho.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM sales_bill WHERE store_id = 's001'")).scalar() == \
+            len(bills) - 1
