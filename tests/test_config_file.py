@@ -190,6 +190,10 @@ def test_the_declared_defaults_are_the_ones_the_code_uses() -> None:
     assert ui_silent is not None and ui_silent.default == server.DEFAULT_SILENT_MINUTES * 60
     ui_host = settings.UI.get("host")
     assert ui_host is not None and ui_host.default == "127.0.0.1"
+    from exchange.database import references
+
+    check = settings.IMPORT.get("reference_check")
+    assert check is not None and check.default == references.DEFAULT
 
 
 def test_every_section_the_code_reads_is_declared() -> None:

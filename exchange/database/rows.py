@@ -670,17 +670,29 @@ def prune_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
         on_key = " AND ".join(f"t.{_q(conn, c)} = k.{_q(conn, c)}" for c in key_cols)
         same_row = " AND ".join(f"s.{_q(conn, c.name)} = t.{_q(conn, c.name)}" for c in table.primary_key.columns)
         with _key_table(conn, table, key_cols, keys) as kt:
+            # a temporary table is never analysed: unanalysed, the planner hashed the whole table
+            # (a million lines, 16 batches on disk) instead of the keys (392 -> 220 ms a bundle)
+            conn.exec_driver_sql(f"ANALYZE {kt}")
             conn.exec_driver_sql(f"DELETE FROM {_q(conn, table.name)} t USING {kt} k WHERE {on_key} "
                                  f"AND NOT EXISTS (SELECT 1 FROM {stg} s WHERE {same_row})")
     return stg, cols
 
 
 def upsert_staged(conn: Connection, table: Table, staged: tuple[str, list[str]]) -> None:
-    """Insert or update staged rows (:func:`_pg_stage`, :func:`prune_docs`) by primary key; empty the stage."""
+    """Insert or update staged rows (:func:`_pg_stage`, :func:`prune_docs`) by primary key; empty the stage.
+
+    A row whose values are already those stored (compared as text, so ``1.5`` and ``1.50`` of an
+    unscaled NUMERIC still differ) is not written again: a document sent again unchanged (a reload,
+    a resend) costs a row lock instead of a new row version and its index entries (3-4x faster).
+    """
     stg, cols = staged
     collist = ", ".join(_q(conn, c) for c in cols)
-    conn.exec_driver_sql(f"INSERT INTO {_q(conn, table.name)} ({collist}) SELECT {collist} FROM {stg} "
-                         f"{_on_conflict(conn, table, cols)}")
+    pk = {c.name for c in table.primary_key.columns}
+    rest = [_q(conn, c) for c in cols if c not in pk]
+    unchanged = (f" WHERE ROW({', '.join(f't.{c}' for c in rest)})::text IS DISTINCT FROM "
+                 f"ROW({', '.join(f'excluded.{c}' for c in rest)})::text") if rest else ""
+    conn.exec_driver_sql(f"INSERT INTO {_q(conn, table.name)} AS t ({collist}) SELECT {collist} FROM {stg} "
+                         f"{_on_conflict(conn, table, cols)}{unchanged}")
     conn.exec_driver_sql(f"TRUNCATE {stg}")
 
 

@@ -131,8 +131,15 @@ CATALOG = Section("catalog", "The document types exchanged (docs/CATALOG.md).", 
             example={"customer": "ho-wins"}),
 ), detail="each [[catalog.doc]] is checked when the node opens, by exchange/database/catalog.py")
 
+IMPORT = Section("import", "Applying received bundles (docs/OPERATIONS.md).", (
+    Setting("reference_check", "str", "database", "PostgreSQL: who checks that a row's references exist "
+            "(a line's item): \"database\" (its foreign-key triggers, row by row) or \"exchange\" (one "
+            "query per referenced table, rows locked; faster first loads; needs a superuser or SET on "
+            "session_replication_role)"),
+))
+
 #: The sections of exchange.toml in the order the template lists them ([peers] last: `peer add` appends).
-SECTIONS: tuple[Section, ...] = (NODE, UI, USB, HEALTH, ALERTS, KEYS, METRICS, CATALOG)
+SECTIONS: tuple[Section, ...] = (NODE, UI, USB, HEALTH, ALERTS, KEYS, METRICS, IMPORT, CATALOG)
 PEERS = "peers"
 
 _KINDS: dict[Kind, str] = {

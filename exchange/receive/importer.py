@@ -28,7 +28,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 
-from exchange.database import rows
+from exchange.database import references, rows
 from exchange.database.arrow_memory import system_pool
 from exchange.database.capture import suppress_capture
 from exchange.database.catalog import DocType
@@ -569,8 +569,27 @@ def _set_versions(conn: Connection, peer: str, doc_type: str, versions: dict[str
             "version": pa.array(list(versions.values()), pa.int64())}))
 
 
+def _references(conn: Connection, node: Node, dt: DocType, data: dict[str, pa.Table],
+                keys: Sequence[DocKey]) -> tuple[set[str], frozenset[str]]:
+    """(documents of ``keys`` naming a row the database lacks, tables to write without foreign-key triggers).
+
+    PostgreSQL only (:mod:`exchange.database.references`); ``[import] reference_check = "exchange"``
+    locks the rows found and names the tables that allow it.
+    """
+    if conn.dialect.name != "postgresql" or not keys:
+        return set(), frozenset()
+    by_exchange = references.setting(node.cfg.extra.get("import")) == references.BY_EXCHANGE
+    tables = {t: node.catalog.table(t) for t in dt.tables() if t in data}
+    bad = references.missing(conn, tables, dt.tables(), dt.key, data, lock=by_exchange) & set(keys)
+    if not by_exchange:
+        return bad, frozenset()
+    whole = [t for n, t in tables.items()  # a foreign key column the bundle leaves out: the database checks
+             if all(e.parent.name in data[n].column_names for fk in t.foreign_key_constraints for e in fk.elements)]
+    return bad, frozenset(references.unchecked_tables(conn, whole))
+
+
 def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey],
-                data: dict[str, pa.Table], held: bool = True) -> None:
+                data: dict[str, pa.Table], held: bool = True, unchecked: frozenset[str] = frozenset()) -> None:
     """Replace documents as units: children are replaced, the header is upserted.
 
     The header is updated in place rather than deleted, so rows of other
@@ -597,12 +616,14 @@ def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey
     if gone:
         rows.delete_docs(conn, cat.table(dt.header), dt.key, gone)
     if header is not None:
-        rows.upsert_rows(conn, cat.table(dt.header), header)
+        with references.triggers_off(conn, dt.header in unchecked):
+            rows.upsert_rows(conn, cat.table(dt.header), header)
     for tname in dt.children:
-        if tname in staged:
-            rows.upsert_staged(conn, cat.table(tname), staged[tname])
-        elif tname in data:
-            rows.insert_rows(conn, cat.table(tname), data[tname])
+        with references.triggers_off(conn, tname in unchecked and tname in data):
+            if tname in staged:
+                rows.upsert_staged(conn, cat.table(tname), staged[tname])
+            elif tname in data:
+                rows.insert_rows(conn, cat.table(tname), data[tname])
 
 
 def _error_text(exc: Exception) -> str:
@@ -748,22 +769,29 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         keys = [k for k, _o, _v in fresh]
         index: dict[str, dict[str, list[int]]] = {}
         n_parked = 0
+        # documents naming a row this database lacks (a bill's unknown item), found set-based: the rest
+        # is written in bulk, those one by one below, where the database's own check parks them
+        bad, unchecked = _references(conn, node, dt, data, keys)
+        one_by_one = [(k, op, v) for k, op, v in fresh if k in bad]
         try:
             with conn.begin_nested():
                 sub = data
-                if stale or kept_out:  # leave out the rows of documents we hold newer (or keep by policy)
+                if stale or kept_out or bad:  # leave out the rows of documents we hold newer (or keep by policy)
                     index = {t: _index(tab, dt.key) for t, tab in data.items()}
-                    wanted = set(keys)
+                    wanted = set(keys) - bad
                     sub = {t: _take(tab, [i for k, ids in index[t].items() if k in wanted for i in ids])
                            for t, tab in data.items()}
-                _write_docs(conn, node, dt, keys, sub, held=any(k in stored for k in keys))
-                _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh})
+                bulk = [k for k in keys if k not in bad]
+                _write_docs(conn, node, dt, bulk, sub, held=any(k in stored for k in bulk), unchecked=unchecked)
+                _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh if k not in bad})
         except StatementError as exc:
             if database_unusable(exc):
                 raise  # the database's problem (disk full), not this document's: nothing to park
             _check_alive(conn, exc)
+            one_by_one = fresh
+        if one_by_one:
             index = index or {t: _index(tab, dt.key) for t, tab in data.items()}
-            for k, op, v in fresh:  # one by one: park what fails, apply the rest
+            for k, op, v in one_by_one:  # one by one: park what fails, apply the rest
                 one = {t: _take(tab, index[t].get(k, [])) for t, tab in data.items()}
                 try:
                     with conn.begin_nested():

@@ -500,6 +500,11 @@ class Bench:
             raise RuntimeError("the export section produced no bundles to import")
         ho, st, root = self.export_net["ho"], self.export_net["st"], self.export_net["root"]
         c.copy_files([st.cfg.outbox / f for f in self.export_net["files"]], ho.cfg.inbox)
+        unchecked_url = None
+        if self.pg:  # the same empty HO database, for the import with [import] reference_check = "exchange"
+            from sqlalchemy import make_url
+
+            unchecked_url = self.pg.create("import_ho_exchange", template=make_url(ho.cfg.database).database)
         log("import_inbox on the HO (empty database)")
         i1 = child("import", 3600, home=str(ho.cfg.home))
         self._check_import(i1)
@@ -536,6 +541,66 @@ class Bench:
                  rate / base, f">= {import_goal(db, False):.2f}", rate / base >= import_goal(db, False))
         self.row(f"import rows/s, full HO ({db})", f"{full:,.0f}", f"{base_full:,.0f} ADBC ingest+upsert",
                  full / base_full, f">= {import_goal(db, True):.2f}", full / base_full >= import_goal(db, True))
+        if self.pg and unchecked_url:
+            self._import_without_fks(ho, st, root, e2["files"], unchecked_url, b_empty, b_full)
+
+    def _import_without_fks(self, ho: Any, st: Any, root: Path, full_files: list[str], unchecked_url: str,
+                            b_empty: float, b_full: float) -> None:
+        """Issue 17: the same import figures against the schema without foreign keys (a baseline database
+        whose FKs are dropped), and the import with ``[import] reference_check = "exchange"`` (FK triggers
+        off for the bulk write, references checked set-based) against both baselines."""
+        n, items = self.size["export_lines"], self.size["items"]
+        assert self.pg is not None
+        from exchange.database.schema import RETAIL
+        from exchange.database.tables import make_engine
+
+        url = self.pg.create("import_base_nofk")
+        eng = make_engine(url)
+        RETAIL.create_all(eng)
+        with eng.begin() as conn:
+            for name in SALES_TABLES:
+                for fk in RETAIL.tables[name].foreign_key_constraints:
+                    conn.exec_driver_sql(f'ALTER TABLE {name} DROP CONSTRAINT "{fk.name}"')
+        eng.dispose()
+        child("seed", 300, url=url, items=items)
+        nb = child("baseline_ingest", 1800, url=url, items=items, store="s001", sales_lines=n, seed=1, repeat=2)
+        nb_empty, nb_full = nb["seconds_by_run"]
+        log(f"  baseline ingest+upsert without foreign keys: empty {nb_empty:.2f} s, full {nb_full:.2f} s")
+        from exchange.node.home import Node
+
+        node = Node.open(ho.cfg.home)  # the same home, on the copy of its empty database, the checks by exchange
+        node.cfg.database = unchecked_url
+        node.cfg.extra["import"] = {"reference_check": "exchange"}
+        node.cfg.save()
+        for f in node.cfg.inbox.iterdir():
+            f.unlink()
+        c.copy_files([st.cfg.outbox / f for f in self.export_net["files"]], node.cfg.inbox)
+        log('import_inbox on the HO (empty database, reference_check = "exchange")')
+        u1 = child("import", 3600, home=str(ho.cfg.home))
+        self._check_import(u1)
+        log(f"  {u1['seconds']:.2f} s {u1['statuses']}")
+        c.copy_files([st.cfg.outbox / f for f in full_files], node.cfg.inbox)
+        log('import_inbox on the HO (full database, reference_check = "exchange")')
+        u2 = child("import", 3600, home=str(ho.cfg.home))
+        self._check_import(u2)
+        log(f"  {u2['seconds']:.2f} s {u2['statuses']}")
+        rate, full = n / self.r["import_seconds"], n / self.r["import_full_seconds"]
+        urate, ufull = n / u1["seconds"], n / u2["seconds"]
+        nbase, nbase_full = n / nb_empty, n / nb_full
+        base, base_full = n / b_empty, n / b_full
+        self.r.update(import_nofk_baseline_rows_per_s=round(nbase), import_full_nofk_baseline_rows_per_s=round(nbase_full),
+                      import_exchange_rows_per_s=round(urate), import_full_exchange_rows_per_s=round(ufull),
+                      import_exchange_seconds=round(u1["seconds"], 3), import_full_exchange_seconds=round(u2["seconds"], 3))
+        self.row("import rows/s, empty HO, vs schema without FKs", f"{rate:,.0f}", f"{nbase:,.0f} same, no FKs",
+                 rate / nbase, "", None)
+        self.row("import rows/s, full HO, vs schema without FKs", f"{full:,.0f}", f"{nbase_full:,.0f} same, no FKs",
+                 full / nbase_full, "", None)
+        self.row('import rows/s, empty HO, reference_check "exchange"', f"{urate:,.0f}",
+                 f"{base:,.0f} ADBC ingest+upsert", urate / base, "", None)
+        self.row('import rows/s, full HO, reference_check "exchange"', f"{ufull:,.0f}",
+                 f"{base_full:,.0f} ADBC ingest+upsert", ufull / base_full, "", None)
+        self.row('  the same vs schema without FKs, empty / full', f"{urate / nbase:.2f} / {ufull / nbase_full:.2f}",
+                 "", None, "", None)
 
     def _check_import(self, res: dict[str, Any]) -> None:
         if set(res["statuses"]) != {"APPLIED"} or res.get("parked"):
