@@ -583,10 +583,25 @@ def _pg_copy_in(conn: Connection, target: str, cols: list[str], data: pa.Table) 
         raise DBAPIError.instance(statement, None, exc, driver_error) from exc
 
 
-def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> Iterator[list[tuple[Any, ...]]]:
-    """Parameter tuples a slice at a time: a Python tuple per row of the whole table is the import's peak."""
-    for part in _slices(data):
-        yield list(zip(*[_sqlite_values(table.c[c], part.column(c)) for c in cols], strict=True))
+def _sqlite_write(conn: Connection, sql: str, table: Table, data: pa.Table, cols: list[str]) -> None:
+    """``sql`` (``?`` placeholders) once per row of ``data``, on the driver's cursor, a slice at a time.
+
+    The rows go to ``executemany`` as an iterator: one parameter tuple alive at a
+    time, beside one slice's column values (a list of a slice's tuples was the
+    import's peak). A driver error is raised as SQLAlchemy raises an execute's
+    (an IntegrityError parks the document, a full disk stops the import).
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # sqlite3's takes an iterator
+    try:
+        for part in _slices(data):
+            cur.executemany(sql, zip(*[_sqlite_values(table.c[c], part.column(c)) for c in cols], strict=True))
+    except driver_error as exc:
+        raise DBAPIError.instance(sql, None, exc, driver_error) from exc
+    finally:
+        cur.close()
 
 
 def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
@@ -599,8 +614,7 @@ def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
         _pg_copy_in(conn, qt, cols, data)
     elif conn.dialect.name == "sqlite":
         sql = f"INSERT INTO {qt} ({', '.join(_q(conn, c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})"
-        for params in _sqlite_rows(table, data, cols):
-            executemany(conn, sql, params)
+        _sqlite_write(conn, sql, table, data, cols)
     else:
         conn.execute(table.insert(), data.to_pylist())
     return int(data.num_rows)
@@ -617,8 +631,7 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
         collist = ", ".join(_q(conn, c) for c in cols)
         sql = (f"INSERT INTO {_q(conn, table.name)} ({collist}) VALUES ({', '.join('?' for _ in cols)}) "
                f"{_on_conflict(conn, table, cols)}")
-        for params in _sqlite_rows(table, data, cols):
-            executemany(conn, sql, params)
+        _sqlite_write(conn, sql, table, data, cols)
     else:
         pk = [c.name for c in table.primary_key.columns]
         delete_docs(conn, table, pk, row_keys(data, pk))

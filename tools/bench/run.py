@@ -62,6 +62,7 @@ from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import exchange  # noqa: E402,F401  first, as in the CLI: it picks Arrow's allocator before pyarrow loads
 import common as c  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
