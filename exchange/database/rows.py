@@ -585,10 +585,25 @@ def _pg_copy_in(conn: Connection, target: str, cols: list[str], data: pa.Table) 
         raise DBAPIError.instance(statement, None, exc, driver_error) from exc
 
 
-def _sqlite_rows(table: Table, data: pa.Table, cols: list[str]) -> Iterator[list[tuple[Any, ...]]]:
-    """Parameter tuples a slice at a time: a Python tuple per row of the whole table is the import's peak."""
-    for part in _slices(data):
-        yield list(zip(*[_sqlite_values(table.c[c], part.column(c)) for c in cols], strict=True))
+def _sqlite_write(conn: Connection, sql: str, table: Table, data: pa.Table, cols: list[str]) -> None:
+    """``sql`` (``?`` placeholders) once per row of ``data``, on the driver's cursor, a slice at a time.
+
+    The rows go to ``executemany`` as an iterator: one parameter tuple alive at a
+    time, beside one slice's column values (a list of a slice's tuples was the
+    import's peak). A driver error is raised as SQLAlchemy raises an execute's
+    (an IntegrityError parks the document, a full disk stops the import).
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # sqlite3's takes an iterator
+    try:
+        for part in _slices(data):
+            cur.executemany(sql, zip(*[_sqlite_values(table.c[c], part.column(c)) for c in cols], strict=True))
+    except driver_error as exc:
+        raise DBAPIError.instance(sql, None, exc, driver_error) from exc
+    finally:
+        cur.close()
 
 
 def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
@@ -601,8 +616,7 @@ def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
         _pg_copy_in(conn, qt, cols, data)
     elif conn.dialect.name == "sqlite":
         sql = f"INSERT INTO {qt} ({', '.join(_q(conn, c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})"
-        for params in _sqlite_rows(table, data, cols):
-            executemany(conn, sql, params)
+        _sqlite_write(conn, sql, table, data, cols)
     else:
         conn.execute(table.insert(), data.to_pylist())
     return int(data.num_rows)
@@ -619,8 +633,7 @@ def upsert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
         collist = ", ".join(_q(conn, c) for c in cols)
         sql = (f"INSERT INTO {_q(conn, table.name)} ({collist}) VALUES ({', '.join('?' for _ in cols)}) "
                f"{_on_conflict(conn, table, cols)}")
-        for params in _sqlite_rows(table, data, cols):
-            executemany(conn, sql, params)
+        _sqlite_write(conn, sql, table, data, cols)
     else:
         pk = [c.name for c in table.primary_key.columns]
         delete_docs(conn, table, pk, row_keys(data, pk))
@@ -698,8 +711,91 @@ def upsert_staged(conn: Connection, table: Table, staged: tuple[str, list[str]])
 
 def row_keys(data: pa.Table, key_cols: Sequence[str]) -> list[str]:
     """The canonical document key of every row."""
+    if not key_cols:
+        return []
+    fast = _plain_key_array(data, key_cols)
+    if fast is not None:
+        keys: list[str] = fast.to_pylist()
+        return keys
     cols = [data.column(c).to_pylist() for c in key_cols]
-    return [canonical_key(vals) for vals in zip(*cols, strict=True)] if cols else []
+    return [canonical_key(vals) for vals in zip(*cols, strict=True)]
+
+
+def key_array(data: pa.Table, key_cols: Sequence[str]) -> pa.Array:
+    """:func:`row_keys` as one Arrow string array (no Python object per row where the keys are plain)."""
+    fast = _plain_key_array(data, key_cols) if key_cols else None
+    return fast if fast is not None else pa.array(row_keys(data, key_cols), pa.string())
+
+
+#: A key value JSON writes as it stands: printable ASCII without ``"`` or ``\`` (see :data:`_CANONICAL`).
+_PLAIN = r'[ !#-\[\]-~]*'
+
+
+def _all(mask: pa.Array | pa.ChunkedArray) -> bool:
+    return bool(pc.all(mask).as_py() is not False)
+
+
+def _plain_key_array(data: pa.Table, key_cols: Sequence[str]) -> pa.Array | None:
+    """The canonical keys built by Arrow, when every key value is a text or an integer that JSON writes
+    as it stands (the common case); None otherwise (the caller goes value by value through ``json``)."""
+    if data.num_rows == 0:
+        return pa.array([], pa.string())
+    parts: list[Any] = []
+    for name in key_cols:
+        col = data.column(name)
+        if col.null_count:
+            return None  # str(None) is "None": the slow path says what it always said
+        if pa.types.is_integer(col.type):
+            text = pc.cast(col, pa.string())  # str(int): decimal digits, a leading minus
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            if not _all(pc.match_substring_regex(col, f"^{_PLAIN}$")):
+                return None
+            text = col
+        else:
+            return None  # dates, decimals, booleans: str() and Arrow write them differently
+        parts += [text, '","']
+    joined = pc.binary_join_element_wise('["', *parts[:-1], '"]', "")
+    out = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+    return out.cast(pa.string())
+
+
+def _plain_shape(width: int) -> str:
+    return rf'^\["{_PLAIN}"(?:,"{_PLAIN}"){{{width - 1}}}\]$'
+
+
+def split_keys(keys: pa.Array, width: int) -> list[pa.Array] | None:
+    """The values of canonical keys, position by position, when every key is ``width`` plain text
+    values (printable ASCII, nothing escaped: :data:`_CANONICAL`); None when any is not."""
+    if width < 1 or keys.null_count:
+        return None
+    if len(keys) == 0:
+        return [pa.array([], pa.string()) for _ in range(width)]
+    if not _all(pc.match_substring_regex(keys, _plain_shape(width))):
+        return None
+    inner = pc.utf8_slice_codeunits(keys, 2, -2)  # ["a","b"] -> a","b: a plain value holds no quote
+    lists = pc.split_pattern(inner, '","')
+    return [pc.list_element(lists, i) for i in range(width)]
+
+
+def unchecked_keys(table: Table, key_cols: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """Those of ``keys`` (in their order) a check on whole columns cannot vouch for: each of the
+    others is a canonical key of ``table``'s ``key_cols`` (plain text values, integers where the
+    column is an integer), as :func:`canonical_key` of its :func:`parse_key` would say, key by key."""
+    if not key_cols or not keys:
+        return list(keys)
+    arr = pa.array(keys, pa.string())
+    plain = pc.fill_null(pc.match_substring_regex(arr, _plain_shape(len(key_cols))), False)
+    at = pc.indices_nonzero(plain)
+    values = split_keys(arr.take(at), len(key_cols))
+    assert values is not None
+    ok = pa.array([True] * len(at), pa.bool_())
+    for name, col in zip(key_cols, values, strict=True):
+        if isinstance(table.c[name].type, Integer):
+            ok = pc.and_(ok, pc.match_substring_regex(col, r"^-?[0-9]+$"))
+    if len(at) == len(keys) and _all(ok):
+        return []
+    good = set(at.filter(ok).to_pylist())
+    return [k for i, k in enumerate(keys) if i not in good]
 
 
 def pack_tables(data: Mapping[str, pa.Table]) -> bytes:

@@ -531,7 +531,15 @@ def _stored_versions(conn: Connection, peer: str, doc_type: str, keys: list[str]
     """The versions last applied from ``peer`` (or recorded before versions were kept per sender)."""
     out: dict[str, int] = {}
     peers = (peer, LEGACY_PEER)
-    if len(keys) > rows.CHUNK and conn.dialect.name in ("sqlite", "postgresql"):
+    if len(keys) > rows.CHUNK and conn.dialect.name == "sqlite":
+        # the keys as one JSON parameter, the outer loop (CROSS JOIN): one index seek per key and peer.
+        # A join with a key table let SQLite scan that table once per stored version: quadratic, 11 s
+        # of a 22,000-bill bundle into a full HO
+        found = conn.exec_driver_sql(
+            "SELECT v.doc_key, v.version FROM json_each(?) AS t CROSS JOIN xchg_doc_version AS v "
+            "ON v.peer IN (?, ?) AND v.doc_type = ? AND v.doc_key = t.value",
+            (json.dumps(keys), *peers, doc_type)).all()
+    elif len(keys) > rows.CHUNK and conn.dialect.name == "postgresql":
         mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         with rows.text_key_table(conn, keys) as kt:
             found = conn.exec_driver_sql(
@@ -670,7 +678,7 @@ def _events(opened: evolution.Payload) -> dict[str, list[Any]]:
 def _check_keys(node: Node, dt: DocType, keys: Sequence[DocKey]) -> None:
     """Every document key is canonical text of the document type's key columns."""
     header = node.catalog.table(dt.header)
-    for k in keys:
+    for k in rows.unchecked_keys(header, dt.key, keys):  # the plain ones are checked as whole columns
         try:
             values = rows.parse_key(k)
             rows.typed_key(header, dt.key, values)

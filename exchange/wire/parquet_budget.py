@@ -292,7 +292,7 @@ def read_table(path: Path, plan: FilePlan, budget: Budget, columns: list[str] | 
     what = path.name
     own = plan.decoded * TABLE_FACTOR + TABLE_SLACK
     used = 0
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path, pre_buffer=False)
     if len(plan.row_groups) != pf.metadata.num_row_groups:
         raise FormatError(f"{what}: Parquet file changed while it was read")
     pieces = []
@@ -302,14 +302,14 @@ def read_table(path: Path, plan: FilePlan, budget: Budget, columns: list[str] | 
             if dict_pf is None:  # long strings repeated by dictionary: size them before expanding
                 dict_pf = pq.ParquetFile(path, read_dictionary=sorted({c for r in plan.row_groups
                                                                        for c in r.dictionary_columns}))
-            part = dict_pf.read_row_group(i, columns=columns)
+            part = dict_pf.read_row_group(i, columns=columns, use_threads=False)
             n = sum(_dictionary_expanded(c) if pa.types.is_dictionary(c.type) else c.nbytes for c in part.columns)
             own += n  # the expansion is legitimate; it is counted against the bundle's budget
             budget.charge(n, what)
             used += n
             part = part.cast(pa.schema([pf.schema_arrow.field(c) for c in part.column_names]))
         else:
-            part = pf.read_row_group(i, columns=columns)
+            part = pf.read_row_group(i, columns=columns, use_threads=False)
             n = part.get_total_buffer_size()
             budget.charge(n, what)
             used += n

@@ -65,6 +65,7 @@ from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import exchange  # noqa: E402,F401  first, as in the CLI: it picks Arrow's allocator before pyarrow loads
 import common as c  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -499,50 +500,61 @@ class Bench:
         if not self.export_net.get("files"):
             raise RuntimeError("the export section produced no bundles to import")
         ho, st, root = self.export_net["ho"], self.export_net["st"], self.export_net["root"]
-        c.copy_files([st.cfg.outbox / f for f in self.export_net["files"]], ho.cfg.inbox)
+        # with --pg, a SQLite HO too (the same home, keys and bundles; its own database): every store
+        # receives the HO's masters into SQLite, so both databases are in one table (issue 17)
+        lite = self._sqlite_ho(ho.cfg.home, items) if self.pg else None
         unchecked_url = None
         if self.pg:  # the same empty HO database, for the import with [import] reference_check = "exchange"
             from sqlalchemy import make_url
 
             unchecked_url = self.pg.create("import_ho_exchange", template=make_url(ho.cfg.database).database)
-        log("import_inbox on the HO (empty database)")
-        i1 = child("import", 3600, home=str(ho.cfg.home))
-        self._check_import(i1)
-        log(f"  {i1['seconds']:.2f} s {i1['statuses']}")
+        homes = [ho.cfg.home] + ([lite] if lite else [])
+        for h in homes:
+            c.copy_files([st.cfg.outbox / f for f in self.export_net["files"]], Path(h) / "inbox")
+        first = []
+        for h in homes:
+            log(f"import_inbox on the HO (empty database{', sqlite' if h == lite else ''})")
+            first.append(child("import", 3600, home=str(h)))
+            self._check_import(first[-1])
+            log(f"  {first[-1]['seconds']:.2f} s {first[-1]['statuses']}")
         log("reload + export_all on the store (same documents, newer version)")
         e2 = child("export", 3600, home=str(st.cfg.home), reload={"peer": "ho", "docs": ["sales_bill"]})
-        c.copy_files([st.cfg.outbox / f for f in e2["files"]], ho.cfg.inbox)
-        log("import_inbox on the HO (full database: every document overwritten)")
-        i2 = child("import", 3600, home=str(ho.cfg.home))
-        self._check_import(i2)
-        log(f"  {i2['seconds']:.2f} s {i2['statuses']}")
+        for h in homes:
+            c.copy_files([st.cfg.outbox / f for f in e2["files"]], Path(h) / "inbox")
+        second = []
+        for h in homes:
+            log(f"import_inbox on the HO (full database: every document overwritten{', sqlite' if h == lite else ''})")
+            second.append(child("import", 3600, home=str(h)))
+            self._check_import(second[-1])
+            log(f"  {second[-1]['seconds']:.2f} s {second[-1]['statuses']}")
+        i1, i2 = first[0], second[0]
         # baseline: a database of the same kind with the same schema and items
-        if self.pg:
-            url = self.pg.create("import_base")
-        else:
-            url = f"sqlite:///{root / 'baseline.db'}"
-        from exchange.database.schema import RETAIL
-        from exchange.database.tables import make_engine
-
-        eng = make_engine(url)
-        RETAIL.create_all(eng)
-        eng.dispose()
-        child("seed", 300, url=url, items=items)
-        b = child("baseline_ingest", 1800, url=url, items=items, store="s001", sales_lines=n, seed=1, repeat=2)
-        b_empty, b_full = b["seconds_by_run"]
-        log(f"  baseline ingest+upsert: empty {b_empty:.2f} s, full {b_full:.2f} s")
+        b_empty, b_full = self._ingest_baseline(self.pg.create("import_base") if self.pg
+                                                else f"sqlite:///{root / 'baseline.db'}")
         rate, full, base, base_full = n / i1["seconds"], n / i2["seconds"], n / b_empty, n / b_full
         self.r.update(import_rows_per_s=round(rate), import_full_rows_per_s=round(full),
                       import_baseline_rows_per_s=round(base), import_full_baseline_rows_per_s=round(base_full),
                       import_seconds=round(i1["seconds"], 3), import_full_seconds=round(i2["seconds"], 3),
                       peak_rss_mib_import_db=i1["peak_rss_mib"])
         db = self.r["ho_database"]
+        self._import_rows(db, rate, full, base, base_full)
+        if lite:
+            lb_empty, lb_full = self._ingest_baseline(f"sqlite:///{root / 'baseline.db'}")
+            lrate, lfull = n / first[1]["seconds"], n / second[1]["seconds"]
+            lbase, lbase_full = n / lb_empty, n / lb_full
+            self.r.update(import_sqlite_rows_per_s=round(lrate), import_sqlite_full_rows_per_s=round(lfull),
+                          import_sqlite_baseline_rows_per_s=round(lbase),
+                          import_sqlite_full_baseline_rows_per_s=round(lbase_full),
+                          peak_rss_mib_import_sqlite=first[1]["peak_rss_mib"])
+            self._import_rows("sqlite", lrate, lfull, lbase, lbase_full)
+        if self.pg and unchecked_url:
+            self._import_without_fks(ho, st, root, e2["files"], unchecked_url, b_empty, b_full)
+
+    def _import_rows(self, db: str, rate: float, full: float, base: float, base_full: float) -> None:
         self.row(f"import rows/s, empty HO ({db})", f"{rate:,.0f}", f"{base:,.0f} ADBC ingest+upsert",
                  rate / base, f">= {import_goal(db, False):.2f}", rate / base >= import_goal(db, False))
         self.row(f"import rows/s, full HO ({db})", f"{full:,.0f}", f"{base_full:,.0f} ADBC ingest+upsert",
                  full / base_full, f">= {import_goal(db, True):.2f}", full / base_full >= import_goal(db, True))
-        if self.pg and unchecked_url:
-            self._import_without_fks(ho, st, root, e2["files"], unchecked_url, b_empty, b_full)
 
     def _import_without_fks(self, ho: Any, st: Any, root: Path, full_files: list[str], unchecked_url: str,
                             b_empty: float, b_full: float) -> None:
@@ -601,6 +613,39 @@ class Bench:
                  f"{base_full:,.0f} ADBC ingest+upsert", ufull / base_full, "", None)
         self.row('  the same vs schema without FKs, empty / full', f"{urate / nbase:.2f} / {ufull / nbase_full:.2f}",
                  "", None, "", None)
+
+    def _ingest_baseline(self, url: str) -> tuple[float, float]:
+        """Seconds of the ADBC ingest + upsert baseline into an empty, then a full database at ``url``."""
+        from exchange.database.schema import RETAIL
+        from exchange.database.tables import make_engine
+
+        n, items = self.size["export_lines"], self.size["items"]
+        eng = make_engine(url)
+        RETAIL.create_all(eng)
+        eng.dispose()
+        child("seed", 300, url=url, items=items)
+        b = child("baseline_ingest", 1800, url=url, items=items, store="s001", sales_lines=n, seed=1, repeat=2)
+        b_empty, b_full = b["seconds_by_run"]
+        log(f"  baseline ingest+upsert ({'postgresql' if c.is_pg(url) else 'sqlite'}): empty {b_empty:.2f} s, "
+            f"full {b_full:.2f} s")
+        return b_empty, b_full
+
+    def _sqlite_ho(self, template: Path, items: int) -> Path:
+        """A copy of the HO home (keys, peers, nothing imported) on a new SQLite database with the items."""
+        from exchange.node import config, perms
+        from exchange.node.home import Node
+
+        home = Path(template).parent / "ho-sqlite"
+        shutil.copytree(template, home)
+        cfg = config.load(home)
+        cfg.database = config.default_database(home)
+        cfg.save()
+        perms.create_private(home / "exchange.db")
+        node = Node(cfg)
+        node.migrate()
+        node.engine.dispose()
+        child("seed", 300, url=cfg.database, items=items)
+        return home
 
     def _check_import(self, res: dict[str, Any]) -> None:
         if set(res["statuses"]) != {"APPLIED"} or res.get("parked"):
