@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -262,6 +262,25 @@ class ParquetCache:
         self._tmp.cleanup()
 
 
+#: The JSON text of the last catalog sealed, at its place in an inner manifest: (catalog, text).
+_CATALOG_TEXT: list[tuple[Mapping[str, Any], bytes]] = []
+
+
+def _with_catalog(inner_raw: bytes, catalog: Mapping[str, Any]) -> bytes:
+    """``inner_raw`` (:func:`dump_json` of a manifest) with ``"catalog": catalog`` as its last field.
+
+    The same bytes as dumping the manifest with the catalog in it; the catalog's
+    text (most of an inner manifest) is made once per catalog, not per bundle:
+    a fan-out seals thousands of bundles with one catalog.
+    """
+    if not _CATALOG_TEXT or _CATALOG_TEXT[0][0] is not catalog:
+        whole = dump_json({"catalog": catalog})  # b'{\n "catalog": ...\n}\n', at the depth it has in a manifest
+        _CATALOG_TEXT[:] = [(catalog, whole[len(b"{\n"):-len(b"\n}\n")])]
+    if not inner_raw.endswith(b"\n}\n"):
+        raise ValueError("an inner manifest is a JSON object")
+    return inner_raw[:-len(b"\n}\n")] + b",\n" + _CATALOG_TEXT[0][1] + b"\n}\n"
+
+
 def seal_bundle(
     path: Path, *, key: Any, sender: str, recipient: str, seq: int, prev: str | None,
     recipients: Sequence[str], tables: Mapping[str, TableSource],
@@ -297,9 +316,9 @@ def _seal_bundle(
         raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
     created = created or utc_now()
     mtime = int(created.timestamp())
-    with tempfile.TemporaryDirectory(prefix=".seal-", dir=path.parent) as tmp:
-        work = Path(tmp)
-        files: list[tuple[str, Path]] = []
+    with ExitStack() as stack:
+        work: Path | None = None  # a folder for tables not in the cache, made only if there is one
+        files: list[tuple[str, Path | bytes]] = []
         listing = []
         for i, (name, source) in enumerate(tables.items(), 1):
             fname = TABLE_FILE.format(i)
@@ -311,6 +330,8 @@ def _seal_bundle(
                 rows = _write_parquet(fpath, source)
                 parquet_cache.put(source, fpath, rows)
             else:
+                if work is None:
+                    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".seal-", dir=path.parent)))
                 fpath = work / fname
                 rows = _write_parquet(fpath, source)
             files.append((fname, fpath))
@@ -319,29 +340,34 @@ def _seal_bundle(
             "format": PAYLOAD_FORMAT, "version": FORMAT_VERSION, "sender": sender,
             "recipient": recipient, "seq": seq, "tables": listing, "summary": dict(summary or {}),
         }
-        if catalog is not None:  # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint
-            inner["catalog"] = catalog
-        inner_raw = dump_json(inner)
+        # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint (its text made once)
+        inner_raw = dump_json(inner) if catalog is None else _with_catalog(dump_json(inner), catalog)
         if len(inner_raw) > MAX_INNER_MANIFEST_BYTES:
             raise LimitError(f"inner manifest of {len(inner_raw)} bytes is over the limit")
-        (work / INNER_MANIFEST).write_bytes(inner_raw)
-        files.insert(0, (INNER_MANIFEST, work / INNER_MANIFEST))
+        files.insert(0, (INNER_MANIFEST, inner_raw))
         entries = []
-        payload_path = work / PAYLOAD_MEMBER
-        with open(payload_path, "wb") as raw_out:
-            hashed = _HashingWriter(raw_out)
-            with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
-                for fname, fpath in files:
-                    size = fpath.stat().st_size
-                    enc.write(tarfmt.header(fname, size, mtime))
-                    h = hashlib.sha256()
-                    with open(fpath, "rb") as src:
-                        while chunk := src.read(COPY_CHUNK):
-                            h.update(chunk)
-                            enc.write(chunk)
-                    enc.write(tarfmt.padding(size))
-                    entries.append(Entry(fname, size, h.hexdigest()))
-                enc.write(tarfmt.END)
+        # the encrypted payload waits in a file without a name: nothing to remove, even after a crash
+        raw_out = stack.enter_context(tempfile.TemporaryFile(dir=path.parent))
+        hashed = _HashingWriter(raw_out)
+        with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
+            for fname, member in files:
+                if isinstance(member, bytes):
+                    enc.write(tarfmt.header(fname, len(member), mtime))
+                    enc.write(member)
+                    enc.write(tarfmt.padding(len(member)))
+                    entries.append(Entry(fname, len(member), hashlib.sha256(member).hexdigest()))
+                    continue
+                size = member.stat().st_size
+                enc.write(tarfmt.header(fname, size, mtime))
+                h = hashlib.sha256()
+                with open(member, "rb") as src:
+                    while chunk := src.read(COPY_CHUNK):
+                        h.update(chunk)
+                        enc.write(chunk)
+                enc.write(tarfmt.padding(size))
+                entries.append(Entry(fname, size, h.hexdigest()))
+            enc.write(tarfmt.END)
+        raw_out.flush()
         payload = Entry(BUNDLE_MEMBERS[2], hashed.size, hashed.h.hexdigest())
         manifest_raw = dump_json({
             "format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "app_version": app_version,
@@ -357,9 +383,9 @@ def _seal_bundle(
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[0], manifest_raw, mtime)  # type: ignore[arg-type]
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[1], sig, mtime)  # type: ignore[arg-type]
             hashed_out.write(tarfmt.header(BUNDLE_MEMBERS[2], payload.size, mtime))
-            with open(payload_path, "rb") as src:
-                while chunk := src.read(COPY_CHUNK):
-                    hashed_out.write(chunk)
+            raw_out.seek(0)
+            while chunk := raw_out.read(COPY_CHUNK):
+                hashed_out.write(chunk)
             hashed_out.write(tarfmt.padding(payload.size))
             hashed_out.write(tarfmt.END)
             out.flush()
