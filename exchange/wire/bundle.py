@@ -286,9 +286,12 @@ def seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None = None, created: datetime | None = None,
     app_version: str = __version__, parquet_cache: ParquetCache | None = None,
-    catalog: Mapping[str, Any] | None = None,
+    catalog: Mapping[str, Any] | None = None, sync: bool = True,
 ) -> Sealed:
     """Write a complete, fsynced bundle to ``path`` (the caller renames it into place).
+
+    ``sync=False``: not fsynced here; the caller fsyncs it before recording it
+    (an exporter sealing many bundles in one transaction fsyncs them together).
 
     A write that fails (a full disk) removes the partial ``path`` at once, so it holds
     no space and is never taken for a bundle, and raises an ExchangeError saying so.
@@ -296,7 +299,7 @@ def seal_bundle(
     try:
         return _seal_bundle(path, key=key, sender=sender, recipient=recipient, seq=seq, prev=prev,
                             recipients=recipients, tables=tables, summary=summary, created=created,
-                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog)
+                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog, sync=sync)
     except OSError as exc:
         try:
             path.unlink(missing_ok=True)
@@ -311,6 +314,7 @@ def _seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None, created: datetime | None,
     app_version: str, parquet_cache: ParquetCache | None, catalog: Mapping[str, Any] | None = None,
+    sync: bool = True,
 ) -> Sealed:
     if len(tables) > MAX_TABLES:
         raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
@@ -389,7 +393,8 @@ def _seal_bundle(
             hashed_out.write(tarfmt.padding(payload.size))
             hashed_out.write(tarfmt.END)
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
     manifest = Manifest.parse(manifest_raw)
     return Sealed(path, hashed_out.size, hashed_out.h.hexdigest(), manifest)
 
