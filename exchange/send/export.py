@@ -290,11 +290,14 @@ def recover_outbox(node: Node) -> int:
     return fixed
 
 
-def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None
-                       ) -> list[tuple[str, str, str, int]]:
+def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None,
+                       group: _Group | None = None) -> list[tuple[str, str, str, int]]:
     """Broadcast documents after ``peer``'s cursor, in cursor order (shared by peers at one cursor)."""
-    cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
-                              xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
+    if group is not None and peer in group.streams:  # (read with the group's other streams)
+        cur: Any = group.streams[peer][2:]
+    else:
+        cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
+                                  xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
     cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
     if shared is not None:
         memo = shared.broadcast.get((cursor, limit))
@@ -418,7 +421,7 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
                                       known=shared.ahead_events if shared is not None else None)
                       if from_log and len(direct) < limit else EventBatch([], []))
             room = limit - len(direct) - len(events.ids)
-            bc = _pending_broadcast(conn, peer, room, shared) if broadcast_to and room > 0 else []
+            bc = _pending_broadcast(conn, peer, room, shared, group) if broadcast_to and room > 0 else []
             docs = _merge(direct, events.docs, bc)
             upserts = events.upserts if docs is events.docs else None  # (computed where needed: once per batch)
             # a full batch: the next one is known now, and the helper process reads it (after this
@@ -473,8 +476,9 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             moved = {d: s for d, s in zip(events.docs, stamped, strict=True) if s != d}
             late = [(d[3], s[3]) for d, s in moved.items()]
             docs = [moved.get(d, d) for d in docs]
-        stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
-                              .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
+        stream = (group.streams[peer][:2] if group is not None and peer in group.streams else  # (locked already)
+                  conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
+                               .where(xchg_stream_out.c.peer == peer).with_for_update()).first())
         if stream is None:
             conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=1, last_manifest_sha256=None))
             seq, prev = 1, None
@@ -619,14 +623,20 @@ class _Group:
     sealed: list[tuple[Path, Path, int]] = field(default_factory=list)  # (.part, final name, documents)
     noticed: set[str] = field(default_factory=set)  # peers with a superseded notice (asked once per group)
     set_aside: bool = True  # anything set aside (else no peer's batch can take a document off the list)
+    #: each peer's stream (next seq, last manifest, broadcast cursor), read and locked for the group at once;
+    #: a peer seals one bundle per group, so they hold until its own
+    streams: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, conn: Connection) -> _Group:
-        d = xchg_decision.c
+    def open(cls, conn: Connection, peers: list[str]) -> _Group:
+        d, o = xchg_decision.c, xchg_stream_out.c
         noticed = {str(p) for p in conn.execute(select(d.peer).distinct().where(and_(
             d.side == NOTICE, d.kind == "superseded"))).scalars()}
         listed = conn.execute(select(xchg_setaside.c.doc_type).limit(1)).first() is not None
-        return cls(conn, noticed=noticed, set_aside=listed)
+        streams = {str(r[0]): (int(r[1]), r[2], int(r[3]), str(r[4]), str(r[5])) for r in conn.execute(
+            select(o.peer, o.next_seq, o.last_manifest_sha256, o.bc_version, o.bc_type, o.bc_key)
+            .where(o.peer.in_(peers)).order_by(o.peer).with_for_update())}
+        return cls(conn, noticed=noticed, set_aside=listed, streams=streams)
 
 
 class _GroupFailed(Exception):
@@ -651,7 +661,7 @@ def _export_group(node: Node, peers: list[str], rep: Reporter, shared: _Shared) 
         try:
             with node.engine.begin() as conn:
                 begin_write(conn)
-                group = _Group.open(conn)
+                group = _Group.open(conn, peers)
                 got = [(peer, _export_next(node, peer, rep, None, shared, False, group)) for peer in peers]
                 fsync_all([part for part, _final, _n in group.sealed])
         except _GroupFailed as aborted:  # rolled back: nothing of the group was recorded

@@ -245,6 +245,14 @@ class ParquetCache:
         self._tmp = tempfile.TemporaryDirectory(prefix=".parquet-", dir=folder)
         self.dir = Path(self._tmp.name)
         self._files: dict[int, tuple[Path, int, Any]] = {}
+        self._sha256: dict[Path, str] = {}  # of the files written: hashed once, not per bundle
+
+    def sha256_of(self, path: Path) -> str | None:
+        return self._sha256.get(path)
+
+    def note_sha256(self, path: Path, digest: str) -> None:
+        if path.parent == self.dir:
+            self._sha256[path] = digest
 
     def get(self, source: TableSource) -> tuple[Path, int] | None:
         hit = self._files.get(id(source))
@@ -256,6 +264,7 @@ class ParquetCache:
     def drop(self, source: TableSource) -> None:
         hit = self._files.pop(id(source), None)
         if hit is not None:
+            self._sha256.pop(hit[0], None)
             hit[0].unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -363,13 +372,17 @@ def _seal_bundle(
                     continue
                 size = member.stat().st_size
                 enc.write(tarfmt.header(fname, size, mtime))
+                known = parquet_cache.sha256_of(member) if parquet_cache is not None else None
                 h = hashlib.sha256()
                 with open(member, "rb") as src:
                     while chunk := src.read(COPY_CHUNK):
-                        h.update(chunk)
+                        if known is None:
+                            h.update(chunk)
                         enc.write(chunk)
                 enc.write(tarfmt.padding(size))
-                entries.append(Entry(fname, size, h.hexdigest()))
+                if known is None and parquet_cache is not None:
+                    parquet_cache.note_sha256(member, known := h.hexdigest())
+                entries.append(Entry(fname, size, known or h.hexdigest()))
             enc.write(tarfmt.END)
         raw_out.flush()
         payload = Entry(BUNDLE_MEMBERS[2], hashed.size, hashed.h.hexdigest())
