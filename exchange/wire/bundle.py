@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from exchange import __version__
 from exchange.errors import (
@@ -271,6 +271,9 @@ class ParquetCache:
         self._tmp.cleanup()
 
 
+#: Bytes of encrypted payload held in memory while a bundle is sealed (the rest spills to a temporary file).
+PAYLOAD_IN_MEMORY = 4 << 20
+
 #: The JSON text of the last catalog sealed, at its place in an inner manifest: (catalog, text).
 _CATALOG_TEXT: list[tuple[Mapping[str, Any], bytes]] = []
 
@@ -359,8 +362,10 @@ def _seal_bundle(
             raise LimitError(f"inner manifest of {len(inner_raw)} bytes is over the limit")
         files.insert(0, (INNER_MANIFEST, inner_raw))
         entries = []
-        # the encrypted payload waits in a file without a name: nothing to remove, even after a crash
-        raw_out = stack.enter_context(tempfile.TemporaryFile(dir=path.parent))
+        # the encrypted payload waits in memory up to PAYLOAD_IN_MEMORY (a fan-out's bundles: no second write
+        # and read of each), beyond it in a file without a name: nothing to remove, even after a crash
+        raw_out = cast(BinaryIO, stack.enter_context(
+            tempfile.SpooledTemporaryFile(max_size=PAYLOAD_IN_MEMORY, dir=str(path.parent))))
         hashed = _HashingWriter(raw_out)
         with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
             for fname, member in files:
