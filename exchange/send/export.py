@@ -474,9 +474,10 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         late: list[tuple[int, int]] = []  # (event id, version sent) of log documents that committed late
         if events is not None and events.docs:  # documents straight from the capture log carry event ids:
             stamped = clock.stamp(conn, events.docs)  # versions given in the bundle's transaction (exchange.send.clock)
-            moved = {d: s for d, s in zip(events.docs, stamped, strict=True) if s != d}
+            moved = {d: s for d, s in zip(events.docs, stamped, strict=True) if s is not d}  # (a new tuple if moved)
             late = [(d[3], s[3]) for d, s in moved.items()]
-            docs = [moved.get(d, d) for d in docs]
+            if moved:
+                docs = [moved.get(d, d) for d in docs]
         stream = (group.streams[peer][:2] if group is not None and peer in group.streams else  # (locked already)
                   conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
                                .where(xchg_stream_out.c.peer == peer).with_for_update()).first())
