@@ -235,6 +235,34 @@ def publish(part: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def publish_all(moves: list[tuple[Path, Path]]) -> None:
+    """:func:`publish` for several files of one folder: one fsync of the folder for all of them."""
+    for part, final in moves:
+        os.replace(part, final)
+    for folder in sorted({final.parent for _part, final in moves}):
+        fsync_dir(folder)
+
+
+def fsync_all(paths: list[Path]) -> None:
+    """fsync each file, several at once (threads: the waits overlap, and the file system
+    can commit them in one journal transaction, where one after another waits for each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) <= 1:
+        for path in paths:
+            sync(path)
+        return
+    with ThreadPoolExecutor(max_workers=min(8, len(paths)), thread_name_prefix="fsync") as pool:
+        list(pool.map(sync, paths))  # (an error is raised here, after every fsync has run)
+
+
 def _exact_mode(f: BinaryIO, mode: int | None) -> None:
     """Give a file just created ``mode`` whatever the umask (POSIX; Windows keeps its ACLs)."""
     if mode is not None and hasattr(os, "fchmod"):

@@ -222,3 +222,35 @@ def test_crash_summary() -> None:
     if len(RESULTS) == len(_runs()):
         assert points == set(POINTS)
     assert lost == 0 and twice == 0
+
+
+@pytest.mark.parametrize("spec", ["export.sealed:2", "export.committed"])
+@pytest.mark.parametrize("ho_on", ["sqlite", "postgresql"])
+def test_a_fan_out_killed_inside_its_group_recovers(tmp_path: Path, request: pytest.FixtureRequest,
+                                                    spec: str, ho_on: str) -> None:
+    """The HO seals several stores' bundles in one transaction (exchange.send.export, GROUP): killed
+    after the second seal, before the commit, it leaves unrecorded ``.part`` files and every document
+    pending; killed after the commit, several recorded ``.part`` files at once. Either way the next
+    runs publish or reseal them: every store gets everything once."""
+    ho_db = request.getfixturevalue("pg_url") if ho_on == "postgresql" else None
+    net = make_net(tmp_path / "net", ho_db=ho_db, stores=("s001", "s002", "s003"), max_rows={"ho": 8})
+    try:
+        seed_ho(net, items=20)
+        net.settle()
+        reprice(net.ho, item_ids(net)[:12], "0.25")
+        assert run_sync(net.ho.cfg.home, spec).returncode == -9
+        point = spec.split(":")[0]
+        assert evidence(net, "ho", point) is None
+        parts = [p.name for p in net.ho.cfg.outbox.iterdir() if p.name.endswith(".bundle" + PART_SUFFIX)]
+        assert len({p.split(".")[1] for p in parts}) >= 2, parts  # bundles of several stores at once
+        with net.ho.engine.connect() as conn:
+            sent = {r.file_name for r in conn.execute(select(xchg_sent))}
+        recorded = [p for p in parts if p[: -len(PART_SUFFIX)] in sent]
+        assert (recorded == parts) if point == "export.committed" else not recorded
+        net.reopen()
+        net.settle(max_rounds=6)
+        check = check_net(net)
+        assert check.problems == [], "\n".join(check.problems)
+        assert check.lost == 0 and check.applied_twice == 0 and check.bundles >= 9
+    finally:
+        net.dispose()

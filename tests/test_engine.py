@@ -514,12 +514,13 @@ def test_export_crash_never_reuses_a_seq(net: Net, monkeypatch: pytest.MonkeyPat
     with ho.engine.connect() as conn:
         assert set(conn.execute(select(xchg_delivery.c.status)).scalars()) == {"PENDING"}
 
-    at[:] = ["export.committed"]  # recorded, not yet renamed into place
+    at[:] = ["export.committed"]  # recorded, not yet renamed into place: both stores' bundles, one transaction
     with pytest.raises(Crash):
         export_all(ho)
-    assert sorted(p.name for p in ho.cfg.outbox.iterdir()) == parts
+    parts = sorted(p.name for p in ho.cfg.outbox.iterdir())
+    assert parts == ["ho.s001.0000000001.bundle.part", "ho.s002.0000000001.bundle.part"]
     recorded = {r.file: r for r in status.sent(ho)}
-    assert list(recorded) == ["ho.s001.0000000001.bundle"]
+    assert sorted(recorded) == ["ho.s001.0000000001.bundle", "ho.s002.0000000001.bundle"]
 
     at[:] = []
     export_all(ho)

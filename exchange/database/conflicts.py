@@ -164,9 +164,10 @@ def bases_table(conn: Connection, catalog: Catalog, peer: str, docs: Sequence[tu
     ``from_log``: the batch comes straight from the capture log (a store), so this is where its changes
     get their versions; routed documents were noted when routed (:func:`note_sent`).
     """
+    both = {n for n in catalog.names if catalog.get(n).both_sides}
     by_type: dict[str, dict[str, int]] = defaultdict(dict)
-    for doc_type, key, _op, v in docs:
-        if catalog.get(doc_type).both_sides:
+    for doc_type, key, _op, v in docs if both else ():  # (most catalogs' batches: no loop at all)
+        if doc_type in both:
             by_type[doc_type][key] = v
     if not by_type:
         return None

@@ -349,6 +349,10 @@ def _from_physical(column: Any, field: pa.Field, arr: pa.Array | pa.ChunkedArray
     return arr if arr.type == t else pc.cast(arr, t)
 
 
+#: Text that ends in a zone: "Z", or an offset "+05:30", "+0530", "-05".
+_ZONE_SUFFIX = r"(Z|[+-]\d\d(:?\d\d)?)$"
+
+
 def _zoned_from_text(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
     """Text of a zone-aware column (SQLite) -> ``t``: what exchange writes carries its zone; naive text
     (another application's write, or a row from before the column was zoned) is the UTC instant, as
@@ -356,6 +360,11 @@ def _zoned_from_text(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Arra
     try:
         return pc.cast(arr, t)
     except pa.ArrowInvalid:
+        pass
+    try:  # naive text is the UTC instant: as the same text with a "Z", in C (a Python loop took 1.4 s a million)
+        return pc.cast(pc.if_else(pc.match_substring_regex(arr, _ZONE_SUFFIX), arr,
+                                  pc.binary_join_element_wise(arr, "Z", "")), t)
+    except pa.ArrowInvalid:  # a form Arrow does not parse (a date alone, "T09:04"): Python's reading decides
         pass
     from datetime import UTC, datetime
 

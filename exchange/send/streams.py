@@ -91,7 +91,7 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
     sql = ("SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0"
            + (" AND id > ?" if after is not None else "") + f" ORDER BY id LIMIT {int(limit)}")
     events = rows.fetch_tuples(conn, sql, () if after is None else (after,))
-    latest: dict[tuple[str, str], tuple[str, int]] = {}
+    latest: dict[tuple[str, str], Doc] = {}
     canon, plain, catalog = rows.canonicalize, rows.is_canonical, node.catalog
     owned = {d.name: d.name for d in catalog.owned_by(node.cfg.role)}.get  # the catalog's own str objects
     ops = {"U": "U", "D": "D"}
@@ -103,10 +103,11 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
             foreign += 1
             continue
         # a later event of the same document updates its entry in place: the latest op and version win
-        latest[(name, doc_key if plain(doc_key) else canon(doc_key))] = (ops[op], eid)
+        key = doc_key if plain(doc_key) else canon(doc_key)
+        latest[(name, key)] = (name, key, ops[op], eid)
     if foreign:
         log.warning("ignoring %d events of document types owned by the other side", foreign)
-    docs: list[Doc] = [(t, k, op, int(v)) for (t, k), (op, v) in latest.items()]
+    docs: list[Doc] = list(latest.values())  # (ids are ints from both drivers)
     upserts: dict[str, list[str]] = {n: [] for n in catalog.names if owned(n)}  # in catalog order
     for t, k, op, _v in docs:
         if op == "U":
@@ -129,6 +130,8 @@ def mark_sealed(conn: Connection, seq: int | None, ids: Sequence[int],
 
 def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     """Ascending ids as runs of consecutive ones: a backlog is one run, and each run is exact."""
+    if ids and ids[-1] - ids[0] == len(ids) - 1:  # ascending and distinct: consecutive, one run (a backlog)
+        return [(ids[0], ids[-1])]
     out: list[tuple[int, int]] = []
     for i in ids:
         if out and i == out[-1][1] + 1:

@@ -19,11 +19,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from exchange import __version__
 from exchange.errors import (
@@ -245,6 +245,14 @@ class ParquetCache:
         self._tmp = tempfile.TemporaryDirectory(prefix=".parquet-", dir=folder)
         self.dir = Path(self._tmp.name)
         self._files: dict[int, tuple[Path, int, Any]] = {}
+        self._sha256: dict[Path, str] = {}  # of the files written: hashed once, not per bundle
+
+    def sha256_of(self, path: Path) -> str | None:
+        return self._sha256.get(path)
+
+    def note_sha256(self, path: Path, digest: str) -> None:
+        if path.parent == self.dir:
+            self._sha256[path] = digest
 
     def get(self, source: TableSource) -> tuple[Path, int] | None:
         hit = self._files.get(id(source))
@@ -256,10 +264,33 @@ class ParquetCache:
     def drop(self, source: TableSource) -> None:
         hit = self._files.pop(id(source), None)
         if hit is not None:
+            self._sha256.pop(hit[0], None)
             hit[0].unlink(missing_ok=True)
 
     def close(self) -> None:
         self._tmp.cleanup()
+
+
+#: Bytes of encrypted payload held in memory while a bundle is sealed (the rest spills to a temporary file).
+PAYLOAD_IN_MEMORY = 4 << 20
+
+#: The JSON text of the last catalog sealed, at its place in an inner manifest: (catalog, text).
+_CATALOG_TEXT: list[tuple[Mapping[str, Any], bytes]] = []
+
+
+def _with_catalog(inner_raw: bytes, catalog: Mapping[str, Any]) -> bytes:
+    """``inner_raw`` (:func:`dump_json` of a manifest) with ``"catalog": catalog`` as its last field.
+
+    The same bytes as dumping the manifest with the catalog in it; the catalog's
+    text (most of an inner manifest) is made once per catalog, not per bundle:
+    a fan-out seals thousands of bundles with one catalog.
+    """
+    if not _CATALOG_TEXT or _CATALOG_TEXT[0][0] is not catalog:
+        whole = dump_json({"catalog": catalog})  # b'{\n "catalog": ...\n}\n', at the depth it has in a manifest
+        _CATALOG_TEXT[:] = [(catalog, whole[len(b"{\n"):-len(b"\n}\n")])]
+    if not inner_raw.endswith(b"\n}\n"):
+        raise ValueError("an inner manifest is a JSON object")
+    return inner_raw[:-len(b"\n}\n")] + b",\n" + _CATALOG_TEXT[0][1] + b"\n}\n"
 
 
 def seal_bundle(
@@ -267,9 +298,12 @@ def seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None = None, created: datetime | None = None,
     app_version: str = __version__, parquet_cache: ParquetCache | None = None,
-    catalog: Mapping[str, Any] | None = None,
+    catalog: Mapping[str, Any] | None = None, sync: bool = True,
 ) -> Sealed:
     """Write a complete, fsynced bundle to ``path`` (the caller renames it into place).
+
+    ``sync=False``: not fsynced here; the caller fsyncs it before recording it
+    (an exporter sealing many bundles in one transaction fsyncs them together).
 
     A write that fails (a full disk) removes the partial ``path`` at once, so it holds
     no space and is never taken for a bundle, and raises an ExchangeError saying so.
@@ -277,7 +311,7 @@ def seal_bundle(
     try:
         return _seal_bundle(path, key=key, sender=sender, recipient=recipient, seq=seq, prev=prev,
                             recipients=recipients, tables=tables, summary=summary, created=created,
-                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog)
+                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog, sync=sync)
     except OSError as exc:
         try:
             path.unlink(missing_ok=True)
@@ -292,14 +326,15 @@ def _seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None, created: datetime | None,
     app_version: str, parquet_cache: ParquetCache | None, catalog: Mapping[str, Any] | None = None,
+    sync: bool = True,
 ) -> Sealed:
     if len(tables) > MAX_TABLES:
         raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
     created = created or utc_now()
     mtime = int(created.timestamp())
-    with tempfile.TemporaryDirectory(prefix=".seal-", dir=path.parent) as tmp:
-        work = Path(tmp)
-        files: list[tuple[str, Path]] = []
+    with ExitStack() as stack:
+        work: Path | None = None  # a folder for tables not in the cache, made only if there is one
+        files: list[tuple[str, Path | bytes]] = []
         listing = []
         for i, (name, source) in enumerate(tables.items(), 1):
             fname = TABLE_FILE.format(i)
@@ -311,6 +346,8 @@ def _seal_bundle(
                 rows = _write_parquet(fpath, source)
                 parquet_cache.put(source, fpath, rows)
             else:
+                if work is None:
+                    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".seal-", dir=path.parent)))
                 fpath = work / fname
                 rows = _write_parquet(fpath, source)
             files.append((fname, fpath))
@@ -319,29 +356,40 @@ def _seal_bundle(
             "format": PAYLOAD_FORMAT, "version": FORMAT_VERSION, "sender": sender,
             "recipient": recipient, "seq": seq, "tables": listing, "summary": dict(summary or {}),
         }
-        if catalog is not None:  # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint
-            inner["catalog"] = catalog
-        inner_raw = dump_json(inner)
+        # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint (its text made once)
+        inner_raw = dump_json(inner) if catalog is None else _with_catalog(dump_json(inner), catalog)
         if len(inner_raw) > MAX_INNER_MANIFEST_BYTES:
             raise LimitError(f"inner manifest of {len(inner_raw)} bytes is over the limit")
-        (work / INNER_MANIFEST).write_bytes(inner_raw)
-        files.insert(0, (INNER_MANIFEST, work / INNER_MANIFEST))
+        files.insert(0, (INNER_MANIFEST, inner_raw))
         entries = []
-        payload_path = work / PAYLOAD_MEMBER
-        with open(payload_path, "wb") as raw_out:
-            hashed = _HashingWriter(raw_out)
-            with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
-                for fname, fpath in files:
-                    size = fpath.stat().st_size
-                    enc.write(tarfmt.header(fname, size, mtime))
-                    h = hashlib.sha256()
-                    with open(fpath, "rb") as src:
-                        while chunk := src.read(COPY_CHUNK):
+        # the encrypted payload waits in memory up to PAYLOAD_IN_MEMORY (a fan-out's bundles: no second write
+        # and read of each), beyond it in a file without a name: nothing to remove, even after a crash
+        raw_out = cast(BinaryIO, stack.enter_context(
+            tempfile.SpooledTemporaryFile(max_size=PAYLOAD_IN_MEMORY, dir=str(path.parent))))
+        hashed = _HashingWriter(raw_out)
+        with age.Encryptor(hashed, list(recipients)) as enc:  # type: ignore[arg-type]
+            for fname, member in files:
+                if isinstance(member, bytes):
+                    enc.write(tarfmt.header(fname, len(member), mtime))
+                    enc.write(member)
+                    enc.write(tarfmt.padding(len(member)))
+                    entries.append(Entry(fname, len(member), hashlib.sha256(member).hexdigest()))
+                    continue
+                size = member.stat().st_size
+                enc.write(tarfmt.header(fname, size, mtime))
+                known = parquet_cache.sha256_of(member) if parquet_cache is not None else None
+                h = hashlib.sha256()
+                with open(member, "rb") as src:
+                    while chunk := src.read(COPY_CHUNK):
+                        if known is None:
                             h.update(chunk)
-                            enc.write(chunk)
-                    enc.write(tarfmt.padding(size))
-                    entries.append(Entry(fname, size, h.hexdigest()))
-                enc.write(tarfmt.END)
+                        enc.write(chunk)
+                enc.write(tarfmt.padding(size))
+                if known is None and parquet_cache is not None:
+                    parquet_cache.note_sha256(member, known := h.hexdigest())
+                entries.append(Entry(fname, size, known or h.hexdigest()))
+            enc.write(tarfmt.END)
+        raw_out.flush()
         payload = Entry(BUNDLE_MEMBERS[2], hashed.size, hashed.h.hexdigest())
         manifest_raw = dump_json({
             "format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "app_version": app_version,
@@ -357,13 +405,14 @@ def _seal_bundle(
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[0], manifest_raw, mtime)  # type: ignore[arg-type]
             tarfmt.write_member(hashed_out, BUNDLE_MEMBERS[1], sig, mtime)  # type: ignore[arg-type]
             hashed_out.write(tarfmt.header(BUNDLE_MEMBERS[2], payload.size, mtime))
-            with open(payload_path, "rb") as src:
-                while chunk := src.read(COPY_CHUNK):
-                    hashed_out.write(chunk)
+            raw_out.seek(0)
+            while chunk := raw_out.read(COPY_CHUNK):
+                hashed_out.write(chunk)
             hashed_out.write(tarfmt.padding(payload.size))
             hashed_out.write(tarfmt.END)
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
     manifest = Manifest.parse(manifest_raw)
     return Sealed(path, hashed_out.size, hashed_out.h.hexdigest(), manifest)
 
