@@ -21,7 +21,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
 from exchange.database import conflicts as conflict_log
-from exchange.database import rows, sqlite_arrow
+from exchange.database import lanes, rows, sqlite_arrow
 from exchange.database.arrow_memory import system_pool, trim
 from exchange.database.catalog import Catalog, DocType, PeerInfo
 from exchange.database.sqlite_arrow import SqliteArrowReader
@@ -39,7 +39,7 @@ from exchange.files import publish, sha256_file, utc_now
 from exchange.wire import keynotice
 from exchange.wire.bundle import ParquetCache, Sealed, seal_bundle
 from exchange.wire.formats import BASES_TABLE, EVENTS_TABLE, PART_SUFFIX, SUPERSEDES, bundle_name
-from exchange.vocabulary import SentStatus
+from exchange.vocabulary import DEFAULT_LANE, SentStatus
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Exported:
     seq: int
     file: str
     documents: int
+    lane: str = DEFAULT_LANE
 
 
 def peer_infos(node: Node) -> list[PeerInfo]:
@@ -292,25 +293,31 @@ def recover_outbox(node: Node) -> int:
     return fixed
 
 
-def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None
+def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None,
+                       lane: str = DEFAULT_LANE, types: lanes.LaneTypes | None = None
                        ) -> list[tuple[str, str, str, int]]:
-    """Broadcast documents after ``peer``'s cursor, in cursor order (shared by peers at one cursor)."""
-    cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
-                              xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
+    """Broadcast documents of ``lane`` after the cursor of ``peer``'s stream in that lane, in cursor
+    order (shared by peers at one cursor)."""
+    s = xchg_stream_out.c
+    cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == lane)).first()
     cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+    types = types or lanes.LaneTypes()
     if shared is not None:
-        memo = shared.broadcast.get((cursor, limit))
+        memo = shared.broadcast.get((cursor, limit, lane))
         if memo is None:
-            memo = shared.broadcast[(cursor, limit)] = _fetch_broadcast(conn, cursor, limit)
+            memo = shared.broadcast[(cursor, limit, lane)] = _fetch_broadcast(conn, cursor, limit, types)
         return memo
-    return _fetch_broadcast(conn, cursor, limit)
+    return _fetch_broadcast(conn, cursor, limit, types)
 
 
-def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int) -> list[tuple[str, str, str, int]]:
+def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int,
+                     types: lanes.LaneTypes | None = None) -> list[tuple[str, str, str, int]]:
     b = xchg_broadcast.c
-    found = conn.execute(select(b.doc_type, b.doc_key, b.op, b.version)
-                         .where(tuple_(b.version, b.doc_type, b.doc_key) > tuple_(*cursor))
-                         .order_by(b.version, b.doc_type, b.doc_key).limit(limit)).all()
+    q = select(b.doc_type, b.doc_key, b.op, b.version).where(tuple_(b.version, b.doc_type, b.doc_key) > tuple_(*cursor))
+    in_lane = lanes.condition(b.doc_type, types) if types is not None else None
+    if in_lane is not None:
+        q = q.where(in_lane)
+    found = conn.execute(q.order_by(b.version, b.doc_type, b.doc_key).limit(limit)).all()
     return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
 
 
@@ -333,8 +340,9 @@ class _Shared:
     def __init__(self, node: Node) -> None:
         self.tables: dict[tuple[tuple[str, str, str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self.parquet = ParquetCache(node.cfg.work)
-        self.broadcast: dict[tuple[tuple[int, str, str], int], list[tuple[str, str, str, int]]] = {}
+        self.broadcast: dict[tuple[tuple[int, str, str], int, str], list[tuple[str, str, str, int]]] = {}
         self.ahead_events: EventBatch | None = None  # the store's next events, read while one was sealed
+        self.ahead_lane = DEFAULT_LANE  # the lane whose events those are
         url = node.engine.url
         self.reader = (sqlite_arrow.SqliteArrowReader(url.database)
                        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
@@ -370,14 +378,18 @@ class _Shared:
 
 
 def _pending_direct(conn: Connection, peer: str, limit: int,
-                    after: tuple[str, str, str, int] | None = None) -> list[tuple[str, str, str, int]]:
-    """``peer``'s next pending deliveries in (version, type, key) order, after ``after`` if given.
+                    after: tuple[str, str, str, int] | None = None,
+                    types: lanes.LaneTypes | None = None) -> list[tuple[str, str, str, int]]:
+    """``peer``'s next pending deliveries (of the lane's ``types``) in (version, type, key) order, after
+    ``after`` if given.
 
     Ties in version (a reload gives every document one) are ordered by type and
     key. Read as plain tuples: a batch is 20,000 rows, twice per bundle.
     """
-    sql = "SELECT doc_type, doc_key, op, version FROM xchg_delivery WHERE peer = ? AND status = 'PENDING'"
-    params: tuple[Any, ...] = (peer,)
+    in_lane, lane_params = lanes.sql_condition("doc_type", types or lanes.LaneTypes())
+    sql = ("SELECT doc_type, doc_key, op, version FROM xchg_delivery WHERE peer = ? AND status = 'PENDING'"
+           + in_lane)
+    params: tuple[Any, ...] = (peer, *lane_params)
     if after is not None:
         sql += " AND (version, doc_type, doc_key) > (?, ?, ?)"
         params += (after[3], after[0], after[1])
@@ -398,56 +410,87 @@ def _mark_exported(conn: Connection, peer: str, seq: int, docs: Sequence[tuple[s
 
 
 def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, shared: _Shared | None,
-                 look_ahead: bool) -> Exported | None:
-    """Seal ``peer``'s next bundle, or return None when nothing is pending for it."""
+                 look_ahead: bool, lane: str = DEFAULT_LANE) -> Exported | None:
+    """Seal the next bundle of ``peer``'s stream in ``lane``, or return None when nothing is pending there."""
     limit = max_docs or node.cfg.max_bundle_rows
     broadcast_to = node.cfg.peer(peer).role == "store"
     from_log = peer == streams.direct_peer(node)
+    types = lanes.lane_types(node.catalog, lane)
+    # a lane with no type that goes to every store reads nothing of the broadcast queue
+    broadcast_to = broadcast_to and any(d.route.kind == "all" and d.name in types for d in node.catalog)
     while True:
         with node.engine.connect() as conn:
-            direct = _pending_direct(conn, peer, limit)
+            direct = _pending_direct(conn, peer, limit, types=types)
             events = (streams.pending(conn, node, limit - len(direct),
-                                      known=shared.ahead_events if shared is not None else None)
+                                      known=shared.ahead_events if shared is not None and shared.ahead_lane == lane
+                                      else None, types=types)
                       if from_log and len(direct) < limit else EventBatch([], []))
             room = limit - len(direct) - len(events.ids)
-            bc = _pending_broadcast(conn, peer, room, shared) if broadcast_to and room > 0 else []
+            bc = _pending_broadcast(conn, peer, room, shared, lane, types) if broadcast_to and room > 0 else []
             docs = _merge(direct, events.docs, bc)
             upserts = events.upserts if docs is events.docs else _upserts_by_type(node.catalog, docs)
             # a full batch: the next one is known now, and the helper process reads it (after this
             # one) while this one is sealed; it is checked again after the commit
             if look_ahead and shared is not None and shared.reader is not None and room <= 0:
                 shared.prefetch(conn, node.catalog, upserts)  # (asked already when it was the batch ahead)
-                shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
+                shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared,
+                                                                lane, types))
         if docs:
             try:
-                return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts)
+                return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts,
+                                   lane=lane)
             except setaside.EncodeFailed as failed:  # (rolled back) those documents out of every queue, then on
                 setaside.record(node, failed, {(t, k): v for t, k, _op, v in docs})
                 if shared is not None:  # what it read ahead or remembered may hold them
                     shared.ahead_events = None
                     shared.broadcast.clear()
                 continue
-        if not events.ids:
-            due = rotation.control_bundle_due(node, peer)  # nothing to send, but a key notice must travel
+        if not events.ids:  # nothing to send, but a key notice must travel (in the default lane)
+            due = lane == DEFAULT_LANE and rotation.control_bundle_due(node, peer)
+            if not due and node.cfg.peer(peer).role == "store" and not types.everything:
+                _pass_broadcast(node, peer, lane)
             return _seal_batch(node, peer, [], rep) if due else None
         with node.engine.begin() as conn:  # only events of types this node does not send
             begin_write(conn)
             streams.mark_sealed(conn, None, events.ids)
 
 
+def _pass_broadcast(node: Node, peer: str, lane: str) -> None:
+    """A lane with nothing of the broadcast queue left moves its cursor to the queue's end: what comes
+    after it is still read, and "is a store's cursor behind?" (exchange.send.pending) stays one
+    comparison per stream, without the catalog."""
+    b, s = xchg_broadcast.c, xchg_stream_out.c
+    with node.engine.begin() as conn:
+        begin_write(conn)
+        last = conn.execute(select(b.version, b.doc_type, b.doc_key)
+                            .order_by(b.version.desc(), b.doc_type.desc(), b.doc_key.desc()).limit(1)).first()
+        if last is None:
+            return
+        cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == lane)).first()
+        if cur is None:
+            conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, bc_version=last[0],
+                                                         bc_type=last[1], bc_key=last[2]))
+        elif (int(cur[0]), str(cur[1]), str(cur[2])) < (int(last[0]), str(last[1]), str(last[2])):
+            conn.execute(update(xchg_stream_out).where(s.peer == peer, s.lane == lane).values(
+                bc_version=last[0], bc_type=last[1], bc_key=last[2]))
+
+
 def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: list[tuple[str, str, str, int]],
-                events: EventBatch, shared: _Shared) -> dict[str, list[str]]:
+                events: EventBatch, shared: _Shared, lane: str = DEFAULT_LANE,
+                types: lanes.LaneTypes | None = None) -> dict[str, list[str]]:
     """The upserts of the batch after a full one, as far as they can be known before this one commits."""
     if len(direct) == limit:
-        return _upserts_by_type(node.catalog, _pending_direct(conn, peer, limit, after=direct[-1]))
-    shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id)
+        return _upserts_by_type(node.catalog, _pending_direct(conn, peer, limit, after=direct[-1], types=types))
+    shared.ahead_lane = lane
+    shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id, types=types)
     return shared.ahead_events.upserts
 
 
 def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], rep: Reporter,
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
-                events: EventBatch | None = None, upserts: dict[str, list[str]] | None = None) -> Exported:
+                events: EventBatch | None = None, upserts: dict[str, list[str]] | None = None,
+                lane: str = DEFAULT_LANE) -> Exported:
     with node.engine.begin() as conn:
         begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
         late: list[tuple[int, int]] = []  # (event id, version sent) of log documents that committed late
@@ -456,46 +499,48 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             moved = {d: s for d, s in zip(events.docs, stamped, strict=True) if s != d}
             late = [(d[3], s[3]) for d, s in moved.items()]
             docs = [moved.get(d, d) for d in docs]
+        in_stream = (xchg_stream_out.c.peer == peer) & (xchg_stream_out.c.lane == lane)
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
-                              .where(xchg_stream_out.c.peer == peer).with_for_update()).first()
+                              .where(in_stream).with_for_update()).first()
         if stream is None:
-            conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=1, last_manifest_sha256=None))
+            conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, last_manifest_sha256=None))
             seq, prev = 1, None
         else:
             seq, prev = int(stream[0]), stream[1]
-        rep.start(f"export to {peer} #{seq}", len(docs))
+        rep.start(f"export to {peer} #{seq}" + ("" if lane == DEFAULT_LANE else f" [{lane}]"), len(docs))
         # only a batch with broadcast documents can be another peer's batch too: the rest is not
         # kept (a store's backlog would hold the previous batch's tables while reading the next)
         cache = shared if shared is not None and cursor is not None else None
         tables, summary = (cache.build(conn, node.catalog, docs) if cache is not None
                            else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
-        notices = supersede_notices(conn, peer)  # exchange.send.resend: "seq N is superseded", to skip it there
+        notices = supersede_notices(conn, peer, lane)  # exchange.send.resend: "seq N is superseded", to skip it there
         if notices:
             summary = {**summary, SUPERSEDES: notices}
         based = conflict_log.bases_table(conn, node.catalog, peer, docs,  # FORMAT.md v3: types edited on both sides
                                          from_log=events is not None and bool(events.docs))
         if based is not None:
             tables = {**tables, BASES_TABLE: based}
-        name = bundle_name(node.id, peer, seq)
+        name = bundle_name(node.id, peer, seq, lane)
         part = node.cfg.outbox / (name + PART_SUFFIX)
-        notice = rotation.notice_for(node, peer, conn)  # a key rotation not yet known to the peer travels along
+        # a key rotation not yet known to the peer travels along (in the default lane, whose acks end it)
+        notice = rotation.notice_for(node, peer, conn) if lane == DEFAULT_LANE else None
         if notice is not None:
             summary = {**summary, keynotice.SUMMARY_FIELD: notice}
         sealed: Sealed = seal_bundle(
             part, key=rotation.signing_key_for(node, peer, conn), sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
-            parquet_cache=cache.parquet if cache is not None else None, catalog=node.catalog.description)
+            parquet_cache=cache.parquet if cache is not None else None, catalog=node.catalog.description, lane=lane)
         crashpoint("export.sealed")
         now = utc_now()
         conn.execute(xchg_sent.insert().values(
-            peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
+            peer=peer, lane=lane, seq=seq, file_name=name, file_sha256=sealed.sha256,
             manifest_sha256=sealed.manifest.sha256, size=sealed.size, status=SentStatus.EXPORTED.value,
             summary=json.dumps(_counts(summary)), created_at=now,
             sent_totals=json.dumps(summary.get("documents", {}), sort_keys=True)))
-        conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
+        conn.execute(update(xchg_stream_out).where(in_stream)
                      .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
         if cursor is not None:  # the stream's broadcast cursor moves with the bundle, atomically
-            conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
+            conn.execute(update(xchg_stream_out).where(in_stream).values(
                 bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
         setaside.sent_again(conn, docs)
@@ -505,7 +550,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
     publish(part, node.cfg.outbox / name)
     rep.finish()
     rep.state(name, SentStatus.EXPORTED, f"{len(docs)} documents")
-    return Exported(peer, seq, name, len(docs))
+    return Exported(peer, seq, name, len(docs), lane)
 
 
 def _counts(summary: dict[str, Any]) -> dict[str, int]:
@@ -531,7 +576,9 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
     # cursor then ask for the same batch one after the other, and it is read and encoded once
     # (the cache keeps two batches; peer by peer, a change of five batches was re-read per store).
     rep = reporter or NullReporter()
-    active = sorted(p.id for p in node.cfg.peers.values() if p.exchanging)  # a paused peer's documents wait
+    # a paused peer's documents wait; every stream (peer and lane) of the others takes its turn
+    active = [(p, lane) for p in sorted(p.id for p in node.cfg.peers.values() if p.exchanging)
+              for lane in node.catalog.lanes()]
     try:
         with system_pool():
             _export_round_robin(node, active, rep, shared, out)
@@ -550,16 +597,18 @@ def _backlog(node: Node) -> int:
         ).scalar() or 0)
 
 
-def _export_round_robin(node: Node, active: list[str], rep: Reporter, shared: _Shared, out: list[Exported]) -> None:
-    """One bundle per peer in turn until no peer has anything pending."""
+def _export_round_robin(node: Node, active: list[tuple[str, str]], rep: Reporter, shared: _Shared,
+                        out: list[Exported]) -> None:
+    """One bundle per stream (peer and lane) in turn until no stream has anything pending: a lane with a
+    long backlog (a masters reload) takes one bundle per round, the others go on beside it."""
     while active:
         still = []
-        for peer in active:
-            exp = _export_next(node, peer, rep, None, shared, look_ahead=len(active) == 1)
+        for peer, lane in active:
+            exp = _export_next(node, peer, rep, None, shared, look_ahead=len(active) == 1, lane=lane)
             trim()
             if exp is not None:
                 out.append(exp)
-                still.append(peer)
+                still.append((peer, lane))
         active = still
 
 

@@ -1,0 +1,255 @@
+"""Lanes: a stream per sender, recipient and lane (docs/CATALOG.md "Lanes", FORMAT.md version 4).
+
+Real node homes exchanging through a folder, the HO on SQLite and PostgreSQL (the #15 scenario: every
+node on each), every command through the CLI where an operator would type it. A stuck or FAILED bundle in
+one lane holds only that lane; a document of one lane that refers to one still stuck in another parks and
+applies when it arrives; a bundle that claims a lane its types do not travel in, or a lane this node does
+not have, is quarantined with its reason; files of format 3 (the default lane's names) stay valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import _fresh_pg_database
+from enginehelpers import (
+    Net, add_item, check_net, docs_of, forge_bundle, item_ids, make_net, reprice, seed_ho,
+)
+from sqlalchemy import select, text
+
+from exchange.cli import main
+from exchange.database import schema as s
+from exchange.database.capture import record_events
+from exchange.database.catalog import REFERENCE_LANES, catalog_from_config
+from exchange.database.tables import xchg_stream_in, xchg_stream_out
+from exchange.errors import ConfigError, FormatError
+from exchange.node.home import Node
+from exchange.wire.formats import bundle_name, is_exchange_file, parse_name
+
+STORES = ("s001", "s002")
+
+
+def cli(*args: str, code: int = 0) -> str:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, f"exchange {' '.join(args)} -> {res.exit_code}: {res.output}"
+    return res.output
+
+
+def with_catalog(net: Net, catalog: dict[str, Any]) -> None:
+    """``[catalog]`` of every node's exchange.toml, as an operator writes it; fresh Node objects."""
+    for node in net.nodes:
+        node.cfg.catalog = catalog
+        node.cfg.save()
+    net.reopen()
+
+
+@pytest.fixture
+def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
+    """HO on ``db_url`` (SQLite, then PostgreSQL), two SQLite stores, the reference catalog's lanes."""
+    n = make_net(tmp_path / "net", ho_db=db_url, stores=STORES)
+    with_catalog(n, {"lanes": "reference"})
+    yield n
+    n.dispose()
+
+
+def sync_all(net: Net, rounds: int = 2, held: tuple[str, ...] = (), failed: tuple[str, ...] = (),
+             rejected: bool = False) -> None:
+    """``exchange sync`` of every node, HO first; a node in ``held`` exits 15, one in ``failed`` 21 (the
+    one that holds a FAILED bundle, and the HO when that bundle's REJECTED ack arrives: docs/SERVICE.md)."""
+    for _ in range(rounds):
+        for node in net.nodes:
+            res = CliRunner().invoke(main, ["sync", "--home", str(node.cfg.home)], catch_exceptions=False)
+            allowed = {15} if node.id in held else {21} if node.id in failed else {0}
+            if (failed or rejected) and node.id == net.ho.id:
+                allowed |= {21}
+            assert res.exit_code in allowed, f"sync {node.id} -> {res.exit_code}: {res.output}"
+
+
+def bundles(node: Node, view: str) -> list[dict[str, Any]]:
+    return list(json.loads(cli("status", view, "--home", str(node.cfg.home), "--json"))["bundles"])
+
+
+def by_lane(node: Node, view: str, peer: str) -> dict[str, list[tuple[int, str]]]:
+    out: dict[str, list[tuple[int, str]]] = {}
+    for b in bundles(node, view):
+        if b["peer"] == peer:
+            out.setdefault(b["lane"], []).append((b["seq"], b["status"]))
+    return out
+
+
+def new_transfer(node: Node, to_id: str, store: str, item: str) -> None:
+    """A transfer order for ``store`` naming ``item``, and its event (as the HO's application writes it)."""
+    with node.engine.begin() as conn:
+        conn.execute(s.transfer_order.insert().values(to_id=to_id, dest_store=store, order_date=date(2024, 3, 2),
+                                                      status="OPEN", total_value=Decimal("12.00")))
+        conn.execute(s.transfer_order_line.insert().values(to_id=to_id, line_no=1, item_id=item,
+                                                           qty=Decimal("3.000"), unit_cost=Decimal("4.00")))
+        record_events(conn, "transfer_order", [(to_id,)])
+
+
+def has_row(node: Node, table: str, column: str, value: str) -> bool:
+    with node.engine.connect() as conn:
+        return conn.execute(text(f"SELECT 1 FROM {table} WHERE {column} = :v"), {"v": value}).first() is not None
+
+
+# ---------------------------------------------------------------- the catalog's lanes
+
+def test_reference_lanes_and_their_checks() -> None:
+    cat = catalog_from_config({"catalog": {"lanes": "reference"}})
+    assert cat.lanes() == ["main", "masters", "orders", "sales"]
+    assert {t: cat.lane_of(t) for t in cat.names if cat.lane_of(t) != "main"} == REFERENCE_LANES
+    assert cat.lane_types("orders") == ["transfer_order", "sales_order", "sales_invoice"]
+    assert cat.description["docs"]["item"]["lane"] == "masters" and "lane" not in cat.description["docs"]["grc"]
+    # a catalog of one lane describes itself as before lanes existed (its fingerprint does not move)
+    plain = catalog_from_config({})
+    assert plain.lanes() == ["main"] and all("lane" not in d for d in plain.description["docs"].values())
+    moved = catalog_from_config({"catalog": {"lanes": {"promotion": "orders"}}})
+    assert moved.lane_of("promotion") == "orders" and moved.lane_of("item") == "main"
+    for bad, words in (({"promotion": "Orders"}, "not a lane name"), ({"nope": "x"}, "unknown document type"),
+                       ("everything", "must be"), ({"promotion": "a" * 17}, "not a lane name")):
+        with pytest.raises(ConfigError, match=words):
+            catalog_from_config({"catalog": {"lanes": bad}})
+
+
+def test_lane_names_in_file_names() -> None:
+    """The default lane keeps format 3's names; any other lane stands before the seq; "main" is never
+    spelled out (one file, one name)."""
+    assert bundle_name("ho", "s001", 42) == "ho.s001.0000000042.bundle"
+    assert bundle_name("ho", "s001", 7, "masters") == "ho.s001.masters.0000000007.bundle"
+    assert parse_name("s001.ho.masters.0000000007.ack").lane == "masters"
+    assert parse_name("s001.ho.0000000007.ack").lane == "main"
+    for bad in ("ho.s001.main.0000000001.bundle", "ho.s001.Masters.0000000001.bundle",
+                "ho.s001.7x.0000000001.bundle", "ho.s001.a.b.0000000001.bundle"):
+        assert not is_exchange_file(bad)
+        with pytest.raises(FormatError):
+            parse_name(bad)
+
+
+# ---------------------------------------------------------------- one lane stuck, the others flow
+
+def test_a_failed_masters_bundle_holds_only_its_lane(net: Net) -> None:
+    """Store s001 cannot apply the HO's item changes (its database refuses them as a whole: FAILED); the
+    transfer orders for s001 in lane orders apply meanwhile, and the masters lane waits for `exchange
+    retry`. Every lane is a stream: its own seqs, chain, positions, acks."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net, items=12)
+    sync_all(net)
+    names = sorted(p.name for p in (st.cfg.archive_received).iterdir() if p.name.endswith(".bundle"))
+    assert "ho.s001.masters.0000000001.bundle" in names and "ho.s001.orders.0000000001.bundle" in names
+    assert "ho.s001.0000000001.bundle" in names  # promotions and audit plans: the default lane, format 3 names
+    assert check_net(net).problems == []
+
+    with st.engine.begin() as conn:  # the store's database refuses the masters lane's bundles as a whole
+        conn.exec_driver_sql("CREATE TRIGGER no_masters BEFORE UPDATE ON xchg_stream_in WHEN NEW.lane = 'masters' "
+                             "BEGIN SELECT RAISE(ABORT, 'masters refused here'); END")
+    ids = item_ids(net)
+    reprice(ho, ids[:3])
+    new_transfer(ho, "TO-LANE-1", "s001", ids[0])
+    sync_all(net, rounds=1, failed=("s001",))
+    reprice(ho, ids[3:5])  # queued behind the FAILED one, in its lane only
+    new_transfer(ho, "TO-LANE-2", "s001", ids[1])
+    sync_all(net, rounds=2, failed=("s001",))
+
+    got = by_lane(st, "received", "ho")
+    assert got["masters"][-2:] == [(2, "FAILED"), (3, "WAITING")]
+    assert got["orders"][-2:] == [(2, "APPLIED"), (3, "APPLIED")]
+    assert has_row(st, "transfer_order", "to_id", "TO-LANE-2")
+    sent = by_lane(ho, "sent", "s001")
+    assert sent["masters"][-1] == (3, "UPLOADED") and sent["masters"][-2] == (2, "REJECTED")
+    assert sent["orders"][-1] == (3, "PROCESSED")
+    reason = next(b["reason"] for b in bundles(st, "received") if (b["lane"], b["seq"]) == ("masters", 2))
+    assert "masters refused here" in reason and "exchange bundle skip ho 2 --lane masters" in reason
+    with st.engine.connect() as conn:
+        pos = dict(conn.execute(select(xchg_stream_in.c.lane, xchg_stream_in.c.last_seq)
+                                .where(xchg_stream_in.c.peer == "ho")).all())
+    assert pos["masters"] == 1 and pos["orders"] == 3
+    assert "ho.s001.masters.0000000002.bundle" in cli("doctor", "--home", str(st.cfg.home), code=1) \
+        or "masters" in cli("doctor", "--home", str(st.cfg.home), code=1)
+
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER no_masters")
+    out = cli("retry", "--home", str(st.cfg.home))
+    assert "ho.s001.masters.0000000002.bundle: APPLIED" in out and "ho.s001.masters.0000000003.bundle: APPLIED" in out
+    sync_all(net)
+    assert {b["status"] for b in bundles(ho, "sent")} == {"PROCESSED"}
+    assert check_net(net).problems == []
+
+
+def test_a_skipped_bundle_is_named_by_its_lane_and_resent(net: Net) -> None:
+    """`exchange bundle skip` takes the file name (or --lane); the decision ends that lane's bundle only,
+    and `exchange resend --lane` queues its documents again into the same lane."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net, items=6)
+    sync_all(net)
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER no_masters BEFORE UPDATE ON xchg_stream_in WHEN NEW.lane = 'masters' "
+                             "BEGIN SELECT RAISE(ABORT, 'masters refused here'); END")
+    ids = item_ids(net)
+    reprice(ho, ids[:2])
+    sync_all(net, rounds=1, failed=("s001",))
+    res = CliRunner().invoke(main, ["bundle", "skip", "--home", str(st.cfg.home), "ho", "2", "--reason", "wrong lane"])
+    assert res.exit_code != 0 and "not received" in res.output  # seq 2 of the default lane does not exist
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER no_masters")
+    out = cli("bundle", "skip", "--home", str(st.cfg.home), "ho.s001.masters.0000000002.bundle",
+              "--reason", "prices reloaded instead")
+    assert "ho.s001.masters.0000000002.bundle: SKIPPED" in out
+    sync_all(net, rounds=2, rejected=True)  # the REJECTED acks: the failure, then the decision
+    sent = by_lane(ho, "sent", "s001")
+    assert sent["masters"][-1] == (2, "REJECTED")
+    # items go to every store (no delivery row per bundle): resend says to reload them, in their lane
+    out = cli("resend", "--home", str(ho.cfg.home), "--peer", "s001", "--bundle", "ho.s001.masters.0000000002.bundle")
+    assert "exchange reload --peer s001 --doc item" in out
+    cli("reload", "--home", str(ho.cfg.home), "--peer", "s001", "--doc", "item")
+    sync_all(net)
+    assert by_lane(ho, "sent", "s001")["masters"][-1] == (3, "PROCESSED")
+    with ho.engine.connect() as conn:
+        assert conn.execute(select(xchg_stream_out.c.next_seq).where(
+            xchg_stream_out.c.peer == "s001", xchg_stream_out.c.lane == "masters")).scalar() == 4
+
+
+# ---------------------------------------------------------------- hostile lanes
+
+def test_a_bundle_claiming_another_lane_is_quarantined(net: Net) -> None:
+    """A genuine signature does not let a sender slip documents past their own lane: a transfer order in
+    a bundle of lane masters, an item in lane orders, or a lane the store does not have, is quarantined
+    with its reason before anything is applied, and the lane's stream does not move."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net, items=4)
+    sync_all(net)
+    ids = item_ids(net)
+    new_transfer(ho, "TO-SMUGGLED", "s001", ids[0])
+    cases = [("masters", docs_of(ho, "transfer_order", [("TO-SMUGGLED",)]),
+              "transfer_order documents travel in lane 'orders', but this bundle is of lane 'masters'"),
+             ("orders", docs_of(ho, "item", [(ids[1],)]),
+              "item documents travel in lane 'masters', but this bundle is of lane 'orders'"),
+             ("main", docs_of(ho, "item", [(ids[1],)]),
+              "item documents travel in lane 'masters', but this bundle is of lane 'main'"),
+             ("express", docs_of(ho, "item", [(ids[1],)]), "lane 'express' is not a lane of this node's catalog")]
+    for lane, docs, words in cases:
+        before = _next(st, lane)
+        path = forge_bundle(ho, "s001", docs, record=False, lane=lane, out_dir=st.cfg.inbox, at=before)
+        out = cli("import", "--home", str(st.cfg.home), code=10)  # 10: quarantined (docs/SERVICE.md)
+        assert f"{path.name}: QUARANTINED" in out and words in out, out
+        assert (st.cfg.quarantine / path.name).exists() and not (st.cfg.inbox / path.name).exists()
+        assert _next(st, lane) == before  # the lane's stream did not move
+    assert not has_row(st, "transfer_order", "to_id", "TO-SMUGGLED")
+    q = {b["file"]: b["lane"] for b in bundles(st, "received") if b["status"] == "QUARANTINED"}
+    assert q["ho.s001.express.0000000001.bundle"] == "express" and q["ho.s001.0000000002.bundle"] == "main"
+
+
+def _next(node: Node, lane: str) -> tuple[int, str | None]:
+    """(next seq, prev) of the stream ho -> ``node`` in ``lane`` as the store stands."""
+    with node.engine.connect() as conn:
+        row = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
+            xchg_stream_in.c.peer == "ho", xchg_stream_in.c.lane == lane)).first()
+    return (int(row[0]) + 1, row[1]) if row else (1, None)
