@@ -253,3 +253,89 @@ def _next(node: Node, lane: str) -> tuple[int, str | None]:
         row = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
             xchg_stream_in.c.peer == "ho", xchg_stream_in.c.lane == lane)).first()
     return (int(row[0]) + 1, row[1]) if row else (1, None)
+
+
+# ---------------------------------------------------------------- #15: HELD in one lane, the others flow
+
+#: Items and transfer orders mapped from each node's own tables, each type in a lane of its own.
+LANE_CATALOG = {"schema": "database", "doc": [
+    {"name": "item", "header": "item", "children": ["item_barcode"], "key": ["item_id"], "owner": "ho",
+     "route": "all", "totals": ["item.price"], "lane": "masters"},
+    {"name": "transfer_order", "header": "transfer_order", "children": ["transfer_order_line"], "key": ["to_id"],
+     "owner": "ho", "route": "column:dest_store", "totals": ["transfer_order.total_value"], "lane": "orders"},
+    {"name": "customer", "header": "customer", "key": ["store_id", "customer_id"], "owner": "store",
+     "owner_columns": ["store_id"]}]}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Every node on its own database of the kind (SQLite, then PostgreSQL), with LANE_CATALOG."""
+    with contextlib.ExitStack() as stack:
+        dbs: dict[str, str] = {}
+        if request.param == "postgresql":
+            dbs = {nid: stack.enter_context(_fresh_pg_database()) for nid in ("ho", *STORES)}
+        n = make_net(tmp_path / "net", ho_db=dbs.get("ho"), stores=STORES, store_dbs=dbs)
+        try:
+            with_catalog(n, LANE_CATALOG)
+            yield n
+        finally:
+            n.dispose()
+
+
+def new_item(net: Net, item_id: str, **extra: str) -> None:
+    with net.ho.engine.begin() as conn:
+        add_item(conn, item_id)
+        for col, value in extra.items():
+            conn.execute(text(f"UPDATE item SET {col} = :v WHERE item_id = :i"), {"v": value, "i": item_id})
+        record_events(conn, "item", [(item_id,)])
+
+
+def test_a_type_change_is_held_in_its_lane_while_orders_flow(db_net: Net) -> None:
+    """#15 with lanes: the HO's item column changes type; s001 (whose column is text) holds the masters
+    bundle with a reason naming the column and both catalog versions, before anything of it is applied.
+    Transfer orders keep flowing in lane orders meanwhile; the one naming the held item parks with that
+    reason and applies by itself once s001 has migrated and `exchange retry` applied the held bundle."""
+    net = db_net
+    new_item(net, "I1")
+    sync_all(net)
+    for node, ddl in ((net.ho, "brand_code INTEGER"), (net.store("s001"), "brand_code VARCHAR(8)"),
+                      (net.store("s002"), "brand_code INTEGER")):  # s002 made it as the HO did
+        with node.engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE item ADD COLUMN {ddl}")
+    net.reopen()
+    s001, s002 = net.store("s001"), net.store("s002")
+    new_item(net, "I2", brand_code="7")
+    new_transfer(net.ho, "TO-HELD-ITEM", "s001", "I2")  # names the item held in the other lane
+    new_transfer(net.ho, "TO-S002", "s002", "I2")
+    sync_all(net, held=("s001",))
+    new_transfer(net.ho, "TO-KNOWN-ITEM", "s001", "I1")
+    sync_all(net, held=("s001",))
+
+    got = {(b["lane"], b["seq"]): (b["status"], b["reason"] or "") for b in bundles(s001, "received")}
+    assert got[("masters", 2)][0] == "HELD" and got[("orders", 1)][0] == "APPLIED" \
+        and got[("orders", 2)][0] == "APPLIED", got
+    reason = got[("masters", 2)][1]
+    assert "table item: column brand_code is int64 in the bundle and string here" in reason
+    assert f"sender runs catalog {net.ho.catalog.fingerprint[:12]}" in reason
+    assert f"this node runs catalog {s001.catalog.fingerprint[:12]}" in reason
+    assert not has_row(s001, "item", "item_id", "I2")  # nothing of the held bundle applied
+    assert has_row(s001, "transfer_order", "to_id", "TO-KNOWN-ITEM")  # the orders lane flows
+    parked = json.loads(cli("status", "parked", "--home", str(s001.cfg.home), "--json"))["parked"]
+    assert [(p["doc_type"], p["doc_key"]) for p in parked] == [("transfer_order", '["TO-HELD-ITEM"]')]
+    assert "I2" in parked[0]["reason"] and "not received yet" in parked[0]["reason"]
+    assert has_row(s002, "transfer_order", "to_id", "TO-S002") and has_row(s002, "item", "item_id", "I2")
+    sent = {(b["peer"], b["lane"], b["seq"]): b["status"] for b in bundles(net.ho, "sent")}
+    assert sent[("s001", "masters", 2)] == "UPLOADED" and sent[("s001", "orders", 2)] == "PROCESSED"
+
+    with s001.engine.begin() as conn:  # s001 migrates its column to the HO's type
+        conn.exec_driver_sql("ALTER TABLE item DROP COLUMN brand_code")
+        conn.exec_driver_sql("ALTER TABLE item ADD COLUMN brand_code INTEGER")
+    net.reopen()
+    s001 = net.store("s001")
+    out = cli("retry", "--home", str(s001.cfg.home))
+    assert "ho.s001.masters.0000000002.bundle: APPLIED" in out
+    assert json.loads(cli("status", "parked", "--home", str(s001.cfg.home), "--json"))["parked"] == []
+    assert has_row(s001, "transfer_order", "to_id", "TO-HELD-ITEM")
+    sync_all(net)
+    assert {b["status"] for b in bundles(net.ho, "sent")} == {"PROCESSED"}
+    assert check_net(net).problems == []
