@@ -96,6 +96,21 @@ def new_transfer(node: Node, to_id: str, store: str, item: str) -> None:
         record_events(conn, "transfer_order", [(to_id,)])
 
 
+def lane_metrics(node: Node, name: str) -> dict[tuple[str, str], float]:
+    """(peer, lane) -> value of a per-lane metric, from the text a scrape of /metrics returns."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exchange.service.metrics import make_registry, render
+
+    fresh = Node.open(node.cfg.home)
+    try:
+        text_ = render(make_registry(fresh)).decode()
+    finally:
+        fresh.engine.dispose()
+    return {(x.labels["peer"], x.labels["lane"]): x.value for f in text_string_to_metric_families(text_)
+            for x in f.samples if x.name == name}
+
+
 def has_row(node: Node, table: str, column: str, value: str) -> bool:
     with node.engine.connect() as conn:
         return conn.execute(text(f"SELECT 1 FROM {table} WHERE {column} = :v"), {"v": value}).first() is not None
@@ -172,8 +187,13 @@ def test_a_failed_masters_bundle_holds_only_its_lane(net: Net) -> None:
         pos = dict(conn.execute(select(xchg_stream_in.c.lane, xchg_stream_in.c.last_seq)
                                 .where(xchg_stream_in.c.peer == "ho")).all())
     assert pos["masters"] == 1 and pos["orders"] == 3
-    assert "ho.s001.masters.0000000002.bundle" in cli("doctor", "--home", str(st.cfg.home), code=1) \
-        or "masters" in cli("doctor", "--home", str(st.cfg.home), code=1)
+    doctor = CliRunner().invoke(main, ["doctor", "--home", str(st.cfg.home)])
+    assert doctor.exit_code != 0 and "bundle 2 of ho (lane masters) FAILED: " in doctor.output, doctor.output
+    assert "exchange bundle skip ho 2 --lane masters" in doctor.output
+
+    lag = lane_metrics(st, "exchange_lane_received_lag_bundles")
+    assert lag[("ho", "masters")] == 2 and lag[("ho", "orders")] == 0  # the FAILED one and the one behind it
+    assert lane_metrics(ho, "exchange_lane_sent_last_seq")[("s001", "masters")] == 3
 
     with st.engine.begin() as conn:
         conn.exec_driver_sql("DROP TRIGGER no_masters")
@@ -339,3 +359,87 @@ def test_a_type_change_is_held_in_its_lane_while_orders_flow(db_net: Net) -> Non
     sync_all(net)
     assert {b["status"] for b in bundles(net.ho, "sent")} == {"PROCESSED"}
     assert check_net(net).problems == []
+
+
+# ---------------------------------------------------------------- audit: verify and prune per lane
+
+def verify(home: Path, archive: Path | None = None) -> tuple[int, dict[str, Any]]:
+    args = ["audit", "verify", "--json", *([str(archive)] if archive else []), "--home", str(home)]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    return res.exit_code, json.loads(res.stdout)
+
+
+def test_verify_and_prune_work_per_lane(net: Net, tmp_path: Path) -> None:
+    """`audit verify` checks each lane's chain on its own (a gap in one lane names that lane, the others
+    stay clean); `archive prune` keeps each lane's newest bundle and writes one checkpoint per lane, and
+    the pruned archive still verifies."""
+    from datetime import UTC, datetime, timedelta
+
+    from exchange.audit.prune import prune
+
+    ho = net.ho
+    seed_ho(net, items=6)
+    sync_all(net)
+    ids = item_ids(net)
+    for n in range(3):  # three masters bundles and three orders bundles to s001
+        reprice(ho, ids[n:n + 1])
+        new_transfer(ho, f"TO-V{n}", "s001", ids[n])
+        sync_all(net)
+    code, report = verify(ho.cfg.home)
+    assert code == 0, report
+    lanes = {(s["sender"], s["recipient"], s["lane"]): s["last_seq"] for s in report["streams"]}
+    assert lanes[("ho", "s001", "masters")] == 4 and lanes[("ho", "s001", "orders")] == 4
+    assert lanes[("ho", "s001", "main")] == 1  # the promotions and audit plans, under format 3 names
+    assert {s["stream"] for s in report["streams"] if s["recipient"] == "s001"} == {
+        "ho->s001", "ho->s001 [masters]", "ho->s001 [orders]"}
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ho.cfg.home / "archive", copy)
+    (copy / "sent" / "ho.s001.masters.0000000002.bundle").unlink()
+    code, report = verify(ho.cfg.home, copy)
+    assert code != 0
+    bad = {s["stream"]: [f["message"] for f in s["findings"] if f["severity"] == "error"] for s in report["streams"]}
+    assert any("seq 2" in m or "2" in m for m in bad["ho->s001 [masters]"]), bad
+    assert bad["ho->s001 [orders]"] == [] and bad["ho->s001"] == []
+
+    rep = prune(ho.cfg.home / "archive", node_id="ho", role="ho", key=ho.signing_key, trust=ho.trust,
+                older_than_days=0, now=datetime.now(UTC) + timedelta(days=1))
+    assert rep.removed > 0 and not rep.problems
+    cps = sorted(p.name for p in (ho.cfg.home / "archive" / "checkpoints").iterdir())
+    assert "ho.ho.s001.masters.0000000003.checkpoint" in cps and "ho.ho.s001.orders.0000000003.checkpoint" in cps
+    assert (ho.cfg.archive_sent / "ho.s001.masters.0000000004.bundle").exists()  # each lane's anchor stays
+    assert not (ho.cfg.archive_sent / "ho.s001.masters.0000000003.bundle").exists()
+    code, report = verify(ho.cfg.home)
+    assert code == 0, report
+    pruned = {s["stream"]: s["pruned"] for s in report["streams"]}
+    assert pruned["ho->s001 [masters]"] == [{"first_seq": 1, "last_seq": 3}]
+
+
+def test_an_archive_of_format_3_names_still_verifies(tmp_path: Path) -> None:
+    """Nodes whose catalog has one lane write exactly format 3's files (no lane anywhere); such an
+    archive verifies as the default lane's streams, and a node that declares lanes afterwards goes on
+    with them: its default lane continues the old stream, the new lanes start at seq 1."""
+    n = make_net(tmp_path / "net", stores=("s001",))
+    try:
+        seed_ho(n, items=4)
+        sync_all(n)
+        before = sorted(p.name for p in n.ho.cfg.archive_sent.iterdir() if p.name.endswith(".bundle"))
+        assert before and all(parse_name(b).lane == "main" and len(b.split(".")) == 4 for b in before)
+        code, report = verify(n.ho.cfg.home)
+        assert code == 0 and {s["lane"] for s in report["streams"]} == {"main"}
+        with_catalog(n, {"lanes": "reference"})
+        reprice(n.ho, item_ids(n)[:2])  # only items: the default lane has nothing, and passes the items by
+        sync_all(n)
+        after = sorted(p.name for p in n.ho.cfg.archive_sent.iterdir() if p.name.endswith(".bundle"))
+        assert [a for a in after if a not in before] == ["ho.s001.masters.0000000001.bundle"]  # those two only
+        with n.ho.engine.begin() as conn:
+            conn.execute(s.promotion.update().values(name="Spring"))
+            record_events(conn, "promotion", [(k[0],) for k in n.masters["promotion"]])
+        sync_all(n)
+        after = sorted(p.name for p in n.ho.cfg.archive_sent.iterdir() if p.name.endswith(".bundle"))
+        assert f"ho.s001.{len(before) + 1:010d}.bundle" in after  # the default lane goes on from format 3
+        code, report = verify(n.ho.cfg.home)
+        assert code == 0, report
+        assert check_net(n).problems == []
+    finally:
+        n.dispose()

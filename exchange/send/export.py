@@ -298,9 +298,7 @@ def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared 
                        ) -> list[tuple[str, str, str, int]]:
     """Broadcast documents of ``lane`` after the cursor of ``peer``'s stream in that lane, in cursor
     order (shared by peers at one cursor)."""
-    s = xchg_stream_out.c
-    cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == lane)).first()
-    cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+    cursor = _broadcast_cursor(conn, peer, lane)
     types = types or lanes.LaneTypes()
     if shared is not None:
         memo = shared.broadcast.get((cursor, limit, lane))
@@ -308,6 +306,18 @@ def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared 
             memo = shared.broadcast[(cursor, limit, lane)] = _fetch_broadcast(conn, cursor, limit, types)
         return memo
     return _fetch_broadcast(conn, cursor, limit, types)
+
+
+def _broadcast_cursor(conn: Connection, peer: str, lane: str) -> tuple[int, str, str]:
+    """The broadcast cursor of ``peer``'s stream in ``lane``. A lane without a stream yet starts where the
+    default lane's is: what is behind that went to the peer before the lane existed (a catalog that
+    declares lanes later does not send the item master again)."""
+    s = xchg_stream_out.c
+    for name in dict.fromkeys((lane, DEFAULT_LANE)):
+        cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == name)).first()
+        if cur is not None:
+            return int(cur[0]), str(cur[1]), str(cur[2])
+    return 0, "", ""
 
 
 def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int,
@@ -466,6 +476,12 @@ def _pass_broadcast(node: Node, peer: str, lane: str) -> None:
                             .order_by(b.version.desc(), b.doc_type.desc(), b.doc_key.desc()).limit(1)).first()
         if last is None:
             return
+        have = set(conn.execute(select(s.lane).where(s.peer == peer)).scalars())
+        if lane == DEFAULT_LANE:  # the lanes without a stream yet keep the cursor they start from (the default's)
+            start = dict(zip(("bc_version", "bc_type", "bc_key"), _broadcast_cursor(conn, peer, lane), strict=True))
+            for other in node.catalog.lanes():
+                if other not in have:
+                    conn.execute(xchg_stream_out.insert().values(peer=peer, lane=other, next_seq=1, **start))
         cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == lane)).first()
         if cur is None:
             conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, bc_version=last[0],
@@ -502,8 +518,10 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         in_stream = (xchg_stream_out.c.peer == peer) & (xchg_stream_out.c.lane == lane)
         stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
                               .where(in_stream).with_for_update()).first()
-        if stream is None:
-            conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, last_manifest_sha256=None))
+        if stream is None:  # a new lane's stream: its broadcast cursor starts at the default lane's
+            bc = dict(zip(("bc_version", "bc_type", "bc_key"), _broadcast_cursor(conn, peer, lane), strict=True))
+            conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, last_manifest_sha256=None,
+                                                         **bc))
             seq, prev = 1, None
         else:
             seq, prev = int(stream[0]), stream[1]
