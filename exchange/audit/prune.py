@@ -551,8 +551,8 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                        for _b, _c, ackl in chunk for a in ackl]
         removed = [{"path": c.f.rel, "sha256": c.sha256, "size": c.size} for _b, copies, _a in chunk for c in copies]
         removed += [{"path": a.f.rel, "sha256": a.sha256, "size": a.size} for _b, _c, ackl in chunk for a in ackl]
-        data = build_checkpoint(key=key, node=node_id, role=role, sender=sp.sender, recipient=sp.recipient, lane=sp.lane,
-                                cutoff=cutoff,
+        data = build_checkpoint(key=key, node=node_id, role=role, sender=sp.sender, recipient=sp.recipient,
+                                lane=sp.lane, cutoff=cutoff,
                                 bundles=[b for b, _c, _a in chunk], acks=pruned_acks, removed=removed,
                                 created=now)
         folder = report.archive / CHECKPOINTS_DIR

@@ -404,8 +404,8 @@ class _Archive:
                 "ack", f"ack details: {ack.details_error}", f.rel, ack.seq)))
         if _name_parts(f.canonical) != (ack.acker, ack.sender, ack.seq, ack.lane):
             self.name_warnings.append(((ack.sender, ack.acker, ack.lane), _warn(
-                "name", f"file name disagrees with the signed ack ({ack_name(ack.acker, ack.sender, ack.seq, ack.lane)})",
-                f.rel, ack.seq)))
+                "name", "file name disagrees with the signed ack "
+                f"({ack_name(ack.acker, ack.sender, ack.seq, ack.lane)})", f.rel, ack.seq)))
 
     def _checkpoint(self, f: ArchiveFile, sha: str) -> None:
         if sha in self.checkpoints:
@@ -558,13 +558,15 @@ def _evidence(acks: Iterable[AckFile]) -> dict[tuple[str, str, str], list[Eviden
             continue
         rf, st = h.received_from_you, h.sent_to_you
         if rf.seq:
-            out[(a.sender, a.acker, a.lane)].append(Evidence(rf.seq, rf.manifest_sha256, af, f"{a.acker} applied it", True))
+            out[(a.sender, a.acker, a.lane)].append(Evidence(rf.seq, rf.manifest_sha256, af,
+                                                             f"{a.acker} applied it", True))
         if st.acknowledged:
             out[(a.acker, a.sender, a.lane)].append(Evidence(
                 st.acknowledged, st.manifest_sha256 if st.acknowledged == st.seq else None, af,
                 f"{a.sender} acknowledged it APPLIED to {a.acker}", True))
         if st.seq and st.seq != st.acknowledged:
-            out[(a.acker, a.sender, a.lane)].append(Evidence(st.seq, st.manifest_sha256, af, f"{a.acker} sealed it", False))
+            out[(a.acker, a.sender, a.lane)].append(Evidence(st.seq, st.manifest_sha256, af,
+                                                             f"{a.acker} sealed it", False))
     return out
 
 

@@ -33,7 +33,8 @@ from exchange.node.home import Node
 from exchange.receive.setaside import archive
 from exchange.vocabulary import DEFAULT_LANE, AckResult, Outcome, ReceivedStatus
 from exchange.progress import Reporter
-from exchange.receive.importer import FileOutcome, _heads, set_stream_pos, stream_pos
+from exchange.receive.importer import FileOutcome, _heads
+from exchange.receive.position import set_stream_pos, stream_pos
 from exchange.receive.stuck import STUCK_SQL, Stuck, stuck_bundles
 from exchange.wire.bundle import BundleReader, build_ack, open_bundle
 from exchange.wire.decision import MAX_DECIDER_CHARS, Decision, check_text

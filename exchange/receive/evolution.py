@@ -519,7 +519,9 @@ def diff(ours: Catalog, theirs: PeerCatalog, role: str) -> list[Difference]:
             continue
         we_send = a["owner"] == role
         there, here = ("at the peer", "the peer's") if we_send else ("here", "this node's")
-        if a.get("lane", DEFAULT_LANE) != b.get("lane", DEFAULT_LANE) and "lane" in str(theirs.raw.get("docs")):
+        # (a peer whose catalog declares no lane at all sends everything in the default lane: no difference)
+        lanes_declared = any("lane" in d for d in theirs.docs.values())
+        if lanes_declared and a.get("lane", DEFAULT_LANE) != b.get("lane", DEFAULT_LANE):
             out.append(Difference("lane", name, a.get("lane", DEFAULT_LANE), b.get("lane", DEFAULT_LANE),
                                   "bundles with these documents in the other lane are quarantined: give the "
                                   "type one lane on both sides ([catalog] lanes)"))

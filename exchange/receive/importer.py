@@ -38,7 +38,6 @@ from exchange.database.tables import (
     xchg_parked,
     xchg_received,
     xchg_sent,
-    xchg_stream_in,
 )
 from exchange.errors import (
     ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError, SchemaChangeError,
@@ -48,10 +47,12 @@ from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import (DEFAULT_LANE, AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
-                                 counted)
+from exchange.vocabulary import (
+    DEFAULT_LANE, AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus, counted,
+)
 from exchange.receive import admission, children, conflicts, evolution
 from exchange.receive.heartbeat import import_heartbeat
+from exchange.receive.position import set_stream_pos, stream_pos
 from exchange.receive.locks import try_lock
 from exchange.receive.orphans import deleted_dependency
 from exchange.receive.reconcile import reconcile
@@ -132,23 +133,6 @@ def _set_received(conn: Connection, peer: str, seq: int, lane: str = DEFAULT_LAN
         conn.execute(xchg_received.insert().values(peer=peer, lane=lane, seq=seq, **values))
 
 
-def stream_pos(conn: Connection, peer: str, lane: str = DEFAULT_LANE, lock: bool = False) -> tuple[int, str | None]:
-    """The position of ``peer``'s stream in ``lane`` here: the last seq applied and its manifest hash."""
-    q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
-        xchg_stream_in.c.peer == peer, xchg_stream_in.c.lane == lane)
-    row = conn.execute(q.with_for_update() if lock else q).first()
-    return (int(row[0]), row[1]) if row else (0, None)
-
-
-def set_stream_pos(conn: Connection, peer: str, lane: str, seq: int, manifest_sha256: str) -> None:
-    """Move ``peer``'s stream in ``lane`` to ``seq`` (applied or skipped), making its row if it has none."""
-    s = xchg_stream_in.c
-    if not conn.execute(update(xchg_stream_in).where(s.peer == peer, s.lane == lane)
-                        .values(last_seq=seq, last_manifest_sha256=manifest_sha256)).rowcount:
-        conn.execute(xchg_stream_in.insert().values(peer=peer, lane=lane, last_seq=seq,
-                                                    last_manifest_sha256=manifest_sha256))
-
-
 def _heads(conn: Connection, peer: str, received: tuple[int, str | None], lane: str = DEFAULT_LANE) -> Heads:
     """This node's position in both streams with ``peer`` in ``lane``, signed into the ack as evidence
     ``exchange audit verify`` checks the peer's archive against (docs/AUDIT.md)."""
@@ -214,7 +198,8 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     total = sum(len(v) for v in streams.values())
     if total:
         rep.start("import", total)
-    for kind, peer, lane in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):  # heartbeats, acks, bundles
+    # heartbeats, then acks, then bundles
+    for kind, peer, lane in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):
         with try_lock(node, f"{kind}-{peer}" + ("" if lane == DEFAULT_LANE else f"-{lane}")) as got:
             if not got:
                 continue

@@ -25,13 +25,13 @@ from exchange.database import lanes, rows, sqlite_arrow
 from exchange.database.arrow_memory import system_pool, trim
 from exchange.database.catalog import Catalog, DocType, PeerInfo
 from exchange.database.sqlite_arrow import SqliteArrowReader
-from exchange.database.tables import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent, xchg_stream_out
+from exchange.database.tables import begin_write, xchg_broadcast, xchg_delivery, xchg_event, xchg_sent
 from exchange.errors import ConfigError, ExchangeError
 from exchange.faults import crashpoint
 from exchange.node import rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.send import clock, setaside, streams
+from exchange.send import clock, position, setaside, streams
 from exchange.send.streams import EventBatch
 from exchange.send.notices import supersede_notices
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
@@ -298,7 +298,7 @@ def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared 
                        ) -> list[tuple[str, str, str, int]]:
     """Broadcast documents of ``lane`` after the cursor of ``peer``'s stream in that lane, in cursor
     order (shared by peers at one cursor)."""
-    cursor = _broadcast_cursor(conn, peer, lane)
+    cursor = position.broadcast_cursor(conn, peer, lane)
     types = types or lanes.LaneTypes()
     if shared is not None:
         memo = shared.broadcast.get((cursor, limit, lane))
@@ -306,18 +306,6 @@ def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared 
             memo = shared.broadcast[(cursor, limit, lane)] = _fetch_broadcast(conn, cursor, limit, types)
         return memo
     return _fetch_broadcast(conn, cursor, limit, types)
-
-
-def _broadcast_cursor(conn: Connection, peer: str, lane: str) -> tuple[int, str, str]:
-    """The broadcast cursor of ``peer``'s stream in ``lane``. A lane without a stream yet starts where the
-    default lane's is: what is behind that went to the peer before the lane existed (a catalog that
-    declares lanes later does not send the item master again)."""
-    s = xchg_stream_out.c
-    for name in dict.fromkeys((lane, DEFAULT_LANE)):
-        cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == name)).first()
-        if cur is not None:
-            return int(cur[0]), str(cur[1]), str(cur[2])
-    return 0, "", ""
 
 
 def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int,
@@ -469,26 +457,22 @@ def _pass_broadcast(node: Node, peer: str, lane: str) -> None:
     """A lane with nothing of the broadcast queue left moves its cursor to the queue's end: what comes
     after it is still read, and "is a store's cursor behind?" (exchange.send.pending) stays one
     comparison per stream, without the catalog."""
-    b, s = xchg_broadcast.c, xchg_stream_out.c
+    b = xchg_broadcast.c
     with node.engine.begin() as conn:
         begin_write(conn)
-        last = conn.execute(select(b.version, b.doc_type, b.doc_key)
-                            .order_by(b.version.desc(), b.doc_type.desc(), b.doc_key.desc()).limit(1)).first()
-        if last is None:
+        row = conn.execute(select(b.version, b.doc_type, b.doc_key)
+                           .order_by(b.version.desc(), b.doc_type.desc(), b.doc_key.desc()).limit(1)).first()
+        if row is None:
             return
-        have = set(conn.execute(select(s.lane).where(s.peer == peer)).scalars())
+        end = (int(row[0]), str(row[1]), str(row[2]))
+        have = position.lanes_of(conn, peer)
         if lane == DEFAULT_LANE:  # the lanes without a stream yet keep the cursor they start from (the default's)
-            start = dict(zip(("bc_version", "bc_type", "bc_key"), _broadcast_cursor(conn, peer, lane), strict=True))
+            start = position.broadcast_cursor(conn, peer, lane)
             for other in node.catalog.lanes():
-                if other not in have:
-                    conn.execute(xchg_stream_out.insert().values(peer=peer, lane=other, next_seq=1, **start))
-        cur = conn.execute(select(s.bc_version, s.bc_type, s.bc_key).where(s.peer == peer, s.lane == lane)).first()
-        if cur is None:
-            conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, bc_version=last[0],
-                                                         bc_type=last[1], bc_key=last[2]))
-        elif (int(cur[0]), str(cur[1]), str(cur[2])) < (int(last[0]), str(last[1]), str(last[2])):
-            conn.execute(update(xchg_stream_out).where(s.peer == peer, s.lane == lane).values(
-                bc_version=last[0], bc_type=last[1], bc_key=last[2]))
+                if other not in have and other != lane:
+                    position.move_cursor(conn, peer, other, start)
+        if lane not in have or position.broadcast_cursor(conn, peer, lane) < end:
+            position.move_cursor(conn, peer, lane, end)
 
 
 def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: list[tuple[str, str, str, int]],
@@ -515,16 +499,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             moved = {d: s for d, s in zip(events.docs, stamped, strict=True) if s != d}
             late = [(d[3], s[3]) for d, s in moved.items()]
             docs = [moved.get(d, d) for d in docs]
-        in_stream = (xchg_stream_out.c.peer == peer) & (xchg_stream_out.c.lane == lane)
-        stream = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
-                              .where(in_stream).with_for_update()).first()
-        if stream is None:  # a new lane's stream: its broadcast cursor starts at the default lane's
-            bc = dict(zip(("bc_version", "bc_type", "bc_key"), _broadcast_cursor(conn, peer, lane), strict=True))
-            conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=1, last_manifest_sha256=None,
-                                                         **bc))
-            seq, prev = 1, None
-        else:
-            seq, prev = int(stream[0]), stream[1]
+        seq, prev = position.next_position(conn, peer, lane)  # (send/position.py: every stream's place)
         rep.start(f"export to {peer} #{seq}" + ("" if lane == DEFAULT_LANE else f" [{lane}]"), len(docs))
         # only a batch with broadcast documents can be another peer's batch too: the rest is not
         # kept (a store's backlog would hold the previous batch's tables while reading the next)
@@ -555,11 +530,9 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             manifest_sha256=sealed.manifest.sha256, size=sealed.size, status=SentStatus.EXPORTED.value,
             summary=json.dumps(_counts(summary)), created_at=now,
             sent_totals=json.dumps(summary.get("documents", {}), sort_keys=True)))
-        conn.execute(update(xchg_stream_out).where(in_stream)
-                     .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
-        if cursor is not None:  # the stream's broadcast cursor moves with the bundle, atomically
-            conn.execute(update(xchg_stream_out).where(in_stream).values(
-                bc_version=cursor[3], bc_type=cursor[0], bc_key=cursor[1]))
+        # the stream's broadcast cursor moves with the bundle, atomically
+        position.advance(conn, peer, lane, seq, sealed.manifest.sha256,
+                         (cursor[3], cursor[0], cursor[1]) if cursor is not None else None)
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
         setaside.sent_again(conn, docs)
         streams.mark_sealed(conn, seq, events.ids if events is not None else (), late)
