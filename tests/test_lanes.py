@@ -33,6 +33,8 @@ from exchange.database.catalog import REFERENCE_LANES, catalog_from_config
 from exchange.database.tables import xchg_stream_in, xchg_stream_out
 from exchange.errors import ConfigError, FormatError
 from exchange.node.home import Node
+from exchange.receive.importer import import_inbox
+from exchange.send.export import export_all
 from exchange.wire.formats import bundle_name, is_exchange_file, parse_name
 
 STORES = ("s001", "s002")
@@ -202,6 +204,35 @@ def test_a_failed_masters_bundle_holds_only_its_lane(net: Net) -> None:
     sync_all(net)
     assert {b["status"] for b in bundles(ho, "sent")} == {"PROCESSED"}
     assert check_net(net).problems == []
+
+
+def test_transfer_orders_apply_while_a_masters_reload_is_in_flight(net: Net) -> None:
+    """A reload of the item master to s001 is many bundles; the exporter gives each lane a bundle in
+    turn, so the transfer order queued with it is sealed in the first round, and s001 applies it while
+    the reload's later bundles are still on their way (here: not delivered yet)."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net, items=30)
+    sync_all(net)
+    ho.cfg.max_bundle_rows = 4
+    ho.cfg.save()
+    net.reopen()
+    ho, st = net.ho, net.store("s001")
+    out = cli("reload", "--home", str(ho.cfg.home), "--peer", "s001", "--doc", "item")
+    new_transfer(ho, "TO-URGENT", "s001", item_ids(net)[0])
+    made = [e.file for e in export_all(ho) if e.peer == "s001"]
+    masters = [f for f in made if parse_name(f).lane == "masters"]
+    assert len(masters) >= 8, (out, made)  # 30 items, 4 per bundle
+    urgent = bundle_name("ho", "s001", 2, "orders")
+    assert made.index(urgent) < made.index(masters[1])  # sealed in the first round, not after the reload
+    # s001 gets the orders bundle and the reload's first bundle only: the rest is still in flight
+    for name in (masters[0], urgent):
+        shutil.copyfile(ho.cfg.outbox / name, st.cfg.inbox / name)
+    got = {o.file: o.status for o in import_inbox(st)}
+    assert got == {masters[0]: "APPLIED", urgent: "APPLIED"}
+    assert has_row(st, "transfer_order", "to_id", "TO-URGENT")
+    sync_all(net, rounds=3)
+    assert {b["status"] for b in bundles(ho, "sent")} == {"PROCESSED"}
+    assert check_net(net, reloads=True).problems == []
 
 
 def test_a_skipped_bundle_is_named_by_its_lane_and_resent(net: Net) -> None:
