@@ -474,3 +474,54 @@ def test_an_archive_of_format_3_names_still_verifies(tmp_path: Path) -> None:
         assert check_net(n).problems == []
     finally:
         n.dispose()
+
+
+# ---------------------------------------------------------------- the migration
+
+def _as_schema_12(node: Node) -> None:
+    """The node's stream tables as schema 12 had them: no lane, keyed by peer (and seq)."""
+    from exchange.database.tables import LANE_TABLES
+
+    with node.engine.begin() as conn:
+        for table in LANE_TABLES:
+            cols = ", ".join(c.name for c in table.columns if c.name != "lane")
+            keys = ", ".join(c.name for c in table.primary_key.columns if c.name != "lane")
+            for ix in table.indexes:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {ix.name}")
+            conn.exec_driver_sql(f"CREATE TABLE {table.name}_v12 AS SELECT {cols} FROM {table.name}")
+            conn.exec_driver_sql(f"DROP TABLE {table.name}")
+            conn.exec_driver_sql(f"ALTER TABLE {table.name}_v12 RENAME TO {table.name}")
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD PRIMARY KEY ({keys})")
+        conn.exec_driver_sql("UPDATE xchg_meta SET value = '12' WHERE key = 'schema_version'")
+
+
+def test_migration_puts_every_stream_in_the_default_lane(tmp_path: Path, db_url: str) -> None:
+    """`exchange migrate` on a database of schema 12 keys the stream tables by lane, every existing row in
+    the default lane: the streams go on where they were (the next bundle continues the chain)."""
+    from sqlalchemy import inspect
+
+    from exchange.database.tables import LANE_TABLES, xchg_sent
+
+    n = make_net(tmp_path / "net", ho_db=db_url, stores=("s001",))
+    try:
+        seed_ho(n, items=4)
+        sync_all(n)
+        _as_schema_12(n.ho)
+        n.dispose()
+        out = cli("migrate", "--home", str(n.ho.cfg.home))
+        assert "migrat" in out.lower()
+        n.reopen()
+        with n.ho.engine.connect() as conn:
+            insp = inspect(conn)
+            for table in LANE_TABLES:
+                assert "lane" in insp.get_pk_constraint(table.name)["constrained_columns"], table.name
+            assert set(conn.execute(select(xchg_sent.c.lane)).scalars()) == {"main"}
+            assert conn.execute(select(xchg_stream_out.c.next_seq).where(xchg_stream_out.c.peer == "s001")
+                                ).scalar() == 2
+        reprice(n.ho, item_ids(n)[:1])
+        sync_all(n)
+        assert (n.ho.cfg.archive_sent / "ho.s001.0000000002.bundle").exists()
+        assert check_net(n).problems == []
+    finally:
+        n.dispose()
