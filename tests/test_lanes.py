@@ -230,6 +230,8 @@ def test_transfer_orders_apply_while_a_masters_reload_is_in_flight(net: Net) -> 
     got = {o.file: o.status for o in import_inbox(st)}
     assert got == {masters[0]: "APPLIED", urgent: "APPLIED"}
     assert has_row(st, "transfer_order", "to_id", "TO-URGENT")
+    info = json.loads(cli("inspect", str(st.cfg.archive_received / urgent), "--home", str(st.cfg.home), "--json"))
+    assert (info["lane"], info["seq"], info["name_matches"]) == ("orders", 2, True)
     sync_all(net, rounds=3)
     assert {b["status"] for b in bundles(ho, "sent")} == {"PROCESSED"}
     assert check_net(net, reloads=True).problems == []
