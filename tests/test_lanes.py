@@ -208,8 +208,9 @@ def test_a_failed_masters_bundle_holds_only_its_lane(net: Net) -> None:
 
 def test_transfer_orders_apply_while_a_masters_reload_is_in_flight(net: Net) -> None:
     """A reload of the item master to s001 is many bundles; the exporter gives each lane a bundle in
-    turn, so the transfer order queued with it is sealed in the first round, and s001 applies it while
-    the reload's later bundles are still on their way (here: not delivered yet)."""
+    turn, so the transfer orders queued with it are sealed in the first round, and s001 applies them while
+    the reload's later bundles are still on their way (here: not delivered yet). The one naming a new
+    item, still in flight in the masters lane, parks with that reason and applies once the item arrives."""
     ho, st = net.ho, net.store("s001")
     seed_ho(net, items=30)
     sync_all(net)
@@ -219,6 +220,10 @@ def test_transfer_orders_apply_while_a_masters_reload_is_in_flight(net: Net) -> 
     ho, st = net.ho, net.store("s001")
     out = cli("reload", "--home", str(ho.cfg.home), "--peer", "s001", "--doc", "item")
     new_transfer(ho, "TO-URGENT", "s001", item_ids(net)[0])
+    with ho.engine.begin() as conn:
+        add_item(conn, "INEW0001")
+        record_events(conn, "item", [("INEW0001",)])
+    new_transfer(ho, "TO-NEW-ITEM", "s001", "INEW0001")
     made = [e.file for e in export_all(ho) if e.peer == "s001"]
     masters = [f for f in made if parse_name(f).lane == "masters"]
     assert len(masters) >= 8, (out, made)  # 30 items, 4 per bundle
@@ -230,9 +235,14 @@ def test_transfer_orders_apply_while_a_masters_reload_is_in_flight(net: Net) -> 
     got = {o.file: o.status for o in import_inbox(st)}
     assert got == {masters[0]: "APPLIED", urgent: "APPLIED"}
     assert has_row(st, "transfer_order", "to_id", "TO-URGENT")
+    parked = json.loads(cli("status", "parked", "--home", str(st.cfg.home), "--json"))["parked"]
+    assert [(p["doc_key"], p["seq"]) for p in parked] == [('["TO-NEW-ITEM"]', 2)]
+    assert "INEW0001" in parked[0]["reason"] and "not received yet" in parked[0]["reason"]
     info = json.loads(cli("inspect", str(st.cfg.archive_received / urgent), "--home", str(st.cfg.home), "--json"))
     assert (info["lane"], info["seq"], info["name_matches"]) == ("orders", 2, True)
-    sync_all(net, rounds=3)
+    sync_all(net, rounds=3)  # the rest of the reload arrives, the new item with it: the order applies by itself
+    assert json.loads(cli("status", "parked", "--home", str(st.cfg.home), "--json"))["parked"] == []
+    assert has_row(st, "transfer_order", "to_id", "TO-NEW-ITEM")
     assert {b["status"] for b in bundles(ho, "sent")} == {"PROCESSED"}
     assert check_net(net, reloads=True).problems == []
 
