@@ -13,7 +13,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,11 @@ def test_a_failed_masters_bundle_holds_only_its_lane(net: Net) -> None:
     assert doctor.exit_code != 0 and "bundle 2 of ho (lane masters) FAILED: " in doctor.output, doctor.output
     assert "exchange bundle skip ho 2 --lane masters" in doctor.output
 
+    from exchange.service.ui.data import peer_stats, troubles
+
+    said = troubles(peer_stats(st)["ho"], 60, datetime.now(UTC))  # what the page and the alerts say
+    assert "waiting for bundle 2 of lane masters" in said and "FAILED stream" in said
+    assert not any(t.startswith("waiting for bundle 2") and "lane" not in t for t in said)
     lag = lane_metrics(st, "exchange_lane_received_lag_bundles")
     assert lag[("ho", "masters")] == 2 and lag[("ho", "orders")] == 0  # the FAILED one and the one behind it
     assert lane_metrics(ho, "exchange_lane_sent_last_seq")[("s001", "masters")] == 3
@@ -416,7 +421,7 @@ def test_verify_and_prune_work_per_lane(net: Net, tmp_path: Path) -> None:
     """`audit verify` checks each lane's chain on its own (a gap in one lane names that lane, the others
     stay clean); `archive prune` keeps each lane's newest bundle and writes one checkpoint per lane, and
     the pruned archive still verifies."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from exchange.audit.prune import prune
 

@@ -178,6 +178,7 @@ class PeerStats:
     last_applied_seq: int = 0
     #: per lane of the peer's stream to this node: [highest seq seen, last seq applied] (a seq counts per lane)
     lanes: dict[str, list[int]] = field(default_factory=dict)
+    stalled_lanes: set[str] = field(default_factory=set)  # lanes with a bundle WAITING for an earlier one
     parked: int = 0
     sent_by_status: dict[str, int] = field(default_factory=dict)
     received_by_status: dict[str, int] = field(default_factory=dict)
@@ -195,7 +196,18 @@ class PeerStats:
     @property
     def missing_seq(self) -> int | None:
         """The bundle a WAITING stream waits for (the one after the last applied), if any waits."""
+        if self.stalled_lanes and DEFAULT_LANE not in self.stalled_lanes:
+            return None  # (another lane's: see missing)
         return self.last_applied_seq + 1 if self.received_stalled else None
+
+    @property
+    def missing(self) -> list[str]:
+        """Each bundle a WAITING stream waits for, as the page says it: ``bundle 7`` (the default lane),
+        ``bundle 3 of lane masters``."""
+        out = [] if self.missing_seq is None else [f"bundle {self.missing_seq}"]
+        for lane in sorted(self.stalled_lanes - {DEFAULT_LANE}):
+            out.append(f"bundle {self.lanes.get(lane, [0, 0])[1] + 1} of lane {lane}")
+        return out
 
     @property
     def received_behind(self) -> int:
@@ -233,6 +245,9 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st.last_ack = _latest(st.last_ack, last_ack)
         for peer, lane, top in conn.execute(select(r.c.peer, r.c.lane, func.max(r.c.seq)).group_by(r.c.peer, r.c.lane)):
             get(peer).lanes.setdefault(str(lane), [0, 0])[0] = int(top or 0)
+        for peer, lane in conn.execute(select(r.c.peer, r.c.lane).where(r.c.status == ReceivedStatus.WAITING)
+                                       .group_by(r.c.peer, r.c.lane)):
+            get(peer).stalled_lanes.add(str(lane))
         for peer, status, n, last_rx, last_applied, top in conn.execute(
                 select(r.c.peer, r.c.status, func.count(), func.max(r.c.received_at),
                        func.max(r.c.applied_at), func.max(r.c.seq)).group_by(r.c.peer, r.c.status)):
@@ -412,8 +427,7 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
     """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
     quiet = silence(st, silent_after_minutes, now)
     out = [quiet] if quiet else []
-    if st.missing_seq is not None:
-        out.append(f"waiting for bundle {st.missing_seq}")
+    out += [f"waiting for {m}" for m in st.missing]
     if st.received_failed:
         out.append("FAILED stream")
     if st.received_held:
