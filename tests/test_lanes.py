@@ -285,6 +285,37 @@ def test_a_skipped_bundle_is_named_by_its_lane_and_resent(net: Net) -> None:
             xchg_stream_out.c.peer == "s001", xchg_stream_out.c.lane == "masters")).scalar() == 4
 
 
+def test_a_superseded_orders_bundle_is_skipped_in_its_lane_only(net: Net) -> None:
+    """`exchange supersede --lane orders`: the notice travels in the next bundle of lane orders, and s001
+    skips the FAILED orders bundle on its own; the masters lane, with a bundle of the same seq, is untouched."""
+    ho, st = net.ho, net.store("s001")
+    seed_ho(net, items=6)
+    sync_all(net)
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER no_orders BEFORE UPDATE ON xchg_stream_in WHEN NEW.lane = 'orders' "
+                             "BEGIN SELECT RAISE(ABORT, 'orders refused here'); END")
+    ids = item_ids(net)
+    new_transfer(ho, "TO-S1", "s001", ids[0])
+    reprice(ho, ids[:1])  # masters bundle 2: applies
+    sync_all(net, rounds=2, failed=("s001",))
+    assert by_lane(st, "received", "ho")["orders"][-1] == (2, "FAILED")
+    assert by_lane(st, "received", "ho")["masters"][-1] == (2, "APPLIED")
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER no_orders")
+    out = cli("supersede", "--home", str(ho.cfg.home), "--peer", "s001", "--bundle", "2", "--lane", "orders",
+              "--reason", "order corrected", "--by", "alice")
+    assert "of bundle 2 queued for s001" in out
+    sync_all(net, rounds=1, failed=("s001",))  # s001 skips it on the notice (the sync reports the FAILED one)
+    sync_all(net, rounds=2, rejected=True)
+    got = by_lane(st, "received", "ho")
+    assert got["orders"][-2:] == [(2, "SKIPPED"), (3, "APPLIED")] and got["masters"][-1] == (2, "APPLIED")
+    assert has_row(st, "transfer_order", "to_id", "TO-S1")
+    sent = by_lane(ho, "sent", "s001")
+    assert sent["orders"][-2:] == [(2, "REJECTED"), (3, "PROCESSED")] and sent["masters"][-1] == (2, "PROCESSED")
+    reason = next(b["reason"] for b in bundles(ho, "sent") if (b["lane"], b["seq"]) == ("orders", 2))
+    assert "superseded by alice" in reason
+
+
 # ---------------------------------------------------------------- hostile lanes
 
 def test_a_bundle_claiming_another_lane_is_quarantined(net: Net) -> None:
