@@ -241,8 +241,10 @@ def test_transfer_orders_apply_while_a_masters_reload_is_in_flight(net: Net) -> 
     assert got == {masters[0]: "APPLIED", urgent: "APPLIED"}
     assert has_row(st, "transfer_order", "to_id", "TO-URGENT")
     parked = json.loads(cli("status", "parked", "--home", str(st.cfg.home), "--json"))["parked"]
-    assert [(p["doc_key"], p["seq"]) for p in parked] == [('["TO-NEW-ITEM"]', 2)]
+    assert [(p["doc_key"], p["lane"], p["seq"]) for p in parked] == [('["TO-NEW-ITEM"]', "orders", 2)]
     assert "INEW0001" in parked[0]["reason"] and "not received yet" in parked[0]["reason"]
+    text_ = " ".join(cli("status", "parked", "--home", str(st.cfg.home)).split())
+    assert "TO-NEW-ITEM from ho (bundle 2 of lane orders)" in text_, text_
     info = json.loads(cli("inspect", str(st.cfg.archive_received / urgent), "--home", str(st.cfg.home), "--json"))
     assert (info["lane"], info["seq"], info["name_matches"]) == ("orders", 2, True)
     sync_all(net, rounds=3)  # the rest of the reload arrives, the new item with it: the order applies by itself

@@ -205,6 +205,7 @@ class Parked:
     parked_at: str | None
     reason: str = ""  # the same in business words (service.words.parked_reason)
     state: str = "RETRYING"  # vocabulary.ParkedState: ORPHANED can never apply (its dependency was deleted)
+    lane: str = DEFAULT_LANE  # the lane of its type: ``seq`` is that lane's bundle
 
 
 def parked(node: Node) -> list[Parked]:
@@ -215,8 +216,10 @@ def parked(node: Node) -> list[Parked]:
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
     reasons = parked_reasons(node, [(r["doc_type"], r["doc_key"]) for r in rows])
+    lane_of = node.catalog.lane_of
     return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
-                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])], r["state"])
+                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])], r["state"],
+                   lane_of(r["doc_type"]))
             for r in rows]
 
 
