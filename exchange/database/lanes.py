@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement
 from exchange.database.catalog import Catalog
 from exchange.vocabulary import DEFAULT_LANE
 
-__all__ = ["LaneTypes", "lane_types", "condition", "sql_condition", "of_type"]
+__all__ = ["LaneTypes", "lane_types", "condition", "sql_condition"]
 
 
 class LaneTypes:
@@ -65,7 +65,3 @@ def sql_condition(column: str, types: LaneTypes, mark: str = "?") -> tuple[str, 
     op = "IN" if types.only is not None else "NOT IN"
     return f" AND {column} {op} ({', '.join([mark] * len(names))})", tuple(names)
 
-
-def of_type(catalog: Catalog, doc_type: str) -> str:
-    """The lane a document of ``doc_type`` travels in."""
-    return catalog.lane_of(doc_type)
