@@ -9,11 +9,18 @@ and templates are unchanged, and mypy catches a word that does not exist.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import NewType
 
 __all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "ParkedState", "Outcome", "AckResult", "ConflictStatus", "Tone",
            "tone", "DocKey", "DocRef", "counted"]
+
+
+#: A stream is per sender, recipient and lane (docs/CATALOG.md "Lanes", FORMAT.md version 4). A document
+#: type without a lane of its own is in the default lane, whose files keep the names of format 3.
+DEFAULT_LANE = "main"
+LANE_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 
 
 class SentStatus(StrEnum):

@@ -307,7 +307,7 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
                  summary_hook: Callable[[dict[str, Any]], None] | None = None,
                  tables_hook: Callable[[dict[str, Any]], None] | None = None,
                  out_dir: Path | None = None, at: tuple[int, str | None] | None = None,
-                 created: datetime | None = None, catalog: Any = None) -> Path:
+                 created: datetime | None = None, catalog: Any = None, lane: str = "main") -> Path:
     """Seal the next bundle of the stream ``sender`` -> ``peer`` by hand, as the exporter would.
 
     ``docs`` are (doc_type, doc_key, op, version) rows. The current rows are read
@@ -315,11 +315,12 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
     before sealing; ``catalog`` replaces the inner manifest's ``catalog`` (default: the sender's). With ``record`` the sender's stream moves on (xchg_sent row,
     next seq, last manifest hash) exactly as ``export`` records a bundle.
     ``at`` = (seq, prev) places an unrecorded bundle anywhere (a replay, a fork);
-    ``created`` is the signed creation time (a key's holder may state any).
+    ``created`` is the signed creation time (a key's holder may state any); ``lane``: the stream's lane.
     """
+    in_stream = (xchg_stream_out.c.peer == peer) & (xchg_stream_out.c.lane == lane)
     with sender.engine.begin() as conn:
         row = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
-                           .where(xchg_stream_out.c.peer == peer)).first()
+                           .where(in_stream)).first()
         seq, prev = (int(row[0]), row[1]) if row else (1, None)
         if at is not None:
             assert not record, "a bundle placed by hand is not recorded"
@@ -329,7 +330,7 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
             summary_hook(summary)
         if tables_hook:
             tables_hook(tables)
-        name = bundle_name(sender.id, peer, seq)
+        name = bundle_name(sender.id, peer, seq, lane)
         folder = out_dir or sender.cfg.outbox
         part = folder / (name + PART_SUFFIX)
         kwargs: dict[str, Any] = {}
@@ -340,18 +341,18 @@ def forge_bundle(sender: Node, peer: str, docs: Sequence[tuple[str, str, str, in
         kwargs["catalog"] = sender.catalog.description if catalog is None else catalog
         sealed = bundle.seal_bundle(part, key=key or sender.signing_key, sender=sender.id, recipient=peer,
                                     seq=seq, prev=prev, recipients=sender.recipients_for(peer),
-                                    tables=tables, summary=summary, **kwargs)
+                                    tables=tables, summary=summary, lane=lane, **kwargs)
         if record:
             conn.execute(xchg_sent.insert().values(
-                peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
+                peer=peer, lane=lane, seq=seq, file_name=name, file_sha256=sealed.sha256,
                 manifest_sha256=sealed.manifest.sha256, size=sealed.size, status="EXPORTED",
                 summary=json.dumps({t: v["count"] + v["deletes"] for t, v in summary["documents"].items()}),
                 created_at=files.utc_now()))
             if row is None:
-                conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=seq + 1,
+                conn.execute(xchg_stream_out.insert().values(peer=peer, lane=lane, next_seq=seq + 1,
                                                              last_manifest_sha256=sealed.manifest.sha256))
             else:
-                conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer).values(
+                conn.execute(update(xchg_stream_out).where(in_stream).values(
                     next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256))
     final = folder / name
     part.replace(final)
@@ -399,55 +400,14 @@ def check_stream(net: Net, sender: Node, receiver: Node, *, reloads: bool = Fals
     c = Check()
     peer = receiver.id
     with sender.engine.connect() as conn:
-        sent = {int(r.seq): r for r in conn.execute(select(xchg_sent).where(xchg_sent.c.peer == peer))}
-        out_pos = conn.execute(select(xchg_stream_out).where(xchg_stream_out.c.peer == peer)).first()
+        lanes = {str(x) for x in conn.execute(select(xchg_sent.c.lane).where(xchg_sent.c.peer == peer)).scalars()}
     with receiver.engine.connect() as conn:
-        got = {int(r.seq): r for r in conn.execute(select(xchg_received).where(xchg_received.c.peer == sender.id))}
-        in_pos = conn.execute(select(xchg_stream_in).where(xchg_stream_in.c.peer == sender.id)).first()
-    name = f"{sender.id}->{receiver.id}"
-    c.bundles = len(sent)
-    # the stream: seqs 1..n, each sent PROCESSED, each received APPLIED from the very file sent
-    if sorted(sent) != list(range(1, len(sent) + 1)):
-        c.problems.append(f"{name}: sent seqs {sorted(sent)} have holes")
-    if sorted(got) != sorted(sent):
-        c.problems.append(f"{name}: received seqs {sorted(got)} != sent {sorted(sent)}")
-    for seq, r in sent.items():
-        if r.status != "PROCESSED":
-            c.problems.append(f"{name} #{seq}: sent status {r.status} ({r.reason})")
-        g = got.get(seq)
-        if g is None:
-            continue
-        if g.status != "APPLIED":
-            c.problems.append(f"{name} #{seq}: received status {g.status} ({g.reason})")
-        if (g.file_sha256, g.manifest_sha256) != (r.file_sha256, r.manifest_sha256):
-            c.problems.append(f"{name} #{seq}: received a different file than the one recorded as sent")
-    n = len(sent)
-    if n:
-        if out_pos is None or int(out_pos.next_seq) != n + 1:
-            c.problems.append(f"{name}: sender's next seq {out_pos and out_pos.next_seq} != {n + 1}")
-        if in_pos is None or int(in_pos.last_seq) != n or in_pos.last_manifest_sha256 != sent[n].manifest_sha256 \
-                or (out_pos is not None and out_pos.last_manifest_sha256 != in_pos.last_manifest_sha256):
-            c.problems.append(f"{name}: receiver's stream position {in_pos and tuple(in_pos)} "
-                              f"!= last sent ({n}, {sent[n].manifest_sha256})")
-    # the hash chain and the documents of every bundle, read from the sender's archive
-    prev: str | None = None
+        lanes |= {str(x) for x in conn.execute(select(xchg_received.c.lane)
+                                                .where(xchg_received.c.peer == sender.id)).scalars()}
     seen: Counter[tuple[str, str, int]] = Counter()
-    for seq in sorted(sent):
-        path = sender.cfg.archive_sent / sent[seq].file_name
-        if not path.exists():
-            c.problems.append(f"{name} #{seq}: {path.name} missing from the sender's archive")
-            continue
-        if sha(path) != sent[seq].file_sha256:
-            c.problems.append(f"{name} #{seq}: archived file differs from the one recorded")
-        with BundleReader(path) as r:
-            if r.manifest.prev != prev or r.manifest.seq != seq:
-                c.problems.append(f"{name} #{seq}: hash chain broken (prev {r.manifest.prev}, expected {prev})")
-            prev = r.manifest.sha256
-        with open_bundle(path, trust=receiver.trust, identities=receiver.identities, me=receiver.id,
-                         workdir=receiver.cfg.work) as opened:
-            ev = opened.table(EVENTS_TABLE).to_pydict()
-            for t, k, v in zip(ev["doc_type"], ev["doc_key"], ev["version"], strict=True):
-                seen[(t, k, int(v))] += 1
+    for lane in sorted(lanes):  # each lane is a stream of its own: seqs, positions and chain
+        c.add(_check_lane(sender, receiver, lane, seen))
+    name = f"{sender.id}->{receiver.id}"
     twice = {} if reloads else {d: n for d, n in seen.items() if n > 1}
     c.applied_twice += len(twice)
     if twice:
@@ -478,13 +438,76 @@ def check_stream(net: Net, sender: Node, receiver: Node, *, reloads: bool = Fals
     return c
 
 
+def _check_lane(sender: Node, receiver: Node, lane: str, seen: Counter[tuple[str, str, int]]) -> Check:
+    """One lane's stream from ``sender`` to ``receiver``: seqs 1..n, positions, the hash chain; the
+    documents of its bundles counted into ``seen``."""
+    c = Check()
+    peer = receiver.id
+    with sender.engine.connect() as conn:
+        sent = {int(r.seq): r for r in conn.execute(select(xchg_sent).where(
+            xchg_sent.c.peer == peer, xchg_sent.c.lane == lane))}
+        out_pos = conn.execute(select(xchg_stream_out).where(xchg_stream_out.c.peer == peer,
+                                                             xchg_stream_out.c.lane == lane)).first()
+    with receiver.engine.connect() as conn:
+        got = {int(r.seq): r for r in conn.execute(select(xchg_received).where(
+            xchg_received.c.peer == sender.id, xchg_received.c.lane == lane))}
+        in_pos = conn.execute(select(xchg_stream_in).where(xchg_stream_in.c.peer == sender.id,
+                                                           xchg_stream_in.c.lane == lane)).first()
+    name = f"{sender.id}->{receiver.id}" + ("" if lane == "main" else f" [{lane}]")
+    c.bundles = len(sent)
+    # the stream: seqs 1..n, each sent PROCESSED, each received APPLIED from the very file sent
+    if sorted(sent) != list(range(1, len(sent) + 1)):
+        c.problems.append(f"{name}: sent seqs {sorted(sent)} have holes")
+    if sorted(got) != sorted(sent):
+        c.problems.append(f"{name}: received seqs {sorted(got)} != sent {sorted(sent)}")
+    for seq, r in sent.items():
+        if r.status != "PROCESSED":
+            c.problems.append(f"{name} #{seq}: sent status {r.status} ({r.reason})")
+        g = got.get(seq)
+        if g is None:
+            continue
+        if g.status != "APPLIED":
+            c.problems.append(f"{name} #{seq}: received status {g.status} ({g.reason})")
+        if (g.file_sha256, g.manifest_sha256) != (r.file_sha256, r.manifest_sha256):
+            c.problems.append(f"{name} #{seq}: received a different file than the one recorded as sent")
+    n = len(sent)
+    if n:
+        if out_pos is None or int(out_pos.next_seq) != n + 1:
+            c.problems.append(f"{name}: sender's next seq {out_pos and out_pos.next_seq} != {n + 1}")
+        if in_pos is None or int(in_pos.last_seq) != n or in_pos.last_manifest_sha256 != sent[n].manifest_sha256 \
+                or (out_pos is not None and out_pos.last_manifest_sha256 != in_pos.last_manifest_sha256):
+            c.problems.append(f"{name}: receiver's stream position {in_pos and tuple(in_pos)} "
+                              f"!= last sent ({n}, {sent[n].manifest_sha256})")
+    # the hash chain and the documents of every bundle, read from the sender's archive
+    prev: str | None = None
+    for seq in sorted(sent):
+        path = sender.cfg.archive_sent / sent[seq].file_name
+        if not path.exists():
+            c.problems.append(f"{name} #{seq}: {path.name} missing from the sender's archive")
+            continue
+        if sha(path) != sent[seq].file_sha256:
+            c.problems.append(f"{name} #{seq}: archived file differs from the one recorded")
+        with BundleReader(path) as r:
+            if r.manifest.prev != prev or r.manifest.seq != seq:
+                c.problems.append(f"{name} #{seq}: hash chain broken (prev {r.manifest.prev}, expected {prev})")
+            prev = r.manifest.sha256
+        with open_bundle(path, trust=receiver.trust, identities=receiver.identities, me=receiver.id,
+                         workdir=receiver.cfg.work) as opened:
+            ev = opened.table(EVENTS_TABLE).to_pydict()
+            for t, k, v in zip(ev["doc_type"], ev["doc_key"], ev["version"], strict=True):
+                seen[(t, k, int(v))] += 1
+                if lane != "main" and sender.catalog.lane_of(t) != lane:  # (main: also bundles from before lanes)
+                    c.problems.append(f"{name} #{seq}: a {t} document, of lane {sender.catalog.lane_of(t)}")
+    return c
+
+
 def check_files(net: Net) -> Check:
     """One file per (stream, seq) wherever copies lie; nothing quarantined; spools empty."""
     c = Check()
     hashes: dict[str, set[str]] = defaultdict(set)
     for p in net.root.rglob("*"):
         if p.is_file() and ".bundle" in p.name and not p.name.endswith(PART_SUFFIX):
-            base = ".".join(p.name.split(".")[:4])
+            base = p.name[: p.name.index(".bundle") + len(".bundle")]
             hashes[base].add(sha(p))
     for base, found in sorted(hashes.items()):
         if len(found) != 1:

@@ -669,8 +669,10 @@ def test_cli_smoke(tmp_path: Path) -> None:
     sent = json.loads(cli("status", "sent", "--home", str(ho), "--json").stdout)
     assert sent["version"] == 1 and len(sent["bundles"]) == 1
     b = sent["bundles"][0]
-    assert set(b) == {"file", "peer", "seq", "documents", "status", "created", "updated", "reason", "reconcile"}
-    assert (b["file"], b["peer"], b["seq"], b["status"]) == ("ho.s001.0000000001.bundle", "s001", 1, "PROCESSED")
+    assert set(b) == {"file", "peer", "seq", "documents", "status", "created", "updated", "reason", "reconcile",
+                      "lane"}
+    assert (b["file"], b["peer"], b["lane"], b["seq"], b["status"]) == ("ho.s001.0000000001.bundle", "s001", "main",
+                                                                        1, "PROCESSED")
     assert b["documents"]["item"] == 5 and isinstance(b["created"], str)
     got = json.loads(cli("status", "received", "--home", str(st), "--json").stdout)
     assert got["parked"] == [] and [x["status"] for x in got["bundles"]] == ["APPLIED"]

@@ -35,7 +35,7 @@ def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
         ack = read_ack(path, trust, me=me, identities=identities)
         info: dict[str, Any] = {
             "kind": "ack", "file": path.name, "version": ack.version, "acker": ack.acker, "sender": ack.sender,
-            "seq": ack.seq, "result": ack.result, "bundle_sha256": ack.bundle_sha256,
+            "seq": ack.seq, "lane": ack.lane, "result": ack.result, "bundle_sha256": ack.bundle_sha256,
             "created": format_time(ack.created), "signature": f"good, by {ack.acker}", "details": ack.details}
         if ack.heads is not None:
             info["heads"] = ack.heads.as_json()
@@ -47,13 +47,13 @@ def describe(path: Path, *, trust: sshsig.AllowedSigners | None,
     out: dict[str, Any] = {"kind": "bundle", "file": path.name}
     with BundleReader(path) as r:
         m = r.manifest
-        out.update(sender=m.sender, recipient=m.recipient, seq=m.seq, prev=m.prev,
+        out.update(sender=m.sender, recipient=m.recipient, seq=m.seq, lane=m.lane, prev=m.prev,
                    created=format_time(m.created), app_version=m.app_version,
                    manifest_sha256=m.sha256, payload_bytes=m.payload.size,
                    inner_files=[{"name": e.name, "size": e.size} for e in m.inner])
         try:
             fn = parse_name(path.name)
-            out["name_matches"] = (fn.a, fn.b, fn.seq) == (m.sender, m.recipient, m.seq)
+            out["name_matches"] = (fn.a, fn.b, fn.seq, fn.lane) == (m.sender, m.recipient, m.seq, m.lane)
         except ExchangeError:
             out["name_matches"] = False
         if trust is None:

@@ -45,6 +45,7 @@ from exchange.wire.formats import (
     CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS, CHECKPOINTS_DIR, MAX_CHECKPOINT_ACKS, MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED,
     MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES, bundle_name, parse_name,
 )
+from exchange.wire.formats import DEFAULT_LANE, LANE, check_lane, lane_part, stream_label
 from exchange.wire.signed import (
     check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json, parse_time,
     seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
@@ -53,7 +54,7 @@ from exchange.vocabulary import AckResult
 
 log = logging.getLogger(__name__)
 
-_CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.checkpoint$")
+_CHECKPOINT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.({NODE_ID})\.(?:({LANE})\.)?([0-9]{{10}})\.checkpoint$")
 # The importer keeps a second copy of an archived name as NAME.YYYYMMDDHHMMSS.
 _STAMPED_RE = re.compile(r"^(.+\.(?:bundle|ack))\.[0-9]{14}$")
 
@@ -178,14 +179,15 @@ class Checkpoint:
     raw: bytes = field(repr=False)
     file_sha256: str = ""
     role: str | None = None  # the pruning node's role (ho/store); None in a version 1 checkpoint
+    lane: str = DEFAULT_LANE  # format 4: the stream's lane (absent from the file for the default lane)
 
     @property
-    def stream(self) -> tuple[str, str]:
-        return self.sender, self.recipient
+    def stream(self) -> tuple[str, str, str]:
+        return self.sender, self.recipient, self.lane
 
     @property
     def name(self) -> str:
-        return checkpoint_name(self.node, self.sender, self.recipient, self.last_seq)
+        return checkpoint_name(self.node, self.sender, self.recipient, self.last_seq, self.lane)
 
     @classmethod
     def parse(cls, raw: bytes, file_sha256: str = "") -> Checkpoint:
@@ -260,7 +262,7 @@ class Checkpoint:
             cutoff=parse_time(json_field(obj, "cutoff", str, what), what),
             app_version=json_field(obj, "app_version", str, what),
             bundles=tuple(bundles), acks=tuple(acks), removed=tuple(removed), raw=raw,
-            file_sha256=file_sha256, role=role)
+            file_sha256=file_sha256, role=role, lane=_lane_of(obj, what))
         if cp.prev != bundles[0].prev or cp.last_manifest_sha256 != bundles[-1].manifest_sha256:
             raise FormatError(f"{what}: prev / last_manifest_sha256 disagree with the bundle list")
         if node not in (sender, recipient):
@@ -268,21 +270,33 @@ class Checkpoint:
         return cp
 
 
-def checkpoint_name(node: str, sender: str, recipient: str, last_seq: int) -> str:
-    return f"{node}.{sender}.{recipient}.{last_seq:010d}{CHECKPOINT_SUFFIX}"
+def _lane_of(obj: Mapping[str, Any], what: str) -> str:
+    """A checkpoint's optional ``lane`` (format 4): absent for the default lane, never written as it."""
+    if "lane" not in obj:
+        return DEFAULT_LANE
+    lane = check_lane(obj["lane"], f"{what}: lane")
+    if lane == DEFAULT_LANE:
+        raise FormatError(f"{what}: the default lane is written by leaving lane out")
+    return lane
 
 
-def parse_checkpoint_name(name: str) -> tuple[str, str, str, int]:
+def checkpoint_name(node: str, sender: str, recipient: str, last_seq: int, lane: str = DEFAULT_LANE) -> str:
+    return f"{node}.{sender}.{recipient}.{lane_part(lane)}{last_seq:010d}{CHECKPOINT_SUFFIX}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[str, str, str, int, str]:
+    """(node, sender, recipient, last seq, lane) of a checkpoint's file name."""
     m = _CHECKPOINT_RE.fullmatch(name)
-    if not m:
+    if not m or m.group(4) == DEFAULT_LANE:
         raise FormatError(f"{name}: not a checkpoint file name "
-                          "(expected <node>.<sender>.<recipient>.<seq:010d>.checkpoint)")
-    return m.group(1), m.group(2), m.group(3), int(m.group(4))
+                          "(expected <node>.<sender>.<recipient>[.<lane>].<seq:010d>.checkpoint)")
+    return m.group(1), m.group(2), m.group(3), int(m.group(5)), m.group(4) or DEFAULT_LANE
 
 
 def build_checkpoint(*, key: Any, node: str, role: str, sender: str, recipient: str, cutoff: datetime,
                      bundles: Sequence[PrunedBundle], acks: Sequence[PrunedAck],
-                     removed: Sequence[Mapping[str, Any]], created: datetime | None = None) -> bytes:
+                     removed: Sequence[Mapping[str, Any]], created: datetime | None = None,
+                     lane: str = DEFAULT_LANE) -> bytes:
     """The bytes of a signed checkpoint file (ustar: checkpoint.json, checkpoint.json.sig)."""
     if not bundles:
         raise ValueError("a checkpoint records at least one bundle")
@@ -291,6 +305,7 @@ def build_checkpoint(*, key: Any, node: str, role: str, sender: str, recipient: 
         "format": CHECKPOINT_FORMAT, "app_version": __version__,
         "version": CHECKPOINT_DECIDED_VERSION if any(a.decided for a in acks) else CHECKPOINT_VERSION,
         "node": node, "role": role, "sender": sender, "recipient": recipient,
+        **({} if lane == DEFAULT_LANE else {"lane": check_lane(lane)}),
         "first_seq": bundles[0].seq, "last_seq": bundles[-1].seq, "prev": bundles[0].prev,
         "last_manifest_sha256": bundles[-1].manifest_sha256,
         "created": format_time(created), "cutoff": format_time(cutoff),
@@ -310,7 +325,7 @@ def read_checkpoint(path: Path, trust: sshsig.AllowedSigners) -> Checkpoint:
         raw, sig, _none, file_sha = unpack_signed(path, CHECKPOINT_MEMBERS, MAX_CHECKPOINT_BYTES, "checkpoint")
         cp = Checkpoint.parse(raw, file_sha)
         verify_signed(sig, raw, cp.node, trust, cp.created)
-        if parse_checkpoint_name(path.name) != (cp.node, cp.sender, cp.recipient, cp.last_seq):
+        if parse_checkpoint_name(path.name) != (cp.node, cp.sender, cp.recipient, cp.last_seq, cp.lane):
             raise FormatError(f"file name disagrees with the signed checkpoint ({cp.name})")
         return cp
     except ExchangeError as exc:
@@ -325,6 +340,7 @@ class StreamPrune:
 
     sender: str
     recipient: str
+    lane: str = DEFAULT_LANE
     first_seq: int | None = None
     last_seq: int | None = None
     kept_from: int | None = None
@@ -336,10 +352,10 @@ class StreamPrune:
 
     @property
     def stream(self) -> str:
-        return f"{self.sender}->{self.recipient}"
+        return stream_label(self.sender, self.recipient, self.lane)
 
     def as_json(self) -> dict[str, Any]:
-        return {"stream": self.stream, "sender": self.sender, "recipient": self.recipient,
+        return {"stream": self.stream, "sender": self.sender, "recipient": self.recipient, "lane": self.lane,
                 "pruned_first_seq": self.first_seq, "pruned_last_seq": self.last_seq,
                 "kept_from_seq": self.kept_from, "stopped": self.stopped, "removed": self.removed,
                 "bytes": self.bytes, "checkpoints": self.checkpoints, "finished": self.finished}
@@ -373,7 +389,7 @@ class _BundleCopy:
     manifest_sha256: str
     prev: str | None
     created: datetime
-    stream: tuple[str, str]
+    stream: tuple[str, str, str]  # sender, recipient, lane
     seq: int
     ok: bool
     problem: str = ""
@@ -398,7 +414,7 @@ def _read_bundle(f: ArchiveFile, trust: sshsig.AllowedSigners) -> _BundleCopy | 
                 ok, problem = True, ""
             except ExchangeError as exc:
                 ok, problem = False, str(exc)
-            return _BundleCopy(f, sha, size, m.sha256, m.prev, m.created, (m.sender, m.recipient), m.seq,
+            return _BundleCopy(f, sha, size, m.sha256, m.prev, m.created, (m.sender, m.recipient, m.lane), m.seq,
                                ok, problem)
     except ExchangeError as exc:
         return str(exc)
@@ -432,9 +448,10 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
     archive = Path(archive)
     report = PruneReport(node_id, archive, cutoff, dry_run)
     files = scan_archive(archive)
-    bundles: dict[tuple[str, str], dict[int, list[_BundleCopy]]] = defaultdict(lambda: defaultdict(list))
-    acks: dict[tuple[str, str], dict[int, list[_AckCopy]]] = defaultdict(lambda: defaultdict(list))
-    covered: dict[tuple[str, str], dict[int, PrunedBundle]] = defaultdict(dict)
+    # per stream (sender, recipient, lane): each lane is pruned and checkpointed on its own
+    bundles: dict[tuple[str, str, str], dict[int, list[_BundleCopy]]] = defaultdict(lambda: defaultdict(list))
+    acks: dict[tuple[str, str, str], dict[int, list[_AckCopy]]] = defaultdict(lambda: defaultdict(list))
+    covered: dict[tuple[str, str, str], dict[int, PrunedBundle]] = defaultdict(dict)
     for f in files:
         if f.refused:
             report.problems.append(f"{f.rel}: {f.refused}")
@@ -455,7 +472,7 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
             if isinstance(got, str):
                 report.problems.append(f"{f.rel}: {got}")
                 continue
-            if node_id in got.stream:
+            if node_id in got.stream[:2]:
                 bundles[got.stream][got.seq].append(got)
         else:
             try:
@@ -464,8 +481,8 @@ def prune(archive: Path, *, node_id: str, role: str, key: Any, trust: sshsig.All
             except ExchangeError as exc:
                 report.problems.append(f"{f.rel}: {exc}")
                 continue
-            stream = (ack.sender, ack.acker)
-            if node_id in stream:
+            stream = (ack.sender, ack.acker, ack.lane)
+            if node_id in stream[:2]:
                 acks[stream][ack.seq].append(_AckCopy(f, sha, size, ack))
     for stream in sorted(set(bundles) | set(covered)):
         sp = StreamPrune(*stream)
@@ -519,8 +536,8 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
             copies = bundles[seq]
             c = copies[0]
             applied = [a for a in acks[seq] if a.ack.bundle_sha256 == c.sha256]
-            batch.append((PrunedBundle(seq, bundle_name(sp.sender, sp.recipient, seq), format_time(c.created), c.sha256,
-                                       c.manifest_sha256, c.prev), copies, applied))
+            batch.append((PrunedBundle(seq, bundle_name(sp.sender, sp.recipient, seq, sp.lane), format_time(c.created),
+                                       c.sha256, c.manifest_sha256, c.prev), copies, applied))
             prev_manifest = c.manifest_sha256
             seq += 1
     if batch:
@@ -541,12 +558,13 @@ def _prune_stream(sp: StreamPrune, bundles: Mapping[int, list[_BundleCopy]],
                        for _b, _c, ackl in chunk for a in ackl]
         removed = [{"path": c.f.rel, "sha256": c.sha256, "size": c.size} for _b, copies, _a in chunk for c in copies]
         removed += [{"path": a.f.rel, "sha256": a.sha256, "size": a.size} for _b, _c, ackl in chunk for a in ackl]
-        data = build_checkpoint(key=key, node=node_id, role=role, sender=sp.sender, recipient=sp.recipient, cutoff=cutoff,
+        data = build_checkpoint(key=key, node=node_id, role=role, sender=sp.sender, recipient=sp.recipient,
+                                lane=sp.lane, cutoff=cutoff,
                                 bundles=[b for b, _c, _a in chunk], acks=pruned_acks, removed=removed,
                                 created=now)
         folder = report.archive / CHECKPOINTS_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / checkpoint_name(node_id, sp.sender, sp.recipient, chunk[-1][0].seq)
+        target = folder / checkpoint_name(node_id, sp.sender, sp.recipient, chunk[-1][0].seq, sp.lane)
         if target.exists():
             raise ExchangeError(f"{target} already exists; refusing to overwrite a checkpoint")
         write_file_atomic(target, data)

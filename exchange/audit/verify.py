@@ -40,6 +40,7 @@ from exchange.wire.bundle import Ack, BundleReader, Manifest, not_for_these_iden
 from exchange.wire.signed import format_time
 from exchange.wire.crypto import sshsig
 from exchange.wire.formats import BUNDLE_MEMBERS, CHECKPOINTS_DIR, EVENTS_TABLE, INNER_MANIFEST, MAX_TABLE_BYTES, parse_name
+from exchange.wire.formats import DEFAULT_LANE, ack_name, bundle_name, stream_label
 from exchange.vocabulary import AckResult
 
 Severity = Literal["error", "warning"]
@@ -255,6 +256,7 @@ class StreamResult:
 
     sender: str
     recipient: str
+    lane: str = DEFAULT_LANE  # each lane is a stream of its own: its seqs, chain, gaps and forks
     seqs: list[int] = field(default_factory=list)  # authentic bundles present
     files: int = 0
     acked: int = 0
@@ -268,7 +270,7 @@ class StreamResult:
 
     @property
     def name(self) -> str:
-        return f"{self.sender}->{self.recipient}"
+        return stream_label(self.sender, self.recipient, self.lane)
 
     @property
     def errors(self) -> list[Finding]:
@@ -279,7 +281,7 @@ class StreamResult:
         return [f for f in self.findings if f.severity == "warning"]
 
     def as_json(self) -> dict[str, Any]:
-        return {"stream": self.name, "sender": self.sender, "recipient": self.recipient,
+        return {"stream": self.name, "sender": self.sender, "recipient": self.recipient, "lane": self.lane,
                 "bundles": len(self.seqs), "files": self.files,
                 "first_seq": self.seqs[0] if self.seqs else None,
                 "last_seq": self.seqs[-1] if self.seqs else None,
@@ -321,12 +323,13 @@ class VerifyReport:
                 "general": [f.as_json() for f in self.general]}
 
 
-def _name_parts(name: str) -> tuple[str, str, int] | None:
+def _name_parts(name: str) -> tuple[str, str, int, str] | None:
+    """(a, b, seq, lane) of a bundle's or ack's file name; None when it is not one."""
     try:
         fn = parse_name(name)
     except FormatError:
         return None
-    return fn.a, fn.b, fn.seq
+    return fn.a, fn.b, fn.seq, fn.lane
 
 
 class _Archive:
@@ -340,7 +343,7 @@ class _Archive:
         self.acks: dict[str, AckFile] = {}
         self.checkpoints: dict[str, Checkpoint] = {}
         self.bad_files: list[tuple[ArchiveFile, Finding]] = []
-        self.name_warnings: list[tuple[tuple[str, str], Finding]] = []
+        self.name_warnings: list[tuple[tuple[str, str, str], Finding]] = []
         self.counts = {"bundles": 0, "acks": 0, "checkpoints": 0, "distinct": 0}
         self.files: list[ArchiveFile] = []
         self.checkpoint_rel: dict[str, str] = {}
@@ -383,10 +386,10 @@ class _Archive:
             self.bad_files += [(f, x) for x in res.findings]
         else:
             parts = _name_parts(f.canonical)
-            if parts != (m.sender, m.recipient, m.seq):
-                self.name_warnings.append(((m.sender, m.recipient), _warn(
+            if parts != (m.sender, m.recipient, m.seq, m.lane):
+                self.name_warnings.append(((m.sender, m.recipient, m.lane), _warn(
                     "name", f"file name disagrees with the signed manifest "
-                    f"({m.sender}.{m.recipient}.{m.seq:010d}.bundle)", f.rel, m.seq)))
+                    f"({bundle_name(m.sender, m.recipient, m.seq, m.lane)})", f.rel, m.seq)))
 
     def _ack(self, f: ArchiveFile, sha: str) -> None:
         if sha in self.acks:
@@ -399,12 +402,12 @@ class _Archive:
             return
         self.acks[sha] = AckFile(f.rel, sha, ack, [f.rel])
         if ack.details == "unreadable":  # signed, but its encrypted details are not what it signed
-            self.name_warnings.append(((ack.sender, ack.acker), _err(
+            self.name_warnings.append(((ack.sender, ack.acker, ack.lane), _err(
                 "ack", f"ack details: {ack.details_error}", f.rel, ack.seq)))
-        if _name_parts(f.canonical) != (ack.acker, ack.sender, ack.seq):
-            self.name_warnings.append(((ack.sender, ack.acker), _warn(
-                "name", f"file name disagrees with the signed ack ({ack.acker}.{ack.sender}.{ack.seq:010d}.ack)",
-                f.rel, ack.seq)))
+        if _name_parts(f.canonical) != (ack.acker, ack.sender, ack.seq, ack.lane):
+            self.name_warnings.append(((ack.sender, ack.acker, ack.lane), _warn(
+                "name", "file name disagrees with the signed ack "
+                f"({ack_name(ack.acker, ack.sender, ack.seq, ack.lane)})", f.rel, ack.seq)))
 
     def _checkpoint(self, f: ArchiveFile, sha: str) -> None:
         if sha in self.checkpoints:
@@ -437,15 +440,15 @@ def _scratch(parent: Path | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stream_of_bad(f: ArchiveFile) -> tuple[str, str] | None:
-    """Best guess of a bad file's stream from its name (it could not be read)."""
+def _stream_of_bad(f: ArchiveFile) -> tuple[str, str, str] | None:
+    """Best guess of a bad file's stream (sender, recipient, lane) from its name (it could not be read)."""
     if f.kind == "checkpoint":
-        m = re.fullmatch(r"[^.]+\.([^.]+)\.([^.]+)\.[0-9]{10}\.checkpoint", f.canonical)
-        return (m.group(1), m.group(2)) if m else None
+        m = re.fullmatch(r"[^.]+\.([^.]+)\.([^.]+)\.(?:([^.]+)\.)?[0-9]{10}\.checkpoint", f.canonical)
+        return (m.group(1), m.group(2), m.group(3) or DEFAULT_LANE) if m else None
     parts = _name_parts(f.canonical)
     if parts is None:
         return None
-    return (parts[0], parts[1]) if f.kind == "bundle" else (parts[1], parts[0])
+    return (parts[0], parts[1], parts[3]) if f.kind == "bundle" else (parts[1], parts[0], parts[3])
 
 
 def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str] = (),
@@ -462,18 +465,19 @@ def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
     arc = _Archive(root, trust, identities, workdir)
     arc.load()
     report = VerifyReport(root, bool(identities), strict, counts=dict(arc.counts))
-    streams: dict[tuple[str, str], StreamResult] = {}
+    # a stream is (sender, recipient, lane): gaps, forks and chains are checked per lane
+    streams: dict[tuple[str, str, str], StreamResult] = {}
 
-    def stream(key: tuple[str, str]) -> StreamResult:
+    def stream(key: tuple[str, str, str]) -> StreamResult:
         if key not in streams:
             streams[key] = StreamResult(*key)
         return streams[key]
 
-    by_stream: dict[tuple[str, str], list[BundleCheck]] = defaultdict(list)
+    by_stream: dict[tuple[str, str, str], list[BundleCheck]] = defaultdict(list)
     for res in arc.bundles.values():
         if res.manifest is None:
             continue  # in arc.bad_files
-        key = (res.manifest.sender, res.manifest.recipient)
+        key = (res.manifest.sender, res.manifest.recipient, res.manifest.lane)
         by_stream[key].append(res)
         sr = stream(key)
         for finding in _with_copies(res):
@@ -481,12 +485,12 @@ def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
                 sr.not_decrypted.append(res.manifest.seq)  # summed up per stream below
             else:
                 sr.findings.append(finding)
-    acks_by_stream: dict[tuple[str, str], list[AckFile]] = defaultdict(list)
+    acks_by_stream: dict[tuple[str, str, str], list[AckFile]] = defaultdict(list)
     for a in arc.acks.values():
-        key = (a.ack.sender, a.ack.acker)
+        key = (a.ack.sender, a.ack.acker, a.ack.lane)
         acks_by_stream[key].append(a)
         stream(key)
-    cps_by_stream: dict[tuple[str, str], list[Checkpoint]] = defaultdict(list)
+    cps_by_stream: dict[tuple[str, str, str], list[Checkpoint]] = defaultdict(list)
     for sha, cp in arc.checkpoints.items():
         refused = _refuse_checkpoint(cp, arc.checkpoint_rel[sha], arc.owner(arc.checkpoint_rel[sha]), roles)
         stream(cp.stream).findings += refused
@@ -503,13 +507,13 @@ def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
             stream(guess).findings.append(finding)
     for named, finding in arc.name_warnings:
         stream(named).findings.append(finding)
-    bad_seqs: dict[tuple[str, str], set[int]] = defaultdict(set)
+    bad_seqs: dict[tuple[str, str, str], set[int]] = defaultdict(set)
     for res in arc.bundles.values():
         if not res.authentic:
             m = res.manifest
-            parts = (m.sender, m.recipient, m.seq) if m is not None else _name_parts(res.name)
+            parts = (m.sender, m.recipient, m.seq, m.lane) if m is not None else _name_parts(res.name)
             if parts:
-                bad_seqs[(parts[0], parts[1])].add(parts[2])
+                bad_seqs[(parts[0], parts[1], parts[3])].add(parts[2])
     for key in sorted(streams):
         _check_stream(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], bad_seqs[key])
         _check_heads(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], evidence.get(key, []))
@@ -546,22 +550,25 @@ class Evidence:
     required: bool  # the archive must reach ``seq`` (False: only a manifest to compare)
 
 
-def _evidence(acks: Iterable[AckFile]) -> dict[tuple[str, str], list[Evidence]]:
-    """Per stream (sender, recipient), what the acks' signed heads say it reached."""
-    out: dict[tuple[str, str], list[Evidence]] = defaultdict(list)
+def _evidence(acks: Iterable[AckFile]) -> dict[tuple[str, str, str], list[Evidence]]:
+    """Per stream (sender, recipient, lane), what the acks' signed heads say it reached (an ack's heads
+    are about the two streams of its own lane)."""
+    out: dict[tuple[str, str, str], list[Evidence]] = defaultdict(list)
     for af in acks:
         a, h = af.ack, af.ack.heads
         if h is None:
             continue
         rf, st = h.received_from_you, h.sent_to_you
         if rf.seq:
-            out[(a.sender, a.acker)].append(Evidence(rf.seq, rf.manifest_sha256, af, f"{a.acker} applied it", True))
+            out[(a.sender, a.acker, a.lane)].append(Evidence(rf.seq, rf.manifest_sha256, af,
+                                                             f"{a.acker} applied it", True))
         if st.acknowledged:
-            out[(a.acker, a.sender)].append(Evidence(
+            out[(a.acker, a.sender, a.lane)].append(Evidence(
                 st.acknowledged, st.manifest_sha256 if st.acknowledged == st.seq else None, af,
                 f"{a.sender} acknowledged it APPLIED to {a.acker}", True))
         if st.seq and st.seq != st.acknowledged:
-            out[(a.acker, a.sender)].append(Evidence(st.seq, st.manifest_sha256, af, f"{a.acker} sealed it", False))
+            out[(a.acker, a.sender, a.lane)].append(Evidence(st.seq, st.manifest_sha256, af,
+                                                             f"{a.acker} sealed it", False))
     return out
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from exchange.errors import ConfigError, DatabaseError
+from exchange.vocabulary import DEFAULT_LANE, LANE_RE
 
 __all__ = [
     "Owner", "RouteKind", "Policy", "PeerInfo", "Route", "DocType", "Catalog",
@@ -128,6 +129,9 @@ class DocType:
     #: Per header column, a policy of its own: two concurrent changes are merged column by column,
     #: each differing column decided by its policy (the others by ``conflict``). Types without children.
     column_conflicts: tuple[tuple[str, Policy], ...] = ()
+    #: The lane its documents travel in (docs/CATALOG.md "Lanes"): each lane is a stream of its own per
+    #: sender and recipient, so a bulk reload or a stuck bundle in one lane never holds up another.
+    lane: str = DEFAULT_LANE
 
     def tables(self) -> tuple[str, ...]:
         """Header first, then children: the order to insert (reverse it to delete)."""
@@ -158,6 +162,9 @@ class Catalog:
         where = f"document type {doc.name!r}"
         if not doc.name:
             raise ConfigError("a document type needs a name")
+        if not isinstance(doc.lane, str) or not LANE_RE.fullmatch(doc.lane):
+            raise ConfigError(f"{where}: lane {doc.lane!r} is not a lane name: use 1-16 of a-z, 0-9 and '-', "
+                              "starting with a letter")
         if doc.owner not in _OWNERS:
             raise ConfigError(f"{where}: owner must be \"ho\" or \"store\", not {doc.owner!r}")
         if not doc.key:
@@ -258,6 +265,19 @@ class Catalog:
         """The types ``role`` changes and sends: those it owns, and (the HO) those editable on both sides."""
         return [d for d in self._docs.values() if d.owner == role or (d.both_sides and role == "ho")]
 
+    def lane_of(self, doc_type: str) -> str:
+        """The lane of a document type; a type this catalog does not know is in the default lane."""
+        doc = self._docs.get(doc_type)
+        return doc.lane if doc is not None else DEFAULT_LANE
+
+    def lanes(self) -> list[str]:
+        """Every lane of this catalog, the default lane first, then in catalog order."""
+        return list(dict.fromkeys([DEFAULT_LANE, *(d.lane for d in self)]))
+
+    def lane_types(self, lane: str) -> list[str]:
+        """The document types of ``lane``, in catalog order (the order to apply)."""
+        return [d.name for d in self if d.lane == lane]
+
     def doc_for_table(self, table: str) -> DocType | None:
         """The document type a table belongs to, if any."""
         return self._by_table.get(table)
@@ -280,7 +300,9 @@ class Catalog:
         """
         from exchange.database.rows import arrow_type
 
-        docs = {d.name: {"tables": list(d.tables()), "key": list(d.key), "owner": d.owner} for d in self}
+        # format 4: a type's lane, written only when not the default (a catalog of one lane is unchanged)
+        docs = {d.name: {"tables": list(d.tables()), "key": list(d.key), "owner": d.owner}
+                | ({} if d.lane == DEFAULT_LANE else {"lane": d.lane}) for d in self}
         tables = {name: {c.name: [str(arrow_type(c)), c.nullable is not False]
                          for c in self.metadata.tables[name].columns}
                   for d in self for name in d.tables()}
@@ -292,6 +314,14 @@ class Catalog:
     def fingerprint(self) -> str:
         """The catalog version: the SHA-256 of :attr:`description` (shown shortened to 12 digits)."""
         return str(self.description["fingerprint"])
+
+
+#: The reference catalog's lanes (docs/CATALOG.md "Lanes"), ``[catalog] lanes = "reference"``: HO -> store,
+#: the item master (a reload is 200,000 items) apart from orders and invoices, which a store works with
+#: today; promotions and audit plans stay in the default lane. Store -> HO, the day's sales bills apart
+#: from goods movements (receipts, returns) and customers, in the default lane.
+REFERENCE_LANES = {"item": "masters", "transfer_order": "orders", "sales_order": "orders",
+                   "sales_invoice": "orders", "sales_bill": "sales"}
 
 
 def _reference_doc_types() -> list[DocType]:
@@ -349,8 +379,9 @@ def _reference_metadata(engine: Engine | None) -> MetaData:
         raise DatabaseError(f"cannot read the reference tables' columns: {exc}") from exc
 
 
-_CATALOG_KEYS = {"schema", "doc", "conflicts"}
-_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals", "owner_columns", "edit", "conflict"}
+_CATALOG_KEYS = {"schema", "doc", "conflicts", "lanes"}
+_DOC_KEYS = {"name", "header", "children", "key", "owner", "route", "totals", "owner_columns", "edit", "conflict",
+             "lane"}
 _EDITS = ("owner", "both")
 _SCHEMAS = ("reference", "database")
 
@@ -390,6 +421,10 @@ def _doc_from_config(entry: Any, index: int) -> DocType:
     edit = entry.get("edit", "owner")
     if edit not in _EDITS:
         raise ConfigError(f"{where}: edit must be \"owner\" or \"both\", not {edit!r}")
+    lane = entry.get("lane", DEFAULT_LANE)
+    if not isinstance(lane, str) or not LANE_RE.fullmatch(lane):
+        raise ConfigError(f"{where}: lane must be a lane name (1-16 of a-z, 0-9 and '-', starting with a "
+                          f"letter), not {lane!r}")
     conflict = entry.get("conflict", "ho-wins")
     if conflict not in _POLICIES:
         raise ConfigError(f"{where}: conflict must be one of {', '.join(_POLICIES)}, not {conflict!r}")
@@ -404,6 +439,7 @@ def _doc_from_config(entry: Any, index: int) -> DocType:
         owner_columns=_str_list(entry.get("owner_columns", []), f"{where}: owner_columns"),
         both_sides=edit == "both",
         conflict=cast(Policy, conflict),
+        lane=lane,
     )
 
 
@@ -434,6 +470,26 @@ def _with_policies(catalog: Catalog, policies: Any) -> Catalog:
             raise ConfigError(f"[catalog] conflicts: {name} is edited by its owner only; a policy is for "
                               "types editable on both sides (edit = \"both\")")
         docs[name] = replace(docs[name], conflict=cast(Policy, policy))
+    return Catalog(catalog.metadata, list(docs.values()))
+
+
+def _with_lanes(catalog: Catalog, lanes: Any) -> Catalog:
+    """``[catalog] lanes = { type = "lane" }``: another lane for a type, the reference schema's too
+    (``"main"``: back to the default lane). Both ends of a stream must give a type the same lane."""
+    if lanes is None:
+        return catalog
+    if lanes == "reference":  # the reference catalog's lanes, for the types this catalog has
+        lanes = {t: lane for t, lane in REFERENCE_LANES.items() if t in catalog}
+    if not isinstance(lanes, Mapping):
+        raise ConfigError("[catalog]: lanes must be \"reference\" or a table such as { item = \"masters\" }")
+    docs = {d.name: d for d in catalog}
+    for name, lane in lanes.items():
+        if name not in docs:
+            raise ConfigError(f"[catalog] lanes: unknown document type {name!r} (known: {', '.join(docs)})")
+        if not isinstance(lane, str) or not LANE_RE.fullmatch(lane):
+            raise ConfigError(f"[catalog] lanes: {name}: {lane!r} is not a lane name (1-16 of a-z, 0-9 and "
+                              "'-', starting with a letter)")
+        docs[name] = replace(docs[name], lane=lane)
     return Catalog(catalog.metadata, list(docs.values()))
 
 
@@ -472,15 +528,15 @@ def catalog_from_config(cfg: Mapping[str, Any], *, reflect_from: Engine | None =
     if schema not in _SCHEMAS:
         raise ConfigError(f"[catalog]: schema must be \"reference\" or \"database\", not {schema!r}")
     doc_types = [_doc_from_config(entry, i) for i, entry in enumerate(entries)]
-    policies = section.get("conflicts")
+    policies, lanes = section.get("conflicts"), section.get("lanes")
     if schema == "reference":
         if not doc_types:
-            return _with_policies(reference_catalog(reflect_from), policies)
-        return _with_policies(Catalog(_reference_metadata(reflect_from), doc_types), policies)
+            return _with_lanes(_with_policies(reference_catalog(reflect_from), policies), lanes)
+        return _with_lanes(_with_policies(Catalog(_reference_metadata(reflect_from), doc_types), policies), lanes)
     if not doc_types:
         raise ConfigError("[catalog]: schema = \"database\" needs at least one [[catalog.doc]]")
     if reflect_from is None:
         raise ConfigError("[catalog]: the site's tables must be read from its database, "
                           "but no database was given", hint="Set database.url in exchange.toml.")
     tables = [t for doc in doc_types for t in doc.tables()]
-    return _with_policies(Catalog(_reflect(reflect_from, tables), doc_types), policies)
+    return _with_lanes(_with_policies(Catalog(_reflect(reflect_from, tables), doc_types), policies), lanes)

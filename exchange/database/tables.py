@@ -75,6 +75,7 @@ _M3_DROPPED = ("ix_xchg_event_routed", "ix_xchg_delivery_status")
 xchg_sent = Table(
     "xchg_sent", XCHG,
     Column("peer", String(32), primary_key=True),
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
     Column("seq", BigInteger, primary_key=True),
     Column("file_name", String(128), nullable=False),
     Column("file_sha256", String(64), nullable=False),
@@ -92,10 +93,11 @@ xchg_sent = Table(
     Column("reconcile", Text),
 )
 
-#: Per peer: the next seq to seal and the hash of the last sealed manifest.
+#: Per peer and lane (a stream): the next seq to seal and the hash of the last sealed manifest.
 xchg_stream_out = Table(
     "xchg_stream_out", XCHG,
     Column("peer", String(32), primary_key=True),
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
     Column("next_seq", BigInteger, nullable=False),
     Column("last_manifest_sha256", String(64)),
     # cursor over xchg_broadcast: (version, doc_type, doc_key) of the last document sealed
@@ -104,10 +106,11 @@ xchg_stream_out = Table(
     Column("bc_key", String(512), nullable=False, server_default=text("''")),
 )
 
-#: Per peer: the last seq applied and its manifest hash (replay/rollback guard).
+#: Per peer and lane (a stream): the last seq applied and its manifest hash (replay/rollback guard).
 xchg_stream_in = Table(
     "xchg_stream_in", XCHG,
     Column("peer", String(32), primary_key=True),
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
     Column("last_seq", BigInteger, nullable=False),
     Column("last_manifest_sha256", String(64)),
 )
@@ -116,6 +119,7 @@ xchg_stream_in = Table(
 xchg_received = Table(
     "xchg_received", XCHG,
     Column("peer", String(32), primary_key=True),
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
     Column("seq", BigInteger, primary_key=True),
     Column("file_name", String(128), nullable=False),
     Column("file_sha256", String(64), nullable=False),
@@ -193,6 +197,7 @@ xchg_decision = Table(
     "xchg_decision", XCHG,
     Column("side", String(8), primary_key=True),
     Column("peer", String(32), primary_key=True),
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
     Column("seq", BigInteger, primary_key=True),
     Column("kind", String(16), nullable=False),  # skipped, superseded
     Column("decided_by", String(128), nullable=False),
@@ -381,10 +386,39 @@ def _m12_reconcile(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE xchg_sent ADD COLUMN {col} TEXT")
 
 
+#: The tables whose rows are per stream, keyed by (peer, lane) since migration 13.
+LANE_TABLES = (xchg_stream_out, xchg_stream_in, xchg_sent, xchg_received, xchg_decision)
+
+
+def _m13_lanes(conn: Connection) -> None:
+    """Streams per lane: ``lane`` joins the keys of the stream, sent, received and decision tables;
+    every existing row is in the default lane ('main'), so its stream goes on unchanged. A primary key
+    cannot be altered on SQLite: each table is made anew (only where ``lane`` is missing) and its rows copied."""
+    for table in LANE_TABLES:
+        insp = inspect(conn)
+        if not insp.has_table(table.name):
+            continue
+        have = [c["name"] for c in insp.get_columns(table.name)]
+        if "lane" in have:
+            continue
+        for ix in insp.get_indexes(table.name):  # index names are global: the new table makes its own
+            if ix.get("name"):
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {ix['name']}")
+        old = f"{table.name}_m12"
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {old}")
+        if conn.dialect.name == "postgresql":  # the old primary key's name goes with the old table
+            conn.exec_driver_sql(f"ALTER TABLE {old} DROP CONSTRAINT IF EXISTS {table.name}_pkey")
+        table.create(conn)
+        cols = ", ".join(c.name for c in table.columns if c.name in have)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({cols}, lane) SELECT {cols}, 'main' FROM {old}")
+        conn.exec_driver_sql(f"DROP TABLE {old}")
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
                                                   _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
-                                                  _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile]
+                                                  _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile,
+                                                  _m13_lanes]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -34,7 +34,7 @@ from exchange.errors import ConfigError, FormatError
 from exchange.faults import crashpoint
 from exchange.node import keys, perms
 from exchange.node.config import NodeConfig
-from exchange.vocabulary import SentStatus
+from exchange.vocabulary import DEFAULT_LANE, SentStatus
 from exchange.wire import keynotice
 from exchange.wire.crypto import age, sshsig
 from exchange.wire.signed import format_time, parse_time
@@ -75,9 +75,10 @@ def pending(cfg: NodeConfig) -> Rotation | None:
 
 
 def _confirmed(conn: Connection, peer: str, first_seq: int) -> bool:
-    """The peer acknowledged (APPLIED) a bundle sealed after the rotation: it carried the notice."""
+    """The peer acknowledged (APPLIED) a bundle sealed after the rotation: it carried the notice (notices
+    travel in the default lane, whose seqs ``first_seq`` counts)."""
     return conn.execute(select(xchg_sent.c.seq).where(and_(
-        xchg_sent.c.peer == peer, xchg_sent.c.seq >= first_seq,
+        xchg_sent.c.peer == peer, xchg_sent.c.lane == DEFAULT_LANE, xchg_sent.c.seq >= first_seq,
         xchg_sent.c.status == SentStatus.PROCESSED.value)).limit(1)).first() is not None
 
 
@@ -120,7 +121,8 @@ def control_bundle_due(node: Node, peer: str) -> bool:
         if _told(rot, conn, peer, datetime.now(UTC)):
             return False
         return conn.execute(select(xchg_sent.c.seq).where(and_(
-            xchg_sent.c.peer == peer, xchg_sent.c.seq >= rot.first_seq[peer])).limit(1)).first() is None
+            xchg_sent.c.peer == peer, xchg_sent.c.lane == DEFAULT_LANE,
+            xchg_sent.c.seq >= rot.first_seq[peer])).limit(1)).first() is None
 
 
 def unconfirmed(node: Node) -> list[str]:
@@ -185,7 +187,8 @@ def rotate(node: Node, overlap: timedelta = DEFAULT_OVERLAP) -> Rotation:
     now = datetime.now(UTC).replace(microsecond=0)
     carried = keynotice.make_notice(cfg.id, old_key, new_key, recipient, now, overlap)
     with node.engine.connect() as conn:
-        seqs = dict(conn.execute(select(xchg_stream_out.c.peer, xchg_stream_out.c.next_seq)).all())
+        seqs = dict(conn.execute(select(xchg_stream_out.c.peer, xchg_stream_out.c.next_seq)
+                                 .where(xchg_stream_out.c.lane == DEFAULT_LANE)).all())
     first = {p: int(seqs.get(p, 1)) for p in sorted(cfg.peers)}
     rot = Rotation(carried, now, now + overlap, first)
     _write_state(cfg, rot)  # the commit point

@@ -20,7 +20,7 @@ from typing import Any
 from exchange.errors import ConfigError
 
 #: What a value must be: "int", "number" (int or float), "str", "strs" (a list of strings),
-#: "str-or-strs", "table", "tables" (an array of tables), "bool".
+#: "str-or-strs", "table", "str-or-table", "tables" (an array of tables), "bool".
 Kind = str
 
 
@@ -129,6 +129,8 @@ CATALOG = Section("catalog", "The document types exchanged (docs/CATALOG.md).", 
     Setting("doc", "tables", None, "[[catalog.doc]] tables: one document type each (docs/CATALOG.md)"),
     Setting("conflicts", "table", None, "another conflict policy per document type (docs/CATALOG.md)",
             example={"customer": "ho-wins"}),
+    Setting("lanes", "str-or-table", None, "\"reference\" (the reference catalog's lanes) or a lane per "
+            "document type; both ends of a stream must agree (docs/CATALOG.md, \"Lanes\")", example="reference"),
 ), detail="each [[catalog.doc]] is checked when the node opens, by exchange/database/catalog.py")
 
 IMPORT = Section("import", "Applying received bundles (docs/OPERATIONS.md).", (
@@ -145,6 +147,7 @@ PEERS = "peers"
 _KINDS: dict[Kind, str] = {
     "int": "a whole number", "number": "a number", "str": "a string in quotes", "strs": "a list of strings",
     "str-or-strs": "a string or a list of strings", "table": "a table", "tables": "an array of tables",
+    "str-or-table": "a string or a table",
     "bool": "true or false",
 }
 
@@ -166,6 +169,8 @@ def _fits(kind: Kind, value: Any) -> bool:
         return isinstance(value, str) or _fits("strs", value)
     if kind == "table":
         return isinstance(value, Mapping)
+    if kind == "str-or-table":
+        return isinstance(value, (str, Mapping))
     if kind == "tables":
         return isinstance(value, list) and all(isinstance(v, Mapping) for v in value)
     return isinstance(value, bool)

@@ -27,12 +27,35 @@ from sqlalchemy import Connection
 
 from exchange.database import rows
 from exchange.database.catalog import Catalog, DocType
-from exchange.errors import OwnershipError
-from exchange.vocabulary import DocKey
+from exchange.errors import FormatError, OwnershipError
+from exchange.vocabulary import DEFAULT_LANE, DocKey
 from exchange.wire.formats import BASES_TABLE, EVENTS_TABLE
 
 #: (doc_key, op, version) of one document type's events in a bundle
 Events = Sequence[tuple[DocKey, str, int]]
+
+
+def check_lane(catalog: Catalog, sender_docs: Mapping[str, Mapping[str, object]] | None, lane: str,
+               doc_types: Sequence[str]) -> None:
+    """Every document type a bundle carries travels in the bundle's lane (docs/CATALOG.md "Lanes").
+
+    The lane is this node's catalog's (a type it does not know yet: the sender's catalog's). A bundle
+    that claims another lane for a type would slip documents past a stuck bundle of their own lane, and
+    apply out of their stream's order: it is a FormatError, quarantined before anything is applied.
+    A sender whose catalog declares no lanes (format 3, or a bundle sealed before the upgrade) has one
+    stream, the default lane, and may send any type in it.
+    """
+    theirs = sender_docs or {}
+    one_stream = lane == DEFAULT_LANE and not any("lane" in d for d in theirs.values())
+    if one_stream:
+        return
+    for doc_type in doc_types:
+        own = (catalog.lane_of(doc_type) if doc_type in catalog
+               else str(theirs.get(doc_type, {}).get("lane", DEFAULT_LANE)))
+        if own != lane:
+            raise FormatError(f"{doc_type} documents travel in lane {own!r}, but this bundle is of lane {lane!r}: "
+                              "nothing of it applied", hint="Both ends must give each document type the same "
+                              "lane ([catalog] lanes in exchange.toml; `exchange catalog diff` shows them).")
 
 
 def key_text(doc_key: str) -> str:

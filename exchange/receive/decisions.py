@@ -26,18 +26,19 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, select, update
 
-from exchange.database.tables import begin_write, xchg_decision, xchg_received, xchg_stream_in
+from exchange.database.tables import begin_write, xchg_decision, xchg_received
 from exchange.errors import ApplyError, BundleError, CryptoError, FormatError, StreamError
 from exchange.files import sha256_file, utc_now, write_file_atomic
 from exchange.node.home import Node
 from exchange.receive.setaside import archive
-from exchange.vocabulary import AckResult, Outcome, ReceivedStatus
+from exchange.vocabulary import DEFAULT_LANE, AckResult, Outcome, ReceivedStatus
 from exchange.progress import Reporter
 from exchange.receive.importer import FileOutcome, _heads
+from exchange.receive.position import set_stream_pos, stream_pos
 from exchange.receive.stuck import STUCK_SQL, Stuck, stuck_bundles
 from exchange.wire.bundle import BundleReader, build_ack, open_bundle
 from exchange.wire.decision import MAX_DECIDER_CHARS, Decision, check_text
-from exchange.wire.formats import MAX_REASON_CHARS, MAX_SUPERSEDES, SUPERSEDES, ack_name
+from exchange.wire.formats import MAX_REASON_CHARS, MAX_SUPERSEDES, SUPERSEDES, ack_name, stream_label
 from exchange.wire.signed import seq_field
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ class Skipped:
     file: str
     decision: Decision
     archived: Path
+    lane: str = DEFAULT_LANE
 
 
 def skip_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str,
-                superseded: Decision | None = None) -> Skipped:
-    """Skip FAILED bundle ``seq`` of ``peer``'s stream: the stream moves past it, nothing of it applied.
+                superseded: Decision | None = None, lane: str = DEFAULT_LANE) -> Skipped:
+    """Skip FAILED bundle ``seq`` of ``peer``'s stream in ``lane``: the stream moves past it, nothing of it
+    applied; the peer's other lanes are not touched.
 
     ``superseded``: the sender's own signed notice (:func:`follow_supersede_notices`) is the decision.
     """
@@ -69,10 +72,12 @@ def skip_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str,
     node.cfg.peer(peer)
     with node.engine.connect() as conn:
         row = conn.execute(select(xchg_received).where(and_(
-            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).mappings().first()
+            xchg_received.c.peer == peer, xchg_received.c.lane == lane, xchg_received.c.seq == seq))
+        ).mappings().first()
     if row is None or row["status"] != ReceivedStatus.FAILED:
         state = "not received" if row is None else str(row["status"])
-        raise StreamError(f"bundle {seq} of {peer} is {state}: only a FAILED bundle can be skipped",
+        raise StreamError(f"bundle {seq} of {stream_label(peer, node.id, lane)} is {state}: only a FAILED "
+                          "bundle can be skipped",
                           hint="See `exchange status received`; a WAITING bundle waits for an earlier one, "
                                "a HELD one for an upgrade.")
     path = node.cfg.inbox / row["file_name"]
@@ -84,43 +89,38 @@ def skip_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str,
         reader.verify_signature(node.trust)
         reader.check_recipient(node.id)
         m = reader.manifest
-    if (m.sender, m.seq, m.sha256) != (peer, seq, row["manifest_sha256"]):
+    if (m.sender, m.seq, m.lane, m.sha256) != (peer, seq, lane, row["manifest_sha256"]):
         raise StreamError(f"{path.name}: its signed manifest is not the one recorded as FAILED")
     with node.engine.begin() as conn:
         begin_write(conn)
-        last = conn.execute(select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
-            xchg_stream_in.c.peer == peer).with_for_update()).first()
-        last_seq, last_sha = (int(last[0]), last[1]) if last else (0, None)
+        last_seq, last_sha = stream_pos(conn, peer, lane, lock=True)
         if last_seq != seq - 1 or m.prev != last_sha:
             raise StreamError(f"bundle {seq} of {peer} is not the next of its stream (last applied {last_seq})",
                               hint="Run `exchange retry`, then skip again.")
         ack = build_ack(key=node.signing_key, acker=node.id, sender=peer, seq=seq,
                         bundle_sha256=row["file_sha256"], manifest_sha256=m.sha256, result=AckResult.REJECTED,
                         reason=f"{decision.text()} (it failed: {row['reason'] or 'no reason recorded'})",
-                        recipients=node.recipients_for(peer), decision=decision,
-                        heads=_heads(conn, peer, (seq, m.sha256)))
-        if last is None:
-            conn.execute(xchg_stream_in.insert().values(peer=peer, last_seq=seq, last_manifest_sha256=m.sha256))
-        else:
-            conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
-                         .values(last_seq=seq, last_manifest_sha256=m.sha256))
-        conn.execute(update(xchg_received).where(and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq))
+                        recipients=node.recipients_for(peer), decision=decision, lane=lane,
+                        heads=_heads(conn, peer, (seq, m.sha256), lane))
+        set_stream_pos(conn, peer, lane, seq, m.sha256)
+        conn.execute(update(xchg_received).where(and_(xchg_received.c.peer == peer, xchg_received.c.lane == lane,
+                                                      xchg_received.c.seq == seq))
                      .values(status=ReceivedStatus.SKIPPED, ack=ack, applied_at=None,
                              reason=f"{decision.text()} (failed: {row['reason'] or ''})"[:MAX_REASON_CHARS]))
-        record_decision(conn, "received", peer, seq, decision, row["file_sha256"], m.sha256)
+        record_decision(conn, "received", peer, seq, decision, row["file_sha256"], m.sha256, lane=lane)
     log.warning("decision: bundle %s %s", path.name, decision.text(),
                 extra={"file": path.name, "status": ReceivedStatus.SKIPPED, "peer": peer, "seq": seq})
-    write_file_atomic(node.cfg.outbox / ack_name(node.id, peer, seq), ack)
-    return Skipped(peer, seq, path.name, decision, archive(node, path, SKIPPED_DIR))
+    write_file_atomic(node.cfg.outbox / ack_name(node.id, peer, seq, lane), ack)
+    return Skipped(peer, seq, path.name, decision, archive(node, path, SKIPPED_DIR), lane)
 
 
 def record_decision(conn: Connection, side: str, peer: str, seq: int, decision: Decision, file_sha256: str,
-                    manifest_sha256: str | None) -> None:
-    """Record ``decision`` about bundle ``seq`` of ``peer`` (replacing an earlier record of it)."""
+                    manifest_sha256: str | None, lane: str = DEFAULT_LANE) -> None:
+    """Record ``decision`` about bundle ``seq`` of ``peer``'s stream in ``lane`` (replacing an earlier record)."""
     d = xchg_decision.c
-    conn.execute(delete(xchg_decision).where(and_(d.side == side, d.peer == peer, d.seq == seq)))
+    conn.execute(delete(xchg_decision).where(and_(d.side == side, d.peer == peer, d.lane == lane, d.seq == seq)))
     conn.execute(xchg_decision.insert().values(
-        side=side, peer=peer, seq=seq, kind=decision.kind, decided_by=decision.by, decided_at=decision.at,
+        side=side, peer=peer, lane=lane, seq=seq, kind=decision.kind, decided_by=decision.by, decided_at=decision.at,
         reason=decision.reason, file_sha256=file_sha256, manifest_sha256=manifest_sha256))
 
 
@@ -168,14 +168,14 @@ def follow_supersede_notices(node: Node, outcomes: list[FileOutcome], rep: Repor
     """
     done: list[Stuck] = []
     for head in [o for o in outcomes if o.status == Outcome.FAILED and o.peer]:
-        behind = sorted((o for o in outcomes if o.peer == head.peer and o.seq > head.seq
+        behind = sorted((o for o in outcomes if o.peer == head.peer and o.lane == head.lane and o.seq > head.seq
                          and o.status == Outcome.WAITING), key=lambda o: -o.seq)
         for o in behind:
             path = node.cfg.inbox / o.file
             try:
                 with open_bundle(path, trust=node.trust, identities=node.identities, me=node.id,
                                  workdir=node.cfg.work) as opened:
-                    if opened.manifest.sender != head.peer:
+                    if (opened.manifest.sender, opened.manifest.lane) != (head.peer, head.lane):
                         continue
                     notices = read_notices(opened.summary, o.file)
             except (BundleError, CryptoError) as exc:
@@ -184,8 +184,9 @@ def follow_supersede_notices(node: Node, outcomes: list[FileOutcome], rep: Repor
             decision = notices.get(head.seq)
             if decision is None:
                 continue
-            skip_bundle(node, head.peer, head.seq, reason=decision.reason, by=decision.by, superseded=decision)
+            skip_bundle(node, head.peer, head.seq, reason=decision.reason, by=decision.by, superseded=decision,
+                        lane=head.lane)
             rep.state(head.file, ReceivedStatus.SKIPPED, decision.text())
-            done.append(Stuck(head.peer, head.seq, ReceivedStatus.SKIPPED, decision.text()))
+            done.append(Stuck(head.peer, head.seq, ReceivedStatus.SKIPPED, decision.text(), lane=head.lane))
             break
     return done

@@ -41,6 +41,7 @@ from exchange.database.tables import xchg_kept, xchg_peer_catalog
 from exchange.errors import ApplyError, FormatError, SchemaChangeError
 from exchange.files import utc_now
 from exchange.wire.formats import EVENTS_TABLE, HEX64, INNER_MANIFEST, MAX_TABLES
+from exchange.vocabulary import DEFAULT_LANE, LANE_RE
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,21 @@ def parse_catalog(raw: Any) -> PeerCatalog | None:
     docs: dict[str, dict[str, Any]] = {}
     for name, d in docs_raw.items():
         _name(name, "a document type")
-        if not isinstance(d, dict) or set(d) != {"tables", "key", "owner"} or d["owner"] not in ("ho", "store"):
-            raise FormatError(f"{what}: document type {name!r} must have tables, key and owner (ho or store)")
+        if not isinstance(d, dict) or set(d) - {"lane"} != {"tables", "key", "owner"} \
+                or d["owner"] not in ("ho", "store"):
+            raise FormatError(f"{what}: document type {name!r} must have tables, key and owner (ho or store), "
+                              "and may have a lane (format 4)")
+        if "lane" in d and (not isinstance(d["lane"], str) or not LANE_RE.fullmatch(d["lane"])
+                            or d["lane"] == DEFAULT_LANE):
+            raise FormatError(f"{what}: document type {name!r}: lane {str(d['lane'])[:40]!r} is not a lane name "
+                              "(the default lane is written by leaving lane out)")
         for field_ in ("tables", "key"):
             if not isinstance(d[field_], list) or not d[field_] or len(d[field_]) > MAX_COLUMNS:
                 raise FormatError(f"{what}: document type {name!r}: {field_} must be a list of names")
             for v in d[field_]:
                 _name(v, f"{name}.{field_}")
-        docs[name] = {"tables": list(d["tables"]), "key": list(d["key"]), "owner": d["owner"]}
+        docs[name] = {"tables": list(d["tables"]), "key": list(d["key"]), "owner": d["owner"]} \
+            | ({"lane": d["lane"]} if "lane" in d else {})
     tables: dict[str, dict[str, tuple[str, bool]]] = {}
     for tname, cols in tables_raw.items():
         _name(tname, "a table")
@@ -484,7 +492,7 @@ def peer_catalog(conn: Connection, peer: str) -> tuple[PeerCatalog, int] | None:
 class Difference:
     """One way the two sides' catalogs differ, and what it does to the peer's bundles here."""
 
-    what: str  # "document type", "key", "table", "column", "type", "nullable"
+    what: str  # "document type", "lane", "key", "table", "column", "type", "nullable"
     name: str  # doc type, table or table.column
     here: str  # this node's side ("-": absent)
     peer: str  # the peer's side ("-": absent)
@@ -511,6 +519,12 @@ def diff(ours: Catalog, theirs: PeerCatalog, role: str) -> list[Difference]:
             continue
         we_send = a["owner"] == role
         there, here = ("at the peer", "the peer's") if we_send else ("here", "this node's")
+        # (a peer whose catalog declares no lane at all sends everything in the default lane: no difference)
+        lanes_declared = any("lane" in d for d in theirs.docs.values())
+        if lanes_declared and a.get("lane", DEFAULT_LANE) != b.get("lane", DEFAULT_LANE):
+            out.append(Difference("lane", name, a.get("lane", DEFAULT_LANE), b.get("lane", DEFAULT_LANE),
+                                  "bundles with these documents in the other lane are quarantined: give the "
+                                  "type one lane on both sides ([catalog] lanes)"))
         if a["key"] != b["key"]:
             out.append(Difference("key", name, ", ".join(a["key"]), ", ".join(b["key"]),
                                   f"not additive: bundles with these documents are HELD {there}"))

@@ -28,7 +28,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 
-from exchange.database import references, rows
+from exchange.database import lanes, references, rows
 from exchange.database.arrow_memory import system_pool
 from exchange.database.capture import suppress_capture
 from exchange.database.catalog import DocType
@@ -41,7 +41,6 @@ from exchange.database.tables import (
     xchg_parked,
     xchg_received,
     xchg_sent,
-    xchg_stream_in,
 )
 from exchange.errors import (
     ApplyError, BundleError, DatabaseError, ExchangeError, FormatError, OwnershipError, SchemaChangeError,
@@ -51,10 +50,12 @@ from exchange.files import fsync_dir, sha256_file, utc_now, write_file_atomic
 from exchange.node import keys, rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.vocabulary import (AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus,
-                                 counted)
+from exchange.vocabulary import (
+    DEFAULT_LANE, AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus, counted,
+)
 from exchange.receive import admission, children, conflicts, evolution
 from exchange.receive.heartbeat import import_heartbeat
+from exchange.receive.position import set_stream_pos, stream_pos
 from exchange.receive.locks import try_lock
 from exchange.receive.orphans import deleted_dependency
 from exchange.receive.reconcile import reconcile
@@ -81,8 +82,10 @@ from exchange.wire.formats import (
     EVENTS_TABLE,
     INNER_MANIFEST,
     ack_name,
+    bundle_name,
     is_exchange_file,
     parse_name,
+    stream_label,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,14 @@ class FileOutcome:
     parked: int = 0
     applied: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def lane(self) -> str:
+        """The lane of the file's stream, from its name (which the signed manifest was checked against)."""
+        try:
+            return parse_name(self.file).lane
+        except FormatError:
+            return DEFAULT_LANE
+
 
 #: Outcomes after which an ack waits in the outbox to go back to the sender.
 ACKED = frozenset({Outcome.APPLIED, Outcome.DUPLICATE, Outcome.FAILED})
@@ -112,42 +123,41 @@ def wrote_acks(outcomes: Iterable[FileOutcome]) -> bool:
 
 # ---------------------------------------------------------------- received rows
 
-def _set_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
-    cond = and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq)
-    if not conn.execute(update(xchg_received).where(cond).values(**values)).rowcount:
+def _received(peer: str, lane: str, seq: int) -> Any:
+    """The ``xchg_received`` row of bundle ``seq`` of ``peer``'s stream in ``lane``."""
+    r = xchg_received.c
+    return and_(r.peer == peer, r.lane == lane, r.seq == seq)
+
+
+def _set_received(conn: Connection, peer: str, seq: int, lane: str = DEFAULT_LANE, **values: Any) -> None:
+    if not conn.execute(update(xchg_received).where(_received(peer, lane, seq)).values(**values)).rowcount:
         values.setdefault("summary", "{}")
         values.setdefault("received_at", utc_now())
-        conn.execute(xchg_received.insert().values(peer=peer, seq=seq, **values))
+        conn.execute(xchg_received.insert().values(peer=peer, lane=lane, seq=seq, **values))
 
 
-def _upsert_received(conn: Connection, peer: str, seq: int, **values: Any) -> None:
+def _upsert_received(conn: Connection, peer: str, seq: int, lane: str = DEFAULT_LANE, **values: Any) -> None:
     """:func:`_set_received` with every required column given, as one statement on SQLite and PostgreSQL
     (a bundle's fixed cost: most arrive with no row yet, which took an UPDATE and then an INSERT)."""
     name = conn.dialect.name
     if name not in ("sqlite", "postgresql"):
-        _set_received(conn, peer, seq, **values)
+        _set_received(conn, peer, seq, lane, **values)
         return
     if name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as upsert
     else:
         from sqlalchemy.dialects.postgresql import insert as upsert  # type: ignore[assignment]
-    ins = upsert(xchg_received).values(peer=peer, seq=seq, received_at=utc_now(), **values)
-    conn.execute(ins.on_conflict_do_update(index_elements=["peer", "seq"], set_=values))
+    ins = upsert(xchg_received).values(peer=peer, lane=lane, seq=seq, received_at=utc_now(), **values)
+    conn.execute(ins.on_conflict_do_update(index_elements=["peer", "lane", "seq"], set_=values))
 
 
-def _stream_pos(conn: Connection, peer: str, lock: bool = False) -> tuple[int, str | None]:
-    q = select(xchg_stream_in.c.last_seq, xchg_stream_in.c.last_manifest_sha256).where(
-        xchg_stream_in.c.peer == peer)
-    row = conn.execute(q.with_for_update() if lock else q).first()
-    return (int(row[0]), row[1]) if row else (0, None)
-
-
-def _heads(conn: Connection, peer: str, received: tuple[int, str | None]) -> Heads:
-    """This node's position in both streams with ``peer``, signed into the ack as evidence
+def _heads(conn: Connection, peer: str, received: tuple[int, str | None], lane: str = DEFAULT_LANE) -> Heads:
+    """This node's position in both streams with ``peer`` in ``lane``, signed into the ack as evidence
     ``exchange audit verify`` checks the peer's archive against (docs/AUDIT.md)."""
+    mine = and_(xchg_sent.c.peer == peer, xchg_sent.c.lane == lane)
     acked = select(func.max(xchg_sent.c.seq)).where(and_(
-        xchg_sent.c.peer == peer, xchg_sent.c.status == SentStatus.PROCESSED)).scalar_subquery()
-    last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256, acked).where(xchg_sent.c.peer == peer)
+        mine, xchg_sent.c.status == SentStatus.PROCESSED)).scalar_subquery()
+    last = conn.execute(select(xchg_sent.c.seq, xchg_sent.c.manifest_sha256, acked).where(mine)
                         .order_by(xchg_sent.c.seq.desc()).limit(1)).first()  # one statement per ack signed
     sent = Head(int(last[0]), last[1], int(last[2] or 0)) if last else Head(0, None, 0)
     return Heads(Head(received[0], received[1] if received[0] else None), sent)
@@ -176,8 +186,8 @@ def _ack_dirs_synced_at_end() -> Iterator[None]:
             fsync_dir(folder)
 
 
-def _write_ack(node: Node, ack: bytes, peer: str, seq: int) -> None:
-    name = ack_name(node.id, peer, seq)
+def _write_ack(node: Node, ack: bytes, peer: str, seq: int, lane: str = DEFAULT_LANE) -> None:
+    name = ack_name(node.id, peer, seq, lane)
     batch = _dir_syncs.get()
     try:
         write_file_atomic(node.cfg.outbox / name, ack, sync_dir=batch is None)
@@ -222,10 +232,10 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     rep = reporter or NullReporter()
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)
              and (peer is None or parse_name(p.name).a == peer)]
-    streams: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    streams: dict[tuple[str, str, str], list[Path]] = defaultdict(list)
     for p in files:
         fn = parse_name(p.name)
-        streams[(fn.kind, fn.a)].append(p)
+        streams[(fn.kind, fn.a, fn.lane)].append(p)  # each lane is a stream of its own
     order = sorted(streams)
     if order and rotate:  # workers of import_parallel start evenly apart, not on neighbouring streams
         k = (rotate * len(order) // workers if 0 < rotate < workers else rotate) % len(order)
@@ -234,14 +244,15 @@ def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate:
     total = sum(len(v) for v in streams.values())
     if total:
         rep.start("import", total)
-    for kind, peer in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):  # heartbeats, acks, bundles
-        if not any(os.path.lexists(p) for p in streams[(kind, peer)]):  # another worker took them all meanwhile
-            rep.advance(len(streams[(kind, peer)]))
+    # heartbeats, then acks, then bundles
+    for kind, peer, lane in sorted(order, key=lambda s: (s[0] != "heartbeat", s[0] != "ack")):
+        if not any(os.path.lexists(p) for p in streams[(kind, peer, lane)]):  # another worker took them all meanwhile
+            rep.advance(len(streams[(kind, peer, lane)]))
             continue
-        with try_lock(node, f"{kind}-{peer}") as got:
+        with try_lock(node, f"{kind}-{peer}" + ("" if lane == DEFAULT_LANE else f"-{lane}")) as got:
             if not got:
                 continue
-            for p in sorted(streams[(kind, peer)], key=lambda p: parse_name(p.name).seq):
+            for p in sorted(streams[(kind, peer, lane)], key=lambda p: parse_name(p.name).seq):
                 if kind == "heartbeat":
                     if os.path.lexists(p):
                         status, why = import_heartbeat(node, p, rep)
@@ -289,11 +300,14 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
             reader.check_recipient(node.id)
             m = reader.manifest
             keys.check_current(node.trust, m.sender, signer.key)  # retired or revoked: refused whatever `created` says
-            if (fn.a, fn.b, fn.seq) != (m.sender, m.recipient, m.seq):
+            if (fn.a, fn.b, fn.seq, fn.lane) != (m.sender, m.recipient, m.seq, m.lane):
                 raise FormatError(f"{path.name}: file name disagrees with the signed manifest "
-                                  f"({m.sender}.{m.recipient}.{m.seq:010d})")
+                                  f"({bundle_name(m.sender, m.recipient, m.seq, m.lane)})")
             if m.sender not in node.cfg.peers:
                 raise FormatError(f"{path.name}: sender {m.sender!r} is not a peer of this node")
+            if m.lane not in node.catalog.lanes():  # never a stream of its own: it would wait for ever
+                raise FormatError(f"{path.name}: lane {m.lane!r} is not a lane of this node's catalog "
+                                  f"(lanes: {', '.join(node.catalog.lanes())})")
         except BundleError as exc:
             if not dry_run:
                 quarantine(node, path, exc, rep)
@@ -302,7 +316,7 @@ def _import_file(node: Node, path: Path, *, retry: bool, dry_run: bool, reporter
 
 
 def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, peer: str, seq: int, *,
-                      dry_run: bool, rep: Reporter) -> FileOutcome:
+                      dry_run: bool, rep: Reporter, lane: str = DEFAULT_LANE) -> FileOutcome:
     """A verified copy of a bundle applied from a copy with other unsigned bytes: acknowledge this copy.
 
     Since readers accept only the exact bytes the writer produces, two verified copies of one signed
@@ -318,12 +332,13 @@ def _reack_other_copy(node: Node, path: Path, manifest_sha: str, file_sha: str, 
     with node.engine.begin() as conn:
         begin_write(conn)
         ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
-                        bundle_sha256=file_sha,
+                        bundle_sha256=file_sha, lane=lane,
                         manifest_sha256=manifest_sha, result=AckResult.APPLIED, created=utc_now(),
-                        recipients=node.recipients_for(peer), heads=_heads(conn, peer, _stream_pos(conn, peer)))
-        conn.execute(update(xchg_received).where(and_(xchg_received.c.peer == peer, xchg_received.c.seq == seq))
+                        recipients=node.recipients_for(peer),
+                        heads=_heads(conn, peer, stream_pos(conn, peer, lane), lane))
+        conn.execute(update(xchg_received).where(_received(peer, lane, seq))
                      .values(file_sha256=file_sha, ack=ack, reason=note))
-    _write_ack(node, ack, peer, seq)
+    _write_ack(node, ack, peer, seq, lane)
     archive(node, path, "duplicates")
     rep.state(path.name, Outcome.DUPLICATE, note)
     return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
@@ -340,17 +355,17 @@ def _reading(node: Node) -> Any:
 def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run: bool,
            rep: Reporter) -> FileOutcome:
     m = reader.manifest
-    peer, seq = m.sender, m.seq
+    peer, seq, lane = m.sender, m.seq, m.lane
+    stream = stream_label(peer, node.id, lane)
     file_sha = sha256_file(path)
     with _reading(node) as conn:
-        last_seq, last_manifest = _stream_pos(conn, peer)
-        known = conn.execute(select(xchg_received).where(and_(
-            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).mappings().first()
+        last_seq, last_manifest = stream_pos(conn, peer, lane)
+        known = conn.execute(select(xchg_received).where(_received(peer, lane, seq))).mappings().first()
     if seq <= last_seq:
         if known and known["file_sha256"] == file_sha and known["status"] == ReceivedStatus.APPLIED:
             if not dry_run:
                 if known["ack"]:
-                    _write_ack(node, known["ack"], peer, seq)
+                    _write_ack(node, known["ack"], peer, seq, lane)
                 archive(node, path, "duplicates")
                 rep.state(path.name, Outcome.DUPLICATE, "already applied; re-acknowledged")
             note = ("already applied; an import would acknowledge it again" if dry_run
@@ -361,13 +376,13 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
                     ("an import would send the decision again" if dry_run else "the decision re-sent"))
             if not dry_run:
                 if known["ack"]:
-                    _write_ack(node, known["ack"], peer, seq)
+                    _write_ack(node, known["ack"], peer, seq, lane)
                 archive(node, path, "skipped")
                 rep.state(path.name, Outcome.DUPLICATE, note)
             return FileOutcome(path.name, Outcome.DUPLICATE, note, peer, seq)
         if known and known["status"] == ReceivedStatus.APPLIED and known["manifest_sha256"] == m.sha256:
-            return _reack_other_copy(node, path, m.sha256, file_sha, peer, seq, dry_run=dry_run, rep=rep)
-        reason = (f"seq {seq} of stream {peer}->{node.id} was already applied from a different file "
+            return _reack_other_copy(node, path, m.sha256, file_sha, peer, seq, dry_run=dry_run, rep=rep, lane=lane)
+        reason = (f"seq {seq} of stream {stream} was already applied from a different file "
                   f"(replay, rollback or fork); last applied seq is {last_seq}")
         if not dry_run:
             quarantine(node, path, reason, rep)
@@ -377,18 +392,18 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         reader.check_major()
     except HeldError as exc:
         if not dry_run:
-            _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.HELD, str(exc), rep)
+            _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.HELD, str(exc), rep, lane=lane)
         return FileOutcome(path.name, Outcome.HELD, str(exc), peer, seq)
     if seq > last_seq + 1:
-        reason = f"waiting for seq {last_seq + 1} of stream {peer}->{node.id}"
+        reason = f"waiting for seq {last_seq + 1} of stream {stream}"
         if not dry_run:
-            _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.WAITING, reason, rep)
+            _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.WAITING, reason, rep, lane=lane)
         return FileOutcome(path.name, Outcome.WAITING, reason, peer, seq)
     if known and known["status"] == ReceivedStatus.FAILED and not retry and not dry_run:
         return FileOutcome(path.name, Outcome.FAILED, known["reason"] or "", peer, seq)
     if m.prev != last_manifest:
         reason = (f"hash chain broken: bundle's previous-manifest hash {m.prev} is not the last "
-                  f"applied manifest {last_manifest} of stream {peer}->{node.id}")
+                  f"applied manifest {last_manifest} of stream {stream}")
         if not dry_run:
             quarantine(node, path, reason, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, reason, peer, seq)
@@ -414,7 +429,7 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
 
 def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_sha: str,
             status: ReceivedStatus, reason: str, rep: Reporter, summary: str | None = None,
-            ack: bytes | None = None) -> None:
+            ack: bytes | None = None, lane: str = DEFAULT_LANE) -> None:
     values: dict[str, Any] = dict(file_name=name, file_sha256=file_sha, manifest_sha256=manifest_sha,
                                   status=status, reason=reason)
     if summary is not None:
@@ -422,9 +437,9 @@ def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_
     if ack is not None:
         values["ack"] = ack
     with node.engine.begin() as conn:
-        old = conn.execute(select(xchg_received.c.status, xchg_received.c.reason).where(and_(
-            xchg_received.c.peer == peer, xchg_received.c.seq == seq))).first()
-        _set_received(conn, peer, seq, **values)
+        old = conn.execute(select(xchg_received.c.status, xchg_received.c.reason).where(
+            _received(peer, lane, seq))).first()
+        _set_received(conn, peer, seq, lane, **values)
     if old is None or tuple(old) != (status, reason):
         rep.state(name, status, reason)
 
@@ -432,20 +447,19 @@ def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_
 def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_run: bool,
                   rep: Reporter) -> FileOutcome:
     m = opened.manifest
-    peer, seq = m.sender, m.seq
+    peer, seq, lane = m.sender, m.seq, m.lane
     try:
         with node.engine.begin() as conn:
             begin_write(conn)
             if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"xchg:{peer}",))
-            pos = conn.execute(select(xchg_stream_in.c.last_seq).where(xchg_stream_in.c.peer == peer)
-                               .with_for_update()).first()
-            last_seq = int(pos[0]) if pos else 0
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                     (f"xchg:{peer}" + ("" if lane == DEFAULT_LANE else f":{lane}"),))
+            last_seq, _ = stream_pos(conn, peer, lane, lock=True)
             if last_seq >= seq:  # applied meanwhile by another worker
                 return FileOutcome(path.name, Outcome.DUPLICATE, "applied by another worker", peer, seq)
             notice = rotation.carried_notice(opened.summary, peer, opened.signer.key)  # the sender's new keys
             with suppress_capture(conn):
-                applied, parked = apply_documents(conn, node, peer, seq, opened)
+                applied, parked = apply_documents(conn, node, peer, seq, opened, lane=lane)
             crashpoint("import.applied")
             if dry_run:
                 conn.rollback()
@@ -455,17 +469,12 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
                 rotation.accept(node, notice)
             now = utc_now()
             ack = build_ack(key=rotation.signing_key_for(node, peer, conn), acker=node.id, sender=peer, seq=seq,
-                            bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
+                            bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256, lane=lane,
                             result=AckResult.APPLIED, applied=applied, parked=parked, created=now,
-                            recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256)))
-            if pos is None:  # the stream's first bundle (read under the locks above)
-                conn.execute(xchg_stream_in.insert().values(peer=peer, last_seq=seq,
-                                                            last_manifest_sha256=m.sha256))
-            else:
-                conn.execute(update(xchg_stream_in).where(xchg_stream_in.c.peer == peer)
-                             .values(last_seq=seq, last_manifest_sha256=m.sha256))
+                            recipients=node.recipients_for(peer), heads=_heads(conn, peer, (seq, m.sha256), lane))
+            set_stream_pos(conn, peer, lane, seq, m.sha256)  # (an UPDATE; the stream's first bundle: an INSERT)
             reason = f"{counted(len(parked), 'document')} parked" if parked else None
-            _upsert_received(conn, peer, seq, file_name=path.name, file_sha256=opened.file_sha256,
+            _upsert_received(conn, peer, seq, lane, file_name=path.name, file_sha256=opened.file_sha256,
                              manifest_sha256=m.sha256, status=ReceivedStatus.APPLIED, summary=summary,
                              applied_at=now, reason=reason, ack=ack)
     except BundleError as exc:  # malformed content found while applying (rolled back): set aside
@@ -476,7 +485,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
         # applied at a later import once this node's schema has the sender's (exchange retry)
         if not dry_run:
             _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, ReceivedStatus.HELD, exc.message,
-                    rep, summary)
+                    rep, summary, lane=lane)
             with node.engine.begin() as conn:  # `exchange catalog diff` shows what the held bundle needs
                 evolution.record_peer_catalog(conn, peer, seq, evolution.parse_catalog(opened.catalog))
         return FileOutcome(path.name, Outcome.HELD, exc.message, peer, seq)
@@ -492,21 +501,21 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             return FileOutcome(path.name, Outcome.FAILED, reason, peer, seq)
         try:
             with node.engine.connect() as conn:
-                heads: Heads | None = _heads(conn, peer, _stream_pos(conn, peer))
+                heads: Heads | None = _heads(conn, peer, stream_pos(conn, peer, lane), lane)
         except SQLAlchemyError:  # the database failed: an ack without heads claims nothing, still signed
             heads = None
         ack = build_ack(key=rotation.signing_key_for(node, peer), acker=node.id, sender=peer, seq=seq,
-                        bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256,
+                        bundle_sha256=opened.file_sha256, manifest_sha256=m.sha256, lane=lane,
                         result=AckResult.REJECTED, reason=reason, recipients=node.recipients_for(peer), heads=heads)
         try:
             _record(node, peer, seq, path.name, opened.file_sha256, m.sha256, ReceivedStatus.FAILED, reason,
-                    rep, summary, ack)
+                    rep, summary, ack, lane=lane)
         except SQLAlchemyError as db_exc:
             raise DatabaseError(f"cannot record failure of {path.name}: {db_exc}") from db_exc
-        _write_ack(node, ack, peer, seq)
+        _write_ack(node, ack, peer, seq, lane)
         return FileOutcome(path.name, Outcome.FAILED, reason, peer, seq)
     crashpoint("import.committed")
-    _write_ack(node, ack, peer, seq)
+    _write_ack(node, ack, peer, seq, lane)
     crashpoint("import.acked")
     archive(node, path)
     rep.state(path.name, Outcome.APPLIED, reason or "")
@@ -711,8 +720,11 @@ def total_differences(got: dict[str, Any], want: Any) -> str:
 
 
 def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: evolution.Payload,
-                    replay: bool = True) -> tuple[dict[str, Any], list[dict[str, str]]]:
+                    replay: bool = True, lane: str | None = None) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Apply a bundle's documents; bad ones are parked. Returns (applied summary, parked).
+
+    ``lane``: the bundle's lane; every document type it carries must travel in that lane
+    (:func:`exchange.receive.admission.check_lane`), else nothing is applied (quarantined).
 
     First (unless ``replay`` is false) what was kept aside for columns and document types this node
     has gained since, so a newer bundle's values always land after them (exchange.receive.evolution).
@@ -725,6 +737,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         docs[t].append((k, op, v))
     expected = _documents(opened)
     peer_cat = evolution.parse_catalog(opened.catalog)  # FORMAT.md v3; None from older senders
+    if lane is not None:  # before anything else: a bundle carries its lane's types only
+        admission.check_lane(cat, peer_cat.docs if peer_cat is not None else None, lane, list(docs))
     if replay and conn.execute(select(xchg_kept.c.peer).limit(1)).first():  # one probe when nothing is kept
         evolution.replay_kept(conn, cat)  # values kept for columns this node has since gained: before newer ones
         replay_kept_documents(conn, node)
@@ -873,7 +887,7 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
     service's timer) leave those out (``orphaned`` false), ``exchange retry`` tries them too.
     """
     ok = still = 0
-    cleared: set[tuple[str, int]] = set()  # bundles some of whose parked documents applied now
+    cleared: set[tuple[str, str, int]] = set()  # bundles (peer, lane, seq) some of whose parked documents applied now
     only = select(xchg_parked) if peer is None else select(xchg_parked).where(xchg_parked.c.peer == peer)
     if not orphaned:
         only = only.where(xchg_parked.c.state != ParkedState.ORPHANED)
@@ -886,7 +900,7 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
             stored = _stored_versions(conn, r["peer"], dt.name, [key]).get(key, -1)
             if stored > r["version"]:
                 conn.execute(delete(xchg_parked).where(cond))
-                cleared.add((r["peer"], int(r["seq"])))
+                cleared.add((r["peer"], dt.lane, int(r["seq"])))
                 continue
             try:
                 with conn.begin_nested():
@@ -894,7 +908,7 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                     _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
-                cleared.add((r["peer"], int(r["seq"])))
+                cleared.add((r["peer"], dt.lane, int(r["seq"])))
                 log.info("parked %s %s applied on retry", dt.name, key)
             except StatementError as exc:
                 if transaction_lost(conn):  # the database rolled everything back: nothing more this pass
@@ -909,19 +923,21 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                 if why:
                     log.warning("parked %s %s %s", dt.name, key, why, extra={"peer": r["peer"], "seq": r["seq"]})
                 still += 1
-        _recount_parked(conn, cleared)
+        _recount_parked(conn, node, cleared)
     return ok, still
 
 
-def _recount_parked(conn: Connection, bundles: set[tuple[str, int]]) -> None:
+def _recount_parked(conn: Connection, node: Node, bundles: set[tuple[str, str, int]]) -> None:
     """The reason of an APPLIED bundle counts its parked documents: once some apply on retry it says how
-    many are left, and nothing once none is (a stale "1 documents parked" would send people looking)."""
-    for peer, seq in sorted(bundles):
+    many are left, and nothing once none is (a stale "1 documents parked" would send people looking).
+    A parked document's bundle is the one of its type's lane with its seq."""
+    for peer, lane, seq in sorted(bundles):
+        mine = and_(xchg_parked.c.peer == peer, xchg_parked.c.seq == seq)
+        in_lane = lanes.condition(xchg_parked.c.doc_type, lanes.lane_types(node.catalog, lane))
         left = int(conn.execute(select(func.count()).select_from(xchg_parked).where(
-            xchg_parked.c.peer == peer, xchg_parked.c.seq == seq)).scalar() or 0)
+            mine if in_lane is None else and_(mine, in_lane))).scalar() or 0)
         conn.execute(update(xchg_received).where(
-            xchg_received.c.peer == peer, xchg_received.c.seq == seq,
-            xchg_received.c.status == ReceivedStatus.APPLIED).values(
+            _received(peer, lane, seq), xchg_received.c.status == ReceivedStatus.APPLIED).values(
             reason=f"{left} documents parked" if left else None))
 
 
@@ -940,16 +956,17 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
         ack = read_ack(path, node.trust, me=node.id, identities=node.identities)
         keys.check_current(node.trust, ack.acker, _ack_signer(path))  # retired or revoked: whatever `created` says
         fn = parse_name(path.name)
-        if (fn.a, fn.b, fn.seq) != (ack.acker, ack.sender, ack.seq):
+        if (fn.a, fn.b, fn.seq, fn.lane) != (ack.acker, ack.sender, ack.seq, ack.lane):
             raise FormatError(f"{path.name}: file name disagrees with the signed ack")
     except BundleError as exc:
         quarantine(node, path, exc, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, str(exc))
+    this = and_(xchg_sent.c.peer == ack.acker, xchg_sent.c.lane == ack.lane, xchg_sent.c.seq == ack.seq)
     with node.engine.begin() as conn:
-        sent = conn.execute(select(xchg_sent).where(and_(
-            xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq))).mappings().first()
+        sent = conn.execute(select(xchg_sent).where(this)).mappings().first()
         if sent is None:
-            reason = f"ack for bundle {ack.seq} to {ack.acker}, which this node never sent"
+            reason = (f"ack for bundle {ack.seq} to {ack.acker}"
+                      + ("" if ack.lane == DEFAULT_LANE else f" in lane {ack.lane}") + ", which this node never sent")
         elif sent["file_sha256"] != ack.bundle_sha256:
             reason = (f"ack names file SHA-256 {ack.bundle_sha256[:16]}..., but the bundle sent was "
                       f"{sent['file_sha256'][:16]}...: the peer received a different file")
@@ -957,8 +974,7 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
             reason = ""
         if reason:
             if sent is not None:
-                conn.execute(update(xchg_sent).where(and_(
-                    xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(reason=reason))
+                conn.execute(update(xchg_sent).where(this).values(reason=reason))
         else:
             status = SentStatus.PROCESSED if ack.result == AckResult.APPLIED else SentStatus.REJECTED
             note = ack.reason or (f"{counted(ack.parked_total, 'document')} parked at {ack.acker}" if ack.parked_total
@@ -969,19 +985,19 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
                 note = "; ".join([*([note] if note else []), "the ack differs from what was sent: "
                                   + "; ".join(checked["unexplained"][:3])])
             if sent["status"] != SentStatus.PROCESSED:
-                conn.execute(update(xchg_sent).where(and_(
-                    xchg_sent.c.peer == ack.acker, xchg_sent.c.seq == ack.seq)).values(
+                conn.execute(update(xchg_sent).where(this).values(
                         status=status, processed_at=utc_now(), reason=note,
                         reconcile=json.dumps(checked, sort_keys=True) if checked else None))
-                conn.execute(update(xchg_delivery).where(and_(
-                    xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
-                    xchg_delivery.c.status.in_((DocStatus.EXPORTED, DocStatus.UPLOADED, DocStatus.REJECTED))
-                )).values(status=DocStatus(status)))
+                docs = and_(xchg_delivery.c.peer == ack.acker, xchg_delivery.c.seq == ack.seq,
+                            xchg_delivery.c.status.in_((DocStatus.EXPORTED, DocStatus.UPLOADED, DocStatus.REJECTED)))
+                in_lane = lanes.condition(xchg_delivery.c.doc_type, lanes.lane_types(node.catalog, ack.lane))
+                conn.execute(update(xchg_delivery).where(docs if in_lane is None else and_(docs, in_lane))
+                             .values(status=DocStatus(status)))
             if ack.decision is not None:  # the receiver's operator ended it unapplied: recorded here too
                 from exchange.receive.decisions import record_decision
 
                 record_decision(conn, "sent", ack.acker, ack.seq, ack.decision, ack.bundle_sha256,
-                                ack.manifest_sha256)
+                                ack.manifest_sha256, lane=ack.lane)
                 log.warning("decision: bundle %s to %s %s", ack.seq, ack.acker, ack.decision.text(),
                             extra={"file": path.name, "status": status, "peer": ack.acker, "seq": ack.seq})
     if reason:

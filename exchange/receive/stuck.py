@@ -11,31 +11,43 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from exchange.vocabulary import ParkedState, ReceivedStatus, SentStatus
+from exchange.vocabulary import DEFAULT_LANE, ParkedState, ReceivedStatus, SentStatus
 
 
 @dataclass(frozen=True)
 class Stuck:
-    """A received bundle that holds its stream, and the command that resolves it."""
+    """A received bundle that holds its stream (its lane only), and the command that resolves it."""
 
     peer: str
     seq: int
     status: str
     reason: str
+    lane: str = DEFAULT_LANE
 
     @property
     def resolve(self) -> str:
-        return how_to_resolve(self.status, self.peer, self.seq)
+        return how_to_resolve(self.status, self.peer, self.seq, self.lane)
 
     def line(self) -> str:
-        return f"bundle {self.seq} of {self.peer} {self.status}: {self.reason}"
+        return f"bundle {self.seq} of {self.peer}{in_lane(self.lane)} {self.status}: {self.reason}"
 
 
-def how_to_resolve(status: str, peer: str, seq: int) -> str:
+def in_lane(lane: str) -> str:
+    """`` (lane masters)`` after a stream's name; nothing for the default lane."""
+    return "" if lane == DEFAULT_LANE else f" (lane {lane})"
+
+
+def lane_option(lane: str) -> str:
+    """`` --lane masters`` in a command that names a seq; nothing for the default lane."""
+    return "" if lane == DEFAULT_LANE else f" --lane {lane}"
+
+
+def how_to_resolve(status: str, peer: str, seq: int, lane: str = DEFAULT_LANE) -> str:
     """The command that resolves a received bundle in ``status`` ("" for a state that needs nothing)."""
     if status == ReceivedStatus.FAILED:
-        return (f"fix the cause, then `exchange retry`; or skip it: `exchange bundle skip {peer} {seq} "
-                "--reason TEXT` (the sender gets the decision and can send the documents again)")
+        return (f"fix the cause, then `exchange retry`; or skip it: `exchange bundle skip {peer} {seq}"
+                f"{lane_option(lane)} --reason TEXT` (the sender gets the decision and can send the documents "
+                "again)")
     if status == ReceivedStatus.WAITING:
         return (f"`exchange sync` fetches the missing bundle; if {peer} no longer has it, ask its operator "
                 "to check `exchange status sent` there")
@@ -45,8 +57,8 @@ def how_to_resolve(status: str, peer: str, seq: int) -> str:
 
 
 #: The received bundles that hold a stream, in stream order (plain SQL: ``doctor`` runs it with sqlite3).
-STUCK_SQL = ("SELECT peer, seq, status, reason FROM xchg_received "
-             "WHERE status IN ('FAILED', 'HELD', 'WAITING') ORDER BY peer, seq")
+STUCK_SQL = ("SELECT peer, seq, status, reason, lane FROM xchg_received "
+             "WHERE status IN ('FAILED', 'HELD', 'WAITING') ORDER BY peer, lane, seq")
 #: Documents parked, per state (plain SQL, as STUCK_SQL).
 PARKED_SQL = "SELECT state, count(*) FROM xchg_parked GROUP BY state"
 
@@ -69,20 +81,24 @@ def parked_problem(by_state: Iterable[Sequence[Any]]) -> tuple[str, str] | None:
 
 def stuck_bundles(found: Iterable[Sequence[Any]]) -> list[Stuck]:
     """STUCK_SQL's rows as :class:`Stuck`."""
-    return [Stuck(str(p), int(q), str(st), str(why or "")) for p, q, st, why in found]
+    return [Stuck(str(r[0]), int(r[1]), str(r[2]), str(r[3] or ""), str(r[4]) if len(r) > 4 else DEFAULT_LANE)
+            for r in found]
 
 
-def reason_with_resolution(status: str, peer: str, seq: int, reason: str | None) -> str | None:
+def reason_with_resolution(status: str, peer: str, seq: int, reason: str | None,
+                           lane: str = DEFAULT_LANE) -> str | None:
     """A received bundle's reason, followed by the command that resolves it when it holds its stream
     (``status received`` and the page show this)."""
-    fix = how_to_resolve(status, peer, seq)
+    fix = how_to_resolve(status, peer, seq, lane)
     return f"{reason or status}; to resolve: {fix}" if fix else reason
 
 
-def sent_reason_with_resolution(status: str, peer: str, seq: int, reason: str | None) -> str | None:
+def sent_reason_with_resolution(status: str, peer: str, seq: int, reason: str | None,
+                                lane: str = DEFAULT_LANE) -> str | None:
     """A sent bundle's reason; a REJECTED one's followed by the commands that send its documents again."""
     if status != SentStatus.REJECTED:
         return reason
-    return (f"{reason or status}; to resolve: fix the cause, then `exchange resend --peer {peer} --bundle {seq}`"
-            f" (or, while {peer} still holds it FAILED, `exchange supersede --peer {peer} --bundle {seq} "
+    opt = lane_option(lane)
+    return (f"{reason or status}; to resolve: fix the cause, then `exchange resend --peer {peer} --bundle {seq}"
+            f"{opt}` (or, while {peer} still holds it FAILED, `exchange supersede --peer {peer} --bundle {seq}{opt} "
             "--reason TEXT`, so it is skipped there without an operator)")

@@ -20,21 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
+from sqlalchemy import Connection, and_, func, select, tuple_, update
 
 from exchange.database import conflicts as conflict_log
-from exchange.database import rows, sqlite_arrow
+from exchange.database import lanes, rows, sqlite_arrow
 from exchange.database.arrow_memory import system_pool, trim
 from exchange.database.catalog import Catalog, DocType, PeerInfo
 from exchange.database.sqlite_arrow import SqliteArrowReader
 from exchange.database.tables import (begin_write, xchg_broadcast, xchg_decision, xchg_delivery, xchg_event, xchg_sent,
-                                      xchg_setaside, xchg_stream_out)
+                                      xchg_setaside)
 from exchange.errors import ConfigError, ExchangeError
 from exchange.faults import crashpoint
 from exchange.node import rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
-from exchange.send import clock, setaside, streams
+from exchange.send import clock, position, setaside, streams
 from exchange.send.streams import EventBatch
 from exchange.send.notices import NOTICE, supersede_notices
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
@@ -42,7 +42,7 @@ from exchange.files import fsync_all, publish, publish_all, sha256_file, utc_now
 from exchange.wire import keynotice
 from exchange.wire.bundle import ParquetCache, Sealed, seal_bundle
 from exchange.wire.formats import BASES_TABLE, EVENTS_TABLE, PART_SUFFIX, SUPERSEDES, bundle_name
-from exchange.vocabulary import SentStatus
+from exchange.vocabulary import DEFAULT_LANE, SentStatus
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Exported:
     seq: int
     file: str
     documents: int
+    lane: str = DEFAULT_LANE
 
 
 def peer_infos(node: Node) -> list[PeerInfo]:
@@ -292,27 +293,29 @@ def recover_outbox(node: Node) -> int:
 
 
 def _pending_broadcast(conn: Connection, peer: str, limit: int, shared: _Shared | None = None,
-                       group: _Group | None = None) -> list[tuple[str, str, str, int]]:
-    """Broadcast documents after ``peer``'s cursor, in cursor order (shared by peers at one cursor)."""
-    if group is not None and peer in group.streams:  # (read with the group's other streams)
-        cur: Any = group.streams[peer][2:]
-    else:
-        cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
-                                  xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
-    cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+                       lane: str = DEFAULT_LANE, types: lanes.LaneTypes | None = None, group: _Group | None = None
+                       ) -> list[tuple[str, str, str, int]]:
+    """Broadcast documents of ``lane`` after the cursor of ``peer``'s stream in that lane, in cursor
+    order (shared by peers at one cursor)."""
+    taken = group.streams.get(peer) if group is not None else None  # (read with the group's other streams)
+    cursor = taken.cursor if taken is not None else position.broadcast_cursor(conn, peer, lane)
+    types = types or lanes.LaneTypes()
     if shared is not None:
-        memo = shared.broadcast.get((cursor, limit))
+        memo = shared.broadcast.get((cursor, limit, lane))
         if memo is None:
-            memo = shared.broadcast[(cursor, limit)] = _fetch_broadcast(conn, cursor, limit)
+            memo = shared.broadcast[(cursor, limit, lane)] = _fetch_broadcast(conn, cursor, limit, types)
         return memo
-    return _fetch_broadcast(conn, cursor, limit)
+    return _fetch_broadcast(conn, cursor, limit, types)
 
 
-def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int) -> list[tuple[str, str, str, int]]:
+def _fetch_broadcast(conn: Connection, cursor: tuple[int, str, str], limit: int,
+                     types: lanes.LaneTypes | None = None) -> list[tuple[str, str, str, int]]:
     b = xchg_broadcast.c
-    found = conn.execute(select(b.doc_type, b.doc_key, b.op, b.version)
-                         .where(tuple_(b.version, b.doc_type, b.doc_key) > tuple_(*cursor))
-                         .order_by(b.version, b.doc_type, b.doc_key).limit(limit)).all()
+    q = select(b.doc_type, b.doc_key, b.op, b.version).where(tuple_(b.version, b.doc_type, b.doc_key) > tuple_(*cursor))
+    in_lane = lanes.condition(b.doc_type, types) if types is not None else None
+    if in_lane is not None:
+        q = q.where(in_lane)
+    found = conn.execute(q.order_by(b.version, b.doc_type, b.doc_key).limit(limit)).all()
     return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in found]
 
 
@@ -335,9 +338,10 @@ class _Shared:
     def __init__(self, node: Node) -> None:
         self.tables: dict[tuple[tuple[str, str, str, int], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self.parquet = ParquetCache(node.cfg.work)
-        self.broadcast: dict[tuple[tuple[int, str, str], int], list[tuple[str, str, str, int]]] = {}
+        self.broadcast: dict[tuple[tuple[int, str, str], int, str], list[tuple[str, str, str, int]]] = {}
         self.recent: list[tuple[list[tuple[str, str, str, int]], tuple[dict[str, Any], dict[str, Any]]]] = []
         self.ahead_events: EventBatch | None = None  # the store's next events, read while one was sealed
+        self.ahead_lane = DEFAULT_LANE  # the lane whose events those are
         url = node.engine.url
         self.reader = (sqlite_arrow.SqliteArrowReader(url.database)
                        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
@@ -379,14 +383,18 @@ class _Shared:
 
 
 def _pending_direct(conn: Connection, peer: str, limit: int,
-                    after: tuple[str, str, str, int] | None = None) -> list[tuple[str, str, str, int]]:
-    """``peer``'s next pending deliveries in (version, type, key) order, after ``after`` if given.
+                    after: tuple[str, str, str, int] | None = None,
+                    types: lanes.LaneTypes | None = None) -> list[tuple[str, str, str, int]]:
+    """``peer``'s next pending deliveries (of the lane's ``types``) in (version, type, key) order, after
+    ``after`` if given.
 
     Ties in version (a reload gives every document one) are ordered by type and
     key. Read as plain tuples: a batch is 20,000 rows, twice per bundle.
     """
-    sql = "SELECT doc_type, doc_key, op, version FROM xchg_delivery WHERE peer = ? AND status = 'PENDING'"
-    params: tuple[Any, ...] = (peer,)
+    in_lane, lane_params = lanes.sql_condition("doc_type", types or lanes.LaneTypes())
+    sql = ("SELECT doc_type, doc_key, op, version FROM xchg_delivery WHERE peer = ? AND status = 'PENDING'"
+           + in_lane)
+    params: tuple[Any, ...] = (peer, *lane_params)
     if after is not None:
         sql += " AND (version, doc_type, doc_key) > (?, ?, ?)"
         params += (after[3], after[0], after[1])
@@ -407,22 +415,28 @@ def _mark_exported(conn: Connection, peer: str, seq: int, docs: Sequence[tuple[s
 
 
 def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, shared: _Shared | None,
-                 look_ahead: bool, group: _Group | None = None) -> Exported | None:
-    """Seal ``peer``'s next bundle, or return None when nothing is pending for it.
+                 look_ahead: bool, group: _Group | None = None, lane: str = DEFAULT_LANE) -> Exported | None:
+    """Seal the next bundle of ``peer``'s stream in ``lane``, or return None when nothing is pending there.
 
-    ``group``: seal it in the group's transaction (:func:`_export_group`), not in one of its own.
+    ``group``: seal it in the group's transaction (:func:`_export_group`, all in the group's lane), not in
+    one of its own.
     """
     limit = max_docs or node.cfg.max_bundle_rows
     broadcast_to = node.cfg.peer(peer).role == "store"
     from_log = peer == streams.direct_peer(node)
+    types = lanes.lane_types(node.catalog, lane)
+    # a lane with no type that goes to every store reads nothing of the broadcast queue
+    broadcast_to = broadcast_to and any(d.route.kind == "all" and d.name in types for d in node.catalog)
     while True:
         with nullcontext(group.conn) if group is not None else node.engine.connect() as conn:
-            direct = _pending_direct(conn, peer, limit)
+            direct = _pending_direct(conn, peer, limit, types=types)
             events = (streams.pending(conn, node, limit - len(direct),
-                                      known=shared.ahead_events if shared is not None else None)
+                                      known=shared.ahead_events if shared is not None and shared.ahead_lane == lane
+                                      else None, types=types)
                       if from_log and len(direct) < limit else EventBatch([], []))
             room = limit - len(direct) - len(events.ids)
-            bc = _pending_broadcast(conn, peer, room, shared, group) if broadcast_to and room > 0 else []
+            bc = (_pending_broadcast(conn, peer, room, shared, lane, types, group) if broadcast_to and room > 0
+                  else [])
             docs = _merge(direct, events.docs, bc)
             upserts = events.upserts if docs is events.docs else None  # (computed where needed: once per batch)
             # a full batch: the next one is known now, and the helper process reads it (after this
@@ -430,11 +444,12 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
             if look_ahead and shared is not None and shared.reader is not None and room <= 0:
                 shared.prefetch(conn, node.catalog, _upserts_by_type(node.catalog, docs) if upserts is None
                                 else upserts)  # (asked already when it was the batch ahead)
-                shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared))
+                shared.prefetch(conn, node.catalog, _look_ahead(conn, node, peer, limit, direct, events, shared,
+                                                                lane, types))
         if docs:
             try:
                 return _seal_batch(node, peer, docs, rep, shared, bc[-1] if bc else None, direct, events, upserts,
-                                   group)
+                                   group, lane=lane)
             except setaside.EncodeFailed as failed:  # (rolled back) those documents out of every queue, then on
                 if group is not None:  # the group's transaction is rolled back first (it holds the write lock)
                     raise _GroupFailed(failed, {(t, k): v for t, k, _op, v in docs}) from failed
@@ -443,10 +458,17 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
                     shared.ahead_events = None
                     shared.broadcast.clear()
                 continue
-        if not events.ids:
-            due = rotation.control_bundle_due(node, peer)  # nothing to send, but a key notice must travel
-            return _seal_batch(node, peer, [], rep, group=group) if due else None
-        if group is not None:
+        if not events.ids:  # nothing to send, but a key notice must travel (in the default lane)
+            due = lane == DEFAULT_LANE and rotation.control_bundle_due(node, peer)
+            if not due and node.cfg.peer(peer).role == "store" and not types.everything:
+                if group is not None:  # (in the group's transaction, which holds the write lock)
+                    _pass_broadcast(group.conn, node, peer, lane)
+                else:
+                    with node.engine.begin() as conn:
+                        begin_write(conn)
+                        _pass_broadcast(conn, node, peer, lane)
+            return _seal_batch(node, peer, [], rep, group=group, lane=lane) if due else None
+        if group is not None:  # only events of types this node does not send
             streams.mark_sealed(group.conn, None, events.ids)
             continue
         with node.engine.begin() as conn:  # only events of types this node does not send
@@ -454,12 +476,34 @@ def _export_next(node: Node, peer: str, rep: Reporter, max_docs: int | None, sha
             streams.mark_sealed(conn, None, events.ids)
 
 
+def _pass_broadcast(conn: Connection, node: Node, peer: str, lane: str) -> None:
+    """A lane with nothing of the broadcast queue left moves its cursor to the queue's end: what comes
+    after it is still read, and "is a store's cursor behind?" (exchange.send.pending) stays one
+    comparison per stream, without the catalog."""
+    b = xchg_broadcast.c
+    row = conn.execute(select(b.version, b.doc_type, b.doc_key)
+                       .order_by(b.version.desc(), b.doc_type.desc(), b.doc_key.desc()).limit(1)).first()
+    if row is None:
+        return
+    end = (int(row[0]), str(row[1]), str(row[2]))
+    have = position.lanes_of(conn, peer)
+    if lane == DEFAULT_LANE:  # the lanes without a stream yet keep the cursor they start from (the default's)
+        start = position.broadcast_cursor(conn, peer, lane)
+        for other in node.catalog.lanes():
+            if other not in have and other != lane:
+                position.move_cursor(conn, peer, other, start)
+    if lane not in have or position.broadcast_cursor(conn, peer, lane) < end:
+        position.move_cursor(conn, peer, lane, end)
+
+
 def _look_ahead(conn: Connection, node: Node, peer: str, limit: int, direct: list[tuple[str, str, str, int]],
-                events: EventBatch, shared: _Shared) -> dict[str, list[str]]:
+                events: EventBatch, shared: _Shared, lane: str = DEFAULT_LANE,
+                types: lanes.LaneTypes | None = None) -> dict[str, list[str]]:
     """The upserts of the batch after a full one, as far as they can be known before this one commits."""
     if len(direct) == limit:
-        return _upserts_by_type(node.catalog, _pending_direct(conn, peer, limit, after=direct[-1]))
-    shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id)
+        return _upserts_by_type(node.catalog, _pending_direct(conn, peer, limit, after=direct[-1], types=types))
+    shared.ahead_lane = lane
+    shared.ahead_events = streams.pending(conn, node, limit, after=events.last_id, types=types)
     return shared.ahead_events.upserts
 
 
@@ -467,7 +511,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
                 events: EventBatch | None = None, upserts: dict[str, list[str]] | None = None,
-                group: _Group | None = None) -> Exported:
+                group: _Group | None = None, lane: str = DEFAULT_LANE) -> Exported:
     with nullcontext(group.conn) if group is not None else node.engine.begin() as conn:
         if group is None:
             begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
@@ -478,22 +522,17 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
             late = [(d[3], s[3]) for d, s in moved.items()]
             if moved:
                 docs = [moved.get(d, d) for d in docs]
-        stream = (group.streams[peer][:2] if group is not None and peer in group.streams else  # (locked already)
-                  conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
-                               .where(xchg_stream_out.c.peer == peer).with_for_update()).first())
-        if stream is None:
-            conn.execute(xchg_stream_out.insert().values(peer=peer, next_seq=1, last_manifest_sha256=None))
-            seq, prev = 1, None
-        else:
-            seq, prev = int(stream[0]), stream[1]
-        rep.start(f"export to {peer} #{seq}", len(docs))
+        taken = group.streams.get(peer) if group is not None else None  # (the group took it already)
+        # (send/position.py: every stream's place)
+        seq, prev = (taken.seq, taken.prev) if taken is not None else position.next_position(conn, peer, lane)
+        rep.start(f"export to {peer} #{seq}" + ("" if lane == DEFAULT_LANE else f" [{lane}]"), len(docs))
         # only a batch with broadcast documents can be another peer's batch too: the rest is not
         # kept (a store's backlog would hold the previous batch's tables while reading the next)
         cache = shared if shared is not None and cursor is not None else None
         tables, summary = (cache.build(conn, node.catalog, docs) if cache is not None
                            else build_tables(conn, node.catalog, docs, shared.reader if shared else None, upserts))
         # exchange.send.resend: "seq N is superseded", to skip it there (a group asked once who has any)
-        notices = supersede_notices(conn, peer) if group is None or peer in group.noticed else []
+        notices = supersede_notices(conn, peer, lane) if group is None or peer in group.noticed else []
         if notices:
             summary = {**summary, SUPERSEDES: notices}
         # FORMAT.md v3: types edited on both sides (the summary lists every type of the batch)
@@ -502,27 +541,27 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
                                          from_log=events is not None and bool(events.docs)) if both else None
         if based is not None:
             tables = {**tables, BASES_TABLE: based}
-        name = bundle_name(node.id, peer, seq)
+        name = bundle_name(node.id, peer, seq, lane)
         part = node.cfg.outbox / (name + PART_SUFFIX)
-        notice = rotation.notice_for(node, peer, conn)  # a key rotation not yet known to the peer travels along
+        # a key rotation not yet known to the peer travels along (in the default lane, whose acks end it)
+        notice = rotation.notice_for(node, peer, conn) if lane == DEFAULT_LANE else None
         if notice is not None:
             summary = {**summary, keynotice.SUMMARY_FIELD: notice}
         sealed: Sealed = seal_bundle(
             part, key=rotation.signing_key_for(node, peer, conn), sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
-            parquet_cache=cache.parquet if cache is not None else None, catalog=node.catalog.description,
+            parquet_cache=cache.parquet if cache is not None else None, catalog=node.catalog.description, lane=lane,
             sync=group is None)  # (a group fsyncs its bundles together, before its commit)
         crashpoint("export.sealed")
         now = utc_now()
         conn.execute(xchg_sent.insert().values(
-            peer=peer, seq=seq, file_name=name, file_sha256=sealed.sha256,
+            peer=peer, lane=lane, seq=seq, file_name=name, file_sha256=sealed.sha256,
             manifest_sha256=sealed.manifest.sha256, size=sealed.size, status=SentStatus.EXPORTED.value,
             summary=json.dumps(_counts(summary)), created_at=now,
             sent_totals=json.dumps(summary.get("documents", {}), sort_keys=True)))
         # the stream's broadcast cursor moves with the bundle, atomically
-        moved_to = {} if cursor is None else {"bc_version": cursor[3], "bc_type": cursor[0], "bc_key": cursor[1]}
-        conn.execute(update(xchg_stream_out).where(xchg_stream_out.c.peer == peer)
-                     .values(next_seq=seq + 1, last_manifest_sha256=sealed.manifest.sha256, **moved_to))
+        position.advance(conn, peer, lane, seq, sealed.manifest.sha256,
+                         (cursor[3], cursor[0], cursor[1]) if cursor is not None else None)
         _mark_exported(conn, peer, seq, docs if direct is None else direct)
         if group is None or group.set_aside:  # (a group looked once whether anything is set aside)
             setaside.sent_again(conn, docs)
@@ -531,12 +570,12 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
     if group is not None:  # published with the group, after its commit
         rep.finish()
         group.sealed.append((part, node.cfg.outbox / name, len(docs)))
-        return Exported(peer, seq, name, len(docs))
+        return Exported(peer, seq, name, len(docs), lane)
     crashpoint("export.committed")
     publish(part, node.cfg.outbox / name)
     rep.finish()
     rep.state(name, SentStatus.EXPORTED, f"{len(docs)} documents")
-    return Exported(peer, seq, name, len(docs))
+    return Exported(peer, seq, name, len(docs), lane)
 
 
 def _counts(summary: dict[str, Any]) -> dict[str, int]:
@@ -569,7 +608,9 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
         # cursor then ask for the same batch one after the other, and it is read and encoded once
         # (the cache keeps two batches; peer by peer, a change of five batches was re-read per store).
         rep = reporter or NullReporter()
-        active = sorted(p.id for p in node.cfg.peers.values() if p.exchanging)  # a paused peer's documents wait
+        # a paused peer's documents wait; every stream (peer and lane) of the others takes its turn
+        active = [(p, lane) for p in sorted(p.id for p in node.cfg.peers.values() if p.exchanging)
+                  for lane in node.catalog.lanes()]
         with system_pool():
             _export_round_robin(node, active, rep, shared, out)
     finally:
@@ -587,27 +628,33 @@ def _backlog(node: Node) -> int:
         ).scalar() or 0)
 
 
-def _export_round_robin(node: Node, active: list[str], rep: Reporter, shared: _Shared, out: list[Exported]) -> None:
-    """One bundle per peer in turn until no peer has anything pending.
+def _export_round_robin(node: Node, active: list[tuple[str, str]], rep: Reporter, shared: _Shared,
+                        out: list[Exported]) -> None:
+    """One bundle per stream (peer and lane) in turn until no stream has anything pending: a lane with a
+    long backlog (a masters reload) takes one bundle per round, the others go on beside it.
 
-    With several peers (an HO's fan-out), up to :data:`GROUP` peers' bundles are
-    sealed in one transaction (:func:`_export_group`): a commit and a folder
-    fsync per group, not per bundle.
+    A lane with several peers (an HO's fan-out) takes them up to :data:`GROUP` at a time, their bundles
+    sealed in one transaction (:func:`_export_group`): a commit and a folder fsync per group, not per
+    bundle. A lane with one peer (a store's lanes to its HO) seals in a transaction of its own, which
+    holds the write lock only while the bundle is recorded.
     """
     while active:
         still = []
-        if len(active) == 1:
-            exp = _export_next(node, active[0], rep, None, shared, look_ahead=True)
-            trim()
-            if exp is not None:
-                out.append(exp)
-                still.append(active[0])
-        for i in range(0, len(active) if len(active) > 1 else 0, GROUP):
-            for peer, exp in _export_group(node, active[i:i + GROUP], rep, shared):
+        for lane in dict.fromkeys(lane for _peer, lane in active):  # lane by lane: one lane's peers share batches
+            peers = [peer for peer, in_lane in active if in_lane == lane]
+            if len(peers) == 1:
+                exp = _export_next(node, peers[0], rep, None, shared, look_ahead=len(active) == 1, lane=lane)
+                trim()
                 if exp is not None:
                     out.append(exp)
-                    still.append(peer)
-            trim()
+                    still.append((peers[0], lane))
+                continue
+            for i in range(0, len(peers), GROUP):
+                for peer, exp in _export_group(node, peers[i:i + GROUP], rep, shared, lane):
+                    if exp is not None:
+                        out.append(exp)
+                        still.append((peer, lane))
+                trim()
         active = still
 
 
@@ -619,26 +666,24 @@ GROUP = 32
 
 @dataclass
 class _Group:
-    """Bundles sealed for several peers in one transaction, published after its commit."""
+    """Bundles sealed for several peers' streams in one lane in one transaction, published after its commit."""
 
     conn: Connection
+    lane: str = DEFAULT_LANE
     sealed: list[tuple[Path, Path, int]] = field(default_factory=list)  # (.part, final name, documents)
-    noticed: set[str] = field(default_factory=set)  # peers with a superseded notice (asked once per group)
+    noticed: set[str] = field(default_factory=set)  # peers with a superseded notice in the lane (asked once)
     set_aside: bool = True  # anything set aside (else no peer's batch can take a document off the list)
-    #: each peer's stream (next seq, last manifest, broadcast cursor), read and locked for the group at once;
-    #: a peer seals one bundle per group, so they hold until its own
-    streams: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: each peer's stream in the lane (next seq, last manifest, broadcast cursor), read and taken for the
+    #: group at once; a peer seals one bundle per group, so they hold until its own
+    streams: dict[str, position.Position] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, conn: Connection, peers: list[str]) -> _Group:
-        d, o = xchg_decision.c, xchg_stream_out.c
+    def open(cls, conn: Connection, peers: list[str], lane: str) -> _Group:
+        d = xchg_decision.c
         noticed = {str(p) for p in conn.execute(select(d.peer).distinct().where(and_(
-            d.side == NOTICE, d.kind == "superseded"))).scalars()}
+            d.side == NOTICE, d.kind == "superseded", d.lane == lane))).scalars()}
         listed = conn.execute(select(xchg_setaside.c.doc_type).limit(1)).first() is not None
-        streams = {str(r[0]): (int(r[1]), r[2], int(r[3]), str(r[4]), str(r[5])) for r in conn.execute(
-            select(o.peer, o.next_seq, o.last_manifest_sha256, o.bc_version, o.bc_type, o.bc_key)
-            .where(o.peer.in_(peers)).order_by(o.peer).with_for_update())}
-        return cls(conn, noticed=noticed, set_aside=listed, streams=streams)
+        return cls(conn, lane, noticed=noticed, set_aside=listed, streams=position.take_positions(conn, peers, lane))
 
 
 class _GroupFailed(Exception):
@@ -649,8 +694,9 @@ class _GroupFailed(Exception):
         self.failed, self.versions = failed, versions
 
 
-def _export_group(node: Node, peers: list[str], rep: Reporter, shared: _Shared) -> list[tuple[str, Exported | None]]:
-    """The next bundle of each of ``peers``, all recorded in one transaction.
+def _export_group(node: Node, peers: list[str], rep: Reporter, shared: _Shared, lane: str = DEFAULT_LANE
+                  ) -> list[tuple[str, Exported | None]]:
+    """The next bundle of each of ``peers``' streams in ``lane``, all recorded in one transaction.
 
     The same steps as one bundle's (:func:`_seal_batch`), for many: each sealed to
     ``NAME.part``; every ``.part`` fsynced; one commit records them all; then the
@@ -663,8 +709,8 @@ def _export_group(node: Node, peers: list[str], rep: Reporter, shared: _Shared) 
         try:
             with node.engine.begin() as conn:
                 begin_write(conn)
-                group = _Group.open(conn, peers)
-                got = [(peer, _export_next(node, peer, rep, None, shared, False, group)) for peer in peers]
+                group = _Group.open(conn, peers, lane)
+                got = [(peer, _export_next(node, peer, rep, None, shared, False, group, lane)) for peer in peers]
                 fsync_all([part for part, _final, _n in group.sealed])
         except _GroupFailed as aborted:  # rolled back: nothing of the group was recorded
             _remove_parts(group)
@@ -672,7 +718,8 @@ def _export_group(node: Node, peers: list[str], rep: Reporter, shared: _Shared) 
             shared.ahead_events = None
             shared.broadcast.clear()
             continue
-        crashpoint("export.committed")
+        if group.sealed:  # (a group that found nothing to send recorded nothing)
+            crashpoint("export.committed")
         publish_all([(part, final) for part, final, _n in group.sealed])
         for _part, final, n in group.sealed:
             rep.state(final.name, SentStatus.EXPORTED, f"{n} documents")

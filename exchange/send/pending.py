@@ -59,7 +59,9 @@ def export_work(query: Query, stores: Iterable[str], paused: Iterable[str] = ())
     newest = query(_NEWEST_BROADCAST)[0][0]
     if newest is None:
         return False
-    cursors = {peer: version for peer, version in query(_BROADCAST_CURSORS)}
+    cursors: dict[str, int] = {}  # a store's streams (one per lane): the one furthest behind
+    for peer, version in query(_BROADCAST_CURSORS):
+        cursors[peer] = min(cursors.get(peer, version), version)
     return any(cursors.get(s, -1) < newest for s in stores)
 
 

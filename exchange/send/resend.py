@@ -30,10 +30,11 @@ from exchange.database.tables import begin_write, xchg_decision, xchg_delivery, 
 from exchange.errors import StreamError
 from exchange.files import utc_now
 from exchange.node.home import Node
+from exchange.database import lanes
 from exchange.send import clock, streams
 from exchange.send.export import _replace_deliveries
 from exchange.send.notices import NOTICE
-from exchange.vocabulary import SentStatus
+from exchange.vocabulary import DEFAULT_LANE, SentStatus
 from exchange.wire.decision import MAX_DECIDER_CHARS, Decision, check_text
 from exchange.wire.formats import MAX_REASON_CHARS
 
@@ -49,6 +50,7 @@ class Resent:
     upserts: int = 0
     deletes: int = 0
     reload_types: list[str] = field(default_factory=list)  # broadcast types it may have carried
+    lane: str = DEFAULT_LANE
 
 
 def _current_ops(conn: Connection, node: Node, doc_type: str, keys: list[str]) -> list[tuple[str, str]]:
@@ -61,14 +63,14 @@ def _current_ops(conn: Connection, node: Node, doc_type: str, keys: list[str]) -
     return [(k, "U" if k in present else "D") for k in keys]
 
 
-def resend_bundle(node: Node, peer: str, seq: int) -> Resent:
-    """Queue the documents of REJECTED bundle ``seq`` to ``peer`` again (see the module docstring)."""
+def resend_bundle(node: Node, peer: str, seq: int, lane: str = DEFAULT_LANE) -> Resent:
+    """Queue the documents of REJECTED bundle ``seq`` to ``peer`` (in ``lane``) again (see the module docstring)."""
     with node.engine.begin() as conn:
         begin_write(conn)
-        return _requeue(conn, node, peer, seq)
+        return _requeue(conn, node, peer, seq, lane)
 
 
-def supersede_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str) -> Resent:
+def supersede_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str, lane: str = DEFAULT_LANE) -> Resent:
     """Send the documents of REJECTED bundle ``seq`` again and announce that ``seq`` is superseded.
 
     The notice travels in every bundle sealed for ``peer`` until its ack with the decision
@@ -79,42 +81,51 @@ def supersede_bundle(node: Node, peer: str, seq: int, *, reason: str, by: str) -
     with node.engine.begin() as conn:
         begin_write(conn)
         d = xchg_decision.c
-        if conn.execute(select(d.kind).where(and_(d.side == "sent", d.peer == peer, d.seq == seq))).first():
-            raise StreamError(f"bundle {seq} to {peer} was already ended by {peer}'s decision",
+        if conn.execute(select(d.kind).where(and_(d.side == "sent", d.peer == peer, d.lane == lane,
+                                                  d.seq == seq))).first():
+            raise StreamError(f"bundle {seq}{_in(lane)} to {peer} was already ended by {peer}'s decision",
                               hint="See `exchange status sent`; `exchange resend` sends its documents again.")
-        done = _requeue(conn, node, peer, seq)
+        done = _requeue(conn, node, peer, seq, lane)
         if not done.upserts + done.deletes:
             raise StreamError(f"bundle {seq} to {peer} has no documents to send again: no new bundle "
                               "would carry the notice", hint=f"Ask {peer}'s operator to run `exchange bundle "
                               f"skip {node.id} {seq} --reason TEXT` (docs/OPERATIONS.md).")
         sent = conn.execute(select(xchg_sent.c.file_sha256, xchg_sent.c.manifest_sha256).where(and_(
-            xchg_sent.c.peer == peer, xchg_sent.c.seq == seq))).one()
-        conn.execute(delete(xchg_decision).where(and_(d.side == NOTICE, d.peer == peer, d.seq == seq)))
+            xchg_sent.c.peer == peer, xchg_sent.c.lane == lane, xchg_sent.c.seq == seq))).one()
+        conn.execute(delete(xchg_decision).where(and_(d.side == NOTICE, d.peer == peer, d.lane == lane,
+                                                      d.seq == seq)))
         conn.execute(xchg_decision.insert().values(
-            side=NOTICE, peer=peer, seq=seq, kind=decision.kind, decided_by=decision.by,
+            side=NOTICE, peer=peer, lane=lane, seq=seq, kind=decision.kind, decided_by=decision.by,
             decided_at=decision.at, reason=decision.reason, file_sha256=sent[0], manifest_sha256=sent[1]))
     log.warning("decision: bundle %s to %s %s", seq, peer, decision.text(), extra={"peer": peer, "seq": seq})
     return done
 
 
-def _requeue(conn: Connection, node: Node, peer: str, seq: int) -> Resent:
-    """Queue the documents of REJECTED bundle ``seq`` again, in ``conn``'s transaction."""
+def _in(lane: str) -> str:
+    return "" if lane == DEFAULT_LANE else f" (lane {lane})"
+
+
+def _requeue(conn: Connection, node: Node, peer: str, seq: int, lane: str = DEFAULT_LANE) -> Resent:
+    """Queue the documents of REJECTED bundle ``seq`` of ``lane`` again, in ``conn``'s transaction."""
     node.cfg.peer(peer)
     sent = conn.execute(select(xchg_sent.c.status, xchg_sent.c.summary).where(and_(
-        xchg_sent.c.peer == peer, xchg_sent.c.seq == seq))).first()
+        xchg_sent.c.peer == peer, xchg_sent.c.lane == lane, xchg_sent.c.seq == seq))).first()
     if sent is None or sent[0] != SentStatus.REJECTED:
         state = "never sent" if sent is None else str(sent[0])
-        raise StreamError(f"bundle {seq} to {peer} is {state}: only a REJECTED bundle is resent",
+        raise StreamError(f"bundle {seq}{_in(lane)} to {peer} is {state}: only a REJECTED bundle is resent",
                           hint="See `exchange status sent`.")
     by_type: dict[str, list[str]] = defaultdict(list)
+    types = lanes.lane_types(node.catalog, lane)  # a seq is one lane's: its documents are of that lane's types
     if streams.direct_peer(node) == peer:  # a store: its log names what bundle seq carried
         for t, k in conn.execute(select(xchg_event.c.doc_type, xchg_event.c.doc_key).where(
                 xchg_event.c.seq == seq).distinct()):
-            by_type[str(t)].append(str(k))
+            if str(t) in types:
+                by_type[str(t)].append(str(k))
     else:
         d = xchg_delivery.c
         for t, k in conn.execute(select(d.doc_type, d.doc_key).where(and_(d.peer == peer, d.seq == seq))):
-            by_type[str(t)].append(str(k))
+            if str(t) in types:
+                by_type[str(t)].append(str(k))
     ups = dels = 0
     queued: list[tuple[str, str, str, str, int]] = []
     version = clock.next_version(conn) if streams.direct_peer(node) != peer else 0
@@ -132,4 +143,4 @@ def _requeue(conn: Connection, node: Node, peer: str, seq: int) -> Resent:
     documents = summary.get("documents", summary) if isinstance(summary, dict) else {}
     reload_types = sorted(t for t in documents if t in node.catalog
                           and node.catalog.get(t).route.kind == "all" and streams.direct_peer(node) != peer)
-    return Resent(peer, seq, ups, dels, reload_types)
+    return Resent(peer, seq, ups, dels, reload_types, lane)

@@ -22,14 +22,14 @@ HO does for the documents it sends.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection
 
-from exchange.database import rows
+from exchange.database import lanes, rows
 from exchange.node.home import Node
-from exchange.vocabulary import DocStatus
+from exchange.vocabulary import DEFAULT_LANE, DocStatus
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +60,28 @@ class EventBatch:
 #: The ids of the next unrouted events as one text ("1,2,3"): checking a batch read ahead costs
 #: one row, not twenty thousand Python ints. A dialect without it compares the ids themselves.
 _IDS_TEXT = {
-    "sqlite": "SELECT group_concat(id) FROM (SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {n})",
+    "sqlite": "SELECT group_concat(id) FROM (SELECT id FROM xchg_event WHERE routed = 0{lane} ORDER BY id LIMIT {n})",
     "postgresql": "SELECT string_agg(id::text, ',' ORDER BY id) FROM "
-                  "(SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {n}) AS s",
+                  "(SELECT id FROM xchg_event WHERE routed = 0{lane} ORDER BY id LIMIT {n}) AS s",
 }
 
 
-def _still_next(conn: Connection, batch: EventBatch, limit: int) -> bool:
-    """Whether ``batch`` (read ahead) is still exactly the next ``limit`` unrouted events."""
+def _still_next(conn: Connection, batch: EventBatch, limit: int, types: lanes.LaneTypes) -> bool:
+    """Whether ``batch`` (read ahead) is still exactly the next ``limit`` unrouted events (of the lane)."""
+    in_lane, params = lanes.sql_condition("doc_type", types)
     sql = _IDS_TEXT.get(conn.dialect.name)
     if sql is None:
         return [int(i) for (i,) in rows.fetch_tuples(
-            conn, f"SELECT id FROM xchg_event WHERE routed = 0 ORDER BY id LIMIT {int(limit)}", ())] == batch.ids
-    got = rows.fetch_tuples(conn, sql.format(n=int(limit)), ())
+            conn, f"SELECT id FROM xchg_event WHERE routed = 0{in_lane} ORDER BY id LIMIT {int(limit)}", params)
+        ] == batch.ids
+    got = rows.fetch_tuples(conn, sql.format(n=int(limit), lane=in_lane), params)
     return bool(got) and got[0][0] == ",".join(map(str, batch.ids))
 
 
 def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
-            known: EventBatch | None = None) -> EventBatch:
-    """Up to ``limit`` unrouted events in id order (after id ``after`` if given), coalesced.
+            known: EventBatch | None = None, types: lanes.LaneTypes | None = None) -> EventBatch:
+    """Up to ``limit`` unrouted events (of the lane's ``types``) in id order (after id ``after`` if given),
+    coalesced.
 
     One entry per document, at its latest event, in the order of its first.
     ``known``: a batch read ahead earlier; it is returned as it is if the same
@@ -86,11 +89,13 @@ def pending(conn: Connection, node: Node, limit: int, after: int | None = None,
     Events of a type this node does not own are listed in ``ids`` only: they are
     marked routed and never sent, as routing does with them.
     """
-    if known is not None and after is None and known.ids and _still_next(conn, known, limit):
+    types = types or lanes.LaneTypes()
+    if known is not None and after is None and known.ids and _still_next(conn, known, limit, types):
         return known
-    sql = ("SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0"
+    in_lane, lane_params = lanes.sql_condition("doc_type", types)
+    sql = ("SELECT id, doc_type, doc_key, op FROM xchg_event WHERE routed = 0" + in_lane
            + (" AND id > ?" if after is not None else "") + f" ORDER BY id LIMIT {int(limit)}")
-    events = rows.fetch_tuples(conn, sql, () if after is None else (after,))
+    events = rows.fetch_tuples(conn, sql, lane_params + (() if after is None else (after,)))
     latest: dict[tuple[str, str], Doc] = {}
     canon, plain, catalog = rows.canonicalize, rows.is_canonical, node.catalog
     owned = {d.name: d.name for d in catalog.owned_by(node.cfg.role)}.get  # the catalog's own str objects
@@ -141,7 +146,8 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def document_states(conn: Connection, peer: str) -> dict[tuple[str, str], tuple[str, int, str, int | None]]:
+def document_states(conn: Connection, peer: str, lane_of: Callable[[str], str] | None = None
+                    ) -> dict[tuple[str, str], tuple[str, int, str, int | None]]:
     """(doc_type, doc_key) -> (op, version, status, seq) of documents sent from the log to ``peer``.
 
     A document's latest event decides: unrouted is PENDING; otherwise the status
@@ -149,12 +155,16 @@ def document_states(conn: Connection, peer: str) -> dict[tuple[str, str], tuple[
     Sent events are taken in the order of the versions they went at (an event
     that committed late went last, above its id), unrouted ones after them.
     """
-    sql = ("SELECT e.doc_type, e.doc_key, e.op, COALESCE(e.version, e.id), e.routed, e.seq, s.status "
-           "FROM xchg_event e "
-           "LEFT JOIN xchg_sent s ON s.peer = ? AND s.seq = e.seq WHERE (e.routed = 0 OR e.seq IS NOT NULL)")
+    sql = ("SELECT e.doc_type, e.doc_key, e.op, COALESCE(e.version, e.id), e.routed, e.seq "
+           "FROM xchg_event e WHERE (e.routed = 0 OR e.seq IS NOT NULL)")
+    # a seq is one lane's: the bundle that carried an event is the one of its type's lane
+    sent = {(str(lane), int(seq)): str(status) for lane, seq, status in rows.fetch_tuples(
+        conn, "SELECT lane, seq, status FROM xchg_sent WHERE peer = ?", (peer,))}
+    lane = lane_of or (lambda _t: DEFAULT_LANE)
     out: dict[tuple[str, str], tuple[str, int, str, int | None]] = {}
-    for t, k, op, version, routed, seq, status in rows.fetch_tuples(
-            conn, sql + " ORDER BY e.routed DESC, COALESCE(e.version, e.id)", (peer,)):
+    for t, k, op, version, routed, seq in rows.fetch_tuples(
+            conn, sql + " ORDER BY e.routed DESC, COALESCE(e.version, e.id)", ()):
+        status = sent.get((lane(str(t)), int(seq))) if seq is not None else None
         state = DocStatus.PENDING if not routed else str(status or DocStatus.EXPORTED)
         out[(str(t), rows.canonicalize(str(k)))] = (str(op), int(version), state, None if seq is None else int(seq))
     return out

@@ -121,8 +121,7 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
         if quiet:
             add("peer_silent", peer, quiet)
         stuck = []
-        if st.missing_seq is not None:
-            stuck.append(f"waiting for bundle {st.missing_seq}")
+        stuck += [f"waiting for {m}" for m in st.missing]
         if st.received_failed:
             stuck.append("FAILED stream")
         if st.received_held:

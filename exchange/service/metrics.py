@@ -12,9 +12,10 @@ docs/UI.md lists them, with the names they replaced.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -149,17 +150,36 @@ class ExchangeCollector(Collector):
                 remote.add_metric([peer, what], n)
             parked.add_metric([peer], st.parked)
             sent_total.add_metric([peer], sealed.get(peer, 0))
-            applied_total.add_metric([peer], st.last_applied_seq)
+            applied_total.add_metric([peer], sum(x[1] for x in st.lanes.values()) or st.last_applied_seq)
             quarantined_total.add_metric([peer], st.quarantined)
             rejected_total.add_metric([peer], st.sent_rejected)
         yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked,
                     sent_total, applied_total, quarantined_total, rejected_total)
+        yield from self._lanes(stats, node)
         aside = GaugeMetricFamily("exchange_set_aside_documents",
                                   "Documents this node could not encode and did not send (exchange set-aside list).")
         aside.add_metric([], _set_aside_count(node))
         yield aside
         yield from self._conflicts()
         yield from self._syncs()
+
+    def _lanes(self, stats: Mapping[str, Any], node: Node) -> Iterable[Metric]:
+        """Each stream per lane (docs/CATALOG.md "Lanes"): a seq counts within its lane, so a lane stuck
+        behind a FAILED bundle shows apart from the lanes that flow."""
+        applied = GaugeMetricFamily("exchange_lane_received_last_applied_seq",
+                                    "Last seq applied from the peer's stream in the lane.", labels=["peer", "lane"])
+        behind = GaugeMetricFamily("exchange_lane_received_lag_bundles",
+                                   "Bundles seen from the peer in the lane but not applied yet.",
+                                   labels=["peer", "lane"])
+        sealed = GaugeMetricFamily("exchange_lane_sent_last_seq",
+                                   "The last seq sealed for the peer in the lane.", labels=["peer", "lane"])
+        for peer in sorted(stats):
+            for lane, (top, last) in sorted(stats[peer].lanes.items()):
+                applied.add_metric([peer, lane], last)
+                behind.add_metric([peer, lane], max(0, top - last))
+        for (peer, lane), n in sorted(_sealed_per_lane(node).items()):
+            sealed.add_metric([peer, lane], n)
+        return [applied, behind, sealed]
 
     def _syncs(self) -> Iterable[Metric]:
         """The sync cycles of this process: counted from its start, present (0) before the first."""
@@ -221,11 +241,20 @@ def _set_aside_count(node: Node) -> int:
 
 
 def _sealed(node: Node) -> dict[str, int]:
-    """Bundles sealed per peer: the stream's last seq, which a prune of old rows does not lower."""
+    """Bundles sealed per peer: the streams' last seqs (summed over the lanes), which a prune of old rows
+    does not lower."""
+    out: dict[str, int] = {}
+    for (peer, _lane), n in _sealed_per_lane(node).items():
+        out[peer] = out.get(peer, 0) + n
+    return out
+
+
+def _sealed_per_lane(node: Node) -> dict[tuple[str, str], int]:
+    """The last seq sealed per peer and lane."""
     from sqlalchemy import select
 
     from exchange.database.tables import xchg_stream_out
 
     with node.engine.connect() as conn:
-        return {str(p): max(0, int(n) - 1) for p, n in conn.execute(
-            select(xchg_stream_out.c.peer, xchg_stream_out.c.next_seq))}
+        return {(str(p), str(lane)): max(0, int(n) - 1) for p, lane, n in conn.execute(
+            select(xchg_stream_out.c.peer, xchg_stream_out.c.lane, xchg_stream_out.c.next_seq))}

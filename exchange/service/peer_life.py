@@ -85,7 +85,7 @@ def _outstanding(conn: Connection, node: Node, peer: Peer) -> Outstanding:
     behind = False
     if peer.role == "store" and node.cfg.role == "ho":
         newest = conn.execute(select(func.max(xchg_broadcast.c.version))).scalar()
-        cursor = conn.execute(select(xchg_stream_out.c.bc_version)
+        cursor = conn.execute(select(func.min(xchg_stream_out.c.bc_version))  # its lanes: the one behind
                               .where(xchg_stream_out.c.peer == peer.id)).scalar()
         behind = newest is not None and (cursor or 0) < newest
     return Outstanding(docs, bundles, behind, received, len(_outbox_files(node, peer.id)))

@@ -75,9 +75,10 @@ def _secs(a: datetime, b: datetime) -> float:
     return (aware(a) - aware(b)).total_seconds()
 
 
+# the newest across the peer's lanes (a seq counts within its lane): by time, then seq
 _ACKED = ("SELECT seq, created_at, processed_at FROM xchg_sent WHERE peer = ? AND processed_at IS NOT NULL "
-          "ORDER BY seq DESC LIMIT 1")
-_GOT = "SELECT seq, received_at FROM xchg_received WHERE peer = ? ORDER BY seq DESC LIMIT 1"
+          "ORDER BY processed_at DESC, seq DESC LIMIT 1")
+_GOT = "SELECT seq, received_at FROM xchg_received WHERE peer = ? ORDER BY received_at DESC, seq DESC LIMIT 1"
 
 
 def _time(value: Any) -> datetime:

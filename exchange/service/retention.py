@@ -55,14 +55,15 @@ def _conditions(conn: Connection, cutoff: datetime) -> dict[str, Any]:
         exists().where(newer_e.c.doc_type == e.c.doc_type, newer_e.c.doc_key == e.c.doc_key, newer_e.c.id > e.c.id))
     received = and_(
         r.c.status == ReceivedStatus.APPLIED.value, func.coalesce(r.c.applied_at, r.c.received_at) < cut,
-        exists().where(newer_r.c.peer == r.c.peer, newer_r.c.seq > r.c.seq))
+        exists().where(newer_r.c.peer == r.c.peer, newer_r.c.lane == r.c.lane, newer_r.c.seq > r.c.seq))
     d = xchg_delivery
     deliveries = and_(
         d.c.op == "D", d.c.status == processed,
         exists().where(s.c.peer == d.c.peer, s.c.seq == d.c.seq, s.c.status == processed, s.c.processed_at < cut))
     sent = and_(
         s.c.status == processed, s.c.processed_at < cut,
-        exists().where(newer_s.c.peer == s.c.peer, newer_s.c.seq > s.c.seq, newer_s.c.status == processed),
+        exists().where(newer_s.c.peer == s.c.peer, newer_s.c.lane == s.c.lane, newer_s.c.seq > s.c.seq,
+                       newer_s.c.status == processed),
         ~exists().where(e.c.seq == s.c.seq))
     return {"events": (e, events), "received": (r, received), "deliveries": (d, deliveries), "sent": (s, sent)}
 

@@ -22,7 +22,7 @@ from typing import Any
 from exchange.node.home import Node
 from exchange.database.direct import connect_existing, plain_file
 from exchange.service.words import parked_reason, rfc3339
-from exchange.vocabulary import DocStatus, ReceivedStatus
+from exchange.vocabulary import DEFAULT_LANE, LANE_RE, DocStatus, ReceivedStatus
 from exchange.receive.stuck import reason_with_resolution, sent_reason_with_resolution
 
 
@@ -42,13 +42,14 @@ class Row:
     reason: str | None
     # sent bundles: the ack's applied counts and totals against what was sealed (exchange.receive.reconcile)
     reconcile: dict[str, Any] | None = None
+    lane: str = DEFAULT_LANE  # the stream's lane (docs/CATALOG.md "Lanes"): a seq counts within it
 
 
 def _sent_row(r: Mapping[Any, Any]) -> Row:
     return Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
                _iso(r["created_at"]), _iso(r["processed_at"] or r["uploaded_at"]),
-               sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]),
-               json.loads(r["reconcile"]) if r["reconcile"] else None)
+               sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"], r["lane"]),
+               json.loads(r["reconcile"]) if r["reconcile"] else None, r["lane"])
 
 
 def sent(node: Node) -> list[Row]:
@@ -61,13 +62,14 @@ def sent(node: Node) -> list[Row]:
     from exchange.database.tables import xchg_sent
 
     with node.engine.connect() as conn:
-        found = conn.execute(select(xchg_sent).order_by(xchg_sent.c.peer, xchg_sent.c.seq)).mappings().all()
+        found = conn.execute(select(xchg_sent).order_by(xchg_sent.c.peer, xchg_sent.c.lane, xchg_sent.c.seq)
+                             ).mappings().all()
     return [_sent_row(r) for r in found]
 
 
 #: Columns of exchange.database.tables.xchg_sent that the Sent view shows; times as SQLAlchemy stores them on SQLite.
-_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason, reconcile "
-             "FROM xchg_sent ORDER BY peer, seq")
+_SENT_SQL = ("SELECT file_name, peer, seq, summary, status, created_at, uploaded_at, processed_at, reason, reconcile, "
+             "lane FROM xchg_sent ORDER BY peer, lane, seq")
 _SENT_TIMES = ("created_at", "uploaded_at", "processed_at")
 
 
@@ -99,12 +101,14 @@ def received(node: Node) -> list[Row]:
 
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_received).order_by(
-            xchg_received.c.peer, xchg_received.c.seq)).mappings().all()
+            xchg_received.c.peer, xchg_received.c.lane, xchg_received.c.seq)).mappings().all()
     out = [Row(r["file_name"], r["peer"], int(r["seq"]), json.loads(r["summary"]), r["status"],
                _iso(r["received_at"]), _iso(r["applied_at"]),
-               reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"])) for r in rows]
+               reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"], r["lane"]),
+               lane=r["lane"]) for r in rows]
     for q in quarantined(node):
-        out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, rfc3339(q.time), None, q.reason))
+        out.append(Row(q.file, q.peer, q.seq, {}, ReceivedStatus.QUARANTINED, rfc3339(q.time), None, q.reason,
+                       lane=q.lane))
     return out
 
 
@@ -139,17 +143,19 @@ def documents(node: Node, peer: str) -> dict[tuple[str, str], DocState]:
         if doc not in out or out[doc].version < state.version:
             out[doc] = state
 
+    lane_of = node.catalog.lane_of
     with node.engine.connect() as conn:
         for r in conn.execute(select(xchg_delivery).where(xchg_delivery.c.peer == peer)):
             out[(r.doc_type, r.doc_key)] = DocState(r.op, int(r.version), r.status, r.seq)
         if node.cfg.peer(peer).role != "store":
-            for doc, (op, version, state, seq) in streams.document_states(conn, peer).items():
+            for doc, (op, version, state, seq) in streams.document_states(conn, peer, lane_of).items():
                 newer(doc, DocState(op, version, state, seq))
             return out
-        cur = conn.execute(select(xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
-                                  xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer)).first()
-        cursor = (int(cur[0]), str(cur[1]), str(cur[2])) if cur else (0, "", "")
+        cursors = {str(lane): (int(v), str(t), str(k)) for lane, v, t, k in conn.execute(
+            select(xchg_stream_out.c.lane, xchg_stream_out.c.bc_version, xchg_stream_out.c.bc_type,
+                   xchg_stream_out.c.bc_key).where(xchg_stream_out.c.peer == peer))}  # one per lane
         for r in conn.execute(select(xchg_broadcast)):
+            cursor = cursors.get(lane_of(r.doc_type), (0, "", ""))
             passed = (int(r.version), r.doc_type, r.doc_key) <= cursor
             newer((r.doc_type, r.doc_key), DocState(r.op, int(r.version), DocStatus.PROCESSED if passed else DocStatus.PENDING, None))
     return out
@@ -163,6 +169,7 @@ class Quarantined:
     time: str | None
     reason: str | None
     mtime: float
+    lane: str = DEFAULT_LANE  # the lane the file name claims
 
 
 def quarantined(node: Node) -> list[Quarantined]:
@@ -180,8 +187,10 @@ def quarantined(node: Node) -> list[Quarantined]:
         name = reason_file.name[: -len(".reason")]
         parts = name.split(".")
         peer = parts[0] if len(parts) >= 4 or (len(parts) >= 3 and parts[2] == "heartbeat") else ""
-        seq = int(parts[2]) if len(parts) >= 4 and parts[2].isascii() and parts[2].isdigit() else 0
-        out.append(Quarantined(name, peer, seq, info.get("time"), info.get("reason"), mtime))
+        lane = parts[2] if len(parts) >= 5 and LANE_RE.fullmatch(parts[2]) else DEFAULT_LANE
+        at = 3 if lane != DEFAULT_LANE else 2  # the seq, after the lane when the name has one
+        seq = int(parts[at]) if len(parts) >= 4 and parts[at].isascii() and parts[at].isdigit() else 0
+        out.append(Quarantined(name, peer, seq, info.get("time"), info.get("reason"), mtime, lane))
     return out
 
 
@@ -196,6 +205,7 @@ class Parked:
     parked_at: str | None
     reason: str = ""  # the same in business words (service.words.parked_reason)
     state: str = "RETRYING"  # vocabulary.ParkedState: ORPHANED can never apply (its dependency was deleted)
+    lane: str = DEFAULT_LANE  # the lane of its type: ``seq`` is that lane's bundle
 
 
 def parked(node: Node) -> list[Parked]:
@@ -206,8 +216,10 @@ def parked(node: Node) -> list[Parked]:
     with node.engine.connect() as conn:
         rows = conn.execute(select(xchg_parked).order_by(xchg_parked.c.parked_at)).mappings().all()
     reasons = parked_reasons(node, [(r["doc_type"], r["doc_key"]) for r in rows])
+    lane_of = node.catalog.lane_of
     return [Parked(r["doc_type"], r["doc_key"], r["peer"], int(r["seq"]), r["error"],
-                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])], r["state"])
+                   int(r["attempts"]), _iso(r["parked_at"]), reasons[(r["doc_type"], r["doc_key"])], r["state"],
+                   lane_of(r["doc_type"]))
             for r in rows]
 
 

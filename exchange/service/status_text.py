@@ -16,6 +16,7 @@ from datetime import datetime
 from exchange.logs import escape_controls
 from exchange.service.status import Parked, Row
 from exchange.service.words import counted, documents_text, key_text, local_time, thing
+from exchange.vocabulary import DEFAULT_LANE
 
 INDENT = "    "
 _FIRST = {"sent": "sealed", "received": "received"}
@@ -55,12 +56,17 @@ def bundle_lines(view: str, rows: Sequence[Row], *, width: int = 80, now: dateti
     return out
 
 
+def in_lane(lane: str) -> str:
+    """`` of lane orders`` after a bundle's seq; nothing for the default lane."""
+    return "" if lane == DEFAULT_LANE else f" of lane {lane}"
+
+
 def parked_lines(parked: Sequence[Parked], *, width: int = 80, now: datetime | None = None) -> list[str]:
     """One record per parked document: what it is, from where, since when, and why."""
     out: list[str] = []
     for d in parked:
         out += textwrap.wrap(escape_controls(
-            f"{thing(d.doc_type)} {key_text(d.doc_key)} from {d.peer} (bundle {d.seq}), parked since "
+            f"{thing(d.doc_type)} {key_text(d.doc_key)} from {d.peer} (bundle {d.seq}{in_lane(d.lane)}), parked since "
             f"{local_time(d.parked_at, now)}, {counted(d.attempts, 'attempt')}"), max(width, 40),
             subsequent_indent=INDENT, break_long_words=False, break_on_hyphens=False)
         if d.reason:

@@ -169,6 +169,7 @@ def due_for_resend(node: Node) -> dict[str, list[str]]:
 def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter) -> None:
     from sqlalchemy import and_, select, update
 
+    from exchange.database import lanes
     from exchange.database.tables import xchg_delivery, xchg_sent
 
     now = utc_now()
@@ -176,14 +177,16 @@ def _mark_delivered(node: Node, files: list[Path], rep: SyncReport, r: Reporter)
         fn = parse_name(f.name)
         if fn.kind == "bundle":
             with node.engine.begin() as conn:
-                cond = and_(xchg_sent.c.peer == fn.b, xchg_sent.c.seq == fn.seq)
+                cond = and_(xchg_sent.c.peer == fn.b, xchg_sent.c.lane == fn.lane, xchg_sent.c.seq == fn.seq)
                 status = conn.execute(select(xchg_sent.c.status).where(cond)).scalar()
                 conn.execute(update(xchg_sent).where(and_(cond, xchg_sent.c.status.in_(
                     (SentStatus.EXPORTED, SentStatus.UPLOADED)))).values(status=SentStatus.UPLOADED,
                                                                          uploaded_at=now))
-                conn.execute(update(xchg_delivery).where(and_(
-                    xchg_delivery.c.peer == fn.b, xchg_delivery.c.seq == fn.seq,
-                    xchg_delivery.c.status == DocStatus.EXPORTED)).values(status=DocStatus.UPLOADED))
+                docs = and_(xchg_delivery.c.peer == fn.b, xchg_delivery.c.seq == fn.seq,
+                            xchg_delivery.c.status == DocStatus.EXPORTED)
+                in_lane = lanes.condition(xchg_delivery.c.doc_type, lanes.lane_types(node.catalog, fn.lane))
+                conn.execute(update(xchg_delivery).where(docs if in_lane is None else and_(docs, in_lane))
+                             .values(status=DocStatus.UPLOADED))
             if f.parent == node.cfg.archive_sent:
                 rep.resent.append(f.name)
                 r.state(f.name, SentStatus.UPLOADED, "resent: no ack yet")

@@ -40,6 +40,7 @@ from exchange.wire.formats import (
     MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, PAYLOAD_MEMBER, SIG_NAMESPACE, TABLE_FILE,
     MAX_SEQ, app_major,
 )
+from exchange.wire.formats import DEFAULT_LANE, check_lane
 from exchange.wire.formats import (  # acks, version 2
     ACK_DECISION_VERSION, ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_DETAILS_PAD, ACK_RESULTS, ACK_V2_FIELDS,
     ACK_VERSION,
@@ -156,6 +157,7 @@ class Manifest:
     payload: Entry
     inner: tuple[Entry, ...]
     raw: bytes = field(repr=False)
+    lane: str = DEFAULT_LANE  # format 4: absent from the manifest for the default lane
 
     @property
     def sha256(self) -> str:
@@ -179,6 +181,7 @@ class Manifest:
             payload=Entry.parse(json_field(obj, "payload", dict, what), what),
             inner=tuple(Entry.parse(e, what) for e in inner),
             raw=raw,
+            lane=_lane_field(obj, what),
         )
         app_major(m.app_version)
         if m.seq < 1:
@@ -195,6 +198,21 @@ class Manifest:
             raise LimitError(f"{what}: {INNER_MANIFEST} of {m.inner[0].size} bytes "
                              f"(limit {MAX_INNER_MANIFEST_BYTES})")
         return m
+
+
+def _lane_field(obj: Mapping[str, Any], what: str) -> str:
+    """The optional ``lane`` of a manifest or ack (format 4): absent means the default lane, which is
+    never written out (one spelling per file, and files of the default lane stay format 3 files)."""
+    if "lane" not in obj:
+        return DEFAULT_LANE
+    lane = check_lane(obj["lane"], f"{what}: lane")
+    if lane == DEFAULT_LANE:
+        raise FormatError(f"{what}: the default lane {DEFAULT_LANE!r} is written by leaving lane out")
+    return lane
+
+
+def _lane_json(lane: str) -> dict[str, str]:
+    return {} if lane == DEFAULT_LANE else {"lane": check_lane(lane)}
 
 
 # ---------------------------------------------------------------- writing
@@ -298,7 +316,7 @@ def seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None = None, created: datetime | None = None,
     app_version: str = __version__, parquet_cache: ParquetCache | None = None,
-    catalog: Mapping[str, Any] | None = None, sync: bool = True,
+    catalog: Mapping[str, Any] | None = None, sync: bool = True, lane: str = DEFAULT_LANE,
 ) -> Sealed:
     """Write a complete, fsynced bundle to ``path`` (the caller renames it into place).
 
@@ -311,7 +329,8 @@ def seal_bundle(
     try:
         return _seal_bundle(path, key=key, sender=sender, recipient=recipient, seq=seq, prev=prev,
                             recipients=recipients, tables=tables, summary=summary, created=created,
-                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog, sync=sync)
+                            app_version=app_version, parquet_cache=parquet_cache, catalog=catalog, sync=sync,
+                            lane=lane)
     except OSError as exc:
         try:
             path.unlink(missing_ok=True)
@@ -326,7 +345,7 @@ def _seal_bundle(
     recipients: Sequence[str], tables: Mapping[str, TableSource],
     summary: Mapping[str, Any] | None, created: datetime | None,
     app_version: str, parquet_cache: ParquetCache | None, catalog: Mapping[str, Any] | None = None,
-    sync: bool = True,
+    sync: bool = True, lane: str = DEFAULT_LANE,
 ) -> Sealed:
     if len(tables) > MAX_TABLES:
         raise LimitError(f"{len(tables)} tables in one bundle (at most {MAX_TABLES})")
@@ -354,7 +373,8 @@ def _seal_bundle(
             listing.append({"file": fname, "table": name, "rows": rows})
         inner: dict[str, Any] = {
             "format": PAYLOAD_FORMAT, "version": FORMAT_VERSION, "sender": sender,
-            "recipient": recipient, "seq": seq, "tables": listing, "summary": dict(summary or {}),
+            "recipient": recipient, "seq": seq, **_lane_json(lane), "tables": listing,
+            "summary": dict(summary or {}),
         }
         # FORMAT.md v3: the sender's catalog and schemas, and their fingerprint (its text made once)
         inner_raw = dump_json(inner) if catalog is None else _with_catalog(dump_json(inner), catalog)
@@ -393,7 +413,7 @@ def _seal_bundle(
         payload = Entry(BUNDLE_MEMBERS[2], hashed.size, hashed.h.hexdigest())
         manifest_raw = dump_json({
             "format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "app_version": app_version,
-            "sender": sender, "recipient": recipient, "seq": seq, "prev": prev,
+            "sender": sender, "recipient": recipient, **_lane_json(lane), "seq": seq, "prev": prev,
             "created": format_time(created), "payload": payload.as_json(),
             "inner": [e.as_json() for e in entries],
         })
@@ -736,10 +756,12 @@ def _footer(path: Path, fname: str) -> Any:
 
 
 def _inner_identity(m: Manifest, inner: Mapping[str, Any]) -> list[AuthenticityError]:
-    """The inner manifest repeats the signed sender, recipient and seq (else: re-signed or forwarded)."""
-    return [AuthenticityError(f"inner manifest {name} {inner.get(name)!r} differs from the signed "
-                              f"outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
-            for name in ("sender", "recipient", "seq") if inner.get(name) != getattr(m, name)]
+    """The inner manifest repeats the signed sender, recipient, seq and lane (else: re-signed or forwarded)."""
+    default = {"lane": DEFAULT_LANE}
+    return [AuthenticityError(f"inner manifest {name} {inner.get(name, default.get(name))!r} differs from the "
+                              f"signed outer manifest ({getattr(m, name)!r}): payload re-signed or forwarded")
+            for name in ("sender", "recipient", "seq", "lane")
+            if inner.get(name, default.get(name)) != getattr(m, name)]
 
 
 def _inner_problems(m: Manifest, inner: Any, files: Mapping[str, Path]) -> list[str]:
@@ -873,6 +895,7 @@ class Ack:
     details_error: str = ""
     parked_total: int = 0
     decision: Decision | None = None  # v3: an operator's decision (skipped, superseded), once decrypted
+    lane: str = DEFAULT_LANE  # format 4: the stream's lane (absent from ack.json for the default lane)
 
     @classmethod
     def parse(cls, raw: bytes, file_sha256: str = "", sealed: bytes | None = None) -> Ack:
@@ -896,14 +919,15 @@ class Ack:
             bundle_sha256=sha256_field(obj.get("bundle_sha256"), what),
             manifest_sha256=None if msha is None else sha256_field(msha, what),
             result=result, created=parse_time(json_field(obj, "created", str, what), what),
-            app_version=json_field(obj, "app_version", str, what), raw=raw, file_sha256=file_sha256)
+            app_version=json_field(obj, "app_version", str, what), raw=raw, file_sha256=file_sha256,
+            lane=_lane_field(obj, what))
         if version == 1:
             reason = obj.get("reason")
             applied, parked = json_field(obj, "applied", dict, what), json_field(obj, "parked", list, what)
             _check_counts(applied, parked, what, v1=True)
             return cls(**common, reason=reason if isinstance(reason, str) else None, applied=applied,
                        parked=parked, parked_total=len(parked)).bind(sealed)
-        if set(obj) != set(ACK_V2_FIELDS):  # version 3 has the same fields; its details add a decision
+        if set(obj) - {"lane"} != set(ACK_V2_FIELDS):  # v3: the same fields, its details add a decision
             raise FormatError(f"{what}: fields {sorted(obj)} are not those of a version {version} ack "
                               f"({', '.join(ACK_V2_FIELDS)})")
         entry = Entry.parse(obj["details"], f"{what} details")
@@ -950,6 +974,8 @@ class Ack:
         d = parse_json(plain, what)
         if d.get("format") != ACK_DETAILS_FORMAT or d.get("version") != self.version:
             raise FormatError(f"{what}: not {ACK_DETAILS_FORMAT} version {self.version}")
+        if _lane_field(d, what) != self.lane:
+            raise AuthenticityError(f"{what}: lane {d.get('lane', DEFAULT_LANE)!r} differs from the signed ack")
         for name in ("acker", "sender", "seq", "bundle_sha256"):
             if d.get(name) != getattr(self, name):
                 raise AuthenticityError(f"{what}: {name} {d.get(name)!r} differs from the signed ack")
@@ -983,7 +1009,7 @@ def build_ack(
     *, key: Any, acker: str, sender: str, seq: int, bundle_sha256: str,
     manifest_sha256: str | None, result: str, recipients: Sequence[str], heads: Heads | None = None,
     reason: str | None = None, applied: Mapping[str, Any] | None = None, parked: Sequence[Any] = (),
-    created: datetime | None = None, decision: Decision | None = None,
+    created: datetime | None = None, decision: Decision | None = None, lane: str = DEFAULT_LANE,
 ) -> bytes:
     """The bytes of a signed ack file, version 2 (kept in the database, then written out).
 
@@ -1001,7 +1027,7 @@ def build_ack(
     while True:
         plain = dump_json({
             "format": ACK_DETAILS_FORMAT, "version": version, "acker": acker, "sender": sender,
-            "seq": seq, "bundle_sha256": bundle_sha256, "nonce": os.urandom(16).hex(),
+            "seq": seq, **_lane_json(lane), "bundle_sha256": bundle_sha256, "nonce": os.urandom(16).hex(),
             "reason": None if reason is None else reason[:MAX_REASON_CHARS],
             "applied": dict(applied or {}), "parked": parked[:MAX_ACK_PARKED], "parked_total": total,
         } | ({} if decision is None else {"decision": decision.as_json()}))
@@ -1016,7 +1042,7 @@ def build_ack(
     details = Entry(ACK_DETAILS_MEMBER, len(sealed.getvalue()), hashlib.sha256(sealed.getvalue()).hexdigest())
     raw = dump_json({
         "format": ACK_FORMAT, "version": version, "app_version": __version__,
-        "acker": acker, "sender": sender, "seq": seq, "bundle_sha256": bundle_sha256,
+        "acker": acker, "sender": sender, "seq": seq, **_lane_json(lane), "bundle_sha256": bundle_sha256,
         "manifest_sha256": manifest_sha256, "result": result, "created": format_time(created),
         "heads": (heads or NO_HEADS).as_json(), "details": details.as_json(),
         "details_plain_sha256": hashlib.sha256(plain).hexdigest(),

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from exchange.errors import FormatError
-from exchange.vocabulary import AckResult
+from exchange.vocabulary import DEFAULT_LANE as DEFAULT_LANE, LANE_RE as LANE_RE, AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
 SPEC_VERSION = 4  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
 #                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
-#                  4 = checkpoints v3 (a pruned operator's decision)
+#                  4 = lanes (a stream per sender, recipient and lane; the lane in names, manifests, acks),
+#                      checkpoints v3 (a pruned operator's decision)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})
@@ -105,8 +106,11 @@ TABLE_FILE = "t{:04d}.parquet"  # the n-th table of a payload, from 1
 
 NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID}$")
+#: Lanes (format 4): a stream is per sender, recipient and lane. The default lane keeps the names of
+#: format 3 (no lane in the name, none in the manifest or the ack), so files written before stay valid.
+LANE = LANE_RE.pattern.strip("^$")  # DEFAULT_LANE and LANE_RE live in exchange.vocabulary (every layer)
 # [0-9], never \d: \d and int() also take other scripts' digits ('٣'), which the grammar does not allow.
-_NAME_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.([0-9]{{10}})\.(bundle|ack)$")
+_NAME_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.(?:({LANE})\.)?([0-9]{{10}})\.(bundle|ack)$")
 _HEARTBEAT_RE = re.compile(rf"^({NODE_ID})\.({NODE_ID})\.heartbeat$")
 PART_SUFFIX = ".part"
 
@@ -122,19 +126,37 @@ class FileName:
     b: str
     seq: int
     kind: Kind
+    lane: str = DEFAULT_LANE  # format 4: the stream's lane; the default lane is not written in the name
 
     def __str__(self) -> str:
         if self.kind == "heartbeat":
             return f"{self.a}.{self.b}.heartbeat"
-        return f"{self.a}.{self.b}.{self.seq:010d}.{self.kind}"
+        return f"{self.a}.{self.b}.{lane_part(self.lane)}{self.seq:010d}.{self.kind}"
 
 
-def bundle_name(sender: str, recipient: str, seq: int) -> str:
-    return str(FileName(sender, recipient, seq, "bundle"))
+def lane_part(lane: str) -> str:
+    """The lane as a file name spells it: nothing for the default lane, else ``lane.``."""
+    return "" if lane == DEFAULT_LANE else f"{lane}."
 
 
-def ack_name(acker: str, sender: str, seq: int) -> str:
-    return str(FileName(acker, sender, seq, "ack"))
+def check_lane(lane: object, what: str = "lane") -> str:
+    """A lane name (1-16 of a-z, 0-9 and '-', starting with a letter); FormatError otherwise."""
+    if not isinstance(lane, str) or not LANE_RE.fullmatch(lane):
+        raise FormatError(f"{what}: invalid lane {lane!r}: use 1-16 of a-z, 0-9 and '-', starting with a letter")
+    return lane
+
+
+def stream_label(sender: str, recipient: str, lane: str = DEFAULT_LANE) -> str:
+    """A stream as messages name it: ``ho->s001`` (default lane) or ``ho->s001 [masters]``."""
+    return f"{sender}->{recipient}" + ("" if lane == DEFAULT_LANE else f" [{lane}]")
+
+
+def bundle_name(sender: str, recipient: str, seq: int, lane: str = DEFAULT_LANE) -> str:
+    return str(FileName(sender, recipient, seq, "bundle", lane))
+
+
+def ack_name(acker: str, sender: str, seq: int, lane: str = DEFAULT_LANE) -> str:
+    return str(FileName(acker, sender, seq, "ack", lane))
 
 
 def heartbeat_name(node: str, peer: str) -> str:
@@ -147,16 +169,18 @@ def parse_name(name: str) -> FileName:
     if h:
         return FileName(h.group(1), h.group(2), 0, "heartbeat")
     m = _NAME_RE.fullmatch(name)
-    if not m or not 1 <= int(m.group(3)) <= MAX_SEQ:
+    # the default lane is never spelled out: one file, one name
+    if not m or not 1 <= int(m.group(4)) <= MAX_SEQ or m.group(3) == DEFAULT_LANE:
         raise FormatError(f"{name}: not a bundle or ack file name "
-                          "(expected <sender>.<recipient>.<seq:010d>.bundle or .ack)")
-    kind: Kind = "bundle" if m.group(4) == "bundle" else "ack"
-    return FileName(m.group(1), m.group(2), int(m.group(3)), kind)
+                          "(expected <sender>.<recipient>[.<lane>].<seq:010d>.bundle or .ack)")
+    kind: Kind = "bundle" if m.group(5) == "bundle" else "ack"
+    return FileName(m.group(1), m.group(2), int(m.group(4)), kind, m.group(3) or DEFAULT_LANE)
 
 
 def is_exchange_file(name: str) -> bool:
     """True for complete bundle/ack/heartbeat names; ``.part`` and temporary names are not."""
-    return _NAME_RE.fullmatch(name) is not None or _HEARTBEAT_RE.fullmatch(name) is not None
+    m = _NAME_RE.fullmatch(name)
+    return (m is not None and m.group(3) != DEFAULT_LANE) or _HEARTBEAT_RE.fullmatch(name) is not None
 
 
 def check_node_id(node: str) -> str:

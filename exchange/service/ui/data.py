@@ -24,7 +24,7 @@ from exchange.database.tables import (xchg_heartbeat, xchg_parked, xchg_peer_cat
                                        xchg_stream_in)
 from exchange.node.home import Node
 from exchange.service import status
-from exchange.vocabulary import ReceivedStatus, SentStatus
+from exchange.vocabulary import DEFAULT_LANE, ReceivedStatus, SentStatus
 
 #: Sender statuses of a bundle that has not been acknowledged yet.
 UNACKED = (SentStatus.EXPORTED, SentStatus.UPLOADED)
@@ -77,7 +77,7 @@ def sent_bundles(node: Node, peer: str | None = None, limit: int = 200) -> tuple
         total = int(conn.execute(n).scalar() or 0)
     return [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
                    aware(r["created_at"]), _latest(r["processed_at"], r["uploaded_at"]),
-                   sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"]))
+                   sent_reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"], r["lane"]))
             for r in rows], total
 
 
@@ -100,7 +100,7 @@ def received_bundles(node: Node, peer: str | None = None, limit: int = 200) -> t
     t = xchg_received
     cond = t.c.peer == peer if peer else None
     q = select(t.c.file_name, t.c.peer, t.c.seq, t.c.summary, t.c.status, t.c.received_at,
-               t.c.applied_at, t.c.reason).order_by(t.c.received_at.desc(), t.c.peer,
+               t.c.applied_at, t.c.reason, t.c.lane).order_by(t.c.received_at.desc(), t.c.peer,
                                                      t.c.seq.desc()).limit(limit)
     n = select(func.count()).select_from(t)
     if cond is not None:
@@ -110,7 +110,7 @@ def received_bundles(node: Node, peer: str | None = None, limit: int = 200) -> t
         total = int(conn.execute(n).scalar() or 0)
     out = [Bundle(r["file_name"], r["peer"], int(r["seq"]), _summary(r["summary"]), r["status"],
                   aware(r["received_at"]), aware(r["applied_at"]),
-                  reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"])) for r in rows]
+                  reason_with_resolution(r["status"], r["peer"], int(r["seq"]), r["reason"], r["lane"])) for r in rows]
     q_files = quarantined(node, peer)
     epoch = datetime.min.replace(tzinfo=UTC)
     out = sorted(out + q_files, key=lambda b: (b.created or epoch, b.seq), reverse=True)
@@ -176,6 +176,9 @@ class PeerStats:
     last_received: datetime | None = None
     highest_seen_seq: int = 0
     last_applied_seq: int = 0
+    #: per lane of the peer's stream to this node: [highest seq seen, last seq applied] (a seq counts per lane)
+    lanes: dict[str, list[int]] = field(default_factory=dict)
+    stalled_lanes: set[str] = field(default_factory=set)  # lanes with a bundle WAITING for an earlier one
     parked: int = 0
     sent_by_status: dict[str, int] = field(default_factory=dict)
     received_by_status: dict[str, int] = field(default_factory=dict)
@@ -193,10 +196,23 @@ class PeerStats:
     @property
     def missing_seq(self) -> int | None:
         """The bundle a WAITING stream waits for (the one after the last applied), if any waits."""
+        if self.stalled_lanes and DEFAULT_LANE not in self.stalled_lanes:
+            return None  # (another lane's: see missing)
         return self.last_applied_seq + 1 if self.received_stalled else None
 
     @property
+    def missing(self) -> list[str]:
+        """Each bundle a WAITING stream waits for, as the page says it: ``bundle 7`` (the default lane),
+        ``bundle 3 of lane masters``."""
+        out = [] if self.missing_seq is None else [f"bundle {self.missing_seq}"]
+        for lane in sorted(self.stalled_lanes - {DEFAULT_LANE}):
+            out.append(f"bundle {self.lanes.get(lane, [0, 0])[1] + 1} of lane {lane}")
+        return out
+
+    @property
     def received_behind(self) -> int:
+        if self.lanes:  # summed over the lanes: each lane's seqs are its own
+            return sum(max(0, top - applied) for top, applied in self.lanes.values())
         return max(0, self.highest_seen_seq - self.last_applied_seq)
 
 
@@ -227,6 +243,11 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             if status == SentStatus.REJECTED:
                 st.sent_rejected += n
             st.last_ack = _latest(st.last_ack, last_ack)
+        for peer, lane, top in conn.execute(select(r.c.peer, r.c.lane, func.max(r.c.seq)).group_by(r.c.peer, r.c.lane)):
+            get(peer).lanes.setdefault(str(lane), [0, 0])[0] = int(top or 0)
+        for peer, lane in conn.execute(select(r.c.peer, r.c.lane).where(r.c.status == ReceivedStatus.WAITING)
+                                       .group_by(r.c.peer, r.c.lane)):
+            get(peer).stalled_lanes.add(str(lane))
         for peer, status, n, last_rx, last_applied, top in conn.execute(
                 select(r.c.peer, r.c.status, func.count(), func.max(r.c.received_at),
                        func.max(r.c.applied_at), func.max(r.c.seq)).group_by(r.c.peer, r.c.status)):
@@ -242,11 +263,16 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             if status == ReceivedStatus.WAITING:
                 st.received_stalled += n
             st.last_received = _latest(st.last_received, last_rx, last_applied)
-            st.highest_seen_seq = max(st.highest_seen_seq, int(top or 0))
-        for peer, last_seq in conn.execute(select(xchg_stream_in.c.peer, xchg_stream_in.c.last_seq)):
+        for st in out.values():  # the per-peer figures are the default lane's (as before lanes)
+            st.highest_seen_seq = max(st.highest_seen_seq, st.lanes.get(DEFAULT_LANE, [0, 0])[0])
+        for peer, lane, last_seq in conn.execute(select(xchg_stream_in.c.peer, xchg_stream_in.c.lane,
+                                                        xchg_stream_in.c.last_seq)):
             st = get(peer)
-            st.last_applied_seq = int(last_seq)
-            st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
+            seqs = st.lanes.setdefault(str(lane), [0, 0])
+            seqs[1], seqs[0] = int(last_seq), max(seqs[0], int(last_seq))
+            if lane == DEFAULT_LANE:  # the per-peer figures are the default lane's (as before lanes)
+                st.last_applied_seq = int(last_seq)
+                st.highest_seen_seq = max(st.highest_seen_seq, int(last_seq))
         for peer, n in conn.execute(select(xchg_parked.c.peer, func.count()).group_by(xchg_parked.c.peer)):
             get(peer).parked = int(n)
         for peer, n in conn.execute(select(s.c.peer, func.count()).where(s.c.reconcile.like('%"ok": false%'))
@@ -401,8 +427,7 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
     """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
     quiet = silence(st, silent_after_minutes, now)
     out = [quiet] if quiet else []
-    if st.missing_seq is not None:
-        out.append(f"waiting for bundle {st.missing_seq}")
+    out += [f"waiting for {m}" for m in st.missing]
     if st.received_failed:
         out.append("FAILED stream")
     if st.received_held:
