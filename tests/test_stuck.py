@@ -29,6 +29,7 @@ from exchange.database import schema  # noqa: E402
 from exchange.database.tables import xchg_decision  # noqa: E402
 from exchange.node import config  # noqa: E402
 from exchange.node.home import Node  # noqa: E402
+from exchange.vocabulary import DEFAULT_LANE  # noqa: E402
 from exchange.wire.formats import ack_name  # noqa: E402
 
 
@@ -456,7 +457,8 @@ def test_a_skipped_bundle_does_not_stop_archive_prune_and_verify_shows_it_from_t
 
         trust = Node.open(node.cfg.home).trust
         cps = [read_checkpoint(p, trust) for p in (node.cfg.home / "archive" / "checkpoints").iterdir()]
-        recorded = {(a.seq, a.result, a.decided) for cp in cps if cp.stream == ("s001", "ho") for a in cp.acks}
+        recorded = {(a.seq, a.result, a.decided) for cp in cps if cp.stream == ("s001", "ho", DEFAULT_LANE)
+                    for a in cp.acks}
         assert (bad, "REJECTED", True) in recorded, recorded  # the decision's ack, marked as such
         res = cli("audit", "verify", str(node.cfg.home / "archive"), "--home", str(node.cfg.home),
                   "--identity", str(key), "--json")
