@@ -616,3 +616,47 @@ def test_kill_and_recover_with_lanes(tmp_path: Path, spec: str) -> None:
         assert {"masters", "orders"} <= lanes
     finally:
         n.dispose()
+
+
+@pytest.mark.parametrize("spec", ["export.sealed:2", "export.committed"])
+def test_a_fan_out_killed_inside_a_lane_group_recovers(tmp_path: Path, db_url: str, spec: str) -> None:
+    """An HO seals the next bundles of several stores' streams in one lane in one transaction
+    (exchange.send.export, ``_export_group``): killed after the second store's masters bundle is sealed,
+    before the commit, nothing of the group is recorded; killed after the commit, all of it is. A group
+    holds one lane's bundles only, and the next syncs end with every lane of every store whole."""
+    import os
+    import subprocess
+    import sys
+
+    from exchange.database.tables import xchg_sent
+    from exchange.wire.formats import PART_SUFFIX
+
+    n = make_net(tmp_path / "net", ho_db=db_url, stores=STORES, max_rows={"ho": 4})
+    try:
+        with_catalog(n, {"lanes": "reference"})
+        seed_ho(n, items=10)
+        n.settle()
+        ids = item_ids(n)
+        reprice(n.ho, ids[:9], "0.25")  # three masters bundles per store
+        for k in range(3):  # an orders bundle for s001
+            new_transfer(n.ho, f"TO-G{k}", "s001", ids[k])
+        env = {**os.environ, "EXCHANGE_CRASH_AT": spec}
+        env.pop("EXCHANGE_HOME", None)
+        p = subprocess.run([sys.executable, "-m", "exchange", "sync", "--home", str(n.ho.cfg.home)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == -9, p.stdout + p.stderr
+        parts = [f.name for f in n.ho.cfg.outbox.iterdir() if f.name.endswith(".bundle" + PART_SUFFIX)]
+        names = [parse_name(f[: -len(PART_SUFFIX)]) for f in parts]
+        assert {f.b for f in names} == set(STORES) and {f.lane for f in names} == {"masters"}, parts
+        with n.ho.engine.connect() as conn:
+            sent = {r.file_name for r in conn.execute(select(xchg_sent))}
+        recorded = [f for f in parts if f[: -len(PART_SUFFIX)] in sent]
+        assert (recorded == parts) if spec == "export.committed" else not recorded
+        n.reopen()
+        n.settle(max_rounds=8)
+        check = check_net(n)
+        assert check.problems == [] and check.lost == 0 and check.applied_twice == 0
+        got = {(b["peer"], b["lane"]) for b in bundles(n.ho, "sent")}
+        assert {("s001", "masters"), ("s002", "masters"), ("s001", "orders")} <= got, got
+    finally:
+        n.dispose()
