@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
+from sqlalchemy import Connection, and_, func, select, tuple_, update
 
 from exchange.database import conflicts as conflict_log
 from exchange.database import rows, sqlite_arrow
