@@ -38,7 +38,8 @@ def how_to_resolve(status: str, peer: str, seq: int) -> str:
                 "--reason TEXT` (the sender gets the decision and can send the documents again)")
     if status == ReceivedStatus.WAITING:
         return (f"`exchange sync` fetches the missing bundle; if {peer} no longer has it, ask its operator "
-                "to check `exchange status sent` there")
+                "to check `exchange status sent` there (this node restored from a backup: the HO's operator "
+                "repairs both streams with `exchange peer restart --peer STORE --reason TEXT`)")
     if status == ReceivedStatus.HELD:
         return "upgrade exchange to the sender's major version, then `exchange retry`"
     return ""

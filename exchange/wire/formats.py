@@ -15,9 +15,10 @@ from exchange.vocabulary import AckResult
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 3  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+SPEC_VERSION = 4  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
-#                      zone-aware times (timestamp[us, tz=UTC] plus an offset column)
+#                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
+#                  4 = the stream restart (summary.restart, summary.restart_base: exchange.wire.restart)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})

@@ -1,0 +1,223 @@
+"""A store restored from a backup, or re-made after its disk died, and the restart that repairs its streams.
+
+Real homes (the HO on SQLite and PostgreSQL, stores on SQLite) paired through a real ``dir:`` folder;
+the backup is a ``cp -a`` of the store's home taken between syncs and put back after three more; every
+operator step is an ``exchange`` command. The checks read rows at both ends, not just statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from enginehelpers import Net, doc_hashes, item_ids, make_net, reprice, seed_ho, seed_store, transfer_files
+from sqlalchemy import select
+
+from exchange.cli.main import main
+from exchange.database import conflicts as conflict_log
+from exchange.database import rows
+from exchange.database.tables import xchg_conflict, xchg_received, xchg_sent, xchg_stream_in, xchg_stream_out
+from exchange.node import keys
+from exchange.node.home import Node
+from exchange.receive import restart as received
+from exchange.send import clock
+from exchange.service import status
+from exchange.wire.bundle import open_bundle
+
+STORE_TYPES = ("customer", "sales_bill", "grc", "grt")
+HO_TYPES = ("item", "promotion", "transfer_order")
+
+
+@pytest.fixture
+def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
+    n = make_net(tmp_path / "net", ho_db=db_url)
+    seed_ho(n)
+    n.settle()
+    yield n
+    n.dispose()
+
+
+def cli(*args: str, code: int = 0) -> Result:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, res.output
+    return res
+
+
+def run(net: Net, node: Node, *args: str, code: int = 0) -> Result:
+    """``exchange ARGS --home HOME`` (a group's subcommand gets --home after it)."""
+    head = list(args[:2]) if args[0] in ("peer", "keys", "audit") else [args[0]]
+    out = cli(*head, "--home", str(node.cfg.home), *args[len(head):], code=code)
+    net.reopen()
+    return out
+
+
+def keys_of(node: Node, doc_type: str) -> list[str]:
+    dt = node.catalog.get(doc_type)
+    with node.engine.connect() as conn:
+        table = node.catalog.table(dt.header)
+        return sorted(rows.canonical_key(r) for r in conn.execute(select(*[table.c[c] for c in dt.key])))
+
+
+def docs(node: Node, types: tuple[str, ...], keys: dict[str, list[str]] | None = None) -> dict[str, dict[str, str]]:
+    """Per type: key -> hash of every row of the document (header and children)."""
+    return {t: doc_hashes(node, node.catalog.get(t), keys[t] if keys else keys_of(node, t)) for t in types}
+
+
+def store_docs_of(node: Node, sid: str) -> dict[str, list[str]]:
+    return {t: [k for k in keys_of(node, t) if json.loads(k)[0] == sid] for t in STORE_TYPES}
+
+
+def settle(net: Net, rounds: int = 8) -> None:
+    """Sync every node until nothing is on its way (bundles a restart superseded stay ABANDONED)."""
+    for _ in range(rounds):
+        net.cycle()
+        nodes_quiet = all(r.status in ("PROCESSED", "ABANDONED") for n in net.nodes for r in status.sent(n))
+        spools = any(p.is_file() for n in net.nodes for d in (n.cfg.inbox, n.cfg.outbox) for p in d.iterdir())
+        pending = any(d.status not in ("PROCESSED",) for n in net.nodes for peer in n.cfg.peers
+                      for d in status.documents(n, peer).values())
+        if nodes_quiet and not spools and not pending and not transfer_files(net.transfer):
+            return
+    raise AssertionError(f"not settled after {rounds} rounds: {net.describe()}")
+
+
+def cycles(net: Net, n: int, order: list[str] | None = None) -> None:
+    for _ in range(n):
+        net.cycle(order)
+
+
+def backup(net: Net, sid: str, dest: Path) -> None:
+    """``cp -a`` of the store's home with nothing open on it (between syncs, as a nightly job)."""
+    net.dispose()
+    subprocess.run(["cp", "-a", str(net.store(sid).cfg.home), str(dest)], check=True)
+    net.reopen()
+
+
+def restore(net: Net, sid: str, src: Path) -> None:
+    net.dispose()
+    home = net.store(sid).cfg.home
+    shutil.rmtree(home)
+    subprocess.run(["cp", "-a", str(src), str(home)], check=True)
+    net.reopen()
+
+
+def doctor(net: Net, node: Node) -> dict[str, Any]:
+    res = CliRunner().invoke(main, ["doctor", "--home", str(node.cfg.home), "--json"], catch_exceptions=False)
+    net.reopen()
+    return {c["name"]: c for c in json.loads(res.output)["checks"]}
+
+
+def sent_rows(node: Node, peer: str) -> list[Any]:
+    with node.engine.connect() as conn:
+        return list(conn.execute(select(xchg_sent).where(xchg_sent.c.peer == peer).order_by(xchg_sent.c.seq)))
+
+
+def received_rows(node: Node, peer: str) -> list[Any]:
+    with node.engine.connect() as conn:
+        return list(conn.execute(select(xchg_received).where(xchg_received.c.peer == peer)
+                                 .order_by(xchg_received.c.seq)))
+
+
+def events_in_archive(node: Node, peer: str, me: Node) -> list[tuple[str, str, int]]:
+    """(type, key, version) of every document in the bundles ``me`` applied from ``peer``, from its archive."""
+    out = []
+    for r in received_rows(me, peer):
+        if r.status != "APPLIED":
+            continue
+        path = me.cfg.archive_received / r.file_name
+        with open_bundle(path, trust=me.trust, identities=me.identities, me=me.id, workdir=me.cfg.work) as opened:
+            ev = opened.table("_events").to_pydict()
+            out += list(zip(ev["doc_type"], ev["doc_key"], ev["version"], strict=True))
+    return out
+
+
+def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, tmp_path: Path) -> None:
+    ho, sid = net.ho, "s001"
+    seed_store(net, sid, sales=6)
+    net.settle()
+    backup(net, sid, tmp_path / "backup")
+    with net.store(sid).engine.connect() as conn:
+        backed_bills = set(keys_of(net.store(sid), "sales_bill"))
+    # three more days of trading on both sides, each synced
+    ids = item_ids(net)
+    for day in range(3):
+        seed_store(net, sid, sales=3, seed=day + 1)
+        reprice(net.ho, ids[day * 3:day * 3 + 3])
+        net.settle()
+    lost_bills = sorted(set(store_docs_of(ho, sid)["sales_bill"]) - backed_bills)
+    assert len(lost_bills) == 9
+    lost_at_ho = docs(ho, ("sales_bill",), {"sales_bill": lost_bills})["sales_bill"]
+    m = max(r.seq for r in received_rows(ho, sid))
+
+    restore(net, sid, tmp_path / "backup")
+    store = net.store(sid)
+    new = seed_store(net, sid, sales=4, seed=9)  # the POS numbers bills again from its restored state
+    reused = sorted(set(rows.canonical_key(k) for k in new["sales_bill"]) & set(lost_bills))
+    assert len(reused) == 4
+    reprice(net.ho, ids[:2])
+    cycles(net, 2)
+
+    # both sides see it: the HO's copy of the restored stream forks, the store waits for what the HO archived
+    rec = [r for r in status.received(net.ho) if r.peer == sid and r.status == "QUARANTINED"]
+    assert rec and "already applied from a different file" in (rec[0].reason or "")
+    assert f"exchange peer restart --peer {sid}" in (rec[0].reason or "")
+    check = doctor(net, net.ho)["streams went back"]
+    assert not check["ok"] and "differs from the one applied here" in check["detail"]
+    assert f"exchange peer restart --peer {sid}" in check["fix"]
+    waiting = [r for r in status.received(net.store(sid)) if r.status == "WAITING"]
+    assert waiting and "exchange peer restart" in (waiting[0].reason or "")
+
+    out = run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "restored from Sunday's backup")
+    assert "restart sealed for s001" in out.output and f"continues after seq {m}" in out.output
+    assert doctor(net, net.ho)["streams went back"]["ok"]
+    settle(net)
+
+    ho, store = net.ho, net.store(sid)
+    # the HO's documents: the store holds exactly what the HO holds (prices of the lost days and after)
+    assert docs(store, HO_TYPES) == docs(ho, HO_TYPES, {t: keys_of(store, t) for t in HO_TYPES})
+    assert set(keys_of(store, "item")) == set(keys_of(ho, "item"))
+    # the store's documents: every one the store holds is at the HO, row for row
+    mine = store_docs_of(store, sid)
+    assert docs(ho, STORE_TYPES, mine) == docs(store, STORE_TYPES, mine)
+    # the lost days' bills stay at the HO: those not reused unchanged, the reused ones kept in the conflict log
+    kept = docs(ho, ("sales_bill",), {"sales_bill": lost_bills})["sales_bill"]
+    assert {k: v for k, v in kept.items() if k not in reused} == {k: v for k, v in lost_at_ho.items()
+                                                                   if k not in reused}
+    with ho.engine.connect() as conn:
+        logged = list(conn.execute(select(xchg_conflict).where(xchg_conflict.c.policy == "restored")))
+    assert sorted(c.doc_key for c in logged if c.doc_type == "sales_bill") == reused
+    for c in [c for c in logged if c.doc_type == "sales_bill"]:
+        ours = conflict_log.unpack(c.ours)
+        assert ours is not None and ours["sales_bill"].num_rows == 1
+        assert ours["sales_bill"].column("bill_no").to_pylist() == [json.loads(c.doc_key)[1]]
+        assert c.kept == "theirs" and c.peer == sid
+    # none applied twice: the store's stream continues after m, chained, every bundle APPLIED once
+    got = received_rows(ho, sid)
+    assert [r.seq for r in got] == list(range(1, len(got) + 1)) and all(r.status == "APPLIED" for r in got)
+    assert len(got) > m
+    with store.engine.connect() as conn:
+        out_pos = conn.execute(select(xchg_stream_out).where(xchg_stream_out.c.peer == "ho")).one()
+        in_pos = conn.execute(select(xchg_stream_in).where(xchg_stream_in.c.peer == "ho")).one()
+    with ho.engine.connect() as conn:
+        ho_in = conn.execute(select(xchg_stream_in).where(xchg_stream_in.c.peer == sid)).one()
+        ho_out = conn.execute(select(xchg_stream_out).where(xchg_stream_out.c.peer == sid)).one()
+    assert (out_pos.next_seq - 1, out_pos.last_manifest_sha256) == (ho_in.last_seq, ho_in.last_manifest_sha256)
+    assert (in_pos.last_seq, in_pos.last_manifest_sha256) == (ho_out.next_seq - 1, ho_out.last_manifest_sha256)
+    versions = events_in_archive(store, "ho", ho)
+    assert len(versions) == len(set(versions))  # no document version applied twice
+    assert all(r.status == "PROCESSED" for r in sent_rows(store, "ho"))
+    assert all(r.status in ("PROCESSED", "ABANDONED") for r in sent_rows(ho, sid))
+    # the operator's action is on record, and the auditor sees the restart
+    entries = json.loads(run(net, net.ho, "journal", "--peer", sid, "--json").output)
+    assert entries[0]["action"] == "peer restart" and entries[0]["detail"]["reason"] == "restored from Sunday's backup"
+    res = CliRunner().invoke(main, ["audit", "verify", "--home", str(net.ho.cfg.home), "--json"],
+                             catch_exceptions=False)
+    report = json.loads(res.output)
+    assert res.exit_code == 0, res.output
+    assert any(f["check"] == "restart" for s in report["streams"] for f in s["findings"])
+    assert doctor(net, net.ho)["streams"]["ok"] and doctor(net, store)["streams"]["ok"]
