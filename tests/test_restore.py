@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from enginehelpers import Net, doc_hashes, item_ids, make_net, reprice, seed_ho, seed_store, transfer_files
+from enginehelpers import Net, doc_hashes, forge_bundle, item_ids, make_net, reprice, seed_ho, seed_store, transfer_files
 from sqlalchemy import select
 
 from exchange.cli.main import main
@@ -141,8 +141,7 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     seed_store(net, sid, sales=6)
     net.settle()
     backup(net, sid, tmp_path / "backup")
-    with net.store(sid).engine.connect() as conn:
-        backed_bills = set(keys_of(net.store(sid), "sales_bill"))
+    backed_bills = set(keys_of(net.store(sid), "sales_bill"))
     # three more days of trading on both sides, each synced
     ids = item_ids(net)
     for day in range(3):
@@ -155,7 +154,6 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     m = max(r.seq for r in received_rows(ho, sid))
 
     restore(net, sid, tmp_path / "backup")
-    store = net.store(sid)
     new = seed_store(net, sid, sales=4, seed=9)  # the POS numbers bills again from its restored state
     reused = sorted(set(rows.canonical_key(k) for k in new["sales_bill"]) & set(lost_bills))
     assert len(reused) == 4
@@ -221,3 +219,136 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     assert res.exit_code == 0, res.output
     assert any(f["check"] == "restart" for s in report["streams"] for f in s["findings"])
     assert doctor(net, net.ho)["streams"]["ok"] and doctor(net, store)["streams"]["ok"]
+
+
+def identity(home: Path) -> dict[str, Any]:
+    return dict(json.loads(cli("identity", "--home", str(home), "--json").output))
+
+
+def test_a_store_whose_disk_died_is_re_onboarded_in_a_few_commands(net: Net, tmp_path: Path) -> None:
+    sid = "s001"
+    seed_store(net, sid, sales=5)
+    net.settle()
+    seed_store(net, sid, sales=3, seed=1)
+    reprice(net.ho, item_ids(net)[:4])
+    net.settle()
+    ho = net.ho
+    before = store_docs_of(ho, sid)
+    at_ho = docs(ho, STORE_TYPES, before)
+    m = max(r.seq for r in received_rows(ho, sid))
+    old_key = keys.public_signing_line(net.store(sid).cfg)
+
+    # the disk dies: the home is gone; a new PC, new keys, an empty database
+    net.dispose()
+    home = net.store(sid).cfg.home
+    shutil.rmtree(home)
+    cli("init", "--home", str(home), "--node", sid, "--role", "store")
+    mine, hos = identity(home), identity(ho.cfg.home)
+    cli("peer", "add", "--home", str(home), "--peer", "ho", "--role", "ho", "--signing-key", hos["signing_key"],
+        "--recipient", hos["recipient"], "--transport", f"dir:{net.transfer}")
+    run(net, ho, "peer", "add", "--peer", sid, "--role", "store", "--signing-key", mine["signing_key"],
+        "--recipient", mine["recipient"], "--transport", f"dir:{net.transfer}", "--group", "north", "--replace")
+    out = run(net, ho, "peer", "restart", "--peer", sid, "--reason", "disk died, new PC", "--json")
+    done = json.loads(out.output)
+    assert done["received_seq"] == m and done["upserts"] > 0
+    settle(net)
+
+    ho, store = net.ho, net.store(sid)
+    # fully loaded again: every HO document that routes to it, row for row
+    assert set(keys_of(store, "item")) == set(keys_of(ho, "item"))
+    assert docs(store, HO_TYPES) == docs(ho, HO_TYPES, {t: keys_of(store, t) for t in HO_TYPES})
+    assert keys_of(store, "promotion") and keys_of(store, "transfer_order")
+    # it trades again: numbering starts over, so its bills reuse the old disk's numbers
+    new = seed_store(net, sid, sales=4, seed=7)
+    settle(net)
+    ho, store = net.ho, net.store(sid)
+    now = store_docs_of(store, sid)
+    assert docs(ho, STORE_TYPES, now) == docs(store, STORE_TYPES, now)
+    reused = {(t, rows.canonical_key(k)) for t, ks in new.items() for k in ks}
+    assert {t for t, _k in reused} == set(STORE_TYPES) and all(k in before[t] for t, k in reused)
+    with ho.engine.connect() as conn:
+        logged = {(c.doc_type, c.doc_key) for c in conn.execute(select(xchg_conflict).where(
+            xchg_conflict.c.policy == "restored"))}
+    assert logged == reused  # each old document whose key came back: kept, with its rows, in the log
+    # its history at the HO intact: every old document not reused unchanged, the stream continued after m
+    still = docs(ho, STORE_TYPES, before)
+    assert {t: {k: v for k, v in d.items() if (t, k) not in reused} for t, d in still.items()} == \
+        {t: {k: v for k, v in d.items() if (t, k) not in reused} for t, d in at_ho.items()}
+    got = received_rows(ho, sid)
+    assert [r.seq for r in got] == list(range(1, len(got) + 1)) and len(got) > m
+    assert all(r.status == "APPLIED" for r in got)
+    # the old key retired, not deleted: the archive verifies, old bundles under the old key, new under the new
+    states = json.loads(run(net, ho, "keys", "list", "--json").output)["keys"]
+    old = [k for k in states if k["principal"] == sid and old_key.split()[1] in json.dumps(k)] or \
+        [k for k in states if k["principal"] == sid and k["state"] == "retired"]
+    assert old and old[0]["state"] == "retired"
+    res = CliRunner().invoke(main, ["audit", "verify", "--home", str(ho.cfg.home), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert doctor(net, ho)["streams went back"]["ok"] and doctor(net, store)["streams"]["ok"]
+
+
+def test_a_restart_from_a_store_or_replayed_is_refused(net: Net, tmp_path: Path) -> None:
+    """Only a store's HO restarts its streams, once: a store's bundle with a null prev after seq 1 is
+    quarantined at the HO, and a restart bundle delivered again after it applied is a replay."""
+    sid = "s001"
+    seed_store(net, sid, sales=3)
+    net.settle()
+    seed_store(net, sid, sales=2, seed=1)
+    net.settle()
+    store, ho = net.store(sid), net.ho
+    # a store signing a "restart" of its own stream to the HO: its role may not
+    with store.engine.connect() as conn:
+        nxt = conn.execute(select(xchg_stream_out.c.next_seq).where(xchg_stream_out.c.peer == "ho")).scalar_one()
+    forged = forge_bundle(store, "ho", [], record=False, out_dir=tmp_path, at=(int(nxt), None))
+    before = received_rows(ho, sid)
+    shutil.copyfile(forged, ho.cfg.inbox / forged.name)
+    net.cycle([ho.id])
+    q = [r for r in status.received(net.ho) if r.status == "QUARANTINED" and r.file == forged.name]
+    assert q and "only a store's HO may restart its streams" in (q[0].reason or "")
+    assert received_rows(net.ho, sid) == before
+
+    # an HO bundle with a null prev but no restart record; a store's restored point naming no restart
+    with net.ho.engine.connect() as conn:
+        nxt = conn.execute(select(xchg_stream_out.c.next_seq).where(xchg_stream_out.c.peer == sid)).scalar_one()
+    bare = forge_bundle(net.ho, sid, [], record=False, out_dir=tmp_path, at=(int(nxt), None))
+    shutil.copyfile(bare, store.cfg.inbox / bare.name)
+    net.cycle([sid])
+    q = [r for r in status.received(net.store(sid)) if r.status == "QUARANTINED" and r.file == bare.name]
+    assert q and "without a restart record" in (q[0].reason or "")
+    with net.store(sid).engine.connect() as conn:
+        nxt, last = conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
+                                 .where(xchg_stream_out.c.peer == "ho")).one()
+    (tmp_path / "claim").mkdir()
+    claim = forge_bundle(net.store(sid), "ho", [], record=False, out_dir=tmp_path / "claim", at=(int(nxt), last),
+                         summary_hook=lambda s: s.update({"restart_base": {"restart": 99, "seq": 1, "version": 1}}))
+    shutil.copyfile(claim, net.ho.cfg.inbox / claim.name)
+    net.cycle(["ho"])
+    q = [r for r in status.received(net.ho) if r.status == "QUARANTINED" and r.seq == int(nxt)]
+    assert any("restart_base names restart seq 99, which this node never sent to s001" in (r.reason or "") for r in q)
+    assert received_rows(net.ho, sid) == before
+
+    # the HO's genuine restart, applied; then the very file delivered again: a duplicate, never re-applied
+    out = run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "test", "--json")
+    restart_file = net.ho.cfg.outbox / json.loads(out.output)["file"]
+    copy = tmp_path / restart_file.name
+    shutil.copyfile(restart_file, copy)
+    settle(net)
+    store = net.store(sid)
+    with store.engine.connect() as conn:
+        pos = tuple(conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
+                                 .where(xchg_stream_out.c.peer == "ho")).one())
+        applied = received.history(conn, "ho")
+    assert [a["kind"] for a in applied] == ["applied"]
+    shutil.copyfile(copy, store.cfg.inbox / copy.name)
+    net.cycle([sid])
+    store = net.store(sid)
+    with store.engine.connect() as conn:
+        assert tuple(conn.execute(select(xchg_stream_out.c.next_seq, xchg_stream_out.c.last_manifest_sha256)
+                                  .where(xchg_stream_out.c.peer == "ho")).one()) == pos
+        assert [a["kind"] for a in received.history(conn, "ho")] == ["applied"]
+    assert not (store.cfg.inbox / copy.name).exists()
+
+    # at a store, `peer restart` is refused with the command to run at the HO
+    res = CliRunner().invoke(main, ["peer", "restart", "--home", str(store.cfg.home), "--peer", "ho",
+                                    "--reason", "x"])
+    assert res.exit_code != 0 and "exchange peer restart --peer s001" in res.output

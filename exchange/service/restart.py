@@ -109,7 +109,7 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         if os.path.lexists(src):
             quarantine(node, src, f"seq {q} of {peer} was sealed before it went back in time and never applied: "
                                   f"superseded by the stream restart at seq {done.seq}", rep)
-    log.warning("stream restart to %s at seq %d: its stream continues after seq %d; %d documents and %d deletes "
+    log.info("stream restart to %s at seq %d: its stream continues after seq %d; %d documents and %d deletes "
                 "queued", peer, done.seq, done.received_seq, done.upserts, done.deletes,
                 extra={"peer": peer, "seq": done.seq})
     return done
