@@ -29,6 +29,7 @@ from exchange.receive import restart as received
 from exchange.send import clock
 from exchange.service import status
 from exchange.wire.bundle import open_bundle
+from test_ui import request, ui_server
 
 STORE_TYPES = ("customer", "sales_bill", "grc", "grt")
 HO_TYPES = ("item", "promotion", "transfer_order")
@@ -169,11 +170,17 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     assert f"exchange peer restart --peer {sid}" in check["fix"]
     waiting = [r for r in status.received(net.store(sid)) if r.status == "WAITING"]
     assert waiting and "exchange peer restart" in (waiting[0].reason or "")
+    with ui_server(net.ho.cfg.home) as ui:  # the HO's page: the overview row and the sync bar's problems
+        code, _h, html = request(ui.url, "/")
+    assert code == 200 and f"went back in time: `exchange peer restart --peer {sid}" in html
+    assert 'data-problem="went-back"' in html
 
     out = run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "restored from Sunday's backup")
     assert "restart sealed for s001" in out.output and f"continues after seq {m}" in out.output
     assert doctor(net, net.ho)["streams went back"]["ok"]
     settle(net)
+    with ui_server(net.ho.cfg.home) as ui:
+        assert "went back in time" not in request(ui.url, "/")[2]
 
     ho, store = net.ho, net.store(sid)
     # the HO's documents: the store holds exactly what the HO holds (prices of the lost days and after)
@@ -352,3 +359,52 @@ def test_a_restart_from_a_store_or_replayed_is_refused(net: Net, tmp_path: Path)
     res = CliRunner().invoke(main, ["peer", "restart", "--home", str(store.cfg.home), "--peer", "ho",
                                     "--reason", "x"])
     assert res.exit_code != 0 and "exchange peer restart --peer s001" in res.output
+
+
+def test_a_store_killed_right_after_it_applied_the_restart_recovers(net: Net, tmp_path: Path) -> None:
+    """Killed after the restart's commit, before its forked bundles were set aside: the next run sets them
+    aside (only those very files: its new bundles reuse their names) and the streams settle."""
+    import os
+    import sys
+
+    sid = "s001"
+    seed_store(net, sid, sales=3)
+    net.settle()
+    backup(net, sid, tmp_path / "backup")
+    seed_store(net, sid, sales=2, seed=1)
+    net.settle()
+    restore(net, sid, tmp_path / "backup")
+    for n in range(2):  # the restored store seals two bundles of its own: seq 2 forks, seq 3 breaks the chain
+        seed_store(net, sid, sales=1, seed=10 + n)
+        cycles(net, 1, [sid, "ho"])
+    forked = {r.file_name: r.file_sha256 for r in sent_rows(net.store(sid), "ho") if r.seq > 1}
+    assert len(forked) == 2
+    run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "restored")
+    net.cycle(["ho"])
+    env = {**os.environ, "EXCHANGE_CRASH_AT": "import.committed"}
+    env.pop("EXCHANGE_HOME", None)
+    proc = subprocess.run([sys.executable, "-m", "exchange", "sync", "--home", str(net.store(sid).cfg.home)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    net.reopen()
+    store = net.store(sid)
+    assert any((store.cfg.archive_sent / f).exists() for f in forked)  # killed before it set them aside
+    settle(net)
+    store, ho = net.store(sid), net.ho
+    kept = {p.name: p for p in (store.cfg.home / received.FORKED_DIR).iterdir()}
+    assert sorted(kept) == sorted(forked)
+    assert {n: hashlib_sha(p) for n, p in kept.items()} == forked
+    for name in forked:  # a new bundle may carry the name; never the forked file
+        for folder in (store.cfg.outbox, store.cfg.archive_sent):
+            assert not (folder / name).exists() or hashlib_sha(folder / name) != forked[name]
+    mine = store_docs_of(store, sid)
+    assert docs(ho, STORE_TYPES, mine) == docs(store, STORE_TYPES, mine)
+    assert set(keys_of(store, "item")) == set(keys_of(ho, "item"))
+    got = received_rows(ho, sid)
+    assert [r.seq for r in got] == list(range(1, len(got) + 1)) and all(r.status == "APPLIED" for r in got)
+
+
+def hashlib_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -175,6 +175,7 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int,
                   parked: bool, peer: str | None = None) -> list[FileOutcome]:
     rep = reporter or NullReporter()
+    restart.tidy(node)  # a store's forked bundles a crash left behind after a stream restart
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)
              and (peer is None or parse_name(p.name).a == peer)]
     streams: dict[tuple[str, str], list[Path]] = defaultdict(list)

@@ -38,7 +38,7 @@ from exchange.database.tables import (
     xchg_stream_in, xchg_stream_out,
 )
 from exchange.errors import FormatError
-from exchange.files import free_name, move_entry, utc_now
+from exchange.files import free_name, is_regular_entry, move_entry, sha256_file, utc_now
 from exchange.node.home import Node
 from exchange.vocabulary import ConflictStatus, DocStatus, ReceivedStatus, SentStatus
 from exchange.wire.restart import BASE_FIELD, RESTART_FIELD, Base, Restart, parse_base, parse_restart
@@ -181,20 +181,43 @@ def refusal(node: Node, peer: str) -> str | None:
 class Moves:
     """Files the restart moves once its transaction committed (a crash before: the next restart run moves them)."""
 
-    forked: list[Path] = field(default_factory=list)  # this store's forked bundles: to forked/
+    forked: list[tuple[Path, str]] = field(default_factory=list)  # this store's forked bundles (and their
+    # SHA-256): to forked/
     superseded: list[Path] = field(default_factory=list)  # HO bundles the restart superseded: archived
 
     def run(self, node: Node) -> None:
-        for src in self.forked:
-            dest = node.cfg.home / FORKED_DIR
-            dest.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(src):
-                move_entry(src, free_name(dest, src.name))
+        for src, sha in self.forked:
+            _set_aside_forked(node, src, sha)
         for src in self.superseded:
             dest = node.cfg.archive_received / "superseded"
             dest.mkdir(parents=True, exist_ok=True)
             if os.path.lexists(src):
                 move_entry(src, free_name(dest, src.name))
+
+
+def _set_aside_forked(node: Node, src: Path, sha: str) -> None:
+    """Move a forked bundle of this store's to ``forked/``: only the very file (a new bundle may reuse its name)."""
+    if not (is_regular_entry(src) and sha256_file(src) == sha):
+        return
+    dest = node.cfg.home / FORKED_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    move_entry(src, free_name(dest, src.name))
+    log.info("%s: sealed before the stream restart, never applied by the HO: kept in %s", src.name, dest)
+
+
+def tidy(node: Node) -> None:
+    """Forked bundles a restart found that a crash left in the outbox or archive (after its commit, before
+    it moved them): set aside now, before they are pushed again or a new bundle of that name is archived."""
+    if node.cfg.role != "store":
+        return
+    r = xchg_restart.c
+    with node.engine.connect() as conn:
+        found = conn.execute(select(r.detail).where(and_(r.kind == APPLIED, r.resolved_at.is_(None)))).scalars().all()
+    for detail in found:
+        for f in json.loads(detail).get("forked", []):
+            for folder in (node.cfg.outbox, node.cfg.archive_sent):
+                if os.path.lexists(folder / f["file"]):
+                    _set_aside_forked(node, folder / f["file"], f["sha256"])
 
 
 def on_apply(conn: Connection, node: Node, peer: str, seq: int, prev: str | None, summary: dict[str, Any]) -> Moves:
@@ -256,7 +279,8 @@ def apply_restart(conn: Connection, node: Node, ho: str, seq: int, rec: Restart)
                      .values(status=DocStatus.PENDING, seq=None))
         conn.execute(delete(xchg_sent).where(and_(s.peer == ho, s.seq.in_(chunk))))
     for f in forked:
-        moves.forked += [node.cfg.outbox / str(f["file"]), node.cfg.archive_sent / str(f["file"])]
+        moves.forked += [(node.cfg.outbox / str(f["file"]), str(f["sha256"])),
+                         (node.cfg.archive_sent / str(f["file"]), str(f["sha256"]))]
     sent_version = conn.execute(select(func.max(func.coalesce(xchg_event.c.version, xchg_event.c.id))).where(and_(
         xchg_event.c.routed == 1, xchg_event.c.seq.is_not(None), xchg_event.c.seq <= base_seq))).scalar()
     # every stream row of this peer (WHERE peer = ...): the stream to the HO continues at the HO's position

@@ -74,6 +74,7 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
                           hint=f"Resume it first: `exchange peer resume --peer {peer}` (or add it again with "
                                "`exchange peer add ... --replace` after a disk died).")
     by, at = journal.actor(), utc_now().replace(microsecond=0)
+    rep = reporter or NullReporter()
     done = Restarted(peer)
     holder: dict[str, Any] = {}
 
@@ -88,6 +89,11 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         holder["superseded"] = sending.supersede_unacknowledged(conn, peer, seq, note)
         done.upserts, done.deletes = sending.requeue_everything(conn, node, peer)
         holder["forked"] = received.forked_received(conn, peer, rec.received_seq)
+        for q, name in holder["forked"]:  # before the commit: left in the inbox they would wait again
+            src = node.cfg.inbox / name
+            if os.path.lexists(src):
+                quarantine(node, src, f"seq {q} of {peer} was sealed before it went back in time and never "
+                                      f"applied: superseded by the stream restart at seq {seq}", rep)
         done.superseded = [q for q, _f in holder["superseded"]]
         done.forked = sorted(q for q, _f in holder["forked"])
         done.received_seq, done.version_high = rec.received_seq, rec.version_high
@@ -97,19 +103,13 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         journal.record(conn, "peer restart", peer, reason=reason, seq=seq, received_seq=rec.received_seq,
                        version_high=rec.version_high, **{k: v for k, v in detail.items() if k != "manifest_sha256"})
 
-    done.seq, done.file = sending.seal_restart(node, peer, RestartHook(record, commit), reporter)
-    rep = reporter or NullReporter()
+    done.seq, done.file = sending.seal_restart(node, peer, RestartHook(record, commit), rep)
     for _q, name in holder.get("superseded", []):  # sealed, never acknowledged: kept in the archive, not sent
         src = node.cfg.outbox / name
         if os.path.lexists(src):
             node.cfg.archive_sent.mkdir(parents=True, exist_ok=True)
             move_entry(src, free_name(node.cfg.archive_sent, name))
-    for q, name in holder.get("forked", []):
-        src = node.cfg.inbox / name
-        if os.path.lexists(src):
-            quarantine(node, src, f"seq {q} of {peer} was sealed before it went back in time and never applied: "
-                                  f"superseded by the stream restart at seq {done.seq}", rep)
     log.info("stream restart to %s at seq %d: its stream continues after seq %d; %d documents and %d deletes "
-                "queued", peer, done.seq, done.received_seq, done.upserts, done.deletes,
-                extra={"peer": peer, "seq": done.seq})
+             "queued", peer, done.seq, done.received_seq, done.upserts, done.deletes,
+             extra={"peer": peer, "seq": done.seq})
     return done
