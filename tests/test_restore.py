@@ -217,6 +217,14 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     assert len(versions) == len(set(versions))  # no document version applied twice
     assert all(r.status == "PROCESSED" for r in sent_rows(store, "ho"))
     assert all(r.status in ("PROCESSED", "ABANDONED") for r in sent_rows(ho, sid))
+    # the restart's state at both ends: answered at the HO (the evidence repaired), applied at the store
+    at_ho = json.loads(run(net, net.ho, "peer", "restarts", "--peer", sid, "--json").output)["restarts"]
+    assert [(e["kind"], e["resolved_at"] is not None) for e in at_ho] == [("sent", True), ("detected", True)]
+    assert at_ho[0]["detail"]["base"]["seq"] == 1 and at_ho[0]["detail"]["received_seq"] == m
+    at_store = json.loads(run(net, net.store(sid), "peer", "restarts", "--json").output)["restarts"]
+    assert [e["kind"] for e in at_store] == ["applied"] and at_store[0]["seq"] == at_ho[0]["seq"]
+    assert [f["seq"] for f in at_store[0]["detail"]["forked"]] == [2]  # sealed after the restore, re-sent
+    assert "answered" in run(net, net.ho, "peer", "restarts").output
     # the operator's action is on record, and the auditor sees the restart
     entries = json.loads(run(net, net.ho, "journal", "--peer", sid, "--json").output)
     assert entries[0]["action"] == "peer restart" and entries[0]["detail"]["reason"] == "restored from Sunday's backup"

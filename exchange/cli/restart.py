@@ -49,3 +49,38 @@ def peer_restart(home: Path | None, peer_id: str | None, old_id: str | None, rea
     if done.forked:
         click.echo(f"set aside: {counted(len(done.forked), 'bundle')} it sealed before it went back "
                    f"(seq {', '.join(map(str, done.forked))}, quarantined)")
+
+
+@peer.command("restarts")
+@HOME
+@click.option("--peer", "peer_id", help="Only the entries about this peer.")
+@JSON
+def peer_restarts(home: Path | None, peer_id: str | None, as_json: bool) -> None:
+    """Stream restarts and the evidence of peers gone back in time, newest first.
+
+    At the HO: each restart sent (answered once the store sent its restored point) and each store
+    seen going back; at a store: each restart applied, with what it acknowledged and sent again.
+
+    \b
+    Example:
+      exchange peer restarts --home /srv/xchg/ho --peer s001
+    """
+    from exchange.receive.restart import history
+
+    node = _node(home)
+    with node.engine.connect() as conn:
+        found = history(conn, peer_id)
+    if as_json:
+        _echo_json({"version": 1, "restarts": found})
+        return
+    if not found:
+        click.echo("no stream restart, and no peer seen going back in time")
+    for e in found:
+        d = e["detail"]
+        state = {"detected": "OPEN" if e["resolved_at"] is None else "repaired",
+                 "sent": "waiting for its answer" if e["resolved_at"] is None else "answered",
+                 "applied": "announcing its restored point" if e["resolved_at"] is None else "done"}[e["kind"]]
+        what = (d.get("what", "") if e["kind"] == "detected" else
+                f"seq {e['seq']} by {d.get('by')}: {d.get('reason')}; its stream continues after seq "
+                f"{d.get('received_seq')}")
+        click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S}  {e['peer']:<8} {e['kind']:<9} {state:<29} {what}")
