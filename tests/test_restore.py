@@ -416,3 +416,37 @@ def hashlib_sha(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_ack_whose_signed_heads_fork_the_stream_is_evidence(net: Net) -> None:
+    """A store's ack names, in its signed heads, the manifest it sealed at a seq the HO applied from
+    another file: the HO records that the store went back in time and names the repair; a genuine ack
+    (heads in order, even a late one) records nothing."""
+    from exchange.node import rotation
+    from exchange.vocabulary import AckResult
+    from exchange.wire.bundle import Head, Heads, build_ack
+    from exchange.wire.formats import ack_name
+
+    sid = "s001"
+    seed_store(net, sid, sales=2)
+    net.settle()
+    seed_store(net, sid, sales=2, seed=1)
+    net.settle()
+    ho, store = net.ho, net.store(sid)
+    [first] = [r for r in sent_rows(ho, sid) if r.seq == 1]
+    applied = {r.seq: r.manifest_sha256 for r in received_rows(ho, sid)}
+
+    def ack(sealed: str) -> None:
+        data = build_ack(key=rotation.signing_key_for(store, "ho"), acker=sid, sender="ho", seq=1,
+                         bundle_sha256=first.file_sha256, manifest_sha256=first.manifest_sha256,
+                         result=AckResult.APPLIED, recipients=store.recipients_for("ho"),
+                         heads=Heads(Head(1, first.manifest_sha256), Head(2, sealed, 1)))
+        (ho.cfg.inbox / ack_name(sid, "ho", 1)).write_bytes(data)
+        net.cycle(["ho"])
+
+    ack(applied[2])  # late, but in order: nothing to say
+    assert doctor(net, net.ho)["streams went back"]["ok"]
+    ack("ab" * 32)  # seq 2 sealed with another manifest than the one applied
+    check = doctor(net, net.ho)["streams went back"]
+    assert not check["ok"] and "sealed seq 2 of its stream with another manifest" in check["detail"]
+    assert f"exchange peer restart --peer {sid}" in check["fix"]
