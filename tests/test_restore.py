@@ -450,3 +450,30 @@ def test_an_ack_whose_signed_heads_fork_the_stream_is_evidence(net: Net) -> None
     check = doctor(net, net.ho)["streams went back"]
     assert not check["ok"] and "sealed seq 2 of its stream with another manifest" in check["detail"]
     assert f"exchange peer restart --peer {sid}" in check["fix"]
+
+
+def test_a_restart_while_the_stores_bundles_are_in_flight_loses_nothing(net: Net) -> None:
+    """A restart run for a store that is fine (or whose newest bundles are still on their way): what it
+    sealed before it applied the restart is set aside at the HO and sent again by the store, once."""
+    sid = "s001"
+    seed_store(net, sid, sales=3)
+    net.settle()
+    seed_store(net, sid, sales=3, seed=1)
+    net.cycle([sid])  # sealed and pushed; the HO has not pulled it yet
+    in_flight = [r for r in sent_rows(net.store(sid), "ho") if r.status == "UPLOADED"]
+    assert in_flight
+    run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "ran by mistake")
+    net.cycle(["ho"])
+    q = [r for r in status.received(net.ho) if r.status == "QUARANTINED"]
+    assert q and all("before it applied the stream restart" in (r.reason or "") for r in q)
+    settle(net)
+    ho, store = net.ho, net.store(sid)
+    mine = store_docs_of(store, sid)
+    assert docs(ho, STORE_TYPES, mine) == docs(store, STORE_TYPES, mine)
+    got = received_rows(ho, sid)
+    assert [r.seq for r in got] == list(range(1, len(got) + 1)) and all(r.status == "APPLIED" for r in got)
+    versions = events_in_archive(store, "ho", ho)
+    assert len(versions) == len(set(versions))
+    with ho.engine.connect() as conn:
+        assert not [c for c in conflict_log.conflicts(conn) if c.policy == "restored"]
+    assert doctor(net, ho)["streams went back"]["ok"] and doctor(net, store)["streams"]["ok"]

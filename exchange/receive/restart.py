@@ -233,8 +233,17 @@ def on_apply(conn: Connection, node: Node, peer: str, seq: int, prev: str | None
         return apply_restart(conn, node, peer, seq, parse_restart(summary[RESTART_FIELD]))
     if RESTART_FIELD in summary:
         raise FormatError("a restart record in a bundle that does not restart its stream (prev is not null)")
-    if BASE_FIELD in summary and node.cfg.role == "ho":
-        note_base(conn, peer, parse_base(summary[BASE_FIELD]))
+    if node.cfg.role != "ho":
+        return Moves()
+    base = parse_base(summary[BASE_FIELD]) if BASE_FIELD in summary else None
+    pending = superseding_restart(conn, node, peer, seq)
+    if pending is not None and (base is None or base.restart < pending):
+        # sealed before the store applied this HO's restart: the store takes it out of its stream and sends
+        # its documents again after the restart, so applying it here would fork the stream
+        raise FormatError(f"sealed by {peer} before it applied the stream restart at seq {pending}: superseded "
+                          "by it (the store sends its documents again)")
+    if base is not None:
+        note_base(conn, peer, base)
     return Moves()
 
 
@@ -338,6 +347,8 @@ def note_base(conn: Connection, peer: str, base: Base) -> None:
     detail["base"] = base.as_json()
     conn.execute(update(xchg_restart).where(r.id == row[0]).values(detail=json.dumps(detail, sort_keys=True),
                                                                    resolved_at=utc_now()))
+    conn.execute(update(xchg_restart).where(and_(  # earlier restarts it never answered: this one replaced them
+        r.peer == peer, r.kind == SENT, r.seq < base.restart, r.resolved_at.is_(None))).values(resolved_at=utc_now()))
 
 
 def _lost_window(conn: Connection, peer: str) -> tuple[int, int] | None:

@@ -71,10 +71,11 @@ def seal_restart(node: Node, peer: str, hook: RestartHook, reporter: Reporter | 
 
 
 def supersede_unacknowledged(conn: Connection, peer: str, before: int, note: str) -> list[tuple[int, str]]:
-    """The HO's bundles to ``peer`` below the restart not acknowledged: ABANDONED, superseded by it (the
-    reload sends their documents again). Returns (seq, file) of each, to move out of the outbox."""
+    """The HO's bundles to ``peer`` below the restart not acknowledged (or REJECTED): ABANDONED, superseded by
+    it (the reload sends their documents again). Returns (seq, file) of each, to move out of the outbox."""
     s = xchg_sent.c
-    cond = and_(s.peer == peer, s.seq < before, s.status.in_((SentStatus.EXPORTED, SentStatus.UPLOADED)))
+    cond = and_(s.peer == peer, s.seq < before, s.status.in_((SentStatus.EXPORTED, SentStatus.UPLOADED,
+                                                               SentStatus.REJECTED)))
     found = [(int(q), str(f)) for q, f in conn.execute(select(s.seq, s.file_name).where(cond))]
     conn.execute(update(xchg_sent).where(cond).values(status=SentStatus.ABANDONED, processed_at=utc_now(),
                                                       reason=note))

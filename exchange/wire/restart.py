@@ -88,15 +88,16 @@ def parse_restart(obj: Any) -> Restart:
     """The summary's ``restart`` object, strictly (exactly its fields, bounded), or FormatError."""
     if not isinstance(obj, dict) or sorted(obj) != sorted(_FIELDS):
         raise FormatError(f"restart record: expected exactly the fields {', '.join(_FIELDS)}")
-    if obj["format"] != RESTART_FORMAT or obj["version"] != RESTART_VERSION:
+    if obj["format"] != RESTART_FORMAT or type(obj["version"]) is not int or obj["version"] != RESTART_VERSION:
         raise FormatError(f"restart record: unknown format {str(obj['format'])[:40]!r} version "
                           f"{str(obj['version'])[:10]!r}")
     received = obj["received"]
     if not isinstance(received, dict) or sorted(received) != ["manifest_sha256", "seq"]:
         raise FormatError("restart record: received must be {seq, manifest_sha256}")
     seq = _int(received["seq"], 0, MAX_SEQ, "received.seq")
-    manifest = None if seq == 0 and received["manifest_sha256"] is None else \
-        sha256_field(received["manifest_sha256"], "restart record: received.manifest_sha256")
+    if seq == 0 and received["manifest_sha256"] is not None:
+        raise FormatError("restart record: received.manifest_sha256 must be null for seq 0")
+    manifest = None if seq == 0 else sha256_field(received["manifest_sha256"], "restart record: received.manifest_sha256")
     applied = obj["applied"]
     if not isinstance(applied, list) or len(applied) > MAX_APPLIED:
         raise FormatError(f"restart record: applied must be a list of at most {MAX_APPLIED} [seq, sha256]")
