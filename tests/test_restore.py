@@ -26,7 +26,6 @@ from exchange.database.tables import xchg_conflict, xchg_received, xchg_sent, xc
 from exchange.node import keys
 from exchange.node.home import Node
 from exchange.receive import restart as received
-from exchange.send import clock
 from exchange.service import status
 from exchange.wire.bundle import open_bundle
 from test_ui import request, ui_server
@@ -477,3 +476,13 @@ def test_a_restart_while_the_stores_bundles_are_in_flight_loses_nothing(net: Net
     with ho.engine.connect() as conn:
         assert not [c for c in conflict_log.conflicts(conn) if c.policy == "restored"]
     assert doctor(net, ho)["streams went back"]["ok"] and doctor(net, store)["streams"]["ok"]
+
+
+def test_the_words_both_sides_share_are_the_same() -> None:
+    """receive/ and send/ may not import each other: the clock's key and the restart's kind are spelled in
+    both; the store's jumped clock is the one its exporter reads, and what it announces is what it wrote."""
+    from exchange.send import clock
+    from exchange.send import restart as sending
+
+    assert received.CLOCK_KEY == clock.CLOCK_KEY
+    assert received.APPLIED == sending.APPLIED
