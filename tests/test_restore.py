@@ -169,6 +169,8 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     assert f"exchange peer restart --peer {sid}" in check["fix"]
     waiting = [r for r in status.received(net.store(sid)) if r.status == "WAITING"]
     assert waiting and "exchange peer restart" in (waiting[0].reason or "")
+    at_store = doctor(net, net.store(sid))["streams"]
+    assert not at_store["ok"] and "WAITING" in at_store["detail"] and "exchange peer restart" in at_store["fix"]
     with ui_server(net.ho.cfg.home) as ui:  # the HO's page: the overview row and the sync bar's problems
         code, _h, html = request(ui.url, "/")
     assert code == 200 and f"went back in time: `exchange peer restart --peer {sid}" in html
