@@ -26,7 +26,7 @@ from exchange.database.tables import xchg_conflict, xchg_received, xchg_sent, xc
 from exchange.node import keys
 from exchange.node.home import Node
 from exchange.receive import restart as received
-from exchange.service import status
+from exchange.service import alerts, status
 from exchange.wire.bundle import open_bundle
 from test_ui import request, ui_server
 
@@ -175,6 +175,8 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
         code, _h, html = request(ui.url, "/")
     assert code == 200 and f"went back in time: `exchange peer restart --peer {sid}" in html
     assert 'data-problem="went-back"' in html
+    alert = alerts.states(net.ho, 60.0)[f"stream_stuck:{sid}"]  # what wakes someone: the same command
+    assert "went back in time" in alert["detail"] and f"exchange peer restart --peer {sid}" in alert["detail"]
 
     out = run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "restored from Sunday's backup")
     assert "restart sealed for s001" in out.output and f"continues after seq {m}" in out.output
