@@ -28,6 +28,7 @@ from exchange.node.home import Node
 from exchange.receive import restart as received
 from exchange.service import alerts, status
 from exchange.wire.bundle import open_bundle
+from test_metrics import scrape, value
 from test_ui import request, ui_server
 
 STORE_TYPES = ("customer", "sales_bill", "grc", "grt")
@@ -173,6 +174,8 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     assert not at_store["ok"] and "WAITING" in at_store["detail"] and "exchange peer restart" in at_store["fix"]
     with ui_server(net.ho.cfg.home) as ui:  # the HO's page: the overview row and the sync bar's problems
         code, _h, html = request(ui.url, "/")
+        assert value(scrape(ui.url), "exchange_peer_went_back", peer=sid) == 1
+        assert value(scrape(ui.url), "exchange_peer_went_back", peer="s002") == 0
     assert code == 200 and f"went back in time: `exchange peer restart --peer {sid}" in html
     assert 'data-problem="went-back"' in html
     alert = alerts.states(net.ho, 60.0)[f"stream_stuck:{sid}"]  # what wakes someone: the same command
@@ -184,6 +187,7 @@ def test_a_store_restored_from_a_backup_is_repaired_with_one_command(net: Net, t
     settle(net)
     with ui_server(net.ho.cfg.home) as ui:
         assert "went back in time" not in request(ui.url, "/")[2]
+        assert value(scrape(ui.url), "exchange_peer_went_back", peer=sid) == 0
 
     ho, store = net.ho, net.store(sid)
     # the HO's documents: the store holds exactly what the HO holds (prices of the lost days and after)
