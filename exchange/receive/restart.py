@@ -142,20 +142,6 @@ def check_heads(conn: Connection, node: Node, peer: str, received: tuple[int, st
                                            "backup?)")
 
 
-#: Open evidence of a peer gone back in time (plain SQL: ``doctor`` runs it with sqlite3).
-REGRESS_SQL = ("SELECT peer, detail FROM xchg_restart WHERE kind = 'detected' AND resolved_at IS NULL "
-               "ORDER BY peer, id")
-
-
-def regress_problems(found: Iterable[Sequence[Any]]) -> list[tuple[str, str]]:
-    """REGRESS_SQL's rows as (what, the repair command)."""
-    out = []
-    for peer, detail in found:
-        d = json.loads(detail)
-        out.append((f"{peer}: {d.get('what', 'went back in time')}", str(d.get("repair", ""))))
-    return out
-
-
 def resolve_detected(conn: Connection, peer: str) -> None:
     r = xchg_restart.c
     conn.execute(update(xchg_restart).where(and_(r.peer == peer, r.kind == DETECTED, r.resolved_at.is_(None)))

@@ -210,7 +210,7 @@ def check_went_back(node: Node) -> str:
     from contextlib import closing
 
     from exchange.database.direct import connect_existing
-    from exchange.receive.restart import REGRESS_SQL, regress_problems
+    from exchange.receive.stuck import REGRESS_SQL, regress_problems
 
     path = plain_file(node.cfg.database)
     if path is not None:  # a SQLite home: read with sqlite3 (no SQLAlchemy)

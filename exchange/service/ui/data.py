@@ -267,7 +267,7 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
     for q in quarantined(node):
         if q.peer:
             get(q.peer).quarantined += 1
-    from exchange.receive.restart import REGRESS_SQL, regress_problems
+    from exchange.receive.stuck import REGRESS_SQL, regress_problems
 
     with node.engine.connect() as conn:  # a store restored from a backup: the command that repairs it
         found = conn.exec_driver_sql(REGRESS_SQL).all()
