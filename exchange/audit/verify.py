@@ -672,6 +672,9 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
         if len(known[seq]) > 1:
             where = "; ".join(f"manifest {sha[:12]}.. in {', '.join(src)}" for sha, src in sources[seq].items())
             out.append(_err("fork", f"{len(known[seq])} different signed bundles for one seq: {where}", seq=seq))
+    # an operator's stream restart (`exchange peer restart`, FORMAT.md 4.2): prev null after seq 1; what
+    # came before it and is missing or unacknowledged was superseded by it (shown, not an error)
+    restarted = max((q for q in known if q > 1 and any(p is None for p in known[q].values())), default=0)
     # the hash chain
     for seq in sorted(known):
         for sha, prev in known[seq].items():
@@ -680,8 +683,9 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
                 if prev is not None:
                     out.append(_err("chain", f"seq 1 has prev {prev[:12]}.. (must be null)", src, seq))
             elif prev is None:
-                out.append(_err("chain", "prev is null after seq 1: the chain restarts here "
-                                "(an operator's stream restart, or a break)", src, seq))
+                out.append(_warn("restart", "the stream restarts here (prev null): an operator's stream restart "
+                                 "(`exchange peer restart`, signed by the sender); what is missing or "
+                                 "unacknowledged before it was superseded by it", src, seq))
             elif seq - 1 in known and prev not in known[seq - 1]:
                 want = ", ".join(s[:12] + ".." for s in known[seq - 1])
                 out.append(_err("chain", f"prev {prev[:12]}.. is not the manifest SHA-256 of seq {seq - 1} "
@@ -711,6 +715,10 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             note = f" ({'; '.join(notes)})" if notes else ""
             what = "missing" if lo == hi else f"{hi - lo + 1} bundles missing (seq {lo}..{hi})"
             start = ", the stream's beginning" if lo == 1 else ""
+            if hi < restarted:  # lost with a restore, or never applied: superseded by the restart
+                out.append(_warn("restart", f"{what}{start}: not in the archive, before the stream restart at "
+                                 f"seq {restarted}{note}", seq=lo))
+                continue
             out.append(_err("gap", f"{what}{start}: not in the archive and no checkpoint covers it{note}",
                             seq=lo))
     # acks: each bundle has a signed APPLIED ack naming exactly its file
@@ -748,7 +756,10 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             for af in rejected:
                 out.append(_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)}", af.rel, seq))
         elif not here:
-            if seq > last_acked:
+            if seq < restarted:
+                out.append(_warn("restart", f"never acknowledged: superseded by the stream restart at seq {restarted}",
+                                 sorted(intact.values(), key=lambda bc: bc.rel)[0].rel, seq))
+            elif seq > last_acked:
                 sr.unacked.append(seq)
             else:
                 first = sorted(intact.values(), key=lambda bc: bc.rel)[0]

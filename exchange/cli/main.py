@@ -295,7 +295,20 @@ def identity(home: Path | None, as_json: bool) -> None:
         cfg.id, cfg.role, ident["signing_key"], ident["recipient"]))
 
 
-@main.group()
+class _PeerGroup(click.Group):
+    """``peer``: some of its commands live in their own modules (``peer restart``, cli/restart.py)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            _load_command_modules()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_command_modules()
+        return super().list_commands(ctx)
+
+
+@main.group(cls=_PeerGroup)
 def peer() -> None:
     """Peers this node exchanges with.
 
@@ -1051,5 +1064,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts", "restart"):
         importlib.import_module(f"{__package__}.{mod}")

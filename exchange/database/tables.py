@@ -297,6 +297,22 @@ xchg_doc_local = Table(
     Column("changed_at", DateTime(timezone=True), nullable=False),
 )
 
+#: Streams re-based after a peer went back in time (a store restored from a backup, or one whose disk
+#: died): ``kind`` ``detected`` (evidence that the peer's positions regressed or forked; ``resolved_at`` once a
+#: restart ended it), ``sent`` (the HO's signed restart record, bundle ``seq`` of its stream to the store) or
+#: ``applied`` (a store applied the HO's restart at ``seq``). ``detail``: JSON (exchange.receive.restart).
+#: Made by its own migration (not migration 1).
+xchg_restart = Table(
+    "xchg_restart", XCHG,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("peer", String(32), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("seq", BigInteger),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+)
+
 
 def _m1_initial(conn: Connection) -> None:
     XCHG.create_all(conn, tables=_M1_TABLES)  # create_all makes every index, migration 3's too
@@ -382,9 +398,15 @@ def _m12_reconcile(conn: Connection) -> None:
 
 
 #: Ordered migrations; the schema version is the length of the list applied.
+def _m13_restart(conn: Connection) -> None:
+    """Stream restarts and the evidence of a peer gone back in time (made only if missing)."""
+    xchg_restart.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
                                                   _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
-                                                  _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile]
+                                                  _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile,
+                                                  _m13_restart]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

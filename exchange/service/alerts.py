@@ -120,7 +120,7 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
         quiet = silence(st, silent_after_minutes, now)
         if quiet:
             add("peer_silent", peer, quiet)
-        stuck = []
+        stuck = [f"went back in time ({st.went_back}); repair with {st.repair}"] if st.went_back else []
         if st.missing_seq is not None:
             stuck.append(f"waiting for bundle {st.missing_seq}")
         if st.received_failed:

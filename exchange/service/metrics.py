@@ -116,6 +116,10 @@ class ExchangeCollector(Collector):
                                    "What the peer's newest heartbeat reports about its side of the streams "
                                    "with this node (what: waiting, held, failed, parked, quarantined, unacked).",
                                    labels=["peer", "what"])
+        went_back = GaugeMetricFamily("exchange_peer_went_back",
+                                      "1 while the peer's streams went back in time (a store restored from a "
+                                      "backup) and no restart repaired them (`exchange peer restart`).",
+                                      labels=["peer"])
         parked = GaugeMetricFamily("exchange_parked_documents",
                                    "Documents parked at this node, per sending peer (0 when none).", labels=["peer"])
         sent_total = CounterMetricFamily("exchange_bundles_sent",
@@ -148,12 +152,13 @@ class ExchangeCollector(Collector):
             for what, n in sorted(st.remote_health.items()):
                 remote.add_metric([peer, what], n)
             parked.add_metric([peer], st.parked)
+            went_back.add_metric([peer], 1 if st.went_back else 0)
             sent_total.add_metric([peer], sealed.get(peer, 0))
             applied_total.add_metric([peer], st.last_applied_seq)
             quarantined_total.add_metric([peer], st.quarantined)
             rejected_total.add_metric([peer], st.sent_rejected)
         yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked,
-                    sent_total, applied_total, quarantined_total, rejected_total)
+                    went_back, sent_total, applied_total, quarantined_total, rejected_total)
         aside = GaugeMetricFamily("exchange_set_aside_documents",
                                   "Documents this node could not encode and did not send (exchange set-aside list).")
         aside.add_metric([], _set_aside_count(node))
