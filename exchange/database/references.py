@@ -139,7 +139,8 @@ def unchecked_tables(conn: Connection, tables: Sequence[Table]) -> set[str]:
     """Which of ``tables`` may be written with the foreign-key triggers off (``reference_check = "exchange"``).
 
     Only where nothing else depends on the triggers: the table has no trigger but the database's own
-    and exchange's capture triggers (which the importer suppresses anyway), and every foreign key that
+    and exchange's capture triggers (which the importer suppresses anyway), no rule (replica skips
+    rules too), and every foreign key that
     refers to it names primary-key columns (which an upsert by primary key never changes); and only if
     this database role may set ``session_replication_role`` (a superuser, or granted SET on it).
     """
@@ -162,7 +163,10 @@ def unchecked_tables(conn: Connection, tables: Sequence[Table]) -> set[str]:
             "SELECT count(*) FROM pg_constraint c JOIN pg_index i ON i.indrelid = c.confrelid AND i.indisprimary "
             "WHERE c.contype = 'f' AND c.confrelid = to_regclass(?) AND NOT (c.confkey <@ i.indkey::int2[])")),
             (name,)).scalar()
-        if triggers == 0 and loose == 0:
+        rules = conn.exec_driver_sql(rows.driver_sql(conn, (  # a rule is skipped under replica too
+            "SELECT count(*) FROM pg_rewrite WHERE ev_class = to_regclass(?) AND rulename <> '_RETURN'")),
+            (name,)).scalar()
+        if triggers == 0 and loose == 0 and rules == 0:
             out.add(table.name)
     return out
 
