@@ -80,7 +80,11 @@ def _sql_type(conn: Connection, table: Table, column: str) -> str:
 
 
 def _found(conn: Connection, ref: Table, ref_cols: Sequence[str], values: list[str], lock: bool) -> set[str]:
-    """Which of ``values`` (joined text of ``ref_cols``) are rows of ``ref``; locked FOR KEY SHARE if asked."""
+    """Which of ``values`` (joined text of ``ref_cols``) are rows of ``ref``; locked FOR KEY SHARE if asked.
+
+    Compared as PostgreSQL's text of the row found: a value whose text differs from Arrow's (a
+    timestamp's format) counts as missing, which only sends its document to the database's own check.
+    """
     q = rows.driver_sql
     arrays = [[v.split(_SEP)[i] for v in values] for i in range(len(ref_cols))] if len(ref_cols) > 1 \
         else [values]
@@ -89,7 +93,7 @@ def _found(conn: Connection, ref: Table, ref_cols: Sequence[str], values: list[s
     on = " AND ".join(f"r.{_quote(conn, c)} = v.{n}::{_sql_type(conn, ref, c)}"
                       for c, n in zip(ref_cols, names, strict=True))
     out = ", ".join(f"r.{_quote(conn, c)}::text" for c in ref_cols)
-    sql = (f"SELECT {out} FROM {_quote(conn, ref.name)} r JOIN unnest({unnest}) AS v({', '.join(names)}) "
+    sql = (f"SELECT {out} FROM {conn.dialect.identifier_preparer.format_table(ref)} r JOIN unnest({unnest}) AS v({', '.join(names)}) "
            f"ON {on}" + (" FOR KEY SHARE OF r" if lock else ""))
     found = conn.exec_driver_sql(q(conn, sql), tuple(arrays)).all()
     return {_SEP.join(str(x) for x in r) for r in found}
