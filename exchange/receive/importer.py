@@ -641,7 +641,8 @@ def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey
         table = cat.table(tname)
         if held and tname in data and rows.replaces_in_place(conn, table, dt.key):
             rows.delete_docs(conn, table, dt.key, gone)
-            staged[tname] = rows.prune_docs(conn, table, dt.key, kept, data[tname])
+            staged[tname] = rows.prune_docs(conn, table, dt.key, kept, data[tname],
+                                            None if header is None else header.select(list(dt.key)))
         else:
             rows.delete_docs(conn, table, dt.key, keys)
     if gone:
