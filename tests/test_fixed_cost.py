@@ -97,3 +97,35 @@ def test_small_bundles_apply_alike_on_the_short_and_the_staged_path(
     assert check_net(net).problems == []  # every document row by row, on both sides
     if ho.engine.dialect.name == "postgresql":  # the path under test was the one taken
         assert bool(staged) == (path == "staged"), staged[:3]
+
+
+def test_an_import_run_fsyncs_the_outbox_once_after_all_its_acks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ack's content is fsynced before its rename (files.write_file_atomic); the outbox folder, once per run."""
+    from exchange.receive import importer
+    from exchange.send.export import export_all
+
+    net = make_net(tmp_path / "net", stores=("s001", "s002"))
+    try:
+        seed_ho(net)
+        net.settle()
+        for sid in ("s001", "s002"):
+            seed_store(net, sid, sales=2)
+            for e in export_all(net.store(sid)):
+                (net.store(sid).cfg.outbox / e.file).rename(net.ho.cfg.inbox / e.file)
+        synced: list[tuple[Path, list[str]]] = []
+        real = getattr(importer, "fsync_dir")  # the name the importer calls
+
+        def record(folder: Path) -> None:  # the real fsync, noted with what the folder held then
+            synced.append((folder, sorted(p.name for p in folder.iterdir() if p.name.endswith(".ack"))))
+            real(folder)
+
+        monkeypatch.setattr(importer, "fsync_dir", record)
+        outs = importer.import_inbox(net.ho)
+        applied = [o for o in outs if o.status == "APPLIED"]
+        assert {o.peer for o in applied} == {"s001", "s002"}, outs
+        acks = sorted(p.name for p in net.ho.cfg.outbox.glob("*.ack"))
+        assert len(acks) >= len(applied)
+        assert synced == [(net.ho.cfg.outbox, acks)]  # once, at the end, with every ack of the run in place
+    finally:
+        net.dispose()

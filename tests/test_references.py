@@ -184,6 +184,11 @@ def test_only_tables_nothing_else_depends_on_are_written_without_triggers(pg_net
         conn.exec_driver_sql("CREATE TABLE shelf_label (barcode varchar(32) REFERENCES item_barcode (barcode))")
         assert references.unchecked_tables(conn, [cat.table(t) for t in names]) == {
             "sales_bill", "sales_bill_payment", "item"}
+        conn.exec_driver_sql("CREATE TABLE paid (n int)")
+        conn.exec_driver_sql("CREATE RULE count_payment AS ON INSERT TO sales_bill_payment DO ALSO "
+                             "INSERT INTO paid VALUES (1)")  # replica skips rules too: the table keeps its triggers
+        assert references.unchecked_tables(conn, [cat.table(t) for t in names]) == {"sales_bill", "item"}
+        conn.exec_driver_sql("DROP RULE count_payment ON sales_bill_payment")
     with st.engine.begin() as conn:
         seed_store_activity(conn, "s001", item_ids(net)[:4], 15, seed=3)
     sync(st)
@@ -241,3 +246,29 @@ def test_lines_sent_without_their_bill_never_stay(pg_net: Net, mode: str) -> Non
     with ho.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM sales_bill WHERE store_id = 's001'")).scalar() == \
             len(bills) - 1
+
+
+def test_a_document_naming_one_that_is_not_written_is_missing_too(pg_url: str) -> None:
+    """A part names its parent part (a reference inside the document type) and a thing: B names a thing the
+    database lacks, A names B, which will not be written with the rest: both go one by one, C does not."""
+    from sqlalchemy import Column, ForeignKey, MetaData, String, Table
+
+    md = MetaData()
+    Table("thing", md, Column("id", String(8), primary_key=True))
+    part = Table("part", md, Column("id", String(8), primary_key=True),
+                 Column("parent", String(8), ForeignKey("part.id")), Column("thing_id", String(8), ForeignKey("thing.id")))
+    eng = create_engine(pg_url)
+    try:
+        md.create_all(eng)
+        data = {"part": pa.table({"id": ["A", "B", "C", "D"], "parent": ["B", None, "A", "C"],
+                                  "thing_id": ["t1", "t9", "t1", None]})}
+        with eng.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO thing VALUES ('t1')")
+            assert references.missing(conn, {"part": part}, ["part"], ["id"], data) == {
+                '["A"]', '["B"]', '["C"]', '["D"]'}  # C names A, D names C: the chain follows
+            data["part"] = data["part"].slice(1)  # without A: C names a part not in the batch
+            assert references.missing(conn, {"part": part}, ["part"], ["id"], data) == {'["B"]', '["C"]', '["D"]'}
+            data["part"] = pa.table({"id": ["C", "D"], "parent": [None, "C"], "thing_id": ["t1", "t1"]})
+            assert references.missing(conn, {"part": part}, ["part"], ["id"], data) == set()
+    finally:
+        eng.dispose()

@@ -171,17 +171,23 @@ def _with_auditor(net: Net, tmp_path: Path) -> Path:
     return key
 
 
-def test_skip_round_trip_decision_reaches_the_sender_and_resend_applies(tmp_path: Path, db_url: str) -> None:
+def _a_sales_bundle_failed_at_the_ho(tmp_path: Path, db_url: str) -> tuple[Net, Path, int]:
+    """A pair with an auditor whose HO refused the store's sales bundle (FAILED): (net, auditor key, its seq)."""
     net = make_net(tmp_path / "net", stores=("s001",), ho_db=db_url)
     key = _with_auditor(net, tmp_path)
     seed_ho(net, 6)
     net.settle()
-    st, ho = net.store(), net.ho
-    refuse_writes(ho, "sales_bill", "ho rule: sales closed for audit")
+    refuse_writes(net.ho, "sales_bill", "ho rule: sales closed for audit")
     seed_store(net, "s001", sales=3, seed=1)
     net.cycle(["s001", "ho"])
-    bad = max(received(ho))
-    assert received(ho)[bad]["status"] == "FAILED"
+    bad = max(received(net.ho))
+    assert received(net.ho)[bad]["status"] == "FAILED"
+    return net, key, bad
+
+
+def test_skip_round_trip_decision_reaches_the_sender_and_resend_applies(tmp_path: Path, db_url: str) -> None:
+    net, key, bad = _a_sales_bundle_failed_at_the_ho(tmp_path, db_url)
+    st, ho = net.store(), net.ho
     assert "ho rule: sales closed for audit" in received(ho)[bad]["reason"]
 
     seed_store(net, "s001", sales=2, seed=2)  # a later bundle waits behind the FAILED one
@@ -424,16 +430,8 @@ def test_a_skipped_bundle_does_not_stop_archive_prune_and_verify_shows_it_from_t
     decision in its checkpoint) instead of stopping the stream there for ever, at both ends."""
     import time
 
-    net = make_net(tmp_path / "net", stores=("s001",), ho_db=db_url)
-    key = _with_auditor(net, tmp_path)
-    seed_ho(net, 6)
-    net.settle()
+    net, key, bad = _a_sales_bundle_failed_at_the_ho(tmp_path, db_url)
     st, ho = net.store(), net.ho
-    refuse_writes(ho, "sales_bill", "ho rule: sales closed for audit")
-    seed_store(net, "s001", sales=3, seed=1)
-    net.cycle(["s001", "ho"])
-    bad = max(received(ho))
-    assert received(ho)[bad]["status"] == "FAILED"
     res = cli("bundle", "skip", "s001", str(bad), "--reason", "period closed", "--by", "alice",
               "--home", str(ho.cfg.home))
     assert res.exit_code == 0, res.output

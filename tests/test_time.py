@@ -110,6 +110,34 @@ def test_an_unencodable_item_is_set_aside_and_every_other_change_still_reaches_t
     assert json.loads(cli("set-aside", "list", "--json", "--home", str(net.ho.cfg.home)).output)["set_aside"] == []
 
 
+def test_an_unencodable_item_in_a_fan_out_is_set_aside_and_every_store_gets_the_rest(db_url: str,
+                                                                                       tmp_path: Path) -> None:
+    """With several stores the HO seals their bundles in one transaction (exchange.send.export, GROUP): the
+    item it cannot encode rolls the group back, is set aside once, and the group is sealed again without it."""
+    n = make_net(tmp_path / "net", ho_db=None if db_url.startswith("sqlite") else db_url, stores=("s001", "s002"))
+    try:
+        seed_ho(n, items=6)
+        n.settle()
+        bad, good = _items(n)[:2]
+        value = _spoil(n, bad)
+        reprice(n.ho, [good], "2.00")
+        expected = prices(n.ho, [good])[good]
+        assert "Traceback" not in _sync(n.ho).output
+        assert not [p.name for p in n.ho.cfg.outbox.iterdir() if p.name.endswith(".part")]
+        for sid in ("s001", "s002"):
+            _sync(n.store(sid))
+        _sync(n.ho)  # the stores' acks
+        assert [prices(n.store(sid), [good])[good] for sid in ("s001", "s002")] == [expected, expected]
+        sent = json.loads(cli("status", "sent", "--json", "--home", str(n.ho.cfg.home)).output)
+        assert all(b["status"] == "PROCESSED" for b in sent["bundles"])
+        assert {b["peer"] for b in sent["bundles"]} == {"s001", "s002"}
+        [aside] = sent["set_aside"]
+        assert (aside["doc_key"], aside["column"], aside["value"]) == (json.dumps([bad], separators=(",", ":")),
+                                                                      "updated_at", value)
+    finally:
+        n.dispose()
+
+
 def test_a_document_fixed_and_changed_by_the_application_leaves_the_list_by_itself(net: Net) -> None:
     bad = _items(net)[0]
     _spoil(net, bad)

@@ -514,8 +514,10 @@ def verify_archive(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
             parts = (m.sender, m.recipient, m.seq, m.lane) if m is not None else _name_parts(res.name)
             if parts:
                 bad_seqs[(parts[0], parts[1], parts[3])].add(parts[2])
+    restarts = _restart_times(by_stream)
     for key in sorted(streams):
-        _check_stream(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], bad_seqs[key])
+        _check_stream(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], bad_seqs[key],
+                      None if key[2] == DEFAULT_LANE else restarts.get(key[:2]))
         _check_heads(stream(key), by_stream[key], acks_by_stream[key], cps_by_stream[key], evidence.get(key, []))
     report.streams = [streams[k] for k in sorted(streams)]
     return report
@@ -646,8 +648,24 @@ def _span(a: int, b: int) -> str:
     return f"seq {a}" if a == b else f"seq {a}..{b}"
 
 
+def _restart_times(by_stream: Mapping[tuple[str, str, str], list[BundleCheck]]) -> dict[tuple[str, str], datetime]:
+    """(sender, recipient) -> the signed time of the newest stream restart in its default lane, where the
+    restart bundle travels (FORMAT.md 4.2): it ends the unacknowledged bundles of every other lane too."""
+    out: dict[tuple[str, str], datetime] = {}
+    for (sender, recipient, lane), found in by_stream.items():
+        if lane != DEFAULT_LANE:
+            continue
+        for bc in found:
+            m = bc.manifest
+            if bc.authentic and m is not None and m.seq > 1 and m.prev is None:
+                out[(sender, recipient)] = max(m.created, out.get((sender, recipient), m.created))
+    return out
+
+
 def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFile],
-                  checkpoints: list[Checkpoint], bad_seqs: set[int]) -> None:
+                  checkpoints: list[Checkpoint], bad_seqs: set[int], lane_restart: datetime | None = None) -> None:
+    """Every check of one stream; ``lane_restart``: the time of a restart of the default lane of the same
+    two nodes, which ended what this lane had sealed and not seen acknowledged by then."""
     out = sr.findings
     # What is known about each seq: signed manifests (from bundles and checkpoints) and their prev.
     known: dict[int, dict[str, str | None]] = defaultdict(dict)  # seq -> manifest sha -> prev
@@ -679,6 +697,14 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
         if len(known[seq]) > 1:
             where = "; ".join(f"manifest {sha[:12]}.. in {', '.join(src)}" for sha, src in sources[seq].items())
             out.append(_err("fork", f"{len(known[seq])} different signed bundles for one seq: {where}", seq=seq))
+    # an operator's stream restart (`exchange peer restart`, FORMAT.md 4.2): prev null after seq 1; what
+    # came before it and is missing or unacknowledged was superseded by it (shown, not an error)
+    restarted = max((q for q in known if q > 1 and any(p is None for p in known[q].values())), default=0)
+    if lane_restart is not None:  # in another lane: what it sealed up to the restart's signed time
+        before = [bc.manifest.seq for bc in bundles if bc.authentic and bc.manifest is not None
+                  and bc.manifest.created <= lane_restart]
+        restarted = max(restarted, max(before, default=0) + 1)
+        at = format_time(lane_restart)
     # the hash chain
     for seq in sorted(known):
         for sha, prev in known[seq].items():
@@ -687,8 +713,9 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
                 if prev is not None:
                     out.append(_err("chain", f"seq 1 has prev {prev[:12]}.. (must be null)", src, seq))
             elif prev is None:
-                out.append(_err("chain", "prev is null after seq 1: the chain restarts here "
-                                "(an operator's stream restart, or a break)", src, seq))
+                out.append(_warn("restart", "the stream restarts here (prev null): an operator's stream restart "
+                                 "(`exchange peer restart`, signed by the sender); what is missing or "
+                                 "unacknowledged before it was superseded by it", src, seq))
             elif seq - 1 in known and prev not in known[seq - 1]:
                 want = ", ".join(s[:12] + ".." for s in known[seq - 1])
                 out.append(_err("chain", f"prev {prev[:12]}.. is not the manifest SHA-256 of seq {seq - 1} "
@@ -718,6 +745,10 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             note = f" ({'; '.join(notes)})" if notes else ""
             what = "missing" if lo == hi else f"{hi - lo + 1} bundles missing (seq {lo}..{hi})"
             start = ", the stream's beginning" if lo == 1 else ""
+            if hi < restarted:  # lost with a restore, or never applied: superseded by the restart
+                out.append(_warn("restart", f"{what}{start}: not in the archive, before the stream restart at "
+                                 f"seq {restarted}{note}", seq=lo))
+                continue
             out.append(_err("gap", f"{what}{start}: not in the archive and no checkpoint covers it{note}",
                             seq=lo))
     # acks: each bundle has a signed APPLIED ack naming exactly its file
@@ -755,7 +786,12 @@ def _check_stream(sr: StreamResult, bundles: list[BundleCheck], acks: list[AckFi
             for af in rejected:
                 out.append(_err("rejected", f"REJECTED by {af.ack.acker}: {_reason(af.ack)}", af.rel, seq))
         elif not here:
-            if seq > last_acked:
+            if seq < restarted:
+                which = (f"seq {restarted}" if lane_restart is None
+                         else f"{at} in the default lane (it ends every lane's unacknowledged bundles)")
+                out.append(_warn("restart", f"never acknowledged: superseded by the stream restart at {which}",
+                                 sorted(intact.values(), key=lambda bc: bc.rel)[0].rel, seq))
+            elif seq > last_acked:
                 sr.unacked.append(seq)
             else:
                 first = sorted(intact.values(), key=lambda bc: bc.rel)[0]

@@ -40,7 +40,20 @@ def _fail(exc: ExchangeError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
-class Group(click.Group):
+class _LazyCommands(click.Group):
+    """A group some of whose commands live in their own modules, loaded on first need (start-up stays light)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            _load_command_modules()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_command_modules()
+        return super().list_commands(ctx)
+
+
+class Group(_LazyCommands):
     """Maps ExchangeError to its exit code at the edge; loads the command modules only when asked.
 
     ``exchange sync`` (run by cron every few minutes) needs none of the audit,
@@ -63,14 +76,6 @@ class Group(click.Group):
             args = place_global_options(self, ctx, args)
         return super().parse_args(ctx, args)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands:
-            _load_command_modules()
-        return super().get_command(ctx, cmd_name)
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        _load_command_modules()
-        return super().list_commands(ctx)
 
 
 #: ``exchange``'s own options, also accepted after the command (``exchange sync --home H -v``).
@@ -295,7 +300,11 @@ def identity(home: Path | None, as_json: bool) -> None:
         cfg.id, cfg.role, ident["signing_key"], ident["recipient"]))
 
 
-@main.group()
+class _PeerGroup(_LazyCommands):
+    """``peer``: some of its commands live in their own modules (``peer restart``, cli/restart.py)."""
+
+
+@main.group(cls=_PeerGroup)
 def peer() -> None:
     """Peers this node exchanges with.
 
@@ -1051,5 +1060,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts", "restart"):
         importlib.import_module(f"{__package__}.{mod}")

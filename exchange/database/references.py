@@ -80,7 +80,11 @@ def _sql_type(conn: Connection, table: Table, column: str) -> str:
 
 
 def _found(conn: Connection, ref: Table, ref_cols: Sequence[str], values: list[str], lock: bool) -> set[str]:
-    """Which of ``values`` (joined text of ``ref_cols``) are rows of ``ref``; locked FOR KEY SHARE if asked."""
+    """Which of ``values`` (joined text of ``ref_cols``) are rows of ``ref``; locked FOR KEY SHARE if asked.
+
+    Compared as PostgreSQL's text of the row found: a value whose text differs from Arrow's (a
+    timestamp's format) counts as missing, which only sends its document to the database's own check.
+    """
     q = rows.driver_sql
     arrays = [[v.split(_SEP)[i] for v in values] for i in range(len(ref_cols))] if len(ref_cols) > 1 \
         else [values]
@@ -89,7 +93,7 @@ def _found(conn: Connection, ref: Table, ref_cols: Sequence[str], values: list[s
     on = " AND ".join(f"r.{_quote(conn, c)} = v.{n}::{_sql_type(conn, ref, c)}"
                       for c, n in zip(ref_cols, names, strict=True))
     out = ", ".join(f"r.{_quote(conn, c)}::text" for c in ref_cols)
-    sql = (f"SELECT {out} FROM {_quote(conn, ref.name)} r JOIN unnest({unnest}) AS v({', '.join(names)}) "
+    sql = (f"SELECT {out} FROM {conn.dialect.identifier_preparer.format_table(ref)} r JOIN unnest({unnest}) AS v({', '.join(names)}) "
            f"ON {on}" + (" FOR KEY SHARE OF r" if lock else ""))
     found = conn.exec_driver_sql(q(conn, sql), tuple(arrays)).all()
     return {_SEP.join(str(x) for x in r) for r in found}
@@ -100,13 +104,15 @@ def missing(conn: Connection, tables: Mapping[str, Table], doc_tables: Sequence[
     """Canonical keys of the documents in ``data`` whose rows name a row the database lacks.
 
     ``tables``: the tables by name (the catalog's); ``doc_tables``: the document type's own tables,
-    whose references are checked against ``data`` itself (a line's header travels with it), and a
-    value not there counts as missing (the database's own check then decides, one by one). Every
-    other foreign key is one query per referenced table over its distinct values; ``lock`` keeps the
-    rows found FOR KEY SHARE until the transaction ends.
+    whose references are checked against ``data`` itself (a line's header travels with it), less the
+    documents found missing (until none is added: a document naming one that will not be written is
+    missing too), and a value not there counts as missing (the database's own check then decides, one
+    by one). Every other foreign key is one query per referenced table over its distinct values;
+    ``lock`` keeps the rows found FOR KEY SHARE until the transaction ends.
     """
     bad: set[str] = set()
     own = set(doc_tables)
+    inside: list[tuple[pa.Table, pa.ChunkedArray | pa.Array, pa.Array, str, list[str]]] = []
     for tname, tab in data.items():
         if not tab.num_rows or tname not in tables:
             continue
@@ -121,25 +127,44 @@ def missing(conn: Connection, tables: Mapping[str, Table], doc_tables: Sequence[
                 continue
             ref = fk.referred_table
             if ref.name in own:
-                have = data.get(ref.name)
-                known = pc.unique(pc.drop_null(_joined(have, ref_cols))) if have is not None and \
-                    all(c in have.column_names for c in ref_cols) else pa.array([], pa.string())
-                absent = pc.filter(distinct, pc.invert(pc.is_in(distinct, value_set=known)))
-            else:
-                values = distinct.to_pylist()
-                found = _found(conn, ref, ref_cols, values, lock)
-                absent = pa.array([v for v in values if v not in found], pa.string())
+                inside.append((tab, used, distinct, ref.name, ref_cols))
+                continue
+            values = distinct.to_pylist()
+            found = _found(conn, ref, ref_cols, values, lock)
+            absent = pa.array([v for v in values if v not in found], pa.string())
             if len(absent):
                 hit = tab.filter(pc.fill_null(pc.is_in(used, value_set=absent), False))
                 bad.update(rows.row_keys(hit, key_cols))
+    for _round in range(len(bad) + sum(t.num_rows for t in data.values()) + 1):  # each round adds one or stops
+        before = len(bad)
+        for tab, used, distinct, ref_name, ref_cols in inside:
+            known = _written(data.get(ref_name), ref_cols, key_cols, bad)
+            absent = pc.filter(distinct, pc.invert(pc.is_in(distinct, value_set=known)))
+            if len(absent):
+                hit = tab.filter(pc.fill_null(pc.is_in(used, value_set=absent), False))
+                bad.update(rows.row_keys(hit, key_cols))
+        if len(bad) == before:
+            break
     return bad
+
+
+def _written(have: pa.Table | None, ref_cols: Sequence[str], key_cols: Sequence[str], bad: set[str]) -> pa.Array:
+    """The values of ``ref_cols`` in ``have`` (a table of the batch), less the rows of documents ``bad``."""
+    if have is None or not have.num_rows or any(c not in have.column_names for c in [*ref_cols, *key_cols]):
+        return pa.array([], pa.string())
+    if bad:
+        doc = _joined(have, key_cols)
+        text = pa.array(sorted(_SEP.join(rows.parse_key(k)) for k in bad), pa.string())
+        have = have.filter(pc.invert(pc.fill_null(pc.is_in(doc, value_set=text), False)))
+    return pc.unique(pc.drop_null(_joined(have, ref_cols)))
 
 
 def unchecked_tables(conn: Connection, tables: Sequence[Table]) -> set[str]:
     """Which of ``tables`` may be written with the foreign-key triggers off (``reference_check = "exchange"``).
 
     Only where nothing else depends on the triggers: the table has no trigger but the database's own
-    and exchange's capture triggers (which the importer suppresses anyway), and every foreign key that
+    and exchange's capture triggers (which the importer suppresses anyway), no rule (replica skips
+    rules too), and every foreign key that
     refers to it names primary-key columns (which an upsert by primary key never changes); and only if
     this database role may set ``session_replication_role`` (a superuser, or granted SET on it).
     """
@@ -162,7 +187,10 @@ def unchecked_tables(conn: Connection, tables: Sequence[Table]) -> set[str]:
             "SELECT count(*) FROM pg_constraint c JOIN pg_index i ON i.indrelid = c.confrelid AND i.indisprimary "
             "WHERE c.contype = 'f' AND c.confrelid = to_regclass(?) AND NOT (c.confkey <@ i.indkey::int2[])")),
             (name,)).scalar()
-        if triggers == 0 and loose == 0:
+        rules = conn.exec_driver_sql(rows.driver_sql(conn, (  # a rule is skipped under replica too
+            "SELECT count(*) FROM pg_rewrite WHERE ev_class = to_regclass(?) AND rulename <> '_RETURN'")),
+            (name,)).scalar()
+        if triggers == 0 and loose == 0 and rules == 0:
             out.add(table.name)
     return out
 

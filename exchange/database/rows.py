@@ -680,9 +680,11 @@ def replaces_in_place(conn: Connection, table: Table, key_cols: Sequence[str]) -
 
 
 def prune_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str],
-               data: pa.Table) -> tuple[str, list[str]]:
+               data: pa.Table, key_rows: pa.Table | None = None) -> tuple[str, list[str]]:
     """Stage ``data`` and delete the rows of documents ``keys`` that it no longer has.
 
+    ``key_rows``, if given, holds the same keys as typed columns (the headers' key columns): they
+    are COPYed as they are, instead of each key parsed in Python (0.17 s a bundle of 20,000).
     Returns the staging table and its columns, for :func:`upsert_staged` once
     the headers are in place (see :func:`replaces_in_place`).
     """
@@ -691,13 +693,32 @@ def prune_docs(conn: Connection, table: Table, key_cols: Sequence[str], keys: Se
     if keys:
         on_key = " AND ".join(f"t.{_q(conn, c)} = k.{_q(conn, c)}" for c in key_cols)
         same_row = " AND ".join(f"s.{_q(conn, c.name)} = t.{_q(conn, c.name)}" for c in table.primary_key.columns)
-        with _key_table(conn, table, key_cols, keys) as kt:
+        with _prune_keys(conn, table, key_cols, keys, key_rows) as kt:
             # a temporary table is never analysed: unanalysed, the planner hashed the whole table
             # (a million lines, 16 batches on disk) instead of the keys (392 -> 220 ms a bundle)
             conn.exec_driver_sql(f"ANALYZE {kt}")
             conn.exec_driver_sql(f"DELETE FROM {_q(conn, table.name)} t USING {kt} k WHERE {on_key} "
                                  f"AND NOT EXISTS (SELECT 1 FROM {stg} s WHERE {same_row})")
     return stg, cols
+
+
+@contextmanager
+def _prune_keys(conn: Connection, table: Table, key_cols: Sequence[str], keys: Sequence[str],
+                key_rows: pa.Table | None) -> Iterator[str]:
+    """The keys of :func:`prune_docs` in a temporary table: from ``key_rows`` by COPY when it holds them all."""
+    if key_rows is None or key_rows.num_rows != len(keys) or key_rows.column_names != list(key_cols):
+        with _key_table(conn, table, key_cols, keys) as kt:
+            yield kt
+        return
+    name = _q(conn, f"xchg_prune_{table.name}"[:60])
+    conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {name} AS SELECT "
+                         f"{', '.join(_q(conn, c) for c in key_cols)} FROM {_q(conn, table.name)} WITH NO DATA")
+    conn.exec_driver_sql(f"TRUNCATE {name}")
+    _pg_copy_in(conn, name, list(key_cols), key_rows)
+    try:
+        yield name
+    finally:
+        conn.exec_driver_sql(f"TRUNCATE {name}")
 
 
 def upsert_staged(conn: Connection, table: Table, staged: tuple[str, list[str]]) -> None:

@@ -75,7 +75,7 @@ _M3_DROPPED = ("ix_xchg_event_routed", "ix_xchg_delivery_status")
 xchg_sent = Table(
     "xchg_sent", XCHG,
     Column("peer", String(32), primary_key=True),
-    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 14)
     Column("seq", BigInteger, primary_key=True),
     Column("file_name", String(128), nullable=False),
     Column("file_sha256", String(64), nullable=False),
@@ -97,7 +97,7 @@ xchg_sent = Table(
 xchg_stream_out = Table(
     "xchg_stream_out", XCHG,
     Column("peer", String(32), primary_key=True),
-    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 14)
     Column("next_seq", BigInteger, nullable=False),
     Column("last_manifest_sha256", String(64)),
     # cursor over xchg_broadcast: (version, doc_type, doc_key) of the last document sealed
@@ -110,7 +110,7 @@ xchg_stream_out = Table(
 xchg_stream_in = Table(
     "xchg_stream_in", XCHG,
     Column("peer", String(32), primary_key=True),
-    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 14)
     Column("last_seq", BigInteger, nullable=False),
     Column("last_manifest_sha256", String(64)),
 )
@@ -119,7 +119,7 @@ xchg_stream_in = Table(
 xchg_received = Table(
     "xchg_received", XCHG,
     Column("peer", String(32), primary_key=True),
-    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 14)
     Column("seq", BigInteger, primary_key=True),
     Column("file_name", String(128), nullable=False),
     Column("file_sha256", String(64), nullable=False),
@@ -197,7 +197,7 @@ xchg_decision = Table(
     "xchg_decision", XCHG,
     Column("side", String(8), primary_key=True),
     Column("peer", String(32), primary_key=True),
-    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 13)
+    Column("lane", String(16), primary_key=True, server_default=text("'main'")),  # the stream's lane (migration 14)
     Column("seq", BigInteger, primary_key=True),
     Column("kind", String(16), nullable=False),  # skipped, superseded
     Column("decided_by", String(128), nullable=False),
@@ -302,6 +302,22 @@ xchg_doc_local = Table(
     Column("changed_at", DateTime(timezone=True), nullable=False),
 )
 
+#: Streams re-based after a peer went back in time (a store restored from a backup, or one whose disk
+#: died): ``kind`` ``detected`` (evidence that the peer's positions regressed or forked; ``resolved_at`` once a
+#: restart ended it), ``sent`` (the HO's signed restart record, bundle ``seq`` of its stream to the store) or
+#: ``applied`` (a store applied the HO's restart at ``seq``). ``detail``: JSON (exchange.receive.restart).
+#: Made by its own migration (not migration 1).
+xchg_restart = Table(
+    "xchg_restart", XCHG,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("peer", String(32), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("seq", BigInteger),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+)
+
 
 def _m1_initial(conn: Connection) -> None:
     XCHG.create_all(conn, tables=_M1_TABLES)  # create_all makes every index, migration 3's too
@@ -386,11 +402,11 @@ def _m12_reconcile(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE xchg_sent ADD COLUMN {col} TEXT")
 
 
-#: The tables whose rows are per stream, keyed by (peer, lane) since migration 13.
+#: The tables whose rows are per stream, keyed by (peer, lane) since migration 14.
 LANE_TABLES = (xchg_stream_out, xchg_stream_in, xchg_sent, xchg_received, xchg_decision)
 
 
-def _m13_lanes(conn: Connection) -> None:
+def _m14_lanes(conn: Connection) -> None:
     """Streams per lane: ``lane`` joins the keys of the stream, sent, received and decision tables;
     every existing row is in the default lane ('main'), so its stream goes on unchanged. A primary key
     cannot be altered on SQLite: each table is made anew (only where ``lane`` is missing) and its rows copied."""
@@ -404,7 +420,7 @@ def _m13_lanes(conn: Connection) -> None:
         for ix in insp.get_indexes(table.name):  # index names are global: the new table makes its own
             if ix.get("name"):
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {ix['name']}")
-        old = f"{table.name}_m12"
+        old = f"{table.name}_before_lanes"
         conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {old}")
         if conn.dialect.name == "postgresql":  # the old primary key's name goes with the old table
             conn.exec_driver_sql(f"ALTER TABLE {old} DROP CONSTRAINT IF EXISTS {table.name}_pkey")
@@ -414,11 +430,16 @@ def _m13_lanes(conn: Connection) -> None:
         conn.exec_driver_sql(f"DROP TABLE {old}")
 
 
+def _m13_restart(conn: Connection) -> None:
+    """Stream restarts and the evidence of a peer gone back in time (made only if missing)."""
+    xchg_restart.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
                                                   _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
                                                   _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile,
-                                                  _m13_lanes]
+                                                  _m13_restart, _m14_lanes]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -54,6 +54,7 @@ from exchange.vocabulary import (
     DEFAULT_LANE, AckResult, DocKey, DocStatus, Outcome, ParkedState, ReceivedStatus, SentStatus, counted,
 )
 from exchange.receive import admission, children, conflicts, evolution
+from exchange.receive import restart
 from exchange.receive.heartbeat import import_heartbeat
 from exchange.receive.position import set_stream_pos, stream_pos
 from exchange.receive.locks import try_lock
@@ -230,6 +231,7 @@ def import_inbox(node: Node, *, retry: bool = False, reporter: Reporter | None =
 def _import_inbox(node: Node, *, retry: bool, reporter: Reporter | None, rotate: int,
                   parked: bool, peer: str | None = None, workers: int = 1) -> list[FileOutcome]:
     rep = reporter or NullReporter()
+    restart.tidy(node)  # a store's forked bundles a crash left behind after a stream restart
     files = [p for p in node.cfg.inbox.iterdir() if is_exchange_file(p.name)
              and (peer is None or parse_name(p.name).a == peer)]
     streams: dict[tuple[str, str, str], list[Path]] = defaultdict(list)
@@ -385,6 +387,7 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         reason = (f"seq {seq} of stream {stream} was already applied from a different file "
                   f"(replay, rollback or fork); last applied seq is {last_seq}")
         if not dry_run:
+            reason = _forked(node, peer, seq, reason, lane)
             quarantine(node, path, reason, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, reason, peer, seq)
     summary = "{}"
@@ -394,17 +397,24 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         if not dry_run:
             _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.HELD, str(exc), rep, lane=lane)
         return FileOutcome(path.name, Outcome.HELD, str(exc), peer, seq)
-    if seq > last_seq + 1:
+    restarts = restart.is_restart(m.prev, seq)  # a stream restarted by an operator (exchange.receive.restart)
+    refused = restart.refusal(node, peer, lane) if restarts else None
+    if refused is not None:
+        if not dry_run:
+            quarantine(node, path, refused, rep)
+        return FileOutcome(path.name, Outcome.QUARANTINED, refused, peer, seq)
+    if seq > last_seq + 1 and not restarts:
         reason = f"waiting for seq {last_seq + 1} of stream {stream}"
         if not dry_run:
             _record(node, peer, seq, path.name, file_sha, m.sha256, ReceivedStatus.WAITING, reason, rep, lane=lane)
         return FileOutcome(path.name, Outcome.WAITING, reason, peer, seq)
     if known and known["status"] == ReceivedStatus.FAILED and not retry and not dry_run:
         return FileOutcome(path.name, Outcome.FAILED, known["reason"] or "", peer, seq)
-    if m.prev != last_manifest:
+    if m.prev != last_manifest and not restarts:
         reason = (f"hash chain broken: bundle's previous-manifest hash {m.prev} is not the last "
                   f"applied manifest {last_manifest} of stream {stream}")
         if not dry_run:
+            reason = _forked(node, peer, seq, reason, lane)
             quarantine(node, path, reason, rep)
         return FileOutcome(path.name, Outcome.QUARANTINED, reason, peer, seq)
     node.cfg.work.mkdir(parents=True, exist_ok=True)
@@ -425,6 +435,17 @@ def _place(node: Node, path: Path, reader: BundleReader, *, retry: bool, dry_run
         return _apply_bundle(node, path, opened, summary, dry_run=dry_run, rep=rep)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _forked(node: Node, peer: str, seq: int, reason: str, lane: str) -> str:
+    """A bundle that forks its stream: the evidence recorded (a peer gone back in time), the repair named."""
+    with node.engine.begin() as conn:
+        superseded = restart.superseding_restart(conn, node, peer, seq, lane)
+        if superseded is not None:  # sealed before the restart at seq `superseded` re-based the streams
+            return f"{reason}; superseded by the stream restart at seq {superseded}"
+        if node.cfg.role == "ho" and node.cfg.peer(peer).role == "store":  # a store gone back in time
+            restart.note_regress(conn, node, peer, f"its bundle seq {seq} differs from the one applied here")
+    return restart.fork_reason(node, peer, reason)
 
 
 def _record(node: Node, peer: str, seq: int, name: str, file_sha: str, manifest_sha: str,
@@ -458,6 +479,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
             if last_seq >= seq:  # applied meanwhile by another worker
                 return FileOutcome(path.name, Outcome.DUPLICATE, "applied by another worker", peer, seq)
             notice = rotation.carried_notice(opened.summary, peer, opened.signer.key)  # the sender's new keys
+            moves = restart.on_apply(conn, node, peer, seq, m.prev, opened.summary, lane)  # a restart; a restored point
             with suppress_capture(conn):
                 applied, parked = apply_documents(conn, node, peer, seq, opened, lane=lane)
             crashpoint("import.applied")
@@ -518,6 +540,7 @@ def _apply_bundle(node: Node, path: Path, opened: Opened, summary: str, *, dry_r
     _write_ack(node, ack, peer, seq, lane)
     crashpoint("import.acked")
     archive(node, path)
+    moves.run(node)
     rep.state(path.name, Outcome.APPLIED, reason or "")
     return FileOutcome(path.name, Outcome.APPLIED, reason or "", peer, seq, len(parked), applied)
 
@@ -627,7 +650,8 @@ def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey
         table = cat.table(tname)
         if held and tname in data and rows.replaces_in_place(conn, table, dt.key):
             rows.delete_docs(conn, table, dt.key, gone)
-            staged[tname] = rows.prune_docs(conn, table, dt.key, kept, data[tname])
+            staged[tname] = rows.prune_docs(conn, table, dt.key, kept, data[tname],
+                                            None if header is None else header.select(list(dt.key)))
         else:
             rows.delete_docs(conn, table, dt.key, keys)
     if gone:
@@ -780,6 +804,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                              f"{total_differences(got, want)}")
         stored = _stored_versions(conn, peer, doc_type, [k for k, _o, _v in docs[doc_type]])
         fresh = [(k, op, v) for k, op, v in docs[doc_type] if stored.get(k, -1) <= v]
+        if sender_role == "store" and dt.owner == "store":  # a restored store reusing keys of its lost days
+            restart.keep_lost(conn, node, peer, seq, dt, fresh, stored, data)
         stale = len(docs[doc_type]) - len(fresh)
         seen: dict[str, int] = {}
         n_conflicts = 0
@@ -980,6 +1006,11 @@ def handle_ack(node: Node, path: Path, *, reporter: Reporter | None = None) -> F
             note = ack.reason or (f"{counted(ack.parked_total, 'document')} parked at {ack.acker}" if ack.parked_total
                                   else _sealed_note(ack))
             assert sent is not None
+            if ack.heads is not None:  # signed positions that cannot happen in order: a node went back in time
+                restart.check_heads(conn, node, ack.acker, (ack.heads.received_from_you.seq,
+                                    ack.heads.received_from_you.manifest_sha256),
+                                    (ack.heads.sent_to_you.seq, ack.heads.sent_to_you.manifest_sha256,
+                                     ack.heads.sent_to_you.acknowledged or 0), ack.lane)
             checked = reconcile(sent["sent_totals"], ack)  # what was applied against what was sent
             if checked and checked["unexplained"]:
                 note = "; ".join([*([note] if note else []), "the ack differs from what was sent: "

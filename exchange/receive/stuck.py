@@ -7,6 +7,7 @@ Shared by ``status received`` and ``status sent`` (the reason names the command)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,8 @@ def how_to_resolve(status: str, peer: str, seq: int, lane: str = DEFAULT_LANE) -
                 "again)")
     if status == ReceivedStatus.WAITING:
         return (f"`exchange sync` fetches the missing bundle; if {peer} no longer has it, ask its operator "
-                "to check `exchange status sent` there")
+                "to check `exchange status sent` there (this node restored from a backup: the HO's operator "
+                "repairs both streams with `exchange peer restart --peer STORE --reason TEXT`)")
     if status == ReceivedStatus.HELD:
         return "upgrade exchange to the sender's major version, then `exchange retry`"
     return ""
@@ -102,3 +104,18 @@ def sent_reason_with_resolution(status: str, peer: str, seq: int, reason: str | 
     return (f"{reason or status}; to resolve: fix the cause, then `exchange resend --peer {peer} --bundle {seq}"
             f"{opt}` (or, while {peer} still holds it FAILED, `exchange supersede --peer {peer} --bundle {seq}{opt} "
             "--reason TEXT`, so it is skipped there without an operator)")
+
+
+#: Open evidence of a peer gone back in time, ``xchg_restart`` (plain SQL, as STUCK_SQL; exchange.receive.restart
+#: writes it).
+REGRESS_SQL = ("SELECT peer, detail FROM xchg_restart WHERE kind = 'detected' AND resolved_at IS NULL "
+               "ORDER BY peer, id")
+
+
+def regress_problems(found: Iterable[Sequence[Any]]) -> list[tuple[str, str]]:
+    """REGRESS_SQL's rows as (what, the command that repairs it)."""
+    out = []
+    for peer, detail in found:
+        d = json.loads(detail)
+        out.append((f"{peer}: {d.get('what', 'went back in time')}", str(d.get("repair", ""))))
+    return out

@@ -35,6 +35,7 @@ from exchange.node import rotation
 from exchange.node.home import Node
 from exchange.progress import NullReporter, Reporter
 from exchange.send import clock, position, setaside, streams
+from exchange.send.restart import RestartHook, summary_fields
 from exchange.send.streams import EventBatch
 from exchange.send.notices import NOTICE, supersede_notices
 from exchange.database.batch import EVENTS_SCHEMA, control_totals
@@ -511,7 +512,7 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
                 shared: _Shared | None = None, cursor: tuple[str, str, str, int] | None = None,
                 direct: list[tuple[str, str, str, int]] | None = None,
                 events: EventBatch | None = None, upserts: dict[str, list[str]] | None = None,
-                group: _Group | None = None, lane: str = DEFAULT_LANE) -> Exported:
+                group: _Group | None = None, lane: str = DEFAULT_LANE, restart: RestartHook | None = None) -> Exported:
     with nullcontext(group.conn) if group is not None else node.engine.begin() as conn:
         if group is None:
             begin_write(conn)  # SQLite: the seq is read inside the transaction that records it
@@ -547,6 +548,9 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         notice = rotation.notice_for(node, peer, conn) if lane == DEFAULT_LANE else None
         if notice is not None:
             summary = {**summary, keynotice.SUMMARY_FIELD: notice}
+        summary = {**summary, **summary_fields(conn, node, peer, restart, seq)}  # exchange.send.restart
+        if restart is not None:  # an operator's stream restart: the chain starts again here (FORMAT.md 4.2)
+            prev = None
         sealed: Sealed = seal_bundle(
             part, key=rotation.signing_key_for(node, peer, conn), sender=node.id, recipient=peer, seq=seq, prev=prev,
             recipients=node.recipients_for(peer), tables=tables, summary=summary,
@@ -566,6 +570,8 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         if group is None or group.set_aside:  # (a group looked once whether anything is set aside)
             setaside.sent_again(conn, docs)
         streams.mark_sealed(conn, seq, events.ids if events is not None else (), late)
+        if restart is not None:
+            restart.commit(conn, seq, sealed.manifest.sha256)
         rep.advance(len(docs))
     if group is not None:  # published with the group, after its commit
         rep.finish()

@@ -120,7 +120,7 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
         quiet = silence(st, silent_after_minutes, now)
         if quiet:
             add("peer_silent", peer, quiet)
-        stuck = []
+        stuck = [f"went back in time ({st.went_back}); repair with {st.repair}"] if st.went_back else []
         stuck += [f"waiting for {m}" for m in st.missing]
         if st.received_failed:
             stuck.append("FAILED stream")

@@ -205,6 +205,26 @@ def check_streams(node: Node) -> str:
     return "no bundle FAILED, HELD or WAITING; no document parked"
 
 
+def check_went_back(node: Node) -> str:
+    """No peer went back in time (a store restored from a backup): else the one command that repairs it."""
+    from contextlib import closing
+
+    from exchange.database.direct import connect_existing
+    from exchange.receive.stuck import REGRESS_SQL, regress_problems
+
+    path = plain_file(node.cfg.database)
+    if path is not None:  # a SQLite home: read with sqlite3 (no SQLAlchemy)
+        with closing(connect_existing(path)) as raw:
+            found = regress_problems(raw.execute(REGRESS_SQL).fetchall())
+    else:
+        with node.engine.connect() as conn:
+            found = regress_problems(conn.exec_driver_sql(REGRESS_SQL).all())
+    if found:
+        more = f"; {len(found) - 1} more" if len(found) > 1 else ""
+        raise ExchangeError(f"{found[0][0]}{more}", hint=f"Repair with {found[0][1]}")
+    return "no peer's streams went back in time"
+
+
 def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
     checks = [
         _run("database", lambda: check_database(node), "Check the database URL in exchange.toml."),
@@ -212,6 +232,7 @@ def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
         _run("peers", lambda: check_peers(node), "Add peers with `exchange peer add`."),
         _run("key validity", lambda: check_key_validity(node, key_days), "See `exchange keys list`."),
         _run("streams", lambda: check_streams(node), "See `exchange status received`."),
+        _run("streams went back", lambda: check_went_back(node), "See docs/OPERATIONS.md."),
     ]
     for pid in sorted(node.cfg.peers):
         checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]

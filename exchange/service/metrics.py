@@ -117,6 +117,10 @@ class ExchangeCollector(Collector):
                                    "What the peer's newest heartbeat reports about its side of the streams "
                                    "with this node (what: waiting, held, failed, parked, quarantined, unacked).",
                                    labels=["peer", "what"])
+        went_back = GaugeMetricFamily("exchange_peer_went_back",
+                                      "1 while the peer's streams went back in time (a store restored from a "
+                                      "backup) and no restart repaired them (`exchange peer restart`).",
+                                      labels=["peer"])
         parked = GaugeMetricFamily("exchange_parked_documents",
                                    "Documents parked at this node, per sending peer (0 when none).", labels=["peer"])
         sent_total = CounterMetricFamily("exchange_bundles_sent",
@@ -149,12 +153,13 @@ class ExchangeCollector(Collector):
             for what, n in sorted(st.remote_health.items()):
                 remote.add_metric([peer, what], n)
             parked.add_metric([peer], st.parked)
+            went_back.add_metric([peer], 1 if st.went_back else 0)
             sent_total.add_metric([peer], sealed.get(peer, 0))
             applied_total.add_metric([peer], sum(x[1] for x in st.lanes.values()) or st.last_applied_seq)
             quarantined_total.add_metric([peer], st.quarantined)
             rejected_total.add_metric([peer], st.sent_rejected)
         yield from (unacked, lag, applied, seen, behind, stuck, contact, heartbeat, remote, mismatched, parked,
-                    sent_total, applied_total, quarantined_total, rejected_total)
+                    went_back, sent_total, applied_total, quarantined_total, rejected_total)
         yield from self._lanes(stats, node)
         aside = GaugeMetricFamily("exchange_set_aside_documents",
                                   "Documents this node could not encode and did not send (exchange set-aside list).")

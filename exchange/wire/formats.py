@@ -19,7 +19,8 @@ SPEC_VERSION = 4  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, st
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
 #                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
 #                  4 = lanes (a stream per sender, recipient and lane; the lane in names, manifests, acks),
-#                      checkpoints v3 (a pruned operator's decision)
+#                      checkpoints v3 (a pruned operator's decision), the stream restart (summary.restart,
+#                      summary.restart_base: exchange.wire.restart)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})

@@ -185,6 +185,8 @@ class PeerStats:
     last_heartbeat: datetime | None = None  # its newest heartbeat's signed time (at most when it arrived)
     remote_version: str | None = None  # the version its newest heartbeat states
     remote_health: dict[str, int] = field(default_factory=dict)  # what it reported about itself
+    went_back: str | None = None  # evidence its streams went back in time (exchange.receive.restart)
+    repair: str = ""  # the one command that repairs that
 
     @property
     def last_contact(self) -> datetime | None:
@@ -291,6 +293,12 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
     for q in quarantined(node):
         if q.peer:
             get(q.peer).quarantined += 1
+    from exchange.receive.stuck import REGRESS_SQL, regress_problems
+
+    with node.engine.connect() as conn:  # a store restored from a backup: the command that repairs it
+        found = conn.exec_driver_sql(REGRESS_SQL).all()
+    for (peer, _detail), (what, repair) in zip(found, regress_problems(found), strict=True):
+        get(str(peer)).went_back, get(str(peer)).repair = what, repair
     return out
 
 
@@ -427,6 +435,8 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
     """Everything the HO knows to be wrong with one store, one short phrase each (empty: OK)."""
     quiet = silence(st, silent_after_minutes, now)
     out = [quiet] if quiet else []
+    if st.went_back:
+        out.append(f"went back in time: {st.repair}")
     out += [f"waiting for {m}" for m in st.missing]
     if st.received_failed:
         out.append("FAILED stream")
@@ -510,7 +520,7 @@ def totals(rows: list[StoreRow]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # parked, failed, held, waiting, rejected, quarantined
+    kind: str  # went-back, parked, failed, held, waiting, rejected, quarantined
     text: str
     href: str  # the tab (store) or the part of the overview (HO) that says what to do
 
@@ -528,7 +538,8 @@ def problems(node: Node, stats: Any) -> list[Problem]:
     rejected = sum(s.sent_rejected for s in peers)
     quarantined = sum(s.quarantined for s in peers)
     streams = "/?only=attention" if ho else "/?tab=received"
-    out: list[Problem] = []
+    out: list[Problem] = [Problem("went-back", f"{s.went_back}; repair with {s.repair}", streams)
+                          for s in peers if s.went_back]
     if parked:
         out.append(Problem("parked", _count(parked, "document parked", "documents parked"),
                            "/#problems" if ho else "/?tab=parked"))
