@@ -17,7 +17,7 @@ __all__ = ["SentStatus", "DocStatus", "ReceivedStatus", "ParkedState", "Outcome"
            "tone", "DocKey", "DocRef", "counted"]
 
 
-#: A stream is per sender, recipient and lane (docs/CATALOG.md "Lanes", FORMAT.md version 4). A document
+#: A stream is per sender, recipient and lane (docs/CATALOG.md "Lanes", FORMAT.md version 5). A document
 #: type without a lane of its own is in the default lane, whose files keep the names of format 3.
 DEFAULT_LANE = "main"
 LANE_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}$")

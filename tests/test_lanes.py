@@ -1,4 +1,4 @@
-"""Lanes: a stream per sender, recipient and lane (docs/CATALOG.md "Lanes", FORMAT.md version 4).
+"""Lanes: a stream per sender, recipient and lane (docs/CATALOG.md "Lanes", FORMAT.md version 5).
 
 Real node homes exchanging through a folder, the HO on SQLite and PostgreSQL (the #15 scenario: every
 node on each), every command through the CLI where an operator would type it. A stuck or FAILED bundle in

@@ -180,7 +180,7 @@ class Checkpoint:
     raw: bytes = field(repr=False)
     file_sha256: str = ""
     role: str | None = None  # the pruning node's role (ho/store); None in a version 1 checkpoint
-    lane: str = DEFAULT_LANE  # format 4: the stream's lane (absent from the file for the default lane)
+    lane: str = DEFAULT_LANE  # format 5: the stream's lane (absent from the file for the default lane)
 
     @property
     def stream(self) -> tuple[str, str, str]:
@@ -272,7 +272,7 @@ class Checkpoint:
 
 
 def _lane_of(obj: Mapping[str, Any], what: str) -> str:
-    """A checkpoint's optional ``lane`` (format 4): absent for the default lane, never written as it."""
+    """A checkpoint's optional ``lane`` (format 5): absent for the default lane, never written as it."""
     if "lane" not in obj:
         return DEFAULT_LANE
     lane = check_lane(obj["lane"], f"{what}: lane")

@@ -300,7 +300,7 @@ class Catalog:
         """
         from exchange.database.rows import arrow_type
 
-        # format 4: a type's lane, written only when not the default (a catalog of one lane is unchanged)
+        # format 5: a type's lane, written only when not the default (a catalog of one lane is unchanged)
         docs = {d.name: {"tables": list(d.tables()), "key": list(d.key), "owner": d.owner}
                 | ({} if d.lane == DEFAULT_LANE else {"lane": d.lane}) for d in self}
         tables = {name: {c.name: [str(arrow_type(c)), c.nullable is not False]

@@ -122,7 +122,7 @@ def parse_catalog(raw: Any) -> PeerCatalog | None:
         if not isinstance(d, dict) or set(d) - {"lane"} != {"tables", "key", "owner"} \
                 or d["owner"] not in ("ho", "store"):
             raise FormatError(f"{what}: document type {name!r} must have tables, key and owner (ho or store), "
-                              "and may have a lane (format 4)")
+                              "and may have a lane (format 5)")
         if "lane" in d and (not isinstance(d["lane"], str) or not LANE_RE.fullmatch(d["lane"])
                             or d["lane"] == DEFAULT_LANE):
             raise FormatError(f"{what}: document type {name!r}: lane {str(d['lane'])[:40]!r} is not a lane name "

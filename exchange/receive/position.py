@@ -1,6 +1,6 @@
 """Where each received stream stands: per peer and lane, the last seq applied and its manifest hash.
 
-A stream is (sender, recipient, lane) since format 4 (docs/CATALOG.md "Lanes"); this node is the
+A stream is (sender, recipient, lane) since format 5 (docs/CATALOG.md "Lanes"); this node is the
 recipient, so a stream here is a row of ``xchg_stream_in`` keyed by (peer, lane). Every read and move
 of a received stream's position goes through this module (the importer, ``exchange bundle skip``), so
 code that re-bases a peer's streams finds them all here (:func:`lanes_of`).

@@ -1,6 +1,6 @@
 """Where each sent stream stands: per peer and lane, the next seq to seal and the last manifest's hash.
 
-A stream is (sender, recipient, lane) since format 4 (docs/CATALOG.md "Lanes"); this node is the
+A stream is (sender, recipient, lane) since format 5 (docs/CATALOG.md "Lanes"); this node is the
 sender, so a stream here is a row of ``xchg_stream_out`` keyed by (peer, lane), which also holds the
 lane's cursor over the broadcast queue. Every read and move of a sent stream's position goes through
 this module (the exporter), so code that re-bases a peer's streams finds them all here (:func:`lanes_of`).

@@ -157,7 +157,7 @@ class Manifest:
     payload: Entry
     inner: tuple[Entry, ...]
     raw: bytes = field(repr=False)
-    lane: str = DEFAULT_LANE  # format 4: absent from the manifest for the default lane
+    lane: str = DEFAULT_LANE  # format 5: absent from the manifest for the default lane
 
     @property
     def sha256(self) -> str:
@@ -201,7 +201,7 @@ class Manifest:
 
 
 def _lane_field(obj: Mapping[str, Any], what: str) -> str:
-    """The optional ``lane`` of a manifest or ack (format 4): absent means the default lane, which is
+    """The optional ``lane`` of a manifest or ack (format 5): absent means the default lane, which is
     never written out (one spelling per file, and files of the default lane stay format 3 files)."""
     if "lane" not in obj:
         return DEFAULT_LANE
@@ -895,7 +895,7 @@ class Ack:
     details_error: str = ""
     parked_total: int = 0
     decision: Decision | None = None  # v3: an operator's decision (skipped, superseded), once decrypted
-    lane: str = DEFAULT_LANE  # format 4: the stream's lane (absent from ack.json for the default lane)
+    lane: str = DEFAULT_LANE  # format 5: the stream's lane (absent from ack.json for the default lane)
 
     @classmethod
     def parse(cls, raw: bytes, file_sha256: str = "", sealed: bytes | None = None) -> Ack:

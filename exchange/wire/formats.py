@@ -15,12 +15,13 @@ from exchange.vocabulary import DEFAULT_LANE as DEFAULT_LANE, LANE_RE as LANE_RE
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 4  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+SPEC_VERSION = 5  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
 #                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
-#                  4 = lanes (a stream per sender, recipient and lane; the lane in names, manifests, acks),
-#                      checkpoints v3 (a pruned operator's decision), the stream restart (summary.restart,
-#                      summary.restart_base: exchange.wire.restart)
+#                  4 = checkpoints v3 (a pruned operator's decision), the stream restart (summary.restart,
+#                      summary.restart_base: exchange.wire.restart);
+#                  5 = lanes (a stream per sender, recipient and lane; the lane in names, manifests, acks),
+#                      the restart record's `lanes`
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})
@@ -107,7 +108,7 @@ TABLE_FILE = "t{:04d}.parquet"  # the n-th table of a payload, from 1
 
 NODE_ID = r"[a-z0-9][a-z0-9-]{0,31}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID}$")
-#: Lanes (format 4): a stream is per sender, recipient and lane. The default lane keeps the names of
+#: Lanes (format 5): a stream is per sender, recipient and lane. The default lane keeps the names of
 #: format 3 (no lane in the name, none in the manifest or the ack), so files written before stay valid.
 LANE = LANE_RE.pattern.strip("^$")  # DEFAULT_LANE and LANE_RE live in exchange.vocabulary (every layer)
 # [0-9], never \d: \d and int() also take other scripts' digits ('٣'), which the grammar does not allow.
@@ -127,7 +128,7 @@ class FileName:
     b: str
     seq: int
     kind: Kind
-    lane: str = DEFAULT_LANE  # format 4: the stream's lane; the default lane is not written in the name
+    lane: str = DEFAULT_LANE  # format 5: the stream's lane; the default lane is not written in the name
 
     def __str__(self) -> str:
         if self.kind == "heartbeat":

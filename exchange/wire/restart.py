@@ -73,7 +73,7 @@ class Restart:
                 "reason": self.reason, "received": {"seq": self.received_seq,
                                                     "manifest_sha256": self.received_manifest},
                 "version_high": self.version_high, "applied": [[s, h] for s, h in self.applied]}
-        if self.lanes:  # written only with lanes: a record without them is the one format 4 first had
+        if self.lanes:  # written only with lanes: a record without them is the one format 4 had (format 5 adds it)
             out[LANES_FIELD] = [x.as_json() for x in self.lanes]
         return out
 
