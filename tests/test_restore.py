@@ -595,3 +595,40 @@ def test_a_restored_store_with_lanes_is_repaired_in_every_lane(tmp_path: Path, d
         assert any(f["check"] == "restart" and "default lane" in f["message"] for f in masters["findings"])
     finally:
         net.dispose()
+
+
+def test_a_restart_records_lanes_are_parsed_strictly() -> None:
+    """The record's optional ``lanes`` (FORMAT.md 4.2) as a hostile HO could write it: each malformed shape
+    is a FormatError naming the problem; a well-formed one reads back equal, and a record without it is
+    format 4's."""
+    from datetime import UTC, datetime
+
+    from exchange.errors import FormatError
+    from exchange.wire.restart import LanePos, Restart, parse_restart
+
+    sha = "ab" * 32
+    rec = Restart("admin", datetime(2026, 12, 3, tzinfo=UTC), "restored", 3, sha, 40, ((3, sha),),
+                  (LanePos("masters", 2, sha, 5, sha), LanePos("orders", 0, None, 0, None)))
+    good = rec.as_json()
+    assert parse_restart(json.loads(json.dumps(good))) == rec
+    assert "lanes" not in Restart("a", rec.at, "r", 0, None, 0, ()).as_json()
+    assert rec.received_in("masters") == (2, sha) and rec.received_in("sales") == (0, None)
+    assert rec.manifest_at(2, "masters") == sha and rec.manifest_at(1, "masters") is None
+
+    def bad(lanes: Any, words: str) -> None:
+        with pytest.raises(FormatError, match=words):
+            parse_restart({**good, "lanes": lanes})
+
+    entry = good["lanes"][0]
+    bad([], "1 to 64")
+    bad([entry] * 65, "1 to 64")
+    bad("masters", "1 to 64")
+    bad([entry, entry], "listed twice")
+    bad([{**entry, "lane": "main"}], "not a lane other than the default")
+    bad([{**entry, "lane": "Masters!"}], "not a lane other than the default")
+    bad([{**entry, "extra": 1}], "exactly")
+    bad([{**entry, "sent": {"seq": 0, "manifest_sha256": sha}}], "must be null for seq 0")
+    bad([{**entry, "sent": {"seq": 2, "manifest_sha256": None}}], "manifest_sha256")
+    bad([{**entry, "received": {"seq": -1, "manifest_sha256": None}}], "seq")
+    with pytest.raises(FormatError, match="expected exactly the fields"):
+        parse_restart({**good, "lanez": []})
