@@ -545,6 +545,47 @@ def test_a_new_child_table_is_kept_aside_then_applied(net: Net) -> None:
     assert {r["status"] for r in sent} == {"PROCESSED"}
 
 
+def test_a_parked_documents_kept_child_rows_apply_when_it_does(net: Net) -> None:
+    """An item whose bundle brings rows of a child table this store lacks, and which parks here (a store
+    trigger refuses it for now): its rows are kept with the others, stay kept while it is parked (the
+    table arriving writes only the applied items'), and are written when `exchange retry` applies it."""
+    new_item(net, "I1")
+    sync_all(net)
+    add_photo_table(net.ho)
+    reopen(net)
+    store = net.store("s001")
+    if store.engine.dialect.name == "postgresql":
+        sql(store, "CREATE FUNCTION hold_i2() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "RAISE EXCEPTION 'item I2 is not allowed yet'; END $$")
+        sql(store, "CREATE TRIGGER hold_i2 BEFORE INSERT ON item FOR EACH ROW WHEN (NEW.item_id = 'I2') "
+                   "EXECUTE FUNCTION hold_i2()")
+    else:
+        sql(store, "CREATE TRIGGER hold_i2 BEFORE INSERT ON item WHEN NEW.item_id = 'I2' "
+                   "BEGIN SELECT RAISE(ABORT, 'item I2 is not allowed yet'); END")
+    new_item(net, "I2")
+    photos(net, "I1", ("P1", 10))
+    photos(net, "I2", ("P2", 20), ("P3", 30))
+    sync_all(net)
+    home = str(store.cfg.home)
+    parked = json.loads(cli("status", "received", "--home", home, "--json"))["parked"]
+    assert [(p["doc_type"], p["doc_key"]) for p in parked] == [("item", '["I2"]')], parked
+    kept = json.loads(cli("catalog", "kept", "--home", home, "--json"))
+    assert [(k["table"], k["rows"]) for k in kept] == [("item_photo", 3)], kept  # I2's rows kept too
+
+    add_photo_table(store)  # the table arrives while I2 is still parked: I1's rows written, I2's kept on
+    cli("catalog", "apply-kept", "--home", home)
+    assert photo_rows(store) == [("I1", "P1", "https://img/P1", 10)]
+    kept = json.loads(cli("catalog", "kept", "--home", home, "--json"))
+    assert [(k["table"], k["rows"]) for k in kept] == [("item_photo", 2)], kept
+
+    sql(store, "DROP TRIGGER hold_i2" + (" ON item" if store.engine.dialect.name == "postgresql" else ""))
+    cli("retry", "--home", home)
+    assert sql(store, "SELECT item_id FROM item ORDER BY item_id") == [("I1",), ("I2",)]
+    assert photo_rows(store) == [("I1", "P1", "https://img/P1", 10), ("I2", "P2", "https://img/P2", 20),
+                                 ("I2", "P3", "https://img/P3", 30)]
+    assert json.loads(cli("catalog", "kept", "--home", home, "--json")) == []
+
+
 def _refingerprint(catalog: dict[str, Any]) -> dict[str, Any]:
     """A catalog whose fingerprint matches its (changed) content: what a sender's own catalog looks like."""
     import hashlib

@@ -30,7 +30,7 @@ from sqlalchemy.exc import StatementError
 from exchange.database import rows
 from exchange.database.catalog import Catalog, DocType
 from exchange.database.failures import database_unusable, root_error
-from exchange.database.tables import xchg_kept
+from exchange.database.tables import xchg_kept, xchg_parked
 from exchange.errors import ApplyError, OwnershipError
 from exchange.files import utc_now
 from exchange.receive import evolution
@@ -155,8 +155,11 @@ def replay(conn: Connection, catalog: Catalog, versions: Versions) -> int:
         try:
             with conn.begin_nested():
                 blob = conn.execute(select(k.data).where(cond)).scalar_one()
-                written = _write(conn, catalog, peer, int(seq), table, evolution._from_ipc(blob), versions)
-                conn.execute(delete(xchg_kept).where(cond))
+                written, rest = _write(conn, catalog, peer, int(seq), table, evolution._from_ipc(blob), versions)
+                if rest is None:
+                    conn.execute(delete(xchg_kept).where(cond))
+                else:  # the rows of documents still parked here stay kept until they apply
+                    conn.execute(update(xchg_kept).where(cond).values(data=evolution._ipc(rest), rows=rest.num_rows))
             n += 1
             log.info("%s rows kept from %s seq %d applied: %d", table, peer, seq, written)
         except ApplyError as exc:
@@ -173,11 +176,13 @@ def replay(conn: Connection, catalog: Catalog, versions: Versions) -> int:
 
 
 def _write(conn: Connection, catalog: Catalog, peer: str, seq: int, name: str, data: pa.Table,
-           versions: Versions) -> int:
+           versions: Versions) -> tuple[int, pa.Table | None]:
+    """Write the kept rows of the documents still at the version kept; returns the rows written and the
+    rows of documents parked here at that version (kept on, None: none), which a retry applies."""
     dt = catalog.doc_for_table(name)
     assert dt is not None
     docs: dict[str, int] = json.loads((data.schema.metadata or {}).get(_DOCS, b"{}"))
-    data = data.replace_schema_metadata(None)
+    data = whole = data.replace_schema_metadata(None)
     _check_types(catalog, name, data.schema)
     data, extra = evolution.split_table(catalog, None, dt, name, data)
     current = versions(conn, peer, dt.name, list(docs))
@@ -192,7 +197,23 @@ def _write(conn: Connection, catalog: Catalog, peer: str, seq: int, name: str, d
     if part.num_rows:
         rows.insert_rows(conn, table, part)
     evolution.keep(conn, peer, seq, dt, name, extra, set(keys))
-    return int(part.num_rows)
+    parked = _parked(conn, peer, dt.name, {key: v for key, v in docs.items() if key not in present})
+    if not parked:
+        return int(part.num_rows), None
+    waits = [i for i, key in enumerate(rows.row_keys(whole, dt.key)) if key in parked]
+    rest = whole.take(pa.array(waits, type=pa.int64())).replace_schema_metadata(
+        {_DOCS: json.dumps(parked).encode()})
+    return int(part.num_rows), rest
+
+
+def _parked(conn: Connection, peer: str, doc_type: str, docs: Mapping[str, int]) -> dict[str, int]:
+    """Those of ``docs`` (key -> version) parked here from ``peer`` at exactly that version."""
+    if not docs:
+        return {}
+    p = xchg_parked.c
+    found = conn.execute(select(p.doc_key, p.version).where(and_(
+        p.peer == peer, p.doc_type == doc_type, p.doc_key.in_(list(docs))))).all()
+    return {str(key): int(v) for key, v in found if docs.get(str(key)) == int(v)}
 
 
 def _check_types(catalog: Catalog, name: str, schema: pa.Schema) -> None:

@@ -857,10 +857,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                     parked.append({"doc_type": doc_type, "doc_key": k, "error": err})
                     n_parked += 1
         kept = sum(evolution.keep(conn, peer, seq, dt, t, split[t][1], set(keys)) for t in data if split[t][1])
-        if extra:
-            failed = {p["doc_key"] for p in parked if p["doc_type"] == doc_type}
-            kept += children.keep(conn, peer, seq, dt, extra, {k: v for k, op, v in fresh
-                                                                if op == "U" and k not in failed})
+        if extra:  # a parked document's rows too: written once it applies (children.replay after a retry)
+            kept += children.keep(conn, peer, seq, dt, extra, {k: v for k, op, v in fresh if op == "U"})
         done = got["totals"]
         if stale or n_parked or kept_out:  # the ack reports what was applied, not what was sent
             applied_keys = {k for k, _o, _v in fresh} - {p["doc_key"] for p in parked if p["doc_type"] == doc_type}
@@ -949,6 +947,8 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                 if why:
                     log.warning("parked %s %s %s", dt.name, key, why, extra={"peer": r["peer"], "seq": r["seq"]})
                 still += 1
+        if ok:  # rows of a child table this node gained, kept for a document that was parked until now
+            children.replay(conn, node.catalog, _stored_versions)
         _recount_parked(conn, node, cleared)
     return ok, still
 
