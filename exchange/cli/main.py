@@ -834,6 +834,12 @@ def status(view: str, home: Path | None, peers: tuple[str, ...], as_json: bool) 
         kept = kept_line(node)
         if kept:  # values of columns this node does not have yet (schema evolution)
             click.echo(kept)
+        n_q = sum(1 for r in rows if r.status == "QUARANTINED")
+        if n_q:  # counted everywhere until a person decides (exchange.receive.quarantined)
+            from exchange.vocabulary import counted
+
+            click.echo(shown(f"{counted(n_q, 'file')} quarantined: once understood, `exchange quarantine review "
+                             "FILE --reason TEXT` (or `retry` to import it again; docs/OPERATIONS.md)"), err=True)
     from exchange.transport.usb_last import last_usb_result
 
     last = last_usb_result(node)
@@ -1060,5 +1066,5 @@ def _load_command_modules() -> None:
     """Commands that live in their own modules (audit, usb, ui) register on ``main`` when imported."""
     import importlib
 
-    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts", "restart"):
+    for mod in ("audit", "usb", "ui", "keys", "bundles", "setaside", "catalog", "conflicts", "alerts", "restart", "quarantine"):
         importlib.import_module(f"{__package__}.{mod}")
