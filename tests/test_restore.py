@@ -632,3 +632,50 @@ def test_a_restart_records_lanes_are_parsed_strictly() -> None:
     bad([{**entry, "received": {"seq": -1, "manifest_sha256": None}}], "seq")
     with pytest.raises(FormatError, match="expected exactly the fields"):
         parse_restart({**good, "lanez": []})
+
+
+def test_the_hos_edit_of_a_store_customer_in_the_lost_days_reaches_the_restored_store(net: Net,
+                                                                                      tmp_path: Path) -> None:
+    """A customer (editable on both sides) the HO changed after the store's backup was taken: the store,
+    restored, lost that change with the rest; the restart's reload sends it again, and it is applied
+    there (the store had not changed it since), not held as a conflict."""
+    from datetime import date
+
+    from sqlalchemy import update
+
+    from exchange.database import schema as s
+
+    from exchange.database.capture import record_events
+
+    sid = "s001"
+    with net.store(sid).engine.begin() as conn:
+        for cid in ("C8", "C9"):
+            conn.execute(s.customer.insert().values(store_id=sid, customer_id=cid, name="Ravi", phone="111",
+                                                    created_at=date(2024, 3, 1)))
+        record_events(conn, "customer", [(sid, "C8"), (sid, "C9")])
+    for node in net.nodes:
+        cli("triggers", "install", "--home", str(node.cfg.home))
+    net.settle()
+    backup(net, sid, tmp_path / "backup")
+    with net.ho.engine.begin() as conn:  # the HO's change, captured by its triggers, sent and applied
+        conn.execute(update(s.customer).where(s.customer.c.store_id == sid).values(phone="999"))
+    net.settle()
+
+    def phone(node: Node, cid: str = "C9") -> Any:
+        with node.engine.connect() as conn:
+            return conn.execute(select(s.customer.c.phone).where(s.customer.c.store_id == sid,
+                                                                 s.customer.c.customer_id == cid)).scalar()
+
+    assert phone(net.store(sid)) == "999"
+    restore(net, sid, tmp_path / "backup")
+    assert phone(net.store(sid)) == "111"
+    with net.store(sid).engine.begin() as conn:  # C8 changed at the restored store too: a real conflict
+        conn.execute(update(s.customer).where(s.customer.c.store_id == sid, s.customer.c.customer_id == "C8")
+                     .values(phone="555"))
+    cycles(net, 2)
+    run(net, net.ho, "peer", "restart", "--peer", sid, "--reason", "restored")
+    settle(net)
+    assert phone(net.store(sid)) == phone(net.ho) == "999"  # C9: the HO's change, applied
+    found = json.loads(cli("status", "conflicts", "--json", "--home", str(net.store(sid).cfg.home)).output)
+    held = [(c["doc_key"], c["status"]) for c in found["conflicts"]]
+    assert held == [(["s001", "C8"], "OPEN")], found  # C8: changed at both ends: held for a person (manual)

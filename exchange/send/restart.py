@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, desc, func, or_, select, update
 
+from exchange.database import conflicts as conflict_log
 from exchange.database.tables import xchg_broadcast, xchg_delivery, xchg_restart, xchg_sent
 from exchange.files import utc_now
 from exchange.node.home import Node
@@ -88,8 +89,9 @@ def supersede_unacknowledged(conn: Connection, peer: str, before: int, note: str
 
 def requeue_everything(conn: Connection, node: Node, peer: str) -> tuple[int, int]:
     """A full reload of every document type this node sends, routed as routing stands now, under one new
-    version; and every delete it ever sent the store again (a restored store may hold what the lost days
-    deleted). Returns (upserts, deletes) queued."""
+    version; every delete it ever sent the store again (a restored store may hold what the lost days
+    deleted); and the HO's own changes of the store's both-sides documents (a customer's new phone), which
+    the store lost as well. Returns (upserts, deletes) queued."""
     from exchange.send.export import _held, _replace_deliveries, _routed_keys, peer_infos  # (cycle)
 
     peers = peer_infos(node)
@@ -110,4 +112,13 @@ def requeue_everything(conn: Connection, node: Node, peer: str) -> tuple[int, in
         _replace_deliveries(conn, [(peer, dt.name, k, "U", version) for k in keys]
                             + [(peer, dt.name, k, "D", version) for k in sorted(gone)])
         upserts, deletes = upserts + len(keys), deletes + len(gone)
+    if node.cfg.role == "ho":  # the HO's own changes of the store's documents (a customer): the store lost them too
+        for dt in (d for d in node.catalog if d.both_sides):
+            d = xchg_delivery.c
+            mine = sorted({str(k) for k in conn.execute(select(d.doc_key).where(and_(
+                d.peer == peer, d.doc_type == dt.name, d.op == "U"))).scalars()})
+            if mine:
+                _replace_deliveries(conn, [(peer, dt.name, k, "U", version) for k in mine])
+                conflict_log.note_sent(conn, dt.name, {k: version for k in mine})  # a change made now, of that version
+                upserts += len(mine)
     return upserts, deletes
