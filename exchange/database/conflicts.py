@@ -37,7 +37,8 @@ from exchange.vocabulary import ConflictStatus
 
 __all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "bases", "bases_table", "pack",
            "unpack", "Conflict", "record", "settle", "conflicts", "conflict", "open_count", "counts", "as_utc",
-           "report_foreign_edits", "open_per_peer", "Foreign", "peer_counts", "standing_foreign", "value_digest", "row_digests"]
+           "report_foreign_edits", "open_per_peer", "Foreign", "peer_counts", "standing_foreign", "value_digest",
+           "row_digests"]
 
 #: The version of a local change not sent yet: newer than any version given out.
 PENDING = 1 << 62
@@ -385,39 +386,44 @@ class Foreign:
     conflict_id: int
 
 
-def peer_counts(conn: Connection, peer: str) -> dict[str, int]:
-    """This node's conflicts with ``peer``, as a heartbeat v2 tells it (docs/FORMAT.md section 12):
+def peer_counts(conn: Connection, foreign: Mapping[str, list[Foreign]] | None = None) -> dict[str, dict[str, int]]:
+    """This node's conflicts with each peer, as a heartbeat v2 tells it (docs/FORMAT.md section 12):
     held for a person (OPEN), decided by a policy (DECIDED), and its standing changes to documents
-    ``peer`` owns (:func:`standing_foreign`)."""
+    that peer owns (:func:`standing_foreign`). Read once for every peer (a sync's heartbeats to all of
+    them), so an HO's hundreds of stores cost two queries, not two per store. A peer without any: absent.
+    ``foreign``: :func:`standing_foreign`, when the caller read it already."""
     c = xchg_conflict.c
-    by = {str(st): int(n) for st, n in conn.execute(
-        select(c.status, func.count()).where(c.peer == peer, c.seq != FOREIGN_SEQ).group_by(c.status))}
-    return {"conflicts_held": by.get(ConflictStatus.OPEN.value, 0),
-            "conflicts_decided": by.get(ConflictStatus.DECIDED.value, 0),
-            "foreign_edits": len(standing_foreign(conn, peer))}
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"conflicts_held": 0, "conflicts_decided": 0,
+                                                          "foreign_edits": 0})
+    for peer, st, n in conn.execute(select(c.peer, c.status, func.count()).where(
+            c.seq != FOREIGN_SEQ, c.status != ConflictStatus.RESOLVED).group_by(c.peer, c.status)):
+        out[str(peer)]["conflicts_held" if st == ConflictStatus.OPEN else "conflicts_decided"] += int(n)
+    for peer, found in (standing_foreign(conn) if foreign is None else foreign).items():
+        out[peer]["foreign_edits"] = len(found)
+    return dict(out)
 
 
-def standing_foreign(conn: Connection, peer: str) -> list[Foreign]:
-    """Changes made here to documents ``peer`` owns that still stand: logged by :func:`report_foreign_edits`
-    and not replaced since by a newer version of the owner's (its version applied here is still the one
-    the change was made on). Newest first, one per document."""
+def standing_foreign(conn: Connection) -> dict[str, list[Foreign]]:
+    """Per peer, changes made here to documents that peer owns that still stand: logged by
+    :func:`report_foreign_edits` and not replaced since by a newer version of the owner's (its version
+    applied here is still the one the change was made on). Newest first, one per document."""
     c = xchg_conflict.c
-    latest: dict[tuple[str, str], tuple[int, int, datetime | None]] = {}
-    for cid, doc_type, key, held, at in conn.execute(
-            select(c.id, c.doc_type, c.doc_key, c.their_version, c.our_at).where(
-                c.peer == peer, c.seq == FOREIGN_SEQ, c.status == ConflictStatus.DECIDED).order_by(c.id)):
-        latest[(str(doc_type), str(key))] = (int(cid), int(held), as_utc(at))
-    by_type: dict[str, list[str]] = defaultdict(list)
-    for doc_type, key in latest:
-        by_type[doc_type].append(key)
-    out = []
-    for doc_type, keys in by_type.items():
+    latest: dict[tuple[str, str, str], tuple[int, int, datetime | None]] = {}
+    for cid, peer, doc_type, key, held, at in conn.execute(
+            select(c.id, c.peer, c.doc_type, c.doc_key, c.their_version, c.our_at).where(
+                c.seq == FOREIGN_SEQ, c.status == ConflictStatus.DECIDED).order_by(c.id)):
+        latest[(str(peer), str(doc_type), str(key))] = (int(cid), int(held), as_utc(at))
+    by_type: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for peer, doc_type, key in latest:
+        by_type[(peer, doc_type)].append(key)
+    out: dict[str, list[Foreign]] = defaultdict(list)
+    for (peer, doc_type), keys in by_type.items():
         now = bases(conn, peer, doc_type, keys)
         for k in keys:
-            cid, held, at = latest[(doc_type, k)]
+            cid, held, at = latest[(peer, doc_type, k)]
             if now.get(k, 0) <= held:  # the owner's newer version has not replaced it yet
-                out.append(Foreign(doc_type, k, at, cid))
-    return sorted(out, key=lambda f: -f.conflict_id)
+                out[peer].append(Foreign(doc_type, k, at, cid))
+    return {p: sorted(found, key=lambda f: -f.conflict_id) for p, found in out.items()}
 
 
 def value_digest(value: Any) -> str:

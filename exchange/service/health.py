@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from exchange.files import write_file_atomic
@@ -26,6 +26,7 @@ from exchange.wire.formats import (
 )
 
 if TYPE_CHECKING:
+    from exchange.database.conflicts import Foreign
     from exchange.wire.heartbeat import ForeignEdit
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ def due(node: Node, peers: Iterable[str]) -> list[str]:
     return out
 
 
-def local_health(node: Node, peer: str) -> dict[str, int]:
+def local_health(node: Node, peer: str, conflicts: Mapping[str, int] | None = None) -> dict[str, int]:
     """This node's health towards ``peer``: its stream from the peer (WAITING, HELD, FAILED),
     documents of the peer parked here, files claiming the peer quarantined here,
-    bundles to the peer not acknowledged yet, and its conflicts with the peer (version 2)."""
+    bundles to the peer not acknowledged yet, and its conflicts with the peer (version 2:
+    ``conflicts``, this peer's of :func:`exchange.database.conflicts.peer_counts`; read here when None)."""
     from sqlalchemy import func, select
 
     from exchange.database.conflicts import peer_counts
@@ -83,7 +85,9 @@ def local_health(node: Node, peer: str) -> dict[str, int]:
         out["unacked"] = int(conn.execute(select(func.count()).select_from(xchg_sent).where(
             xchg_sent.c.peer == peer, xchg_sent.c.status.in_((SentStatus.EXPORTED, SentStatus.UPLOADED))))
             .scalar() or 0)
-        out.update(peer_counts(conn, peer))
+        if conflicts is None:
+            conflicts = peer_counts(conn).get(peer, {})
+        out.update(conflicts)
     out["quarantined"] = sum(1 for q in quarantined(node) if q.peer == peer)
     return out
 
@@ -95,19 +99,23 @@ def peer_versions(node: Node) -> dict[str, str]:
     from exchange.database.tables import xchg_heartbeat
 
     with node.engine.connect() as conn:
-        return {str(p): str(v) for p, v in conn.execute(select(xchg_heartbeat.c.peer, xchg_heartbeat.c.app_version))}
+        h = xchg_heartbeat.c
+        return {str(p): str(v) for p, v in conn.execute(select(h.peer, h.app_version))}
 
 
-def foreign_named(node: Node, peer: str) -> list[ForeignEdit]:
-    """This node's standing changes to documents ``peer`` owns, newest first, each with a digest of
-    each column as it stands here (at most MAX_FOREIGN; columns a heartbeat cannot name are left out)."""
-    from exchange.database.conflicts import row_digests, standing_foreign
+def foreign_named(node: Node, found: Sequence[Foreign]) -> list[ForeignEdit]:
+    """This node's standing changes to documents a peer owns (``found``, newest first), each with a
+    digest of each column as it stands here (at most MAX_FOREIGN; columns a heartbeat cannot name are
+    left out)."""
+    from exchange.database.conflicts import row_digests
     from exchange.database.rows import parse_key
     from exchange.wire.heartbeat import ForeignEdit
 
-    out = []
+    out: list[ForeignEdit] = []
+    if not found:
+        return out
     with node.engine.connect() as conn:
-        for f in standing_foreign(conn, peer)[:MAX_FOREIGN]:
+        for f in found[:MAX_FOREIGN]:
             key = tuple(parse_key(f.doc_key))
             if f.doc_type not in node.catalog.names or len(key) > MAX_FOREIGN_KEY_PARTS \
                     or any(len(k) > MAX_FOREIGN_KEY_CHARS for k in key):
@@ -134,17 +142,23 @@ def write_heartbeats(node: Node, peers: Iterable[str]) -> list[str]:
 
     written = []
     try:
+        from exchange.database.conflicts import peer_counts, standing_foreign
+
         versions = peer_versions(node)
+        with node.engine.connect() as conn:  # once for every peer: an HO's fan-out reads the log twice
+            foreign = standing_foreign(conn)
+            conflicts = peer_counts(conn, foreign)
     except SQLAlchemyError as exc:  # see the docstring: version 1, which every peer reads
-        log.warning("peers' versions not read: %s", exc)
-        versions = {}
+        log.warning("peers' versions and conflicts not read: %s", exc)
+        versions, conflicts, foreign = {}, {}, {}
     for peer in todo:
         name = heartbeat_name(node.id, peer)
         try:
             version = version_for(versions.get(peer))
             data = build_heartbeat(key=node.signing_key, node=node.id, peer=peer, version=version,
-                                   health=local_health(node, peer), recipients=node.recipients_for(peer),
-                                   foreign=foreign_named(node, peer) if version >= 2 else ())
+                                   health=local_health(node, peer, conflicts.get(peer, {})),
+                                   recipients=node.recipients_for(peer),
+                                   foreign=foreign_named(node, foreign.get(peer, [])) if version >= 2 else ())
             write_file_atomic(node.cfg.outbox / name, data)
         except (ExchangeError, OSError, SQLAlchemyError) as exc:  # see the docstring
             log.warning("heartbeat to %s not written: %s", peer, exc)
