@@ -120,6 +120,11 @@ def test_a_conflict_held_at_the_store_shows_at_the_ho_until_resolved_there(net: 
 
     st_open = json.loads(cli("conflicts", "list", "--open", "--json", "--home", str(st.cfg.home)).output)
     assert [c["status"] for c in st_open["conflicts"]] == ["OPEN"], "held at the store"
+    assert "held: exchange conflicts resolve" in cli("status", "conflicts", "--home", str(st.cfg.home)).output
+    net.dispose()
+    with served(st.cfg.home) as url:  # the store's own page and metrics
+        assert 'data-status="OPEN"' in get(url, "/conflicts")
+        assert metrics(url)[("exchange_conflicts_open", (("doc_type", "customer"),))] == 1
     assert received_version(net) == 2
     assert reported(net)["s001"]["conflicts_held"] == 1
     text = cli("status", "conflicts", "--home", str(net.ho.cfg.home)).output
@@ -137,6 +142,8 @@ def test_a_conflict_held_at_the_store_shows_at_the_ho_until_resolved_there(net: 
 
     # resolved at the store: the HO learns it with the store's next sync
     cli("conflicts", "resolve", str(st_open["conflicts"][0]["id"]), "--keep", "ours", "--home", str(st.cfg.home))
+    state, _m = page_and_metrics(net)
+    assert "at the store: 1 conflict held" in state, "the HO learns it with the store's next sync, not before"
     sync(net, "s001", "ho")
     assert reported(net)["s001"]["conflicts_held"] == 0
     state, m = page_and_metrics(net)
