@@ -2,7 +2,7 @@
 
 import os
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 # Arrow's C++ default allocator is chosen once, when pyarrow loads: malloc rather than mimalloc,
 # whose per-thread pages (Parquet decoding uses Arrow's C++ default, whatever pyarrow's default

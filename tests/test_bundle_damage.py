@@ -197,7 +197,7 @@ def test_truncated_ack(tmp_path: Path) -> None:
     (b'"seq": 1,', b'"seq": 2,'),
     (b'"recipient": "s001"', b'"recipient": "s002"'),
     (b'"created": "2026-11-25T12:00:00Z"', b'"created": "2026-11-25T12:00:01Z"'),
-    (b'"app_version": "1.0.0"', b'"app_version": "1.0.1"'),
+    (b'"app_version": "1.1.0"', b'"app_version": "1.1.1"'),
 ], ids=["seq", "recipient", "created", "app_version"])
 def test_manifest_field_altered(tmp_path: Path, base: Base, edit: tuple[bytes, bytes]) -> None:
     """The tar headers' mtime is the manifest's ``created``: the created case moves it too, so

@@ -15,11 +15,13 @@ lives below both.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -35,7 +37,8 @@ from exchange.vocabulary import ConflictStatus
 
 __all__ = ["PENDING", "Local", "local_changes", "note_sent", "sent_versions", "bases", "bases_table", "pack",
            "unpack", "Conflict", "record", "settle", "conflicts", "conflict", "open_count", "counts", "as_utc",
-           "report_foreign_edits"]
+           "report_foreign_edits", "open_per_peer", "Foreign", "peer_counts", "standing_foreign", "value_digest",
+           "row_digests"]
 
 #: The version of a local change not sent yet: newer than any version given out.
 PENDING = 1 << 62
@@ -313,6 +316,13 @@ def open_count(conn: Connection) -> dict[str, int]:
         select(c.doc_type, func.count()).where(c.status == ConflictStatus.OPEN).group_by(c.doc_type))}
 
 
+def open_per_peer(conn: Connection) -> dict[str, int]:
+    """OPEN conflicts per peer (the alerts and ``doctor``)."""
+    c = xchg_conflict.c
+    return {str(p): int(n) for p, n in conn.execute(
+        select(c.peer, func.count()).where(c.status == ConflictStatus.OPEN).group_by(c.peer))}
+
+
 def report_foreign_edits(conn: Connection, catalog: Catalog, role: str, peers: Mapping[str, str]) -> int:
     """Changes made here to documents the other side owns: never sent, never silently dropped either.
 
@@ -358,3 +368,86 @@ def report_foreign_edits(conn: Connection, catalog: Catalog, role: str, peers: M
                 "the owner wins (exchange status conflicts)", len(latest),
                 ", ".join(sorted({t for t, _k in latest})))
     return len(latest)
+
+
+# ---------------------------------------------------------------- what this node tells a peer (heartbeat v2)
+
+#: ``seq`` of a conflict logged by :func:`report_foreign_edits`: no bundle, a change made here
+FOREIGN_SEQ = 0
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """A standing change made here to a document ``peer`` owns (the latest per document)."""
+
+    doc_type: str
+    doc_key: str
+    at: datetime | None
+    conflict_id: int
+
+
+def peer_counts(conn: Connection, foreign: Mapping[str, list[Foreign]] | None = None) -> dict[str, dict[str, int]]:
+    """This node's conflicts with each peer, as a heartbeat v2 tells it (docs/FORMAT.md section 12):
+    held for a person (OPEN), decided by a policy (DECIDED), and its standing changes to documents
+    that peer owns (:func:`standing_foreign`). Read once for every peer (a sync's heartbeats to all of
+    them), so an HO's hundreds of stores cost two queries, not two per store. A peer without any: absent.
+    ``foreign``: :func:`standing_foreign`, when the caller read it already."""
+    c = xchg_conflict.c
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"conflicts_held": 0, "conflicts_decided": 0,
+                                                          "foreign_edits": 0})
+    for peer, st, n in conn.execute(select(c.peer, c.status, func.count()).where(
+            c.seq != FOREIGN_SEQ, c.status != ConflictStatus.RESOLVED).group_by(c.peer, c.status)):
+        out[str(peer)]["conflicts_held" if st == ConflictStatus.OPEN else "conflicts_decided"] += int(n)
+    for peer, found in (standing_foreign(conn) if foreign is None else foreign).items():
+        out[peer]["foreign_edits"] = len(found)
+    return dict(out)
+
+
+def standing_foreign(conn: Connection) -> dict[str, list[Foreign]]:
+    """Per peer, changes made here to documents that peer owns that still stand: logged by
+    :func:`report_foreign_edits` and not replaced since by a newer version of the owner's (its version
+    applied here is still the one the change was made on). Newest first, one per document."""
+    c = xchg_conflict.c
+    latest: dict[tuple[str, str, str], tuple[int, int, datetime | None]] = {}
+    for cid, peer, doc_type, key, held, at in conn.execute(
+            select(c.id, c.peer, c.doc_type, c.doc_key, c.their_version, c.our_at).where(
+                c.seq == FOREIGN_SEQ, c.status == ConflictStatus.DECIDED).order_by(c.id)):
+        latest[(str(peer), str(doc_type), str(key))] = (int(cid), int(held), as_utc(at))
+    by_type: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for peer, doc_type, key in latest:
+        by_type[(peer, doc_type)].append(key)
+    out: dict[str, list[Foreign]] = defaultdict(list)
+    for (peer, doc_type), keys in by_type.items():
+        now = bases(conn, peer, doc_type, keys)
+        for k in keys:
+            cid, held, at = latest[(peer, doc_type, k)]
+            if now.get(k, 0) <= held:  # the owner's newer version has not replaced it yet
+                out[peer].append(Foreign(doc_type, k, at, cid))
+    return {p: sorted(found, key=lambda f: -f.conflict_id) for p, found in out.items()}
+
+
+def value_digest(value: Any) -> str:
+    """16 hex digits that stand for a column's value, the same on SQLite and PostgreSQL for the same
+    value (a number by its value, a time in UTC), so two nodes compare rows without sending them."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, datetime):
+        text = aware(value).astimezone(UTC).isoformat()
+    elif isinstance(value, date):
+        text = value.isoformat()
+    elif isinstance(value, (Decimal, int, float)):
+        text = format(Decimal(str(value)).normalize(), "f")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        text = bytes(value).hex()
+    else:
+        text = str(value)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def row_digests(conn: Connection, catalog: Catalog, doc_type: str, doc_key: str) -> dict[str, str] | None:
+    """A digest of each column of the document's header row here (None: no such document here)."""
+    dt = catalog.get(doc_type)
+    got = rows.read_doc_tables(conn, [catalog.table(dt.header)], dt.key, [doc_key])[dt.header].to_pylist()
+    return {col: value_digest(v) for col, v in got[0].items()} if got else None

@@ -3,7 +3,7 @@
 The states are computed from the node's database (the same figures as the HO
 overview and the metrics, heartbeats included), per peer: ``peer_silent``,
 ``stream_stuck``, ``bundle_rejected``, ``documents_parked``, ``ack_mismatch``,
-and ``key_expiring`` (from the trust store's ``valid-before``).
+``conflict_held`` and ``key_expiring`` (from the trust store's ``valid-before``).
 Each is remembered in ``<home>/alerts.json``; only a change (raised or
 cleared) is delivered, once, so a store silent all night costs one alert, not
 one per sync. A delivery that fails (the command
@@ -39,7 +39,8 @@ STATE_FILE = "alerts.json"
 PAYLOAD_VERSION = 1
 DEFAULT_SILENT_MINUTES = 60.0
 TIMEOUT = 10  # seconds for the command and the webhook each
-KINDS = ("peer_silent", "stream_stuck", "bundle_rejected", "documents_parked", "ack_mismatch", "key_expiring")
+KINDS = ("peer_silent", "stream_stuck", "bundle_rejected", "documents_parked", "ack_mismatch", "conflict_held",
+         "key_expiring")
 DEFAULT_KEY_DAYS = 14.0
 
 
@@ -114,6 +115,10 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
     def add(kind: str, peer: str, detail: str) -> None:
         out[f"{kind}:{peer}"] = {"kind": kind, "peer": peer, "detail": detail}
 
+    from exchange.database.conflicts import open_per_peer
+
+    with node.engine.connect() as conn:
+        held_here = open_per_peer(conn)
     for peer, st in sorted(peer_stats(node).items()):
         if peer not in node.cfg.peers:
             continue
@@ -126,7 +131,8 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
             stuck.append("FAILED stream")
         if st.received_held:
             stuck.append("HELD stream")
-        stuck += [t for t in remote_troubles(st.remote_health) if "parked" not in t and "quarantined" not in t]
+        stuck += [t for t in remote_troubles(st.remote_health) if "parked" not in t and "quarantined" not in t
+                  and "conflict" not in t and "local change" not in t]
         if stuck:
             add("stream_stuck", peer, "; ".join(stuck))
         if st.sent_rejected:
@@ -138,6 +144,15 @@ def states(node: Node, silent_after_minutes: float, now: datetime | None = None,
             parked.append(f"{st.remote_health['parked']} document(s) parked at {peer}")
         if parked:
             add("documents_parked", peer, "; ".join(parked))
+        held = []
+        if held_here.get(peer):
+            held.append(f"{held_here[peer]} conflict(s) with {peer} held for a person here "
+                        "(exchange conflicts list --open)")
+        if st.remote_health.get("conflicts_held"):
+            held.append(f"{st.remote_health['conflicts_held']} conflict(s) held for a person at {peer} "
+                        f"(exchange conflicts list --open, at {peer})")
+        if held:
+            add("conflict_held", peer, "; ".join(held))
         if st.sent_unexplained:  # a parked document is documents_parked's; this is a lost document or amount
             add("ack_mismatch", peer, f"{st.sent_unexplained} bundle(s) whose ack leaves documents or amounts "
                                       "unaccounted for")

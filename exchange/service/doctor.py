@@ -225,6 +225,43 @@ def check_went_back(node: Node) -> str:
     return "no peer's streams went back in time"
 
 
+_HELD_SQL = "SELECT peer, COUNT(*) FROM xchg_conflict WHERE status = 'OPEN' GROUP BY peer ORDER BY peer"
+_REPORTED_SQL = "SELECT peer, health FROM xchg_heartbeat ORDER BY peer"
+
+
+def check_conflicts(node: Node) -> str:
+    """No conflict held for a person, here or (its heartbeat v2 says) at a peer; else where to resolve it."""
+    from contextlib import closing
+
+    from exchange.database.direct import connect_existing
+
+    path = plain_file(node.cfg.database)
+    if path is not None:  # a SQLite home: read with sqlite3 (no SQLAlchemy)
+        with closing(connect_existing(path)) as raw:
+            here, reported = raw.execute(_HELD_SQL).fetchall(), raw.execute(_REPORTED_SQL).fetchall()
+    else:
+        with node.engine.connect() as conn:
+            here = list(conn.exec_driver_sql(_HELD_SQL).all())
+            reported = list(conn.exec_driver_sql(_REPORTED_SQL).all())
+    problems = [(f"{n} conflict(s) with {peer} held for a person here",
+                 f"Run `exchange conflicts list --open --home {node.cfg.home}`, then "
+                 "`exchange conflicts resolve ID --keep ours|theirs`") for peer, n in here]
+    for peer, health in reported:
+        try:
+            n = json.loads(health).get("conflicts_held", 0)
+        except (ValueError, AttributeError):
+            continue
+        if type(n) is int and n > 0:
+            problems.append((f"{n} conflict(s) held for a person at {peer} (its heartbeat)",
+                             f"At {peer}: `exchange conflicts list --open`, then "
+                             "`exchange conflicts resolve ID --keep ours|theirs` (docs/OPERATIONS.md)"))
+    if problems:
+        more = f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+        hints = list(dict.fromkeys(h for _p, h in problems))  # here, and at a peer: each said once
+        raise ExchangeError("; ".join(p for p, _h in problems[:3]) + more, hint="; ".join(hints[:2]))
+    return "no conflict held for a person, here or at a peer"
+
+
 def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
     checks = [
         _run("database", lambda: check_database(node), "Check the database URL in exchange.toml."),
@@ -233,6 +270,7 @@ def run_checks(node: Node, key_days: int | None = None) -> list[Check]:
         _run("key validity", lambda: check_key_validity(node, key_days), "See `exchange keys list`."),
         _run("streams", lambda: check_streams(node), "See `exchange status received`."),
         _run("streams went back", lambda: check_went_back(node), "See docs/OPERATIONS.md."),
+        _run("conflicts", lambda: check_conflicts(node), "See `exchange status conflicts`."),
     ]
     for pid in sorted(node.cfg.peers):
         checks.append(_run(f"transport {pid}", lambda pid=pid: check_transport(node, pid),  # type: ignore[misc]

@@ -115,7 +115,8 @@ class ExchangeCollector(Collector):
                                       labels=["peer"])
         remote = GaugeMetricFamily("exchange_peer_reported_health",
                                    "What the peer's newest heartbeat reports about its side of the streams "
-                                   "with this node (what: waiting, held, failed, parked, quarantined, unacked).",
+                                   "with this node (what: waiting, held, failed, parked, quarantined, unacked; "
+                                   "heartbeat v2 adds conflicts_held, conflicts_decided, foreign_edits).",
                                    labels=["peer", "what"])
         went_back = GaugeMetricFamily("exchange_peer_went_back",
                                       "1 while the peer's streams went back in time (a store restored from a "

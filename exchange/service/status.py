@@ -265,17 +265,49 @@ def conflicts(node: Node) -> dict[str, Any]:
 
     with node.engine.connect() as conn:
         return {"version": 1, "node": node.id, "open": open_count(conn),
-                "conflicts": [c.as_json() for c in log(conn)]}
+                "conflicts": [c.as_json() for c in log(conn)], "peers": reported_conflicts(node)}
+
+
+def reported_conflicts(node: Node) -> dict[str, dict[str, Any]]:
+    """What each peer's newest heartbeat (version 2) says of its conflicts with this node: held for a
+    person there, decided there, and its standing changes to documents this node owns (some named)."""
+    from exchange.service.ui.data import peer_stats
+
+    out: dict[str, dict[str, Any]] = {}
+    for peer, st in sorted(peer_stats(node).items()):
+        h = st.remote_health
+        if "conflicts_held" not in h:  # no heartbeat, or a version 1 one: it says nothing of conflicts
+            continue
+        out[peer] = {"conflicts_held": h["conflicts_held"], "conflicts_decided": h.get("conflicts_decided", 0),
+                     "foreign_edits": h.get("foreign_edits", 0), "foreign": st.remote_foreign,
+                     "heartbeat": _iso(st.last_heartbeat)}
+    return out
+
+
+def _peer_lines(peers: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per peer whose heartbeat reports conflicts (and a line per change it names)."""
+    from exchange.service.ui.data import foreign_text
+
+    out = []
+    for peer, r in peers.items():
+        if not (r["conflicts_held"] or r["foreign_edits"]):
+            continue
+        out.append(f"  {peer} reports {r['conflicts_held']} held for a person, {r['conflicts_decided']} decided, "
+                   f"{r['foreign_edits']} local changes to documents this node owns "
+                   f"(at {peer}: exchange conflicts list{' --open' if r['conflicts_held'] else ''})")
+        out += [f"    {peer} changed {foreign_text(f)} at {f.get('at') or '?'}" for f in r["foreign"]]
+    return out
 
 
 def conflicts_text(node: Node) -> str:
     """The conflicts view as lines: the open ones first, each with what to run."""
     data = conflicts(node)
     items = data["conflicts"]
+    peers = _peer_lines(data["peers"])
     if not items:
-        return f"{node.id}: no conflicts"
+        return "\n".join([f"{node.id}: no conflicts", *peers])
     held = [c for c in items if c["status"] == "OPEN"]
-    out = [f"{node.id}: {len(held)} conflicts held for a person, {len(items)} in the log"]
+    out = [f"{node.id}: {len(held)} conflicts held for a person, {len(items)} in the log", *peers]
     for c in held + [c for c in items if c["status"] != "OPEN"]:
         what = f"kept {c['kept']}" if c["kept"] else "held: exchange conflicts resolve " + str(c["id"]) + \
             " --keep ours|theirs"

@@ -15,13 +15,14 @@ from exchange.vocabulary import DEFAULT_LANE as DEFAULT_LANE, LANE_RE as LANE_RE
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 5  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+SPEC_VERSION = 6  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
 #                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
 #                  4 = checkpoints v3 (a pruned operator's decision), the stream restart (summary.restart,
 #                      summary.restart_base: exchange.wire.restart);
 #                  5 = lanes (a stream per sender, recipient and lane; the lane in names, manifests, acks),
 #                      the restart record's `lanes`
+#                  6 = heartbeats v2 (a node's conflicts with the peer, its changes to the peer's documents)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})
@@ -85,8 +86,11 @@ MAX_RECEIPT_BYTES = MAX_MANIFEST_BYTES
 
 # Heartbeats (docs/FORMAT.md section 12): "alive, this version, this health", one per peer per sync.
 HEARTBEAT_FORMAT = "exchange-heartbeat"
-HEARTBEAT_VERSION = 1
-HEARTBEAT_VERSIONS = frozenset({1})
+HEARTBEAT_VERSION = 2  # written to a peer known to read it (HEARTBEAT_V2_SINCE), else version 1
+HEARTBEAT_VERSIONS = frozenset({1, 2})
+#: the first exchange version that reads heartbeat version 2: a peer whose signed app_version is older
+#: (or not known yet) is sent version 1, which every version reads
+HEARTBEAT_V2_SINCE = "1.1.0"
 HEARTBEAT_MEMBERS = ("heartbeat.json", "heartbeat.json.sig")
 HEALTH_MEMBER = "health.json.age"  # the third member: the node's health, age-encrypted to the peer
 HEALTH_FORMAT = "exchange-heartbeat-health"
@@ -95,7 +99,16 @@ MAX_HEALTH_BYTES = 16 << 10  # plaintext of the health; its age file at most +80
 MAX_HEALTH_FILE = MAX_HEALTH_BYTES + (80 << 10)
 HEALTH_PAD = 1024
 #: what a heartbeat's health counts, each 0 .. MAX_COUNT, about the stream pair of the node and that peer
-HEALTH_FIELDS = ("waiting", "held", "failed", "parked", "quarantined", "unacked")
+HEALTH_V1_FIELDS = ("waiting", "held", "failed", "parked", "quarantined", "unacked")
+#: version 2 adds the node's conflicts with the peer (docs/CATALOG.md): held for a person, decided by a
+#: policy, and its own standing changes to documents the peer owns (a store's price edit)
+HEALTH_FIELDS = (*HEALTH_V1_FIELDS, "conflicts_held", "conflicts_decided", "foreign_edits")
+#: version 2's ``foreign``: at most this many of those changes named (type, key, a digest per column)
+MAX_FOREIGN = 10
+MAX_FOREIGN_KEY_PARTS = 8
+MAX_FOREIGN_KEY_CHARS = 128  # each part of a key
+MAX_FOREIGN_COLUMNS = 64
+FOREIGN_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")  # a document type or column a heartbeat names
 HEARTBEAT_V1_FIELDS = ("format", "version", "app_version", "node", "peer", "created", "health",
                        "health_plain_sha256")
 MAX_CLOCK_AHEAD = 3600  # seconds a heartbeat's `created` may be ahead of the receiver's clock

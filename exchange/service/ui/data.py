@@ -50,6 +50,19 @@ def _summary(text: str | None) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
+def _reported(text: str | None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """A stored heartbeat's figures, and the changes to our documents it named (receive/heartbeat.py)."""
+    try:
+        data = json.loads(text or "{}")
+    except ValueError:
+        return {}, []
+    if not isinstance(data, dict):
+        return {}, []
+    foreign = data.pop("foreign", [])
+    figures = {str(k): int(v) for k, v in data.items() if type(v) is int}
+    return figures, [f for f in foreign if isinstance(f, dict)] if isinstance(foreign, list) else []
+
+
 # ---------------------------------------------------------------- bundles
 
 @dataclass(frozen=True)
@@ -185,6 +198,8 @@ class PeerStats:
     last_heartbeat: datetime | None = None  # its newest heartbeat's signed time (at most when it arrived)
     remote_version: str | None = None  # the version its newest heartbeat states
     remote_health: dict[str, int] = field(default_factory=dict)  # what it reported about itself
+    #: heartbeat v2: changes it made to documents this node owns, each with the columns that differ from ours
+    remote_foreign: list[dict[str, Any]] = field(default_factory=list)
     went_back: str | None = None  # evidence its streams went back in time (exchange.receive.restart)
     repair: str = ""  # the one command that repairs that
 
@@ -289,7 +304,7 @@ def peer_stats(node: Node) -> dict[str, PeerStats]:
             st = get(peer)
             st.last_heartbeat = min(aware(created) or _EPOCH, aware(received) or _EPOCH)
             st.remote_version = str(version)
-            st.remote_health = _summary(health)
+            st.remote_health, st.remote_foreign = _reported(health)
     for q in quarantined(node):
         if q.peer:
             get(q.peer).quarantined += 1
@@ -448,11 +463,21 @@ def troubles(st: PeerStats, silent_after_minutes: float, now: datetime) -> list[
         out.append(_count(st.quarantined, "file quarantined", "files quarantined"))
     if st.parked:
         out.append(_count(st.parked, "document parked", "documents parked"))
-    return out + remote_troubles(st.remote_health)
+    return out + remote_troubles(st.remote_health, st.remote_foreign)
 
 
-def remote_troubles(health: dict[str, int]) -> list[str]:
-    """What a store's newest heartbeat says is wrong on its side (its own streams, parked, quarantine)."""
+def foreign_text(f: dict[str, Any]) -> str:
+    """One change a peer made to a document of ours: ``item 1001 (price)``."""
+    what = f"{f.get('doc_type')} {'/'.join(str(k) for k in f.get('key') or [])}"
+    cols = f.get("columns")
+    if f.get("missing"):
+        return f"{what} (not here)"
+    return f"{what} ({', '.join(cols) or 'no column differs now'})" if isinstance(cols, list) else what
+
+
+def remote_troubles(health: dict[str, int], foreign: list[dict[str, Any]] | None = None) -> list[str]:
+    """What a store's newest heartbeat says is wrong on its side (its own streams, parked, quarantine,
+    conflicts held for a person there, its changes to documents we own), each naming where to look."""
     out = []
     if health.get("waiting"):
         out.append("at the store: " + _count(health["waiting"], "bundle waiting", "bundles waiting"))
@@ -464,6 +489,16 @@ def remote_troubles(health: dict[str, int]) -> list[str]:
         out.append("at the store: " + _count(health["parked"], "document parked", "documents parked"))
     if health.get("quarantined"):
         out.append("at the store: " + _count(health["quarantined"], "file quarantined", "files quarantined"))
+    if health.get("conflicts_held"):
+        out.append("at the store: " + _count(health["conflicts_held"], "conflict", "conflicts")
+                   + " held for a person (exchange conflicts list --open)")
+    if health.get("foreign_edits"):
+        named = [foreign_text(f) for f in (foreign or [])[:3]]
+        more = health["foreign_edits"] - len(named)
+        out.append("at the store: " + _count(health["foreign_edits"], "local change", "local changes")
+                   + " to HO documents" + (f": {', '.join(named)}" if named else "")
+                   + (f" and {more} more" if named and more > 0 else "")
+                   + " (exchange conflicts list)")
     return out
 
 
