@@ -52,10 +52,11 @@ def _items(net: Net) -> list[str]:
 def _spoil(net: Net, item_id: str) -> str:
     """Put a value in an item's ``updated_at`` that its timestamp type cannot hold, as a POS could.
 
-    SQLite keeps any text (here, a time with an offset in a column declared without one);
-    PostgreSQL's ``timestamp`` takes ``infinity``, which no Arrow timestamp can hold.
+    SQLite keeps any text (here, a day that does not exist); PostgreSQL's ``timestamptz``
+    takes ``infinity``, which no Arrow timestamp can hold. (A time with an offset,
+    ``2024-03-01 10:00:00+05:30``, was one until ``updated_at`` became zone-aware.)
     """
-    value = "2024-03-01 10:00:00+05:30" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    value = "2024-02-31 10:00:00" if net.ho.engine.dialect.name == "sqlite" else "infinity"
     with net.ho.engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE item SET updated_at = '{value}' WHERE item_id = '{item_id}'")
         record_events(conn, "item", [(item_id,)])
@@ -453,3 +454,133 @@ def test_a_store_bill_that_cannot_be_encoded_is_set_aside_and_its_other_bills_re
     _sync(st)
     _sync(net.ho)
     assert _bills_at(net.ho)["BAD"] == (datetime(2024, 3, 1, 12, tzinfo=UTC), None)
+
+
+# ---------------------------------------------------------------- the reference schema's other business times
+
+#: Business times made zone-aware after bill_date, and their offset columns (exchange.database.schema.ZONED).
+LATER_ZONED = {("item", "updated_at"): None, ("customer", "created_at"): "created_at_offset"}
+
+
+def _as_previous_release(node: Any) -> None:
+    """The node's database as the previous release made it: these times naive, no offset column."""
+    from test_schema_evolution import sql
+
+    for (table, column), offset in LATER_ZONED.items():
+        if offset:
+            sql(node, f"ALTER TABLE {table} DROP COLUMN {offset}")
+        if node.engine.dialect.name == "postgresql":
+            sql(node, f"ALTER TABLE {table} ALTER COLUMN {column} TYPE timestamp USING {column} AT TIME ZONE 'UTC'")
+
+
+def _customer_times(node: Any) -> dict[str, tuple[datetime, int | None]]:
+    """Each customer's created_at (read as this release reads it: the UTC instant) and its offset, if any."""
+    from sqlalchemy import inspect, text
+
+    with node.engine.connect() as conn:
+        has_offset = "created_at_offset" in {c["name"] for c in inspect(conn).get_columns("customer")}
+        q = "SELECT customer_id, created_at" + (", created_at_offset" if has_offset else "") + " FROM customer"
+        out = {}
+        for r in conn.execute(text(q)):
+            t = r[1] if isinstance(r[1], datetime) else datetime.fromisoformat(str(r[1]))
+            out[str(r[0])] = ((t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC),
+                              r[2] if has_offset else None)
+        return out
+
+
+def _item_time(node: Any, item_id: str) -> datetime:
+    with node.engine.connect() as conn:
+        value = conn.execute(select(s.item.c.updated_at).where(s.item.c.item_id == item_id)).scalar_one()
+    assert value.utcoffset() == timedelta(0)
+    return value  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_later_business_times_migrate_on_either_side_in_any_order(kind: str, tmp_path: Path) -> None:
+    """item.updated_at and customer.created_at became zone-aware (customer with its offset). s001 migrates
+    first and sends a zone-aware sign-up to an HO not migrated; the HO, not migrated, sends a naive item time
+    to s001; then the HO migrates and sends a zone-aware item time to s002, not migrated; s002 migrates last.
+    Nothing is HELD, every instant arrives the same, the offset waits at the HO until it has the column."""
+    from sqlalchemy import text
+    from test_schema_evolution import _net, received, statuses, sync_all
+
+    with _net(kind, tmp_path / "net", None) as net:
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        for node in net.nodes:
+            _as_previous_release(node)
+        net.reopen()
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        assert cli("migrate", "--home", str(s001.cfg.home)).exit_code == 0
+        net.reopen()
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+
+        # HO (not migrated) -> s001 (migrated): an item whose time the HO's POS wrote naive (UTC)
+        with ho.engine.begin() as conn:
+            conn.execute(text("INSERT INTO item (item_id, name, category, uom, price, tax_rate, active, updated_at) "
+                              "VALUES ('I1', 'Tea', 'GROCERY', 'EA', 100, 500, :t, '2024-03-01 10:00:00')"),
+                         {"t": True})
+            record_events(conn, "item", [("I1",)])
+        # s001 (migrated) -> HO (not migrated): a customer signed up at 23:30 in India, offset and all
+        signed_up = datetime(2024, 3, 1, 23, 30, tzinfo=IST)
+        with s001.engine.begin() as conn:
+            conn.execute(s.customer.insert().values(store_id="s001", customer_id="C1", name="Asha",
+                                                    created_at=signed_up, created_at_offset=330))
+            record_events(conn, "customer", [("s001", "C1")])
+        # s002 (not migrated) -> HO (not migrated): its POS writes naive times, as before
+        with s002.engine.begin() as conn:
+            conn.execute(text("INSERT INTO customer (store_id, customer_id, name, created_at) "
+                              "VALUES ('s002', 'C2', 'Ben', '2024-03-01 09:00:00')"))
+            record_events(conn, "customer", [("s002", "C2")])
+        sync_all(net)  # every sync exits 0: nothing HELD
+        for node in net.nodes:
+            assert set(statuses(node)) == {"APPLIED"}, (node.id, received(node))
+        assert _item_time(s001, "I1") == datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+        assert _customer_times(ho) == {"C1": (datetime(2024, 3, 1, 18, 0, tzinfo=UTC), None),
+                                       "C2": (datetime(2024, 3, 1, 9, 0, tzinfo=UTC), None)}
+        kept = json.loads(cli("catalog", "kept", "--home", str(ho.cfg.home), "--json").output)
+        assert [(k["peer"], k["table"], k["column"], k["rows"]) for k in kept] == [
+            ("s001", "customer", "created_at_offset", 1)]
+
+        # the HO migrates: its times become zone-aware, the kept offset is written
+        res = cli("migrate", "--home", str(ho.cfg.home))
+        assert res.exit_code == 0 and "1 kept values applied" in res.output, res.output
+        net.reopen()
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        got = _customer_times(ho)
+        assert got["C1"] == (datetime(2024, 3, 1, 18, 0, tzinfo=UTC), 330)
+        assert s.local_time(*got["C1"]).isoformat() == "2024-03-01T23:30:00+05:30"
+        assert got["C2"] == (datetime(2024, 3, 1, 9, 0, tzinfo=UTC), None)
+        assert _item_time(ho, "I1") == datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+
+        # HO (migrated) -> s001 (migrated) and s002 (not migrated): a zone-aware item time
+        changed = datetime(2024, 3, 2, 12, 0, tzinfo=IST)
+        with ho.engine.begin() as conn:
+            conn.execute(s.item.update().where(s.item.c.item_id == "I1").values(name="Green tea", updated_at=changed))
+            record_events(conn, "item", [("I1",)])
+        sync_all(net)
+        for node in net.nodes:
+            assert set(statuses(node)) == {"APPLIED"}, (node.id, received(node))
+        for store in (s001, s002):
+            assert _item_time(store, "I1") == datetime(2024, 3, 2, 6, 30, tzinfo=UTC)
+        sent = json.loads(cli("status", "sent", "--home", str(ho.cfg.home), "--json").output)["bundles"]
+        assert {r["status"] for r in sent} == {"PROCESSED"}
+        if kind == "postgresql":  # s002's column is still naive: shown, and said not to hold anything
+            diff = json.loads(cli("catalog", "diff", "--peer", "s002", "--home", str(ho.cfg.home), "--json").output)
+            [zoned] = [d for d in diff["differences"] if d["name"] == "customer.created_at"]
+            assert (zoned["here"], zoned["peer"]) == ("timestamp[us, tz=UTC]", "timestamp[us]")
+            assert "not held" in zoned["effect"]
+
+        # s002 migrates weeks later: every instant it holds is the same, its old sign-up has no offset
+        assert cli("migrate", "--home", str(s002.cfg.home)).exit_code == 0
+        net.reopen()
+        s002 = net.store("s002")
+        assert _customer_times(s002) == {"C2": (datetime(2024, 3, 1, 9, 0, tzinfo=UTC), None)}
+        assert _item_time(s002, "I1") == datetime(2024, 3, 2, 6, 30, tzinfo=UTC)
+        if kind == "postgresql":
+            with s002.engine.connect() as conn:
+                assert s.naive_times(conn) == []
+        else:  # the previous release's naive text, rewritten as UTC text (text order is time order)
+            with s002.engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT created_at FROM customer").scalar_one() == \
+                    "2024-03-01 09:00:00.000000Z"
+        assert cli("migrate", "--home", str(s002.cfg.home)).output.startswith("database up to date (0 ")
