@@ -272,6 +272,79 @@ def test_a_bill_at_2330_in_two_zones_reads_back_with_its_own_offset_at_the_ho(zo
     assert totals == {"s001": Decimal("10.00"), "s002": Decimal("20.00")}
 
 
+def _report(node: Any, *extra: str) -> dict[str, Any]:
+    home = node.cfg.home
+    res = cli("audit", "report", "--home", str(home), "--identity", str(home / "keys" / "node.age"), "--json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)  # type: ignore[no-any-return]
+
+
+def _bill_days(report: dict[str, Any], total: str = "sales_bill.total") -> dict[tuple[str, str], Decimal]:
+    return {(r["sender"], r["day"]): Decimal(r["totals"][total]) for r in report["rows"]
+            if r["doc_type"] == "sales_bill"}
+
+
+def test_the_audit_report_sums_bills_per_their_own_local_business_day(zones: Net, tmp_path: Path) -> None:
+    """23:30 at +05:30 (18:00Z on the 1st) and 23:30 at -05:00 (04:30Z on the 2nd) both close 1 March's
+    trading; a bill at 00:30 +05:30 on the 2nd (19:00Z on the 1st) is the 2nd's. The report puts each on
+    its own local day; --day utc and --day bundle still give the UTC days."""
+    item = _items(zones)[0]
+    _bill(zones.store("s001"), "s001", "B-IST", datetime(2024, 3, 1, 23, 30, tzinfo=IST), item, "10.00")
+    _bill(zones.store("s001"), "s001", "B-IST2", datetime(2024, 3, 2, 0, 30, tzinfo=IST), item, "5.00")
+    _bill(zones.store("s002"), "s002", "B-EST", datetime(2024, 3, 1, 23, 30, tzinfo=EST), item, "20.00")
+    for sid in ("s001", "s002"):
+        _sync(zones.store(sid))
+    _sync(zones.ho)
+
+    local = _report(zones.ho)
+    assert local["day"] == "local"
+    assert _bill_days(local) == {("s001", "2024-03-01"): Decimal("10.00"), ("s001", "2024-03-02"): Decimal("5.00"),
+                                 ("s002", "2024-03-01"): Decimal("20.00")}
+    assert _bill_days(local, "sales_bill_line.amount") == _bill_days(local)  # the lines follow their bill
+    bills = {(r["sender"], r["day"]): r for r in local["rows"] if r["doc_type"] == "sales_bill"}
+    assert {k: (r["documents"], r["rows"]["sales_bill_line"], r["day_basis"]) for k, r in bills.items()} == {
+        ("s001", "2024-03-01"): (1, 1, "local"), ("s001", "2024-03-02"): (1, 1, "local"),
+        ("s002", "2024-03-01"): (1, 1, "local")}
+
+    utc = _report(zones.ho, "--day", "utc")
+    assert _bill_days(utc) == {("s001", "2024-03-01"): Decimal("15.00"), ("s002", "2024-03-02"): Decimal("20.00")}
+    by_bundle = _report(zones.ho, "--day", "bundle")
+    today = datetime.now(UTC).date().isoformat()  # the bundles were sealed just now
+    assert {(s_, d) for s_, d in _bill_days(by_bundle)} <= {("s001", today), ("s002", today),
+                                                             ("s001", _yesterday(today)), ("s002", _yesterday(today))}
+    assert sum(_bill_days(by_bundle).values()) == Decimal("35.00")
+
+    # the table and the CSV say which day each row is
+    home = zones.ho.cfg.home
+    out = tmp_path / "totals.csv"
+    res = cli("audit", "report", "--home", str(home), "--identity", str(home / "keys" / "node.age"),
+              "--csv", str(out))
+    assert res.exit_code == 0 and "local business day" in res.output and "2024-03-02" in res.output, res.output
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("sender,recipient,day,doc_type,") and lines[0].endswith(",day_basis")
+    assert any(line.startswith("s002,ho,2024-03-01,sales_bill,") and line.endswith(",local") for line in lines)
+
+
+def _yesterday(day: str) -> str:
+    return (datetime.fromisoformat(day) - timedelta(days=1)).date().isoformat()
+
+
+def test_a_bill_offset_beyond_any_zone_is_reported_on_its_bundle_day_with_why(zones: Net) -> None:
+    """An offset is a peer's data: one no zone has (5000 minutes) is not trusted to move a bill's day;
+    the bill is counted on its bundle's day and the report says why, without a traceback."""
+    st = zones.store("s001")
+    _bill(st, "s001", "B-ODD", datetime(2024, 3, 1, 23, 30, tzinfo=IST), _items(zones)[0], "10.00")
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sales_bill SET bill_date_offset = 5000 WHERE bill_no = 'B-ODD'")
+    _sync(st)
+    _sync(zones.ho)
+    rep = _report(zones.ho)
+    [note] = rep["notes"]
+    assert "s001.ho." in note["file"] and "offset 5000 minutes is beyond any zone" in note["reason"]
+    [row] = [r for r in rep["rows"] if r["doc_type"] == "sales_bill"]
+    assert (row["day_basis"], Decimal(row["totals"]["sales_bill.total"])) == ("bundle", Decimal("10.00"))
+
+
 def test_business_times_travel_as_zone_aware_parquet(zones: Net) -> None:
     from exchange.wire.bundle import open_bundle
 
