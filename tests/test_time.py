@@ -391,6 +391,32 @@ def test_an_older_bundle_with_naive_bill_times_is_still_applied(zones: Net) -> N
     assert [b["status"] for b in received["bundles"] if b["peer"] == "s001"][-1] == "APPLIED"
 
 
+def test_a_time_in_another_zone_name_or_unit_is_still_a_type_change(zones: Net) -> None:
+    """Only naive and UTC times of the same unit are the same instants to a receiver (rows.zone_only); a
+    peer's Parquet that names another zone for a column is not guessed at: HELD, the column named."""
+    from enginehelpers import docs_of, forge_bundle
+
+    st = zones.store("s001")
+    _bill(st, "s001", "ZONED", datetime(2024, 3, 1, 23, 30, tzinfo=IST), _items(zones)[0], "7.00")
+
+    def other_zone(tables: dict[str, Any]) -> None:
+        t = tables["sales_bill"]
+        i = t.schema.get_field_index("bill_date")
+        kind = pa.timestamp("us", tz="+05:30")
+        tables["sales_bill"] = t.set_column(i, pa.field("bill_date", kind, False), t.column(i).cast(kind))
+
+    forge_bundle(st, "ho", docs_of(st, "sales_bill", [("s001", "ZONED")]), tables_hook=other_zone)
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1")
+    _sync(st)
+    res = cli("sync", "--home", str(zones.ho.cfg.home))
+    assert res.exit_code == 15 and "Traceback" not in res.output, res.output
+    received = json.loads(cli("status", "received", "--json", "--home", str(zones.ho.cfg.home)).output)
+    [held] = [b for b in received["bundles"] if b["peer"] == "s001" and b["status"] == "HELD"]
+    assert "column bill_date is timestamp[us, tz=+05:30] in the bundle and timestamp[us, tz=UTC] here" in held["reason"]
+    assert "ZONED" not in _bills_at(zones.ho)
+
+
 def test_a_home_made_before_zoned_bill_times_is_upgraded_by_migrate(zones: Net) -> None:
     """`exchange migrate` turns an earlier release's naive bill_date into the zoned form, values kept as UTC."""
     ho = zones.ho
@@ -657,3 +683,32 @@ def test_later_business_times_migrate_on_either_side_in_any_order(kind: str, tmp
                 assert conn.exec_driver_sql("SELECT created_at FROM customer").scalar_one() == \
                     "2024-03-01 09:00:00.000000Z"
         assert cli("migrate", "--home", str(s002.cfg.home)).output.startswith("database up to date (0 ")
+
+
+def test_the_demo_stores_trade_in_two_zones_and_the_ho_sums_their_local_days(tmp_path: Path) -> None:
+    """The demo's stores stamp bills and sign-ups with their own zone and keep the offset; the HO holds
+    the instants with those offsets and the demo's last table sums each store's local day."""
+    from exchange.demo.run import run_demo
+    from exchange.node.home import Node
+
+    lines: list[str] = []
+    assert run_demo(tmp_path / "demo", items=5, sales=4, echo=lines.append)
+    ho = Node.open(tmp_path / "demo" / "ho")
+    try:
+        with ho.engine.connect() as conn:
+            bills = conn.execute(select(s.sales_bill.c.store_id, s.sales_bill.c.bill_date,
+                                        s.sales_bill.c.bill_date_offset)).all()
+            signups = conn.execute(select(s.customer.c.store_id, s.customer.c.created_at,
+                                          s.customer.c.created_at_offset)).all()
+    finally:
+        ho.engine.dispose()
+    assert {(r[0], r[2]) for r in bills} == {("s001", 330), ("s002", -300)}
+    assert {(r[0], r[2]) for r in signups} == {("s001", 330), ("s002", -300)}
+    # the day starts at 09:00 at each store: 03:30 UTC in India, 14:00 UTC in New York
+    first = {store: min(s.local_time(at, off) for st, at, off in bills if st == store) for store in ("s001", "s002")}
+    assert {k: v.strftime("%H %z") for k, v in first.items()} == {"s001": "09 +0530", "s002": "09 -0500"}
+    assert min(at for st, at, _o in bills if st == "s001") > datetime(2024, 1, 1, 3, 30, tzinfo=UTC)
+    i = lines.index("\n== sales at the HO per store and local business day (each bill at its till's own offset)")
+    assert lines[i + 1].startswith("  s001 2024-01-01 (UTC+05:30)    4 bills  total ")
+    assert lines[i + 2].startswith("  s002 2024-01-01 (UTC-05:00)    4 bills  total ")
+    assert "s001 at UTC+05:30, s002 at UTC-05:00" in "\n".join(lines)
