@@ -605,6 +605,14 @@ def test_later_business_times_migrate_on_either_side_in_any_order(kind: str, tmp
 
     with _net(kind, tmp_path / "net", None) as net:
         ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        if kind == "postgresql":  # sessions in the nodes' own zones: nothing may depend on a session's TimeZone
+            for node, zone in ((ho, "Asia/Kolkata"), (s001, "Asia/Kolkata"), (s002, "America/New_York")):
+                with node.engine.connect() as conn:
+                    conn.exec_driver_sql(f"ALTER DATABASE \"{node.engine.url.database}\" SET timezone = '{zone}'")
+                    conn.commit()
+                node.engine.dispose()
+                with node.engine.connect() as conn:
+                    assert conn.exec_driver_sql("SHOW timezone").scalar() == zone
         for node in net.nodes:
             _as_previous_release(node)
         net.reopen()
@@ -712,3 +720,46 @@ def test_the_demo_stores_trade_in_two_zones_and_the_ho_sums_their_local_days(tmp
     assert lines[i + 1].startswith("  s001 2024-01-01 (UTC+05:30)    4 bills  total ")
     assert lines[i + 2].startswith("  s002 2024-01-01 (UTC-05:00)    4 bills  total ")
     assert "s001 at UTC+05:30, s002 at UTC-05:00" in "\n".join(lines)
+
+
+def test_a_bill_parked_before_the_ho_migrated_applies_at_its_instant_after(pg_url: str, tmp_path: Path) -> None:
+    """A PostgreSQL HO of the release before zoned bill times, its sessions at +05:30, parks a bill (an item it
+    does not have yet) whose time it holds naive (UTC); it migrates, gets the item and retries: the bill lands
+    at its instant, not at the session's wall clock (18:00Z, not 12:30Z)."""
+    from sqlalchemy import text
+
+    n = make_net(tmp_path / "net", ho_db=pg_url, stores=("s001",))
+    try:
+        seed_ho(n, items=1)
+        n.settle()
+        ho, st = n.ho, n.store()
+        with ho.engine.connect() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE \"{ho.engine.url.database}\" SET timezone = 'Asia/Kolkata'")
+            conn.commit()
+        ho.engine.dispose()
+        with ho.engine.begin() as conn:  # sales_bill as the release before zoned bill times made it
+            conn.exec_driver_sql("ALTER TABLE sales_bill DROP COLUMN bill_date_offset")
+            conn.exec_driver_sql("ALTER TABLE sales_bill ALTER COLUMN bill_date TYPE timestamp "
+                                 "USING bill_date AT TIME ZONE 'UTC'")
+        n.reopen()
+        ho, st = n.ho, n.store()
+        with st.engine.begin() as conn:  # an item the HO has not got (the store's own, by hand)
+            conn.execute(text("INSERT INTO item (item_id, name, category, uom, price, tax_rate, active, updated_at) "
+                              "VALUES ('GHOST', 'Local', 'GROCERY', 'EA', 100, 500, :t, '2024-03-01 10:00:00Z')"),
+                         {"t": True})
+        _bill(st, "s001", "B-PARK", datetime(2024, 3, 1, 23, 30, tzinfo=IST), "GHOST", "4.00")
+        _sync(st)
+        _sync(ho)
+        parked = json.loads(cli("status", "parked", "--json", "--home", str(ho.cfg.home)).output)
+        assert [p["doc_key"] for p in parked["parked"]] == ['["s001","B-PARK"]'], parked
+        assert cli("migrate", "--home", str(ho.cfg.home)).exit_code == 0
+        n.reopen()
+        ho = n.ho
+        with ho.engine.begin() as conn:
+            conn.execute(text("INSERT INTO item (item_id, name, category, uom, price, tax_rate, active, updated_at) "
+                              "VALUES ('GHOST', 'Local', 'GROCERY', 'EA', 1.00, 5.00, true, now())"))
+        res = cli("retry", "--home", str(ho.cfg.home))
+        assert res.exit_code == 0, res.output
+        assert _bills_at(ho)["B-PARK"][0] == datetime(2024, 3, 1, 18, 0, tzinfo=UTC)
+    finally:
+        n.dispose()
