@@ -301,10 +301,13 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
     from exchange.cli.console import data
 
     console = Console()
-    what = {"local": "the documents' local business day", "utc": "the UTC day of the documents' time",
-            "bundle": "the day of bundle creation UTC"}[rep.day]
-    console.print(f"control totals from {rep.bundles} bundles (per stream, {what}, document type"
-                  + ("; * the bundle's day: a type without a business time)" if rep.day != "bundle" else ")"))
+    what = {"local": "local business day", "utc": "UTC day of the business time",
+            "bundle": "day of bundle creation UTC"}[rep.day]
+    console.print(f"control totals from {rep.bundles} bundles (per stream, {what}, document type)")
+    by_bundle = sorted({r.doc_type for r in rep.rows if r.basis == "bundle"}) if rep.day != "bundle" else []
+    if by_bundle:
+        console.print(data(f"on the day of bundle creation UTC (no business time, or deletes): "
+                           f"{', '.join(by_bundle)}"))
     for name, rows in groupby(rep.rows, key=lambda r: r.stream):
         t = Table(title=data(name), box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0))
         t.add_column("day", no_wrap=True)
@@ -317,8 +320,7 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
         for r in rows:
             totals = list(r.totals.items()) or [("", "")]
             for i, (k, v) in enumerate(totals):
-                day = r.day + ("*" if r.basis == "bundle" and rep.day != "bundle" else "")
-                head = [data(day), data(r.doc_type), data(r.bundles), data(r.documents),
+                head = [data(r.day), data(r.doc_type), data(r.bundles), data(r.documents),
                         data(r.deletes)] if i == 0 else [data("")] * 5
                 t.add_row(*head, data(k), data(v))
         console.print(t)
