@@ -52,10 +52,11 @@ def _items(net: Net) -> list[str]:
 def _spoil(net: Net, item_id: str) -> str:
     """Put a value in an item's ``updated_at`` that its timestamp type cannot hold, as a POS could.
 
-    SQLite keeps any text (here, a time with an offset in a column declared without one);
-    PostgreSQL's ``timestamp`` takes ``infinity``, which no Arrow timestamp can hold.
+    SQLite keeps any text (here, a day that does not exist); PostgreSQL's ``timestamptz``
+    takes ``infinity``, which no Arrow timestamp can hold. (A time with an offset,
+    ``2024-03-01 10:00:00+05:30``, was one until ``updated_at`` became zone-aware.)
     """
-    value = "2024-03-01 10:00:00+05:30" if net.ho.engine.dialect.name == "sqlite" else "infinity"
+    value = "2024-02-31 10:00:00" if net.ho.engine.dialect.name == "sqlite" else "infinity"
     with net.ho.engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE item SET updated_at = '{value}' WHERE item_id = '{item_id}'")
         record_events(conn, "item", [(item_id,)])
@@ -271,6 +272,79 @@ def test_a_bill_at_2330_in_two_zones_reads_back_with_its_own_offset_at_the_ho(zo
     assert totals == {"s001": Decimal("10.00"), "s002": Decimal("20.00")}
 
 
+def _report(node: Any, *extra: str) -> dict[str, Any]:
+    home = node.cfg.home
+    res = cli("audit", "report", "--home", str(home), "--identity", str(home / "keys" / "node.age"), "--json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)  # type: ignore[no-any-return]
+
+
+def _bill_days(report: dict[str, Any], total: str = "sales_bill.total") -> dict[tuple[str, str], Decimal]:
+    return {(r["sender"], r["day"]): Decimal(r["totals"][total]) for r in report["rows"]
+            if r["doc_type"] == "sales_bill"}
+
+
+def test_the_audit_report_sums_bills_per_their_own_local_business_day(zones: Net, tmp_path: Path) -> None:
+    """23:30 at +05:30 (18:00Z on the 1st) and 23:30 at -05:00 (04:30Z on the 2nd) both close 1 March's
+    trading; a bill at 00:30 +05:30 on the 2nd (19:00Z on the 1st) is the 2nd's. The report puts each on
+    its own local day; --day utc and --day bundle still give the UTC days."""
+    item = _items(zones)[0]
+    _bill(zones.store("s001"), "s001", "B-IST", datetime(2024, 3, 1, 23, 30, tzinfo=IST), item, "10.00")
+    _bill(zones.store("s001"), "s001", "B-IST2", datetime(2024, 3, 2, 0, 30, tzinfo=IST), item, "5.00")
+    _bill(zones.store("s002"), "s002", "B-EST", datetime(2024, 3, 1, 23, 30, tzinfo=EST), item, "20.00")
+    for sid in ("s001", "s002"):
+        _sync(zones.store(sid))
+    _sync(zones.ho)
+
+    local = _report(zones.ho)
+    assert local["day"] == "local"
+    assert _bill_days(local) == {("s001", "2024-03-01"): Decimal("10.00"), ("s001", "2024-03-02"): Decimal("5.00"),
+                                 ("s002", "2024-03-01"): Decimal("20.00")}
+    assert _bill_days(local, "sales_bill_line.amount") == _bill_days(local)  # the lines follow their bill
+    bills = {(r["sender"], r["day"]): r for r in local["rows"] if r["doc_type"] == "sales_bill"}
+    assert {k: (r["documents"], r["rows"]["sales_bill_line"], r["day_basis"]) for k, r in bills.items()} == {
+        ("s001", "2024-03-01"): (1, 1, "local"), ("s001", "2024-03-02"): (1, 1, "local"),
+        ("s002", "2024-03-01"): (1, 1, "local")}
+
+    utc = _report(zones.ho, "--day", "utc")
+    assert _bill_days(utc) == {("s001", "2024-03-01"): Decimal("15.00"), ("s002", "2024-03-02"): Decimal("20.00")}
+    by_bundle = _report(zones.ho, "--day", "bundle")
+    today = datetime.now(UTC).date().isoformat()  # the bundles were sealed just now
+    assert {(s_, d) for s_, d in _bill_days(by_bundle)} <= {("s001", today), ("s002", today),
+                                                             ("s001", _yesterday(today)), ("s002", _yesterday(today))}
+    assert sum(_bill_days(by_bundle).values()) == Decimal("35.00")
+
+    # the table and the CSV say which day each row is
+    home = zones.ho.cfg.home
+    out = tmp_path / "totals.csv"
+    res = cli("audit", "report", "--home", str(home), "--identity", str(home / "keys" / "node.age"),
+              "--csv", str(out))
+    assert res.exit_code == 0 and "local business day" in res.output and "2024-03-02" in res.output, res.output
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("sender,recipient,day,doc_type,") and lines[0].endswith(",day_basis")
+    assert any(line.startswith("s002,ho,2024-03-01,sales_bill,") and line.endswith(",local") for line in lines)
+
+
+def _yesterday(day: str) -> str:
+    return (datetime.fromisoformat(day) - timedelta(days=1)).date().isoformat()
+
+
+def test_a_bill_offset_beyond_any_zone_is_reported_on_its_bundle_day_with_why(zones: Net) -> None:
+    """An offset is a peer's data: one no zone has (5000 minutes) is not trusted to move a bill's day;
+    the bill is counted on its bundle's day and the report says why, without a traceback."""
+    st = zones.store("s001")
+    _bill(st, "s001", "B-ODD", datetime(2024, 3, 1, 23, 30, tzinfo=IST), _items(zones)[0], "10.00")
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sales_bill SET bill_date_offset = 5000 WHERE bill_no = 'B-ODD'")
+    _sync(st)
+    _sync(zones.ho)
+    rep = _report(zones.ho)
+    [note] = rep["notes"]
+    assert "s001.ho." in note["file"] and "offset 5000 minutes is beyond any zone" in note["reason"]
+    [row] = [r for r in rep["rows"] if r["doc_type"] == "sales_bill"]
+    assert (row["day_basis"], Decimal(row["totals"]["sales_bill.total"])) == ("bundle", Decimal("10.00"))
+
+
 def test_business_times_travel_as_zone_aware_parquet(zones: Net) -> None:
     from exchange.wire.bundle import open_bundle
 
@@ -315,6 +389,32 @@ def test_an_older_bundle_with_naive_bill_times_is_still_applied(zones: Net) -> N
     assert _bills_at(zones.ho)["OLD1"] == (datetime(2024, 3, 1, 9, 15, tzinfo=UTC), None)
     received = json.loads(cli("status", "received", "--json", "--home", str(zones.ho.cfg.home)).output)
     assert [b["status"] for b in received["bundles"] if b["peer"] == "s001"][-1] == "APPLIED"
+
+
+def test_a_time_in_another_zone_name_or_unit_is_still_a_type_change(zones: Net) -> None:
+    """Only naive and UTC times of the same unit are the same instants to a receiver (rows.zone_only); a
+    peer's Parquet that names another zone for a column is not guessed at: HELD, the column named."""
+    from enginehelpers import docs_of, forge_bundle
+
+    st = zones.store("s001")
+    _bill(st, "s001", "ZONED", datetime(2024, 3, 1, 23, 30, tzinfo=IST), _items(zones)[0], "7.00")
+
+    def other_zone(tables: dict[str, Any]) -> None:
+        t = tables["sales_bill"]
+        i = t.schema.get_field_index("bill_date")
+        kind = pa.timestamp("us", tz="+05:30")
+        tables["sales_bill"] = t.set_column(i, pa.field("bill_date", kind, False), t.column(i).cast(kind))
+
+    forge_bundle(st, "ho", docs_of(st, "sales_bill", [("s001", "ZONED")]), tables_hook=other_zone)
+    with st.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE xchg_event SET routed = 1")
+    _sync(st)
+    res = cli("sync", "--home", str(zones.ho.cfg.home))
+    assert res.exit_code == 15 and "Traceback" not in res.output, res.output
+    received = json.loads(cli("status", "received", "--json", "--home", str(zones.ho.cfg.home)).output)
+    [held] = [b for b in received["bundles"] if b["peer"] == "s001" and b["status"] == "HELD"]
+    assert "column bill_date is timestamp[us, tz=+05:30] in the bundle and timestamp[us, tz=UTC] here" in held["reason"]
+    assert "ZONED" not in _bills_at(zones.ho)
 
 
 def test_a_home_made_before_zoned_bill_times_is_upgraded_by_migrate(zones: Net) -> None:
@@ -453,3 +553,213 @@ def test_a_store_bill_that_cannot_be_encoded_is_set_aside_and_its_other_bills_re
     _sync(st)
     _sync(net.ho)
     assert _bills_at(net.ho)["BAD"] == (datetime(2024, 3, 1, 12, tzinfo=UTC), None)
+
+
+# ---------------------------------------------------------------- the reference schema's other business times
+
+#: Business times made zone-aware after bill_date, and their offset columns (exchange.database.schema.ZONED).
+LATER_ZONED = {("item", "updated_at"): None, ("customer", "created_at"): "created_at_offset"}
+
+
+def _as_previous_release(node: Any) -> None:
+    """The node's database as the previous release made it: these times naive, no offset column."""
+    from test_schema_evolution import sql
+
+    for (table, column), offset in LATER_ZONED.items():
+        if offset:
+            sql(node, f"ALTER TABLE {table} DROP COLUMN {offset}")
+        if node.engine.dialect.name == "postgresql":
+            sql(node, f"ALTER TABLE {table} ALTER COLUMN {column} TYPE timestamp USING {column} AT TIME ZONE 'UTC'")
+
+
+def _customer_times(node: Any) -> dict[str, tuple[datetime, int | None]]:
+    """Each customer's created_at (read as this release reads it: the UTC instant) and its offset, if any."""
+    from sqlalchemy import inspect, text
+
+    with node.engine.connect() as conn:
+        has_offset = "created_at_offset" in {c["name"] for c in inspect(conn).get_columns("customer")}
+        q = "SELECT customer_id, created_at" + (", created_at_offset" if has_offset else "") + " FROM customer"
+        out = {}
+        for r in conn.execute(text(q)):
+            t = r[1] if isinstance(r[1], datetime) else datetime.fromisoformat(str(r[1]))
+            out[str(r[0])] = ((t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC),
+                              r[2] if has_offset else None)
+        return out
+
+
+def _item_time(node: Any, item_id: str) -> datetime:
+    with node.engine.connect() as conn:
+        value = conn.execute(select(s.item.c.updated_at).where(s.item.c.item_id == item_id)).scalar_one()
+    assert value.utcoffset() == timedelta(0)
+    return value  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_later_business_times_migrate_on_either_side_in_any_order(kind: str, tmp_path: Path) -> None:
+    """item.updated_at and customer.created_at became zone-aware (customer with its offset). s001 migrates
+    first and sends a zone-aware sign-up to an HO not migrated; the HO, not migrated, sends a naive item time
+    to s001; then the HO migrates and sends a zone-aware item time to s002, not migrated; s002 migrates last.
+    Nothing is HELD, every instant arrives the same, the offset waits at the HO until it has the column."""
+    from sqlalchemy import text
+    from test_schema_evolution import _net, received, statuses, sync_all
+
+    with _net(kind, tmp_path / "net", None) as net:
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        if kind == "postgresql":  # sessions in the nodes' own zones: nothing may depend on a session's TimeZone
+            for node, zone in ((ho, "Asia/Kolkata"), (s001, "Asia/Kolkata"), (s002, "America/New_York")):
+                with node.engine.connect() as conn:
+                    conn.exec_driver_sql(f"ALTER DATABASE \"{node.engine.url.database}\" SET timezone = '{zone}'")
+                    conn.commit()
+                node.engine.dispose()
+                with node.engine.connect() as conn:
+                    assert conn.exec_driver_sql("SHOW timezone").scalar() == zone
+        for node in net.nodes:
+            _as_previous_release(node)
+        net.reopen()
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        assert cli("migrate", "--home", str(s001.cfg.home)).exit_code == 0
+        net.reopen()
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+
+        # HO (not migrated) -> s001 (migrated): an item whose time the HO's POS wrote naive (UTC)
+        with ho.engine.begin() as conn:
+            conn.execute(text("INSERT INTO item (item_id, name, category, uom, price, tax_rate, active, updated_at) "
+                              "VALUES ('I1', 'Tea', 'GROCERY', 'EA', 100, 500, :t, '2024-03-01 10:00:00')"),
+                         {"t": True})
+            record_events(conn, "item", [("I1",)])
+        # s001 (migrated) -> HO (not migrated): a customer signed up at 23:30 in India, offset and all
+        signed_up = datetime(2024, 3, 1, 23, 30, tzinfo=IST)
+        with s001.engine.begin() as conn:
+            conn.execute(s.customer.insert().values(store_id="s001", customer_id="C1", name="Asha",
+                                                    created_at=signed_up, created_at_offset=330))
+            record_events(conn, "customer", [("s001", "C1")])
+        # s002 (not migrated) -> HO (not migrated): its POS writes naive times, as before
+        with s002.engine.begin() as conn:
+            conn.execute(text("INSERT INTO customer (store_id, customer_id, name, created_at) "
+                              "VALUES ('s002', 'C2', 'Ben', '2024-03-01 09:00:00')"))
+            record_events(conn, "customer", [("s002", "C2")])
+        sync_all(net)  # every sync exits 0: nothing HELD
+        for node in net.nodes:
+            assert set(statuses(node)) == {"APPLIED"}, (node.id, received(node))
+        assert _item_time(s001, "I1") == datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+        assert _customer_times(ho) == {"C1": (datetime(2024, 3, 1, 18, 0, tzinfo=UTC), None),
+                                       "C2": (datetime(2024, 3, 1, 9, 0, tzinfo=UTC), None)}
+        kept = json.loads(cli("catalog", "kept", "--home", str(ho.cfg.home), "--json").output)
+        assert [(k["peer"], k["table"], k["column"], k["rows"]) for k in kept] == [
+            ("s001", "customer", "created_at_offset", 1)]
+
+        # the HO migrates: its times become zone-aware, the kept offset is written
+        res = cli("migrate", "--home", str(ho.cfg.home))
+        assert res.exit_code == 0 and "1 kept values applied" in res.output, res.output
+        net.reopen()
+        ho, s001, s002 = net.ho, net.store("s001"), net.store("s002")
+        got = _customer_times(ho)
+        assert got["C1"] == (datetime(2024, 3, 1, 18, 0, tzinfo=UTC), 330)
+        assert s.local_time(*got["C1"]).isoformat() == "2024-03-01T23:30:00+05:30"
+        assert got["C2"] == (datetime(2024, 3, 1, 9, 0, tzinfo=UTC), None)
+        assert _item_time(ho, "I1") == datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
+
+        # HO (migrated) -> s001 (migrated) and s002 (not migrated): a zone-aware item time
+        changed = datetime(2024, 3, 2, 12, 0, tzinfo=IST)
+        with ho.engine.begin() as conn:
+            conn.execute(s.item.update().where(s.item.c.item_id == "I1").values(name="Green tea", updated_at=changed))
+            record_events(conn, "item", [("I1",)])
+        sync_all(net)
+        for node in net.nodes:
+            assert set(statuses(node)) == {"APPLIED"}, (node.id, received(node))
+        for store in (s001, s002):
+            assert _item_time(store, "I1") == datetime(2024, 3, 2, 6, 30, tzinfo=UTC)
+        sent = json.loads(cli("status", "sent", "--home", str(ho.cfg.home), "--json").output)["bundles"]
+        assert {r["status"] for r in sent} == {"PROCESSED"}
+        if kind == "postgresql":  # s002's column is still naive: shown, and said not to hold anything
+            diff = json.loads(cli("catalog", "diff", "--peer", "s002", "--home", str(ho.cfg.home), "--json").output)
+            [zoned] = [d for d in diff["differences"] if d["name"] == "customer.created_at"]
+            assert (zoned["here"], zoned["peer"]) == ("timestamp[us, tz=UTC]", "timestamp[us]")
+            assert "not held" in zoned["effect"]
+
+        # s002 migrates weeks later: every instant it holds is the same, its old sign-up has no offset
+        assert cli("migrate", "--home", str(s002.cfg.home)).exit_code == 0
+        net.reopen()
+        s002 = net.store("s002")
+        assert _customer_times(s002) == {"C2": (datetime(2024, 3, 1, 9, 0, tzinfo=UTC), None)}
+        assert _item_time(s002, "I1") == datetime(2024, 3, 2, 6, 30, tzinfo=UTC)
+        if kind == "postgresql":
+            with s002.engine.connect() as conn:
+                assert s.naive_times(conn) == []
+        else:  # the previous release's naive text, rewritten as UTC text (text order is time order)
+            with s002.engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT created_at FROM customer").scalar_one() == \
+                    "2024-03-01 09:00:00.000000Z"
+        assert cli("migrate", "--home", str(s002.cfg.home)).output.startswith("database up to date (0 ")
+
+
+def test_the_demo_stores_trade_in_two_zones_and_the_ho_sums_their_local_days(tmp_path: Path) -> None:
+    """The demo's stores stamp bills and sign-ups with their own zone and keep the offset; the HO holds
+    the instants with those offsets and the demo's last table sums each store's local day."""
+    from exchange.demo.run import run_demo
+    from exchange.node.home import Node
+
+    lines: list[str] = []
+    assert run_demo(tmp_path / "demo", items=5, sales=4, echo=lines.append)
+    ho = Node.open(tmp_path / "demo" / "ho")
+    try:
+        with ho.engine.connect() as conn:
+            bills = conn.execute(select(s.sales_bill.c.store_id, s.sales_bill.c.bill_date,
+                                        s.sales_bill.c.bill_date_offset)).all()
+            signups = conn.execute(select(s.customer.c.store_id, s.customer.c.created_at,
+                                          s.customer.c.created_at_offset)).all()
+    finally:
+        ho.engine.dispose()
+    assert {(r[0], r[2]) for r in bills} == {("s001", 330), ("s002", -300)}
+    assert {(r[0], r[2]) for r in signups} == {("s001", 330), ("s002", -300)}
+    # the day starts at 09:00 at each store: 03:30 UTC in India, 14:00 UTC in New York
+    first = {store: min(s.local_time(at, off) for st, at, off in bills if st == store) for store in ("s001", "s002")}
+    assert {k: v.strftime("%H %z") for k, v in first.items()} == {"s001": "09 +0530", "s002": "09 -0500"}
+    assert min(at for st, at, _o in bills if st == "s001") > datetime(2024, 1, 1, 3, 30, tzinfo=UTC)
+    i = lines.index("\n== sales at the HO per store and local business day (each bill at its till's own offset)")
+    assert lines[i + 1].startswith("  s001 2024-01-01 (UTC+05:30)    4 bills  total ")
+    assert lines[i + 2].startswith("  s002 2024-01-01 (UTC-05:00)    4 bills  total ")
+    assert "s001 at UTC+05:30, s002 at UTC-05:00" in "\n".join(lines)
+
+
+def test_a_bill_parked_before_the_ho_migrated_applies_at_its_instant_after(pg_url: str, tmp_path: Path) -> None:
+    """A PostgreSQL HO of the release before zoned bill times, its sessions at +05:30, parks a bill (an item it
+    does not have yet) whose time it holds naive (UTC); it migrates, gets the item and retries: the bill lands
+    at its instant, not at the session's wall clock (18:00Z, not 12:30Z)."""
+    from sqlalchemy import text
+
+    n = make_net(tmp_path / "net", ho_db=pg_url, stores=("s001",))
+    try:
+        seed_ho(n, items=1)
+        n.settle()
+        ho, st = n.ho, n.store()
+        with ho.engine.connect() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE \"{ho.engine.url.database}\" SET timezone = 'Asia/Kolkata'")
+            conn.commit()
+        ho.engine.dispose()
+        with ho.engine.begin() as conn:  # sales_bill as the release before zoned bill times made it
+            conn.exec_driver_sql("ALTER TABLE sales_bill DROP COLUMN bill_date_offset")
+            conn.exec_driver_sql("ALTER TABLE sales_bill ALTER COLUMN bill_date TYPE timestamp "
+                                 "USING bill_date AT TIME ZONE 'UTC'")
+        n.reopen()
+        ho, st = n.ho, n.store()
+        with st.engine.begin() as conn:  # an item the HO has not got (the store's own, by hand)
+            conn.execute(text("INSERT INTO item (item_id, name, category, uom, price, tax_rate, active, updated_at) "
+                              "VALUES ('GHOST', 'Local', 'GROCERY', 'EA', 100, 500, :t, '2024-03-01 10:00:00Z')"),
+                         {"t": True})
+        _bill(st, "s001", "B-PARK", datetime(2024, 3, 1, 23, 30, tzinfo=IST), "GHOST", "4.00")
+        _sync(st)
+        _sync(ho)
+        parked = json.loads(cli("status", "parked", "--json", "--home", str(ho.cfg.home)).output)
+        assert [p["doc_key"] for p in parked["parked"]] == ['["s001","B-PARK"]'], parked
+        assert cli("migrate", "--home", str(ho.cfg.home)).exit_code == 0
+        n.reopen()
+        ho = n.ho
+        with ho.engine.begin() as conn:
+            conn.execute(text("INSERT INTO item (item_id, name, category, uom, price, tax_rate, active, updated_at) "
+                              "VALUES ('GHOST', 'Local', 'GROCERY', 'EA', 1.00, 5.00, true, now())"))
+        res = cli("retry", "--home", str(ho.cfg.home))
+        assert res.exit_code == 0, res.output
+        assert _bills_at(ho)["B-PARK"][0] == datetime(2024, 3, 1, 18, 0, tzinfo=UTC)
+    finally:
+        n.dispose()

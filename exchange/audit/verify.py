@@ -31,6 +31,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
+from exchange.audit import business_day
+from exchange.audit.business_day import DayKind, DayShare
 from exchange.audit.prune import (
     ArchiveFile, Checkpoint, PrunedAck, PrunedBundle, decided_ack, read_checkpoint, scan_archive, sha256_of,
 )
@@ -970,6 +972,9 @@ class ReportRow:
     recipient: str
     day: str
     doc_type: str
+    #: what ``day`` is: ``local`` (the documents' own local business day), ``utc`` (the UTC day of their
+    #: business time) or ``bundle`` (the bundle's signed creation day, UTC: types without a business time)
+    basis: str = "bundle"
     bundles: int = 0
     documents: int = 0
     deletes: int = 0
@@ -982,7 +987,7 @@ class ReportRow:
 
     def as_json(self) -> dict[str, Any]:
         return {"stream": self.stream, "sender": self.sender, "recipient": self.recipient, "day": self.day,
-                "doc_type": self.doc_type, "bundles": self.bundles, "documents": self.documents,
+                "day_basis": self.basis, "doc_type": self.doc_type, "bundles": self.bundles, "documents": self.documents,
                 "deletes": self.deletes, "rows": self.rows, "totals": {k: str(v) for k, v in self.totals.items()}}
 
 
@@ -993,15 +998,18 @@ class ControlReport:
     bundles: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # failed verification: not counted
     not_readable: list[str] = field(default_factory=list)  # authentic, not encrypted to the identity
+    day: str = "local"  # business_day.DayKind: how rows with a business time are grouped
+    #: bundles whose documents are counted on the bundle's day, and why (a business time that cannot be read)
+    notes: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def total_columns(self) -> list[str]:
         return sorted({k for r in self.rows for k in r.totals})
 
     def as_json(self) -> dict[str, Any]:
-        return {"version": 1, "root": str(self.root), "bundles": self.bundles,
+        return {"version": 1, "root": str(self.root), "bundles": self.bundles, "day": self.day,
                 "rows": [r.as_json() for r in self.rows], "skipped": self.skipped,
-                "not_readable": self.not_readable}
+                "not_readable": self.not_readable, "notes": self.notes}
 
     def write_csv(self, path: Path) -> None:
         import csv
@@ -1010,10 +1018,11 @@ class ControlReport:
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow([csv_cell(c) for c in
-                        ["sender", "recipient", "day", "doc_type", "bundles", "documents", "deletes", *cols]])
+                        ["sender", "recipient", "day", "doc_type", "bundles", "documents", "deletes", *cols,
+                         "day_basis"]])  # last: the columns before it are where they were before format 6
             for r in self.rows:
                 w.writerow([csv_cell(v) for v in [r.sender, r.recipient, r.day, r.doc_type, r.bundles, r.documents,
-                                                  r.deletes, *[r.totals.get(c, "") for c in cols]]])
+                                                  r.deletes, *[r.totals.get(c, "") for c in cols], r.basis]])
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -1032,11 +1041,15 @@ def csv_cell(value: object) -> str:
 
 
 def control_report(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequence[str],
-                   workdir: Path | None = None) -> ControlReport:
-    """Documents and control totals per stream, day (bundle creation, UTC) and document type.
+                   workdir: Path | None = None, day: DayKind = "local") -> ControlReport:
+    """Documents and control totals per stream, day and document type.
 
-    Each bundle counts once however many copies the archive holds; bundles that
-    fail verification are listed in ``skipped`` and not counted.
+    ``day``: ``local`` puts each document with a business time (a bill) on its own local
+    day (its time at its own offset: :mod:`exchange.audit.business_day`), ``utc`` on the
+    UTC day of that time, ``bundle`` every document on its bundle's signed creation day
+    (UTC); types without a business time are always on the bundle's day. Each bundle
+    counts once however many copies the archive holds; bundles that fail verification
+    are listed in ``skipped`` and not counted.
     """
     if not identities:
         raise ExchangeError("the report needs an auditor identity", hint="Pass --identity AUDITOR_KEY.")
@@ -1044,8 +1057,12 @@ def control_report(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
     if not root.is_dir():
         raise ExchangeError(f"{root} is not a folder")
     seen: set[tuple[str, str, int, str]] = set()
-    agg: dict[tuple[str, str, str, str], ReportRow] = {}
-    rep = ControlReport(root)
+    agg: dict[tuple[str, str, str, str, str], ReportRow] = {}
+    rep = ControlReport(root, day=day)
+
+    def row(m: Manifest, day_: str, doc_type: str, basis: str) -> ReportRow:
+        return agg.setdefault((m.sender, m.recipient, day_, doc_type, basis),
+                              ReportRow(m.sender, m.recipient, day_, doc_type, basis))
 
     def take(res: BundleCheck) -> None:
         m = res.manifest
@@ -1065,21 +1082,62 @@ def control_report(root: Path, *, trust: sshsig.AllowedSigners, identities: Sequ
         for doc_type, d in (docs.items() if isinstance(docs, dict) else []):
             if not isinstance(d, dict):
                 continue
-            day = m.created.date().isoformat()
-            row = agg.setdefault((m.sender, m.recipient, day, doc_type),
-                                 ReportRow(m.sender, m.recipient, day, doc_type))
-            row.bundles += 1
-            row.documents += int(d.get("count") or 0)
-            row.deletes += int(d.get("deletes") or 0)
+            split = _business_days(res, str(doc_type), d, day, rep)
+            if split is not None:
+                for day_, share in sorted(split.items()):
+                    r = row(m, day_, doc_type, day)
+                    r.bundles += 1
+                    r.documents += share.documents
+                    for t, n in share.rows.items():
+                        r.rows[t] = r.rows.get(t, 0) + n
+                    for ref, v in share.totals.items():
+                        r.totals[ref] = r.totals.get(ref, Decimal(0)) + v
+                if not int(d.get("deletes") or 0):
+                    continue
+                r = row(m, m.created.date().isoformat(), doc_type, "bundle")  # a delete has no time: its bundle's
+                r.bundles += 1
+                r.deletes += int(d.get("deletes") or 0)
+                continue
+            r = row(m, m.created.date().isoformat(), doc_type, "bundle")
+            r.bundles += 1
+            r.documents += int(d.get("count") or 0)
+            r.deletes += int(d.get("deletes") or 0)
             for t, n in (d.get("rows") or {}).items():
-                row.rows[t] = row.rows.get(t, 0) + int(n)
+                r.rows[t] = r.rows.get(t, 0) + int(n)
             for ref, v in (d.get("totals") or {}).items():
-                row.totals[ref] = row.totals.get(ref, Decimal(0)) + (_decimal(v) or Decimal(0))
+                r.totals[ref] = r.totals.get(ref, Decimal(0)) + (_decimal(v) or Decimal(0))
 
     arc = _Archive(root, trust, identities, workdir)
     arc.load(on_bundle=take)
     rep.rows = [agg[k] for k in sorted(agg)]
     return rep
+
+
+def _business_days(res: BundleCheck, doc_type: str, d: Mapping[str, Any], day: DayKind,
+                   rep: ControlReport) -> dict[str, DayShare] | None:
+    """The bundle's documents of ``doc_type`` by business day (None: by the bundle's day); a business time
+    that cannot be read is noted in ``rep.notes`` with why, and the bundle's day used."""
+    import pyarrow.parquet as pq
+
+    catalog = (res.inner or {}).get("catalog")
+    specs = catalog.get("docs") if isinstance(catalog, dict) else None
+    spec = specs.get(doc_type) if isinstance(specs, dict) else None
+    given = d.get("totals")
+    totals: Mapping[str, Any] = given if isinstance(given, dict) else {}
+    budget = parquet_budget.Budget(MAX_TABLE_BYTES)
+
+    def read(path: Path, columns: list[str]) -> Any:
+        return parquet_budget.read_table(path, parquet_budget.scan(path), budget, columns)
+
+    try:
+        return business_day.shares(doc_type, spec, totals, res.tables, read,
+                                   lambda p: pq.read_schema(p), day)
+    except ExchangeError as exc:
+        why = exc.message
+    except Exception as exc:  # pyarrow on a peer's file: KeyError, ArrowInvalid ...
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+    rep.notes.append({"file": res.rel, "reason": f"{doc_type} counted on the bundle's day: {why}"})
+    return None
 
 
 def auditor_key_text(identity: str, recipient: str, created: datetime) -> str:

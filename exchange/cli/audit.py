@@ -258,9 +258,12 @@ def audit_extract(bundles: tuple[Path, ...], identity_file: Path, out: Path, hom
 @TRUST
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the rows as CSV (one column per control total).")
+@click.option("--day", "day", type=click.Choice(["local", "utc", "bundle"]), default="local", show_default=True,
+              help="Which day a document counts on: its own local business day (a bill's time at its "
+                   "till's offset), the UTC day of that time, or the bundle's signed creation day (UTC).")
 @JSON
 def audit_report(archive: Path | None, identity_file: Path, home: Path | None, trust: Path | None,
-                 csv_file: Path | None, as_json: bool) -> None:
+                 csv_file: Path | None, day: str, as_json: bool) -> None:
     """Documents and control totals per stream, day and document type, from verified bundles.
 
     Exit 1 if a bundle failed verification (it is left out of the figures).
@@ -268,11 +271,15 @@ def audit_report(archive: Path | None, identity_file: Path, home: Path | None, t
     \b
     Example:
       exchange audit report /srv/xchg/ho/archive --identity auditor.key --csv totals.csv
+      exchange audit report /srv/xchg/ho/archive --identity auditor.key --day utc
     """
+    from typing import cast
+
+    from exchange.audit.business_day import DayKind
     from exchange.audit.verify import control_report
 
     rep = control_report(_archive_dir(archive, home), trust=_trust(home, trust),
-                         identities=_identities(identity_file))
+                         identities=_identities(identity_file), day=cast(DayKind, day))
     if csv_file is not None:
         rep.write_csv(csv_file)
     if as_json:
@@ -294,8 +301,13 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
     from exchange.cli.console import data
 
     console = Console()
-    console.print(f"control totals from {rep.bundles} bundles (per stream, day of bundle creation UTC, "
-                  "document type)")
+    what = {"local": "local business day", "utc": "UTC day of the business time",
+            "bundle": "day of bundle creation UTC"}[rep.day]
+    console.print(f"control totals from {rep.bundles} bundles (per stream, {what}, document type)")
+    by_bundle = sorted({r.doc_type for r in rep.rows if r.basis == "bundle"}) if rep.day != "bundle" else []
+    if by_bundle:
+        console.print(data(f"on the day of bundle creation UTC (no business time, or deletes): "
+                           f"{', '.join(by_bundle)}"))
     for name, rows in groupby(rep.rows, key=lambda r: r.stream):
         t = Table(title=data(name), box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0))
         t.add_column("day", no_wrap=True)
@@ -315,6 +327,8 @@ def _print_report(rep: Any, csv_file: Path | None) -> None:
     if rep.not_readable:
         console.print(f"[yellow]{len(rep.not_readable)} authentic bundles are not encrypted to this identity "
                       "and are not in the figures[/] (sealed before the auditor was configured?)")
+    for n in rep.notes:
+        console.print(Text.assemble(("NOTE", "yellow"), " ", data(f"{n['file']}: {n['reason']}")), highlight=False)
     for s in rep.skipped:
         console.print(Text.assemble(("SKIPPED", "red"), " ", data(f"{s['file']}: {s['reason']}")), highlight=False)
     if csv_file is not None:

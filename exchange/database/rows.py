@@ -88,18 +88,26 @@ def arrow_type(column: Any) -> pa.DataType:
     return pa.string()
 
 
+def zone_only(got: pa.DataType, want: pa.DataType) -> bool:
+    """Two timestamp types that differ only in being naive or UTC (same unit): the same instants, since a
+    naive time exchange stores or sends is UTC. Not a schema change (docs/CATALOG.md, "Business times")."""
+    return (pa.types.is_timestamp(got) and pa.types.is_timestamp(want) and got.unit == want.unit
+            and got.tz != want.tz and got.tz in (None, "UTC") and want.tz in (None, "UTC"))
+
+
 def with_zones(data: pa.Table, expected: pa.Schema) -> pa.Table:
-    """``data`` with each naive timestamp column read as UTC where ``expected`` holds it zone-aware.
+    """``data`` with each time column naive or UTC as ``expected`` holds it (:func:`zone_only`).
 
     Bundles of format 2 (and senders whose column is still declared without a
     zone) carry naive times; their zone was never recorded, so they are taken as
-    UTC, the instant exchange has always stored (docs/FORMAT.md, version 3).
+    UTC, the instant exchange has always stored (docs/FORMAT.md, version 3). The
+    other way, a zone-aware time for a column this node has not migrated yet is
+    written as its UTC wall time, the naive form of the same instant (version 6).
     Any other difference is left for the caller to report.
     """
     for i, f in enumerate(data.schema):
         want = expected.field(f.name).type if f.name in expected.names else None
-        if (want is not None and pa.types.is_timestamp(f.type) and pa.types.is_timestamp(want)
-                and f.type.tz is None and want.tz is not None):
+        if want is not None and zone_only(f.type, want):
             data = data.set_column(i, pa.field(f.name, want, f.nullable), data.column(i).cast(
                 pa.timestamp(want.unit)).cast(want))
     return data

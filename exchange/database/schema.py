@@ -19,7 +19,7 @@ is best done in Python.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
@@ -33,7 +33,7 @@ from exchange.timefmt import aware
 
 __all__ = [
     "RETAIL", "ScaledDecimal", "Money", "Qty", "Rate", "scale_of", "to_minor", "to_decimal", "from_minor",
-    "ZonedDateTime", "utc_text", "local_time", "offset_minutes", "upgrade_reference",
+    "ZonedDateTime", "utc_text", "local_time", "offset_minutes", "upgrade_reference", "ZONED", "naive_times",
 ]
 
 #: Deterministic constraint names, so PostgreSQL errors and migrations name the same thing everywhere.
@@ -210,6 +210,8 @@ class ZonedDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
+        if isinstance(value, date) and not isinstance(value, datetime):  # a date alone: its midnight, UTC
+            value = datetime(value.year, value.month, value.day, tzinfo=UTC)
         if not isinstance(value, datetime):
             raise ValueError(f"not a time: {value!r}")
         if dialect.name == "sqlite":
@@ -287,7 +289,8 @@ item = _header(
     Column("price", Money(), nullable=False),
     Column("tax_rate", Rate(), nullable=False),
     Column("active", Boolean(), nullable=False, server_default=true()),
-    Column("updated_at", DateTime(), nullable=False),
+    # the instant of the HO's last change (UTC); no offset column: the HO's wall clock means nothing to a store
+    Column("updated_at", ZonedDateTime(), nullable=False),
     # Added after the first release: `exchange migrate` adds it to older databases (add_missing_columns);
     # nodes not migrated yet keep the values they receive aside (exchange.receive.evolution).
     Column("brand", String(64), nullable=True),
@@ -374,8 +377,11 @@ customer = _header(
     Column("name", String(120), nullable=False),
     Column("phone", String(32), nullable=True),
     Column("email", String(254), nullable=True),
-    Column("created_at", DateTime(), nullable=False),
+    Column("created_at", ZonedDateTime(), nullable=False),  # the instant (UTC; created_at_offset: where)
     Column("loyalty_id", String(32), nullable=True),  # added after the first release, as item.brand
+    # the store's UTC offset when the customer signed up, minutes east of UTC (NULL: not recorded): a
+    # store's day of sign-ups is its local day. Last: `exchange migrate` adds it to an earlier table
+    Column("created_at_offset", SmallInteger(), nullable=True),
 )
 
 sales_bill = _header(
@@ -430,33 +436,72 @@ grt_line = _child(
 )
 
 
-def upgrade_reference(conn: Connection) -> list[str]:
-    """Bring reference tables made by an earlier release up to these definitions; what was done.
+#: Each business time of :data:`RETAIL` (all zone-aware) -> the column keeping its local offset, where the
+#: wall time it was made at matters to the business (a bill's or a sign-up's local day); None where only the
+#: instant does (an item's last change at the HO). docs/CATALOG.md, "Business times".
+ZONED: dict[tuple[str, str], str | None] = {
+    ("sales_bill", "bill_date"): "bill_date_offset",
+    ("customer", "created_at"): "created_at_offset",
+    ("item", "updated_at"): None,
+}
 
-    ``sales_bill.bill_date`` became zone-aware: PostgreSQL converts the column to
-    ``timestamptz`` (its naive values read as UTC: exchange never knew their zone),
-    SQLite rewrites its naive text as UTC text (:func:`utc_text`); the offset
-    column is added, NULL for the bills made before (zone not recorded).
-    Safe to run again: each step checks first.
+
+def naive_times(conn: Connection) -> list[tuple[str, str]]:
+    """The business times of :data:`ZONED` this database still holds naive (made by an earlier release,
+    not migrated yet): PostgreSQL ``timestamp`` columns.
+
+    SQLite has one storage for both (text), and this release reads naive text as
+    the UTC instant (:class:`ZonedDateTime`), so a SQLite column is never naive here:
+    ``exchange migrate`` only rewrites its text (:func:`upgrade_reference`).
     """
+    if conn.dialect.name != "postgresql":
+        return []
+    insp = inspect(conn)
+    present = set(insp.get_table_names())
+    wanted = sorted({t for t, _c in ZONED} & present)
+    if not wanted:
+        return []
+    have = insp.get_multi_columns(filter_names=wanted)
+    out = []
+    for (_schema, table), cols in have.items():
+        for c in cols:
+            if (table, c["name"]) in ZONED and not getattr(c["type"], "timezone", False):
+                out.append((table, str(c["name"])))
+    return sorted(out)
+
+
+def upgrade_reference(conn: Connection) -> list[str]:
+    """Bring the business times of reference tables made by an earlier release up to these definitions
+    (:data:`ZONED`); what was done.
+
+    PostgreSQL converts each naive column to ``timestamptz`` (its values read as
+    UTC: exchange never knew their zone); SQLite rewrites its naive text as UTC
+    text (:func:`utc_text`: the same instants, so the rewrite records no change to
+    send). The offset columns are added by :func:`add_missing_columns`, NULL for
+    the rows already there (zone not recorded). Safe to run again: each step checks first.
+    """
+    from exchange.database.capture import suppress_capture
+
     done: list[str] = []
-    if "sales_bill" not in inspect(conn).get_table_names():
-        return done
-    cols = {c["name"]: c for c in inspect(conn).get_columns("sales_bill")}
-    if "bill_date_offset" not in cols:
-        conn.exec_driver_sql("ALTER TABLE sales_bill ADD COLUMN bill_date_offset SMALLINT")
-        done.append("sales_bill.bill_date_offset added")
     if conn.dialect.name == "postgresql":
-        if not getattr(cols["bill_date"]["type"], "timezone", False):
-            conn.exec_driver_sql("ALTER TABLE sales_bill ALTER COLUMN bill_date TYPE timestamptz "
-                                 "USING bill_date AT TIME ZONE 'UTC'")
-            done.append("sales_bill.bill_date is timestamptz")
+        for table, column in naive_times(conn):
+            conn.exec_driver_sql(f'ALTER TABLE {table} ALTER COLUMN {column} TYPE timestamptz '
+                                 f"USING {column} AT TIME ZONE 'UTC'")
+            done.append(f"{table}.{column} is timestamptz")
     elif conn.dialect.name == "sqlite":
-        naive = conn.exec_driver_sql("SELECT count(*) FROM sales_bill WHERE bill_date NOT LIKE '%Z'").scalar()
-        if naive:  # SQLAlchemy's naive text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': the same instant, read as UTC
-            conn.exec_driver_sql("UPDATE sales_bill SET bill_date = strftime('%Y-%m-%d %H:%M:%f', bill_date) "
-                                 "|| '000Z' WHERE bill_date NOT LIKE '%Z' AND strftime('%s', bill_date) IS NOT NULL")
-            done.append(f"{naive} sales_bill.bill_date values as UTC text")
+        present = set(inspect(conn).get_table_names())
+        for table, column in ZONED:
+            if table not in present:
+                continue
+            naive = conn.exec_driver_sql(f"SELECT count(*) FROM {table} WHERE {column} NOT LIKE '%Z' "
+                                         f"AND strftime('%s', {column}) IS NOT NULL").scalar()
+            if not naive:
+                continue
+            with suppress_capture(conn):  # SQLAlchemy's naive text, or text with an offset: the same instant
+                conn.exec_driver_sql(f"UPDATE {table} SET {column} = strftime('%Y-%m-%d %H:%M:%f', {column}) "
+                                     f"|| '000Z' WHERE {column} NOT LIKE '%Z' AND strftime('%s', {column}) "
+                                     "IS NOT NULL")
+            done.append(f"{naive} {table}.{column} values as UTC text")
     return done
 
 
@@ -486,18 +531,27 @@ def missing_columns(conn: Any) -> dict[str, list[str]]:
 
 def as_in_database(conn: Any) -> MetaData:
     """:data:`RETAIL` as this node's database has it: without the columns a later release added
-    that ``exchange migrate`` has not added here yet (so the node exports and applies what it has).
+    that ``exchange migrate`` has not added here yet, and with the business times it has not made
+    zone-aware yet as naive ``DateTime`` (so the node exports and applies what it has).
 
     ``RETAIL`` itself when nothing is missing (the common case).
     """
     missing = missing_columns(conn)
-    if not missing:
+    naive = set(naive_times(conn))  # not migrated yet: exported and expected naive (read as UTC by peers)
+    if not missing and not naive:
         return RETAIL
     md = MetaData(naming_convention=NAMING)
     for table in RETAIL.sorted_tables:  # masters first: a copied ForeignKey finds its table
         gone = set(missing.get(table.name, ()))
-        Table(table.name, md, *(c._copy() for c in table.columns if c.name not in gone))
+        Table(table.name, md, *(_as_naive(c) if (table.name, c.name) in naive else c._copy()
+                                for c in table.columns if c.name not in gone))
     return md
+
+
+def _as_naive(column: Column[Any]) -> Column[Any]:
+    copy = column._copy()
+    copy.type = DateTime()
+    return copy
 
 
 def add_missing_columns(conn: Any) -> list[str]:

@@ -19,7 +19,7 @@ import random
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -213,7 +213,7 @@ def _load_items(conn: Connection, item_ids: Sequence[str]) -> list[_Item]:
 
 def seed_store_activity(conn: Connection, store_id: str, item_ids: Sequence[str], n_sales: int, *,
                         seed: int = 0, n_customers: int | None = None, start: datetime | None = None,
-                        to_id: str | None = None) -> DocKeys:
+                        to_id: str | None = None, zone: tzinfo | None = None) -> DocKeys:
     """A store's trading: customers, ``n_sales`` bills (lines and payments), one GRC, one GRT.
 
     The GRC receives ``to_id`` or, by default, the first transfer order
@@ -221,12 +221,19 @@ def seed_store_activity(conn: Connection, store_id: str, item_ids: Sequence[str]
     receives a few of ``item_ids``. Numbering continues after the store's
     existing documents, so the function can be called again. Returns the keys
     created per document type.
+
+    ``zone``: the store's zone, as a till and a sign-up desk write their times: the
+    day starts at 09:00 there, each bill and customer is stamped with its aware local
+    time, and the offset is kept beside it (``bill_date_offset``, ``created_at_offset``;
+    docs/CATALOG.md, "Business times"). Without one the times are naive (taken as
+    UTC) and no offset is recorded, as a POS of an earlier release wrote them.
     """
     if not item_ids:
         raise ValueError("seed_store_activity needs item ids to sell")
     rng = random.Random(f"{seed}:{store_id}")
     items = _load_items(conn, item_ids)
-    clock = start or datetime.combine(_BASE_DAY, datetime.min.time()).replace(hour=9)
+    clock = start or datetime.combine(_BASE_DAY, datetime.min.time()).replace(hour=9, tzinfo=zone)
+    offset = s.offset_minutes(clock)  # None for a naive clock
     keys: DocKeys = {"customer": [], "sales_bill": [], "grc": [], "grt": []}
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in (
         "customer", "sales_bill", "sales_bill_line", "sales_bill_payment", "grc", "grc_line", "grt", "grt_line")}
@@ -240,7 +247,7 @@ def seed_store_activity(conn: Connection, store_id: str, item_ids: Sequence[str]
             "store_id": store_id, "customer_id": cid, "name": f"{first} {last}",
             "phone": f"+1-555-{rng.randint(0, 9999):04d}",
             "email": f"{first}.{last}{n}@example.com".lower() if rng.random() < 0.6 else None,
-            "created_at": clock})
+            "created_at": clock, "created_at_offset": offset})
         customer_ids.append(cid)
         keys["customer"].append((store_id, cid))
 
@@ -267,7 +274,7 @@ def seed_store_activity(conn: Connection, store_id: str, item_ids: Sequence[str]
             rows["sales_bill_payment"].append({"store_id": store_id, "bill_no": bill_no, "line_no": line,
                                                "method": method, "amount": paid})
         rows["sales_bill"].append({
-            "store_id": store_id, "bill_no": bill_no, "bill_date": clock,
+            "store_id": store_id, "bill_no": bill_no, "bill_date": clock, "bill_date_offset": offset,
             "customer_id": rng.choice(customer_ids) if rng.random() < 0.3 else None,
             "total": total, "tax": tax_total})
         keys["sales_bill"].append((store_id, bill_no))

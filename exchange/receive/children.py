@@ -221,7 +221,7 @@ def _check_types(catalog: Catalog, name: str, schema: pa.Schema) -> None:
     here = rows.arrow_schema(catalog.table(name))
     for f in schema:
         if f.name in here.names and f.type != here.field(f.name).type \
-                and not evolution._naive_for_zoned(f.type, here.field(f.name).type):
+                and not rows.zone_only(f.type, here.field(f.name).type):
             raise ApplyError(f"table {name}: column {f.name} is {f.type} in the kept rows and "
                              f"{here.field(f.name).type} here: kept until this node's column has the sender's "
                              "type (then exchange catalog apply-kept)")

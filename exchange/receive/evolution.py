@@ -205,7 +205,7 @@ def unknown_columns(catalog: Catalog, peer_cat: PeerCatalog | None, dt: DocType,
             raise ApplyError(f"table {name}: a column name of {len(f.name)} characters (at most {MAX_NAME})")
         if f.name not in expected.names:
             unknown.append(f.name)
-        elif f.type != expected.field(f.name).type and not _naive_for_zoned(f.type, expected.field(f.name).type):
+        elif f.type != expected.field(f.name).type and not rows.zone_only(f.type, expected.field(f.name).type):
             raise SchemaChangeError(
                 f"table {name}: column {f.name} is {f.type} in the bundle and {expected.field(f.name).type} "
                 f"here; {_versions(catalog, peer_cat)}: the bundle is held until this node's schema has "
@@ -213,16 +213,10 @@ def unknown_columns(catalog: Catalog, peer_cat: PeerCatalog | None, dt: DocType,
     return unknown
 
 
-def _naive_for_zoned(got: pa.DataType, want: pa.DataType) -> bool:
-    """A naive timestamp where this node's column is zone-aware: read as UTC (rows.with_zones), not a change."""
-    return (pa.types.is_timestamp(got) and pa.types.is_timestamp(want) and got.tz is None
-            and want.tz is not None)
-
-
 def split_table(catalog: Catalog, peer_cat: PeerCatalog | None, dt: DocType, name: str,
                 data: pa.Table) -> tuple[pa.Table, dict[str, pa.Table]]:
     """``data`` as this node can apply it, and the columns to keep aside (each with the primary key)."""
-    data = rows.with_zones(data, rows.arrow_schema(catalog.table(name)))  # naive times of older bundles: UTC
+    data = rows.with_zones(data, rows.arrow_schema(catalog.table(name)))  # naive <-> UTC times: the same instants
     unknown = unknown_columns(catalog, peer_cat, dt, name, data.schema)
     if not unknown:
         return data, {}
@@ -550,6 +544,9 @@ def diff(ours: Catalog, theirs: PeerCatalog, role: str) -> list[Difference]:
                     out.append(Difference("column", full, ca[0], "-", sender_only if we_send else receiver_only))
                 elif ca is None:
                     out.append(Difference("column", full, "-", cb[0], receiver_only if we_send else sender_only))
+                elif ca[0] != cb[0] and _zone_text_only(ca[0], cb[0]):
+                    out.append(Difference("type", full, ca[0], cb[0], "times converted: a naive time is the "
+                                          "UTC instant (not held; exchange migrate makes both zone-aware)"))
                 elif ca[0] != cb[0]:
                     out.append(Difference("type", full, ca[0], cb[0],
                                           f"not additive: bundles with this table are HELD {there}"))
@@ -558,3 +555,9 @@ def diff(ours: Catalog, theirs: PeerCatalog, role: str) -> list[Difference]:
                                           "null" if cb[1] else "not null",
                                           f"a NULL sent into a NOT NULL column {there} parks the document"))
     return out
+
+
+def _zone_text_only(a: str, b: str) -> bool:
+    """Two column types of catalogs (Arrow type text) that differ only as naive and UTC times (rows.zone_only)."""
+    kinds = {"timestamp[us]", "timestamp[us, tz=UTC]"}
+    return a in kinds and b in kinds

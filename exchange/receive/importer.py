@@ -928,7 +928,10 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                 continue
             try:
                 with conn.begin_nested():
-                    _write_docs(conn, node, dt, [key], rows.unpack_tables(r["data"]))
+                    parked = rows.unpack_tables(r["data"])  # parked before `exchange migrate`: times as here now
+                    parked = {t: rows.with_zones(d, rows.arrow_schema(node.catalog.table(t))) if t in
+                              node.catalog.metadata.tables else d for t, d in parked.items()}
+                    _write_docs(conn, node, dt, [key], parked)
                     _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1

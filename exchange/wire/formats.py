@@ -21,8 +21,10 @@ SPEC_VERSION = 6  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, st
 #                  4 = checkpoints v3 (a pruned operator's decision), the stream restart (summary.restart,
 #                      summary.restart_base: exchange.wire.restart);
 #                  5 = lanes (a stream per sender, recipient and lane; the lane in names, manifests, acks),
-#                      the restart record's `lanes`
-#                  6 = heartbeats v2 (a node's conflicts with the peer, its changes to the peer's documents)
+#                      the restart record's `lanes`;
+#                  6 = heartbeats v2 (a node's conflicts with the peer, its changes to the peer's documents);
+#                      every reference business time zone-aware (item.updated_at, customer.created_at and its
+#                      created_at_offset); readers take a UTC time for a column not migrated yet (naive, UTC)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})
