@@ -234,6 +234,39 @@ def test_a_deleted_documents_version_goes_only_beyond_the_retention_and_once_its
     assert bill_nos(ho) == bill_nos(st) and prices(st, item_ids(net)) == prices(ho, item_ids(net))
 
 
+def test_a_deleted_documents_version_stays_while_a_bundle_from_its_peer_waits(net: Net, tmp_path: Path) -> None:
+    """A bundle of the peer's held here unapplied (WAITING for an earlier one) keeps every tombstone of that
+    peer: what it and its predecessor carry is not known yet."""
+    ho, st = net.ho, net.store("s001")
+    gone = sorted(bill_nos(ho))[0]
+    key = rows.canonical_key(["s001", gone])
+    delete_bill(st, gone)
+    net.dispose()
+    settle(net)
+    touch_grc(st)  # the stream moves past the delete
+    net.dispose()
+    settle(net)
+    touch_grc(st)
+    cli_sync(st)
+    late = [p for p in net.transfer.rglob("s001.ho.*.bundle")]
+    assert len(late) == 1
+    aside = tmp_path / late[0].name
+    shutil.move(late[0], aside)  # held up on its way
+    touch_grc(st)
+    cli_sync(st)
+    cli_sync(ho)
+    net.dispose()
+    age(ho, 40)
+    assert [r["status"] for r in json.loads(run("status", "received", "--home", str(ho.cfg.home), "--json").output)
+            ["bundles"] if r["peer"] == "s001" and r["status"] != "APPLIED"] == ["WAITING"]
+    assert prune(ho)["database"]["versions"] == 0 and tombstone(ho, key) is not None
+
+    shutil.move(aside, late[0])  # it arrives: both apply
+    settle(net)
+    age(ho, 40)
+    assert prune(ho)["database"]["versions"] == 1 and tombstone(ho, key) is None
+    assert gone not in bill_nos(ho) and bill_nos(ho) == bill_nos(st)
+
 # ---------------------------------------------------------------- the conflict log and local changes (#15)
 
 C1 = ("s001", "C1")
