@@ -267,6 +267,34 @@ def test_a_deleted_documents_version_stays_while_a_bundle_from_its_peer_waits(ne
     assert prune(ho)["database"]["versions"] == 1 and tombstone(ho, key) is None
     assert gone not in bill_nos(ho) and bill_nos(ho) == bill_nos(st)
 
+def test_a_version_recorded_before_schema_15_stays_and_one_after_it_goes(net: Net) -> None:
+    """`exchange migrate` from schema 14 adds the delete's time and bundle; a tombstone written before it has
+    neither and stays (no one can say when it was applied), a delete applied after it is purged as usual."""
+    ho, st = net.ho, net.store("s001")
+    first, second = sorted(bill_nos(ho))[:2]
+    delete_bill(st, first)
+    net.dispose()
+    settle(net)
+    with ho.engine.begin() as conn:  # the version table as schema 14 had it
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_xchg_doc_version_deleted")
+        for col in ("deleted_at", "deleted_lane", "deleted_seq"):
+            conn.exec_driver_sql(f"ALTER TABLE xchg_doc_version DROP COLUMN {col}")
+        conn.exec_driver_sql("UPDATE xchg_meta SET value = '14' WHERE key = 'schema_version'")
+    ho.engine.dispose()
+    assert "migrat" in run("migrate", "--home", str(ho.cfg.home)).output.lower()
+    old = rows.canonical_key(["s001", first])
+    assert tombstone(ho, old) is not None and tombstone(ho, old).deleted_at is None
+
+    delete_bill(st, second)
+    net.dispose()
+    settle(net)
+    touch_grc(st)
+    net.dispose()
+    settle(net)
+    age(ho, 40)
+    assert prune(ho)["database"]["versions"] == 1
+    assert tombstone(ho, old) is not None and tombstone(ho, rows.canonical_key(["s001", second])) is None
+
 # ---------------------------------------------------------------- the conflict log and local changes (#15)
 
 C1 = ("s001", "C1")

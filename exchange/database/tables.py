@@ -162,6 +162,10 @@ xchg_doc_version = Table(
     Column("deleted_lane", String(16)),
     Column("deleted_seq", BigInteger),
 )
+#: The tombstones only (migration 15): the retention reads them without a scan of every version.
+ix_doc_version_deleted = Index("ix_xchg_doc_version_deleted", xchg_doc_version.c.deleted_at,
+                               sqlite_where=xchg_doc_version.c.deleted_at.is_not(None),
+                               postgresql_where=xchg_doc_version.c.deleted_at.is_not(None))
 
 #: What operators did to the exchange itself (pause, resume, remove a peer, ...): who, when, why.
 #: Append-only: an auditor reads it with `exchange journal`.
@@ -447,6 +451,7 @@ def _m15_deleted_versions(conn: Connection) -> None:
     for col, typ in (("deleted_at", stamp), ("deleted_lane", "VARCHAR(16)"), ("deleted_seq", "BIGINT")):
         if col not in have:
             conn.exec_driver_sql(f"ALTER TABLE xchg_doc_version ADD COLUMN {col} {typ}")
+    ix_doc_version_deleted.create(conn, checkfirst=True)
 
 
 #: Ordered migrations; the schema version is the length of the list applied.
