@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from enginehelpers import Net, item_ids, make_net, prices, reprice, seed_ho, seed_store, snapshot
+from enginehelpers import Net, add_item, item_ids, make_net, prices, reprice, seed_ho, seed_store, snapshot
 from sqlalchemy import delete, func, select, update
 
 from exchange.cli import main
@@ -24,7 +24,8 @@ from exchange.database import schema as s
 from exchange.database.capture import record_events
 from exchange.errors import BundleError
 from exchange.database.tables import (
-    XCHG, xchg_doc_local, xchg_doc_version, xchg_event, xchg_received, xchg_sent, xchg_stream_in,
+    XCHG, xchg_doc_local, xchg_doc_version, xchg_event, xchg_parked, xchg_received, xchg_sent,
+    xchg_stream_in,
 )
 from exchange.node.home import Node
 from exchange.service.sync import push
@@ -266,6 +267,51 @@ def test_a_deleted_documents_version_stays_while_a_bundle_from_its_peer_waits(ne
     age(ho, 40)
     assert prune(ho)["database"]["versions"] == 1 and tombstone(ho, key) is None
     assert gone not in bill_nos(ho) and bill_nos(ho) == bill_nos(st)
+
+def parked_count(node: Node) -> int:
+    with node.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(xchg_parked)).scalar() or 0)
+
+
+def test_a_deleted_documents_version_stays_while_a_document_of_its_type_is_parked(net: Net) -> None:
+    """A bill parked at the HO (its line names an item the HO does not have) keeps the tombstones of its type:
+    a parked copy older than a delete is kept out by the tombstone alone when it is retried. Once the store
+    deletes that bill too, the automatic retry drops the parked copy as stale, and both tombstones go."""
+    ho, st = net.ho, net.store("s001")
+    with st.engine.begin() as conn:
+        add_item(conn, "IZ")  # made at the store alone: never sent (items are the HO's)
+        bill = dict(conn.execute(select(s.sales_bill).limit(1)).mappings().one())
+        line = dict(conn.execute(select(s.sales_bill_line).limit(1)).mappings().one())
+        conn.execute(s.sales_bill.insert().values({**bill, "bill_no": "BZ00000001"}))
+        conn.execute(s.sales_bill_line.insert().values({**line, "bill_no": "BZ00000001", "item_id": "IZ"}))
+        record_events(conn, "sales_bill", [("s001", "BZ00000001")])
+    net.dispose()
+    settle(net)
+    assert parked_count(ho) == 1 and "BZ00000001" not in bill_nos(ho)
+    gone = sorted(bill_nos(ho))[0]
+    delete_bill(st, gone)
+    net.dispose()
+    settle(net)
+    touch_grc(st)  # the stream moves past the delete
+    net.dispose()
+    settle(net)
+    key = rows.canonical_key(["s001", gone])
+    assert tombstone(ho, key) is not None and parked_count(ho) == 1
+    age(ho, 40)
+    assert prune(ho)["database"]["versions"] == 0 and tombstone(ho, key) is not None
+
+    delete_bill(st, "BZ00000001")  # the parked copy is older than this delete: the retry after import drops it
+    net.dispose()
+    settle(net)
+    touch_grc(st)
+    net.dispose()
+    settle(net)
+    assert parked_count(ho) == 0
+    age(ho, 40)
+    assert prune(ho)["database"]["versions"] == 2 and tombstone(ho, key) is None
+    run("retry", "--home", str(ho.cfg.home))
+    ho.engine.dispose()
+    assert "BZ00000001" not in bill_nos(ho) and gone not in bill_nos(ho)
 
 def test_a_version_recorded_before_schema_15_stays_and_one_after_it_goes(net: Net) -> None:
     """`exchange migrate` from schema 14 adds the delete's time and bundle; a tombstone written before it has
