@@ -19,14 +19,6 @@ never anything not yet delivered and acknowledged, it removes:
   document has no change of this node still to deliver to, or unacknowledged
   by, the conflict's peer (a resolution is such a change): an OPEN conflict
   always stays, and so does the log of anything not yet settled at both ends;
-- local changes (``xchg_doc_local``) made before the cutoff, delivered and
-  acknowledged by every peer, of a document with no OPEN conflict, while no
-  bundle from any peer waits here unapplied. The row only tells a peer's
-  change based on an older version from one based on this one: once the peer
-  applied this node's change, its later changes are based on it (its version
-  of this node's document is never purged, below) and its earlier ones came in
-  its stream before them, all applied here; without the row such a change is
-  applied as it is, as it would have been with it;
 - versions (``xchg_doc_version``) of documents deleted here by a delete from a
   peer (the row is the tombstone that keeps an older copy out), only when all
   of: the delete was applied before the cutoff (``deleted_at``, migration 15;
@@ -49,10 +41,16 @@ never anything not yet delivered and acknowledged, it removes:
 
 A bundle "waits unapplied" when it is neither APPLIED nor SKIPPED and lies
 beyond its stream's position here. The residual assumption: a bundle the peer
-sealed before the delete (or before it applied this node's change) has not
-even arrived here within the whole retention. Its own stream's order rules it
-out for the lane that carried the delete (the stream has moved past it); only a
-type moved to another lane could meet it.
+sealed before the delete has not even arrived here within the whole retention.
+Its own stream's order rules it out for the lane that carried the delete (the
+stream has moved past it); only a type moved to another lane could meet it.
+
+Local changes (``xchg_doc_local``) are kept: one row per document editable on
+both sides, updated in place (it does not grow with the history), and on a
+store the only record of the highest version it gave the HO. Every base the
+peer claims is checked against it (:func:`exchange.database.conflicts.sent_versions`):
+without it the HO's next change of the document, based on the store's version,
+would be refused as claiming a version never sent.
 """
 
 from __future__ import annotations
@@ -67,7 +65,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from exchange.database import rows
 from exchange.database.catalog import Catalog
 from exchange.database.tables import (
-    begin_write, xchg_conflict, xchg_delivery, xchg_doc_local, xchg_doc_version, xchg_event, xchg_kept,
+    begin_write, xchg_conflict, xchg_delivery, xchg_doc_version, xchg_event, xchg_kept,
     xchg_parked, xchg_received, xchg_restart, xchg_sent, xchg_stream_in,
 )
 from exchange.errors import DatabaseError
@@ -76,9 +74,8 @@ from exchange.node.home import Node
 from exchange.receive.restart import DETECTED, SENT
 from exchange.vocabulary import ConflictStatus, DocStatus, ReceivedStatus, SentStatus
 
-#: the tables, in the order they are purged (events before the sent bundles they name; the conflicts
-#: before the local changes whose open conflicts keep them)
-TABLES = ("events", "received", "deliveries", "sent", "conflicts", "local", "versions")
+#: the tables, in the order they are purged (events before the sent bundles they name)
+TABLES = ("events", "received", "deliveries", "sent", "conflicts", "versions")
 #: ``xchg_restart.kind`` of an open restart: evidence seen, a record sent and not answered yet
 _RESTART_OPEN = (DETECTED, SENT)
 
@@ -198,7 +195,7 @@ def _delete_keys(conn: Connection, table: Any, cols: tuple[str, ...], keys: list
     return n
 
 
-# ---------------------------------------------------------------- the conflict log and local changes
+# ---------------------------------------------------------------- the conflict log
 
 def _purge_conflicts(conn: Connection, _catalog: Catalog, cutoff: datetime) -> int:
     """Conflicts DECIDED or RESOLVED before the cutoff whose document this node has nothing of its own
@@ -214,24 +211,6 @@ def _purge_conflicts(conn: Connection, _catalog: Catalog, cutoff: datetime) -> i
     ids = [(int(r.id),) for r in found
            if (r.doc_type, r.doc_key) not in docs and (r.peer, r.doc_type, r.doc_key) not in by_peer]
     return _delete_keys(conn, xchg_conflict, ("id",), ids)
-
-
-def _purge_local(conn: Connection, _catalog: Catalog, cutoff: datetime) -> int:
-    """Local changes made before the cutoff, delivered and acknowledged everywhere, of documents without
-    an OPEN conflict, while no bundle from any peer waits here unapplied (module docstring)."""
-    if _waiting_peers(conn):
-        return 0
-    lc, c = xchg_doc_local.c, xchg_conflict.c
-    found = conn.execute(select(lc.doc_type, lc.doc_key).where(
-        lc.changed_at < _cut(conn, cutoff),
-        ~exists().where(c.doc_type == lc.doc_type, c.doc_key == lc.doc_key,
-                        c.status == ConflictStatus.OPEN.value))).all()
-    if not found:
-        return 0
-    docs, by_peer = _unsettled(conn, {str(t) for t, _k in found})
-    undelivered = {(t, k) for _p, t, k in by_peer}
-    keys = [(t, k) for t, k in found if (t, k) not in docs and (t, k) not in undelivered]
-    return _delete_keys(conn, xchg_doc_local, ("doc_type", "doc_key"), keys)
 
 
 # ---------------------------------------------------------------- the versions of deleted documents
@@ -283,4 +262,4 @@ def _purge_versions(conn: Connection, catalog: Catalog, cutoff: datetime) -> int
     return _delete_keys(conn, xchg_doc_version, ("peer", "doc_type", "doc_key"), gone)
 
 
-_BY_CATALOG = {"conflicts": _purge_conflicts, "local": _purge_local, "versions": _purge_versions}
+_BY_CATALOG = {"conflicts": _purge_conflicts, "versions": _purge_versions}
