@@ -459,3 +459,22 @@ def test_settled_conflicts_go_beyond_the_retention_an_open_one_and_the_local_cha
     edit_customer(st, name="Asha (store again)")
     cli_cycle(both, "s001", "ho", "s001", "ho")
     assert logged(ho) == logged(st) == [("OPEN", "manual")]
+
+
+def test_a_removed_peers_deleted_documents_versions_go_beyond_the_retention(net: Net) -> None:
+    """A store removed from the HO sends nothing more: its last delete (the stream stops at it, and it is its
+    newest version) goes beyond the retention all the same; its live documents' versions stay."""
+    ho, st = net.ho, net.store("s001")
+    gone = sorted(bill_nos(ho))[0]
+    key = rows.canonical_key(["s001", gone])
+    delete_bill(st, gone)
+    net.dispose()
+    settle(net)
+    age(ho, 40)
+    assert prune(ho)["database"]["versions"] == 0, "the stream stopped at the delete: it stays"
+    run("peer", "remove", "--peer", "s001", "--reason", "store closed", "--home", str(ho.cfg.home))
+    ho.engine.dispose()
+    before = versions(ho)
+    assert prune(ho)["database"]["versions"] == 1 and tombstone(ho, key) is None
+    assert versions(ho) == {k: n for k, n in before.items() if k[2] != key}
+    assert gone not in bill_nos(ho)

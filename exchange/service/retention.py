@@ -34,7 +34,12 @@ never anything not yet delivered and acknowledged, it removes:
   names it orphaned), and nothing of that type from the peer is kept aside for
   a column or a document type; no restart with the peer is open (a restored
   store goes back in time); and it is not the peer's highest version (a restart
-  record states it). Versions of live documents are the record of what this
+  record states it). A peer removed from this node (``exchange peer remove``)
+  is spared the conditions on its stream (a later bundle applied, none waiting)
+  and on its highest version: it sends nothing any more (its keys were retired at removal,
+  so only files it signed before can still verify, and any of those lies behind
+  the stream's position or was sealed after the delete, without the document),
+  and its last delete would otherwise stay for ever. Versions of live documents are the record of what this
   node holds and stay, and so do those of types editable on both sides (the
   base of this node's next change of that key: without it the peer, whose own
   log still holds the delete, would see a re-made document as a conflict).
@@ -133,7 +138,7 @@ def _purge(node: Node, cutoff: datetime, dry_run: bool) -> dict[str, int]:
             begin_write(conn)
             for name in TABLES:  # each condition sees the rows the steps before it left
                 if name in _BY_CATALOG:
-                    counts[name] = _BY_CATALOG[name](conn, node.catalog, cutoff)
+                    counts[name] = _BY_CATALOG[name](conn, node, cutoff)
                     continue
                 table, cond = _conditions(conn, cutoff)[name]
                 counts[name] = int(conn.execute(delete(table).where(cond)).rowcount or 0)
@@ -197,7 +202,7 @@ def _delete_keys(conn: Connection, table: Any, cols: tuple[str, ...], keys: list
 
 # ---------------------------------------------------------------- the conflict log
 
-def _purge_conflicts(conn: Connection, _catalog: Catalog, cutoff: datetime) -> int:
+def _purge_conflicts(conn: Connection, _node: Node, cutoff: datetime) -> int:
     """Conflicts DECIDED or RESOLVED before the cutoff whose document this node has nothing of its own
     still on its way to the conflict's peer (a resolution travels as a change of the document)."""
     c = xchg_conflict.c
@@ -226,13 +231,15 @@ def _referring(catalog: Catalog, doc_type: str) -> set[str]:
     return out
 
 
-def _purge_versions(conn: Connection, catalog: Catalog, cutoff: datetime) -> int:
+def _purge_versions(conn: Connection, node: Node, cutoff: datetime) -> int:
     """The tombstones of documents deleted here by a peer's delete, once no older copy can come (module
     docstring: each condition and why)."""
+    catalog = node.catalog
+    removed = sorted(p.id for p in node.cfg.peers.values() if p.state == "removed")
     v, si = xchg_doc_version.c, xchg_stream_in.c
     found = conn.execute(select(v.peer, v.doc_type, v.doc_key, v.version).where(
-        v.deleted_at < _cut(conn, cutoff), v.deleted_seq < select(si.last_seq).where(
-            si.peer == v.peer, si.lane == v.deleted_lane).scalar_subquery())).all()
+        v.deleted_at < _cut(conn, cutoff), or_(v.peer.in_(removed), v.deleted_seq < select(si.last_seq).where(
+            si.peer == v.peer, si.lane == v.deleted_lane).scalar_subquery()))).all()
     if not found:
         return 0
     waiting = _waiting_peers(conn)
@@ -243,7 +250,8 @@ def _purge_versions(conn: Connection, catalog: Catalog, cutoff: datetime) -> int
     kept = {(str(p), str(t)) for p, t in conn.execute(select(xchg_kept.c.peer, xchg_kept.c.doc_type).distinct())}
     by_type: dict[str, list[tuple[str, str, int]]] = {}
     for peer, doc_type, key, version in found:
-        if peer in waiting or peer in restarting or (peer, doc_type) in kept or doc_type not in catalog:
+        if (peer in waiting and peer not in removed) or peer in restarting or (peer, doc_type) in kept \
+                or doc_type not in catalog:
             continue
         by_type.setdefault(str(doc_type), []).append((str(peer), str(key), int(version)))
     highest: dict[str, int] = {}
@@ -257,7 +265,7 @@ def _purge_versions(conn: Connection, catalog: Catalog, cutoff: datetime) -> int
         for peer, key, version in cands:
             if peer not in highest:
                 highest[peer] = int(conn.execute(select(func.max(v.version)).where(v.peer == peer)).scalar() or 0)
-            if key not in present and version < highest[peer]:
+            if key not in present and (peer in removed or version < highest[peer]):
                 gone.append((peer, doc_type, key))
     return _delete_keys(conn, xchg_doc_version, ("peer", "doc_type", "doc_key"), gone)
 
