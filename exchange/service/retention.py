@@ -137,8 +137,8 @@ def _purge(node: Node, cutoff: datetime, dry_run: bool) -> dict[str, int]:
         try:
             begin_write(conn)
             for name in TABLES:  # each condition sees the rows the steps before it left
-                if name in _BY_CATALOG:
-                    counts[name] = _BY_CATALOG[name](conn, node, cutoff)
+                if name in _BY_NODE:
+                    counts[name] = _BY_NODE[name](conn, node, cutoff)
                     continue
                 table, cond = _conditions(conn, cutoff)[name]
                 counts[name] = int(conn.execute(delete(table).where(cond)).rowcount or 0)
@@ -270,4 +270,5 @@ def _purge_versions(conn: Connection, node: Node, cutoff: datetime) -> int:
     return _delete_keys(conn, xchg_doc_version, ("peer", "doc_type", "doc_key"), gone)
 
 
-_BY_CATALOG = {"conflicts": _purge_conflicts, "versions": _purge_versions}
+#: the purges that read more than the tables: the catalog, the peers (the others are one DELETE each)
+_BY_NODE = {"conflicts": _purge_conflicts, "versions": _purge_versions}
