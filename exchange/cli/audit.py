@@ -353,7 +353,8 @@ def archive_group() -> None:
 @JSON
 def archive_prune(home: Path | None, days: float, dry_run: bool, as_json: bool) -> None:
     """Remove old archived bundles and acks, leaving a signed checkpoint per stream, and the database's
-    bookkeeping rows beyond the same retention (events, received and sent bundles, deliveries of deletes).
+    bookkeeping rows beyond the same retention (events, received and sent bundles, deliveries of deletes,
+    settled conflicts, versions of deleted documents).
 
     The newest bundle of every stream and its ack are always kept, and so is any
     bundle without an APPLIED ack; `exchange audit verify` still passes after.

@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 #: len(exchange.database.tables.MIGRATIONS): bump it with every migration added there.
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 
 _HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'xchg_meta'"
 _VERSION = "SELECT value FROM xchg_meta WHERE key = 'schema_version'"

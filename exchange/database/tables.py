@@ -150,14 +150,22 @@ xchg_parked = Table(
 
 #: Per-document version guard: the version last applied, per sender (each sender's versions are its own
 #: clock, so one store's versions never make another's look stale). ``peer`` '' holds rows recorded
-#: before migration 5, when versions were kept per document only.
+#: before migration 5, when versions were kept per document only. ``deleted_*`` (migration 15): when, and by
+#: which bundle of which lane, a delete from the peer was last applied (the retention, exchange.service.retention).
 xchg_doc_version = Table(
     "xchg_doc_version", XCHG,
     Column("peer", String(32), primary_key=True),
     Column("doc_type", String(64), primary_key=True),
     Column("doc_key", String(512), primary_key=True),
     Column("version", BigInteger, nullable=False),
+    Column("deleted_at", DateTime(timezone=True)),
+    Column("deleted_lane", String(16)),
+    Column("deleted_seq", BigInteger),
 )
+#: The tombstones only (migration 15): the retention reads them without a scan of every version.
+ix_doc_version_deleted = Index("ix_xchg_doc_version_deleted", xchg_doc_version.c.deleted_at,
+                               sqlite_where=xchg_doc_version.c.deleted_at.is_not(None),
+                               postgresql_where=xchg_doc_version.c.deleted_at.is_not(None))
 
 #: What operators did to the exchange itself (pause, resume, remove a peer, ...): who, when, why.
 #: Append-only: an auditor reads it with `exchange journal`.
@@ -435,11 +443,22 @@ def _m13_restart(conn: Connection) -> None:
     xchg_restart.create(conn, checkfirst=True)
 
 
+def _m15_deleted_versions(conn: Connection) -> None:
+    """When and by which bundle a delete was applied, beside its version (added only if missing): what the
+    retention needs to purge a deleted document's version. Rows from before carry none and are kept."""
+    have = {c["name"] for c in inspect(conn).get_columns("xchg_doc_version")}
+    stamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    for col, typ in (("deleted_at", stamp), ("deleted_lane", "VARCHAR(16)"), ("deleted_seq", "BIGINT")):
+        if col not in have:
+            conn.exec_driver_sql(f"ALTER TABLE xchg_doc_version ADD COLUMN {col} {typ}")
+    ix_doc_version_deleted.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the length of the list applied.
 MIGRATIONS: list[Callable[[Connection], None]] = [_m1_initial, _m2_broadcast, _m3_indexes, _m4_event_seq,
                                                   _m5_versions, _m6_journal, _m7_decisions, _m8_setaside,
                                                   _m9_schema_evolution, _m10_conflicts, _m11_heartbeat, _m12_reconcile,
-                                                  _m13_restart, _m14_lanes]
+                                                  _m13_restart, _m14_lanes, _m15_deleted_versions]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 
-from exchange.database import lanes, references, rows
+from exchange.database import lanes, references, rows, tombstones
 from exchange.database.arrow_memory import system_pool
 from exchange.database.capture import suppress_capture
 from exchange.database.catalog import DocType
@@ -832,6 +832,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                 bulk = [k for k in keys if k not in bad]
                 _write_docs(conn, node, dt, bulk, sub, held=any(k in stored for k in bulk), unchecked=unchecked)
                 _set_versions(conn, peer, doc_type, {k: v for k, _o, v in fresh if k not in bad})
+                tombstones.mark_deleted(conn, peer, doc_type, [k for k, o, _v in fresh if o == "D" and k not in bad],
+                                        lane=lane or dt.lane, seq=seq)
         except StatementError as exc:
             if database_unusable(exc):
                 raise  # the database's problem (disk full), not this document's: nothing to park
@@ -845,6 +847,8 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
                     with conn.begin_nested():
                         _write_docs(conn, node, dt, [k], one, held=k in stored)
                         _set_versions(conn, peer, doc_type, {k: v})
+                        tombstones.mark_deleted(conn, peer, doc_type, [k] if op == "D" else [], lane=lane or dt.lane,
+                                                seq=seq)
                 except StatementError as exc:
                     if database_unusable(exc):
                         raise
@@ -933,6 +937,8 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                               node.catalog.metadata.tables else d for t, d in parked.items()}
                     _write_docs(conn, node, dt, [key], parked)
                     _set_versions(conn, r["peer"], dt.name, {key: r["version"]})
+                    tombstones.mark_deleted(conn, r["peer"], dt.name, [key] if r["op"] == "D" else [], lane=dt.lane,
+                                            seq=int(r["seq"]))
                     conn.execute(delete(xchg_parked).where(cond))
                 ok += 1
                 cleared.add((r["peer"], dt.lane, int(r["seq"])))
