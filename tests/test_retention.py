@@ -478,3 +478,24 @@ def test_a_removed_peers_deleted_documents_versions_go_beyond_the_retention(net:
     assert prune(ho)["database"]["versions"] == 1 and tombstone(ho, key) is None
     assert versions(ho) == {k: n for k, n in before.items() if k[2] != key}
     assert gone not in bill_nos(ho)
+
+
+def test_an_old_bundle_delivered_again_after_its_record_was_purged_is_no_evidence_of_a_restore(net: Net) -> None:
+    """After `archive prune` purged the HO's record of a store's old bundles, a copy of one arriving again
+    (a stick or an SFTP folder replayed) is quarantined as what it most likely is, an old bundle, and not
+    taken as evidence that the store went back in time (which would send the operator to `peer restart`)."""
+    ho, st = net.ho, net.store("s001")
+    age(ho, 40)
+    prune(ho)
+    with ho.engine.connect() as conn:
+        low = conn.execute(select(func.min(xchg_received.c.seq)).where(xchg_received.c.peer == "s001")).scalar()
+    assert low is not None and low > 1  # the store's first bundles are no longer on record
+    old = st.cfg.archive_sent / "s001.ho.0000000001.bundle"
+    shutil.copy(old, ho.cfg.inbox / old.name)
+    res = CliRunner().invoke(main, ["import", "--home", str(ho.cfg.home)], catch_exceptions=False)
+    assert res.exit_code == 10, res.output  # quarantined (docs/SERVICE.md)
+    assert "purged by `archive prune`" in res.output and "old bundle delivered again" in res.output
+    evidence = json.loads(run("peer", "restarts", "--home", str(ho.cfg.home), "--json").output)["restarts"]
+    assert evidence == []
+    doctor = json.loads(CliRunner().invoke(main, ["doctor", "--home", str(ho.cfg.home), "--json"]).output)
+    assert {c["name"]: c["ok"] for c in doctor["checks"]}["streams went back"]

@@ -443,6 +443,9 @@ def _forked(node: Node, peer: str, seq: int, reason: str, lane: str) -> str:
         superseded = restart.superseding_restart(conn, node, peer, seq, lane)
         if superseded is not None:  # sealed before the restart at seq `superseded` re-based the streams
             return f"{reason}; superseded by the stream restart at seq {superseded}"
+        if restart.before_retained(conn, peer, lane, seq):  # its record went with `archive prune`: no evidence
+            return (f"{reason}; this node's record of seq {seq} was purged by `archive prune` (older than the "
+                    "retention): most likely an old bundle delivered again")
         if node.cfg.role == "ho" and node.cfg.peer(peer).role == "store":  # a store gone back in time
             restart.note_regress(conn, node, peer, f"its bundle seq {seq} differs from the one applied here")
     return restart.fork_reason(node, peer, reason)

@@ -94,6 +94,18 @@ def note_regress_now(node: Node, peer: str, what: str) -> None:
         note_regress(conn, node, peer, what)
 
 
+def before_retained(conn: Connection, peer: str, lane: str, seq: int) -> bool:
+    """Is ``seq`` below every bundle of ``peer``'s stream in ``lane`` this node still has a record of (the
+    retention purged the rest)? A copy of such a bundle arriving again cannot be told from a replay of an
+    old file, so it is no evidence that the peer went back in time."""
+    r = xchg_received.c
+    rows_of = and_(r.peer == peer, r.lane == lane)
+    if conn.execute(select(r.seq).where(rows_of, r.seq == seq)).first() is not None:
+        return False
+    low = conn.execute(select(func.min(r.seq)).where(rows_of)).scalar()
+    return low is not None and seq < int(low)
+
+
 def fork_reason(node: Node, peer: str, reason: str) -> str:
     """A quarantine reason for a bundle whose seq was applied from another file, with the repair named."""
     if node.cfg.role == "ho" and peer in node.cfg.peers and node.cfg.peer(peer).role == "store":
