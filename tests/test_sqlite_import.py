@@ -167,9 +167,11 @@ def test_held_documents_are_replaced_in_place_and_a_crash_before_the_commit_leav
     assert dangling(net) == []
 
 
-def test_a_line_sent_twice_in_a_held_document_parks_it(net: Net) -> None:
-    """A hostile bundle repeats a line of a bill the HO holds: that bill parks (the upsert must not fold
-    the two rows into one), its stored rows stay as they were, every other bill applies."""
+@pytest.mark.parametrize("damage", ["twice", "no line number"])
+def test_a_line_sent_twice_or_without_its_key_in_a_held_document_parks_it(net: Net, damage: str) -> None:
+    """A hostile bundle repeats a line of a bill the HO holds, or sends one without its line number: that
+    bill parks (the upsert must not fold the two rows into one, nor take a keyless row for a new one), its
+    stored rows stay as they were, every other bill applies."""
     ho, st = net.ho, net.store("s001")
     dt = ho.catalog.get("sales_bill")
     bills = _bills(net)
@@ -180,8 +182,14 @@ def test_a_line_sent_twice_in_a_held_document_parks_it(net: Net) -> None:
 
     def twice(tables: dict[str, Any]) -> None:
         lines = tables["sales_bill_line"]
-        one = lines.filter(pc.equal(lines["bill_no"], victim)).slice(0, 1)
-        tables["sales_bill_line"] = pa.concat_tables([lines, one])
+        if damage == "twice":
+            one = lines.filter(pc.equal(lines["bill_no"], victim)).slice(0, 1)
+            tables["sales_bill_line"] = pa.concat_tables([lines, one])
+            return
+        hit = pc.and_(pc.equal(lines["bill_no"], victim), pc.equal(lines["line_no"], 1))
+        i = lines.column_names.index("line_no")
+        tables["sales_bill_line"] = lines.set_column(i, lines.field(i).with_nullable(True),
+                                                     pc.if_else(hit, None, lines["line_no"]))
 
     _resend(net, tables_hook=twice)
     done = _import(ho.cfg.home)

@@ -794,15 +794,18 @@ def _sqlite_prune(conn: Connection, table: Table, key_cols: Sequence[str], keys:
                   data: pa.Table, cols: list[str]) -> tuple[str, list[str]]:
     """:func:`prune_docs` on SQLite: the rows staged, those of ``keys`` the stage lacks deleted.
 
-    Rows that repeat a primary key would be folded into one by the upsert: they
-    are written as before instead (every row of the documents deleted, the rows
-    inserted), so SQLite refuses them with its own words and the document parks,
-    as it does on PostgreSQL.
+    Rows that repeat a primary key would be folded into one by the upsert, and
+    rows without one (a column missing or null) would not meet a stored row:
+    those are written as before instead (every row of the documents deleted, the
+    rows inserted), so SQLite judges them with its own words (a refused document
+    parks, as it does on PostgreSQL).
     """
     pk = [c.name for c in table.primary_key.columns]
-    if data.num_rows and data.select(pk).group_by(pk).aggregate([]).num_rows != data.num_rows:
+    if data.num_rows and (any(c not in data.column_names or data.column(c).null_count for c in pk)
+                          or data.select(pk).group_by(pk).aggregate([]).num_rows != data.num_rows):
         delete_docs(conn, table, key_cols, keys)
-        insert_rows(conn, table, data)  # raises SQLite's UNIQUE constraint error
+        insert_rows(conn, table, data)  # SQLite refuses what it refuses (UNIQUE, NOT NULL)
+        return _sqlite_stage(conn, table, data.slice(0, 0), cols), cols  # nothing left to upsert
     stage = _sqlite_stage(conn, table, data, cols)
     if keys:
         qk = ", ".join(_q(conn, c) for c in key_cols)
