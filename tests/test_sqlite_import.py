@@ -37,7 +37,7 @@ from exchange.database.tables import make_engine
 from exchange.demo.data import seed_store_activity
 from exchange.service import status
 
-N = 23  # with WRITE_BATCH = 8 and _FILL_ROWS = 3: slices of 8, 8, 7; groups of 3 and a remainder
+N = 23  # with WRITE_BATCH = _FILL_BATCH = 8 and _FILL_ROWS = 3: slices of 8, 8, 7; groups of 3 and a remainder
 
 
 def _items(bump: int = 0) -> pa.Table:
@@ -62,6 +62,7 @@ def test_staged_and_row_by_row_writes_store_the_same(tmp_path: Path, monkeypatch
     """Inserts and upserts through the stage store exactly what one statement per row stores."""
     monkeypatch.setattr(rows, "WRITE_BATCH", 8)
     monkeypatch.setattr(rows, "_FILL_ROWS", 3)
+    monkeypatch.setattr(rows, "_FILL_BATCH", 8)
     monkeypatch.setattr(rows, "SQLITE_STAGE_MIN", 1 if staged else 10**9)
     engine = make_engine(f"sqlite:///{tmp_path / 'n.db'}")
     item = RETAIL.tables["item"]
