@@ -638,10 +638,10 @@ def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey
     The header is updated in place rather than deleted, so rows of other
     documents that reference it (a sale naming an item) stay valid. A document
     absent from ``data``'s header table (a delete) loses its header too. On
-    PostgreSQL children are updated in place as well, and only the rows a
+    PostgreSQL and SQLite children are updated in place as well, and only the rows a
     document no longer has are deleted (:func:`exchange.database.rows.replaces_in_place`),
     unless ``held`` is false (none of ``keys`` was applied here before): then a
-    plain COPY is cheaper than staging (an empty HO's first load).
+    plain insert is cheaper than staging (an empty HO's first load).
     """
     cat = node.catalog
     header = data.get(dt.header)
