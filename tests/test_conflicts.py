@@ -253,20 +253,31 @@ def test_the_page_lists_conflicts_at_both_ends_and_resolves_one(net: Net) -> Non
         assert 'data-status="RESOLVED"' in html and 'data-status="OPEN"' not in html
 
 
-def test_a_price_edited_at_a_store_is_a_conflict_the_ho_wins(net: Net) -> None:
-    """An item (HO master) changed at the store: not sent, not silently dropped; the HO's next price stands."""
+def store_edits_a_price(net: Net) -> tuple[str, Any]:
+    """s001's POS changes an item's price and records the change; both sync. Returns the item and the
+    HO's price, which stands (never applied at the HO)."""
     from decimal import Decimal
 
-    from enginehelpers import item_ids, prices, reprice
+    from enginehelpers import item_ids, prices
 
-    st = net.store("s001")
     item = item_ids(net)[0]
     ho_price = prices(net.ho, [item])[item]
-    with st.engine.begin() as conn:  # the store's POS changes the price and records the change
+    with net.store("s001").engine.begin() as conn:
         conn.execute(update(s.item).where(s.item.c.item_id == item).values(price=Decimal("0.01")))
         record_events(conn, "item", [(item,)])
     sync(net, "s001", "ho")
     assert prices(net.ho, [item])[item] == ho_price, "never applied at the HO"
+    return item, ho_price
+
+
+def test_a_price_edited_at_a_store_is_a_conflict_the_ho_wins(net: Net) -> None:
+    """An item (HO master) changed at the store: not sent, not silently dropped; the HO's next price stands."""
+    from decimal import Decimal
+
+    from enginehelpers import prices, reprice
+
+    st = net.store("s001")
+    item, ho_price = store_edits_a_price(net)
     logged = conflicts_json(st)["conflicts"]
     assert [(c["doc_type"], c["doc_key"], c["peer"], c["policy"], c["status"], c["kept"]) for c in logged] == [
         ("item", [item], "ho", "ho-wins", "DECIDED", "theirs")]

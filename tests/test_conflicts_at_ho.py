@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from enginehelpers import Net, item_ids, make_net, prices, reprice, seed_ho
+from enginehelpers import Net, make_net, prices, reprice, seed_ho
 from sqlalchemy import select, update
+from test_conflicts import store_edits_a_price
 from test_heartbeat import get, metrics, served, state_of
 
 from exchange.cli import main
@@ -157,13 +158,7 @@ def test_a_conflict_held_at_the_store_shows_at_the_ho_until_resolved_there(net: 
 
 def test_a_price_edited_at_a_store_is_named_at_the_ho(net: Net) -> None:
     st = net.store("s001")
-    item = item_ids(net)[0]
-    ho_price = prices(net.ho, [item])[item]
-    with st.engine.begin() as conn:  # the store's POS changes the price and records the change
-        conn.execute(update(s.item).where(s.item.c.item_id == item).values(price=Decimal("0.01")))
-        record_events(conn, "item", [(item,)])
-    sync(net, "s001", "ho")
-    assert prices(net.ho, [item])[item] == ho_price, "never applied at the HO"
+    item, ho_price = store_edits_a_price(net)
 
     r = reported(net)["s001"]
     assert (r["foreign_edits"], r["conflicts_held"]) == (1, 0)

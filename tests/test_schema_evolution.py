@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -554,14 +554,7 @@ def test_a_parked_documents_kept_child_rows_apply_when_it_does(net: Net) -> None
     add_photo_table(net.ho)
     reopen(net)
     store = net.store("s001")
-    if store.engine.dialect.name == "postgresql":
-        sql(store, "CREATE FUNCTION hold_i2() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                   "RAISE EXCEPTION 'item I2 is not allowed yet'; END $$")
-        sql(store, "CREATE TRIGGER hold_i2 BEFORE INSERT ON item FOR EACH ROW WHEN (NEW.item_id = 'I2') "
-                   "EXECUTE FUNCTION hold_i2()")
-    else:
-        sql(store, "CREATE TRIGGER hold_i2 BEFORE INSERT ON item WHEN NEW.item_id = 'I2' "
-                   "BEGIN SELECT RAISE(ABORT, 'item I2 is not allowed yet'); END")
+    release = hold_item(store, "I2")
     new_item(net, "I2")
     photos(net, "I1", ("P1", 10))
     photos(net, "I2", ("P2", 20), ("P3", 30))
@@ -578,12 +571,61 @@ def test_a_parked_documents_kept_child_rows_apply_when_it_does(net: Net) -> None
     kept = json.loads(cli("catalog", "kept", "--home", home, "--json"))
     assert [(k["table"], k["rows"]) for k in kept] == [("item_photo", 2)], kept
 
-    sql(store, "DROP TRIGGER hold_i2" + (" ON item" if store.engine.dialect.name == "postgresql" else ""))
+    release()
     cli("retry", "--home", home)
     assert sql(store, "SELECT item_id FROM item ORDER BY item_id") == [("I1",), ("I2",)]
     assert photo_rows(store) == [("I1", "P1", "https://img/P1", 10), ("I2", "P2", "https://img/P2", 20),
                                  ("I2", "P3", "https://img/P3", 30)]
     assert json.loads(cli("catalog", "kept", "--home", home, "--json")) == []
+
+
+def hold_item(node: Node, item_id: str) -> Callable[[], None]:
+    """A trigger at ``node`` that refuses item ``item_id`` for now (it parks there); returns its removal."""
+    if node.engine.dialect.name == "postgresql":
+        sql(node, "CREATE FUNCTION hold_item() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                  f"RAISE EXCEPTION 'item {item_id} is not allowed yet'; END $$")
+        sql(node, "CREATE TRIGGER hold_item BEFORE INSERT ON item FOR EACH ROW "
+                  f"WHEN (NEW.item_id = '{item_id}') EXECUTE FUNCTION hold_item()")
+        return lambda: sql(node, "DROP TRIGGER hold_item ON item")
+    sql(node, f"CREATE TRIGGER hold_item BEFORE INSERT ON item WHEN NEW.item_id = '{item_id}' "
+              f"BEGIN SELECT RAISE(ABORT, 'item {item_id} is not allowed yet'); END")
+    return lambda: sql(node, "DROP TRIGGER hold_item")
+
+
+def test_a_parked_documents_kept_value_waits_for_it_and_a_newer_version_wins(net: Net) -> None:
+    """A value of a column this store lacks, for an item that parks here: the column arriving writes it
+    only once the item applies; when a newer version of the item applies first, the older kept value is
+    dropped, never written over the newer one."""
+    new_item(net, "I1")
+    sync_all(net)
+    add_column(net.ho, "supplier VARCHAR(40)")
+    reopen(net)
+    store = net.store("s001")
+    home = str(store.cfg.home)
+    release = hold_item(store, "I2")
+    new_item(net, "I2", supplier="ACME")
+    new_item(net, "I3", supplier="BOLT")
+    sync_all(net)
+    parked = json.loads(cli("status", "received", "--home", home, "--json"))["parked"]
+    assert [p["doc_key"] for p in parked] == ['["I2"]'], parked
+    add_column(store, "supplier VARCHAR(40)")
+    reopen(net)
+    cli("catalog", "apply-kept", "--home", home)
+    store = net.store("s001")
+    assert sql(store, "SELECT item_id, supplier FROM item ORDER BY item_id") == [("I1", None), ("I3", "BOLT")]
+    kept = json.loads(cli("catalog", "kept", "--home", home, "--json"))
+    assert [(k["column"], k["rows"]) for k in kept] == [("supplier", 1)], kept  # I2's value waits for I2
+
+    release()
+    with net.ho.engine.begin() as conn:  # a newer version of I2 applies at the store before any retry
+        conn.execute(text("UPDATE item SET supplier = 'NEWCO' WHERE item_id = 'I2'"))
+        record_events(conn, "item", [("I2",)])
+    sync_all(net)
+    cli("catalog", "apply-kept", "--home", home)
+    assert sql(store, "SELECT item_id, supplier FROM item ORDER BY item_id") == [
+        ("I1", None), ("I2", "NEWCO"), ("I3", "BOLT")]
+    assert json.loads(cli("catalog", "kept", "--home", home, "--json")) == []
+    assert json.loads(cli("status", "received", "--home", home, "--json"))["parked"] == []
 
 
 def _refingerprint(catalog: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from exchange.wire.formats import (
     MAX_CHECKPOINT_BUNDLES, MAX_CHECKPOINT_BYTES, MAX_CHECKPOINT_REMOVED, MAX_FILE_SIZE, MAX_SEQ, NODE_ID, ROLES,
     bundle_name, parse_name,
 )
-from exchange.wire.formats import DEFAULT_LANE, LANE, check_lane, lane_part, stream_label
+from exchange.wire.formats import DEFAULT_LANE, LANE, check_lane, lane_field, lane_part, stream_label
 from exchange.wire.signed import (
     check_format, dump_json, format_time, json_field, node_field, pack_signed, parse_json, parse_time,
     seq_field, sha256_field, unpack_signed, verify_signed, with_file_name,
@@ -263,22 +263,12 @@ class Checkpoint:
             cutoff=parse_time(json_field(obj, "cutoff", str, what), what),
             app_version=json_field(obj, "app_version", str, what),
             bundles=tuple(bundles), acks=tuple(acks), removed=tuple(removed), raw=raw,
-            file_sha256=file_sha256, role=role, lane=_lane_of(obj, what))
+            file_sha256=file_sha256, role=role, lane=lane_field(obj, what))
         if cp.prev != bundles[0].prev or cp.last_manifest_sha256 != bundles[-1].manifest_sha256:
             raise FormatError(f"{what}: prev / last_manifest_sha256 disagree with the bundle list")
         if node not in (sender, recipient):
             raise FormatError(f"{what}: signed by {node!r}, which is not an end of stream {sender}->{recipient}")
         return cp
-
-
-def _lane_of(obj: Mapping[str, Any], what: str) -> str:
-    """A checkpoint's optional ``lane`` (format 5): absent for the default lane, never written as it."""
-    if "lane" not in obj:
-        return DEFAULT_LANE
-    lane = check_lane(obj["lane"], f"{what}: lane")
-    if lane == DEFAULT_LANE:
-        raise FormatError(f"{what}: the default lane is written by leaving lane out")
-    return lane
 
 
 def checkpoint_name(node: str, sender: str, recipient: str, last_seq: int, lane: str = DEFAULT_LANE) -> str:

@@ -7,6 +7,7 @@ Registered on ``main`` by :mod:`exchange.cli.main`; each command calls one funct
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import click
@@ -48,13 +49,9 @@ def quarantine_review(home: Path | None, files: tuple[str, ...], peer_id: str | 
     Example:
       exchange quarantine review --home /srv/xchg/ho s001.ho.0000000002.bundle --reason "replayed stick"
     """
-    from exchange.node.lock import work_lock
     from exchange.receive.quarantined import review
 
-    node = _node(home)
-    with work_lock(node.cfg.home):
-        done = review(node, list(files), reason, peer_id)
-    _show(done, as_json)
+    _decide(review, home, files, peer_id, reason, as_json)
 
 
 @quarantine.command("retry")
@@ -74,14 +71,10 @@ def quarantine_retry(home: Path | None, files: tuple[str, ...], peer_id: str | N
     Example:
       exchange quarantine retry --home /srv/xchg/s001 ho.s001.0000000007.bundle --reason "HO key trusted"
     """
-    from exchange.node.lock import work_lock
     from exchange.receive.quarantined import give_back
 
-    node = _node(home)
-    with work_lock(node.cfg.home):
-        done = give_back(node, list(files), reason, peer_id)
-    _show(done, as_json)
-    if not as_json:
+    done = _decide(give_back, home, files, peer_id, reason, as_json)
+    if done and not as_json:
         click.echo("run `exchange import` (or the next sync) to check them again")
 
 
@@ -109,10 +102,18 @@ def quarantine_reviewed(home: Path | None, as_json: bool) -> None:
                    f"{dec.get('reason', '')}  (was: {str(d.get('reason', ''))[:80]})")
 
 
-def _show(done: list[Decided], as_json: bool) -> None:
+def _decide(how: Callable[..., list[Decided]], home: Path | None, files: tuple[str, ...], peer_id: str | None,
+            reason: str, as_json: bool) -> list[Decided]:
+    """One decision about the files named (or ``peer_id``'s), under the work lock; printed or as JSON."""
+    from exchange.node.lock import work_lock
+
+    node = _node(home)
+    with work_lock(node.cfg.home):
+        done = how(node, list(files), reason, peer_id)
     if as_json:
         _echo_json({"version": 1, "files": [d.as_json() for d in done]})
-        return
+        return done
     for d in done:
         click.echo(f"{d.file}: {d.action} -> {d.now_at}")
     click.echo(f"{counted(len(done), 'file')} {done[0].action if done else 'decided'}; in the operators' journal")
+    return done

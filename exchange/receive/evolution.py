@@ -37,7 +37,7 @@ from sqlalchemy import Connection, and_, bindparam, delete, select, update
 
 from exchange.database import rows
 from exchange.database.catalog import CATALOG_SCHEMA_FORMAT, Catalog, DocType
-from exchange.database.tables import xchg_kept, xchg_peer_catalog
+from exchange.database.tables import xchg_doc_version, xchg_kept, xchg_parked, xchg_peer_catalog
 from exchange.errors import ApplyError, FormatError, SchemaChangeError
 from exchange.files import utc_now
 from exchange.wire.formats import EVENTS_TABLE, HEX64, INNER_MANIFEST, MAX_TABLES
@@ -325,12 +325,18 @@ def _waiting(catalog: Catalog, table: str, column: str, atype: str) -> str:
     return ""
 
 
+#: Arrow schema metadata of kept values held for parked documents: {document key: the version parked}
+_PARKED_AT = b"exchange.parked_at"
+
+
 def replay_kept(conn: Connection, catalog: Catalog) -> int:
     """Write kept values whose column now exists here with their type, oldest bundle first; row count.
 
     Only rows that exist are updated (a document deleted since keeps nothing); applied
     entries are deleted. Runs in the caller's transaction, before a newer bundle is
-    applied, so a newer value always wins over a kept older one.
+    applied, so a newer value always wins over a kept older one. The values of a document
+    parked here stay kept, marked with its parked version, until it applies (``exchange
+    retry`` replays them then); if a newer version overtook it, they are dropped.
     """
     ready = [c for c in kept_columns(conn, catalog) if not c.waiting and c.column not in (WHOLE, CHILD)]
     n = 0
@@ -339,17 +345,67 @@ def replay_kept(conn: Connection, catalog: Catalog) -> int:
         k = xchg_kept.c
         cond = and_(k.peer == c.peer, k.table_name == c.table, k.column_name == c.column)
         for seq, blob in conn.execute(select(k.seq, k.data).where(cond).order_by(k.seq)).all():
-            data = _from_ipc(blob)
+            data, waits = _parked_apart(conn, catalog, c.peer, c.table, _from_ipc(blob))
             pk = [name for name in data.column_names if name != c.column]
             params = [{f"k_{p}": r[p] for p in pk} | {"v_value": r[c.column]} for r in data.to_pylist()]
             stmt = (update(table).where(and_(*[table.c[p] == bindparam(f"k_{p}") for p in pk]))
                     .values({c.column: bindparam("v_value")}))
             if params:
                 conn.execute(stmt, params)
-            conn.execute(delete(xchg_kept).where(and_(cond, k.seq == seq)))
+            if waits is None:
+                conn.execute(delete(xchg_kept).where(and_(cond, k.seq == seq)))
+            else:
+                conn.execute(update(xchg_kept).where(and_(cond, k.seq == seq)).values(
+                    data=_ipc(waits), rows=waits.num_rows))
             n += len(params)
         log.info("%s.%s: kept values from %s applied", c.table, c.column, c.peer)
     return n
+
+
+def _parked_apart(conn: Connection, catalog: Catalog, peer: str, table: str,
+                  data: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """Kept values split: those to write now, and those of documents parked here (None: none), marked with
+    the version parked. A value marked before is written once its document is applied at that version,
+    kept while it is still parked at it, and dropped when a newer version (or a delete) overtook it."""
+    dt = catalog.doc_for_table(table)
+    marked: dict[str, int] = json.loads((data.schema.metadata or {}).get(_PARKED_AT, b"{}"))
+    data = data.replace_schema_metadata(None)
+    if dt is None or not all(col in data.column_names for col in dt.key) or not data.num_rows:
+        return data, None
+    keys = rows.row_keys(data, dt.key)
+    p, v = xchg_parked.c, xchg_doc_version.c
+    wanted = sorted(set(keys))
+    parked: dict[str, int] = {}
+    applied: dict[str, int] = {}
+    for i in range(0, len(wanted), rows.CHUNK):
+        part = wanted[i:i + rows.CHUNK]
+        parked.update({str(key): int(ver) for key, ver in conn.execute(select(p.doc_key, p.version).where(and_(
+            p.peer == peer, p.doc_type == dt.name, p.doc_key.in_(part))))})
+        if marked:
+            applied.update({str(key): int(ver) for key, ver in conn.execute(select(v.doc_key, v.version).where(
+                and_(v.peer == peer, v.doc_type == dt.name, v.doc_key.in_(part))))})
+    now: list[int] = []
+    later: list[int] = []
+    versions: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in marked:
+            if parked.get(key) == marked[key]:
+                later.append(i)
+                versions[key] = marked[key]
+            elif applied.get(key) == marked[key]:
+                now.append(i)
+            continue  # overtaken by a newer version or a delete: dropped
+        if key in parked:
+            later.append(i)
+            versions[key] = parked[key]
+        else:
+            now.append(i)
+    write = data.take(pa.array(now, pa.int64()))
+    if not later:
+        return write, None
+    waits = data.take(pa.array(later, pa.int64())).replace_schema_metadata(
+        {_PARKED_AT: json.dumps(versions).encode()})
+    return write, waits
 
 
 def keep_doc_types(conn: Connection, catalog: Catalog, peer: str, seq: int, opened: Payload,

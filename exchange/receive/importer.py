@@ -959,7 +959,8 @@ def retry_parked(node: Node, peer: str | None = None, *, orphaned: bool = True) 
                 if why:
                     log.warning("parked %s %s %s", dt.name, key, why, extra={"peer": r["peer"], "seq": r["seq"]})
                 still += 1
-        if ok:  # rows of a child table this node gained, kept for a document that was parked until now
+        if ok:  # values and child rows this node gained columns and tables for, kept for documents parked till now
+            evolution.replay_kept(conn, node.catalog)
             children.replay(conn, node.catalog, _stored_versions)
         _recount_parked(conn, node, cleared)
     return ok, still

@@ -40,7 +40,7 @@ from exchange.wire.formats import (
     MAX_SIG_BYTES, MAX_TABLE_BYTES, MAX_TABLES, PAYLOAD_FORMAT, PAYLOAD_MEMBER, SIG_NAMESPACE, TABLE_FILE,
     MAX_SEQ, app_major,
 )
-from exchange.wire.formats import DEFAULT_LANE, check_lane
+from exchange.wire.formats import DEFAULT_LANE, check_lane, lane_field
 from exchange.wire.formats import (  # acks, version 2
     ACK_DECISION_VERSION, ACK_DETAILS_FORMAT, ACK_DETAILS_MEMBER, ACK_DETAILS_PAD, ACK_RESULTS, ACK_V2_FIELDS,
     ACK_VERSION,
@@ -181,7 +181,7 @@ class Manifest:
             payload=Entry.parse(json_field(obj, "payload", dict, what), what),
             inner=tuple(Entry.parse(e, what) for e in inner),
             raw=raw,
-            lane=_lane_field(obj, what),
+            lane=lane_field(obj, what),
         )
         app_major(m.app_version)
         if m.seq < 1:
@@ -198,17 +198,6 @@ class Manifest:
             raise LimitError(f"{what}: {INNER_MANIFEST} of {m.inner[0].size} bytes "
                              f"(limit {MAX_INNER_MANIFEST_BYTES})")
         return m
-
-
-def _lane_field(obj: Mapping[str, Any], what: str) -> str:
-    """The optional ``lane`` of a manifest or ack (format 5): absent means the default lane, which is
-    never written out (one spelling per file, and files of the default lane stay format 3 files)."""
-    if "lane" not in obj:
-        return DEFAULT_LANE
-    lane = check_lane(obj["lane"], f"{what}: lane")
-    if lane == DEFAULT_LANE:
-        raise FormatError(f"{what}: the default lane {DEFAULT_LANE!r} is written by leaving lane out")
-    return lane
 
 
 def _lane_json(lane: str) -> dict[str, str]:
@@ -920,7 +909,7 @@ class Ack:
             manifest_sha256=None if msha is None else sha256_field(msha, what),
             result=result, created=parse_time(json_field(obj, "created", str, what), what),
             app_version=json_field(obj, "app_version", str, what), raw=raw, file_sha256=file_sha256,
-            lane=_lane_field(obj, what))
+            lane=lane_field(obj, what))
         if version == 1:
             reason = obj.get("reason")
             applied, parked = json_field(obj, "applied", dict, what), json_field(obj, "parked", list, what)
@@ -974,7 +963,7 @@ class Ack:
         d = parse_json(plain, what)
         if d.get("format") != ACK_DETAILS_FORMAT or d.get("version") != self.version:
             raise FormatError(f"{what}: not {ACK_DETAILS_FORMAT} version {self.version}")
-        if _lane_field(d, what) != self.lane:
+        if lane_field(d, what) != self.lane:
             raise AuthenticityError(f"{what}: lane {d.get('lane', DEFAULT_LANE)!r} differs from the signed ack")
         for name in ("acker", "sender", "seq", "bundle_sha256"):
             if d.get(name) != getattr(self, name):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from exchange.errors import FormatError
 from exchange.vocabulary import DEFAULT_LANE as DEFAULT_LANE, LANE_RE as LANE_RE, AckResult
@@ -160,6 +161,17 @@ def check_lane(lane: object, what: str = "lane") -> str:
     """A lane name (1-16 of a-z, 0-9 and '-', starting with a letter); FormatError otherwise."""
     if not isinstance(lane, str) or not LANE_RE.fullmatch(lane):
         raise FormatError(f"{what}: invalid lane {lane!r}: use 1-16 of a-z, 0-9 and '-', starting with a letter")
+    return lane
+
+
+def lane_field(obj: Mapping[str, Any], what: str) -> str:
+    """The optional ``lane`` of a signed JSON file (manifest, ack, checkpoint; format 5): absent means the
+    default lane, which is never written out (one spelling per file, and default-lane files stay format 3's)."""
+    if "lane" not in obj:
+        return DEFAULT_LANE
+    lane = check_lane(obj["lane"], f"{what}: lane")
+    if lane == DEFAULT_LANE:
+        raise FormatError(f"{what}: the default lane {DEFAULT_LANE!r} is written by leaving lane out")
     return lane
 
 

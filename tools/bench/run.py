@@ -492,12 +492,19 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         only = set(self.args.only.split(",")) if self.args.only else set(SECTIONS)
+        unknown = only - set(SECTIONS) - {"profile"}
+        if unknown:
+            raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(unknown))}; the sections are "
+                             f"{', '.join(SECTIONS)}")
+        if "import" in only and "export" not in only:  # the import reads the bundles the export section seals
+            log("--only import: the export section runs too (the import needs its bundles)")
+            only.add("export")
         self.r["machine"] = c.machine_info(self.pg_base)
         self.r["command"] = "tools/bench/run.py " + " ".join(sys.argv[1:])
         t_all = time.perf_counter()
         try:
             for name in SECTIONS:
-                if name not in only or (name == "import" and "export" not in only):
+                if name not in only:
                     continue
                 log(f"== {name}")
                 t0 = time.perf_counter()
@@ -1126,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg", help="SQLAlchemy URL of a PostgreSQL server for the HO side "
                                 "(default: $EXCHANGE_TEST_PG); scratch databases are created and dropped")
     p.add_argument("--no-pg", action="store_true", help="SQLite only, even if EXCHANGE_TEST_PG is set")
-    p.add_argument("--only", help=f"comma-separated sections ({','.join(SECTIONS)}); import needs export")
+    p.add_argument("--only", help=f"comma-separated sections ({','.join(SECTIONS)}); import runs export too (it needs its bundles)")
     p.add_argument("--size", action="append", metavar="KEY=N", help="override a size (see SIZES in run.py)")
     p.add_argument("--profile", action="store_true", help="also cProfile export and import (results/profile_*.txt)")
     p.add_argument("--profile-lines", type=int, default=100_000)
