@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from enginehelpers import Net, make_net, prices, reprice, seed_ho
 from sqlalchemy import select, update
-from test_conflicts import store_edits_a_price
+from test_conflicts import edit, store_edits_a_price
 from test_heartbeat import get, metrics, served, state_of
 
 from exchange.cli import main
@@ -59,13 +59,6 @@ def sync(net: Net, *order: str) -> None:
     for nid in order:
         cli("sync", "--home", str(net.node(nid).cfg.home))
     net.dispose()
-
-
-def edit_customer(node: Node, **values: Any) -> None:
-    with node.engine.begin() as conn:
-        n = conn.execute(update(s.customer).where(s.customer.c.store_id == KEY[0],
-                                                  s.customer.c.customer_id == KEY[1]).values(**values)).rowcount
-    assert n == 1
 
 
 def reported(net: Net) -> dict[str, Any]:
@@ -115,8 +108,8 @@ def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
 
 def test_a_conflict_held_at_the_store_shows_at_the_ho_until_resolved_there(net: Net) -> None:
     st = net.store("s001")
-    edit_customer(net.ho, name="Asha (HO)")
-    edit_customer(st, name="Asha (store)")
+    edit(net.ho, name="Asha (HO)")
+    edit(st, name="Asha (store)")
     sync(net, "s001", "ho", "s001", "ho")  # each end detects the conflict; the store's heartbeat says so
 
     st_open = json.loads(cli("conflicts", "list", "--open", "--json", "--home", str(st.cfg.home)).output)
