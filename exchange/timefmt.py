@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+#: Minutes east of UTC no zone exceeds: a business time's offset beyond is refused (RFC 3339 allows +-23:59;
+#: real zones span -12:00..+14:00; docs/CATALOG.md, "Time").
+MAX_OFFSET = 18 * 60
+
 
 def aware(t: datetime) -> datetime:
     """``t`` with its offset; a naive time is one exchange recorded in UTC and read back without it."""

@@ -331,18 +331,38 @@ def _yesterday(day: str) -> str:
 
 def test_a_bill_offset_beyond_any_zone_is_reported_on_its_bundle_day_with_why(zones: Net) -> None:
     """An offset is a peer's data: one no zone has (5000 minutes) is not trusted to move a bill's day;
-    the bill is counted on its bundle's day and the report says why, without a traceback."""
+    the bill is counted on its bundle's day and the report says why, without a traceback. The HO does
+    not store it: the bill parks with the column and the value named, the store's other bill applies,
+    a retry keeps it parked, and the store's correction (a newer version) replaces it."""
     st = zones.store("s001")
-    _bill(st, "s001", "B-ODD", datetime(2024, 3, 1, 23, 30, tzinfo=IST), _items(zones)[0], "10.00")
+    item = _items(zones)[0]
+    _bill(st, "s001", "B-ODD", datetime(2024, 3, 1, 23, 30, tzinfo=IST), item, "10.00")
+    _bill(st, "s001", "B-OK", datetime(2024, 3, 1, 22, 0, tzinfo=IST), item, "5.00")
     with st.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE sales_bill SET bill_date_offset = 5000 WHERE bill_no = 'B-ODD'")
     _sync(st)
     _sync(zones.ho)
+    home = str(zones.ho.cfg.home)
+    assert set(_bills_at(zones.ho)) == {"B-OK"}
+    [parked] = json.loads(cli("status", "parked", "--home", home, "--json").output)["parked"]
+    assert parked["doc_key"] == '["s001","B-ODD"]'
+    assert "sales_bill.bill_date_offset = 5000 minutes east of UTC is beyond any zone" in parked["error"]
+    assert cli("retry", "--home", home).exit_code == 0
+    assert set(_bills_at(zones.ho)) == {"B-OK"}
+    assert len(json.loads(cli("status", "parked", "--home", home, "--json").output)["parked"]) == 1
     rep = _report(zones.ho)
     [note] = rep["notes"]
     assert "s001.ho." in note["file"] and "offset 5000 minutes is beyond any zone" in note["reason"]
     [row] = [r for r in rep["rows"] if r["doc_type"] == "sales_bill"]
-    assert (row["day_basis"], Decimal(row["totals"]["sales_bill.total"])) == ("bundle", Decimal("10.00"))
+    assert (row["day_basis"], Decimal(row["totals"]["sales_bill.total"])) == ("bundle", Decimal("15.00"))
+
+    with st.engine.begin() as conn:  # the till's fix: the offset it meant
+        conn.exec_driver_sql("UPDATE sales_bill SET bill_date_offset = 330 WHERE bill_no = 'B-ODD'")
+        record_events(conn, "sales_bill", [("s001", "B-ODD")])
+    _sync(st)
+    _sync(zones.ho)
+    assert s.local_time(*_bills_at(zones.ho)["B-ODD"]).isoformat() == "2024-03-01T23:30:00+05:30"
+    assert json.loads(cli("status", "parked", "--home", home, "--json").output)["parked"] == []
 
 
 def test_business_times_travel_as_zone_aware_parquet(zones: Net) -> None:

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from exchange.errors import FormatError
+from exchange.timefmt import MAX_OFFSET
 
 __all__ = ["DayShare", "DayKind", "MAX_OFFSET", "business_time", "shares"]
 
 #: ``local``: the documents' own local day; ``utc``: the UTC day of their time; ``bundle``: the bundle's day.
 DayKind = Literal["local", "utc", "bundle"]
-#: Minutes east of UTC no zone exceeds (RFC 3339 allows +-23:59; real zones span -12:00..+14:00).
-MAX_OFFSET = 18 * 60
 OFFSET_SUFFIX = "_offset"
 
 Reader = Callable[[Path, list[str]], Any]

@@ -28,7 +28,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, and_, delete, func, select, update
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 
-from exchange.database import lanes, references, rows, tombstones
+from exchange.database import lanes, references, rows, tombstones, zone_offsets
 from exchange.database.arrow_memory import system_pool
 from exchange.database.capture import suppress_capture
 from exchange.database.catalog import DocType
@@ -644,6 +644,8 @@ def _write_docs(conn: Connection, node: Node, dt: DocType, keys: Sequence[DocKey
     plain insert is cheaper than staging (an empty HO's first load).
     """
     cat = node.catalog
+    for tname, table in data.items():  # before anything is written: an offset no zone has parks the document
+        zone_offsets.check(tname, table)
     header = data.get(dt.header)
     present = set(rows.row_keys(header, dt.key)) if header is not None else set()
     gone = [k for k in keys if k not in present]
@@ -823,6 +825,7 @@ def apply_documents(conn: Connection, node: Node, peer: str, seq: int, opened: e
         # documents naming a row this database lacks (a bill's unknown item), found set-based: the rest
         # is written in bulk, those one by one below, where the database's own check parks them
         bad, unchecked = _references(conn, node, dt, data, keys)
+        bad |= zone_offsets.refused_documents(data, dt.key) & set(keys)  # a local offset no zone has
         one_by_one = [(k, op, v) for k, op, v in fresh if k in bad]
         try:
             with conn.begin_nested():
