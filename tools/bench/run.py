@@ -11,7 +11,8 @@
 Benchmarks are not timed unit tests: the machine is noisy, so each figure is
 reported as a ratio against a baseline doing the same work with plain tools,
 measured in the same run on the same machine. Results go to
-tools/bench/results/latest.json (and <mode>.json); docs/PERFORMANCE.md reads them.
+tools/bench/results/latest.json, <time>-<mode>.json, and <mode>.json for a whole run
+(not --only/--size); docs/PERFORMANCE.md reads them.
 
 Sections (keys of the JSON in brackets):
   export    N sales lines from a store database to sealed bundles (export_all)
@@ -1139,7 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-lines", type=int, default=100_000)
     p.add_argument("--workdir", help="keep the generated homes here (default: a temporary folder, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--out", help="JSON file to write (default: tools/bench/results/latest.json and <mode>.json)")
+    p.add_argument("--out", help="JSON file to write (default: tools/bench/results/latest.json, <time>-<mode>.json, and <mode>.json for a whole run)")
     p.add_argument("--markdown", metavar="JSON", help="print a saved result's table as Markdown and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1157,9 +1158,13 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(r, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)
-    else:
+    else:  # every run kept under its time; <mode>.json only by a whole run (a partial one never hides it)
+        partial = bool(args.only or args.size)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        (RESULTS / f"{stamp}-{r['mode']}{'-partial' if partial else ''}.json").write_text(text)
         (RESULTS / "latest.json").write_text(text)
-        (RESULTS / f"{r['mode']}.json").write_text(text)
+        if not partial:
+            (RESULTS / f"{r['mode']}.json").write_text(text)
     if args.json:
         print(json.dumps(r, default=str))
     else:
