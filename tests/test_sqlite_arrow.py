@@ -260,3 +260,43 @@ def test_zoned_text_reads_as_python_reads_it(texts: list[str | None]) -> None:
     got = rows._zoned_from_text(pa.array(texts, pa.string()), t)
     assert got.type == t
     assert got.to_pylist() == [None if e is None else e for e in expected]
+
+
+def test_rows_converted_in_the_reader_process_are_the_same(db: Any) -> None:
+    """Once the process has answered, it converts rows to the columns' types itself (the exporter's
+    core has the least time); its first answer, on the first batch's path, comes as stored. Either way
+    the tables are those of the sqlite3 path: every column type, NULLs first, non-ASCII keys."""
+    engine, path = db
+    with engine.connect() as conn, SqliteArrowReader(str(path)) as reader:
+        ordered = rows._sorted_keys(_keys(conn))
+        asked = rows._arrow_queries(conn, [head, line], ("shop", "no"), ordered)
+        cold = reader.query(asked)
+        assert [t.schema.metadata for t in cold] == [None, None]  # as stored, placeholders first
+        assert cold[0].num_rows == N + 1
+        warm = reader.query(asked)
+        assert all(sqlite_arrow.CONVERTED in (t.schema.metadata or {}) for t in warm)
+        assert [t.num_rows for t in warm] == [N, sum(i % 4 for i in range(N))]
+        via_reader = rows._read_sqlite_arrow(conn, reader, [head, line], ("shop", "no"), ordered)
+        via_sqlite3 = rows._read_sqlite(conn, [head, line], ("shop", "no"), ordered)
+        assert reader.broken is None
+    for name, table in via_sqlite3.items():
+        assert via_reader[name].equals(table), name
+        assert via_reader[name].schema == rows.arrow_schema(head if name == "t_head" else line)
+        assert via_reader[name].schema.metadata is None
+
+
+def test_a_value_the_process_cannot_convert_fails_that_request_only(db: Any) -> None:
+    """Text where minor units belong: the process's conversion fails for that request (the process
+    stays), and reading falls back to sqlite3, which raises the encoding error the exporter sets aside."""
+    engine, path = db
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE t_head SET paid = 'twelve' WHERE shop = 's001' AND no = 1")
+    with engine.connect() as conn, SqliteArrowReader(str(path)) as reader:
+        reader.query([("SELECT 1 AS v", [])])  # answered once: later rows are converted there
+        keys = [rows.canonical_key(("s001", 1)), rows.canonical_key(("s001", 2))]
+        with pytest.raises(ReaderUnavailable, match="minor units"):
+            reader.query(rows._arrow_queries(conn, [head], ("shop", "no"), keys))
+        with pytest.raises(rows.ENCODE_ERRORS):
+            rows.read_doc_tables(conn, [head], ("shop", "no"), keys, reader=reader)
+        good = rows.read_doc_tables(conn, [head], ("shop", "no"), [rows.canonical_key(("s001", 2))], reader=reader)
+        assert good["t_head"].column("paid").to_pylist() == [Decimal("0.02")] and reader.broken is None

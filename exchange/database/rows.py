@@ -21,6 +21,9 @@ from sqlalchemy import (
     Boolean, Connection, Date, DateTime, Float, Integer, Numeric, Table, delete, select, tuple_,
 )
 
+from exchange.database.sqlite_arrow import CONVERTED, Convert, from_stored
+from exchange.database.sqlite_arrow import zoned_from_text as _zoned_from_text  # noqa: F401 (tests)
+
 if TYPE_CHECKING:
     from exchange.database.sqlite_arrow import SqliteArrowReader, Statement
 
@@ -342,58 +345,12 @@ def _sentinel(phys: pa.DataType) -> str:
 
 def _from_physical(column: Any, field: pa.Field, arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """SQLite's stored values (int64 minor units, text dates, 0/1) -> the column's Arrow type."""
-    t = field.type
-    if pa.types.is_decimal(t) and _scale(column) is not None:
-        if not pa.types.is_integer(arr.type) and arr.null_count != len(arr):
-            raise pa.ArrowInvalid(f"column {column.name}: expected integer minor units, got {arr.type}")
-        ints = pc.cast(arr, pa.int64())
-        chunks = ints.chunks if isinstance(ints, pa.ChunkedArray) else [ints]
-        return pa.chunked_array([_minor_to_decimal(c, t) for c in chunks], type=t)
-    if pa.types.is_timestamp(t) and t.tz is not None:
-        return _zoned_from_text(pc.cast(arr, pa.string()), t)
-    if pa.types.is_date32(t) or pa.types.is_timestamp(t):
-        return pc.cast(pc.cast(arr, pa.string()), t)
-    if pa.types.is_boolean(t):
-        return pc.cast(pc.cast(arr, pa.int64()), t)
-    return arr if arr.type == t else pc.cast(arr, t)
+    return from_stored(arr, field, _minor_units(column, field))
 
 
-#: Text that ends in a zone: "Z", or an offset "+05:30", "+0530", "-05".
-_ZONE_SUFFIX = r"(Z|[+-]\d\d(:?\d\d)?)$"
-
-
-def _zoned_from_text(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
-    """Text of a zone-aware column (SQLite) -> ``t``: what exchange writes carries its zone; naive text
-    (another application's write, or a row from before the column was zoned) is the UTC instant, as
-    everywhere else. Text that is no time still raises (the exporter sets that document aside)."""
-    try:
-        return pc.cast(arr, t)
-    except pa.ArrowInvalid:
-        pass
-    try:  # naive text is the UTC instant: as the same text with a "Z", in C (a Python loop took 1.4 s a million)
-        return pc.cast(pc.if_else(pc.match_substring_regex(arr, _ZONE_SUFFIX), arr,
-                                  pc.binary_join_element_wise(arr, "Z", "")), t)
-    except pa.ArrowInvalid:  # a form Arrow does not parse (a date alone, "T09:04"): Python's reading decides
-        pass
-    from datetime import UTC, datetime
-
-    values: list[datetime | None] = []
-    for v in arr.to_pylist():
-        if v is None:
-            values.append(None)
-            continue
-        try:
-            parsed = datetime.fromisoformat(v)
-        except ValueError:
-            raise pa.ArrowInvalid(f"Failed to parse string: {v!r} as a scalar of type {t}") from None
-        values.append(parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC))
-    return pa.array(values, t)
-
-
-def _minor_to_decimal(ints: pa.Array, t: pa.DataType) -> pa.Array:
-    """int64 minor units -> decimal128(p, s) by reinterpreting the widened integers (no rounding)."""
-    wide = pc.cast(ints, pa.decimal128(19, 0))
-    return pa.Array.from_buffers(t, len(wide), wide.buffers(), null_count=wide.null_count, offset=wide.offset)
+def _minor_units(column: Any, field: pa.Field) -> bool:
+    """Whether SQLite holds ``column`` (a decimal with a scale) as integer minor units."""
+    return pa.types.is_decimal(field.type) and _scale(column) is not None
 
 
 #: The helper's key table: made, filled and dropped in each request's read transaction.
@@ -423,7 +380,8 @@ def _arrow_queries(conn: Connection, tables: Sequence[Table], key_cols: Sequence
         select = ", ".join(f"t.{_q(conn, c.name)}" for c in table.columns)
         # CROSS JOIN: the key table is the outer loop, in the keys' order: one index seek per key
         queries.append((f"SELECT {first} UNION ALL SELECT {select} FROM temp.{kt} AS k "
-                        f"CROSS JOIN {_q(conn, table.name)} AS t ON {on}", []))
+                        f"CROSS JOIN {_q(conn, table.name)} AS t ON {on}", [], True,
+                        Convert(schema, tuple(_minor_units(c, f) for c, f in zip(table.columns, schema, strict=True)))))
     return queries
 
 
@@ -438,7 +396,11 @@ def _read_sqlite_arrow(conn: Connection, reader: SqliteArrowReader, tables: Sequ
                        key_cols: Sequence[str], keys: Sequence[str]) -> dict[str, pa.Table]:
     out: dict[str, pa.Table] = {}
     for table, got in zip(tables, reader.query(_arrow_queries(conn, tables, key_cols, keys)), strict=True):
-        schema, got = arrow_schema(table), got.slice(1)
+        schema = arrow_schema(table)
+        if got.schema.metadata and CONVERTED in got.schema.metadata:  # the reader process converted it
+            out[table.name] = pa.Table.from_arrays(got.columns, schema=schema)
+            continue
+        got = got.slice(1)  # (the typed placeholders)
         arrays = [_from_physical(c, f, got.column(i)) for i, (c, f) in enumerate(zip(table.columns, schema, strict=True))]
         out[table.name] = pa.Table.from_arrays(arrays, schema=schema)
     return out

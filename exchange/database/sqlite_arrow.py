@@ -12,10 +12,12 @@ ADBC copy is just another reader of a WAL database, which SQLite is built for.
 The child opens the file read-only.
 
 Protocol (private to this module): the parent writes one JSON line per request
-on the child's stdin, ``{"values": [v0, v1, ...], "queries": [[sql, [i, ...], rows], ...]}``
+on the child's stdin, ``{"values": [v0, v1, ...], "queries": [[sql, [i, ...], rows, convert], ...]}``
 (each query's parameters are indexes into ``values``, so a batch's keys, shared
 by its three or four queries, are written and parsed once; ``rows`` false for
-a statement run only for its effect); the child runs them in one read
+a statement run only for its effect; ``convert`` null, or ``[schema, minor]``:
+the rows converted to that Arrow schema (IPC, base64) before they are sent,
+see :class:`Convert`); the child runs them in one read
 transaction (one snapshot), rolled back at the end with any temporary table,
 and answers on stdout with frames, each an 8-byte big-endian length and its
 bytes: a JSON header
@@ -29,24 +31,27 @@ slower, never wrong.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
-import logging
 import os
 import queue
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import subprocess
+
+# logging, subprocess and tempfile are imported where the parent uses them: the child never does,
+# and it starts on the exporter's critical path (each import is milliseconds of its start-up)
 
 #: ``EXCHANGE_ARROW_READER``: ``auto`` (default: big batches only), ``always`` (tests), ``off``.
 MODE_ENV = "EXCHANGE_ARROW_READER"
@@ -98,13 +103,108 @@ def _read_frame(inp: IO[bytes]) -> bytes:
     return _read_exact(inp, n)
 
 
+@dataclass(frozen=True)
+class Convert:
+    """A query's rows as the columns' Arrow types: ``schema``, and which of its decimal columns SQLite
+    holds as integer minor units. Its first row is the typed placeholders (dropped)."""
+
+    schema: pa.Schema
+    minor: tuple[bool, ...]
+
+    def spec(self) -> list[Any]:
+        return [base64.b64encode(self.schema.serialize().to_pybytes()).decode("ascii"), list(self.minor)]
+
+
+#: Schema metadata of a table the reader process converted (:class:`Convert`); without it a table
+#: comes as SQLite stores it, placeholders first, and the caller converts it.
+CONVERTED = b"exchange.converted"
+
 #: ``(sql, params)``: a query whose rows come back as a table; ``(sql, params, False)``: a
-#: statement run for its effect in the request's transaction (a temporary key table), no table.
-Statement = tuple[str, Sequence[Any]] | tuple[str, Sequence[Any], bool]
+#: statement run for its effect in the request's transaction (a temporary key table), no table;
+#: ``(sql, params, True, convert)``: rows the process may convert before answering (see
+#: :meth:`SqliteArrowReader.send`).
+Statement = tuple[str, Sequence[Any]] | tuple[str, Sequence[Any], bool] | tuple[str, Sequence[Any], bool, Convert]
 
 
 def _wants_rows(q: Statement) -> bool:
     return len(q) < 3 or bool(q[2])
+
+
+def _convert(q: Statement) -> Convert | None:
+    return q[3] if len(q) > 3 else None
+
+
+def converted(got: pa.Table, convert: Convert) -> pa.Table:
+    """A reader query's rows (placeholders first, as SQLite stores them) as ``convert``'s schema."""
+    got = got.slice(1)
+    arrays = [from_stored(got.column(i), f, m) for i, (f, m) in enumerate(zip(convert.schema, convert.minor, strict=True))]
+    return pa.Table.from_arrays(arrays, schema=convert.schema)
+
+
+def from_stored(arr: pa.Array | pa.ChunkedArray, field: pa.Field, minor: bool) -> pa.Array | pa.ChunkedArray:
+    """SQLite's stored values (int64 minor units when ``minor``, text times and dates, 0/1) -> ``field``'s type."""
+    import pyarrow.compute as pc  # (imported when first needed: the process starts without it)
+
+    t = field.type
+    if pa.types.is_decimal(t) and minor:
+        if not pa.types.is_integer(arr.type) and arr.null_count != len(arr):
+            raise pa.ArrowInvalid(f"column {field.name}: expected integer minor units, got {arr.type}")
+        ints = pc.cast(arr, pa.int64())
+        chunks = ints.chunks if isinstance(ints, pa.ChunkedArray) else [ints]
+        return pa.chunked_array([_minor_to_decimal(c, t) for c in chunks], type=t)
+    if pa.types.is_timestamp(t) and t.tz is not None:
+        return zoned_from_text(pc.cast(arr, pa.string()), t)
+    if pa.types.is_date32(t) or pa.types.is_timestamp(t):
+        return pc.cast(pc.cast(arr, pa.string()), t)
+    if pa.types.is_boolean(t):
+        return pc.cast(pc.cast(arr, pa.int64()), t)
+    return arr if arr.type == t else pc.cast(arr, t)
+
+
+#: Text that ends in a zone: "Z", or an offset "+05:30", "+0530", "-05".
+_ZONE_SUFFIX = r"(Z|[+-]\d\d(:?\d\d)?)$"
+
+
+def zoned_from_text(arr: pa.Array | pa.ChunkedArray, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """Text of a zone-aware column (SQLite) -> ``t``: what exchange writes carries its zone; naive text
+    (another application's write, or a row from before the column was zoned) is the UTC instant, as
+    everywhere else. Text that is no time still raises (the exporter sets that document aside)."""
+    import pyarrow.compute as pc
+
+    try:
+        return pc.cast(arr, t)
+    except pa.ArrowInvalid:
+        pass
+    try:  # all naive (another application's writes): read as wall times, which Arrow takes as UTC: one parse
+        return pc.cast(pc.cast(arr, pa.timestamp(t.unit)), t)
+    except pa.ArrowInvalid:
+        pass
+    try:  # naive text is the UTC instant: as the same text with a "Z", in C (a Python loop took 1.4 s a million)
+        return pc.cast(pc.if_else(pc.match_substring_regex(arr, _ZONE_SUFFIX), arr,
+                                  pc.binary_join_element_wise(arr, "Z", "")), t)
+    except pa.ArrowInvalid:  # a form Arrow does not parse (a date alone, "T09:04"): Python's reading decides
+        pass
+    from datetime import UTC, datetime
+
+    values: list[datetime | None] = []
+    for v in arr.to_pylist():
+        if v is None:
+            values.append(None)
+            continue
+        try:
+            parsed = datetime.fromisoformat(v)
+        except ValueError:
+            raise pa.ArrowInvalid(f"Failed to parse string: {v!r} as a scalar of type {t}") from None
+        values.append(parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC))
+    return pa.array(values, t)
+
+
+def _minor_to_decimal(ints: pa.Array, t: pa.DataType) -> pa.Array:
+    """int64 minor units -> decimal128(p, s) by reinterpreting the widened integers (no rounding)."""
+    import pyarrow.compute as pc
+
+    wide = pc.cast(ints, pa.decimal128(19, 0))
+    return pa.Array.from_buffers(t, len(wide), wide.buffers(), null_count=wide.null_count, offset=wide.offset)
 
 
 class SqliteArrowReader:
@@ -130,10 +230,16 @@ class SqliteArrowReader:
         self._drain: threading.Thread | None = None
         self._feed: threading.Thread | None = None
         self.broken: str | None = None  # set once it failed: never retried in this run
+        #: it has answered once: later requests let it convert their rows (importing pyarrow.compute
+        #: there, 30-60 ms, is then off the first batch's path)
+        self.warm = False
 
     def start(self) -> None:
         """Start the process now (it imports pyarrow and the driver while the caller works)."""
         if self._proc is None and not self.broken:
+            import subprocess
+            import tempfile
+
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             try:
                 self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: the child never blocks on it
@@ -170,6 +276,7 @@ class SqliteArrowReader:
         try:
             while True:
                 head = json.loads(_read_frame(out))  # at the child's end: ReaderUnavailable, queued below
+                self.warm = True
                 if not head.get("ok"):
                     self._answers.put(str(head.get("error", "unknown error")))
                 else:
@@ -178,8 +285,9 @@ class SqliteArrowReader:
             self._answers.put(exc)  # whoever waits for an answer learns the child is gone
 
     @staticmethod
-    def _encode(queries: Sequence[Statement]) -> bytes:
-        """One JSON line; a parameter several queries share (a batch's keys) is written once."""
+    def _encode(queries: Sequence[Statement], convert: bool = False) -> bytes:
+        """One JSON line; a parameter several queries share (a batch's keys) is written once.
+        ``convert``: the process converts rows to the columns' types where a query says how."""
         values: list[Any] = []
         index: dict[Any, int] = {}
         out = []
@@ -190,7 +298,8 @@ class SqliteArrowReader:
                     index[v] = len(values)
                     values.append(v)
                 refs.append(index[v])
-            out.append([q[0], refs, _wants_rows(q)])
+            how = _convert(q) if convert else None
+            out.append([q[0], refs, _wants_rows(q), how.spec() if how is not None else None])
         return json.dumps({"values": values, "queries": out}).encode() + b"\n"
 
     @staticmethod
@@ -201,7 +310,7 @@ class SqliteArrowReader:
         self.start()
         if self._proc is None or self._feed is None:
             raise ReaderUnavailable(self.broken or "the Arrow reader is not running")
-        self._requests.put(self._encode(queries))
+        self._requests.put(self._encode(queries, self.warm))
         self._in_flight.append(self._key(queries))
 
     def _answer(self) -> list[pa.Table] | str:
@@ -244,6 +353,9 @@ class SqliteArrowReader:
         return got
 
     def _fail(self, why: str) -> None:
+        import logging
+        import subprocess
+
         err = b""
         if self._proc is not None and self._stderr is not None:
             try:
@@ -253,10 +365,12 @@ class SqliteArrowReader:
             self._stderr.seek(0)
             err = self._stderr.read()[-500:]
         self.broken = why + (f" ({err.decode(errors='replace').strip()})" if err.strip() else "")
-        log.warning("Arrow reader for %s unavailable, reading through sqlite3: %s", self.path, self.broken)
+        logging.getLogger(__name__).warning("Arrow reader for %s unavailable, reading through sqlite3: %s", self.path, self.broken)
         self.close()
 
     def close(self) -> None:
+        import subprocess
+
         proc, self._proc = self._proc, None
         self._in_flight.clear()
         stderr, self._stderr = self._stderr, None
@@ -288,6 +402,16 @@ class SqliteArrowReader:
         self.close()
 
 
+def _converted_here(got: pa.Table, how: list[Any], schemas: dict[str, pa.Schema]) -> pa.Table:
+    """The child's side of :class:`Convert`: the rows converted, marked :data:`CONVERTED`."""
+    text, minor = how
+    schema = schemas.get(text)
+    if schema is None:
+        schema = schemas[text] = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+    table = converted(got, Convert(schema, tuple(bool(m) for m in minor)))
+    return table.replace_schema_metadata({**(schema.metadata or {}), CONVERTED: b"1"})
+
+
 def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
     """The child: answer requests in order until stdin closes.
 
@@ -298,6 +422,7 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
     import adbc_driver_sqlite as adbc_sqlite
 
     requests: queue.Queue[bytes | None] = queue.Queue()
+    schemas: dict[str, pa.Schema] = {}  # each schema sent, parsed once
 
     def take() -> None:
         for line in inp:
@@ -315,7 +440,7 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
                 tables = []
                 request = json.loads(line)
                 values = request["values"]
-                for sql, refs, wants_rows in request["queries"]:
+                for sql, refs, wants_rows, how in request["queries"]:
                     stmt = adbc.AdbcStatement(conn)
                     try:
                         stmt.set_options(**{BATCH_ROWS: "65536"})  # fewer, bigger chunks
@@ -327,7 +452,10 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
                             stmt.execute_update()
                             continue
                         handle, _rows = stmt.execute_query()
-                        tables.append(pa.RecordBatchReader._import_from_c(handle.address).read_all())
+                        got = pa.RecordBatchReader._import_from_c(handle.address).read_all()
+                        if how is not None:  # here, where the other core has time (the exporter has little)
+                            got = _converted_here(got, how, schemas)
+                        tables.append(got)
                     finally:
                         stmt.close()
                 conn.rollback()  # end the read transaction: the WAL can be checkpointed
@@ -353,4 +481,9 @@ def _serve(path: str, inp: IO[bytes], out: IO[bytes]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer))
+    code = _serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # everything is answered, flushed and closed: no interpreter teardown (unloading pyarrow took
+    # 10-15 ms that the exporter waited for at the end of every export)
+    os._exit(code)

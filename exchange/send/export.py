@@ -607,6 +607,8 @@ def export_all(node: Node, *, reporter: Reporter | None = None) -> list[Exported
             conflict_log.report_foreign_edits(conn, node.catalog, node.cfg.role,
                                               {p.id: p.role for p in node.cfg.peers.values()})
             routed = route_events(conn, node)
+        if early:  # the Parquet writer loads (30-40 ms) while the reader starts, not at the first seal
+            import pyarrow.parquet  # noqa: F401
         out: list[Exported] = []
         if shared.reader is not None and not early and sqlite_arrow.wanted(routed or _backlog(node)):
             shared.reader.start()  # its start-up overlaps the first pending query

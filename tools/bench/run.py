@@ -148,12 +148,21 @@ def op_export(a: dict[str, Any]) -> dict[str, Any]:
     if a.get("reload"):
         reload(node, a["reload"]["peer"], a["reload"]["docs"])
     _ = node.catalog, node.signing_key  # load the catalog and keys before the clock starts
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     out = export_all(node)
     dt = time.perf_counter() - t0
+    cpu = [round(b - a, 3) for a, b in zip(cpu0, _cpu_seconds(), strict=True)]
     files = [e.file for e in out]
     size = sum((node.cfg.outbox / f).stat().st_size for f in files)
-    return {"seconds": dt, "files": files, "bytes": size, "documents": sum(e.documents for e in out)}
+    return {"seconds": dt, "files": files, "bytes": size, "documents": sum(e.documents for e in out),
+            "cpu_seconds": cpu[0], "reader_cpu_seconds": cpu[1]}
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process and of its ended children (the exporter's reader process)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def op_import(a: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +188,7 @@ def op_baseline_parquet(a: dict[str, Any]) -> dict[str, Any]:
 
     out = Path(a["out"])
     out.mkdir(parents=True, exist_ok=True)
+    cpu0 = _cpu_seconds()[0]
     t0 = time.perf_counter()
     conn = c.adbc_connect(a["url"])
     size = rows = 0
@@ -192,7 +202,8 @@ def op_baseline_parquet(a: dict[str, Any]) -> dict[str, Any]:
                 size += (out / f"{t}.parquet").stat().st_size
     finally:
         conn.close()
-    return {"seconds": time.perf_counter() - t0, "bytes": size, "rows": rows}
+    return {"seconds": time.perf_counter() - t0, "bytes": size, "rows": rows,
+            "cpu_seconds": round(_cpu_seconds()[0] - cpu0, 3)}
 
 
 def op_baseline_csv(a: dict[str, Any]) -> dict[str, Any]:
@@ -560,9 +571,10 @@ class Bench:
             log(f"export_all on the store (run {i + 1})")
             e = child("export", 3600, home=str(st.cfg.home))
             log(f"  {e['seconds']:.2f} s, {len(e['files'])} bundles, {e['bytes']:,} bytes, "
-                f"peak RSS {e['peak_rss_mib']:.0f} MiB")
+                f"peak RSS {e['peak_rss_mib']:.0f} MiB, CPU {e['cpu_seconds']:.2f} s "
+                f"+ reader {e['reader_cpu_seconds']:.2f} s")
             b = child("baseline_parquet", 900, url=st.cfg.database, out=str(root / "parquet"))
-            log(f"  baseline ADBC->Parquet {b['seconds']:.2f} s, {b['bytes']:,} bytes")
+            log(f"  baseline ADBC->Parquet {b['seconds']:.2f} s, {b['bytes']:,} bytes, CPU {b['cpu_seconds']:.2f} s")
             runs.append((e, b))
         shutil.rmtree(saved)
         e = dict(runs[-1][0])  # its bundles are the ones the import section applies
@@ -571,7 +583,9 @@ class Bench:
         b = dict(runs[-1][1], seconds=median(r[1]["seconds"] for r in runs))
         self.export_net["files"] = e["files"]
         self.r["export_runs"] = [{"seconds": round(r[0]["seconds"], 3), "baseline_seconds": round(r[1]["seconds"], 3),
-                                  "peak_rss_mib": r[0]["peak_rss_mib"]} for r in runs]
+                                  "peak_rss_mib": r[0]["peak_rss_mib"], "cpu_seconds": r[0]["cpu_seconds"],
+                                  "reader_cpu_seconds": r[0]["reader_cpu_seconds"],
+                                  "baseline_cpu_seconds": r[1]["cpu_seconds"]} for r in runs]
         g = child("baseline_csv", 1800, url=st.cfg.database, out=str(root / "csv"))
         log(f"  baseline csv+gzip {g['seconds']:.2f} s, {g['bytes']:,} bytes")
         rate, base, csv_rate = n / e["seconds"], n / b["seconds"], n / g["seconds"]
@@ -584,6 +598,11 @@ class Bench:
         self.row(f"export rows/s ({n:,} sales lines, median of {len(runs)})", f"{rate:,.0f}",
                  f"{base:,.0f} ADBC->Parquet",
                  rate / base, f">= {export_goal(n):.2f}", rate / base >= export_goal(n))
+        cpu = median(r[0]["cpu_seconds"] + r[0]["reader_cpu_seconds"] for r in runs)
+        bcpu = median(r[1]["cpu_seconds"] for r in runs)
+        self.r.update(export_cpu_seconds=cpu, export_baseline_cpu_seconds=bcpu)
+        self.row("  (CPU s of the export, both processes; median)", f"{cpu:.2f}", f"{bcpu:.2f} ADBC->Parquet",
+                 bcpu / cpu if cpu else None, "", None)
         self.row("export vs csv+gzip cron script", f"{rate:,.0f}", f"{csv_rate:,.0f} csv+gzip", rate / csv_rate,
                  "", None)
         self.row("bundle bytes", f"{e['bytes']:,}", f"{g['bytes']:,} csv+gzip", e["bytes"] / g["bytes"],
