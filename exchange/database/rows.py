@@ -770,7 +770,8 @@ def bulk_cache(conn: Connection, rows: int) -> Iterator[None]:
     try:
         yield
     finally:
-        conn.exec_driver_sql(f"PRAGMA main.cache_size = {before}")
+        if not conn.closed and not conn.invalidated:  # a lost connection takes its cache with it
+            conn.exec_driver_sql(f"PRAGMA main.cache_size = {before}")
 
 
 def insert_rows(conn: Connection, table: Table, data: pa.Table) -> int:
