@@ -759,8 +759,10 @@ def bulk_cache(conn: Connection, rows: int) -> Iterator[None]:
     parent seeks of its foreign keys); with SQLite's default 2 MiB cache most of
     those pages are read again for every few rows (docs/PERFORMANCE.md "Import
     into SQLite, 2026-12-03, later"). The cache goes back to its size after the
-    statement, which frees the pages beyond it: the peak memory of an import is
-    not raised between its bulk statements.
+    statement, which frees the pages beyond it for the rest of the import to reuse
+    (the process gives them back after each bundle: ``arrow_memory``). The peak RSS
+    of an import rises by what the cache adds during its largest statement
+    (:data:`BULK_CACHE_KIB`).
     """
     if conn.dialect.name != "sqlite" or rows < SQLITE_STAGE_MIN:
         yield
