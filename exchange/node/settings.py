@@ -260,8 +260,9 @@ def _check_table(sec: Section, table: Mapping[str, Any], path: tuple[str, ...], 
     shown = "[" + ".".join(path) + "]"
     for key, value in table.items():
         setting, at = sec.get(key), path + (key,)
-        # (the line is looked up for a message only: a scan of the file per key made opening an HO with
-        # 1,000 stores take 10 s of CPU, paid by each fan-in worker; docs/PERFORMANCE.md, "Peak memory")
+        # (the line is looked up for a message only: a scan of the file per key made opening an HO
+        # with 1,000 stores take 10 s of CPU, paid by each fan-in worker; docs/PERFORMANCE.md,
+        # "Peak memory and fan-in")
         if setting is None:
             raise ConfigError(f"{_where(file, text, at)}: unknown setting {key!r} in {shown}",
                               hint=f"{_nearest(key, known)}Settings of {shown}: {', '.join(known)}.")
