@@ -8,6 +8,7 @@ non-ASCII and numeric keys; a reader that fails must leave the export correct.
 from __future__ import annotations
 
 import os
+import select as io_select
 import sqlite3
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -148,6 +149,38 @@ def test_two_answers_asked_ahead_come_in_order(db: Any) -> None:
         reader.send(b)
         assert reader.query(b)[0].column("v").to_pylist() == [2]  # the answer to `a` is dropped on the way
         assert not reader._in_flight and reader.broken is None
+
+
+def test_an_answer_asked_ahead_waits_in_the_pipe_until_it_is_wanted(db: Any) -> None:
+    """The exporter's peak memory: an answer read ahead is not copied into this process beside the
+    batch being sealed; it stays in the child's pipe until :meth:`query` wants it."""
+    _engine, path = db
+    a, b = [("SELECT 1 AS v", [])], [("SELECT count(*) AS n FROM t_line", [])]
+    with SqliteArrowReader(str(path)) as reader:
+        reader.send(a)
+        reader.send(b)
+        assert reader._proc is not None and reader._proc.stdout is not None
+        ready, _w, _x = io_select.select([reader._proc.stdout], [], [], 30)  # the child has answered `a`
+        assert ready, "the reader process did not answer within 30 s"
+        assert reader._answers.qsize() == 0  # ...and nothing of it was taken out of the pipe
+        assert reader.query(a)[0].column("v").to_pylist() == [1]
+        assert reader.query(b)[0].column("n").to_pylist() == [sum(i % 4 for i in range(N))]
+        assert reader.broken is None
+
+
+def test_closing_with_answers_in_the_pipe_lets_the_child_end(db: Any) -> None:
+    """Answers nobody asked for are drained at close, so the child finishes writing and exits by
+    itself (exit status 0), rather than being killed while blocked on a full pipe."""
+    _engine, path = db
+    big = [("SELECT * FROM t_head CROSS JOIN (SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3)", [])]
+    reader = SqliteArrowReader(str(path))
+    reader.send(big)  # each far more than a pipe holds (64 KiB)
+    reader.send([(big[0][0] + " WHERE no >= ?", [0])])
+    proc = reader._proc
+    assert proc is not None and proc.stdout is not None
+    assert io_select.select([proc.stdout], [], [], 30)[0], "the reader process did not answer within 30 s"
+    reader.close()
+    assert proc.returncode == 0
 
 
 def test_export_tables_are_the_same_through_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

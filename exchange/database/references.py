@@ -112,7 +112,7 @@ def missing(conn: Connection, tables: Mapping[str, Table], doc_tables: Sequence[
     """
     bad: set[str] = set()
     own = set(doc_tables)
-    inside: list[tuple[pa.Table, pa.ChunkedArray | pa.Array, pa.Array, str, list[str]]] = []
+    inside: list[tuple[pa.Table, list[str], pa.Array, str, list[str]]] = []
     for tname, tab in data.items():
         if not tab.num_rows or tname not in tables:
             continue
@@ -126,8 +126,8 @@ def missing(conn: Connection, tables: Mapping[str, Table], doc_tables: Sequence[
             if not len(distinct):
                 continue
             ref = fk.referred_table
-            if ref.name in own:
-                inside.append((tab, used, distinct, ref.name, ref_cols))
+            if ref.name in own:  # (its values made again below only if some are absent: a bundle's
+                inside.append((tab, cols, distinct, ref.name, ref_cols))  # lines held here were the peak)
                 continue
             values = distinct.to_pylist()
             found = _found(conn, ref, ref_cols, values, lock)
@@ -137,11 +137,11 @@ def missing(conn: Connection, tables: Mapping[str, Table], doc_tables: Sequence[
                 bad.update(rows.row_keys(hit, key_cols))
     for _round in range(len(bad) + sum(t.num_rows for t in data.values()) + 1):  # each round adds one or stops
         before = len(bad)
-        for tab, used, distinct, ref_name, ref_cols in inside:
+        for tab, cols, distinct, ref_name, ref_cols in inside:
             known = _written(data.get(ref_name), ref_cols, key_cols, bad)
             absent = pc.filter(distinct, pc.invert(pc.is_in(distinct, value_set=known)))
             if len(absent):
-                hit = tab.filter(pc.fill_null(pc.is_in(used, value_set=absent), False))
+                hit = tab.filter(pc.fill_null(pc.is_in(_joined(tab, cols), value_set=absent), False))
                 bad.update(rows.row_keys(hit, key_cols))
         if len(bad) == before:
             break

@@ -213,9 +213,14 @@ class SqliteArrowReader:
     :meth:`send` asks ahead (the exporter asks for batches N+1 and N+2 while it
     seals batch N, so the two cores work at once); :meth:`query` collects the
     answer if it was asked, dropping answers asked ahead for something else.
-    Neither side ever blocks on a full pipe: threads here feed requests and
-    drain answers, the child queues requests as they arrive, and no more than
-    :attr:`DEPTH` requests are in flight (bounded memory).
+    A thread feeds requests, so the parent never blocks on the child's full
+    stdin (the child queues requests as they arrive), and no more than
+    :attr:`DEPTH` requests are in flight. The drain thread takes an answer out
+    of the pipe only when it is wanted (or the reader closes): an answer read
+    ahead waits in the child, which holds it anyway until it is written, not
+    as a second copy here beside the batch being sealed (9 MiB of the
+    exporter's peak at a million lines; docs/PERFORMANCE.md, "Peak memory and
+    fan-in").
     """
 
     DEPTH = 2
@@ -229,6 +234,8 @@ class SqliteArrowReader:
         self._requests: queue.Queue[bytes | None] = queue.Queue()
         self._drain: threading.Thread | None = None
         self._feed: threading.Thread | None = None
+        self._wanted = threading.Semaphore(0)  # answers the drain thread may take out of the pipe
+        self._closing = False  # then it takes (and drops) every answer left, so the child can end
         self.broken: str | None = None  # set once it failed: never retried in this run
         #: it has answered once: later requests let it convert their rows (importing pyarrow.compute
         #: there, 30-60 ms, is then off the first batch's path)
@@ -249,7 +256,8 @@ class SqliteArrowReader:
             except OSError as exc:
                 self._fail(f"cannot start the Arrow reader: {exc}")
                 return
-            self._drain = threading.Thread(target=self._read_answers, args=(self._proc.stdout,),
+            self._wanted, self._closing = threading.Semaphore(0), False
+            self._drain = threading.Thread(target=self._read_answers, args=(self._proc.stdout, self._wanted),
                                            name="arrow-reader-answers", daemon=True)
             self._feed = threading.Thread(target=self._write_requests, args=(self._proc.stdin, self._requests),
                                           name="arrow-reader-requests", daemon=True)
@@ -271,10 +279,13 @@ class SqliteArrowReader:
             except OSError:
                 pass
 
-    def _read_answers(self, out: IO[bytes]) -> None:
-        """The drain thread: each answer (its IPC frames, or the child's error text) onto the queue."""
+    def _read_answers(self, out: IO[bytes], wanted: threading.Semaphore) -> None:
+        """The drain thread: each answer (its IPC frames, or the child's error text) onto the queue, once
+        it is wanted; after :meth:`close` every answer left, dropped."""
         try:
             while True:
+                if not self._closing:
+                    wanted.acquire()
                 head = json.loads(_read_frame(out))  # at the child's end: ReaderUnavailable, queued below
                 self.warm = True
                 if not head.get("ok"):
@@ -316,6 +327,7 @@ class SqliteArrowReader:
     def _answer(self) -> list[pa.Table] | str:
         """The oldest in-flight request's tables, or the child's error text for it."""
         self._in_flight.popleft()
+        self._wanted.release()  # the drain thread reads it out of the pipe now
         got = self._answers.get()
         if isinstance(got, BaseException):
             raise ReaderUnavailable(f"the Arrow reader's answer was cut off: {got}") from got
@@ -380,6 +392,8 @@ class SqliteArrowReader:
             if self._feed.is_alive() and proc is not None:  # the child takes no input: it is stuck
                 proc.kill()
             self._feed = None
+        self._closing = True  # the drain thread takes what the child still writes, so it can exit
+        self._wanted.release()
         if self._drain is not None:  # it ends when the child closes its stdout, that is, exits
             self._drain.join(timeout=10)  # (a join, not wait()'s polling: 60 ms at the end of every export)
             self._drain = None

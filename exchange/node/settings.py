@@ -259,16 +259,18 @@ def _check_table(sec: Section, table: Mapping[str, Any], path: tuple[str, ...], 
     known = [s.key for s in sec.settings]
     shown = "[" + ".".join(path) + "]"
     for key, value in table.items():
-        setting = sec.get(key)
-        where = _where(file, text, path + (key,))
+        setting, at = sec.get(key), path + (key,)
+        # (the line is looked up for a message only: a scan of the file per key made opening an HO
+        # with 1,000 stores take 10 s of CPU, paid by each fan-in worker; docs/PERFORMANCE.md,
+        # "Peak memory and fan-in")
         if setting is None:
-            raise ConfigError(f"{where}: unknown setting {key!r} in {shown}",
+            raise ConfigError(f"{_where(file, text, at)}: unknown setting {key!r} in {shown}",
                               hint=f"{_nearest(key, known)}Settings of {shown}: {', '.join(known)}.")
         if not _fits(setting.kind, value):
-            raise ConfigError(f"{where}: {key} must be {_KINDS[setting.kind]}, not {value!r}",
+            raise ConfigError(f"{_where(file, text, at)}: {key} must be {_KINDS[setting.kind]}, not {value!r}",
                               hint=f"{key}: {setting.help}.")
         if setting.minimum is not None and setting.kind == "int" and value < setting.minimum:
-            raise ConfigError(f"{where}: {key} must be at least {setting.minimum}, not {value!r}",
+            raise ConfigError(f"{_where(file, text, at)}: {key} must be at least {setting.minimum}, not {value!r}",
                               hint=f"{key}: {setting.help}.")
     if "silent_after" in table and "silent_after_minutes" in table:
         raise ConfigError(f"{_where(file, text, path + ('silent_after_minutes',))}: {shown} sets both "

@@ -79,16 +79,23 @@ def check_tables_announced(catalog: Catalog, tables: Iterable[str], announced: M
                 "nothing of the bundle was applied")
 
 
+#: Rows whose keys are made and looked up at once (:func:`check_rows_announced`).
+ROWS_AT_ONCE = 16_384
+
+
 def check_rows_announced(dt: DocType, data: Mapping[str, pa.Table], upserts: set[DocKey]) -> None:
     """Every row of every table of ``dt`` belongs to a document announced as an upsert."""
+    announced = pa.array(list(upserts), pa.string())
     for name, table in data.items():
-        if not table.num_rows:
-            continue
-        keys = rows.key_array(table, dt.key)  # whole columns: no Python string per row when all are in
-        inside = pc.is_in(keys, value_set=pa.array(list(upserts), pa.string()))
-        if pc.all(inside).as_py() is not False:
-            continue
-        outside = pc.unique(keys.filter(pc.invert(inside))).to_pylist()
+        outside: list[str] = []
+        # whole columns (no Python string per row when all are in), a slice of rows at a time: a bundle's
+        # keys of every line at once were the importer's peak (docs/PERFORMANCE.md, "Peak memory and fan-in")
+        for at in range(0, table.num_rows, ROWS_AT_ONCE):
+            keys = rows.key_array(table.slice(at, ROWS_AT_ONCE), dt.key)
+            inside = pc.is_in(keys, value_set=announced)
+            if pc.all(inside).as_py() is False:
+                outside += pc.unique(keys.filter(pc.invert(inside))).to_pylist()
+        outside = list(dict.fromkeys(outside))
         if outside:
             raise OwnershipError(
                 f"table {name} holds rows of {dt.name} {key_text(outside[0])}"
