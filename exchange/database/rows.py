@@ -708,9 +708,10 @@ def _sqlite_staged(conn: Connection, table: Table, data: pa.Table, cols: list[st
             conn.exec_driver_sql(f"DELETE FROM {stage}")
 
 
-#: Page cache (KiB) of a SQLite bulk write (:func:`bulk_cache`; SQLite's default is 2,000): 8,192 and 16,384
-#: measured too (a million lines: import CPU -11% / -21%, peak RSS +2 / +10 MiB; this: -19%, +5 MiB).
-BULK_CACHE_KIB = 12288
+#: Page cache (KiB) of a SQLite bulk write (:func:`bulk_cache`; SQLite's default is 2,000): 12,288 and 16,384
+#: measured too (a million lines: import CPU -19% / -21%, peak RSS +5 / +10 MiB; this: -11%, +2 MiB, which
+#: keeps a store's import of a million lines under the 150 MiB goal with a margin: docs/PERFORMANCE.md).
+BULK_CACHE_KIB = 8192
 
 
 @contextmanager
