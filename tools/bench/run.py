@@ -171,15 +171,17 @@ def op_import(a: dict[str, Any]) -> dict[str, Any]:
 
     node = Node.open(a["home"])
     _ = node.catalog, node.signing_key, node.identities, node.trust
+    cpu0 = _cpu_seconds()[0]
     t0 = time.perf_counter()
     outs = import_inbox(node)
     dt = time.perf_counter() - t0
+    cpu = round(_cpu_seconds()[0] - cpu0, 3)  # SQLite's work is in this process; PostgreSQL's is the server's
     statuses: dict[str, int] = {}
     for o in outs:
         statuses[o.status] = statuses.get(o.status, 0) + 1
     bad = [f"{o.file}: {o.status} {o.reason[:300]}" for o in outs if o.status != "APPLIED"]
     return {"seconds": dt, "statuses": statuses, "problems": bad[:5],
-            "parked": sum(o.parked for o in outs)}
+            "parked": sum(o.parked for o in outs), "cpu_seconds": cpu}
 
 
 def op_baseline_parquet(a: dict[str, Any]) -> dict[str, Any]:
@@ -238,9 +240,10 @@ def op_baseline_ingest(a: dict[str, Any]) -> dict[str, Any]:
     sales = c.gen_sales(a["store"], a["sales_lines"], items, seed=a.get("seed", 0))
     dialect = "postgresql" if c.is_pg(a["url"]) else "sqlite"
     conn = c.adbc_connect(a["url"])
-    runs = []
+    runs, cpus = [], []
     try:
         for _ in range(a.get("repeat", 1)):
+            cpu0 = _cpu_seconds()[0]
             t0 = time.perf_counter()
             with conn.cursor() as cur:
                 for name in SALES_TABLES:
@@ -255,9 +258,10 @@ def op_baseline_ingest(a: dict[str, Any]) -> dict[str, Any]:
                     cur.execute(f"DROP TABLE {stage}")
             conn.commit()
             runs.append(time.perf_counter() - t0)
+            cpus.append(round(_cpu_seconds()[0] - cpu0, 3))
     finally:
         conn.close()
-    return {"seconds_by_run": runs}
+    return {"seconds_by_run": runs, "cpu_seconds_by_run": cpus}
 
 
 def op_profile(a: dict[str, Any]) -> dict[str, Any]:
@@ -451,6 +455,7 @@ def child(op: str, timeout: float, **kw: Any) -> dict[str, Any]:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self._baseline_cpu: dict[str, list[float]] = {}  # CPU s of each ingest baseline run, by database URL
         self.mode = "quick" if args.quick else "full"
         self.size = dict(SIZES[self.mode])
         for kv in args.size or []:
@@ -652,8 +657,11 @@ class Bench:
                       peak_rss_mib_import_db=i1["peak_rss_mib"])
         db = self.r["ho_database"]
         self._import_rows(db, rate, full, base, base_full)
+        if db == "sqlite":
+            self._import_cpu_row(i1, i2, self._baseline_cpu.get(f"sqlite:///{root / 'baseline.db'}", []))
         if lite:
-            lb_empty, lb_full = self._ingest_baseline(f"sqlite:///{root / 'baseline.db'}")
+            lurl = f"sqlite:///{root / 'baseline.db'}"
+            lb_empty, lb_full = self._ingest_baseline(lurl)
             lrate, lfull = n / first[1]["seconds"], n / second[1]["seconds"]
             lbase, lbase_full = n / lb_empty, n / lb_full
             self.r.update(import_sqlite_rows_per_s=round(lrate), import_sqlite_full_rows_per_s=round(lfull),
@@ -661,8 +669,20 @@ class Bench:
                           import_sqlite_full_baseline_rows_per_s=round(lbase_full),
                           peak_rss_mib_import_sqlite=first[1]["peak_rss_mib"])
             self._import_rows("sqlite", lrate, lfull, lbase, lbase_full)
+            self._import_cpu_row(first[1], second[1], self._baseline_cpu.get(lurl, []))
         if self.pg and unchecked_url:
             self._import_without_fks(ho, st, root, e2["files"], unchecked_url, b_empty, b_full)
+
+    def _import_cpu_row(self, empty: dict[str, Any], full: dict[str, Any], base: list[float]) -> None:
+        """SQLite's import and its baseline in CPU seconds (steadier than wall time on a shared machine;
+        SQLite works inside the measured process, so its CPU is the whole work)."""
+        if len(base) != 2 or "cpu_seconds" not in empty or "cpu_seconds" not in full:
+            return
+        mine = (empty["cpu_seconds"], full["cpu_seconds"])
+        self.r.update(import_sqlite_cpu_seconds=list(mine), import_sqlite_baseline_cpu_seconds=base)
+        self.row("  (CPU s of the import into SQLite, empty / full)", f"{mine[0]:.2f} / {mine[1]:.2f}",
+                 f"{base[0]:.2f} / {base[1]:.2f} ingest+upsert",
+                 base[0] / mine[0] if mine[0] else None, "", None)
 
     def _import_rows(self, db: str, rate: float, full: float, base: float, base_full: float) -> None:
         self.row(f"import rows/s, empty HO ({db})", f"{rate:,.0f}", f"{base:,.0f} ADBC ingest+upsert",
@@ -740,8 +760,9 @@ class Bench:
         child("seed", 300, url=url, items=items)
         b = child("baseline_ingest", 1800, url=url, items=items, store="s001", sales_lines=n, seed=1, repeat=2)
         b_empty, b_full = b["seconds_by_run"]
+        self._baseline_cpu[url] = b.get("cpu_seconds_by_run", [])
         log(f"  baseline ingest+upsert ({'postgresql' if c.is_pg(url) else 'sqlite'}): empty {b_empty:.2f} s, "
-            f"full {b_full:.2f} s")
+            f"full {b_full:.2f} s (CPU {' / '.join(f'{x:.2f}' for x in self._baseline_cpu[url])} s)")
         return b_empty, b_full
 
     def _sqlite_ho(self, template: Path, items: int) -> Path:
