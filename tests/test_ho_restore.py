@@ -14,6 +14,7 @@ every table of the node as it stood, sequences included).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,9 +23,15 @@ from typing import Any
 
 import pytest
 from enginehelpers import Net, item_ids, make_net, prices, reprice, seed_ho, seed_store
-from sqlalchemy import create_engine, make_url, text
-from test_restore import STORE_TYPES, docs, doctor, received_rows, sent_rows, store_docs_of
+from sqlalchemy import create_engine, make_url, select, text, update
+from test_restore import HO_TYPES, STORE_TYPES, docs, doctor, keys_of, received_rows, run, sent_rows, settle, store_docs_of
 
+from click.testing import CliRunner
+
+from exchange.cli.main import main
+from exchange.database import schema as sc
+from exchange.database.capture import record_events
+from exchange.node.home import Node
 from exchange.service import status
 
 
@@ -99,6 +106,22 @@ def _drop_backup(net: Net) -> None:
             admin.dispose()
 
 
+def edit_customer(node: Node, sid: str, phone: str) -> None:
+    """A new phone for ``sid``'s first customer, captured as an application would."""
+    with node.engine.begin() as conn:
+        cid = conn.execute(select(sc.customer.c.customer_id).where(sc.customer.c.store_id == sid)
+                           .order_by(sc.customer.c.customer_id).limit(1)).scalar_one()
+        conn.execute(update(sc.customer).where(sc.customer.c.store_id == sid, sc.customer.c.customer_id == cid)
+                     .values(phone=phone))
+        record_events(conn, "customer", [(sid, cid)])
+
+
+def phones(node: Node, sid: str) -> dict[str, Any]:
+    with node.engine.connect() as conn:
+        return {r[0]: r[1] for r in conn.execute(select(sc.customer.c.customer_id, sc.customer.c.phone)
+                                                 .where(sc.customer.c.store_id == sid))}
+
+
 def lost_days(net: Net, tmp_path: Path) -> dict[str, Any]:
     """Back up the HO, run three synced days (prices at the HO, sales and customers at both stores),
     restore the HO. Returns what the HO held of the stores' documents before the restore."""
@@ -112,7 +135,12 @@ def lost_days(net: Net, tmp_path: Path) -> dict[str, Any]:
         for n, sid in enumerate(net.stores):
             seed_store(net, sid, sales=2, seed=10 * (day + 1) + n)
         reprice(net.ho, ids[day * 2:day * 2 + 2])
+        if day == 1:  # customers (editable at both ends): one changed at the HO, one at its store
+            edit_customer(net.ho, "s001", "900")
+            edit_customer(net.store("s002"), "s002", "800")
         net.settle()
+    assert phones(net.store("s001"), "s001") == phones(net.ho, "s001")  # the HO's edit reached s001
+    assert "900" in phones(net.ho, "s001").values() and "800" in phones(net.ho, "s002").values()
     held = {sid: store_docs_of(net.ho, sid) for sid in net.stores}
     before = {sid: docs(net.ho, STORE_TYPES, held[sid]) for sid in net.stores}
     ho_restore(net, tmp_path / "bak")
@@ -121,11 +149,13 @@ def lost_days(net: Net, tmp_path: Path) -> dict[str, Any]:
             "store_prices": {sid: prices(net.store(sid), ids[:6]) for sid in net.stores}}
 
 
-def test_the_ho_restored_from_a_backup_today(net: Net, tmp_path: Path) -> None:
-    """What happens today, with no repair: the streams are stuck both ways and nothing is lost silently.
+def test_the_ho_restored_from_a_backup_is_stuck_until_repaired(net: Net, tmp_path: Path) -> None:
+    """Before the repair: the streams are stuck both ways, nothing is lost silently, and both ends say so.
 
     - the HO's next bundle to a store reuses a seq the store applied in the lost days: the store
-      quarantines it (``already applied from a different file``) and its doctor names the repair;
+      quarantines it (``already applied from a different file``); its doctor fails ``streams went back``
+      with the repair to run at the HO and the seq it must go above (before this repair existed, the
+      store's doctor was all green);
     - a store's next bundle is ahead of the HO's restored position: it WAITs at the HO for seqs the HO
       applied before the restore and lost;
     - the HO's new price does not reach the stores; the stores' documents of the lost days are missing
@@ -150,9 +180,102 @@ def test_the_ho_restored_from_a_backup_today(net: Net, tmp_path: Path) -> None:
         # the HO's new price never arrives
         assert prices(store, ids[:1]) == {ids[0]: seen["store_prices"][sid][ids[0]]}
         assert prices(store, ids[:1]) != prices(net.ho, ids[:1])
-    print(json.dumps({n.id: {k: v for k, v in doctor(net, n).items() if not v["ok"]} for n in net.nodes},
-                     default=str, indent=1))
-    print(net.describe())
-    print([(r.seq, r.status) for r in sent_rows(net.ho, "s001")], [(r.seq, r.status) for r in
-                                                                      received_rows(net.ho, "s001")])
+    # the HO sees its stores WAITING (its doctor hints at a restore); each store names the repair, with the
+    # seq the HO's restart must go above: the last of the HO's stream it applied
+    check = doctor(net, net.ho)["streams"]
+    assert not check["ok"] and "WAITING" in check["detail"] and "--above N" in check["fix"], check
+    assert [r.seq for r in sent_rows(net.ho, "s001")] == [1, 2]  # the HO numbers again from its backup
+    assert [r.seq for r in received_rows(net.ho, "s001") if r.status == "APPLIED"] == [1]
+    for sid in net.stores:
+        assert above_named(net, sid) == 4
 
+
+def above_named(net: Net, sid: str) -> int:
+    """The repair the store's doctor names for its HO gone back: ``--above N``."""
+    check = doctor(net, net.store(sid))["streams went back"]
+    assert not check["ok"] and "ho went back in time" in check["detail"], check
+    m = re.search(r"exchange peer restart --peer (\w+) --above (\d+) --reason TEXT", check["fix"])
+    assert m and m.group(1) == sid, check
+    return int(m.group(2))
+
+
+def test_the_ho_restored_from_a_backup_is_repaired_per_store(net: Net, tmp_path: Path) -> None:
+    """docs/OPERATIONS.md "The HO restored from a backup", followed literally: each store's doctor names
+    `exchange peer restart --peer STORE --above N`; run at the HO, then sync. Every store document the HO
+    had in the lost days is back at the HO row for row, the HO's edits after the repair reach every store
+    and win, no stream is stuck, and the HO's archive verifies."""
+    seen = lost_days(net, tmp_path)
+    ids = seen["ids"]
+    reprice(net.ho, ids[:1], delta="5.00")  # an edit made at the restored HO before anyone noticed
+    for sid in net.stores:
+        seed_store(net, sid, sales=1, seed=90)
+    for _ in range(2):
+        net.cycle()
+    aboves = {sid: above_named(net, sid) for sid in net.stores}
+    assert all(a >= 2 for a in aboves.values()), aboves
+    for sid, above in aboves.items():
+        out = run(net, net.ho, "peer", "restart", "--peer", sid, "--above", str(above),
+                  "--reason", "HO restored from Sunday's backup")
+        assert f"restart sealed for {sid}" in out.output, out.output
+    settle(net, rounds=10)
+    ho = net.ho
+    assert "900" in phones(net.ho, "s001").values() and "800" in phones(net.ho, "s002").values()
+    for sid in net.stores:
+        store = net.store(sid)
+        # every store document the HO had in the lost days is back, row for row
+        lost = seen["held"][sid]
+        assert docs(ho, STORE_TYPES, lost) == seen["docs"][sid], sid
+        mine = store_docs_of(store, sid)
+        assert docs(ho, STORE_TYPES, mine) == docs(store, STORE_TYPES, mine), sid
+        # the HO's documents at the store are the HO's (its restored masters win, the edit made since too)
+        assert docs(store, HO_TYPES) == docs(ho, HO_TYPES, {t: keys_of(store, t) for t in HO_TYPES}), sid
+        assert doctor(net, store)["streams went back"]["ok"] and doctor(net, store)["streams"]["ok"]
+        got = received_rows(ho, sid)
+        assert [r.seq for r in got] == list(range(1, len(got) + 1)), [(r.seq, r.status) for r in got]
+        assert all(r.status == "APPLIED" for r in got)
+        assert all(r.status == "PROCESSED" for r in sent_rows(store, "ho"))
+    # the HO's edits after the repair reach every store and win
+    reprice(net.ho, ids[:4], delta="0.25")
+    settle(net)
+    edit_customer(net.ho, "s001", "777")
+    settle(net)
+    for sid in net.stores:
+        assert prices(net.store(sid), ids[:6]) == prices(net.ho, ids[:6]), sid
+        assert phones(net.store(sid), sid) == phones(net.ho, sid), sid
+    assert "777" in phones(net.store("s001"), "s001").values()
+    assert doctor(net, net.ho)["streams"]["ok"] and doctor(net, net.ho)["streams went back"]["ok"]
+    res = CliRunner().invoke(main, ["audit", "verify", "--home", str(net.ho.cfg.home), "--json"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    found = [f for st in json.loads(res.output)["streams"] for f in st["findings"]]
+    assert {f["severity"] for f in found} == {"warning"} and {f["check"] for f in found} == {"restart"}
+    assert any("bundles missing (seq 3..4)" in f["message"] for f in found), found
+    for sid, above in aboves.items():  # the restart's state at both ends
+        at_store = json.loads(run(net, net.store(sid), "peer", "restarts", "--json").output)["restarts"]
+        applied = [e for e in at_store if e["kind"] == "applied"]
+        assert len(applied) == 1 and applied[0]["detail"]["ho_went_back"] == above
+        assert applied[0]["detail"]["versions_forgotten"] > 0
+        assert [e["resolved_at"] is not None for e in at_store if e["kind"] == "detected"] == [True]
+        at_ho = json.loads(run(net, net.ho, "peer", "restarts", "--peer", sid, "--json").output)["restarts"]
+        assert [(e["kind"], e["seq"], e["resolved_at"] is not None) for e in at_ho] == [("sent", above + 1, True)]
+    assert json.loads(run(net, net.store("s001"), "peer", "restarts", "--json").output)["restarts"][0][
+        "detail"]["ho_edits_sent_back"] >= 1
+
+
+def test_the_records_ho_went_back_is_parsed_strictly() -> None:
+    """``ho_went_back`` (FORMAT.md 4.2, format 7) as a hostile HO could write it: a seq 1 .. MAX_SEQ or a
+    FormatError; written only when set, so a record without it is format 6's."""
+    from datetime import UTC, datetime
+
+    from exchange.errors import FormatError
+    from exchange.wire.formats import MAX_SEQ
+    from exchange.wire.restart import WENT_BACK_FIELD, Restart, parse_restart
+
+    sha = "cd" * 32
+    rec = Restart("admin", datetime(2026, 12, 3, tzinfo=UTC), "HO restored", 1, sha, 40, ((1, sha),), (), 4)
+    good = rec.as_json()
+    assert good[WENT_BACK_FIELD] == 4 and parse_restart(json.loads(json.dumps(good))) == rec
+    assert WENT_BACK_FIELD not in Restart("a", rec.at, "r", 0, None, 0, ()).as_json()
+    for bad in (0, -1, MAX_SEQ + 1, "4", 4.0, True, None, [4]):
+        with pytest.raises(FormatError, match=WENT_BACK_FIELD):
+            parse_restart({**good, WENT_BACK_FIELD: bad})

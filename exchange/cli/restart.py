@@ -18,8 +18,12 @@ from exchange.vocabulary import counted
 @HOME
 @peer_id_option("The store that was restored from a backup, or re-made after its disk died.")
 @REASON
+@click.option("--above", type=click.IntRange(0), default=0, show_default=True,
+              help="This HO was restored from its own backup: the last seq of its stream the store applied, "
+                   "as the store's `exchange doctor` names it; the restart goes above it.")
 @JSON
-def peer_restart(home: Path | None, peer_id: str | None, old_id: str | None, reason: str, as_json: bool) -> None:
+def peer_restart(home: Path | None, peer_id: str | None, old_id: str | None, reason: str, above: int,
+                 as_json: bool) -> None:
     """Restart both streams with a store that went back in time (restored from a backup, or a new disk).
 
     Seals a signed restart record to the store, queues a full reload of what routes to it, and
@@ -28,6 +32,7 @@ def peer_restart(home: Path | None, peer_id: str | None, old_id: str | None, rea
     \b
     Example:
       exchange peer restart --home /srv/xchg/ho --peer s001 --reason "restored from Sunday's backup"
+      exchange peer restart --home /srv/xchg/ho --peer s001 --above 42 --reason "HO restored"
     """
     from exchange.node.lock import work_lock
     from exchange.service.restart import restart_store
@@ -35,7 +40,7 @@ def peer_restart(home: Path | None, peer_id: str | None, old_id: str | None, rea
     node = _node(home)
     peer_id = one_peer(peer_id, old_id)
     with work_lock(node.cfg.home):
-        done = restart_store(node, peer_id, reason)
+        done = restart_store(node, peer_id, reason, above=above)
     if as_json:
         _echo_json(done.as_json())
         return

@@ -40,6 +40,7 @@ class RestartHook:
 
     record: Callable[[Connection, int], dict[str, Any]]
     commit: Callable[[Connection, int, str], None]
+    above: int = 0  # the HO went back in time: the restart's seq goes above this (what the store applied)
 
 
 def summary_fields(conn: Connection, node: Node, peer: str, restart: RestartHook | None, seq: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from exchange.receive import restart as received
 from exchange.receive.setaside import quarantine
 from exchange.send import restart as sending
 from exchange.send.restart import RestartHook
+from exchange.wire.formats import MAX_SEQ
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,13 @@ class Restarted:
                 "deletes": self.deletes, "superseded": self.superseded, "forked": self.forked}
 
 
-def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None = None) -> Restarted:
-    """Seal the restart to ``peer`` with the reload and the bookkeeping above (the caller holds the work lock)."""
+def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None = None, above: int = 0) -> Restarted:
+    """Seal the restart to ``peer`` with the reload and the bookkeeping above (the caller holds the work lock).
+
+    ``above``: this HO was restored from its own backup, and the store had applied its stream up to that
+    seq (the store's doctor names it): the restart's seq goes above it, and its record says so, so the store
+    forgets the versions of the HO's documents the lost days gave it (docs/OPERATIONS.md, "The HO restored
+    from a backup")."""
     if node.cfg.role != "ho":
         raise ConfigError("`exchange peer restart` runs at the HO",
                           hint=f"At a store, ask the HO's operator to run `exchange peer restart --peer {node.id} "
@@ -69,6 +75,8 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
     p = node.cfg.peer(peer)
     if p.role != "store":
         raise ConfigError(f"{peer} is not a store of this HO: only a store's streams are restarted")
+    if not 0 <= above < MAX_SEQ:
+        raise ConfigError(f"--above {above}: a seq 0 .. {MAX_SEQ - 1}")
     if not p.exchanging:
         raise ConfigError(f"{peer} is not exchanging (paused or removed): nothing would reach it",
                           hint=f"Resume it first: `exchange peer resume --peer {peer}` (or add it again with "
@@ -79,7 +87,7 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
     holder: dict[str, Any] = {}
 
     def record(conn: Connection, seq: int) -> dict[str, Any]:
-        rec = received.restart_record(conn, peer, by, reason, at)
+        rec = received.restart_record(conn, peer, by, reason, at, above)
         holder["rec"] = rec
         return rec.as_json()
 
@@ -100,10 +108,12 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         detail = {"manifest_sha256": manifest, "upserts": done.upserts, "deletes": done.deletes,
                   "superseded": done.superseded, "forked": done.forked}
         received.record_sent(conn, peer, seq, rec, detail)
+        if above:
+            detail["above"] = above
         journal.record(conn, "peer restart", peer, reason=reason, seq=seq, received_seq=rec.received_seq,
                        version_high=rec.version_high, **{k: v for k, v in detail.items() if k != "manifest_sha256"})
 
-    done.seq, done.file = sending.seal_restart(node, peer, RestartHook(record, commit), rep)
+    done.seq, done.file = sending.seal_restart(node, peer, RestartHook(record, commit, above), rep)
     for _q, name in holder.get("superseded", []):  # sealed, never acknowledged: kept in the archive, not sent
         src = node.cfg.outbox / name
         if os.path.lexists(src):
