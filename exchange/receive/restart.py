@@ -120,12 +120,14 @@ def note_ho_went_back(conn: Connection, node: Node, peer: str, seq: int, lane: s
     Returns whether it was recorded."""
     if node.cfg.role != "store" or peer not in node.cfg.peers or node.cfg.peer(peer).role != "ho":
         return False
-    if lane != DEFAULT_LANE:  # the restart travels in the default lane: its position is the one to name
-        return False
+    # the restart travels in the default lane: its position there is the one to go above (at least 1, so the
+    # record says the HO went back even when that lane carried nothing yet)
     last, _manifest = stream_pos(conn, peer, DEFAULT_LANE)
-    note_regress(conn, node, peer, f"{peer} sealed seq {seq} of its stream to this node with another file or "
-                                   f"chain than the one applied here (this node applied up to seq {last}): "
-                                   f"{peer} went back in time (restored from a backup?)", above=last)
+    where = "" if lane == DEFAULT_LANE else f" in lane {lane}"
+    note_regress(conn, node, peer, f"{peer} sealed seq {seq} of its stream to this node{where} with another file "
+                                   f"or chain than the one applied here: {peer} went back in time (restored from "
+                                   f"a backup?); this node applied its default lane up to seq {last}",
+                 above=max(last, 1))
     return True
 
 
