@@ -300,3 +300,31 @@ def test_the_records_ho_went_back_is_parsed_strictly() -> None:
     for bad in (0, -1, MAX_SEQ + 1, "4", 4.0, True, None, [4]):
         with pytest.raises(FormatError, match=WENT_BACK_FIELD):
             parse_restart({**good, WENT_BACK_FIELD: bad})
+
+
+def test_a_restart_without_above_after_the_ho_went_back_is_refused_then_repaired(net: Net, tmp_path: Path) -> None:
+    """The operator forgets `--above`: the restart's seq is one the store already applied, so the store
+    quarantines it as it would any replay and keeps naming `--above N`; the restart run again with it
+    repairs everything (the first one, never answered, is replaced)."""
+    seen = lost_days(net, tmp_path)
+    reprice(net.ho, seen["ids"][:1], delta="5.00")  # the restored HO sends something: the stores see it
+    for _ in range(2):
+        net.cycle()
+    above = above_named(net, "s001")
+    run(net, net.ho, "peer", "restart", "--peer", "s001", "--reason", "HO restored")
+    for _ in range(2):
+        net.cycle()
+    q = [r for r in status.received(net.store("s001")) if r.status == "QUARANTINED"]
+    assert len(q) >= 2 and all("already applied from a different file" in (r.reason or "") for r in q)
+    assert above_named(net, "s001") == above
+    run(net, net.ho, "peer", "restart", "--peer", "s001", "--above", str(above), "--reason", "HO restored")
+    run(net, net.ho, "peer", "restart", "--peer", "s002", "--above", str(above_named(net, "s002")),
+        "--reason", "HO restored")
+    settle(net, rounds=10)
+    ho, store = net.ho, net.store("s001")
+    assert docs(ho, STORE_TYPES, seen["held"]["s001"]) == seen["docs"]["s001"]
+    assert docs(store, HO_TYPES) == docs(ho, HO_TYPES, {t: keys_of(store, t) for t in HO_TYPES})
+    at_ho = json.loads(run(net, ho, "peer", "restarts", "--peer", "s001", "--json").output)["restarts"]
+    assert [(e["kind"], e["resolved_at"] is not None) for e in at_ho] == [("sent", True), ("sent", True)]
+    assert doctor(net, store)["streams went back"]["ok"] and doctor(net, ho)["streams"]["ok"]
+    assert "the HO went back (above seq" in run(net, store, "peer", "restarts").output

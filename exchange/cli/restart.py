@@ -88,4 +88,8 @@ def peer_restarts(home: Path | None, peer_id: str | None, as_json: bool) -> None
         what = (d.get("what", "") if e["kind"] == "detected" else
                 f"seq {e['seq']} by {d.get('by')}: {d.get('reason')}; its stream continues after seq "
                 f"{d.get('received_seq')}")
+        if d.get("ho_went_back") or d.get("above"):  # the HO restored from its own backup
+            what += (f"; the HO went back (above seq {d.get('ho_went_back') or d.get('above')})" +
+                     (f": {d['versions_forgotten']} versions of its documents forgotten, {d['ho_edits_sent_back']} "
+                      "of its edits sent back" if "versions_forgotten" in d else ""))
         click.echo(f"{e['at']:%Y-%m-%d %H:%M:%S}  {e['peer']:<8} {e['kind']:<9} {state:<29} {what}")
