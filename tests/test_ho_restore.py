@@ -237,6 +237,7 @@ def repaired(net: Net, tmp_path: Path, gap: bool = True) -> None:
         out = run(net, net.ho, "peer", "restart", "--peer", sid, "--above", str(above),
                   "--reason", "HO restored from Sunday's backup")
         assert f"restart sealed for {sid}" in out.output, out.output
+        assert f"the restart goes above seq {above}" in out.output, out.output
     settle(net, rounds=10)
     ho = net.ho
     assert "900" in phones(net.ho, "s001").values() and "800" in phones(net.ho, "s002").values()

@@ -46,6 +46,10 @@ def peer_restart(home: Path | None, peer_id: str | None, old_id: str | None, rea
         return
     click.echo(f"restart sealed for {peer_id}: {done.file} (its streams re-based; {peer_id}'s own stream continues "
                f"after seq {done.received_seq})")
+    if done.above:
+        click.echo(f"this HO went back in time: the restart goes above seq {done.above}, which {peer_id} applied "
+                   "(its versions of this HO's documents are forgotten there, its copies of this HO's edits sent "
+                   "back)")
     click.echo(f"{counted(done.upserts, 'document')} queued for {peer_id} (a full reload), and "
                f"{counted(done.deletes, 'delete')}; they go with the next sync")
     if done.superseded:

@@ -54,11 +54,13 @@ class Restarted:
     deletes: int = 0
     superseded: list[int] = field(default_factory=list)  # the HO's bundles it never acknowledged
     forked: list[int] = field(default_factory=list)  # the store's bundles beyond the HO's position
+    above: int = 0  # this HO went back: the store had applied its stream up to this seq
 
     def as_json(self) -> dict[str, Any]:
         return {"version": 1, "peer": self.peer, "seq": self.seq, "file": self.file,
                 "received_seq": self.received_seq, "version_high": self.version_high, "upserts": self.upserts,
-                "deletes": self.deletes, "superseded": self.superseded, "forked": self.forked}
+                "deletes": self.deletes, "superseded": self.superseded, "forked": self.forked,
+                **({"above": self.above} if self.above else {})}
 
 
 def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None = None, above: int = 0) -> Restarted:
@@ -85,6 +87,8 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
     rep = reporter or NullReporter()
     done = Restarted(peer)
     holder: dict[str, Any] = {}
+
+    done.above = above
 
     def record(conn: Connection, seq: int) -> dict[str, Any]:
         rec = received.restart_record(conn, peer, by, reason, at, above)
