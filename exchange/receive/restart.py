@@ -445,9 +445,8 @@ def _send_back_ho_edits(conn: Connection, node: Node, ho: str) -> int:
     """The HO went back in time: the changes it made to this store's both-sides documents (a customer's new
     phone) in the days it lost are here, applied, and nowhere at the HO any more. Every such document whose
     last version here came from the HO is queued to the HO again (a new event: this store's row as it stands,
-    newer than anything the HO holds), on no base (the HO's version it was based on is lost with the days);
-    an HO change of it the restored HO still holds is then a conflict under the catalog's policy, shown, never
-    silent. Returns how many."""
+    newer than anything the HO holds), on the base it holds (the HO reads a base from its lost days as the
+    newest it still knows: exchange.receive.conflicts.decide). Returns how many."""
     types = [d.name for d in node.catalog if d.both_sides]
     if not types:
         return 0
@@ -459,8 +458,6 @@ def _send_back_ho_edits(conn: Connection, node: Node, ho: str) -> int:
         key = json.loads(doc_key)
         if isinstance(key, list) and key:
             by_type.setdefault(str(doc_type), []).append(key)
-    # the base they were sent on is a version the HO no longer knows (it would refuse the claim): forgotten
-    conn.execute(delete(xchg_doc_version).where(and_(v.peer == ho, v.doc_type.in_(types), v.deleted_at.is_(None))))
     return sum(record_events(conn, t, keys) for t, keys in by_type.items())
 
 

@@ -99,7 +99,7 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         rec = holder["rec"]
         note = f"superseded by the stream restart at seq {seq} (`exchange peer restart`)"
         holder["superseded"] = sending.supersede_unacknowledged(conn, peer, seq, note)
-        done.upserts, done.deletes = sending.requeue_everything(conn, node, peer)
+        done.upserts, done.deletes = sending.requeue_everything(conn, node, peer, own_edits=not above)
         holder["forked"] = received.forked_received(conn, peer, rec)
         for q, name in holder["forked"]:  # before the commit: left in the inbox they would wait again
             src = node.cfg.inbox / name
@@ -111,9 +111,9 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         done.received_seq, done.version_high = rec.received_seq, rec.version_high
         detail = {"manifest_sha256": manifest, "upserts": done.upserts, "deletes": done.deletes,
                   "superseded": done.superseded, "forked": done.forked}
-        received.record_sent(conn, peer, seq, rec, detail)
-        if above:
+        if above:  # this HO went back (exchange.receive.conflicts reads it: bases from the days it lost)
             detail["above"] = above
+        received.record_sent(conn, peer, seq, rec, detail)
         journal.record(conn, "peer restart", peer, reason=reason, seq=seq, received_seq=rec.received_seq,
                        version_high=rec.version_high, **{k: v for k, v in detail.items() if k != "manifest_sha256"})
 
