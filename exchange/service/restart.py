@@ -78,17 +78,17 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
     if p.role != "store":
         raise ConfigError(f"{peer} is not a store of this HO: only a store's streams are restarted")
     if not 0 <= above < MAX_SEQ:
-        raise ConfigError(f"--above {above}: a seq 0 .. {MAX_SEQ - 1}")
+        raise ConfigError(f"--above {above}: a seq 0 .. {MAX_SEQ - 1}",
+                          hint=f"Give the seq {peer}'s `exchange doctor` names (docs/OPERATIONS.md, \"The HO "
+                               "restored from a backup\").")
     if not p.exchanging:
         raise ConfigError(f"{peer} is not exchanging (paused or removed): nothing would reach it",
                           hint=f"Resume it first: `exchange peer resume --peer {peer}` (or add it again with "
                                "`exchange peer add ... --replace` after a disk died).")
     by, at = journal.actor(), utc_now().replace(microsecond=0)
     rep = reporter or NullReporter()
-    done = Restarted(peer)
+    done = Restarted(peer, above=above)
     holder: dict[str, Any] = {}
-
-    done.above = above
 
     def record(conn: Connection, seq: int) -> dict[str, Any]:
         rec = received.restart_record(conn, peer, by, reason, at, above)
