@@ -20,6 +20,7 @@ conflict of that document (:func:`exchange.database.conflicts.settle`).
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -33,7 +34,7 @@ from exchange.database import rows
 from exchange.database.batch import BASES_SCHEMA
 from exchange.database.capture import record_event, suppress_capture
 from exchange.database.catalog import Catalog, DocType
-from exchange.database.tables import begin_write, xchg_conflict, xchg_doc_version
+from exchange.database.tables import begin_write, xchg_conflict, xchg_doc_version, xchg_restart
 from exchange.errors import ConflictError, FormatError
 from exchange.files import utc_now
 from exchange.node.home import Node
@@ -109,6 +110,14 @@ def _current(conn: Connection, catalog: Catalog, dt: DocType, key: str) -> dict[
     return got if got[dt.header].num_rows else None
 
 
+def ho_went_back_to(conn: Connection, peer: str) -> bool:
+    """Did this HO send ``peer`` a restart saying it went back in time (restored from its own backup)? The
+    store then holds versions of this HO's changes from the days it lost, newer than any it still knows of."""
+    r = xchg_restart.c
+    return any(json.loads(d).get("above") for d in conn.execute(select(r.detail).where(
+        r.peer == peer, r.kind == "sent")).scalars())
+
+
 def decide(conn: Connection, catalog: Catalog, dt: DocType, peer: str, sender_role: str, seq: int,
            fresh: list[tuple[DocKey, str, int]], data: Mapping[str, pa.Table], bases: Bases
            ) -> tuple[list[tuple[DocKey, str, int]], dict[str, int], int]:
@@ -119,11 +128,17 @@ def decide(conn: Connection, catalog: Catalog, dt: DocType, peer: str, sender_ro
     are still recorded as seen (the peer's next change is based on them); an
     OPEN one is not, so it stays a conflict until a person resolves it. A change
     applied without conflict closes the document's OPEN conflicts with the peer.
+    At an HO restored from its own backup (after its restart said so), a base above
+    every version it sent that store is one of the days it lost: read as the
+    newest it sent (the store had seen all of it), not refused.
     """
     local = log.local_changes(conn, peer, dt.name, [k for k, _op, _v in fresh])
     given = log.sent_versions(conn, peer, dt.name, [k for k in bases if bases[k][0]])
-    for k, (base, _at) in bases.items():  # a peer claiming to have seen a version never sent would always win
-        if base > given.get(k, 0):
+    lost_days = bool(bases) and ho_went_back_to(conn, peer)
+    for k, (base, _at) in list(bases.items()):  # a peer claiming to have seen a version never sent would always win
+        if base > given.get(k, 0) and lost_days:  # seen a version of the days this HO lost: at most all it has
+            bases = {**bases, k: (given.get(k, 0), _at)}
+        elif base > given.get(k, 0):
             raise FormatError(f"{BASES_TABLE} table: {dt.name} {k[:80]!r} claims base version {base}, but "
                               f"this node sent {peer} at most version {given.get(k, 0)} of it")
     apply: list[tuple[DocKey, str, int]] = []

@@ -448,6 +448,7 @@ def _forked(node: Node, peer: str, seq: int, reason: str, lane: str) -> str:
                     "retention): most likely an old bundle delivered again")
         if node.cfg.role == "ho" and node.cfg.peer(peer).role == "store":  # a store gone back in time
             restart.note_regress(conn, node, peer, f"its bundle seq {seq} differs from the one applied here")
+        restart.note_ho_went_back(conn, node, peer, seq, lane)  # at a store: its HO restored from a backup
     return restart.fork_reason(node, peer, reason)
 
 

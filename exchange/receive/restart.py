@@ -33,6 +33,7 @@ from sqlalchemy import Connection, and_, delete, desc, func, select, update
 
 from exchange.database import conflicts as conflict_log
 from exchange.database import lanes, rows
+from exchange.database.capture import record_events
 from exchange.database.catalog import DocType
 from exchange.database.tables import (
     xchg_delivery, xchg_doc_version, xchg_event, xchg_meta, xchg_received, xchg_restart, xchg_sent,
@@ -61,8 +62,12 @@ RESTORED_POLICY = "restored"
 DETECTED, SENT, APPLIED = "detected", "sent", "applied"
 
 
-def repair_command(node: Node, peer: str) -> str:
-    """The one command that repairs a peer gone back in time, as this node's operator should read it."""
+def repair_command(node: Node, peer: str, above: int = 0) -> str:
+    """The one command that repairs a peer gone back in time, as this node's operator should read it
+    (``above``: at a store, the HO went back: the last seq of the HO's stream this store applied)."""
+    if above:
+        return (f"at the HO ({peer}), restored from a backup: `exchange peer restart --peer {node.id} --above "
+                f"{above} --reason TEXT` (docs/OPERATIONS.md, \"The HO restored from a backup\")")
     if node.cfg.role == "ho":
         return (f"`exchange peer restart --peer {peer} --reason TEXT` here (docs/OPERATIONS.md, "
                 "\"A store restored from a backup\")")
@@ -72,12 +77,14 @@ def repair_command(node: Node, peer: str) -> str:
 
 # ---------------------------------------------------------------- detection
 
-def note_regress(conn: Connection, node: Node, peer: str, what: str) -> None:
-    """Record that the streams with ``peer`` went back in time (one open entry per peer, the latest evidence)."""
+def note_regress(conn: Connection, node: Node, peer: str, what: str, above: int = 0) -> None:
+    """Record that the streams with ``peer`` went back in time (one open entry per peer, the latest evidence;
+    ``above``: the HO did, and this store had applied its stream up to that seq)."""
     r = xchg_restart.c
     if conn.execute(select(r.id).where(and_(r.peer == peer, r.kind == SENT, r.resolved_at.is_(None)))).first():
         return  # a restart is on its way: what the peer sealed before it applies it is expected
-    detail = json.dumps({"what": what, "repair": repair_command(node, peer)}, sort_keys=True)
+    detail = json.dumps({"what": what, "repair": repair_command(node, peer, above),
+                         **({"above": above} if above else {})}, sort_keys=True)
     open_row = conn.execute(select(r.id).where(and_(r.peer == peer, r.kind == DETECTED, r.resolved_at.is_(None)))
                             ).first()
     if open_row is None:
@@ -106,10 +113,30 @@ def before_retained(conn: Connection, peer: str, lane: str, seq: int) -> bool:
     return low is not None and seq < int(low)
 
 
+def note_ho_went_back(conn: Connection, node: Node, peer: str, seq: int, lane: str) -> bool:
+    """At a store: the HO sealed ``seq`` of its stream to this store again with another file, or chained to
+    another manifest, than the one applied here. An HO restored from its own backup does this (its stream
+    restarts from where the backup stood): recorded as evidence, with the seq the restart must go above.
+    Returns whether it was recorded."""
+    if node.cfg.role != "store" or peer not in node.cfg.peers or node.cfg.peer(peer).role != "ho":
+        return False
+    # the restart travels in the default lane: its position there is the one to go above (at least 1, so the
+    # record says the HO went back even when that lane carried nothing yet)
+    last, _manifest = stream_pos(conn, peer, DEFAULT_LANE)
+    where = "" if lane == DEFAULT_LANE else f" in lane {lane}"
+    note_regress(conn, node, peer, f"{peer} sealed seq {seq} of its stream to this node{where} with another file "
+                                   f"or chain than the one applied here: {peer} went back in time (restored from "
+                                   f"a backup?); this node applied its default lane up to seq {last}",
+                 above=max(last, 1))
+    return True
+
+
 def fork_reason(node: Node, peer: str, reason: str) -> str:
     """A quarantine reason for a bundle whose seq was applied from another file, with the repair named."""
     if node.cfg.role == "ho" and peer in node.cfg.peers and node.cfg.peer(peer).role == "store":
         return f"{reason}; if {peer} was restored from a backup, repair with {repair_command(node, peer)}"
+    if node.cfg.role == "store" and peer in node.cfg.peers and node.cfg.peer(peer).role == "ho":
+        return f"{reason}; if {peer} was restored from a backup, see `exchange doctor` here for the repair"
     return reason
 
 
@@ -308,12 +335,16 @@ def apply_restart(conn: Connection, node: Node, ho: str, seq: int, rec: Restart)
             moves.superseded += [node.cfg.inbox / str(w[1]) for w in waiting]
             superseded += [[lane, int(w[0])] for w in waiting]
     _clock_at_least(conn, rec.version_high)
+    forgotten = _forget_ho_versions(conn, node, ho) if rec.went_back else 0
+    sent_back = _send_back_ho_edits(conn, node, ho) if rec.went_back else 0
     resolve_detected(conn, ho)
     base = Base(seq, base_seq, sent_version)
     detail = {"by": rec.by, "at": rec.at.isoformat(), "reason": rec.reason, "received_seq": rec.received_seq,
               "version_high": rec.version_high, "base": base.as_json(),
               "acknowledged": [q for ln, q in lost_all if ln == DEFAULT_LANE], "forked": forked,
               "superseded": sorted(q for ln, q in superseded if ln == DEFAULT_LANE)}
+    if rec.went_back:  # the HO restored from its own backup (FORMAT.md 4.2, format 7)
+        detail.update(ho_went_back=rec.went_back, versions_forgotten=forgotten, ho_edits_sent_back=sent_back)
     if set(marks) != {DEFAULT_LANE}:  # where each lane was re-based (exchange.send.restart reads "out_from")
         detail.update(lanes=marks, lanes_acknowledged=lost_all, lanes_superseded=superseded)
     conn.execute(xchg_restart.insert().values(peer=ho, kind=APPLIED, seq=seq, at=now,
@@ -396,6 +427,38 @@ def _set_in(conn: Connection, ho: str, lane: str, pos: LanePos) -> None:
         set_stream_pos(conn, ho, lane, pos.sent_seq, pos.sent_manifest)
     else:
         conn.execute(delete(xchg_stream_in).where(and_(xchg_stream_in.c.peer == ho, xchg_stream_in.c.lane == lane)))
+
+
+def _forget_ho_versions(conn: Connection, node: Node, ho: str) -> int:
+    """The HO went back in time: the versions this store holds of the HO's own documents (its tombstones
+    too) may be above the HO's restored clock, and would drop the reload that follows as stale. They are
+    forgotten: the HO is the source of truth of its masters, and everything it sends after the restart is
+    that truth. Both-sides documents (owned by the stores) keep theirs. Returns how many were forgotten."""
+    types = [d.name for d in node.catalog if d.owner == "ho"]
+    if not types:
+        return 0
+    v = xchg_doc_version.c
+    return int(conn.execute(delete(xchg_doc_version).where(and_(v.peer == ho, v.doc_type.in_(types)))).rowcount or 0)
+
+
+def _send_back_ho_edits(conn: Connection, node: Node, ho: str) -> int:
+    """The HO went back in time: the changes it made to this store's both-sides documents (a customer's new
+    phone) in the days it lost are here, applied, and nowhere at the HO any more. Every such document whose
+    last version here came from the HO is queued to the HO again (a new event: this store's row as it stands,
+    newer than anything the HO holds), on the base it holds (the HO reads a base from its lost days as the
+    newest it still knows: exchange.receive.conflicts.decide). Returns how many."""
+    types = [d.name for d in node.catalog if d.both_sides]
+    if not types:
+        return 0
+    v = xchg_doc_version.c
+    found = conn.execute(select(v.doc_type, v.doc_key).where(and_(
+        v.peer == ho, v.doc_type.in_(types), v.deleted_at.is_(None))).order_by(v.doc_type, v.doc_key)).all()
+    by_type: dict[str, list[list[Any]]] = {}
+    for doc_type, doc_key in found:
+        key = json.loads(doc_key)
+        if isinstance(key, list) and key:
+            by_type.setdefault(str(doc_type), []).append(key)
+    return sum(record_events(conn, t, keys) for t, keys in by_type.items())
 
 
 def _clock_at_least(conn: Connection, version: int) -> None:
@@ -486,9 +549,10 @@ def _by_key(data: pa.Table, key: Sequence[str]) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------- the HO: what a restart record says
 
-def restart_record(conn: Connection, peer: str, by: str, reason: str, at: Any) -> Restart:
+def restart_record(conn: Connection, peer: str, by: str, reason: str, at: Any, went_back: int = 0) -> Restart:
     """This HO's restart record for ``peer``: how far it applied the store's stream in each lane and what
-    from it, and where its own streams to the store stand in every lane other than the default one."""
+    from it, and where its own streams to the store stand in every lane other than the default one
+    (``went_back``: this HO was restored from its backup; the store had applied its stream up to it)."""
     seq, manifest = stream_pos(conn, peer, DEFAULT_LANE)
     r = xchg_received.c
     found = conn.execute(select(r.seq, r.manifest_sha256).where(and_(
@@ -508,7 +572,8 @@ def restart_record(conn: Connection, peer: str, by: str, reason: str, at: Any) -
         r_seq, r_man = stream_pos(conn, peer, lane)
         s_seq, s_man = out.get(lane, (0, None))
         others.append(LanePos(lane, r_seq, r_man if r_seq else None, s_seq if s_man else 0, s_man))
-    return Restart(by, at, reason, seq, manifest if seq else None, int(high or 0), tuple(applied), tuple(others))
+    return Restart(by, at, reason, seq, manifest if seq else None, int(high or 0), tuple(applied), tuple(others),
+                   went_back)
 
 
 def forked_received(conn: Connection, peer: str, rec: Restart) -> list[tuple[int, str]]:

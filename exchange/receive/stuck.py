@@ -52,7 +52,8 @@ def how_to_resolve(status: str, peer: str, seq: int, lane: str = DEFAULT_LANE) -
     if status == ReceivedStatus.WAITING:
         return (f"`exchange sync` fetches the missing bundle; if {peer} no longer has it, ask its operator "
                 "to check `exchange status sent` there (this node restored from a backup: the HO's operator "
-                "repairs both streams with `exchange peer restart --peer STORE --reason TEXT`)")
+                "repairs both streams with `exchange peer restart --peer STORE --reason TEXT`; if the HO itself was "
+                "restored, each store's `exchange doctor` names the `--above N` to add)")
     if status == ReceivedStatus.HELD:
         return "upgrade exchange to the sender's major version, then `exchange retry`"
     return ""

@@ -526,6 +526,8 @@ def _seal_batch(node: Node, peer: str, docs: list[tuple[str, str, str, int]], re
         taken = group.streams.get(peer) if group is not None else None  # (the group took it already)
         # (send/position.py: every stream's place)
         seq, prev = (taken.seq, taken.prev) if taken is not None else position.next_position(conn, peer, lane)
+        if restart is not None and seq <= restart.above:  # the HO went back: above what the store applied
+            seq = restart.above + 1
         rep.start(f"export to {peer} #{seq}" + ("" if lane == DEFAULT_LANE else f" [{lane}]"), len(docs))
         # only a batch with broadcast documents can be another peer's batch too: the rest is not
         # kept (a store's backlog would hold the previous batch's tables while reading the next)

@@ -40,6 +40,7 @@ class RestartHook:
 
     record: Callable[[Connection, int], dict[str, Any]]
     commit: Callable[[Connection, int, str], None]
+    above: int = 0  # the HO went back in time: the restart's seq goes above this (what the store applied)
 
 
 def summary_fields(conn: Connection, node: Node, peer: str, restart: RestartHook | None, seq: int) -> dict[str, Any]:
@@ -87,11 +88,11 @@ def supersede_unacknowledged(conn: Connection, peer: str, before: int, note: str
     return found
 
 
-def requeue_everything(conn: Connection, node: Node, peer: str) -> tuple[int, int]:
+def requeue_everything(conn: Connection, node: Node, peer: str, own_edits: bool = True) -> tuple[int, int]:
     """A full reload of every document type this node sends, routed as routing stands now, under one new
     version; every delete it ever sent the store again (a restored store may hold what the lost days
-    deleted); and the HO's own changes of the store's both-sides documents (a customer's new phone), which
-    the store lost as well. Returns (upserts, deletes) queued."""
+    deleted); and (``own_edits``) the HO's own changes of the store's both-sides documents (a customer's new
+    phone), which a restored store lost as well. Returns (upserts, deletes) queued."""
     from exchange.send.export import _held, _replace_deliveries, _routed_keys, peer_infos  # (cycle)
 
     peers = peer_infos(node)
@@ -112,7 +113,9 @@ def requeue_everything(conn: Connection, node: Node, peer: str) -> tuple[int, in
         _replace_deliveries(conn, [(peer, dt.name, k, "U", version) for k in keys]
                             + [(peer, dt.name, k, "D", version) for k in sorted(gone)])
         upserts, deletes = upserts + len(keys), deletes + len(gone)
-    if node.cfg.role == "ho":  # the HO's own changes of the store's documents (a customer): the store lost them too
+    # the HO's own changes of the store's documents (a customer): the store lost them too (``own_edits``; not
+    # when the HO itself went back: the store holds them, and newer ones the HO lost)
+    if node.cfg.role == "ho" and own_edits:
         for dt in (d for d in node.catalog if d.both_sides):
             d = xchg_delivery.c
             mine = sorted({str(k) for k in conn.execute(select(d.doc_key).where(and_(

@@ -36,6 +36,7 @@ from exchange.receive import restart as received
 from exchange.receive.setaside import quarantine
 from exchange.send import restart as sending
 from exchange.send.restart import RestartHook
+from exchange.wire.formats import MAX_SEQ
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,22 @@ class Restarted:
     deletes: int = 0
     superseded: list[int] = field(default_factory=list)  # the HO's bundles it never acknowledged
     forked: list[int] = field(default_factory=list)  # the store's bundles beyond the HO's position
+    above: int = 0  # this HO went back: the store had applied its stream up to this seq
 
     def as_json(self) -> dict[str, Any]:
         return {"version": 1, "peer": self.peer, "seq": self.seq, "file": self.file,
                 "received_seq": self.received_seq, "version_high": self.version_high, "upserts": self.upserts,
-                "deletes": self.deletes, "superseded": self.superseded, "forked": self.forked}
+                "deletes": self.deletes, "superseded": self.superseded, "forked": self.forked,
+                **({"above": self.above} if self.above else {})}
 
 
-def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None = None) -> Restarted:
-    """Seal the restart to ``peer`` with the reload and the bookkeeping above (the caller holds the work lock)."""
+def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None = None, above: int = 0) -> Restarted:
+    """Seal the restart to ``peer`` with the reload and the bookkeeping above (the caller holds the work lock).
+
+    ``above``: this HO was restored from its own backup, and the store had applied its stream up to that
+    seq (the store's doctor names it): the restart's seq goes above it, and its record says so, so the store
+    forgets the versions of the HO's documents the lost days gave it (docs/OPERATIONS.md, "The HO restored
+    from a backup")."""
     if node.cfg.role != "ho":
         raise ConfigError("`exchange peer restart` runs at the HO",
                           hint=f"At a store, ask the HO's operator to run `exchange peer restart --peer {node.id} "
@@ -69,17 +77,21 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
     p = node.cfg.peer(peer)
     if p.role != "store":
         raise ConfigError(f"{peer} is not a store of this HO: only a store's streams are restarted")
+    if not 0 <= above < MAX_SEQ:
+        raise ConfigError(f"--above {above}: a seq 0 .. {MAX_SEQ - 1}",
+                          hint=f"Give the seq {peer}'s `exchange doctor` names (docs/OPERATIONS.md, \"The HO "
+                               "restored from a backup\").")
     if not p.exchanging:
         raise ConfigError(f"{peer} is not exchanging (paused or removed): nothing would reach it",
                           hint=f"Resume it first: `exchange peer resume --peer {peer}` (or add it again with "
                                "`exchange peer add ... --replace` after a disk died).")
     by, at = journal.actor(), utc_now().replace(microsecond=0)
     rep = reporter or NullReporter()
-    done = Restarted(peer)
+    done = Restarted(peer, above=above)
     holder: dict[str, Any] = {}
 
     def record(conn: Connection, seq: int) -> dict[str, Any]:
-        rec = received.restart_record(conn, peer, by, reason, at)
+        rec = received.restart_record(conn, peer, by, reason, at, above)
         holder["rec"] = rec
         return rec.as_json()
 
@@ -87,7 +99,7 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         rec = holder["rec"]
         note = f"superseded by the stream restart at seq {seq} (`exchange peer restart`)"
         holder["superseded"] = sending.supersede_unacknowledged(conn, peer, seq, note)
-        done.upserts, done.deletes = sending.requeue_everything(conn, node, peer)
+        done.upserts, done.deletes = sending.requeue_everything(conn, node, peer, own_edits=not above)
         holder["forked"] = received.forked_received(conn, peer, rec)
         for q, name in holder["forked"]:  # before the commit: left in the inbox they would wait again
             src = node.cfg.inbox / name
@@ -99,11 +111,13 @@ def restart_store(node: Node, peer: str, reason: str, reporter: Reporter | None 
         done.received_seq, done.version_high = rec.received_seq, rec.version_high
         detail = {"manifest_sha256": manifest, "upserts": done.upserts, "deletes": done.deletes,
                   "superseded": done.superseded, "forked": done.forked}
+        if above:  # this HO went back (exchange.receive.conflicts reads it: bases from the days it lost)
+            detail["above"] = above
         received.record_sent(conn, peer, seq, rec, detail)
         journal.record(conn, "peer restart", peer, reason=reason, seq=seq, received_seq=rec.received_seq,
                        version_high=rec.version_high, **{k: v for k, v in detail.items() if k != "manifest_sha256"})
 
-    done.seq, done.file = sending.seal_restart(node, peer, RestartHook(record, commit), rep)
+    done.seq, done.file = sending.seal_restart(node, peer, RestartHook(record, commit, above), rep)
     for _q, name in holder.get("superseded", []):  # sealed, never acknowledged: kept in the archive, not sent
         src = node.cfg.outbox / name
         if os.path.lexists(src):

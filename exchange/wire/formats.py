@@ -16,7 +16,7 @@ from exchange.vocabulary import DEFAULT_LANE as DEFAULT_LANE, LANE_RE as LANE_RE
 
 FORMAT_VERSION = 1  # the `version` of bundles, payloads, transfers and receipts
 SUPPORTED_VERSIONS = frozenset({1})
-SPEC_VERSION = 6  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
+SPEC_VERSION = 7  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, stream heads), checkpoints v2;
 #                  3 = the key notice, acks v3 (an operator's decision), heartbeats, the catalog, _bases,
 #                      zone-aware times (timestamp[us, tz=UTC] plus an offset column);
 #                  4 = checkpoints v3 (a pruned operator's decision), the stream restart (summary.restart,
@@ -26,6 +26,7 @@ SPEC_VERSION = 6  # docs/FORMAT.md's version: 2 = acks v2 (details encrypted, st
 #                  6 = heartbeats v2 (a node's conflicts with the peer, its changes to the peer's documents);
 #                      every reference business time zone-aware (item.updated_at, customer.created_at and its
 #                      created_at_offset); readers take a UTC time for a column not migrated yet (naive, UTC)
+#                  7 = the restart record's `ho_went_back` (the HO restored from its own backup)
 ACK_VERSION = 2  # acks written now; version 1 acks (clear details) are still read
 ACK_DECISION_VERSION = 3  # an ack carrying an operator's decision (skipped, superseded)
 ACK_VERSIONS = frozenset({1, 2, 3})

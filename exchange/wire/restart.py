@@ -36,6 +36,11 @@ MAX_TEXT = 1024  # `by` and `reason`
 _FIELDS = ("format", "version", "by", "at", "reason", "received", "version_high", "applied")
 LANES_FIELD = "lanes"  # optional: the positions of the lanes other than the default lane (docs/CATALOG.md "Lanes")
 MAX_LANES = 64
+#: Optional (format 7): the HO itself went back in time (restored from its own backup). The last seq of the
+#: HO's stream in the default lane the store had applied, as the store reported it (``--above``): the restart
+#: bundle's seq is above it, and the store forgets the versions it holds of the HO's own documents, so the
+#: reload that follows (versions from the HO's restored clock) is not dropped as stale.
+WENT_BACK_FIELD = "ho_went_back"
 _LANE_FIELDS = ["lane", "received", "sent"]
 
 
@@ -67,6 +72,7 @@ class Restart:
     version_high: int  # the highest document version the HO applied from the store
     applied: tuple[tuple[int, str], ...]  # (seq, manifest SHA-256), ascending, all <= received_seq
     lanes: tuple[LanePos, ...] = ()  # every other lane's positions (the restart re-bases every lane)
+    went_back: int = 0  # the HO restored from its backup: the store had applied its stream up to this seq
 
     def as_json(self) -> dict[str, Any]:
         out = {"format": RESTART_FORMAT, "version": RESTART_VERSION, "by": self.by, "at": format_time(self.at),
@@ -75,6 +81,8 @@ class Restart:
                 "version_high": self.version_high, "applied": [[s, h] for s, h in self.applied]}
         if self.lanes:  # written only with lanes: a record without them is the one format 4 had (format 5 adds it)
             out[LANES_FIELD] = [x.as_json() for x in self.lanes]
+        if self.went_back:  # written only when the HO went back: a reader before format 7 refuses the record
+            out[WENT_BACK_FIELD] = self.went_back
         return out
 
     def manifest_at(self, seq: int, lane: str = DEFAULT_LANE) -> str | None:
@@ -156,8 +164,9 @@ def _lanes(value: Any) -> tuple[LanePos, ...]:
 
 def parse_restart(obj: Any) -> Restart:
     """The summary's ``restart`` object, strictly (exactly its fields, bounded), or FormatError."""
-    if not isinstance(obj, dict) or sorted(set(obj) - {LANES_FIELD}) != sorted(_FIELDS):
-        raise FormatError(f"restart record: expected exactly the fields {', '.join(_FIELDS)} (and {LANES_FIELD})")
+    if not isinstance(obj, dict) or sorted(set(obj) - {LANES_FIELD, WENT_BACK_FIELD}) != sorted(_FIELDS):
+        raise FormatError(f"restart record: expected exactly the fields {', '.join(_FIELDS)} (and {LANES_FIELD}, "
+                          f"{WENT_BACK_FIELD})")
     if obj["format"] != RESTART_FORMAT or type(obj["version"]) is not int or obj["version"] != RESTART_VERSION:
         raise FormatError(f"restart record: unknown format {str(obj['format'])[:40]!r} version "
                           f"{str(obj['version'])[:10]!r}")
@@ -183,7 +192,8 @@ def parse_restart(obj: Any) -> Restart:
         raise FormatError("restart record: the last applied entry must be received")
     return Restart(_text(obj["by"], "by"), parse_time(obj["at"], "restart record: at"), _text(obj["reason"], "reason"),
                    seq, manifest, _int(obj["version_high"], 0, MAX_VERSION, "version_high"), tuple(pairs),
-                   _lanes(obj[LANES_FIELD]) if LANES_FIELD in obj else ())
+                   _lanes(obj[LANES_FIELD]) if LANES_FIELD in obj else (),
+                   _int(obj[WENT_BACK_FIELD], 1, MAX_SEQ, WENT_BACK_FIELD) if WENT_BACK_FIELD in obj else 0)
 
 
 def parse_base(obj: Any) -> Base:
