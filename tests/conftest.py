@@ -15,6 +15,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
@@ -72,6 +73,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         yield request.getfixturevalue("pg_url")
 pytest_plugins = ["sshd"]  # tests/sshd.py: the private OpenSSH server fixtures (sshd, sshd_server)
+
+
+@pytest.fixture
+def net(tmp_path: Path, db_url: str) -> Iterator[Any]:
+    """An HO on ``db_url`` and stores s001 (group north) and s002 (south) on SQLite, seeded and in sync
+    (``enginehelpers.make_net``). A test file whose tests need another network defines its own ``net``."""
+    from enginehelpers import make_net, seed_ho
+
+    n = make_net(tmp_path / "net", ho_db=db_url)
+    seed_ho(n)
+    n.settle()
+    yield n
+    n.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from exchange import __version__
 from exchange.database import schema as s
 from exchange.database.capture import install_triggers, record_events
 from exchange.database.rows import canonical_key
-from exchange.database.tables import xchg_delivery, xchg_event, xchg_sent, xchg_stream_in
+from exchange.database.tables import xchg_delivery, xchg_event, xchg_restart, xchg_sent, xchg_stream_in
 from exchange.demo.run import reconcile
 from exchange.node.home import Node
 from exchange.receive.importer import import_file, import_inbox
@@ -770,7 +770,14 @@ def test_replay_fork_and_misaddressed_bundles_are_quarantined(net: Net, tmp_path
     assert "already applied from a different file" in outs[1].reason
     assert "hash chain" in outs[2].reason
     assert any("addressed to 's002'" in o.reason for o in outs[3:])
-    assert table_counts(st) == counts and stream_pos(st, "ho") == 2
+    # nothing applied; the one trace is the evidence that the HO went back in time (a seq sealed again with
+    # another file: an HO restored from its own backup), whose repair the store's doctor names
+    after = table_counts(st)
+    assert after.pop("xchg_restart") == counts.pop("xchg_restart") + 1
+    assert after == counts and stream_pos(st, "ho") == 2
+    with st.engine.connect() as conn:
+        [detail] = conn.execute(select(xchg_restart.c.detail).where(xchg_restart.c.kind == "detected")).scalars()
+    assert "--above 2" in json.loads(detail)["repair"]
     assert len([p for p in st.cfg.quarantine.iterdir() if p.name.endswith(".reason")]) == 5
 
 

@@ -17,7 +17,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,6 @@ from exchange.service import status
 
 SQLITE_FILES = ("", "-wal", "-shm", "-journal")
 
-
-@pytest.fixture
-def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
-    n = make_net(tmp_path / "net", ho_db=db_url)
-    seed_ho(n)
-    n.settle()
-    yield n
-    n.dispose()
 
 
 def _admin(url: str) -> Any:

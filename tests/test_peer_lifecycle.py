@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from enginehelpers import Net, check_net, deliveries, item_ids, make_net, prices, reprice, seed_ho, seed_store
+from enginehelpers import Net, check_net, deliveries, item_ids, make_net, prices, reprice, seed_store
 
 from exchange.cli.main import main
 from exchange.database.capture import record_events
@@ -23,14 +22,6 @@ from exchange.send.pending import idle
 from exchange.service import status
 from exchange.service.sync import export_needed
 
-
-@pytest.fixture
-def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
-    n = make_net(tmp_path / "net", ho_db=db_url)
-    seed_ho(n)
-    n.settle()
-    yield n
-    n.dispose()
 
 
 def cli(*args: str, code: int = 0) -> Result:

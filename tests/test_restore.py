@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,6 @@ from test_ui import request, ui_server
 STORE_TYPES = ("customer", "sales_bill", "grc", "grt")
 HO_TYPES = ("item", "promotion", "transfer_order")
 
-
-@pytest.fixture
-def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
-    n = make_net(tmp_path / "net", ho_db=db_url)
-    seed_ho(n)
-    n.settle()
-    yield n
-    n.dispose()
 
 
 def cli(*args: str, code: int = 0) -> Result:

@@ -9,14 +9,11 @@ to "north"), transfer orders by their ``dest_store`` column.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import date
 from decimal import Decimal
-from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
-from enginehelpers import Net, check_net, deliveries, make_net, seed_ho
+from enginehelpers import Net, check_net, deliveries
 from sqlalchemy import insert, select, update
 
 from exchange.cli.main import main
@@ -26,15 +23,6 @@ from exchange.database.rows import canonical_key
 from exchange.node import keys
 from exchange.node.home import Node
 
-
-@pytest.fixture
-def net(tmp_path: Path, db_url: str) -> Iterator[Net]:
-    """HO on ``db_url``, stores s001 (group north) and s002 (south) on SQLite, seeded and in sync."""
-    n = make_net(tmp_path / "net", ho_db=db_url)
-    seed_ho(n)
-    n.settle()
-    yield n
-    n.dispose()
 
 
 def cli(*args: str) -> Result:
