@@ -159,6 +159,32 @@ def op_export(a: dict[str, Any]) -> dict[str, Any]:
             "cpu_seconds": cpu[0], "reader_cpu_seconds": cpu[1]}
 
 
+def evict_libraries() -> int:
+    """Drop the shared libraries of this environment from the page cache before anything is measured.
+
+    Why: a library written moments ago (a fresh ``pip install``, CI's clean clone) sits in the page cache
+    in large folios, and a process mapping it counts whole folios as resident: ``import pyarrow`` showed
+    RssFile 54 MiB instead of 29 (docs/PERFORMANCE.md "Caveats"), which moved every peak RSS of the run,
+    baselines included, by about 25 MiB. Read back from disk, the same files map page by page as on any
+    machine that installed them earlier. Returns how many files were dropped."""
+    n = 0
+    roots = {Path(p) for p in (sys.prefix, getattr(sys, "base_prefix", sys.prefix))}
+    for root in roots:
+        for f in root.rglob("*.so*"):
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += 1
+            except (OSError, AttributeError):
+                pass
+            finally:
+                os.close(fd)
+    return n
+
+
 def _cpu_seconds() -> tuple[float, float]:
     """CPU seconds of this process and of its ended children (the exporter's reader process)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -518,6 +544,7 @@ class Bench:
             only.add("export")
         self.r["machine"] = c.machine_info(self.pg_base)
         self.r["command"] = "tools/bench/run.py " + " ".join(sys.argv[1:])
+        self.r["libraries_evicted"] = evict_libraries()
         t_all = time.perf_counter()
         try:
             for name in SECTIONS:
