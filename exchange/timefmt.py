@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 #: Minutes east of UTC no zone exceeds: a business time's offset beyond is refused (RFC 3339 allows +-23:59;
 #: real zones span -12:00..+14:00; docs/CATALOG.md, "Time").
 MAX_OFFSET = 18 * 60
+#: A business time ``C``'s offset column is ``C`` + this suffix (``bill_date_offset``): an integer of minutes.
+OFFSET_SUFFIX = "_offset"
 
 
 def aware(t: datetime) -> datetime:

@@ -288,9 +288,9 @@ def test_zoned_text_reads_as_python_reads_it(texts: list[str | None]) -> None:
         expected = None
     if expected is None:
         with pytest.raises(pa.ArrowInvalid):
-            rows._zoned_from_text(pa.array(texts, pa.string()), t)
+            sqlite_arrow.zoned_from_text(pa.array(texts, pa.string()), t)
         return
-    got = rows._zoned_from_text(pa.array(texts, pa.string()), t)
+    got = sqlite_arrow.zoned_from_text(pa.array(texts, pa.string()), t)
     assert got.type == t
     assert got.to_pylist() == [None if e is None else e for e in expected]
 

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from exchange.errors import FormatError
-from exchange.timefmt import MAX_OFFSET
+from exchange.timefmt import MAX_OFFSET, OFFSET_SUFFIX
 
 __all__ = ["DayShare", "DayKind", "MAX_OFFSET", "business_time", "shares"]
 
 #: ``local``: the documents' own local day; ``utc``: the UTC day of their time; ``bundle``: the bundle's day.
 DayKind = Literal["local", "utc", "bundle"]
-OFFSET_SUFFIX = "_offset"
 
 Reader = Callable[[Path, list[str]], Any]
 

@@ -21,8 +21,7 @@ from sqlalchemy import (
     Boolean, Connection, Date, DateTime, Float, Integer, Numeric, Table, delete, select, tuple_,
 )
 
-from exchange.database.sqlite_arrow import CONVERTED, Convert, from_stored
-from exchange.database.sqlite_arrow import zoned_from_text as _zoned_from_text  # noqa: F401 (tests)
+from exchange.database.sqlite_arrow import CONVERTED, Convert, converted, from_stored
 
 if TYPE_CHECKING:
     from exchange.database.sqlite_arrow import SqliteArrowReader, Statement
@@ -348,6 +347,11 @@ def _from_physical(column: Any, field: pa.Field, arr: pa.Array | pa.ChunkedArray
     return from_stored(arr, field, _minor_units(column, field))
 
 
+def _convert(table: Table, schema: pa.Schema) -> Convert:
+    """How the reader's rows of ``table`` become ``schema`` (:class:`~exchange.database.sqlite_arrow.Convert`)."""
+    return Convert(schema, tuple(_minor_units(c, f) for c, f in zip(table.columns, schema, strict=True)))
+
+
 def _minor_units(column: Any, field: pa.Field) -> bool:
     """Whether SQLite holds ``column`` (a decimal with a scale) as integer minor units."""
     return pa.types.is_decimal(field.type) and _scale(column) is not None
@@ -381,7 +385,7 @@ def _arrow_queries(conn: Connection, tables: Sequence[Table], key_cols: Sequence
         # CROSS JOIN: the key table is the outer loop, in the keys' order: one index seek per key
         queries.append((f"SELECT {first} UNION ALL SELECT {select} FROM temp.{kt} AS k "
                         f"CROSS JOIN {_q(conn, table.name)} AS t ON {on}", [], True,
-                        Convert(schema, tuple(_minor_units(c, f) for c, f in zip(table.columns, schema, strict=True)))))
+                        _convert(table, schema)))
     return queries
 
 
@@ -400,9 +404,7 @@ def _read_sqlite_arrow(conn: Connection, reader: SqliteArrowReader, tables: Sequ
         if got.schema.metadata and CONVERTED in got.schema.metadata:  # the reader process converted it
             out[table.name] = pa.Table.from_arrays(got.columns, schema=schema)
             continue
-        got = got.slice(1)  # (the typed placeholders)
-        arrays = [_from_physical(c, f, got.column(i)) for i, (c, f) in enumerate(zip(table.columns, schema, strict=True))]
-        out[table.name] = pa.Table.from_arrays(arrays, schema=schema)
+        out[table.name] = converted(got, _convert(table, schema))  # (its first answer, sent before it was warm)
     return out
 
 

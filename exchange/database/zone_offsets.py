@@ -19,9 +19,7 @@ import pyarrow.compute as pc
 from sqlalchemy.exc import StatementError
 
 from exchange.database import rows
-from exchange.timefmt import MAX_OFFSET
-
-OFFSET_SUFFIX = "_offset"
+from exchange.timefmt import MAX_OFFSET, OFFSET_SUFFIX
 
 
 class OffsetBeyondAnyZone(ValueError):
